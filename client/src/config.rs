@@ -1,0 +1,71 @@
+//! Client settings: defaults, then a TOML file (`--config`, `HALLMARK_CONFIG`
+//! or `~/.config/hallmark/config.toml`), then `HALLMARK_*` environment
+//! variables, then flags.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Everything the CLI reads from configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ClientConfig {
+    /// Coordinator URL; unset means `hallmark render` runs an embedded farm.
+    pub coordinator: Option<String>,
+    /// Where the embedded farm keeps its SQLite store and blobs.
+    pub state_dir: PathBuf,
+    /// Tenant jobs are submitted as.
+    pub tenant: String,
+    /// Local workers the embedded farm starts.
+    pub workers: u32,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        let state_dir = std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(".local/state/hallmark"))
+            .unwrap_or_else(|| PathBuf::from(".hallmark"));
+        Self {
+            coordinator: None,
+            state_dir,
+            tenant: "default".into(),
+            workers: 2,
+        }
+    }
+}
+
+impl ClientConfig {
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        let mut builder = config::Config::builder();
+        let defaults = Self::default();
+        builder = builder
+            .set_default("state_dir", defaults.state_dir.display().to_string())?
+            .set_default("tenant", defaults.tenant)?
+            .set_default("workers", defaults.workers)?;
+        let default_file =
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/hallmark/config.toml"));
+        match file {
+            Some(path) => {
+                if !path.exists() {
+                    anyhow::bail!("config file {} does not exist", path.display());
+                }
+                builder = builder.add_source(config::File::from(path.to_path_buf()));
+            }
+            None => {
+                if let Some(path) = default_file.filter(|p| p.exists()) {
+                    builder = builder.add_source(config::File::from(path));
+                }
+            }
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("HALLMARK")
+                .prefix_separator("_")
+                .try_parsing(true)
+                .ignore_empty(true),
+        );
+        builder
+            .build()?
+            .try_deserialize()
+            .map_err(|e| anyhow::anyhow!("invalid client configuration: {e}"))
+    }
+}

@@ -1,0 +1,135 @@
+//! The embedded farm of single-node mode: a coordinator on SQLite in the
+//! state directory, with an in-process notifier, plus local workers in the
+//! same process, all talking real gRPC over loopback.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use hallmark_coordinator::{CoordinatorConfig, RunningCoordinator};
+use hallmark_proto::v1::ListWorkersRequest;
+use hallmark_worker::{SyntheticConfig, SyntheticEngine, WorkerConfig, WorkerReport};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::remote::Remote;
+
+/// What the local workers run.
+#[derive(Debug, Clone)]
+pub struct LocalWorkers {
+    pub count: u32,
+    pub engine: String,
+    pub models: Vec<String>,
+    pub render_time: Duration,
+    pub max_batch: u32,
+}
+
+/// A running embedded farm.
+pub struct LocalFarm {
+    coordinator: RunningCoordinator,
+    workers: Vec<JoinHandle<anyhow::Result<WorkerReport>>>,
+    stop: watch::Sender<bool>,
+}
+
+impl LocalFarm {
+    /// Starts the coordinator on `listen` (port 0 picks one) and the workers,
+    /// and returns once every worker has registered.
+    pub async fn start(
+        state_dir: &Path,
+        listen: &str,
+        workers: &LocalWorkers,
+    ) -> anyhow::Result<Self> {
+        if workers.engine != "synthetic" {
+            anyhow::bail!(
+                "engine {:?} is not available yet: only `synthetic` is implemented (the diffusion engine is tracked in its own issue)",
+                workers.engine
+            );
+        }
+        std::fs::create_dir_all(state_dir)
+            .with_context(|| format!("creating state directory {}", state_dir.display()))?;
+        let db = state_dir.join("coordinator.db");
+        let config = CoordinatorConfig {
+            listen: listen.to_string(),
+            database_url: format!("sqlite://{}", db.display()),
+            blob_dir: state_dir.join("blobs"),
+            poll_interval_ms: 500,
+            ..Default::default()
+        };
+        let coordinator = hallmark_coordinator::start(config).await?;
+        let url = coordinator.url();
+        let remote = Remote::connect(&url).await?;
+        let before = remote
+            .workers
+            .clone()
+            .list_workers(ListWorkersRequest {})
+            .await?
+            .into_inner()
+            .workers
+            .len();
+
+        let (stop, stop_rx) = watch::channel(false);
+        let engine = Arc::new(SyntheticEngine::new(SyntheticConfig {
+            models: workers.models.clone(),
+            render_time: workers.render_time,
+            fail_marker: None,
+        }));
+        let mut handles = Vec::new();
+        for i in 0..workers.count {
+            let channel = hallmark_worker::channel(&url)?;
+            let config = WorkerConfig {
+                name: format!("local-{i}"),
+                max_batch: workers.max_batch,
+                ..Default::default()
+            };
+            let mut rx = stop_rx.clone();
+            let engine = engine.clone();
+            handles.push(tokio::spawn(async move {
+                let shutdown = async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                };
+                hallmark_worker::run(channel, config, engine, shutdown).await
+            }));
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let n = remote
+                .workers
+                .clone()
+                .list_workers(ListWorkersRequest {})
+                .await?
+                .into_inner()
+                .workers
+                .len();
+            if n >= before + workers.count as usize {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!("local workers did not register within 15 s");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Self {
+            coordinator,
+            workers: handles,
+            stop,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        self.coordinator.url()
+    }
+
+    /// Drains the workers, then stops the coordinator.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        for w in self.workers {
+            match w.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "local worker ended with an error"),
+                Err(e) => tracing::warn!(error = %e, "local worker panicked"),
+            }
+        }
+        self.coordinator.stop().await
+    }
+}

@@ -1,0 +1,728 @@
+//! The `hallmark` command line.
+//!
+//! - [`prompts`]: prompt files (`.txt`, `.jsonl`, `.csv`).
+//! - [`config`]: client settings (file, `HALLMARK_*`, flags).
+//! - [`remote`]: coordinator calls — submit, watch with progress, download.
+//! - [`farm`]: the embedded single-node farm behind `render` and `up`.
+//! - [`output`]: human and `--json` output.
+
+pub mod config;
+pub mod farm;
+pub mod output;
+pub mod prompts;
+pub mod remote;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use hallmark_proto::v1::{
+    Dataset, Job, JobRef, JobSpec, ListDatasetsRequest, ListJobsRequest, ListModelsRequest,
+    ListWorkersRequest, Model, PromptItem, SubmitJobRequest, WeightFile,
+};
+use serde_json::json;
+
+use crate::config::ClientConfig;
+use crate::farm::{LocalFarm, LocalWorkers};
+use crate::remote::{Remote, rpc};
+
+/// Hallmark: a render farm for generative images with provenance built in.
+#[derive(Parser, Debug)]
+#[command(name = "hallmark", version, about)]
+pub struct Cli {
+    /// Config file (TOML); HALLMARK_* environment variables and flags override it.
+    #[arg(long, global = true, env = "HALLMARK_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Coordinator URL (e.g. http://coordinator:7070); without one, `render` runs a local farm.
+    #[arg(long, global = true)]
+    pub coordinator: Option<String>,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Render a job and write the images: on the local embedded farm, or on
+    /// `--coordinator` when one is configured.
+    Render(RenderArgs),
+    /// Run the embedded farm as a long-lived local server others can join.
+    Up(UpArgs),
+    /// Submit a job to a coordinator and print its id.
+    Submit(SubmitArgs),
+    /// Follow a job's progress until it ends.
+    Watch { job_id: String },
+    /// Show a job's state once.
+    Status { job_id: String },
+    /// List jobs, newest first.
+    Jobs {
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Cancel a job: its open tasks stop, workers drop their leases.
+    Cancel { job_id: String },
+    /// Pause a job: no new leases; running tasks are handed back.
+    Pause { job_id: String },
+    /// Resume a paused job.
+    Resume { job_id: String },
+    /// Retry a job's failed tasks.
+    Retry { job_id: String },
+    /// Download a job's images into a directory.
+    Download {
+        job_id: String,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// List workers with their models and load.
+    Workers,
+    /// Register or list models.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+    /// Register or list training datasets.
+    #[command(subcommand)]
+    Datasets(DatasetsCommand),
+}
+
+/// What to render: the prompts and everything that sets the pixels.
+#[derive(Args, Debug, Clone)]
+pub struct SpecArgs {
+    /// Prompt file: .txt (a prompt per line), .jsonl or .csv.
+    pub prompts: Option<PathBuf>,
+    /// A prompt on the command line (repeatable) instead of a file.
+    #[arg(long = "prompt")]
+    pub prompt: Vec<String>,
+    /// Render engine: synthetic or diffusion.
+    #[arg(long, default_value = "synthetic")]
+    pub engine: String,
+    /// Model id (default: synthetic-v1 for the synthetic engine).
+    #[arg(long)]
+    pub model: Option<String>,
+    #[arg(long, default_value = "")]
+    pub negative: String,
+    #[arg(long, default_value_t = 1)]
+    pub images_per_prompt: u32,
+    /// Job seed; item seeds derive from it. Random when unset.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long, default_value_t = 512)]
+    pub width: u32,
+    #[arg(long, default_value_t = 512)]
+    pub height: u32,
+    #[arg(long, default_value_t = 20)]
+    pub steps: u32,
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f32,
+    #[arg(long, default_value = "euler_a")]
+    pub scheduler: String,
+    /// Super-resolve each image ×2 or ×4 after it is generated.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["2", "4"]))]
+    pub upscale: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    pub priority: i32,
+    /// Tenant (default from config: "default").
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Labels, key=value (repeatable).
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// Attempts per task before it fails (default: the coordinator's).
+    #[arg(long, default_value_t = 0)]
+    pub max_attempts: u32,
+}
+
+#[derive(Args, Debug)]
+pub struct RenderArgs {
+    #[command(flatten)]
+    pub spec: SpecArgs,
+    /// Output directory.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Local workers to start (embedded farm).
+    #[arg(long)]
+    pub workers: Option<u32>,
+    /// State directory of the embedded farm.
+    #[arg(long, env = "HALLMARK_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Simulated render time per batch for the synthetic engine, in ms.
+    #[arg(long, default_value_t = 0)]
+    pub render_ms: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: String,
+    /// Local workers to start (0 for a coordinator only).
+    #[arg(long)]
+    pub workers: Option<u32>,
+    #[arg(long, default_value = "synthetic")]
+    pub engine: String,
+    #[arg(long = "model", default_value = "synthetic-v1")]
+    pub models: Vec<String>,
+    #[arg(long, env = "HALLMARK_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    pub render_ms: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    pub spec: SpecArgs,
+    /// Follow the job after submitting it.
+    #[arg(long)]
+    pub watch: bool,
+    /// Accept the job even if no registered worker can run it yet.
+    #[arg(long)]
+    pub queue_unservable: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ModelsCommand {
+    /// Register a model: its weight files are hashed here.
+    Register {
+        #[arg(long)]
+        id: String,
+        /// sd15, sd21, sdxl, sd-turbo, sdxl-turbo, esrgan, synthetic, …
+        #[arg(long)]
+        family: String,
+        /// Weight files to hash and record (repeatable).
+        #[arg(long = "weights", required = true)]
+        weights: Vec<PathBuf>,
+        #[arg(long, default_value = "unknown")]
+        license: String,
+        #[arg(long)]
+        parent: Option<String>,
+        /// Training datasets, name@version (repeatable).
+        #[arg(long = "dataset")]
+        datasets: Vec<String>,
+    },
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DatasetsCommand {
+    /// Register a dataset version; give its content hash or a file to hash.
+    Register {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        version: String,
+        #[arg(long)]
+        uri: String,
+        #[arg(long, conflicts_with = "file")]
+        sha256: Option<String>,
+        /// A file (e.g. the dataset's index or archive) to hash.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        #[arg(long, default_value = "unknown")]
+        license: String,
+    },
+    List,
+}
+
+/// Runs the CLI; returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let mut cfg = ClientConfig::load(cli.config.as_deref())?;
+    if let Some(c) = &cli.coordinator {
+        cfg.coordinator = Some(c.clone());
+    }
+    let json = cli.json;
+    match cli.command {
+        Command::Render(args) => render(&cfg, args, json).await,
+        Command::Up(args) => up(&cfg, args).await,
+        command => {
+            let url = cfg.coordinator.clone().context(
+                "no coordinator configured: pass --coordinator URL, set HALLMARK_COORDINATOR, or run `hallmark up`",
+            )?;
+            let remote = Remote::connect(&url).await?;
+            remote_command(&cfg, &remote, command, json).await
+        }
+    }
+}
+
+async fn remote_command(
+    cfg: &ClientConfig,
+    remote: &Remote,
+    command: Command,
+    json: bool,
+) -> anyhow::Result<i32> {
+    match command {
+        Command::Submit(args) => {
+            let spec = build_spec(&args.spec, cfg)?;
+            let job = remote
+                .jobs
+                .clone()
+                .submit(SubmitJobRequest {
+                    spec: Some(spec),
+                    queue_unservable: args.queue_unservable,
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            if json && !args.watch {
+                println!("{}", output::job_json(&job));
+            } else if !json {
+                println!("{}", job.job_id);
+            }
+            if args.watch {
+                let end = remote.watch(&job.job_id, json, false).await?;
+                return Ok(job_exit(&end));
+            }
+        }
+        Command::Watch { job_id } => {
+            let end = remote.watch(&job_id, json, false).await?;
+            if !json {
+                print!("{}", output::job_text(&end));
+            }
+            return Ok(job_exit(&end));
+        }
+        Command::Status { job_id } => print_job(&remote.job(&job_id).await?, json),
+        Command::Jobs { tenant, limit } => {
+            let jobs = remote
+                .jobs
+                .clone()
+                .list_jobs(ListJobsRequest {
+                    tenant: tenant.unwrap_or_default(),
+                    limit,
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner()
+                .jobs;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::Value::Array(jobs.iter().map(output::job_json).collect())
+                );
+            } else {
+                println!(
+                    "{:<16} {:<10} {:<12} {:>7} {:>9}",
+                    "JOB", "STATE", "TENANT", "ITEMS", "DONE"
+                );
+                for j in jobs {
+                    let done: u64 = j.stages.iter().map(|s| s.succeeded).sum();
+                    let total: u64 = j.stages.iter().map(|s| s.total).sum();
+                    println!(
+                        "{:<16} {:<10} {:<12} {:>7} {:>9}",
+                        j.job_id,
+                        j.state,
+                        j.tenant,
+                        j.items,
+                        format!("{done}/{total}")
+                    );
+                }
+            }
+        }
+        Command::Cancel { job_id } => print_job(
+            &remote
+                .jobs
+                .clone()
+                .cancel_job(JobRef { job_id })
+                .await
+                .map_err(rpc)?
+                .into_inner(),
+            json,
+        ),
+        Command::Pause { job_id } => print_job(
+            &remote
+                .jobs
+                .clone()
+                .pause_job(JobRef { job_id })
+                .await
+                .map_err(rpc)?
+                .into_inner(),
+            json,
+        ),
+        Command::Resume { job_id } => print_job(
+            &remote
+                .jobs
+                .clone()
+                .resume_job(JobRef { job_id })
+                .await
+                .map_err(rpc)?
+                .into_inner(),
+            json,
+        ),
+        Command::Retry { job_id } => print_job(
+            &remote
+                .jobs
+                .clone()
+                .retry_failed(JobRef { job_id })
+                .await
+                .map_err(rpc)?
+                .into_inner(),
+            json,
+        ),
+        Command::Download { job_id, output } => {
+            let files = remote.download(&job_id, &output).await?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"job_id": job_id, "files": files.iter().map(|(p, a)| json!({"path": p, "sha256": a.sha256})).collect::<Vec<_>>()})
+                );
+            } else {
+                println!("wrote {} files to {}", files.len(), output.display());
+            }
+        }
+        Command::Workers => {
+            let workers = remote
+                .workers
+                .clone()
+                .list_workers(ListWorkersRequest {})
+                .await
+                .map_err(rpc)?
+                .into_inner()
+                .workers;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::Value::Array(workers.iter().map(output::worker_json).collect())
+                );
+            } else {
+                println!(
+                    "{:<16} {:<14} {:<6} {:>6} {:>9}  MODELS",
+                    "WORKER", "NAME", "LIVE", "LEASED", "MAXBATCH"
+                );
+                for w in workers {
+                    println!(
+                        "{:<16} {:<14} {:<6} {:>6} {:>9}  {}",
+                        w.worker_id,
+                        w.name,
+                        if w.live { "yes" } else { "no" },
+                        w.leased_tasks,
+                        w.max_batch,
+                        w.models.join(",")
+                    );
+                }
+            }
+        }
+        Command::Models(ModelsCommand::Register {
+            id,
+            family,
+            weights,
+            license,
+            parent,
+            datasets,
+        }) => {
+            let mut files = Vec::new();
+            for path in &weights {
+                let (sha256, size) = hash_file(path)?;
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().to_string())
+                    .unwrap_or_default();
+                files.push(WeightFile {
+                    path: name,
+                    sha256,
+                    size,
+                });
+            }
+            let model = Model {
+                model_id: id,
+                family,
+                weights: files,
+                license,
+                parent_model_id: parent.unwrap_or_default(),
+                training_datasets: datasets,
+                ..Default::default()
+            };
+            let m = remote
+                .registry
+                .clone()
+                .register_model(model)
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            if json {
+                println!("{}", output::model_json(&m));
+            } else {
+                println!(
+                    "registered model {} ({} weight files)",
+                    m.model_id,
+                    m.weights.len()
+                );
+            }
+        }
+        Command::Models(ModelsCommand::List) => {
+            let models = remote
+                .registry
+                .clone()
+                .list_models(ListModelsRequest {})
+                .await
+                .map_err(rpc)?
+                .into_inner()
+                .models;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::Value::Array(models.iter().map(output::model_json).collect())
+                );
+            } else {
+                for m in models {
+                    println!(
+                        "{:<24} {:<12} {:<12} datasets: {}",
+                        m.model_id,
+                        m.family,
+                        m.license,
+                        m.training_datasets.join(",")
+                    );
+                }
+            }
+        }
+        Command::Datasets(DatasetsCommand::Register {
+            name,
+            version,
+            uri,
+            sha256,
+            file,
+            license,
+        }) => {
+            let content_sha256 = match (sha256, file) {
+                (Some(s), _) => s,
+                (None, Some(f)) => hash_file(&f)?.0,
+                (None, None) => bail!("give the dataset's --sha256 or a --file to hash"),
+            };
+            let d = remote
+                .registry
+                .clone()
+                .register_dataset(Dataset {
+                    name,
+                    version,
+                    uri,
+                    content_sha256,
+                    license,
+                    created_at_ms: 0,
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner();
+            if json {
+                println!("{}", output::dataset_json(&d));
+            } else {
+                println!("registered dataset {}@{}", d.name, d.version);
+            }
+        }
+        Command::Datasets(DatasetsCommand::List) => {
+            let ds = remote
+                .registry
+                .clone()
+                .list_datasets(ListDatasetsRequest {})
+                .await
+                .map_err(rpc)?
+                .into_inner()
+                .datasets;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::Value::Array(ds.iter().map(output::dataset_json).collect())
+                );
+            } else {
+                for d in ds {
+                    println!(
+                        "{}@{}  {}  {}  {}",
+                        d.name, d.version, d.license, d.content_sha256, d.uri
+                    );
+                }
+            }
+        }
+        Command::Render(_) | Command::Up(_) => unreachable!("handled before connecting"),
+    }
+    Ok(0)
+}
+
+fn print_job(job: &Job, json: bool) {
+    if json {
+        println!("{}", output::job_json(job));
+    } else {
+        print!("{}", output::job_text(job));
+    }
+}
+
+fn job_exit(job: &Job) -> i32 {
+    if job.state == "succeeded" { 0 } else { 1 }
+}
+
+/// Builds the job spec from flags and the prompt file; reads nothing remote.
+pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<JobSpec> {
+    let mut prompts: Vec<PromptItem> = match &args.prompts {
+        Some(path) => prompts::read_prompt_file(path)?,
+        None => Vec::new(),
+    };
+    prompts.extend(args.prompt.iter().map(|p| PromptItem {
+        prompt: p.clone(),
+        ..Default::default()
+    }));
+    if prompts.is_empty() {
+        bail!("no prompts: give a prompt file or --prompt TEXT");
+    }
+    let model = match (&args.model, args.engine.as_str()) {
+        (Some(m), _) => m.clone(),
+        (None, "synthetic") => "synthetic-v1".into(),
+        (None, engine) => bail!("--model is required with the {engine} engine"),
+    };
+    let mut labels = HashMap::new();
+    for l in &args.labels {
+        let (k, v) = l
+            .split_once('=')
+            .with_context(|| format!("label {l:?} must be key=value"))?;
+        labels.insert(k.to_string(), v.to_string());
+    }
+    Ok(JobSpec {
+        engine: args.engine.clone(),
+        model_id: model,
+        prompts,
+        negative_prompt: args.negative.clone(),
+        images_per_prompt: args.images_per_prompt,
+        seed: args.seed,
+        width: args.width,
+        height: args.height,
+        steps: args.steps,
+        guidance: args.guidance,
+        scheduler: args.scheduler.clone(),
+        upscale: args
+            .upscale
+            .as_deref()
+            .map(|u| u.parse())
+            .transpose()?
+            .unwrap_or(0),
+        priority: args.priority,
+        tenant: args.tenant.clone().unwrap_or_else(|| cfg.tenant.clone()),
+        labels,
+        max_attempts: args.max_attempts,
+    })
+}
+
+/// `hallmark render`: submit, follow, download, summarise — on a local
+/// embedded farm unless a coordinator is configured.
+async fn render(cfg: &ClientConfig, args: RenderArgs, json: bool) -> anyhow::Result<i32> {
+    let spec = build_spec(&args.spec, cfg)?;
+    let started = Instant::now();
+    let (farm, url) = match &cfg.coordinator {
+        Some(url) => (None, url.clone()),
+        None => {
+            let state_dir = args
+                .state_dir
+                .clone()
+                .unwrap_or_else(|| cfg.state_dir.clone());
+            let workers = LocalWorkers {
+                count: args.workers.unwrap_or(cfg.workers).max(1),
+                engine: args.spec.engine.clone(),
+                models: vec![spec.model_id.clone()],
+                render_time: Duration::from_millis(args.render_ms),
+                max_batch: 4,
+            };
+            let farm = LocalFarm::start(&state_dir, "127.0.0.1:0", &workers).await?;
+            if !json {
+                eprintln!(
+                    "embedded farm: {} local workers, state in {}",
+                    workers.count,
+                    state_dir.display()
+                );
+            }
+            let url = farm.url();
+            (Some(farm), url)
+        }
+    };
+    let result = render_on(&url, spec, &args.output, json).await;
+    if let Some(farm) = farm {
+        farm.stop().await?;
+    }
+    let (job, files) = result?;
+    let elapsed = started.elapsed();
+    if json {
+        println!(
+            "{}",
+            json!({"job": output::job_json(&job), "output": args.output, "files": files.len(), "seconds": elapsed.as_secs_f64()})
+        );
+    } else {
+        print!("{}", output::job_text(&job));
+        println!(
+            "wrote {} images to {} in {:.1}s",
+            files.len(),
+            args.output.display(),
+            elapsed.as_secs_f64()
+        );
+    }
+    Ok(job_exit(&job))
+}
+
+async fn render_on(
+    url: &str,
+    spec: JobSpec,
+    out: &Path,
+    json: bool,
+) -> anyhow::Result<(Job, Vec<PathBuf>)> {
+    let remote = Remote::connect(url).await?;
+    let job = remote
+        .jobs
+        .clone()
+        .submit(SubmitJobRequest {
+            spec: Some(spec),
+            queue_unservable: false,
+        })
+        .await
+        .map_err(rpc)?
+        .into_inner();
+    let end = remote.watch(&job.job_id, false, json).await?;
+    let files = remote.download(&job.job_id, out).await?;
+    Ok((end, files.into_iter().map(|(p, _)| p).collect()))
+}
+
+/// `hallmark up`: the embedded farm as a long-running server.
+async fn up(cfg: &ClientConfig, args: UpArgs) -> anyhow::Result<i32> {
+    let state_dir = args.state_dir.unwrap_or_else(|| cfg.state_dir.clone());
+    let workers = LocalWorkers {
+        count: args.workers.unwrap_or(cfg.workers),
+        engine: args.engine,
+        models: args.models,
+        render_time: Duration::from_millis(args.render_ms),
+        max_batch: 4,
+    };
+    let farm = LocalFarm::start(&state_dir, &args.listen, &workers).await?;
+    println!(
+        "hallmark farm up at {} with {} local workers (state in {})",
+        farm.url(),
+        workers.count,
+        state_dir.display()
+    );
+    println!(
+        "submit with: hallmark --coordinator {} submit PROMPTS",
+        farm.url()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("draining local workers…");
+    farm.stop().await?;
+    Ok(0)
+}
+
+fn hash_file(path: &Path) -> anyhow::Result<(String, u64)> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        hasher.update(&buf[..n]);
+    }
+    Ok((hex::encode(hasher.finalize()), size))
+}

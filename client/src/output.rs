@@ -1,0 +1,94 @@
+//! Human and `--json` renderings of jobs, artifacts, workers and the registry.
+
+use hallmark_proto::v1::{Artifact, Dataset, Job, Model, WorkerInfo};
+use serde_json::{Value, json};
+
+pub fn job_json(j: &Job) -> Value {
+    json!({
+        "job_id": j.job_id, "state": j.state, "tenant": j.tenant, "priority": j.priority,
+        "engine": j.engine, "model_id": j.model_id, "items": j.items,
+        "stages": j.stages.iter().map(|s| json!({
+            "stage": s.stage, "total": s.total, "waiting": s.waiting, "ready": s.ready,
+            "leased": s.leased, "succeeded": s.succeeded, "failed": s.failed, "canceled": s.canceled,
+        })).collect::<Vec<_>>(),
+        "created_at_ms": j.created_at_ms, "finished_at_ms": j.finished_at_ms,
+        "queue_position": j.queue_position, "waiting_reason": j.waiting_reason,
+        "eta_ms": j.eta_ms, "labels": j.labels, "errors": j.errors,
+    })
+}
+
+pub fn artifact_json(a: &Artifact) -> Value {
+    json!({
+        "sha256": a.sha256, "job_id": a.job_id, "task_id": a.task_id, "item_index": a.item_index,
+        "stage": a.stage, "model_id": a.model_id, "parent_sha256": a.parent_sha256,
+        "worker_id": a.worker_id, "size": a.size, "media_type": a.media_type,
+        "width": a.width, "height": a.height, "created_at_ms": a.created_at_ms,
+        "seed": a.seed, "prompt": a.prompt,
+    })
+}
+
+pub fn worker_json(w: &WorkerInfo) -> Value {
+    json!({
+        "worker_id": w.worker_id, "name": w.name, "hostname": w.hostname, "engines": w.engines,
+        "models": w.models, "max_pixels": w.max_pixels, "max_batch": w.max_batch,
+        "last_seen_ms": w.last_seen_ms, "live": w.live, "leased_tasks": w.leased_tasks,
+        "loaded_model": w.loaded_model,
+    })
+}
+
+pub fn model_json(m: &Model) -> Value {
+    json!({
+        "model_id": m.model_id, "family": m.family, "license": m.license,
+        "parent_model_id": m.parent_model_id, "training_datasets": m.training_datasets,
+        "weights": m.weights.iter().map(|w| json!({"path": w.path, "sha256": w.sha256, "size": w.size})).collect::<Vec<_>>(),
+        "config_json": m.config_json, "created_at_ms": m.created_at_ms,
+    })
+}
+
+pub fn dataset_json(d: &Dataset) -> Value {
+    json!({
+        "name": d.name, "version": d.version, "uri": d.uri, "content_sha256": d.content_sha256,
+        "license": d.license, "created_at_ms": d.created_at_ms,
+    })
+}
+
+/// One line per stage: `generate  180/200 done, 4 running, 0 failed`.
+pub fn job_text(j: &Job) -> String {
+    let mut s = format!(
+        "job {}  {}  tenant {}  model {}  {} items\n",
+        j.job_id, j.state, j.tenant, j.model_id, j.items
+    );
+    for st in &j.stages {
+        s.push_str(&format!(
+            "  {:<9} {:>6}/{:<6} done  {:>4} running  {:>4} ready  {:>4} waiting  {:>4} failed  {:>4} canceled\n",
+            st.stage, st.succeeded, st.total, st.leased, st.ready, st.waiting, st.failed, st.canceled
+        ));
+    }
+    if j.state == "running" && j.queue_position > 0 {
+        s.push_str(&format!(
+            "  queue position: {} ready tasks ahead\n",
+            j.queue_position
+        ));
+    }
+    if !j.waiting_reason.is_empty() {
+        s.push_str(&format!("  waiting: {}\n", j.waiting_reason));
+    }
+    if j.eta_ms > 0 && j.state == "running" {
+        s.push_str(&format!("  eta: {}\n", human_ms(j.eta_ms)));
+    }
+    for e in &j.errors {
+        s.push_str(&format!("  error: {e}\n"));
+    }
+    s
+}
+
+pub fn human_ms(ms: u64) -> String {
+    let secs = ms / 1000;
+    if secs >= 3600 {
+        format!("{}h{:02}m", secs / 3600, secs % 3600 / 60)
+    } else if secs >= 60 {
+        format!("{}m{:02}s", secs / 60, secs % 60)
+    } else {
+        format!("{}.{}s", secs, ms % 1000 / 100)
+    }
+}

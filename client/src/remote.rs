@@ -1,0 +1,299 @@
+//! Talking to a coordinator: connect, submit, watch with progress bars, download.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use hallmark_proto::v1::jobs_client::JobsClient;
+use hallmark_proto::v1::registry_client::RegistryClient;
+use hallmark_proto::v1::workers_client::WorkersClient;
+use hallmark_proto::v1::{Artifact, DownloadArtifactRequest, Job, JobRef};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use tonic::transport::Channel;
+
+use crate::output;
+
+/// Clients of the three services over one connection.
+#[derive(Clone)]
+pub struct Remote {
+    pub jobs: JobsClient<Channel>,
+    pub workers: WorkersClient<Channel>,
+    pub registry: RegistryClient<Channel>,
+}
+
+impl Remote {
+    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+        let channel = Channel::from_shared(url.to_string())
+            .with_context(|| format!("coordinator url {url:?} is not a valid URL"))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach the coordinator at {url}; is it running?"))?;
+        Ok(Self {
+            jobs: JobsClient::new(channel.clone()).max_decoding_message_size(64 * 1024 * 1024),
+            workers: WorkersClient::new(channel.clone()),
+            registry: RegistryClient::new(channel),
+        })
+    }
+
+    pub async fn job(&self, job_id: &str) -> anyhow::Result<Job> {
+        Ok(self
+            .jobs
+            .clone()
+            .get_job(JobRef {
+                job_id: job_id.into(),
+            })
+            .await
+            .map_err(rpc)?
+            .into_inner())
+    }
+
+    /// Follows a job until it ends; progress bars on stderr, or one JSON line
+    /// per update on stdout with `json`. Re-attaches after a dropped stream.
+    pub async fn watch(&self, job_id: &str, json: bool, quiet: bool) -> anyhow::Result<Job> {
+        let bars = Bars::new(quiet || json);
+        let mut last: Option<Job> = None;
+        let mut failures = 0;
+        loop {
+            let stream = self
+                .jobs
+                .clone()
+                .watch_job(JobRef {
+                    job_id: job_id.into(),
+                })
+                .await;
+            let mut stream = match stream {
+                Ok(s) => s.into_inner(),
+                Err(s) if s.code() == tonic::Code::NotFound => return Err(rpc(s)),
+                Err(s) => {
+                    failures += 1;
+                    if failures > 30 {
+                        return Err(rpc(s));
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            loop {
+                match stream.message().await {
+                    Ok(Some(job)) => {
+                        failures = 0;
+                        if json {
+                            println!("{}", output::job_json(&job));
+                        }
+                        bars.update(&job);
+                        let done =
+                            matches!(job.state.as_str(), "succeeded" | "failed" | "canceled");
+                        last = Some(job);
+                        if done {
+                            bars.finish();
+                            return last.context("watch ended without a job state");
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(s) => {
+                        tracing::debug!(error = %s, "watch stream dropped; re-attaching");
+                        break;
+                    }
+                }
+            }
+            if let Some(j) = &last
+                && matches!(j.state.as_str(), "succeeded" | "failed" | "canceled")
+            {
+                return Ok(j.clone());
+            }
+            failures += 1;
+            if failures > 30 {
+                bail!("lost the coordinator while watching job {job_id}");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    pub async fn artifacts(&self, job_id: &str) -> anyhow::Result<Vec<Artifact>> {
+        Ok(self
+            .jobs
+            .clone()
+            .list_artifacts(JobRef {
+                job_id: job_id.into(),
+            })
+            .await
+            .map_err(rpc)?
+            .into_inner()
+            .artifacts)
+    }
+
+    /// Writes every artifact of a job into `dir` (`00012.png`, `00012-x2.png`)
+    /// with `job.json` describing them. Each file is checked against its
+    /// sha256 and written atomically.
+    pub async fn download(
+        &self,
+        job_id: &str,
+        dir: &Path,
+    ) -> anyhow::Result<Vec<(PathBuf, Artifact)>> {
+        let job = self.job(job_id).await?;
+        let artifacts = self.artifacts(job_id).await?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating output directory {}", dir.display()))?;
+        let base_widths: BTreeMap<String, u32> = artifacts
+            .iter()
+            .filter(|a| a.stage == "generate")
+            .map(|a| (a.sha256.clone(), a.width))
+            .collect();
+        let mut written = Vec::with_capacity(artifacts.len());
+        for a in artifacts {
+            let ext = match a.media_type.as_str() {
+                "image/jpeg" => "jpg",
+                "image/webp" => "webp",
+                _ => "png",
+            };
+            let name = if a.stage == "generate" {
+                format!("{:05}.{ext}", a.item_index)
+            } else {
+                let factor = base_widths
+                    .get(&a.parent_sha256)
+                    .and_then(|w| a.width.checked_div(*w))
+                    .unwrap_or(0);
+                format!("{:05}-{}x{factor}.{ext}", a.item_index, a.stage)
+            };
+            let path = dir.join(name);
+            let bytes = self.fetch(&a.sha256).await?;
+            write_atomic(&path, &bytes)?;
+            written.push((path, a));
+        }
+        let manifest = serde_json::json!({
+            "job": output::job_json(&job),
+            "artifacts": written.iter().map(|(p, a)| {
+                let mut v = output::artifact_json(a);
+                v["file"] = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default().into();
+                v
+            }).collect::<Vec<_>>(),
+        });
+        write_atomic(
+            &dir.join("job.json"),
+            serde_json::to_string_pretty(&manifest)?.as_bytes(),
+        )?;
+        Ok(written)
+    }
+
+    async fn fetch(&self, sha256: &str) -> anyhow::Result<Vec<u8>> {
+        let mut stream = self
+            .jobs
+            .clone()
+            .download_artifact(DownloadArtifactRequest {
+                sha256: sha256.into(),
+            })
+            .await
+            .map_err(rpc)?
+            .into_inner();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.message().await.map_err(rpc)? {
+            bytes.extend_from_slice(&chunk.data);
+        }
+        let got = hallmark_provenance::sha256_hex(&bytes);
+        if got != sha256 {
+            bail!("downloaded artifact hashes to {got}, expected {sha256}; not writing it");
+        }
+        Ok(bytes)
+    }
+}
+
+/// Writes `bytes` to a temporary file beside `path`, then renames it, so a
+/// crash never leaves a half-written image.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("writing into {}", dir.display()))?;
+    tmp.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Turns a gRPC status into an error that reads well on a terminal.
+pub fn rpc(s: tonic::Status) -> anyhow::Error {
+    let code = match s.code() {
+        tonic::Code::InvalidArgument => "invalid request",
+        tonic::Code::NotFound => "not found",
+        tonic::Code::FailedPrecondition => "refused",
+        tonic::Code::Unavailable => "coordinator unavailable",
+        _ => "coordinator error",
+    };
+    anyhow::anyhow!("{code}: {}", s.message())
+}
+
+/// One progress bar per stage, with the queue position, waiting reason and ETA.
+struct Bars {
+    multi: Option<MultiProgress>,
+    bars: std::sync::Mutex<BTreeMap<String, ProgressBar>>,
+    status: Option<ProgressBar>,
+}
+
+impl Bars {
+    fn new(hidden: bool) -> Self {
+        if hidden {
+            return Self {
+                multi: None,
+                bars: Default::default(),
+                status: None,
+            };
+        }
+        let multi = MultiProgress::new();
+        let status = multi.add(ProgressBar::new_spinner());
+        Self {
+            multi: Some(multi),
+            bars: Default::default(),
+            status: Some(status),
+        }
+    }
+
+    fn update(&self, job: &Job) {
+        let Some(multi) = &self.multi else { return };
+        let Ok(mut bars) = self.bars.lock() else {
+            return;
+        };
+        for st in &job.stages {
+            let bar = bars.entry(st.stage.clone()).or_insert_with(|| {
+                let b = multi.add(ProgressBar::new(st.total));
+                b.set_style(
+                    ProgressStyle::with_template("{prefix:>9} [{bar:40}] {pos}/{len} {msg}")
+                        .unwrap_or_else(|_| ProgressStyle::default_bar())
+                        .progress_chars("=> "),
+                );
+                b.set_prefix(st.stage.clone());
+                b
+            });
+            bar.set_length(st.total);
+            bar.set_position(st.succeeded + st.failed + st.canceled);
+            bar.set_message(format!("{} running, {} failed", st.leased, st.failed));
+        }
+        if let Some(s) = &self.status {
+            let mut msg = format!("job {} {}", job.job_id, job.state);
+            if job.queue_position > 0 {
+                msg.push_str(&format!(" · {} tasks ahead", job.queue_position));
+            }
+            if job.eta_ms > 0 {
+                msg.push_str(&format!(" · eta {}", output::human_ms(job.eta_ms)));
+            }
+            if !job.waiting_reason.is_empty() {
+                msg.push_str(&format!(" · waiting: {}", job.waiting_reason));
+            }
+            s.set_message(msg);
+            s.tick();
+        }
+    }
+
+    fn finish(&self) {
+        if let Ok(bars) = self.bars.lock() {
+            for b in bars.values() {
+                b.finish();
+            }
+        }
+        if let Some(s) = &self.status {
+            s.finish();
+        }
+    }
+}

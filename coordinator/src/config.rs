@@ -1,0 +1,123 @@
+//! Coordinator settings: defaults in code, then a TOML file, then
+//! `HALLMARK_*` environment variables, then command-line flags.
+//!
+//! Every setting is documented on its field; `README.md` points here.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// All coordinator settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct CoordinatorConfig {
+    /// Address the gRPC server listens on.
+    pub listen: String,
+    /// `postgres://…` for a cluster, `sqlite://…` for a single node.
+    pub database_url: String,
+    /// Connections in the database pool (SQLite always uses one writer).
+    pub database_max_connections: u32,
+    /// Redis for wake-ups, event fan-out and worker presence; none in single-node mode.
+    pub redis_url: Option<String>,
+    /// Directory of the content-addressed blob store.
+    pub blob_dir: PathBuf,
+    /// Most items (prompts × images per prompt) one job may hold.
+    pub max_items_per_job: u32,
+    /// Largest width or height a job may ask for, in pixels.
+    pub max_side: u32,
+    /// Most sampling steps a job may ask for.
+    pub max_steps: u32,
+    /// Retry budget of a task when the job does not set one.
+    pub default_max_attempts: u32,
+    /// Lease time-to-live for the smallest work, in milliseconds.
+    pub lease_base_ms: u64,
+    /// Extra lease time per megapixel-step of the leased work, in milliseconds.
+    pub lease_ms_per_megapixel_step: u64,
+    /// How often workers should call `Lease` while they hold work.
+    pub heartbeat_interval_ms: u64,
+    /// Longest a lease call waits without a wake-up before looking again.
+    pub poll_interval_ms: u64,
+    /// A worker not seen for this long is not live.
+    pub worker_timeout_ms: u64,
+    /// After a worker fails a task, other workers get it first for this long.
+    pub failure_cooldown_ms: u64,
+    /// A worker that failed this many tasks of a job gets no more of them.
+    pub job_worker_failure_limit: u32,
+    /// How often expired leases are reclaimed and finished jobs closed.
+    pub reap_interval_ms: u64,
+    /// Cap on running (leased) tasks per tenant; 0 means none.
+    pub tenant_max_running: u32,
+    /// Per-tenant overrides of the cap, e.g. `[tenants.acme] max_running = 8`.
+    pub tenants: BTreeMap<String, TenantConfig>,
+}
+
+/// Settings of one tenant.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct TenantConfig {
+    /// Cap on this tenant's running tasks; 0 means none.
+    pub max_running: u32,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7070".into(),
+            database_url: "sqlite://.hallmark/coordinator.db".into(),
+            database_max_connections: 32,
+            redis_url: None,
+            blob_dir: PathBuf::from(".hallmark/blobs"),
+            max_items_per_job: 100_000,
+            max_side: 2048,
+            max_steps: 150,
+            default_max_attempts: 3,
+            lease_base_ms: 30_000,
+            lease_ms_per_megapixel_step: 200,
+            heartbeat_interval_ms: 2_000,
+            poll_interval_ms: 1_000,
+            worker_timeout_ms: 15_000,
+            failure_cooldown_ms: 30_000,
+            job_worker_failure_limit: 3,
+            reap_interval_ms: 250,
+            tenant_max_running: 0,
+            tenants: BTreeMap::new(),
+        }
+    }
+}
+
+impl CoordinatorConfig {
+    /// Loads defaults, then `file` (if given; it must exist), then
+    /// `HALLMARK_*` variables (`HALLMARK_DATABASE_URL`, `HALLMARK_REDIS_URL`, …),
+    /// then `overrides` (flag name → value) from the command line.
+    pub fn load(file: Option<&Path>, overrides: &[(&str, String)]) -> anyhow::Result<Self> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            if !path.exists() {
+                anyhow::bail!("config file {} does not exist", path.display());
+            }
+            builder = builder.add_source(config::File::from(path.to_path_buf()));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("HALLMARK")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true),
+        );
+        for (key, value) in overrides {
+            builder = builder.set_override(*key, value.clone())?;
+        }
+        let cfg: Self = builder
+            .build()?
+            .try_deserialize()
+            .map_err(|e| anyhow::anyhow!("invalid coordinator configuration: {e}"))?;
+        Ok(cfg)
+    }
+
+    /// The running-task cap of `tenant` (0 = none).
+    pub fn tenant_cap(&self, tenant: &str) -> u32 {
+        self.tenants
+            .get(tenant)
+            .map(|t| t.max_running)
+            .unwrap_or(self.tenant_max_running)
+    }
+}

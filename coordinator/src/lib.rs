@@ -1,0 +1,25 @@
+//! The Hallmark coordinator.
+//!
+//! It takes bulk jobs over gRPC, expands them into per-item stage tasks,
+//! leases those to workers with fencing tokens, records their outputs and
+//! tells watchers about progress. The database is the only source of truth;
+//! Redis only carries wake-ups and events.
+//!
+//! - [`config`]: every setting, with defaults, file, environment and flags.
+//! - [`spec`]: job spec validation and expansion (pure).
+//! - [`store`]: Postgres/SQLite store — jobs, tasks, leases, artifacts, registry.
+//! - [`blobs`]: content-addressed blob store for uploaded images.
+//! - [`notify`]: in-process and Redis wake-ups and job events.
+//! - [`service`]: the gRPC services (`Jobs`, `Workers`, `Registry`).
+//! - [`server`]: `start` — wires it all up and serves; `stop` shuts down.
+
+pub mod blobs;
+pub mod config;
+pub mod notify;
+pub mod server;
+pub mod service;
+pub mod spec;
+pub mod store;
+
+pub use config::CoordinatorConfig;
+pub use server::{RunningCoordinator, start, start_on};

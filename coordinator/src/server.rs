@@ -1,0 +1,146 @@
+//! Starting and stopping a coordinator: store, blob store, notifier, the
+//! reaper loop and the gRPC server (with health checking and reflection).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use hallmark_proto::v1::jobs_server::JobsServer;
+use hallmark_proto::v1::registry_server::RegistryServer;
+use hallmark_proto::v1::workers_server::WorkersServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::blobs::BlobStore;
+use crate::config::CoordinatorConfig;
+use crate::notify::Notifier;
+use crate::service::{Coordinator, JobsService, RegistryService, WorkersService};
+use crate::store::Store;
+
+/// Largest gRPC message accepted (chunks are far smaller; this bounds abuse).
+const MAX_MESSAGE: usize = 16 * 1024 * 1024;
+
+/// A coordinator that is serving; [`RunningCoordinator::stop`] shuts it down.
+pub struct RunningCoordinator {
+    pub addr: SocketAddr,
+    pub state: Arc<Coordinator>,
+    shutdown: watch::Sender<bool>,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    reaper: JoinHandle<()>,
+}
+
+impl RunningCoordinator {
+    /// `http://addr`, for clients and workers.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting calls, lets running ones finish, and stops the reaper.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(true);
+        self.reaper.abort();
+        self.server.await.context("coordinator server task")??;
+        Ok(())
+    }
+
+    /// Waits until the server ends by itself (an error) or forever.
+    pub async fn wait(&mut self) -> anyhow::Result<()> {
+        (&mut self.server)
+            .await
+            .context("coordinator server task")??;
+        Ok(())
+    }
+}
+
+/// Connects the store and starts serving on `config.listen`.
+pub async fn start(config: CoordinatorConfig) -> anyhow::Result<RunningCoordinator> {
+    let listener = TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    start_on(listener, config).await
+}
+
+/// Like [`start`], on a listener the caller already bound (port 0 for tests).
+pub async fn start_on(
+    listener: TcpListener,
+    config: CoordinatorConfig,
+) -> anyhow::Result<RunningCoordinator> {
+    let store = Store::connect(&config.database_url, config.database_max_connections)
+        .await
+        .with_context(|| format!("opening the store at {}", redact(&config.database_url)))?;
+    let blobs = BlobStore::open(&config.blob_dir)
+        .with_context(|| format!("opening the blob store at {}", config.blob_dir.display()))?;
+    let notifier = match &config.redis_url {
+        Some(url) if !url.is_empty() => {
+            Notifier::with_redis(url).with_context(|| format!("redis url {url}"))?
+        }
+        _ => Notifier::local(),
+    };
+    let addr = listener.local_addr()?;
+    let state = Arc::new(Coordinator::new(store, blobs, notifier, config));
+
+    let (shutdown, mut shutdown_rx) = watch::channel(false);
+    let reaper_state = state.clone();
+    let reaper = tokio::spawn(async move {
+        let every = Duration::from_millis(reaper_state.config.reap_interval_ms.max(10));
+        loop {
+            tokio::time::sleep(every).await;
+            if let Err(e) = reaper_state.reap_once().await {
+                tracing::warn!(error = %e, "reap pass failed; will retry");
+            }
+        }
+    });
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<JobsServer<JobsService>>().await;
+    health.set_serving::<WorkersServer<WorkersService>>().await;
+    health
+        .set_serving::<RegistryServer<RegistryService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(hallmark_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building gRPC reflection")?;
+
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(
+            JobsServer::new(JobsService(state.clone())).max_decoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(
+            WorkersServer::new(WorkersService(state.clone()))
+                .max_decoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(RegistryServer::new(RegistryService(state.clone())));
+    let server = tokio::spawn(router.serve_with_incoming_shutdown(
+        TcpListenerStream::new(listener),
+        async move {
+            let _ = shutdown_rx.wait_for(|stop| *stop).await;
+        },
+    ));
+    tracing::info!(%addr, "coordinator listening");
+    Ok(RunningCoordinator {
+        addr,
+        state,
+        shutdown,
+        server,
+        reaper,
+    })
+}
+
+/// Hides a password in a database URL before it is logged.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => match url[s + 3..at].find(':') {
+            Some(colon) => format!("{}:***{}", &url[..s + 3 + colon], &url[at..]),
+            None => url.to_string(),
+        },
+        _ => url.to_string(),
+    }
+}

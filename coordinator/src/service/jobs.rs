@@ -1,0 +1,212 @@
+//! `hallmark.v1.Jobs`: submit, view, watch, control and download.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hallmark_proto::v1::jobs_server::Jobs;
+use hallmark_proto::v1::{
+    Chunk, DownloadArtifactRequest, Job, JobRef, ListArtifactsResponse, ListJobsRequest,
+    ListJobsResponse, SubmitJobRequest,
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::{Coordinator, status};
+use crate::spec::{self, Limits};
+use crate::store::{JobControl, StoreError, now_ms};
+
+pub struct JobsService(pub Arc<Coordinator>);
+
+fn is_terminal(state: &str) -> bool {
+    matches!(state, "succeeded" | "failed" | "canceled")
+}
+
+impl JobsService {
+    async fn view(&self, job_id: &str) -> Result<Job, Status> {
+        let now = now_ms();
+        self.0
+            .store
+            .get_job(job_id, now, self.0.live_since(now))
+            .await
+            .map_err(status)
+    }
+
+    async fn control(
+        &self,
+        req: Request<JobRef>,
+        action: JobControl,
+    ) -> Result<Response<Job>, Status> {
+        let job_id = req.into_inner().job_id;
+        self.0
+            .store
+            .control(&job_id, action, now_ms())
+            .await
+            .map_err(status)?;
+        if matches!(action, JobControl::Resume | JobControl::RetryFailed) {
+            self.0.notifier.tasks_ready();
+        }
+        self.0.notifier.job_changed(&job_id);
+        Ok(Response::new(self.view(&job_id).await?))
+    }
+}
+
+#[tonic::async_trait]
+impl Jobs for JobsService {
+    async fn submit(&self, req: Request<SubmitJobRequest>) -> Result<Response<Job>, Status> {
+        let c = &self.0;
+        let r = req.into_inner();
+        let spec = r
+            .spec
+            .ok_or_else(|| Status::invalid_argument("invalid job spec: spec: missing"))?;
+        let limits = Limits {
+            max_items: c.config.max_items_per_job,
+            max_side: c.config.max_side,
+            max_steps: c.config.max_steps,
+            default_max_attempts: c.config.default_max_attempts,
+        };
+        let random_seed = uuid::Uuid::new_v4().as_u64_pair().0;
+        let job =
+            spec::expand(&spec, &limits, random_seed).map_err(|e| status(StoreError::Spec(e)))?;
+        c.store
+            .check_servable(&job, r.queue_unservable)
+            .await
+            .map_err(status)?;
+        let job_id = format!("j-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let spec_json = serde_json::json!({
+            "engine": job.engine, "model_id": job.model_id, "upscale": job.upscale,
+            "width": spec.width, "height": spec.height, "steps": spec.steps,
+            "guidance": spec.guidance, "scheduler": spec.scheduler,
+            "images_per_prompt": spec.images_per_prompt.max(1),
+            "seed": spec.seed.unwrap_or(random_seed), "negative_prompt": spec.negative_prompt,
+        })
+        .to_string();
+        let tenant_cap = c.config.tenant_cap(&job.tenant);
+        c.store
+            .submit(
+                &job_id,
+                &job,
+                &spec_json,
+                tenant_cap,
+                &c.lease_policy,
+                now_ms(),
+            )
+            .await
+            .map_err(status)?;
+        tracing::info!(job_id = %job_id, items = job.items.len(), tenant = %job.tenant, "job submitted");
+        c.notifier.tasks_ready();
+        c.notifier.job_changed(&job_id);
+        Ok(Response::new(self.view(&job_id).await?))
+    }
+
+    async fn get_job(&self, req: Request<JobRef>) -> Result<Response<Job>, Status> {
+        Ok(Response::new(self.view(&req.into_inner().job_id).await?))
+    }
+
+    async fn list_jobs(
+        &self,
+        req: Request<ListJobsRequest>,
+    ) -> Result<Response<ListJobsResponse>, Status> {
+        let r = req.into_inner();
+        let now = now_ms();
+        let jobs = self
+            .0
+            .store
+            .list_jobs(&r.tenant, r.limit, now, self.0.live_since(now))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(ListJobsResponse { jobs }))
+    }
+
+    type WatchJobStream = ReceiverStream<Result<Job, Status>>;
+
+    async fn watch_job(
+        &self,
+        req: Request<JobRef>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let job_id = req.into_inner().job_id;
+        let first = self.view(&job_id).await?;
+        let mut events = self.0.notifier.subscribe_jobs();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let svc = JobsService(self.0.clone());
+        tokio::spawn(async move {
+            let mut last = first;
+            if tx.send(Ok(last.clone())).await.is_err() || is_terminal(&last.state) {
+                return;
+            }
+            loop {
+                // Wake on an event for this job, or every second for the ETA.
+                let tick = tokio::time::sleep(Duration::from_secs(1));
+                tokio::pin!(tick);
+                loop {
+                    tokio::select! {
+                        _ = &mut tick => break,
+                        ev = events.recv() => match ev {
+                            Ok(id) if id == job_id => break,
+                            Ok(_) => {}
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => break,
+                            Err(_) => return,
+                        }
+                    }
+                }
+                // Coalesce bursts of completions into one update.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                match svc.view(&job_id).await {
+                    Ok(job) => {
+                        let done = is_terminal(&job.state);
+                        if job != last && tx.send(Ok(job.clone())).await.is_err() {
+                            return;
+                        }
+                        last = job;
+                        if done {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn cancel_job(&self, req: Request<JobRef>) -> Result<Response<Job>, Status> {
+        self.control(req, JobControl::Cancel).await
+    }
+
+    async fn pause_job(&self, req: Request<JobRef>) -> Result<Response<Job>, Status> {
+        self.control(req, JobControl::Pause).await
+    }
+
+    async fn resume_job(&self, req: Request<JobRef>) -> Result<Response<Job>, Status> {
+        self.control(req, JobControl::Resume).await
+    }
+
+    async fn retry_failed(&self, req: Request<JobRef>) -> Result<Response<Job>, Status> {
+        self.control(req, JobControl::RetryFailed).await
+    }
+
+    async fn list_artifacts(
+        &self,
+        req: Request<JobRef>,
+    ) -> Result<Response<ListArtifactsResponse>, Status> {
+        let job_id = req.into_inner().job_id;
+        if !self.0.store.job_exists(&job_id).await.map_err(status)? {
+            return Err(Status::not_found(format!("no job with id {job_id:?}")));
+        }
+        let artifacts = self.0.store.list_artifacts(&job_id).await.map_err(status)?;
+        Ok(Response::new(ListArtifactsResponse { artifacts }))
+    }
+
+    type DownloadArtifactStream = ReceiverStream<Result<Chunk, Status>>;
+
+    async fn download_artifact(
+        &self,
+        req: Request<DownloadArtifactRequest>,
+    ) -> Result<Response<Self::DownloadArtifactStream>, Status> {
+        Ok(Response::new(
+            self.0.stream_blob(&req.into_inner().sha256).await?,
+        ))
+    }
+}

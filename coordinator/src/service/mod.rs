@@ -1,0 +1,179 @@
+//! The gRPC services over one shared [`Coordinator`] state.
+
+mod jobs;
+mod registry;
+mod workers;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+pub use jobs::JobsService;
+pub use registry::RegistryService;
+pub use workers::WorkersService;
+
+use crate::blobs::{BlobError, BlobStore};
+use crate::config::CoordinatorConfig;
+use crate::notify::Notifier;
+use crate::store::{LeasePolicy, Store, StoreError, WorkerCaps, now_ms};
+
+/// Chunk size of streamed downloads.
+const CHUNK: usize = 256 * 1024;
+
+/// State shared by all services of one coordinator replica.
+pub struct Coordinator {
+    pub store: Store,
+    pub blobs: BlobStore,
+    pub notifier: Notifier,
+    pub config: CoordinatorConfig,
+    pub lease_policy: LeasePolicy,
+    workers: Mutex<HashMap<String, (WorkerCaps, Instant)>>,
+}
+
+impl Coordinator {
+    pub fn new(
+        store: Store,
+        blobs: BlobStore,
+        notifier: Notifier,
+        config: CoordinatorConfig,
+    ) -> Self {
+        let lease_policy = LeasePolicy {
+            base_ms: config.lease_base_ms,
+            ms_per_megapixel_step: config.lease_ms_per_megapixel_step,
+        };
+        Self {
+            store,
+            blobs,
+            notifier,
+            config,
+            lease_policy,
+            workers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Workers seen since this time are live.
+    pub fn live_since(&self, now: i64) -> i64 {
+        now - self.config.worker_timeout_ms as i64
+    }
+
+    /// The worker's capabilities (cached), and its presence refreshed at most
+    /// once per heartbeat interval so lease calls stay cheap.
+    async fn seen_worker(
+        &self,
+        worker_id: &str,
+        loaded_model: &str,
+        now: i64,
+    ) -> Result<WorkerCaps, Status> {
+        let refresh = Duration::from_millis(self.config.heartbeat_interval_ms.max(500));
+        let cached = self
+            .workers
+            .lock()
+            .map_err(|_| Status::internal("worker cache poisoned"))?
+            .get(worker_id)
+            .cloned();
+        match cached {
+            Some((caps, touched)) if touched.elapsed() < refresh => Ok(caps),
+            _ => {
+                let caps = self.store.worker_caps(worker_id).await.map_err(status)?;
+                self.store
+                    .touch_worker(worker_id, loaded_model, now)
+                    .await
+                    .map_err(status)?;
+                self.notifier
+                    .worker_seen(worker_id, self.config.worker_timeout_ms);
+                self.workers
+                    .lock()
+                    .map_err(|_| Status::internal("worker cache poisoned"))?
+                    .insert(worker_id.to_string(), (caps.clone(), Instant::now()));
+                Ok(caps)
+            }
+        }
+    }
+
+    /// Streams a stored blob in chunks.
+    async fn stream_blob(
+        &self,
+        sha256: &str,
+    ) -> Result<ReceiverStream<Result<hallmark_proto::v1::Chunk, Status>>, Status> {
+        if !self.store.artifact_known(sha256).await.map_err(status)? {
+            return Err(Status::not_found(format!(
+                "no artifact with sha256 {sha256}"
+            )));
+        }
+        let mut file = self.blobs.open_blob(sha256).await.map_err(blob_status)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = vec![0u8; CHUNK];
+            loop {
+                match file.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        if tx
+                            .send(Ok(hallmark_proto::v1::Chunk {
+                                data: buf[..n].to_vec(),
+                            }))
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(Status::internal(format!("reading blob: {e}"))))
+                            .await;
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(ReceiverStream::new(rx))
+    }
+
+    /// One pass of lease expiry and job closing, with the wake-ups it implies.
+    pub async fn reap_once(&self) -> Result<(), StoreError> {
+        let out = self.store.reap(now_ms()).await?;
+        if out.requeued > 0 {
+            tracing::info!(
+                requeued = out.requeued,
+                "expired leases returned to the queue"
+            );
+            self.notifier.tasks_ready();
+        }
+        for job in out.expired_jobs.iter().chain(&out.finished_jobs) {
+            self.notifier.job_changed(job);
+        }
+        for job in &out.finished_jobs {
+            tracing::info!(job_id = %job, "job finished");
+        }
+        Ok(())
+    }
+}
+
+/// Maps store errors to gRPC status codes with the store's message.
+pub fn status(e: StoreError) -> Status {
+    match e {
+        StoreError::Spec(e) => Status::invalid_argument(format!("invalid job spec: {e}")),
+        StoreError::NotFound(m) => Status::not_found(m),
+        StoreError::Refused(m) => Status::failed_precondition(m),
+        StoreError::Db(e) => {
+            tracing::error!(error = %e, "database error");
+            Status::unavailable(format!("database error: {e}"))
+        }
+        StoreError::Migrate(e) => Status::internal(format!("migration: {e}")),
+    }
+}
+
+fn blob_status(e: BlobError) -> Status {
+    match e {
+        BlobError::Missing(m) => {
+            Status::not_found(format!("blob {m} is missing from the blob store"))
+        }
+        BlobError::Io { .. } => Status::internal(e.to_string()),
+        other => Status::invalid_argument(other.to_string()),
+    }
+}

@@ -1,0 +1,391 @@
+//! Job specs: validation and expansion into items and per-item stage tasks.
+//!
+//! Everything here is pure, so a bad spec is refused before any row exists.
+
+use std::collections::HashMap;
+
+use hallmark_proto::v1::JobSpec;
+
+/// Engines a job may name.
+pub const ENGINES: &[&str] = &["synthetic", "diffusion"];
+/// Sampler names the diffusion engine understands.
+pub const SCHEDULERS: &[&str] = &[
+    "ddim",
+    "euler",
+    "euler_a",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "unipc",
+];
+/// The first stage of every item.
+pub const STAGE_GENERATE: &str = "generate";
+/// The optional super-resolution stage, ready once the item's generate succeeded.
+pub const STAGE_UPSCALE: &str = "upscale";
+
+/// Limits a spec is checked against (from the coordinator config).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_items: u32,
+    pub max_side: u32,
+    pub max_steps: u32,
+    pub default_max_attempts: u32,
+}
+
+/// A spec field that is wrong, and why.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct SpecError {
+    pub field: String,
+    pub message: String,
+}
+
+fn bad(field: impl Into<String>, message: impl Into<String>) -> SpecError {
+    SpecError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// One image to make: a prompt, an image index and everything that sets its pixels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Item {
+    pub index: u64,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub seed: u64,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub guidance: f32,
+    pub scheduler: String,
+}
+
+/// A validated job ready to be written.
+#[derive(Debug, Clone)]
+pub struct ExpandedJob {
+    pub engine: String,
+    pub model_id: String,
+    pub tenant: String,
+    pub priority: i32,
+    pub upscale: u32,
+    pub max_attempts: u32,
+    pub labels: HashMap<String, String>,
+    pub items: Vec<Item>,
+}
+
+impl ExpandedJob {
+    /// Largest pixel count any task of the job needs a worker to hold.
+    pub fn max_task_pixels(&self) -> u64 {
+        let factor = u64::from(self.upscale.max(1));
+        self.items
+            .iter()
+            .map(|i| u64::from(i.width) * u64::from(i.height) * factor * factor)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// Derives the seed of item `index` from the job seed (SplitMix64 of the pair),
+/// so a re-run of a job gives every item the same seed.
+pub fn derive_seed(job_seed: u64, index: u64) -> u64 {
+    let mut z = job_seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn check_side(field: &str, value: u32, max: u32) -> Result<(), SpecError> {
+    if value == 0 {
+        return Err(bad(field, "is required"));
+    }
+    if value % 8 != 0 {
+        return Err(bad(
+            field,
+            format!("{value} is not a multiple of 8 (try {})", value / 8 * 8),
+        ));
+    }
+    if !(64..=max).contains(&value) {
+        return Err(bad(field, format!("{value} is outside 64..={max}")));
+    }
+    Ok(())
+}
+
+fn check_steps(field: &str, value: u32, max: u32) -> Result<(), SpecError> {
+    if !(1..=max).contains(&value) {
+        return Err(bad(field, format!("{value} is outside 1..={max}")));
+    }
+    Ok(())
+}
+
+fn check_guidance(field: &str, value: f32) -> Result<(), SpecError> {
+    if !value.is_finite() || !(0.0..=50.0).contains(&value) {
+        return Err(bad(field, format!("{value} is outside 0..=50")));
+    }
+    Ok(())
+}
+
+fn check_scheduler(field: &str, value: &str) -> Result<(), SpecError> {
+    if !SCHEDULERS.contains(&value) {
+        return Err(bad(
+            field,
+            format!(
+                "unknown scheduler {value:?}; use one of {}",
+                SCHEDULERS.join(", ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_name(field: &str, value: &str) -> Result<(), SpecError> {
+    let ok = !value.is_empty()
+        && value.len() <= 128
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:/@".contains(c));
+    if !ok {
+        return Err(bad(
+            field,
+            format!("{value:?} must be 1-128 characters of letters, digits and -_.:/@"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the whole spec and expands it into items. The first error found
+/// names its field (`prompts[3].width`, `steps`, …).
+pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<ExpandedJob, SpecError> {
+    if !ENGINES.contains(&spec.engine.as_str()) {
+        return Err(bad(
+            "engine",
+            format!(
+                "unknown engine {:?}; use one of {}",
+                spec.engine,
+                ENGINES.join(", ")
+            ),
+        ));
+    }
+    check_name("model_id", &spec.model_id)?;
+    let tenant = if spec.tenant.is_empty() {
+        "default"
+    } else {
+        spec.tenant.as_str()
+    };
+    check_name("tenant", tenant)?;
+    check_side("width", spec.width, limits.max_side)?;
+    check_side("height", spec.height, limits.max_side)?;
+    check_steps("steps", spec.steps, limits.max_steps)?;
+    check_guidance("guidance", spec.guidance)?;
+    check_scheduler("scheduler", &spec.scheduler)?;
+    if ![0, 2, 4].contains(&spec.upscale) {
+        return Err(bad(
+            "upscale",
+            format!("{} must be 2 or 4 (or 0 for none)", spec.upscale),
+        ));
+    }
+    let per_prompt = spec.images_per_prompt.max(1);
+    if per_prompt > 64 {
+        return Err(bad("images_per_prompt", format!("{per_prompt} is over 64")));
+    }
+    if spec.prompts.is_empty() {
+        return Err(bad("prompts", "the job has no prompts"));
+    }
+    let total = spec.prompts.len() as u64 * u64::from(per_prompt);
+    if total > u64::from(limits.max_items) {
+        return Err(bad(
+            "prompts",
+            format!(
+                "{} prompts × {per_prompt} images = {total} items, over the limit of {}",
+                spec.prompts.len(),
+                limits.max_items
+            ),
+        ));
+    }
+    if spec.max_attempts > 20 {
+        return Err(bad(
+            "max_attempts",
+            format!("{} is over 20", spec.max_attempts),
+        ));
+    }
+    for (key, value) in &spec.labels {
+        if key.is_empty() || key.len() > 64 || value.len() > 256 {
+            return Err(bad(
+                format!("labels[{key:?}]"),
+                "keys must be 1-64 bytes and values at most 256",
+            ));
+        }
+    }
+    check_text("negative_prompt", &spec.negative_prompt, true)?;
+
+    let job_seed = spec.seed.unwrap_or(random_seed);
+    let mut items = Vec::with_capacity(total as usize);
+    for (p, line) in spec.prompts.iter().enumerate() {
+        let field = |name: &str| format!("prompts[{p}].{name}");
+        check_text(&field("prompt"), &line.prompt, false)?;
+        let negative = line
+            .negative_prompt
+            .clone()
+            .unwrap_or_else(|| spec.negative_prompt.clone());
+        check_text(&field("negative_prompt"), &negative, true)?;
+        let width = line.width.unwrap_or(spec.width);
+        let height = line.height.unwrap_or(spec.height);
+        let steps = line.steps.unwrap_or(spec.steps);
+        let guidance = line.guidance.unwrap_or(spec.guidance);
+        let scheduler = line
+            .scheduler
+            .clone()
+            .unwrap_or_else(|| spec.scheduler.clone());
+        check_side(&field("width"), width, limits.max_side)?;
+        check_side(&field("height"), height, limits.max_side)?;
+        check_steps(&field("steps"), steps, limits.max_steps)?;
+        check_guidance(&field("guidance"), guidance)?;
+        check_scheduler(&field("scheduler"), &scheduler)?;
+        for image in 0..u64::from(per_prompt) {
+            let index = p as u64 * u64::from(per_prompt) + image;
+            let seed = match line.seed {
+                Some(seed) => seed.wrapping_add(image),
+                None => derive_seed(job_seed, index),
+            };
+            items.push(Item {
+                index,
+                prompt: line.prompt.clone(),
+                negative_prompt: negative.clone(),
+                seed,
+                width,
+                height,
+                steps,
+                guidance,
+                scheduler: scheduler.clone(),
+            });
+        }
+    }
+    Ok(ExpandedJob {
+        engine: spec.engine.clone(),
+        model_id: spec.model_id.clone(),
+        tenant: tenant.to_string(),
+        priority: spec.priority,
+        upscale: spec.upscale,
+        max_attempts: if spec.max_attempts == 0 {
+            limits.default_max_attempts
+        } else {
+            spec.max_attempts
+        },
+        labels: spec.labels.clone(),
+        items,
+    })
+}
+
+fn check_text(field: &str, text: &str, may_be_empty: bool) -> Result<(), SpecError> {
+    if !may_be_empty && text.trim().is_empty() {
+        return Err(bad(field, "is empty"));
+    }
+    if text.len() > 8192 {
+        return Err(bad(field, format!("is {} bytes, over 8192", text.len())));
+    }
+    if text.contains('\0') {
+        return Err(bad(field, "contains a NUL byte"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hallmark_proto::v1::PromptItem;
+
+    fn limits() -> Limits {
+        Limits {
+            max_items: 10,
+            max_side: 1024,
+            max_steps: 50,
+            default_max_attempts: 3,
+        }
+    }
+
+    fn spec(prompts: &[&str]) -> JobSpec {
+        JobSpec {
+            engine: "synthetic".into(),
+            model_id: "synthetic-v1".into(),
+            prompts: prompts
+                .iter()
+                .map(|p| PromptItem {
+                    prompt: p.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            width: 64,
+            height: 64,
+            steps: 4,
+            guidance: 7.5,
+            scheduler: "euler".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn width_not_multiple_of_eight_names_the_field() {
+        let mut s = spec(&["a"]);
+        s.width = 513;
+        let err = expand(&s, &limits(), 1).unwrap_err();
+        assert_eq!(err.field, "width");
+        assert!(err.message.contains("multiple of 8"), "{err}");
+    }
+
+    #[test]
+    fn per_item_override_is_checked_with_its_index() {
+        let mut s = spec(&["a", "b"]);
+        s.prompts[1].steps = Some(0);
+        assert_eq!(
+            expand(&s, &limits(), 1).unwrap_err().field,
+            "prompts[1].steps"
+        );
+    }
+
+    #[test]
+    fn item_limit_counts_images_per_prompt() {
+        let mut s = spec(&["a", "b", "c"]);
+        s.images_per_prompt = 4;
+        let err = expand(&s, &limits(), 1).unwrap_err();
+        assert_eq!(err.field, "prompts");
+        assert!(err.message.contains("12 items"), "{err}");
+    }
+
+    #[test]
+    fn seeds_derive_from_job_seed_and_index_deterministically() {
+        let mut s = spec(&["a", "b"]);
+        s.seed = Some(42);
+        s.images_per_prompt = 2;
+        let a = expand(&s, &limits(), 1).unwrap();
+        let b = expand(&s, &limits(), 999).unwrap();
+        let seeds: Vec<u64> = a.items.iter().map(|i| i.seed).collect();
+        assert_eq!(seeds, b.items.iter().map(|i| i.seed).collect::<Vec<_>>());
+        let mut unique = seeds.clone();
+        unique.dedup();
+        assert_eq!(unique.len(), 4, "every item gets its own seed");
+    }
+
+    #[test]
+    fn explicit_item_seed_counts_up_per_image() {
+        let mut s = spec(&["a"]);
+        s.images_per_prompt = 3;
+        s.prompts[0].seed = Some(7);
+        let e = expand(&s, &limits(), 1).unwrap();
+        assert_eq!(
+            e.items.iter().map(|i| i.seed).collect::<Vec<_>>(),
+            vec![7, 8, 9]
+        );
+    }
+
+    #[test]
+    fn blank_prompt_and_unknown_scheduler_are_refused() {
+        let s = spec(&["ok", "  "]);
+        assert_eq!(
+            expand(&s, &limits(), 1).unwrap_err().field,
+            "prompts[1].prompt"
+        );
+        let mut s = spec(&["ok"]);
+        s.scheduler = "warp".into();
+        assert_eq!(expand(&s, &limits(), 1).unwrap_err().field, "scheduler");
+    }
+}

@@ -1,0 +1,649 @@
+//! Dispatch: worker registration, fenced leases, heartbeats, completions,
+//! failures and the reaping of expired leases.
+//!
+//! Every lease carries a fencing token (the task's `lease_token`, bumped on
+//! each lease). Completions and failures name the token; a stale one changes
+//! nothing and is refused, so a task records at most one artifact
+//! (DESIGN invariant 2, also enforced by `artifacts`' primary key).
+
+use hallmark_proto::v1::{ModelCapability, RevokedLease, TaskLease, WorkerInfo};
+use sqlx::Row;
+
+use super::{Result, Store, StoreError, state};
+
+/// How long a lease lives: a base plus a share per megapixel-step of work.
+#[derive(Debug, Clone, Copy)]
+pub struct LeasePolicy {
+    pub base_ms: u64,
+    pub ms_per_megapixel_step: u64,
+}
+
+impl LeasePolicy {
+    pub fn ttl_ms(&self, pixels: u64, steps: u32) -> i64 {
+        let work = pixels.saturating_mul(u64::from(steps)) / 1_000_000;
+        (self.base_ms + work.saturating_mul(self.ms_per_megapixel_step)) as i64
+    }
+}
+
+/// What the lease query needs to know about the asking worker.
+#[derive(Debug, Clone)]
+pub struct WorkerCaps {
+    pub worker_id: String,
+    pub max_pixels: u64,
+    pub max_batch: u32,
+}
+
+/// A finished upload, ready to be recorded.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub worker_id: String,
+    pub task_id: String,
+    pub fencing_token: i64,
+    pub sha256: String,
+    pub size: u64,
+    pub media_type: String,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// What a recorded failure did to the task.
+#[derive(Debug, Clone)]
+pub struct FailOutcome {
+    pub job_id: String,
+    /// `ready` (will be retried) or `failed` (budget spent).
+    pub state: String,
+}
+
+/// What one reap pass changed.
+#[derive(Debug, Clone, Default)]
+pub struct ReapOutcome {
+    /// Jobs with leases that expired (tasks back to ready, or failed).
+    pub expired_jobs: Vec<String>,
+    pub requeued: u64,
+    /// Jobs that were closed as succeeded or failed.
+    pub finished_jobs: Vec<String>,
+}
+
+impl Store {
+    /// Records a worker and the models it serves. A model the registry knows
+    /// with other weights is refused; an unknown one is added to the registry.
+    pub async fn register_worker(
+        &self,
+        worker_id: &str,
+        name: &str,
+        hostname: &str,
+        engines: &[String],
+        models: &[(String, ModelCapability)],
+        max_pixels: u64,
+        max_batch: u32,
+        now: i64,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for (engine, model) in models {
+            let registered: Vec<(String, String)> = sqlx::query(
+                "SELECT path, sha256 FROM model_weights WHERE model_id = $1 ORDER BY path",
+            )
+            .bind(&model.model_id)
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get("path")?, r.try_get("sha256")?)))
+            .collect::<Result<_>>()?;
+            if registered.is_empty() {
+                sqlx::query(
+                    "INSERT INTO models (id, family, license, parent_model_id, config_json, created_at) \
+                     VALUES ($1, $2, 'unknown', NULL, '{}', $3) ON CONFLICT (id) DO NOTHING",
+                )
+                .bind(&model.model_id)
+                .bind(engine)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "INSERT INTO model_weights (model_id, path, sha256, size) VALUES ($1, '*', $2, 0) \
+                     ON CONFLICT (model_id, path) DO NOTHING",
+                )
+                .bind(&model.model_id)
+                .bind(&model.weights_sha256)
+                .execute(&mut *tx)
+                .await?;
+            } else {
+                let digest = hallmark_provenance::weights_digest(
+                    registered.iter().map(|(p, s)| (p.as_str(), s.as_str())),
+                );
+                if digest != model.weights_sha256 {
+                    return Err(StoreError::Refused(format!(
+                        "worker {name:?} declares model {:?} with weights {}, but the registry has {digest}; refusing to serve mismatched weights",
+                        model.model_id, model.weights_sha256
+                    )));
+                }
+            }
+        }
+        sqlx::query(
+            "INSERT INTO workers (id, name, hostname, engines, max_pixels, max_batch, registered_at, last_seen_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
+        )
+        .bind(worker_id)
+        .bind(name)
+        .bind(hostname)
+        .bind(engines.join(","))
+        .bind(max_pixels as i64)
+        .bind(i64::from(max_batch))
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        for (engine, model) in models {
+            sqlx::query(
+                "INSERT INTO worker_models (worker_id, engine, model_id, weights_sha256) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(worker_id)
+            .bind(engine)
+            .bind(&model.model_id)
+            .bind(&model.weights_sha256)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The lease-relevant capabilities of a registered worker.
+    pub async fn worker_caps(&self, worker_id: &str) -> Result<WorkerCaps> {
+        let row = sqlx::query("SELECT max_pixels, max_batch FROM workers WHERE id = $1")
+            .bind(worker_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| {
+                StoreError::NotFound(format!("unknown worker {worker_id:?}; register again"))
+            })?;
+        Ok(WorkerCaps {
+            worker_id: worker_id.to_string(),
+            max_pixels: row.try_get::<i64, _>("max_pixels")? as u64,
+            max_batch: row.try_get::<i64, _>("max_batch")? as u32,
+        })
+    }
+
+    /// Marks the worker seen now (presence) and what model it holds.
+    pub async fn touch_worker(&self, worker_id: &str, loaded_model: &str, now: i64) -> Result<()> {
+        sqlx::query("UPDATE workers SET last_seen_at = $2, loaded_model = $3 WHERE id = $1")
+            .bind(worker_id)
+            .bind(now)
+            .bind(loaded_model)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Heartbeat: extends the leases the worker still holds and says which of
+    /// the ones it believes it holds are no longer its own. Leases the worker
+    /// does not mention (a lease reply it never got) go back to the queue.
+    pub async fn heartbeat(
+        &self,
+        worker_id: &str,
+        held: &[(String, i64)],
+        now: i64,
+    ) -> Result<(Vec<RevokedLease>, bool)> {
+        let rows = sqlx::query(
+            "UPDATE tasks SET lease_expires_at = $2 + lease_ttl_ms \
+             WHERE worker_id = $1 AND state = 'leased' RETURNING id, lease_token",
+        )
+        .bind(worker_id)
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut owned = Vec::with_capacity(rows.len());
+        for r in &rows {
+            owned.push((
+                r.try_get::<String, _>("id")?,
+                r.try_get::<i64, _>("lease_token")?,
+            ));
+        }
+        let mut requeued = false;
+        for (id, token) in &owned {
+            if !held.iter().any(|(h, t)| h == id && t == token) {
+                requeued |= sqlx::query(
+                    "UPDATE tasks SET state = 'ready', worker_id = NULL, lease_expires_at = NULL, attempts = attempts - 1 \
+                     WHERE id = $1 AND lease_token = $2 AND state = 'leased'",
+                )
+                .bind(id)
+                .bind(token)
+                .execute(&self.pool)
+                .await?
+                .rows_affected()
+                    > 0;
+            }
+        }
+        let mut revoked = Vec::new();
+        for (id, token) in held {
+            if owned.iter().any(|(o, t)| o == id && t == token) {
+                continue;
+            }
+            let row = sqlx::query("SELECT state, lease_token FROM tasks WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+            let reason = match row {
+                None => "no such task".to_string(),
+                Some(r) => {
+                    let st: String = r.try_get("state")?;
+                    let tok: i64 = r.try_get("lease_token")?;
+                    match st.as_str() {
+                        state::CANCELED => "job canceled".into(),
+                        state::HELD => "job paused".into(),
+                        state::SUCCEEDED if tok == *token => continue, // its own completion landed
+                        _ if tok != *token => "lease expired and the task was leased again".into(),
+                        other => format!("task is {other}"),
+                    }
+                }
+            };
+            revoked.push(RevokedLease {
+                task_id: id.clone(),
+                reason,
+            });
+        }
+        Ok((revoked, requeued))
+    }
+
+    /// Leases up to `want` compatible ready tasks (same model, stage, size,
+    /// steps) to the worker: priority first, then the tenant served longest
+    /// ago, then the model the worker already holds, then job age.
+    pub async fn lease(
+        &self,
+        worker: &WorkerCaps,
+        want: u32,
+        loaded_model: &str,
+        cooldown_since: i64,
+        failure_limit: u32,
+        now: i64,
+    ) -> Result<Vec<TaskLease>> {
+        let want = want.min(worker.max_batch.max(1));
+        if want == 0 {
+            return Ok(Vec::new());
+        }
+        let jobs = sqlx::query(
+            "SELECT j.id, j.tenant FROM jobs j JOIN tenants tn ON tn.name = j.tenant \
+             WHERE j.state = 'running' \
+             AND EXISTS (SELECT 1 FROM worker_models wm WHERE wm.worker_id = $1 AND wm.engine = j.engine AND wm.model_id = j.model_id) \
+             AND NOT EXISTS (SELECT 1 FROM job_worker_failures b WHERE b.job_id = j.id AND b.worker_id = $1 AND b.failures >= $2) \
+             AND (tn.max_running = 0 OR (SELECT COUNT(*) FROM tasks r WHERE r.tenant = j.tenant AND r.state = 'leased') < tn.max_running) \
+             AND EXISTS (SELECT 1 FROM tasks t WHERE t.job_id = j.id AND t.state = 'ready' AND t.pixels <= $3) \
+             ORDER BY j.priority DESC, tn.last_dispatch_at ASC, CASE WHEN j.model_id = $4 THEN 0 ELSE 1 END, j.created_at ASC, j.id \
+             LIMIT 4",
+        )
+        .bind(&worker.worker_id)
+        .bind(i64::from(failure_limit))
+        .bind(worker.max_pixels as i64)
+        .bind(loaded_model)
+        .fetch_all(&self.pool)
+        .await?;
+
+        for job in jobs {
+            let job_id: String = job.try_get("id")?;
+            let tenant: String = job.try_get("tenant")?;
+            let leased = self
+                .lease_from_job(worker, &job_id, want, cooldown_since, now)
+                .await?;
+            if leased.is_empty() {
+                continue;
+            }
+            // Round-robin between tenants is a preference, not state: a plain
+            // update after the lease keeps the hot tenant row out of the transaction.
+            sqlx::query("UPDATE tenants SET last_dispatch_at = $2 WHERE name = $1 AND last_dispatch_at < $2")
+                .bind(&tenant)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+            return Ok(leased);
+        }
+        Ok(Vec::new())
+    }
+
+    async fn lease_from_job(
+        &self,
+        worker: &WorkerCaps,
+        job_id: &str,
+        want: u32,
+        cooldown_since: i64,
+        now: i64,
+    ) -> Result<Vec<TaskLease>> {
+        let eligible = "t.job_id = $2 AND t.state = 'ready' AND t.pixels <= $3 \
+             AND NOT EXISTS (SELECT 1 FROM task_failures f WHERE f.task_id = t.id AND f.worker_id = $1 AND f.failed_at > $4)";
+        let sql = format!(
+            "UPDATE tasks SET state = 'leased', worker_id = $1, lease_token = lease_token + 1, \
+             attempts = attempts + 1, started_at = $5, lease_expires_at = $5 + lease_ttl_ms \
+             WHERE state = 'ready' AND id IN (SELECT t.id FROM tasks t WHERE {eligible} \
+               AND t.batch_key = (SELECT t.batch_key FROM tasks t WHERE {eligible} ORDER BY t.stage_rank DESC, t.item_index LIMIT 1) \
+               ORDER BY t.stage_rank DESC, t.item_index LIMIT $6{}) \
+             RETURNING id, lease_token, attempts, lease_expires_at, item_index, stage, engine, model_id, upscale, parent_sha256",
+            self.skip_locked()
+        );
+        let rows = sqlx::query(&sql)
+            .bind(&worker.worker_id)
+            .bind(job_id)
+            .bind(worker.max_pixels as i64)
+            .bind(cooldown_since)
+            .bind(now)
+            .bind(i64::from(want))
+            .fetch_all(&self.pool)
+            .await?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut leases = Vec::with_capacity(rows.len());
+        for r in &rows {
+            leases.push(TaskLease {
+                task_id: r.try_get("id")?,
+                fencing_token: r.try_get("lease_token")?,
+                job_id: job_id.to_string(),
+                item_index: r.try_get::<i64, _>("item_index")? as u64,
+                stage: r.try_get("stage")?,
+                engine: r.try_get("engine")?,
+                model_id: r.try_get("model_id")?,
+                upscale: r.try_get::<i64, _>("upscale")? as u32,
+                parent_sha256: r
+                    .try_get::<Option<String>, _>("parent_sha256")?
+                    .unwrap_or_default(),
+                expires_at_ms: r
+                    .try_get::<Option<i64>, _>("lease_expires_at")?
+                    .unwrap_or(now),
+                attempt: r.try_get::<i64, _>("attempts")? as u32,
+                ..Default::default()
+            });
+        }
+        leases.sort_by_key(|l| l.item_index);
+        let (lo, hi) = (leases[0].item_index, leases[leases.len() - 1].item_index);
+        let items = sqlx::query(
+            "SELECT item_index, prompt, negative_prompt, seed, width, height, steps, guidance, scheduler \
+             FROM items WHERE job_id = $1 AND item_index >= $2 AND item_index <= $3",
+        )
+        .bind(job_id)
+        .bind(lo as i64)
+        .bind(hi as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        for item in &items {
+            let index = item.try_get::<i64, _>("item_index")? as u64;
+            for l in leases.iter_mut().filter(|l| l.item_index == index) {
+                l.prompt = item.try_get("prompt")?;
+                l.negative_prompt = item.try_get("negative_prompt")?;
+                l.seed = item.try_get::<i64, _>("seed")? as u64;
+                l.width = item.try_get::<i64, _>("width")? as u32;
+                l.height = item.try_get::<i64, _>("height")? as u32;
+                l.steps = item.try_get::<i64, _>("steps")? as u32;
+                l.guidance = item.try_get::<f64, _>("guidance")? as f32;
+                l.scheduler = item.try_get("scheduler")?;
+            }
+        }
+        Ok(leases)
+    }
+
+    /// Refuses early (before the upload) a completion whose lease is not current.
+    pub async fn check_lease(&self, worker_id: &str, task_id: &str, token: i64) -> Result<()> {
+        let row = sqlx::query("SELECT state, lease_token, worker_id FROM tasks WHERE id = $1")
+            .bind(task_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("no task {task_id:?}")))?;
+        let st: String = row.try_get("state")?;
+        let tok: i64 = row.try_get("lease_token")?;
+        let owner: Option<String> = row.try_get("worker_id")?;
+        if st != state::LEASED || tok != token || owner.as_deref() != Some(worker_id) {
+            return Err(stale(task_id, token, &st, tok));
+        }
+        Ok(())
+    }
+
+    /// Records the artifact of a task whose lease is current, and makes the
+    /// item's next stage ready, in one transaction. Returns the job id and
+    /// whether a dependent task became ready.
+    pub async fn complete(&self, c: &Completion, now: i64) -> Result<(String, bool)> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "UPDATE tasks SET state = 'succeeded', finished_at = $4, lease_expires_at = NULL, error = NULL \
+             WHERE id = $1 AND lease_token = $2 AND worker_id = $3 AND state = 'leased' \
+             RETURNING job_id, item_index, stage, model_id, parent_sha256",
+        )
+        .bind(&c.task_id)
+        .bind(c.fencing_token)
+        .bind(&c.worker_id)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            drop(tx);
+            let current = sqlx::query("SELECT state, lease_token FROM tasks WHERE id = $1")
+                .bind(&c.task_id)
+                .fetch_optional(&self.pool)
+                .await?;
+            return Err(match current {
+                None => StoreError::NotFound(format!("no task {:?}", c.task_id)),
+                Some(r) => stale(
+                    &c.task_id,
+                    c.fencing_token,
+                    &r.try_get::<String, _>("state")?,
+                    r.try_get("lease_token")?,
+                ),
+            });
+        };
+        let job_id: String = row.try_get("job_id")?;
+        sqlx::query(
+            "INSERT INTO artifacts (task_id, job_id, item_index, stage, model_id, parent_sha256, worker_id, \
+             sha256, size, media_type, width, height, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        )
+        .bind(&c.task_id)
+        .bind(&job_id)
+        .bind(row.try_get::<i64, _>("item_index")?)
+        .bind(row.try_get::<String, _>("stage")?)
+        .bind(row.try_get::<String, _>("model_id")?)
+        .bind(row.try_get::<Option<String>, _>("parent_sha256")?)
+        .bind(&c.worker_id)
+        .bind(&c.sha256)
+        .bind(c.size as i64)
+        .bind(&c.media_type)
+        .bind(i64::from(c.width))
+        .bind(i64::from(c.height))
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        // Per-item stage dependency, no barrier: the next stage of this item
+        // is ready now (held instead while the job is paused).
+        let readied = sqlx::query(
+            "UPDATE tasks SET parent_sha256 = $2, state = CASE WHEN \
+             (SELECT j.state FROM jobs j WHERE j.id = tasks.job_id) = 'paused' THEN 'held' ELSE 'ready' END \
+             WHERE depends_on = $1 AND state = 'waiting'",
+        )
+        .bind(&c.task_id)
+        .bind(&c.sha256)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok((job_id, readied > 0))
+    }
+
+    /// Records a failed (or handed-back) attempt. A failure charges the
+    /// task's retry budget, keeps this worker off the task for a while and
+    /// counts against the worker on this job; a hand-back charges nothing.
+    pub async fn fail(
+        &self,
+        worker_id: &str,
+        task_id: &str,
+        token: i64,
+        message: &str,
+        hand_back: bool,
+        now: i64,
+    ) -> Result<FailOutcome> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query(
+            "UPDATE tasks SET worker_id = NULL, lease_expires_at = NULL, \
+             attempts = CASE WHEN $5 = 1 THEN attempts - 1 ELSE attempts END, \
+             state = CASE WHEN $5 = 1 THEN 'ready' WHEN attempts >= max_attempts THEN 'failed' ELSE 'ready' END, \
+             error = CASE WHEN $5 = 1 THEN error ELSE $4 END, \
+             finished_at = CASE WHEN $5 = 0 AND attempts >= max_attempts THEN $6 ELSE NULL END \
+             WHERE id = $1 AND lease_token = $2 AND worker_id = $3 AND state = 'leased' \
+             RETURNING job_id, state",
+        )
+        .bind(task_id)
+        .bind(token)
+        .bind(worker_id)
+        .bind(message)
+        .bind(i64::from(hand_back))
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            drop(tx);
+            let current = sqlx::query("SELECT state, lease_token FROM tasks WHERE id = $1")
+                .bind(task_id)
+                .fetch_optional(&self.pool)
+                .await?;
+            return Err(match current {
+                None => StoreError::NotFound(format!("no task {task_id:?}")),
+                Some(r) => stale(
+                    task_id,
+                    token,
+                    &r.try_get::<String, _>("state")?,
+                    r.try_get("lease_token")?,
+                ),
+            });
+        };
+        let outcome = FailOutcome {
+            job_id: row.try_get("job_id")?,
+            state: row.try_get("state")?,
+        };
+        if !hand_back {
+            sqlx::query("INSERT INTO task_failures (task_id, worker_id, message, failed_at) VALUES ($1, $2, $3, $4)")
+                .bind(task_id)
+                .bind(worker_id)
+                .bind(message)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "INSERT INTO job_worker_failures (job_id, worker_id, failures) VALUES ($1, $2, 1) \
+                 ON CONFLICT (job_id, worker_id) DO UPDATE SET failures = job_worker_failures.failures + 1",
+            )
+            .bind(&outcome.job_id)
+            .bind(worker_id)
+            .execute(&mut *tx)
+            .await?;
+            if outcome.state == state::FAILED {
+                fail_dependents(&mut tx, &[task_id.to_string()], now).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    /// Puts expired leases back in the queue (or fails them when their budget
+    /// is spent) and closes jobs with no open task left.
+    pub async fn reap(&self, now: i64) -> Result<ReapOutcome> {
+        let mut out = ReapOutcome::default();
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "UPDATE tasks SET worker_id = NULL, lease_expires_at = NULL, \
+             state = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'ready' END, \
+             finished_at = CASE WHEN attempts >= max_attempts THEN $1 ELSE NULL END, \
+             error = 'lease expired: the worker stopped heartbeating' \
+             WHERE state = 'leased' AND lease_expires_at < $1 RETURNING id, job_id, state",
+        )
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut failed = Vec::new();
+        for r in &rows {
+            let job: String = r.try_get("job_id")?;
+            if r.try_get::<String, _>("state")? == state::FAILED {
+                failed.push(r.try_get::<String, _>("id")?);
+            } else {
+                out.requeued += 1;
+            }
+            if !out.expired_jobs.contains(&job) {
+                out.expired_jobs.push(job);
+            }
+        }
+        fail_dependents(&mut tx, &failed, now).await?;
+        let finished = sqlx::query(
+            "UPDATE jobs SET finished_at = $1, state = CASE WHEN EXISTS \
+             (SELECT 1 FROM tasks t WHERE t.job_id = jobs.id AND t.state = 'failed') THEN 'failed' ELSE 'succeeded' END \
+             WHERE state = 'running' AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.job_id = jobs.id \
+             AND t.state IN ('waiting', 'ready', 'leased', 'held')) RETURNING id",
+        )
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        for r in finished {
+            out.finished_jobs.push(r.try_get("id")?);
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Registered workers with their presence and current load.
+    pub async fn list_workers(&self, live_since: i64) -> Result<Vec<WorkerInfo>> {
+        let rows = sqlx::query(
+            "SELECT w.id, w.name, w.hostname, w.engines, w.max_pixels, w.max_batch, w.last_seen_at, w.loaded_model, \
+             CAST((SELECT COUNT(*) FROM tasks t WHERE t.worker_id = w.id AND t.state = 'leased') AS BIGINT) AS leased \
+             FROM workers w ORDER BY w.last_seen_at DESC, w.id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let id: String = r.try_get("id")?;
+            let models: Vec<String> = sqlx::query_scalar(
+                "SELECT model_id FROM worker_models WHERE worker_id = $1 ORDER BY model_id",
+            )
+            .bind(&id)
+            .fetch_all(&self.pool)
+            .await?;
+            let last_seen: i64 = r.try_get("last_seen_at")?;
+            out.push(WorkerInfo {
+                worker_id: id,
+                name: r.try_get("name")?,
+                hostname: r.try_get("hostname")?,
+                engines: r
+                    .try_get::<String, _>("engines")?
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+                models,
+                max_pixels: r.try_get::<i64, _>("max_pixels")? as u64,
+                max_batch: r.try_get::<i64, _>("max_batch")? as u32,
+                last_seen_ms: last_seen,
+                live: last_seen >= live_since,
+                leased_tasks: r.try_get::<i64, _>("leased")? as u32,
+                loaded_model: r.try_get("loaded_model")?,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Fails the later stages of items whose earlier stage failed for good.
+async fn fail_dependents(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    failed: &[String],
+    now: i64,
+) -> Result<()> {
+    for id in failed {
+        sqlx::query(
+            "UPDATE tasks SET state = 'failed', error = 'its base stage failed', finished_at = $2 \
+             WHERE depends_on = $1 AND state IN ('waiting', 'held')",
+        )
+        .bind(id)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+fn stale(task_id: &str, token: i64, state: &str, current: i64) -> StoreError {
+    StoreError::Refused(format!(
+        "stale lease on task {task_id}: fencing token {token} is not current (task is {state}, token {current}); drop the work"
+    ))
+}

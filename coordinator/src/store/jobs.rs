@@ -1,0 +1,528 @@
+//! Jobs: submission in one transaction, progress views and user control.
+
+use std::collections::BTreeMap;
+
+use hallmark_proto::v1::{Artifact, Job, StageProgress};
+use sqlx::Row;
+
+use super::{Result, Store, StoreError, placeholders, state};
+use crate::spec::{ExpandedJob, STAGE_GENERATE, STAGE_UPSCALE};
+
+/// What a user can do to a running job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobControl {
+    Cancel,
+    Pause,
+    Resume,
+    RetryFailed,
+}
+
+const ROWS_PER_INSERT: usize = 400;
+
+impl Store {
+    /// Refuses a job no registered worker can run (unless `queue_unservable`)
+    /// and a model nobody has heard of, before anything is written.
+    pub async fn check_servable(&self, job: &ExpandedJob, queue_unservable: bool) -> Result<()> {
+        let known = sqlx::query("SELECT id FROM models WHERE id = $1")
+            .bind(&job.model_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .is_some();
+        if !known {
+            return Err(StoreError::NotFound(format!(
+                "unknown model {:?}: register it (`hallmark models register`) or start a worker that serves it",
+                job.model_id
+            )));
+        }
+        if queue_unservable {
+            return Ok(());
+        }
+        let row = sqlx::query(
+            "SELECT CAST(COUNT(*) AS BIGINT) AS n, CAST(COALESCE(MAX(w.max_pixels), 0) AS BIGINT) AS px \
+             FROM worker_models wm JOIN workers w ON w.id = wm.worker_id \
+             WHERE wm.engine = $1 AND wm.model_id = $2",
+        )
+        .bind(&job.engine)
+        .bind(&job.model_id)
+        .fetch_one(&self.pool)
+        .await?;
+        let (n, px): (i64, i64) = (row.try_get("n")?, row.try_get("px")?);
+        if n == 0 {
+            return Err(StoreError::Refused(format!(
+                "no registered worker serves model {:?} with engine {:?}; start one, or pass --queue-unservable to queue the job anyway",
+                job.model_id, job.engine
+            )));
+        }
+        let needed = job.max_task_pixels() as i64;
+        if needed > px {
+            return Err(StoreError::Refused(format!(
+                "the job needs a worker that holds {needed} pixels; the largest registered worker for {:?} holds {px}; pass --queue-unservable to queue it anyway",
+                job.model_id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes the job, its items and per-item stage tasks in one transaction.
+    pub async fn submit(
+        &self,
+        job_id: &str,
+        job: &ExpandedJob,
+        spec_json: &str,
+        tenant_cap: u32,
+        lease: &super::LeasePolicy,
+        now: i64,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO tenants (name, max_running, last_dispatch_at) VALUES ($1, $2, 0) \
+             ON CONFLICT (name) DO UPDATE SET max_running = excluded.max_running",
+        )
+        .bind(&job.tenant)
+        .bind(i64::from(tenant_cap))
+        .execute(&mut *tx)
+        .await?;
+        let labels = serde_json::to_string(&job.labels.iter().collect::<BTreeMap<_, _>>())
+            .unwrap_or_else(|_| "{}".into());
+        sqlx::query(
+            "INSERT INTO jobs (id, tenant, priority, state, engine, model_id, items, spec_json, labels_json, created_at) \
+             VALUES ($1, $2, $3, 'running', $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(job_id)
+        .bind(&job.tenant)
+        .bind(i64::from(job.priority))
+        .bind(&job.engine)
+        .bind(&job.model_id)
+        .bind(job.items.len() as i64)
+        .bind(spec_json)
+        .bind(labels)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+
+        for chunk in job.items.chunks(ROWS_PER_INSERT) {
+            let mut sql = String::from(
+                "INSERT INTO items (job_id, item_index, prompt, negative_prompt, seed, width, height, steps, guidance, scheduler) VALUES ",
+            );
+            for i in 0..chunk.len() {
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&placeholders(i * 10 + 1, 10));
+            }
+            let mut q = sqlx::query(&sql);
+            for item in chunk {
+                q = q
+                    .bind(job_id)
+                    .bind(item.index as i64)
+                    .bind(&item.prompt)
+                    .bind(&item.negative_prompt)
+                    .bind(item.seed as i64)
+                    .bind(i64::from(item.width))
+                    .bind(i64::from(item.height))
+                    .bind(i64::from(item.steps))
+                    .bind(f64::from(item.guidance))
+                    .bind(&item.scheduler);
+            }
+            q.execute(&mut *tx).await?;
+        }
+
+        // Generate tasks first: upscale tasks reference them.
+        let mut stages = vec![STAGE_GENERATE];
+        if job.upscale > 0 {
+            stages.push(STAGE_UPSCALE);
+        }
+        for stage in stages {
+            for chunk in job.items.chunks(ROWS_PER_INSERT) {
+                let mut sql = String::from(
+                    "INSERT INTO tasks (id, job_id, item_index, stage, stage_rank, state, tenant, engine, model_id, \
+                     pixels, upscale, batch_key, depends_on, max_attempts, lease_ttl_ms) VALUES ",
+                );
+                for i in 0..chunk.len() {
+                    if i > 0 {
+                        sql.push_str(", ");
+                    }
+                    sql.push_str(&placeholders(i * 15 + 1, 15));
+                }
+                let mut q = sqlx::query(&sql);
+                for item in chunk {
+                    let upscale = stage == STAGE_UPSCALE;
+                    let factor = if upscale { u64::from(job.upscale) } else { 1 };
+                    let pixels = u64::from(item.width) * u64::from(item.height) * factor * factor;
+                    let batch_key = format!(
+                        "{}|{}|{stage}|{}x{}|{}|{}|{}",
+                        job.engine,
+                        job.model_id,
+                        item.width,
+                        item.height,
+                        item.steps,
+                        item.scheduler,
+                        factor
+                    );
+                    let work_steps = if upscale { 4 } else { item.steps };
+                    q = q
+                        .bind(task_id(job_id, item.index, stage))
+                        .bind(job_id)
+                        .bind(item.index as i64)
+                        .bind(stage)
+                        .bind(if upscale { 1i64 } else { 0 })
+                        .bind(if upscale {
+                            state::WAITING
+                        } else {
+                            state::READY
+                        })
+                        .bind(&job.tenant)
+                        .bind(&job.engine)
+                        .bind(&job.model_id)
+                        .bind(pixels as i64)
+                        .bind(factor as i64)
+                        .bind(batch_key)
+                        .bind(upscale.then(|| task_id(job_id, item.index, STAGE_GENERATE)))
+                        .bind(i64::from(job.max_attempts))
+                        .bind(lease.ttl_ms(pixels, work_steps));
+                }
+                q.execute(&mut *tx).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The job's state, per-stage counts, queue position, why it waits and an ETA.
+    pub async fn get_job(&self, job_id: &str, now: i64, live_since: i64) -> Result<Job> {
+        let row = sqlx::query(
+            "SELECT id, tenant, priority, state, engine, model_id, items, labels_json, created_at, finished_at \
+             FROM jobs WHERE id = $1",
+        )
+        .bind(job_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("no job with id {job_id:?}")))?;
+        let mut job = Job {
+            job_id: row.try_get("id")?,
+            tenant: row.try_get("tenant")?,
+            priority: row.try_get::<i64, _>("priority")? as i32,
+            state: row.try_get("state")?,
+            engine: row.try_get("engine")?,
+            model_id: row.try_get("model_id")?,
+            items: row.try_get::<i64, _>("items")? as u64,
+            created_at_ms: row.try_get("created_at")?,
+            finished_at_ms: row.try_get::<Option<i64>, _>("finished_at")?.unwrap_or(0),
+            labels: serde_json::from_str(&row.try_get::<String, _>("labels_json")?)
+                .unwrap_or_default(),
+            ..Default::default()
+        };
+
+        let counts = sqlx::query(
+            "SELECT stage, state, CAST(COUNT(*) AS BIGINT) AS n FROM tasks WHERE job_id = $1 GROUP BY stage, state",
+        )
+        .bind(job_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut stages: BTreeMap<(i32, String), StageProgress> = BTreeMap::new();
+        for r in counts {
+            let stage: String = r.try_get("stage")?;
+            let st: String = r.try_get("state")?;
+            let n = r.try_get::<i64, _>("n")? as u64;
+            let rank = if stage == STAGE_GENERATE { 0 } else { 1 };
+            let p = stages
+                .entry((rank, stage.clone()))
+                .or_insert_with(|| StageProgress {
+                    stage: stage.clone(),
+                    ..Default::default()
+                });
+            p.total += n;
+            match st.as_str() {
+                state::WAITING | state::HELD => p.waiting += n,
+                state::READY => p.ready += n,
+                state::LEASED => p.leased += n,
+                state::SUCCEEDED => p.succeeded += n,
+                state::FAILED => p.failed += n,
+                _ => p.canceled += n,
+            }
+        }
+        job.stages = stages.into_values().collect();
+        let open: u64 = job
+            .stages
+            .iter()
+            .map(|s| s.waiting + s.ready + s.leased)
+            .sum();
+        let failed: u64 = job.stages.iter().map(|s| s.failed).sum();
+        let done: u64 = job.stages.iter().map(|s| s.succeeded).sum();
+        let ready: u64 = job.stages.iter().map(|s| s.ready).sum();
+        let leased: u64 = job.stages.iter().map(|s| s.leased).sum();
+        // The stored state lags completions by one reap interval; derive it.
+        if job.state == "running" && open == 0 {
+            job.state = if failed > 0 {
+                "failed".into()
+            } else {
+                "succeeded".into()
+            };
+        }
+        if job.state == "running" {
+            let elapsed = (now - job.created_at_ms).max(0) as u64;
+            if done > 0 {
+                job.eta_ms = elapsed.saturating_mul(open) / done;
+            }
+            job.queue_position = self.queue_position(&job).await?;
+            if ready > 0 && leased == 0 {
+                job.waiting_reason = self.waiting_reason(&job, now, live_since).await?;
+            }
+        } else if job.state == "paused" {
+            job.waiting_reason = "the job is paused; `hallmark resume` continues it".into();
+        }
+        if failed > 0 {
+            let errs = sqlx::query(
+                "SELECT DISTINCT error FROM tasks WHERE job_id = $1 AND state = 'failed' AND error IS NOT NULL LIMIT 5",
+            )
+            .bind(job_id)
+            .fetch_all(&self.pool)
+            .await?;
+            job.errors = errs
+                .iter()
+                .filter_map(|r| r.try_get("error").ok())
+                .collect();
+        }
+        Ok(job)
+    }
+
+    async fn queue_position(&self, job: &Job) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM tasks t JOIN jobs j ON j.id = t.job_id \
+             WHERE t.state = 'ready' AND j.state = 'running' AND t.job_id <> $1 \
+             AND (j.priority > $2 OR (j.priority = $2 AND j.created_at < $3))",
+        )
+        .bind(&job.job_id)
+        .bind(i64::from(job.priority))
+        .bind(job.created_at_ms)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n as u64)
+    }
+
+    /// Why the job's ready tasks are not leased (DESIGN invariant 5).
+    async fn waiting_reason(&self, job: &Job, now: i64, live_since: i64) -> Result<String> {
+        let row = sqlx::query(
+            "SELECT CAST(COUNT(*) AS BIGINT) AS n, CAST(COALESCE(MAX(w.max_pixels), 0) AS BIGINT) AS px \
+             FROM worker_models wm JOIN workers w ON w.id = wm.worker_id \
+             WHERE wm.engine = $1 AND wm.model_id = $2 AND w.last_seen_at >= $3",
+        )
+        .bind(&job.engine)
+        .bind(&job.model_id)
+        .bind(live_since)
+        .fetch_one(&self.pool)
+        .await?;
+        let (live, px): (i64, i64) = (row.try_get("n")?, row.try_get("px")?);
+        if live == 0 {
+            return Ok(format!(
+                "no live worker serves model {:?} with engine {:?}",
+                job.model_id, job.engine
+            ));
+        }
+        let smallest: i64 = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(MIN(pixels), 0) AS BIGINT) FROM tasks WHERE job_id = $1 AND state = 'ready'",
+        )
+        .bind(&job.job_id)
+        .fetch_one(&self.pool)
+        .await?;
+        if smallest > px {
+            return Ok(format!(
+                "too large: its tasks need {smallest} pixels, the largest live worker holds {px}"
+            ));
+        }
+        let cap = sqlx::query(
+            "SELECT max_running, CAST((SELECT COUNT(*) FROM tasks r WHERE r.tenant = $1 AND r.state = 'leased') AS BIGINT) AS running \
+             FROM tenants WHERE name = $1",
+        )
+        .bind(&job.tenant)
+        .fetch_one(&self.pool)
+        .await?;
+        let (max, running): (i64, i64) = (cap.try_get("max_running")?, cap.try_get("running")?);
+        if max > 0 && running >= max {
+            return Ok(format!(
+                "tenant {:?} is at its cap of {max} running tasks",
+                job.tenant
+            ));
+        }
+        let _ = now;
+        Ok("waiting for a free worker slot".into())
+    }
+
+    /// Jobs, newest first, optionally of one tenant.
+    pub async fn list_jobs(
+        &self,
+        tenant: &str,
+        limit: u32,
+        now: i64,
+        live_since: i64,
+    ) -> Result<Vec<Job>> {
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM jobs WHERE ($1 = '' OR tenant = $1) ORDER BY created_at DESC, id DESC LIMIT $2",
+        )
+        .bind(tenant)
+        .bind(i64::from(if limit == 0 { 50 } else { limit.min(1000) }))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut jobs = Vec::with_capacity(ids.len());
+        for id in ids {
+            jobs.push(self.get_job(&id, now, live_since).await?);
+        }
+        Ok(jobs)
+    }
+
+    /// Cancel, pause, resume or retry the failed tasks of a job.
+    pub async fn control(&self, job_id: &str, action: JobControl, now: i64) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let current: String = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1")
+            .bind(job_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("no job with id {job_id:?}")))?;
+        let refuse = |what: &str| {
+            StoreError::Refused(format!("cannot {what} job {job_id}: it is {current}"))
+        };
+        match action {
+            JobControl::Cancel => {
+                if !matches!(current.as_str(), "running" | "paused") {
+                    return Err(refuse("cancel"));
+                }
+                sqlx::query("UPDATE jobs SET state = 'canceled', finished_at = $2 WHERE id = $1")
+                    .bind(job_id)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "UPDATE tasks SET state = 'canceled', worker_id = NULL, lease_expires_at = NULL, finished_at = $2 \
+                     WHERE job_id = $1 AND state IN ('waiting', 'ready', 'held', 'leased')",
+                )
+                .bind(job_id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
+            JobControl::Pause => {
+                if current != "running" {
+                    return Err(refuse("pause"));
+                }
+                sqlx::query("UPDATE jobs SET state = 'paused' WHERE id = $1")
+                    .bind(job_id)
+                    .execute(&mut *tx)
+                    .await?;
+                // A paused lease is not the worker's fault: its attempt is given back.
+                sqlx::query(
+                    "UPDATE tasks SET state = 'held', worker_id = NULL, lease_expires_at = NULL, \
+                     attempts = CASE WHEN state = 'leased' THEN attempts - 1 ELSE attempts END \
+                     WHERE job_id = $1 AND state IN ('ready', 'leased')",
+                )
+                .bind(job_id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            JobControl::Resume => {
+                if current != "paused" {
+                    return Err(refuse("resume"));
+                }
+                sqlx::query("UPDATE jobs SET state = 'running' WHERE id = $1")
+                    .bind(job_id)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "UPDATE tasks SET state = CASE WHEN depends_on IS NOT NULL AND parent_sha256 IS NULL \
+                     THEN 'waiting' ELSE 'ready' END WHERE job_id = $1 AND state = 'held'",
+                )
+                .bind(job_id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            JobControl::RetryFailed => {
+                if !matches!(current.as_str(), "running" | "failed" | "succeeded") {
+                    return Err(refuse("retry"));
+                }
+                let n = sqlx::query(
+                    "UPDATE tasks SET attempts = 0, error = NULL, finished_at = NULL, \
+                     state = CASE WHEN depends_on IS NOT NULL AND parent_sha256 IS NULL THEN 'waiting' ELSE 'ready' END \
+                     WHERE job_id = $1 AND state = 'failed'",
+                )
+                .bind(job_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if n == 0 {
+                    return Err(StoreError::Refused(format!(
+                        "job {job_id} has no failed tasks"
+                    )));
+                }
+                sqlx::query("DELETE FROM job_worker_failures WHERE job_id = $1")
+                    .bind(job_id)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("UPDATE jobs SET state = 'running', finished_at = NULL WHERE id = $1")
+                    .bind(job_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Every artifact of a job, in item order, base images first.
+    pub async fn list_artifacts(&self, job_id: &str) -> Result<Vec<Artifact>> {
+        let rows = sqlx::query(
+            "SELECT a.task_id, a.job_id, a.item_index, a.stage, a.model_id, a.parent_sha256, a.worker_id, \
+             a.sha256, a.size, a.media_type, a.width, a.height, a.created_at, i.seed, i.prompt \
+             FROM artifacts a JOIN items i ON i.job_id = a.job_id AND i.item_index = a.item_index \
+             WHERE a.job_id = $1 ORDER BY a.item_index, a.stage",
+        )
+        .bind(job_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(artifact_from_row).collect()
+    }
+
+    /// The artifact rows stored under `sha256` (identical images share a blob).
+    pub async fn artifact_known(&self, sha256: &str) -> Result<bool> {
+        Ok(
+            sqlx::query("SELECT task_id FROM artifacts WHERE sha256 = $1 LIMIT 1")
+                .bind(sha256)
+                .fetch_optional(&self.pool)
+                .await?
+                .is_some(),
+        )
+    }
+
+    pub async fn job_exists(&self, job_id: &str) -> Result<bool> {
+        Ok(sqlx::query("SELECT id FROM jobs WHERE id = $1")
+            .bind(job_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .is_some())
+    }
+}
+
+fn artifact_from_row(r: &sqlx::any::AnyRow) -> Result<Artifact> {
+    Ok(Artifact {
+        task_id: r.try_get("task_id")?,
+        job_id: r.try_get("job_id")?,
+        item_index: r.try_get::<i64, _>("item_index")? as u64,
+        stage: r.try_get("stage")?,
+        model_id: r.try_get("model_id")?,
+        parent_sha256: r
+            .try_get::<Option<String>, _>("parent_sha256")?
+            .unwrap_or_default(),
+        worker_id: r.try_get("worker_id")?,
+        sha256: r.try_get("sha256")?,
+        size: r.try_get::<i64, _>("size")? as u64,
+        media_type: r.try_get("media_type")?,
+        width: r.try_get::<i64, _>("width")? as u32,
+        height: r.try_get::<i64, _>("height")? as u32,
+        created_at_ms: r.try_get("created_at")?,
+        seed: r.try_get::<i64, _>("seed")? as u64,
+        prompt: r.try_get("prompt")?,
+    })
+}
+
+/// Task ids read as `job/item/stage`.
+pub fn task_id(job_id: &str, item: u64, stage: &str) -> String {
+    format!("{job_id}/{item}/{stage}")
+}

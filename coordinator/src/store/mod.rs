@@ -1,0 +1,182 @@
+//! The store: the only source of truth for jobs, tasks, leases, workers,
+//! artifacts and the registry (DESIGN invariant 1).
+//!
+//! One interface, two backends chosen by `database_url`: Postgres for a
+//! cluster and SQLite for a single node. Both run the same SQL through sqlx's
+//! `Any` driver; where the dialects differ (row locking) the statement is
+//! chosen by [`Dialect`]. The shared test suite in `tests/store.rs` runs
+//! against both.
+
+mod dispatch;
+mod jobs;
+mod registry;
+
+use std::path::Path;
+use std::str::FromStr;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, Executor};
+
+pub use dispatch::{Completion, FailOutcome, LeasePolicy, ReapOutcome, WorkerCaps};
+pub use jobs::JobControl;
+
+use crate::spec::SpecError;
+
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
+
+/// Which SQL dialect the store speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Postgres,
+    Sqlite,
+}
+
+/// Why a store call did not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The job spec is wrong; nothing was written.
+    #[error("invalid job spec: {0}")]
+    Spec(#[from] SpecError),
+    /// The thing asked for does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The call is refused in the current state: stale fencing token, unservable job, …
+    #[error("{0}")]
+    Refused(String),
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Task states, as stored.
+pub mod state {
+    pub const WAITING: &str = "waiting";
+    pub const READY: &str = "ready";
+    pub const HELD: &str = "held";
+    pub const LEASED: &str = "leased";
+    pub const SUCCEEDED: &str = "succeeded";
+    pub const FAILED: &str = "failed";
+    pub const CANCELED: &str = "canceled";
+}
+
+/// A connection pool over Postgres or SQLite.
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+    dialect: Dialect,
+}
+
+impl Store {
+    /// Connects to `url` and brings the schema up to date.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let dialect = if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Dialect::Postgres
+        } else if url.starts_with("sqlite:") {
+            Dialect::Sqlite
+        } else {
+            return Err(StoreError::Refused(format!(
+                "database_url {url:?} is neither postgres://… nor sqlite://…"
+            )));
+        };
+        let url = match dialect {
+            Dialect::Sqlite => sqlite_url(url)?,
+            Dialect::Postgres => url.to_string(),
+        };
+        let options = AnyConnectOptions::from_str(&url)?;
+        let pool = AnyPoolOptions::new()
+            // SQLite allows one writer at a time: one connection serialises
+            // transactions instead of failing them with SQLITE_BUSY.
+            .max_connections(match dialect {
+                Dialect::Postgres => max_connections.max(1),
+                Dialect::Sqlite => 1,
+            })
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if dialect == Dialect::Sqlite {
+                        conn.execute(
+                            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; \
+                             PRAGMA foreign_keys=ON; PRAGMA busy_timeout=10000;",
+                        )
+                        .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await?;
+        match dialect {
+            Dialect::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
+            Dialect::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
+        }
+        Ok(Self { pool, dialect })
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Row locking for a queue pick: concurrent leasers skip each other's rows
+    /// on Postgres; SQLite has one writer, so it needs none.
+    fn skip_locked(&self) -> &'static str {
+        match self.dialect {
+            Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
+            Dialect::Sqlite => "",
+        }
+    }
+}
+
+/// Makes `sqlite://path` create its file (and folder) when missing.
+fn sqlite_url(url: &str) -> Result<String> {
+    let rest = url
+        .trim_start_matches("sqlite://")
+        .trim_start_matches("sqlite:");
+    let path = rest.split('?').next().unwrap_or_default();
+    if path.is_empty() || path == ":memory:" {
+        return Err(StoreError::Refused(
+            "an in-memory SQLite store would lose every job on restart; give a file path".into(),
+        ));
+    }
+    if let Some(parent) = Path::new(path)
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| StoreError::Refused(format!("cannot create {}: {e}", parent.display())))?;
+    }
+    Ok(if url.contains('?') {
+        url.to_string()
+    } else {
+        format!("sqlite://{path}?mode=rwc")
+    })
+}
+
+/// `$first, $first+1, …` placeholders for one row of `n` values.
+fn placeholders(first: usize, n: usize) -> String {
+    let mut s = String::from("(");
+    for i in 0..n {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        s.push('$');
+        s.push_str(&(first + i).to_string());
+    }
+    s.push(')');
+    s
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}

@@ -1,0 +1,14 @@
+//! Generated gRPC types and services for Hallmark (`hallmark.v1`).
+//!
+//! One `.proto` per service: `jobs.proto` (submit, watch, control, download),
+//! `workers.proto` (register, lease/heartbeat, complete, fail) and
+//! `registry.proto` (models and datasets, the roots of lineage).
+
+#![allow(clippy::all, missing_docs)]
+
+pub mod v1 {
+    tonic::include_proto!("hallmark.v1");
+}
+
+/// The encoded file descriptor set, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("hallmark_descriptor");

@@ -1,0 +1,12 @@
+//! The Hallmark worker.
+//!
+//! - [`engine`]: the [`Engine`](engine::Engine) interface renderers implement,
+//!   and the deterministic `synthetic` engine for load and fault tests.
+//! - [`run`]: the lease loop — register, lease/heartbeat, render, upload,
+//!   back off and reconnect, drain on shutdown.
+
+pub mod engine;
+pub mod run;
+
+pub use engine::{Engine, SyntheticConfig, SyntheticEngine};
+pub use run::{WorkerConfig, WorkerReport, channel, run};

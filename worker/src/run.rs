@@ -1,0 +1,485 @@
+//! The lease loop: register, lease (which is also the heartbeat), render,
+//! upload, repeat; reconnect with back-off; drain on shutdown.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use hallmark_proto::v1::complete_message::Body;
+use hallmark_proto::v1::workers_client::WorkersClient;
+use hallmark_proto::v1::{
+    CompleteHeader, CompleteMessage, DownloadArtifactRequest, FailRequest, HeldLease, LeaseRequest,
+    RegisterWorkerRequest, TaskLease,
+};
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+use crate::engine::{Engine, RenderTask, RenderedImage};
+
+const UPLOAD_CHUNK: usize = 256 * 1024;
+
+/// Settings of one worker.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Name shown in `hallmark workers`.
+    pub name: String,
+    /// Largest output (width × height) this worker can hold.
+    pub max_pixels: u64,
+    /// Most tasks rendered together as one batch.
+    pub max_batch: u32,
+    /// How long one lease call may wait for work.
+    pub lease_wait: Duration,
+    /// On shutdown, how long to finish held work before handing it back.
+    pub drain_timeout: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            max_pixels: 4096 * 4096,
+            max_batch: 4,
+            lease_wait: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What a worker did before it stopped.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerReport {
+    pub worker_id: String,
+    pub completed: u64,
+    pub failed: u64,
+    pub dropped: u64,
+    pub handed_back: u64,
+}
+
+/// Leases this worker believes it holds, by task id.
+type Held = Arc<Mutex<HashMap<String, i64>>>;
+
+struct Shared {
+    client: WorkersClient<Channel>,
+    engine: Arc<dyn Engine>,
+    worker_id: String,
+    held: Held,
+    report: Mutex<WorkerReport>,
+}
+
+/// Connects lazily to the coordinator at `url` (reconnecting by itself).
+pub fn channel(url: &str) -> anyhow::Result<Channel> {
+    Ok(Channel::from_shared(url.to_string())
+        .with_context(|| format!("coordinator url {url:?}"))?
+        .connect_timeout(Duration::from_secs(3))
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+/// Runs the worker until `shutdown` resolves, then drains: held work is
+/// finished within `drain_timeout` or handed back.
+pub async fn run(
+    channel: Channel,
+    config: WorkerConfig,
+    engine: Arc<dyn Engine>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<WorkerReport> {
+    let mut client = WorkersClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+    let mut shutdown = std::pin::pin!(shutdown);
+    let Some(worker_id) =
+        register(&mut client, &config, engine.as_ref(), shutdown.as_mut()).await?
+    else {
+        return Ok(WorkerReport::default());
+    };
+    tracing::info!(worker_id = %worker_id, engine = engine.name(), "worker registered");
+    let mut shared = Arc::new(Shared {
+        client: client.clone(),
+        engine: engine.clone(),
+        worker_id: worker_id.clone(),
+        held: Arc::new(Mutex::new(HashMap::new())),
+        report: Mutex::new(WorkerReport {
+            worker_id,
+            ..Default::default()
+        }),
+    });
+
+    let mut current: Option<JoinHandle<()>> = None;
+    let mut backoff = Duration::from_millis(100);
+    let heartbeat = Duration::from_millis(1000);
+    let mut draining = false;
+    loop {
+        if current.as_ref().is_some_and(|h| h.is_finished()) {
+            current = None;
+        }
+        if draining {
+            break;
+        }
+        let busy = current.is_some();
+        let request = LeaseRequest {
+            worker_id: shared.worker_id.clone(),
+            held: held_leases(&shared.held),
+            want: if busy { 0 } else { config.max_batch },
+            wait_ms: if busy {
+                0
+            } else {
+                config.lease_wait.as_millis() as u32
+            },
+            loaded_model: shared.engine.loaded_model(),
+        };
+        let mut c = shared.client.clone();
+        let call = async move { c.lease(request).await };
+        let reply = tokio::select! {
+            r = call => r,
+            _ = shutdown.as_mut() => { draining = true; continue; }
+        };
+        match reply {
+            Ok(resp) => {
+                backoff = Duration::from_millis(100);
+                let resp = resp.into_inner();
+                for r in resp.revoked {
+                    if shared
+                        .held
+                        .lock()
+                        .map(|mut h| h.remove(&r.task_id))
+                        .ok()
+                        .flatten()
+                        .is_some()
+                    {
+                        tracing::info!(task_id = %r.task_id, reason = %r.reason, "lease revoked; dropping the work");
+                        bump(&shared, |rep| rep.dropped += 1);
+                    }
+                }
+                if !resp.leases.is_empty() {
+                    if let Ok(mut h) = shared.held.lock() {
+                        for l in &resp.leases {
+                            h.insert(l.task_id.clone(), l.fencing_token);
+                        }
+                    }
+                    let s = shared.clone();
+                    current = Some(tokio::spawn(async move { run_batch(s, resp.leases).await }));
+                }
+            }
+            Err(status) if status.code() == Code::NotFound => {
+                tracing::warn!(error = %status.message(), "coordinator forgot this worker; registering again");
+                let Some(id) =
+                    register(&mut client, &config, engine.as_ref(), shutdown.as_mut()).await?
+                else {
+                    draining = true;
+                    continue;
+                };
+                // A new identity: leases of the old one are gone, so is the batch in hand.
+                if let Some(h) = current.take() {
+                    h.abort();
+                }
+                let report = shared.report.lock().map(|r| r.clone()).unwrap_or_default();
+                shared = Arc::new(Shared {
+                    client: client.clone(),
+                    engine: engine.clone(),
+                    worker_id: id.clone(),
+                    held: Arc::new(Mutex::new(HashMap::new())),
+                    report: Mutex::new(WorkerReport {
+                        worker_id: id,
+                        ..report
+                    }),
+                });
+            }
+            Err(status) => {
+                tracing::warn!(code = ?status.code(), error = %status.message(), "lease call failed; backing off");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.as_mut() => draining = true,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        }
+        if current.is_some() {
+            // Busy: heartbeat at the interval, or sooner when the batch ends.
+            let wait = async {
+                if let Some(h) = current.as_mut() {
+                    let _ = tokio::time::timeout(heartbeat, h).await;
+                }
+            };
+            tokio::select! {
+                _ = wait => {}
+                _ = shutdown.as_mut() => draining = true,
+            }
+        }
+    }
+
+    // Drain: finish the batch in hand, with heartbeats, or hand it back.
+    if let Some(mut handle) = current {
+        tracing::info!("draining: finishing held work");
+        let deadline = tokio::time::Instant::now() + config.drain_timeout;
+        loop {
+            let mut c = shared.client.clone();
+            let _ = c
+                .lease(LeaseRequest {
+                    worker_id: shared.worker_id.clone(),
+                    held: held_leases(&shared.held),
+                    want: 0,
+                    wait_ms: 0,
+                    loaded_model: shared.engine.loaded_model(),
+                })
+                .await;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                handle.abort();
+                break;
+            }
+            if tokio::time::timeout(heartbeat.min(left), &mut handle)
+                .await
+                .is_ok()
+            {
+                break;
+            }
+        }
+    }
+    let leftover: Vec<(String, i64)> = shared
+        .held
+        .lock()
+        .map(|h| h.iter().map(|(k, v)| (k.clone(), *v)).collect())
+        .unwrap_or_default();
+    for (task_id, token) in leftover {
+        let mut c = shared.client.clone();
+        let r = c
+            .fail(FailRequest {
+                worker_id: shared.worker_id.clone(),
+                task_id: task_id.clone(),
+                fencing_token: token,
+                message: "worker shutting down".into(),
+                hand_back: true,
+            })
+            .await;
+        if r.is_ok() {
+            bump(&shared, |rep| rep.handed_back += 1);
+        }
+    }
+    let report = shared.report.lock().map(|r| r.clone()).unwrap_or_default();
+    tracing::info!(
+        completed = report.completed,
+        failed = report.failed,
+        handed_back = report.handed_back,
+        "worker stopped"
+    );
+    Ok(report)
+}
+
+/// Registers, retrying with back-off until the coordinator answers.
+/// `None` when shutdown came first.
+async fn register(
+    client: &mut WorkersClient<Channel>,
+    config: &WorkerConfig,
+    engine: &dyn Engine,
+    mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> anyhow::Result<Option<String>> {
+    let request = RegisterWorkerRequest {
+        name: config.name.clone(),
+        hostname: hostname(),
+        engines: vec![engine.name().to_string()],
+        models: engine.models(),
+        max_pixels: config.max_pixels,
+        max_batch: config.max_batch,
+    };
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let call = client.register(request.clone());
+        let result = tokio::select! {
+            r = call => r,
+            _ = shutdown.as_mut() => return Ok(None),
+        };
+        match result {
+            Ok(resp) => return Ok(Some(resp.into_inner().worker_id)),
+            Err(s) if matches!(s.code(), Code::InvalidArgument | Code::FailedPrecondition) => {
+                anyhow::bail!("the coordinator refused this worker: {}", s.message())
+            }
+            Err(s) => {
+                tracing::warn!(error = %s.message(), "cannot register yet; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.as_mut() => return Ok(None),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+fn held_leases(held: &Held) -> Vec<HeldLease> {
+    held.lock()
+        .map(|h| {
+            h.iter()
+                .map(|(task_id, token)| HeldLease {
+                    task_id: task_id.clone(),
+                    fencing_token: *token,
+                    progress: 0.0,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn bump(shared: &Shared, f: impl FnOnce(&mut WorkerReport)) {
+    if let Ok(mut r) = shared.report.lock() {
+        f(&mut r);
+    }
+}
+
+fn still_held(shared: &Shared, lease: &TaskLease) -> bool {
+    shared
+        .held
+        .lock()
+        .map(|h| h.get(&lease.task_id) == Some(&lease.fencing_token))
+        .unwrap_or(false)
+}
+
+fn release(shared: &Shared, lease: &TaskLease) {
+    if let Ok(mut h) = shared.held.lock() {
+        h.remove(&lease.task_id);
+    }
+}
+
+/// Renders one leased batch and reports every task's outcome.
+async fn run_batch(shared: Arc<Shared>, leases: Vec<TaskLease>) {
+    let mut tasks = Vec::with_capacity(leases.len());
+    let mut pending = Vec::new();
+    for lease in leases {
+        if lease.parent_sha256.is_empty() {
+            tasks.push(RenderTask {
+                lease,
+                parent: None,
+            });
+            continue;
+        }
+        match fetch(&shared.client, &lease.parent_sha256).await {
+            Ok(bytes) => tasks.push(RenderTask {
+                lease,
+                parent: Some(bytes),
+            }),
+            Err(e) => pending.push((lease, format!("fetching the base image: {e}"))),
+        }
+    }
+    for (lease, message) in pending {
+        report_failure(&shared, &lease, &message).await;
+    }
+    if tasks.is_empty() {
+        return;
+    }
+    let engine = shared.engine.clone();
+    let render_input = tasks.clone();
+    let results = match tokio::task::spawn_blocking(move || engine.render(&render_input)).await {
+        Ok(r) => r,
+        Err(e) => {
+            for t in &tasks {
+                report_failure(&shared, &t.lease, &format!("engine panicked: {e}")).await;
+            }
+            return;
+        }
+    };
+    for (task, result) in tasks.iter().zip(results) {
+        match result {
+            Ok(image) => upload(&shared, &task.lease, image).await,
+            Err(e) => report_failure(&shared, &task.lease, &e.to_string()).await,
+        }
+    }
+}
+
+async fn fetch(client: &WorkersClient<Channel>, sha256: &str) -> Result<Vec<u8>, Status> {
+    let mut c = client.clone();
+    let mut stream = c
+        .fetch_artifact(DownloadArtifactRequest {
+            sha256: sha256.to_string(),
+        })
+        .await?
+        .into_inner();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.message().await? {
+        bytes.extend_from_slice(&chunk.data);
+    }
+    let got = hallmark_provenance::sha256_hex(&bytes);
+    if got != sha256 {
+        return Err(Status::data_loss(format!(
+            "base image hashes to {got}, expected {sha256}"
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Uploads a result; retries transport errors while the lease may still be
+/// current, and drops the work when the coordinator says the lease is stale.
+async fn upload(shared: &Shared, lease: &TaskLease, image: RenderedImage) {
+    let sha256 = hallmark_provenance::sha256_hex(&image.bytes);
+    let mut backoff = Duration::from_millis(100);
+    for attempt in 0..6 {
+        if !still_held(shared, lease) {
+            tracing::info!(task_id = %lease.task_id, "lease no longer held; dropping the result");
+            bump(shared, |r| r.dropped += 1);
+            return;
+        }
+        let mut messages = vec![CompleteMessage {
+            body: Some(Body::Header(CompleteHeader {
+                worker_id: shared.worker_id.clone(),
+                task_id: lease.task_id.clone(),
+                fencing_token: lease.fencing_token,
+                sha256: sha256.clone(),
+                size: image.bytes.len() as u64,
+                media_type: image.media_type.to_string(),
+                width: image.width,
+                height: image.height,
+            })),
+        }];
+        messages.extend(image.bytes.chunks(UPLOAD_CHUNK).map(|c| CompleteMessage {
+            body: Some(Body::Data(c.to_vec())),
+        }));
+        let mut c = shared.client.clone();
+        match c.complete(tokio_stream::iter(messages)).await {
+            Ok(_) => {
+                release(shared, lease);
+                bump(shared, |r| r.completed += 1);
+                return;
+            }
+            Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
+                tracing::warn!(task_id = %lease.task_id, error = %s.message(), "completion refused; dropping the work");
+                release(shared, lease);
+                bump(shared, |r| r.dropped += 1);
+                return;
+            }
+            Err(s) if s.code() == Code::InvalidArgument => {
+                report_failure(shared, lease, &format!("upload rejected: {}", s.message())).await;
+                return;
+            }
+            Err(s) => {
+                tracing::warn!(task_id = %lease.task_id, attempt, error = %s.message(), "upload failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+        }
+    }
+    tracing::error!(task_id = %lease.task_id, "upload kept failing; leaving the lease to expire");
+    release(shared, lease);
+}
+
+async fn report_failure(shared: &Shared, lease: &TaskLease, message: &str) {
+    tracing::warn!(task_id = %lease.task_id, error = %message, "task failed");
+    let mut c = shared.client.clone();
+    let _ = c
+        .fail(FailRequest {
+            worker_id: shared.worker_id.clone(),
+            task_id: lease.task_id.clone(),
+            fencing_token: lease.fencing_token,
+            message: message.to_string(),
+            hand_back: false,
+        })
+        .await;
+    release(shared, lease);
+    bump(shared, |r| r.failed += 1);
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "unknown".into())
+}
