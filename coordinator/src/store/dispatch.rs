@@ -309,12 +309,15 @@ impl Store {
     ) -> Result<Vec<TaskLease>> {
         let eligible = "t.job_id = $2 AND t.state = 'ready' AND t.pixels <= $3 \
              AND NOT EXISTS (SELECT 1 FROM task_failures f WHERE f.task_id = t.id AND f.worker_id = $1 AND f.failed_at > $4)";
+        // The pick is a CTE so Postgres runs it (and its LIMIT) exactly once;
+        // as a plain `IN (subquery)` the planner may re-run it and lease more.
         let sql = format!(
-            "UPDATE tasks SET state = 'leased', worker_id = $1, lease_token = lease_token + 1, \
-             attempts = attempts + 1, started_at = $5, lease_expires_at = $5 + lease_ttl_ms \
-             WHERE state = 'ready' AND id IN (SELECT t.id FROM tasks t WHERE {eligible} \
+            "WITH picked AS (SELECT t.id FROM tasks t WHERE {eligible} \
                AND t.batch_key = (SELECT t.batch_key FROM tasks t WHERE {eligible} ORDER BY t.stage_rank DESC, t.item_index LIMIT 1) \
                ORDER BY t.stage_rank DESC, t.item_index LIMIT $6{}) \
+             UPDATE tasks SET state = 'leased', worker_id = $1, lease_token = lease_token + 1, \
+             attempts = attempts + 1, started_at = $5, lease_expires_at = $5 + lease_ttl_ms \
+             WHERE state = 'ready' AND id IN (SELECT id FROM picked) \
              RETURNING id, lease_token, attempts, lease_expires_at, item_index, stage, engine, model_id, upscale, parent_sha256",
             self.skip_locked()
         );

@@ -1,0 +1,391 @@
+//! The store's behaviour, run against both backends: every test here runs
+//! once on Postgres (a fresh database per test) and once on SQLite.
+//!
+//! Postgres comes from `HALLMARK_TEST_POSTGRES` (default
+//! `postgres://postgres@127.0.0.1:5432`); `.ci/run` makes sure it is up.
+
+use std::collections::HashSet;
+
+use hallmark_coordinator::spec::{self, ExpandedJob, Limits};
+use hallmark_coordinator::store::{
+    Completion, JobControl, LeasePolicy, Store, StoreError, WorkerCaps,
+};
+use hallmark_proto::v1::{
+    Dataset, JobSpec, Model, ModelCapability, PromptItem, TaskLease, WeightFile,
+};
+
+const POLICY: LeasePolicy = LeasePolicy {
+    base_ms: 10_000,
+    ms_per_megapixel_step: 0,
+};
+const SHA: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+
+struct Db {
+    store: Store,
+    _dir: Option<tempfile::TempDir>,
+}
+
+async fn postgres() -> Db {
+    let base = std::env::var("HALLMARK_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+    let name = format!("hallmark_store_{}", uuid::Uuid::new_v4().simple());
+    let admin = Store::connect_admin(&format!("{base}/postgres")).await;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .expect("create test database");
+    let store = Store::connect(&format!("{base}/{name}"), 16)
+        .await
+        .expect("connect postgres store");
+    Db { store, _dir: None }
+}
+
+async fn sqlite() -> Db {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("t.db").display());
+    let store = Store::connect(&url, 1).await.expect("connect sqlite store");
+    Db {
+        store,
+        _dir: Some(dir),
+    }
+}
+
+trait AdminConnect {
+    async fn connect_admin(url: &str) -> sqlx::AnyPool;
+}
+
+impl AdminConnect for Store {
+    async fn connect_admin(url: &str) -> sqlx::AnyPool {
+        sqlx::any::install_default_drivers();
+        sqlx::AnyPool::connect(url)
+            .await
+            .expect("postgres is reachable (start it, or set HALLMARK_TEST_POSTGRES)")
+    }
+}
+
+macro_rules! both_stores {
+    ($(async fn $name:ident($s:ident: &Store) $body:block)*) => {
+        mod on_postgres { use super::*; $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)] async fn $name() { let db = postgres().await; super::$name(&db.store).await; })* }
+        mod on_sqlite { use super::*; $(#[tokio::test(flavor = "multi_thread", worker_threads = 4)] async fn $name() { let db = sqlite().await; super::$name(&db.store).await; })* }
+        $(async fn $name($s: &Store) $body)*
+    };
+}
+
+fn job(prompts: usize, upscale: u32) -> ExpandedJob {
+    job_for("default", 0, prompts, upscale)
+}
+
+fn job_for(tenant: &str, priority: i32, prompts: usize, upscale: u32) -> ExpandedJob {
+    let spec = JobSpec {
+        engine: "synthetic".into(),
+        model_id: "m1".into(),
+        prompts: (0..prompts)
+            .map(|i| PromptItem {
+                prompt: format!("prompt {i}"),
+                ..Default::default()
+            })
+            .collect(),
+        width: 64,
+        height: 64,
+        steps: 4,
+        guidance: 7.0,
+        scheduler: "euler".into(),
+        upscale,
+        tenant: tenant.into(),
+        priority,
+        max_attempts: 2,
+        seed: Some(1),
+        ..Default::default()
+    };
+    spec::expand(
+        &spec,
+        &Limits {
+            max_items: 10_000,
+            max_side: 2048,
+            max_steps: 100,
+            default_max_attempts: 3,
+        },
+        0,
+    )
+    .unwrap()
+}
+
+async fn worker(s: &Store, id: &str, max_batch: u32) -> WorkerCaps {
+    let model = ModelCapability {
+        model_id: "m1".into(),
+        weights_sha256: SHA.into(),
+    };
+    s.register_worker(
+        id,
+        id,
+        "host",
+        &["synthetic".into()],
+        &[("synthetic".into(), model)],
+        1 << 24,
+        max_batch,
+        0,
+    )
+    .await
+    .unwrap();
+    WorkerCaps {
+        worker_id: id.into(),
+        max_pixels: 1 << 24,
+        max_batch,
+    }
+}
+
+async fn submit(s: &Store, id: &str, j: &ExpandedJob, cap: u32) {
+    s.check_servable(j, false).await.unwrap();
+    s.submit(id, j, "{}", cap, &POLICY, 1).await.unwrap();
+}
+
+async fn lease(s: &Store, w: &WorkerCaps, want: u32, now: i64) -> Vec<TaskLease> {
+    s.lease(w, want, "", now - 1_000, 3, now).await.unwrap()
+}
+
+fn done(w: &WorkerCaps, l: &TaskLease) -> Completion {
+    Completion {
+        worker_id: w.worker_id.clone(),
+        task_id: l.task_id.clone(),
+        fencing_token: l.fencing_token,
+        sha256: hallmark_provenance::sha256_hex(l.task_id.as_bytes()),
+        size: 10,
+        media_type: "image/png".into(),
+        width: 64,
+        height: 64,
+    }
+}
+
+async fn count(s: &Store, sql: &str) -> i64 {
+    sqlx::query_scalar::<_, i64>(sql)
+        .fetch_one(s.pool())
+        .await
+        .unwrap()
+}
+
+both_stores! {
+    async fn stale_lease_completion_is_refused(s: &Store) {
+        let w = worker(s, "w1", 1).await;
+        submit(s, "j1", &job(1, 0), 0).await;
+        let l = lease(s, &w, 1, 100).await.remove(0);
+        let mut stale = done(&w, &l);
+        stale.fencing_token -= 1;
+        assert!(matches!(s.complete(&stale, 200).await, Err(StoreError::Refused(_))));
+        s.complete(&done(&w, &l), 200).await.unwrap();
+        // A second completion of the same lease is refused too: one artifact per task.
+        assert!(matches!(s.complete(&done(&w, &l), 300).await, Err(StoreError::Refused(_))));
+        assert_eq!(count(s, "SELECT CAST(COUNT(*) AS BIGINT) FROM artifacts").await, 1);
+    }
+
+    async fn expired_lease_is_released_with_a_new_token(s: &Store) {
+        let w1 = worker(s, "w1", 1).await;
+        let w2 = worker(s, "w2", 1).await;
+        submit(s, "j1", &job(1, 0), 0).await;
+        let first = lease(s, &w1, 1, 100).await.remove(0);
+        assert!(lease(s, &w2, 1, 200).await.is_empty(), "a leased task is not leased twice");
+        let out = s.reap(100 + 10_001).await.unwrap();
+        assert_eq!(out.requeued, 1);
+        let second = lease(s, &w2, 1, 20_000).await.remove(0);
+        assert_eq!(second.task_id, first.task_id);
+        assert!(second.fencing_token > first.fencing_token);
+        assert!(matches!(s.complete(&done(&w1, &first), 20_001).await, Err(StoreError::Refused(_))));
+        s.complete(&done(&w2, &second), 20_002).await.unwrap();
+    }
+
+    async fn upscale_is_ready_as_soon_as_its_own_base_succeeds(s: &Store) {
+        let w = worker(s, "w1", 1).await;
+        submit(s, "j1", &job(3, 2), 0).await;
+        let g0 = lease(s, &w, 1, 100).await.remove(0);
+        assert_eq!((g0.stage.as_str(), g0.item_index), ("generate", 0));
+        s.complete(&done(&w, &g0), 110).await.unwrap();
+        // Item 0's upscale now comes before the remaining generates: no stage barrier.
+        let next = lease(s, &w, 1, 120).await.remove(0);
+        assert_eq!((next.stage.as_str(), next.item_index), ("upscale", 0));
+        assert_eq!(next.parent_sha256, done(&w, &g0).sha256);
+        assert_eq!(next.upscale, 2);
+    }
+
+    async fn compatible_tasks_are_leased_together_up_to_the_batch(s: &Store) {
+        let w = worker(s, "w1", 4).await;
+        let mut j = job(6, 0);
+        j.items[5].width = 128; // a different size is not batched with the rest
+        submit(s, "j1", &j, 0).await;
+        let batch = lease(s, &w, 8, 100).await;
+        assert_eq!(batch.len(), 4, "capped by the worker's max batch");
+        assert!(batch.iter().all(|l| l.width == 64 && !l.prompt.is_empty()));
+        let rest = lease(s, &w, 8, 100).await;
+        assert_eq!(rest.len(), 1);
+        let last = lease(s, &w, 8, 100).await;
+        assert_eq!((last.len(), last[0].width), (1, 128));
+    }
+
+    async fn failed_task_goes_to_another_worker_then_fails_for_good(s: &Store) {
+        let w1 = worker(s, "w1", 1).await;
+        let w2 = worker(s, "w2", 1).await;
+        submit(s, "j1", &job(1, 2), 0).await;
+        let l = lease(s, &w1, 1, 100).await.remove(0);
+        let out = s.fail("w1", &l.task_id, l.fencing_token, "boom", false, 110).await.unwrap();
+        assert_eq!(out.state, "ready");
+        // w1 just failed it: it stays off the task while others can take it.
+        assert!(lease(s, &w1, 1, 120).await.is_empty());
+        let l2 = lease(s, &w2, 1, 130).await.remove(0);
+        assert_eq!(l2.task_id, l.task_id);
+        let out = s.fail("w2", &l2.task_id, l2.fencing_token, "boom again", false, 140).await.unwrap();
+        assert_eq!(out.state, "failed", "budget of 2 attempts spent");
+        let job = s.get_job("j1", 150, 0).await.unwrap();
+        assert_eq!(job.state, "failed");
+        assert!(job.errors.iter().any(|e| e.contains("boom")), "{:?}", job.errors);
+        assert_eq!(job.stages[1].failed, 1, "the upscale fails with its base");
+        s.control("j1", JobControl::RetryFailed, 160).await.unwrap();
+        let job = s.get_job("j1", 170, 0).await.unwrap();
+        assert_eq!((job.stages[0].ready, job.stages[1].waiting), (1, 1));
+    }
+
+    async fn hand_back_does_not_charge_an_attempt(s: &Store) {
+        let w = worker(s, "w1", 1).await;
+        submit(s, "j1", &job(1, 0), 0).await;
+        for i in 0..5 {
+            let l = lease(s, &w, 1, 100 + i).await.remove(0);
+            assert_eq!(l.attempt, 1);
+            s.fail("w1", &l.task_id, l.fencing_token, "", true, 100 + i).await.unwrap();
+        }
+    }
+
+    async fn pause_and_cancel_revoke_held_leases(s: &Store) {
+        let w = worker(s, "w1", 2).await;
+        submit(s, "j1", &job(4, 0), 0).await;
+        let leases = lease(s, &w, 2, 100).await;
+        let held: Vec<(String, i64)> = leases.iter().map(|l| (l.task_id.clone(), l.fencing_token)).collect();
+        s.control("j1", JobControl::Pause, 110).await.unwrap();
+        let (revoked, _) = s.heartbeat("w1", &held, 120).await.unwrap();
+        assert_eq!(revoked.len(), 2);
+        assert!(revoked.iter().all(|r| r.reason == "job paused"));
+        assert!(lease(s, &w, 2, 130).await.is_empty(), "a paused job leases nothing");
+        assert!(matches!(s.complete(&done(&w, &leases[0]), 140).await, Err(StoreError::Refused(_))));
+        s.control("j1", JobControl::Resume, 150).await.unwrap();
+        let again = lease(s, &w, 2, 160).await;
+        assert_eq!(again.len(), 2);
+        assert_eq!(again[0].attempt, 1, "a pause does not charge the attempt");
+        s.control("j1", JobControl::Cancel, 170).await.unwrap();
+        let held: Vec<(String, i64)> = again.iter().map(|l| (l.task_id.clone(), l.fencing_token)).collect();
+        let (revoked, _) = s.heartbeat("w1", &held, 180).await.unwrap();
+        assert!(revoked.iter().all(|r| r.reason == "job canceled"));
+        assert_eq!(s.get_job("j1", 190, 0).await.unwrap().state, "canceled");
+        assert!(matches!(s.control("j1", JobControl::Resume, 200).await, Err(StoreError::Refused(_))));
+    }
+
+    async fn heartbeat_extends_held_and_returns_forgotten_leases(s: &Store) {
+        let w = worker(s, "w1", 2).await;
+        submit(s, "j1", &job(2, 0), 0).await;
+        let leases = lease(s, &w, 2, 100).await;
+        // The worker only knows the first lease (the reply of the second was lost).
+        let held = vec![(leases[0].task_id.clone(), leases[0].fencing_token)];
+        let (revoked, requeued) = s.heartbeat("w1", &held, 9_000).await.unwrap();
+        assert!(revoked.is_empty() && requeued);
+        // Extended from 9 000: survives a reap that would have expired the original lease.
+        assert_eq!(s.reap(15_000).await.unwrap().requeued, 0);
+        let other = lease(s, &w, 2, 15_001).await;
+        assert_eq!(other.len(), 1);
+        assert_eq!(other[0].task_id, leases[1].task_id);
+    }
+
+    async fn priority_first_then_round_robin_between_tenants(s: &Store) {
+        let w = worker(s, "w1", 1).await;
+        submit(s, "a1", &job_for("alice", 0, 4, 0), 0).await;
+        submit(s, "b1", &job_for("bob", 0, 4, 0), 0).await;
+        submit(s, "u1", &job_for("carol", 5, 1, 0), 0).await;
+        let mut order = Vec::new();
+        for t in 0..5 {
+            let l = lease(s, &w, 1, 100 + t * 10).await.remove(0);
+            order.push(l.job_id.clone());
+            s.complete(&done(&w, &l), 101 + t * 10).await.unwrap();
+        }
+        assert_eq!(order[0], "u1", "higher priority first");
+        assert_eq!(&order[1..], ["a1", "b1", "a1", "b1"], "then tenants take turns");
+    }
+
+    async fn tenant_cap_limits_running_tasks(s: &Store) {
+        let w = worker(s, "w1", 1).await;
+        submit(s, "j1", &job_for("capped", 0, 5, 0), 2).await;
+        assert_eq!(lease(s, &w, 1, 100).await.len(), 1);
+        assert_eq!(lease(s, &w, 1, 101).await.len(), 1);
+        assert!(lease(s, &w, 1, 102).await.is_empty(), "cap of 2 reached");
+        let job = s.get_job("j1", 103, 0).await.unwrap();
+        assert_eq!(job.waiting_reason, "", "tasks are running, so it is not stuck");
+    }
+
+    async fn unservable_and_unknown_models_are_refused_without_rows(s: &Store) {
+        let j = job(2, 0);
+        assert!(matches!(s.check_servable(&j, false).await, Err(StoreError::NotFound(_))));
+        worker(s, "w1", 1).await;
+        let mut big = job(1, 4);
+        big.items[0].width = 2048;
+        big.items[0].height = 2048;
+        let err = s.check_servable(&big, false).await.unwrap_err().to_string();
+        assert!(err.contains("pixels"), "{err}");
+        s.check_servable(&big, true).await.unwrap();
+        assert_eq!(count(s, "SELECT CAST(COUNT(*) AS BIGINT) FROM jobs").await, 0);
+    }
+
+    async fn waiting_job_says_why(s: &Store) {
+        let w = worker(s, "w1", 1).await;
+        submit(s, "j1", &job(1, 0), 0).await;
+        s.touch_worker(&w.worker_id, "", 0).await.unwrap();
+        // The only worker was last seen at 0; with liveness from 1 000, none is live.
+        let job = s.get_job("j1", 2_000, 1_000).await.unwrap();
+        assert!(job.waiting_reason.contains("no live worker"), "{}", job.waiting_reason);
+    }
+
+    async fn registry_links_models_to_datasets_and_checks_worker_weights(s: &Store) {
+        let d = Dataset { name: "laion".into(), version: "5b".into(), uri: "s3://x".into(), content_sha256: SHA.into(), license: "cc".into(), created_at_ms: 0 };
+        s.register_dataset(&d, 1).await.unwrap();
+        let mut m = Model {
+            model_id: "sd15".into(),
+            family: "sd15".into(),
+            weights: vec![WeightFile { path: "unet.safetensors".into(), sha256: SHA.into(), size: 3 }],
+            license: "openrail".into(),
+            training_datasets: vec!["laion@5b".into()],
+            ..Default::default()
+        };
+        s.register_model(&m, 2).await.unwrap();
+        m.training_datasets = vec!["nope@1".into()];
+        assert!(matches!(s.register_model(&m, 3).await, Err(StoreError::NotFound(_))));
+        let models = s.list_models().await.unwrap();
+        assert_eq!(models[0].training_datasets, ["laion@5b"]);
+        let digest = hallmark_provenance::weights_digest([("unet.safetensors", SHA)]);
+        let good = ModelCapability { model_id: "sd15".into(), weights_sha256: digest };
+        s.register_worker("w1", "w1", "h", &["diffusion".into()], &[("diffusion".into(), good)], 1 << 20, 1, 4).await.unwrap();
+        let bad = ModelCapability { model_id: "sd15".into(), weights_sha256: SHA.into() };
+        let err = s.register_worker("w2", "w2", "h", &["diffusion".into()], &[("diffusion".into(), bad)], 1 << 20, 1, 5).await.unwrap_err();
+        assert!(err.to_string().contains("mismatched weights"), "{err}");
+    }
+
+    async fn concurrent_leasing_never_leases_a_task_twice(s: &Store) {
+        let mut workers = Vec::new();
+        for i in 0..8 {
+            workers.push(worker(s, &format!("w{i}"), 3).await);
+        }
+        submit(s, "j1", &job(200, 0), 0).await;
+        let mut handles = Vec::new();
+        for w in workers {
+            let s = s.clone();
+            handles.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                loop {
+                    let batch = s.lease(&w, 3, "", 0, 3, 100).await.unwrap();
+                    if batch.is_empty() {
+                        return got;
+                    }
+                    got.extend(batch.into_iter().map(|l| l.task_id));
+                }
+            }));
+        }
+        let mut seen = HashSet::new();
+        for h in handles {
+            for id in h.await.unwrap() {
+                assert!(seen.insert(id.clone()), "task {id} leased twice");
+            }
+        }
+        assert_eq!(seen.len(), 200);
+    }
+}
