@@ -1,1 +1,346 @@
+//! Harness for the end-to-end and fault tests: real `hallmark-coordinator`,
+//! `hallmark-worker` and `hallmark` processes against a real Postgres and
+//! Redis (and a private `redis-server` where a test must stop it).
+//!
+//! The binaries come from the same target directory as the test; build them
+//! first (`cargo build --bins`, which the README's test command does).
 
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use hallmark_proto::v1::jobs_client::JobsClient;
+use hallmark_proto::v1::workers_client::WorkersClient;
+use hallmark_proto::v1::{Job, JobRef};
+use tonic::transport::Channel;
+
+/// A built binary of this workspace.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first with `cargo build --bins`",
+        path.display()
+    );
+    path
+}
+
+/// Postgres server URL without a database name.
+pub fn postgres_base() -> String {
+    std::env::var("HALLMARK_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// The shared Redis used by tests that do not stop it.
+pub fn redis_url() -> String {
+    std::env::var("HALLMARK_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A fresh, empty Postgres database; its URL.
+pub async fn fresh_database() -> String {
+    sqlx::any::install_default_drivers();
+    let base = postgres_base();
+    let admin = sqlx::AnyPool::connect(&format!("{base}/postgres"))
+        .await
+        .expect("postgres is reachable (start it, or set HALLMARK_TEST_POSTGRES)");
+    let name = format!("hallmark_e2e_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .expect("create database");
+    admin.close().await;
+    format!("{base}/{name}")
+}
+
+/// Runs one query returning a single BIGINT.
+pub async fn scalar(db_url: &str, sql: &str) -> i64 {
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(db_url).await.expect("connect");
+    let v: i64 = sqlx::query_scalar(sql)
+        .fetch_one(&pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    pool.close().await;
+    v
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command) -> Self {
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(if std::env::var_os("HALLMARK_TEST_LOGS").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        Self {
+            child,
+            name: name.into(),
+        }
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for the exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        self.child.wait().expect("wait")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Settings for a coordinator process.
+#[derive(Clone)]
+pub struct CoordinatorSpec {
+    pub port: u16,
+    pub database_url: String,
+    pub redis_url: Option<String>,
+    pub blob_dir: PathBuf,
+    /// Extra `HALLMARK_*` settings.
+    pub env: Vec<(String, String)>,
+}
+
+impl CoordinatorSpec {
+    pub fn new(database_url: &str, redis_url: Option<String>, blob_dir: PathBuf) -> Self {
+        Self {
+            port: free_port(),
+            database_url: database_url.into(),
+            redis_url,
+            blob_dir,
+            env: Vec::new(),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn with(mut self, key: &str, value: impl ToString) -> Self {
+        self.env.push((key.into(), value.to_string()));
+        self
+    }
+
+    /// Starts the process and waits until it answers gRPC.
+    pub async fn start(&self) -> Proc {
+        let mut cmd = Command::new(bin("hallmark-coordinator"));
+        cmd.arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--database-url")
+            .arg(&self.database_url)
+            .arg("--blob-dir")
+            .arg(&self.blob_dir);
+        if let Some(r) = &self.redis_url {
+            cmd.arg("--redis-url").arg(r);
+        }
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let p = Proc::spawn("coordinator", &mut cmd);
+        wait_for_grpc(&self.url()).await;
+        p
+    }
+}
+
+/// A worker process with the synthetic engine.
+pub fn start_worker(coordinator: &str, name: &str, render_ms: u64, extra: &[&str]) -> Proc {
+    let mut cmd = Command::new(bin("hallmark-worker"));
+    cmd.arg("--coordinator")
+        .arg(coordinator)
+        .arg("--name")
+        .arg(name)
+        .arg("--render-ms")
+        .arg(render_ms.to_string())
+        .args(extra);
+    Proc::spawn(name, &mut cmd)
+}
+
+/// Runs the `hallmark` CLI to completion.
+pub fn hallmark(args: &[&str]) -> Output {
+    Command::new(bin("hallmark"))
+        .args(args)
+        .env("HALLMARK_LOG", "warn")
+        .output()
+        .expect("run hallmark")
+}
+
+async fn wait_for_grpc(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(ch) = Channel::from_shared(url.to_string())
+            .expect("url")
+            .connect()
+            .await
+        {
+            let mut c = JobsClient::new(ch);
+            // Any answer (even NOT_FOUND) means the server is up and migrated.
+            if c.get_job(JobRef {
+                job_id: "ping".into(),
+            })
+            .await
+            .is_err()
+            {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "coordinator at {url} did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub async fn jobs_client(url: &str) -> JobsClient<Channel> {
+    JobsClient::new(
+        Channel::from_shared(url.to_string())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect"),
+    )
+}
+
+pub async fn workers_client(url: &str) -> WorkersClient<Channel> {
+    WorkersClient::new(
+        Channel::from_shared(url.to_string())
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect"),
+    )
+}
+
+/// Polls the job until it ends (or `timeout`), tolerating a coordinator
+/// that is down for a while; returns the last state seen.
+pub async fn wait_for_job(url: &str, job_id: &str, timeout: Duration) -> Job {
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        if let Ok(ch) = Channel::from_shared(url.to_string())
+            .expect("url")
+            .connect()
+            .await
+            && let Ok(j) = JobsClient::new(ch)
+                .get_job(JobRef {
+                    job_id: job_id.into(),
+                })
+                .await
+        {
+            let j = j.into_inner();
+            if matches!(j.state.as_str(), "succeeded" | "failed" | "canceled") {
+                return j;
+            }
+            last = Some(j);
+        }
+        if Instant::now() > deadline {
+            panic!("job {job_id} did not finish in {timeout:?}; last seen: {last:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until `cond` holds, polling.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A private `redis-server` this test may stop and restart.
+pub struct PrivateRedis {
+    pub port: u16,
+    proc: Option<Proc>,
+}
+
+impl PrivateRedis {
+    pub fn start() -> Self {
+        let port = free_port();
+        let mut r = Self { port, proc: None };
+        r.restart();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        let mut cmd = Command::new("redis-server");
+        cmd.args([
+            "--port",
+            &self.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]);
+        self.proc = Some(Proc::spawn("redis", &mut cmd));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start (is it installed?)"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Writes a prompt file with `n` prompts.
+pub fn prompt_file(dir: &std::path::Path, n: usize) -> PathBuf {
+    let path = dir.join("prompts.txt");
+    let text: String = (0..n)
+        .map(|i| format!("prompt number {i}: a lighthouse at dusk\n"))
+        .collect();
+    std::fs::write(&path, text).expect("write prompts");
+    path
+}

@@ -137,7 +137,13 @@ impl Workers for WorkersService {
             }
             tokio::select! {
                 _ = notified => {}
-                _ = tokio::time::sleep(remaining.min(poll)) => {}
+                _ = tokio::time::sleep(remaining.min(poll)) => {
+                    // The wait ran out with no wake-up: answer empty; the
+                    // worker's next call looks again.
+                    if remaining <= poll {
+                        return Ok(Response::new(LeaseResponse { leases: Vec::new(), revoked }));
+                    }
+                }
             }
         }
     }

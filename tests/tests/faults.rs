@@ -1,0 +1,374 @@
+//! Fault tests: killed workers, a restarted coordinator, a Redis outage,
+//! stale fencing tokens and two coordinator replicas racing for leases.
+
+use std::time::Duration;
+
+use hallmark_e2e::*;
+use hallmark_proto::v1::complete_message::Body;
+use hallmark_proto::v1::{
+    CompleteHeader, CompleteMessage, JobRef, JobSpec, LeaseRequest, ListWorkersRequest,
+    ModelCapability, PromptItem, RegisterWorkerRequest, SubmitJobRequest,
+};
+
+fn spec(n: usize, upscale: u32) -> JobSpec {
+    JobSpec {
+        engine: "synthetic".into(),
+        model_id: "synthetic-v1".into(),
+        prompts: (0..n)
+            .map(|i| PromptItem {
+                prompt: format!("p{i}"),
+                ..Default::default()
+            })
+            .collect(),
+        width: 64,
+        height: 64,
+        steps: 4,
+        guidance: 5.0,
+        scheduler: "euler".into(),
+        upscale,
+        seed: Some(11),
+        ..Default::default()
+    }
+}
+
+async fn submit(url: &str, n: usize, upscale: u32) -> String {
+    jobs_client(url)
+        .await
+        .submit(SubmitJobRequest {
+            spec: Some(spec(n, upscale)),
+            queue_unservable: false,
+        })
+        .await
+        .expect("submit")
+        .into_inner()
+        .job_id
+}
+
+async fn wait_workers(url: &str, n: usize) {
+    let w = workers_client(url).await;
+    eventually("workers registered", Duration::from_secs(20), || {
+        let mut w = w.clone();
+        async move {
+            w.list_workers(ListWorkersRequest {})
+                .await
+                .map(|r| r.into_inner().workers.iter().filter(|w| w.live).count() >= n)
+                .unwrap_or(false)
+        }
+    })
+    .await;
+}
+
+/// Registers a hand-driven worker for the synthetic model; its id.
+async fn fake_worker(url: &str) -> String {
+    workers_client(url)
+        .await
+        .register(RegisterWorkerRequest {
+            name: "fake".into(),
+            hostname: "test".into(),
+            engines: vec!["synthetic".into()],
+            models: vec![ModelCapability {
+                model_id: "synthetic-v1".into(),
+                weights_sha256: sha256(b"hallmark-synthetic:synthetic-v1"),
+            }],
+            max_pixels: 1 << 20,
+            max_batch: 1,
+        })
+        .await
+        .expect("register")
+        .into_inner()
+        .worker_id
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_worker_tasks_are_released_and_the_job_completes_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fresh_database().await;
+    let spec = CoordinatorSpec::new(&db, Some(redis_url()), dir.path().join("blobs"))
+        .with("HALLMARK_LEASE_BASE_MS", 1500)
+        .with("HALLMARK_REAP_INTERVAL_MS", 100);
+    let _c = spec.start().await;
+    let url = spec.url();
+    let mut slow = start_worker(&url, "slow", 600_000, &["--max-batch", "2"]);
+    wait_workers(&url, 1).await;
+    let job_id = submit(&url, 6, 0).await;
+    eventually(
+        "the slow worker holds two leases",
+        Duration::from_secs(20),
+        || {
+            let db = db.clone();
+            async move {
+                scalar(
+                    &db,
+                    "SELECT CAST(COUNT(*) AS BIGINT) FROM tasks WHERE state = 'leased'",
+                )
+                .await
+                    == 2
+            }
+        },
+    )
+    .await;
+    slow.kill(); // kill -9 mid-task
+    let _fast: Vec<Proc> = (0..2)
+        .map(|i| start_worker(&url, &format!("fast{i}"), 5, &[]))
+        .collect();
+    let job = wait_for_job(&url, &job_id, Duration::from_secs(60)).await;
+    assert_eq!(job.state, "succeeded");
+    assert_eq!(
+        scalar(&db, "SELECT CAST(COUNT(*) AS BIGINT) FROM artifacts").await,
+        6
+    );
+    assert_eq!(
+        scalar(
+            &db,
+            "SELECT CAST(COUNT(DISTINCT task_id) AS BIGINT) FROM artifacts"
+        )
+        .await,
+        6
+    );
+    assert_eq!(
+        scalar(
+            &db,
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM tasks WHERE attempts = 2"
+        )
+        .await,
+        2,
+        "the killed worker's two tasks were leased again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completion_with_a_stale_fencing_token_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fresh_database().await;
+    let spec = CoordinatorSpec::new(&db, None, dir.path().join("blobs"));
+    let _c = spec.start().await;
+    let url = spec.url();
+    let worker_id = fake_worker(&url).await;
+    submit(&url, 1, 0).await;
+    let mut w = workers_client(&url).await;
+    let lease = w
+        .lease(LeaseRequest {
+            worker_id: worker_id.clone(),
+            held: vec![],
+            want: 1,
+            wait_ms: 2000,
+            loaded_model: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .leases
+        .remove(0);
+    let png = b"\x89PNG\r\n\x1a\nnot really an image but has the signature".to_vec();
+    let upload = |token: i64| {
+        let header = CompleteHeader {
+            worker_id: worker_id.clone(),
+            task_id: lease.task_id.clone(),
+            fencing_token: token,
+            sha256: sha256(&png),
+            size: png.len() as u64,
+            media_type: "image/png".into(),
+            width: 64,
+            height: 64,
+        };
+        tokio_stream::iter(vec![
+            CompleteMessage {
+                body: Some(Body::Header(header)),
+            },
+            CompleteMessage {
+                body: Some(Body::Data(png.clone())),
+            },
+        ])
+    };
+    let err = w
+        .complete(upload(lease.fencing_token + 1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains("stale lease"), "{err}");
+    assert_eq!(
+        scalar(&db, "SELECT CAST(COUNT(*) AS BIGINT) FROM artifacts").await,
+        0
+    );
+    w.complete(upload(lease.fencing_token))
+        .await
+        .expect("current token accepted");
+    assert_eq!(
+        scalar(&db, "SELECT CAST(COUNT(*) AS BIGINT) FROM artifacts").await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_killed_and_restarted_mid_job_finishes_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fresh_database().await;
+    let spec = CoordinatorSpec::new(&db, Some(redis_url()), dir.path().join("blobs"));
+    let mut coordinator = spec.start().await;
+    let url = spec.url();
+    let _workers: Vec<Proc> = (0..2)
+        .map(|i| start_worker(&url, &format!("w{i}"), 20, &[]))
+        .collect();
+    wait_workers(&url, 2).await;
+    let job_id = submit(&url, 80, 2).await;
+    eventually("some progress", Duration::from_secs(30), || {
+        let db = db.clone();
+        async move { scalar(&db, "SELECT CAST(COUNT(*) AS BIGINT) FROM artifacts").await >= 10 }
+    })
+    .await;
+    coordinator.kill();
+    assert!(
+        scalar(&db, "SELECT CAST(COUNT(*) AS BIGINT) FROM artifacts").await < 160,
+        "killed mid-job"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _coordinator = spec.start().await;
+    let job = wait_for_job(&url, &job_id, Duration::from_secs(90)).await;
+    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(
+        scalar(&db, "SELECT CAST(COUNT(*) AS BIGINT) FROM artifacts").await,
+        160
+    );
+}
+
+/// Submits a one-item job on `submit_url` while a lease call waits on
+/// `lease_url`; true when the waiting call got the task before its wait ran
+/// out, i.e. a wake-up crossed between the replicas (their poll interval is
+/// longer than the wait).
+async fn wake_up_crosses_replicas(lease_url: &str, submit_url: &str, worker_id: &str) -> bool {
+    let mut w = workers_client(lease_url).await;
+    let wid = worker_id.to_string();
+    let waiting = tokio::spawn(async move {
+        w.lease(LeaseRequest {
+            worker_id: wid,
+            held: vec![],
+            want: 1,
+            wait_ms: 8000,
+            loaded_model: String::new(),
+        })
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let job_id = submit(submit_url, 1, 0).await;
+    let leases = waiting
+        .await
+        .unwrap()
+        .expect("lease call")
+        .into_inner()
+        .leases;
+    // Take the job out of the way of later checks.
+    jobs_client(submit_url)
+        .await
+        .cancel_job(JobRef { job_id })
+        .await
+        .expect("cancel");
+    !leases.is_empty()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_slows_wake_ups_but_loses_no_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fresh_database().await;
+    let mut redis = PrivateRedis::start();
+    let a = CoordinatorSpec::new(&db, Some(redis.url()), dir.path().join("blobs"))
+        .with("HALLMARK_POLL_INTERVAL_MS", 20_000);
+    let b = CoordinatorSpec::new(&db, Some(redis.url()), dir.path().join("blobs"))
+        .with("HALLMARK_POLL_INTERVAL_MS", 20_000);
+    let _ca = a.start().await;
+    let _cb = b.start().await;
+    let fake = fake_worker(&a.url()).await;
+    assert!(
+        wake_up_crosses_replicas(&a.url(), &b.url(), &fake).await,
+        "with Redis, a submit on B wakes a lease call on A"
+    );
+
+    // Redis goes away mid-job: the job still completes (lease calls fall back to polling).
+    let mut workers: Vec<Proc> = (0..2)
+        .map(|i| start_worker(&a.url(), &format!("w{i}"), 10, &[]))
+        .collect();
+    wait_workers(&a.url(), 2).await;
+    let job_id = submit(&b.url(), 30, 2).await;
+    eventually("some progress", Duration::from_secs(30), || {
+        let db = db.clone();
+        async move { scalar(&db, "SELECT CAST(COUNT(*) AS BIGINT) FROM artifacts").await >= 4 }
+    })
+    .await;
+    redis.stop();
+    let job = wait_for_job(&b.url(), &job_id, Duration::from_secs(120)).await;
+    assert_eq!(job.state, "succeeded");
+    assert_eq!(
+        scalar(&db, "SELECT CAST(COUNT(*) AS BIGINT) FROM artifacts").await,
+        60
+    );
+    for w in &mut workers {
+        assert!(
+            w.terminate().success(),
+            "worker drains and exits 0 on SIGTERM"
+        );
+    }
+    assert!(
+        !wake_up_crosses_replicas(&a.url(), &b.url(), &fake).await,
+        "without Redis the wait runs out first"
+    );
+
+    // Redis is back: the replicas resubscribe and wake-ups cross again.
+    redis.restart();
+    tokio::time::sleep(Duration::from_secs(7)).await; // subscriber back-off tops out at 5 s
+    assert!(
+        wake_up_crosses_replicas(&a.url(), &b.url(), &fake).await,
+        "wake-ups resume when Redis is back"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_never_lease_a_task_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fresh_database().await;
+    let a = CoordinatorSpec::new(&db, Some(redis_url()), dir.path().join("blobs"));
+    let b = CoordinatorSpec::new(&db, Some(redis_url()), dir.path().join("blobs"));
+    let _ca = a.start().await;
+    let _cb = b.start().await;
+    let mut workers = Vec::new();
+    for i in 0..6 {
+        let url = if i % 2 == 0 { a.url() } else { b.url() };
+        workers.push(start_worker(
+            &url,
+            &format!("w{i}"),
+            0,
+            &["--max-batch", "3"],
+        ));
+    }
+    wait_workers(&a.url(), 6).await;
+    let job_id = submit(&a.url(), 300, 0).await;
+    let job = wait_for_job(&b.url(), &job_id, Duration::from_secs(120)).await;
+    assert_eq!(job.state, "succeeded");
+    assert_eq!(
+        scalar(&db, "SELECT CAST(COUNT(*) AS BIGINT) FROM artifacts").await,
+        300
+    );
+    assert_eq!(
+        scalar(
+            &db,
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM tasks WHERE attempts <> 1"
+        )
+        .await,
+        0,
+        "every task was leased exactly once"
+    );
+    assert!(
+        scalar(
+            &db,
+            "SELECT CAST(COUNT(DISTINCT worker_id) AS BIGINT) FROM artifacts"
+        )
+        .await
+            >= 4
+    );
+}
