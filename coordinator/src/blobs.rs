@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
+use std::io::Write;
 
 /// Why a blob could not be stored or read.
 #[derive(Debug, thiserror::Error)]
@@ -44,14 +44,21 @@ pub struct BlobStore {
 }
 
 /// A blob being written; [`BlobWriter::finish`] checks and publishes it.
+///
+/// Uploads are held in memory up to [`SPILL_BYTES`] (an image is usually far
+/// smaller) and published with one blocking call; larger ones spill to a
+/// temporary file as they arrive.
 pub struct BlobWriter {
     root: PathBuf,
-    tmp: PathBuf,
-    file: tokio::fs::File,
+    buf: Vec<u8>,
+    spill: Option<(PathBuf, std::fs::File)>,
     hasher: Sha256,
     size: u64,
     limit: u64,
 }
+
+/// Uploads larger than this go to a temporary file instead of memory.
+pub const SPILL_BYTES: usize = 16 * 1024 * 1024;
 
 impl BlobStore {
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, BlobError> {
@@ -69,17 +76,15 @@ impl BlobStore {
     }
 
     /// Starts an upload of at most `limit` bytes.
-    pub async fn writer(&self, limit: u64) -> Result<BlobWriter, BlobError> {
-        let tmp = self.root.join("tmp").join(uuid::Uuid::new_v4().to_string());
-        let file = tokio::fs::File::create(&tmp).await.map_err(io(&tmp))?;
-        Ok(BlobWriter {
+    pub fn writer(&self, limit: u64) -> BlobWriter {
+        BlobWriter {
             root: self.root.clone(),
-            tmp,
-            file,
+            buf: Vec::new(),
+            spill: None,
             hasher: Sha256::new(),
             size: 0,
             limit,
-        })
+        }
     }
 
     /// Opens a stored blob for reading.
@@ -101,49 +106,89 @@ impl BlobWriter {
             return Err(BlobError::TooLarge(self.limit));
         }
         self.hasher.update(chunk);
-        self.file.write_all(chunk).await.map_err(io(&self.tmp))
+        if self.spill.is_none() && self.buf.len() + chunk.len() <= SPILL_BYTES {
+            self.buf.extend_from_slice(chunk);
+            return Ok(());
+        }
+        let (path, file) = match self.spill.take() {
+            Some(s) => s,
+            None => {
+                let path = self.root.join("tmp").join(uuid::Uuid::new_v4().to_string());
+                let p = path.clone();
+                let file = blocking(move || std::fs::File::create(&p).map_err(io(&p))).await?;
+                (path, file)
+            }
+        };
+        let mut data = std::mem::take(&mut self.buf);
+        data.extend_from_slice(chunk);
+        let (file, result) = tokio::task::spawn_blocking(move || {
+            let mut file = file;
+            let r = file.write_all(&data);
+            (file, r)
+        })
+        .await
+        .map_err(|e| BlobError::Io { path: path.clone(), source: std::io::Error::other(e) })?;
+        result.map_err(io(&path))?;
+        self.spill = Some((path, file));
+        Ok(())
     }
 
     /// Checks size and hash against the declared ones and moves the blob into
-    /// place. On any error the temporary file is removed.
+    /// place (a blob already stored is kept as it is). On any error nothing
+    /// is left behind.
     pub async fn finish(mut self, want_sha256: &str, want_size: u64) -> Result<String, BlobError> {
-        let result = self.publish(want_sha256, want_size).await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&self.tmp).await;
-        }
-        result
-    }
-
-    async fn publish(&mut self, want_sha256: &str, want_size: u64) -> Result<String, BlobError> {
         if self.size != want_size {
-            return Err(BlobError::SizeMismatch {
-                got: self.size,
-                want: want_size,
-            });
+            return Err(BlobError::SizeMismatch { got: self.size, want: want_size });
         }
         let got = hex::encode(std::mem::take(&mut self.hasher).finalize());
         if !got.eq_ignore_ascii_case(want_sha256) {
-            return Err(BlobError::HashMismatch {
-                got,
-                want: want_sha256.to_string(),
-            });
+            return Err(BlobError::HashMismatch { got, want: want_sha256.to_string() });
         }
-        self.file.flush().await.map_err(io(&self.tmp))?;
-        let dir = self.root.join(&got[..2]);
-        tokio::fs::create_dir_all(&dir).await.map_err(io(&dir))?;
-        let dest = dir.join(&got);
-        tokio::fs::rename(&self.tmp, &dest)
-            .await
-            .map_err(io(&dest))?;
+        let dest = self.root.join(&got[..2]).join(&got);
+        let tmp = self.root.join("tmp").join(uuid::Uuid::new_v4().to_string());
+        let buf = std::mem::take(&mut self.buf);
+        let spill = self.spill.take();
+        blocking(move || {
+            if dest.exists() {
+                if let Some((path, _)) = spill {
+                    let _ = std::fs::remove_file(path);
+                }
+                return Ok(());
+            }
+            if let Some(dir) = dest.parent() {
+                std::fs::create_dir_all(dir).map_err(io(dir))?;
+            }
+            let from = match spill {
+                Some((path, _)) => path,
+                None => {
+                    std::fs::write(&tmp, &buf).map_err(io(&tmp))?;
+                    tmp
+                }
+            };
+            std::fs::rename(&from, &dest).map_err(|e| {
+                let _ = std::fs::remove_file(&from);
+                BlobError::Io { path: dest.clone(), source: e }
+            })
+        })
+        .await?;
         Ok(got)
     }
 }
 
 impl Drop for BlobWriter {
     fn drop(&mut self) {
-        // An abandoned upload (client went away) leaves no partial file.
-        if self.tmp.exists() {
-            let _ = std::fs::remove_file(&self.tmp);
+        // An abandoned or refused upload leaves no partial file.
+        if let Some((path, _)) = self.spill.take() {
+            let _ = std::fs::remove_file(path);
         }
     }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, BlobError> + Send + 'static,
+) -> Result<T, BlobError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| BlobError::Io {
+        path: PathBuf::from("<blocking task>"),
+        source: std::io::Error::other(e),
+    })?
 }

@@ -34,7 +34,7 @@ async fn postgres() -> Db {
         .execute(&admin)
         .await
         .expect("create test database");
-    let store = Store::connect(&format!("{base}/{name}"), 16)
+    let store = Store::connect(&format!("{base}/{name}"), 8)
         .await
         .expect("connect postgres store");
     Db { store, _dir: None }

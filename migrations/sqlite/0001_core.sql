@@ -87,6 +87,8 @@ CREATE TABLE tasks (
     upscale           BIGINT NOT NULL,
     batch_key         TEXT NOT NULL,
     depends_on        TEXT REFERENCES tasks(id),
+    -- 1 when a later stage of the item waits on this task.
+    has_next          BIGINT NOT NULL DEFAULT 0,
     parent_sha256     TEXT,
     attempts          BIGINT NOT NULL DEFAULT 0,
     max_attempts      BIGINT NOT NULL,
@@ -99,7 +101,7 @@ CREATE TABLE tasks (
     error             TEXT,
     FOREIGN KEY (job_id, item_index) REFERENCES items(job_id, item_index)
 );
-CREATE INDEX tasks_job_state ON tasks (job_id, state, stage_rank, item_index);
+CREATE INDEX tasks_job_state ON tasks (job_id, state, stage_rank DESC, item_index);
 CREATE INDEX tasks_depends_on ON tasks (depends_on) WHERE depends_on IS NOT NULL;
 CREATE INDEX tasks_leased_expiry ON tasks (lease_expires_at) WHERE state = 'leased';
 CREATE INDEX tasks_leased_worker ON tasks (worker_id) WHERE state = 'leased';

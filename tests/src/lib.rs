@@ -142,7 +142,8 @@ impl CoordinatorSpec {
             database_url: database_url.into(),
             redis_url,
             blob_dir,
-            env: Vec::new(),
+            // Small pools: coordinators of parallel tests share one Postgres.
+            env: vec![("HALLMARK_DATABASE_MAX_CONNECTIONS".into(), "8".into())],
         }
     }
 

@@ -289,7 +289,18 @@ impl Store {
             }
             // Round-robin between tenants is a preference, not state: a plain
             // update after the lease keeps the hot tenant row out of the transaction.
-            sqlx::query("UPDATE tenants SET last_dispatch_at = $2 WHERE name = $1 AND last_dispatch_at < $2")
+            let sql = match self.dialect {
+                // Leasers racing on one tenant skip the row instead of queueing
+                // on its lock: the winner's timestamp is as good as theirs.
+                super::Dialect::Postgres => {
+                    "UPDATE tenants SET last_dispatch_at = $2 WHERE name IN \
+                     (SELECT name FROM tenants WHERE name = $1 AND last_dispatch_at < $2 FOR UPDATE SKIP LOCKED)"
+                }
+                super::Dialect::Sqlite => {
+                    "UPDATE tenants SET last_dispatch_at = $2 WHERE name = $1 AND last_dispatch_at < $2"
+                }
+            };
+            sqlx::query(sql)
                 .bind(&tenant)
                 .bind(now)
                 .execute(&self.pool)
@@ -405,7 +416,7 @@ impl Store {
         let row = sqlx::query(
             "UPDATE tasks SET state = 'succeeded', finished_at = $4, lease_expires_at = NULL, error = NULL \
              WHERE id = $1 AND lease_token = $2 AND worker_id = $3 AND state = 'leased' \
-             RETURNING job_id, item_index, stage, model_id, parent_sha256",
+             RETURNING job_id, item_index, stage, model_id, parent_sha256, has_next",
         )
         .bind(&c.task_id)
         .bind(c.fencing_token)
@@ -452,6 +463,11 @@ impl Store {
         .await?;
         // Per-item stage dependency, no barrier: the next stage of this item
         // is ready now (held instead while the job is paused).
+        let has_next: i64 = row.try_get("has_next")?;
+        if has_next == 0 {
+            tx.commit().await?;
+            return Ok((job_id, false));
+        }
         let readied = sqlx::query(
             "UPDATE tasks SET parent_sha256 = $2, state = CASE WHEN \
              (SELECT j.state FROM jobs j WHERE j.id = tasks.job_id) = 'paused' THEN 'held' ELSE 'ready' END \

@@ -136,13 +136,13 @@ impl Store {
             for chunk in job.items.chunks(ROWS_PER_INSERT) {
                 let mut sql = String::from(
                     "INSERT INTO tasks (id, job_id, item_index, stage, stage_rank, state, tenant, engine, model_id, \
-                     pixels, upscale, batch_key, depends_on, max_attempts, lease_ttl_ms) VALUES ",
+                     pixels, upscale, batch_key, depends_on, has_next, max_attempts, lease_ttl_ms) VALUES ",
                 );
                 for i in 0..chunk.len() {
                     if i > 0 {
                         sql.push_str(", ");
                     }
-                    sql.push_str(&placeholders(i * 15 + 1, 15));
+                    sql.push_str(&placeholders(i * 16 + 1, 16));
                 }
                 let mut q = sqlx::query(&sql);
                 for item in chunk {
@@ -178,6 +178,7 @@ impl Store {
                         .bind(factor as i64)
                         .bind(batch_key)
                         .bind(upscale.then(|| task_id(job_id, item.index, STAGE_GENERATE)))
+                        .bind(i64::from(!upscale && job.upscale > 0))
                         .bind(i64::from(job.max_attempts))
                         .bind(lease.ttl_ms(pixels, work_steps));
                 }

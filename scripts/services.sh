@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Makes sure the services the tests need are up on their default local ports:
+# PostgreSQL on 5432 (trust auth for local TCP) and Redis on 6379, plus the
+# redis-server binary that fault tests start privately. Starts them when they
+# are installed but down, installs them from Debian packages when missing.
+set -euo pipefail
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_port() {
+  for _ in $(seq 1 100); do port_open "$1" && return 0; sleep 0.2; done
+  echo "services: nothing is listening on port $1 after 20 s" >&2
+  return 1
+}
+
+apt_install() {
+  echo "services: installing $* from Debian packages"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
+}
+
+# --- PostgreSQL ---
+if ! port_open 5432; then
+  if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
+    apt_install postgresql
+    installed_pg=1
+  fi
+  version=$(ls /etc/postgresql | sort -V | tail -n 1)
+  if [ "${installed_pg:-0}" = 1 ]; then
+    # Local test server: trust connections from loopback, as the suite expects.
+    hba="/etc/postgresql/$version/main/pg_hba.conf"
+    $SUDO sed -i -E 's/^(host\s+all\s+all\s+(127\.0\.0\.1\/32|::1\/128)\s+)\S+/\1trust/' "$hba"
+  fi
+  echo "services: starting PostgreSQL $version"
+  $SUDO pg_ctlcluster --skip-systemctl-redirect "$version" main start || $SUDO pg_ctlcluster "$version" main start
+  wait_port 5432
+fi
+
+# --- Redis ---
+if ! command -v redis-server >/dev/null 2>&1; then
+  apt_install redis-server
+fi
+if ! port_open 6379; then
+  echo "services: starting Redis"
+  $SUDO mkdir -p /var/lib/redis /var/log/redis 2>/dev/null || true
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+    --dir "${TMPDIR:-/tmp}" --logfile "${TMPDIR:-/tmp}/hallmark-redis.log"
+  wait_port 6379
+fi
+
+# --- Leftover test databases from earlier runs ---
+if command -v psql >/dev/null 2>&1; then
+  psql -h 127.0.0.1 -U postgres -d postgres -Atc \
+    "SELECT datname FROM pg_database WHERE datname LIKE 'hallmark\_store\_%' OR datname LIKE 'hallmark\_e2e\_%'" 2>/dev/null |
+    while read -r db; do
+      psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null 2>&1 || true
+    done
+fi
+echo "services: PostgreSQL and Redis are up"

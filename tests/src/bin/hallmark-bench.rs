@@ -1,0 +1,250 @@
+//! `hallmark-bench`: farm throughput with the synthetic engine at 0 ms render.
+//!
+//! Starts a coordinator in this process (real gRPC on loopback) on Postgres +
+//! Redis and/or on SQLite, runs W simulated workers that lease in batches and
+//! upload a small PNG per task, and reports tasks/s end to end, lease-call
+//! latency p50/p99, and SQL statements per task (counted in a separate,
+//! smaller run with sqlx's statement log on, so logging does not slow the
+//! timed run).
+//!
+//! `cargo run --release -p hallmark-e2e --bin hallmark-bench -- --workers 64 --tasks 20000`
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use hallmark_coordinator::CoordinatorConfig;
+use hallmark_proto::v1::complete_message::Body;
+use hallmark_proto::v1::workers_client::WorkersClient;
+use hallmark_proto::v1::{
+    CompleteHeader, CompleteMessage, JobSpec, LeaseRequest, ModelCapability, PromptItem, RegisterWorkerRequest,
+    SubmitJobRequest,
+};
+use tonic::transport::Channel;
+use tracing_subscriber::Layer as _;
+use tracing_subscriber::layer::SubscriberExt;
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Simulated workers.
+    #[arg(long, default_value_t = 64)]
+    workers: u32,
+    /// Tasks in the timed job.
+    #[arg(long, default_value_t = 20_000)]
+    tasks: u32,
+    /// Tasks per lease (the workers' batch size).
+    #[arg(long, default_value_t = 8)]
+    batch: u32,
+    /// postgres, sqlite or both.
+    #[arg(long, default_value = "both")]
+    store: String,
+}
+
+/// Counts statements sqlx executes (its `sqlx::query` log events).
+struct StatementCounter(Arc<AtomicU64>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for StatementCounter {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if event.metadata().target() == "sqlx::query" {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+struct Outcome {
+    seconds: f64,
+    latencies_us: Vec<u64>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let statements = Arc::new(AtomicU64::new(0));
+    let counting = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let filter_flag = counting.clone();
+    let layer = StatementCounter(statements.clone()).with_filter(tracing_subscriber::filter::filter_fn(move |m| {
+        filter_flag.load(Ordering::Relaxed) && m.target() == "sqlx::query"
+    }));
+    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer))?;
+
+    let png = tiny_png();
+    let stores: Vec<&str> = match args.store.as_str() {
+        "both" => vec!["postgres", "sqlite"],
+        "postgres" => vec!["postgres"],
+        "sqlite" => vec!["sqlite"],
+        other => anyhow::bail!("--store {other:?}: use postgres, sqlite or both"),
+    };
+    println!(
+        "hallmark-bench: synthetic 0 ms render, {} workers, batch {}, {} tasks per timed run",
+        args.workers, args.batch, args.tasks
+    );
+    println!("{:<18} {:>10} {:>12} {:>12} {:>12}", "store", "tasks/s", "lease p50", "lease p99", "SQL/task");
+    for store in stores {
+        // Statement count: a smaller run with sqlx's statement log enabled.
+        let count_tasks = (args.tasks / 10).clamp(500, 2_000);
+        counting.store(true, Ordering::Relaxed);
+        statements.store(0, Ordering::Relaxed);
+        run(store, &args, count_tasks, &png).await?;
+        let per_task = statements.load(Ordering::Relaxed) as f64 / f64::from(count_tasks);
+        counting.store(false, Ordering::Relaxed);
+
+        let out = run(store, &args, args.tasks, &png).await?;
+        let mut l = out.latencies_us;
+        l.sort_unstable();
+        let pct = |p: f64| l.get(((l.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(0) as f64 / 1000.0;
+        let label = if store == "postgres" { "postgres+redis" } else { "sqlite" };
+        println!(
+            "{:<18} {:>10.0} {:>10.2}ms {:>10.2}ms {:>12.1}",
+            label,
+            f64::from(args.tasks) / out.seconds,
+            pct(0.50),
+            pct(0.99),
+            per_task
+        );
+    }
+    Ok(())
+}
+
+async fn run(store: &str, args: &Args, tasks: u32, png: &[u8]) -> anyhow::Result<Outcome> {
+    let dir = tempfile::tempdir()?;
+    let (database_url, redis_url) = match store {
+        "postgres" => (hallmark_e2e::fresh_database().await, Some(hallmark_e2e::redis_url())),
+        _ => (format!("sqlite://{}", dir.path().join("bench.db").display()), None),
+    };
+    let config = CoordinatorConfig {
+        listen: "127.0.0.1:0".into(),
+        database_url,
+        redis_url,
+        blob_dir: dir.path().join("blobs"),
+        max_items_per_job: tasks.max(100_000),
+        ..Default::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let coordinator = hallmark_coordinator::start_on(listener, config).await?;
+    let url = coordinator.url();
+    let channel = Channel::from_shared(url.clone())?.connect().await.context("connect")?;
+
+    let mut ids = Vec::new();
+    for i in 0..args.workers {
+        let mut c = WorkersClient::new(channel.clone());
+        let id = c
+            .register(RegisterWorkerRequest {
+                name: format!("bench-{i}"),
+                hostname: "bench".into(),
+                engines: vec!["synthetic".into()],
+                models: vec![ModelCapability {
+                    model_id: "synthetic-v1".into(),
+                    weights_sha256: hallmark_worker_digest(),
+                }],
+                max_pixels: 1 << 20,
+                max_batch: args.batch,
+            })
+            .await?
+            .into_inner()
+            .worker_id;
+        ids.push(id);
+    }
+    let spec = JobSpec {
+        engine: "synthetic".into(),
+        model_id: "synthetic-v1".into(),
+        prompts: (0..tasks).map(|i| PromptItem { prompt: format!("p{i}"), ..Default::default() }).collect(),
+        width: 64,
+        height: 64,
+        steps: 1,
+        guidance: 1.0,
+        scheduler: "euler".into(),
+        seed: Some(1),
+        ..Default::default()
+    };
+    let started = Instant::now();
+    hallmark_proto::v1::jobs_client::JobsClient::new(channel.clone())
+        .max_encoding_message_size(256 * 1024 * 1024)
+        .submit(SubmitJobRequest { spec: Some(spec), queue_unservable: false })
+        .await?;
+    let done = Arc::new(AtomicU64::new(0));
+    let mut handles = Vec::new();
+    for id in ids {
+        let client = WorkersClient::new(channel.clone());
+        let done = done.clone();
+        let png = png.to_vec();
+        let batch = args.batch;
+        handles.push(tokio::spawn(async move { simulated_worker(client, id, batch, png, done, u64::from(tasks)).await }));
+    }
+    let mut latencies = Vec::new();
+    for h in handles {
+        latencies.extend(h.await??);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    coordinator.stop().await?;
+    Ok(Outcome { seconds, latencies_us: latencies })
+}
+
+async fn simulated_worker(
+    mut client: WorkersClient<Channel>,
+    worker_id: String,
+    batch: u32,
+    png: Vec<u8>,
+    done: Arc<AtomicU64>,
+    total: u64,
+) -> anyhow::Result<Vec<u64>> {
+    let mut latencies = Vec::new();
+    while done.load(Ordering::Relaxed) < total {
+        let t = Instant::now();
+        let leases = client
+            .lease(LeaseRequest { worker_id: worker_id.clone(), held: vec![], want: batch, wait_ms: 200, loaded_model: String::new() })
+            .await?
+            .into_inner()
+            .leases;
+        if leases.is_empty() {
+            continue;
+        }
+        latencies.push(t.elapsed().as_micros() as u64);
+        for l in leases {
+            // A distinct blob per task, as real renders are: the PNG with the
+            // task id appended after its end chunk.
+            let mut png = png.clone();
+            png.extend_from_slice(l.task_id.as_bytes());
+            let sha256 = hallmark_provenance_sha(&png);
+            let header = CompleteHeader {
+                worker_id: worker_id.clone(),
+                task_id: l.task_id,
+                fencing_token: l.fencing_token,
+                sha256: sha256.clone(),
+                size: png.len() as u64,
+                media_type: "image/png".into(),
+                width: 1,
+                height: 1,
+            };
+            let msgs = vec![
+                CompleteMessage { body: Some(Body::Header(header)) },
+                CompleteMessage { body: Some(Body::Data(png)) },
+            ];
+            client.complete(tokio_stream::iter(msgs)).await?;
+            done.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let _ = Duration::ZERO;
+    Ok(latencies)
+}
+
+fn hallmark_provenance_sha(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn hallmark_worker_digest() -> String {
+    hallmark_provenance_sha(b"hallmark-synthetic:synthetic-v1")
+}
+
+/// A valid 1×1 PNG.
+fn tiny_png() -> Vec<u8> {
+    const PNG: [u8; 67] = [
+        0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x48, 0x44, 0x52, 0x00, 0x00, 0x00,
+        0x01, 0x00, 0x00, 0x00, 0x01, 0x08, 0x06, 0x00, 0x00, 0x00, 0x1f, 0x15, 0xc4, 0x89, 0x00, 0x00, 0x00, 0x0a, 0x49,
+        0x44, 0x41, 0x54, 0x78, 0x9c, 0x63, 0x00, 0x01, 0x00, 0x00, 0x05, 0x00, 0x01, 0x0d, 0x0a, 0x2d, 0xb4, 0x00, 0x00,
+        0x00, 0x00, 0x49, 0x45, 0x4e, 0x44, 0xae, 0x42, 0x60, 0x82,
+    ];
+    PNG.to_vec()
+}
