@@ -127,7 +127,10 @@ impl BlobWriter {
             (file, r)
         })
         .await
-        .map_err(|e| BlobError::Io { path: path.clone(), source: std::io::Error::other(e) })?;
+        .map_err(|e| BlobError::Io {
+            path: path.clone(),
+            source: std::io::Error::other(e),
+        })?;
         result.map_err(io(&path))?;
         self.spill = Some((path, file));
         Ok(())
@@ -138,14 +141,25 @@ impl BlobWriter {
     /// is left behind.
     pub async fn finish(mut self, want_sha256: &str, want_size: u64) -> Result<String, BlobError> {
         if self.size != want_size {
-            return Err(BlobError::SizeMismatch { got: self.size, want: want_size });
+            return Err(BlobError::SizeMismatch {
+                got: self.size,
+                want: want_size,
+            });
         }
         let got = hex::encode(std::mem::take(&mut self.hasher).finalize());
         if !got.eq_ignore_ascii_case(want_sha256) {
-            return Err(BlobError::HashMismatch { got, want: want_sha256.to_string() });
+            return Err(BlobError::HashMismatch {
+                got,
+                want: want_sha256.to_string(),
+            });
         }
         let dest = self.root.join(&got[..2]).join(&got);
-        let tmp = self.root.join("tmp").join(uuid::Uuid::new_v4().to_string());
+        // The temporary name sits beside its final one: 256 shard folders
+        // spread the directory locking that one shared temp folder serialises on.
+        let tmp = self
+            .root
+            .join(&got[..2])
+            .join(format!(".tmp-{}", uuid::Uuid::new_v4().simple()));
         let buf = std::mem::take(&mut self.buf);
         let spill = self.spill.take();
         blocking(move || {
@@ -167,7 +181,10 @@ impl BlobWriter {
             };
             std::fs::rename(&from, &dest).map_err(|e| {
                 let _ = std::fs::remove_file(&from);
-                BlobError::Io { path: dest.clone(), source: e }
+                BlobError::Io {
+                    path: dest.clone(),
+                    source: e,
+                }
             })
         })
         .await?;
@@ -187,8 +204,10 @@ impl Drop for BlobWriter {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, BlobError> + Send + 'static,
 ) -> Result<T, BlobError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| BlobError::Io {
-        path: PathBuf::from("<blocking task>"),
-        source: std::io::Error::other(e),
-    })?
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BlobError::Io {
+            path: PathBuf::from("<blocking task>"),
+            source: std::io::Error::other(e),
+        })?
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hallmark_proto::v1::complete_message::Body;
+use hallmark_proto::v1::complete_outcome::Kind;
 use hallmark_proto::v1::workers_client::WorkersClient;
 use hallmark_proto::v1::{
     CompleteHeader, CompleteMessage, DownloadArtifactRequest, FailRequest, HeldLease, LeaseRequest,
@@ -378,11 +379,15 @@ async fn run_batch(shared: Arc<Shared>, leases: Vec<TaskLease>) {
             return;
         }
     };
-    for (task, result) in tasks.iter().zip(results) {
+    let mut rendered = Vec::with_capacity(tasks.len());
+    for (task, result) in tasks.into_iter().zip(results) {
         match result {
-            Ok(image) => upload(&shared, &task.lease, image).await,
+            Ok(image) => rendered.push((task.lease, image)),
             Err(e) => report_failure(&shared, &task.lease, &e.to_string()).await,
         }
+    }
+    if !rendered.is_empty() {
+        upload(&shared, rendered).await;
     }
 }
 
@@ -407,58 +412,113 @@ async fn fetch(client: &WorkersClient<Channel>, sha256: &str) -> Result<Vec<u8>,
     Ok(bytes)
 }
 
-/// Uploads a result; retries transport errors while the lease may still be
-/// current, and drops the work when the coordinator says the lease is stale.
-async fn upload(shared: &Shared, lease: &TaskLease, image: RenderedImage) {
-    let sha256 = hallmark_provenance::sha256_hex(&image.bytes);
+/// Uploads a batch of results in one call (recorded in one transaction);
+/// retries transport errors while the leases may still be current, drops
+/// work whose lease the coordinator calls stale, and reports a rejected
+/// upload as a failed attempt.
+async fn upload(shared: &Shared, results: Vec<(TaskLease, RenderedImage)>) {
+    let results: Vec<(TaskLease, RenderedImage, String)> = results
+        .into_iter()
+        .map(|(l, img)| {
+            let sha = hallmark_provenance::sha256_hex(&img.bytes);
+            (l, img, sha)
+        })
+        .collect();
     let mut backoff = Duration::from_millis(100);
     for attempt in 0..6 {
-        if !still_held(shared, lease) {
-            tracing::info!(task_id = %lease.task_id, "lease no longer held; dropping the result");
-            bump(shared, |r| r.dropped += 1);
+        let live: Vec<&(TaskLease, RenderedImage, String)> = results
+            .iter()
+            .filter(|(l, _, _)| {
+                let held = still_held(shared, l);
+                if !held {
+                    tracing::info!(task_id = %l.task_id, "lease no longer held; dropping the result");
+                }
+                held
+            })
+            .collect();
+        if live.is_empty() {
             return;
         }
-        let mut messages = vec![CompleteMessage {
-            body: Some(Body::Header(CompleteHeader {
-                worker_id: shared.worker_id.clone(),
-                task_id: lease.task_id.clone(),
-                fencing_token: lease.fencing_token,
-                sha256: sha256.clone(),
-                size: image.bytes.len() as u64,
-                media_type: image.media_type.to_string(),
-                width: image.width,
-                height: image.height,
-            })),
-        }];
-        messages.extend(image.bytes.chunks(UPLOAD_CHUNK).map(|c| CompleteMessage {
-            body: Some(Body::Data(c.to_vec())),
-        }));
+        let mut messages = Vec::new();
+        for (lease, image, sha256) in &live {
+            messages.push(CompleteMessage {
+                body: Some(Body::Header(CompleteHeader {
+                    worker_id: shared.worker_id.clone(),
+                    task_id: lease.task_id.clone(),
+                    fencing_token: lease.fencing_token,
+                    sha256: sha256.clone(),
+                    size: image.bytes.len() as u64,
+                    media_type: image.media_type.to_string(),
+                    width: image.width,
+                    height: image.height,
+                })),
+            });
+            messages.extend(image.bytes.chunks(UPLOAD_CHUNK).map(|c| CompleteMessage {
+                body: Some(Body::Data(c.to_vec())),
+            }));
+        }
         let mut c = shared.client.clone();
         match c.complete(tokio_stream::iter(messages)).await {
-            Ok(_) => {
-                release(shared, lease);
-                bump(shared, |r| r.completed += 1);
+            Ok(resp) => {
+                let resp = resp.into_inner();
+                if resp.outcomes.len() != live.len() {
+                    tracing::error!(
+                        "coordinator answered {} outcomes for {} uploads",
+                        resp.outcomes.len(),
+                        live.len()
+                    );
+                }
+                for ((lease, _, _), outcome) in live.iter().zip(resp.outcomes) {
+                    match Kind::try_from(outcome.kind).unwrap_or(Kind::Stale) {
+                        Kind::Recorded => {
+                            release(shared, lease);
+                            bump(shared, |r| r.completed += 1);
+                        }
+                        Kind::Stale => {
+                            tracing::warn!(task_id = %lease.task_id, error = %outcome.message, "completion refused; dropping the work");
+                            release(shared, lease);
+                            bump(shared, |r| r.dropped += 1);
+                        }
+                        Kind::Rejected => {
+                            report_failure(
+                                shared,
+                                lease,
+                                &format!("upload rejected: {}", outcome.message),
+                            )
+                            .await;
+                        }
+                    }
+                }
                 return;
             }
             Err(s) if matches!(s.code(), Code::FailedPrecondition | Code::NotFound) => {
-                tracing::warn!(task_id = %lease.task_id, error = %s.message(), "completion refused; dropping the work");
-                release(shared, lease);
-                bump(shared, |r| r.dropped += 1);
+                for (lease, _, _) in &live {
+                    tracing::warn!(task_id = %lease.task_id, error = %s.message(), "completion refused; dropping the work");
+                    release(shared, lease);
+                    bump(shared, |r| r.dropped += 1);
+                }
                 return;
             }
             Err(s) if s.code() == Code::InvalidArgument => {
-                report_failure(shared, lease, &format!("upload rejected: {}", s.message())).await;
+                for (lease, _, _) in &live {
+                    report_failure(shared, lease, &format!("upload rejected: {}", s.message()))
+                        .await;
+                }
                 return;
             }
             Err(s) => {
-                tracing::warn!(task_id = %lease.task_id, attempt, error = %s.message(), "upload failed; retrying");
+                tracing::warn!(attempt, error = %s.message(), "upload failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff *= 2;
             }
         }
     }
-    tracing::error!(task_id = %lease.task_id, "upload kept failing; leaving the lease to expire");
-    release(shared, lease);
+    for (lease, _, _) in &results {
+        if still_held(shared, lease) {
+            tracing::error!(task_id = %lease.task_id, "upload kept failing; leaving the lease to expire");
+            release(shared, lease);
+        }
+    }
 }
 
 async fn report_failure(shared: &Shared, lease: &TaskLease, message: &str) {

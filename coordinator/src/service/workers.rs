@@ -5,21 +5,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hallmark_proto::v1::complete_message::Body;
+use hallmark_proto::v1::complete_outcome::Kind;
 use hallmark_proto::v1::workers_server::Workers;
 use hallmark_proto::v1::{
-    Chunk, CompleteMessage, CompleteResponse, DownloadArtifactRequest, FailRequest, FailResponse,
-    LeaseRequest, LeaseResponse, ListWorkersRequest, ListWorkersResponse, RegisterWorkerRequest,
-    RegisterWorkerResponse,
+    Chunk, CompleteHeader, CompleteMessage, CompleteOutcome, CompleteResponse,
+    DownloadArtifactRequest, FailRequest, FailResponse, LeaseRequest, LeaseResponse,
+    ListWorkersRequest, ListWorkersResponse, RegisterWorkerRequest, RegisterWorkerResponse,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{Coordinator, blob_status, status};
+use crate::blobs::BlobWriter;
 use crate::spec::ENGINES;
 use crate::store::{Completion, now_ms};
 
 /// Largest upload a worker may send (one image).
 const MAX_UPLOAD: u64 = 256 * 1024 * 1024;
+/// Most uploads one Complete call may carry.
+const MAX_UPLOADS_PER_CALL: usize = 64;
 /// Uploads above this size have their lease checked before the bytes are taken.
 const EARLY_CHECK_BYTES: u64 = 1024 * 1024;
 /// Longest a lease call may wait for work.
@@ -156,86 +160,124 @@ impl Workers for WorkersService {
     ) -> Result<Response<CompleteResponse>, Status> {
         let c = &self.0;
         let mut stream = req.into_inner();
-        let header = match stream.message().await?.and_then(|m| m.body) {
-            Some(Body::Header(h)) => h,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "the first message of Complete must be the header",
-                ));
-            }
-        };
-        if header.size > MAX_UPLOAD {
-            return Err(Status::invalid_argument(format!(
-                "upload of {} bytes is over the limit",
-                header.size
-            )));
-        }
-        let magic: &[u8] = match header.media_type.as_str() {
-            "image/png" => b"\x89PNG\r\n\x1a\n",
-            "image/jpeg" => b"\xff\xd8\xff",
-            "image/webp" => b"RIFF",
-            other => {
-                return Err(Status::invalid_argument(format!(
-                    "unsupported media type {other:?}"
-                )));
-            }
-        };
-        // Refuse a stale lease before taking a large upload; a small one is
-        // checked only when it is recorded (one statement less per task).
-        if header.size > EARLY_CHECK_BYTES {
-            c.store
-                .check_lease(&header.worker_id, &header.task_id, header.fencing_token)
-                .await
-                .map_err(status)?;
-        }
-        let mut writer = c.blobs.writer(MAX_UPLOAD);
-        let mut head = Vec::with_capacity(16);
+        let mut uploads: Vec<Upload> = Vec::new();
         while let Some(msg) = stream.message().await? {
             match msg.body {
-                Some(Body::Data(data)) => {
-                    if head.len() < 16 {
-                        head.extend_from_slice(&data[..data.len().min(16 - head.len())]);
+                Some(Body::Header(h)) => {
+                    if uploads.len() >= MAX_UPLOADS_PER_CALL {
+                        return Err(Status::invalid_argument(format!(
+                            "more than {MAX_UPLOADS_PER_CALL} uploads in one call"
+                        )));
                     }
-                    writer.write(&data).await.map_err(blob_status)?;
+                    if h.size > MAX_UPLOAD {
+                        return Err(Status::invalid_argument(format!(
+                            "upload of {} bytes is over the limit",
+                            h.size
+                        )));
+                    }
+                    // Refuse a stale lease before taking a large upload; a small
+                    // one is checked when it is recorded (one statement less).
+                    if h.size > EARLY_CHECK_BYTES {
+                        c.store
+                            .check_lease(&h.worker_id, &h.task_id, h.fencing_token)
+                            .await
+                            .map_err(status)?;
+                    }
+                    uploads.push(Upload {
+                        writer: c.blobs.writer(MAX_UPLOAD),
+                        head: Vec::new(),
+                        header: h,
+                    });
                 }
-                _ => {
-                    return Err(Status::invalid_argument(
-                        "only data chunks may follow the header",
+                Some(Body::Data(data)) => {
+                    let u = uploads.last_mut().ok_or_else(|| {
+                        Status::invalid_argument("the first message of Complete must be a header")
+                    })?;
+                    if u.head.len() < 16 {
+                        let take = data.len().min(16 - u.head.len());
+                        u.head.extend_from_slice(&data[..take]);
+                    }
+                    u.writer.write(&data).await.map_err(blob_status)?;
+                }
+                None => return Err(Status::invalid_argument("empty Complete message")),
+            }
+        }
+        if uploads.is_empty() {
+            return Err(Status::invalid_argument("Complete carried no upload"));
+        }
+
+        // Publish the blobs; an upload that is wrong is a failed attempt of its task.
+        let mut outcomes: Vec<CompleteOutcome> = Vec::with_capacity(uploads.len());
+        let mut completions = Vec::with_capacity(uploads.len());
+        for u in uploads {
+            let task_id = u.header.task_id.clone();
+            match u.publish().await {
+                Ok(completion) => {
+                    outcomes.push(CompleteOutcome {
+                        task_id,
+                        artifact_sha256: completion.sha256.clone(),
+                        ..Default::default()
+                    });
+                    completions.push(completion);
+                }
+                Err(message) => outcomes.push(CompleteOutcome {
+                    task_id,
+                    kind: Kind::Rejected as i32,
+                    message,
+                    ..Default::default()
+                }),
+            }
+        }
+        let single = outcomes.len() == 1;
+        if single && outcomes[0].kind == Kind::Rejected as i32 {
+            return Err(Status::invalid_argument(outcomes.remove(0).message));
+        }
+        let results = c
+            .store
+            .complete_many(&completions, now_ms())
+            .await
+            .map_err(status)?;
+        let mut readied = false;
+        let mut jobs = std::collections::BTreeSet::new();
+        let mut results = results.into_iter();
+        for o in outcomes
+            .iter_mut()
+            .filter(|o| o.kind == Kind::Recorded as i32)
+        {
+            match results.next() {
+                Some(Ok((job_id, r))) => {
+                    readied |= r;
+                    jobs.insert(job_id);
+                }
+                Some(Err(e)) => {
+                    if single {
+                        return Err(status(e));
+                    }
+                    o.kind = Kind::Stale as i32;
+                    o.message = e.to_string();
+                    o.artifact_sha256.clear();
+                }
+                None => {
+                    return Err(Status::internal(
+                        "completion results out of step with uploads",
                     ));
                 }
             }
         }
-        if !head.starts_with(magic) {
-            return Err(Status::invalid_argument(format!(
-                "upload is not a {} file",
-                header.media_type
-            )));
-        }
-        let sha256 = writer
-            .finish(&header.sha256, header.size)
-            .await
-            .map_err(blob_status)?;
-        let completion = Completion {
-            worker_id: header.worker_id,
-            task_id: header.task_id,
-            fencing_token: header.fencing_token,
-            sha256: sha256.clone(),
-            size: header.size,
-            media_type: header.media_type,
-            width: header.width,
-            height: header.height,
-        };
-        let (job_id, readied) = c
-            .store
-            .complete(&completion, now_ms())
-            .await
-            .map_err(status)?;
         if readied {
             c.notifier.tasks_ready();
         }
-        c.notifier.job_changed(&job_id);
+        for job_id in &jobs {
+            c.notifier.job_changed(job_id);
+        }
+        let artifact_sha256 = if single {
+            outcomes[0].artifact_sha256.clone()
+        } else {
+            String::new()
+        };
         Ok(Response::new(CompleteResponse {
-            artifact_sha256: sha256,
+            artifact_sha256,
+            outcomes,
         }))
     }
 
@@ -285,5 +327,43 @@ impl Workers for WorkersService {
             .await
             .map_err(status)?;
         Ok(Response::new(ListWorkersResponse { workers }))
+    }
+}
+
+/// One upload of a Complete call: its header, the bytes so far, the first bytes.
+struct Upload {
+    header: CompleteHeader,
+    writer: BlobWriter,
+    head: Vec<u8>,
+}
+
+impl Upload {
+    /// Checks the format and hash and stores the blob; the completion to record.
+    async fn publish(self) -> Result<Completion, String> {
+        let h = self.header;
+        let magic: &[u8] = match h.media_type.as_str() {
+            "image/png" => b"\x89PNG\r\n\x1a\n",
+            "image/jpeg" => b"\xff\xd8\xff",
+            "image/webp" => b"RIFF",
+            other => return Err(format!("unsupported media type {other:?}")),
+        };
+        if !self.head.starts_with(magic) {
+            return Err(format!("upload is not a {} file", h.media_type));
+        }
+        let sha256 = self
+            .writer
+            .finish(&h.sha256, h.size)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Completion {
+            worker_id: h.worker_id,
+            task_id: h.task_id,
+            fencing_token: h.fencing_token,
+            sha256,
+            size: h.size,
+            media_type: h.media_type,
+            width: h.width,
+            height: h.height,
+        })
     }
 }

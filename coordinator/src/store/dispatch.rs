@@ -11,6 +11,9 @@ use sqlx::Row;
 
 use super::{Result, Store, StoreError, state};
 
+/// Coarseness of the per-tenant dispatch time kept for round-robin.
+const DISPATCH_NOTE_MS: i64 = 5;
+
 /// How long a lease lives: a base plus a share per megapixel-step of work.
 #[derive(Debug, Clone, Copy)]
 pub struct LeasePolicy {
@@ -289,6 +292,9 @@ impl Store {
             }
             // Round-robin between tenants is a preference, not state: a plain
             // update after the lease keeps the hot tenant row out of the transaction.
+            if !self.note_dispatch(&tenant, now) {
+                return Ok(leased);
+            }
             let sql = match self.dialect {
                 // Leasers racing on one tenant skip the row instead of queueing
                 // on its lock: the winner's timestamp is as good as theirs.
@@ -322,16 +328,27 @@ impl Store {
              AND NOT EXISTS (SELECT 1 FROM task_failures f WHERE f.task_id = t.id AND f.worker_id = $1 AND f.failed_at > $4)";
         // The pick is a CTE so Postgres runs it (and its LIMIT) exactly once;
         // as a plain `IN (subquery)` the planner may re-run it and lease more.
-        let sql = format!(
+        let pick = format!(
             "WITH picked AS (SELECT t.id FROM tasks t WHERE {eligible} \
                AND t.batch_key = (SELECT t.batch_key FROM tasks t WHERE {eligible} ORDER BY t.stage_rank DESC, t.item_index LIMIT 1) \
-               ORDER BY t.stage_rank DESC, t.item_index LIMIT $6{}) \
-             UPDATE tasks SET state = 'leased', worker_id = $1, lease_token = lease_token + 1, \
-             attempts = attempts + 1, started_at = $5, lease_expires_at = $5 + lease_ttl_ms \
-             WHERE state = 'ready' AND id IN (SELECT id FROM picked) \
-             RETURNING id, lease_token, attempts, lease_expires_at, item_index, stage, engine, model_id, upscale, parent_sha256",
+               ORDER BY t.stage_rank DESC, t.item_index LIMIT $6{})",
             self.skip_locked()
         );
+        let update = "UPDATE tasks SET state = 'leased', worker_id = $1, lease_token = lease_token + 1, \
+             attempts = attempts + 1, started_at = $5, lease_expires_at = $5 + lease_ttl_ms \
+             WHERE state = 'ready' AND id IN (SELECT id FROM picked) \
+             RETURNING id, lease_token, attempts, lease_expires_at, item_index, stage, engine, model_id, upscale, parent_sha256";
+        const ITEM_COLUMNS: &str =
+            "prompt, negative_prompt, seed, width, height, steps, guidance, scheduler";
+        let sql = match self.dialect {
+            // Postgres returns the items' fields from the same statement.
+            super::Dialect::Postgres => format!(
+                "{pick}, leased AS ({update}) SELECT leased.*, i.{} FROM leased \
+                 JOIN items i ON i.job_id = $2 AND i.item_index = leased.item_index",
+                ITEM_COLUMNS.replace(", ", ", i.")
+            ),
+            super::Dialect::Sqlite => format!("{pick} {update}"),
+        };
         let rows = sqlx::query(&sql)
             .bind(&worker.worker_id)
             .bind(job_id)
@@ -365,17 +382,22 @@ impl Store {
                 ..Default::default()
             });
         }
-        leases.sort_by_key(|l| l.item_index);
-        let (lo, hi) = (leases[0].item_index, leases[leases.len() - 1].item_index);
-        let items = sqlx::query(
-            "SELECT item_index, prompt, negative_prompt, seed, width, height, steps, guidance, scheduler \
-             FROM items WHERE job_id = $1 AND item_index >= $2 AND item_index <= $3",
-        )
-        .bind(job_id)
-        .bind(lo as i64)
-        .bind(hi as i64)
-        .fetch_all(&self.pool)
-        .await?;
+        let items = match self.dialect {
+            super::Dialect::Postgres => rows,
+            super::Dialect::Sqlite => {
+                let lo = leases.iter().map(|l| l.item_index).min().unwrap_or(0);
+                let hi = leases.iter().map(|l| l.item_index).max().unwrap_or(0);
+                sqlx::query(&format!(
+                    "SELECT item_index, {ITEM_COLUMNS} FROM items \
+                     WHERE job_id = $1 AND item_index >= $2 AND item_index <= $3"
+                ))
+                .bind(job_id)
+                .bind(lo as i64)
+                .bind(hi as i64)
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
         for item in &items {
             let index = item.try_get::<i64, _>("item_index")? as u64;
             for l in leases.iter_mut().filter(|l| l.item_index == index) {
@@ -389,7 +411,28 @@ impl Store {
                 l.scheduler = item.try_get("scheduler")?;
             }
         }
+        leases.sort_by_key(|l| l.item_index);
         Ok(leases)
+    }
+
+    /// Whether this replica should write `tenant`'s dispatch time now: at
+    /// most once per [`DISPATCH_NOTE_MS`], so a busy tenant's row is not
+    /// rewritten by every lease. Round-robin only needs that coarseness.
+    fn note_dispatch(&self, tenant: &str, now: i64) -> bool {
+        let Ok(mut last) = self.dispatch_notes.lock() else {
+            return true;
+        };
+        match last.get_mut(tenant) {
+            Some(t) if now - *t < DISPATCH_NOTE_MS => false,
+            Some(t) => {
+                *t = now;
+                true
+            }
+            None => {
+                last.insert(tenant.to_string(), now);
+                true
+            }
+        }
     }
 
     /// Refuses early (before the upload) a completion whose lease is not current.
@@ -412,74 +455,102 @@ impl Store {
     /// item's next stage ready, in one transaction. Returns the job id and
     /// whether a dependent task became ready.
     pub async fn complete(&self, c: &Completion, now: i64) -> Result<(String, bool)> {
+        self.complete_many(std::slice::from_ref(c), now)
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::Refused("nothing to complete".into())))
+    }
+
+    /// Records a batch of completions in one transaction. Each is judged on
+    /// its own: a stale one is refused (its entry is an error) while the
+    /// others are recorded.
+    pub async fn complete_many(
+        &self,
+        completions: &[Completion],
+        now: i64,
+    ) -> Result<Vec<Result<(String, bool)>>> {
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query(
-            "UPDATE tasks SET state = 'succeeded', finished_at = $4, lease_expires_at = NULL, error = NULL \
-             WHERE id = $1 AND lease_token = $2 AND worker_id = $3 AND state = 'leased' \
-             RETURNING job_id, item_index, stage, model_id, parent_sha256, has_next",
-        )
-        .bind(&c.task_id)
-        .bind(c.fencing_token)
-        .bind(&c.worker_id)
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            drop(tx);
-            let current = sqlx::query("SELECT state, lease_token FROM tasks WHERE id = $1")
+        let mut outcomes = Vec::with_capacity(completions.len());
+        for c in completions {
+            let row = sqlx::query(
+                "UPDATE tasks SET state = 'succeeded', finished_at = $4, lease_expires_at = NULL, error = NULL \
+                 WHERE id = $1 AND lease_token = $2 AND worker_id = $3 AND state = 'leased' \
+                 RETURNING job_id, item_index, stage, model_id, parent_sha256, has_next",
+            )
+            .bind(&c.task_id)
+            .bind(c.fencing_token)
+            .bind(&c.worker_id)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(row) = row else {
+                outcomes.push(None);
+                continue;
+            };
+            let job_id: String = row.try_get("job_id")?;
+            sqlx::query(
+                "INSERT INTO artifacts (task_id, job_id, item_index, stage, model_id, parent_sha256, worker_id, \
+                 sha256, size, media_type, width, height, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+            )
+            .bind(&c.task_id)
+            .bind(&job_id)
+            .bind(row.try_get::<i64, _>("item_index")?)
+            .bind(row.try_get::<String, _>("stage")?)
+            .bind(row.try_get::<String, _>("model_id")?)
+            .bind(row.try_get::<Option<String>, _>("parent_sha256")?)
+            .bind(&c.worker_id)
+            .bind(&c.sha256)
+            .bind(c.size as i64)
+            .bind(&c.media_type)
+            .bind(i64::from(c.width))
+            .bind(i64::from(c.height))
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            // Per-item stage dependency, no barrier: the next stage of this
+            // item is ready now (held instead while the job is paused).
+            let mut readied = 0;
+            if row.try_get::<i64, _>("has_next")? != 0 {
+                readied = sqlx::query(
+                    "UPDATE tasks SET parent_sha256 = $2, state = CASE WHEN \
+                     (SELECT j.state FROM jobs j WHERE j.id = tasks.job_id) = 'paused' THEN 'held' ELSE 'ready' END \
+                     WHERE depends_on = $1 AND state = 'waiting'",
+                )
                 .bind(&c.task_id)
-                .fetch_optional(&self.pool)
-                .await?;
-            return Err(match current {
-                None => StoreError::NotFound(format!("no task {:?}", c.task_id)),
-                Some(r) => stale(
-                    &c.task_id,
-                    c.fencing_token,
-                    &r.try_get::<String, _>("state")?,
-                    r.try_get("lease_token")?,
-                ),
-            });
-        };
-        let job_id: String = row.try_get("job_id")?;
-        sqlx::query(
-            "INSERT INTO artifacts (task_id, job_id, item_index, stage, model_id, parent_sha256, worker_id, \
-             sha256, size, media_type, width, height, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-        )
-        .bind(&c.task_id)
-        .bind(&job_id)
-        .bind(row.try_get::<i64, _>("item_index")?)
-        .bind(row.try_get::<String, _>("stage")?)
-        .bind(row.try_get::<String, _>("model_id")?)
-        .bind(row.try_get::<Option<String>, _>("parent_sha256")?)
-        .bind(&c.worker_id)
-        .bind(&c.sha256)
-        .bind(c.size as i64)
-        .bind(&c.media_type)
-        .bind(i64::from(c.width))
-        .bind(i64::from(c.height))
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        // Per-item stage dependency, no barrier: the next stage of this item
-        // is ready now (held instead while the job is paused).
-        let has_next: i64 = row.try_get("has_next")?;
-        if has_next == 0 {
-            tx.commit().await?;
-            return Ok((job_id, false));
+                .bind(&c.sha256)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            }
+            outcomes.push(Some((job_id, readied > 0)));
         }
-        let readied = sqlx::query(
-            "UPDATE tasks SET parent_sha256 = $2, state = CASE WHEN \
-             (SELECT j.state FROM jobs j WHERE j.id = tasks.job_id) = 'paused' THEN 'held' ELSE 'ready' END \
-             WHERE depends_on = $1 AND state = 'waiting'",
-        )
-        .bind(&c.task_id)
-        .bind(&c.sha256)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
         tx.commit().await?;
-        Ok((job_id, readied > 0))
+        let mut results = Vec::with_capacity(outcomes.len());
+        for (c, outcome) in completions.iter().zip(outcomes) {
+            results.push(match outcome {
+                Some(ok) => Ok(ok),
+                None => Err(self.refusal(&c.task_id, c.fencing_token).await?),
+            });
+        }
+        Ok(results)
+    }
+
+    /// Why a completion or failure naming `token` was not accepted.
+    async fn refusal(&self, task_id: &str, token: i64) -> Result<StoreError> {
+        let current = sqlx::query("SELECT state, lease_token FROM tasks WHERE id = $1")
+            .bind(task_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match current {
+            None => StoreError::NotFound(format!("no task {task_id:?}")),
+            Some(r) => stale(
+                task_id,
+                token,
+                &r.try_get::<String, _>("state")?,
+                r.try_get("lease_token")?,
+            ),
+        })
     }
 
     /// Records a failed (or handed-back) attempt. A failure charges the
@@ -514,19 +585,7 @@ impl Store {
         .await?;
         let Some(row) = row else {
             drop(tx);
-            let current = sqlx::query("SELECT state, lease_token FROM tasks WHERE id = $1")
-                .bind(task_id)
-                .fetch_optional(&self.pool)
-                .await?;
-            return Err(match current {
-                None => StoreError::NotFound(format!("no task {task_id:?}")),
-                Some(r) => stale(
-                    task_id,
-                    token,
-                    &r.try_get::<String, _>("state")?,
-                    r.try_get("lease_token")?,
-                ),
-            });
+            return Err(self.refusal(task_id, token).await?);
         };
         let outcome = FailOutcome {
             job_id: row.try_get("job_id")?,

@@ -68,6 +68,8 @@ pub mod state {
 pub struct Store {
     pool: AnyPool,
     dialect: Dialect,
+    /// When this replica last wrote each tenant's dispatch time (a hint).
+    dispatch_notes: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>,
 }
 
 impl Store {
@@ -113,7 +115,11 @@ impl Store {
             Dialect::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
             Dialect::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
         }
-        Ok(Self { pool, dialect })
+        Ok(Self {
+            pool,
+            dialect,
+            dispatch_notes: Default::default(),
+        })
     }
 
     pub fn dialect(&self) -> Dialect {

@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
@@ -19,8 +19,8 @@ use hallmark_coordinator::CoordinatorConfig;
 use hallmark_proto::v1::complete_message::Body;
 use hallmark_proto::v1::workers_client::WorkersClient;
 use hallmark_proto::v1::{
-    CompleteHeader, CompleteMessage, JobSpec, LeaseRequest, ModelCapability, PromptItem, RegisterWorkerRequest,
-    SubmitJobRequest,
+    CompleteHeader, CompleteMessage, JobSpec, LeaseRequest, ModelCapability, PromptItem,
+    RegisterWorkerRequest, SubmitJobRequest,
 };
 use tonic::transport::Channel;
 use tracing_subscriber::Layer as _;
@@ -53,6 +53,18 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for StatementCounter {
     }
 }
 
+/// p50 and p99 in milliseconds.
+fn percentiles(mut us: Vec<u64>) -> (f64, f64) {
+    us.sort_unstable();
+    let pct = |p: f64| {
+        us.get(((us.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
+    (pct(0.50), pct(0.99))
+}
+
 struct Outcome {
     seconds: f64,
     latencies_us: Vec<u64>,
@@ -64,9 +76,10 @@ async fn main() -> anyhow::Result<()> {
     let statements = Arc::new(AtomicU64::new(0));
     let counting = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let filter_flag = counting.clone();
-    let layer = StatementCounter(statements.clone()).with_filter(tracing_subscriber::filter::filter_fn(move |m| {
-        filter_flag.load(Ordering::Relaxed) && m.target() == "sqlx::query"
-    }));
+    let layer =
+        StatementCounter(statements.clone()).with_filter(tracing_subscriber::filter::filter_fn(
+            move |m| filter_flag.load(Ordering::Relaxed) && m.target() == "sqlx::query",
+        ));
     tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer))?;
 
     let png = tiny_png();
@@ -80,38 +93,66 @@ async fn main() -> anyhow::Result<()> {
         "hallmark-bench: synthetic 0 ms render, {} workers, batch {}, {} tasks per timed run",
         args.workers, args.batch, args.tasks
     );
-    println!("{:<18} {:>10} {:>12} {:>12} {:>12}", "store", "tasks/s", "lease p50", "lease p99", "SQL/task");
+    println!(
+        "{:<16} {:>9} {:>11} {:>11} {:>13} {:>13} {:>9}",
+        "store",
+        "tasks/s",
+        "lease p50",
+        "lease p99",
+        "idle lease p50",
+        "idle lease p99",
+        "SQL/task"
+    );
     for store in stores {
         // Statement count: a smaller run with sqlx's statement log enabled.
         let count_tasks = (args.tasks / 10).clamp(500, 2_000);
         counting.store(true, Ordering::Relaxed);
         statements.store(0, Ordering::Relaxed);
-        run(store, &args, count_tasks, &png).await?;
+        run(store, &args.workers, args.batch, count_tasks, &png).await?;
         let per_task = statements.load(Ordering::Relaxed) as f64 / f64::from(count_tasks);
         counting.store(false, Ordering::Relaxed);
 
-        let out = run(store, &args, args.tasks, &png).await?;
-        let mut l = out.latencies_us;
-        l.sort_unstable();
-        let pct = |p: f64| l.get(((l.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(0) as f64 / 1000.0;
-        let label = if store == "postgres" { "postgres+redis" } else { "sqlite" };
+        let out = run(store, &args.workers, args.batch, args.tasks, &png).await?;
+        // Lease latency of an idle farm: one worker, one task at a time.
+        let idle = run(store, &1, 1, 300, &png).await?;
+        let (p50, p99) = percentiles(out.latencies_us);
+        let (idle50, idle99) = percentiles(idle.latencies_us);
+        let label = if store == "postgres" {
+            "postgres+redis"
+        } else {
+            "sqlite"
+        };
         println!(
-            "{:<18} {:>10.0} {:>10.2}ms {:>10.2}ms {:>12.1}",
+            "{:<16} {:>9.0} {:>9.2}ms {:>9.2}ms {:>11.2}ms {:>11.2}ms {:>9.1}",
             label,
             f64::from(args.tasks) / out.seconds,
-            pct(0.50),
-            pct(0.99),
+            p50,
+            p99,
+            idle50,
+            idle99,
             per_task
         );
     }
     Ok(())
 }
 
-async fn run(store: &str, args: &Args, tasks: u32, png: &[u8]) -> anyhow::Result<Outcome> {
+async fn run(
+    store: &str,
+    workers: &u32,
+    batch: u32,
+    tasks: u32,
+    png: &[u8],
+) -> anyhow::Result<Outcome> {
     let dir = tempfile::tempdir()?;
     let (database_url, redis_url) = match store {
-        "postgres" => (hallmark_e2e::fresh_database().await, Some(hallmark_e2e::redis_url())),
-        _ => (format!("sqlite://{}", dir.path().join("bench.db").display()), None),
+        "postgres" => (
+            hallmark_e2e::fresh_database().await,
+            Some(hallmark_e2e::redis_url()),
+        ),
+        _ => (
+            format!("sqlite://{}", dir.path().join("bench.db").display()),
+            None,
+        ),
     };
     let config = CoordinatorConfig {
         listen: "127.0.0.1:0".into(),
@@ -124,10 +165,13 @@ async fn run(store: &str, args: &Args, tasks: u32, png: &[u8]) -> anyhow::Result
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let coordinator = hallmark_coordinator::start_on(listener, config).await?;
     let url = coordinator.url();
-    let channel = Channel::from_shared(url.clone())?.connect().await.context("connect")?;
+    let channel = Channel::from_shared(url.clone())?
+        .connect()
+        .await
+        .context("connect")?;
 
     let mut ids = Vec::new();
-    for i in 0..args.workers {
+    for i in 0..*workers {
         let mut c = WorkersClient::new(channel.clone());
         let id = c
             .register(RegisterWorkerRequest {
@@ -139,7 +183,7 @@ async fn run(store: &str, args: &Args, tasks: u32, png: &[u8]) -> anyhow::Result
                     weights_sha256: hallmark_worker_digest(),
                 }],
                 max_pixels: 1 << 20,
-                max_batch: args.batch,
+                max_batch: batch,
             })
             .await?
             .into_inner()
@@ -149,7 +193,12 @@ async fn run(store: &str, args: &Args, tasks: u32, png: &[u8]) -> anyhow::Result
     let spec = JobSpec {
         engine: "synthetic".into(),
         model_id: "synthetic-v1".into(),
-        prompts: (0..tasks).map(|i| PromptItem { prompt: format!("p{i}"), ..Default::default() }).collect(),
+        prompts: (0..tasks)
+            .map(|i| PromptItem {
+                prompt: format!("p{i}"),
+                ..Default::default()
+            })
+            .collect(),
         width: 64,
         height: 64,
         steps: 1,
@@ -161,7 +210,10 @@ async fn run(store: &str, args: &Args, tasks: u32, png: &[u8]) -> anyhow::Result
     let started = Instant::now();
     hallmark_proto::v1::jobs_client::JobsClient::new(channel.clone())
         .max_encoding_message_size(256 * 1024 * 1024)
-        .submit(SubmitJobRequest { spec: Some(spec), queue_unservable: false })
+        .submit(SubmitJobRequest {
+            spec: Some(spec),
+            queue_unservable: false,
+        })
         .await?;
     let done = Arc::new(AtomicU64::new(0));
     let mut handles = Vec::new();
@@ -169,8 +221,9 @@ async fn run(store: &str, args: &Args, tasks: u32, png: &[u8]) -> anyhow::Result
         let client = WorkersClient::new(channel.clone());
         let done = done.clone();
         let png = png.to_vec();
-        let batch = args.batch;
-        handles.push(tokio::spawn(async move { simulated_worker(client, id, batch, png, done, u64::from(tasks)).await }));
+        handles.push(tokio::spawn(async move {
+            simulated_worker(client, id, batch, png, done, u64::from(tasks)).await
+        }));
     }
     let mut latencies = Vec::new();
     for h in handles {
@@ -178,7 +231,10 @@ async fn run(store: &str, args: &Args, tasks: u32, png: &[u8]) -> anyhow::Result
     }
     let seconds = started.elapsed().as_secs_f64();
     coordinator.stop().await?;
-    Ok(Outcome { seconds, latencies_us: latencies })
+    Ok(Outcome {
+        seconds,
+        latencies_us: latencies,
+    })
 }
 
 async fn simulated_worker(
@@ -193,7 +249,13 @@ async fn simulated_worker(
     while done.load(Ordering::Relaxed) < total {
         let t = Instant::now();
         let leases = client
-            .lease(LeaseRequest { worker_id: worker_id.clone(), held: vec![], want: batch, wait_ms: 200, loaded_model: String::new() })
+            .lease(LeaseRequest {
+                worker_id: worker_id.clone(),
+                held: vec![],
+                want: batch,
+                wait_ms: 200,
+                loaded_model: String::new(),
+            })
             .await?
             .into_inner()
             .leases;
@@ -201,37 +263,43 @@ async fn simulated_worker(
             continue;
         }
         latencies.push(t.elapsed().as_micros() as u64);
+        // One Complete call per leased batch, as the worker does.
+        let n = leases.len() as u64;
+        let mut msgs = Vec::with_capacity(leases.len() * 2);
         for l in leases {
             // A distinct blob per task, as real renders are: the PNG with the
             // task id appended after its end chunk.
             let mut png = png.clone();
             png.extend_from_slice(l.task_id.as_bytes());
-            let sha256 = hallmark_provenance_sha(&png);
             let header = CompleteHeader {
                 worker_id: worker_id.clone(),
                 task_id: l.task_id,
                 fencing_token: l.fencing_token,
-                sha256: sha256.clone(),
+                sha256: hallmark_provenance_sha(&png),
                 size: png.len() as u64,
                 media_type: "image/png".into(),
                 width: 1,
                 height: 1,
             };
-            let msgs = vec![
-                CompleteMessage { body: Some(Body::Header(header)) },
-                CompleteMessage { body: Some(Body::Data(png)) },
-            ];
-            client.complete(tokio_stream::iter(msgs)).await?;
-            done.fetch_add(1, Ordering::Relaxed);
+            msgs.push(CompleteMessage {
+                body: Some(Body::Header(header)),
+            });
+            msgs.push(CompleteMessage {
+                body: Some(Body::Data(png)),
+            });
         }
+        client.complete(tokio_stream::iter(msgs)).await?;
+        done.fetch_add(n, Ordering::Relaxed);
     }
-    let _ = Duration::ZERO;
     Ok(latencies)
 }
 
 fn hallmark_provenance_sha(bytes: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn hallmark_worker_digest() -> String {
@@ -241,10 +309,11 @@ fn hallmark_worker_digest() -> String {
 /// A valid 1×1 PNG.
 fn tiny_png() -> Vec<u8> {
     const PNG: [u8; 67] = [
-        0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x48, 0x44, 0x52, 0x00, 0x00, 0x00,
-        0x01, 0x00, 0x00, 0x00, 0x01, 0x08, 0x06, 0x00, 0x00, 0x00, 0x1f, 0x15, 0xc4, 0x89, 0x00, 0x00, 0x00, 0x0a, 0x49,
-        0x44, 0x41, 0x54, 0x78, 0x9c, 0x63, 0x00, 0x01, 0x00, 0x00, 0x05, 0x00, 0x01, 0x0d, 0x0a, 0x2d, 0xb4, 0x00, 0x00,
-        0x00, 0x00, 0x49, 0x45, 0x4e, 0x44, 0xae, 0x42, 0x60, 0x82,
+        0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x48, 0x44,
+        0x52, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x08, 0x06, 0x00, 0x00, 0x00, 0x1f,
+        0x15, 0xc4, 0x89, 0x00, 0x00, 0x00, 0x0a, 0x49, 0x44, 0x41, 0x54, 0x78, 0x9c, 0x63, 0x00,
+        0x01, 0x00, 0x00, 0x05, 0x00, 0x01, 0x0d, 0x0a, 0x2d, 0xb4, 0x00, 0x00, 0x00, 0x00, 0x49,
+        0x45, 0x4e, 0x44, 0xae, 0x42, 0x60, 0x82,
     ];
     PNG.to_vec()
 }
