@@ -99,7 +99,7 @@ fn check_side(field: &str, value: u32, max: u32) -> Result<(), SpecError> {
     if value == 0 {
         return Err(bad(field, "is required"));
     }
-    if value % 8 != 0 {
+    if !value.is_multiple_of(8) {
         return Err(bad(
             field,
             format!("{value} is not a multiple of 8 (try {})", value / 8 * 8),

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 
 use hallmark_coordinator::spec::{self, ExpandedJob, Limits};
 use hallmark_coordinator::store::{
-    Completion, JobControl, LeasePolicy, Store, StoreError, WorkerCaps,
+    Completion, JobControl, LeasePolicy, Store, StoreError, WorkerCaps, WorkerRegistration,
 };
 use hallmark_proto::v1::{
     Dataset, JobSpec, Model, ModelCapability, PromptItem, TaskLease, WeightFile,
@@ -115,18 +115,16 @@ async fn worker(s: &Store, id: &str, max_batch: u32) -> WorkerCaps {
         model_id: "m1".into(),
         weights_sha256: SHA.into(),
     };
-    s.register_worker(
-        id,
-        id,
-        "host",
-        &["synthetic".into()],
-        &[("synthetic".into(), model)],
-        1 << 24,
+    let reg = WorkerRegistration {
+        worker_id: id,
+        name: id,
+        hostname: "host",
+        engines: &["synthetic".into()],
+        models: &[("synthetic".into(), model)],
+        max_pixels: 1 << 24,
         max_batch,
-        0,
-    )
-    .await
-    .unwrap();
+    };
+    s.register_worker(&reg, 0).await.unwrap();
     WorkerCaps {
         worker_id: id.into(),
         max_pixels: 1 << 24,
@@ -354,9 +352,15 @@ both_stores! {
         assert_eq!(models[0].training_datasets, ["laion@5b"]);
         let digest = hallmark_provenance::weights_digest([("unet.safetensors", SHA)]);
         let good = ModelCapability { model_id: "sd15".into(), weights_sha256: digest };
-        s.register_worker("w1", "w1", "h", &["diffusion".into()], &[("diffusion".into(), good)], 1 << 20, 1, 4).await.unwrap();
+        let engines = ["diffusion".to_string()];
+        let models = [("diffusion".to_string(), good)];
+        let mut reg = WorkerRegistration { worker_id: "w1", name: "w1", hostname: "h", engines: &engines, models: &models, max_pixels: 1 << 20, max_batch: 1 };
+        s.register_worker(&reg, 4).await.unwrap();
         let bad = ModelCapability { model_id: "sd15".into(), weights_sha256: SHA.into() };
-        let err = s.register_worker("w2", "w2", "h", &["diffusion".into()], &[("diffusion".into(), bad)], 1 << 20, 1, 5).await.unwrap_err();
+        let models = [("diffusion".to_string(), bad)];
+        reg.worker_id = "w2";
+        reg.models = &models;
+        let err = s.register_worker(&reg, 5).await.unwrap_err();
         assert!(err.to_string().contains("mismatched weights"), "{err}");
     }
 

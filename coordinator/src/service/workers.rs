@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{Coordinator, blob_status, status};
 use crate::blobs::BlobWriter;
 use crate::spec::ENGINES;
-use crate::store::{Completion, now_ms};
+use crate::store::{Completion, WorkerRegistration, now_ms};
 
 /// Largest upload a worker may send (one image).
 const MAX_UPLOAD: u64 = 256 * 1024 * 1024;
@@ -71,18 +71,18 @@ impl Workers for WorkersService {
             .iter()
             .flat_map(|e| r.models.iter().map(move |m| (e.clone(), m.clone())))
             .collect();
+        let registration = WorkerRegistration {
+            worker_id: &worker_id,
+            name: &name,
+            hostname: &r.hostname,
+            engines: &r.engines,
+            models: &models,
+            max_pixels: r.max_pixels,
+            max_batch: r.max_batch,
+        };
         self.0
             .store
-            .register_worker(
-                &worker_id,
-                &name,
-                &r.hostname,
-                &r.engines,
-                &models,
-                r.max_pixels,
-                r.max_batch,
-                now_ms(),
-            )
+            .register_worker(&registration, now_ms())
             .await
             .map_err(status)?;
         tracing::info!(worker_id = %worker_id, name = %name, "worker registered");

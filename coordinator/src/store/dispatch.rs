@@ -36,6 +36,19 @@ pub struct WorkerCaps {
     pub max_batch: u32,
 }
 
+/// A worker as it registers: who it is and what it can render.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerRegistration<'a> {
+    pub worker_id: &'a str,
+    pub name: &'a str,
+    pub hostname: &'a str,
+    pub engines: &'a [String],
+    /// (engine, model) pairs it serves.
+    pub models: &'a [(String, ModelCapability)],
+    pub max_pixels: u64,
+    pub max_batch: u32,
+}
+
 /// A finished upload, ready to be recorded.
 #[derive(Debug, Clone)]
 pub struct Completion {
@@ -70,17 +83,16 @@ pub struct ReapOutcome {
 impl Store {
     /// Records a worker and the models it serves. A model the registry knows
     /// with other weights is refused; an unknown one is added to the registry.
-    pub async fn register_worker(
-        &self,
-        worker_id: &str,
-        name: &str,
-        hostname: &str,
-        engines: &[String],
-        models: &[(String, ModelCapability)],
-        max_pixels: u64,
-        max_batch: u32,
-        now: i64,
-    ) -> Result<()> {
+    pub async fn register_worker(&self, w: &WorkerRegistration<'_>, now: i64) -> Result<()> {
+        let WorkerRegistration {
+            worker_id,
+            name,
+            hostname,
+            engines,
+            models,
+            max_pixels,
+            max_batch,
+        } = *w;
         let mut tx = self.pool.begin().await?;
         for (engine, model) in models {
             let registered: Vec<(String, String)> = sqlx::query(

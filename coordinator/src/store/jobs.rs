@@ -262,9 +262,7 @@ impl Store {
         }
         if job.state == "running" {
             let elapsed = (now - job.created_at_ms).max(0) as u64;
-            if done > 0 {
-                job.eta_ms = elapsed.saturating_mul(open) / done;
-            }
+            job.eta_ms = elapsed.saturating_mul(open).checked_div(done).unwrap_or(0);
             job.queue_position = self.queue_position(&job).await?;
             if ready > 0 && leased == 0 {
                 job.waiting_reason = self.waiting_reason(&job, now, live_since).await?;

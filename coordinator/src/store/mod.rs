@@ -17,7 +17,9 @@ use std::str::FromStr;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
-pub use dispatch::{Completion, FailOutcome, LeasePolicy, ReapOutcome, WorkerCaps};
+pub use dispatch::{
+    Completion, FailOutcome, LeasePolicy, ReapOutcome, WorkerCaps, WorkerRegistration,
+};
 pub use jobs::JobControl;
 
 use crate::spec::SpecError;
