@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure the services the tests need are up on their default local ports:
 # PostgreSQL on 5432 (trust auth for local TCP) and Redis on 6379, plus the
-# redis-server binary that fault tests start privately. Starts them when they
+# redis-server binary that fault tests start privately and moto's S3 server
+# for the object-store tests. Starts them when they
 # are installed but down, installs them from Debian packages when missing.
 set -euo pipefail
 
@@ -51,6 +52,18 @@ if ! port_open 6379; then
   wait_port 6379
 fi
 
+# --- S3-compatible server for the object-store tests: moto, from PyPI ---
+moto_venv="${HALLMARK_MOTO_VENV:-$HOME/.cache/hallmark/moto-venv}"
+if [ ! -x "$moto_venv/bin/moto_server" ]; then
+  if ! python3 -m venv --help >/dev/null 2>&1; then
+    apt_install python3 python3-venv
+  fi
+  echo "services: installing moto (S3-compatible test server) into $moto_venv"
+  rm -rf "$moto_venv"
+  python3 -m venv "$moto_venv"
+  "$moto_venv/bin/pip" install -q "moto[server]==5.2.5"
+fi
+
 # --- Leftover test databases from earlier runs ---
 if command -v psql >/dev/null 2>&1; then
   psql -h 127.0.0.1 -U postgres -d postgres -Atc \
@@ -59,4 +72,4 @@ if command -v psql >/dev/null 2>&1; then
       psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null 2>&1 || true
     done
 fi
-echo "services: PostgreSQL and Redis are up"
+echo "services: PostgreSQL, Redis and the moto S3 server are ready"

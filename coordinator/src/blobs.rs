@@ -1,14 +1,19 @@
-//! The blob store: uploaded images kept content-addressed by sha256 in a
-//! local directory (`blob_dir/ab/abcdef…`).
+//! The blob store: uploaded images kept content-addressed by sha256, in a
+//! local directory (`blob_dir/ab/abcdef…`) or, through the `object_store`
+//! crate, in an S3-compatible bucket (`s3://bucket/prefix/ab/abcdef…`).
 //!
-//! An upload streams into a temporary file beside its final place, is hashed
-//! on the way, and is renamed into place only when its hash and size match
-//! what the worker declared, so a reader never sees a partial file.
+//! An upload is hashed as it arrives and published only when its hash and
+//! size match what the worker declared, so a reader never sees a partial or
+//! wrong blob. Identical content is stored once.
 
-use std::path::{Path, PathBuf};
-
-use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::stream::{BoxStream, StreamExt};
+use object_store::ObjectStore;
+use sha2::{Digest, Sha256};
 
 /// Why a blob could not be stored or read.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +33,10 @@ pub enum BlobError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("object store: {0}")]
+    Object(#[from] object_store::Error),
+    #[error("blob store configuration: {0}")]
+    Config(String),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BlobError + '_ {
@@ -37,48 +46,95 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BlobError + '_ {
     }
 }
 
-/// A content-addressed directory of blobs.
-#[derive(Debug, Clone)]
-pub struct BlobStore {
-    root: PathBuf,
-}
-
-/// A blob being written; [`BlobWriter::finish`] checks and publishes it.
-///
-/// Uploads are held in memory up to [`SPILL_BYTES`] (an image is usually far
-/// smaller) and published with one blocking call; larger ones spill to a
-/// temporary file as they arrive.
-pub struct BlobWriter {
-    root: PathBuf,
-    buf: Vec<u8>,
-    spill: Option<(PathBuf, std::fs::File)>,
-    hasher: Sha256,
-    size: u64,
-    limit: u64,
-}
-
 /// Uploads larger than this go to a temporary file instead of memory.
 pub const SPILL_BYTES: usize = 16 * 1024 * 1024;
+const READ_CHUNK: usize = 256 * 1024;
+
+/// A content-addressed store of blobs.
+#[derive(Clone)]
+pub struct BlobStore {
+    backend: Backend,
+    /// Where large uploads spill while they arrive (local disk in both modes).
+    spill_dir: PathBuf,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Local(PathBuf),
+    Object {
+        store: Arc<dyn ObjectStore>,
+        prefix: object_store::path::Path,
+    },
+}
+
+impl std::fmt::Debug for BlobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.backend {
+            Backend::Local(root) => write!(f, "BlobStore(local {})", root.display()),
+            Backend::Object { store, prefix } => write!(f, "BlobStore({store} /{prefix})"),
+        }
+    }
+}
 
 impl BlobStore {
+    /// A store in a local directory.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, BlobError> {
         let root = root.into();
-        let tmp = root.join("tmp");
-        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-        Ok(Self { root })
+        let spill_dir = root.join("tmp");
+        std::fs::create_dir_all(&spill_dir).map_err(io(&spill_dir))?;
+        Ok(Self {
+            backend: Backend::Local(root),
+            spill_dir,
+        })
     }
 
-    fn path_of(&self, sha256: &str) -> Result<PathBuf, BlobError> {
+    /// A store at an object-store URL (`s3://bucket/prefix`, `memory://`, …).
+    /// `options` are `object_store` settings (`aws_endpoint`,
+    /// `aws_allow_http`, `aws_region`, …); `AWS_*` environment variables
+    /// fill in what they leave out. `spill_dir` holds large uploads in flight.
+    pub fn open_url(
+        url: &str,
+        options: &BTreeMap<String, String>,
+        spill_dir: PathBuf,
+    ) -> Result<Self, BlobError> {
+        let parsed = url::Url::parse(url)
+            .map_err(|e| BlobError::Config(format!("blob_url {url:?}: {e}")))?;
+        let mut opts: BTreeMap<String, String> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("AWS_"))
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .collect();
+        opts.extend(
+            options
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone())),
+        );
+        let (store, prefix) = object_store::parse_url_opts(&parsed, opts)
+            .map_err(|e| BlobError::Config(format!("blob_url {url:?}: {e}")))?;
+        std::fs::create_dir_all(&spill_dir).map_err(io(&spill_dir))?;
+        Ok(Self {
+            backend: Backend::Object {
+                store: Arc::from(store),
+                prefix,
+            },
+            spill_dir,
+        })
+    }
+
+    fn check_name(sha256: &str) -> Result<(), BlobError> {
         if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(BlobError::BadName(sha256.to_string()));
         }
-        Ok(self.root.join(&sha256[..2]).join(sha256))
+        Ok(())
+    }
+
+    fn object_path(prefix: &object_store::path::Path, sha256: &str) -> object_store::path::Path {
+        prefix.child(&sha256[..2]).child(sha256)
     }
 
     /// Starts an upload of at most `limit` bytes.
     pub fn writer(&self, limit: u64) -> BlobWriter {
         BlobWriter {
-            root: self.root.clone(),
+            store: self.clone(),
             buf: Vec::new(),
             spill: None,
             hasher: Sha256::new(),
@@ -87,16 +143,75 @@ impl BlobStore {
         }
     }
 
-    /// Opens a stored blob for reading.
-    pub async fn open_blob(&self, sha256: &str) -> Result<tokio::fs::File, BlobError> {
-        let path = self.path_of(sha256)?;
-        tokio::fs::File::open(&path)
-            .await
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => BlobError::Missing(sha256.to_string()),
-                _ => BlobError::Io { path, source: e },
-            })
+    /// Reads a stored blob as a stream of chunks.
+    pub async fn read(
+        &self,
+        sha256: &str,
+    ) -> Result<BoxStream<'static, Result<Vec<u8>, BlobError>>, BlobError> {
+        Self::check_name(sha256)?;
+        match &self.backend {
+            Backend::Local(root) => {
+                let path = root.join(&sha256[..2]).join(sha256);
+                let file = tokio::fs::File::open(&path)
+                    .await
+                    .map_err(|e| match e.kind() {
+                        std::io::ErrorKind::NotFound => BlobError::Missing(sha256.to_string()),
+                        _ => BlobError::Io {
+                            path: path.clone(),
+                            source: e,
+                        },
+                    })?;
+                let stream = futures::stream::unfold((file, path), |(mut file, path)| async move {
+                    use tokio::io::AsyncReadExt;
+                    let mut buf = vec![0u8; READ_CHUNK];
+                    match file.read(&mut buf).await {
+                        Ok(0) => None,
+                        Ok(n) => {
+                            buf.truncate(n);
+                            Some((Ok(buf), (file, path)))
+                        }
+                        Err(e) => Some((
+                            Err(BlobError::Io {
+                                path: path.clone(),
+                                source: e,
+                            }),
+                            (file, path),
+                        )),
+                    }
+                });
+                Ok(stream.boxed())
+            }
+            Backend::Object { store, prefix } => {
+                let got = store
+                    .get(&Self::object_path(prefix, sha256))
+                    .await
+                    .map_err(|e| match e {
+                        object_store::Error::NotFound { .. } => {
+                            BlobError::Missing(sha256.to_string())
+                        }
+                        other => BlobError::Object(other),
+                    })?;
+                Ok(got
+                    .into_stream()
+                    .map(|r| r.map(|b| b.to_vec()).map_err(BlobError::Object))
+                    .boxed())
+            }
+        }
     }
+}
+
+/// A blob being written; [`BlobWriter::finish`] checks and publishes it.
+///
+/// Uploads are held in memory up to [`SPILL_BYTES`] (an image is usually far
+/// smaller) and published in one go; larger ones spill to a temporary file
+/// as they arrive.
+pub struct BlobWriter {
+    store: BlobStore,
+    buf: Vec<u8>,
+    spill: Option<(PathBuf, std::fs::File)>,
+    hasher: Sha256,
+    size: u64,
+    limit: u64,
 }
 
 impl BlobWriter {
@@ -113,7 +228,7 @@ impl BlobWriter {
         let (path, file) = match self.spill.take() {
             Some(s) => s,
             None => {
-                let path = self.root.join("tmp").join(uuid::Uuid::new_v4().to_string());
+                let path = self.store.spill_dir.join(uuid::Uuid::new_v4().to_string());
                 let p = path.clone();
                 let file = blocking(move || std::fs::File::create(&p).map_err(io(&p))).await?;
                 (path, file)
@@ -136,9 +251,9 @@ impl BlobWriter {
         Ok(())
     }
 
-    /// Checks size and hash against the declared ones and moves the blob into
-    /// place (a blob already stored is kept as it is). On any error nothing
-    /// is left behind.
+    /// Checks size and hash against the declared ones and publishes the blob
+    /// (a blob already stored is kept as it is). On any error nothing is left
+    /// behind.
     pub async fn finish(mut self, want_sha256: &str, want_size: u64) -> Result<String, BlobError> {
         if self.size != want_size {
             return Err(BlobError::SizeMismatch {
@@ -153,43 +268,73 @@ impl BlobWriter {
                 want: want_sha256.to_string(),
             });
         }
-        let dest = self.root.join(&got[..2]).join(&got);
-        // The temporary name sits beside its final one: 256 shard folders
-        // spread the directory locking that one shared temp folder serialises on.
-        let tmp = self
-            .root
-            .join(&got[..2])
-            .join(format!(".tmp-{}", uuid::Uuid::new_v4().simple()));
         let buf = std::mem::take(&mut self.buf);
         let spill = self.spill.take();
-        blocking(move || {
-            if dest.exists() {
-                if let Some((path, _)) = spill {
-                    let _ = std::fs::remove_file(path);
+        match self.store.backend.clone() {
+            Backend::Local(root) => publish_local(&root, &got, buf, spill).await?,
+            Backend::Object { store, prefix } => {
+                let path = BlobStore::object_path(&prefix, &got);
+                let exists = match store.head(&path).await {
+                    Ok(_) => true,
+                    Err(object_store::Error::NotFound { .. }) => false,
+                    Err(e) => return Err(e.into()),
+                };
+                let bytes = match spill {
+                    Some((spilled, _)) => {
+                        let data = tokio::fs::read(&spilled).await.map_err(io(&spilled));
+                        let _ = tokio::fs::remove_file(&spilled).await;
+                        data?
+                    }
+                    None => buf,
+                };
+                if !exists {
+                    store.put(&path, bytes.into()).await?;
                 }
-                return Ok(());
             }
-            if let Some(dir) = dest.parent() {
-                std::fs::create_dir_all(dir).map_err(io(dir))?;
-            }
-            let from = match spill {
-                Some((path, _)) => path,
-                None => {
-                    std::fs::write(&tmp, &buf).map_err(io(&tmp))?;
-                    tmp
-                }
-            };
-            std::fs::rename(&from, &dest).map_err(|e| {
-                let _ = std::fs::remove_file(&from);
-                BlobError::Io {
-                    path: dest.clone(),
-                    source: e,
-                }
-            })
-        })
-        .await?;
+        }
         Ok(got)
     }
+}
+
+/// Writes the blob beside its final name and renames it into place.
+async fn publish_local(
+    root: &Path,
+    sha256: &str,
+    buf: Vec<u8>,
+    spill: Option<(PathBuf, std::fs::File)>,
+) -> Result<(), BlobError> {
+    let dest = root.join(&sha256[..2]).join(sha256);
+    // The temporary name sits beside its final one: 256 shard folders
+    // spread the directory locking that one shared temp folder serialises on.
+    let tmp = root
+        .join(&sha256[..2])
+        .join(format!(".tmp-{}", uuid::Uuid::new_v4().simple()));
+    blocking(move || {
+        if dest.exists() {
+            if let Some((path, _)) = spill {
+                let _ = std::fs::remove_file(path);
+            }
+            return Ok(());
+        }
+        if let Some(dir) = dest.parent() {
+            std::fs::create_dir_all(dir).map_err(io(dir))?;
+        }
+        let from = match spill {
+            Some((path, _)) => path,
+            None => {
+                std::fs::write(&tmp, &buf).map_err(io(&tmp))?;
+                tmp
+            }
+        };
+        std::fs::rename(&from, &dest).map_err(|e| {
+            let _ = std::fs::remove_file(&from);
+            BlobError::Io {
+                path: dest.clone(),
+                source: e,
+            }
+        })
+    })
+    .await
 }
 
 impl Drop for BlobWriter {

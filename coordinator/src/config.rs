@@ -20,8 +20,16 @@ pub struct CoordinatorConfig {
     pub database_max_connections: u32,
     /// Redis for wake-ups, event fan-out and worker presence; none in single-node mode.
     pub redis_url: Option<String>,
-    /// Directory of the content-addressed blob store.
+    /// Directory of the content-addressed blob store (and, with `blob_url`,
+    /// where large uploads spill while they arrive).
     pub blob_dir: PathBuf,
+    /// Object-store URL for blobs instead of `blob_dir`, e.g.
+    /// `s3://bucket/prefix` (S3-compatible stores via `blob_options`).
+    pub blob_url: Option<String>,
+    /// `object_store` options for `blob_url`: `aws_endpoint`,
+    /// `aws_allow_http`, `aws_region`, `aws_access_key_id`, … (`AWS_*`
+    /// environment variables fill in the rest).
+    pub blob_options: BTreeMap<String, String>,
     /// Most items (prompts × images per prompt) one job may hold.
     pub max_items_per_job: u32,
     /// Largest width or height a job may ask for, in pixels.
@@ -67,6 +75,8 @@ impl Default for CoordinatorConfig {
             database_max_connections: 32,
             redis_url: None,
             blob_dir: PathBuf::from(".hallmark/blobs"),
+            blob_url: None,
+            blob_options: BTreeMap::new(),
             max_items_per_job: 100_000,
             max_side: 2048,
             max_steps: 150,

@@ -25,6 +25,9 @@ struct Args {
     /// Directory of the blob store.
     #[arg(long)]
     blob_dir: Option<PathBuf>,
+    /// Object-store URL for blobs (s3://bucket/prefix) instead of --blob-dir.
+    #[arg(long)]
+    blob_url: Option<String>,
 }
 
 #[tokio::main]
@@ -46,6 +49,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(v) = args.redis_url {
         overrides.push(("redis_url", v));
+    }
+    if let Some(v) = args.blob_url {
+        overrides.push(("blob_url", v));
     }
     if let Some(v) = args.blob_dir {
         overrides.push(("blob_dir", v.display().to_string()));

@@ -71,8 +71,14 @@ pub async fn start_on(
     let store = Store::connect(&config.database_url, config.database_max_connections)
         .await
         .with_context(|| format!("opening the store at {}", redact(&config.database_url)))?;
-    let blobs = BlobStore::open(&config.blob_dir)
-        .with_context(|| format!("opening the blob store at {}", config.blob_dir.display()))?;
+    let blobs = match &config.blob_url {
+        Some(url) if !url.is_empty() => {
+            BlobStore::open_url(url, &config.blob_options, config.blob_dir.join("tmp"))
+                .with_context(|| format!("opening the blob store at {url}"))?
+        }
+        _ => BlobStore::open(&config.blob_dir)
+            .with_context(|| format!("opening the blob store at {}", config.blob_dir.display()))?,
+    };
     let notifier = match &config.redis_url {
         Some(url) if !url.is_empty() => {
             Notifier::with_redis(url).with_context(|| format!("redis url {url}"))?

@@ -345,3 +345,65 @@ pub fn prompt_file(dir: &std::path::Path, n: usize) -> PathBuf {
     std::fs::write(&path, text).expect("write prompts");
     path
 }
+
+/// moto's S3-compatible server on a free port, with one bucket, `hallmark`.
+/// The binary comes from `HALLMARK_TEST_MOTO_SERVER` (default
+/// `~/.cache/hallmark/moto-venv/bin/moto_server`); `scripts/services.sh`
+/// installs it.
+pub struct Moto {
+    pub port: u16,
+    _proc: Proc,
+}
+
+impl Moto {
+    pub fn start() -> Self {
+        use std::io::{Read, Write};
+        let bin = std::env::var("HALLMARK_TEST_MOTO_SERVER").unwrap_or_else(|_| {
+            format!(
+                "{}/.cache/hallmark/moto-venv/bin/moto_server",
+                std::env::var("HOME").unwrap_or_default()
+            )
+        });
+        assert!(
+            std::path::Path::new(&bin).exists(),
+            "{bin} is missing: run scripts/services.sh (it installs moto's S3 server) or set HALLMARK_TEST_MOTO_SERVER"
+        );
+        let port = free_port();
+        let proc = Proc::spawn(
+            "moto",
+            Command::new(&bin).args(["-H", "127.0.0.1", "-p", &port.to_string()]),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "moto_server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Create the bucket with a plain S3 PUT (moto accepts unsigned requests).
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect moto");
+        write!(s, "PUT /hallmark HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .expect("create bucket");
+        let mut reply = String::new();
+        let _ = s.read_to_string(&mut reply);
+        assert!(reply.starts_with("HTTP/1.1 200"), "create bucket: {reply}");
+        Self { port, _proc: proc }
+    }
+
+    pub fn bucket_url(&self) -> String {
+        "s3://hallmark/blobs".into()
+    }
+
+    /// `object_store` options that reach this server.
+    pub fn options(&self) -> std::collections::BTreeMap<String, String> {
+        [
+            ("aws_endpoint", format!("http://127.0.0.1:{}", self.port)),
+            ("aws_allow_http", "true".into()),
+            ("aws_region", "us-east-1".into()),
+            ("aws_access_key_id", "test".into()),
+            ("aws_secret_access_key", "test".into()),
+            ("aws_virtual_hosted_style_request", "false".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+}

@@ -182,3 +182,95 @@ async fn render_runs_the_whole_job_on_the_embedded_farm() {
     assert!(out.status.success());
     assert_eq!(std::fs::read(out_dir.join("00000.png")).unwrap(), first);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_can_live_in_an_s3_compatible_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start();
+    let db = fresh_database().await;
+    let mut spec = CoordinatorSpec::new(&db, Some(redis_url()), dir.path().join("blobs"))
+        .with("HALLMARK_BLOB_URL", moto.bucket_url());
+    for (k, v) in moto.options() {
+        spec = spec.with(&format!("HALLMARK_BLOB_OPTIONS__{}", k.to_uppercase()), v);
+    }
+    let _c = spec.start().await;
+    let url = spec.url();
+    let _w = start_worker(&url, "w", 0, &[]);
+    let w = workers_client(&url).await;
+    eventually("worker registered", Duration::from_secs(20), || {
+        let mut w = w.clone();
+        async move {
+            w.list_workers(ListWorkersRequest {})
+                .await
+                .map(|r| !r.into_inner().workers.is_empty())
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    let out_dir = dir.path().join("out");
+    let out = hallmark(&[
+        "--coordinator",
+        &url,
+        "--json",
+        "submit",
+        "--prompt",
+        "a",
+        "--prompt",
+        "b",
+        "--upscale",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--watch",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    let job: serde_json::Value = serde_json::from_str(&last).unwrap();
+    let job_id = job["job_id"].as_str().unwrap();
+    let out = hallmark(&[
+        "--coordinator",
+        &url,
+        "download",
+        job_id,
+        "-o",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        std::fs::read(out_dir.join("00001-upscalex2.png"))
+            .unwrap()
+            .starts_with(b"\x89PNG")
+    );
+    // The blobs went to the bucket, not to the local blob directory.
+    let local = walk(&dir.path().join("blobs"));
+    assert!(local.is_empty(), "local blob dir holds {local:?}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                files.extend(walk(&p));
+            } else {
+                files.push(p);
+            }
+        }
+    }
+    files
+}

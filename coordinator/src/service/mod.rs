@@ -20,9 +20,6 @@ use crate::config::CoordinatorConfig;
 use crate::notify::Notifier;
 use crate::store::{LeasePolicy, Store, StoreError, WorkerCaps, now_ms};
 
-/// Chunk size of streamed downloads.
-const CHUNK: usize = 256 * 1024;
-
 /// State shared by all services of one coordinator replica.
 pub struct Coordinator {
     pub store: Store,
@@ -103,31 +100,17 @@ impl Coordinator {
                 "no artifact with sha256 {sha256}"
             )));
         }
-        let mut file = self.blobs.open_blob(sha256).await.map_err(blob_status)?;
+        let mut chunks = self.blobs.read(sha256).await.map_err(blob_status)?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
-            use tokio::io::AsyncReadExt;
-            let mut buf = vec![0u8; CHUNK];
-            loop {
-                match file.read(&mut buf).await {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        if tx
-                            .send(Ok(hallmark_proto::v1::Chunk {
-                                data: buf[..n].to_vec(),
-                            }))
-                            .await
-                            .is_err()
-                        {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx
-                            .send(Err(Status::internal(format!("reading blob: {e}"))))
-                            .await;
-                        break;
-                    }
+            use futures::StreamExt;
+            while let Some(chunk) = chunks.next().await {
+                let msg = chunk
+                    .map(|data| hallmark_proto::v1::Chunk { data })
+                    .map_err(|e| Status::internal(format!("reading blob: {e}")));
+                let failed = msg.is_err();
+                if tx.send(msg).await.is_err() || failed {
+                    break;
                 }
             }
         });
@@ -173,7 +156,8 @@ fn blob_status(e: BlobError) -> Status {
         BlobError::Missing(m) => {
             Status::not_found(format!("blob {m} is missing from the blob store"))
         }
-        BlobError::Io { .. } => Status::internal(e.to_string()),
+        BlobError::Io { .. } | BlobError::Config(_) => Status::internal(e.to_string()),
+        BlobError::Object(_) => Status::unavailable(e.to_string()),
         other => Status::invalid_argument(other.to_string()),
     }
 }
