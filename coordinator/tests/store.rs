@@ -239,6 +239,22 @@ both_stores! {
         assert_eq!((job.stages[0].ready, job.stages[1].waiting), (1, 1));
     }
 
+    async fn a_worker_that_keeps_failing_a_job_gets_no_more_of_it(s: &Store) {
+        let w = worker(s, "w1", 1).await;
+        submit(s, "j1", &job(5, 0), 0).await;
+        submit(s, "j2", &job(1, 0), 0).await;
+        // Limit 3 failures; cooldown already over (cooldown_since = now).
+        for t in 0..3 {
+            let l = s.lease(&w, 1, "", 100 + t, 3, 100 + t).await.unwrap().remove(0);
+            assert_eq!(l.job_id, "j1");
+            s.fail("w1", &l.task_id, l.fencing_token, "bad gpu", false, 100 + t).await.unwrap();
+        }
+        let next = s.lease(&w, 1, "", 200, 3, 200).await.unwrap();
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].job_id, "j2", "j1 now skips this worker; other jobs still reach it");
+        assert!(s.lease(&w, 1, "", 300, 3, 300).await.unwrap().is_empty());
+    }
+
     async fn hand_back_does_not_charge_an_attempt(s: &Store) {
         let w = worker(s, "w1", 1).await;
         submit(s, "j1", &job(1, 0), 0).await;

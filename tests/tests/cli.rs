@@ -1,0 +1,271 @@
+//! The `hallmark` CLI against a running coordinator: job control, listings,
+//! the registry, health checking and reflection.
+
+use std::time::Duration;
+
+use hallmark_e2e::*;
+
+fn run_ok(args: &[&str]) -> String {
+    let out = hallmark(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Runs `hallmark --coordinator URL --json ARGS` and parses its output.
+fn on(url: &str, rest: &[&str]) -> serde_json::Value {
+    let mut args = vec!["--coordinator", url, "--json"];
+    args.extend_from_slice(rest);
+    json(&args)
+}
+
+fn json(args: &[&str]) -> serde_json::Value {
+    let stdout = run_ok(args);
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {stdout}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_resume_cancel_and_listings_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fresh_database().await;
+    let spec = CoordinatorSpec::new(&db, Some(redis_url()), dir.path().join("blobs"))
+        .with("HALLMARK_HEARTBEAT_INTERVAL_MS", 200);
+    let _c = spec.start().await;
+    let url = spec.url();
+    let _w = start_worker(&url, "slow", 300, &["--max-batch", "1"]);
+    eventually("worker listed", Duration::from_secs(20), || {
+        let url = url.clone();
+        async move {
+            on(&url, &["workers"])
+                .as_array()
+                .is_some_and(|w| w.len() == 1 && w[0]["live"] == true)
+        }
+    })
+    .await;
+
+    let job = on(
+        &url,
+        &[
+            "submit",
+            "--prompt",
+            "a",
+            "--prompt",
+            "b",
+            "--prompt",
+            "c",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--images-per-prompt",
+            "4",
+        ],
+    );
+    let id = job["job_id"].as_str().unwrap().to_string();
+    assert_eq!(job["items"], 12);
+
+    let paused = on(&url, &["pause", &id]);
+    assert_eq!(paused["state"], "paused");
+    // The worker hears of the pause on its next heartbeat and drops its lease.
+    eventually(
+        "no leased task while paused",
+        Duration::from_secs(10),
+        || {
+            let db = db.clone();
+            async move {
+                scalar(
+                    &db,
+                    "SELECT CAST(COUNT(*) AS BIGINT) FROM tasks WHERE state = 'leased'",
+                )
+                .await
+                    == 0
+            }
+        },
+    )
+    .await;
+    let done_while_paused = scalar(&db, "SELECT CAST(COUNT(*) AS BIGINT) FROM artifacts").await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        scalar(&db, "SELECT CAST(COUNT(*) AS BIGINT) FROM artifacts").await,
+        done_while_paused,
+        "nothing renders while paused"
+    );
+    let status = on(&url, &["status", &id]);
+    assert!(
+        status["waiting_reason"]
+            .as_str()
+            .unwrap()
+            .contains("paused"),
+        "{status}"
+    );
+
+    assert_eq!(on(&url, &["resume", &id])["state"], "running");
+    eventually("progress after resume", Duration::from_secs(20), || {
+        let db = db.clone();
+        async move {
+            scalar(&db, "SELECT CAST(COUNT(*) AS BIGINT) FROM artifacts").await > done_while_paused
+        }
+    })
+    .await;
+    let canceled = on(&url, &["cancel", &id]);
+    assert_eq!(canceled["state"], "canceled");
+    let jobs = on(&url, &["jobs"]);
+    assert_eq!(jobs[0]["job_id"], id.as_str());
+    assert_eq!(jobs[0]["state"], "canceled");
+    // A canceled job cannot be resumed: refused with a non-zero exit.
+    let out = hallmark(&["--coordinator", &url, "resume", &id]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("it is canceled"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_from_the_cli_links_models_to_datasets() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fresh_database().await;
+    let spec = CoordinatorSpec::new(&db, None, dir.path().join("blobs"));
+    let _c = spec.start().await;
+    let url = spec.url();
+    let weights = dir.path().join("unet.safetensors");
+    std::fs::write(&weights, b"pretend weights").unwrap();
+    let index = dir.path().join("index.parquet");
+    std::fs::write(&index, b"pretend dataset index").unwrap();
+    let c = ["--coordinator", url.as_str(), "--json"];
+    let d = json(
+        &[
+            &c[..],
+            &[
+                "datasets",
+                "register",
+                "--name",
+                "laion",
+                "--version",
+                "5b",
+                "--uri",
+                "s3://datasets/laion",
+                "--file",
+                index.to_str().unwrap(),
+                "--license",
+                "cc-by-4.0",
+            ],
+        ]
+        .concat(),
+    );
+    assert_eq!(d["content_sha256"].as_str().unwrap().len(), 64);
+    let m = json(
+        &[
+            &c[..],
+            &[
+                "models",
+                "register",
+                "--id",
+                "sd15-test",
+                "--family",
+                "sd15",
+                "--weights",
+                weights.to_str().unwrap(),
+                "--dataset",
+                "laion@5b",
+                "--license",
+                "openrail",
+            ],
+        ]
+        .concat(),
+    );
+    assert_eq!(m["weights"][0]["path"], "unet.safetensors");
+    assert_eq!(m["weights"][0]["size"], 15);
+    let models = json(&[&c[..], &["models", "list"]].concat());
+    assert_eq!(models[0]["training_datasets"][0], "laion@5b");
+    let out = hallmark(
+        &[
+            &c[..],
+            &[
+                "models",
+                "register",
+                "--id",
+                "x",
+                "--family",
+                "sd15",
+                "--weights",
+                weights.to_str().unwrap(),
+                "--dataset",
+                "nope@1",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope@1"));
+    assert_eq!(
+        json(&[&c[..], &["datasets", "list"]].concat())
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_serves_health_checks_and_reflection() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fresh_database().await;
+    let spec = CoordinatorSpec::new(&db, None, dir.path().join("blobs"));
+    let _c = spec.start().await;
+    let channel = tonic::transport::Channel::from_shared(spec.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    for service in [
+        "hallmark.v1.Jobs",
+        "hallmark.v1.Workers",
+        "hallmark.v1.Registry",
+    ] {
+        let r = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            r.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service}"
+        );
+    }
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("unexpected reply {reply:?}")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "hallmark.v1.Jobs",
+        "hallmark.v1.Workers",
+        "hallmark.v1.Registry",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
+    }
+}
