@@ -86,9 +86,14 @@ pub async fn start_on(
         _ => Notifier::local(),
     };
     let addr = listener.local_addr()?;
-    let state = Arc::new(Coordinator::new(store, blobs, notifier, config));
-
     let (shutdown, mut shutdown_rx) = watch::channel(false);
+    let state = Arc::new(Coordinator::new(
+        store,
+        blobs,
+        notifier,
+        config,
+        shutdown_rx.clone(),
+    ));
     let reaper_state = state.clone();
     let reaper = tokio::spawn(async move {
         let every = Duration::from_millis(reaper_state.config.reap_interval_ms.max(10));

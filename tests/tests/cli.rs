@@ -22,9 +22,11 @@ fn on(url: &str, rest: &[&str]) -> serde_json::Value {
     json(&args)
 }
 
+/// The command's JSON output (the last line, for commands that stream updates).
 fn json(args: &[&str]) -> serde_json::Value {
     let stdout = run_ok(args);
-    serde_json::from_str(stdout.trim())
+    let last = stdout.trim().lines().last().unwrap_or_default();
+    serde_json::from_str(last)
         .unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {stdout}"))
 }
 
@@ -268,4 +270,71 @@ async fn coordinator_serves_health_checks_and_reflection() {
             "{want} missing from {names:?}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_serves_an_embedded_farm_that_outside_workers_and_clients_join() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let url = format!("http://{listen}");
+    let mut up = Proc::spawn(
+        "hallmark up",
+        std::process::Command::new(bin("hallmark")).args([
+            "up",
+            "--listen",
+            &listen,
+            "--workers",
+            "1",
+            "--state-dir",
+            dir.path().join("state").to_str().unwrap(),
+        ]),
+    );
+    eventually("the embedded farm answers", Duration::from_secs(30), || {
+        let url = url.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                hallmark(&["--coordinator", &url, "workers"])
+                    .status
+                    .success()
+            })
+            .await
+            .unwrap()
+        }
+    })
+    .await;
+    let _outside = start_worker(&url, "outside", 0, &[]);
+    eventually("two workers", Duration::from_secs(20), || {
+        let url = url.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                on(&url, &["workers"])
+                    .as_array()
+                    .is_some_and(|w| w.len() == 2)
+            })
+            .await
+            .unwrap()
+        }
+    })
+    .await;
+    let job = on(
+        &url,
+        &[
+            "submit",
+            "--prompt",
+            "x",
+            "--images-per-prompt",
+            "8",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--watch",
+        ],
+    );
+    assert_eq!(job["state"], "succeeded");
+    assert!(
+        up.terminate().success(),
+        "`hallmark up` drains and exits 0 on SIGTERM"
+    );
 }

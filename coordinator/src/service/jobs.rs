@@ -139,6 +139,7 @@ impl Jobs for JobsService {
                 tokio::pin!(tick);
                 loop {
                     tokio::select! {
+                        _ = svc.0.stopping() => return,
                         _ = &mut tick => break,
                         ev = events.recv() => match ev {
                             Ok(id) if id == job_id => break,

@@ -28,6 +28,9 @@ pub struct Coordinator {
     pub config: CoordinatorConfig,
     pub lease_policy: LeasePolicy,
     workers: Mutex<HashMap<String, (WorkerCaps, Instant)>>,
+    /// Turns true when the server stops: long polls and watches end early
+    /// so a graceful shutdown does not wait for them.
+    shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Coordinator {
@@ -36,6 +39,7 @@ impl Coordinator {
         blobs: BlobStore,
         notifier: Notifier,
         config: CoordinatorConfig,
+        shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         let lease_policy = LeasePolicy {
             base_ms: config.lease_base_ms,
@@ -48,7 +52,14 @@ impl Coordinator {
             config,
             lease_policy,
             workers: Mutex::new(HashMap::new()),
+            shutdown,
         }
+    }
+
+    /// Resolves when the server is stopping.
+    pub async fn stopping(&self) {
+        let mut rx = self.shutdown.clone();
+        let _ = rx.wait_for(|stop| *stop).await;
     }
 
     /// Workers seen since this time are live.

@@ -142,6 +142,9 @@ impl Workers for WorkersService {
                 return Ok(Response::new(LeaseResponse { leases, revoked }));
             }
             tokio::select! {
+                _ = c.stopping() => {
+                    return Ok(Response::new(LeaseResponse { leases: Vec::new(), revoked }));
+                }
                 _ = notified => {}
                 _ = tokio::time::sleep(remaining.min(poll)) => {
                     // The wait ran out with no wake-up: answer empty; the
