@@ -10,6 +10,7 @@ pub fn job_json(j: &Job) -> Value {
         "stages": j.stages.iter().map(|s| json!({
             "stage": s.stage, "total": s.total, "waiting": s.waiting, "ready": s.ready,
             "leased": s.leased, "succeeded": s.succeeded, "failed": s.failed, "canceled": s.canceled,
+            "progress": s.progress,
         })).collect::<Vec<_>>(),
         "created_at_ms": j.created_at_ms, "finished_at_ms": j.finished_at_ms,
         "queue_position": j.queue_position, "waiting_reason": j.waiting_reason,
@@ -60,8 +61,16 @@ pub fn job_text(j: &Job) -> String {
     );
     for st in &j.stages {
         s.push_str(&format!(
-            "  {:<9} {:>6}/{:<6} done  {:>4} running  {:>4} ready  {:>4} waiting  {:>4} failed  {:>4} canceled\n",
-            st.stage, st.succeeded, st.total, st.leased, st.ready, st.waiting, st.failed, st.canceled
+            "  {:<9} {:>6}/{:<6} done ({:>3.0}%)  {:>4} running  {:>4} ready  {:>4} waiting  {:>4} failed  {:>4} canceled\n",
+            st.stage,
+            st.succeeded,
+            st.total,
+            st.progress * 100.0,
+            st.leased,
+            st.ready,
+            st.waiting,
+            st.failed,
+            st.canceled
         ));
     }
     if j.state == "running" && j.queue_position > 0 {

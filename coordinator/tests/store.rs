@@ -269,7 +269,7 @@ both_stores! {
         let w = worker(s, "w1", 2).await;
         submit(s, "j1", &job(4, 0), 0).await;
         let leases = lease(s, &w, 2, 100).await;
-        let held: Vec<(String, i64)> = leases.iter().map(|l| (l.task_id.clone(), l.fencing_token)).collect();
+        let held: Vec<(String, i64, f32)> = leases.iter().map(|l| (l.task_id.clone(), l.fencing_token, 0.0)).collect();
         s.control("j1", JobControl::Pause, 110).await.unwrap();
         let (revoked, _) = s.heartbeat("w1", &held, 120).await.unwrap();
         assert_eq!(revoked.len(), 2);
@@ -281,7 +281,7 @@ both_stores! {
         assert_eq!(again.len(), 2);
         assert_eq!(again[0].attempt, 1, "a pause does not charge the attempt");
         s.control("j1", JobControl::Cancel, 170).await.unwrap();
-        let held: Vec<(String, i64)> = again.iter().map(|l| (l.task_id.clone(), l.fencing_token)).collect();
+        let held: Vec<(String, i64, f32)> = again.iter().map(|l| (l.task_id.clone(), l.fencing_token, 0.0)).collect();
         let (revoked, _) = s.heartbeat("w1", &held, 180).await.unwrap();
         assert!(revoked.iter().all(|r| r.reason == "job canceled"));
         assert_eq!(s.get_job("j1", 190, 0).await.unwrap().state, "canceled");
@@ -293,9 +293,11 @@ both_stores! {
         submit(s, "j1", &job(2, 0), 0).await;
         let leases = lease(s, &w, 2, 100).await;
         // The worker only knows the first lease (the reply of the second was lost).
-        let held = vec![(leases[0].task_id.clone(), leases[0].fencing_token)];
+        let held = vec![(leases[0].task_id.clone(), leases[0].fencing_token, 0.5)];
         let (revoked, requeued) = s.heartbeat("w1", &held, 9_000).await.unwrap();
         assert!(revoked.is_empty() && requeued);
+        let job = s.get_job("j1", 9_001, 0).await.unwrap();
+        assert_eq!(job.stages[0].progress, 0.25, "half of one of two running tasks");
         // Extended from 9 000: survives a reap that would have expired the original lease.
         assert_eq!(s.reap(15_000).await.unwrap().requeued, 0);
         let other = lease(s, &w, 2, 15_001).await;

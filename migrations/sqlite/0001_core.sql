@@ -96,6 +96,8 @@ CREATE TABLE tasks (
     lease_token       BIGINT NOT NULL DEFAULT 0,
     lease_ttl_ms      BIGINT NOT NULL,
     lease_expires_at  BIGINT,
+    -- Fraction done the worker last reported for the running attempt.
+    progress          REAL NOT NULL DEFAULT 0,
     started_at        BIGINT,
     finished_at       BIGINT,
     error             TEXT,

@@ -70,6 +70,18 @@ async fn pause_resume_cancel_and_listings_from_the_cli() {
     let id = job["job_id"].as_str().unwrap().to_string();
     assert_eq!(job["items"], 12);
 
+    // Heartbeats carry the worker's progress on its running task.
+    eventually("partial progress reported", Duration::from_secs(20), || {
+        let url = url.clone();
+        let id = id.clone();
+        async move {
+            let st = on(&url, &["status", &id]);
+            let g = &st["stages"][0];
+            let done = g["succeeded"].as_f64().unwrap() / g["total"].as_f64().unwrap();
+            g["progress"].as_f64().unwrap() > done + 0.001
+        }
+    })
+    .await;
     let paused = on(&url, &["pause", &id]);
     assert_eq!(paused["state"], "paused");
     // The worker hears of the pause on its next heartbeat and drops its lease.
@@ -336,5 +348,84 @@ async fn up_serves_an_embedded_farm_that_outside_workers_and_clients_join() {
     assert!(
         up.terminate().success(),
         "`hallmark up` drains and exits 0 on SIGTERM"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_task_fails_its_job_with_the_reason_and_retry_runs_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fresh_database().await;
+    let spec = CoordinatorSpec::new(&db, None, dir.path().join("blobs"))
+        .with("HALLMARK_FAILURE_COOLDOWN_MS", 0);
+    let _c = spec.start().await;
+    let url = spec.url();
+    let _w = start_worker(&url, "w", 0, &["--fail-marker", "[boom]"]);
+    eventually("worker listed", Duration::from_secs(20), || {
+        let url = url.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                on(&url, &["workers"])
+                    .as_array()
+                    .is_some_and(|w| w.len() == 1)
+            })
+            .await
+            .unwrap()
+        }
+    })
+    .await;
+    let submit = [
+        "--coordinator",
+        &url,
+        "--json",
+        "submit",
+        "--prompt",
+        "fine",
+        "--prompt",
+        "this one [boom]",
+        "--upscale",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--max-attempts",
+        "2",
+        "--watch",
+    ];
+    let out = hallmark(&submit);
+    assert_eq!(out.status.code(), Some(1), "a failed job exits 1");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let job: serde_json::Value =
+        serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
+    assert_eq!(job["state"], "failed");
+    assert!(
+        job["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("synthetic failure requested"),
+        "{job}"
+    );
+    assert_eq!(job["stages"][0]["failed"], 1);
+    assert_eq!(job["stages"][1]["failed"], 1, "its upscale fails with it");
+    assert_eq!(
+        job["stages"][1]["succeeded"], 1,
+        "the good item finished end to end"
+    );
+    let id = job["job_id"].as_str().unwrap();
+    assert_eq!(
+        scalar(&db, "SELECT CAST(MAX(attempts) AS BIGINT) FROM tasks").await,
+        2,
+        "the retry budget was used"
+    );
+
+    let retried = on(&url, &["retry", id]);
+    assert_eq!(retried["state"], "running");
+    let out = hallmark(&["--coordinator", &url, "watch", id]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("synthetic failure requested"));
+    assert_eq!(
+        scalar(&db, "SELECT CAST(COUNT(*) AS BIGINT) FROM task_failures").await,
+        4,
+        "two attempts, twice"
     );
 }

@@ -42,7 +42,8 @@ pub enum EngineError {
 
 /// A renderer. `render` runs a batch of compatible tasks (same model, stage,
 /// size and steps) and returns one result per task, in order; it is called
-/// from a blocking thread.
+/// from a blocking thread and reports the fraction done through `progress`
+/// (the worker forwards it on its heartbeats).
 pub trait Engine: Send + Sync + 'static {
     /// The engine name jobs select (`synthetic`, `diffusion`).
     fn name(&self) -> &str;
@@ -50,7 +51,11 @@ pub trait Engine: Send + Sync + 'static {
     fn models(&self) -> Vec<ModelCapability>;
     /// The model held in memory now, if any (the coordinator prefers it).
     fn loaded_model(&self) -> String;
-    fn render(&self, batch: &[RenderTask]) -> Vec<Result<RenderedImage, EngineError>>;
+    fn render(
+        &self,
+        batch: &[RenderTask],
+        progress: &dyn Fn(f32),
+    ) -> Vec<Result<RenderedImage, EngineError>>;
 }
 
 /// Settings of the synthetic engine.
@@ -144,11 +149,22 @@ impl Engine for SyntheticEngine {
         self.config.models.first().cloned().unwrap_or_default()
     }
 
-    fn render(&self, batch: &[RenderTask]) -> Vec<Result<RenderedImage, EngineError>> {
-        if !self.config.render_time.is_zero() {
-            std::thread::sleep(self.config.render_time);
+    fn render(
+        &self,
+        batch: &[RenderTask],
+        progress: &dyn Fn(f32),
+    ) -> Vec<Result<RenderedImage, EngineError>> {
+        // The simulated render time passes in ten steps, like sampler steps.
+        const STEPS: u32 = 10;
+        for step in 1..=STEPS {
+            if !self.config.render_time.is_zero() {
+                std::thread::sleep(self.config.render_time / STEPS);
+            }
+            progress(step as f32 / STEPS as f32 * 0.9);
         }
-        batch.iter().map(|t| self.render_one(t)).collect()
+        let out = batch.iter().map(|t| self.render_one(t)).collect();
+        progress(1.0);
+        out
     }
 }
 
@@ -213,7 +229,10 @@ mod tests {
     #[test]
     fn same_prompt_and_seed_give_the_same_pixels() {
         let e = SyntheticEngine::new(SyntheticConfig::default());
-        let a = e.render(&[task("a cat", 1), task("a cat", 1), task("a cat", 2)]);
+        let a = e.render(
+            &[task("a cat", 1), task("a cat", 1), task("a cat", 2)],
+            &|_| {},
+        );
         let (a0, a1, a2) = (
             a[0].as_ref().unwrap(),
             a[1].as_ref().unwrap(),
@@ -227,12 +246,12 @@ mod tests {
     #[test]
     fn upscale_multiplies_the_base_size() {
         let e = SyntheticEngine::new(SyntheticConfig::default());
-        let base = e.render(&[task("a cat", 1)]).remove(0).unwrap();
+        let base = e.render(&[task("a cat", 1)], &|_| {}).remove(0).unwrap();
         let mut up = task("a cat", 1);
         up.lease.stage = "upscale".into();
         up.lease.upscale = 4;
         up.parent = Some(base.bytes);
-        let out = e.render(&[up]).remove(0).unwrap();
+        let out = e.render(&[up], &|_| {}).remove(0).unwrap();
         assert_eq!((out.width, out.height), (256, 192));
         let decoded = image::load_from_memory(&out.bytes).unwrap();
         assert_eq!(decoded.width(), 256);
@@ -246,7 +265,7 @@ mod tests {
         });
         let mut t = task("x [fail]", 1);
         assert!(
-            e.render(&[t.clone()])[0]
+            e.render(&[t.clone()], &|_| {})[0]
                 .as_ref()
                 .unwrap_err()
                 .to_string()
@@ -254,7 +273,7 @@ mod tests {
         );
         t.lease.model_id = "other".into();
         assert!(matches!(
-            e.render(&[t])[0],
+            e.render(&[t], &|_| {})[0],
             Err(EngineError::UnknownModel(_))
         ));
     }

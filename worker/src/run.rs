@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use hallmark_proto::v1::complete_outcome::Kind;
 use hallmark_proto::v1::workers_client::WorkersClient;
 use hallmark_proto::v1::{
     CompleteHeader, CompleteMessage, DownloadArtifactRequest, FailRequest, HeldLease, LeaseRequest,
-    RegisterWorkerRequest, TaskLease,
+    RegisterWorkerRequest, RegisterWorkerResponse, TaskLease,
 };
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
@@ -67,6 +68,8 @@ struct Shared {
     engine: Arc<dyn Engine>,
     worker_id: String,
     held: Held,
+    /// Fraction done of the batch being rendered, as f32 bits.
+    progress: Arc<AtomicU32>,
     report: Mutex<WorkerReport>,
 }
 
@@ -89,17 +92,21 @@ pub async fn run(
 ) -> anyhow::Result<WorkerReport> {
     let mut client = WorkersClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
     let mut shutdown = std::pin::pin!(shutdown);
-    let Some(worker_id) =
+    let Some(registered) =
         register(&mut client, &config, engine.as_ref(), shutdown.as_mut()).await?
     else {
         return Ok(WorkerReport::default());
     };
+    let worker_id = registered.worker_id;
+    // Heartbeats (lease calls with nothing wanted) while a batch renders.
+    let heartbeat = Duration::from_millis(u64::from(registered.heartbeat_interval_ms).max(100));
     tracing::info!(worker_id = %worker_id, engine = engine.name(), "worker registered");
     let mut shared = Arc::new(Shared {
         client: client.clone(),
         engine: engine.clone(),
         worker_id: worker_id.clone(),
         held: Arc::new(Mutex::new(HashMap::new())),
+        progress: Arc::new(AtomicU32::new(0)),
         report: Mutex::new(WorkerReport {
             worker_id,
             ..Default::default()
@@ -108,7 +115,6 @@ pub async fn run(
 
     let mut current: Option<JoinHandle<()>> = None;
     let mut backoff = Duration::from_millis(100);
-    let heartbeat = Duration::from_millis(1000);
     let mut draining = false;
     loop {
         if current.as_ref().is_some_and(|h| h.is_finished()) {
@@ -120,7 +126,7 @@ pub async fn run(
         let busy = current.is_some();
         let request = LeaseRequest {
             worker_id: shared.worker_id.clone(),
-            held: held_leases(&shared.held),
+            held: held_leases(&shared),
             want: if busy { 0 } else { config.max_batch },
             wait_ms: if busy {
                 0
@@ -164,7 +170,7 @@ pub async fn run(
             }
             Err(status) if status.code() == Code::NotFound => {
                 tracing::warn!(error = %status.message(), "coordinator forgot this worker; registering again");
-                let Some(id) =
+                let Some(RegisterWorkerResponse { worker_id: id, .. }) =
                     register(&mut client, &config, engine.as_ref(), shutdown.as_mut()).await?
                 else {
                     draining = true;
@@ -180,6 +186,7 @@ pub async fn run(
                     engine: engine.clone(),
                     worker_id: id.clone(),
                     held: Arc::new(Mutex::new(HashMap::new())),
+                    progress: Arc::new(AtomicU32::new(0)),
                     report: Mutex::new(WorkerReport {
                         worker_id: id,
                         ..report
@@ -219,7 +226,7 @@ pub async fn run(
             let _ = c
                 .lease(LeaseRequest {
                     worker_id: shared.worker_id.clone(),
-                    held: held_leases(&shared.held),
+                    held: held_leases(&shared),
                     want: 0,
                     wait_ms: 0,
                     loaded_model: shared.engine.loaded_model(),
@@ -275,7 +282,7 @@ async fn register(
     config: &WorkerConfig,
     engine: &dyn Engine,
     mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
-) -> anyhow::Result<Option<String>> {
+) -> anyhow::Result<Option<RegisterWorkerResponse>> {
     let request = RegisterWorkerRequest {
         name: config.name.clone(),
         hostname: hostname(),
@@ -292,7 +299,7 @@ async fn register(
             _ = shutdown.as_mut() => return Ok(None),
         };
         match result {
-            Ok(resp) => return Ok(Some(resp.into_inner().worker_id)),
+            Ok(resp) => return Ok(Some(resp.into_inner())),
             Err(s) if matches!(s.code(), Code::InvalidArgument | Code::FailedPrecondition) => {
                 anyhow::bail!("the coordinator refused this worker: {}", s.message())
             }
@@ -308,14 +315,17 @@ async fn register(
     }
 }
 
-fn held_leases(held: &Held) -> Vec<HeldLease> {
-    held.lock()
+fn held_leases(shared: &Shared) -> Vec<HeldLease> {
+    let progress = f32::from_bits(shared.progress.load(Ordering::Relaxed));
+    shared
+        .held
+        .lock()
         .map(|h| {
             h.iter()
                 .map(|(task_id, token)| HeldLease {
                     task_id: task_id.clone(),
                     fencing_token: *token,
-                    progress: 0.0,
+                    progress,
                 })
                 .collect()
         })
@@ -370,15 +380,19 @@ async fn run_batch(shared: Arc<Shared>, leases: Vec<TaskLease>) {
     }
     let engine = shared.engine.clone();
     let render_input = tasks.clone();
-    let results = match tokio::task::spawn_blocking(move || engine.render(&render_input)).await {
-        Ok(r) => r,
-        Err(e) => {
-            for t in &tasks {
-                report_failure(&shared, &t.lease, &format!("engine panicked: {e}")).await;
+    let progress = shared.progress.clone();
+    progress.store(0f32.to_bits(), Ordering::Relaxed);
+    let report = move |p: f32| progress.store(p.to_bits(), Ordering::Relaxed);
+    let results =
+        match tokio::task::spawn_blocking(move || engine.render(&render_input, &report)).await {
+            Ok(r) => r,
+            Err(e) => {
+                for t in &tasks {
+                    report_failure(&shared, &t.lease, &format!("engine panicked: {e}")).await;
+                }
+                return;
             }
-            return;
-        }
-    };
+        };
     let mut rendered = Vec::with_capacity(tasks.len());
     for (task, result) in tasks.into_iter().zip(results) {
         match result {

@@ -99,10 +99,10 @@ impl Workers for WorkersService {
         let r = req.into_inner();
         let now = now_ms();
         let caps = c.seen_worker(&r.worker_id, &r.loaded_model, now).await?;
-        let held: Vec<(String, i64)> = r
+        let held: Vec<(String, i64, f32)> = r
             .held
             .iter()
-            .map(|h| (h.task_id.clone(), h.fencing_token))
+            .map(|h| (h.task_id.clone(), h.fencing_token, h.progress))
             .collect();
         let (revoked, requeued) = c
             .store

@@ -196,7 +196,7 @@ impl Store {
     pub async fn heartbeat(
         &self,
         worker_id: &str,
-        held: &[(String, i64)],
+        held: &[(String, i64, f32)],
         now: i64,
     ) -> Result<(Vec<RevokedLease>, bool)> {
         let rows = sqlx::query(
@@ -216,7 +216,7 @@ impl Store {
         }
         let mut requeued = false;
         for (id, token) in &owned {
-            if !held.iter().any(|(h, t)| h == id && t == token) {
+            if !held.iter().any(|(h, t, _)| h == id && t == token) {
                 requeued |= sqlx::query(
                     "UPDATE tasks SET state = 'ready', worker_id = NULL, lease_expires_at = NULL, attempts = attempts - 1 \
                      WHERE id = $1 AND lease_token = $2 AND state = 'leased'",
@@ -230,8 +230,16 @@ impl Store {
             }
         }
         let mut revoked = Vec::new();
-        for (id, token) in held {
+        for (id, token, progress) in held {
             if owned.iter().any(|(o, t)| o == id && t == token) {
+                if *progress > 0.0 {
+                    sqlx::query("UPDATE tasks SET progress = $3 WHERE id = $1 AND lease_token = $2 AND state = 'leased'")
+                        .bind(id)
+                        .bind(token)
+                        .bind(f64::from(progress.clamp(0.0, 1.0)))
+                        .execute(&self.pool)
+                        .await?;
+                }
                 continue;
             }
             let row = sqlx::query("SELECT state, lease_token FROM tasks WHERE id = $1")
@@ -347,7 +355,7 @@ impl Store {
             self.skip_locked()
         );
         let update = "UPDATE tasks SET state = 'leased', worker_id = $1, lease_token = lease_token + 1, \
-             attempts = attempts + 1, started_at = $5, lease_expires_at = $5 + lease_ttl_ms \
+             attempts = attempts + 1, started_at = $5, lease_expires_at = $5 + lease_ttl_ms, progress = 0 \
              WHERE state = 'ready' AND id IN (SELECT id FROM picked) \
              RETURNING id, lease_token, attempts, lease_expires_at, item_index, stage, engine, model_id, upscale, parent_sha256";
         const ITEM_COLUMNS: &str =

@@ -215,12 +215,14 @@ impl Store {
         };
 
         let counts = sqlx::query(
-            "SELECT stage, state, CAST(COUNT(*) AS BIGINT) AS n FROM tasks WHERE job_id = $1 GROUP BY stage, state",
+            "SELECT stage, state, CAST(COUNT(*) AS BIGINT) AS n, CAST(SUM(progress) AS DOUBLE PRECISION) AS p \
+             FROM tasks WHERE job_id = $1 GROUP BY stage, state",
         )
         .bind(job_id)
         .fetch_all(&self.pool)
         .await?;
         let mut stages: BTreeMap<(i32, String), StageProgress> = BTreeMap::new();
+        let mut running_progress: BTreeMap<String, f64> = BTreeMap::new();
         for r in counts {
             let stage: String = r.try_get("stage")?;
             let st: String = r.try_get("state")?;
@@ -233,6 +235,12 @@ impl Store {
                     ..Default::default()
                 });
             p.total += n;
+            if st == state::LEASED {
+                running_progress.insert(
+                    stage.clone(),
+                    r.try_get::<Option<f64>, _>("p")?.unwrap_or(0.0),
+                );
+            }
             match st.as_str() {
                 state::WAITING | state::HELD => p.waiting += n,
                 state::READY => p.ready += n,
@@ -243,6 +251,15 @@ impl Store {
             }
         }
         job.stages = stages.into_values().collect();
+        for st in &mut job.stages {
+            let partial = running_progress.get(&st.stage).copied().unwrap_or(0.0);
+            let finished = (st.succeeded + st.failed + st.canceled) as f64;
+            st.progress = if st.total == 0 {
+                0.0
+            } else {
+                ((finished + partial) / st.total as f64) as f32
+            };
+        }
         let open: u64 = job
             .stages
             .iter()
@@ -272,7 +289,8 @@ impl Store {
         }
         if failed > 0 {
             let errs = sqlx::query(
-                "SELECT DISTINCT error FROM tasks WHERE job_id = $1 AND state = 'failed' AND error IS NOT NULL LIMIT 5",
+                "SELECT error FROM tasks WHERE job_id = $1 AND state = 'failed' AND error IS NOT NULL \
+                 GROUP BY error ORDER BY MIN(stage_rank), error LIMIT 5",
             )
             .bind(job_id)
             .fetch_all(&self.pool)
