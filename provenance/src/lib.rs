@@ -1,8 +1,12 @@
 //! Provenance primitives shared by the worker, the coordinator and the client.
 //!
-//! Today: content hashing and the weights digest that ties a model id to the
-//! exact bytes a worker loads. The watermark codec and C2PA stamping land here
-//! next (see the provenance issue).
+//! - content hashing and the weights digest that ties a model id to the exact
+//!   bytes a worker loads;
+//! - [`watermark`]: the invisible, keyed, self-synchronising watermark that
+//!   survives metadata stripping, re-encoding, resizing, cropping and small
+//!   rotations (the C2PA soft binding). C2PA stamping lands here next.
+
+pub mod watermark;
 
 use sha2::{Digest, Sha256};
 
