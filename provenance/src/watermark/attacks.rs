@@ -76,8 +76,16 @@ pub fn jpeg(img: &RgbImage, quality: u8) -> RgbImage {
     let mut buf = Vec::new();
     let mut enc = jpeg_encoder::Encoder::new(&mut buf, quality);
     enc.set_sampling_factor(jpeg_encoder::SamplingFactor::F_2_2);
-    let encoded = enc.encode(img.as_raw(), img.width() as u16, img.height() as u16, jpeg_encoder::ColorType::Rgb);
-    match encoded.ok().and_then(|_| image::load_from_memory(&buf).ok()) {
+    let encoded = enc.encode(
+        img.as_raw(),
+        img.width() as u16,
+        img.height() as u16,
+        jpeg_encoder::ColorType::Rgb,
+    );
+    match encoded
+        .ok()
+        .and_then(|_| image::load_from_memory(&buf).ok())
+    {
         Some(decoded) => decoded.to_rgb8(),
         None => img.clone(),
     }
@@ -109,12 +117,16 @@ pub fn rotate(img: &RgbImage, degrees: f32) -> RgbImage {
             return Rgb([0, 0, 0]);
         }
         let (x0, y0) = (sx.floor() as u32, sy.floor() as u32);
-        let (x1, y1) = ((x0 + 1).min(img.width() - 1), (y0 + 1).min(img.height() - 1));
+        let (x1, y1) = (
+            (x0 + 1).min(img.width() - 1),
+            (y0 + 1).min(img.height() - 1),
+        );
         let (tx, ty) = (sx - x0 as f32, sy - y0 as f32);
         let mut out = [0u8; 3];
         for (ch, o) in out.iter_mut().enumerate() {
             let p = |x: u32, y: u32| f32::from(img.get_pixel(x, y)[ch]);
-            let v = (p(x0, y0) * (1.0 - tx) + p(x1, y0) * tx) * (1.0 - ty) + (p(x0, y1) * (1.0 - tx) + p(x1, y1) * tx) * ty;
+            let v = (p(x0, y0) * (1.0 - tx) + p(x1, y0) * tx) * (1.0 - ty)
+                + (p(x0, y1) * (1.0 - tx) + p(x1, y1) * tx) * ty;
             *o = v.round().clamp(0.0, 255.0) as u8;
         }
         Rgb(out)
@@ -135,7 +147,9 @@ pub fn noise(img: &RgbImage, sigma: f32, seed: u64) -> RgbImage {
     for v in out.iter_mut() {
         let (u1, u2) = (uniform().max(1e-12), uniform());
         let g = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
-        *v = (f64::from(*v) + g * f64::from(sigma)).round().clamp(0.0, 255.0) as u8;
+        *v = (f64::from(*v) + g * f64::from(sigma))
+            .round()
+            .clamp(0.0, 255.0) as u8;
     }
     out
 }

@@ -99,13 +99,17 @@ pub fn decode_best(soft: &[f32], seed: u32) -> Option<(u64, bool)> {
     }
     // The tail drives the encoder back to state 0.
     let mut state = 0usize;
-    let mut bits = vec![0u8; MESSAGE_BITS];
+    let mut bits = [0u8; MESSAGE_BITS];
     for step in (0..MESSAGE_BITS).rev() {
         bits[step] = (state & 1) as u8;
         state = history[step][state] as usize;
     }
-    let payload = bits[..PAYLOAD_BITS].iter().fold(0u64, |acc, &b| acc << 1 | u64::from(b));
-    let crc = bits[PAYLOAD_BITS..PAYLOAD_BITS + CRC_BITS].iter().fold(0u32, |acc, &b| acc << 1 | u32::from(b));
+    let payload = bits[..PAYLOAD_BITS]
+        .iter()
+        .fold(0u64, |acc, &b| acc << 1 | u64::from(b));
+    let crc = bits[PAYLOAD_BITS..PAYLOAD_BITS + CRC_BITS]
+        .iter()
+        .fold(0u32, |acc, &b| acc << 1 | u32::from(b));
     Some((payload, crc == crc24(payload, seed)))
 }
 
@@ -114,7 +118,9 @@ mod tests {
     use super::*;
 
     fn soft(bits: &[u8]) -> Vec<f32> {
-        bits.iter().map(|&b| if b == 1 { 1.0 } else { -1.0 }).collect()
+        bits.iter()
+            .map(|&b| if b == 1 { 1.0 } else { -1.0 })
+            .collect()
     }
 
     #[test]
@@ -127,7 +133,11 @@ mod tests {
         for i in (0..CODED_BITS).step_by(17) {
             noisy[i] = -noisy[i];
         }
-        assert_eq!(decode(&noisy, 42), Some(payload), "11 flipped bits are corrected");
+        assert_eq!(
+            decode(&noisy, 42),
+            Some(payload),
+            "11 flipped bits are corrected"
+        );
     }
 
     #[test]

@@ -36,9 +36,9 @@ use sha2::{Digest, Sha256};
 /// Chips along one side of the tile.
 pub const CHIPS: usize = 32;
 const CHIP_COUNT: usize = CHIPS * CHIPS;
-/// Chips per coded bit.
-const SPREAD: usize = 4;
-const SYNC_CHIPS: usize = CHIP_COUNT - SPREAD * ecc::CODED_BITS;
+/// Chips of the fixed sync pattern; the rest carry the coded bits, each bit
+/// on 4 or 5 chips.
+const SYNC_CHIPS: usize = 160;
 /// Sub-bins per chip when folding.
 const SUB: usize = 4;
 const FOLD: usize = CHIPS * SUB;
@@ -67,7 +67,9 @@ pub struct WatermarkKey {
 
 impl WatermarkKey {
     pub fn from_secret(secret: &[u8]) -> Self {
-        Self { seed: Sha256::digest(secret).into() }
+        Self {
+            seed: Sha256::digest(secret).into(),
+        }
     }
 
     fn crc_seed(&self) -> u32 {
@@ -75,7 +77,9 @@ impl WatermarkKey {
     }
 
     fn rng(&self) -> SplitMix {
-        SplitMix(u64::from_le_bytes(self.seed[8..16].try_into().unwrap_or_default()))
+        SplitMix(u64::from_le_bytes(
+            self.seed[8..16].try_into().unwrap_or_default(),
+        ))
     }
 }
 
@@ -126,7 +130,7 @@ impl Layout {
             if k < SYNC_CHIPS {
                 sync[chip] = rng.sign();
             } else {
-                bit[chip] = (k - SYNC_CHIPS) / SPREAD;
+                bit[chip] = (k - SYNC_CHIPS) % ecc::CODED_BITS;
                 sign[chip] = rng.sign();
             }
         }
@@ -136,7 +140,15 @@ impl Layout {
     /// Chip values (±1) for a payload.
     fn chips(&self, coded: &[u8]) -> Vec<f32> {
         (0..CHIP_COUNT)
-            .map(|c| if self.bit[c] == usize::MAX { self.sync[c] } else if coded[self.bit[c]] == 1 { self.sign[c] } else { -self.sign[c] })
+            .map(|c| {
+                if self.bit[c] == usize::MAX {
+                    self.sync[c]
+                } else if coded[self.bit[c]] == 1 {
+                    self.sign[c]
+                } else {
+                    -self.sign[c]
+                }
+            })
             .collect()
     }
 }
@@ -226,7 +238,10 @@ fn box_blur(src: &[f32], w: usize, h: usize, r: usize) -> Vec<f32> {
     let mut n = (r.min(h - 1) + 1) as f32;
     for y in 0..h {
         let inv = 1.0 / n;
-        out[y * w..(y + 1) * w].iter_mut().zip(&sum).for_each(|(o, s)| *o = s * inv);
+        out[y * w..(y + 1) * w]
+            .iter_mut()
+            .zip(&sum)
+            .for_each(|(o, s)| *o = s * inv);
         if y + r + 1 < h {
             let add = &tmp[(y + r + 1) * w..(y + r + 2) * w];
             sum.iter_mut().zip(add).for_each(|(s, v)| *s += v);
@@ -243,7 +258,12 @@ fn box_blur(src: &[f32], w: usize, h: usize, r: usize) -> Vec<f32> {
 
 /// Marks `img` with `payload`. The result differs from the input only in
 /// luminance, by a smooth pattern whose strength follows the texture.
-pub fn embed(img: &RgbImage, payload: u64, key: &WatermarkKey, opts: EmbedOptions) -> Result<RgbImage, WatermarkError> {
+pub fn embed(
+    img: &RgbImage,
+    payload: u64,
+    key: &WatermarkKey,
+    opts: EmbedOptions,
+) -> Result<RgbImage, WatermarkError> {
     let (w, h) = (img.width() as usize, img.height() as usize);
     if w < 128 || h < 128 {
         return Err(WatermarkError::TooSmall(img.width(), img.height()));
@@ -269,7 +289,9 @@ pub fn embed(img: &RgbImage, payload: u64, key: &WatermarkKey, opts: EmbedOption
     // The mask through a table: a power per pixel would dominate the cost.
     const STEPS: usize = 1024;
     let (lo, hi) = (0.25f32, 3.0f32);
-    let table: Vec<f32> = (0..=STEPS).map(|i| (lo + (hi - lo) * i as f32 / STEPS as f32).powf(MASK_EXPONENT)).collect();
+    let table: Vec<f32> = (0..=STEPS)
+        .map(|i| (lo + (hi - lo) * i as f32 / STEPS as f32).powf(MASK_EXPONENT))
+        .collect();
     let to_index = STEPS as f32 / ((hi - lo) * mean);
     let mut delta = vec![0.0f32; w * h];
     let mut energy = 0.0f64;
@@ -301,7 +323,11 @@ pub fn embed(img: &RgbImage, payload: u64, key: &WatermarkKey, opts: EmbedOption
             }
         }
         let mse = err as f64 / (3 * w * h) as f64;
-        let db = if mse == 0.0 { f64::INFINITY } else { 10.0 * (255.0f64 * 255.0 / mse).log10() };
+        let db = if mse == 0.0 {
+            f64::INFINITY
+        } else {
+            10.0 * (255.0f64 * 255.0 / mse).log10()
+        };
         (out, db)
     };
     let (out, got) = apply(gain);
@@ -343,7 +369,11 @@ pub fn detect(img: &RgbImage, key: &WatermarkKey) -> Option<Detection> {
 
 /// Like [`detect`], with the best guess even when the CRC does not check.
 pub fn analyze(img: &RgbImage, key: &WatermarkKey) -> Analysis {
-    let none = Analysis { best_payload: None, detection: None, sync_z: 0.0 };
+    let none = Analysis {
+        best_payload: None,
+        detection: None,
+        sync_z: 0.0,
+    };
     let (w0, h0) = (img.width() as usize, img.height() as usize);
     if w0 < 64 || h0 < 64 {
         return none;
@@ -359,7 +389,8 @@ pub fn analyze(img: &RgbImage, key: &WatermarkKey) -> Analysis {
             for (xx, out) in y[yy * w..(yy + 1) * w].iter_mut().enumerate() {
                 for dx in 0..k {
                     let p = &src[(xx * k + dx) * 3..(xx * k + dx) * 3 + 3];
-                    *out += 0.299 * f32::from(p[0]) + 0.587 * f32::from(p[1]) + 0.114 * f32::from(p[2]);
+                    *out +=
+                        0.299 * f32::from(p[0]) + 0.587 * f32::from(p[1]) + 0.114 * f32::from(p[2]);
                 }
             }
         }
@@ -372,7 +403,24 @@ pub fn analyze(img: &RgbImage, key: &WatermarkKey) -> Analysis {
     // Normalise by the local residual level: the mark is weak against busy
     // texture and strong against flat areas, so flat areas must count.
     let level = box_blur(&raw.iter().map(|v| v.abs()).collect::<Vec<_>>(), w, h, 3);
-    let residual: Vec<f32> = raw.iter().zip(&level).map(|(r, l)| (r / (l + 1.0)).clamp(-3.0, 3.0)).collect();
+    let mut residual: Vec<f32> = raw
+        .iter()
+        .zip(&level)
+        .map(|(r, l)| (r / (l + 1.0)).clamp(-3.0, 3.0))
+        .collect();
+    // Flat fills (the corners a rotation leaves, letterboxing, saturated
+    // areas) carry no mark; their borders are straight edges that would
+    // only confuse the lattice search. Blank them and a margin around them.
+    let flat: Vec<f32> = level
+        .iter()
+        .map(|&l| if l < 0.05 { 1.0 } else { 0.0 })
+        .collect();
+    let near_flat = box_blur(&flat, w, h, 4);
+    for (r, f) in residual.iter_mut().zip(&near_flat) {
+        if *f > 0.0 {
+            *r = 0.0;
+        }
+    }
 
     let layout = Layout::new(key);
     let seed = key.crc_seed();
@@ -395,11 +443,17 @@ pub fn analyze(img: &RgbImage, key: &WatermarkKey) -> Analysis {
     // Decode the best candidate; when that fails, refine angle and scale on
     // the sync measure and decode the best refinement. At most two CRC
     // checks per image keep false positives below 10⁻⁶.
-    let mut best = Analysis { best_payload: None, detection: None, sync_z: coarse.0 };
+    let mut best = Analysis {
+        best_payload: None,
+        detection: None,
+        sync_z: coarse.0,
+    };
     let (p0, a0) = (coarse.1, coarse.2);
     let mut next = Some(coarse);
     for round in 0..2 {
-        let Some((z, period, angle, offset, folded)) = next.take() else { break };
+        let Some((z, period, angle, offset, folded)) = next.take() else {
+            break;
+        };
         best.sync_z = best.sync_z.max(z);
         if z >= MIN_SYNC_Z {
             let soft = read_bits(&folded, offset, &layout);
@@ -407,7 +461,11 @@ pub fn analyze(img: &RgbImage, key: &WatermarkKey) -> Analysis {
                 best.best_payload = Some(payload);
                 if ok {
                     let coded = ecc::encode(payload, seed);
-                    let agree = soft.iter().zip(&coded).filter(|(s, c)| (**s > 0.0) == (**c == 1)).count();
+                    let agree = soft
+                        .iter()
+                        .zip(&coded)
+                        .filter(|(s, c)| (**s > 0.0) == (**c == 1))
+                        .count();
                     let original_period = (CHIPS * chip_size(img.width(), img.height())) as f32;
                     best.detection = Some(Detection {
                         payload,
@@ -422,10 +480,19 @@ pub fn analyze(img: &RgbImage, key: &WatermarkKey) -> Analysis {
             }
         }
         if round == 0 {
-            next = [(0.2f32, 1.0f32), (-0.2, 1.0), (0.0, 1.005), (0.0, 0.995), (0.2, 1.005), (-0.2, 0.995), (0.2, 0.995), (-0.2, 1.005)]
-                .into_iter()
-                .map(|(da, ds)| probe(p0 * ds, a0 + da.to_radians()))
-                .max_by(|a, b| a.0.total_cmp(&b.0));
+            next = [
+                (0.2f32, 1.0f32),
+                (-0.2, 1.0),
+                (0.0, 1.005),
+                (0.0, 0.995),
+                (0.2, 1.005),
+                (-0.2, 0.995),
+                (0.2, 0.995),
+                (-0.2, 1.005),
+            ]
+            .into_iter()
+            .map(|(da, ds)| probe(p0 * ds, a0 + da.to_radians()))
+            .max_by(|a, b| a.0.total_cmp(&b.0));
         }
     }
     best
@@ -455,20 +522,28 @@ fn find_lattices(residual: &[f32], w: usize, h: usize) -> Vec<Lattice> {
         *c = Complex32::new(p / (s + 1e-6), 0.0);
     }
     fft2(&mut planner, &mut grid, n, true);
-    let acf = |dx: i64, dy: i64| grid[(dy.rem_euclid(n as i64) as usize) * n + dx.rem_euclid(n as i64) as usize].re;
+    let acf = |dx: i64, dy: i64| {
+        grid[(dy.rem_euclid(n as i64) as usize) * n + dx.rem_euclid(n as i64) as usize].re
+    };
 
     // The tile is a quarter of the short side at embedding (a little less
     // after rounding to whole chips); resizing keeps that ratio and cropping
     // raises it, so the period lies in a band of the short side here.
     let short = w.min(h) as f32;
-    let (min_len, max_len) = ((short * MIN_PERIOD_RATIO).max(12.0), (short * MAX_PERIOD_RATIO).min(n as f32 / 2.0 - 2.0));
+    let (min_len, max_len) = (
+        (short * MIN_PERIOD_RATIO).max(12.0),
+        (short * MAX_PERIOD_RATIO).min(n as f32 / 2.0 - 2.0),
+    );
     // Candidate lattice vectors: the strongest local maxima of the score,
     // and half of each (in case a multiple outscored the fundamental). The
     // caller keeps the one the sync pattern confirms best.
     let score = |x: i64, y: i64| acf(x, y) + acf(-y, x);
     let in_band = |x: i64, y: i64| {
         let len = ((x * x + y * y) as f32).sqrt();
-        x > 0 && len >= min_len && len <= max_len && (y as f32 / x as f32).atan().abs() <= 8f32.to_radians()
+        x > 0
+            && len >= min_len
+            && len <= max_len
+            && (y as f32 / x as f32).atan().abs() <= 8f32.to_radians()
     };
     let mut peaks: Vec<(f32, i64, i64)> = Vec::new();
     for dy in -(max_len as i64)..=(max_len as i64) {
@@ -477,17 +552,35 @@ fn find_lattices(residual: &[f32], w: usize, h: usize) -> Vec<Lattice> {
                 continue;
             }
             let v = score(dx, dy);
-            if v <= 0.0 || [(1, 0), (-1, 0), (0, 1), (0, -1)].iter().any(|(ex, ey)| score(dx + ex, dy + ey) > v) {
+            if v <= 0.0
+                || [(1, 0), (-1, 0), (0, 1), (0, -1)]
+                    .iter()
+                    .any(|(ex, ey)| score(dx + ex, dy + ey) > v)
+            {
                 continue;
             }
-            peaks.push((v, dx, dy));
+            // Rank by prominence over the same direction a little shorter and
+            // longer: a straight edge in the image (a rotated frame, a
+            // horizon) makes a ridge along its direction, the lattice a point.
+            let len = ((dx * dx + dy * dy) as f32).sqrt();
+            let at = |f: f32| {
+                score(
+                    (dx as f32 * f).round() as i64,
+                    (dy as f32 * f).round() as i64,
+                )
+            };
+            let (near, far) = (1.0 - 6.0 / len, 1.0 + 6.0 / len);
+            peaks.push((v - 0.5 * (at(near) + at(far)), dx, dy));
         }
     }
     peaks.sort_by(|a, b| b.0.total_cmp(&a.0));
     let mut starts: Vec<(i64, i64)> = Vec::new();
     for &(_, x, y) in peaks.iter().take(LATTICE_CANDIDATES) {
         starts.push((x, y));
-        let (hx, hy) = ((x as f32 / 2.0).round() as i64, (y as f32 / 2.0).round() as i64);
+        let (hx, hy) = (
+            (x as f32 / 2.0).round() as i64,
+            (y as f32 / 2.0).round() as i64,
+        );
         if in_band(hx, hy) {
             starts.push((hx, hy));
         }
@@ -495,11 +588,18 @@ fn find_lattices(residual: &[f32], w: usize, h: usize) -> Vec<Lattice> {
     // Sub-pixel refinement by a parabola through the neighbours.
     let refine = |c: f32, m: f32, p: f32| {
         let d = m - 2.0 * c + p;
-        if d.abs() < 1e-9 { 0.0 } else { (0.5 * (m - p) / d).clamp(-0.5, 0.5) }
+        if d.abs() < 1e-9 {
+            0.0
+        } else {
+            (0.5 * (m - p) / d).clamp(-0.5, 0.5)
+        }
     };
     let peak_at = |x: i64, y: i64| {
         let c = acf(x, y);
-        (x as f32 + refine(c, acf(x - 1, y), acf(x + 1, y)), y as f32 + refine(c, acf(x, y - 1), acf(x, y + 1)))
+        (
+            x as f32 + refine(c, acf(x - 1, y), acf(x + 1, y)),
+            y as f32 + refine(c, acf(x, y - 1), acf(x, y + 1)),
+        )
     };
     let mut lattices = Vec::new();
     for (bx, by) in starts {
@@ -540,13 +640,20 @@ fn find_lattices(residual: &[f32], w: usize, h: usize) -> Vec<Lattice> {
         }
         let fx = estimates.iter().map(|e| e.0 * e.2).sum::<f32>() / total;
         let fy = estimates.iter().map(|e| e.1 * e.2).sum::<f32>() / total;
-        lattices.push(Lattice { period: (fx * fx + fy * fy).sqrt(), angle: fy.atan2(fx) });
+        lattices.push(Lattice {
+            period: (fx * fx + fy * fy).sqrt(),
+            angle: fy.atan2(fx),
+        });
     }
     lattices
 }
 
 fn fft2(planner: &mut FftPlanner<f32>, data: &mut [Complex32], n: usize, inverse: bool) {
-    let fft = if inverse { planner.plan_fft_inverse(n) } else { planner.plan_fft_forward(n) };
+    let fft = if inverse {
+        planner.plan_fft_inverse(n)
+    } else {
+        planner.plan_fft_forward(n)
+    };
     fft2_with(&fft, data, n);
 }
 
@@ -615,10 +722,17 @@ impl Aligner {
         let mut planner = FftPlanner::<f32>::new();
         let forward = planner.plan_fft_forward(FOLD);
         let inverse = planner.plan_fft_inverse(FOLD);
-        let mut template: Vec<Complex32> = render_tile(&layout.sync, FOLD).iter().map(|&v| Complex32::new(v, 0.0)).collect();
+        let mut template: Vec<Complex32> = render_tile(&layout.sync, FOLD)
+            .iter()
+            .map(|&v| Complex32::new(v, 0.0))
+            .collect();
         fft2_with(&forward, &mut template, FOLD);
         template.iter_mut().for_each(|c| *c = c.conj());
-        Self { template, forward, inverse }
+        Self {
+            template,
+            forward,
+            inverse,
+        }
     }
 
     /// Circular cross-correlation of the folded tile with the sync pattern:
@@ -631,10 +745,16 @@ impl Aligner {
         }
         fft2_with(&self.inverse, &mut a, FOLD);
         let re: Vec<f32> = a.iter().map(|c| c.re).collect();
-        let (idx, peak) = re.iter().enumerate().fold((0, f32::MIN), |m, (i, &v)| if v > m.1 { (i, v) } else { m });
+        let (idx, peak) = re
+            .iter()
+            .enumerate()
+            .fold((0, f32::MIN), |m, (i, &v)| if v > m.1 { (i, v) } else { m });
         let mean = re.iter().sum::<f32>() / re.len() as f32;
         let var = re.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / re.len() as f32;
-        ((idx % FOLD, idx / FOLD), (peak - mean) / var.sqrt().max(1e-12))
+        (
+            (idx % FOLD, idx / FOLD),
+            (peak - mean) / var.sqrt().max(1e-12),
+        )
     }
 }
 
@@ -662,7 +782,9 @@ fn read_bits(folded: &[f32], (ox, oy): (usize, usize), layout: &Layout) -> Vec<f
             soft[b] += layout.sign[chip] * v;
         }
     }
-    let rms = (soft.iter().map(|s| s * s).sum::<f32>() / soft.len() as f32).sqrt().max(1e-12);
+    let rms = (soft.iter().map(|s| s * s).sum::<f32>() / soft.len() as f32)
+        .sqrt()
+        .max(1e-12);
     soft.iter().map(|s| s / rms).collect()
 }
 
@@ -678,5 +800,9 @@ pub fn psnr(a: &RgbImage, b: &RgbImage) -> f64 {
         })
         .sum::<f64>()
         / a.as_raw().len().max(1) as f64;
-    if mse == 0.0 { f64::INFINITY } else { 10.0 * (255.0f64 * 255.0 / mse).log10() }
+    if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (255.0f64 * 255.0 / mse).log10()
+    }
 }
