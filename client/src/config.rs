@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+/// The watermark key used when none is configured (development only).
+pub const DEVELOPMENT_WATERMARK_KEY: &str = "hallmark-development-watermark-key";
+
 /// Everything the CLI reads from configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
@@ -18,6 +21,9 @@ pub struct ClientConfig {
     pub tenant: String,
     /// Local workers the embedded farm starts.
     pub workers: u32,
+    /// Secret the invisible watermark is keyed with. The default is for
+    /// development only: a deployment sets its own, or anyone can forge marks.
+    pub watermark_key: String,
 }
 
 impl Default for ClientConfig {
@@ -30,6 +36,7 @@ impl Default for ClientConfig {
             state_dir,
             tenant: "default".into(),
             workers: 2,
+            watermark_key: DEVELOPMENT_WATERMARK_KEY.into(),
         }
     }
 }
@@ -41,7 +48,8 @@ impl ClientConfig {
         builder = builder
             .set_default("state_dir", defaults.state_dir.display().to_string())?
             .set_default("tenant", defaults.tenant)?
-            .set_default("workers", defaults.workers)?;
+            .set_default("workers", defaults.workers)?
+            .set_default("watermark_key", defaults.watermark_key)?;
         let default_file =
             std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/hallmark/config.toml"));
         match file {

@@ -87,6 +87,23 @@ pub enum Command {
     /// Register or list training datasets.
     #[command(subcommand)]
     Datasets(DatasetsCommand),
+    /// Embed or detect the invisible watermark (keyed by `watermark_key`).
+    #[command(subcommand)]
+    Watermark(WatermarkCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WatermarkCommand {
+    /// Mark an image with a 64-bit payload (PNG or JPEG out, by extension).
+    Embed {
+        input: PathBuf,
+        output: PathBuf,
+        /// 64-bit payload as up to 16 hex digits.
+        #[arg(long)]
+        payload: String,
+    },
+    /// Look for a mark; exit 0 when found, 2 when none was found.
+    Detect { input: PathBuf },
 }
 
 /// What to render: the prompts and everything that sets the pixels.
@@ -237,6 +254,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Render(args) => render(&cfg, args, json).await,
         Command::Up(args) => up(&cfg, args).await,
+        Command::Watermark(cmd) => watermark_command(&cfg, cmd, json),
         command => {
             let url = cfg.coordinator.clone().context(
                 "no coordinator configured: pass --coordinator URL, set HALLMARK_COORDINATOR, or run `hallmark up`",
@@ -532,7 +550,9 @@ async fn remote_command(
                 }
             }
         }
-        Command::Render(_) | Command::Up(_) => unreachable!("handled before connecting"),
+        Command::Render(_) | Command::Up(_) | Command::Watermark(_) => {
+            unreachable!("handled before connecting")
+        }
     }
     Ok(0)
 }
@@ -725,4 +745,104 @@ fn hash_file(path: &Path) -> anyhow::Result<(String, u64)> {
         hasher.update(&buf[..n]);
     }
     Ok((hex::encode(hasher.finalize()), size))
+}
+
+/// `hallmark watermark embed|detect`: offline, on local files.
+fn watermark_command(cfg: &ClientConfig, cmd: WatermarkCommand, json: bool) -> anyhow::Result<i32> {
+    use hallmark_provenance::watermark;
+    let key = watermark::WatermarkKey::from_secret(cfg.watermark_key.as_bytes());
+    let read = |path: &Path| -> anyhow::Result<image::RgbImage> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let img = image::load_from_memory(&bytes).with_context(|| {
+            format!(
+                "{} is not a PNG or JPEG image this build can read",
+                path.display()
+            )
+        })?;
+        Ok(img.to_rgb8())
+    };
+    match cmd {
+        WatermarkCommand::Embed {
+            input,
+            output,
+            payload,
+        } => {
+            let digits = payload.trim_start_matches("0x");
+            if digits.is_empty() || digits.len() > 16 {
+                bail!("--payload {payload:?} must be 1 to 16 hex digits (64 bits)");
+            }
+            let value = u64::from_str_radix(digits, 16)
+                .with_context(|| format!("--payload {payload:?} is not hexadecimal"))?;
+            let format = match output
+                .extension()
+                .and_then(|e| e.to_str())
+                .map(str::to_ascii_lowercase)
+                .as_deref()
+            {
+                Some("png") => image::ImageFormat::Png,
+                Some("jpg" | "jpeg") => image::ImageFormat::Jpeg,
+                _ => bail!(
+                    "output {} must end in .png, .jpg or .jpeg",
+                    output.display()
+                ),
+            };
+            let img = read(&input)?;
+            let marked = watermark::embed(&img, value, &key, watermark::EmbedOptions::default())
+                .with_context(|| format!("marking {}", input.display()))?;
+            let mut bytes = Vec::new();
+            let encoded = if format == image::ImageFormat::Jpeg {
+                image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 95)
+                    .encode_image(&marked)
+            } else {
+                marked.write_to(&mut std::io::Cursor::new(&mut bytes), format)
+            };
+            encoded.with_context(|| format!("encoding {}", output.display()))?;
+            remote::write_atomic(&output, &bytes)?;
+            let psnr = watermark::psnr(&img, &marked);
+            if json {
+                println!(
+                    "{}",
+                    json!({"output": output, "payload": format!("{value:016x}"), "psnr_db": psnr})
+                );
+            } else {
+                println!(
+                    "marked {} with payload {value:016x} (PSNR {psnr:.1} dB)",
+                    output.display()
+                );
+            }
+            Ok(0)
+        }
+        WatermarkCommand::Detect { input } => {
+            let img = read(&input)?;
+            match watermark::detect(&img, &key) {
+                Some(d) => {
+                    if json {
+                        println!(
+                            "{}",
+                            json!({"found": true, "payload": format!("{:016x}", d.payload), "confidence": d.sync_z,
+                                   "bit_agreement": d.agreement, "scale": d.scale, "rotation_deg": d.rotation_deg})
+                        );
+                    } else {
+                        println!(
+                            "watermark {:016x} (confidence {:.1}σ, {:.0}% of coded bits agree; scale {:.2}, rotation {:.1}°)",
+                            d.payload,
+                            d.sync_z,
+                            d.agreement * 100.0,
+                            d.scale,
+                            d.rotation_deg
+                        );
+                    }
+                    Ok(0)
+                }
+                None => {
+                    if json {
+                        println!("{}", json!({"found": false}));
+                    } else {
+                        println!("no watermark found in {}", input.display());
+                    }
+                    Ok(2)
+                }
+            }
+        }
+    }
 }

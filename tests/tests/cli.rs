@@ -429,3 +429,94 @@ async fn a_failing_task_fails_its_job_with_the_reason_and_retry_runs_it_again() 
         "two attempts, twice"
     );
 }
+
+#[test]
+fn watermark_embed_and_detect_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let photo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/data/images/rocket.jpg");
+    let marked = dir.path().join("marked.jpg");
+    let m = marked.to_str().unwrap();
+    let out = hallmark(&[
+        "--json",
+        "watermark",
+        "embed",
+        photo.to_str().unwrap(),
+        m,
+        "--payload",
+        "c0ffee0123456789",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let embedded: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(embedded["psnr_db"].as_f64().unwrap() >= 42.0);
+    let found = json(&["--json", "watermark", "detect", m]);
+    assert_eq!(found["found"], true);
+    assert_eq!(found["payload"], "c0ffee0123456789");
+    // Unmarked: exit 2 and says so.
+    let out = hallmark(&["watermark", "detect", photo.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no watermark found"));
+    // Another key sees nothing.
+    let other = std::process::Command::new(bin("hallmark"))
+        .args(["watermark", "detect", m])
+        .env("HALLMARK_WATERMARK_KEY", "another deployment")
+        .output()
+        .unwrap();
+    assert_eq!(other.status.code(), Some(2));
+    // Bad input: a clear error, exit 1, no output file.
+    let junk = dir.path().join("junk.png");
+    std::fs::write(&junk, b"not an image").unwrap();
+    let bad = dir.path().join("never.png");
+    for (args, needle) in [
+        (
+            vec!["watermark", "detect", junk.to_str().unwrap()],
+            "not a PNG or JPEG",
+        ),
+        (
+            vec![
+                "watermark",
+                "embed",
+                photo.to_str().unwrap(),
+                bad.to_str().unwrap(),
+                "--payload",
+                "xyz",
+            ],
+            "not hexadecimal",
+        ),
+        (
+            vec![
+                "watermark",
+                "embed",
+                photo.to_str().unwrap(),
+                bad.to_str().unwrap(),
+                "--payload",
+                "11112222333344445",
+            ],
+            "1 to 16 hex digits",
+        ),
+        (
+            vec![
+                "watermark",
+                "embed",
+                junk.to_str().unwrap(),
+                bad.to_str().unwrap(),
+                "--payload",
+                "1",
+            ],
+            "not a PNG or JPEG",
+        ),
+    ] {
+        let out = hallmark(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(needle),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(!bad.exists());
+}
