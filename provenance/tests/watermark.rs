@@ -26,17 +26,8 @@ fn at_width(img: &RgbImage, width: u32) -> RgbImage {
     image::imageops::resize(img, width, height, image::imageops::FilterType::Lanczos3)
 }
 
-/// A smooth colour field with soft bands, like a low-texture generated image.
 fn generated(width: u32, height: u32, seed: u32) -> RgbImage {
-    RgbImage::from_fn(width, height, |x, y| {
-        let (u, v) = (x as f32 / width as f32, y as f32 / height as f32);
-        let t = (u * 6.0 + seed as f32).sin() * 0.5 + (v * 4.0 + u * 2.0).cos() * 0.5;
-        image::Rgb([
-            (120.0 + 80.0 * t + 40.0 * u) as u8,
-            (90.0 + 60.0 * v + 30.0 * t) as u8,
-            (150.0 - 70.0 * t * v) as u8,
-        ])
-    })
+    watermark::attacks::smooth_field(width, height, seed)
 }
 
 fn key() -> WatermarkKey {

@@ -161,3 +161,17 @@ pub fn brightness(img: &RgbImage, factor: f32) -> RgbImage {
     }
     out
 }
+
+/// A smooth colour field with soft bands: a stand-in for the low-texture
+/// images generators produce, for tests and benchmarks.
+pub fn smooth_field(width: u32, height: u32, seed: u32) -> RgbImage {
+    RgbImage::from_fn(width, height, |x, y| {
+        let (u, v) = (x as f32 / width as f32, y as f32 / height as f32);
+        let t = (u * 6.0 + seed as f32).sin() * 0.5 + (v * 4.0 + u * 2.0).cos() * 0.5;
+        Rgb([
+            (120.0 + 80.0 * t + 40.0 * u) as u8,
+            (90.0 + 60.0 * v + 30.0 * t) as u8,
+            (150.0 - 70.0 * t * v) as u8,
+        ])
+    })
+}

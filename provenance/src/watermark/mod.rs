@@ -284,7 +284,12 @@ pub fn embed(
         }
     }
     let activity = box_blur(&lap, w, h, c);
-    let mean = (activity.iter().sum::<f32>() / activity.len() as f32).max(1e-3);
+    let mean = (activity
+        .chunks(1024)
+        .map(|c| f64::from(c.iter().sum::<f32>()))
+        .sum::<f64>()
+        / activity.len() as f64)
+        .max(1e-3) as f32;
 
     // The mask through a table: a power per pixel would dominate the cost.
     const STEPS: usize = 1024;
@@ -295,45 +300,52 @@ pub fn embed(
     let to_index = STEPS as f32 / ((hi - lo) * mean);
     let mut delta = vec![0.0f32; w * h];
     let mut energy = 0.0f64;
-    for yy in 0..h {
+    for (yy, (out, act)) in delta
+        .chunks_exact_mut(w)
+        .zip(activity.chunks_exact(w))
+        .enumerate()
+    {
         let row = &tile[(yy % period) * period..(yy % period + 1) * period];
-        for xx in 0..w {
-            let i = yy * w + xx;
-            let m = table[((activity[i] - lo * mean) * to_index).clamp(0.0, STEPS as f32) as usize];
-            let d = m * row[xx % period];
-            delta[i] = d;
-            energy += f64::from(d * d);
-        }
-    }
-    let target_rms = 255.0 / 10f64.powf(opts.target_psnr / 20.0);
-    // Rounding to 8 bits adds about 1/12 of a level² of error on its own.
-    let target = (target_rms * target_rms - 1.0 / 12.0).max(0.1).sqrt();
-    let gain = (target / (energy / (w * h) as f64).sqrt().max(1e-9)) as f32;
-
-    // Returns the marked image and its PSNR against the original.
-    let apply = |gain: f32| {
-        let mut out = img.clone();
-        let mut err = 0u64;
-        for (i, p) in out.pixels_mut().enumerate() {
-            let d = gain * delta[i] + 0.5;
-            for ch in p.0.iter_mut() {
-                let v = (f32::from(*ch) + d).clamp(0.0, 255.0) as u8;
-                err += u64::from(v.abs_diff(*ch)).pow(2);
-                *ch = v;
+        let mut row_energy = 0.0f32;
+        // The tile row repeats across the image row: walk it in whole periods.
+        for (out, act) in out.chunks_mut(period).zip(act.chunks(period)) {
+            for ((o, &a), &t) in out.iter_mut().zip(act).zip(row) {
+                let m = table[((a - lo * mean) * to_index).clamp(0.0, STEPS as f32) as usize];
+                let d = m * t;
+                *o = d;
+                row_energy += d * d;
             }
         }
-        let mse = err as f64 / (3 * w * h) as f64;
-        let db = if mse == 0.0 {
+        energy += f64::from(row_energy);
+    }
+    // The same rounding the pixels get, so the PSNR is known before they
+    // are touched; clipping at 0 and 255 can only raise it further.
+    let round = |x: f32| (x + 0.5f32.copysign(x)) as i32;
+    let rounded_psnr = |gain: f32| {
+        let err: u64 = delta.iter().map(|&d| round(gain * d).pow(2) as u64).sum();
+        let mse = err as f64 / (w * h) as f64;
+        if mse == 0.0 {
             f64::INFINITY
         } else {
             10.0 * (255.0f64 * 255.0 / mse).log10()
-        };
-        (out, db)
+        }
     };
-    let (out, got) = apply(gain);
-    // Rounding and clipping move the PSNR a little; never end below target.
-    if got < opts.target_psnr {
-        return Ok(apply(gain * 10f32.powf(((got - opts.target_psnr) / 20.0) as f32) * 0.99).0);
+    let target_rms = 255.0 / 10f64.powf(opts.target_psnr / 20.0);
+    let mut gain = (target_rms / (energy / (w * h) as f64).sqrt().max(1e-9)) as f32;
+    for _ in 0..8 {
+        let got = rounded_psnr(gain);
+        if got >= opts.target_psnr {
+            break;
+        }
+        gain *= 10f32.powf(((got - opts.target_psnr) / 20.0) as f32) * 0.995;
+    }
+
+    let mut out = img.clone();
+    for (px, &d) in out.as_mut().chunks_exact_mut(3).zip(&delta) {
+        let d = round(gain * d);
+        for ch in px {
+            *ch = (i32::from(*ch) + d).clamp(0, 255) as u8;
+        }
     }
     Ok(out)
 }
@@ -415,10 +427,12 @@ pub fn analyze(img: &RgbImage, key: &WatermarkKey) -> Analysis {
         .iter()
         .map(|&l| if l < 0.05 { 1.0 } else { 0.0 })
         .collect();
-    let near_flat = box_blur(&flat, w, h, 4);
-    for (r, f) in residual.iter_mut().zip(&near_flat) {
-        if *f > 0.0 {
-            *r = 0.0;
+    if flat.contains(&1.0) {
+        let near_flat = box_blur(&flat, w, h, 4);
+        for (r, f) in residual.iter_mut().zip(&near_flat) {
+            if *f > 0.0 {
+                *r = 0.0;
+            }
         }
     }
 
@@ -513,7 +527,12 @@ fn find_lattices(residual: &[f32], w: usize, h: usize) -> Vec<Lattice> {
             grid[y * n + x].re = residual[y * w + x];
         }
     }
-    fft2(&mut planner, &mut grid, n, false);
+    // Forward transform left transposed: the whitening below is symmetric
+    // in x and y, and the inverse transform transposes it back.
+    let forward = planner.plan_fft_forward(n);
+    forward.process(&mut grid);
+    transpose(&mut grid, n);
+    forward.process(&mut grid);
     // Whiten: divide the power spectrum by its local average so the mark's
     // harmonics (spikes) stand out from the image's smooth spectrum.
     let power: Vec<f32> = grid.iter().map(|c| c.norm_sqr()).collect();
@@ -521,7 +540,10 @@ fn find_lattices(residual: &[f32], w: usize, h: usize) -> Vec<Lattice> {
     for (c, (p, s)) in grid.iter_mut().zip(power.iter().zip(&smooth)) {
         *c = Complex32::new(p / (s + 1e-6), 0.0);
     }
-    fft2(&mut planner, &mut grid, n, true);
+    let inverse = planner.plan_fft_inverse(n);
+    inverse.process(&mut grid);
+    transpose(&mut grid, n);
+    inverse.process(&mut grid);
     let acf = |dx: i64, dy: i64| {
         grid[(dy.rem_euclid(n as i64) as usize) * n + dx.rem_euclid(n as i64) as usize].re
     };
@@ -648,15 +670,6 @@ fn find_lattices(residual: &[f32], w: usize, h: usize) -> Vec<Lattice> {
     lattices
 }
 
-fn fft2(planner: &mut FftPlanner<f32>, data: &mut [Complex32], n: usize, inverse: bool) {
-    let fft = if inverse {
-        planner.plan_fft_inverse(n)
-    } else {
-        planner.plan_fft_forward(n)
-    };
-    fft2_with(&fft, data, n);
-}
-
 /// A 2-D FFT of an n×n grid: rows, then columns (through a transpose, which
 /// keeps the column pass cache-friendly).
 fn fft2_with(fft: &std::sync::Arc<dyn rustfft::Fft<f32>>, data: &mut [Complex32], n: usize) {
@@ -666,10 +679,17 @@ fn fft2_with(fft: &std::sync::Arc<dyn rustfft::Fft<f32>>, data: &mut [Complex32]
     transpose(data, n);
 }
 
+/// In-place transpose of an n×n grid, in blocks that stay in cache.
 fn transpose(data: &mut [Complex32], n: usize) {
-    for y in 0..n {
-        for x in y + 1..n {
-            data.swap(y * n + x, x * n + y);
+    const B: usize = 16;
+    for by in (0..n).step_by(B) {
+        for bx in (by..n).step_by(B) {
+            for y in by..(by + B).min(n) {
+                let start = if bx == by { y + 1 } else { bx };
+                for x in start..(bx + B).min(n) {
+                    data.swap(y * n + x, x * n + y);
+                }
+            }
         }
     }
 }
