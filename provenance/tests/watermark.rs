@@ -1,5 +1,5 @@
 //! The watermark against the targets, on real photographs
-//! (`../shared/data/images`) and on smooth generated-looking images, at 512
+//! (`tests/data/images`) and on smooth generated-looking images, at 512
 //! and 1024 pixels wide: PSNR ≥ 42 dB, and the exact payload back after every
 //! attack in the suite; nothing found on unmarked images or with another key.
 
@@ -10,7 +10,7 @@ fn photos_dir() -> std::path::PathBuf {
     std::env::var_os("HALLMARK_TEST_IMAGES")
         .map(Into::into)
         .unwrap_or_else(|| {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/images")
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/images")
         })
 }
 

@@ -288,6 +288,31 @@ where
     }
 }
 
+/// Waits until at least `n` live workers are registered at `url`.
+pub async fn wait_for_workers(url: &str, n: usize) {
+    let w = workers_client(url).await;
+    eventually("workers registered", Duration::from_secs(20), || {
+        let mut w = w.clone();
+        async move {
+            w.list_workers(hallmark_proto::v1::ListWorkersRequest {})
+                .await
+                .map(|r| r.into_inner().workers.iter().filter(|w| w.live).count() >= n)
+                .unwrap_or(false)
+        }
+    })
+    .await;
+}
+
+/// Waits until the single-number query `sql` on `db` satisfies `want`.
+pub async fn wait_for_count(db: &str, what: &str, sql: &str, want: impl Fn(i64) -> bool) {
+    eventually(what, Duration::from_secs(30), || {
+        let v = scalar(db, sql);
+        let ok = &want;
+        async move { ok(v.await) }
+    })
+    .await;
+}
+
 /// A private `redis-server` this test may stop and restart.
 pub struct PrivateRedis {
     pub port: u16,

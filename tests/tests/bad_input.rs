@@ -1,8 +1,6 @@
 //! Bad input: each case gets a clear error naming what was wrong, a non-zero
 //! exit, and leaves no rows behind.
 
-use std::time::Duration;
-
 use bytes::{Buf, BufMut};
 use hallmark_e2e::*;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -69,17 +67,7 @@ async fn bad_input_is_refused_clearly_and_creates_nothing() {
     let _c = spec.start().await;
     let url = spec.url();
     let _w = start_worker(&url, "w", 0, &[]);
-    let w = workers_client(&url).await;
-    eventually("worker registered", Duration::from_secs(20), || {
-        let mut w = w.clone();
-        async move {
-            w.list_workers(hallmark_proto::v1::ListWorkersRequest {})
-                .await
-                .map(|r| !r.into_inner().workers.is_empty())
-                .unwrap_or(false)
-        }
-    })
-    .await;
+    wait_for_workers(&url, 1).await;
 
     let p = |name: &str, bytes: &[u8]| {
         let path = dir.path().join(name);

@@ -85,20 +85,11 @@ async fn pause_resume_cancel_and_listings_from_the_cli() {
     let paused = on(&url, &["pause", &id]);
     assert_eq!(paused["state"], "paused");
     // The worker hears of the pause on its next heartbeat and drops its lease.
-    eventually(
+    wait_for_count(
+        &db,
         "no leased task while paused",
-        Duration::from_secs(10),
-        || {
-            let db = db.clone();
-            async move {
-                scalar(
-                    &db,
-                    "SELECT CAST(COUNT(*) AS BIGINT) FROM tasks WHERE state = 'leased'",
-                )
-                .await
-                    == 0
-            }
-        },
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM tasks WHERE state = 'leased'",
+        |n| n == 0,
     )
     .await;
     let done_while_paused = scalar(&db, "SELECT CAST(COUNT(*) AS BIGINT) FROM artifacts").await;
@@ -118,12 +109,12 @@ async fn pause_resume_cancel_and_listings_from_the_cli() {
     );
 
     assert_eq!(on(&url, &["resume", &id])["state"], "running");
-    eventually("progress after resume", Duration::from_secs(20), || {
-        let db = db.clone();
-        async move {
-            scalar(&db, "SELECT CAST(COUNT(*) AS BIGINT) FROM artifacts").await > done_while_paused
-        }
-    })
+    wait_for_count(
+        &db,
+        "progress after resume",
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM artifacts",
+        |n| n > done_while_paused,
+    )
     .await;
     let canceled = on(&url, &["cancel", &id]);
     assert_eq!(canceled["state"], "canceled");
@@ -433,8 +424,7 @@ async fn a_failing_task_fails_its_job_with_the_reason_and_retry_runs_it_again() 
 #[test]
 fn watermark_embed_and_detect_from_the_cli() {
     let dir = tempfile::tempdir().unwrap();
-    let photo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/data/images/rocket.jpg");
+    let photo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/images/rocket.jpg");
     let marked = dir.path().join("marked.jpg");
     let m = marked.to_str().unwrap();
     let out = hallmark(&[

@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use hallmark_e2e::*;
-use hallmark_proto::v1::ListWorkersRequest;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_prompts_with_upscale_on_three_workers() {
@@ -16,18 +15,7 @@ async fn two_hundred_prompts_with_upscale_on_three_workers() {
     let _workers: Vec<Proc> = (0..3)
         .map(|i| start_worker(&url, &format!("w{i}"), 5, &[]))
         .collect();
-    let mut workers = workers_client(&url).await;
-    eventually("three workers registered", Duration::from_secs(20), || {
-        let mut w = workers.clone();
-        async move {
-            w.list_workers(ListWorkersRequest {})
-                .await
-                .map(|r| r.into_inner().workers.len() == 3)
-                .unwrap_or(false)
-        }
-    })
-    .await;
-    let _ = workers.list_workers(ListWorkersRequest {}).await;
+    wait_for_workers(&url, 3).await;
 
     let prompts = prompt_file(dir.path(), 200);
     let out = hallmark(&[
@@ -196,17 +184,7 @@ async fn outputs_can_live_in_an_s3_compatible_store() {
     let _c = spec.start().await;
     let url = spec.url();
     let _w = start_worker(&url, "w", 0, &[]);
-    let w = workers_client(&url).await;
-    eventually("worker registered", Duration::from_secs(20), || {
-        let mut w = w.clone();
-        async move {
-            w.list_workers(ListWorkersRequest {})
-                .await
-                .map(|r| !r.into_inner().workers.is_empty())
-                .unwrap_or(false)
-        }
-    })
-    .await;
+    wait_for_workers(&url, 1).await;
     let out_dir = dir.path().join("out");
     let out = hallmark(&[
         "--coordinator",

@@ -6,8 +6,8 @@ use std::time::Duration;
 use hallmark_e2e::*;
 use hallmark_proto::v1::complete_message::Body;
 use hallmark_proto::v1::{
-    CompleteHeader, CompleteMessage, JobRef, JobSpec, LeaseRequest, ListWorkersRequest,
-    ModelCapability, PromptItem, RegisterWorkerRequest, SubmitJobRequest,
+    CompleteHeader, CompleteMessage, JobRef, JobSpec, LeaseRequest, ModelCapability, PromptItem,
+    RegisterWorkerRequest, SubmitJobRequest,
 };
 
 fn spec(n: usize, upscale: u32) -> JobSpec {
@@ -42,20 +42,6 @@ async fn submit(url: &str, n: usize, upscale: u32) -> String {
         .expect("submit")
         .into_inner()
         .job_id
-}
-
-async fn wait_workers(url: &str, n: usize) {
-    let w = workers_client(url).await;
-    eventually("workers registered", Duration::from_secs(20), || {
-        let mut w = w.clone();
-        async move {
-            w.list_workers(ListWorkersRequest {})
-                .await
-                .map(|r| r.into_inner().workers.iter().filter(|w| w.live).count() >= n)
-                .unwrap_or(false)
-        }
-    })
-    .await;
 }
 
 /// Registers a hand-driven worker for the synthetic model; its id.
@@ -97,22 +83,13 @@ async fn killed_worker_tasks_are_released_and_the_job_completes_once() {
     let _c = spec.start().await;
     let url = spec.url();
     let mut slow = start_worker(&url, "slow", 600_000, &["--max-batch", "2"]);
-    wait_workers(&url, 1).await;
+    wait_for_workers(&url, 1).await;
     let job_id = submit(&url, 6, 0).await;
-    eventually(
+    wait_for_count(
+        &db,
         "the slow worker holds two leases",
-        Duration::from_secs(20),
-        || {
-            let db = db.clone();
-            async move {
-                scalar(
-                    &db,
-                    "SELECT CAST(COUNT(*) AS BIGINT) FROM tasks WHERE state = 'leased'",
-                )
-                .await
-                    == 2
-            }
-        },
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM tasks WHERE state = 'leased'",
+        |n| n == 2,
     )
     .await;
     slow.kill(); // kill -9 mid-task
@@ -217,12 +194,14 @@ async fn coordinator_killed_and_restarted_mid_job_finishes_the_job() {
     let _workers: Vec<Proc> = (0..2)
         .map(|i| start_worker(&url, &format!("w{i}"), 20, &[]))
         .collect();
-    wait_workers(&url, 2).await;
+    wait_for_workers(&url, 2).await;
     let job_id = submit(&url, 80, 2).await;
-    eventually("some progress", Duration::from_secs(30), || {
-        let db = db.clone();
-        async move { scalar(&db, "SELECT CAST(COUNT(*) AS BIGINT) FROM artifacts").await >= 10 }
-    })
+    wait_for_count(
+        &db,
+        "some progress",
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM artifacts",
+        |n| n >= 10,
+    )
     .await;
     coordinator.kill();
     assert!(
@@ -294,12 +273,14 @@ async fn redis_outage_slows_wake_ups_but_loses_no_work() {
     let mut workers: Vec<Proc> = (0..2)
         .map(|i| start_worker(&a.url(), &format!("w{i}"), 10, &[]))
         .collect();
-    wait_workers(&a.url(), 2).await;
+    wait_for_workers(&a.url(), 2).await;
     let job_id = submit(&b.url(), 30, 2).await;
-    eventually("some progress", Duration::from_secs(30), || {
-        let db = db.clone();
-        async move { scalar(&db, "SELECT CAST(COUNT(*) AS BIGINT) FROM artifacts").await >= 4 }
-    })
+    wait_for_count(
+        &db,
+        "some progress",
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM artifacts",
+        |n| n >= 4,
+    )
     .await;
     redis.stop();
     let job = wait_for_job(&b.url(), &job_id, Duration::from_secs(120)).await;
@@ -346,7 +327,7 @@ async fn two_replicas_never_lease_a_task_twice() {
             &["--max-batch", "3"],
         ));
     }
-    wait_workers(&a.url(), 6).await;
+    wait_for_workers(&a.url(), 6).await;
     let job_id = submit(&a.url(), 300, 0).await;
     let job = wait_for_job(&b.url(), &job_id, Duration::from_secs(120)).await;
     assert_eq!(job.state, "succeeded");
