@@ -361,6 +361,28 @@ impl PrivateRedis {
     }
 }
 
+/// A synthetic-engine job of `n` prompts (64×64, seed 11), optionally upscaled.
+pub fn synthetic_spec(n: usize, upscale: u32) -> hallmark_proto::v1::JobSpec {
+    hallmark_proto::v1::JobSpec {
+        engine: "synthetic".into(),
+        model_id: "synthetic-v1".into(),
+        prompts: (0..n)
+            .map(|i| hallmark_proto::v1::PromptItem {
+                prompt: format!("p{i}"),
+                ..Default::default()
+            })
+            .collect(),
+        width: 64,
+        height: 64,
+        steps: 4,
+        guidance: 5.0,
+        scheduler: "euler".into(),
+        upscale,
+        seed: Some(11),
+        ..Default::default()
+    }
+}
+
 /// Writes a prompt file with `n` prompts.
 pub fn prompt_file(dir: &std::path::Path, n: usize) -> PathBuf {
     let path = dir.join("prompts.txt");

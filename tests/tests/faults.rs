@@ -6,36 +6,15 @@ use std::time::Duration;
 use hallmark_e2e::*;
 use hallmark_proto::v1::complete_message::Body;
 use hallmark_proto::v1::{
-    CompleteHeader, CompleteMessage, JobRef, JobSpec, LeaseRequest, ModelCapability, PromptItem,
-    RegisterWorkerRequest, SubmitJobRequest,
+    CompleteHeader, CompleteMessage, JobRef, LeaseRequest, ModelCapability, RegisterWorkerRequest,
+    SubmitJobRequest,
 };
-
-fn spec(n: usize, upscale: u32) -> JobSpec {
-    JobSpec {
-        engine: "synthetic".into(),
-        model_id: "synthetic-v1".into(),
-        prompts: (0..n)
-            .map(|i| PromptItem {
-                prompt: format!("p{i}"),
-                ..Default::default()
-            })
-            .collect(),
-        width: 64,
-        height: 64,
-        steps: 4,
-        guidance: 5.0,
-        scheduler: "euler".into(),
-        upscale,
-        seed: Some(11),
-        ..Default::default()
-    }
-}
 
 async fn submit(url: &str, n: usize, upscale: u32) -> String {
     jobs_client(url)
         .await
         .submit(SubmitJobRequest {
-            spec: Some(spec(n, upscale)),
+            spec: Some(synthetic_spec(n, upscale)),
             queue_unservable: false,
         })
         .await

@@ -19,8 +19,8 @@ use hallmark_coordinator::CoordinatorConfig;
 use hallmark_proto::v1::complete_message::Body;
 use hallmark_proto::v1::workers_client::WorkersClient;
 use hallmark_proto::v1::{
-    CompleteHeader, CompleteMessage, JobSpec, LeaseRequest, ModelCapability, PromptItem,
-    RegisterWorkerRequest, SubmitJobRequest,
+    CompleteHeader, CompleteMessage, LeaseRequest, ModelCapability, RegisterWorkerRequest,
+    SubmitJobRequest,
 };
 use tonic::transport::Channel;
 use tracing_subscriber::Layer as _;
@@ -190,23 +190,7 @@ async fn run(
             .worker_id;
         ids.push(id);
     }
-    let spec = JobSpec {
-        engine: "synthetic".into(),
-        model_id: "synthetic-v1".into(),
-        prompts: (0..tasks)
-            .map(|i| PromptItem {
-                prompt: format!("p{i}"),
-                ..Default::default()
-            })
-            .collect(),
-        width: 64,
-        height: 64,
-        steps: 1,
-        guidance: 1.0,
-        scheduler: "euler".into(),
-        seed: Some(1),
-        ..Default::default()
-    };
+    let spec = hallmark_e2e::synthetic_spec(tasks as usize, 0);
     let started = Instant::now();
     hallmark_proto::v1::jobs_client::JobsClient::new(channel.clone())
         .max_encoding_message_size(256 * 1024 * 1024)
