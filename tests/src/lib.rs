@@ -226,24 +226,21 @@ async fn wait_for_grpc(url: &str) {
     }
 }
 
+/// A connected channel to the coordinator at `url`.
+pub async fn channel(url: &str) -> Channel {
+    Channel::from_shared(url.to_string())
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect")
+}
+
 pub async fn jobs_client(url: &str) -> JobsClient<Channel> {
-    JobsClient::new(
-        Channel::from_shared(url.to_string())
-            .expect("url")
-            .connect()
-            .await
-            .expect("connect"),
-    )
+    JobsClient::new(channel(url).await)
 }
 
 pub async fn workers_client(url: &str) -> WorkersClient<Channel> {
-    WorkersClient::new(
-        Channel::from_shared(url.to_string())
-            .expect("url")
-            .connect()
-            .await
-            .expect("connect"),
-    )
+    WorkersClient::new(channel(url).await)
 }
 
 /// Polls the job until it ends (or `timeout`), tolerating a coordinator

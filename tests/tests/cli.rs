@@ -351,19 +351,7 @@ async fn a_failing_task_fails_its_job_with_the_reason_and_retry_runs_it_again() 
     let _c = spec.start().await;
     let url = spec.url();
     let _w = start_worker(&url, "w", 0, &["--fail-marker", "[boom]"]);
-    eventually("worker listed", Duration::from_secs(20), || {
-        let url = url.clone();
-        async move {
-            tokio::task::spawn_blocking(move || {
-                on(&url, &["workers"])
-                    .as_array()
-                    .is_some_and(|w| w.len() == 1)
-            })
-            .await
-            .unwrap()
-        }
-    })
-    .await;
+    wait_for_workers(&url, 1).await;
     let submit = [
         "--coordinator",
         &url,
