@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "proto/jobs.proto",
                 "proto/workers.proto",
                 "proto/registry.proto",
+                "proto/provenance.proto",
             ],
             &["proto"],
         )?;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 /// The watermark key used when none is configured (development only).
-pub const DEVELOPMENT_WATERMARK_KEY: &str = "hallmark-development-watermark-key";
+pub const DEVELOPMENT_WATERMARK_KEY: &str = hallmark_provenance::watermark::DEVELOPMENT_KEY;
 
 /// Everything the CLI reads from configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -24,6 +24,25 @@ pub struct ClientConfig {
     /// Secret the invisible watermark is keyed with. The default is for
     /// development only: a deployment sets its own, or anyone can forge marks.
     pub watermark_key: String,
+    /// PEM certificate chain outputs of the embedded farm are signed with.
+    /// Unset: a local test CA is made in the state directory on first use.
+    pub signing_cert_chain: Option<PathBuf>,
+    /// PKCS#8 PEM private key of that certificate.
+    pub signing_private_key: Option<PathBuf>,
+    /// es256 or ed25519.
+    pub signing_alg: String,
+    /// RFC 3161 timestamp authority. Without one, signed files stop
+    /// validating once the signing certificate expires.
+    pub tsa_url: Option<String>,
+    /// PEM roots `hallmark verify` trusts (the local test CA's root is
+    /// trusted too when it exists).
+    pub trust_anchors: Option<PathBuf>,
+    /// What signed records say of the prompt: keep, hash or omit.
+    pub prompt_policy: String,
+    /// cawg.training-mining preference: allowed, notAllowed, constrained or none.
+    pub training_mining: String,
+    /// Output format of the embedded farm: png, jpeg or webp.
+    pub output_format: String,
 }
 
 impl Default for ClientConfig {
@@ -37,6 +56,14 @@ impl Default for ClientConfig {
             tenant: "default".into(),
             workers: 2,
             watermark_key: DEVELOPMENT_WATERMARK_KEY.into(),
+            signing_cert_chain: None,
+            signing_private_key: None,
+            signing_alg: "es256".into(),
+            tsa_url: None,
+            trust_anchors: None,
+            prompt_policy: "hash".into(),
+            training_mining: "notAllowed".into(),
+            output_format: "png".into(),
         }
     }
 }
@@ -49,7 +76,11 @@ impl ClientConfig {
             .set_default("state_dir", defaults.state_dir.display().to_string())?
             .set_default("tenant", defaults.tenant)?
             .set_default("workers", defaults.workers)?
-            .set_default("watermark_key", defaults.watermark_key)?;
+            .set_default("watermark_key", defaults.watermark_key)?
+            .set_default("signing_alg", defaults.signing_alg)?
+            .set_default("prompt_policy", defaults.prompt_policy)?
+            .set_default("training_mining", defaults.training_mining)?
+            .set_default("output_format", defaults.output_format)?;
         let default_file =
             std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/hallmark/config.toml"));
         match file {

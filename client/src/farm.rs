@@ -2,14 +2,14 @@
 //! state directory, with an in-process notifier, plus local workers in the
 //! same process, all talking real gRPC over loopback.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use hallmark_coordinator::{CoordinatorConfig, RunningCoordinator};
 use hallmark_proto::v1::ListWorkersRequest;
-use hallmark_worker::{SyntheticConfig, SyntheticEngine, WorkerConfig, WorkerReport};
+use hallmark_worker::{Stamping, SyntheticConfig, SyntheticEngine, WorkerConfig, WorkerReport};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -23,6 +23,16 @@ pub struct LocalWorkers {
     pub models: Vec<String>,
     pub render_time: Duration,
     pub max_batch: u32,
+}
+
+/// How the embedded farm stamps and checks its outputs.
+#[derive(Clone)]
+pub struct FarmStamping {
+    pub stamping: Arc<Stamping>,
+    /// The coordinator's copy of the watermark key (it checks uploads).
+    pub watermark_key: String,
+    /// Roots the coordinator requires upload signatures to chain to.
+    pub trust_anchors: Option<PathBuf>,
 }
 
 /// A running embedded farm.
@@ -39,6 +49,7 @@ impl LocalFarm {
         state_dir: &Path,
         listen: &str,
         workers: &LocalWorkers,
+        stamping: FarmStamping,
     ) -> anyhow::Result<Self> {
         if workers.engine != "synthetic" {
             anyhow::bail!(
@@ -54,6 +65,8 @@ impl LocalFarm {
             database_url: format!("sqlite://{}", db.display()),
             blob_dir: state_dir.join("blobs"),
             poll_interval_ms: 500,
+            watermark_key: stamping.watermark_key.clone(),
+            trust_anchors: stamping.trust_anchors.clone(),
             ..Default::default()
         };
         let coordinator = hallmark_coordinator::start(config).await?;
@@ -80,7 +93,7 @@ impl LocalFarm {
             let config = WorkerConfig {
                 name: format!("local-{i}"),
                 max_batch: workers.max_batch,
-                ..Default::default()
+                ..WorkerConfig::new(stamping.stamping.clone())
             };
             let mut rx = stop_rx.clone();
             let engine = engine.clone();

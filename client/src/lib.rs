@@ -4,13 +4,17 @@
 //! - [`config`]: client settings (file, `HALLMARK_*`, flags).
 //! - [`remote`]: coordinator calls — submit, watch with progress, download.
 //! - [`farm`]: the embedded single-node farm behind `render` and `up`.
+//! - [`credentials`]: the signing identity (or local test CA) and trust anchors.
+//! - [`verify`]: `hallmark verify` — credentials, watermark, repository.
 //! - [`output`]: human and `--json` output.
 
 pub mod config;
+pub mod credentials;
 pub mod farm;
 pub mod output;
 pub mod prompts;
 pub mod remote;
+pub mod verify;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -25,7 +29,7 @@ use hallmark_proto::v1::{
 use serde_json::json;
 
 use crate::config::ClientConfig;
-use crate::farm::{LocalFarm, LocalWorkers};
+use crate::farm::{FarmStamping, LocalFarm, LocalWorkers};
 use crate::remote::{Remote, rpc};
 
 /// Hallmark: a render farm for generative images with provenance built in.
@@ -90,6 +94,37 @@ pub enum Command {
     /// Embed or detect the invisible watermark (keyed by `watermark_key`).
     #[command(subcommand)]
     Watermark(WatermarkCommand),
+    /// Check images' content credentials and watermark; with --coordinator,
+    /// recover the manifest and lineage of altered or stripped copies.
+    /// Exit 0 verified, 1 invalid or tampered, 2 no provenance found.
+    Verify {
+        /// Files, or folders searched for .png/.jpg/.jpeg/.webp.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// PEM roots to trust instead of the configured ones.
+        #[arg(long)]
+        trust_anchors: Option<PathBuf>,
+        /// Tenant to resolve as (private fields are shown to the owner only).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Certificate authority tools.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CaCommand {
+    /// Make a test root CA and a signing certificate C2PA validators accept.
+    Init {
+        dir: PathBuf,
+        /// Organisation named in the certificates (O=).
+        #[arg(long, default_value = "Hallmark test")]
+        organization: String,
+        /// es256 or ed25519.
+        #[arg(long, default_value = "es256")]
+        alg: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -255,6 +290,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Render(args) => render(&cfg, args, json).await,
         Command::Up(args) => up(&cfg, args).await,
         Command::Watermark(cmd) => watermark_command(&cfg, cmd, json),
+        Command::Verify {
+            paths,
+            trust_anchors,
+            tenant,
+        } => verify_command(&cfg, &paths, trust_anchors.as_deref(), tenant, json).await,
+        Command::Ca(CaCommand::Init {
+            dir,
+            organization,
+            alg,
+        }) => ca_init(&dir, &organization, &alg, json),
         command => {
             let url = cfg.coordinator.clone().context(
                 "no coordinator configured: pass --coordinator URL, set HALLMARK_COORDINATOR, or run `hallmark up`",
@@ -550,7 +595,11 @@ async fn remote_command(
                 }
             }
         }
-        Command::Render(_) | Command::Up(_) | Command::Watermark(_) => {
+        Command::Render(_)
+        | Command::Up(_)
+        | Command::Watermark(_)
+        | Command::Verify { .. }
+        | Command::Ca(_) => {
             unreachable!("handled before connecting")
         }
     }
@@ -638,7 +687,8 @@ async fn render(cfg: &ClientConfig, args: RenderArgs, json: bool) -> anyhow::Res
                 render_time: Duration::from_millis(args.render_ms),
                 max_batch: 4,
             };
-            let farm = LocalFarm::start(&state_dir, "127.0.0.1:0", &workers).await?;
+            let stamping = farm_stamping(cfg, &state_dir)?;
+            let farm = LocalFarm::start(&state_dir, "127.0.0.1:0", &workers, stamping).await?;
             if !json {
                 eprintln!(
                     "embedded farm: {} local workers, state in {}",
@@ -695,6 +745,20 @@ async fn render_on(
     Ok((end, files.into_iter().map(|(p, _)| p).collect()))
 }
 
+/// Signing for an embedded farm whose state lives in `state_dir`.
+fn farm_stamping(cfg: &ClientConfig, state_dir: &Path) -> anyhow::Result<FarmStamping> {
+    let cfg = ClientConfig {
+        state_dir: state_dir.to_path_buf(),
+        ..cfg.clone()
+    };
+    let signing = credentials::farm_signing(&cfg)?;
+    Ok(FarmStamping {
+        stamping: credentials::stamping(&cfg, &signing)?,
+        watermark_key: cfg.watermark_key.clone(),
+        trust_anchors: signing.anchors_path,
+    })
+}
+
 /// `hallmark up`: the embedded farm as a long-running server.
 async fn up(cfg: &ClientConfig, args: UpArgs) -> anyhow::Result<i32> {
     let state_dir = args.state_dir.unwrap_or_else(|| cfg.state_dir.clone());
@@ -705,7 +769,8 @@ async fn up(cfg: &ClientConfig, args: UpArgs) -> anyhow::Result<i32> {
         render_time: Duration::from_millis(args.render_ms),
         max_batch: 4,
     };
-    let farm = LocalFarm::start(&state_dir, &args.listen, &workers).await?;
+    let stamping = farm_stamping(cfg, &state_dir)?;
+    let farm = LocalFarm::start(&state_dir, &args.listen, &workers, stamping).await?;
     println!(
         "hallmark farm up at {} with {} local workers (state in {})",
         farm.url(),
@@ -745,6 +810,78 @@ fn hash_file(path: &Path) -> anyhow::Result<(String, u64)> {
         hasher.update(&buf[..n]);
     }
     Ok((hex::encode(hasher.finalize()), size))
+}
+
+/// `hallmark verify`: offline checks, plus the repository when a
+/// coordinator is configured.
+async fn verify_command(
+    cfg: &ClientConfig,
+    paths: &[PathBuf],
+    trust_anchors: Option<&Path>,
+    tenant: Option<String>,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let files = verify::collect_files(paths)?;
+    if files.is_empty() {
+        bail!("no .png, .jpg, .jpeg or .webp files under the given paths");
+    }
+    let remote = match &cfg.coordinator {
+        Some(url) => Some(Remote::connect(url).await?),
+        None => None,
+    };
+    let verifier = verify::Verifier {
+        trust_anchors: credentials::trust_anchors(cfg, trust_anchors)?,
+        key: hallmark_provenance::watermark::WatermarkKey::from_secret(
+            cfg.watermark_key.as_bytes(),
+        ),
+        remote,
+        tenant: tenant.unwrap_or_else(|| cfg.tenant.clone()),
+    };
+    let mut reports = Vec::with_capacity(files.len());
+    for f in &files {
+        reports.push(verifier.verify(f).await);
+    }
+    if json {
+        let value = if reports.len() == 1 && paths.len() == 1 && !paths[0].is_dir() {
+            serde_json::to_value(&reports[0])?
+        } else {
+            serde_json::to_value(&reports)?
+        };
+        println!("{value}");
+    } else if reports.len() == 1 {
+        verify::print_report(&reports[0]);
+    } else {
+        verify::print_table(&reports);
+    }
+    Ok(verify::exit_code(&reports))
+}
+
+/// `hallmark ca init DIR`.
+fn ca_init(dir: &Path, organization: &str, alg: &str, json: bool) -> anyhow::Result<i32> {
+    use hallmark_provenance::credentials::{SigningAlgorithm, ca};
+    let files = ca::init(dir, organization, SigningAlgorithm::parse(alg)?)?;
+    if json {
+        println!(
+            "{}",
+            json!({"root_cert": files.root_cert, "signer_chain": files.signer_chain,
+                   "signer_key": files.signer_key, "alg": files.alg.name()})
+        );
+    } else {
+        println!("test CA for {organization:?} in {}", dir.display());
+        println!(
+            "  trust anchor (give to verifiers): {}",
+            files.root_cert.display()
+        );
+        println!("  signing chain: {}", files.signer_chain.display());
+        println!("  signing key:   {}", files.signer_key.display());
+        println!(
+            "use: HALLMARK_SIGNING_CERT_CHAIN={} HALLMARK_SIGNING_PRIVATE_KEY={} HALLMARK_SIGNING_ALG={}",
+            files.signer_chain.display(),
+            files.signer_key.display(),
+            files.alg.name()
+        );
+    }
+    Ok(0)
 }
 
 /// `hallmark watermark embed|detect`: offline, on local files.

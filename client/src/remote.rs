@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use hallmark_proto::v1::jobs_client::JobsClient;
+use hallmark_proto::v1::provenance_client::ProvenanceClient;
 use hallmark_proto::v1::registry_client::RegistryClient;
 use hallmark_proto::v1::workers_client::WorkersClient;
 use hallmark_proto::v1::{Artifact, DownloadArtifactRequest, Job, JobRef};
@@ -15,12 +16,13 @@ use tonic::transport::Channel;
 
 use crate::output;
 
-/// Clients of the three services over one connection.
+/// Clients of the coordinator's services over one connection.
 #[derive(Clone)]
 pub struct Remote {
     pub jobs: JobsClient<Channel>,
     pub workers: WorkersClient<Channel>,
     pub registry: RegistryClient<Channel>,
+    pub provenance: ProvenanceClient<Channel>,
 }
 
 impl Remote {
@@ -34,7 +36,8 @@ impl Remote {
         Ok(Self {
             jobs: JobsClient::new(channel.clone()).max_decoding_message_size(64 * 1024 * 1024),
             workers: WorkersClient::new(channel.clone()),
-            registry: RegistryClient::new(channel),
+            registry: RegistryClient::new(channel.clone()),
+            provenance: ProvenanceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024),
         })
     }
 
@@ -178,7 +181,7 @@ impl Remote {
         Ok(written)
     }
 
-    async fn fetch(&self, sha256: &str) -> anyhow::Result<Vec<u8>> {
+    pub async fn fetch(&self, sha256: &str) -> anyhow::Result<Vec<u8>> {
         let mut stream = self
             .jobs
             .clone()

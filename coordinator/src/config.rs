@@ -58,6 +58,16 @@ pub struct CoordinatorConfig {
     pub tenant_max_running: u32,
     /// Per-tenant overrides of the cap, e.g. `[tenants.acme] max_running = 8`.
     pub tenants: BTreeMap<String, TenantConfig>,
+    /// Secret of the invisible watermark (the same as the workers'). The
+    /// default is for development only.
+    pub watermark_key: String,
+    /// PEM file of the roots upload signatures must chain to; unset accepts
+    /// any intact signature.
+    pub trust_anchors: Option<PathBuf>,
+    /// Check that an upload's pixels carry the watermark its manifest names.
+    pub verify_watermark_on_upload: bool,
+    /// Address of the HTTP C2PA soft-binding resolution API; unset: off.
+    pub http_listen: Option<String>,
 }
 
 /// Settings of one tenant.
@@ -91,6 +101,10 @@ impl Default for CoordinatorConfig {
             reap_interval_ms: 250,
             tenant_max_running: 0,
             tenants: BTreeMap::new(),
+            watermark_key: hallmark_provenance::watermark::DEVELOPMENT_KEY.into(),
+            trust_anchors: None,
+            verify_watermark_on_upload: true,
+            http_listen: None,
         }
     }
 }

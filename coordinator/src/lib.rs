@@ -10,15 +10,21 @@
 //! - [`store`]: Postgres/SQLite store — jobs, tasks, leases, artifacts, registry.
 //! - [`blobs`]: content-addressed blob store for uploaded images.
 //! - [`notify`]: in-process and Redis wake-ups and job events.
-//! - [`service`]: the gRPC services (`Jobs`, `Workers`, `Registry`).
+//! - [`stamps`]: the upload gate — content credentials and watermark checked
+//!   before an artifact is recorded.
+//! - [`service`]: the gRPC services (`Jobs`, `Workers`, `Registry`,
+//!   `Provenance` — the manifest repository).
+//! - [`http`]: the C2PA soft-binding resolution API over HTTP.
 //! - [`server`]: `start` — wires it all up and serves; `stop` shuts down.
 
 pub mod blobs;
 pub mod config;
+pub mod http;
 pub mod notify;
 pub mod server;
 pub mod service;
 pub mod spec;
+pub mod stamps;
 pub mod store;
 
 pub use config::CoordinatorConfig;

@@ -28,6 +28,12 @@ struct Args {
     /// Object-store URL for blobs (s3://bucket/prefix) instead of --blob-dir.
     #[arg(long)]
     blob_url: Option<String>,
+    /// Address of the HTTP C2PA soft-binding resolution API (e.g. 0.0.0.0:7071).
+    #[arg(long)]
+    http_listen: Option<String>,
+    /// PEM file of the roots upload signatures must chain to.
+    #[arg(long)]
+    trust_anchors: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -56,11 +62,20 @@ async fn main() -> anyhow::Result<()> {
     if let Some(v) = args.blob_dir {
         overrides.push(("blob_dir", v.display().to_string()));
     }
+    if let Some(v) = args.http_listen {
+        overrides.push(("http_listen", v));
+    }
+    if let Some(v) = args.trust_anchors {
+        overrides.push(("trust_anchors", v.display().to_string()));
+    }
     let config = CoordinatorConfig::load(args.config.as_deref(), &overrides)?;
     let mut running = hallmark_coordinator::start(config)
         .await
         .context("starting the coordinator")?;
     println!("listening on {}", running.addr);
+    if let Some(http) = running.http_addr {
+        println!("soft-binding API on http://{http}");
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = running.wait() => return r,

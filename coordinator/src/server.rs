@@ -1,5 +1,6 @@
 //! Starting and stopping a coordinator: store, blob store, notifier, the
-//! reaper loop and the gRPC server (with health checking and reflection).
+//! reaper loop, the gRPC server (with health checking and reflection) and
+//! the optional HTTP soft-binding resolution API.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,8 +8,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hallmark_proto::v1::jobs_server::JobsServer;
+use hallmark_proto::v1::provenance_server::ProvenanceServer;
 use hallmark_proto::v1::registry_server::RegistryServer;
 use hallmark_proto::v1::workers_server::WorkersServer;
+use hallmark_provenance::watermark::WatermarkKey;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -17,7 +20,10 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::blobs::BlobStore;
 use crate::config::CoordinatorConfig;
 use crate::notify::Notifier;
-use crate::service::{Coordinator, JobsService, RegistryService, WorkersService};
+use crate::service::{
+    Coordinator, JobsService, ProvenanceService, RegistryService, WorkersService,
+};
+use crate::stamps::StampCheck;
 use crate::store::Store;
 
 /// Largest gRPC message accepted (chunks are far smaller; this bounds abuse).
@@ -26,6 +32,8 @@ const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 /// A coordinator that is serving; [`RunningCoordinator::stop`] shuts it down.
 pub struct RunningCoordinator {
     pub addr: SocketAddr,
+    /// The C2PA soft-binding resolution API, when `http_listen` is set.
+    pub http_addr: Option<SocketAddr>,
     pub state: Arc<Coordinator>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -85,6 +93,26 @@ pub async fn start_on(
         }
         _ => Notifier::local(),
     };
+    let trust_anchors = match &config.trust_anchors {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading trust anchors {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let stamps = StampCheck::new(
+        trust_anchors,
+        WatermarkKey::from_secret(config.watermark_key.as_bytes()),
+        config.verify_watermark_on_upload,
+    );
+    let http_listener = match &config.http_listen {
+        Some(addr) if !addr.is_empty() => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening for HTTP on {addr}"))?,
+        ),
+        _ => None,
+    };
     let addr = listener.local_addr()?;
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let state = Arc::new(Coordinator::new(
@@ -92,6 +120,7 @@ pub async fn start_on(
         blobs,
         notifier,
         config,
+        stamps,
         shutdown_rx.clone(),
     ));
     let reaper_state = state.clone();
@@ -111,6 +140,9 @@ pub async fn start_on(
     health
         .set_serving::<RegistryServer<RegistryService>>()
         .await;
+    health
+        .set_serving::<ProvenanceServer<ProvenanceService>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(hallmark_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -128,16 +160,22 @@ pub async fn start_on(
             WorkersServer::new(WorkersService(state.clone()))
                 .max_decoding_message_size(MAX_MESSAGE),
         )
-        .add_service(RegistryServer::new(RegistryService(state.clone())));
+        .add_service(RegistryServer::new(RegistryService(state.clone())))
+        .add_service(ProvenanceServer::new(ProvenanceService(state.clone())));
+    let http_addr = match http_listener {
+        Some(l) => Some(crate::http::serve(l, state.clone(), shutdown_rx.clone())?),
+        None => None,
+    };
     let server = tokio::spawn(router.serve_with_incoming_shutdown(
         TcpListenerStream::new(listener),
         async move {
             let _ = shutdown_rx.wait_for(|stop| *stop).await;
         },
     ));
-    tracing::info!(%addr, "coordinator listening");
+    tracing::info!(%addr, ?http_addr, "coordinator listening");
     Ok(RunningCoordinator {
         addr,
+        http_addr,
         state,
         shutdown,
         server,

@@ -95,6 +95,9 @@ pub fn derive_seed(job_seed: u64, index: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Smallest side of an output image: every output carries the watermark.
+pub const MIN_SIDE: u32 = hallmark_provenance::watermark::MIN_SIDE;
+
 fn check_side(field: &str, value: u32, max: u32) -> Result<(), SpecError> {
     if value == 0 {
         return Err(bad(field, "is required"));
@@ -105,8 +108,13 @@ fn check_side(field: &str, value: u32, max: u32) -> Result<(), SpecError> {
             format!("{value} is not a multiple of 8 (try {})", value / 8 * 8),
         ));
     }
-    if !(64..=max).contains(&value) {
-        return Err(bad(field, format!("{value} is outside 64..={max}")));
+    if !(MIN_SIDE..=max).contains(&value) {
+        return Err(bad(
+            field,
+            format!(
+                "{value} is outside {MIN_SIDE}..={max} (the watermark needs at least {MIN_SIDE} pixels a side)"
+            ),
+        ));
     }
     Ok(())
 }
@@ -314,8 +322,8 @@ mod tests {
                     ..Default::default()
                 })
                 .collect(),
-            width: 64,
-            height: 64,
+            width: 192,
+            height: 192,
             steps: 4,
             guidance: 7.5,
             scheduler: "euler".into(),

@@ -7,8 +7,10 @@
 use std::collections::HashSet;
 
 use hallmark_coordinator::spec::{self, ExpandedJob, Limits};
+use hallmark_coordinator::stamps::CheckedStamp;
 use hallmark_coordinator::store::{
-    Completion, JobControl, LeasePolicy, Store, StoreError, WorkerCaps, WorkerRegistration,
+    ArtifactKey, Completion, JobControl, LeasePolicy, Store, StoreError, WorkerCaps,
+    WorkerRegistration,
 };
 use hallmark_proto::v1::{
     Dataset, JobSpec, Model, ModelCapability, PromptItem, TaskLease, WeightFile,
@@ -85,8 +87,8 @@ fn job_for(tenant: &str, priority: i32, prompts: usize, upscale: u32) -> Expande
                 ..Default::default()
             })
             .collect(),
-        width: 64,
-        height: 64,
+        width: 192,
+        height: 192,
         steps: 4,
         guidance: 7.0,
         scheduler: "euler".into(),
@@ -149,8 +151,13 @@ fn done(w: &WorkerCaps, l: &TaskLease) -> Completion {
         sha256: hallmark_provenance::sha256_hex(l.task_id.as_bytes()),
         size: 10,
         media_type: "image/png".into(),
-        width: 64,
-        height: 64,
+        width: 192,
+        height: 192,
+        stamp: CheckedStamp {
+            watermark_id: hallmark_provenance::sha256_hex(l.task_id.as_bytes())[..16].to_string(),
+            manifest: format!("manifest of {}", l.task_id).into_bytes(),
+            manifest_label: format!("urn:c2pa:{}", l.task_id),
+        },
     }
 }
 
@@ -162,6 +169,29 @@ async fn count(s: &Store, sql: &str) -> i64 {
 }
 
 both_stores! {
+    async fn artifacts_resolve_by_watermark_sha256_and_manifest_label(s: &Store) {
+        let w = worker(s, "w1", 1).await;
+        submit(s, "j1", &job(1, 2), 0).await;
+        let g = lease(s, &w, 1, 100).await.remove(0);
+        s.complete(&done(&w, &g), 110).await.unwrap();
+        let u = lease(s, &w, 1, 120).await.remove(0);
+        s.complete(&done(&w, &u), 130).await.unwrap();
+        let up = done(&w, &u);
+        for key in [
+            ArtifactKey::WatermarkId(&up.stamp.watermark_id),
+            ArtifactKey::Sha256(&up.sha256),
+            ArtifactKey::ManifestLabel(&up.stamp.manifest_label),
+        ] {
+            let found = s.find_artifact(key.clone()).await.unwrap().unwrap_or_else(|| panic!("{key:?}"));
+            assert_eq!(found.record.task_id, u.task_id);
+            assert_eq!(found.record.stage, "upscale");
+            assert_eq!(found.record.parent_sha256, done(&w, &g).sha256, "links to its base image");
+            assert_eq!(found.record.prompt, "prompt 0");
+            assert_eq!(found.manifest, up.stamp.manifest);
+        }
+        assert!(s.find_artifact(ArtifactKey::WatermarkId("00000000000000ff")).await.unwrap().is_none());
+    }
+
     async fn stale_lease_completion_is_refused(s: &Store) {
         let w = worker(s, "w1", 1).await;
         submit(s, "j1", &job(1, 0), 0).await;
@@ -206,15 +236,15 @@ both_stores! {
     async fn compatible_tasks_are_leased_together_up_to_the_batch(s: &Store) {
         let w = worker(s, "w1", 4).await;
         let mut j = job(6, 0);
-        j.items[5].width = 128; // a different size is not batched with the rest
+        j.items[5].width = 256; // a different size is not batched with the rest
         submit(s, "j1", &j, 0).await;
         let batch = lease(s, &w, 8, 100).await;
         assert_eq!(batch.len(), 4, "capped by the worker's max batch");
-        assert!(batch.iter().all(|l| l.width == 64 && !l.prompt.is_empty()));
+        assert!(batch.iter().all(|l| l.width == 192 && !l.prompt.is_empty()));
         let rest = lease(s, &w, 8, 100).await;
         assert_eq!(rest.len(), 1);
         let last = lease(s, &w, 8, 100).await;
-        assert_eq!((last.len(), last[0].width), (1, 128));
+        assert_eq!((last.len(), last[0].width), (1, 256));
     }
 
     async fn failed_task_goes_to_another_worker_then_fails_for_good(s: &Store) {

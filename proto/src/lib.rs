@@ -2,7 +2,9 @@
 //!
 //! One `.proto` per service: `jobs.proto` (submit, watch, control, download),
 //! `workers.proto` (register, lease/heartbeat, complete, fail) and
-//! `registry.proto` (models and datasets, the roots of lineage).
+//! `registry.proto` (models and datasets, the roots of lineage) and
+//! `provenance.proto` (the manifest repository: watermark id or sha256 to
+//! manifest and lineage).
 
 #![allow(clippy::all, missing_docs)]
 

@@ -6,6 +6,7 @@
 //!   survives metadata stripping, re-encoding, resizing, cropping and small
 //!   rotations (the C2PA soft binding). C2PA stamping lands here next.
 
+pub mod credentials;
 pub mod watermark;
 
 use sha2::{Digest, Sha256};

@@ -134,3 +134,34 @@ fn only_luminance_changes_and_tiny_images_are_refused() {
     assert!(watermark::embed(&generated(100, 300, 0), 1, &key(), EmbedOptions::default()).is_err());
     assert_eq!(watermark::detect(&generated(40, 40, 0), &key()), None);
 }
+
+#[test]
+fn an_upscale_carries_its_own_mark_beside_the_base_images() {
+    // The base mark, scaled ×2, sits at the very tile period the upscale's
+    // own mark uses; per-stage keys keep the upscale's own id readable.
+    let base_key = key();
+    let up_key = key().for_stage("upscale");
+    for (i, name) in ["coffee.png", "astronaut.png"].into_iter().enumerate() {
+        let base = at_width(&photo(name), 512);
+        let marked =
+            watermark::embed(&base, 0xBA5E + i as u64, &base_key, EmbedOptions::default()).unwrap();
+        let (w, h) = (marked.width() * 2, marked.height() * 2);
+        let big = image::imageops::resize(&marked, w, h, image::imageops::FilterType::Lanczos3);
+        let up =
+            watermark::embed(&big, 0xC41D + i as u64, &up_key, EmbedOptions::default()).unwrap();
+        for attack in Attack::SUITE {
+            let attacked = attack.apply(&up);
+            assert_eq!(
+                watermark::detect(&attacked, &up_key).map(|d| d.payload),
+                Some(0xC41D + i as u64),
+                "{name}: upscale mark lost to {}",
+                attack.name()
+            );
+        }
+        // The base mark, where it still reads, is the base image's id and
+        // never mistaken for the upscale's.
+        if let Some(d) = watermark::detect(&up, &base_key) {
+            assert_eq!(d.payload, 0xBA5E + i as u64, "{name}");
+        }
+    }
+}

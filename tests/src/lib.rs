@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use hallmark_proto::v1::jobs_client::JobsClient;
 use hallmark_proto::v1::workers_client::WorkersClient;
 use hallmark_proto::v1::{Job, JobRef};
+use hallmark_provenance::credentials::ca;
+use hallmark_provenance::credentials::{SigningAlgorithm, ca::CaFiles};
 use tonic::transport::Channel;
 
 /// A built binary of this workspace.
@@ -177,10 +179,60 @@ impl CoordinatorSpec {
     }
 }
 
-/// A worker process with the synthetic engine.
+/// The test CA every worker of this test process signs with (made once).
+pub fn test_ca() -> &'static CaFiles {
+    static CA: std::sync::OnceLock<(tempfile::TempDir, CaFiles)> = std::sync::OnceLock::new();
+    &CA.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("temp dir for the test CA");
+        let files = ca::init(
+            &dir.path().join("ca"),
+            "Hallmark e2e",
+            SigningAlgorithm::Es256,
+        )
+        .expect("make the test CA");
+        (dir, files)
+    })
+    .1
+}
+
+/// Stamps a synthetic picture for `lease` as a worker of `worker_id` would
+/// (watermark with the development key, sign with [`test_ca`]).
+pub fn stamp_for(
+    lease: &hallmark_proto::v1::TaskLease,
+    worker_id: &str,
+) -> hallmark_worker::stamp::StampedImage {
+    use hallmark_worker::stamp::{ModelFacts, StampSettings};
+    let ca = test_ca();
+    let stamping = hallmark_worker::Stamping::new(
+        hallmark_worker::StampConfig::from_settings(StampSettings {
+            identity: ca.identity(None).expect("test CA identity"),
+            trust_anchors: Some(&ca.root_cert),
+            watermark_key: hallmark_provenance::watermark::DEVELOPMENT_KEY,
+            prompt_policy: "hash",
+            training_mining: "notAllowed",
+            output_format: "png",
+        })
+        .expect("stamp settings"),
+    )
+    .expect("signer");
+    let pixels = hallmark_provenance::watermark::attacks::smooth_field(
+        lease.width,
+        lease.height,
+        lease.seed as u32,
+    );
+    stamping
+        .stamp(lease, worker_id, &ModelFacts::default(), &pixels, None)
+        .expect("stamp")
+}
+
+/// A worker process with the synthetic engine, signing with [`test_ca`].
 pub fn start_worker(coordinator: &str, name: &str, render_ms: u64, extra: &[&str]) -> Proc {
+    let ca = test_ca();
     let mut cmd = Command::new(bin("hallmark-worker"));
-    cmd.arg("--coordinator")
+    cmd.env("HALLMARK_SIGNING_CERT_CHAIN", &ca.signer_chain)
+        .env("HALLMARK_SIGNING_PRIVATE_KEY", &ca.signer_key)
+        .env("HALLMARK_TRUST_ANCHORS", &ca.root_cert)
+        .arg("--coordinator")
         .arg(coordinator)
         .arg("--name")
         .arg(name)
@@ -369,8 +421,8 @@ pub fn synthetic_spec(n: usize, upscale: u32) -> hallmark_proto::v1::JobSpec {
                 ..Default::default()
             })
             .collect(),
-        width: 64,
-        height: 64,
+        width: 192,
+        height: 192,
         steps: 4,
         guidance: 5.0,
         scheduler: "euler".into(),

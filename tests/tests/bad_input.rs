@@ -90,6 +90,10 @@ async fn bad_input_is_refused_clearly_and_creates_nothing() {
         &["width", "multiple of 8"],
     );
     expect_refusal(
+        &submit(&c, &[&good, "--width", "64"]),
+        &["width", "watermark needs at least 192"],
+    );
+    expect_refusal(
         &submit(&c, &[&good, "--steps", "0"]),
         &["steps", "outside 1..="],
     );
@@ -162,7 +166,7 @@ async fn bad_input_is_refused_clearly_and_creates_nothing() {
         );
     }
     // The same farm still takes a good job afterwards.
-    let out = hallmark(&submit(&c, &[&good, "--width", "64", "--height", "64"]));
+    let out = hallmark(&submit(&c, &[&good, "--width", "192", "--height", "192"]));
     assert!(
         out.status.success(),
         "{}",

@@ -27,9 +27,9 @@ async fn two_hundred_prompts_with_upscale_on_three_workers() {
         "--upscale",
         "2",
         "--width",
-        "64",
+        "192",
         "--height",
-        "64",
+        "192",
         "--seed",
         "7",
     ]);
@@ -137,9 +137,9 @@ async fn render_runs_the_whole_job_on_the_embedded_farm() {
         "--upscale",
         "4",
         "--width",
-        "64",
+        "192",
         "--height",
-        "64",
+        "192",
         "--seed",
         "3",
         "--workers",
@@ -160,15 +160,26 @@ async fn render_runs_the_whole_job_on_the_embedded_farm() {
     // PNG IHDR: width and height as big-endian u32 at bytes 16..24.
     assert_eq!(
         &upscaled[16..24],
-        &[0, 0, 1, 0, 0, 0, 1, 0],
-        "256×256 after ×4"
+        &[0, 0, 3, 0, 0, 0, 3, 0],
+        "768×768 after ×4"
     );
-    // Same seed, same pixels: a second run reproduces the first.
+    // Same seed, same picture: a second run reproduces the first up to its
+    // own watermark (every output gets a fresh id) and signature.
     let first = std::fs::read(out_dir.join("00000.png")).unwrap();
     std::fs::remove_dir_all(&out_dir).unwrap();
     let out = hallmark(&args);
     assert!(out.status.success());
-    assert_eq!(std::fs::read(out_dir.join("00000.png")).unwrap(), first);
+    let second = std::fs::read(out_dir.join("00000.png")).unwrap();
+    assert_ne!(
+        first, second,
+        "each output has its own watermark and manifest"
+    );
+    let decode = |b: &[u8]| image::load_from_memory(b).unwrap().to_rgb8();
+    let psnr = hallmark_provenance::watermark::psnr(&decode(&first), &decode(&second));
+    assert!(
+        psnr > 38.0,
+        "the two renders differ by more than two marks: {psnr:.1} dB"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,9 +209,9 @@ async fn outputs_can_live_in_an_s3_compatible_store() {
         "--upscale",
         "2",
         "--width",
-        "64",
+        "192",
         "--height",
-        "64",
+        "192",
         "--watch",
     ]);
     assert!(

@@ -101,65 +101,139 @@ async fn killed_worker_tasks_are_released_and_the_job_completes_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn completion_with_a_stale_fencing_token_is_refused() {
+async fn unstamped_and_stale_completions_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let db = fresh_database().await;
     let spec = CoordinatorSpec::new(&db, None, dir.path().join("blobs"));
     let _c = spec.start().await;
     let url = spec.url();
     let worker_id = fake_worker(&url).await;
-    submit(&url, 1, 0).await;
+    submit(&url, 2, 0).await;
     let mut w = workers_client(&url).await;
-    let lease = w
-        .lease(LeaseRequest {
-            worker_id: worker_id.clone(),
-            held: vec![],
-            want: 1,
-            wait_ms: 2000,
-            loaded_model: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .leases
-        .remove(0);
-    let png = b"\x89PNG\r\n\x1a\nnot really an image but has the signature".to_vec();
-    let upload = |token: i64| {
+    let mut leases: Vec<hallmark_proto::v1::TaskLease> = Vec::new();
+    for _ in 0..2 {
+        let held = leases
+            .iter()
+            .map(|l| hallmark_proto::v1::HeldLease {
+                task_id: l.task_id.clone(),
+                fencing_token: l.fencing_token,
+                progress: 0.0,
+            })
+            .collect();
+        leases.extend(
+            w.lease(LeaseRequest {
+                worker_id: worker_id.clone(),
+                held,
+                want: 1,
+                wait_ms: 2000,
+                loaded_model: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .leases,
+        );
+    }
+    assert_eq!(leases.len(), 2);
+    let (lease, other) = (leases.remove(0), leases.remove(0));
+    let good = stamp_for(&lease, &worker_id);
+    let upload = |token: i64, bytes: &[u8], watermark_id: &str| {
         let header = CompleteHeader {
             worker_id: worker_id.clone(),
             task_id: lease.task_id.clone(),
             fencing_token: token,
-            sha256: sha256(&png),
-            size: png.len() as u64,
+            sha256: sha256(bytes),
+            size: bytes.len() as u64,
             media_type: "image/png".into(),
-            width: 64,
-            height: 64,
+            width: 192,
+            height: 192,
+            watermark_id: watermark_id.into(),
         };
         tokio_stream::iter(vec![
             CompleteMessage {
                 body: Some(Body::Header(header)),
             },
             CompleteMessage {
-                body: Some(Body::Data(png.clone())),
+                body: Some(Body::Data(bytes.to_vec())),
             },
         ])
     };
+    let artifacts = || scalar(&db, "SELECT CAST(COUNT(*) AS BIGINT) FROM artifacts");
+
+    // A plain PNG: no content credentials.
+    let mut plain = Vec::new();
+    image::RgbImage::new(192, 192)
+        .write_to(
+            &mut std::io::Cursor::new(&mut plain),
+            image::ImageFormat::Png,
+        )
+        .unwrap();
     let err = w
-        .complete(upload(lease.fencing_token + 1))
+        .complete(upload(lease.fencing_token, &plain, &good.watermark_id))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    assert!(err.message().contains("unstamped upload"), "{err}");
+    // Stamped, but for another task.
+    let theirs = stamp_for(&other, &worker_id);
+    let err = w
+        .complete(upload(
+            lease.fencing_token,
+            &theirs.bytes,
+            &theirs.watermark_id,
+        ))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("made for task"), "{err}");
+    // Stamped for this task, declaring another watermark id.
+    let err = w
+        .complete(upload(lease.fencing_token, &good.bytes, "0123456789abcdef"))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("soft binding names"), "{err}");
+    // Signed bytes with one pixel byte flipped: the hash binding breaks.
+    let mut flipped = good.bytes.clone();
+    let n = flipped.len();
+    flipped[n - 30] ^= 1;
+    let err = w
+        .complete(upload(lease.fencing_token, &flipped, &good.watermark_id))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("do not validate"), "{err}");
+    assert_eq!(
+        artifacts().await,
+        0,
+        "nothing recorded from refused uploads"
+    );
+
+    let err = w
+        .complete(upload(
+            lease.fencing_token + 1,
+            &good.bytes,
+            &good.watermark_id,
+        ))
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
     assert!(err.message().contains("stale lease"), "{err}");
-    assert_eq!(
-        scalar(&db, "SELECT CAST(COUNT(*) AS BIGINT) FROM artifacts").await,
-        0
-    );
-    w.complete(upload(lease.fencing_token))
+    assert_eq!(artifacts().await, 0);
+
+    w.complete(upload(lease.fencing_token, &good.bytes, &good.watermark_id))
         .await
         .expect("current token accepted");
+    assert_eq!(artifacts().await, 1);
     assert_eq!(
-        scalar(&db, "SELECT CAST(COUNT(*) AS BIGINT) FROM artifacts").await,
-        1
+        scalar(
+            &db,
+            &format!(
+                "SELECT CAST(COUNT(*) AS BIGINT) FROM artifacts WHERE watermark_id = '{}' \
+                 AND manifest IS NOT NULL AND manifest_label LIKE 'urn:c2pa:%'",
+                good.watermark_id
+            )
+        )
+        .await,
+        1,
+        "the artifact is recorded with its watermark id and manifest"
     );
 }
 

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use hallmark_proto::v1::{ModelCapability, TaskLease};
-use image::{ImageBuffer, Rgb, RgbImage};
+use image::RgbImage;
 
 /// One task to render: its lease, and the base image for a later stage.
 #[derive(Debug, Clone)]
@@ -14,13 +14,11 @@ pub struct RenderTask {
     pub parent: Option<Vec<u8>>,
 }
 
-/// An encoded output image.
+/// A rendered output, before stamping (the worker watermarks, encodes and
+/// signs it).
 #[derive(Debug, Clone)]
 pub struct RenderedImage {
-    pub bytes: Vec<u8>,
-    pub media_type: &'static str,
-    pub width: u32,
-    pub height: u32,
+    pub pixels: RgbImage,
 }
 
 /// Why a task could not be rendered.
@@ -34,8 +32,6 @@ pub enum EngineError {
     MissingParent,
     #[error("cannot decode the base image: {0}")]
     BadParent(String),
-    #[error("encoding the output: {0}")]
-    Encode(String),
     #[error("{0}")]
     Failed(String),
 }
@@ -112,9 +108,8 @@ impl SyntheticEngine {
             "generate" => generate(&l.prompt, l.seed, l.width, l.height),
             "upscale" => {
                 let parent = task.parent.as_deref().ok_or(EngineError::MissingParent)?;
-                let base = image::load_from_memory(parent)
-                    .map_err(|e| EngineError::BadParent(e.to_string()))?
-                    .to_rgb8();
+                let base = hallmark_provenance::credentials::decode_image(parent)
+                    .map_err(|e| EngineError::BadParent(e.to_string()))?;
                 let f = l.upscale.max(1);
                 image::imageops::resize(
                     &base,
@@ -125,7 +120,7 @@ impl SyntheticEngine {
             }
             other => return Err(EngineError::UnknownStage(other.to_string())),
         };
-        encode_png(&img)
+        Ok(RenderedImage { pixels: img })
     }
 }
 
@@ -168,43 +163,25 @@ impl Engine for SyntheticEngine {
     }
 }
 
-/// A smooth colour field with bands, fixed by (prompt, seed).
+/// A smooth colour field with a little grain, fixed by (prompt, seed): the
+/// low-texture look of generated images, which is what the watermark is
+/// tuned for.
 fn generate(prompt: &str, seed: u64, width: u32, height: u32) -> RgbImage {
-    let h = hallmark_provenance::sha256_hex(format!("{seed}:{prompt}").as_bytes());
-    let b = h.as_bytes();
-    let byte = |i: usize| {
-        u32::from_str_radix(
-            std::str::from_utf8(&b[i * 2..i * 2 + 2]).unwrap_or("00"),
-            16,
-        )
-        .unwrap_or(0)
-    };
-    let (r0, g0, b0, fx, fy) = (byte(0), byte(1), byte(2), byte(3) % 7 + 1, byte(4) % 7 + 1);
-    ImageBuffer::from_fn(width, height, |x, y| {
-        let u = x * 255 / width.max(1);
-        let v = y * 255 / height.max(1);
-        let band = ((x * fx + y * fy) / 8) % 2 * 24;
-        Rgb([
-            ((r0 + u + band) % 256) as u8,
-            ((g0 + v) % 256) as u8,
-            ((b0 + (u + v) / 2 + band) % 256) as u8,
-        ])
-    })
-}
-
-fn encode_png(img: &RgbImage) -> Result<RenderedImage, EngineError> {
-    let mut bytes = Vec::new();
-    img.write_to(
-        &mut std::io::Cursor::new(&mut bytes),
-        image::ImageFormat::Png,
-    )
-    .map_err(|e| EngineError::Encode(e.to_string()))?;
-    Ok(RenderedImage {
-        bytes,
-        media_type: "image/png",
-        width: img.width(),
-        height: img.height(),
-    })
+    let digest = hallmark_provenance::sha256_hex(format!("{seed}:{prompt}").as_bytes());
+    let field_seed = u32::from_str_radix(&digest[..8], 16).unwrap_or(0);
+    let grain_seed = u64::from_str_radix(&digest[8..24], 16).unwrap_or(0);
+    let mut img =
+        hallmark_provenance::watermark::attacks::smooth_field(width, height, field_seed % 1000);
+    for (x, y, px) in img.enumerate_pixels_mut() {
+        let mut z = grain_seed ^ (u64::from(y) << 32 | u64::from(x));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        let grain = ((z >> 59) as i16) - 16; // -16..=15
+        for c in px.0.iter_mut() {
+            *c = (i16::from(*c) + grain / 3).clamp(0, 255) as u8;
+        }
+    }
+    img
 }
 
 #[cfg(test)]
@@ -238,9 +215,9 @@ mod tests {
             a[1].as_ref().unwrap(),
             a[2].as_ref().unwrap(),
         );
-        assert_eq!(a0.bytes, a1.bytes);
-        assert_ne!(a0.bytes, a2.bytes);
-        assert_eq!((a0.width, a0.height), (64, 48));
+        assert_eq!(a0.pixels, a1.pixels);
+        assert_ne!(a0.pixels, a2.pixels);
+        assert_eq!(a0.pixels.dimensions(), (64, 48));
     }
 
     #[test]
@@ -250,11 +227,13 @@ mod tests {
         let mut up = task("a cat", 1);
         up.lease.stage = "upscale".into();
         up.lease.upscale = 4;
-        up.parent = Some(base.bytes);
+        let mut png = Vec::new();
+        base.pixels
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        up.parent = Some(png);
         let out = e.render(&[up], &|_| {}).remove(0).unwrap();
-        assert_eq!((out.width, out.height), (256, 192));
-        let decoded = image::load_from_memory(&out.bytes).unwrap();
-        assert_eq!(decoded.width(), 256);
+        assert_eq!(out.pixels.dimensions(), (256, 192));
     }
 
     #[test]

@@ -3,8 +3,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::path::PathBuf;
+
+use anyhow::Context;
 use clap::Parser;
-use hallmark_worker::{SyntheticConfig, SyntheticEngine, WorkerConfig};
+use hallmark_provenance::credentials::{SigningAlgorithm, SigningIdentity};
+use hallmark_provenance::watermark;
+use hallmark_worker::stamp::StampSettings;
+use hallmark_worker::{StampConfig, Stamping, SyntheticConfig, SyntheticEngine, WorkerConfig};
 
 /// Leases tasks from a coordinator, renders them and uploads the results.
 #[derive(Parser)]
@@ -41,6 +47,34 @@ struct Args {
     /// Seconds to finish held work on SIGTERM before handing it back.
     #[arg(long, default_value_t = 30)]
     drain_secs: u64,
+    /// PEM certificate chain outputs are signed with (signing certificate
+    /// first); `hallmark ca init` makes a test one.
+    #[arg(long, env = "HALLMARK_SIGNING_CERT_CHAIN")]
+    cert_chain: PathBuf,
+    /// PKCS#8 PEM private key of the signing certificate.
+    #[arg(long, env = "HALLMARK_SIGNING_PRIVATE_KEY")]
+    private_key: PathBuf,
+    /// es256 or ed25519.
+    #[arg(long, env = "HALLMARK_SIGNING_ALG", default_value = "es256")]
+    signing_alg: String,
+    /// RFC 3161 timestamp authority URL.
+    #[arg(long, env = "HALLMARK_TSA_URL")]
+    tsa_url: Option<String>,
+    /// PEM roots the deployment trusts (base images are checked against them).
+    #[arg(long, env = "HALLMARK_TRUST_ANCHORS")]
+    trust_anchors: Option<PathBuf>,
+    /// Watermark key secret; the default is for development only.
+    #[arg(long, env = "HALLMARK_WATERMARK_KEY", default_value = watermark::DEVELOPMENT_KEY, hide_default_value = true)]
+    watermark_key: String,
+    /// What the signed record says of the prompt: keep, hash or omit.
+    #[arg(long, env = "HALLMARK_PROMPT_POLICY", default_value = "hash")]
+    prompt_policy: String,
+    /// cawg.training-mining preference: allowed, notAllowed, constrained or none.
+    #[arg(long, env = "HALLMARK_TRAINING_MINING", default_value = "notAllowed")]
+    training_mining: String,
+    /// Output format: png, jpeg or webp.
+    #[arg(long, env = "HALLMARK_OUTPUT_FORMAT", default_value = "png")]
+    output_format: String,
 }
 
 #[tokio::main]
@@ -64,12 +98,28 @@ async fn main() -> anyhow::Result<()> {
         render_time: Duration::from_millis(args.render_ms),
         fail_marker: args.fail_marker,
     }));
+    let identity = SigningIdentity::load(
+        &args.cert_chain,
+        &args.private_key,
+        SigningAlgorithm::parse(&args.signing_alg)?,
+        args.tsa_url,
+    )
+    .context("loading the signing identity")?;
+    let stamping = Stamping::new(StampConfig::from_settings(StampSettings {
+        identity,
+        trust_anchors: args.trust_anchors.as_deref(),
+        watermark_key: &args.watermark_key,
+        prompt_policy: &args.prompt_policy,
+        training_mining: &args.training_mining,
+        output_format: &args.output_format,
+    })?)
+    .context("preparing the signer")?;
     let config = WorkerConfig {
         name: args.name,
         max_pixels: args.max_pixels,
         max_batch: args.max_batch,
         drain_timeout: Duration::from_secs(args.drain_secs),
-        ..Default::default()
+        ..WorkerConfig::new(stamping)
     };
     let channel = hallmark_worker::channel(&args.coordinator)?;
     let shutdown = async {

@@ -10,22 +10,26 @@ use std::time::Duration;
 use anyhow::Context;
 use hallmark_proto::v1::complete_message::Body;
 use hallmark_proto::v1::complete_outcome::Kind;
+use hallmark_proto::v1::registry_client::RegistryClient;
 use hallmark_proto::v1::workers_client::WorkersClient;
 use hallmark_proto::v1::{
     CompleteHeader, CompleteMessage, DownloadArtifactRequest, FailRequest, HeldLease, LeaseRequest,
-    RegisterWorkerRequest, RegisterWorkerResponse, TaskLease,
+    ListModelsRequest, RegisterWorkerRequest, RegisterWorkerResponse, TaskLease,
 };
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::engine::{Engine, RenderTask, RenderedImage};
+use crate::engine::{Engine, RenderTask};
+use crate::stamp::{ModelFacts, StampedImage, Stamping};
 
 const UPLOAD_CHUNK: usize = 256 * 1024;
 
 /// Settings of one worker.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
+    /// How outputs are watermarked and signed: nothing leaves unstamped.
+    pub stamping: Arc<Stamping>,
     /// Name shown in `hallmark workers`.
     pub name: String,
     /// Largest output (width × height) this worker can hold.
@@ -38,9 +42,11 @@ pub struct WorkerConfig {
     pub drain_timeout: Duration,
 }
 
-impl Default for WorkerConfig {
-    fn default() -> Self {
+impl WorkerConfig {
+    /// Defaults for everything but the stamping identity.
+    pub fn new(stamping: Arc<Stamping>) -> Self {
         Self {
+            stamping,
             name: String::new(),
             max_pixels: 4096 * 4096,
             max_batch: 4,
@@ -65,7 +71,11 @@ type Held = Arc<Mutex<HashMap<String, i64>>>;
 
 struct Shared {
     client: WorkersClient<Channel>,
+    registry: RegistryClient<Channel>,
     engine: Arc<dyn Engine>,
+    stamping: Arc<Stamping>,
+    /// Weights digest and training datasets per model, from the registry.
+    models: tokio::sync::Mutex<HashMap<String, ModelFacts>>,
     worker_id: String,
     held: Held,
     /// Fraction done of the batch being rendered, as f32 bits.
@@ -90,7 +100,9 @@ pub async fn run(
     engine: Arc<dyn Engine>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<WorkerReport> {
-    let mut client = WorkersClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
+    let mut client =
+        WorkersClient::new(channel.clone()).max_decoding_message_size(64 * 1024 * 1024);
+    let registry = RegistryClient::new(channel);
     let mut shutdown = std::pin::pin!(shutdown);
     let Some(registered) =
         register(&mut client, &config, engine.as_ref(), shutdown.as_mut()).await?
@@ -103,7 +115,10 @@ pub async fn run(
     tracing::info!(worker_id = %worker_id, engine = engine.name(), "worker registered");
     let mut shared = Arc::new(Shared {
         client: client.clone(),
+        registry: registry.clone(),
         engine: engine.clone(),
+        stamping: config.stamping.clone(),
+        models: Default::default(),
         worker_id: worker_id.clone(),
         held: Arc::new(Mutex::new(HashMap::new())),
         progress: Arc::new(AtomicU32::new(0)),
@@ -183,7 +198,10 @@ pub async fn run(
                 let report = shared.report.lock().map(|r| r.clone()).unwrap_or_default();
                 shared = Arc::new(Shared {
                     client: client.clone(),
+                    registry: registry.clone(),
                     engine: engine.clone(),
+                    stamping: config.stamping.clone(),
+                    models: Default::default(),
                     worker_id: id.clone(),
                     held: Arc::new(Mutex::new(HashMap::new())),
                     progress: Arc::new(AtomicU32::new(0)),
@@ -378,31 +396,104 @@ async fn run_batch(shared: Arc<Shared>, leases: Vec<TaskLease>) {
     if tasks.is_empty() {
         return;
     }
+    let mut facts = Vec::with_capacity(tasks.len());
+    for t in &tasks {
+        match model_facts(&shared, &t.lease.model_id).await {
+            Ok(f) => facts.push(f),
+            Err(e) => {
+                for t in &tasks {
+                    report_failure(&shared, &t.lease, &e).await;
+                }
+                return;
+            }
+        }
+    }
     let engine = shared.engine.clone();
+    let stamping = shared.stamping.clone();
+    let worker_id = shared.worker_id.clone();
     let render_input = tasks.clone();
     let progress = shared.progress.clone();
     progress.store(0f32.to_bits(), Ordering::Relaxed);
     let report = move |p: f32| progress.store(p.to_bits(), Ordering::Relaxed);
-    let results =
-        match tokio::task::spawn_blocking(move || engine.render(&render_input, &report)).await {
-            Ok(r) => r,
-            Err(e) => {
-                for t in &tasks {
-                    report_failure(&shared, &t.lease, &format!("engine panicked: {e}")).await;
-                }
-                return;
+    // Render, then stamp each output: watermark, encode, sign.
+    let work = move || {
+        let rendered = engine.render(&render_input, &report);
+        render_input
+            .iter()
+            .zip(rendered)
+            .zip(&facts)
+            .map(|((task, result), facts)| {
+                let image = result.map_err(|e| e.to_string())?;
+                stamping
+                    .stamp(
+                        &task.lease,
+                        &worker_id,
+                        facts,
+                        &image.pixels,
+                        task.parent.as_deref(),
+                    )
+                    .map_err(|e| format!("stamping the output: {e}"))
+            })
+            .collect::<Vec<_>>()
+    };
+    let results = match tokio::task::spawn_blocking(work).await {
+        Ok(r) => r,
+        Err(e) => {
+            for t in &tasks {
+                report_failure(&shared, &t.lease, &format!("engine panicked: {e}")).await;
             }
-        };
-    let mut rendered = Vec::with_capacity(tasks.len());
+            return;
+        }
+    };
+    let mut stamped = Vec::with_capacity(tasks.len());
     for (task, result) in tasks.into_iter().zip(results) {
         match result {
-            Ok(image) => rendered.push((task.lease, image)),
-            Err(e) => report_failure(&shared, &task.lease, &e.to_string()).await,
+            Ok(image) => stamped.push((task.lease, image)),
+            Err(e) => report_failure(&shared, &task.lease, &e).await,
         }
     }
-    if !rendered.is_empty() {
-        upload(&shared, rendered).await;
+    if !stamped.is_empty() {
+        upload(&shared, stamped).await;
     }
+}
+
+/// What the generation record names as a model's weights and training
+/// datasets (cached).
+async fn model_facts(shared: &Shared, model_id: &str) -> Result<ModelFacts, String> {
+    let mut cache = shared.models.lock().await;
+    if let Some(f) = cache.get(model_id) {
+        return Ok(f.clone());
+    }
+    let mut registry = shared.registry.clone();
+    let models = registry
+        .list_models(ListModelsRequest {})
+        .await
+        .map_err(|e| format!("reading the model registry: {}", e.message()))?
+        .into_inner()
+        .models;
+    // The digest is the engine's own (the weights it loaded, which the
+    // coordinator checked against the registry at registration).
+    let digests: HashMap<String, String> = shared
+        .engine
+        .models()
+        .into_iter()
+        .map(|m| (m.model_id, m.weights_sha256))
+        .collect();
+    for m in models {
+        if let Some(digest) = digests.get(&m.model_id) {
+            cache.insert(
+                m.model_id,
+                ModelFacts {
+                    weights_sha256: digest.clone(),
+                    datasets: m.training_datasets,
+                },
+            );
+        }
+    }
+    cache
+        .get(model_id)
+        .cloned()
+        .ok_or_else(|| format!("model {model_id:?} is not in the registry"))
 }
 
 async fn fetch(client: &WorkersClient<Channel>, sha256: &str) -> Result<Vec<u8>, Status> {
@@ -430,8 +521,8 @@ async fn fetch(client: &WorkersClient<Channel>, sha256: &str) -> Result<Vec<u8>,
 /// retries transport errors while the leases may still be current, drops
 /// work whose lease the coordinator calls stale, and reports a rejected
 /// upload as a failed attempt.
-async fn upload(shared: &Shared, results: Vec<(TaskLease, RenderedImage)>) {
-    let results: Vec<(TaskLease, RenderedImage, String)> = results
+async fn upload(shared: &Shared, results: Vec<(TaskLease, StampedImage)>) {
+    let results: Vec<(TaskLease, StampedImage, String)> = results
         .into_iter()
         .map(|(l, img)| {
             let sha = hallmark_provenance::sha256_hex(&img.bytes);
@@ -440,7 +531,7 @@ async fn upload(shared: &Shared, results: Vec<(TaskLease, RenderedImage)>) {
         .collect();
     let mut backoff = Duration::from_millis(100);
     for attempt in 0..6 {
-        let live: Vec<&(TaskLease, RenderedImage, String)> = results
+        let live: Vec<&(TaskLease, StampedImage, String)> = results
             .iter()
             .filter(|(l, _, _)| {
                 let held = still_held(shared, l);
@@ -465,6 +556,7 @@ async fn upload(shared: &Shared, results: Vec<(TaskLease, RenderedImage)>) {
                     media_type: image.media_type.to_string(),
                     width: image.width,
                     height: image.height,
+                    watermark_id: image.watermark_id.clone(),
                 })),
             });
             messages.extend(image.bytes.chunks(UPLOAD_CHUNK).map(|c| CompleteMessage {

@@ -1,23 +1,26 @@
 //! The gRPC services over one shared [`Coordinator`] state.
 
 mod jobs;
+mod provenance;
 mod registry;
 mod workers;
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 pub use jobs::JobsService;
+pub use provenance::{ProvenanceService, Resolution};
 pub use registry::RegistryService;
 pub use workers::WorkersService;
 
 use crate::blobs::{BlobError, BlobStore};
 use crate::config::CoordinatorConfig;
 use crate::notify::Notifier;
+use crate::stamps::StampCheck;
 use crate::store::{LeasePolicy, Store, StoreError, WorkerCaps, now_ms};
 
 /// State shared by all services of one coordinator replica.
@@ -27,6 +30,8 @@ pub struct Coordinator {
     pub notifier: Notifier,
     pub config: CoordinatorConfig,
     pub lease_policy: LeasePolicy,
+    /// The upload gate: content credentials and watermark of every artifact.
+    pub stamps: Arc<StampCheck>,
     workers: Mutex<HashMap<String, (WorkerCaps, Instant)>>,
     /// Turns true when the server stops: long polls and watches end early
     /// so a graceful shutdown does not wait for them.
@@ -39,6 +44,7 @@ impl Coordinator {
         blobs: BlobStore,
         notifier: Notifier,
         config: CoordinatorConfig,
+        stamps: StampCheck,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         let lease_policy = LeasePolicy {
@@ -51,6 +57,7 @@ impl Coordinator {
             notifier,
             config,
             lease_policy,
+            stamps: Arc::new(stamps),
             workers: Mutex::new(HashMap::new()),
             shutdown,
         }

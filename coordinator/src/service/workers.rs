@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{Coordinator, blob_status, status};
 use crate::blobs::BlobWriter;
 use crate::spec::ENGINES;
+use crate::stamps::StampCheck;
 use crate::store::{Completion, WorkerRegistration, now_ms};
 
 /// Largest upload a worker may send (one image).
@@ -188,7 +189,7 @@ impl Workers for WorkersService {
                     }
                     uploads.push(Upload {
                         writer: c.blobs.writer(MAX_UPLOAD),
-                        head: Vec::new(),
+                        body: Vec::with_capacity(h.size.min(EARLY_CHECK_BYTES) as usize),
                         header: h,
                     });
                 }
@@ -196,10 +197,10 @@ impl Workers for WorkersService {
                     let u = uploads.last_mut().ok_or_else(|| {
                         Status::invalid_argument("the first message of Complete must be a header")
                     })?;
-                    if u.head.len() < 16 {
-                        let take = data.len().min(16 - u.head.len());
-                        u.head.extend_from_slice(&data[..take]);
+                    if (u.body.len() + data.len()) as u64 > MAX_UPLOAD {
+                        return Err(Status::invalid_argument("upload is over the limit"));
                     }
+                    u.body.extend_from_slice(&data);
                     u.writer.write(&data).await.map_err(blob_status)?;
                 }
                 None => return Err(Status::invalid_argument("empty Complete message")),
@@ -214,7 +215,7 @@ impl Workers for WorkersService {
         let mut completions = Vec::with_capacity(uploads.len());
         for u in uploads {
             let task_id = u.header.task_id.clone();
-            match u.publish().await {
+            match u.publish(&c.stamps).await {
                 Ok(completion) => {
                     outcomes.push(CompleteOutcome {
                         task_id,
@@ -337,12 +338,15 @@ impl Workers for WorkersService {
 struct Upload {
     header: CompleteHeader,
     writer: BlobWriter,
-    head: Vec<u8>,
+    /// The bytes, kept for the stamp check (images are small next to the
+    /// upload limit; the blob store gets them as they arrive).
+    body: Vec<u8>,
 }
 
 impl Upload {
-    /// Checks the format and hash and stores the blob; the completion to record.
-    async fn publish(self) -> Result<Completion, String> {
+    /// Checks the format, the stamp and the hash and stores the blob; the
+    /// completion to record.
+    async fn publish(self, stamps: &Arc<StampCheck>) -> Result<Completion, String> {
         let h = self.header;
         let magic: &[u8] = match h.media_type.as_str() {
             "image/png" => b"\x89PNG\r\n\x1a\n",
@@ -350,9 +354,18 @@ impl Upload {
             "image/webp" => b"RIFF",
             other => return Err(format!("unsupported media type {other:?}")),
         };
-        if !self.head.starts_with(magic) {
+        if !self.body.starts_with(magic) {
             return Err(format!("upload is not a {} file", h.media_type));
         }
+        let (check, body, task_id, declared) = (
+            stamps.clone(),
+            self.body,
+            h.task_id.clone(),
+            h.watermark_id.clone(),
+        );
+        let stamp = tokio::task::spawn_blocking(move || check.check(&body, &task_id, &declared))
+            .await
+            .map_err(|e| format!("stamp check panicked: {e}"))??;
         let sha256 = self
             .writer
             .finish(&h.sha256, h.size)
@@ -367,6 +380,7 @@ impl Upload {
             media_type: h.media_type,
             width: h.width,
             height: h.height,
+            stamp,
         })
     }
 }

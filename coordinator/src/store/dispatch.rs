@@ -10,6 +10,7 @@ use hallmark_proto::v1::{ModelCapability, RevokedLease, TaskLease, WorkerInfo};
 use sqlx::Row;
 
 use super::{Result, Store, StoreError, state};
+use crate::stamps::CheckedStamp;
 
 /// Coarseness of the per-tenant dispatch time kept for round-robin.
 const DISPATCH_NOTE_MS: i64 = 5;
@@ -60,6 +61,8 @@ pub struct Completion {
     pub media_type: String,
     pub width: u32,
     pub height: u32,
+    /// Watermark id and manifest, checked at upload.
+    pub stamp: CheckedStamp,
 }
 
 /// What a recorded failure did to the task.
@@ -510,8 +513,8 @@ impl Store {
             let job_id: String = row.try_get("job_id")?;
             sqlx::query(
                 "INSERT INTO artifacts (task_id, job_id, item_index, stage, model_id, parent_sha256, worker_id, \
-                 sha256, size, media_type, width, height, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                 sha256, size, media_type, width, height, created_at, watermark_id, manifest, manifest_label) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
             )
             .bind(&c.task_id)
             .bind(&job_id)
@@ -526,6 +529,9 @@ impl Store {
             .bind(i64::from(c.width))
             .bind(i64::from(c.height))
             .bind(now)
+            .bind(&c.stamp.watermark_id)
+            .bind(&c.stamp.manifest)
+            .bind(&c.stamp.manifest_label)
             .execute(&mut *tx)
             .await?;
             // Per-item stage dependency, no barrier: the next stage of this

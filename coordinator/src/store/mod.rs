@@ -9,6 +9,7 @@
 
 mod dispatch;
 mod jobs;
+mod provenance;
 mod registry;
 
 use std::path::Path;
@@ -21,6 +22,7 @@ pub use dispatch::{
     Completion, FailOutcome, LeasePolicy, ReapOutcome, WorkerCaps, WorkerRegistration,
 };
 pub use jobs::JobControl;
+pub use provenance::{ArtifactKey, StoredArtifact};
 
 use crate::spec::SpecError;
 

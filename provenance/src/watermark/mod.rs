@@ -58,6 +58,10 @@ const LATTICE_CANDIDATES: usize = 3;
 /// no decode is attempted.
 const MIN_SYNC_Z: f32 = 4.0;
 
+/// The key secret used when a deployment configures none: for development
+/// only, since anyone who knows it can forge and strip marks.
+pub const DEVELOPMENT_KEY: &str = "hallmark-development-watermark-key";
+
 /// The secret that places and signs the chips. Deployments set their own;
 /// a mark is found only with the key it was made with.
 #[derive(Clone)]
@@ -69,6 +73,23 @@ impl WatermarkKey {
     pub fn from_secret(secret: &[u8]) -> Self {
         Self {
             seed: Sha256::digest(secret).into(),
+        }
+    }
+
+    /// The key for marks made at a later stage (`upscale`): an upscaled
+    /// image still carries its base image's mark at exactly the tile period
+    /// its own mark gets, so the two need independent chips and sync
+    /// patterns. The `generate` stage uses the key itself.
+    pub fn for_stage(&self, stage: &str) -> Self {
+        if stage == "generate" {
+            return self.clone();
+        }
+        let mut h = Sha256::new();
+        h.update(self.seed);
+        h.update(b"/stage/");
+        h.update(stage.as_bytes());
+        Self {
+            seed: h.finalize().into(),
         }
     }
 
@@ -180,6 +201,11 @@ fn wrap(i: i64) -> usize {
     i.rem_euclid(CHIPS as i64) as usize
 }
 
+/// Smallest side the mark is made on: with chips of two pixels the tile
+/// (64 pixels) must stay within the detector's lattice search band (at
+/// most 0.34 of the short side).
+pub const MIN_SIDE: u32 = 192;
+
 /// Pixels per chip for an image: at least four tiles across the short side.
 pub fn chip_size(width: u32, height: u32) -> usize {
     ((width.min(height) as usize) / (4 * CHIPS)).max(2)
@@ -201,7 +227,7 @@ impl Default for EmbedOptions {
 /// Why an image cannot be marked.
 #[derive(Debug, thiserror::Error)]
 pub enum WatermarkError {
-    #[error("image is {0}×{1}; the watermark needs at least 128×128 pixels")]
+    #[error("image is {0}×{1}; the watermark needs at least {MIN_SIDE}×{MIN_SIDE} pixels")]
     TooSmall(u32, u32),
 }
 
@@ -265,7 +291,7 @@ pub fn embed(
     opts: EmbedOptions,
 ) -> Result<RgbImage, WatermarkError> {
     let (w, h) = (img.width() as usize, img.height() as usize);
-    if w < 128 || h < 128 {
+    if w < MIN_SIDE as usize || h < MIN_SIDE as usize {
         return Err(WatermarkError::TooSmall(img.width(), img.height()));
     }
     let layout = Layout::new(key);

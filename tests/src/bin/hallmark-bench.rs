@@ -2,7 +2,8 @@
 //!
 //! Starts a coordinator in this process (real gRPC on loopback) on Postgres +
 //! Redis and/or on SQLite, runs W simulated workers that lease in batches and
-//! upload a small PNG per task, and reports tasks/s end to end, lease-call
+//! upload a stamped (watermarked and signed) 128×128 PNG per task — the
+//! coordinator checks every stamp — and reports tasks/s end to end, lease-call
 //! latency p50/p99, and SQL statements per task (counted in a separate,
 //! smaller run with sqlx's statement log on, so logging does not slow the
 //! timed run).
@@ -22,6 +23,9 @@ use hallmark_proto::v1::{
     CompleteHeader, CompleteMessage, LeaseRequest, ModelCapability, RegisterWorkerRequest,
     SubmitJobRequest,
 };
+use hallmark_provenance::credentials::{SigningAlgorithm, ca};
+use hallmark_worker::stamp::{ModelFacts, StampSettings};
+use hallmark_worker::{StampConfig, Stamping};
 use tonic::transport::Channel;
 use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt;
@@ -82,7 +86,8 @@ async fn main() -> anyhow::Result<()> {
         ));
     tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer))?;
 
-    let png = tiny_png();
+    let ca_dir = tempfile::tempdir()?;
+    let stamping = bench_stamping(ca_dir.path())?;
     let stores: Vec<&str> = match args.store.as_str() {
         "both" => vec!["postgres", "sqlite"],
         "postgres" => vec!["postgres"],
@@ -108,13 +113,13 @@ async fn main() -> anyhow::Result<()> {
         let count_tasks = (args.tasks / 10).clamp(500, 2_000);
         counting.store(true, Ordering::Relaxed);
         statements.store(0, Ordering::Relaxed);
-        run(store, &args.workers, args.batch, count_tasks, &png).await?;
+        run(store, &args.workers, args.batch, count_tasks, &stamping).await?;
         let per_task = statements.load(Ordering::Relaxed) as f64 / f64::from(count_tasks);
         counting.store(false, Ordering::Relaxed);
 
-        let out = run(store, &args.workers, args.batch, args.tasks, &png).await?;
+        let out = run(store, &args.workers, args.batch, args.tasks, &stamping).await?;
         // Lease latency of an idle farm: one worker, one task at a time.
-        let idle = run(store, &1, 1, 300, &png).await?;
+        let idle = run(store, &1, 1, 300, &stamping).await?;
         let (p50, p99) = percentiles(out.latencies_us);
         let (idle50, idle99) = percentiles(idle.latencies_us);
         let label = if store == "postgres" {
@@ -141,7 +146,7 @@ async fn run(
     workers: &u32,
     batch: u32,
     tasks: u32,
-    png: &[u8],
+    stamping: &Arc<Stamping>,
 ) -> anyhow::Result<Outcome> {
     let dir = tempfile::tempdir()?;
     let (database_url, redis_url) = match store {
@@ -204,9 +209,9 @@ async fn run(
     for id in ids {
         let client = WorkersClient::new(channel.clone());
         let done = done.clone();
-        let png = png.to_vec();
+        let stamping = stamping.clone();
         handles.push(tokio::spawn(async move {
-            simulated_worker(client, id, batch, png, done, u64::from(tasks)).await
+            simulated_worker(client, id, batch, stamping, done, u64::from(tasks)).await
         }));
     }
     let mut latencies = Vec::new();
@@ -225,7 +230,7 @@ async fn simulated_worker(
     mut client: WorkersClient<Channel>,
     worker_id: String,
     batch: u32,
-    png: Vec<u8>,
+    stamping: Arc<Stamping>,
     done: Arc<AtomicU64>,
     total: u64,
 ) -> anyhow::Result<Vec<u64>> {
@@ -247,29 +252,39 @@ async fn simulated_worker(
             continue;
         }
         latencies.push(t.elapsed().as_micros() as u64);
-        // One Complete call per leased batch, as the worker does.
+        // Stamped as a real worker stamps (watermark, encode, sign), on a
+        // blocking thread; then one Complete call per leased batch.
         let n = leases.len() as u64;
-        let mut msgs = Vec::with_capacity(leases.len() * 2);
-        for l in leases {
-            // A distinct blob per task, as real renders are: the PNG with the
-            // task id appended after its end chunk.
-            let mut png = png.clone();
-            png.extend_from_slice(l.task_id.as_bytes());
+        let (st, id) = (stamping.clone(), worker_id.clone());
+        let stamped = tokio::task::spawn_blocking(move || {
+            leases
+                .into_iter()
+                .map(|l| {
+                    let pixels = bench_pixels(&l.task_id, l.width, l.height);
+                    let out = st.stamp(&l, &id, &ModelFacts::default(), &pixels, None);
+                    out.map(|img| (l, img))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await??;
+        let mut msgs = Vec::with_capacity(stamped.len() * 2);
+        for (l, img) in stamped {
             let header = CompleteHeader {
                 worker_id: worker_id.clone(),
                 task_id: l.task_id,
                 fencing_token: l.fencing_token,
-                sha256: hallmark_provenance_sha(&png),
-                size: png.len() as u64,
-                media_type: "image/png".into(),
-                width: 1,
-                height: 1,
+                sha256: hallmark_provenance::sha256_hex(&img.bytes),
+                size: img.bytes.len() as u64,
+                media_type: img.media_type.into(),
+                width: img.width,
+                height: img.height,
+                watermark_id: img.watermark_id,
             };
             msgs.push(CompleteMessage {
                 body: Some(Body::Header(header)),
             });
             msgs.push(CompleteMessage {
-                body: Some(Body::Data(png)),
+                body: Some(Body::Data(img.bytes)),
             });
         }
         client.complete(tokio_stream::iter(msgs)).await?;
@@ -278,26 +293,30 @@ async fn simulated_worker(
     Ok(latencies)
 }
 
-fn hallmark_provenance_sha(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+/// The stamping stage of the simulated workers, signing with a fresh test CA.
+fn bench_stamping(dir: &std::path::Path) -> anyhow::Result<Arc<Stamping>> {
+    let files = ca::init(&dir.join("ca"), "Hallmark bench", SigningAlgorithm::Es256)?;
+    Ok(Stamping::new(StampConfig::from_settings(StampSettings {
+        identity: files.identity(None)?,
+        trust_anchors: None,
+        watermark_key: hallmark_provenance::watermark::DEVELOPMENT_KEY,
+        prompt_policy: "hash",
+        training_mining: "notAllowed",
+        output_format: "png",
+    })?)?)
 }
 
 fn hallmark_worker_digest() -> String {
-    hallmark_provenance_sha(b"hallmark-synthetic:synthetic-v1")
+    hallmark_provenance::sha256_hex(b"hallmark-synthetic:synthetic-v1")
 }
 
-/// A valid 1×1 PNG.
-fn tiny_png() -> Vec<u8> {
-    const PNG: [u8; 67] = [
-        0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0x00, 0x00, 0x00, 0x0d, 0x49, 0x48, 0x44,
-        0x52, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x01, 0x08, 0x06, 0x00, 0x00, 0x00, 0x1f,
-        0x15, 0xc4, 0x89, 0x00, 0x00, 0x00, 0x0a, 0x49, 0x44, 0x41, 0x54, 0x78, 0x9c, 0x63, 0x00,
-        0x01, 0x00, 0x00, 0x05, 0x00, 0x01, 0x0d, 0x0a, 0x2d, 0xb4, 0x00, 0x00, 0x00, 0x00, 0x49,
-        0x45, 0x4e, 0x44, 0xae, 0x42, 0x60, 0x82,
-    ];
-    PNG.to_vec()
+/// A picture that differs per task, so every upload is its own blob.
+fn bench_pixels(task_id: &str, width: u32, height: u32) -> image::RgbImage {
+    let seed = task_id
+        .bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
+    image::RgbImage::from_fn(width, height, |x, y| {
+        let v = (x * 7 + y * 3 + seed) % 256;
+        image::Rgb([v as u8, ((x + seed) % 256) as u8, ((y * 5) % 256) as u8])
+    })
 }

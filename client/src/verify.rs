@@ -1,0 +1,507 @@
+//! `hallmark verify FILE|DIR...`: is this image what its credentials say,
+//! and where did it come from?
+//!
+//! Offline it checks the C2PA manifest (signature, hash binding, the
+//! ingredients' recorded validation, trust anchors) and reads the watermark.
+//! Online (`--coordinator`) it resolves the watermark id in the manifest
+//! repository when the manifest is missing or no longer matches the pixels,
+//! and shows the original manifest and lineage — saying plainly that this
+//! file's content differs from the signed bytes.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use hallmark_proto::v1::resolve_request::Key;
+use hallmark_proto::v1::{ArtifactRecord, ResolveRequest, ResolveResponse};
+use hallmark_provenance::credentials::{self, CredentialsReport, Verdict};
+use hallmark_provenance::watermark::{self, WatermarkKey};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::remote::Remote;
+
+/// The one-word outcome for a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Credentials intact and signed by a trusted signer.
+    Verified,
+    /// Credentials intact, signer not trusted here.
+    Untrusted,
+    /// Credentials present but broken: the file was altered after signing.
+    Tampered,
+    /// No valid credentials in the file, but the watermark led to the
+    /// original manifest in the repository: the content was altered.
+    Recovered,
+    /// A watermark id, nothing to resolve it with (offline) or unknown to
+    /// the repository.
+    WatermarkOnly,
+    /// No credentials and no watermark.
+    NoProvenance,
+    /// Not an image this build reads.
+    Error,
+}
+
+impl Status {
+    /// 0 verified, 1 invalid or tampered, 2 no provenance found.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Status::Verified => 0,
+            Status::Untrusted | Status::Tampered | Status::Recovered | Status::Error => 1,
+            Status::WatermarkOnly | Status::NoProvenance => 2,
+        }
+    }
+}
+
+/// The watermark read from the pixels.
+#[derive(Debug, Clone, Serialize)]
+pub struct WatermarkFinding {
+    pub id: String,
+    /// The stage whose key found it (`upscale` or `generate`).
+    pub stage: &'static str,
+    pub confidence: f32,
+}
+
+/// What the repository said about the watermark id.
+#[derive(Debug, Clone, Serialize)]
+pub struct RepositoryFinding {
+    pub watermark_id: String,
+    pub found: bool,
+    pub manifest_label: Option<String>,
+    /// The stored original, checked with the same trust anchors.
+    pub original: Option<CredentialsReport>,
+    pub original_sha256: Option<String>,
+    pub file_sha256: String,
+    /// The lineage, base image first.
+    pub chain: Vec<serde_json::Value>,
+    pub model: Option<serde_json::Value>,
+    pub datasets: Vec<serde_json::Value>,
+}
+
+/// Everything `verify` found about one file.
+#[derive(Debug, Clone, Serialize)]
+pub struct FileReport {
+    pub path: PathBuf,
+    pub status: Status,
+    pub summary: String,
+    pub credentials: Option<CredentialsReport>,
+    pub watermark: Option<WatermarkFinding>,
+    pub repository: Option<RepositoryFinding>,
+}
+
+/// Verification settings.
+pub struct Verifier {
+    pub trust_anchors: Option<String>,
+    pub key: WatermarkKey,
+    pub remote: Option<Remote>,
+    pub tenant: String,
+}
+
+impl Verifier {
+    pub async fn verify(&self, path: &Path) -> FileReport {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) => return error_report(path, format!("cannot read: {e}")),
+        };
+        let anchors = self.trust_anchors.clone();
+        let key = self.key.clone();
+        let offline = tokio::task::spawn_blocking(move || {
+            let creds = credentials::inspect(&bytes, anchors.as_deref());
+            let mark = credentials::decode_image(&bytes)
+                .ok()
+                .and_then(|px| read_watermark(&px, &key));
+            (bytes, creds, mark)
+        })
+        .await;
+        let (bytes, creds, mark) = match offline {
+            Ok(r) => r,
+            Err(e) => return error_report(path, format!("verification panicked: {e}")),
+        };
+        let creds = match creds {
+            Ok(c) => c,
+            Err(e) => return error_report(path, e.to_string()),
+        };
+        let mut report = FileReport {
+            path: path.to_path_buf(),
+            status: Status::NoProvenance,
+            summary: String::new(),
+            credentials: Some(creds.clone()),
+            watermark: mark.clone(),
+            repository: None,
+        };
+        match creds.verdict {
+            Verdict::Verified => {
+                report.status = Status::Verified;
+                report.summary = format!(
+                    "verified: signed by {}",
+                    creds.signer.as_deref().unwrap_or("?")
+                );
+            }
+            Verdict::UntrustedSigner => {
+                report.status = Status::Untrusted;
+                report.summary = format!(
+                    "intact but signed by {:?}, which is not a trusted signer here (add its root with --trust-anchors)",
+                    creds.signer.as_deref().unwrap_or("?")
+                );
+            }
+            Verdict::Invalid => {
+                report.status = Status::Tampered;
+                report.summary = format!(
+                    "tampered: the content credentials do not match this file ({})",
+                    creds.failures.join("; ")
+                );
+            }
+            Verdict::NoCredentials => {}
+        }
+        // The repository: for the lineage of a good file, and to recover the
+        // original of one whose credentials are gone or broken.
+        let id = mark
+            .as_ref()
+            .map(|m| m.id.clone())
+            .or_else(|| creds.watermark_id.clone());
+        if let (Some(remote), Some(id)) = (&self.remote, id) {
+            let finding = self.resolve(remote, &id, &bytes).await;
+            if !matches!(report.status, Status::Verified | Status::Untrusted) {
+                report.status = if finding.found {
+                    Status::Recovered
+                } else if report.status == Status::Tampered {
+                    Status::Tampered
+                } else {
+                    Status::WatermarkOnly
+                };
+                let recovered = if finding.found {
+                    format!(
+                        "watermark {id} resolves to manifest {} (original sha256 {}); this file's content differs from the signed bytes",
+                        finding.manifest_label.as_deref().unwrap_or("?"),
+                        finding.original_sha256.as_deref().unwrap_or("?")
+                    )
+                } else {
+                    format!("watermark {id} is unknown to the repository")
+                };
+                report.summary = match report.status {
+                    Status::Recovered if creds.verdict == Verdict::Invalid => {
+                        format!("{}; {recovered}", report.summary)
+                    }
+                    _ => recovered,
+                };
+            }
+            report.repository = Some(finding);
+        } else if report.status == Status::NoProvenance {
+            if let Some(m) = &mark {
+                report.status = Status::WatermarkOnly;
+                report.summary = format!(
+                    "no content credentials; watermark {} found (resolve it with --coordinator)",
+                    m.id
+                );
+            } else {
+                report.summary = "no content credentials and no watermark".into();
+            }
+        }
+        report
+    }
+
+    async fn resolve(&self, remote: &Remote, id: &str, bytes: &[u8]) -> RepositoryFinding {
+        let file_sha256 = hallmark_provenance::sha256_hex(bytes);
+        let mut finding = RepositoryFinding {
+            watermark_id: id.to_string(),
+            found: false,
+            manifest_label: None,
+            original: None,
+            original_sha256: None,
+            file_sha256,
+            chain: Vec::new(),
+            model: None,
+            datasets: Vec::new(),
+        };
+        let resolved = remote
+            .provenance
+            .clone()
+            .resolve(ResolveRequest {
+                key: Some(Key::WatermarkId(id.to_string())),
+                tenant: self.tenant.clone(),
+            })
+            .await;
+        let Ok(resolved) = resolved else {
+            return finding;
+        };
+        let ResolveResponse {
+            artifact,
+            chain,
+            model,
+            datasets,
+            ..
+        } = resolved.into_inner();
+        finding.found = true;
+        if let Some(a) = &artifact {
+            finding.manifest_label = Some(a.manifest_label.clone());
+            finding.original_sha256 = Some(a.sha256.clone());
+            // The stored original, checked here: the recovered manifest is
+            // only as good as its signature over the original bytes.
+            if let Ok(original) = remote.fetch(&a.sha256).await {
+                let anchors = self.trust_anchors.clone();
+                finding.original = tokio::task::spawn_blocking(move || {
+                    credentials::inspect(&original, anchors.as_deref()).ok()
+                })
+                .await
+                .ok()
+                .flatten();
+            }
+        }
+        finding.chain = chain.iter().map(record_json).collect();
+        finding.model = model.map(|m| {
+            json!({"model_id": m.model_id, "family": m.family, "license": m.license,
+                   "training_datasets": m.training_datasets})
+        });
+        finding.datasets = datasets
+            .iter()
+            .map(|d| {
+                json!({"name": d.name, "version": d.version, "uri": d.uri,
+                       "content_sha256": d.content_sha256, "license": d.license})
+            })
+            .collect();
+        finding
+    }
+}
+
+/// An upscale carries its own mark and its base image's: the later stage's
+/// key is tried first.
+fn read_watermark(px: &image::RgbImage, key: &WatermarkKey) -> Option<WatermarkFinding> {
+    ["upscale", "generate"].into_iter().find_map(|stage| {
+        watermark::detect(px, &key.for_stage(stage)).map(|d| WatermarkFinding {
+            id: format!("{:016x}", d.payload),
+            stage,
+            confidence: d.sync_z,
+        })
+    })
+}
+
+fn record_json(r: &ArtifactRecord) -> serde_json::Value {
+    let mut v = json!({
+        "sha256": r.sha256, "job_id": r.job_id, "task_id": r.task_id,
+        "item_index": r.item_index, "stage": r.stage, "model_id": r.model_id,
+        "worker_id": r.worker_id, "watermark_id": r.watermark_id,
+        "width": r.width, "height": r.height, "seed": r.seed,
+        "manifest_label": r.manifest_label, "tenant": r.tenant,
+    });
+    if !r.prompt.is_empty() {
+        v["prompt"] = json!(r.prompt);
+    }
+    v
+}
+
+fn error_report(path: &Path, message: String) -> FileReport {
+    FileReport {
+        path: path.to_path_buf(),
+        status: Status::Error,
+        summary: message,
+        credentials: None,
+        watermark: None,
+        repository: None,
+    }
+}
+
+/// The image files named: files as given, folders searched recursively
+/// for .png/.jpg/.jpeg/.webp.
+pub fn collect_files(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        let meta = std::fs::metadata(p).with_context(|| format!("{}", p.display()))?;
+        if meta.is_dir() {
+            walk(p, &mut out)?;
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            walk(&p, out)?;
+        } else if p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+            matches!(
+                e.to_ascii_lowercase().as_str(),
+                "png" | "jpg" | "jpeg" | "webp"
+            )
+        }) {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// The human report of one file.
+pub fn print_report(r: &FileReport) {
+    println!("{}: {}", r.path.display(), r.summary);
+    if let Some(c) = &r.credentials
+        && c.verdict != Verdict::NoCredentials
+    {
+        if let Some(label) = &c.manifest_label {
+            println!("  manifest     {label}");
+        }
+        if let Some(cn) = &c.signer_common_name {
+            println!(
+                "  signer       {} ({cn}){}",
+                c.signer.as_deref().unwrap_or("?"),
+                c.signed_at
+                    .as_deref()
+                    .map(|t| format!(", signed {t}"))
+                    .unwrap_or_default()
+            );
+        }
+        if !c.actions.is_empty() {
+            println!("  actions      {}", c.actions.join(", "));
+        }
+        if let Some(g) = &c.generation {
+            println!(
+                "  generation   {} stage, model {} (weights {}), seed {}, {} steps, guidance {}, {}",
+                g.stage,
+                g.model_id,
+                short(&g.weights_sha256),
+                g.seed,
+                g.steps,
+                g.guidance,
+                g.scheduler
+            );
+            println!(
+                "               job {} task {} worker {}",
+                g.job_id, g.task_id, g.worker_id
+            );
+            if !g.datasets.is_empty() {
+                println!("  datasets     {}", g.datasets.join(", "));
+            }
+        }
+        if let Some(p) = &c.parent {
+            println!(
+                "  base image   {}{}",
+                p.manifest_label.as_deref().unwrap_or("?"),
+                p.watermark_id
+                    .as_deref()
+                    .map(|w| format!(" (watermark {w})"))
+                    .unwrap_or_default()
+            );
+        }
+        for f in &c.failures {
+            println!("  failure      {f}");
+        }
+    }
+    match &r.watermark {
+        Some(w) => println!(
+            "  watermark    {} ({} stage key, confidence {:.1}σ)",
+            w.id, w.stage, w.confidence
+        ),
+        None => println!("  watermark    none found"),
+    }
+    if let Some(repo) = &r.repository {
+        if !repo.found {
+            println!(
+                "  repository   watermark {} is unknown to the repository",
+                repo.watermark_id
+            );
+            return;
+        }
+        if let Some(o) = &repo.original {
+            println!(
+                "  repository   original {} — {:?}, signed by {}",
+                repo.original_sha256.as_deref().map(short).unwrap_or("?"),
+                o.verdict,
+                o.signer.as_deref().unwrap_or("?")
+            );
+            if repo.original_sha256.as_deref() != Some(repo.file_sha256.as_str()) {
+                println!(
+                    "               this file ({}) is not the signed original: its content differs",
+                    short(&repo.file_sha256)
+                );
+            }
+        }
+        if let Some(m) = &repo.model {
+            println!(
+                "  lineage      model {} ({}, license {})",
+                m["model_id"].as_str().unwrap_or("?"),
+                m["family"].as_str().unwrap_or("?"),
+                m["license"].as_str().unwrap_or("?")
+            );
+        }
+        for d in &repo.datasets {
+            println!(
+                "               dataset {}@{} {}",
+                d["name"].as_str().unwrap_or("?"),
+                d["version"].as_str().unwrap_or("?"),
+                d["uri"].as_str().unwrap_or("")
+            );
+        }
+        for a in &repo.chain {
+            println!(
+                "               {} job {} item {} → {} ({}×{}, watermark {}){}",
+                a["stage"].as_str().unwrap_or("?"),
+                a["job_id"].as_str().unwrap_or("?"),
+                a["item_index"],
+                short(a["sha256"].as_str().unwrap_or("?")),
+                a["width"],
+                a["height"],
+                a["watermark_id"].as_str().unwrap_or("?"),
+                a["prompt"]
+                    .as_str()
+                    .map(|p| format!(" prompt {p:?}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+}
+
+fn short(sha: &str) -> &str {
+    &sha[..sha.len().min(12)]
+}
+
+/// The table printed for several files.
+pub fn print_table(reports: &[FileReport]) {
+    println!("{:<40} {:<14} {:<18} SIGNER", "FILE", "STATUS", "WATERMARK");
+    for r in reports {
+        let status = serde_json::to_value(r.status)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        println!(
+            "{:<40} {:<14} {:<18} {}",
+            r.path.display(),
+            status,
+            r.watermark.as_ref().map(|w| w.id.as_str()).unwrap_or("-"),
+            r.credentials
+                .as_ref()
+                .and_then(|c| c.signer.as_deref())
+                .unwrap_or("-")
+        );
+    }
+    let count = |s: Status| reports.iter().filter(|r| r.status == s).count();
+    println!(
+        "{} files: {} verified, {} untrusted, {} tampered, {} recovered, {} watermark only, {} without provenance, {} unreadable",
+        reports.len(),
+        count(Status::Verified),
+        count(Status::Untrusted),
+        count(Status::Tampered),
+        count(Status::Recovered),
+        count(Status::WatermarkOnly),
+        count(Status::NoProvenance),
+        count(Status::Error)
+    );
+}
+
+/// The process exit code for a set of reports: the worst one wins (1 over 2
+/// over 0).
+pub fn exit_code(reports: &[FileReport]) -> i32 {
+    let codes: Vec<i32> = reports.iter().map(|r| r.status.exit_code()).collect();
+    if codes.contains(&1) {
+        1
+    } else if codes.contains(&2) {
+        2
+    } else {
+        0
+    }
+}

@@ -1,0 +1,235 @@
+//! The C2PA Soft Binding Resolution API over HTTP, so third-party verifiers
+//! can resolve Hallmark watermarks without gRPC:
+//!
+//! - `GET  /services/supportedAlgorithms`
+//! - `GET  /matches/byBinding?alg=…&value=…` (value: base64 of the 8-byte id,
+//!   or its 16 hex digits)
+//! - `POST /matches/byContent?alg=…` (body: the image; the watermark is read
+//!   here)
+//! - `GET  /manifests/{manifestId}` (the C2PA manifest store, `application/c2pa`)
+//! - `GET  /lineage/{manifestId}` (Hallmark's own: the lineage as JSON,
+//!   without private fields)
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine as _;
+use hallmark_proto::v1::ArtifactRecord;
+use hallmark_provenance::credentials::{self, SOFT_BINDING_ALG};
+use hallmark_provenance::watermark;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::service::{Coordinator, Resolution};
+use crate::store::ArtifactKey;
+
+const MAX_CONTENT: usize = 64 * 1024 * 1024;
+
+/// Starts serving on `listener` until `shutdown` turns true.
+pub fn serve(
+    listener: TcpListener,
+    state: Arc<Coordinator>,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<SocketAddr> {
+    let addr = listener.local_addr()?;
+    let app = Router::new()
+        .route("/services/supportedAlgorithms", get(supported_algorithms))
+        .route("/matches/byBinding", get(by_binding))
+        .route("/matches/byContent", post(by_content))
+        .route("/manifests/{id}", get(manifest))
+        .route("/lineage/{id}", get(lineage))
+        .layer(DefaultBodyLimit::max(MAX_CONTENT))
+        .with_state(state);
+    tokio::spawn(async move {
+        let stop = async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+        {
+            tracing::error!(error = %e, "HTTP soft-binding API stopped");
+        }
+    });
+    Ok(addr)
+}
+
+fn problem(code: StatusCode, message: impl Into<String>) -> Response {
+    (code, axum::Json(json!({ "error": message.into() }))).into_response()
+}
+
+async fn supported_algorithms() -> Response {
+    axum::Json(json!({
+        "watermarks": [{ "alg": SOFT_BINDING_ALG }],
+        "fingerprints": [],
+    }))
+    .into_response()
+}
+
+#[derive(Deserialize)]
+struct ByBinding {
+    alg: Option<String>,
+    value: Option<String>,
+}
+
+/// Why `alg` is not one this service resolves, if it is not.
+fn alg_refusal(alg: Option<&str>) -> Option<Response> {
+    match alg {
+        Some(SOFT_BINDING_ALG) => None,
+        Some(other) => Some(problem(
+            StatusCode::BAD_REQUEST,
+            format!("unsupported alg {other:?}: this service resolves {SOFT_BINDING_ALG}"),
+        )),
+        None => Some(problem(
+            StatusCode::BAD_REQUEST,
+            "the alg parameter is required",
+        )),
+    }
+}
+
+/// The 8-byte id as 16 hex digits, from base64 (the API's encoding) or hex.
+fn watermark_id(value: &str) -> Option<String> {
+    if value.len() == 16 && value.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Some(value.to_ascii_lowercase());
+    }
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(value)
+        .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(value))
+        .ok()?;
+    (bytes.len() == 8).then(|| hex::encode(bytes))
+}
+
+async fn matches_for(state: &Coordinator, id: &str) -> Response {
+    match state.resolve(ArtifactKey::WatermarkId(id), "").await {
+        Ok(Some(found)) => {
+            let label = found.artifact.map(|a| a.manifest_label).unwrap_or_default();
+            axum::Json(json!({ "matches": [{ "manifestId": label }] })).into_response()
+        }
+        Ok(None) => axum::Json(json!({ "matches": [] })).into_response(),
+        Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn by_binding(State(state): State<Arc<Coordinator>>, Query(q): Query<ByBinding>) -> Response {
+    if let Some(refusal) = alg_refusal(q.alg.as_deref()) {
+        return refusal;
+    }
+    let Some(value) = q.value.as_deref() else {
+        return problem(StatusCode::BAD_REQUEST, "the value parameter is required");
+    };
+    let Some(id) = watermark_id(value) else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            format!("value {value:?} is not an 8-byte id (base64 or 16 hex digits)"),
+        );
+    };
+    matches_for(&state, &id).await
+}
+
+async fn by_content(
+    State(state): State<Arc<Coordinator>>,
+    Query(q): Query<ByBinding>,
+    body: Bytes,
+) -> Response {
+    if let Some(refusal) = alg_refusal(q.alg.as_deref()) {
+        return refusal;
+    }
+    let stamps = state.stamps.clone();
+    let found = tokio::task::spawn_blocking(move || {
+        let pixels = credentials::decode_image(&body)?;
+        // An upscale carries its own mark and its base image's: the newest
+        // stage is tried first.
+        let mut ids = Vec::new();
+        for stage in ["upscale", "generate"] {
+            let key = stamps.key().for_stage(stage);
+            if let Some(d) = watermark::detect(&pixels, &key) {
+                ids.push(format!("{:016x}", d.payload));
+            }
+        }
+        Ok::<_, credentials::CredentialsError>(ids)
+    })
+    .await;
+    let ids = match found {
+        Ok(Ok(ids)) => ids,
+        Ok(Err(e)) => return problem(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let mut matches = Vec::new();
+    for id in ids {
+        match state.resolve(ArtifactKey::WatermarkId(&id), "").await {
+            Ok(Some(found)) => {
+                if let Some(a) = found.artifact {
+                    matches.push(json!({ "manifestId": a.manifest_label }));
+                }
+            }
+            Ok(None) => {}
+            Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        }
+    }
+    axum::Json(json!({ "matches": matches })).into_response()
+}
+
+async fn manifest(State(state): State<Arc<Coordinator>>, Path(id): Path<String>) -> Response {
+    match state
+        .store
+        .find_artifact(ArtifactKey::ManifestLabel(&id))
+        .await
+    {
+        Ok(Some(found)) if !found.manifest.is_empty() => {
+            ([(header::CONTENT_TYPE, "application/c2pa")], found.manifest).into_response()
+        }
+        Ok(_) => problem(StatusCode::NOT_FOUND, format!("no manifest {id:?}")),
+        Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+fn record_json(r: &ArtifactRecord) -> serde_json::Value {
+    json!({
+        "sha256": r.sha256,
+        "jobId": r.job_id,
+        "taskId": r.task_id,
+        "itemIndex": r.item_index,
+        "stage": r.stage,
+        "modelId": r.model_id,
+        "workerId": r.worker_id,
+        "watermarkId": r.watermark_id,
+        "mediaType": r.media_type,
+        "width": r.width,
+        "height": r.height,
+        "createdAtMs": r.created_at_ms,
+        "parentSha256": r.parent_sha256,
+        "manifestId": r.manifest_label,
+    })
+}
+
+async fn lineage(State(state): State<Arc<Coordinator>>, Path(id): Path<String>) -> Response {
+    match state.resolve(ArtifactKey::ManifestLabel(&id), "").await {
+        Ok(Some(found)) => axum::Json(json!({
+            "chain": found.chain.iter().map(record_json).collect::<Vec<_>>(),
+            "model": found.model.map(|m| json!({
+                "modelId": m.model_id,
+                "family": m.family,
+                "license": m.license,
+                "trainingDatasets": m.training_datasets,
+            })),
+            "datasets": found.datasets.iter().map(|d| json!({
+                "name": d.name,
+                "version": d.version,
+                "uri": d.uri,
+                "contentSha256": d.content_sha256,
+                "license": d.license,
+            })).collect::<Vec<_>>(),
+        }))
+        .into_response(),
+        Ok(None) => problem(StatusCode::NOT_FOUND, format!("no manifest {id:?}")),
+        Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}

@@ -1,0 +1,131 @@
+//! `hallmark.v1.Provenance`: the manifest repository. A watermark id or an
+//! image's sha256 resolves to the manifest it was signed with and its
+//! lineage: training datasets → model → job → base image → upscaled image.
+
+use std::sync::Arc;
+
+use hallmark_proto::v1::provenance_server::Provenance;
+use hallmark_proto::v1::resolve_request::Key;
+use hallmark_proto::v1::{ResolveRequest, ResolveResponse};
+use tonic::{Request, Response, Status};
+
+use super::{Coordinator, status};
+use crate::store::{ArtifactKey, StoreError};
+
+pub struct ProvenanceService(pub Arc<Coordinator>);
+
+/// Deepest ancestry followed (a job has at most a few stages).
+const MAX_CHAIN: usize = 8;
+
+/// Lookups shared by the gRPC service and the HTTP soft-binding API.
+pub trait Resolution {
+    /// The manifest and lineage of the artifact under `key`; the prompt only
+    /// when `tenant` owns the job.
+    fn resolve(
+        &self,
+        key: ArtifactKey<'_>,
+        tenant: &str,
+    ) -> impl Future<Output = Result<Option<ResolveResponse>, StoreError>> + Send;
+}
+
+impl Resolution for Coordinator {
+    async fn resolve(
+        &self,
+        key: ArtifactKey<'_>,
+        tenant: &str,
+    ) -> Result<Option<ResolveResponse>, StoreError> {
+        let Some(found) = self.store.find_artifact(key).await? else {
+            return Ok(None);
+        };
+        let mut chain = vec![found.record.clone()];
+        while chain.len() < MAX_CHAIN {
+            let parent = &chain[chain.len() - 1].parent_sha256;
+            if parent.is_empty() {
+                break;
+            }
+            match self
+                .store
+                .find_artifact(ArtifactKey::Sha256(parent))
+                .await?
+            {
+                Some(p) => chain.push(p.record),
+                None => break,
+            }
+        }
+        chain.reverse();
+        for record in &mut chain {
+            if record.tenant != tenant {
+                record.prompt.clear();
+            }
+        }
+        let model = self
+            .store
+            .list_models()
+            .await?
+            .into_iter()
+            .find(|m| m.model_id == found.record.model_id);
+        let datasets = match &model {
+            Some(m) => self
+                .store
+                .list_datasets()
+                .await?
+                .into_iter()
+                .filter(|d| {
+                    m.training_datasets
+                        .contains(&format!("{}@{}", d.name, d.version))
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        let artifact = chain.last().cloned();
+        Ok(Some(ResolveResponse {
+            artifact,
+            manifest: found.manifest,
+            chain,
+            model,
+            datasets,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl Provenance for ProvenanceService {
+    async fn resolve(
+        &self,
+        req: Request<ResolveRequest>,
+    ) -> Result<Response<ResolveResponse>, Status> {
+        let r = req.into_inner();
+        let key = match &r.key {
+            Some(Key::WatermarkId(id)) => {
+                if id.len() != 16 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+                    return Err(Status::invalid_argument(format!(
+                        "watermark_id {id:?} is not 16 hex digits"
+                    )));
+                }
+                ArtifactKey::WatermarkId(id)
+            }
+            Some(Key::Sha256(sha)) => {
+                if sha.len() != 64 || !sha.chars().all(|c| c.is_ascii_hexdigit()) {
+                    return Err(Status::invalid_argument(format!(
+                        "sha256 {sha:?} is not 64 hex digits"
+                    )));
+                }
+                ArtifactKey::Sha256(sha)
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "give a watermark_id or a sha256 to resolve",
+                ));
+            }
+        };
+        match self.0.resolve(key, &r.tenant).await.map_err(status)? {
+            Some(found) => Ok(Response::new(found)),
+            None => Err(Status::not_found(match &r.key {
+                Some(Key::WatermarkId(id)) => {
+                    format!("watermark id {id} is not in this repository")
+                }
+                _ => "no artifact with that sha256 in this repository".to_string(),
+            })),
+        }
+    }
+}
