@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Makes sure the services the tests need are up on their default local ports:
 # PostgreSQL on 5432 (trust auth for local TCP) and Redis on 6379, plus the
-# redis-server binary that fault tests start privately and moto's S3 server
-# for the object-store tests. Starts them when they
+# redis-server binary that fault tests start privately, moto's S3 server
+# for the object-store tests and the official c2patool (built once into
+# ~/.cache/hallmark) for the C2PA validation tests. Starts them when they
 # are installed but down, installs them from Debian packages when missing.
 set -euo pipefail
 
@@ -64,6 +65,18 @@ if [ ! -x "$moto_venv/bin/moto_server" ]; then
   "$moto_venv/bin/pip" install -q "moto[server]==5.2.5"
 fi
 
+# --- The official C2PA validator, which the credentials tests run ---
+c2patool_root="${HALLMARK_C2PATOOL_ROOT:-$HOME/.cache/hallmark/c2patool}"
+if [ ! -x "$c2patool_root/bin/c2patool" ]; then
+  # It links OpenSSL (its c2pa build does; ours is pure Rust).
+  if ! pkg-config --exists openssl 2>/dev/null; then
+    apt_install pkg-config libssl-dev
+  fi
+  echo "services: building c2patool 0.27.22 into $c2patool_root (once; several minutes)"
+  cargo install c2patool --version 0.27.22 --locked --no-default-features \
+    --root "$c2patool_root" --target-dir "$HOME/.cache/hallmark/c2patool-build" --quiet
+fi
+
 # --- Leftover test databases from earlier runs ---
 if command -v psql >/dev/null 2>&1; then
   psql -h 127.0.0.1 -U postgres -d postgres -Atc \
@@ -72,4 +85,4 @@ if command -v psql >/dev/null 2>&1; then
       psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null 2>&1 || true
     done
 fi
-echo "services: PostgreSQL, Redis and the moto S3 server are ready"
+echo "services: PostgreSQL, Redis, the moto S3 server and c2patool are ready"

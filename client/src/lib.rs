@@ -951,7 +951,11 @@ fn watermark_command(cfg: &ClientConfig, cmd: WatermarkCommand, json: bool) -> a
         }
         WatermarkCommand::Detect { input } => {
             let img = read(&input)?;
-            match watermark::detect(&img, &key) {
+            // Farm outputs: an upscale's mark is made with its stage's key.
+            let found = ["upscale", "generate"]
+                .into_iter()
+                .find_map(|stage| watermark::detect(&img, &key.for_stage(stage)));
+            match found {
                 Some(d) => {
                     if json {
                         println!(

@@ -377,3 +377,17 @@ fn ca_init_refuses_to_overwrite() {
         .to_string();
     assert!(err.contains("already holds a CA"), "{err}");
 }
+
+#[test]
+fn a_timestamp_authority_is_refused_clearly_until_it_can_be_reached() {
+    let ca = new_ca(SigningAlgorithm::Es256, "Hallmark Test");
+    let identity = ca
+        .files
+        .identity(Some("http://tsa.example/".into()))
+        .unwrap();
+    let err = Stamper::new(&identity, None, ("t", "0"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("timestamping is not available"), "{err}");
+}

@@ -289,6 +289,8 @@ async fn up_serves_an_embedded_farm_that_outside_workers_and_clients_join() {
             &listen,
             "--workers",
             "1",
+            "--render-ms",
+            "300",
             "--state-dir",
             dir.path().join("state").to_str().unwrap(),
         ]),
@@ -306,7 +308,28 @@ async fn up_serves_an_embedded_farm_that_outside_workers_and_clients_join() {
         }
     })
     .await;
-    let _outside = start_worker(&url, "outside", 0, &[]);
+    // An outside worker signs with the farm's (local test) CA, which the
+    // embedded coordinator requires uploads to chain to.
+    let ca = dir.path().join("state/ca");
+    let ca_file = |name: &str| ca.join(name).to_str().unwrap().to_string();
+    let (chain, key, root) = (
+        ca_file("signer.pem"),
+        ca_file("signer.key"),
+        ca_file("root.pem"),
+    );
+    let _outside = start_worker(
+        &url,
+        "outside",
+        0,
+        &[
+            "--cert-chain",
+            &chain,
+            "--private-key",
+            &key,
+            "--trust-anchors",
+            &root,
+        ],
+    );
     eventually("two workers", Duration::from_secs(20), || {
         let url = url.clone();
         async move {
@@ -336,6 +359,45 @@ async fn up_serves_an_embedded_farm_that_outside_workers_and_clients_join() {
         ],
     );
     assert_eq!(job["state"], "succeeded");
+    // Every image verifies against the farm's CA, and the fast outside
+    // worker made some of them.
+    let files = dir.path().join("files");
+    let job_id = job["job_id"].as_str().unwrap();
+    run_ok(&[
+        "--coordinator",
+        &url,
+        "download",
+        job_id,
+        "-o",
+        files.to_str().unwrap(),
+    ]);
+    let out = std::process::Command::new(bin("hallmark"))
+        .args(["--json", "verify", files.to_str().unwrap()])
+        .env("HALLMARK_STATE_DIR", dir.path().join("state"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let reports: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let outside_id = on(&url, &["workers"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == "outside")
+        .map(|w| w["worker_id"].clone())
+        .unwrap();
+    assert!(
+        reports
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["credentials"]["generation"]["worker_id"] == outside_id),
+        "no image from the outside worker: {reports:#}"
+    );
     assert!(
         up.terminate().success(),
         "`hallmark up` drains and exits 0 on SIGTERM"

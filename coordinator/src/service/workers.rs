@@ -23,6 +23,9 @@ use crate::store::{Completion, WorkerRegistration, now_ms};
 
 /// Largest upload a worker may send (one image).
 const MAX_UPLOAD: u64 = 256 * 1024 * 1024;
+/// Most bytes one Complete call may carry: uploads are held in memory for
+/// the stamp check until the call ends.
+const MAX_CALL_BYTES: u64 = 512 * 1024 * 1024;
 /// Most uploads one Complete call may carry.
 const MAX_UPLOADS_PER_CALL: usize = 64;
 /// Uploads above this size have their lease checked before the bytes are taken.
@@ -165,6 +168,7 @@ impl Workers for WorkersService {
         let c = &self.0;
         let mut stream = req.into_inner();
         let mut uploads: Vec<Upload> = Vec::new();
+        let mut call_bytes = 0u64;
         while let Some(msg) = stream.message().await? {
             match msg.body {
                 Some(Body::Header(h)) => {
@@ -197,8 +201,13 @@ impl Workers for WorkersService {
                     let u = uploads.last_mut().ok_or_else(|| {
                         Status::invalid_argument("the first message of Complete must be a header")
                     })?;
-                    if (u.body.len() + data.len()) as u64 > MAX_UPLOAD {
-                        return Err(Status::invalid_argument("upload is over the limit"));
+                    call_bytes += data.len() as u64;
+                    if (u.body.len() + data.len()) as u64 > MAX_UPLOAD
+                        || call_bytes > MAX_CALL_BYTES
+                    {
+                        return Err(Status::invalid_argument(
+                            "upload is over the limit (per image or per call)",
+                        ));
                     }
                     u.body.extend_from_slice(&data);
                     u.writer.write(&data).await.map_err(blob_status)?;

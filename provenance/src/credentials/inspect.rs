@@ -21,6 +21,8 @@ const UNTRUSTED: &str = "signingCredential.untrusted";
 /// against nothing (every signer untrusted) when there are none.
 pub(crate) fn context(trust_anchors: Option<&str>) -> Result<Arc<c2pa::Context>, CredentialsError> {
     let mut settings = json!({
+        // Thumbnails need the c2pa `add_thumbnails` feature, which is off.
+        "builder": { "thumbnail": { "enabled": false } },
         "verify": {
             "verify_trust": true,
             "verify_after_reading": true,

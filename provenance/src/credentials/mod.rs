@@ -48,6 +48,8 @@ pub enum CredentialsError {
     Image(String),
     #[error("manifest: {0}")]
     Manifest(String),
+    #[error("not supported: {0}")]
+    Unsupported(String),
 }
 
 pub(crate) fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CredentialsError + '_ {
@@ -116,6 +118,12 @@ impl SigningIdentity {
     }
 
     pub(crate) fn signer(&self) -> Result<c2pa::BoxedSigner, CredentialsError> {
+        if let Some(url) = &self.tsa_url {
+            // The pinned c2pa build has no HTTP client to reach the authority.
+            return Err(CredentialsError::Unsupported(format!(
+                "timestamp authority {url}: RFC 3161 timestamping is not available in this build; unset tsa_url"
+            )));
+        }
         Ok(c2pa::create_signer::from_keys(
             &self.cert_chain_pem,
             &self.private_key_pem,

@@ -1,0 +1,479 @@
+//! Provenance end to end on real processes: a farm stamps every output, the
+//! `hallmark verify` CLI checks them offline, and an image stripped of its
+//! metadata, shrunk and re-encoded leads back through its watermark to the
+//! manifest repository — over gRPC and over the HTTP soft-binding API.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine as _;
+use hallmark_e2e::*;
+use hallmark_proto::v1::registry_client::RegistryClient;
+use hallmark_proto::v1::{Dataset, Model, WeightFile};
+use hallmark_provenance::credentials;
+use hallmark_provenance::watermark::attacks::Attack;
+use serde_json::Value;
+
+/// A minimal HTTP/1.1 exchange: (status, body).
+fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the HTTP API");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("HTTP head");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let mut body = raw[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    (status, body)
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line = b.windows(2).position(|w| w == b"\r\n").unwrap();
+        let n = usize::from_str_radix(std::str::from_utf8(&b[..line]).unwrap().trim(), 16).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[line + 2..line + 2 + n]);
+        b = &b[line + 2 + n + 2..];
+    }
+}
+
+fn json_of(out: &std::process::Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn verify(args: &[&str]) -> (i32, Value) {
+    let out = hallmark(&[&["--json", "verify"], args].concat());
+    (out.status.code().unwrap_or(-1), json_of(&out))
+}
+
+/// Strips everything but the pixels, shrinks to 0.75× and re-encodes as
+/// JPEG quality 75.
+fn launder(src: &Path, dst: &Path) {
+    let img = image::open(src).unwrap().to_rgb8();
+    let attacked = Attack::ResizeThenJpeg(0.75, 75).apply(&img);
+    let bytes = credentials::encode_image(&attacked, credentials::ImageFormat::Jpeg).unwrap();
+    std::fs::write(dst, bytes).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stamped_outputs_verify_and_a_laundered_copy_leads_back_to_its_lineage() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fresh_database().await;
+    let http_addr = format!("127.0.0.1:{}", free_port());
+    let anchors = test_ca().root_cert.to_str().unwrap().to_string();
+    let spec = CoordinatorSpec::new(&db, Some(redis_url()), dir.path().join("blobs"))
+        .with("HALLMARK_HTTP_LISTEN", &http_addr)
+        .with("HALLMARK_TRUST_ANCHORS", &anchors);
+    let _c = spec.start().await;
+    let url = spec.url();
+
+    // Lineage roots: a dataset and a model trained on it.
+    let mut registry = RegistryClient::new(channel(&url).await);
+    registry
+        .register_dataset(Dataset {
+            name: "laion-mini".into(),
+            version: "1".into(),
+            uri: "s3://datasets/laion-mini/1".into(),
+            content_sha256: "cd".repeat(32),
+            license: "cc-by-4.0".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    registry
+        .register_model(Model {
+            model_id: "synth-prov".into(),
+            family: "synthetic".into(),
+            weights: vec![WeightFile {
+                path: "*".into(),
+                sha256: hallmark_provenance::sha256_hex(b"hallmark-synthetic:synth-prov"),
+                size: 0,
+            }],
+            license: "apache-2.0".into(),
+            training_datasets: vec!["laion-mini@1".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let _w = start_worker(
+        &url,
+        "w",
+        0,
+        &["--model", "synth-prov", "--prompt-policy", "keep"],
+    );
+    wait_for_workers(&url, 1).await;
+
+    let out = hallmark(&[
+        "--coordinator",
+        &url,
+        "--json",
+        "submit",
+        "--engine",
+        "synthetic",
+        "--model",
+        "synth-prov",
+        "--prompt",
+        "a lighthouse at dusk",
+        "--upscale",
+        "2",
+        "--width",
+        "256",
+        "--height",
+        "256",
+        "--tenant",
+        "acme",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let job_id = json_of(&out)["job_id"].as_str().unwrap().to_string();
+    let job = wait_for_job(&url, &job_id, Duration::from_secs(60)).await;
+    assert_eq!(job.state, "succeeded");
+    let files = dir.path().join("files");
+    let out = hallmark(&[
+        "--coordinator",
+        &url,
+        "download",
+        &job_id,
+        "-o",
+        files.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let base = files.join("00000.png");
+    let up = files.join("00000-upscalex2.png");
+
+    // Offline: both files verify against the deployment's root.
+    let (code, report) = verify(&[base.to_str().unwrap(), "--trust-anchors", &anchors]);
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["status"], "verified");
+    let gen_record = &report["credentials"]["generation"];
+    assert_eq!(gen_record["stage"], "generate");
+    assert_eq!(gen_record["model_id"], "synth-prov");
+    assert_eq!(gen_record["prompt"], "a lighthouse at dusk");
+    assert_eq!(gen_record["datasets"][0], "laion-mini@1");
+    let (code, report) = verify(&[up.to_str().unwrap(), "--trust-anchors", &anchors]);
+    assert_eq!(code, 0, "{report:#}");
+    let up_id = report["credentials"]["watermark_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        report["watermark"]["id"],
+        up_id.as_str(),
+        "pixels carry the bound id"
+    );
+    assert_eq!(report["watermark"]["stage"], "upscale");
+    assert_eq!(
+        report["credentials"]["actions"],
+        serde_json::json!(["c2pa.opened", "c2pa.resized", "c2pa.watermarked.bound"])
+    );
+    assert_eq!(
+        report["credentials"]["parent"]["generation"]["task_id"],
+        gen_record["task_id"]
+    );
+    let up_label = report["credentials"]["manifest_label"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // With another root the same file is not trusted.
+    let other = tempfile::tempdir().unwrap();
+    let ca_dir = other.path().join("ca");
+    let out = hallmark(&[
+        "ca",
+        "init",
+        ca_dir.to_str().unwrap(),
+        "--organization",
+        "Other",
+    ]);
+    assert!(out.status.success());
+    let other_root = ca_dir.join("root.pem");
+    let (code, report) = verify(&[
+        up.to_str().unwrap(),
+        "--trust-anchors",
+        other_root.to_str().unwrap(),
+    ]);
+    assert_eq!((code, report["status"].as_str()), (1, Some("untrusted")));
+
+    // Laundered: metadata gone, 0.75×, JPEG 75.
+    let laundered = dir.path().join("laundered.jpg");
+    launder(&up, &laundered);
+    let (code, report) = verify(&[laundered.to_str().unwrap(), "--trust-anchors", &anchors]);
+    assert_eq!(code, 2, "offline there is only the watermark: {report:#}");
+    assert_eq!(report["status"], "watermark_only");
+    assert_eq!(report["watermark"]["id"], up_id.as_str());
+    let online = |tenant: &str| {
+        verify(&[
+            laundered.to_str().unwrap(),
+            "--trust-anchors",
+            &anchors,
+            "--coordinator",
+            &url,
+            "--tenant",
+            tenant,
+        ])
+    };
+    let (code, report) = online("acme");
+    assert_eq!(code, 1, "{report:#}");
+    assert_eq!(report["status"], "recovered");
+    assert!(
+        report["summary"]
+            .as_str()
+            .unwrap()
+            .contains("content differs from the signed bytes"),
+        "{report:#}"
+    );
+    let repo = &report["repository"];
+    assert_eq!(repo["manifest_label"], up_label.as_str());
+    assert_eq!(repo["original"]["verdict"], "verified");
+    assert_eq!(repo["model"]["model_id"], "synth-prov");
+    assert_eq!(repo["datasets"][0]["name"], "laion-mini");
+    let chain = repo["chain"].as_array().unwrap();
+    assert_eq!(chain.len(), 2, "base image then upscale: {repo:#}");
+    assert_eq!(chain[0]["stage"], "generate");
+    assert_eq!(chain[1]["watermark_id"], up_id.as_str());
+    assert_eq!(chain[1]["prompt"], "a lighthouse at dusk");
+    // Another tenant sees the lineage but not the prompt.
+    let (_, report) = online("someone-else");
+    assert!(report["repository"]["chain"][1].get("prompt").is_none());
+
+    // A watermark made with the key but never registered.
+    let stray = dir.path().join("stray.png");
+    let photo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/images/coffee.png");
+    let out = hallmark(&[
+        "watermark",
+        "embed",
+        photo.to_str().unwrap(),
+        stray.to_str().unwrap(),
+        "--payload",
+        "0123456789abcdef",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (code, report) = verify(&[stray.to_str().unwrap(), "--coordinator", &url]);
+    assert_eq!(code, 2, "{report:#}");
+    assert!(
+        report["summary"]
+            .as_str()
+            .unwrap()
+            .contains("unknown to the repository")
+    );
+
+    // The C2PA soft-binding resolution API.
+    let (status, body) = http(&http_addr, "GET", "/services/supportedAlgorithms", b"");
+    assert_eq!(status, 200);
+    let alg = credentials::SOFT_BINDING_ALG;
+    assert_eq!(
+        serde_json::from_slice::<Value>(&body).unwrap()["watermarks"][0]["alg"],
+        alg
+    );
+    let value = base64::engine::general_purpose::STANDARD.encode(hex::decode(&up_id).unwrap());
+    let value = value
+        .replace('+', "%2B")
+        .replace('/', "%2F")
+        .replace('=', "%3D");
+    let (status, body) = http(
+        &http_addr,
+        "GET",
+        &format!("/matches/byBinding?alg={alg}&value={value}"),
+        b"",
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let matches: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(matches["matches"][0]["manifestId"], up_label.as_str());
+    let (status, body) = http(
+        &http_addr,
+        "POST",
+        &format!("/matches/byContent?alg={alg}"),
+        &std::fs::read(&laundered).unwrap(),
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let matches: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(matches["matches"][0]["manifestId"], up_label.as_str());
+    let (status, manifest) = http(&http_addr, "GET", &format!("/manifests/{up_label}"), b"");
+    assert_eq!(status, 200);
+    let original = std::fs::read(&up).unwrap();
+    assert_eq!(
+        manifest,
+        credentials::inspect::manifest_store(&original).unwrap(),
+        "the repository serves the manifest the file was signed with"
+    );
+    let (status, body) = http(
+        &http_addr,
+        "GET",
+        &format!("/matches/byBinding?alg={alg}&value=ASNFZ4mrze8%3D"),
+        b"",
+    );
+    assert_eq!(
+        (
+            status,
+            serde_json::from_slice::<Value>(&body).unwrap()["matches"]
+                .as_array()
+                .map(Vec::len)
+        ),
+        (200, Some(0))
+    );
+    let (status, _) = http(
+        &http_addr,
+        "GET",
+        "/matches/byBinding?alg=com.example.other&value=AA%3D%3D",
+        b"",
+    );
+    assert_eq!(status, 400);
+
+    // A folder: one table, the worst outcome decides the exit code.
+    std::fs::copy(&laundered, files.join("laundered.jpg")).unwrap();
+    let out = hallmark(&[
+        "verify",
+        files.to_str().unwrap(),
+        "--trust-anchors",
+        &anchors,
+    ]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{table}");
+    assert!(table.contains("3 files: 2 verified"), "{table}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn render_output_verifies_out_of_the_box_and_a_changed_pixel_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let out_dir = dir.path().join("out");
+    let out = hallmark(&[
+        "render",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "-o",
+        out_dir.to_str().unwrap(),
+        "--prompt",
+        "a red fox",
+        "--width",
+        "256",
+        "--height",
+        "256",
+        "--workers",
+        "1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("made a local test CA"),
+        "the first render says it made a CA"
+    );
+    let file = out_dir.join("00000.png");
+    let with_state = |args: &[&str]| {
+        std::process::Command::new(bin("hallmark"))
+            .args(args)
+            .env("HALLMARK_STATE_DIR", &state)
+            .output()
+            .unwrap()
+    };
+    let out = with_state(&["verify", file.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The same bytes with one byte of image data changed.
+    let mut bytes = std::fs::read(&file).unwrap();
+    let n = bytes.len();
+    bytes[n - 40] ^= 0x10;
+    let tampered = dir.path().join("tampered.png");
+    std::fs::write(&tampered, &bytes).unwrap();
+    let out = with_state(&["--json", "verify", tampered.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let report = json_of(&out);
+    assert_eq!(report["status"], "tampered");
+    assert!(
+        report["summary"].as_str().unwrap().contains("mismatch"),
+        "{report:#}"
+    );
+    // JPEG and WebP outputs, upscales included, verify the same way.
+    for format in ["jpeg", "webp"] {
+        let dir_out = dir.path().join(format);
+        let out = std::process::Command::new(bin("hallmark"))
+            .args([
+                "render",
+                "-o",
+                dir_out.to_str().unwrap(),
+                "--prompt",
+                "a blue whale",
+                "--upscale",
+                "2",
+                "--width",
+                "192",
+                "--height",
+                "192",
+                "--workers",
+                "1",
+            ])
+            .env("HALLMARK_STATE_DIR", &state)
+            .env("HALLMARK_OUTPUT_FORMAT", format)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let out = with_state(&["--json", "verify", dir_out.to_str().unwrap()]);
+        let reports = json_of(&out);
+        let reports = reports.as_array().unwrap();
+        assert_eq!(reports.len(), 2, "{format}: {reports:?}");
+        for r in reports {
+            assert_eq!(r["status"], "verified", "{format}: {r:#}");
+            let expected = if format == "jpeg" {
+                "image/jpeg"
+            } else {
+                "image/webp"
+            };
+            assert_eq!(r["credentials"]["format"], expected);
+        }
+        assert_eq!(out.status.code(), Some(0));
+    }
+    // Not an image at all.
+    let junk = dir.path().join("junk.png");
+    std::fs::write(&junk, b"definitely not a picture").unwrap();
+    let out = with_state(&["verify", junk.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("not a PNG, JPEG or WebP"));
+}
