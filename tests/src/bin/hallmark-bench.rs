@@ -88,6 +88,7 @@ async fn main() -> anyhow::Result<()> {
 
     let ca_dir = tempfile::tempdir()?;
     let stamping = bench_stamping(ca_dir.path())?;
+    stamp_costs(&stamping)?;
     let stores: Vec<&str> = match args.store.as_str() {
         "both" => vec!["postgres", "sqlite"],
         "postgres" => vec!["postgres"],
@@ -293,6 +294,64 @@ async fn simulated_worker(
     Ok(latencies)
 }
 
+/// What provenance costs per image on one thread: the worker's stamp
+/// (watermark, read-back, PNG encode, sign) and the coordinator's upload
+/// check, with and without reading the watermark back from the pixels.
+fn stamp_costs(stamping: &Stamping) -> anyhow::Result<()> {
+    use hallmark_coordinator::stamps::StampCheck;
+    let key = || {
+        hallmark_provenance::watermark::WatermarkKey::from_secret(
+            hallmark_provenance::watermark::DEVELOPMENT_KEY.as_bytes(),
+        )
+    };
+    let full = StampCheck::new(None, key(), true);
+    let light = StampCheck::new(None, key(), false);
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "{:<10} {:>14} {:>18} {:>26}",
+        "image", "stamp (worker)", "check (coord.)", "check without pixel read"
+    );
+    for size in [192u32, 512, 1024] {
+        let lease = hallmark_proto::v1::TaskLease {
+            task_id: format!("bench/{size}/generate"),
+            job_id: "bench".into(),
+            stage: "generate".into(),
+            model_id: "synthetic-v1".into(),
+            width: size,
+            height: size,
+            ..Default::default()
+        };
+        let pixels = bench_pixels(&lease.task_id, size, size);
+        let (mut stamp_ms, mut check_ms, mut light_ms) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..15 {
+            let t = Instant::now();
+            let img = stamping.stamp(&lease, "w", &ModelFacts::default(), &pixels, None)?;
+            stamp_ms.push(t.elapsed().as_secs_f64() * 1e3);
+            let t = Instant::now();
+            full.check(&img.bytes, &lease.task_id, &img.watermark_id)
+                .map_err(anyhow::Error::msg)?;
+            check_ms.push(t.elapsed().as_secs_f64() * 1e3);
+            let t = Instant::now();
+            light
+                .check(&img.bytes, &lease.task_id, &img.watermark_id)
+                .map_err(anyhow::Error::msg)?;
+            light_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        println!(
+            "{:<10} {:>11.1} ms {:>15.1} ms {:>23.1} ms",
+            format!("{size}²"),
+            median(stamp_ms),
+            median(check_ms),
+            median(light_ms)
+        );
+    }
+    println!();
+    Ok(())
+}
+
 /// The stamping stage of the simulated workers, signing with a fresh test CA.
 fn bench_stamping(dir: &std::path::Path) -> anyhow::Result<Arc<Stamping>> {
     let files = ca::init(&dir.join("ca"), "Hallmark bench", SigningAlgorithm::Es256)?;
@@ -310,13 +369,11 @@ fn hallmark_worker_digest() -> String {
     hallmark_provenance::sha256_hex(b"hallmark-synthetic:synthetic-v1")
 }
 
-/// A picture that differs per task, so every upload is its own blob.
+/// A generated-looking picture that differs per task, so every upload is
+/// its own blob.
 fn bench_pixels(task_id: &str, width: u32, height: u32) -> image::RgbImage {
     let seed = task_id
         .bytes()
         .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)));
-    image::RgbImage::from_fn(width, height, |x, y| {
-        let v = (x * 7 + y * 3 + seed) % 256;
-        image::Rgb([v as u8, ((x + seed) % 256) as u8, ((y * 5) % 256) as u8])
-    })
+    hallmark_provenance::watermark::attacks::smooth_field(width, height, seed % 10_000)
 }
