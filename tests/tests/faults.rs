@@ -191,6 +191,35 @@ async fn unstamped_and_stale_completions_are_refused() {
         .await
         .unwrap_err();
     assert!(err.message().contains("soft binding names"), "{err}");
+    // Validly signed for this task, but the pixels carry no mark.
+    let unmarked = {
+        use hallmark_provenance::credentials::{self, ImageFormat, Stamp, stamp::Stamper};
+        let ca = test_ca();
+        let stamper = Stamper::new(&ca.identity(None).unwrap(), None, ("test", "0")).unwrap();
+        let record = credentials::GenerationRecord {
+            task_id: lease.task_id.clone(),
+            stage: "generate".into(),
+            ..Default::default()
+        };
+        let pixels = hallmark_provenance::watermark::attacks::smooth_field(192, 192, 5);
+        let png = credentials::encode_image(&pixels, ImageFormat::Png).unwrap();
+        let stamp = Stamp {
+            title: "unmarked".into(),
+            record: &record,
+            watermark_id: 0x0123_4567_89ab_cdef,
+            training_mining: None,
+            parent: None,
+        };
+        stamper.sign(ImageFormat::Png, &png, &stamp).unwrap()
+    };
+    let err = w
+        .complete(upload(lease.fencing_token, &unmarked, "0123456789abcdef"))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("pixels do not carry watermark"),
+        "{err}"
+    );
     // Signed bytes with one pixel byte flipped: the hash binding breaks.
     let mut flipped = good.bytes.clone();
     let n = flipped.len();
