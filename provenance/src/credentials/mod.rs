@@ -6,7 +6,8 @@
 //!   binding, training-and-mining preferences, the parent image as an
 //!   ingredient) and signs it into PNG, JPEG or WebP bytes;
 //! - [`inspect`]: reads and validates a file's credentials against trust
-//!   anchors, including the ingredients' own validation results.
+//!   anchors, including the ingredients' own validation results;
+//! - `timestamp`: RFC 3161 timestamps from a configured authority.
 //!
 //! The `c2pa` crate does the JUMBF/COSE work; this module decides what
 //! Hallmark asserts and how a verdict is phrased.
@@ -14,6 +15,7 @@
 pub mod ca;
 pub mod inspect;
 pub mod stamp;
+mod timestamp;
 
 use std::path::{Path, PathBuf};
 
@@ -118,18 +120,19 @@ impl SigningIdentity {
     }
 
     pub(crate) fn signer(&self) -> Result<c2pa::BoxedSigner, CredentialsError> {
-        if let Some(url) = &self.tsa_url {
-            // The pinned c2pa build has no HTTP client to reach the authority.
-            return Err(CredentialsError::Unsupported(format!(
-                "timestamp authority {url}: RFC 3161 timestamping is not available in this build; unset tsa_url"
-            )));
-        }
-        Ok(c2pa::create_signer::from_keys(
+        let signer = c2pa::create_signer::from_keys(
             &self.cert_chain_pem,
             &self.private_key_pem,
             self.alg.c2pa(),
-            self.tsa_url.clone(),
-        )?)
+            None,
+        )?;
+        match &self.tsa_url {
+            None => Ok(signer),
+            Some(url) => Ok(Box::new(
+                timestamp::TimestampingSigner::new(signer, url.clone())
+                    .map_err(CredentialsError::Unsupported)?,
+            )),
+        }
     }
 }
 
