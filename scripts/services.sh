@@ -65,6 +65,11 @@ if [ ! -x "$moto_venv/bin/moto_server" ]; then
   "$moto_venv/bin/pip" install -q "moto[server]==5.2.5"
 fi
 
+# --- openssl: the credentials tests run a local RFC 3161 authority with it ---
+if ! command -v openssl >/dev/null 2>&1; then
+  apt_install openssl
+fi
+
 # --- The official C2PA validator, which the credentials tests run ---
 c2patool_root="${HALLMARK_C2PATOOL_ROOT:-$HOME/.cache/hallmark/c2patool}"
 if [ ! -x "$c2patool_root/bin/c2patool" ]; then
