@@ -886,6 +886,7 @@ fn ca_init(dir: &Path, organization: &str, alg: &str, json: bool) -> anyhow::Res
 
 /// `hallmark watermark embed|detect`: offline, on local files.
 fn watermark_command(cfg: &ClientConfig, cmd: WatermarkCommand, json: bool) -> anyhow::Result<i32> {
+    use hallmark_provenance::credentials::ImageFormat;
     use hallmark_provenance::watermark;
     let key = watermark::WatermarkKey::from_secret(cfg.watermark_key.as_bytes());
     let read = |path: &Path| -> anyhow::Result<image::RgbImage> {
@@ -916,8 +917,8 @@ fn watermark_command(cfg: &ClientConfig, cmd: WatermarkCommand, json: bool) -> a
                 .map(str::to_ascii_lowercase)
                 .as_deref()
             {
-                Some("png") => image::ImageFormat::Png,
-                Some("jpg" | "jpeg") => image::ImageFormat::Jpeg,
+                Some("png") => ImageFormat::Png,
+                Some("jpg" | "jpeg") => ImageFormat::Jpeg,
                 _ => bail!(
                     "output {} must end in .png, .jpg or .jpeg",
                     output.display()
@@ -926,14 +927,8 @@ fn watermark_command(cfg: &ClientConfig, cmd: WatermarkCommand, json: bool) -> a
             let img = read(&input)?;
             let marked = watermark::embed(&img, value, &key, watermark::EmbedOptions::default())
                 .with_context(|| format!("marking {}", input.display()))?;
-            let mut bytes = Vec::new();
-            let encoded = if format == image::ImageFormat::Jpeg {
-                image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 95)
-                    .encode_image(&marked)
-            } else {
-                marked.write_to(&mut std::io::Cursor::new(&mut bytes), format)
-            };
-            encoded.with_context(|| format!("encoding {}", output.display()))?;
+            let bytes = hallmark_provenance::credentials::encode_image(&marked, format)
+                .with_context(|| format!("encoding {}", output.display()))?;
             remote::write_atomic(&output, &bytes)?;
             let psnr = watermark::psnr(&img, &marked);
             if json {
@@ -952,10 +947,7 @@ fn watermark_command(cfg: &ClientConfig, cmd: WatermarkCommand, json: bool) -> a
         WatermarkCommand::Detect { input } => {
             let img = read(&input)?;
             // Farm outputs: an upscale's mark is made with its stage's key.
-            let found = ["upscale", "generate"]
-                .into_iter()
-                .find_map(|stage| watermark::detect(&img, &key.for_stage(stage)));
-            match found {
+            match watermark::detect_stages(&img, &key).next().map(|(_, d)| d) {
                 Some(d) => {
                     if json {
                         println!(

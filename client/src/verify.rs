@@ -263,16 +263,15 @@ impl Verifier {
     }
 }
 
-/// An upscale carries its own mark and its base image's: the later stage's
-/// key is tried first.
+/// The newest stage's mark (an upscale also carries its base image's).
 fn read_watermark(px: &image::RgbImage, key: &WatermarkKey) -> Option<WatermarkFinding> {
-    ["upscale", "generate"].into_iter().find_map(|stage| {
-        watermark::detect(px, &key.for_stage(stage)).map(|d| WatermarkFinding {
+    watermark::detect_stages(px, key)
+        .next()
+        .map(|(stage, d)| WatermarkFinding {
             id: format!("{:016x}", d.payload),
             stage,
             confidence: d.sync_z,
         })
-    })
 }
 
 fn record_json(r: &ArtifactRecord) -> serde_json::Value {

@@ -145,15 +145,9 @@ async fn by_content(
     let stamps = state.stamps.clone();
     let found = tokio::task::spawn_blocking(move || {
         let pixels = credentials::decode_image(&body)?;
-        // An upscale carries its own mark and its base image's: the newest
-        // stage is tried first.
-        let mut ids = Vec::new();
-        for stage in ["upscale", "generate"] {
-            let key = stamps.key().for_stage(stage);
-            if let Some(d) = watermark::detect(&pixels, &key) {
-                ids.push(format!("{:016x}", d.payload));
-            }
-        }
+        let ids: Vec<String> = watermark::detect_stages(&pixels, stamps.key())
+            .map(|(_, d)| format!("{:016x}", d.payload))
+            .collect();
         Ok::<_, credentials::CredentialsError>(ids)
     })
     .await;

@@ -405,6 +405,18 @@ pub fn detect(img: &RgbImage, key: &WatermarkKey) -> Option<Detection> {
     analyze(img, key).detection
 }
 
+/// Looks for farm marks stage by stage, latest first: an upscale carries
+/// its own mark (made with [`WatermarkKey::for_stage`]) on top of its base
+/// image's. Lazy, so taking the first hit decodes no further.
+pub fn detect_stages<'a>(
+    img: &'a RgbImage,
+    key: &'a WatermarkKey,
+) -> impl Iterator<Item = (&'static str, Detection)> + 'a {
+    ["upscale", "generate"]
+        .into_iter()
+        .filter_map(move |stage| detect(img, &key.for_stage(stage)).map(|d| (stage, d)))
+}
+
 /// Like [`detect`], with the best guess even when the CRC does not check.
 pub fn analyze(img: &RgbImage, key: &WatermarkKey) -> Analysis {
     let none = Analysis {
