@@ -23,6 +23,8 @@ pub struct LocalWorkers {
     pub models: Vec<String>,
     pub render_time: Duration,
     pub max_batch: u32,
+    /// The diffusion engine's settings (engine `diffusion`).
+    pub diffusion: Option<hallmark_worker::DiffusionConfig>,
 }
 
 /// How the embedded farm stamps and checks its outputs.
@@ -51,12 +53,27 @@ impl LocalFarm {
         workers: &LocalWorkers,
         stamping: FarmStamping,
     ) -> anyhow::Result<Self> {
-        if workers.engine != "synthetic" {
-            anyhow::bail!(
-                "engine {:?} is not available yet: only `synthetic` is implemented (the diffusion engine is tracked in its own issue)",
-                workers.engine
-            );
-        }
+        // The engine is opened first: a bad model folder fails before the farm starts.
+        let engine: Arc<dyn hallmark_worker::Engine> =
+            match (workers.engine.as_str(), &workers.diffusion) {
+                ("synthetic", _) => Arc::new(SyntheticEngine::new(SyntheticConfig {
+                    models: workers.models.clone(),
+                    render_time: workers.render_time,
+                    fail_marker: None,
+                })),
+                ("diffusion", Some(config)) => {
+                    let config = config.clone();
+                    Arc::new(
+                        tokio::task::spawn_blocking(move || {
+                            hallmark_worker::DiffusionEngine::new(config)
+                        })
+                        .await?
+                        .context("opening the diffusion models")?,
+                    )
+                }
+                ("diffusion", None) => anyhow::bail!("the diffusion engine needs --model-path DIR"),
+                (other, _) => anyhow::bail!("unknown engine {other:?} (synthetic, diffusion)"),
+            };
         std::fs::create_dir_all(state_dir)
             .with_context(|| format!("creating state directory {}", state_dir.display()))?;
         let db = state_dir.join("coordinator.db");
@@ -82,11 +99,6 @@ impl LocalFarm {
             .len();
 
         let (stop, stop_rx) = watch::channel(false);
-        let engine = Arc::new(SyntheticEngine::new(SyntheticConfig {
-            models: workers.models.clone(),
-            render_time: workers.render_time,
-            fail_marker: None,
-        }));
         let mut handles = Vec::new();
         for i in 0..workers.count {
             let channel = hallmark_worker::channel(&url)?;

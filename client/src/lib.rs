@@ -204,6 +204,8 @@ pub struct RenderArgs {
     /// Simulated render time per batch for the synthetic engine, in ms.
     #[arg(long, default_value_t = 0)]
     pub render_ms: u64,
+    #[command(flatten)]
+    pub diffusion: hallmark_worker::diffusion::DiffusionArgs,
 }
 
 #[derive(Args, Debug)]
@@ -221,6 +223,8 @@ pub struct UpArgs {
     pub state_dir: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     pub render_ms: u64,
+    #[command(flatten)]
+    pub diffusion: hallmark_worker::diffusion::DiffusionArgs,
 }
 
 #[derive(Args, Debug)]
@@ -256,7 +260,23 @@ pub enum ModelsCommand {
         datasets: Vec<String>,
     },
     List,
+    /// Write a tiny random-weight checkpoint (deterministic from the seed)
+    /// in the real layout: sd1, sd2 (diffusers folders with the real CLIP
+    /// tokenizer), esrgan-x2 or esrgan-x4 (Real-ESRGAN RRDBNet).
+    InitTiny {
+        dir: PathBuf,
+        #[arg(long)]
+        arch: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// CLIP's bpe_simple_vocab_16e6.txt.gz (for sd1/sd2).
+        #[arg(long, env = "HALLMARK_CLIP_VOCAB", default_value = DEFAULT_CLIP_VOCAB)]
+        clip_vocab: PathBuf,
+    },
 }
+
+/// Where the CLIP vocabulary lies beside a checkout in this workplace.
+pub const DEFAULT_CLIP_VOCAB: &str = "../shared/data/clip/bpe_simple_vocab_16e6.txt.gz";
 
 #[derive(Subcommand, Debug)]
 pub enum DatasetsCommand {
@@ -279,6 +299,37 @@ pub enum DatasetsCommand {
     List,
 }
 
+fn init_tiny(
+    dir: &Path,
+    arch: &str,
+    seed: u64,
+    clip_vocab: &Path,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let arch: hallmark_diffusion::tiny::TinyArch = arch.parse()?;
+    let needs_vocab = !matches!(arch, hallmark_diffusion::tiny::TinyArch::Esrgan { .. });
+    if needs_vocab && !clip_vocab.is_file() {
+        bail!(
+            "CLIP vocabulary {} not found: pass --clip-vocab PATH to bpe_simple_vocab_16e6.txt.gz (or set HALLMARK_CLIP_VOCAB)",
+            clip_vocab.display()
+        );
+    }
+    hallmark_diffusion::tiny::init_tiny(dir, arch, seed, needs_vocab.then_some(clip_vocab))
+        .with_context(|| format!("writing a tiny checkpoint into {}", dir.display()))?;
+    if json {
+        println!(
+            "{}",
+            json!({"dir": dir, "arch": format!("{arch:?}"), "seed": seed})
+        );
+    } else {
+        println!(
+            "wrote a tiny {arch:?} checkpoint (seed {seed}) into {}",
+            dir.display()
+        );
+    }
+    Ok(0)
+}
+
 /// Runs the CLI; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     let mut cfg = ClientConfig::load(cli.config.as_deref())?;
@@ -295,6 +346,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             trust_anchors,
             tenant,
         } => verify_command(&cfg, &paths, trust_anchors.as_deref(), tenant, json).await,
+        Command::Models(ModelsCommand::InitTiny {
+            dir,
+            arch,
+            seed,
+            clip_vocab,
+        }) => init_tiny(&dir, &arch, seed, &clip_vocab, json),
         Command::Ca(CaCommand::Init {
             dir,
             organization,
@@ -599,6 +656,7 @@ async fn remote_command(
         | Command::Up(_)
         | Command::Watermark(_)
         | Command::Verify { .. }
+        | Command::Models(ModelsCommand::InitTiny { .. })
         | Command::Ca(_) => {
             unreachable!("handled before connecting")
         }
@@ -670,7 +728,28 @@ pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<JobSpec
 
 /// `hallmark render`: submit, follow, download, summarise — on a local
 /// embedded farm unless a coordinator is configured.
-async fn render(cfg: &ClientConfig, args: RenderArgs, json: bool) -> anyhow::Result<i32> {
+/// The diffusion engine's settings when `engine` is `diffusion` (the local
+/// workers' models), and the model id a job names by default.
+fn local_diffusion(
+    engine: &str,
+    args: &hallmark_worker::diffusion::DiffusionArgs,
+) -> anyhow::Result<Option<hallmark_worker::DiffusionConfig>> {
+    if engine != "diffusion" {
+        return Ok(None);
+    }
+    Ok(Some(args.config()?))
+}
+
+async fn render(cfg: &ClientConfig, mut args: RenderArgs, json: bool) -> anyhow::Result<i32> {
+    let diffusion = match &cfg.coordinator {
+        None => local_diffusion(&args.spec.engine, &args.diffusion)?,
+        Some(_) => None,
+    };
+    if let Some(d) = &diffusion
+        && args.spec.model.is_none()
+    {
+        args.spec.model = d.models.first().map(|(id, _)| id.clone());
+    }
     let spec = build_spec(&args.spec, cfg)?;
     let started = Instant::now();
     let (farm, url) = match &cfg.coordinator {
@@ -686,6 +765,7 @@ async fn render(cfg: &ClientConfig, args: RenderArgs, json: bool) -> anyhow::Res
                 models: vec![spec.model_id.clone()],
                 render_time: Duration::from_millis(args.render_ms),
                 max_batch: 4,
+                diffusion,
             };
             let stamping = farm_stamping(cfg, &state_dir)?;
             let farm = LocalFarm::start(&state_dir, "127.0.0.1:0", &workers, stamping).await?;
@@ -764,6 +844,7 @@ async fn up(cfg: &ClientConfig, args: UpArgs) -> anyhow::Result<i32> {
     let state_dir = args.state_dir.unwrap_or_else(|| cfg.state_dir.clone());
     let workers = LocalWorkers {
         count: args.workers.unwrap_or(cfg.workers),
+        diffusion: local_diffusion(&args.engine, &args.diffusion)?,
         engine: args.engine,
         models: args.models,
         render_time: Duration::from_millis(args.render_ms),

@@ -26,12 +26,14 @@ struct Args {
     /// Name shown in `hallmark workers`.
     #[arg(long, env = "HALLMARK_WORKER_NAME", default_value = "")]
     name: String,
-    /// Render engine: synthetic (the diffusion engine is not built yet).
+    /// Render engine: synthetic or diffusion.
     #[arg(long, default_value = "synthetic")]
     engine: String,
     /// Model ids to serve (synthetic engine).
     #[arg(long = "model", default_value = "synthetic-v1")]
     models: Vec<String>,
+    #[command(flatten)]
+    diffusion: hallmark_worker::diffusion::DiffusionArgs,
     /// Simulated render time per batch, in milliseconds (synthetic engine).
     #[arg(long, default_value_t = 0)]
     render_ms: u64,
@@ -87,17 +89,22 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    if args.engine != "synthetic" {
-        anyhow::bail!(
-            "engine {:?} is not available in this build: only `synthetic` is implemented so far (the diffusion engine is tracked in its own issue)",
-            args.engine
-        );
-    }
-    let engine = Arc::new(SyntheticEngine::new(SyntheticConfig {
-        models: args.models,
-        render_time: Duration::from_millis(args.render_ms),
-        fail_marker: args.fail_marker,
-    }));
+    let engine: Arc<dyn hallmark_worker::Engine> = match args.engine.as_str() {
+        "synthetic" => Arc::new(SyntheticEngine::new(SyntheticConfig {
+            models: args.models,
+            render_time: Duration::from_millis(args.render_ms),
+            fail_marker: args.fail_marker,
+        })),
+        "diffusion" => {
+            let config = args.diffusion.config()?;
+            Arc::new(
+                tokio::task::spawn_blocking(move || hallmark_worker::DiffusionEngine::new(config))
+                    .await?
+                    .context("opening the diffusion models")?,
+            )
+        }
+        other => anyhow::bail!("unknown engine {other:?} (synthetic, diffusion)"),
+    };
     let identity = SigningIdentity::load(
         &args.cert_chain,
         &args.private_key,

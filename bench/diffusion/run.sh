@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# CPU benchmark of the diffusion engine beside diffusers, in one run on the
+# same machine and the same weights:
+#   1. one guided UNet step (batch 2) of the SD 1.5 architecture at 256²;
+#   2. the tiny SD-1.x pipeline end to end (192², 20 steps, Euler a, guided).
+# Prints JSON lines and the ratios (diffusers time / Hallmark time: > 1 means
+# Hallmark is faster). Uses the reference venv of tests/reference/run.sh.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+VENV="${HALLMARK_REF_VENV:-$HOME/.cache/hallmark/refenv}"
+VOCAB="${HALLMARK_CLIP_VOCAB:-../shared/data/clip/bpe_simple_vocab_16e6.txt.gz}"
+WORK="${HALLMARK_BENCH_DIR:-$HOME/.cache/hallmark/bench-models}"
+[ -x "$VENV/bin/python" ] || tests/reference/run.sh
+cargo build -q --release -p hallmark-diffusion --bin hallmark-diffusion-bench
+BIN=target/release/hallmark-diffusion-bench
+mkdir -p "$WORK"
+[ -d "$WORK/sd15" ] || "$BIN" init "$WORK/sd15" --arch sd15-full --clip-vocab "$VOCAB"
+[ -d "$WORK/tiny-sd1" ] || "$BIN" init "$WORK/tiny-sd1" --arch sd1 --clip-vocab "$VOCAB"
+OUT="$(mktemp)"
+{
+  "$BIN" unet --model "$WORK/sd15" --size 256 --runs 5
+  "$VENV/bin/python" bench/diffusion/diffusers_bench.py unet "$WORK/sd15" --size 256 --runs 5
+  "$BIN" pipeline --model "$WORK/tiny-sd1" --size 192 --steps 20 --batch 1,4 --runs 3
+  "$VENV/bin/python" bench/diffusion/diffusers_bench.py pipeline "$WORK/tiny-sd1" --size 192 --steps 20 --batch 1,4 --runs 3
+} | tee "$OUT"
+python3 - "$OUT" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+def pick(engine, bench, batch=None):
+    return [r for r in rows if r["engine"] == engine and r["bench"] == bench and (batch is None or r["batch"] == batch)]
+h, d = pick("hallmark", "unet_step")[0], pick("diffusers", "unet_step")[0]
+print(f"SD1.5 UNet step 256² (batch 2): hallmark {h['median_s']*1000:.0f} ms, diffusers {d['median_s']*1000:.0f} ms, ratio {d['median_s']/h['median_s']:.2f}")
+for b in sorted({r["batch"] for r in pick("hallmark", "pipeline")}):
+    h, d = pick("hallmark", "pipeline", b)[0], pick("diffusers", "pipeline", b)[0]
+    print(f"tiny pipeline 192² 20 steps batch {b}: hallmark {h['images_per_s']:.2f} img/s, diffusers {d['images_per_s']:.2f} img/s, ratio {h['images_per_s']/d['images_per_s']:.2f}")
+PY

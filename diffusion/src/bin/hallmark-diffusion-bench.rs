@@ -1,0 +1,178 @@
+//! Benchmarks of the diffusion engine (a command, not a test):
+//!
+//! - `init DIR --clip-vocab GZ [--arch sd15-full|sd1|sd2]` writes a random-weight model;
+//! - `pipeline --model DIR [--device cpu|cuda] [--dtype f32|f16|bf16] [--size 512]
+//!   [--steps 20] [--batch 1,8] [--runs 2] [--scheduler euler_a]` renders and
+//!   prints images/s and UNet it/s (guided steps per second, as diffusers counts);
+//! - `unet --model DIR [--device ..] [--dtype ..] [--size 256] [--runs 5]` times one
+//!   guided UNet call (batch 2).
+//!
+//! Each measurement is printed as one JSON line.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use hallmark_diffusion::{
+    GenerateRequest, LoadOptions, Sample, StableDiffusion, model::ModelFolder,
+};
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn device(args: &[String]) -> Result<Device, Box<dyn std::error::Error>> {
+    Ok(match arg(args, "--device").as_deref().unwrap_or("cpu") {
+        "cpu" => Device::Cpu,
+        _ => Device::new_cuda(0)?,
+    })
+}
+
+fn dtype(args: &[String]) -> Result<DType, Box<dyn std::error::Error>> {
+    Ok(match arg(args, "--dtype").as_deref().unwrap_or("f32") {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        other => return Err(format!("unknown dtype {other}").into()),
+    })
+}
+
+fn load(args: &[String]) -> Result<StableDiffusion, Box<dyn std::error::Error>> {
+    let dir = PathBuf::from(arg(args, "--model").ok_or("--model DIR is required")?);
+    let started = Instant::now();
+    let sd = StableDiffusion::load(
+        ModelFolder::open(&dir, None)?,
+        LoadOptions {
+            device: device(args)?,
+            dtype: dtype(args)?,
+            variant: None,
+        },
+    )?;
+    eprintln!(
+        "loaded {} in {:.1} s",
+        dir.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(sd)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let num = |name: &str, default: usize| -> usize {
+        arg(&args, name)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    match args.first().map(String::as_str) {
+        Some("init") => {
+            let dir = PathBuf::from(args.get(1).ok_or("init DIR")?);
+            let arch = arg(&args, "--arch").unwrap_or_else(|| "sd15-full".into());
+            let vocab =
+                PathBuf::from(arg(&args, "--clip-vocab").ok_or("--clip-vocab GZ is required")?);
+            let started = Instant::now();
+            hallmark_diffusion::tiny::init_tiny(&dir, arch.parse()?, 0, Some(&vocab))?;
+            eprintln!(
+                "wrote {} in {:.1} s",
+                dir.display(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        Some("pipeline") => {
+            let sd = load(&args)?;
+            let size = num("--size", 512);
+            let steps = num("--steps", 20);
+            let runs = num("--runs", 2);
+            let scheduler = arg(&args, "--scheduler").unwrap_or_else(|| "euler_a".into());
+            let batches: Vec<usize> = arg(&args, "--batch")
+                .unwrap_or_else(|| "1".into())
+                .split(',')
+                .filter_map(|b| b.parse().ok())
+                .collect();
+            let dev = sd.device().clone();
+            for &b in &batches {
+                let samples = (0..b)
+                    .map(|i| Sample {
+                        prompt: "a photograph of an astronaut riding a horse".into(),
+                        negative: String::new(),
+                        seed: i as u64,
+                    })
+                    .collect();
+                let mut req = GenerateRequest::new(samples, size, size);
+                req.steps = steps;
+                req.scheduler = scheduler.parse()?;
+                // One warm-up run (kernels, allocator), then the measured runs.
+                let mut best: Option<(f64, f64)> = None;
+                for run in 0..=runs {
+                    let step_times = std::cell::RefCell::new(Vec::new());
+                    let started = Instant::now();
+                    let result = sd.generate(&req, &|_| {
+                        let _ = dev.synchronize();
+                        step_times.borrow_mut().push(Instant::now());
+                    });
+                    let _ = dev.synchronize();
+                    let total = started.elapsed().as_secs_f64();
+                    if let Err(e) = &result {
+                        eprintln!("render failed: {e}");
+                    }
+                    let t = step_times.borrow();
+                    let unet_its = if t.len() > 1 {
+                        (t.len() - 1) as f64 / t[t.len() - 1].duration_since(t[0]).as_secs_f64()
+                    } else {
+                        f64::NAN
+                    };
+                    if run > 0 && best.is_none_or(|(bt, _)| total < bt) {
+                        best = Some((total, unet_its));
+                    }
+                }
+                let (total, its) = best.unwrap_or((f64::NAN, f64::NAN));
+                println!(
+                    "{}",
+                    serde_json::json!({"engine": "hallmark", "bench": "pipeline", "device": format!("{dev:?}"),
+                        "dtype": format!("{:?}", dtype(&args)?), "size": size, "steps": steps, "batch": b,
+                        "seconds": total, "images_per_s": b as f64 / total, "unet_it_per_s": its})
+                );
+            }
+        }
+        Some("unet") => {
+            let sd = load(&args)?;
+            let size = num("--size", 256);
+            let runs = num("--runs", 5);
+            let f = sd.vae_scale_factor();
+            let dev = sd.device().clone();
+            let ctx = Tensor::cat(
+                &[
+                    sd.encode_text(&[String::new()])?,
+                    sd.encode_text(&["a cat".into()])?,
+                ],
+                0,
+            )?;
+            let x = Tensor::randn(
+                0f32,
+                1f32,
+                (2, sd.latent_channels(), size / f, size / f),
+                &dev,
+            )?;
+            sd.predict(&x, 500.0, &ctx)?;
+            let mut times = Vec::new();
+            for _ in 0..runs {
+                let started = Instant::now();
+                sd.predict(&x, 500.0, &ctx)?;
+                dev.synchronize()?;
+                times.push(started.elapsed().as_secs_f64());
+            }
+            times.sort_by(f64::total_cmp);
+            println!(
+                "{}",
+                serde_json::json!({"engine": "hallmark", "bench": "unet_step", "device": format!("{dev:?}"),
+                    "size": size, "batch": 2, "median_s": times[times.len() / 2], "min_s": times[0]})
+            );
+        }
+        _ => return Err(
+            "usage: hallmark-diffusion-bench init|pipeline|unet ... (see the source's doc comment)"
+                .into(),
+        ),
+    }
+    Ok(())
+}

@@ -1,0 +1,30 @@
+//! Latent diffusion on candle: the `diffusion` engine's library.
+//!
+//! - [`model`]: a diffusers model folder — pipeline family, configs, weight
+//!   files and their sha256 digests;
+//! - [`tokenizer`], [`clip`]: the CLIP tokenizer and text encoder;
+//! - [`scheduler`]: DDIM, Euler, Euler ancestral, DPM++ 2M Karras, UniPC;
+//! - [`rng`]: the seeded noise generator (same noise on every device);
+//! - [`pipeline`]: Stable Diffusion 1.x/2.x text-to-image and img2img;
+//! - [`esrgan`]: Real-ESRGAN (RRDBNet) super-resolution, tiled;
+//! - [`upscale`]: the super-resolution stage (Real-ESRGAN or hires fix);
+//! - [`cache`]: loaded models within a memory budget, least recently used out;
+//! - [`tiny`]: tiny random-weight checkpoints in the real layouts, for tests;
+//! - [`latents`]: initial latents from `.safetensors` or `.npy` files.
+
+pub mod cache;
+pub mod clip;
+mod error;
+pub mod esrgan;
+pub mod latents;
+pub mod model;
+pub mod pipeline;
+pub mod rng;
+pub mod scheduler;
+pub mod tiny;
+pub mod tokenizer;
+pub mod upscale;
+
+pub use error::DiffusionError;
+pub use pipeline::{GenerateRequest, Generation, LoadOptions, Sample, StableDiffusion};
+pub use scheduler::SchedulerKind;

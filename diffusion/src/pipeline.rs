@@ -1,0 +1,730 @@
+//! The Stable Diffusion pipeline (SD 1.x / 2.x / Turbo): tokenize, encode the
+//! prompts, loop over the sampler's timesteps with classifier-free guidance,
+//! decode. Read top to bottom in [`StableDiffusion::generate`].
+
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::stable_diffusion::{
+    unet_2d::{BlockConfig, UNet2DConditionModel, UNet2DConditionModelConfig},
+    unet_2d_blocks::{
+        DownEncoderBlock2D, DownEncoderBlock2DConfig, UNetMidBlock2D, UNetMidBlock2DConfig,
+    },
+    vae::{AutoEncoderKL, AutoEncoderKLConfig},
+};
+use image::RgbImage;
+
+use crate::DiffusionError;
+use crate::clip::ClipTextModel;
+use crate::model::{Family, ModelFolder, UnetConfig, VaeConfig, WeightFile};
+use crate::rng::NoiseGenerator;
+use crate::scheduler::{Sampler, SchedulerConfig, SchedulerKind};
+use crate::tokenizer::ClipTokenizer;
+
+/// Where and how to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// Compute type of the networks (f32 on CPU; f16 or bf16 on a GPU).
+    pub dtype: DType,
+    /// Weight file variant to prefer (`fp16`).
+    pub variant: Option<String>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+            variant: None,
+        }
+    }
+}
+
+/// One image of a batch.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    pub prompt: String,
+    pub negative: String,
+    pub seed: u64,
+}
+
+/// A batch of images that share model, size, steps, guidance and sampler.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub samples: Vec<Sample>,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    pub scheduler: SchedulerKind,
+    /// Initial latents `(batch, channels, height/f, width/f)`, replacing the
+    /// seeded noise (for reproducibility and comparisons).
+    pub init_latents: Option<Tensor>,
+    /// img2img: start from these images (one per sample) at `strength`.
+    pub init_images: Option<Vec<RgbImage>>,
+    pub strength: f64,
+}
+
+impl GenerateRequest {
+    pub fn new(samples: Vec<Sample>, width: usize, height: usize) -> Self {
+        Self {
+            samples,
+            width,
+            height,
+            steps: 20,
+            guidance: 7.5,
+            scheduler: SchedulerKind::EulerAncestral,
+            init_latents: None,
+            init_images: None,
+            strength: 0.5,
+        }
+    }
+}
+
+/// The result of a batch.
+#[derive(Debug)]
+pub struct Generation {
+    pub images: Vec<RgbImage>,
+    /// Final latents before decoding (f32, on the CPU).
+    pub latents: Tensor,
+    /// Prompts that were cut to 77 tokens (indices into the batch).
+    pub truncated: Vec<usize>,
+}
+
+/// The VAE's encoder half (built on first img2img use): candle's
+/// `AutoEncoderKL::encode` samples with an unseeded generator, and a seed
+/// must give the same image.
+struct VaeEncoder {
+    conv_in: candle_nn::Conv2d,
+    down: Vec<DownEncoderBlock2D>,
+    mid: UNetMidBlock2D,
+    norm: candle_nn::GroupNorm,
+    conv_out: candle_nn::Conv2d,
+    quant_conv: Option<candle_nn::Conv2d>,
+}
+
+impl VaeEncoder {
+    fn new(vb: VarBuilder, cfg: &VaeConfig) -> candle_core::Result<Self> {
+        let enc = vb.pp("encoder");
+        let pad1 = candle_nn::Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let boc = &cfg.block_out_channels;
+        let conv_in = candle_nn::conv2d(3, boc[0], 3, pad1, enc.pp("conv_in"))?;
+        let down = (0..boc.len())
+            .map(|i| {
+                let c = DownEncoderBlock2DConfig {
+                    num_layers: cfg.layers_per_block,
+                    resnet_eps: 1e-6,
+                    resnet_groups: cfg.norm_num_groups,
+                    add_downsample: i + 1 < boc.len(),
+                    downsample_padding: 0,
+                    ..Default::default()
+                };
+                let cin = if i > 0 { boc[i - 1] } else { boc[0] };
+                DownEncoderBlock2D::new(enc.pp("down_blocks").pp(i.to_string()), cin, boc[i], c)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let last = *boc.last().expect("validated non-empty");
+        let mid = UNetMidBlock2D::new(
+            enc.pp("mid_block"),
+            last,
+            None,
+            UNetMidBlock2DConfig {
+                resnet_eps: 1e-6,
+                output_scale_factor: 1.0,
+                attn_num_head_channels: None,
+                resnet_groups: Some(cfg.norm_num_groups),
+                ..Default::default()
+            },
+        )?;
+        let norm = candle_nn::group_norm(cfg.norm_num_groups, last, 1e-6, enc.pp("conv_norm_out"))?;
+        let conv_out =
+            candle_nn::conv2d(last, 2 * cfg.latent_channels, 3, pad1, enc.pp("conv_out"))?;
+        let quant_conv = if cfg.use_quant_conv {
+            let c = 2 * cfg.latent_channels;
+            Some(candle_nn::conv2d(
+                c,
+                c,
+                1,
+                Default::default(),
+                vb.pp("quant_conv"),
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            conv_in,
+            down,
+            mid,
+            norm,
+            conv_out,
+            quant_conv,
+        })
+    }
+
+    /// Mean and standard deviation of the latent distribution.
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let mut xs = self.conv_in.forward(xs)?;
+        for d in &self.down {
+            xs = d.forward(&xs)?;
+        }
+        xs = self.mid.forward(&xs, None)?;
+        xs = candle_nn::ops::silu(&self.norm.forward(&xs)?)?;
+        xs = self.conv_out.forward(&xs)?;
+        if let Some(q) = &self.quant_conv {
+            xs = q.forward(&xs)?;
+        }
+        let parts = xs.chunk(2, 1)?;
+        let logvar = parts[1].clamp(-30f32, 20f32)?;
+        Ok((parts[0].clone(), (logvar * 0.5)?.exp()?))
+    }
+}
+
+/// A loaded Stable Diffusion model.
+pub struct StableDiffusion {
+    pub folder: ModelFolder,
+    tokenizer: ClipTokenizer,
+    text_encoder: ClipTextModel,
+    unet: UNet2DConditionModel,
+    vae: AutoEncoderKL,
+    vae_encoder: OnceLock<Result<VaeEncoder, String>>,
+    vae_cfg: VaeConfig,
+    scheduler_cfg: SchedulerConfig,
+    options: LoadOptions,
+}
+
+impl std::fmt::Debug for StableDiffusion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StableDiffusion")
+            .field("root", &self.folder.root)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Values given as one number or one per block.
+fn per_block(v: &serde_json::Value, n: usize, what: &str) -> Result<Vec<usize>, DiffusionError> {
+    let bad = || {
+        DiffusionError::BadModel(format!(
+            "unet config: {what} must be a number or a list of {n} numbers"
+        ))
+    };
+    match v {
+        serde_json::Value::Number(x) => Ok(vec![x.as_u64().ok_or_else(bad)? as usize; n]),
+        serde_json::Value::Array(a) if a.len() == n => a
+            .iter()
+            .map(|x| x.as_u64().map(|x| x as usize).ok_or_else(bad))
+            .collect(),
+        _ => Err(bad()),
+    }
+}
+
+pub(crate) fn unet_config(c: &UnetConfig) -> Result<UNet2DConditionModelConfig, DiffusionError> {
+    let n = c.block_out_channels.len();
+    let bad = |m: String| Err(DiffusionError::BadModel(format!("unet config: {m}")));
+    if n == 0 || c.down_block_types.len() != n || c.up_block_types.len() != n {
+        return bad(format!(
+            "{} block_out_channels, {} down blocks and {} up blocks do not match",
+            n,
+            c.down_block_types.len(),
+            c.up_block_types.len()
+        ));
+    }
+    if c.addition_embed_type.is_some() {
+        return bad(
+            "addition_embed_type (SDXL's pooled text and size conditioning) is not supported yet"
+                .into(),
+        );
+    }
+    if c.time_cond_proj_dim.is_some() || c.class_embed_type.is_some() {
+        return bad("time_cond_proj_dim and class_embed_type are not supported".into());
+    }
+    if let Some(m) = &c.mid_block_type
+        && m != "UNetMidBlock2DCrossAttn"
+    {
+        return bad(format!("mid_block_type {m:?} is not supported"));
+    }
+    let heads_v = c
+        .num_attention_heads
+        .clone()
+        .filter(|v| !v.is_null())
+        .or_else(|| c.attention_head_dim.clone())
+        .unwrap_or_else(|| 8.into());
+    let heads = per_block(&heads_v, n, "attention_head_dim")?;
+    let tl = per_block(
+        c.transformer_layers_per_block.as_ref().unwrap_or(&1.into()),
+        n,
+        "transformer_layers_per_block",
+    )?;
+    let layers = per_block(&c.layers_per_block, n, "layers_per_block")?;
+    if layers.iter().any(|&l| l != layers[0]) {
+        return bad("different layers_per_block per block are not supported".into());
+    }
+    let cross = per_block(&c.cross_attention_dim, n, "cross_attention_dim")?;
+    let mut blocks = Vec::with_capacity(n);
+    for i in 0..n {
+        let is_cross = match c.down_block_types[i].as_str() {
+            "CrossAttnDownBlock2D" => true,
+            "DownBlock2D" => false,
+            other => return bad(format!("down block type {other:?} is not supported")),
+        };
+        let up = c.up_block_types[n - 1 - i].as_str();
+        let up_ok = if is_cross {
+            up == "CrossAttnUpBlock2D"
+        } else {
+            up == "UpBlock2D"
+        };
+        if !up_ok {
+            return bad(format!(
+                "up block {up:?} does not mirror down block {:?}",
+                c.down_block_types[i]
+            ));
+        }
+        let out = c.block_out_channels[i];
+        if out % heads[i] != 0 || out % c.norm_num_groups != 0 {
+            return bad(format!(
+                "block {i}: {out} channels are not divisible by {} heads and {} norm groups",
+                heads[i], c.norm_num_groups
+            ));
+        }
+        blocks.push(BlockConfig {
+            out_channels: out,
+            use_cross_attn: is_cross.then_some(tl[i]),
+            attention_head_dim: heads[i],
+        });
+    }
+    Ok(UNet2DConditionModelConfig {
+        center_input_sample: c.center_input_sample,
+        flip_sin_to_cos: c.flip_sin_to_cos,
+        freq_shift: c.freq_shift,
+        blocks,
+        layers_per_block: layers[0],
+        downsample_padding: c.downsample_padding,
+        mid_block_scale_factor: c.mid_block_scale_factor,
+        norm_num_groups: c.norm_num_groups,
+        norm_eps: c.norm_eps,
+        cross_attention_dim: cross[0],
+        sliced_attention_size: None,
+        use_linear_projection: c.use_linear_projection,
+    })
+}
+
+pub(crate) fn vae_config(c: &VaeConfig) -> AutoEncoderKLConfig {
+    AutoEncoderKLConfig {
+        block_out_channels: c.block_out_channels.clone(),
+        layers_per_block: c.layers_per_block,
+        latent_channels: c.latent_channels,
+        norm_num_groups: c.norm_num_groups,
+        use_quant_conv: c.use_quant_conv,
+        use_post_quant_conv: c.use_post_quant_conv,
+    }
+}
+
+/// A VarBuilder over a component's safetensors files, naming the files when
+/// they cannot be read.
+fn var_builder<'a>(
+    files: &[WeightFile],
+    opts: &LoadOptions,
+) -> Result<VarBuilder<'a>, DiffusionError> {
+    for f in files {
+        // Check the header first so a truncated or foreign file is named.
+        let mut head = [0u8; 8];
+        let ok = std::fs::File::open(&f.path)
+            .and_then(|mut h| std::io::Read::read_exact(&mut h, &mut head))
+            .is_ok();
+        let header_len = u64::from_le_bytes(head);
+        if !ok || header_len == 0 || header_len + 8 > f.size {
+            return Err(DiffusionError::corrupt(
+                &f.path,
+                "not a safetensors file (bad or truncated header)",
+            ));
+        }
+    }
+    let paths: Vec<_> = files.iter().map(|f| f.path.clone()).collect();
+    // Safety: the files are memory-mapped read-only; the model folder must not
+    // be modified while the model is loaded (as with every mmap-based loader).
+    unsafe { VarBuilder::from_mmaped_safetensors(&paths, opts.dtype, &opts.device) }
+        .map_err(|e| DiffusionError::corrupt(&files[0].path, e))
+}
+
+fn load_err(component: &str, files: &[WeightFile], e: impl std::fmt::Display) -> DiffusionError {
+    DiffusionError::BadModel(format!(
+        "loading {component} from {}: {e}",
+        files
+            .first()
+            .map(|f| f.path.display().to_string())
+            .unwrap_or_default()
+    ))
+}
+
+impl StableDiffusion {
+    /// Load the model in `folder`.
+    pub fn load(folder: ModelFolder, options: LoadOptions) -> Result<Self, DiffusionError> {
+        if folder.family != Family::StableDiffusion {
+            return Err(DiffusionError::BadModel(format!(
+                "{}: SDXL pipelines are not supported by this engine yet (it runs SD 1.x, 2.x and SD-Turbo)",
+                folder.root.display()
+            )));
+        }
+        let unet_cfg = folder.unet_config()?;
+        let vae_cfg = folder.vae_config()?;
+        let scheduler_cfg = folder.scheduler_config()?;
+        let text_cfg = folder.text_encoder_config("text_encoder")?;
+        if vae_cfg.block_out_channels.is_empty() {
+            return Err(DiffusionError::BadModel(
+                "vae config: block_out_channels is empty".into(),
+            ));
+        }
+        if vae_cfg.latent_channels != unet_cfg.in_channels
+            || unet_cfg.in_channels != unet_cfg.out_channels
+        {
+            return Err(DiffusionError::BadModel(format!(
+                "the unet takes {} channels and returns {}, the vae has {} latent channels",
+                unet_cfg.in_channels, unet_cfg.out_channels, vae_cfg.latent_channels
+            )));
+        }
+        let tokenizer = ClipTokenizer::from_folder(&folder.root.join("tokenizer"))?;
+        if tokenizer.vocab_size() > text_cfg.vocab_size {
+            return Err(DiffusionError::BadModel(format!(
+                "the tokenizer has {} tokens, the text encoder only {}",
+                tokenizer.vocab_size(),
+                text_cfg.vocab_size
+            )));
+        }
+        let vb = var_builder(&folder.text_encoder, &options)?;
+        let text_encoder = ClipTextModel::new(vb, &text_cfg)
+            .map_err(|e| load_err("text_encoder", &folder.text_encoder, e))?;
+        let cross = per_block(
+            &unet_cfg.cross_attention_dim,
+            unet_cfg.block_out_channels.len(),
+            "cross_attention_dim",
+        )?;
+        if cross[0] != text_cfg.hidden_size {
+            return Err(DiffusionError::BadModel(format!(
+                "the unet attends to {}-wide text embeddings, the text encoder makes {}",
+                cross[0], text_cfg.hidden_size
+            )));
+        }
+        let vb = var_builder(&folder.unet, &options)?;
+        let unet = UNet2DConditionModel::new(
+            vb,
+            unet_cfg.in_channels,
+            unet_cfg.out_channels,
+            false,
+            unet_config(&unet_cfg)?,
+        )
+        .map_err(|e| load_err("unet", &folder.unet, e))?;
+        let vb = var_builder(&folder.vae, &options)?;
+        let vae = AutoEncoderKL::new(vb, 3, 3, vae_config(&vae_cfg))
+            .map_err(|e| load_err("vae", &folder.vae, e))?;
+        Ok(Self {
+            folder,
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            vae_encoder: OnceLock::new(),
+            vae_cfg,
+            scheduler_cfg,
+            options,
+        })
+    }
+
+    /// Pixels per latent cell along each side.
+    pub fn vae_scale_factor(&self) -> usize {
+        1 << (self.vae_cfg.block_out_channels.len() - 1)
+    }
+
+    pub fn latent_channels(&self) -> usize {
+        self.vae_cfg.latent_channels
+    }
+
+    pub fn scheduler_config(&self) -> &SchedulerConfig {
+        &self.scheduler_cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.options.device
+    }
+
+    /// Token rows for `prompts`, with a warning for each prompt cut to 77.
+    fn tokenize(&self, prompts: &[String]) -> (Vec<Vec<u32>>, Vec<usize>, Vec<usize>) {
+        let mut ids = Vec::new();
+        let mut eos = Vec::new();
+        let mut truncated = Vec::new();
+        for (i, p) in prompts.iter().enumerate() {
+            let t = self.tokenizer.encode(p);
+            if t.truncated {
+                tracing::warn!(
+                    prompt_index = i,
+                    "prompt is longer than CLIP's 77 tokens; the rest was ignored"
+                );
+                truncated.push(i);
+            }
+            ids.push(t.ids);
+            eos.push(t.eos_position);
+        }
+        (ids, eos, truncated)
+    }
+
+    /// Text embeddings `(batch, 77, hidden)` of `prompts`, in the compute type.
+    pub fn encode_text(&self, prompts: &[String]) -> Result<Tensor, DiffusionError> {
+        let (ids, eos, _) = self.tokenize(prompts);
+        Ok(self
+            .text_encoder
+            .encode(&ids, &eos, &self.options.device)?
+            .last)
+    }
+
+    /// The UNet's raw prediction for latents (f32) at timestep `t`.
+    pub fn predict(
+        &self,
+        latents: &Tensor,
+        t: f64,
+        context: &Tensor,
+    ) -> Result<Tensor, DiffusionError> {
+        let x = latents
+            .to_device(&self.options.device)?
+            .to_dtype(self.options.dtype)?;
+        Ok(self.unet.forward(&x, t, context)?.to_dtype(DType::F32)?)
+    }
+
+    /// Decode latents to images in [0, 1], `(batch, 3, H, W)` f32 on the CPU.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor, DiffusionError> {
+        let mut out = Vec::new();
+        for i in 0..latents.dim(0)? {
+            let z = (latents.get(i)?.unsqueeze(0)? / self.vae_cfg.scaling_factor)?;
+            let z = z
+                .to_device(&self.options.device)?
+                .to_dtype(self.options.dtype)?;
+            let img = self.vae.decode(&z)?.to_dtype(DType::F32)?;
+            self.check_finite(&img, "VAE decoder")?;
+            out.push(
+                ((img / 2.0)? + 0.5)?
+                    .clamp(0f32, 1f32)?
+                    .to_device(&Device::Cpu)?,
+            );
+        }
+        Ok(Tensor::cat(&out, 0)?)
+    }
+
+    fn vae_encoder(&self) -> Result<&VaeEncoder, DiffusionError> {
+        self.vae_encoder
+            .get_or_init(|| {
+                let vb = var_builder(&self.folder.vae, &self.options).map_err(|e| e.to_string())?;
+                VaeEncoder::new(vb, &self.vae_cfg)
+                    .map_err(|e| load_err("vae encoder", &self.folder.vae, e).to_string())
+            })
+            .as_ref()
+            .map_err(|e| DiffusionError::BadModel(e.clone()))
+    }
+
+    /// Latents of an image (img2img), sampled with `rng`.
+    fn encode_image(
+        &self,
+        img: &RgbImage,
+        rng: &mut NoiseGenerator,
+    ) -> Result<Tensor, DiffusionError> {
+        let (w, h) = img.dimensions();
+        let data: Vec<f32> = img
+            .as_raw()
+            .iter()
+            .map(|&v| v as f32 / 127.5 - 1.0)
+            .collect();
+        let x = Tensor::from_vec(data, (1, h as usize, w as usize, 3), &Device::Cpu)?
+            .permute((0, 3, 1, 2))?
+            .to_device(&self.options.device)?
+            .to_dtype(self.options.dtype)?;
+        let (mean, std) = self.vae_encoder()?.forward(&x)?;
+        let mean = mean.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+        let std = std.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+        let noise = Tensor::from_vec(rng.normals(mean.elem_count()), mean.shape(), &Device::Cpu)?;
+        Ok(((mean + (std * noise)?)? * self.vae_cfg.scaling_factor)?)
+    }
+
+    fn check_finite(&self, t: &Tensor, stage: &'static str) -> Result<(), DiffusionError> {
+        let s = t
+            .abs()?
+            .sum_all()?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?;
+        if s.is_finite() {
+            return Ok(());
+        }
+        let hint = match self.options.dtype {
+            DType::F16 => "; an fp16 overflow: run this model in bf16 or f32".to_string(),
+            _ => String::new(),
+        };
+        Err(DiffusionError::NonFinite { stage, hint })
+    }
+
+    /// Render a batch. `progress` receives the fraction of steps done.
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        progress: &dyn Fn(f32),
+    ) -> Result<Generation, DiffusionError> {
+        let b = req.samples.len();
+        let f = self.vae_scale_factor();
+        if b == 0 {
+            return Err(DiffusionError::BadRequest("the batch is empty".into()));
+        }
+        if req.width == 0
+            || req.height == 0
+            || req.width % 8 != 0
+            || req.height % 8 != 0
+            || req.width % f != 0
+            || req.height % f != 0
+        {
+            return Err(DiffusionError::BadRequest(format!(
+                "width and height must be positive multiples of 8 (and of the VAE's factor {f}), got {}x{}",
+                req.width, req.height
+            )));
+        }
+        let (lh, lw, c) = (req.height / f, req.width / f, self.latent_channels());
+        let cpu = Device::Cpu;
+
+        // 1. Text: the prompts, and the negatives when guidance is on.
+        let guided = req.guidance > 1.0;
+        let prompts: Vec<String> = req.samples.iter().map(|s| s.prompt.clone()).collect();
+        let (ids, eos, truncated) = self.tokenize(&prompts);
+        let cond = self
+            .text_encoder
+            .encode(&ids, &eos, &self.options.device)?
+            .last;
+        let context = if guided {
+            let negatives: Vec<String> = req.samples.iter().map(|s| s.negative.clone()).collect();
+            let (nids, neos, _) = self.tokenize(&negatives);
+            let uncond = self
+                .text_encoder
+                .encode(&nids, &neos, &self.options.device)?
+                .last;
+            Tensor::cat(&[uncond, cond], 0)?
+        } else {
+            cond
+        };
+
+        // 2. Initial latents: given, seeded noise, or a noised image. Noise
+        // is drawn on the CPU (the same on every device), then moved.
+        let dev = &self.options.device;
+        let mut sampler = Sampler::new(req.scheduler, &self.scheduler_cfg, req.steps)?;
+        let mut rngs: Vec<NoiseGenerator> = req
+            .samples
+            .iter()
+            .map(|s| NoiseGenerator::new(s.seed))
+            .collect();
+        let noise = |rngs: &mut Vec<NoiseGenerator>| -> candle_core::Result<Tensor> {
+            let rows = rngs
+                .iter_mut()
+                .map(|r| Tensor::from_vec(r.normals(c * lh * lw), (1, c, lh, lw), &cpu))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::cat(&rows, 0)?.to_device(dev)
+        };
+        let mut start = 0;
+        let mut latents = if let Some(images) = &req.init_images {
+            if images.len() != b {
+                return Err(DiffusionError::BadRequest(format!(
+                    "{} init images for {b} samples",
+                    images.len()
+                )));
+            }
+            if !(req.strength > 0.0 && req.strength <= 1.0) {
+                return Err(DiffusionError::BadRequest(format!(
+                    "strength must be in (0, 1], got {}",
+                    req.strength
+                )));
+            }
+            start = sampler.start_index(req.strength);
+            if start >= sampler.timesteps().len() {
+                return Err(DiffusionError::BadRequest(format!(
+                    "strength {} with {} steps leaves no step to run",
+                    req.strength, req.steps
+                )));
+            }
+            let mut x0 = Vec::with_capacity(b);
+            for (img, rng) in images.iter().zip(rngs.iter_mut()) {
+                if img.width() as usize != req.width || img.height() as usize != req.height {
+                    return Err(DiffusionError::BadRequest(format!(
+                        "init image is {}x{}, the request {}x{}",
+                        img.width(),
+                        img.height(),
+                        req.width,
+                        req.height
+                    )));
+                }
+                x0.push(self.encode_image(img, rng)?);
+            }
+            let x0 = Tensor::cat(&x0, 0)?.to_device(dev)?;
+            let n = noise(&mut rngs)?;
+            sampler.add_noise(&x0, &n, start)?
+        } else {
+            let x = match &req.init_latents {
+                Some(l) => {
+                    if l.dims() != [b, c, lh, lw] {
+                        return Err(DiffusionError::BadRequest(format!(
+                            "initial latents have shape {:?}, this request needs [{b}, {c}, {lh}, {lw}]",
+                            l.dims()
+                        )));
+                    }
+                    l.to_dtype(DType::F32)?.to_device(dev)?
+                }
+                None => noise(&mut rngs)?,
+            };
+            (x * sampler.init_noise_sigma())?
+        };
+
+        // 3. Denoise (latents stay f32 on the device; the UNet runs in the
+        // compute type).
+        let total = sampler.timesteps().len() - start;
+        for i in start..sampler.timesteps().len() {
+            let t = sampler.timesteps()[i];
+            let input = sampler.scale_model_input(&latents, i)?;
+            let input = if guided {
+                Tensor::cat(&[&input, &input], 0)?
+            } else {
+                input
+            };
+            let pred = self.predict(&input, t, &context)?;
+            let pred = if guided {
+                let (u, t) = (pred.narrow(0, 0, b)?, pred.narrow(0, b, b)?);
+                (&u + ((t - &u)? * req.guidance)?)?
+            } else {
+                pred
+            };
+            latents = sampler.step(&pred, i, &latents, &mut || noise(&mut rngs))?;
+            progress((i + 1 - start) as f32 / total as f32);
+        }
+        self.check_finite(&latents, "UNet")?;
+
+        // 4. Decode.
+        let pixels = self.decode(&latents)?;
+        let images = to_images(&pixels)?;
+        Ok(Generation {
+            images,
+            latents: latents.to_device(&cpu)?,
+            truncated,
+        })
+    }
+}
+
+/// `(batch, 3, H, W)` values in [0, 1] to 8-bit RGB images (rounded as
+/// diffusers does).
+pub fn to_images(pixels: &Tensor) -> Result<Vec<RgbImage>, DiffusionError> {
+    let (b, _, h, w) = pixels.dims4()?;
+    let data = (pixels.permute((0, 2, 3, 1))? * 255.0)?
+        .round()?
+        .clamp(0f32, 255f32)?
+        .to_dtype(DType::U8)?
+        .flatten_all()?
+        .to_vec1::<u8>()?;
+    let per = h * w * 3;
+    Ok((0..b)
+        .map(|i| {
+            RgbImage::from_raw(w as u32, h as u32, data[i * per..(i + 1) * per].to_vec())
+                .expect("buffer sized from the tensor")
+        })
+        .collect())
+}

@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Reference tensors from Hugging Face diffusers for the tiny checkpoints.
+
+Run through `tests/reference/run.sh`, which makes the virtual environment and
+the tiny checkpoints (`hallmark models init-tiny`). For each model folder it
+writes `<name>.safetensors` holding:
+
+- `tokens.<i>`: CLIP token ids of the probe prompts (tokenizer parity);
+- `text.cond`, `text.uncond`: text embeddings of the prompt and of "";
+- `latents.init`: the initial latents drawn by Hallmark's noise recipe
+  (`NoiseGenerator`, reimplemented below) from SEED;
+- `unet.eps`: the UNet's prediction for [uncond, cond] at the first DDIM
+  timestep from those latents;
+- `final.<scheduler>.<cfg|nocfg>`: latents after STEPS steps of the real
+  StableDiffusionPipeline (output_type="latent"), Euler ancestral drawing
+  its per-step noise from the same recipe;
+- `image.<scheduler>.<cfg|nocfg>`: the decoded image in [0, 1] (DDIM only).
+"""
+import json
+import math
+import sys
+
+import numpy as np
+import torch
+import diffusers
+import transformers
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    UniPCMultistepScheduler,
+)
+from diffusers.schedulers import scheduling_euler_ancestral_discrete
+from safetensors.torch import save_file
+
+SEED = 1234
+STEPS = 4
+SIZE = 64
+PROMPT = "a photograph of an astronaut riding a horse"
+PROBES = [
+    "a photo of a cat",
+    "A PHOTO   of a Cat!!  ",
+    "naïve café, 2 dogs & 13 cats… it's 4:30pm",
+    " ".join(["word"] * 100),
+]
+M64 = (1 << 64) - 1
+
+
+class NoiseGenerator:
+    """Twin of hallmark_diffusion::rng::NoiseGenerator (SplitMix64 + Box-Muller)."""
+
+    def __init__(self, seed):
+        self.state = seed & M64
+        self.spare = None
+
+    def _u64(self):
+        self.state = (self.state + 0x9E3779B97F4A7C15) & M64
+        z = self.state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+        return z ^ (z >> 31)
+
+    def _unit(self):
+        return ((self._u64() >> 11) + 0.5) / float(1 << 53)
+
+    def normal(self):
+        if self.spare is not None:
+            s, self.spare = self.spare, None
+            return s
+        u1, u2 = self._unit(), self._unit()
+        r = math.sqrt(-2.0 * math.log(u1))
+        theta = 2.0 * math.pi * u2
+        self.spare = r * math.sin(theta)
+        return r * math.cos(theta)
+
+    def normals(self, shape):
+        n = int(np.prod(shape))
+        return np.array([self.normal() for _ in range(n)], dtype=np.float64).astype(np.float32).reshape(shape)
+
+
+SCHEDULERS = {
+    "ddim": lambda c: DDIMScheduler.from_config(c),
+    "euler": lambda c: EulerDiscreteScheduler.from_config(c),
+    "euler_a": lambda c: EulerAncestralDiscreteScheduler.from_config(c),
+    "dpmpp_2m": lambda c: DPMSolverMultistepScheduler.from_config(c, algorithm_type="dpmsolver++", solver_order=2),
+    "dpmpp_2m_karras": lambda c: DPMSolverMultistepScheduler.from_config(
+        c, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True
+    ),
+    "unipc": lambda c: UniPCMultistepScheduler.from_config(c),
+}
+
+
+def main(model_dir, out_path):
+    torch.manual_seed(0)
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    base_config = pipe.scheduler.config
+    out = {}
+
+    for i, p in enumerate(PROBES):
+        ids = pipe.tokenizer(p, padding="max_length", max_length=77, truncation=True).input_ids
+        out[f"tokens.{i}"] = torch.tensor(ids, dtype=torch.int64)
+
+    def embed(text):
+        ids = pipe.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            return pipe.text_encoder(ids.input_ids)[0]
+
+    cond, uncond = embed(PROMPT), embed("")
+    out["text.cond"], out["text.uncond"] = cond, uncond
+
+    c = pipe.unet.config.in_channels
+    f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    shape = (1, c, SIZE // f, SIZE // f)
+    init = torch.from_numpy(NoiseGenerator(SEED).normals(shape))
+    out["latents.init"] = init
+
+    ddim = DDIMScheduler.from_config(base_config)
+    ddim.set_timesteps(STEPS)
+    t0 = ddim.timesteps[0]
+    with torch.no_grad():
+        x = torch.cat([init, init])
+        out["unet.eps"] = pipe.unet(x, t0, encoder_hidden_states=torch.cat([uncond, cond])).sample
+
+    for name, make in SCHEDULERS.items():
+        for guidance, tag in ((7.5, "cfg"), (1.0, "nocfg")):
+            pipe.scheduler = make(base_config)
+            # One generator per image: initial latents first, then (Euler
+            # ancestral) each step's noise, as the Rust pipeline draws them.
+            gen = NoiseGenerator(SEED)
+            latents = torch.from_numpy(gen.normals(shape))
+
+            def step_noise(shape, generator=None, device=None, dtype=None, layout=None):
+                return torch.from_numpy(gen.normals(tuple(shape))).to(dtype=dtype or torch.float32)
+
+            scheduling_euler_ancestral_discrete.randn_tensor = step_noise
+            with torch.no_grad():
+                final = pipe(
+                    PROMPT,
+                    negative_prompt="",
+                    height=SIZE,
+                    width=SIZE,
+                    num_inference_steps=STEPS,
+                    guidance_scale=guidance,
+                    latents=latents.clone(),
+                    output_type="latent",
+                ).images
+            out[f"final.{name}.{tag}"] = final
+            if name == "ddim":
+                with torch.no_grad():
+                    img = pipe.vae.decode(final / pipe.vae.config.scaling_factor).sample
+                out[f"image.{name}.{tag}"] = (img / 2 + 0.5).clamp(0, 1)
+
+    meta = {
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "seed": str(SEED),
+        "steps": str(STEPS),
+        "size": str(SIZE),
+        "prompt": PROMPT,
+        "probes": json.dumps(PROBES),
+    }
+    save_file({k: v.contiguous().float() if v.dtype != torch.int64 else v for k, v in out.items()}, out_path, metadata=meta)
+    print(f"wrote {out_path}: {len(out)} tensors")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

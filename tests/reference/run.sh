@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Regenerate the committed diffusers reference tensors for the tiny
+# checkpoints. Makes a Python virtual environment (pinned diffusers,
+# transformers and a CPU-capable torch from PyPI) under
+# ${HALLMARK_REF_VENV:-~/.cache/hallmark/refenv}, generates the tiny
+# checkpoints with `hallmark models init-tiny`, and writes
+# tests/reference/tiny-sd1.safetensors and tiny-sd2.safetensors.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+VENV="${HALLMARK_REF_VENV:-$HOME/.cache/hallmark/refenv}"
+if ! "$VENV/bin/python" -c "import diffusers, transformers, torch" 2>/dev/null; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip
+  "$VENV/bin/pip" install -q torch diffusers==0.42.1 transformers==5.24.0 safetensors numpy
+fi
+cargo build -q -p hallmark-client --bin hallmark
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+for arch in sd1 sd2; do
+  target/debug/hallmark models init-tiny "$WORK/$arch" --arch "$arch" --seed 1
+  "$VENV/bin/python" tests/reference/make_references.py "$WORK/$arch" "tests/reference/tiny-$arch.safetensors"
+done

@@ -1,0 +1,438 @@
+//! The `diffusion` engine: Stable Diffusion models from diffusers folders,
+//! rendered with `hallmark-diffusion`, plus the super-resolution stage
+//! (Real-ESRGAN or the hires fix). Models are hashed at start (the digest
+//! the coordinator checks against the registry) and again whenever one is
+//! loaded into the cache, so weights changed on disk are refused.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Tensor};
+use hallmark_diffusion::cache::ModelCache;
+use hallmark_diffusion::esrgan::RrdbNet;
+use hallmark_diffusion::model::ModelFolder;
+use hallmark_diffusion::upscale::{HiresFix, UpscaleMethod};
+use hallmark_diffusion::{
+    DiffusionError, GenerateRequest, LoadOptions, Sample, SchedulerKind, StableDiffusion,
+};
+use hallmark_proto::v1::ModelCapability;
+
+use crate::engine::{Engine, EngineError, RenderTask, RenderedImage};
+
+/// Settings of the diffusion engine.
+#[derive(Debug, Clone)]
+pub struct DiffusionConfig {
+    /// Model id → diffusers folder.
+    pub models: Vec<(String, PathBuf)>,
+    /// Real-ESRGAN weights (file or folder) for `esrgan` upscales.
+    pub upscaler: Option<PathBuf>,
+    pub upscale_method: UpscaleMethod,
+    pub hires: HiresFix,
+    /// Input tile side of Real-ESRGAN.
+    pub esrgan_tile: usize,
+    /// Initial latents for generate tasks (row `item_index`, or the only row).
+    pub init_latents: Option<PathBuf>,
+    /// Memory budget of loaded models, in bytes.
+    pub cache_bytes: u64,
+    pub device: Device,
+    pub dtype: DType,
+    /// Weight file variant to prefer (`fp16`).
+    pub variant: Option<String>,
+}
+
+impl DiffusionConfig {
+    pub fn new(models: Vec<(String, PathBuf)>) -> Self {
+        Self {
+            models,
+            upscaler: None,
+            upscale_method: UpscaleMethod::Esrgan,
+            hires: HiresFix::default(),
+            esrgan_tile: 256,
+            init_latents: None,
+            cache_bytes: 16 << 30,
+            device: Device::Cpu,
+            dtype: DType::F32,
+            variant: None,
+        }
+    }
+}
+
+/// Command-line settings of the diffusion engine (worker and `hallmark`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct DiffusionArgs {
+    /// A diffusers model folder to serve, as DIR (id = folder name) or ID=DIR
+    /// (repeatable).
+    #[arg(
+        long = "model-path",
+        env = "HALLMARK_MODEL_PATH",
+        value_delimiter = ','
+    )]
+    pub model_paths: Vec<String>,
+    /// Real-ESRGAN weights (.safetensors file or folder) for esrgan upscales.
+    #[arg(long, env = "HALLMARK_UPSCALER")]
+    pub upscaler: Option<PathBuf>,
+    /// Super-resolution method: esrgan or hires-fix.
+    #[arg(long, env = "HALLMARK_UPSCALE_METHOD", default_value = "esrgan")]
+    pub upscale_method: String,
+    /// img2img strength of the hires fix (0.3–0.5 keeps the composition).
+    #[arg(long, default_value_t = 0.4)]
+    pub hires_strength: f64,
+    /// Steps of the hires fix's img2img pass.
+    #[arg(long, default_value_t = 20)]
+    pub hires_steps: usize,
+    /// Initial latents (.safetensors or .npy) for generate tasks, by item.
+    #[arg(long)]
+    pub init_latents: Option<PathBuf>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, env = "HALLMARK_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Compute type: f32, f16 or bf16 (f16/bf16 on GPUs).
+    #[arg(long, env = "HALLMARK_DTYPE", default_value = "f32")]
+    pub dtype: String,
+    /// Weight file variant to prefer, e.g. fp16.
+    #[arg(long)]
+    pub variant: Option<String>,
+    /// Memory budget for loaded models, in GiB.
+    #[arg(long, default_value_t = 16.0)]
+    pub model_cache_gb: f64,
+}
+
+impl DiffusionArgs {
+    pub fn config(&self) -> anyhow::Result<DiffusionConfig> {
+        if self.model_paths.is_empty() {
+            anyhow::bail!(
+                "the diffusion engine needs at least one --model-path DIR (a diffusers folder)"
+            );
+        }
+        let models = self
+            .model_paths
+            .iter()
+            .map(|m| match m.split_once('=') {
+                Some((id, dir)) if !id.is_empty() => (id.to_string(), PathBuf::from(dir)),
+                _ => {
+                    let dir = PathBuf::from(m);
+                    let id = dir
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_else(|| m.clone());
+                    (id, dir)
+                }
+            })
+            .collect();
+        let mut cfg = DiffusionConfig::new(models);
+        cfg.upscaler = self.upscaler.clone();
+        cfg.upscale_method = self.upscale_method.parse()?;
+        cfg.hires.strength = self.hires_strength;
+        cfg.hires.steps = self.hires_steps;
+        cfg.init_latents = self.init_latents.clone();
+        cfg.device = parse_device(&self.device)?;
+        cfg.dtype = parse_dtype(&self.dtype)?;
+        cfg.variant = self.variant.clone();
+        cfg.cache_bytes = (self.model_cache_gb * (1u64 << 30) as f64) as u64;
+        Ok(cfg)
+    }
+}
+
+/// `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(s: &str) -> anyhow::Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        _ if s.starts_with("cuda") => {
+            let ordinal = s
+                .strip_prefix("cuda:")
+                .map(str::parse)
+                .transpose()?
+                .unwrap_or(0);
+            Device::new_cuda(ordinal).map_err(|e| {
+                anyhow::anyhow!("device {s}: {e} (is this a build with the `cuda` feature, on a machine with an NVIDIA driver?)")
+            })
+        }
+        other => anyhow::bail!("unknown device {other:?} (cpu, cuda, cuda:N)"),
+    }
+}
+
+/// `f32`, `f16` or `bf16`.
+pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => anyhow::bail!("unknown dtype {other:?} (f32, f16, bf16)"),
+    }
+}
+
+struct Served {
+    folder: ModelFolder,
+    digest: String,
+    files: Vec<(String, String)>,
+}
+
+pub struct DiffusionEngine {
+    config: DiffusionConfig,
+    served: HashMap<String, Served>,
+    order: Vec<String>,
+    cache: Mutex<ModelCache<StableDiffusion>>,
+    esrgan: Mutex<Option<Arc<RrdbNet>>>,
+    init_latents: Option<Tensor>,
+}
+
+fn failed(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Failed(e.to_string())
+}
+
+impl DiffusionEngine {
+    /// Open and hash every model folder (and read the initial latents).
+    pub fn new(config: DiffusionConfig) -> Result<Self, DiffusionError> {
+        let mut served = HashMap::new();
+        let mut order = Vec::new();
+        for (id, path) in &config.models {
+            let folder = ModelFolder::open(path, config.variant.as_deref())?;
+            let files = folder.hash_weights()?;
+            let digest = hallmark_provenance::weights_digest(
+                files.iter().map(|(p, s)| (p.as_str(), s.as_str())),
+            );
+            tracing::info!(model = %id, path = %path.display(), %digest, "serving model");
+            order.push(id.clone());
+            served.insert(
+                id.clone(),
+                Served {
+                    folder,
+                    digest,
+                    files,
+                },
+            );
+        }
+        let init_latents = config
+            .init_latents
+            .as_deref()
+            .map(hallmark_diffusion::latents::read_latents)
+            .transpose()?;
+        Ok(Self {
+            cache: Mutex::new(ModelCache::new(config.cache_bytes)),
+            esrgan: Mutex::new(None),
+            config,
+            served,
+            order,
+            init_latents,
+        })
+    }
+
+    /// The loaded model for `id`, loading it (after re-checking its weights)
+    /// when it is not cached.
+    fn model(&self, id: &str) -> Result<Arc<StableDiffusion>, EngineError> {
+        let served = self
+            .served
+            .get(id)
+            .ok_or_else(|| EngineError::UnknownModel(id.to_string()))?;
+        let mut cache = self.cache.lock().expect("model cache lock");
+        cache
+            .get_or_load(id, served.folder.weights_size(), || {
+                served.folder.verify_weights(&served.files)?;
+                StableDiffusion::load(
+                    served.folder.clone(),
+                    LoadOptions {
+                        device: self.config.device.clone(),
+                        dtype: self.config.dtype,
+                        variant: self.config.variant.clone(),
+                    },
+                )
+            })
+            .map_err(failed)
+    }
+
+    fn upscaler(&self) -> Result<Arc<RrdbNet>, EngineError> {
+        let mut slot = self.esrgan.lock().expect("upscaler lock");
+        if let Some(n) = slot.as_ref() {
+            return Ok(n.clone());
+        }
+        let path = self.config.upscaler.as_ref().ok_or_else(|| {
+            EngineError::Failed(
+                "an esrgan upscale needs Real-ESRGAN weights (--upscaler PATH)".into(),
+            )
+        })?;
+        let net =
+            Arc::new(RrdbNet::load(path, &self.config.device, self.config.dtype).map_err(failed)?);
+        *slot = Some(net.clone());
+        Ok(net)
+    }
+
+    fn init_latents_for(&self, item: u64) -> Result<Option<Tensor>, EngineError> {
+        let Some(all) = &self.init_latents else {
+            return Ok(None);
+        };
+        let rows = all.dim(0).map_err(failed)? as u64;
+        let row = if rows == 1 { 0 } else { item };
+        if row >= rows {
+            return Err(EngineError::Failed(format!(
+                "the initial latents file has {rows} rows; item {item} has none"
+            )));
+        }
+        Ok(Some(all.narrow(0, row as usize, 1).map_err(failed)?))
+    }
+
+    /// Tasks of one batch that also share guidance and sampler.
+    fn generate(
+        &self,
+        tasks: &[&RenderTask],
+        progress: &dyn Fn(f32),
+    ) -> Result<Vec<RenderedImage>, EngineError> {
+        let l = &tasks[0].lease;
+        let sd = self.model(&l.model_id)?;
+        let samples = tasks
+            .iter()
+            .map(|t| Sample {
+                prompt: t.lease.prompt.clone(),
+                negative: t.lease.negative_prompt.clone(),
+                seed: t.lease.seed,
+            })
+            .collect();
+        let mut req = GenerateRequest::new(samples, l.width as usize, l.height as usize);
+        req.steps = l.steps as usize;
+        req.guidance = l.guidance as f64;
+        req.scheduler = l.scheduler.parse::<SchedulerKind>().map_err(failed)?;
+        if self.init_latents.is_some() {
+            let rows = tasks
+                .iter()
+                .map(|t| self.init_latents_for(t.lease.item_index))
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>();
+            req.init_latents = Some(Tensor::cat(&rows, 0).map_err(failed)?);
+        }
+        let out = sd.generate(&req, progress).map_err(failed)?;
+        Ok(out
+            .images
+            .into_iter()
+            .map(|pixels| RenderedImage { pixels })
+            .collect())
+    }
+
+    fn upscale(
+        &self,
+        task: &RenderTask,
+        progress: &dyn Fn(f32),
+    ) -> Result<RenderedImage, EngineError> {
+        let l = &task.lease;
+        let parent = task.parent.as_deref().ok_or(EngineError::MissingParent)?;
+        let base = hallmark_provenance::credentials::decode_image(parent)
+            .map_err(|e| EngineError::BadParent(e.to_string()))?;
+        let factor = l.upscale.max(1);
+        let pixels = match self.config.upscale_method {
+            UpscaleMethod::Esrgan => hallmark_diffusion::upscale::esrgan(
+                &*self.upscaler()?,
+                &base,
+                factor,
+                self.config.esrgan_tile,
+            )
+            .map_err(failed)?,
+            UpscaleMethod::HiresFix => {
+                let sd = self.model(&l.model_id)?;
+                let mut cfg = self.config.hires.clone();
+                cfg.guidance = l.guidance as f64;
+                if let Ok(s) = l.scheduler.parse() {
+                    cfg.scheduler = s;
+                }
+                let sample = Sample {
+                    prompt: l.prompt.clone(),
+                    negative: l.negative_prompt.clone(),
+                    seed: l.seed,
+                };
+                hallmark_diffusion::upscale::hires_fix(&sd, &base, factor, &sample, &cfg, progress)
+                    .map_err(failed)?
+            }
+        };
+        Ok(RenderedImage { pixels })
+    }
+}
+
+impl Engine for DiffusionEngine {
+    fn name(&self) -> &str {
+        "diffusion"
+    }
+
+    fn models(&self) -> Vec<ModelCapability> {
+        self.order
+            .iter()
+            .map(|id| ModelCapability {
+                model_id: id.clone(),
+                weights_sha256: self.served[id].digest.clone(),
+            })
+            .collect()
+    }
+
+    fn loaded_model(&self) -> String {
+        self.cache
+            .lock()
+            .expect("model cache lock")
+            .held()
+            .into_iter()
+            .next()
+            .unwrap_or_default()
+    }
+
+    fn render(
+        &self,
+        batch: &[RenderTask],
+        progress: &dyn Fn(f32),
+    ) -> Vec<Result<RenderedImage, EngineError>> {
+        let mut results: Vec<Option<Result<RenderedImage, EngineError>>> =
+            (0..batch.len()).map(|_| None).collect();
+        // Sub-batches of tasks that share everything the sampler needs.
+        let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+        for (i, t) in batch.iter().enumerate() {
+            let l = &t.lease;
+            let key = format!(
+                "{}|{}|{}x{}|{}|{}|{}",
+                l.stage, l.model_id, l.width, l.height, l.steps, l.guidance, l.scheduler
+            );
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, v)) => v.push(i),
+                None => groups.push((key, vec![i])),
+            }
+        }
+        let n = groups.len() as f32;
+        for (g, (_, idx)) in groups.iter().enumerate() {
+            let sub_progress = |p: f32| progress((g as f32 + p) / n);
+            let stage = batch[idx[0]].lease.stage.as_str();
+            match stage {
+                "generate" => {
+                    let tasks: Vec<&RenderTask> = idx.iter().map(|&i| &batch[i]).collect();
+                    match self.generate(&tasks, &sub_progress) {
+                        Ok(images) => {
+                            for (&i, img) in idx.iter().zip(images) {
+                                results[i] = Some(Ok(img));
+                            }
+                        }
+                        Err(e) => {
+                            let msg = e.to_string();
+                            for &i in idx {
+                                results[i] = Some(Err(match &e {
+                                    EngineError::UnknownModel(m) => {
+                                        EngineError::UnknownModel(m.clone())
+                                    }
+                                    _ => EngineError::Failed(msg.clone()),
+                                }));
+                            }
+                        }
+                    }
+                }
+                "upscale" => {
+                    for &i in idx {
+                        results[i] = Some(self.upscale(&batch[i], &sub_progress));
+                    }
+                }
+                other => {
+                    for &i in idx {
+                        results[i] = Some(Err(EngineError::UnknownStage(other.to_string())));
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("every task has a result"))
+            .collect()
+    }
+}
