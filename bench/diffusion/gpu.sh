@@ -5,7 +5,8 @@
 # guidance 7.5, batch 1 and 8, in one run.
 #
 # Prepared on the build machine (see README "GPU benchmark"):
-#   .gpu/hallmark-diffusion-bench  (cargo build --release --features cuda)
+#   .gpu/hallmark-diffusion-bench.gz  (cargo build --release --features cuda, stripped, gzipped)
+#   .gpu/hallmark-diffusion-bench-cudnn.gz  (the same with --features cudnn; optional)
 #   .gpu/run-on-gpu.sh             (../shared/gpu/run-on-gpu.sh)
 #   .gpu/bpe_simple_vocab_16e6.txt.gz
 #   .whl/diffusers-*.whl           (pip download, see README)
@@ -17,13 +18,21 @@ if ! python3 -c "import diffusers" 2>/dev/null; then
   export PYTHONPATH=/tmp/site
 fi
 MODEL=/tmp/sd15
-BIN=.gpu/hallmark-diffusion-bench
-chmod +x "$BIN" .gpu/run-on-gpu.sh
-run() { PYTHON=python3 .gpu/run-on-gpu.sh "$BIN" "$@"; }
+chmod +x .gpu/run-on-gpu.sh
+for v in "" -cudnn; do
+  [ -f ".gpu/hallmark-diffusion-bench$v.gz" ] || continue
+  gunzip -c ".gpu/hallmark-diffusion-bench$v.gz" > "/tmp/hallmark-diffusion-bench$v"
+  chmod +x "/tmp/hallmark-diffusion-bench$v"
+done
+run() { local v="$1"; shift; PYTHON=python3 .gpu/run-on-gpu.sh "/tmp/hallmark-diffusion-bench$v" "$@"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-run init "$MODEL" --arch sd15-full --clip-vocab .gpu/bpe_simple_vocab_16e6.txt.gz 2>&1
+run "" init "$MODEL" --arch sd15-full --clip-vocab .gpu/bpe_simple_vocab_16e6.txt.gz 2>&1
 {
-  run pipeline --model "$MODEL" --device cuda --dtype f16 --size 512 --steps 20 --batch 1,8 --runs 2
+  for v in "" -cudnn; do
+    [ -x "/tmp/hallmark-diffusion-bench$v" ] || continue
+    echo "# build: cuda$v"
+    run "$v" pipeline --model "$MODEL" --device cuda --dtype f16 --size 512 --steps 20 --batch 1,8 --runs 2
+  done
   python3 bench/diffusion/diffusers_bench.py pipeline "$MODEL" --device cuda --dtype f16 --size 512 --steps 20 --batch 1,8 --runs 2
-  run pipeline --model "$MODEL" --device cuda --dtype bf16 --size 512 --steps 20 --batch 1 --runs 1
+  run "" pipeline --model "$MODEL" --device cuda --dtype bf16 --size 512 --steps 20 --batch 1 --runs 1
 } 2>&1 | tee "$OUT/gpu-bench.jsonl"

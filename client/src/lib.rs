@@ -249,8 +249,13 @@ pub enum ModelsCommand {
         #[arg(long)]
         family: String,
         /// Weight files to hash and record (repeatable).
-        #[arg(long = "weights", required = true)]
+        #[arg(long = "weights", required_unless_present = "model_path")]
         weights: Vec<PathBuf>,
+        /// A diffusers folder: every weight file it loads is hashed and
+        /// recorded by its path inside the folder (what a diffusion worker
+        /// serving it declares).
+        #[arg(long, conflicts_with = "weights")]
+        model_path: Option<PathBuf>,
         #[arg(long, default_value = "unknown")]
         license: String,
         #[arg(long)]
@@ -527,11 +532,22 @@ async fn remote_command(
             id,
             family,
             weights,
+            model_path,
             license,
             parent,
             datasets,
         }) => {
             let mut files = Vec::new();
+            if let Some(dir) = &model_path {
+                let folder = hallmark_diffusion::model::ModelFolder::open(dir, None)?;
+                for (w, (rel, sha256)) in folder.weight_files().zip(folder.hash_weights()?) {
+                    files.push(WeightFile {
+                        path: rel,
+                        sha256,
+                        size: w.size,
+                    });
+                }
+            }
             for path in &weights {
                 let (sha256, size) = hash_file(path)?;
                 let name = path

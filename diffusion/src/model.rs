@@ -113,6 +113,9 @@ pub struct VaeConfig {
     pub use_post_quant_conv: bool,
     #[serde(default)]
     pub shift_factor: Option<f64>,
+    /// The VAE overflows in fp16 and runs in f32 (diffusers' default: true).
+    #[serde(default = "d_true")]
+    pub force_upcast: bool,
 }
 
 fn d1() -> usize {

@@ -312,6 +312,16 @@ pub(crate) fn unet_config(c: &UnetConfig) -> Result<UNet2DConditionModelConfig, 
     })
 }
 
+/// The VAE's compute type: f16 models keep their VAE in f32 when the config
+/// says it overflows (`force_upcast`), as diffusers does.
+fn vae_dtype(c: &VaeConfig, dtype: DType) -> DType {
+    if dtype == DType::F16 && c.force_upcast {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
 pub(crate) fn vae_config(c: &VaeConfig) -> AutoEncoderKLConfig {
     AutoEncoderKLConfig {
         block_out_channels: c.block_out_channels.clone(),
@@ -417,7 +427,11 @@ impl StableDiffusion {
             unet_config(&unet_cfg)?,
         )
         .map_err(|e| load_err("unet", &folder.unet, e))?;
-        let vb = var_builder(&folder.vae, &options)?;
+        let vae_options = LoadOptions {
+            dtype: vae_dtype(&vae_cfg, options.dtype),
+            ..options.clone()
+        };
+        let vb = var_builder(&folder.vae, &vae_options)?;
         let vae = AutoEncoderKL::new(vb, 3, 3, vae_config(&vae_cfg))
             .map_err(|e| load_err("vae", &folder.vae, e))?;
         Ok(Self {
@@ -499,7 +513,7 @@ impl StableDiffusion {
             let z = (latents.get(i)?.unsqueeze(0)? / self.vae_cfg.scaling_factor)?;
             let z = z
                 .to_device(&self.options.device)?
-                .to_dtype(self.options.dtype)?;
+                .to_dtype(vae_dtype(&self.vae_cfg, self.options.dtype))?;
             let img = self.vae.decode(&z)?.to_dtype(DType::F32)?;
             self.check_finite(&img, "VAE decoder")?;
             out.push(
@@ -514,7 +528,11 @@ impl StableDiffusion {
     fn vae_encoder(&self) -> Result<&VaeEncoder, DiffusionError> {
         self.vae_encoder
             .get_or_init(|| {
-                let vb = var_builder(&self.folder.vae, &self.options).map_err(|e| e.to_string())?;
+                let opts = LoadOptions {
+                    dtype: vae_dtype(&self.vae_cfg, self.options.dtype),
+                    ..self.options.clone()
+                };
+                let vb = var_builder(&self.folder.vae, &opts).map_err(|e| e.to_string())?;
                 VaeEncoder::new(vb, &self.vae_cfg)
                     .map_err(|e| load_err("vae encoder", &self.folder.vae, e).to_string())
             })
@@ -537,7 +555,7 @@ impl StableDiffusion {
         let x = Tensor::from_vec(data, (1, h as usize, w as usize, 3), &Device::Cpu)?
             .permute((0, 3, 1, 2))?
             .to_device(&self.options.device)?
-            .to_dtype(self.options.dtype)?;
+            .to_dtype(vae_dtype(&self.vae_cfg, self.options.dtype))?;
         let (mean, std) = self.vae_encoder()?.forward(&x)?;
         let mean = mean.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
         let std = std.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;

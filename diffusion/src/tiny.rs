@@ -275,6 +275,10 @@ struct SdShape {
     vae_channels: Vec<usize>,
     vae_layers: usize,
     sample_size: usize,
+    /// Scale of the random decoder's last convolution: at full scale a random
+    /// VAE paints full-range 8-pixel texture, which no invisible watermark
+    /// reads through (the worker then rightly refuses to ship the image).
+    vae_out_scale: f64,
 }
 
 impl SdShape {
@@ -292,6 +296,7 @@ impl SdShape {
             vae_channels: vec![32, 32, 64, 64],
             vae_layers: 1,
             sample_size: 24,
+            vae_out_scale: 0.3,
         }
     }
 
@@ -320,6 +325,7 @@ impl SdShape {
             vae_channels: vec![128, 256, 512, 512],
             vae_layers: 2,
             sample_size: 64,
+            vae_out_scale: 1.0,
         }
     }
 }
@@ -421,8 +427,11 @@ fn write_sd(dir: &Path, shape: &SdShape, seed: u64, bpe: &Path) -> Result<(), Di
         serde_json::from_value(vae_cfg).expect("static config");
     let (vb, tensors) = recorder(seed ^ 3);
     AutoEncoderKL::new(vb, 3, 3, crate::pipeline::vae_config(&folder_vae))?;
-    write_safetensors(
-        &dir.join("vae/diffusion_pytorch_model.safetensors"),
-        &tensors.lock().expect("lock"),
-    )
+    let mut vae = tensors.lock().expect("lock").clone();
+    for name in ["decoder.conv_out.weight", "decoder.conv_out.bias"] {
+        if let Some(t) = vae.get_mut(name) {
+            *t = t.affine(shape.vae_out_scale, 0.0)?;
+        }
+    }
+    write_safetensors(&dir.join("vae/diffusion_pytorch_model.safetensors"), &vae)
 }

@@ -81,3 +81,340 @@ fn every_scheduler_renders_deterministically_from_the_seed() {
         );
     }
 }
+
+#[test]
+fn a_batch_renders_what_its_samples_render_alone() {
+    let (_t, dir) = tiny(TinyArch::Sd1, 2);
+    let sd = load(&dir);
+    let both = sd
+        .generate(
+            &request(
+                vec![sample("a red fox", 5), sample("a blue whale", 6)],
+                SchedulerKind::EulerAncestral,
+            ),
+            &|_| {},
+        )
+        .unwrap();
+    let a = sd
+        .generate(
+            &request(vec![sample("a red fox", 5)], SchedulerKind::EulerAncestral),
+            &|_| {},
+        )
+        .unwrap();
+    let b = sd
+        .generate(
+            &request(
+                vec![sample("a blue whale", 6)],
+                SchedulerKind::EulerAncestral,
+            ),
+            &|_| {},
+        )
+        .unwrap();
+    assert!(max_diff(&both.images[0], &a.images[0]) <= 1);
+    assert!(max_diff(&both.images[1], &b.images[0]) <= 1);
+    assert!(max_diff(&both.images[0], &both.images[1]) > 10);
+}
+
+#[test]
+fn negative_prompts_steer_guided_renders_and_guidance_one_skips_them() {
+    let (_t, dir) = tiny(TinyArch::Sd1, 3);
+    let sd = load(&dir);
+    let with_negative = |guidance: f64, negative: &str| {
+        let mut r = request(
+            vec![Sample {
+                negative: negative.into(),
+                ..sample("a lighthouse", 9)
+            }],
+            SchedulerKind::Ddim,
+        );
+        r.guidance = guidance;
+        sd.generate(&r, &|_| {}).unwrap().images.remove(0)
+    };
+    let d = max_diff(&with_negative(7.5, ""), &with_negative(7.5, "fog, rain"));
+    assert!(d > 0, "the negative prompt changed nothing under guidance");
+    assert_eq!(with_negative(1.0, ""), with_negative(1.0, "fog, rain"));
+}
+
+#[test]
+fn img2img_starts_from_the_image_and_strength_sets_how_far() {
+    let (_t, dir) = tiny(TinyArch::Sd1, 4);
+    let sd = load(&dir);
+    let init = sd
+        .generate(
+            &request(vec![sample("a harbour", 1)], SchedulerKind::Ddim),
+            &|_| {},
+        )
+        .unwrap()
+        .images
+        .remove(0);
+    let run = |strength: f64| {
+        let mut r = request(vec![sample("a harbour at night", 2)], SchedulerKind::Ddim);
+        r.steps = 10;
+        r.init_images = Some(vec![init.clone()]);
+        r.strength = strength;
+        sd.generate(&r, &|_| {})
+    };
+    let mean_diff = |a: &image::RgbImage, b: &image::RgbImage| {
+        a.as_raw()
+            .iter()
+            .zip(b.as_raw())
+            .map(|(x, y)| x.abs_diff(*y) as f64)
+            .sum::<f64>()
+            / a.as_raw().len() as f64
+    };
+    let light = run(0.3).unwrap().images.remove(0);
+    let heavy = run(1.0).unwrap().images.remove(0);
+    assert_eq!(
+        light,
+        run(0.3).unwrap().images[0],
+        "img2img is deterministic"
+    );
+    assert!(
+        mean_diff(&light, &init) < mean_diff(&heavy, &init),
+        "strength 0.3 should stay closer to the image than 1.0"
+    );
+    let err = run(0.05).unwrap_err().to_string();
+    assert!(err.contains("leaves no step"), "{err}");
+}
+
+#[test]
+fn long_prompts_are_truncated_and_reported() {
+    let (_t, dir) = tiny(TinyArch::Sd1, 5);
+    let sd = load(&dir);
+    let long = "castle ".repeat(90);
+    let out = sd
+        .generate(
+            &request(
+                vec![sample("short", 1), sample(&long, 1)],
+                SchedulerKind::Euler,
+            ),
+            &|_| {},
+        )
+        .unwrap();
+    assert_eq!(out.truncated, vec![1]);
+}
+
+#[test]
+fn bad_requests_fail_with_the_cause() {
+    let (_t, dir) = tiny(TinyArch::Sd1, 6);
+    let sd = load(&dir);
+    let mut r = request(vec![sample("x", 1)], SchedulerKind::Ddim);
+    r.width = 196;
+    let err = sd.generate(&r, &|_| {}).unwrap_err().to_string();
+    assert!(
+        err.contains("multiples of 8") && err.contains("196x192"),
+        "{err}"
+    );
+
+    let mut r = request(vec![sample("x", 1)], SchedulerKind::Ddim);
+    r.init_latents = Some(
+        candle_core::Tensor::zeros(
+            (1, 4, 8, 8),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap(),
+    );
+    let err = sd.generate(&r, &|_| {}).unwrap_err().to_string();
+    assert!(
+        err.contains("initial latents have shape [1, 4, 8, 8]") && err.contains("[1, 4, 24, 24]"),
+        "{err}"
+    );
+
+    let mut r = request(vec![sample("x", 1)], SchedulerKind::Ddim);
+    r.steps = 0;
+    assert!(
+        sd.generate(&r, &|_| {})
+            .unwrap_err()
+            .to_string()
+            .contains("steps must be between 1 and 1000")
+    );
+}
+
+#[test]
+fn non_finite_outputs_fail_instead_of_writing_a_black_image() {
+    let (_t, dir) = tiny(TinyArch::Sd1, 7);
+    // A scaling factor of 0 sends infinities into the decoder.
+    let cfg = dir.join("vae/config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"scaling_factor\": 0.18215", "\"scaling_factor\": 0.0");
+    std::fs::write(&cfg, text).unwrap();
+    let sd = load(&dir);
+    let err = sd
+        .generate(&request(vec![sample("x", 1)], SchedulerKind::Ddim), &|_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("VAE decoder produced non-finite values"),
+        "{err}"
+    );
+}
+
+#[test]
+fn broken_model_folders_are_refused_with_the_file_named() {
+    // Truncated weights.
+    let (_t, dir) = tiny(TinyArch::Sd1, 8);
+    let unet = dir.join("unet/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&unet).unwrap();
+    std::fs::write(&unet, &bytes[..bytes.len() / 2]).unwrap();
+    let err = StableDiffusion::load(
+        ModelFolder::open(&dir, None).unwrap(),
+        LoadOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("unet/diffusion_pytorch_model.safetensors"),
+        "{err}"
+    );
+
+    // Weights that do not fit the config.
+    let (_t, dir) = tiny(TinyArch::Sd1, 8);
+    let cfg = dir.join("unet/config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"layers_per_block\": 2", "\"layers_per_block\": 3");
+    std::fs::write(&cfg, text).unwrap();
+    let err = StableDiffusion::load(
+        ModelFolder::open(&dir, None).unwrap(),
+        LoadOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("loading unet") && err.contains("resnets.2"),
+        "{err}"
+    );
+
+    // A missing weights file.
+    let (_t, dir) = tiny(TinyArch::Sd1, 8);
+    std::fs::remove_file(dir.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
+    let err = ModelFolder::open(&dir, None).unwrap_err().to_string();
+    assert!(err.contains("vae has no weights file"), "{err}");
+
+    // Not a diffusers folder.
+    let err = ModelFolder::open(&dir.join("unet"), None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("model_index.json"), "{err}");
+}
+
+#[test]
+fn weights_that_differ_from_the_registry_are_refused() {
+    let (_t, dir) = tiny(TinyArch::Sd1, 9);
+    let folder = ModelFolder::open(&dir, None).unwrap();
+    let mut record = folder.hash_weights().unwrap();
+    folder.verify_weights(&record).unwrap();
+    record[0].1 = "0".repeat(64);
+    let err = folder.verify_weights(&record).unwrap_err().to_string();
+    assert!(
+        err.contains(&record[0].0) && err.contains("refusing to render"),
+        "{err}"
+    );
+}
+
+#[test]
+fn tiny_checkpoints_are_deterministic_from_the_seed() {
+    let (_a, a) = tiny(TinyArch::Sd1, 11);
+    let (_b, b) = tiny(TinyArch::Sd1, 11);
+    let (_c, c) = tiny(TinyArch::Sd1, 12);
+    let digest = |d: &Path| ModelFolder::open(d, None).unwrap().hash_weights().unwrap();
+    assert_eq!(digest(&a), digest(&b));
+    assert_ne!(digest(&a), digest(&c));
+    let err = init_tiny(&a, TinyArch::Sd1, 1, Some(&clip_bpe()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not empty"), "{err}");
+}
+
+mod super_resolution {
+    use super::*;
+    use hallmark_diffusion::esrgan::RrdbNet;
+    use hallmark_diffusion::upscale::{HiresFix, esrgan, hires_fix};
+
+    fn photo(w: u32, h: u32) -> image::RgbImage {
+        image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([(x * 3) as u8, (y * 5) as u8, ((x ^ y) * 7) as u8])
+        })
+    }
+
+    fn net(scale: usize) -> (tempfile::TempDir, RrdbNet) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("esrgan");
+        init_tiny(&dir, TinyArch::Esrgan { scale }, 3, None).unwrap();
+        let n = RrdbNet::load(&dir, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+        (tmp, n)
+    }
+
+    #[test]
+    fn esrgan_upscales_by_its_factor_and_tiles_match_one_pass() {
+        for scale in [2usize, 4] {
+            let (_t, n) = net(scale);
+            assert_eq!(n.config.scale, scale);
+            let img = photo(60, 44);
+            let whole = n.upscale(&img, 1024, 0).unwrap();
+            assert_eq!(whole.dimensions(), (60 * scale as u32, 44 * scale as u32));
+            // A margin wider than the network's receptive field makes tiles seamless.
+            let tiled = n.upscale(&img, 24, 96).unwrap();
+            assert!(
+                max_diff(&whole, &tiled) <= 1,
+                "x{scale}: tiles differ from one pass"
+            );
+        }
+        let (_t, n) = net(4);
+        let img = photo(48, 32);
+        assert_eq!(esrgan(&n, &img, 2, 64).unwrap().dimensions(), (96, 64));
+        assert!(
+            esrgan(&n, &img, 3, 64)
+                .unwrap_err()
+                .to_string()
+                .contains("must be 2 or 4")
+        );
+    }
+
+    #[test]
+    fn hires_fix_rerenders_the_resized_image_tile_by_tile() {
+        let (_t, dir) = tiny(TinyArch::Sd1, 13);
+        let sd = load(&dir);
+        let base = sd
+            .generate(
+                &request(vec![sample("a barn", 4)], SchedulerKind::Ddim),
+                &|_| {},
+            )
+            .unwrap()
+            .images
+            .remove(0);
+        let cfg = HiresFix {
+            steps: 4,
+            tile: 256,
+            overlap: 64,
+            ..HiresFix::default()
+        };
+        let up = hires_fix(&sd, &base, 2, &sample("a barn", 4), &cfg, &|_| {}).unwrap();
+        assert_eq!(up.dimensions(), (384, 384));
+        assert_eq!(
+            up,
+            hires_fix(&sd, &base, 2, &sample("a barn", 4), &cfg, &|_| {}).unwrap()
+        );
+        let resized =
+            image::imageops::resize(&base, 384, 384, image::imageops::FilterType::Lanczos3);
+        assert!(
+            max_diff(&up, &resized) > 10,
+            "the img2img pass changed nothing"
+        );
+    }
+
+    #[test]
+    fn a_file_that_is_not_rrdbnet_is_refused() {
+        let (_t, dir) = tiny(TinyArch::Sd1, 14);
+        let err = RrdbNet::load(
+            &dir.join("unet/diffusion_pytorch_model.safetensors"),
+            &candle_core::Device::Cpu,
+            candle_core::DType::F32,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("not an RRDBNet checkpoint"), "{err}");
+    }
+}

@@ -81,6 +81,9 @@ pub struct DiffusionArgs {
     /// Steps of the hires fix's img2img pass.
     #[arg(long, default_value_t = 20)]
     pub hires_steps: usize,
+    /// Input tile side of Real-ESRGAN (smaller uses less memory).
+    #[arg(long, default_value_t = 256)]
+    pub esrgan_tile: usize,
     /// Initial latents (.safetensors or .npy) for generate tasks, by item.
     #[arg(long)]
     pub init_latents: Option<PathBuf>,
@@ -125,6 +128,7 @@ impl DiffusionArgs {
         cfg.upscale_method = self.upscale_method.parse()?;
         cfg.hires.strength = self.hires_strength;
         cfg.hires.steps = self.hires_steps;
+        cfg.esrgan_tile = self.esrgan_tile;
         cfg.init_latents = self.init_latents.clone();
         cfg.device = parse_device(&self.device)?;
         cfg.dtype = parse_dtype(&self.dtype)?;

@@ -1,0 +1,235 @@
+//! The diffusion engine in the farm, on tiny generated checkpoints: the
+//! embedded `hallmark render`, and real coordinator + worker processes with
+//! the model registered from its folder — outputs stamped and verified,
+//! upscaled by Real-ESRGAN and by the hires fix, and weights that differ
+//! from the registry refused.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hallmark_e2e::*;
+
+fn clip_vocab() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/data/clip/bpe_simple_vocab_16e6.txt.gz")
+}
+
+fn ok(out: std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{}\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn init_tiny(dir: &Path, arch: &str) {
+    ok(hallmark(&[
+        "models",
+        "init-tiny",
+        dir.to_str().unwrap(),
+        "--arch",
+        arch,
+        "--seed",
+        "3",
+        "--clip-vocab",
+        clip_vocab().to_str().unwrap(),
+    ]));
+}
+
+fn dims(p: &Path) -> (u32, u32) {
+    image::image_dimensions(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_render_runs_the_diffusion_engine_and_the_esrgan_stage() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, esrgan) = (dir.path().join("tiny-sd1"), dir.path().join("esrgan"));
+    init_tiny(&model, "sd1");
+    init_tiny(&esrgan, "esrgan-x2");
+    let state = dir.path().join("state");
+    let out_dir = dir.path().join("out");
+    ok(hallmark(&[
+        "render",
+        "--engine",
+        "diffusion",
+        "--model-path",
+        model.to_str().unwrap(),
+        "--upscaler",
+        esrgan.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+        "-o",
+        out_dir.to_str().unwrap(),
+        "--prompt",
+        "a red fox",
+        "--prompt",
+        "a blue whale",
+        "--seed",
+        "7",
+        "--width",
+        "192",
+        "--height",
+        "192",
+        "--steps",
+        "4",
+        "--scheduler",
+        "dpmpp_2m_karras",
+        "--upscale",
+        "2",
+        "--workers",
+        "1",
+    ]));
+    for i in 0..2 {
+        assert_eq!(dims(&out_dir.join(format!("{i:05}.png"))), (192, 192));
+        assert_eq!(
+            dims(&out_dir.join(format!("{i:05}-upscalex2.png"))),
+            (384, 384)
+        );
+    }
+    let verify = std::process::Command::new(bin("hallmark"))
+        .args(["--json", "verify", out_dir.to_str().unwrap()])
+        .env("HALLMARK_STATE_DIR", &state)
+        .output()
+        .unwrap();
+    let report = ok(verify);
+    assert!(
+        report.contains("tiny-sd1"),
+        "the generation record names the model: {report}"
+    );
+
+    // A model folder that is not one fails before anything is rendered.
+    let out = hallmark(&[
+        "render",
+        "--engine",
+        "diffusion",
+        "--model-path",
+        dir.path().to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+        "-o",
+        dir.path().join("none").to_str().unwrap(),
+        "--prompt",
+        "x",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("model_index.json"), "{err}");
+    assert!(!dir.path().join("none").exists(), "nothing written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registered_model_renders_on_a_worker_process_and_altered_weights_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny-sd1");
+    init_tiny(&model, "sd1");
+    let db = fresh_database().await;
+    let spec = CoordinatorSpec::new(&db, Some(redis_url()), dir.path().join("blobs"));
+    let _c = spec.start().await;
+    let url = spec.url();
+    ok(hallmark(&[
+        "--coordinator",
+        &url,
+        "models",
+        "register",
+        "--id",
+        "tiny-sd1",
+        "--family",
+        "sd15",
+        "--model-path",
+        model.to_str().unwrap(),
+    ]));
+    let model_arg = format!("tiny-sd1={}", model.display());
+    let _w = start_worker(
+        &url,
+        "gpu-0",
+        0,
+        &[
+            "--engine",
+            "diffusion",
+            "--model-path",
+            &model_arg,
+            "--upscale-method",
+            "hires-fix",
+            "--hires-steps",
+            "3",
+        ],
+    );
+    wait_for_workers(&url, 1).await;
+    let out_dir = dir.path().join("out");
+    ok(hallmark(&[
+        "--coordinator",
+        &url,
+        "render",
+        "--engine",
+        "diffusion",
+        "--model",
+        "tiny-sd1",
+        "--prompt",
+        "a lighthouse",
+        "--width",
+        "192",
+        "--height",
+        "192",
+        "--steps",
+        "3",
+        "--scheduler",
+        "unipc",
+        "--upscale",
+        "2",
+        "-o",
+        out_dir.to_str().unwrap(),
+    ]));
+    assert_eq!(dims(&out_dir.join("00000.png")), (192, 192));
+    assert_eq!(dims(&out_dir.join("00000-upscalex2.png")), (384, 384));
+
+    // The same model id served from weights that differ by one byte.
+    let altered = dir.path().join("altered");
+    std::fs::create_dir(&altered).unwrap();
+    for sub in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+        std::fs::create_dir(altered.join(sub)).unwrap();
+        for e in std::fs::read_dir(model.join(sub)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), altered.join(sub).join(e.file_name())).unwrap();
+        }
+    }
+    std::fs::copy(
+        model.join("model_index.json"),
+        altered.join("model_index.json"),
+    )
+    .unwrap();
+    let unet = altered.join("unet/diffusion_pytorch_model.safetensors");
+    let mut bytes = std::fs::read(&unet).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&unet, bytes).unwrap();
+    let ca = test_ca();
+    let run = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(bin("hallmark-worker"))
+            .env("HALLMARK_SIGNING_CERT_CHAIN", &ca.signer_chain)
+            .env("HALLMARK_SIGNING_PRIVATE_KEY", &ca.signer_key)
+            .args([
+                "--coordinator",
+                &url,
+                "--name",
+                "gpu-1",
+                "--engine",
+                "diffusion",
+                "--model-path",
+            ])
+            .arg(format!("tiny-sd1={}", altered.display()))
+            .output(),
+    )
+    .await
+    .expect("the worker gives up instead of serving")
+    .unwrap();
+    assert!(!run.status.success());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        err.contains("refusing to serve mismatched weights"),
+        "{err}"
+    );
+}
