@@ -11,8 +11,10 @@ VENV="${HALLMARK_REF_VENV:-$HOME/.cache/hallmark/refenv}"
 VOCAB="${HALLMARK_CLIP_VOCAB:-../shared/data/clip/bpe_simple_vocab_16e6.txt.gz}"
 WORK="${HALLMARK_BENCH_DIR:-$HOME/.cache/hallmark/bench-models}"
 [ -x "$VENV/bin/python" ] || tests/reference/run.sh
-cargo build -q --release -p hallmark-diffusion --bin hallmark-diffusion-bench
-BIN=target/release/hallmark-diffusion-bench
+# PROFILE=dev reuses the test build (dependencies at opt-level 3) instead of a release build.
+PROFILE="${PROFILE:-release}"
+cargo build -q --profile "$PROFILE" -p hallmark-diffusion --bin hallmark-diffusion-bench
+BIN="target/$([ "$PROFILE" = dev ] && echo debug || echo "$PROFILE")/hallmark-diffusion-bench"
 mkdir -p "$WORK"
 [ -d "$WORK/sd15" ] || "$BIN" init "$WORK/sd15" --arch sd15-full --clip-vocab "$VOCAB"
 [ -d "$WORK/tiny-sd1" ] || "$BIN" init "$WORK/tiny-sd1" --arch sd1 --clip-vocab "$VOCAB"

@@ -53,9 +53,9 @@ pub struct Cli {
 pub enum Command {
     /// Render a job and write the images: on the local embedded farm, or on
     /// `--coordinator` when one is configured.
-    Render(RenderArgs),
+    Render(Box<RenderArgs>),
     /// Run the embedded farm as a long-lived local server others can join.
-    Up(UpArgs),
+    Up(Box<UpArgs>),
     /// Submit a job to a coordinator and print its id.
     Submit(SubmitArgs),
     /// Follow a job's progress until it ends.
@@ -343,8 +343,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     }
     let json = cli.json;
     match cli.command {
-        Command::Render(args) => render(&cfg, args, json).await,
-        Command::Up(args) => up(&cfg, args).await,
+        Command::Render(args) => render(&cfg, *args, json).await,
+        Command::Up(args) => up(&cfg, *args).await,
         Command::Watermark(cmd) => watermark_command(&cfg, cmd, json),
         Command::Verify {
             paths,

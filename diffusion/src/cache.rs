@@ -90,7 +90,7 @@ mod tests {
     fn least_recently_used_model_is_evicted_to_fit_the_budget() {
         let mut c = ModelCache::new(100);
         let mut loads = 0;
-        let mut get = |c: &mut ModelCache<String>, k: &str, loads: &mut i32| {
+        let get = |c: &mut ModelCache<String>, k: &str, loads: &mut i32| {
             c.get_or_load(k, 40, || {
                 *loads += 1;
                 Ok::<_, ()>(k.to_uppercase())

@@ -99,7 +99,7 @@ impl ClipTextModel {
                 )));
             }
         };
-        if cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             return Err(DiffusionError::BadModel(format!(
                 "text encoder hidden_size {} is not a multiple of num_attention_heads {}",
                 cfg.hidden_size, cfg.num_attention_heads

@@ -284,7 +284,7 @@ pub(crate) fn unet_config(c: &UnetConfig) -> Result<UNet2DConditionModelConfig, 
             ));
         }
         let out = c.block_out_channels[i];
-        if out % heads[i] != 0 || out % c.norm_num_groups != 0 {
+        if !out.is_multiple_of(heads[i]) || !out.is_multiple_of(c.norm_num_groups) {
             return bad(format!(
                 "block {i}: {out} channels are not divisible by {} heads and {} norm groups",
                 heads[i], c.norm_num_groups
@@ -592,10 +592,10 @@ impl StableDiffusion {
         }
         if req.width == 0
             || req.height == 0
-            || req.width % 8 != 0
-            || req.height % 8 != 0
-            || req.width % f != 0
-            || req.height % f != 0
+            || !req.width.is_multiple_of(8)
+            || !req.height.is_multiple_of(8)
+            || !req.width.is_multiple_of(f)
+            || !req.height.is_multiple_of(f)
         {
             return Err(DiffusionError::BadRequest(format!(
                 "width and height must be positive multiples of 8 (and of the VAE's factor {f}), got {}x{}",

@@ -122,7 +122,7 @@ pub fn hires_fix(
         )));
     }
     let (w, h) = (img.width() * factor, img.height() * factor);
-    if w % 8 != 0 || h % 8 != 0 {
+    if !w.is_multiple_of(8) || !h.is_multiple_of(8) {
         return Err(DiffusionError::BadRequest(format!(
             "the upscaled size {w}x{h} is not a multiple of 8"
         )));
