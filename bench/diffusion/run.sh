@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VENV="${HALLMARK_REF_VENV:-$HOME/.cache/hallmark/refenv}"
-VOCAB="${HALLMARK_CLIP_VOCAB:-../shared/data/clip/bpe_simple_vocab_16e6.txt.gz}"
+VOCAB="${HALLMARK_CLIP_VOCAB:-tests/data/clip/bpe_simple_vocab_16e6.txt.gz}"
 WORK="${HALLMARK_BENCH_DIR:-$HOME/.cache/hallmark/bench-models}"
 [ -x "$VENV/bin/python" ] || tests/reference/run.sh
 # PROFILE=dev reuses the test build (dependencies at opt-level 3) instead of a release build.

@@ -280,8 +280,8 @@ pub enum ModelsCommand {
     },
 }
 
-/// Where the CLIP vocabulary lies beside a checkout in this workplace.
-pub const DEFAULT_CLIP_VOCAB: &str = "../shared/data/clip/bpe_simple_vocab_16e6.txt.gz";
+/// Where the CLIP vocabulary lies in a checkout (run from the repository root).
+pub const DEFAULT_CLIP_VOCAB: &str = "tests/data/clip/bpe_simple_vocab_16e6.txt.gz";
 
 #[derive(Subcommand, Debug)]
 pub enum DatasetsCommand {

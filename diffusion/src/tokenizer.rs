@@ -315,7 +315,7 @@ mod tests {
 
     fn tokenizer(pad: &str) -> ClipTokenizer {
         let gz = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/data/clip/bpe_simple_vocab_16e6.txt.gz");
+            .join("../tests/data/clip/bpe_simple_vocab_16e6.txt.gz");
         let (vocab, merges) = vocab_from_bpe_gz(&gz).unwrap();
         let vocab: HashMap<String, u32> = serde_json::from_str(&vocab).unwrap();
         ClipTokenizer::new(vocab, merges.lines().skip(1), pad).unwrap()

@@ -10,7 +10,7 @@ use hallmark_diffusion::{
 
 pub fn clip_bpe() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/data/clip/bpe_simple_vocab_16e6.txt.gz")
+        .join("../tests/data/clip/bpe_simple_vocab_16e6.txt.gz")
 }
 
 fn tiny(arch: TinyArch, seed: u64) -> (tempfile::TempDir, PathBuf) {

@@ -11,7 +11,7 @@ use hallmark_e2e::*;
 
 fn clip_vocab() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/data/clip/bpe_simple_vocab_16e6.txt.gz")
+        .join("data/clip/bpe_simple_vocab_16e6.txt.gz")
 }
 
 fn ok(out: std::process::Output) -> String {
