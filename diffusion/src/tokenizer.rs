@@ -81,15 +81,38 @@ fn byte_chars() -> [char; 256] {
 }
 
 impl ClipTokenizer {
-    /// Load a diffusers `tokenizer/` folder.
+    /// Load a diffusers `tokenizer/` folder: `vocab.json` + `merges.txt`, or
+    /// the `tokenizer.json` that transformers 5 writes instead.
     pub fn from_folder(dir: &Path) -> Result<Self, DiffusionError> {
+        let pad = pad_token(dir)?;
         let vocab_path = dir.join("vocab.json");
+        if !vocab_path.exists() && dir.join("tokenizer.json").exists() {
+            let path = dir.join("tokenizer.json");
+            let v: serde_json::Value = serde_json::from_slice(&read(&path)?)
+                .map_err(|e| DiffusionError::corrupt(&path, e))?;
+            let model = &v["model"];
+            let vocab: HashMap<String, u32> = serde_json::from_value(model["vocab"].clone())
+                .map_err(|e| DiffusionError::corrupt(&path, format!("model.vocab: {e}")))?;
+            // Merges are "a b" strings or [a, b] pairs, depending on the writer.
+            let merges: Vec<String> = model["merges"]
+                .as_array()
+                .ok_or_else(|| DiffusionError::corrupt(&path, "model.merges is missing"))?
+                .iter()
+                .filter_map(|m| match m {
+                    serde_json::Value::String(s) => Some(s.clone()),
+                    serde_json::Value::Array(p) => {
+                        Some(format!("{} {}", p.first()?.as_str()?, p.get(1)?.as_str()?))
+                    }
+                    _ => None,
+                })
+                .collect();
+            return Self::new(vocab, merges.iter().map(String::as_str), &pad);
+        }
         let vocab: HashMap<String, u32> = serde_json::from_slice(&read(&vocab_path)?)
             .map_err(|e| DiffusionError::corrupt(&vocab_path, e))?;
         let merges_path = dir.join("merges.txt");
         let merges = String::from_utf8(read(&merges_path)?)
             .map_err(|e| DiffusionError::corrupt(&merges_path, e))?;
-        let pad = pad_token(dir)?;
         Self::new(
             vocab,
             merges.lines().filter(|l| !l.starts_with("#version")),

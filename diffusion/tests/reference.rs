@@ -26,8 +26,7 @@ fn reference_file(arch: &str) -> PathBuf {
 }
 
 fn clip_bpe() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/data/clip/bpe_simple_vocab_16e6.txt.gz")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/clip/bpe_simple_vocab_16e6.txt.gz")
 }
 
 struct Reference {

@@ -9,8 +9,7 @@ use hallmark_diffusion::{
 };
 
 pub fn clip_bpe() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/data/clip/bpe_simple_vocab_16e6.txt.gz")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/clip/bpe_simple_vocab_16e6.txt.gz")
 }
 
 fn tiny(arch: TinyArch, seed: u64) -> (tempfile::TempDir, PathBuf) {
@@ -417,4 +416,30 @@ mod super_resolution {
         .to_string();
         assert!(err.contains("not an RRDBNet checkpoint"), "{err}");
     }
+}
+
+#[test]
+fn a_tokenizer_json_folder_as_transformers_5_saves_it_loads_the_same_tokenizer() {
+    let (_t, dir) = tiny(TinyArch::Sd1, 15);
+    let tok = dir.join("tokenizer");
+    let vocab: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tok.join("vocab.json")).unwrap()).unwrap();
+    let merges: Vec<serde_json::Value> = std::fs::read_to_string(tok.join("merges.txt"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let (a, b) = l.split_once(' ').unwrap();
+            serde_json::json!([a, b])
+        })
+        .collect();
+    let before = hallmark_diffusion::tokenizer::ClipTokenizer::from_folder(&tok).unwrap();
+    let prompt = "A PHOTO of a naïve cat, 4:30pm!!";
+    let want = before.encode(prompt);
+    std::fs::remove_file(tok.join("vocab.json")).unwrap();
+    std::fs::remove_file(tok.join("merges.txt")).unwrap();
+    let json = serde_json::json!({"model": {"type": "BPE", "vocab": vocab, "merges": merges}});
+    std::fs::write(tok.join("tokenizer.json"), json.to_string()).unwrap();
+    let after = hallmark_diffusion::tokenizer::ClipTokenizer::from_folder(&tok).unwrap();
+    assert_eq!(after.encode(prompt), want);
 }

@@ -92,7 +92,7 @@ SCHEDULERS = {
 }
 
 
-def main(model_dir, out_path):
+def main(model_dir, out_path, save_dir=None):
     torch.manual_seed(0)
     pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
@@ -165,7 +165,13 @@ def main(model_dir, out_path):
     }
     save_file({k: v.contiguous().float() if v.dtype != torch.int64 else v for k, v in out.items()}, out_path, metadata=meta)
     print(f"wrote {out_path}: {len(out)} tensors")
+    if save_dir:
+        # A folder written by diffusers itself (transformers 5 saves the
+        # tokenizer as tokenizer.json), full precision and the fp16 variant.
+        pipe.save_pretrained(save_dir)
+        pipe.to(torch.float16).save_pretrained(save_dir + "-fp16", variant="fp16")
+        print(f"saved {save_dir} and {save_dir}-fp16 with save_pretrained")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)

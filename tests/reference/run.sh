@@ -4,7 +4,9 @@
 # transformers and a CPU-capable torch from PyPI) under
 # ${HALLMARK_REF_VENV:-~/.cache/hallmark/refenv}, generates the tiny
 # checkpoints with `hallmark models init-tiny`, and writes
-# tests/reference/tiny-sd1.safetensors and tiny-sd2.safetensors.
+# tests/reference/tiny-sd1.safetensors and tiny-sd2.safetensors; then checks
+# that the folders diffusers itself saves (save_pretrained, fp32 and the fp16
+# variant) load and render with `hallmark render --engine diffusion`.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VENV="${HALLMARK_REF_VENV:-$HOME/.cache/hallmark/refenv}"
@@ -18,5 +20,10 @@ WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 for arch in sd1 sd2; do
   target/debug/hallmark models init-tiny "$WORK/$arch" --arch "$arch" --seed 1
-  "$VENV/bin/python" tests/reference/make_references.py "$WORK/$arch" "tests/reference/tiny-$arch.safetensors"
+  "$VENV/bin/python" tests/reference/make_references.py "$WORK/$arch" "tests/reference/tiny-$arch.safetensors" "$WORK/saved-$arch"
+  # Folders saved by diffusers itself load and render here.
+  target/debug/hallmark render --engine diffusion --model-path "$WORK/saved-$arch" --state-dir "$WORK/state" \
+    -o "$WORK/out-$arch" --prompt "a red fox" --width 192 --height 192 --steps 4 --workers 1
+  target/debug/hallmark render --engine diffusion --model-path "$WORK/saved-$arch-fp16" --variant fp16 \
+    --state-dir "$WORK/state" -o "$WORK/out-$arch-fp16" --prompt "a red fox" --width 192 --height 192 --steps 4 --workers 1
 done

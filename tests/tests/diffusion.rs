@@ -10,8 +10,7 @@ use std::time::Duration;
 use hallmark_e2e::*;
 
 fn clip_vocab() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("data/clip/bpe_simple_vocab_16e6.txt.gz")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/clip/bpe_simple_vocab_16e6.txt.gz")
 }
 
 fn ok(out: std::process::Output) -> String {
