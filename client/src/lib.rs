@@ -266,15 +266,15 @@ pub enum ModelsCommand {
     },
     List,
     /// Write a tiny random-weight checkpoint (deterministic from the seed)
-    /// in the real layout: sd1, sd2 (diffusers folders with the real CLIP
-    /// tokenizer), esrgan-x2 or esrgan-x4 (Real-ESRGAN RRDBNet).
+    /// in the real layout: sd1, sd2, sdxl (diffusers folders with the real
+    /// CLIP tokenizer), esrgan-x2 or esrgan-x4 (Real-ESRGAN RRDBNet).
     InitTiny {
         dir: PathBuf,
         #[arg(long)]
         arch: String,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// CLIP's bpe_simple_vocab_16e6.txt.gz (for sd1/sd2).
+        /// CLIP's bpe_simple_vocab_16e6.txt.gz (for sd1/sd2/sdxl).
         #[arg(long, env = "HALLMARK_CLIP_VOCAB", default_value = DEFAULT_CLIP_VOCAB)]
         clip_vocab: PathBuf,
     },
@@ -889,24 +889,11 @@ async fn up(cfg: &ClientConfig, args: UpArgs) -> anyhow::Result<i32> {
 }
 
 fn hash_file(path: &Path) -> anyhow::Result<(String, u64)> {
-    use sha2::Digest;
-    use std::io::Read;
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut hasher = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = file
-            .read(&mut buf)
-            .with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            break;
-        }
-        size += n as u64;
-        hasher.update(&buf[..n]);
-    }
-    Ok((hex::encode(hasher.finalize()), size))
+    let digest = hallmark_diffusion::model::sha256_file(path)?;
+    let size = std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
+    Ok((digest, size))
 }
 
 /// `hallmark verify`: offline checks, plus the repository when a

@@ -8,15 +8,7 @@ use hallmark_proto::v1::JobSpec;
 
 /// Engines a job may name.
 pub const ENGINES: &[&str] = &["synthetic", "diffusion"];
-/// Sampler names the diffusion engine understands.
-pub const SCHEDULERS: &[&str] = &[
-    "ddim",
-    "euler",
-    "euler_a",
-    "dpmpp_2m",
-    "dpmpp_2m_karras",
-    "unipc",
-];
+pub use hallmark_proto::SCHEDULERS;
 /// The first stage of every item.
 pub const STAGE_GENERATE: &str = "generate";
 /// The optional super-resolution stage, ready once the item's generate succeeded.

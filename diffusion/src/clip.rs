@@ -150,6 +150,11 @@ impl ClipTextModel {
         })
     }
 
+    /// Whether the model projects its pooled output (`CLIPTextModelWithProjection`).
+    pub fn has_projection(&self) -> bool {
+        self.projection.is_some()
+    }
+
     fn attention(
         &self,
         l: &EncoderLayer,

@@ -21,9 +21,7 @@ pub enum DiffusionError {
         expected: String,
         actual: String,
     },
-    #[error(
-        "unknown scheduler {0:?} (known: ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, unipc)"
-    )]
+    #[error("unknown scheduler {0:?} (known: {known})", known = hallmark_proto::SCHEDULERS.join(", "))]
     UnknownScheduler(String),
     #[error("{0}")]
     BadRequest(String),

@@ -2,10 +2,12 @@
 //!
 //! - [`model`]: a diffusers model folder — pipeline family, configs, weight
 //!   files and their sha256 digests;
+//! - [`hub`]: `hf:owner/name[@rev]` models fetched from the Hugging Face Hub;
 //! - [`tokenizer`], [`clip`]: the CLIP tokenizer and text encoder;
 //! - [`scheduler`]: DDIM, Euler, Euler ancestral, DPM++ 2M Karras, UniPC;
 //! - [`rng`]: the seeded noise generator (same noise on every device);
-//! - [`pipeline`]: Stable Diffusion 1.x/2.x text-to-image and img2img;
+//! - [`unet`]: the denoising UNet, with SDXL's added conditioning;
+//! - [`pipeline`]: Stable Diffusion 1.x/2.x/XL text-to-image and img2img;
 //! - [`esrgan`]: Real-ESRGAN (RRDBNet) super-resolution, tiled;
 //! - [`upscale`]: the super-resolution stage (Real-ESRGAN or hires fix);
 //! - [`cache`]: loaded models within a memory budget, least recently used out;
@@ -16,6 +18,7 @@ pub mod cache;
 pub mod clip;
 mod error;
 pub mod esrgan;
+pub mod hub;
 pub mod latents;
 pub mod model;
 pub mod pipeline;
@@ -23,6 +26,7 @@ pub mod rng;
 pub mod scheduler;
 pub mod tiny;
 pub mod tokenizer;
+pub mod unet;
 pub mod upscale;
 
 pub use error::DiffusionError;

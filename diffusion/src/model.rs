@@ -40,12 +40,18 @@ pub struct ModelFolder {
     pub vae: Vec<WeightFile>,
     pub text_encoder: Vec<WeightFile>,
     pub text_encoder_2: Vec<WeightFile>,
+    /// SDXL: empty negative prompts condition on zeros.
+    pub force_zeros_for_empty_prompt: bool,
 }
 
 #[derive(Debug, Deserialize)]
 struct ModelIndex {
     #[serde(rename = "_class_name")]
     class_name: String,
+    /// SDXL: an empty negative prompt conditions on zeros rather than on
+    /// the encoding of "" (diffusers' default for SDXL pipelines: true).
+    #[serde(default = "d_true")]
+    force_zeros_for_empty_prompt: bool,
 }
 
 /// `unet/config.json` (the fields this engine reads).
@@ -87,6 +93,10 @@ pub struct UnetConfig {
     pub mid_block_type: Option<String>,
     #[serde(default)]
     pub addition_embed_type: Option<String>,
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
     #[serde(default)]
     pub time_cond_proj_dim: Option<usize>,
     #[serde(default)]
@@ -258,6 +268,8 @@ impl ModelFolder {
             vae: component_weights(root, "vae", variant)?,
             text_encoder: component_weights(root, "text_encoder", variant)?,
             text_encoder_2,
+            force_zeros_for_empty_prompt: family == Family::StableDiffusionXl
+                && index.force_zeros_for_empty_prompt,
         })
     }
 

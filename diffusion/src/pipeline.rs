@@ -1,13 +1,14 @@
-//! The Stable Diffusion pipeline (SD 1.x / 2.x / Turbo): tokenize, encode the
-//! prompts, loop over the sampler's timesteps with classifier-free guidance,
-//! decode. Read top to bottom in [`StableDiffusion::generate`].
+//! The Stable Diffusion pipeline (SD 1.x / 2.x / SD-Turbo, and SDXL /
+//! SDXL-Turbo with their two text encoders, pooled text embedding and size
+//! ids): tokenize, encode the prompts, loop over the sampler's timesteps with
+//! classifier-free guidance, decode. Read top to bottom in
+//! [`StableDiffusion::generate`].
 
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::stable_diffusion::{
-    unet_2d::{BlockConfig, UNet2DConditionModel, UNet2DConditionModelConfig},
     unet_2d_blocks::{
         DownEncoderBlock2D, DownEncoderBlock2DConfig, UNetMidBlock2D, UNetMidBlock2DConfig,
     },
@@ -17,10 +18,11 @@ use image::RgbImage;
 
 use crate::DiffusionError;
 use crate::clip::ClipTextModel;
-use crate::model::{Family, ModelFolder, UnetConfig, VaeConfig, WeightFile};
+use crate::model::{Family, ModelFolder, VaeConfig, WeightFile};
 use crate::rng::NoiseGenerator;
 use crate::scheduler::{Sampler, SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
+use crate::unet::{AddedConditioning, Unet, UnetSpec};
 
 /// Where and how to load a model.
 #[derive(Debug, Clone)]
@@ -30,6 +32,41 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// Weight file variant to prefer (`fp16`).
     pub variant: Option<String>,
+}
+
+/// A device by name: `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(s: &str) -> Result<Device, DiffusionError> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        _ if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal = match s.strip_prefix("cuda:") {
+                Some(n) => n.parse().map_err(|_| {
+                    DiffusionError::BadRequest(format!("device {s:?}: {n:?} is not a GPU number"))
+                })?,
+                None => 0,
+            };
+            Device::new_cuda(ordinal).map_err(|e| {
+                DiffusionError::BadRequest(format!(
+                    "device {s}: {e} (is this a build with the `cuda` feature, on a machine with an NVIDIA driver?)"
+                ))
+            })
+        }
+        other => Err(DiffusionError::BadRequest(format!(
+            "unknown device {other:?} (cpu, cuda, cuda:N)"
+        ))),
+    }
+}
+
+/// A compute type by name: `f32`, `f16` or `bf16`.
+pub fn parse_dtype(s: &str) -> Result<DType, DiffusionError> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => Err(DiffusionError::BadRequest(format!(
+            "unknown dtype {other:?} (f32, f16, bf16)"
+        ))),
+    }
 }
 
 impl Default for LoadOptions {
@@ -184,12 +221,39 @@ impl VaeEncoder {
     }
 }
 
+/// A CLIP tokenizer and its text encoder.
+struct TextEncoder {
+    tokenizer: ClipTokenizer,
+    model: ClipTextModel,
+}
+
+/// What the UNet is conditioned on, for a batch of prompts.
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    /// Text states the UNet attends to, `(batch, 77, cross_attention_dim)`:
+    /// the text encoder's last state (SD 1.x/2.x), or both encoders'
+    /// penultimate states side by side (SDXL).
+    pub context: Tensor,
+    /// SDXL: the second encoder's projected pooled output `(batch, dim)`.
+    pub pooled: Option<Tensor>,
+}
+
+/// SDXL's six size/crop ids for a `width`×`height` render, one row per image:
+/// original size = target size = the render's, crop at the origin (the
+/// diffusers defaults).
+pub fn size_ids(batch: usize, width: usize, height: usize) -> Result<Tensor, DiffusionError> {
+    let (h, w) = (height as f32, width as f32);
+    let row = [h, w, 0.0, 0.0, h, w];
+    let data: Vec<f32> = (0..batch).flat_map(|_| row).collect();
+    Ok(Tensor::from_vec(data, (batch, 6), &Device::Cpu)?)
+}
+
 /// A loaded Stable Diffusion model.
 pub struct StableDiffusion {
     pub folder: ModelFolder,
-    tokenizer: ClipTokenizer,
-    text_encoder: ClipTextModel,
-    unet: UNet2DConditionModel,
+    /// One encoder (SD 1.x/2.x) or two (SDXL).
+    text_encoders: Vec<TextEncoder>,
+    unet: Unet,
     vae: AutoEncoderKL,
     vae_encoder: OnceLock<Result<VaeEncoder, String>>,
     vae_cfg: VaeConfig,
@@ -203,113 +267,6 @@ impl std::fmt::Debug for StableDiffusion {
             .field("root", &self.folder.root)
             .finish_non_exhaustive()
     }
-}
-
-/// Values given as one number or one per block.
-fn per_block(v: &serde_json::Value, n: usize, what: &str) -> Result<Vec<usize>, DiffusionError> {
-    let bad = || {
-        DiffusionError::BadModel(format!(
-            "unet config: {what} must be a number or a list of {n} numbers"
-        ))
-    };
-    match v {
-        serde_json::Value::Number(x) => Ok(vec![x.as_u64().ok_or_else(bad)? as usize; n]),
-        serde_json::Value::Array(a) if a.len() == n => a
-            .iter()
-            .map(|x| x.as_u64().map(|x| x as usize).ok_or_else(bad))
-            .collect(),
-        _ => Err(bad()),
-    }
-}
-
-pub(crate) fn unet_config(c: &UnetConfig) -> Result<UNet2DConditionModelConfig, DiffusionError> {
-    let n = c.block_out_channels.len();
-    let bad = |m: String| Err(DiffusionError::BadModel(format!("unet config: {m}")));
-    if n == 0 || c.down_block_types.len() != n || c.up_block_types.len() != n {
-        return bad(format!(
-            "{} block_out_channels, {} down blocks and {} up blocks do not match",
-            n,
-            c.down_block_types.len(),
-            c.up_block_types.len()
-        ));
-    }
-    if c.addition_embed_type.is_some() {
-        return bad(
-            "addition_embed_type (SDXL's pooled text and size conditioning) is not supported yet"
-                .into(),
-        );
-    }
-    if c.time_cond_proj_dim.is_some() || c.class_embed_type.is_some() {
-        return bad("time_cond_proj_dim and class_embed_type are not supported".into());
-    }
-    if let Some(m) = &c.mid_block_type
-        && m != "UNetMidBlock2DCrossAttn"
-    {
-        return bad(format!("mid_block_type {m:?} is not supported"));
-    }
-    let heads_v = c
-        .num_attention_heads
-        .clone()
-        .filter(|v| !v.is_null())
-        .or_else(|| c.attention_head_dim.clone())
-        .unwrap_or_else(|| 8.into());
-    let heads = per_block(&heads_v, n, "attention_head_dim")?;
-    let tl = per_block(
-        c.transformer_layers_per_block.as_ref().unwrap_or(&1.into()),
-        n,
-        "transformer_layers_per_block",
-    )?;
-    let layers = per_block(&c.layers_per_block, n, "layers_per_block")?;
-    if layers.iter().any(|&l| l != layers[0]) {
-        return bad("different layers_per_block per block are not supported".into());
-    }
-    let cross = per_block(&c.cross_attention_dim, n, "cross_attention_dim")?;
-    let mut blocks = Vec::with_capacity(n);
-    for i in 0..n {
-        let is_cross = match c.down_block_types[i].as_str() {
-            "CrossAttnDownBlock2D" => true,
-            "DownBlock2D" => false,
-            other => return bad(format!("down block type {other:?} is not supported")),
-        };
-        let up = c.up_block_types[n - 1 - i].as_str();
-        let up_ok = if is_cross {
-            up == "CrossAttnUpBlock2D"
-        } else {
-            up == "UpBlock2D"
-        };
-        if !up_ok {
-            return bad(format!(
-                "up block {up:?} does not mirror down block {:?}",
-                c.down_block_types[i]
-            ));
-        }
-        let out = c.block_out_channels[i];
-        if !out.is_multiple_of(heads[i]) || !out.is_multiple_of(c.norm_num_groups) {
-            return bad(format!(
-                "block {i}: {out} channels are not divisible by {} heads and {} norm groups",
-                heads[i], c.norm_num_groups
-            ));
-        }
-        blocks.push(BlockConfig {
-            out_channels: out,
-            use_cross_attn: is_cross.then_some(tl[i]),
-            attention_head_dim: heads[i],
-        });
-    }
-    Ok(UNet2DConditionModelConfig {
-        center_input_sample: c.center_input_sample,
-        flip_sin_to_cos: c.flip_sin_to_cos,
-        freq_shift: c.freq_shift,
-        blocks,
-        layers_per_block: layers[0],
-        downsample_padding: c.downsample_padding,
-        mid_block_scale_factor: c.mid_block_scale_factor,
-        norm_num_groups: c.norm_num_groups,
-        norm_eps: c.norm_eps,
-        cross_attention_dim: cross[0],
-        sliced_attention_size: None,
-        use_linear_projection: c.use_linear_projection,
-    })
 }
 
 /// The VAE's compute type: f16 models keep their VAE in f32 when the config
@@ -373,16 +330,9 @@ fn load_err(component: &str, files: &[WeightFile], e: impl std::fmt::Display) ->
 impl StableDiffusion {
     /// Load the model in `folder`.
     pub fn load(folder: ModelFolder, options: LoadOptions) -> Result<Self, DiffusionError> {
-        if folder.family != Family::StableDiffusion {
-            return Err(DiffusionError::BadModel(format!(
-                "{}: SDXL pipelines are not supported by this engine yet (it runs SD 1.x, 2.x and SD-Turbo)",
-                folder.root.display()
-            )));
-        }
         let unet_cfg = folder.unet_config()?;
         let vae_cfg = folder.vae_config()?;
         let scheduler_cfg = folder.scheduler_config()?;
-        let text_cfg = folder.text_encoder_config("text_encoder")?;
         if vae_cfg.block_out_channels.is_empty() {
             return Err(DiffusionError::BadModel(
                 "vae config: block_out_channels is empty".into(),
@@ -396,37 +346,71 @@ impl StableDiffusion {
                 unet_cfg.in_channels, unet_cfg.out_channels, vae_cfg.latent_channels
             )));
         }
-        let tokenizer = ClipTokenizer::from_folder(&folder.root.join("tokenizer"))?;
-        if tokenizer.vocab_size() > text_cfg.vocab_size {
+        let xl = folder.family == Family::StableDiffusionXl;
+        let mut components = vec![("tokenizer", "text_encoder", &folder.text_encoder)];
+        if xl {
+            components.push(("tokenizer_2", "text_encoder_2", &folder.text_encoder_2));
+        }
+        let mut text_encoders = Vec::new();
+        let mut widths = Vec::new();
+        for (tok_dir, component, files) in components {
+            let cfg = folder.text_encoder_config(component)?;
+            let tokenizer = ClipTokenizer::from_folder(&folder.root.join(tok_dir))?;
+            if tokenizer.vocab_size() > cfg.vocab_size {
+                return Err(DiffusionError::BadModel(format!(
+                    "{tok_dir} has {} tokens, {component} only {}",
+                    tokenizer.vocab_size(),
+                    cfg.vocab_size
+                )));
+            }
+            let vb = var_builder(files, &options)?;
+            let model = ClipTextModel::new(vb, &cfg).map_err(|e| load_err(component, files, e))?;
+            widths.push((
+                cfg.hidden_size,
+                cfg.projection_dim.unwrap_or(cfg.hidden_size),
+            ));
+            text_encoders.push(TextEncoder { tokenizer, model });
+        }
+        if xl && !text_encoders[1].model.has_projection() {
+            return Err(DiffusionError::BadModel(
+                "text_encoder_2 must be a CLIPTextModelWithProjection (SDXL's pooled text embedding)"
+                    .into(),
+            ));
+        }
+        let spec = UnetSpec::from_config(&unet_cfg)?;
+        let text_width: usize = widths.iter().map(|w| w.0).sum();
+        if spec.cross_attention_dim != text_width {
             return Err(DiffusionError::BadModel(format!(
-                "the tokenizer has {} tokens, the text encoder only {}",
-                tokenizer.vocab_size(),
-                text_cfg.vocab_size
+                "the unet attends to {}-wide text states, the text encoder{} make{} {text_width}",
+                spec.cross_attention_dim,
+                if xl { "s" } else { "" },
+                if xl { "" } else { "s" },
             )));
         }
-        let vb = var_builder(&folder.text_encoder, &options)?;
-        let text_encoder = ClipTextModel::new(vb, &text_cfg)
-            .map_err(|e| load_err("text_encoder", &folder.text_encoder, e))?;
-        let cross = per_block(
-            &unet_cfg.cross_attention_dim,
-            unet_cfg.block_out_channels.len(),
-            "cross_attention_dim",
-        )?;
-        if cross[0] != text_cfg.hidden_size {
-            return Err(DiffusionError::BadModel(format!(
-                "the unet attends to {}-wide text embeddings, the text encoder makes {}",
-                cross[0], text_cfg.hidden_size
-            )));
+        match (xl, spec.text_time) {
+            (false, None) => {}
+            (true, Some(tt)) => {
+                let want = widths[1].1 + 6 * tt.time_dim;
+                if tt.input_dim != want {
+                    return Err(DiffusionError::BadModel(format!(
+                        "the unet's added conditioning takes {} values, the pooled text ({}) and six size ids give {want} (SDXL refiner-style aesthetic-score conditioning is not supported)",
+                        tt.input_dim, widths[1].1
+                    )));
+                }
+            }
+            (false, Some(_)) => {
+                return Err(DiffusionError::BadModel(
+                    "the unet takes SDXL's added conditioning but the pipeline is not StableDiffusionXLPipeline".into(),
+                ));
+            }
+            (true, None) => {
+                return Err(DiffusionError::BadModel(
+                    "an SDXL pipeline whose unet lacks addition_embed_type \"text_time\"".into(),
+                ));
+            }
         }
         let vb = var_builder(&folder.unet, &options)?;
-        let unet = UNet2DConditionModel::new(
-            vb,
-            unet_cfg.in_channels,
-            unet_cfg.out_channels,
-            false,
-            unet_config(&unet_cfg)?,
-        )
-        .map_err(|e| load_err("unet", &folder.unet, e))?;
+        let unet = Unet::new(vb, spec).map_err(|e| load_err("unet", &folder.unet, e))?;
         let vae_options = LoadOptions {
             dtype: vae_dtype(&vae_cfg, options.dtype),
             ..options.clone()
@@ -436,8 +420,7 @@ impl StableDiffusion {
             .map_err(|e| load_err("vae", &folder.vae, e))?;
         Ok(Self {
             folder,
-            tokenizer,
-            text_encoder,
+            text_encoders,
             unet,
             vae,
             vae_encoder: OnceLock::new(),
@@ -464,46 +447,91 @@ impl StableDiffusion {
         &self.options.device
     }
 
-    /// Token rows for `prompts`, with a warning for each prompt cut to 77.
-    fn tokenize(&self, prompts: &[String]) -> (Vec<Vec<u32>>, Vec<usize>, Vec<usize>) {
-        let mut ids = Vec::new();
-        let mut eos = Vec::new();
+    /// The prompts' conditioning, and the indices of prompts cut to 77
+    /// tokens (each with a warning).
+    fn encode(&self, prompts: &[String]) -> Result<(Conditioning, Vec<usize>), DiffusionError> {
         let mut truncated = Vec::new();
-        for (i, p) in prompts.iter().enumerate() {
-            let t = self.tokenizer.encode(p);
-            if t.truncated {
-                tracing::warn!(
-                    prompt_index = i,
-                    "prompt is longer than CLIP's 77 tokens; the rest was ignored"
-                );
-                truncated.push(i);
+        let mut states = Vec::new();
+        let mut pooled = None;
+        let xl = self.text_encoders.len() > 1;
+        for (k, enc) in self.text_encoders.iter().enumerate() {
+            let mut ids = Vec::new();
+            let mut eos = Vec::new();
+            for (i, p) in prompts.iter().enumerate() {
+                let t = enc.tokenizer.encode(p);
+                if t.truncated && k == 0 {
+                    tracing::warn!(
+                        prompt_index = i,
+                        "prompt is longer than CLIP's 77 tokens; the rest was ignored"
+                    );
+                    truncated.push(i);
+                }
+                ids.push(t.ids);
+                eos.push(t.eos_position);
             }
-            ids.push(t.ids);
-            eos.push(t.eos_position);
+            let out = enc.model.encode(&ids, &eos, &self.options.device)?;
+            if xl {
+                // SDXL conditions on each encoder's penultimate state; the
+                // pooled embedding is the last encoder's.
+                states.push(out.penultimate);
+                pooled = Some(out.pooled);
+            } else {
+                states.push(out.last);
+            }
         }
-        (ids, eos, truncated)
+        let context = if states.len() == 1 {
+            states.remove(0)
+        } else {
+            Tensor::cat(&states, 2)?
+        };
+        Ok((Conditioning { context, pooled }, truncated))
     }
 
-    /// Text embeddings `(batch, 77, hidden)` of `prompts`, in the compute type.
-    pub fn encode_text(&self, prompts: &[String]) -> Result<Tensor, DiffusionError> {
-        let (ids, eos, _) = self.tokenize(prompts);
-        Ok(self
-            .text_encoder
-            .encode(&ids, &eos, &self.options.device)?
-            .last)
+    /// The conditioning for `prompts`, in the compute type.
+    pub fn encode_text(&self, prompts: &[String]) -> Result<Conditioning, DiffusionError> {
+        Ok(self.encode(prompts)?.0)
     }
 
-    /// The UNet's raw prediction for latents (f32) at timestep `t`.
+    /// The negative prompts' conditioning: their encoding, or zeros for an
+    /// empty negative when the model says so (SDXL's
+    /// `force_zeros_for_empty_prompt`).
+    fn encode_negatives(&self, negatives: &[String]) -> Result<Conditioning, DiffusionError> {
+        let enc = self.encode(negatives)?.0;
+        if !self.folder.force_zeros_for_empty_prompt {
+            return Ok(enc);
+        }
+        let keep: Vec<f32> = negatives
+            .iter()
+            .map(|n| if n.is_empty() { 0.0 } else { 1.0 })
+            .collect();
+        let keep = Tensor::from_vec(keep, negatives.len(), &self.options.device)?;
+        let zero_empty = |t: &Tensor| -> candle_core::Result<Tensor> {
+            let mut shape = vec![negatives.len()];
+            shape.resize(t.rank(), 1);
+            t.broadcast_mul(&keep.to_dtype(t.dtype())?.reshape(shape)?)
+        };
+        Ok(Conditioning {
+            context: zero_empty(&enc.context)?,
+            pooled: enc.pooled.as_ref().map(zero_empty).transpose()?,
+        })
+    }
+
+    /// The UNet's raw prediction for latents (f32) at timestep `t`. `added`
+    /// is SDXL's pooled text and size ids (see [`size_ids`]).
     pub fn predict(
         &self,
         latents: &Tensor,
         t: f64,
         context: &Tensor,
+        added: Option<&AddedConditioning>,
     ) -> Result<Tensor, DiffusionError> {
         let x = latents
             .to_device(&self.options.device)?
             .to_dtype(self.options.dtype)?;
-        Ok(self.unet.forward(&x, t, context)?.to_dtype(DType::F32)?)
+        Ok(self
+            .unet
+            .forward(&x, t, context, added)?
+            .to_dtype(DType::F32)?)
     }
 
     /// Decode latents to images in [0, 1], `(batch, 3, H, W)` f32 on the CPU.
@@ -608,22 +636,29 @@ impl StableDiffusion {
         // 1. Text: the prompts, and the negatives when guidance is on.
         let guided = req.guidance > 1.0;
         let prompts: Vec<String> = req.samples.iter().map(|s| s.prompt.clone()).collect();
-        let (ids, eos, truncated) = self.tokenize(&prompts);
-        let cond = self
-            .text_encoder
-            .encode(&ids, &eos, &self.options.device)?
-            .last;
-        let context = if guided {
+        let (cond, truncated) = self.encode(&prompts)?;
+        let cond = if guided {
             let negatives: Vec<String> = req.samples.iter().map(|s| s.negative.clone()).collect();
-            let (nids, neos, _) = self.tokenize(&negatives);
-            let uncond = self
-                .text_encoder
-                .encode(&nids, &neos, &self.options.device)?
-                .last;
-            Tensor::cat(&[uncond, cond], 0)?
+            let uncond = self.encode_negatives(&negatives)?;
+            Conditioning {
+                context: Tensor::cat(&[uncond.context, cond.context], 0)?,
+                pooled: match (uncond.pooled, cond.pooled) {
+                    (Some(u), Some(c)) => Some(Tensor::cat(&[u, c], 0)?),
+                    _ => None,
+                },
+            }
         } else {
             cond
         };
+        let rows = if guided { 2 * b } else { b };
+        let added = match cond.pooled {
+            Some(pooled) => Some(AddedConditioning {
+                pooled,
+                time_ids: size_ids(rows, req.width, req.height)?,
+            }),
+            None => None,
+        };
+        let context = cond.context;
 
         // 2. Initial latents: given, seeded noise, or a noised image. Noise
         // is drawn on the CPU (the same on every device), then moved.
@@ -705,7 +740,7 @@ impl StableDiffusion {
             } else {
                 input
             };
-            let pred = self.predict(&input, t, &context)?;
+            let pred = self.predict(&input, t, &context, added.as_ref())?;
             let pred = if guided {
                 let (u, t) = (pred.narrow(0, 0, b)?, pred.narrow(0, b, b)?);
                 (&u + ((t - &u)? * req.guidance)?)?

@@ -22,14 +22,8 @@ pub enum SchedulerKind {
 }
 
 impl SchedulerKind {
-    pub const NAMES: [&'static str; 6] = [
-        "ddim",
-        "euler",
-        "euler_a",
-        "dpmpp_2m",
-        "dpmpp_2m_karras",
-        "unipc",
-    ];
+    /// Every sampler's name (the list jobs are checked against).
+    pub const NAMES: &'static [&'static str] = hallmark_proto::SCHEDULERS;
 
     pub fn name(self) -> &'static str {
         match self {
@@ -628,7 +622,7 @@ mod tests {
     #[test]
     fn names_parse_and_unknown_names_are_refused() {
         for n in SchedulerKind::NAMES {
-            assert_eq!(n.parse::<SchedulerKind>().unwrap().name(), n);
+            assert_eq!(n.parse::<SchedulerKind>().unwrap().name(), *n);
         }
         assert_eq!(
             "DPM++ 2M Karras".parse::<SchedulerKind>().unwrap(),

@@ -1,7 +1,8 @@
 //! Tiny random-weight checkpoints in the real layouts, generated
-//! deterministically from a seed: an SD-1.x-shaped and an SD-2.x-shaped
-//! (v-prediction, linear projections, GELU, `!` padding) diffusers folder
-//! with the real CLIP tokenizer, and a Real-ESRGAN ×2/×4 RRDBNet file. The
+//! deterministically from a seed: SD-1.x-shaped, SD-2.x-shaped (v-prediction,
+//! linear projections, GELU, `!` padding) and SDXL-shaped (two text encoders,
+//! pooled text and size ids) diffusers folders with the real CLIP tokenizer,
+//! and a Real-ESRGAN ×2/×4 RRDBNet file. The
 //! engine loads them through the same loader real checkpoints use.
 //!
 //! The weights are recorded by building the real networks over a
@@ -15,9 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::{Init, VarBuilder, var_builder::SimpleBackend};
-use candle_transformers::models::stable_diffusion::{
-    unet_2d::UNet2DConditionModel, vae::AutoEncoderKL,
-};
+use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 use serde_json::json;
 
 use crate::DiffusionError;
@@ -31,6 +30,9 @@ use crate::rng::NoiseGenerator;
 pub enum TinyArch {
     Sd1,
     Sd2,
+    /// SDXL-shaped: two text encoders (the second with projection), the
+    /// pooled text and size ids added to the UNet's time embedding.
+    Sdxl,
     /// The full-size SD 1.5 architecture (860M-parameter UNet) with random
     /// weights, for benchmarks.
     Sd15Full,
@@ -48,14 +50,10 @@ impl std::str::FromStr for TinyArch {
             "sd15-full" => Self::Sd15Full,
             "esrgan" | "esrgan-x2" => Self::Esrgan { scale: 2 },
             "esrgan-x4" => Self::Esrgan { scale: 4 },
-            "sdxl" => {
-                return Err(DiffusionError::BadRequest(
-                    "the sdxl architecture is not implemented yet (the engine runs SD 1.x/2.x); use sd1, sd2, esrgan-x2 or esrgan-x4".into(),
-                ));
-            }
+            "sdxl" => Self::Sdxl,
             other => {
                 return Err(DiffusionError::BadRequest(format!(
-                    "unknown tiny architecture {other:?} (sd1, sd2, sd15-full, esrgan-x2, esrgan-x4)"
+                    "unknown tiny architecture {other:?} (sd1, sd2, sdxl, sd15-full, esrgan-x2, esrgan-x4)"
                 )));
             }
         })
@@ -202,16 +200,17 @@ pub fn init_tiny(
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).map_err(io(&staging))?;
     let result = match arch {
-        TinyArch::Sd1 | TinyArch::Sd2 | TinyArch::Sd15Full => {
+        TinyArch::Sd1 | TinyArch::Sd2 | TinyArch::Sdxl | TinyArch::Sd15Full => {
             let bpe = clip_bpe.ok_or_else(|| {
                 DiffusionError::BadRequest(
-                    "the CLIP vocabulary (bpe_simple_vocab_16e6.txt.gz) is needed for sd1/sd2"
+                    "the CLIP vocabulary (bpe_simple_vocab_16e6.txt.gz) is needed for the Stable Diffusion architectures"
                         .into(),
                 )
             })?;
             let shape = match arch {
                 TinyArch::Sd1 => SdShape::tiny(false),
                 TinyArch::Sd2 => SdShape::tiny(true),
+                TinyArch::Sdxl => SdShape::tiny_xl(),
                 _ => SdShape::sd15(),
             };
             write_sd(&staging, &shape, seed, bpe)
@@ -261,9 +260,10 @@ fn write_esrgan(dir: &Path, scale: usize, seed: u64) -> Result<(), DiffusionErro
     )
 }
 
-/// The sizes of a Stable Diffusion 1.x/2.x model.
+/// The sizes of a Stable Diffusion 1.x/2.x/XL model.
 struct SdShape {
     v2: bool,
+    xl: bool,
     hidden: usize,
     intermediate: usize,
     text_layers: usize,
@@ -285,6 +285,7 @@ impl SdShape {
     fn tiny(v2: bool) -> Self {
         Self {
             v2,
+            xl: false,
             hidden: 32,
             intermediate: 37,
             text_layers: 2,
@@ -301,9 +302,24 @@ impl SdShape {
     }
 
     /// runwayml/stable-diffusion-v1-5's configuration.
+    /// Two 32-wide text encoders (the second projected, as SDXL's OpenCLIP
+    /// bigG), a UNet whose first level has no attention and whose second has
+    /// two transformer layers, SDXL's VAE scale.
+    fn tiny_xl() -> Self {
+        Self {
+            v2: false,
+            xl: true,
+            unet_down: vec!["DownBlock2D", "CrossAttnDownBlock2D"],
+            unet_up: vec!["CrossAttnUpBlock2D", "UpBlock2D"],
+            unet_heads: json!([2, 4]),
+            ..Self::tiny(false)
+        }
+    }
+
     fn sd15() -> Self {
         Self {
             v2: false,
+            xl: false,
             hidden: 768,
             intermediate: 3072,
             text_layers: 12,
@@ -330,69 +346,12 @@ impl SdShape {
     }
 }
 
-fn write_sd(dir: &Path, shape: &SdShape, seed: u64, bpe: &Path) -> Result<(), DiffusionError> {
-    let v2 = shape.v2;
-    let hidden = shape.hidden;
-    let text_cfg = json!({
-        "architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
-        "vocab_size": 49408, "hidden_size": hidden, "intermediate_size": shape.intermediate,
-        "num_hidden_layers": shape.text_layers, "num_attention_heads": shape.text_heads, "max_position_embeddings": 77,
-        "hidden_act": if v2 { "gelu" } else { "quick_gelu" }, "layer_norm_eps": 1e-5,
-        "projection_dim": hidden, "bos_token_id": 49406, "eos_token_id": 49407,
-        "pad_token_id": if v2 { 0 } else { 49407 }, "torch_dtype": "float32"
-    });
-    let unet_cfg = json!({
-        "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.30.0",
-        "sample_size": shape.sample_size, "in_channels": 4, "out_channels": 4,
-        "down_block_types": shape.unet_down, "up_block_types": shape.unet_up,
-        "block_out_channels": shape.unet_channels, "layers_per_block": 2,
-        "attention_head_dim": shape.unet_heads,
-        "cross_attention_dim": hidden, "norm_num_groups": 32, "norm_eps": 1e-5,
-        "act_fn": "silu", "center_input_sample": false, "flip_sin_to_cos": true, "freq_shift": 0,
-        "downsample_padding": 1, "mid_block_scale_factor": 1,
-        "use_linear_projection": v2, "upcast_attention": v2
-    });
-    let vae_cfg = json!({
-        "_class_name": "AutoencoderKL", "_diffusers_version": "0.30.0",
-        "in_channels": 3, "out_channels": 3,
-        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"], "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
-        "block_out_channels": shape.vae_channels, "layers_per_block": shape.vae_layers, "latent_channels": 4,
-        "norm_num_groups": 32, "sample_size": shape.sample_size * 8, "scaling_factor": 0.18215, "act_fn": "silu"
-    });
-    let sched_cfg = json!({
-        "_class_name": "PNDMScheduler", "_diffusers_version": "0.30.0",
-        "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-        "num_train_timesteps": 1000, "set_alpha_to_one": false, "skip_prk_steps": true,
-        "steps_offset": 1, "clip_sample": false, "trained_betas": null,
-        "prediction_type": if v2 { "v_prediction" } else { "epsilon" }, "timestep_spacing": "leading"
-    });
-    let index = json!({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
-        "feature_extractor": [null, null], "safety_checker": [null, null],
-        "requires_safety_checker": false,
-        "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"]
-    });
-    for sub in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
-        let p = dir.join(sub);
-        std::fs::create_dir_all(&p).map_err(io(&p))?;
-    }
-    write_json(&dir.join("model_index.json"), &index)?;
-    write_json(&dir.join("unet/config.json"), &unet_cfg)?;
-    write_json(&dir.join("vae/config.json"), &vae_cfg)?;
-    write_json(&dir.join("text_encoder/config.json"), &text_cfg)?;
-    write_json(&dir.join("scheduler/scheduler_config.json"), &sched_cfg)?;
-
+/// A CLIP tokenizer folder rebuilt from the BPE list, padding with `pad`.
+fn write_tokenizer(tok: &Path, bpe: &Path, pad: &str) -> Result<(), DiffusionError> {
+    std::fs::create_dir_all(tok).map_err(io(tok))?;
     let (vocab, merges) = crate::tokenizer::vocab_from_bpe_gz(bpe)?;
-    let tok = dir.join("tokenizer");
-    std::fs::write(tok.join("vocab.json"), vocab).map_err(io(&tok))?;
-    std::fs::write(tok.join("merges.txt"), merges).map_err(io(&tok))?;
-    let pad = if v2 {
-        "!"
-    } else {
-        crate::tokenizer::END_OF_TEXT
-    };
+    std::fs::write(tok.join("vocab.json"), vocab).map_err(io(tok))?;
+    std::fs::write(tok.join("merges.txt"), merges).map_err(io(tok))?;
     let special = json!({
         "bos_token": crate::tokenizer::START_OF_TEXT, "eos_token": crate::tokenizer::END_OF_TEXT,
         "unk_token": crate::tokenizer::END_OF_TEXT, "pad_token": pad
@@ -403,21 +362,139 @@ fn write_sd(dir: &Path, shape: &SdShape, seed: u64, bpe: &Path) -> Result<(), Di
         &json!({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": true,
                 "bos_token": crate::tokenizer::START_OF_TEXT, "eos_token": crate::tokenizer::END_OF_TEXT,
                 "unk_token": crate::tokenizer::END_OF_TEXT, "pad_token": pad}),
-    )?;
+    )
+}
 
-    // Build each network over the recorder, then write what it asked for.
-    let text: ClipTextConfig = serde_json::from_value(text_cfg).expect("static config");
-    let (vb, tensors) = recorder(seed ^ 1);
+/// A CLIP text encoder folder: config and recorded weights.
+fn write_text_encoder(dir: &Path, cfg: serde_json::Value, seed: u64) -> Result<(), DiffusionError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    write_json(&dir.join("config.json"), &cfg)?;
+    let text: ClipTextConfig = serde_json::from_value(cfg).expect("static config");
+    let (vb, tensors) = recorder(seed);
     ClipTextModel::new(vb, &text)?;
     write_safetensors(
-        &dir.join("text_encoder/model.safetensors"),
+        &dir.join("model.safetensors"),
         &tensors.lock().expect("lock"),
-    )?;
+    )
+}
 
+fn text_config(shape: &SdShape, gelu: bool, projected: bool, pad_id: u32) -> serde_json::Value {
+    json!({
+        "architectures": [if projected { "CLIPTextModelWithProjection" } else { "CLIPTextModel" }],
+        "model_type": "clip_text_model",
+        "vocab_size": 49408, "hidden_size": shape.hidden, "intermediate_size": shape.intermediate,
+        "num_hidden_layers": shape.text_layers, "num_attention_heads": shape.text_heads, "max_position_embeddings": 77,
+        "hidden_act": if gelu { "gelu" } else { "quick_gelu" }, "layer_norm_eps": 1e-5,
+        "projection_dim": shape.hidden, "bos_token_id": 49406, "eos_token_id": 49407,
+        "pad_token_id": pad_id, "torch_dtype": "float32"
+    })
+}
+
+fn write_sd(dir: &Path, shape: &SdShape, seed: u64, bpe: &Path) -> Result<(), DiffusionError> {
+    let (v2, xl) = (shape.v2, shape.xl);
+    let hidden = shape.hidden;
+    let mut unet_cfg = json!({
+        "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.30.0",
+        "sample_size": shape.sample_size, "in_channels": 4, "out_channels": 4,
+        "down_block_types": shape.unet_down, "up_block_types": shape.unet_up,
+        "block_out_channels": shape.unet_channels, "layers_per_block": 2,
+        "attention_head_dim": shape.unet_heads,
+        "cross_attention_dim": hidden, "norm_num_groups": 32, "norm_eps": 1e-5,
+        "act_fn": "silu", "center_input_sample": false, "flip_sin_to_cos": true, "freq_shift": 0,
+        "downsample_padding": 1, "mid_block_scale_factor": 1,
+        "use_linear_projection": v2, "upcast_attention": v2
+    });
+    if xl {
+        // SDXL's UNet: both encoders' states side by side, and the pooled
+        // text plus six size ids (each embedded in `time_dim` sinusoids).
+        let time_dim = 8;
+        let extra = json!({
+            "cross_attention_dim": 2 * hidden, "use_linear_projection": true, "upcast_attention": false,
+            "transformer_layers_per_block": [1, 2],
+            "addition_embed_type": "text_time", "addition_time_embed_dim": time_dim,
+            "projection_class_embeddings_input_dim": hidden + 6 * time_dim
+        });
+        for (k, v) in extra.as_object().expect("object") {
+            unet_cfg[k] = v.clone();
+        }
+    }
+    let vae_cfg = json!({
+        "_class_name": "AutoencoderKL", "_diffusers_version": "0.30.0",
+        "in_channels": 3, "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"], "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+        "block_out_channels": shape.vae_channels, "layers_per_block": shape.vae_layers, "latent_channels": 4,
+        "norm_num_groups": 32, "sample_size": shape.sample_size * 8,
+        "scaling_factor": if xl { 0.13025 } else { 0.18215 }, "force_upcast": true, "act_fn": "silu"
+    });
+    let sched_cfg = if xl {
+        json!({
+            "_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.30.0",
+            "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "num_train_timesteps": 1000, "steps_offset": 1, "clip_sample": false, "trained_betas": null,
+            "interpolation_type": "linear", "use_karras_sigmas": false, "sample_max_value": 1.0,
+            "prediction_type": "epsilon", "timestep_spacing": "leading"
+        })
+    } else {
+        json!({
+            "_class_name": "PNDMScheduler", "_diffusers_version": "0.30.0",
+            "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "num_train_timesteps": 1000, "set_alpha_to_one": false, "skip_prk_steps": true,
+            "steps_offset": 1, "clip_sample": false, "trained_betas": null,
+            "prediction_type": if v2 { "v_prediction" } else { "epsilon" }, "timestep_spacing": "leading"
+        })
+    };
+    let index = if xl {
+        json!({
+            "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.30.0",
+            "force_zeros_for_empty_prompt": true, "feature_extractor": [null, null], "image_encoder": [null, null],
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]
+        })
+    } else {
+        json!({
+            "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+            "feature_extractor": [null, null], "safety_checker": [null, null],
+            "requires_safety_checker": false,
+            "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"]
+        })
+    };
+    for sub in ["unet", "vae", "scheduler"] {
+        let p = dir.join(sub);
+        std::fs::create_dir_all(&p).map_err(io(&p))?;
+    }
+    write_json(&dir.join("model_index.json"), &index)?;
+    write_json(&dir.join("unet/config.json"), &unet_cfg)?;
+    write_json(&dir.join("vae/config.json"), &vae_cfg)?;
+    write_json(&dir.join("scheduler/scheduler_config.json"), &sched_cfg)?;
+
+    // Text: SD 2.x pads with `!` (id 0), SD 1.x with end-of-text; SDXL's
+    // first tokenizer as SD 1.x, its second as SD 2.x.
+    let eot = crate::tokenizer::END_OF_TEXT;
+    let (pad, pad_id) = if v2 { ("!", 0) } else { (eot, 49407) };
+    write_tokenizer(&dir.join("tokenizer"), bpe, pad)?;
+    write_text_encoder(
+        &dir.join("text_encoder"),
+        text_config(shape, v2, false, pad_id),
+        seed ^ 1,
+    )?;
+    if xl {
+        write_tokenizer(&dir.join("tokenizer_2"), bpe, "!")?;
+        write_text_encoder(
+            &dir.join("text_encoder_2"),
+            text_config(shape, true, true, 0),
+            seed ^ 4,
+        )?;
+    }
+
+    // Build each network over the recorder, then write what it asked for.
     let folder_unet: crate::model::UnetConfig =
         serde_json::from_value(unet_cfg).expect("static config");
     let (vb, tensors) = recorder(seed ^ 2);
-    UNet2DConditionModel::new(vb, 4, 4, false, crate::pipeline::unet_config(&folder_unet)?)?;
+    crate::unet::Unet::new(vb, crate::unet::UnetSpec::from_config(&folder_unet)?)?;
     write_safetensors(
         &dir.join("unet/diffusion_pytorch_model.safetensors"),
         &tensors.lock().expect("lock"),

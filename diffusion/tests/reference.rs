@@ -6,9 +6,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
+use hallmark_diffusion::pipeline::size_ids;
 use hallmark_diffusion::rng::NoiseGenerator;
 use hallmark_diffusion::tiny::{TinyArch, init_tiny};
 use hallmark_diffusion::tokenizer::ClipTokenizer;
+use hallmark_diffusion::unet::AddedConditioning;
 use hallmark_diffusion::{
     GenerateRequest, LoadOptions, Sample, SchedulerKind, StableDiffusion, model::ModelFolder,
 };
@@ -87,29 +89,84 @@ fn check_model(arch: &str, tiny: TinyArch) {
     let size: usize = r.meta["size"].parse().unwrap();
     let prompt = r.meta["prompt"].clone();
 
-    // Tokenizer: exact ids.
-    let tok = ClipTokenizer::from_folder(&dir.join("tokenizer")).unwrap();
+    let xl = r.tensors.contains_key("text.pooled");
+
+    // Tokenizers: exact ids.
     let probes: Vec<String> = serde_json::from_str(&r.meta["probes"]).unwrap();
-    for (i, p) in probes.iter().enumerate() {
-        let want: Vec<u32> = r.tensors[&format!("tokens.{i}")]
-            .to_vec1::<i64>()
-            .unwrap()
-            .into_iter()
-            .map(|x| x as u32)
-            .collect();
-        assert_eq!(tok.encode(p).ids, want, "tokens of {p:?}");
+    let tokenizers: &[(&str, &str)] = if xl {
+        &[("tokenizer", "tokens"), ("tokenizer_2", "tokens2")]
+    } else {
+        &[("tokenizer", "tokens")]
+    };
+    for (folder, key) in tokenizers {
+        let tok = ClipTokenizer::from_folder(&dir.join(folder)).unwrap();
+        for (i, p) in probes.iter().enumerate() {
+            let want: Vec<u32> = r.tensors[&format!("{key}.{i}")]
+                .to_vec1::<i64>()
+                .unwrap()
+                .into_iter()
+                .map(|x| x as u32)
+                .collect();
+            assert_eq!(tok.encode(p).ids, want, "{folder}: tokens of {p:?}");
+        }
     }
 
-    // Text encoder.
+    // Text encoders (SDXL: both penultimate states side by side, and the
+    // second encoder's projected pooled output).
     let cond = sd.encode_text(std::slice::from_ref(&prompt)).unwrap();
-    let uncond = sd.encode_text(&[String::new()]).unwrap();
-    assert_close("text.cond", &cond, &r.tensors["text.cond"], TOL_SINGLE_PASS);
     assert_close(
-        "text.uncond",
-        &uncond,
-        &r.tensors["text.uncond"],
+        "text.cond",
+        &cond.context,
+        &r.tensors["text.cond"],
         TOL_SINGLE_PASS,
     );
+    let (uncond, added) = if xl {
+        let pooled = cond.pooled.as_ref().expect("SDXL pools");
+        assert_close(
+            "text.pooled",
+            pooled,
+            &r.tensors["text.pooled"],
+            TOL_SINGLE_PASS,
+        );
+        let neg = sd
+            .encode_text(std::slice::from_ref(&r.meta["negative"]))
+            .unwrap();
+        assert_close(
+            "text.neg",
+            &neg.context,
+            &r.tensors["text.neg"],
+            TOL_SINGLE_PASS,
+        );
+        assert_close(
+            "text.pooled_neg",
+            neg.pooled.as_ref().unwrap(),
+            &r.tensors["text.pooled_neg"],
+            TOL_SINGLE_PASS,
+        );
+        // An empty negative is zeros (force_zeros_for_empty_prompt).
+        assert_eq!(
+            max_abs_diff(
+                &r.tensors["text.uncond"],
+                &cond.context.zeros_like().unwrap()
+            ),
+            0.0
+        );
+        let added = AddedConditioning {
+            pooled: Tensor::cat(&[&pooled.zeros_like().unwrap(), pooled], 0).unwrap(),
+            time_ids: size_ids(2, size, size).unwrap(),
+        };
+        (cond.context.zeros_like().unwrap(), Some(added))
+    } else {
+        let uncond = sd.encode_text(&[String::new()]).unwrap().context;
+        assert_close(
+            "text.uncond",
+            &uncond,
+            &r.tensors["text.uncond"],
+            TOL_SINGLE_PASS,
+        );
+        (uncond, None)
+    };
+    let cond = cond.context;
 
     // The noise recipe: bit for bit.
     let init = &r.tensors["latents.init"];
@@ -130,25 +187,28 @@ fn check_model(arch: &str, tiny: TinyArch) {
     let t0 = sampler.timesteps()[0];
     let x = Tensor::cat(&[init, init], 0).unwrap();
     let ctx = Tensor::cat(&[&uncond, &cond], 0).unwrap();
-    let eps = sd.predict(&x, t0, &ctx).unwrap();
+    let eps = sd.predict(&x, t0, &ctx, added.as_ref()).unwrap();
     assert_close("unet.eps", &eps, &r.tensors["unet.eps"], TOL_SINGLE_PASS);
 
     // Whole runs, every sampler, with and without guidance.
+    let request = |scheduler: &str, guidance: f64, negative: &str| {
+        let mut req = GenerateRequest::new(
+            vec![Sample {
+                prompt: prompt.clone(),
+                negative: negative.to_string(),
+                seed,
+            }],
+            size,
+            size,
+        );
+        req.steps = steps;
+        req.guidance = guidance;
+        req.scheduler = scheduler.parse().unwrap();
+        req
+    };
     for name in SchedulerKind::NAMES {
         for (guidance, tag) in [(7.5, "cfg"), (1.0, "nocfg")] {
-            let mut req = GenerateRequest::new(
-                vec![Sample {
-                    prompt: prompt.clone(),
-                    negative: String::new(),
-                    seed,
-                }],
-                size,
-                size,
-            );
-            req.steps = steps;
-            req.guidance = guidance;
-            req.scheduler = name.parse().unwrap();
-            let out = sd.generate(&req, &|_| {}).unwrap();
+            let out = sd.generate(&request(name, guidance, ""), &|_| {}).unwrap();
             let key = format!("final.{name}.{tag}");
             assert_close(&key, &out.latents, &r.tensors[&key], TOL_FINAL_LATENTS);
             let key = format!("image.{name}.{tag}");
@@ -157,6 +217,38 @@ fn check_model(arch: &str, tiny: TinyArch) {
                 assert_close(&key, &decoded, img, TOL_IMAGE);
             }
         }
+    }
+
+    if xl {
+        // A negative prompt conditions on its encoding, not zeros.
+        let out = sd
+            .generate(&request("euler_a", 7.5, &r.meta["negative"]), &|_| {})
+            .unwrap();
+        assert_close(
+            "final.euler_a.cfg_neg",
+            &out.latents,
+            &r.tensors["final.euler_a.cfg_neg"],
+            TOL_FINAL_LATENTS,
+        );
+        // SDXL-Turbo's way: trailing spacing, one Euler ancestral step, no
+        // guidance — the scheduler config read from the folder.
+        let sched = dir.join("scheduler/scheduler_config.json");
+        let text = std::fs::read_to_string(&sched).unwrap();
+        std::fs::write(&sched, text.replace("\"leading\"", "\"trailing\"")).unwrap();
+        let turbo = StableDiffusion::load(
+            ModelFolder::open(&dir, None).unwrap(),
+            LoadOptions::default(),
+        )
+        .unwrap();
+        let mut req = request("euler_a", 0.0, "");
+        req.steps = 1;
+        let out = turbo.generate(&req, &|_| {}).unwrap();
+        assert_close(
+            "final.turbo",
+            &out.latents,
+            &r.tensors["final.turbo"],
+            TOL_FINAL_LATENTS,
+        );
     }
 
     // Initial latents from a file give the same run as the seed.
@@ -191,4 +283,9 @@ fn sd1_shaped_model_matches_diffusers() {
 #[test]
 fn sd2_shaped_v_prediction_model_matches_diffusers() {
     check_model("sd2", TinyArch::Sd2);
+}
+
+#[test]
+fn sdxl_shaped_model_matches_diffusers() {
+    check_model("sdxl", TinyArch::Sdxl);
 }

@@ -443,3 +443,92 @@ fn a_tokenizer_json_folder_as_transformers_5_saves_it_loads_the_same_tokenizer()
     let after = hallmark_diffusion::tokenizer::ClipTokenizer::from_folder(&tok).unwrap();
     assert_eq!(after.encode(prompt), want);
 }
+
+#[test]
+fn sdxl_batches_mix_empty_and_given_negatives_as_singles_do() {
+    let (_t, dir) = tiny(TinyArch::Sdxl, 11);
+    let sd = load(&dir);
+    let fox = sample("a red fox", 5);
+    let whale = Sample {
+        negative: "fog, rain".into(),
+        ..sample("a blue whale", 6)
+    };
+    let mut both = request(vec![fox.clone(), whale.clone()], SchedulerKind::Euler);
+    both.width = 64;
+    both.height = 64;
+    let single = |s: &Sample| {
+        let mut r = request(vec![s.clone()], SchedulerKind::Euler);
+        r.width = 64;
+        r.height = 64;
+        sd.generate(&r, &|_| {}).unwrap()
+    };
+    let out = sd.generate(&both, &|_| {}).unwrap();
+    let (a, b) = (single(&fox), single(&whale));
+    let lat = |g: &hallmark_diffusion::Generation, i: usize| -> Vec<f32> {
+        g.latents
+            .get(i)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let close = |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(p, q)| (p - q).abs() < 1e-4);
+    assert!(
+        close(&lat(&out, 0), &lat(&a, 0)),
+        "the empty negative's zeros leaked"
+    );
+    assert!(
+        close(&lat(&out, 1), &lat(&b, 0)),
+        "the given negative was lost in the batch"
+    );
+    // The negative matters under guidance: zeros and an encoding differ.
+    let plain = single(&Sample {
+        negative: String::new(),
+        ..whale.clone()
+    });
+    assert!(!close(&lat(&plain, 0), &lat(&b, 0)));
+}
+
+#[test]
+fn sdxl_folders_with_missing_or_mismatched_parts_are_refused_by_name() {
+    // No second text encoder.
+    let (_t, dir) = tiny(TinyArch::Sdxl, 12);
+    std::fs::remove_file(dir.join("text_encoder_2/model.safetensors")).unwrap();
+    let err = ModelFolder::open(&dir, None).unwrap_err().to_string();
+    assert!(err.contains("text_encoder_2 has no weights file"), "{err}");
+
+    // A refiner-style UNet (aesthetic-score ids: another added width).
+    let (_t, dir) = tiny(TinyArch::Sdxl, 12);
+    let cfg = dir.join("unet/config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "\"projection_class_embeddings_input_dim\": 80",
+        "\"projection_class_embeddings_input_dim\": 72",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let err = StableDiffusion::load(
+        ModelFolder::open(&dir, None).unwrap(),
+        LoadOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("added conditioning takes 72") && err.contains("refiner"),
+        "{err}"
+    );
+
+    // A second encoder without the projection SDXL pools through.
+    let (_t, dir) = tiny(TinyArch::Sdxl, 12);
+    let cfg = dir.join("text_encoder_2/config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("CLIPTextModelWithProjection", "CLIPTextModel");
+    std::fs::write(&cfg, text).unwrap();
+    let err = StableDiffusion::load(
+        ModelFolder::open(&dir, None).unwrap(),
+        LoadOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("CLIPTextModelWithProjection"), "{err}");
+}

@@ -12,5 +12,16 @@ pub mod v1 {
     tonic::include_proto!("hallmark.v1");
 }
 
+/// Sampler names a job may ask for; the diffusion engine implements each,
+/// the coordinator refuses any other at submission.
+pub const SCHEDULERS: &[&str] = &[
+    "ddim",
+    "euler",
+    "euler_a",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "unipc",
+];
+
 /// The encoded file descriptor set, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("hallmark_descriptor");

@@ -15,6 +15,17 @@ writes `<name>.safetensors` holding:
   StableDiffusionPipeline (output_type="latent"), Euler ancestral drawing
   its per-step noise from the same recipe;
 - `image.<scheduler>.<cfg|nocfg>`: the decoded image in [0, 1] (DDIM only).
+
+SDXL-shaped folders (StableDiffusionXLPipeline) also get:
+
+- `tokens2.<i>`: the second tokenizer's ids (it pads with `!`);
+- `text.pooled`, `text.pooled_uncond`: the second encoder's projected pooled
+  output; `text.uncond` and `text.pooled_uncond` are zeros (an empty negative
+  prompt with `force_zeros_for_empty_prompt`);
+- `text.neg`, `text.pooled_neg`: the embeddings of NEGATIVE as a prompt;
+- `final.euler_a.cfg_neg`: a guided Euler ancestral run with NEGATIVE;
+- `final.turbo`: SDXL-Turbo's way: Euler ancestral with trailing timestep
+  spacing, one step, no guidance.
 """
 import json
 import math
@@ -30,6 +41,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers import scheduling_euler_ancestral_discrete
@@ -39,6 +51,7 @@ SEED = 1234
 STEPS = 4
 SIZE = 64
 PROMPT = "a photograph of an astronaut riding a horse"
+NEGATIVE = "blurry, low quality"
 PROBES = [
     "a photo of a cat",
     "A PHOTO   of a Cat!!  ",
@@ -94,7 +107,12 @@ SCHEDULERS = {
 
 def main(model_dir, out_path, save_dir=None):
     torch.manual_seed(0)
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, torch_dtype=torch.float32)
+    with open(f"{model_dir}/model_index.json") as f:
+        xl = json.load(f)["_class_name"] == "StableDiffusionXLPipeline"
+    if xl:
+        pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, torch_dtype=torch.float32)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     base_config = pipe.scheduler.config
     out = {}
@@ -102,56 +120,88 @@ def main(model_dir, out_path, save_dir=None):
     for i, p in enumerate(PROBES):
         ids = pipe.tokenizer(p, padding="max_length", max_length=77, truncation=True).input_ids
         out[f"tokens.{i}"] = torch.tensor(ids, dtype=torch.int64)
-
-    def embed(text):
-        ids = pipe.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-        with torch.no_grad():
-            return pipe.text_encoder(ids.input_ids)[0]
-
-    cond, uncond = embed(PROMPT), embed("")
-    out["text.cond"], out["text.uncond"] = cond, uncond
+        if xl:
+            ids = pipe.tokenizer_2(p, padding="max_length", max_length=77, truncation=True).input_ids
+            out[f"tokens2.{i}"] = torch.tensor(ids, dtype=torch.int64)
 
     c = pipe.unet.config.in_channels
     f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     shape = (1, c, SIZE // f, SIZE // f)
     init = torch.from_numpy(NoiseGenerator(SEED).normals(shape))
     out["latents.init"] = init
-
     ddim = DDIMScheduler.from_config(base_config)
     ddim.set_timesteps(STEPS)
     t0 = ddim.timesteps[0]
-    with torch.no_grad():
-        x = torch.cat([init, init])
-        out["unet.eps"] = pipe.unet(x, t0, encoder_hidden_states=torch.cat([uncond, cond])).sample
+    x = torch.cat([init, init])
+
+    if xl:
+        with torch.no_grad():
+            cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(
+                PROMPT, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True
+            )
+            neg, _, pooled_neg, _ = pipe.encode_prompt(
+                NEGATIVE, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+            ids = torch.tensor([[SIZE, SIZE, 0, 0, SIZE, SIZE]] * 2, dtype=torch.float32)
+            out["unet.eps"] = pipe.unet(
+                x,
+                t0,
+                encoder_hidden_states=torch.cat([uncond, cond]),
+                added_cond_kwargs={"text_embeds": torch.cat([pooled_uncond, pooled]), "time_ids": ids},
+            ).sample
+        out["text.pooled"], out["text.pooled_uncond"] = pooled, pooled_uncond
+        out["text.neg"], out["text.pooled_neg"] = neg, pooled_neg
+    else:
+
+        def embed(text):
+            ids = pipe.tokenizer(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+            with torch.no_grad():
+                return pipe.text_encoder(ids.input_ids)[0]
+
+        cond, uncond = embed(PROMPT), embed("")
+        with torch.no_grad():
+            out["unet.eps"] = pipe.unet(x, t0, encoder_hidden_states=torch.cat([uncond, cond])).sample
+    out["text.cond"], out["text.uncond"] = cond, uncond
+
+    def run(scheduler, guidance, steps=STEPS, negative=None):
+        pipe.scheduler = scheduler
+        # One generator per image: initial latents first, then (Euler
+        # ancestral) each step's noise, as the Rust pipeline draws them.
+        gen = NoiseGenerator(SEED)
+        latents = torch.from_numpy(gen.normals(shape))
+
+        def step_noise(shape, generator=None, device=None, dtype=None, layout=None):
+            return torch.from_numpy(gen.normals(tuple(shape))).to(dtype=dtype or torch.float32)
+
+        scheduling_euler_ancestral_discrete.randn_tensor = step_noise
+        # SD: "" is the empty negative; SDXL: None, which with
+        # force_zeros_for_empty_prompt conditions on zeros.
+        if negative is None and not xl:
+            negative = ""
+        with torch.no_grad():
+            return pipe(
+                PROMPT,
+                negative_prompt=negative,
+                height=SIZE,
+                width=SIZE,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                latents=latents.clone(),
+                output_type="latent",
+            ).images
 
     for name, make in SCHEDULERS.items():
         for guidance, tag in ((7.5, "cfg"), (1.0, "nocfg")):
-            pipe.scheduler = make(base_config)
-            # One generator per image: initial latents first, then (Euler
-            # ancestral) each step's noise, as the Rust pipeline draws them.
-            gen = NoiseGenerator(SEED)
-            latents = torch.from_numpy(gen.normals(shape))
-
-            def step_noise(shape, generator=None, device=None, dtype=None, layout=None):
-                return torch.from_numpy(gen.normals(tuple(shape))).to(dtype=dtype or torch.float32)
-
-            scheduling_euler_ancestral_discrete.randn_tensor = step_noise
-            with torch.no_grad():
-                final = pipe(
-                    PROMPT,
-                    negative_prompt="",
-                    height=SIZE,
-                    width=SIZE,
-                    num_inference_steps=STEPS,
-                    guidance_scale=guidance,
-                    latents=latents.clone(),
-                    output_type="latent",
-                ).images
+            final = run(make(base_config), guidance)
             out[f"final.{name}.{tag}"] = final
             if name == "ddim":
                 with torch.no_grad():
                     img = pipe.vae.decode(final / pipe.vae.config.scaling_factor).sample
                 out[f"image.{name}.{tag}"] = (img / 2 + 0.5).clamp(0, 1)
+    if xl:
+        out["final.euler_a.cfg_neg"] = run(SCHEDULERS["euler_a"](base_config), 7.5, negative=NEGATIVE)
+        turbo = EulerAncestralDiscreteScheduler.from_config(base_config, timestep_spacing="trailing")
+        out["final.turbo"] = run(turbo, 0.0, steps=1)
 
     meta = {
         "diffusers": diffusers.__version__,
@@ -161,6 +211,7 @@ def main(model_dir, out_path, save_dir=None):
         "steps": str(STEPS),
         "size": str(SIZE),
         "prompt": PROMPT,
+        "negative": NEGATIVE,
         "probes": json.dumps(PROBES),
     }
     save_file({k: v.contiguous().float() if v.dtype != torch.int64 else v for k, v in out.items()}, out_path, metadata=meta)

@@ -4,7 +4,7 @@
 # transformers and a CPU-capable torch from PyPI) under
 # ${HALLMARK_REF_VENV:-~/.cache/hallmark/refenv}, generates the tiny
 # checkpoints with `hallmark models init-tiny`, and writes
-# tests/reference/tiny-sd1.safetensors and tiny-sd2.safetensors; then checks
+# tests/reference/tiny-{sd1,sd2,sdxl}.safetensors; then checks
 # that the folders diffusers itself saves (save_pretrained, fp32 and the fp16
 # variant) load and render with `hallmark render --engine diffusion`.
 set -euo pipefail
@@ -18,7 +18,7 @@ fi
 cargo build -q -p hallmark-client --bin hallmark
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-for arch in sd1 sd2; do
+for arch in sd1 sd2 sdxl; do
   target/debug/hallmark models init-tiny "$WORK/$arch" --arch "$arch" --seed 1
   "$VENV/bin/python" tests/reference/make_references.py "$WORK/$arch" "tests/reference/tiny-$arch.safetensors" "$WORK/saved-$arch"
   # Folders saved by diffusers itself load and render here.

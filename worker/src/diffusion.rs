@@ -61,8 +61,10 @@ impl DiffusionConfig {
 /// Command-line settings of the diffusion engine (worker and `hallmark`).
 #[derive(clap::Args, Debug, Clone)]
 pub struct DiffusionArgs {
-    /// A diffusers model folder to serve, as DIR (id = folder name) or ID=DIR
-    /// (repeatable).
+    /// A diffusers model to serve, as DIR (id = folder name) or ID=DIR, or
+    /// from the Hugging Face Hub as hf:owner/name[@revision] (id = name;
+    /// fetched into the Hub cache: HF_HOME, HF_ENDPOINT, HF_TOKEN,
+    /// HF_HUB_OFFLINE) (repeatable).
     #[arg(
         long = "model-path",
         env = "HALLMARK_MODEL_PATH",
@@ -111,18 +113,24 @@ impl DiffusionArgs {
         let models = self
             .model_paths
             .iter()
-            .map(|m| match m.split_once('=') {
-                Some((id, dir)) if !id.is_empty() => (id.to_string(), PathBuf::from(dir)),
-                _ => {
-                    let dir = PathBuf::from(m);
-                    let id = dir
+            .map(|m| {
+                let (id, reference) = match m.split_once('=') {
+                    Some((id, r)) if !id.is_empty() && !m.starts_with("hf:") => (Some(id), r),
+                    _ => (None, m.as_str()),
+                };
+                // A Hub model is fetched (or found in the Hub cache) now.
+                let dir = hallmark_diffusion::hub::resolve(reference, self.variant.as_deref())?;
+                let id = match (id, hallmark_diffusion::hub::HubModel::parse(reference)) {
+                    (Some(id), _) => id.to_string(),
+                    (None, Some(Ok(hub))) => hub.name().to_string(),
+                    _ => dir
                         .file_name()
                         .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_else(|| m.clone());
-                    (id, dir)
-                }
+                        .unwrap_or_else(|| m.clone()),
+                };
+                Ok((id, dir))
             })
-            .collect();
+            .collect::<anyhow::Result<_>>()?;
         let mut cfg = DiffusionConfig::new(models);
         cfg.upscaler = self.upscaler.clone();
         cfg.upscale_method = self.upscale_method.parse()?;
@@ -138,33 +146,7 @@ impl DiffusionArgs {
     }
 }
 
-/// `cpu`, `cuda` or `cuda:N`.
-pub fn parse_device(s: &str) -> anyhow::Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        _ if s.starts_with("cuda") => {
-            let ordinal = s
-                .strip_prefix("cuda:")
-                .map(str::parse)
-                .transpose()?
-                .unwrap_or(0);
-            Device::new_cuda(ordinal).map_err(|e| {
-                anyhow::anyhow!("device {s}: {e} (is this a build with the `cuda` feature, on a machine with an NVIDIA driver?)")
-            })
-        }
-        other => anyhow::bail!("unknown device {other:?} (cpu, cuda, cuda:N)"),
-    }
-}
-
-/// `f32`, `f16` or `bf16`.
-pub fn parse_dtype(s: &str) -> anyhow::Result<DType> {
-    match s {
-        "f32" => Ok(DType::F32),
-        "f16" => Ok(DType::F16),
-        "bf16" => Ok(DType::BF16),
-        other => anyhow::bail!("unknown dtype {other:?} (f32, f16, bf16)"),
-    }
-}
+pub use hallmark_diffusion::pipeline::{parse_device, parse_dtype};
 
 struct Served {
     folder: ModelFolder,

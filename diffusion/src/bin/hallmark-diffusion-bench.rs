@@ -1,6 +1,6 @@
 //! Benchmarks of the diffusion engine (a command, not a test):
 //!
-//! - `init DIR --clip-vocab GZ [--arch sd15-full|sd1|sd2]` writes a random-weight model;
+//! - `init DIR --clip-vocab GZ [--arch sd15-full|sd1|sd2|sdxl]` writes a random-weight model;
 //! - `pipeline --model DIR [--device cpu|cuda] [--dtype f32|f16|bf16] [--size 512]
 //!   [--steps 20] [--batch 1,8] [--runs 2] [--scheduler euler_a]` renders and
 //!   prints images/s and UNet it/s (guided steps per second, as diffusers counts);
@@ -13,8 +13,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
+use hallmark_diffusion::pipeline::{parse_device, parse_dtype};
 use hallmark_diffusion::{
-    GenerateRequest, LoadOptions, Sample, StableDiffusion, model::ModelFolder,
+    DiffusionError, GenerateRequest, LoadOptions, Sample, StableDiffusion, model::ModelFolder,
 };
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -23,20 +24,12 @@ fn arg(args: &[String], name: &str) -> Option<String> {
         .and_then(|i| args.get(i + 1).cloned())
 }
 
-fn device(args: &[String]) -> Result<Device, Box<dyn std::error::Error>> {
-    Ok(match arg(args, "--device").as_deref().unwrap_or("cpu") {
-        "cpu" => Device::Cpu,
-        _ => Device::new_cuda(0)?,
-    })
+fn device(args: &[String]) -> Result<Device, DiffusionError> {
+    parse_device(arg(args, "--device").as_deref().unwrap_or("cpu"))
 }
 
-fn dtype(args: &[String]) -> Result<DType, Box<dyn std::error::Error>> {
-    Ok(match arg(args, "--dtype").as_deref().unwrap_or("f32") {
-        "f32" => DType::F32,
-        "f16" => DType::F16,
-        "bf16" => DType::BF16,
-        other => return Err(format!("unknown dtype {other}").into()),
-    })
+fn dtype(args: &[String]) -> Result<DType, DiffusionError> {
+    parse_dtype(arg(args, "--dtype").as_deref().unwrap_or("f32"))
 }
 
 fn load(args: &[String]) -> Result<StableDiffusion, Box<dyn std::error::Error>> {
@@ -141,24 +134,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let runs = num("--runs", 5);
             let f = sd.vae_scale_factor();
             let dev = sd.device().clone();
-            let ctx = Tensor::cat(
-                &[
-                    sd.encode_text(&[String::new()])?,
-                    sd.encode_text(&["a cat".into()])?,
-                ],
-                0,
-            )?;
+            let text = sd.encode_text(&[String::new(), "a cat".into()])?;
+            let added = match text.pooled {
+                Some(pooled) => Some(hallmark_diffusion::unet::AddedConditioning {
+                    pooled,
+                    time_ids: hallmark_diffusion::pipeline::size_ids(2, size, size)?,
+                }),
+                None => None,
+            };
+            let ctx = text.context;
             let x = Tensor::randn(
                 0f32,
                 1f32,
                 (2, sd.latent_channels(), size / f, size / f),
                 &dev,
             )?;
-            sd.predict(&x, 500.0, &ctx)?;
+            sd.predict(&x, 500.0, &ctx, added.as_ref())?;
             let mut times = Vec::new();
             for _ in 0..runs {
                 let started = Instant::now();
-                sd.predict(&x, 500.0, &ctx)?;
+                sd.predict(&x, 500.0, &ctx, added.as_ref())?;
                 dev.synchronize()?;
                 times.push(started.elapsed().as_secs_f64());
             }
