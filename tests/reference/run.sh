@@ -7,6 +7,7 @@
 # tests/reference/tiny-{sd1,sd2,sdxl}.safetensors; then checks
 # that the folders diffusers itself saves (save_pretrained, fp32 and the fp16
 # variant) load and render with `hallmark render --engine diffusion`.
+# Arguments: the architectures to regenerate (default: sd1 sd2 sdxl).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VENV="${HALLMARK_REF_VENV:-$HOME/.cache/hallmark/refenv}"
@@ -18,7 +19,7 @@ fi
 cargo build -q -p hallmark-client --bin hallmark
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-for arch in sd1 sd2 sdxl; do
+for arch in ${*:-sd1 sd2 sdxl}; do
   target/debug/hallmark models init-tiny "$WORK/$arch" --arch "$arch" --seed 1
   "$VENV/bin/python" tests/reference/make_references.py "$WORK/$arch" "tests/reference/tiny-$arch.safetensors" "$WORK/saved-$arch"
   # Folders saved by diffusers itself load and render here.

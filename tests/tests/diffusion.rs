@@ -232,3 +232,58 @@ async fn registered_model_renders_on_a_worker_process_and_altered_weights_are_re
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_render_runs_an_sdxl_model_and_names_bad_hub_references() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny-sdxl");
+    init_tiny(&model, "sdxl");
+    let state = dir.path().join("state");
+    let out_dir = dir.path().join("out");
+    let render = |model: &str, out: &Path| {
+        hallmark(&[
+            "render",
+            "--engine",
+            "diffusion",
+            "--model-path",
+            model,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--prompt",
+            "a red fox",
+            "--negative",
+            "fog",
+            "--seed",
+            "7",
+            "--width",
+            "192",
+            "--height",
+            "128",
+            "--steps",
+            "4",
+            "--scheduler",
+            "euler",
+            "--workers",
+            "1",
+        ])
+    };
+    ok(render(model.to_str().unwrap(), &out_dir));
+    assert_eq!(dims(&out_dir.join("00000.png")), (192, 128));
+    let verify = std::process::Command::new(bin("hallmark"))
+        .args(["--json", "verify", out_dir.to_str().unwrap()])
+        .env("HALLMARK_STATE_DIR", &state)
+        .output()
+        .unwrap();
+    let report = ok(verify);
+    assert!(report.contains("tiny-sdxl"), "{report}");
+
+    // A malformed Hub reference is named, and nothing is written.
+    let none = dir.path().join("none");
+    let out = render("hf:no-owner", &none);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a Hub model reference"), "{err}");
+    assert!(!none.exists(), "nothing written");
+}
