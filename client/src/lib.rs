@@ -175,6 +175,10 @@ pub struct SpecArgs {
     /// Super-resolve each image ×2 or ×4 after it is generated.
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["2", "4"]))]
     pub upscale: Option<String>,
+    /// How the diffusion engine super-resolves: esrgan or hires-fix
+    /// (default: each worker's --default-upscale-method).
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["esrgan", "hires-fix"]))]
+    pub upscale_method: Option<String>,
     #[arg(long, default_value_t = 0)]
     pub priority: i32,
     /// Tenant (default from config: "default").
@@ -735,6 +739,7 @@ pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<JobSpec
             .map(|u| u.parse())
             .transpose()?
             .unwrap_or(0),
+        upscale_method: args.upscale_method.clone().unwrap_or_default(),
         priority: args.priority,
         tenant: args.tenant.clone().unwrap_or_else(|| cfg.tenant.clone()),
         labels,

@@ -9,6 +9,8 @@ use hallmark_proto::v1::JobSpec;
 /// Engines a job may name.
 pub const ENGINES: &[&str] = &["synthetic", "diffusion"];
 pub use hallmark_proto::SCHEDULERS;
+/// Super-resolution methods a diffusion job may ask for.
+pub const UPSCALE_METHODS: &[&str] = &["esrgan", "hires-fix"];
 /// The first stage of every item.
 pub const STAGE_GENERATE: &str = "generate";
 /// The optional super-resolution stage, ready once the item's generate succeeded.
@@ -60,6 +62,8 @@ pub struct ExpandedJob {
     pub tenant: String,
     pub priority: i32,
     pub upscale: u32,
+    /// `esrgan`, `hires-fix`, or empty for the worker's default.
+    pub upscale_method: String,
     pub max_attempts: u32,
     pub labels: HashMap<String, String>,
     pub items: Vec<Item>,
@@ -178,6 +182,27 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
     check_steps("steps", spec.steps, limits.max_steps)?;
     check_guidance("guidance", spec.guidance)?;
     check_scheduler("scheduler", &spec.scheduler)?;
+    if !spec.upscale_method.is_empty() {
+        if !UPSCALE_METHODS.contains(&spec.upscale_method.as_str()) {
+            return Err(bad(
+                "upscale_method",
+                format!(
+                    "unknown method {:?}; use one of {}",
+                    spec.upscale_method,
+                    UPSCALE_METHODS.join(", ")
+                ),
+            ));
+        }
+        if spec.engine != "diffusion" {
+            return Err(bad(
+                "upscale_method",
+                format!("applies to the diffusion engine, not {:?}", spec.engine),
+            ));
+        }
+        if spec.upscale == 0 {
+            return Err(bad("upscale_method", "is set but upscale is not (2 or 4)"));
+        }
+    }
     if ![0, 2, 4].contains(&spec.upscale) {
         return Err(bad(
             "upscale",
@@ -266,6 +291,7 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
         tenant: tenant.to_string(),
         priority: spec.priority,
         upscale: spec.upscale,
+        upscale_method: spec.upscale_method.clone(),
         max_attempts: if spec.max_attempts == 0 {
             limits.default_max_attempts
         } else {
@@ -387,5 +413,31 @@ mod tests {
         let mut s = spec(&["ok"]);
         s.scheduler = "warp".into();
         assert_eq!(expand(&s, &limits(), 1).unwrap_err().field, "scheduler");
+    }
+
+    #[test]
+    fn upscale_method_is_checked_against_method_engine_and_factor() {
+        let mut s = spec(&["ok"]);
+        s.engine = "diffusion".into();
+        s.upscale = 2;
+        s.upscale_method = "hires-fix".into();
+        assert_eq!(
+            expand(&s, &limits(), 1).unwrap().upscale_method,
+            "hires-fix"
+        );
+        let refused = |s: &JobSpec| {
+            let e = expand(s, &limits(), 1).unwrap_err();
+            assert_eq!(e.field, "upscale_method");
+            e.to_string()
+        };
+        let mut bad = s.clone();
+        bad.upscale_method = "bicubic".into();
+        assert!(refused(&bad).contains("esrgan, hires-fix"));
+        let mut bad = s.clone();
+        bad.upscale = 0;
+        assert!(refused(&bad).contains("upscale is not"));
+        let mut bad = s.clone();
+        bad.engine = "synthetic".into();
+        assert!(refused(&bad).contains("diffusion engine"));
     }
 }

@@ -222,15 +222,19 @@ both_stores! {
 
     async fn upscale_is_ready_as_soon_as_its_own_base_succeeds(s: &Store) {
         let w = worker(s, "w1", 1).await;
-        submit(s, "j1", &job(3, 2), 0).await;
+        let mut j = job(3, 2);
+        j.upscale_method = "hires-fix".into();
+        submit(s, "j1", &j, 0).await;
         let g0 = lease(s, &w, 1, 100).await.remove(0);
         assert_eq!((g0.stage.as_str(), g0.item_index), ("generate", 0));
+        assert_eq!(g0.upscale_method, "", "only upscale tasks carry the method");
         s.complete(&done(&w, &g0), 110).await.unwrap();
         // Item 0's upscale now comes before the remaining generates: no stage barrier.
         let next = lease(s, &w, 1, 120).await.remove(0);
         assert_eq!((next.stage.as_str(), next.item_index), ("upscale", 0));
         assert_eq!(next.parent_sha256, done(&w, &g0).sha256);
         assert_eq!(next.upscale, 2);
+        assert_eq!(next.upscale_method, "hires-fix");
     }
 
     async fn compatible_tasks_are_leased_together_up_to_the_batch(s: &Store) {

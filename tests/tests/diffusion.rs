@@ -150,7 +150,7 @@ async fn registered_model_renders_on_a_worker_process_and_altered_weights_are_re
             "diffusion",
             "--model-path",
             &model_arg,
-            "--upscale-method",
+            "--default-upscale-method",
             "hires-fix",
             "--hires-steps",
             "3",
@@ -183,6 +183,42 @@ async fn registered_model_renders_on_a_worker_process_and_altered_weights_are_re
     ]));
     assert_eq!(dims(&out_dir.join("00000.png")), (192, 192));
     assert_eq!(dims(&out_dir.join("00000-upscalex2.png")), (384, 384));
+
+    // A job that names its method overrides the worker's default: this
+    // worker has no Real-ESRGAN weights, so an esrgan upscale fails with
+    // that reason (the job's errors name it).
+    let esrgan_job = hallmark(&[
+        "--coordinator",
+        &url,
+        "render",
+        "--engine",
+        "diffusion",
+        "--model",
+        "tiny-sd1",
+        "--prompt",
+        "a lighthouse",
+        "--width",
+        "192",
+        "--height",
+        "192",
+        "--steps",
+        "3",
+        "--upscale",
+        "2",
+        "--upscale-method",
+        "esrgan",
+        "--max-attempts",
+        "1",
+        "-o",
+        dir.path().join("out-esrgan").to_str().unwrap(),
+    ]);
+    assert!(!esrgan_job.status.success());
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&esrgan_job.stdout),
+        String::from_utf8_lossy(&esrgan_job.stderr)
+    );
+    assert!(text.contains("Real-ESRGAN weights"), "{text}");
 
     // The same model id served from weights that differ by one byte.
     let altered = dir.path().join("altered");
@@ -258,9 +294,9 @@ async fn embedded_render_runs_an_sdxl_model_and_names_bad_hub_references() {
             "--seed",
             "7",
             "--width",
-            "192",
+            "256",
             "--height",
-            "128",
+            "192",
             "--steps",
             "4",
             "--scheduler",
@@ -270,7 +306,7 @@ async fn embedded_render_runs_an_sdxl_model_and_names_bad_hub_references() {
         ])
     };
     ok(render(model.to_str().unwrap(), &out_dir));
-    assert_eq!(dims(&out_dir.join("00000.png")), (192, 128));
+    assert_eq!(dims(&out_dir.join("00000.png")), (256, 192));
     let verify = std::process::Command::new(bin("hallmark"))
         .args(["--json", "verify", out_dir.to_str().unwrap()])
         .env("HALLMARK_STATE_DIR", &state)

@@ -74,9 +74,14 @@ pub struct DiffusionArgs {
     /// Real-ESRGAN weights (.safetensors file or folder) for esrgan upscales.
     #[arg(long, env = "HALLMARK_UPSCALER")]
     pub upscaler: Option<PathBuf>,
-    /// Super-resolution method: esrgan or hires-fix.
-    #[arg(long, env = "HALLMARK_UPSCALE_METHOD", default_value = "esrgan")]
-    pub upscale_method: String,
+    /// Super-resolution method of upscale tasks whose job names none:
+    /// esrgan or hires-fix.
+    #[arg(
+        long = "default-upscale-method",
+        env = "HALLMARK_UPSCALE_METHOD",
+        default_value = "esrgan"
+    )]
+    pub default_upscale_method: String,
     /// img2img strength of the hires fix (0.3–0.5 keeps the composition).
     #[arg(long, default_value_t = 0.4)]
     pub hires_strength: f64,
@@ -133,7 +138,7 @@ impl DiffusionArgs {
             .collect::<anyhow::Result<_>>()?;
         let mut cfg = DiffusionConfig::new(models);
         cfg.upscaler = self.upscaler.clone();
-        cfg.upscale_method = self.upscale_method.parse()?;
+        cfg.upscale_method = self.default_upscale_method.parse()?;
         cfg.hires.strength = self.hires_strength;
         cfg.hires.steps = self.hires_steps;
         cfg.esrgan_tile = self.esrgan_tile;
@@ -305,7 +310,12 @@ impl DiffusionEngine {
         let base = hallmark_provenance::credentials::decode_image(parent)
             .map_err(|e| EngineError::BadParent(e.to_string()))?;
         let factor = l.upscale.max(1);
-        let pixels = match self.config.upscale_method {
+        // The job's method, else this worker's default.
+        let method = match l.upscale_method.as_str() {
+            "" => self.config.upscale_method,
+            m => m.parse().map_err(failed)?,
+        };
+        let pixels = match method {
             UpscaleMethod::Esrgan => hallmark_diffusion::upscale::esrgan(
                 &*self.upscaler()?,
                 &base,

@@ -74,6 +74,7 @@ impl Jobs for JobsService {
         let job_id = format!("j-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let spec_json = serde_json::json!({
             "engine": job.engine, "model_id": job.model_id, "upscale": job.upscale,
+            "upscale_method": job.upscale_method,
             "width": spec.width, "height": spec.height, "steps": spec.steps,
             "guidance": spec.guidance, "scheduler": spec.scheduler,
             "images_per_prompt": spec.images_per_prompt.max(1),

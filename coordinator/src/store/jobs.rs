@@ -136,21 +136,26 @@ impl Store {
             for chunk in job.items.chunks(ROWS_PER_INSERT) {
                 let mut sql = String::from(
                     "INSERT INTO tasks (id, job_id, item_index, stage, stage_rank, state, tenant, engine, model_id, \
-                     pixels, upscale, batch_key, depends_on, has_next, max_attempts, lease_ttl_ms) VALUES ",
+                     pixels, upscale, upscale_method, batch_key, depends_on, has_next, max_attempts, lease_ttl_ms) VALUES ",
                 );
                 for i in 0..chunk.len() {
                     if i > 0 {
                         sql.push_str(", ");
                     }
-                    sql.push_str(&placeholders(i * 16 + 1, 16));
+                    sql.push_str(&placeholders(i * 17 + 1, 17));
                 }
                 let mut q = sqlx::query(&sql);
                 for item in chunk {
                     let upscale = stage == STAGE_UPSCALE;
                     let factor = if upscale { u64::from(job.upscale) } else { 1 };
                     let pixels = u64::from(item.width) * u64::from(item.height) * factor * factor;
+                    let method = if upscale {
+                        job.upscale_method.as_str()
+                    } else {
+                        ""
+                    };
                     let batch_key = format!(
-                        "{}|{}|{stage}|{}x{}|{}|{}|{}",
+                        "{}|{}|{stage}|{}x{}|{}|{}|{}|{method}",
                         job.engine,
                         job.model_id,
                         item.width,
@@ -176,6 +181,7 @@ impl Store {
                         .bind(&job.model_id)
                         .bind(pixels as i64)
                         .bind(factor as i64)
+                        .bind(method)
                         .bind(batch_key)
                         .bind(upscale.then(|| task_id(job_id, item.index, STAGE_GENERATE)))
                         .bind(i64::from(!upscale && job.upscale > 0))
