@@ -177,7 +177,7 @@ pub struct SpecArgs {
     pub upscale: Option<String>,
     /// How the diffusion engine super-resolves: esrgan or hires-fix
     /// (default: each worker's --default-upscale-method).
-    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["esrgan", "hires-fix"]))]
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(hallmark_proto::UPSCALE_METHODS))]
     pub upscale_method: Option<String>,
     #[arg(long, default_value_t = 0)]
     pub priority: i32,

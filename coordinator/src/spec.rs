@@ -9,8 +9,7 @@ use hallmark_proto::v1::JobSpec;
 /// Engines a job may name.
 pub const ENGINES: &[&str] = &["synthetic", "diffusion"];
 pub use hallmark_proto::SCHEDULERS;
-/// Super-resolution methods a diffusion job may ask for.
-pub const UPSCALE_METHODS: &[&str] = &["esrgan", "hires-fix"];
+pub use hallmark_proto::UPSCALE_METHODS;
 /// The first stage of every item.
 pub const STAGE_GENERATE: &str = "generate";
 /// The optional super-resolution stage, ready once the item's generate succeeded.

@@ -25,7 +25,8 @@ impl FromStr for UpscaleMethod {
             "esrgan" => Ok(Self::Esrgan),
             "hires-fix" | "hires_fix" => Ok(Self::HiresFix),
             other => Err(DiffusionError::BadRequest(format!(
-                "unknown upscale method {other:?} (esrgan, hires-fix)"
+                "unknown upscale method {other:?} ({})",
+                hallmark_proto::UPSCALE_METHODS.join(", ")
             ))),
         }
     }
@@ -192,6 +193,17 @@ pub fn hires_fix(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_method_a_job_may_name_is_implemented() {
+        let parsed: Vec<UpscaleMethod> = hallmark_proto::UPSCALE_METHODS
+            .iter()
+            .map(|m| m.parse().unwrap())
+            .collect();
+        assert_eq!(parsed, [UpscaleMethod::Esrgan, UpscaleMethod::HiresFix]);
+        let e = "bicubic".parse::<UpscaleMethod>().unwrap_err().to_string();
+        assert!(e.contains("esrgan, hires-fix"), "{e}");
+    }
 
     #[test]
     fn tiles_cover_the_image_with_the_requested_overlap() {

@@ -23,5 +23,8 @@ pub const SCHEDULERS: &[&str] = &[
     "unipc",
 ];
 
+/// Super-resolution methods a diffusion job may ask for (`upscale_method`).
+pub const UPSCALE_METHODS: &[&str] = &["esrgan", "hires-fix"];
+
 /// The encoded file descriptor set, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("hallmark_descriptor");
