@@ -255,11 +255,15 @@ pub enum ModelsCommand {
         /// Weight files to hash and record (repeatable).
         #[arg(long = "weights", required_unless_present = "model_path")]
         weights: Vec<PathBuf>,
-        /// A diffusers folder: every weight file it loads is hashed and
-        /// recorded by its path inside the folder (what a diffusion worker
-        /// serving it declares).
+        /// A diffusers folder, or a Hub model hf:owner/name[@revision]
+        /// (fetched into the Hub cache): every weight file it loads is hashed
+        /// and recorded by its path inside the folder (what a diffusion
+        /// worker serving it declares).
         #[arg(long, conflicts_with = "weights")]
-        model_path: Option<PathBuf>,
+        model_path: Option<String>,
+        /// The weights variant the workers serve (fp16), as their --variant.
+        #[arg(long, requires = "model_path")]
+        variant: Option<String>,
         #[arg(long, default_value = "unknown")]
         license: String,
         #[arg(long)]
@@ -537,13 +541,16 @@ async fn remote_command(
             family,
             weights,
             model_path,
+            variant,
             license,
             parent,
             datasets,
         }) => {
             let mut files = Vec::new();
-            if let Some(dir) = &model_path {
-                let folder = hallmark_diffusion::model::ModelFolder::open(dir, None)?;
+            if let Some(reference) = &model_path {
+                let dir = hallmark_diffusion::hub::resolve(reference, variant.as_deref())?;
+                let folder =
+                    hallmark_diffusion::model::ModelFolder::open(&dir, variant.as_deref())?;
                 for (w, (rel, sha256)) in folder.weight_files().zip(folder.hash_weights()?) {
                     files.push(WeightFile {
                         path: rel,
