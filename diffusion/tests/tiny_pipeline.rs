@@ -27,6 +27,23 @@ fn load(dir: &Path) -> StableDiffusion {
     .unwrap()
 }
 
+/// Why loading the model in `dir` fails.
+fn load_error(dir: &Path) -> String {
+    StableDiffusion::load(
+        ModelFolder::open(dir, None).unwrap(),
+        LoadOptions::default(),
+    )
+    .unwrap_err()
+    .to_string()
+}
+
+/// Replace `from` by `to` in a text file (a config to break).
+fn rewrite(path: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.contains(from), "{} has no {from}", path.display());
+    std::fs::write(path, text.replace(from, to)).unwrap();
+}
+
 fn sample(prompt: &str, seed: u64) -> Sample {
     Sample {
         prompt: prompt.into(),
@@ -235,10 +252,11 @@ fn non_finite_outputs_fail_instead_of_writing_a_black_image() {
     let (_t, dir) = tiny(TinyArch::Sd1, 7);
     // A scaling factor of 0 sends infinities into the decoder.
     let cfg = dir.join("vae/config.json");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("\"scaling_factor\": 0.18215", "\"scaling_factor\": 0.0");
-    std::fs::write(&cfg, text).unwrap();
+    rewrite(
+        &cfg,
+        "\"scaling_factor\": 0.18215",
+        "\"scaling_factor\": 0.0",
+    );
     let sd = load(&dir);
     let err = sd
         .generate(&request(vec![sample("x", 1)], SchedulerKind::Ddim), &|_| {})
@@ -257,12 +275,7 @@ fn broken_model_folders_are_refused_with_the_file_named() {
     let unet = dir.join("unet/diffusion_pytorch_model.safetensors");
     let bytes = std::fs::read(&unet).unwrap();
     std::fs::write(&unet, &bytes[..bytes.len() / 2]).unwrap();
-    let err = StableDiffusion::load(
-        ModelFolder::open(&dir, None).unwrap(),
-        LoadOptions::default(),
-    )
-    .unwrap_err()
-    .to_string();
+    let err = load_error(&dir);
     assert!(
         err.contains("unet/diffusion_pytorch_model.safetensors"),
         "{err}"
@@ -271,16 +284,8 @@ fn broken_model_folders_are_refused_with_the_file_named() {
     // Weights that do not fit the config.
     let (_t, dir) = tiny(TinyArch::Sd1, 8);
     let cfg = dir.join("unet/config.json");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("\"layers_per_block\": 2", "\"layers_per_block\": 3");
-    std::fs::write(&cfg, text).unwrap();
-    let err = StableDiffusion::load(
-        ModelFolder::open(&dir, None).unwrap(),
-        LoadOptions::default(),
-    )
-    .unwrap_err()
-    .to_string();
+    rewrite(&cfg, "\"layers_per_block\": 2", "\"layers_per_block\": 3");
+    let err = load_error(&dir);
     assert!(
         err.contains("loading unet") && err.contains("resnets.2"),
         "{err}"
@@ -501,17 +506,12 @@ fn sdxl_folders_with_missing_or_mismatched_parts_are_refused_by_name() {
     // A refiner-style UNet (aesthetic-score ids: another added width).
     let (_t, dir) = tiny(TinyArch::Sdxl, 12);
     let cfg = dir.join("unet/config.json");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+    rewrite(
+        &cfg,
         "\"projection_class_embeddings_input_dim\": 80",
         "\"projection_class_embeddings_input_dim\": 72",
     );
-    std::fs::write(&cfg, text).unwrap();
-    let err = StableDiffusion::load(
-        ModelFolder::open(&dir, None).unwrap(),
-        LoadOptions::default(),
-    )
-    .unwrap_err()
-    .to_string();
+    let err = load_error(&dir);
     assert!(
         err.contains("added conditioning takes 72") && err.contains("refiner"),
         "{err}"
@@ -520,15 +520,7 @@ fn sdxl_folders_with_missing_or_mismatched_parts_are_refused_by_name() {
     // A second encoder without the projection SDXL pools through.
     let (_t, dir) = tiny(TinyArch::Sdxl, 12);
     let cfg = dir.join("text_encoder_2/config.json");
-    let text = std::fs::read_to_string(&cfg)
-        .unwrap()
-        .replace("CLIPTextModelWithProjection", "CLIPTextModel");
-    std::fs::write(&cfg, text).unwrap();
-    let err = StableDiffusion::load(
-        ModelFolder::open(&dir, None).unwrap(),
-        LoadOptions::default(),
-    )
-    .unwrap_err()
-    .to_string();
+    rewrite(&cfg, "CLIPTextModelWithProjection", "CLIPTextModel");
+    let err = load_error(&dir);
     assert!(err.contains("CLIPTextModelWithProjection"), "{err}");
 }

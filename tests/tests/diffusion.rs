@@ -157,61 +157,46 @@ async fn registered_model_renders_on_a_worker_process_and_altered_weights_are_re
         ],
     );
     wait_for_workers(&url, 1).await;
+    // A lighthouse at 192², 3 UniPC steps, upscaled ×2, with `extra` flags.
+    let farm_render = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "--coordinator",
+            url.as_str(),
+            "render",
+            "--engine",
+            "diffusion",
+            "--model",
+            "tiny-sd1",
+            "--prompt",
+            "a lighthouse",
+            "--width",
+            "192",
+            "--height",
+            "192",
+            "--steps",
+            "3",
+            "--scheduler",
+            "unipc",
+            "--upscale",
+            "2",
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        hallmark(&args)
+    };
     let out_dir = dir.path().join("out");
-    ok(hallmark(&[
-        "--coordinator",
-        &url,
-        "render",
-        "--engine",
-        "diffusion",
-        "--model",
-        "tiny-sd1",
-        "--prompt",
-        "a lighthouse",
-        "--width",
-        "192",
-        "--height",
-        "192",
-        "--steps",
-        "3",
-        "--scheduler",
-        "unipc",
-        "--upscale",
-        "2",
-        "-o",
-        out_dir.to_str().unwrap(),
-    ]));
+    ok(farm_render(&out_dir, &[]));
     assert_eq!(dims(&out_dir.join("00000.png")), (192, 192));
     assert_eq!(dims(&out_dir.join("00000-upscalex2.png")), (384, 384));
 
     // A job that names its method overrides the worker's default: this
     // worker has no Real-ESRGAN weights, so an esrgan upscale fails with
     // that reason (the job's errors name it).
-    let esrgan_job = hallmark(&[
-        "--coordinator",
-        &url,
-        "render",
-        "--engine",
-        "diffusion",
-        "--model",
-        "tiny-sd1",
-        "--prompt",
-        "a lighthouse",
-        "--width",
-        "192",
-        "--height",
-        "192",
-        "--steps",
-        "3",
-        "--upscale",
-        "2",
-        "--upscale-method",
-        "esrgan",
-        "--max-attempts",
-        "1",
-        "-o",
-        dir.path().join("out-esrgan").to_str().unwrap(),
-    ]);
+    let esrgan_job = farm_render(
+        &dir.path().join("out-esrgan"),
+        &["--upscale-method", "esrgan", "--max-attempts", "1"],
+    );
     assert!(!esrgan_job.status.success());
     let text = format!(
         "{}{}",
