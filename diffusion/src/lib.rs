@@ -14,6 +14,7 @@
 //! - [`tiny`]: tiny random-weight checkpoints in the real layouts, for tests;
 //! - [`latents`]: initial latents from `.safetensors` or `.npy` files.
 
+mod attention;
 pub mod cache;
 pub mod clip;
 mod error;

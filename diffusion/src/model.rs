@@ -73,6 +73,9 @@ pub struct UnetConfig {
     pub cross_attention_dim: serde_json::Value,
     #[serde(default)]
     pub use_linear_projection: bool,
+    /// Attention scores in f32 (SD 2.x v-models overflow in fp16).
+    #[serde(default)]
+    pub upcast_attention: Option<bool>,
     #[serde(default)]
     pub transformer_layers_per_block: Option<serde_json::Value>,
     #[serde(default = "d32")]

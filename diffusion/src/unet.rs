@@ -1,8 +1,11 @@
-//! The denoising UNet (diffusers' `UNet2DConditionModel`), assembled here
-//! from candle-transformers' down, mid and up blocks. Our own top level
-//! because candle-transformers' UNet lacks SDXL's added conditioning
-//! (`addition_embed_type: "text_time"`): the pooled text embedding and the
-//! size/crop ids, embedded and added to the timestep embedding.
+//! The denoising UNet (diffusers' `UNet2DConditionModel`): candle-
+//! transformers' resnets and plain down/up blocks, with the project's own
+//! top level and attention blocks. Our own top level because
+//! candle-transformers' UNet lacks SDXL's added conditioning
+//! (`addition_embed_type: "text_time"`: the pooled text embedding and the
+//! size/crop ids, embedded and added to the timestep embedding); our own
+//! attention blocks so attention runs in the compute type (see
+//! [`crate::attention`]).
 //!
 //! The layout is read from the folder's `unet/config.json`; nothing about a
 //! model family is hard-coded.
@@ -11,14 +14,12 @@ use candle_core::{Device, Module, Tensor};
 use candle_nn::{Conv2d, GroupNorm, VarBuilder};
 use candle_transformers::models::stable_diffusion::{
     embeddings::{TimestepEmbedding, Timesteps},
-    unet_2d_blocks::{
-        CrossAttnDownBlock2D, CrossAttnDownBlock2DConfig, CrossAttnUpBlock2D,
-        CrossAttnUpBlock2DConfig, DownBlock2D, DownBlock2DConfig, UNetMidBlock2DCrossAttn,
-        UNetMidBlock2DCrossAttnConfig, UpBlock2D, UpBlock2DConfig,
-    },
+    resnet::{ResnetBlock2D, ResnetBlock2DConfig},
+    unet_2d_blocks::{DownBlock2D, DownBlock2DConfig, UpBlock2D, UpBlock2DConfig},
 };
 
 use crate::DiffusionError;
+use crate::attention::{Transformer2D, TransformerConfig};
 use crate::model::UnetConfig;
 
 /// One resolution level of the UNet.
@@ -49,6 +50,7 @@ pub struct UnetSpec {
     pub layers_per_block: usize,
     pub cross_attention_dim: usize,
     pub use_linear_projection: bool,
+    pub upcast_attention: bool,
     pub norm_num_groups: usize,
     pub norm_eps: f64,
     pub flip_sin_to_cos: bool,
@@ -179,6 +181,7 @@ impl UnetSpec {
             layers_per_block: layers[0],
             cross_attention_dim: cross[0],
             use_linear_projection: c.use_linear_projection,
+            upcast_attention: c.upcast_attention.unwrap_or(false),
             norm_num_groups: c.norm_num_groups,
             norm_eps: c.norm_eps,
             flip_sin_to_cos: c.flip_sin_to_cos,
@@ -190,31 +193,137 @@ impl UnetSpec {
         })
     }
 
+    /// The transformer blocks of an attention level.
+    fn transformer(&self, level: &Level, depth: usize) -> TransformerConfig {
+        TransformerConfig {
+            channels: level.channels,
+            heads: level.heads,
+            depth,
+            context_dim: self.cross_attention_dim,
+            groups: self.norm_num_groups,
+            linear_projection: self.use_linear_projection,
+            upcast_attention: self.upcast_attention,
+        }
+    }
+
     /// Width of the timestep embedding (four times the first level's).
     fn time_embed_dim(&self) -> usize {
         self.levels[0].channels * 4
     }
 }
 
+/// Halves the feature map: a stride-2 convolution (`downsamplers.0.conv`);
+/// with `downsample_padding` 0 the map is padded right and bottom first.
+#[derive(Debug)]
+struct Downsample {
+    conv: Conv2d,
+    pad: bool,
+}
+
+impl Downsample {
+    fn new(vb: VarBuilder, channels: usize, padding: usize) -> candle_core::Result<Self> {
+        let cfg = candle_nn::Conv2dConfig {
+            stride: 2,
+            padding,
+            ..Default::default()
+        };
+        Ok(Self {
+            conv: candle_nn::conv2d(channels, channels, 3, cfg, vb.pp("downsamplers.0.conv"))?,
+            pad: padding == 0,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if self.pad {
+            let xs = xs.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
+            self.conv.forward(&xs)
+        } else {
+            self.conv.forward(xs)
+        }
+    }
+}
+
+/// Doubles the feature map (or grows it to a skip connection's size):
+/// nearest-neighbour, then a convolution (`upsamplers.0.conv`).
+#[derive(Debug)]
+struct Upsample {
+    conv: Conv2d,
+}
+
+impl Upsample {
+    fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> candle_core::Result<Tensor> {
+        let (_, _, h, w) = xs.dims4()?;
+        let (th, tw) = size.unwrap_or((2 * h, 2 * w));
+        self.conv.forward(&xs.upsample_nearest2d(th, tw)?)
+    }
+}
+
+/// A level with attention: resnet → transformer pairs, then the resampler.
+#[derive(Debug)]
+struct AttnLevel {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2D>,
+}
+
+impl AttnLevel {
+    /// `inputs[i]`: the input channels of the i-th resnet.
+    fn new(
+        vb: &VarBuilder,
+        inputs: &[usize],
+        channels: usize,
+        resnet: ResnetBlock2DConfig,
+        attn: TransformerConfig,
+    ) -> candle_core::Result<Self> {
+        let resnets = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, &cin)| {
+                ResnetBlock2D::new(
+                    vb.pp("resnets").pp(i.to_string()),
+                    cin,
+                    ResnetBlock2DConfig {
+                        out_channels: Some(channels),
+                        ..resnet
+                    },
+                )
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let attentions = (0..inputs.len())
+            .map(|i| Transformer2D::new(vb.pp("attentions").pp(i.to_string()), attn))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            resnets,
+            attentions,
+        })
+    }
+}
+
 #[derive(Debug)]
 enum Down {
     Plain(DownBlock2D),
-    Attn(CrossAttnDownBlock2D),
+    Attn(AttnLevel, Option<Downsample>),
 }
 
 #[derive(Debug)]
 enum Up {
     Plain(UpBlock2D),
-    Attn(CrossAttnUpBlock2D),
+    Attn(AttnLevel, Option<Upsample>),
 }
 
 impl Up {
     fn resnets(&self) -> usize {
         match self {
             Up::Plain(b) => b.resnets.len(),
-            Up::Attn(b) => b.upblock.resnets.len(),
+            Up::Attn(l, _) => l.resnets.len(),
         }
     }
+}
+
+/// The middle: resnet, then (transformer, resnet) pairs.
+#[derive(Debug)]
+struct Mid {
+    first: ResnetBlock2D,
+    rest: Vec<(Transformer2D, ResnetBlock2D)>,
 }
 
 /// SDXL's added-conditioning layers.
@@ -241,7 +350,7 @@ pub struct Unet {
     time_embedding: TimestepEmbedding,
     added: Option<AddedEmbedding>,
     down: Vec<Down>,
-    mid: UNetMidBlock2DCrossAttn,
+    mid: Mid,
     up: Vec<Up>,
     norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -267,6 +376,15 @@ impl Unet {
             None => None,
         };
 
+        let resnet = ResnetBlock2DConfig {
+            out_channels: None,
+            temb_channels: Some(temb),
+            groups: spec.norm_num_groups,
+            groups_out: None,
+            eps: spec.norm_eps,
+            use_in_shortcut: None,
+            output_scale_factor: 1.0,
+        };
         let mut down = Vec::with_capacity(n);
         for (i, level) in spec.levels.iter().enumerate() {
             let cin = if i == 0 {
@@ -291,41 +409,46 @@ impl Unet {
                     Some(temb),
                     plain,
                 )?),
-                Some(depth) => Down::Attn(CrossAttnDownBlock2D::new(
-                    vb,
-                    cin,
-                    level.channels,
-                    Some(temb),
-                    false,
-                    CrossAttnDownBlock2DConfig {
-                        downblock: plain,
-                        attn_num_head_channels: level.heads,
-                        cross_attention_dim: spec.cross_attention_dim,
-                        sliced_attention_size: None,
-                        use_linear_projection: spec.use_linear_projection,
-                        transformer_layers_per_block: depth,
-                    },
-                )?),
+                Some(depth) => {
+                    let mut inputs = vec![level.channels; spec.layers_per_block];
+                    inputs[0] = cin;
+                    let attn = AttnLevel::new(
+                        &vb,
+                        &inputs,
+                        level.channels,
+                        resnet,
+                        spec.transformer(level, depth),
+                    )?;
+                    let resample = (i + 1 < n)
+                        .then(|| {
+                            Downsample::new(vb.clone(), level.channels, spec.downsample_padding)
+                        })
+                        .transpose()?;
+                    Down::Attn(attn, resample)
+                }
             });
         }
 
         let last = spec.levels.last().expect("checked non-empty");
-        let mid = UNetMidBlock2DCrossAttn::new(
-            vb.pp("mid_block"),
-            last.channels,
-            Some(temb),
-            false,
-            UNetMidBlock2DCrossAttnConfig {
-                resnet_eps: spec.norm_eps,
-                output_scale_factor: spec.mid_block_scale_factor,
-                cross_attn_dim: spec.cross_attention_dim,
-                attn_num_head_channels: last.heads,
-                resnet_groups: Some(spec.norm_num_groups),
-                use_linear_projection: spec.use_linear_projection,
-                transformer_layers_per_block: last.transformer_layers.unwrap_or(1),
-                ..Default::default()
-            },
-        )?;
+        let mid_vb = vb.pp("mid_block");
+        let mid_resnet = |i: usize| {
+            ResnetBlock2D::new(
+                mid_vb.pp("resnets").pp(i.to_string()),
+                last.channels,
+                ResnetBlock2DConfig {
+                    output_scale_factor: spec.mid_block_scale_factor,
+                    ..resnet
+                },
+            )
+        };
+        let mid_attn = spec.transformer(last, last.transformer_layers.unwrap_or(1));
+        let mid = Mid {
+            first: mid_resnet(0)?,
+            rest: vec![(
+                Transformer2D::new(mid_vb.pp("attentions.0"), mid_attn)?,
+                mid_resnet(1)?,
+            )],
+        };
 
         // Up blocks run from the deepest level back; each also takes the
         // skip connections of its mirrored down level.
@@ -355,22 +478,46 @@ impl Unet {
                     Some(temb),
                     plain,
                 )?),
-                Some(depth) => Up::Attn(CrossAttnUpBlock2D::new(
-                    vb,
-                    skip,
-                    prev,
-                    level.channels,
-                    Some(temb),
-                    false,
-                    CrossAttnUpBlock2DConfig {
-                        upblock: plain,
-                        attn_num_head_channels: level.heads,
-                        cross_attention_dim: spec.cross_attention_dim,
-                        sliced_attention_size: None,
-                        use_linear_projection: spec.use_linear_projection,
-                        transformer_layers_per_block: depth,
-                    },
-                )?),
+                Some(depth) => {
+                    // Each resnet takes the running map and one skip
+                    // connection (the last one from the level below).
+                    let layers = spec.layers_per_block + 1;
+                    let inputs: Vec<usize> = (0..layers)
+                        .map(|j| {
+                            let running = if j == 0 { prev } else { level.channels };
+                            let skip_ch = if j + 1 == layers {
+                                skip
+                            } else {
+                                level.channels
+                            };
+                            running + skip_ch
+                        })
+                        .collect();
+                    let attn = AttnLevel::new(
+                        &vb,
+                        &inputs,
+                        level.channels,
+                        resnet,
+                        spec.transformer(level, depth),
+                    )?;
+                    let resample = (i + 1 < n)
+                        .then(|| {
+                            let pad1 = candle_nn::Conv2dConfig {
+                                padding: 1,
+                                ..Default::default()
+                            };
+                            candle_nn::conv2d(
+                                level.channels,
+                                level.channels,
+                                3,
+                                pad1,
+                                vb.pp("upsamplers.0.conv"),
+                            )
+                            .map(|conv| Upsample { conv })
+                        })
+                        .transpose()?;
+                    Up::Attn(attn, resample)
+                }
             });
         }
 
@@ -462,12 +609,27 @@ impl Unet {
         for block in &self.down {
             let (out, states) = match block {
                 Down::Plain(d) => d.forward(&xs, Some(&emb))?,
-                Down::Attn(d) => d.forward(&xs, Some(&emb), Some(context))?,
+                Down::Attn(level, resample) => {
+                    let mut states = Vec::new();
+                    let mut x = xs.clone();
+                    for (r, a) in level.resnets.iter().zip(&level.attentions) {
+                        x = a.forward(&r.forward(&x, Some(&emb))?, context)?;
+                        states.push(x.clone());
+                    }
+                    if let Some(d) = resample {
+                        x = d.forward(&x)?;
+                        states.push(x.clone());
+                    }
+                    (x, states)
+                }
             };
             skips.extend(states);
             xs = out;
         }
-        xs = self.mid.forward(&xs, Some(&emb), Some(context))?;
+        xs = self.mid.first.forward(&xs, Some(&emb))?;
+        for (a, r) in &self.mid.rest {
+            xs = r.forward(&a.forward(&xs, context)?, Some(&emb))?;
+        }
         // Sizes that do not halve evenly down the levels upsample to the
         // skip connection's size rather than to twice their own.
         let factor = 1usize << (self.up.len() - 1);
@@ -483,7 +645,18 @@ impl Unet {
             };
             xs = match block {
                 Up::Plain(u) => u.forward(&xs, &res, Some(&emb), size)?,
-                Up::Attn(u) => u.forward(&xs, &res, Some(&emb), size, Some(context))?,
+                Up::Attn(level, resample) => {
+                    let mut x = xs;
+                    for (j, (r, a)) in level.resnets.iter().zip(&level.attentions).enumerate() {
+                        let skip = &res[res.len() - 1 - j];
+                        x = Tensor::cat(&[&x, skip], 1)?;
+                        x = a.forward(&r.forward(&x, Some(&emb))?, context)?;
+                    }
+                    match resample {
+                        Some(u) => u.forward(&x, size)?,
+                        None => x,
+                    }
+                }
             };
         }
         let xs = candle_nn::ops::silu(&self.norm_out.forward(&xs)?)?;
