@@ -319,6 +319,7 @@ fn init_tiny(
     clip_vocab: &Path,
     json: bool,
 ) -> anyhow::Result<i32> {
+    let arch_name = arch;
     let arch: hallmark_diffusion::tiny::TinyArch = arch.parse()?;
     let needs_vocab = !matches!(arch, hallmark_diffusion::tiny::TinyArch::Esrgan { .. });
     if needs_vocab && !clip_vocab.is_file() {
@@ -330,13 +331,10 @@ fn init_tiny(
     hallmark_diffusion::tiny::init_tiny(dir, arch, seed, needs_vocab.then_some(clip_vocab))
         .with_context(|| format!("writing a tiny checkpoint into {}", dir.display()))?;
     if json {
-        println!(
-            "{}",
-            json!({"dir": dir, "arch": format!("{arch:?}"), "seed": seed})
-        );
+        println!("{}", json!({"dir": dir, "arch": arch_name, "seed": seed}));
     } else {
         println!(
-            "wrote a tiny {arch:?} checkpoint (seed {seed}) into {}",
+            "wrote a tiny {arch_name} checkpoint (seed {seed}) into {}",
             dir.display()
         );
     }
