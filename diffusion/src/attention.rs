@@ -9,6 +9,14 @@
 use candle_core::{D, DType, Module, Tensor};
 use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
 
+/// `(batch, tokens, heads × d)` → `(batch, heads, tokens, d)`, contiguous.
+pub(crate) fn heads_first(t: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let (b, tokens, dim) = t.dims3()?;
+    t.reshape((b, tokens, heads, dim / heads))?
+        .transpose(1, 2)?
+        .contiguous()
+}
+
 /// Multi-head attention: self-attention, or cross-attention to `context`.
 #[derive(Debug)]
 struct Attention {
@@ -41,16 +49,12 @@ impl Attention {
     fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
         let (b, n, dim) = xs.dims3()?;
         let d = dim / self.heads;
-        // (b, tokens, heads × d) → (b, heads, tokens, d)
-        let split = |t: Tensor| -> candle_core::Result<Tensor> {
-            let tokens = t.dim(1)?;
-            t.reshape((b, tokens, self.heads, d))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split((self.to_q.forward(xs)? * (d as f64).powf(-0.5))?)?;
-        let k = split(self.to_k.forward(context)?)?;
-        let v = split(self.to_v.forward(context)?)?;
+        let q = heads_first(
+            &(self.to_q.forward(xs)? * (d as f64).powf(-0.5))?,
+            self.heads,
+        )?;
+        let k = heads_first(&self.to_k.forward(context)?, self.heads)?;
+        let v = heads_first(&self.to_v.forward(context)?, self.heads)?;
         let dtype = q.dtype();
         let (q, k) = if self.upcast {
             (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)

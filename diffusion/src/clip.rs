@@ -8,6 +8,7 @@ use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
 use crate::DiffusionError;
+use crate::attention::heads_first;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct ClipTextConfig {
@@ -163,14 +164,9 @@ impl ClipTextModel {
     ) -> candle_core::Result<Tensor> {
         let (b, t, h) = xs.dims3()?;
         let hd = h / self.heads;
-        let split = |x: Tensor| {
-            x.reshape((b, t, self.heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split((l.q.forward(xs)? * (hd as f64).powf(-0.5))?)?;
-        let k = split(l.k.forward(xs)?)?;
-        let v = split(l.v.forward(xs)?)?;
+        let q = heads_first(&(l.q.forward(xs)? * (hd as f64).powf(-0.5))?, self.heads)?;
+        let k = heads_first(&l.k.forward(xs)?, self.heads)?;
+        let v = heads_first(&l.v.forward(xs)?, self.heads)?;
         let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
         let probs =
             candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;

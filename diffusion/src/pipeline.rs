@@ -495,9 +495,26 @@ impl StableDiffusion {
     /// The negative prompts' conditioning: their encoding, or zeros for an
     /// empty negative when the model says so (SDXL's
     /// `force_zeros_for_empty_prompt`).
-    fn encode_negatives(&self, negatives: &[String]) -> Result<Conditioning, DiffusionError> {
+    /// `prompts` is the batch's prompt conditioning, whose shape the zeros take
+    /// when no negative needs encoding.
+    fn encode_negatives(
+        &self,
+        negatives: &[String],
+        prompts: &Conditioning,
+    ) -> Result<Conditioning, DiffusionError> {
+        let zeros = self.folder.force_zeros_for_empty_prompt;
+        if zeros && negatives.iter().all(String::is_empty) {
+            return Ok(Conditioning {
+                context: prompts.context.zeros_like()?,
+                pooled: prompts
+                    .pooled
+                    .as_ref()
+                    .map(Tensor::zeros_like)
+                    .transpose()?,
+            });
+        }
         let enc = self.encode(negatives)?.0;
-        if !self.folder.force_zeros_for_empty_prompt {
+        if !zeros {
             return Ok(enc);
         }
         let keep: Vec<f32> = negatives
@@ -639,7 +656,7 @@ impl StableDiffusion {
         let (cond, truncated) = self.encode(&prompts)?;
         let cond = if guided {
             let negatives: Vec<String> = req.samples.iter().map(|s| s.negative.clone()).collect();
-            let uncond = self.encode_negatives(&negatives)?;
+            let uncond = self.encode_negatives(&negatives, &cond)?;
             Conditioning {
                 context: Tensor::cat(&[uncond.context, cond.context], 0)?,
                 pooled: match (uncond.pooled, cond.pooled) {

@@ -251,6 +251,16 @@ struct Upsample {
 }
 
 impl Upsample {
+    fn new(vb: VarBuilder, channels: usize) -> candle_core::Result<Self> {
+        let pad1 = candle_nn::Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        Ok(Self {
+            conv: candle_nn::conv2d(channels, channels, 3, pad1, vb.pp("upsamplers.0.conv"))?,
+        })
+    }
+
     fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> candle_core::Result<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
@@ -319,16 +329,18 @@ impl Up {
     }
 }
 
-/// The middle: resnet, then (transformer, resnet) pairs.
+/// The middle: resnet, transformer, resnet.
 #[derive(Debug)]
 struct Mid {
     first: ResnetBlock2D,
-    rest: Vec<(Transformer2D, ResnetBlock2D)>,
+    attention: Transformer2D,
+    second: ResnetBlock2D,
 }
 
 /// SDXL's added-conditioning layers.
 #[derive(Debug)]
 struct AddedEmbedding {
+    sizes: TextTime,
     time_proj: Timesteps,
     embedding: TimestepEmbedding,
 }
@@ -370,6 +382,7 @@ impl Unet {
         let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), first, temb)?;
         let added = match spec.text_time {
             Some(tt) => Some(AddedEmbedding {
+                sizes: tt,
                 time_proj: Timesteps::new(tt.time_dim, spec.flip_sin_to_cos, spec.freq_shift),
                 embedding: TimestepEmbedding::new(vb.pp("add_embedding"), tt.input_dim, temb)?,
             }),
@@ -444,10 +457,8 @@ impl Unet {
         let mid_attn = spec.transformer(last, last.transformer_layers.unwrap_or(1));
         let mid = Mid {
             first: mid_resnet(0)?,
-            rest: vec![(
-                Transformer2D::new(mid_vb.pp("attentions.0"), mid_attn)?,
-                mid_resnet(1)?,
-            )],
+            attention: Transformer2D::new(mid_vb.pp("attentions.0"), mid_attn)?,
+            second: mid_resnet(1)?,
         };
 
         // Up blocks run from the deepest level back; each also takes the
@@ -501,20 +512,7 @@ impl Unet {
                         spec.transformer(level, depth),
                     )?;
                     let resample = (i + 1 < n)
-                        .then(|| {
-                            let pad1 = candle_nn::Conv2dConfig {
-                                padding: 1,
-                                ..Default::default()
-                            };
-                            candle_nn::conv2d(
-                                level.channels,
-                                level.channels,
-                                3,
-                                pad1,
-                                vb.pp("upsamplers.0.conv"),
-                            )
-                            .map(|conv| Upsample { conv })
-                        })
+                        .then(|| Upsample::new(vb.clone(), level.channels))
                         .transpose()?;
                     Up::Attn(attn, resample)
                 }
@@ -542,10 +540,6 @@ impl Unet {
         })
     }
 
-    pub fn spec(&self) -> &UnetSpec {
-        &self.spec
-    }
-
     /// The timestep embedding, plus the added conditioning when the model
     /// takes it.
     fn embedding(
@@ -566,10 +560,10 @@ impl Unet {
                 let ids = layers
                     .time_proj
                     .forward(&ids.flatten_all()?)?
-                    .reshape((b, k * self.spec.text_time.expect("added set").time_dim))?;
+                    .reshape((b, k * layers.sizes.time_dim))?;
                 let pooled = a.pooled.to_dtype(dtype)?.to_device(device)?;
                 let input = Tensor::cat(&[&pooled, &ids], 1)?;
-                let want = self.spec.text_time.expect("added set").input_dim;
+                let want = layers.sizes.input_dim;
                 if input.dim(1)? != want || b != batch {
                     return Err(DiffusionError::BadModel(format!(
                         "the unet's add_embedding takes {want} values per image, the pooled text ({}) and {k} ids give {}",
@@ -627,9 +621,8 @@ impl Unet {
             xs = out;
         }
         xs = self.mid.first.forward(&xs, Some(&emb))?;
-        for (a, r) in &self.mid.rest {
-            xs = r.forward(&a.forward(&xs, context)?, Some(&emb))?;
-        }
+        xs = self.mid.attention.forward(&xs, context)?;
+        xs = self.mid.second.forward(&xs, Some(&emb))?;
         // Sizes that do not halve evenly down the levels upsample to the
         // skip connection's size rather than to twice their own.
         let factor = 1usize << (self.up.len() - 1);

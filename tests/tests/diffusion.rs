@@ -38,6 +38,15 @@ fn init_tiny(dir: &Path, arch: &str) {
     ]));
 }
 
+/// `hallmark --json verify DIR` with the embedded farm's state, which must pass.
+fn verify_report(dir: &Path, state: &Path) -> String {
+    ok(std::process::Command::new(bin("hallmark"))
+        .args(["--json", "verify", dir.to_str().unwrap()])
+        .env("HALLMARK_STATE_DIR", state)
+        .output()
+        .unwrap())
+}
+
 fn dims(p: &Path) -> (u32, u32) {
     image::image_dimensions(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
@@ -88,12 +97,7 @@ async fn embedded_render_runs_the_diffusion_engine_and_the_esrgan_stage() {
             (384, 384)
         );
     }
-    let verify = std::process::Command::new(bin("hallmark"))
-        .args(["--json", "verify", out_dir.to_str().unwrap()])
-        .env("HALLMARK_STATE_DIR", &state)
-        .output()
-        .unwrap();
-    let report = ok(verify);
+    let report = verify_report(&out_dir, &state);
     assert!(
         report.contains("tiny-sd1"),
         "the generation record names the model: {report}"
@@ -292,12 +296,7 @@ async fn embedded_render_runs_an_sdxl_model_and_names_bad_hub_references() {
     };
     ok(render(model.to_str().unwrap(), &out_dir));
     assert_eq!(dims(&out_dir.join("00000.png")), (256, 192));
-    let verify = std::process::Command::new(bin("hallmark"))
-        .args(["--json", "verify", out_dir.to_str().unwrap()])
-        .env("HALLMARK_STATE_DIR", &state)
-        .output()
-        .unwrap();
-    let report = ok(verify);
+    let report = verify_report(&out_dir, &state);
     assert!(report.contains("tiny-sdxl"), "{report}");
 
     // A malformed Hub reference is named, and nothing is written.

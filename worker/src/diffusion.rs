@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Tensor};
 use hallmark_diffusion::cache::ModelCache;
 use hallmark_diffusion::esrgan::RrdbNet;
+use hallmark_diffusion::hub::{self, HubModel, HubOptions};
 use hallmark_diffusion::model::ModelFolder;
 use hallmark_diffusion::upscale::{HiresFix, UpscaleMethod};
 use hallmark_diffusion::{
@@ -124,11 +125,15 @@ impl DiffusionArgs {
                     _ => (None, m.as_str()),
                 };
                 // A Hub model is fetched (or found in the Hub cache) now.
-                let dir = hallmark_diffusion::hub::resolve(reference, self.variant.as_deref())?;
-                let id = match (id, hallmark_diffusion::hub::HubModel::parse(reference)) {
+                let hub = HubModel::parse(reference).transpose()?;
+                let dir = match &hub {
+                    Some(h) => hub::fetch(h, self.variant.as_deref(), &HubOptions::from_env())?,
+                    None => PathBuf::from(reference),
+                };
+                let id = match (id, &hub) {
                     (Some(id), _) => id.to_string(),
-                    (None, Some(Ok(hub))) => hub.name().to_string(),
-                    _ => dir
+                    (None, Some(h)) => h.name().to_string(),
+                    (None, None) => dir
                         .file_name()
                         .map(|n| n.to_string_lossy().into_owned())
                         .unwrap_or_else(|| m.clone()),
