@@ -4,8 +4,13 @@
 # on the same SD-1.5-architecture random weights, 512², 20 steps, Euler a,
 # guidance 7.5, batch 1 and 8, in one run.
 #
+# The engine runs twice: with flash attention (a `flash-attn` build) and with
+# matmul attention, then a per-section profile of one guided UNet call of
+# each (where the time goes, for the next change).
+#
 # Prepared on the build machine (see README "GPU benchmark"):
-#   .gpu/hallmark-diffusion-bench.gz  (cargo build --release --features cuda, stripped, gzipped)
+#   .gpu/hallmark-diffusion-bench.gz  (cargo build --release --features flash-attn
+#                                      (or cuda), stripped, gzipped)
 #   .gpu/hallmark-diffusion-bench-cudnn.gz  (the same with --features cudnn; optional)
 #   .gpu/run-on-gpu.sh             (../shared/gpu/run-on-gpu.sh)
 #   .gpu/bpe_simple_vocab_16e6.txt.gz
@@ -28,11 +33,17 @@ run() { local v="$1"; shift; PYTHON=python3 .gpu/run-on-gpu.sh "/tmp/hallmark-di
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 run "" init "$MODEL" --arch sd15-full --clip-vocab .gpu/bpe_simple_vocab_16e6.txt.gz 2>&1
 {
-  for v in "" -cudnn; do
-    [ -x "/tmp/hallmark-diffusion-bench$v" ] || continue
-    echo "# build: cuda$v"
-    run "$v" pipeline --model "$MODEL" --device cuda --dtype f16 --size 512 --steps 20 --batch 1,8 --runs 2
+  for attention in flash matmul; do
+    echo "# build: cuda, attention: $attention"
+    run "" pipeline --model "$MODEL" --device cuda --dtype f16 --attention "$attention" --size 512 --steps 20 --batch 1,8 --runs 2
   done
+  if [ -x /tmp/hallmark-diffusion-bench-cudnn ]; then
+    echo "# build: cudnn"
+    run -cudnn pipeline --model "$MODEL" --device cuda --dtype f16 --size 512 --steps 20 --batch 1 --runs 2
+  fi
   python3 bench/diffusion/diffusers_bench.py pipeline "$MODEL" --device cuda --dtype f16 --size 512 --steps 20 --batch 1,8 --runs 2
   run "" pipeline --model "$MODEL" --device cuda --dtype bf16 --size 512 --steps 20 --batch 1 --runs 1
+  for attention in flash matmul; do
+    run "" profile --model "$MODEL" --device cuda --dtype f16 --attention "$attention" --size 512 --batch 2 --runs 3
+  done
 } 2>&1 | tee "$OUT/gpu-bench.jsonl"

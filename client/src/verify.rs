@@ -373,6 +373,16 @@ pub fn print_report(r: &FileReport) {
                 "               job {} task {} worker {}",
                 g.job_id, g.task_id, g.worker_id
             );
+            if let Some(u) = &g.upscale {
+                let mut how = format!("{} ×{}", u.method, u.factor);
+                if let Some(w) = &u.weights_sha256 {
+                    how += &format!(", weights {}", short(w));
+                }
+                if let (Some(strength), Some(steps)) = (u.strength, u.steps) {
+                    how += &format!(", strength {strength}, {steps} steps");
+                }
+                println!("  upscale      {how}");
+            }
             if !g.datasets.is_empty() {
                 println!("  datasets     {}", g.datasets.join(", "));
             }

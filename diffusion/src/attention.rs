@@ -6,8 +6,91 @@
 //! (SD 2.x v-models, which overflow in fp16) compute the scores and the
 //! softmax in f32, as diffusers does.
 
-use candle_core::{D, DType, Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+use std::str::FromStr;
+
+use candle_core::{D, DType, Device, Module, Tensor};
+use candle_nn::{Conv2d, LayerNorm, Linear, VarBuilder};
+
+use crate::DiffusionError;
+use crate::profile::section;
+use crate::resnet::GroupNorm;
+
+/// How the UNet's attention is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// `softmax(QKᵀ)V` with candle's matmuls, the score matrix materialised
+    /// per head (every device and type).
+    Matmul,
+    /// Fused flash attention (FlashAttention-2 through `candle-flash-attn`):
+    /// the scores stay on chip and are accumulated in f32, so the
+    /// `upcast_attention` models are safe too. CUDA, f16/bf16, head sizes
+    /// that are multiples of 8 up to 256 (other layers fall back to
+    /// [`AttentionKernel::Matmul`]).
+    Flash,
+}
+
+/// The kernel a load asks for: `auto` (flash where this build, the device
+/// and the type allow it, else matmul), `matmul` or `flash`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AttentionChoice {
+    #[default]
+    Auto,
+    Matmul,
+    Flash,
+}
+
+impl FromStr for AttentionChoice {
+    type Err = DiffusionError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "matmul" => Ok(Self::Matmul),
+            "flash" => Ok(Self::Flash),
+            other => Err(DiffusionError::BadRequest(format!(
+                "unknown attention kernel {other:?} (auto, matmul, flash)"
+            ))),
+        }
+    }
+}
+
+impl AttentionChoice {
+    /// The kernel to use on `device` in `dtype`; asking for flash where it
+    /// cannot run is an error naming why.
+    pub fn resolve(self, device: &Device, dtype: DType) -> Result<AttentionKernel, DiffusionError> {
+        let unavailable = if !cfg!(feature = "flash-attn") {
+            Some("this build lacks the `flash-attn` feature")
+        } else if !device.is_cuda() {
+            Some("it runs only on a CUDA device")
+        } else if !matches!(dtype, DType::F16 | DType::BF16) {
+            Some("it needs the f16 or bf16 compute type")
+        } else {
+            None
+        };
+        match (self, unavailable) {
+            (Self::Matmul, _) | (Self::Auto, Some(_)) => Ok(AttentionKernel::Matmul),
+            (Self::Flash | Self::Auto, None) => Ok(AttentionKernel::Flash),
+            (Self::Flash, Some(why)) => Err(DiffusionError::BadRequest(format!(
+                "flash attention cannot run here: {why}"
+            ))),
+        }
+    }
+}
+
+#[cfg(feature = "flash-attn")]
+fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core::Result<Tensor> {
+    candle_flash_attn::flash_attn(q, k, v, scale, false)
+}
+
+#[cfg(not(feature = "flash-attn"))]
+fn flash_attention(
+    _q: &Tensor,
+    _k: &Tensor,
+    _v: &Tensor,
+    _scale: f32,
+) -> candle_core::Result<Tensor> {
+    candle_core::bail!("flash attention is not in this build (the `flash-attn` feature)")
+}
 
 /// `(batch, tokens, heads × d)` → `(batch, heads, tokens, d)`, contiguous.
 pub(crate) fn heads_first(t: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
@@ -26,6 +109,7 @@ struct Attention {
     to_out: Linear,
     heads: usize,
     upcast: bool,
+    flash: bool,
 }
 
 impl Attention {
@@ -33,40 +117,58 @@ impl Attention {
         vb: VarBuilder,
         dim: usize,
         context_dim: usize,
-        heads: usize,
-        upcast: bool,
+        cfg: &TransformerConfig,
     ) -> candle_core::Result<Self> {
+        let (heads, d) = (cfg.heads, dim / cfg.heads);
         Ok(Self {
             to_q: candle_nn::linear_no_bias(dim, dim, vb.pp("to_q"))?,
             to_k: candle_nn::linear_no_bias(context_dim, dim, vb.pp("to_k"))?,
             to_v: candle_nn::linear_no_bias(context_dim, dim, vb.pp("to_v"))?,
             to_out: candle_nn::linear(dim, dim, vb.pp("to_out.0"))?,
             heads,
-            upcast,
+            upcast: cfg.upcast_attention,
+            flash: cfg.attention == AttentionKernel::Flash && d.is_multiple_of(8) && d <= 256,
         })
     }
 
     fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
         let (b, n, dim) = xs.dims3()?;
         let d = dim / self.heads;
-        let q = heads_first(
-            &(self.to_q.forward(xs)? * (d as f64).powf(-0.5))?,
-            self.heads,
-        )?;
-        let k = heads_first(&self.to_k.forward(context)?, self.heads)?;
-        let v = heads_first(&self.to_v.forward(context)?, self.heads)?;
+        if self.flash {
+            // (batch, tokens, heads, d) as the projections lay them out.
+            let m = context.dim(1)?;
+            let q = self.to_q.forward(xs)?.reshape((b, n, self.heads, d))?;
+            let k = self.to_k.forward(context)?.reshape((b, m, self.heads, d))?;
+            let v = self.to_v.forward(context)?.reshape((b, m, self.heads, d))?;
+            let out = flash_attention(&q, &k, &v, (d as f32).powf(-0.5))?;
+            return self.to_out.forward(&out.reshape((b, n, dim))?);
+        }
+        let (q, k, v) = section("attention/projections", || {
+            let q = heads_first(
+                &(self.to_q.forward(xs)? * (d as f64).powf(-0.5))?,
+                self.heads,
+            )?;
+            let k = heads_first(&self.to_k.forward(context)?, self.heads)?;
+            let v = heads_first(&self.to_v.forward(context)?, self.heads)?;
+            candle_core::Result::Ok((q, k, v))
+        })?;
         let dtype = q.dtype();
         let (q, k) = if self.upcast {
             (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
         } else {
             (q, k)
         };
-        let probs = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?.to_dtype(dtype)?;
-        let out = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, n, self.heads * d))?;
-        self.to_out.forward(&out)
+        let scores = section("attention/scores", || q.matmul(&k.t()?))?;
+        let probs = section("attention/softmax", || {
+            candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)
+        })?;
+        let out = section("attention/weighted-sum", || {
+            probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((b, n, self.heads * d))
+        })?;
+        section("attention/projections", || self.to_out.forward(&out))
     }
 }
 
@@ -106,10 +208,16 @@ struct Block {
 
 impl Block {
     fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.norm1.forward(xs)?;
-        let xs = (self.attn1.forward(&h, &h)? + xs)?;
-        let xs = (self.attn2.forward(&self.norm2.forward(&xs)?, context)? + xs)?;
-        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+        let xs = section("transformer/self-attention", || {
+            let h = self.norm1.forward(xs)?;
+            self.attn1.forward(&h, &h)? + xs
+        })?;
+        let xs = section("transformer/cross-attention", || {
+            self.attn2.forward(&self.norm2.forward(&xs)?, context)? + &xs
+        })?;
+        section("transformer/feed-forward", || {
+            self.ff.forward(&self.norm3.forward(&xs)?)? + &xs
+        })
     }
 }
 
@@ -129,6 +237,7 @@ pub struct TransformerConfig {
     pub groups: usize,
     pub linear_projection: bool,
     pub upcast_attention: bool,
+    pub attention: AttentionKernel,
 }
 
 /// diffusers' `Transformer2DModel`: group norm, project the feature map to
@@ -156,22 +265,16 @@ impl Transformer2D {
                 let vb = vb.pp("transformer_blocks").pp(i.to_string());
                 Ok(Block {
                     norm1: candle_nn::layer_norm(c, 1e-5, vb.pp("norm1"))?,
-                    attn1: Attention::new(vb.pp("attn1"), c, c, cfg.heads, cfg.upcast_attention)?,
+                    attn1: Attention::new(vb.pp("attn1"), c, c, &cfg)?,
                     norm2: candle_nn::layer_norm(c, 1e-5, vb.pp("norm2"))?,
-                    attn2: Attention::new(
-                        vb.pp("attn2"),
-                        c,
-                        cfg.context_dim,
-                        cfg.heads,
-                        cfg.upcast_attention,
-                    )?,
+                    attn2: Attention::new(vb.pp("attn2"), c, cfg.context_dim, &cfg)?,
                     norm3: candle_nn::layer_norm(c, 1e-5, vb.pp("norm3"))?,
                     ff: FeedForward::new(vb.pp("ff"), c)?,
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
-            norm: candle_nn::group_norm(cfg.groups, c, 1e-6, vb.pp("norm"))?,
+            norm: GroupNorm::new(vb.pp("norm"), cfg.groups, c, 1e-6)?,
             proj_in: projection("proj_in")?,
             blocks,
             proj_out: projection("proj_out")?,
@@ -195,5 +298,39 @@ impl Transformer2D {
             Projection::Linear(p) => to_map(&p.forward(&tokens)?)?,
         };
         out + xs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernels_parse_and_resolve_to_what_the_device_can_run() {
+        let parse = |s: &str| s.parse::<AttentionChoice>();
+        assert_eq!(parse("auto").unwrap(), AttentionChoice::Auto);
+        assert_eq!(parse("matmul").unwrap(), AttentionChoice::Matmul);
+        assert_eq!(parse("flash").unwrap(), AttentionChoice::Flash);
+        let err = parse("sdpa").unwrap_err().to_string();
+        assert!(
+            err.contains("\"sdpa\"") && err.contains("auto, matmul, flash"),
+            "{err}"
+        );
+
+        let cpu = Device::Cpu;
+        for dtype in [DType::F32, DType::F16] {
+            let auto = AttentionChoice::Auto.resolve(&cpu, dtype).unwrap();
+            assert_eq!(auto, AttentionKernel::Matmul);
+        }
+        let err = AttentionChoice::Flash
+            .resolve(&cpu, DType::F16)
+            .unwrap_err()
+            .to_string();
+        let why = if cfg!(feature = "flash-attn") {
+            "CUDA device"
+        } else {
+            "`flash-attn` feature"
+        };
+        assert!(err.contains(why), "{err}");
     }
 }

@@ -7,6 +7,8 @@
 //! - [`scheduler`]: DDIM, Euler, Euler ancestral, DPM++ 2M Karras, UniPC;
 //! - [`rng`]: the seeded noise generator (same noise on every device);
 //! - [`unet`]: the denoising UNet, with SDXL's added conditioning;
+//! - [`attention`]: its transformer blocks, attention by matmuls or fused flash attention;
+//! - [`profile`]: where a UNet call spends its time (the benchmark's `profile`);
 //! - [`pipeline`]: Stable Diffusion 1.x/2.x/XL text-to-image and img2img;
 //! - [`esrgan`]: Real-ESRGAN (RRDBNet) super-resolution, tiled;
 //! - [`upscale`]: the super-resolution stage (Real-ESRGAN or hires fix);
@@ -14,7 +16,7 @@
 //! - [`tiny`]: tiny random-weight checkpoints in the real layouts, for tests;
 //! - [`latents`]: initial latents from `.safetensors` or `.npy` files.
 
-mod attention;
+pub mod attention;
 pub mod cache;
 pub mod clip;
 mod error;
@@ -23,6 +25,8 @@ pub mod hub;
 pub mod latents;
 pub mod model;
 pub mod pipeline;
+pub mod profile;
+mod resnet;
 pub mod rng;
 pub mod scheduler;
 pub mod tiny;
@@ -30,6 +34,7 @@ pub mod tokenizer;
 pub mod unet;
 pub mod upscale;
 
+pub use attention::AttentionChoice;
 pub use error::DiffusionError;
 pub use pipeline::{GenerateRequest, Generation, LoadOptions, Sample, StableDiffusion};
 pub use scheduler::SchedulerKind;

@@ -17,6 +17,7 @@ use candle_transformers::models::stable_diffusion::{
 use image::RgbImage;
 
 use crate::DiffusionError;
+use crate::attention::{AttentionChoice, AttentionKernel};
 use crate::clip::ClipTextModel;
 use crate::model::{Family, ModelFolder, VaeConfig, WeightFile};
 use crate::rng::NoiseGenerator;
@@ -32,6 +33,8 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// Weight file variant to prefer (`fp16`).
     pub variant: Option<String>,
+    /// The UNet's attention kernel.
+    pub attention: AttentionChoice,
 }
 
 /// A device by name: `cpu`, `cuda` or `cuda:N`.
@@ -75,6 +78,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             dtype: DType::F32,
             variant: None,
+            attention: AttentionChoice::Auto,
         }
     }
 }
@@ -269,10 +273,13 @@ impl std::fmt::Debug for StableDiffusion {
     }
 }
 
-/// The VAE's compute type: f16 models keep their VAE in f32 when the config
-/// says it overflows (`force_upcast`), as diffusers does.
-fn vae_dtype(c: &VaeConfig, dtype: DType) -> DType {
-    if dtype == DType::F16 && c.force_upcast {
+/// The VAE's compute type. As in diffusers, an f16 SDXL model decodes in
+/// f32 when its VAE config says it overflows (`force_upcast`, true for the
+/// original SDXL VAE); SD 1.x/2.x VAEs run in f16 (diffusers' SD pipelines
+/// ignore the flag). An overflow still fails the task by name (the
+/// non-finite check on the decoded pixels), never a black image.
+fn vae_dtype(family: Family, c: &VaeConfig, dtype: DType) -> DType {
+    if dtype == DType::F16 && c.force_upcast && family == Family::StableDiffusionXl {
         DType::F32
     } else {
         dtype
@@ -377,7 +384,8 @@ impl StableDiffusion {
                     .into(),
             ));
         }
-        let spec = UnetSpec::from_config(&unet_cfg)?;
+        let mut spec = UnetSpec::from_config(&unet_cfg)?;
+        spec.attention = options.attention.resolve(&options.device, options.dtype)?;
         let text_width: usize = widths.iter().map(|w| w.0).sum();
         if spec.cross_attention_dim != text_width {
             return Err(DiffusionError::BadModel(format!(
@@ -412,7 +420,7 @@ impl StableDiffusion {
         let vb = var_builder(&folder.unet, &options)?;
         let unet = Unet::new(vb, spec).map_err(|e| load_err("unet", &folder.unet, e))?;
         let vae_options = LoadOptions {
-            dtype: vae_dtype(&vae_cfg, options.dtype),
+            dtype: vae_dtype(folder.family, &vae_cfg, options.dtype),
             ..options.clone()
         };
         let vb = var_builder(&folder.vae, &vae_options)?;
@@ -441,6 +449,11 @@ impl StableDiffusion {
 
     pub fn scheduler_config(&self) -> &SchedulerConfig {
         &self.scheduler_cfg
+    }
+
+    /// The UNet's attention kernel, as the load resolved it.
+    pub fn attention(&self) -> AttentionKernel {
+        self.unet.attention()
     }
 
     pub fn device(&self) -> &Device {
@@ -556,9 +569,11 @@ impl StableDiffusion {
         let mut out = Vec::new();
         for i in 0..latents.dim(0)? {
             let z = (latents.get(i)?.unsqueeze(0)? / self.vae_cfg.scaling_factor)?;
-            let z = z
-                .to_device(&self.options.device)?
-                .to_dtype(vae_dtype(&self.vae_cfg, self.options.dtype))?;
+            let z = z.to_device(&self.options.device)?.to_dtype(vae_dtype(
+                self.folder.family,
+                &self.vae_cfg,
+                self.options.dtype,
+            ))?;
             let img = self.vae.decode(&z)?.to_dtype(DType::F32)?;
             self.check_finite(&img, "VAE decoder")?;
             out.push(
@@ -574,7 +589,7 @@ impl StableDiffusion {
         self.vae_encoder
             .get_or_init(|| {
                 let opts = LoadOptions {
-                    dtype: vae_dtype(&self.vae_cfg, self.options.dtype),
+                    dtype: vae_dtype(self.folder.family, &self.vae_cfg, self.options.dtype),
                     ..self.options.clone()
                 };
                 let vb = var_builder(&self.folder.vae, &opts).map_err(|e| e.to_string())?;
@@ -600,7 +615,11 @@ impl StableDiffusion {
         let x = Tensor::from_vec(data, (1, h as usize, w as usize, 3), &Device::Cpu)?
             .permute((0, 3, 1, 2))?
             .to_device(&self.options.device)?
-            .to_dtype(vae_dtype(&self.vae_cfg, self.options.dtype))?;
+            .to_dtype(vae_dtype(
+                self.folder.family,
+                &self.vae_cfg,
+                self.options.dtype,
+            ))?;
         let (mean, std) = self.vae_encoder()?.forward(&x)?;
         let mean = mean.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
         let std = std.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;

@@ -1,26 +1,24 @@
-//! The denoising UNet (diffusers' `UNet2DConditionModel`): candle-
-//! transformers' resnets and plain down/up blocks, with the project's own
-//! top level and attention blocks. Our own top level because
-//! candle-transformers' UNet lacks SDXL's added conditioning
-//! (`addition_embed_type: "text_time"`: the pooled text embedding and the
-//! size/crop ids, embedded and added to the timestep embedding); our own
-//! attention blocks so attention runs in the compute type (see
-//! [`crate::attention`]).
+//! The denoising UNet (diffusers' `UNet2DConditionModel`), the project's
+//! own on candle-nn's convolutions and linear layers, with candle-
+//! transformers' timestep embedding. Our own because candle-transformers'
+//! UNet lacks SDXL's added conditioning (`addition_embed_type: "text_time"`:
+//! the pooled text embedding and the size/crop ids, embedded and added to
+//! the timestep embedding), its attention leaves the compute type (see
+//! [`crate::attention`]), and its group norms are a dozen operations each
+//! (see [`crate::resnet`]).
 //!
 //! The layout is read from the folder's `unet/config.json`; nothing about a
 //! model family is hard-coded.
 
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
-use candle_transformers::models::stable_diffusion::{
-    embeddings::{TimestepEmbedding, Timesteps},
-    resnet::{ResnetBlock2D, ResnetBlock2DConfig},
-    unet_2d_blocks::{DownBlock2D, DownBlock2DConfig, UpBlock2D, UpBlock2DConfig},
-};
+use candle_nn::{Conv2d, VarBuilder};
+use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 
 use crate::DiffusionError;
-use crate::attention::{Transformer2D, TransformerConfig};
+use crate::attention::{AttentionKernel, Transformer2D, TransformerConfig};
 use crate::model::UnetConfig;
+use crate::profile::section;
+use crate::resnet::{GroupNorm, ResnetBlock, ResnetConfig};
 
 /// One resolution level of the UNet.
 #[derive(Debug, Clone, PartialEq)]
@@ -59,6 +57,9 @@ pub struct UnetSpec {
     pub mid_block_scale_factor: f64,
     pub center_input_sample: bool,
     pub text_time: Option<TextTime>,
+    /// How attention is computed (not from the config: the load chooses;
+    /// [`AttentionKernel::Matmul`] until then).
+    pub attention: AttentionKernel,
 }
 
 /// Values given as one number or one per block.
@@ -190,6 +191,7 @@ impl UnetSpec {
             mid_block_scale_factor: c.mid_block_scale_factor,
             center_input_sample: c.center_input_sample,
             text_time,
+            attention: AttentionKernel::Matmul,
         })
     }
 
@@ -203,6 +205,7 @@ impl UnetSpec {
             groups: self.norm_num_groups,
             linear_projection: self.use_linear_projection,
             upcast_attention: self.upcast_attention,
+            attention: self.attention,
         }
     }
 
@@ -268,73 +271,77 @@ impl Upsample {
     }
 }
 
-/// A level with attention: resnet → transformer pairs, then the resampler.
+/// A level's blocks: resnets, each followed by a transformer where the
+/// level has attention (`CrossAttnDownBlock2D`/`CrossAttnUpBlock2D`), none
+/// where it is plain (`DownBlock2D`/`UpBlock2D`).
 #[derive(Debug)]
-struct AttnLevel {
-    resnets: Vec<ResnetBlock2D>,
+struct LevelBlocks {
+    resnets: Vec<ResnetBlock>,
     attentions: Vec<Transformer2D>,
 }
 
-impl AttnLevel {
+impl LevelBlocks {
     /// `inputs[i]`: the input channels of the i-th resnet.
     fn new(
         vb: &VarBuilder,
         inputs: &[usize],
         channels: usize,
-        resnet: ResnetBlock2DConfig,
-        attn: TransformerConfig,
+        resnet: ResnetConfig,
+        attn: Option<TransformerConfig>,
     ) -> candle_core::Result<Self> {
         let resnets = inputs
             .iter()
             .enumerate()
             .map(|(i, &cin)| {
-                ResnetBlock2D::new(
-                    vb.pp("resnets").pp(i.to_string()),
-                    cin,
-                    ResnetBlock2DConfig {
-                        out_channels: Some(channels),
-                        ..resnet
-                    },
-                )
+                ResnetBlock::new(vb.pp("resnets").pp(i.to_string()), cin, channels, resnet)
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let attentions = (0..inputs.len())
-            .map(|i| Transformer2D::new(vb.pp("attentions").pp(i.to_string()), attn))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        let attentions = match attn {
+            Some(attn) => (0..inputs.len())
+                .map(|i| Transformer2D::new(vb.pp("attentions").pp(i.to_string()), attn))
+                .collect::<candle_core::Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
         Ok(Self {
             resnets,
             attentions,
         })
     }
-}
 
-#[derive(Debug)]
-enum Down {
-    Plain(DownBlock2D),
-    Attn(AttnLevel, Option<Downsample>),
-}
-
-#[derive(Debug)]
-enum Up {
-    Plain(UpBlock2D),
-    Attn(AttnLevel, Option<Upsample>),
-}
-
-impl Up {
-    fn resnets(&self) -> usize {
-        match self {
-            Up::Plain(b) => b.resnets.len(),
-            Up::Attn(l, _) => l.resnets.len(),
+    /// The i-th resnet, then the i-th transformer if the level has them.
+    fn step(
+        &self,
+        i: usize,
+        xs: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let xs = section("resnet", || self.resnets[i].forward(xs, temb))?;
+        match self.attentions.get(i) {
+            Some(a) => section("transformer", || a.forward(&xs, context)),
+            None => Ok(xs),
         }
     }
+}
+
+#[derive(Debug)]
+struct Down {
+    blocks: LevelBlocks,
+    resample: Option<Downsample>,
+}
+
+#[derive(Debug)]
+struct Up {
+    blocks: LevelBlocks,
+    resample: Option<Upsample>,
 }
 
 /// The middle: resnet, transformer, resnet.
 #[derive(Debug)]
 struct Mid {
-    first: ResnetBlock2D,
+    first: ResnetBlock,
     attention: Transformer2D,
-    second: ResnetBlock2D,
+    second: ResnetBlock,
 }
 
 /// SDXL's added-conditioning layers.
@@ -389,15 +396,13 @@ impl Unet {
             None => None,
         };
 
-        let resnet = ResnetBlock2DConfig {
-            out_channels: None,
-            temb_channels: Some(temb),
+        let resnet = ResnetConfig {
             groups: spec.norm_num_groups,
-            groups_out: None,
             eps: spec.norm_eps,
-            use_in_shortcut: None,
+            temb_channels: temb,
             output_scale_factor: 1.0,
         };
+        let attn = |level: &Level| level.transformer_layers.map(|d| spec.transformer(level, d));
         let mut down = Vec::with_capacity(n);
         for (i, level) in spec.levels.iter().enumerate() {
             let cin = if i == 0 {
@@ -405,50 +410,25 @@ impl Unet {
             } else {
                 spec.levels[i - 1].channels
             };
-            let plain = DownBlock2DConfig {
-                num_layers: spec.layers_per_block,
-                resnet_eps: spec.norm_eps,
-                resnet_groups: spec.norm_num_groups,
-                add_downsample: i + 1 < n,
-                downsample_padding: spec.downsample_padding,
-                ..Default::default()
-            };
             let vb = vb.pp("down_blocks").pp(i.to_string());
-            down.push(match level.transformer_layers {
-                None => Down::Plain(DownBlock2D::new(
-                    vb,
-                    cin,
-                    level.channels,
-                    Some(temb),
-                    plain,
-                )?),
-                Some(depth) => {
-                    let mut inputs = vec![level.channels; spec.layers_per_block];
-                    inputs[0] = cin;
-                    let attn = AttnLevel::new(
-                        &vb,
-                        &inputs,
-                        level.channels,
-                        resnet,
-                        spec.transformer(level, depth),
-                    )?;
-                    let resample = (i + 1 < n)
-                        .then(|| {
-                            Downsample::new(vb.clone(), level.channels, spec.downsample_padding)
-                        })
-                        .transpose()?;
-                    Down::Attn(attn, resample)
-                }
+            let mut inputs = vec![level.channels; spec.layers_per_block];
+            inputs[0] = cin;
+            down.push(Down {
+                blocks: LevelBlocks::new(&vb, &inputs, level.channels, resnet, attn(level))?,
+                resample: (i + 1 < n)
+                    .then(|| Downsample::new(vb.clone(), level.channels, spec.downsample_padding))
+                    .transpose()?,
             });
         }
 
         let last = spec.levels.last().expect("checked non-empty");
         let mid_vb = vb.pp("mid_block");
         let mid_resnet = |i: usize| {
-            ResnetBlock2D::new(
+            ResnetBlock::new(
                 mid_vb.pp("resnets").pp(i.to_string()),
                 last.channels,
-                ResnetBlock2DConfig {
+                last.channels,
+                ResnetConfig {
                     output_scale_factor: spec.mid_block_scale_factor,
                     ..resnet
                 },
@@ -461,8 +441,9 @@ impl Unet {
             second: mid_resnet(1)?,
         };
 
-        // Up blocks run from the deepest level back; each also takes the
-        // skip connections of its mirrored down level.
+        // Up blocks run from the deepest level back; each resnet takes the
+        // running map and one skip connection of the mirrored down level
+        // (the last one from the level below).
         let mut up = Vec::with_capacity(n);
         for i in 0..n {
             let level = &spec.levels[n - 1 - i];
@@ -472,58 +453,32 @@ impl Unet {
                 spec.levels[n - i].channels
             };
             let skip = spec.levels[(n - 1 - i).saturating_sub(1)].channels;
-            let plain = UpBlock2DConfig {
-                num_layers: spec.layers_per_block + 1,
-                resnet_eps: spec.norm_eps,
-                resnet_groups: spec.norm_num_groups,
-                add_upsample: i + 1 < n,
-                ..Default::default()
-            };
+            let layers = spec.layers_per_block + 1;
+            let inputs: Vec<usize> = (0..layers)
+                .map(|j| {
+                    let running = if j == 0 { prev } else { level.channels };
+                    let skip_ch = if j + 1 == layers {
+                        skip
+                    } else {
+                        level.channels
+                    };
+                    running + skip_ch
+                })
+                .collect();
             let vb = vb.pp("up_blocks").pp(i.to_string());
-            up.push(match level.transformer_layers {
-                None => Up::Plain(UpBlock2D::new(
-                    vb,
-                    skip,
-                    prev,
-                    level.channels,
-                    Some(temb),
-                    plain,
-                )?),
-                Some(depth) => {
-                    // Each resnet takes the running map and one skip
-                    // connection (the last one from the level below).
-                    let layers = spec.layers_per_block + 1;
-                    let inputs: Vec<usize> = (0..layers)
-                        .map(|j| {
-                            let running = if j == 0 { prev } else { level.channels };
-                            let skip_ch = if j + 1 == layers {
-                                skip
-                            } else {
-                                level.channels
-                            };
-                            running + skip_ch
-                        })
-                        .collect();
-                    let attn = AttnLevel::new(
-                        &vb,
-                        &inputs,
-                        level.channels,
-                        resnet,
-                        spec.transformer(level, depth),
-                    )?;
-                    let resample = (i + 1 < n)
-                        .then(|| Upsample::new(vb.clone(), level.channels))
-                        .transpose()?;
-                    Up::Attn(attn, resample)
-                }
+            up.push(Up {
+                blocks: LevelBlocks::new(&vb, &inputs, level.channels, resnet, attn(level))?,
+                resample: (i + 1 < n)
+                    .then(|| Upsample::new(vb.clone(), level.channels))
+                    .transpose()?,
             });
         }
 
-        let norm_out = candle_nn::group_norm(
+        let norm_out = GroupNorm::new(
+            vb.pp("conv_norm_out"),
             spec.norm_num_groups,
             first,
             spec.norm_eps,
-            vb.pp("conv_norm_out"),
         )?;
         let conv_out = candle_nn::conv2d(first, spec.out_channels, 3, pad1, vb.pp("conv_out"))?;
         Ok(Self {
@@ -582,6 +537,10 @@ impl Unet {
         }
     }
 
+    pub fn attention(&self) -> AttentionKernel {
+        self.spec.attention
+    }
+
     /// The noise (or v) prediction for `xs` at `timestep`, attending to
     /// `context` `(batch, 77, cross_attention_dim)`.
     pub fn forward(
@@ -592,67 +551,54 @@ impl Unet {
         added: Option<&AddedConditioning>,
     ) -> Result<Tensor, DiffusionError> {
         let (b, _, h, w) = xs.dims4()?;
-        let emb = self.embedding(b, timestep, added, xs.dtype(), xs.device())?;
+        let emb = section("embedding", || {
+            self.embedding(b, timestep, added, xs.dtype(), xs.device())
+        })?;
         let xs = if self.spec.center_input_sample {
             ((xs * 2.0)? - 1.0)?
         } else {
             xs.clone()
         };
-        let mut xs = self.conv_in.forward(&xs)?;
+        let mut xs = section("conv_in", || self.conv_in.forward(&xs))?;
+        let temb = candle_nn::ops::silu(&emb)?;
         let mut skips = vec![xs.clone()];
         for block in &self.down {
-            let (out, states) = match block {
-                Down::Plain(d) => d.forward(&xs, Some(&emb))?,
-                Down::Attn(level, resample) => {
-                    let mut states = Vec::new();
-                    let mut x = xs.clone();
-                    for (r, a) in level.resnets.iter().zip(&level.attentions) {
-                        x = a.forward(&r.forward(&x, Some(&emb))?, context)?;
-                        states.push(x.clone());
-                    }
-                    if let Some(d) = resample {
-                        x = d.forward(&x)?;
-                        states.push(x.clone());
-                    }
-                    (x, states)
-                }
-            };
-            skips.extend(states);
-            xs = out;
+            for i in 0..block.blocks.resnets.len() {
+                xs = block.blocks.step(i, &xs, &temb, context)?;
+                skips.push(xs.clone());
+            }
+            if let Some(d) = &block.resample {
+                xs = section("downsample", || d.forward(&xs))?;
+                skips.push(xs.clone());
+            }
         }
-        xs = self.mid.first.forward(&xs, Some(&emb))?;
-        xs = self.mid.attention.forward(&xs, context)?;
-        xs = self.mid.second.forward(&xs, Some(&emb))?;
+        xs = section("resnet", || self.mid.first.forward(&xs, &temb))?;
+        xs = section("transformer", || self.mid.attention.forward(&xs, context))?;
+        xs = section("resnet", || self.mid.second.forward(&xs, &temb))?;
         // Sizes that do not halve evenly down the levels upsample to the
         // skip connection's size rather than to twice their own.
         let factor = 1usize << (self.up.len() - 1);
         let odd = !h.is_multiple_of(factor) || !w.is_multiple_of(factor);
         for (i, block) in self.up.iter().enumerate() {
-            let res = skips.split_off(skips.len() - block.resnets());
-            let size = match skips.last() {
-                Some(s) if odd && i + 1 < self.up.len() => {
-                    let (_, _, sh, sw) = s.dims4()?;
-                    Some((sh, sw))
-                }
-                _ => None,
-            };
-            xs = match block {
-                Up::Plain(u) => u.forward(&xs, &res, Some(&emb), size)?,
-                Up::Attn(level, resample) => {
-                    let mut x = xs;
-                    for (j, (r, a)) in level.resnets.iter().zip(&level.attentions).enumerate() {
-                        let skip = &res[res.len() - 1 - j];
-                        x = Tensor::cat(&[&x, skip], 1)?;
-                        x = a.forward(&r.forward(&x, Some(&emb))?, context)?;
+            for j in 0..block.blocks.resnets.len() {
+                let skip = skips.pop().expect("one skip connection per up resnet");
+                xs = section("skip concat", || Tensor::cat(&[&xs, &skip], 1))?;
+                xs = block.blocks.step(j, &xs, &temb, context)?;
+            }
+            if let Some(u) = &block.resample {
+                let size = match skips.last() {
+                    Some(s) if odd && i + 1 < self.up.len() => {
+                        let (_, _, sh, sw) = s.dims4()?;
+                        Some((sh, sw))
                     }
-                    match resample {
-                        Some(u) => u.forward(&x, size)?,
-                        None => x,
-                    }
-                }
-            };
+                    _ => None,
+                };
+                xs = section("upsample", || u.forward(&xs, size))?;
+            }
         }
-        let xs = candle_nn::ops::silu(&self.norm_out.forward(&xs)?)?;
-        Ok(self.conv_out.forward(&xs)?)
+        Ok(section("conv_out", || {
+            self.conv_out
+                .forward(&candle_nn::ops::silu(&self.norm_out.forward(&xs)?)?)
+        })?)
     }
 }

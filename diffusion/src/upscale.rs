@@ -18,6 +18,16 @@ pub enum UpscaleMethod {
     HiresFix,
 }
 
+impl UpscaleMethod {
+    /// The name jobs use (one of `hallmark_proto::UPSCALE_METHODS`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Esrgan => "esrgan",
+            Self::HiresFix => "hires-fix",
+        }
+    }
+}
+
 impl FromStr for UpscaleMethod {
     type Err = DiffusionError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -201,6 +211,8 @@ mod tests {
             .map(|m| m.parse().unwrap())
             .collect();
         assert_eq!(parsed, [UpscaleMethod::Esrgan, UpscaleMethod::HiresFix]);
+        let names: Vec<&str> = parsed.iter().map(|m| m.name()).collect();
+        assert_eq!(names, hallmark_proto::UPSCALE_METHODS, "names round-trip");
         let e = "bicubic".parse::<UpscaleMethod>().unwrap_err().to_string();
         assert!(e.contains("esrgan, hires-fix"), "{e}");
     }

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use hallmark_diffusion::attention::{AttentionChoice, AttentionKernel};
 use hallmark_diffusion::tiny::{TinyArch, init_tiny};
 use hallmark_diffusion::{
     GenerateRequest, LoadOptions, Sample, SchedulerKind, StableDiffusion, model::ModelFolder,
@@ -244,6 +245,25 @@ fn bad_requests_fail_with_the_cause() {
             .unwrap_err()
             .to_string()
             .contains("steps must be between 1 and 1000")
+    );
+
+    // Flash attention asked for where it cannot run is refused by name;
+    // `auto` falls back to the matmul kernel.
+    let with = |attention| {
+        StableDiffusion::load(
+            ModelFolder::open(&dir, None).unwrap(),
+            LoadOptions {
+                attention,
+                ..LoadOptions::default()
+            },
+        )
+    };
+    let err = with(AttentionChoice::Flash).unwrap_err().to_string();
+    assert!(err.contains("flash attention cannot run here"), "{err}");
+    assert_eq!(sd.attention(), AttentionKernel::Matmul);
+    assert_eq!(
+        with(AttentionChoice::Matmul).unwrap().attention(),
+        AttentionKernel::Matmul
     );
 }
 

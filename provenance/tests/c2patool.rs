@@ -7,7 +7,7 @@ use std::process::Command;
 
 use hallmark_provenance::credentials::stamp::Stamper;
 use hallmark_provenance::credentials::{
-    self, GenerationRecord, ImageFormat, SigningAlgorithm, Stamp, TrainingMining, ca,
+    self, GenerationRecord, ImageFormat, SigningAlgorithm, Stamp, TrainingMining, UpscaleRecord, ca,
 };
 use hallmark_provenance::watermark::{self, EmbedOptions, WatermarkKey};
 
@@ -102,7 +102,15 @@ fn c2patool_validates_png_jpeg_and_webp_outputs_and_upscales() {
             let base = sign(&img, &record("generate"), None);
             let big =
                 image::imageops::resize(&img, 512, 512, image::imageops::FilterType::Triangle);
-            let up = sign(&big, &record("upscale"), Some(&base));
+            let mut up_rec = record("upscale");
+            up_rec.upscale = Some(UpscaleRecord {
+                method: "hires-fix".into(),
+                factor: 2,
+                strength: Some(0.4),
+                steps: Some(20),
+                ..Default::default()
+            });
+            let up = sign(&big, &up_rec, Some(&base));
             for (name, bytes) in [("base", &base), ("upscale", &up)] {
                 let path = dir
                     .path()
@@ -130,6 +138,15 @@ fn c2patool_validates_png_jpeg_and_webp_outputs_and_upscales() {
                 }
                 if name == "upscale" {
                     assert_eq!(manifest["ingredients"][0]["relationship"], "parentOf");
+                    let generation = manifest["assertions"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|a| a["label"] == "com.hallmark.generation")
+                        .unwrap();
+                    let upscale = &generation["data"]["upscale"];
+                    assert_eq!(upscale["method"], "hires-fix", "{generation:#}");
+                    assert_eq!(upscale["factor"], 2, "{generation:#}");
                 }
             }
         }

@@ -3,7 +3,7 @@
 
 use hallmark_provenance::credentials::{
     self, GenerationRecord, ImageFormat, PromptPolicy, SigningAlgorithm, Stamp, TrainingMining,
-    Verdict, ca, inspect, stamp::Stamper,
+    UpscaleRecord, Verdict, ca, inspect, stamp::Stamper,
 };
 use hallmark_provenance::watermark::{self, EmbedOptions, WatermarkKey};
 use image::RgbImage;
@@ -290,9 +290,20 @@ fn an_upscale_names_its_base_image_and_a_tampered_base_spoils_it() {
     let mut up_rec = record("upscale", "task-up");
     up_rec.width = 512;
     up_rec.height = 384;
+    up_rec.upscale = Some(UpscaleRecord {
+        method: "esrgan".into(),
+        factor: 2,
+        weights_sha256: Some("cd".repeat(32)),
+        ..Default::default()
+    });
     let child = stamped(&stamper, &big, ImageFormat::Png, &up_rec, 12, Some(&base));
     let report = inspect(&child, Some(&ca.anchors())).unwrap();
     assert_eq!(report.verdict, Verdict::Verified, "{:?}", report.failures);
+    assert_eq!(
+        report.generation.as_ref(),
+        Some(&up_rec),
+        "the upscale's method and network survive signing"
+    );
     assert_eq!(
         report.actions,
         ["c2pa.opened", "c2pa.resized", "c2pa.watermarked.bound"]

@@ -221,7 +221,13 @@ pub fn stamp_for(
         lease.seed as u32,
     );
     stamping
-        .stamp(lease, worker_id, &ModelFacts::default(), &pixels, None)
+        .stamp(
+            lease,
+            worker_id,
+            &ModelFacts::default(),
+            &pixels.into(),
+            None,
+        )
         .expect("stamp")
 }
 

@@ -47,6 +47,17 @@ fn verify_report(dir: &Path, state: &Path) -> String {
         .unwrap())
 }
 
+/// The upscale record in the credentials of `NNNNN-upscalex2.png` files,
+/// from a `--json verify` report of a folder.
+fn upscale_records(report: &str) -> Vec<serde_json::Value> {
+    let files: Vec<serde_json::Value> = serde_json::from_str(report).unwrap();
+    files
+        .iter()
+        .filter(|f| f["path"].as_str().unwrap().ends_with("-upscalex2.png"))
+        .map(|f| f["credentials"]["generation"]["upscale"].clone())
+        .collect()
+}
+
 fn dims(p: &Path) -> (u32, u32) {
     image::image_dimensions(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
@@ -102,6 +113,21 @@ async fn embedded_render_runs_the_diffusion_engine_and_the_esrgan_stage() {
         report.contains("tiny-sd1"),
         "the generation record names the model: {report}"
     );
+    // Each upscale names Real-ESRGAN and the digest of the weights it ran.
+    let weights = std::fs::read_dir(&esrgan)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .unwrap();
+    let digest = hallmark_provenance::sha256_hex(&std::fs::read(&weights).unwrap());
+    let records = upscale_records(&report);
+    assert_eq!(records.len(), 2, "{report}");
+    for r in records {
+        assert_eq!(
+            r,
+            serde_json::json!({"method": "esrgan", "factor": 2, "weights_sha256": digest})
+        );
+    }
 
     // A model folder that is not one fails before anything is rendered.
     let out = hallmark(&[
@@ -193,6 +219,18 @@ async fn registered_model_renders_on_a_worker_process_and_altered_weights_are_re
     ok(farm_render(&out_dir, &[]));
     assert_eq!(dims(&out_dir.join("00000.png")), (192, 192));
     assert_eq!(dims(&out_dir.join("00000-upscalex2.png")), (384, 384));
+    // The upscale's credentials say the worker's default method made it.
+    let bytes = std::fs::read(out_dir.join("00000-upscalex2.png")).unwrap();
+    let record = hallmark_provenance::credentials::inspect(&bytes, None)
+        .unwrap()
+        .generation
+        .expect("generation record");
+    let upscale = record.upscale.expect("upscale record");
+    assert_eq!(
+        (upscale.method.as_str(), upscale.factor, upscale.steps),
+        ("hires-fix", 2, Some(3))
+    );
+    assert_eq!(upscale.weights_sha256, None, "{upscale:?}");
 
     // A job that names its method overrides the worker's default: this
     // worker has no Real-ESRGAN weights, so an esrgan upscale fails with

@@ -12,12 +12,14 @@ use candle_core::{DType, Device, Tensor};
 use hallmark_diffusion::cache::ModelCache;
 use hallmark_diffusion::esrgan::RrdbNet;
 use hallmark_diffusion::hub::{self, HubModel, HubOptions};
-use hallmark_diffusion::model::ModelFolder;
+use hallmark_diffusion::model::{ModelFolder, sha256_file};
 use hallmark_diffusion::upscale::{HiresFix, UpscaleMethod};
 use hallmark_diffusion::{
-    DiffusionError, GenerateRequest, LoadOptions, Sample, SchedulerKind, StableDiffusion,
+    AttentionChoice, DiffusionError, GenerateRequest, LoadOptions, Sample, SchedulerKind,
+    StableDiffusion,
 };
 use hallmark_proto::v1::ModelCapability;
+use hallmark_provenance::credentials::UpscaleRecord;
 
 use crate::engine::{Engine, EngineError, RenderTask, RenderedImage};
 
@@ -169,7 +171,8 @@ pub struct DiffusionEngine {
     served: HashMap<String, Served>,
     order: Vec<String>,
     cache: Mutex<ModelCache<StableDiffusion>>,
-    esrgan: Mutex<Option<Arc<RrdbNet>>>,
+    /// The loaded Real-ESRGAN network and its weights' sha256.
+    esrgan: Mutex<Option<(Arc<RrdbNet>, String)>>,
     init_latents: Option<Tensor>,
 }
 
@@ -231,16 +234,17 @@ impl DiffusionEngine {
                         device: self.config.device.clone(),
                         dtype: self.config.dtype,
                         variant: self.config.variant.clone(),
+                        attention: AttentionChoice::Auto,
                     },
                 )
             })
             .map_err(failed)
     }
 
-    fn upscaler(&self) -> Result<Arc<RrdbNet>, EngineError> {
+    fn upscaler(&self) -> Result<(Arc<RrdbNet>, String), EngineError> {
         let mut slot = self.esrgan.lock().expect("upscaler lock");
-        if let Some(n) = slot.as_ref() {
-            return Ok(n.clone());
+        if let Some(loaded) = slot.as_ref() {
+            return Ok(loaded.clone());
         }
         let path = self.config.upscaler.as_ref().ok_or_else(|| {
             EngineError::Failed(
@@ -249,8 +253,9 @@ impl DiffusionEngine {
         })?;
         let net =
             Arc::new(RrdbNet::load(path, &self.config.device, self.config.dtype).map_err(failed)?);
-        *slot = Some(net.clone());
-        Ok(net)
+        let digest = sha256_file(&net.weights.path).map_err(failed)?;
+        *slot = Some((net.clone(), digest.clone()));
+        Ok((net, digest))
     }
 
     fn init_latents_for(&self, item: u64) -> Result<Option<Tensor>, EngineError> {
@@ -298,11 +303,7 @@ impl DiffusionEngine {
             req.init_latents = Some(Tensor::cat(&rows, 0).map_err(failed)?);
         }
         let out = sd.generate(&req, progress).map_err(failed)?;
-        Ok(out
-            .images
-            .into_iter()
-            .map(|pixels| RenderedImage { pixels })
-            .collect())
+        Ok(out.images.into_iter().map(RenderedImage::from).collect())
     }
 
     fn upscale(
@@ -320,14 +321,18 @@ impl DiffusionEngine {
             "" => self.config.upscale_method,
             m => m.parse().map_err(failed)?,
         };
+        let mut record = UpscaleRecord {
+            method: method.name().into(),
+            factor,
+            ..Default::default()
+        };
         let pixels = match method {
-            UpscaleMethod::Esrgan => hallmark_diffusion::upscale::esrgan(
-                &*self.upscaler()?,
-                &base,
-                factor,
-                self.config.esrgan_tile,
-            )
-            .map_err(failed)?,
+            UpscaleMethod::Esrgan => {
+                let (net, digest) = self.upscaler()?;
+                record.weights_sha256 = Some(digest);
+                hallmark_diffusion::upscale::esrgan(&net, &base, factor, self.config.esrgan_tile)
+                    .map_err(failed)?
+            }
             UpscaleMethod::HiresFix => {
                 let sd = self.model(&l.model_id)?;
                 let mut cfg = self.config.hires.clone();
@@ -340,11 +345,16 @@ impl DiffusionEngine {
                     negative: l.negative_prompt.clone(),
                     seed: l.seed,
                 };
+                record.strength = Some(cfg.strength as f32);
+                record.steps = Some(cfg.steps as u32);
                 hallmark_diffusion::upscale::hires_fix(&sd, &base, factor, &sample, &cfg, progress)
                     .map_err(failed)?
             }
         };
-        Ok(RenderedImage { pixels })
+        Ok(RenderedImage {
+            pixels,
+            upscale: Some(record),
+        })
     }
 }
 

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use hallmark_proto::v1::{ModelCapability, TaskLease};
+use hallmark_provenance::credentials::UpscaleRecord;
 use image::RgbImage;
 
 /// One task to render: its lease, and the base image for a later stage.
@@ -19,6 +20,17 @@ pub struct RenderTask {
 #[derive(Debug, Clone)]
 pub struct RenderedImage {
     pub pixels: RgbImage,
+    /// How an `upscale` output was made (recorded in its credentials).
+    pub upscale: Option<UpscaleRecord>,
+}
+
+impl From<RgbImage> for RenderedImage {
+    fn from(pixels: RgbImage) -> Self {
+        Self {
+            pixels,
+            upscale: None,
+        }
+    }
 }
 
 /// Why a task could not be rendered.
@@ -104,23 +116,29 @@ impl SyntheticEngine {
                 "synthetic failure requested by {marker:?} in the prompt"
             )));
         }
-        let img = match l.stage.as_str() {
-            "generate" => generate(&l.prompt, l.seed, l.width, l.height),
+        match l.stage.as_str() {
+            "generate" => Ok(generate(&l.prompt, l.seed, l.width, l.height).into()),
             "upscale" => {
                 let parent = task.parent.as_deref().ok_or(EngineError::MissingParent)?;
                 let base = hallmark_provenance::credentials::decode_image(parent)
                     .map_err(|e| EngineError::BadParent(e.to_string()))?;
                 let f = l.upscale.max(1);
-                image::imageops::resize(
-                    &base,
-                    base.width() * f,
-                    base.height() * f,
-                    image::imageops::FilterType::Triangle,
-                )
+                Ok(RenderedImage {
+                    pixels: image::imageops::resize(
+                        &base,
+                        base.width() * f,
+                        base.height() * f,
+                        image::imageops::FilterType::Triangle,
+                    ),
+                    upscale: Some(UpscaleRecord {
+                        method: "resize".into(),
+                        factor: f,
+                        ..Default::default()
+                    }),
+                })
             }
-            other => return Err(EngineError::UnknownStage(other.to_string())),
-        };
-        Ok(RenderedImage { pixels: img })
+            other => Err(EngineError::UnknownStage(other.to_string())),
+        }
     }
 }
 
@@ -234,6 +252,9 @@ mod tests {
         up.parent = Some(png);
         let out = e.render(&[up], &|_| {}).remove(0).unwrap();
         assert_eq!(out.pixels.dimensions(), (256, 192));
+        assert_eq!(base.upscale, None);
+        let record = out.upscale.expect("an upscale says how it was made");
+        assert_eq!((record.method.as_str(), record.factor), ("resize", 4));
     }
 
     #[test]

@@ -429,7 +429,7 @@ async fn run_batch(shared: Arc<Shared>, leases: Vec<TaskLease>) {
                         &task.lease,
                         &worker_id,
                         facts,
-                        &image.pixels,
+                        &image,
                         task.parent.as_deref(),
                     )
                     .map_err(|e| format!("stamping the output: {e}"))

@@ -16,6 +16,8 @@ use hallmark_provenance::credentials::{
 use hallmark_provenance::watermark::{self, EmbedOptions, WatermarkKey};
 use image::RgbImage;
 
+use crate::engine::RenderedImage;
+
 /// How this worker stamps its outputs.
 #[derive(Clone)]
 pub struct StampConfig {
@@ -129,9 +131,10 @@ impl Stamping {
         lease: &TaskLease,
         worker_id: &str,
         model: &ModelFacts,
-        pixels: &RgbImage,
+        image: &RenderedImage,
         parent: Option<&[u8]>,
     ) -> Result<StampedImage, CredentialsError> {
+        let pixels = &image.pixels;
         let watermark_id = fresh_watermark_id();
         let key = self.config.watermark_key.for_stage(&lease.stage);
         let marked = mark_and_check(pixels, watermark_id, &key)?;
@@ -151,6 +154,7 @@ impl Stamping {
             job_id: lease.job_id.clone(),
             task_id: lease.task_id.clone(),
             worker_id: worker_id.to_string(),
+            upscale: image.upscale.clone(),
             ..Default::default()
         };
         record.set_prompt(&lease.prompt, self.config.prompt_policy);

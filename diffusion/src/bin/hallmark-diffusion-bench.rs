@@ -5,7 +5,12 @@
 //!   [--steps 20] [--batch 1,8] [--runs 2] [--scheduler euler_a]` renders and
 //!   prints images/s and UNet it/s (guided steps per second, as diffusers counts);
 //! - `unet --model DIR [--device ..] [--dtype ..] [--size 256] [--runs 5]` times one
-//!   guided UNet call (batch 2).
+//!   guided UNet call (batch 2);
+//! - `profile --model DIR [--device ..] [--dtype ..] [--size 512] [--batch 2] [--runs 3]`
+//!   splits a UNet call into its sections (resnets, transformer blocks and
+//!   their attention, resampling, …), the device synchronised around each.
+//!
+//! `--attention auto|matmul|flash` picks the UNet's attention kernel.
 //!
 //! Each measurement is printed as one JSON line.
 
@@ -13,9 +18,12 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use hallmark_diffusion::pipeline::{parse_device, parse_dtype};
+use hallmark_diffusion::pipeline::{parse_device, parse_dtype, size_ids};
+use hallmark_diffusion::profile::profile;
+use hallmark_diffusion::unet::AddedConditioning;
 use hallmark_diffusion::{
-    DiffusionError, GenerateRequest, LoadOptions, Sample, StableDiffusion, model::ModelFolder,
+    AttentionChoice, DiffusionError, GenerateRequest, LoadOptions, Sample, StableDiffusion,
+    model::ModelFolder,
 };
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -32,6 +40,13 @@ fn dtype(args: &[String]) -> Result<DType, DiffusionError> {
     parse_dtype(arg(args, "--dtype").as_deref().unwrap_or("f32"))
 }
 
+fn attention(args: &[String]) -> Result<AttentionChoice, DiffusionError> {
+    arg(args, "--attention")
+        .as_deref()
+        .unwrap_or("auto")
+        .parse()
+}
+
 fn load(args: &[String]) -> Result<StableDiffusion, Box<dyn std::error::Error>> {
     let dir = PathBuf::from(arg(args, "--model").ok_or("--model DIR is required")?);
     let started = Instant::now();
@@ -41,6 +56,7 @@ fn load(args: &[String]) -> Result<StableDiffusion, Box<dyn std::error::Error>> 
             device: device(args)?,
             dtype: dtype(args)?,
             variant: None,
+            attention: attention(args)?,
         },
     )?;
     eprintln!(
@@ -49,6 +65,41 @@ fn load(args: &[String]) -> Result<StableDiffusion, Box<dyn std::error::Error>> 
         started.elapsed().as_secs_f64()
     );
     Ok(sd)
+}
+
+/// Random latents of `batch` samples at `size`², half of them conditioned on
+/// the empty prompt and half on a short one (a guided call), with SDXL's
+/// added conditioning where the model takes it.
+fn unet_inputs(
+    sd: &StableDiffusion,
+    batch: usize,
+    size: usize,
+) -> Result<(Tensor, Tensor, Option<AddedConditioning>), DiffusionError> {
+    let prompts: Vec<String> = (0..batch)
+        .map(|i| {
+            if i < batch / 2 {
+                String::new()
+            } else {
+                "a cat".into()
+            }
+        })
+        .collect();
+    let text = sd.encode_text(&prompts)?;
+    let added = match text.pooled {
+        Some(pooled) => Some(AddedConditioning {
+            pooled,
+            time_ids: size_ids(batch, size, size)?,
+        }),
+        None => None,
+    };
+    let f = sd.vae_scale_factor();
+    let x = Tensor::randn(
+        0f32,
+        1f32,
+        (batch, sd.latent_channels(), size / f, size / f),
+        sd.device(),
+    )?;
+    Ok((x, text.context, added))
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -123,7 +174,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 println!(
                     "{}",
                     serde_json::json!({"engine": "hallmark", "bench": "pipeline", "device": format!("{dev:?}"),
-                        "dtype": format!("{:?}", dtype(&args)?), "size": size, "steps": steps, "batch": b,
+                        "dtype": format!("{:?}", dtype(&args)?), "attention": format!("{:?}", sd.attention()),
+                        "size": size, "steps": steps, "batch": b,
                         "seconds": total, "images_per_s": b as f64 / total, "unet_it_per_s": its})
                 );
             }
@@ -132,23 +184,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let sd = load(&args)?;
             let size = num("--size", 256);
             let runs = num("--runs", 5);
-            let f = sd.vae_scale_factor();
             let dev = sd.device().clone();
-            let text = sd.encode_text(&[String::new(), "a cat".into()])?;
-            let added = match text.pooled {
-                Some(pooled) => Some(hallmark_diffusion::unet::AddedConditioning {
-                    pooled,
-                    time_ids: hallmark_diffusion::pipeline::size_ids(2, size, size)?,
-                }),
-                None => None,
-            };
-            let ctx = text.context;
-            let x = Tensor::randn(
-                0f32,
-                1f32,
-                (2, sd.latent_channels(), size / f, size / f),
-                &dev,
-            )?;
+            let (x, ctx, added) = unet_inputs(&sd, 2, size)?;
             sd.predict(&x, 500.0, &ctx, added.as_ref())?;
             let mut times = Vec::new();
             for _ in 0..runs {
@@ -164,8 +201,50 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     "size": size, "batch": 2, "median_s": times[times.len() / 2], "min_s": times[0]})
             );
         }
+        Some("profile") => {
+            let sd = load(&args)?;
+            let size = num("--size", 512);
+            let batch = num("--batch", 2);
+            let runs = num("--runs", 3).max(1);
+            let dev = sd.device().clone();
+            let (x, ctx, added) = unet_inputs(&sd, batch, size)?;
+            sd.predict(&x, 500.0, &ctx, added.as_ref())?;
+            dev.synchronize()?;
+            let started = Instant::now();
+            sd.predict(&x, 500.0, &ctx, added.as_ref())?;
+            dev.synchronize()?;
+            let unprofiled = started.elapsed().as_secs_f64();
+            let (result, sections) = profile(&dev, || {
+                (0..runs).try_for_each(|_| sd.predict(&x, 500.0, &ctx, added.as_ref()).map(drop))
+            });
+            result?;
+            let top: f64 = sections
+                .iter()
+                .filter(|s| !s.name.contains('/'))
+                .map(|s| s.seconds)
+                .sum();
+            for s in &sections {
+                println!(
+                    "{}",
+                    serde_json::json!({"engine": "hallmark", "bench": "unet_profile",
+                        "device": format!("{dev:?}"), "dtype": format!("{:?}", dtype(&args)?),
+                        "attention": format!("{:?}", sd.attention()), "size": size,
+                        "batch": batch, "section": s.name,
+                        "calls_per_step": s.calls as f64 / runs as f64,
+                        "ms_per_step": s.seconds * 1e3 / runs as f64,
+                        "share": s.seconds / top})
+                );
+            }
+            println!(
+                "{}",
+                serde_json::json!({"engine": "hallmark", "bench": "unet_profile", "size": size,
+                    "batch": batch, "section": "(all, synchronised)",
+                    "ms_per_step": top * 1e3 / runs as f64,
+                    "unprofiled_ms_per_step": unprofiled * 1e3})
+            );
+        }
         _ => return Err(
-            "usage: hallmark-diffusion-bench init|pipeline|unet ... (see the source's doc comment)"
+            "usage: hallmark-diffusion-bench init|pipeline|unet|profile ... (see the source's doc comment)"
                 .into(),
         ),
     }

@@ -20,7 +20,7 @@ mod timestamp;
 use std::path::{Path, PathBuf};
 
 pub use inspect::{CredentialsReport, Verdict, inspect};
-pub use stamp::{GenerationRecord, PromptPolicy, Stamp, TrainingMining, sign_image};
+pub use stamp::{GenerationRecord, PromptPolicy, Stamp, TrainingMining, UpscaleRecord, sign_image};
 
 /// Label of Hallmark's generation assertion (vendor namespace, per C2PA).
 pub const GENERATION_LABEL: &str = "com.hallmark.generation";

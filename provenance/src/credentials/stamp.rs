@@ -69,6 +69,29 @@ pub struct GenerationRecord {
     pub prompt: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_sha256: Option<String>,
+    /// An `upscale` stage's method (absent on generated images).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upscale: Option<UpscaleRecord>,
+}
+
+/// How an upscaled image was made from its base image (the `parentOf`
+/// ingredient): enough to tell which network, or which img2img pass, made
+/// its detail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct UpscaleRecord {
+    /// `esrgan`, `hires-fix`, or an engine's own (`resize` for the
+    /// synthetic engine).
+    pub method: String,
+    pub factor: u32,
+    /// The super-resolution network's weights (Real-ESRGAN); a hires fix
+    /// reuses the generation model named by the record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_sha256: Option<String>,
+    /// Hires fix: the img2img strength and its steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u32>,
 }
 
 /// A u64 as decimal text; numbers are accepted when read back.

@@ -261,8 +261,8 @@ async fn simulated_worker(
             leases
                 .into_iter()
                 .map(|l| {
-                    let pixels = bench_pixels(&l.task_id, l.width, l.height);
-                    let out = st.stamp(&l, &id, &ModelFacts::default(), &pixels, None);
+                    let image = bench_pixels(&l.task_id, l.width, l.height).into();
+                    let out = st.stamp(&l, &id, &ModelFacts::default(), &image, None);
                     out.map(|img| (l, img))
                 })
                 .collect::<Result<Vec<_>, _>>()
@@ -324,11 +324,11 @@ fn stamp_costs(stamping: &Stamping) -> anyhow::Result<()> {
             height: size,
             ..Default::default()
         };
-        let pixels = bench_pixels(&lease.task_id, size, size);
+        let image = bench_pixels(&lease.task_id, size, size).into();
         let (mut stamp_ms, mut check_ms, mut light_ms) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..15 {
             let t = Instant::now();
-            let img = stamping.stamp(&lease, "w", &ModelFacts::default(), &pixels, None)?;
+            let img = stamping.stamp(&lease, "w", &ModelFacts::default(), &image, None)?;
             stamp_ms.push(t.elapsed().as_secs_f64() * 1e3);
             let t = Instant::now();
             full.check(&img.bytes, &lease.task_id, &img.watermark_id)

@@ -1,0 +1,235 @@
+//! The UNet's residual blocks (diffusers' `ResnetBlock2D`) and a group norm
+//! built on candle's fused layer-norm kernel.
+//!
+//! candle-nn's `GroupNorm` is a dozen tensor operations (each a kernel
+//! launch and a pass over an f32 copy of the feature map); here the
+//! statistics and the normalisation are one fused pass per group, computed
+//! in f32 whatever the compute type, followed by the per-channel scale and
+//! shift.
+
+use std::sync::Mutex;
+
+use candle_core::{D, Module, Tensor};
+use candle_nn::{Conv2d, Linear, VarBuilder};
+
+/// diffusers' `GroupNorm`: each group of channels normalised over its
+/// channels and pixels, then scaled and shifted per channel.
+#[derive(Debug)]
+pub(crate) struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f32,
+    /// Unit scale and zero shift of the fused kernel for the last row length
+    /// seen (one feature-map size at a time, in practice).
+    unit: Mutex<Option<(usize, Tensor, Tensor)>>,
+}
+
+impl GroupNorm {
+    pub(crate) fn new(
+        vb: VarBuilder,
+        groups: usize,
+        channels: usize,
+        eps: f64,
+    ) -> candle_core::Result<Self> {
+        if !channels.is_multiple_of(groups) {
+            candle_core::bail!("{channels} channels do not split into {groups} groups");
+        }
+        Ok(Self {
+            // The hints are what a fresh group norm starts from (the tiny
+            // checkpoints are recorded with them).
+            weight: vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.0))?,
+            bias: vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.0))?,
+            groups,
+            eps: eps as f32,
+            unit: Mutex::new(None),
+        })
+    }
+
+    fn unit(&self, row: usize, like: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let mut slot = self.unit.lock().expect("group norm cache");
+        if let Some((n, one, zero)) = slot.as_ref()
+            && *n == row
+            && one.dtype() == like.dtype()
+            && one.device().same_device(like.device())
+        {
+            return Ok((one.clone(), zero.clone()));
+        }
+        let one = Tensor::ones(row, like.dtype(), like.device())?;
+        let zero = Tensor::zeros(row, like.dtype(), like.device())?;
+        *slot = Some((row, one.clone(), zero.clone()));
+        Ok((one, zero))
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let dims = xs.dims();
+        if dims.len() < 3 {
+            candle_core::bail!("group norm wants (batch, channels, …), got {dims:?}");
+        }
+        let (b, c) = (dims[0], dims[1]);
+        let row = xs.elem_count() / (b * self.groups);
+        let (one, zero) = self.unit(row, xs)?;
+        let normed = candle_nn::ops::layer_norm(
+            &xs.contiguous()?.reshape((b, self.groups, row))?,
+            &one,
+            &zero,
+            self.eps,
+        )?
+        .reshape(dims)?;
+        let mut per_channel = vec![1; dims.len()];
+        per_channel[1] = c;
+        normed
+            .broadcast_mul(&self.weight.reshape(per_channel.as_slice())?)?
+            .broadcast_add(&self.bias.reshape(per_channel.as_slice())?)
+    }
+}
+
+/// diffusers' `ResnetBlock2D` (the UNet's kind: a time-embedding projection
+/// added after the first convolution, a 1×1 shortcut where the channel count
+/// changes).
+#[derive(Debug)]
+pub(crate) struct ResnetBlock {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Linear,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    shortcut: Option<Conv2d>,
+    output_scale_factor: f64,
+}
+
+/// How a [`ResnetBlock`] is built.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ResnetConfig {
+    pub groups: usize,
+    pub eps: f64,
+    pub temb_channels: usize,
+    pub output_scale_factor: f64,
+}
+
+impl ResnetBlock {
+    pub(crate) fn new(
+        vb: VarBuilder,
+        cin: usize,
+        cout: usize,
+        cfg: ResnetConfig,
+    ) -> candle_core::Result<Self> {
+        let pad1 = candle_nn::Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        Ok(Self {
+            norm1: GroupNorm::new(vb.pp("norm1"), cfg.groups, cin, cfg.eps)?,
+            conv1: candle_nn::conv2d(cin, cout, 3, pad1, vb.pp("conv1"))?,
+            time_emb_proj: candle_nn::linear(cfg.temb_channels, cout, vb.pp("time_emb_proj"))?,
+            norm2: GroupNorm::new(vb.pp("norm2"), cfg.groups, cout, cfg.eps)?,
+            conv2: candle_nn::conv2d(cout, cout, 3, pad1, vb.pp("conv2"))?,
+            shortcut: (cin != cout)
+                .then(|| {
+                    candle_nn::conv2d(cin, cout, 1, Default::default(), vb.pp("conv_shortcut"))
+                })
+                .transpose()?,
+            output_scale_factor: cfg.output_scale_factor,
+        })
+    }
+
+    /// `temb_act`: the timestep embedding after its SiLU, shared by every
+    /// block of the UNet.
+    pub(crate) fn forward(&self, xs: &Tensor, temb_act: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self
+            .conv1
+            .forward(&candle_nn::ops::silu(&self.norm1.forward(xs)?)?)?;
+        let t = self
+            .time_emb_proj
+            .forward(temb_act)?
+            .unsqueeze(D::Minus1)?
+            .unsqueeze(D::Minus1)?;
+        let h = h.broadcast_add(&t)?;
+        let h = self
+            .conv2
+            .forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        let out = match &self.shortcut {
+            Some(s) => (s.forward(xs)? + h)?,
+            None => (xs + h)?,
+        };
+        if self.output_scale_factor == 1.0 {
+            Ok(out)
+        } else {
+            out / self.output_scale_factor
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    fn assert_close(a: &Tensor, b: &Tensor) {
+        let diff = (a - b)
+            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+            .unwrap();
+        assert!(diff < 1e-5, "max |a - b| = {diff}");
+    }
+
+    #[test]
+    fn fused_group_norm_matches_candle_nn() {
+        let dev = Device::Cpu;
+        let x = ((Tensor::randn(0f32, 1f32, (2, 8, 5, 3), &dev).unwrap() * 3.0).unwrap() + 1.5)
+            .unwrap();
+        let w = Tensor::randn(0f32, 1f32, 8, &dev).unwrap();
+        let b = Tensor::randn(0f32, 1f32, 8, &dev).unwrap();
+        let mut map = std::collections::HashMap::new();
+        map.insert("weight".to_string(), w.clone());
+        map.insert("bias".to_string(), b.clone());
+        let vb = VarBuilder::from_tensors(map, DType::F32, &dev);
+        let ours = GroupNorm::new(vb, 4, 8, 1e-6).unwrap().forward(&x).unwrap();
+        let theirs = candle_nn::GroupNorm::new(w, b, 8, 4, 1e-6)
+            .unwrap()
+            .forward(&x)
+            .unwrap();
+        assert_close(&ours, &theirs);
+    }
+
+    #[test]
+    fn resnet_matches_candle_transformers() {
+        use candle_transformers::models::stable_diffusion::resnet::{
+            ResnetBlock2D, ResnetBlock2DConfig,
+        };
+        let dev = Device::Cpu;
+        let varmap = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let theirs = ResnetBlock2D::new(
+            vb.clone(),
+            8,
+            ResnetBlock2DConfig {
+                out_channels: Some(16),
+                temb_channels: Some(12),
+                groups: 4,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let ours = ResnetBlock::new(
+            vb,
+            8,
+            16,
+            ResnetConfig {
+                groups: 4,
+                eps: 1e-6,
+                temb_channels: 12,
+                output_scale_factor: 1.0,
+            },
+        )
+        .unwrap();
+        let x = Tensor::randn(0f32, 1f32, (2, 8, 6, 5), &dev).unwrap();
+        let t = Tensor::randn(0f32, 1f32, (2, 12), &dev).unwrap();
+        let a = theirs.forward(&x, Some(&t)).unwrap();
+        let b = ours
+            .forward(&x, &candle_nn::ops::silu(&t).unwrap())
+            .unwrap();
+        assert_close(&a, &b);
+    }
+}
