@@ -4,17 +4,18 @@
 # on the same SD-1.5-architecture random weights, 512², 20 steps, Euler a,
 # guidance 7.5, batch 1 and 8, in one run.
 #
-# The engine runs twice: with flash attention (a `flash-attn` build) and with
-# matmul attention, then a per-section profile of one guided UNet call of
-# each (where the time goes, for the next change).
+# Every build found in .gpu/ runs: with flash attention (a `flash-attn` build;
+# other builds say by name that they cannot) and with matmul attention; then
+# a per-section profile of one guided UNet call at batch 1 and 8 (UNet batch
+# 2 and 16): where the time goes, for the next change. A `cudnn` build (its
+# file name says so) is profiled with each fixed cuDNN convolution algorithm.
 #
-# Prepared on the build machine (see README "GPU benchmark"):
-#   .gpu/hallmark-diffusion-bench.gz  (cargo build --release --features flash-attn
-#                                      (or cuda), stripped, gzipped)
-#   .gpu/hallmark-diffusion-bench-cudnn.gz  (the same with --features cudnn; optional)
+# Prepared on the build machine (see README "Speed"):
+#   .gpu/hallmark-diffusion-bench-<build>.gz  (cargo build --release --features
+#                                  cuda | cudnn | flash-attn, stripped, gzipped)
 #   .gpu/run-on-gpu.sh             (../shared/gpu/run-on-gpu.sh)
 #   .gpu/bpe_simple_vocab_16e6.txt.gz
-#   .whl/diffusers-*.whl           (pip download, see README)
+#   .whl/diffusers-*.whl           (pip download diffusers==0.42.1 --no-deps -d .whl)
 set -uo pipefail
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -24,26 +25,39 @@ if ! python3 -c "import diffusers" 2>/dev/null; then
 fi
 MODEL=/tmp/sd15
 chmod +x .gpu/run-on-gpu.sh
-for v in "" -cudnn; do
-  [ -f ".gpu/hallmark-diffusion-bench$v.gz" ] || continue
-  gunzip -c ".gpu/hallmark-diffusion-bench$v.gz" > "/tmp/hallmark-diffusion-bench$v"
-  chmod +x "/tmp/hallmark-diffusion-bench$v"
+bins=()
+for gz in .gpu/hallmark-diffusion-bench*.gz; do
+  bin="/tmp/$(basename "$gz" .gz)"
+  gunzip -c "$gz" > "$bin" && chmod +x "$bin" && bins+=("$bin")
 done
-run() { local v="$1"; shift; PYTHON=python3 .gpu/run-on-gpu.sh "/tmp/hallmark-diffusion-bench$v" "$@"; }
+[ ${#bins[@]} -gt 0 ] || { echo "no .gpu/hallmark-diffusion-bench*.gz" >&2; exit 1; }
+run() { local bin="$1"; shift; PYTHON=python3 timeout 150 .gpu/run-on-gpu.sh "$bin" "$@"; }
+stamp() { echo "# $(date +%T) $*"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-run "" init "$MODEL" --arch sd15-full --clip-vocab .gpu/bpe_simple_vocab_16e6.txt.gz 2>&1
+run "${bins[0]}" init "$MODEL" --arch sd15-full --clip-vocab .gpu/bpe_simple_vocab_16e6.txt.gz 2>&1
+common=(--model "$MODEL" --device cuda --size 512)
 {
-  for attention in flash matmul; do
-    echo "# build: cuda, attention: $attention"
-    run "" pipeline --model "$MODEL" --device cuda --dtype f16 --attention "$attention" --size 512 --steps 20 --batch 1,8 --runs 2
-  done
-  if [ -x /tmp/hallmark-diffusion-bench-cudnn ]; then
-    echo "# build: cudnn"
-    run -cudnn pipeline --model "$MODEL" --device cuda --dtype f16 --size 512 --steps 20 --batch 1 --runs 2
-  fi
+  stamp diffusers
   python3 bench/diffusion/diffusers_bench.py pipeline "$MODEL" --device cuda --dtype f16 --size 512 --steps 20 --batch 1,8 --runs 2
-  run "" pipeline --model "$MODEL" --device cuda --dtype bf16 --size 512 --steps 20 --batch 1 --runs 1
-  for attention in flash matmul; do
-    run "" profile --model "$MODEL" --device cuda --dtype f16 --attention "$attention" --size 512 --batch 2 --runs 3
+  for bin in "${bins[@]}"; do
+    for attention in ${ATTENTIONS:-flash matmul}; do
+      stamp "$bin, attention: $attention"
+      run "$bin" pipeline "${common[@]}" --dtype f16 --attention "$attention" --steps 20 --batch 1,8 --runs 2
+    done
   done
+  stamp bf16
+  run "${bins[0]}" pipeline "${common[@]}" --dtype bf16 --steps 20 --batch 1 --runs 1
+  for bin in "${bins[@]}"; do
+    algos=implicit-precomp-gemm
+    case "$bin" in *cudnn*) algos=${CONV_ALGOS:-implicit-precomp-gemm implicit-gemm winograd-nonfused} ;; esac
+    for algo in $algos; do
+      for attention in ${ATTENTIONS:-flash matmul}; do
+        for batch in 2 16; do
+          stamp "profile $bin $algo $attention $batch"
+          run "$bin" profile "${common[@]}" --dtype f16 --attention "$attention" --conv-algo "$algo" --batch "$batch" --runs 3
+        done
+      done
+    done
+  done
+  stamp done
 } 2>&1 | tee "$OUT/gpu-bench.jsonl"

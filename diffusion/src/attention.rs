@@ -8,8 +8,8 @@
 
 use std::str::FromStr;
 
-use candle_core::{D, DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, LayerNorm, Linear, VarBuilder};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
 
 use crate::DiffusionError;
 use crate::profile::section;
@@ -175,22 +175,39 @@ impl Attention {
 /// GEGLU feed-forward (`ff.net.0.proj`, `ff.net.2`).
 #[derive(Debug)]
 struct FeedForward {
-    proj: Linear,
+    /// `net.0.proj`'s first half (the values) and second half (the gate).
+    value: Linear,
+    gate: Linear,
     out: Linear,
 }
 
 impl FeedForward {
     fn new(vb: VarBuilder, dim: usize) -> candle_core::Result<Self> {
         let inner = 4 * dim;
+        let proj = candle_nn::linear(dim, 2 * inner, vb.pp("net.0.proj"))?;
+        // The projection's two halves as two layers: each output is
+        // contiguous, so the GELU and the product run on plain layouts
+        // instead of strided views of one wide output.
+        let half = |i: usize| -> candle_core::Result<Linear> {
+            let bias = match proj.bias() {
+                Some(b) => Some(b.narrow(0, i * inner, inner)?.contiguous()?),
+                None => None,
+            };
+            Ok(Linear::new(
+                proj.weight().narrow(0, i * inner, inner)?.contiguous()?,
+                bias,
+            ))
+        };
         Ok(Self {
-            proj: candle_nn::linear(dim, 2 * inner, vb.pp("net.0.proj"))?,
+            value: half(0)?,
+            gate: half(1)?,
             out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
         })
     }
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let parts = self.proj.forward(xs)?.chunk(2, D::Minus1)?;
-        self.out.forward(&(&parts[0] * parts[1].gelu_erf()?)?)
+        let gate = self.gate.forward(xs)?.gelu_erf()?;
+        self.out.forward(&(self.value.forward(xs)? * gate)?)
     }
 }
 
@@ -221,12 +238,6 @@ impl Block {
     }
 }
 
-#[derive(Debug)]
-enum Projection {
-    Conv(Conv2d),
-    Linear(Linear),
-}
-
 /// How a [`Transformer2D`] is built.
 #[derive(Debug, Clone, Copy)]
 pub struct TransformerConfig {
@@ -242,23 +253,48 @@ pub struct TransformerConfig {
 
 /// diffusers' `Transformer2DModel`: group norm, project the feature map to
 /// tokens, run the blocks, project back, add the input.
+///
+/// Both projections are matmuls on the feature map's own `(batch, channels,
+/// pixels)` layout (`proj_out` reads the tokens transposed, no copy), and the
+/// group norm's per-channel scale and shift are folded into `proj_in`.
 #[derive(Debug)]
 pub struct Transformer2D {
     norm: GroupNorm,
-    proj_in: Projection,
+    /// `proj_in`'s weight × the norm's scale, `(channels, channels)`.
+    proj_in_weight: Tensor,
+    /// `proj_in`'s weight × the norm's shift + its bias, `(channels,)`.
+    proj_in_bias: Tensor,
     blocks: Vec<Block>,
-    proj_out: Projection,
+    proj_out_weight: Tensor,
+    /// `(1, channels, 1, 1)`.
+    proj_out_bias: Tensor,
+}
+
+/// A projection's weight and bias (zeros when it has none).
+fn weight_and_bias(p: &Linear) -> candle_core::Result<(Tensor, Tensor)> {
+    let w = p.weight();
+    let bias = match p.bias() {
+        Some(b) => b.clone(),
+        None => Tensor::zeros(w.dim(0)?, w.dtype(), w.device())?,
+    };
+    Ok((w.clone(), bias))
 }
 
 impl Transformer2D {
     pub fn new(vb: VarBuilder, cfg: TransformerConfig) -> candle_core::Result<Self> {
         let c = cfg.channels;
-        let projection = |name: &str| -> candle_core::Result<Projection> {
-            Ok(if cfg.linear_projection {
-                Projection::Linear(candle_nn::linear(c, c, vb.pp(name))?)
-            } else {
-                Projection::Conv(candle_nn::conv2d(c, c, 1, Default::default(), vb.pp(name))?)
-            })
+        // SD 1.x saves the projections as 1×1 convolutions: the same map as
+        // a linear layer on the tokens, which skips the convolution's
+        // layout copies on either side.
+        let projection = |name: &str| -> candle_core::Result<Linear> {
+            if cfg.linear_projection {
+                return candle_nn::linear(c, c, vb.pp(name));
+            }
+            let conv = candle_nn::conv2d(c, c, 1, Default::default(), vb.pp(name))?;
+            Ok(Linear::new(
+                conv.weight().reshape((c, c))?,
+                conv.bias().cloned(),
+            ))
         };
         let blocks = (0..cfg.depth)
             .map(|i| {
@@ -273,31 +309,49 @@ impl Transformer2D {
                 })
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
+        let norm = GroupNorm::new(vb.pp("norm"), cfg.groups, c, 1e-6)?;
+        let (w_in, b_in) = weight_and_bias(&projection("proj_in")?)?;
+        let (w_out, b_out) = weight_and_bias(&projection("proj_out")?)?;
+        // proj_in(γ ⊙ x̂ + β) = (W diag γ) x̂ + (W β + b), computed in f32.
+        let dtype = w_in.dtype();
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let (gamma, beta) = norm.affine();
+        let proj_in_weight = f32(&w_in)?.broadcast_mul(&f32(gamma)?.unsqueeze(0)?)?;
+        let proj_in_bias =
+            (f32(&w_in)?.matmul(&f32(beta)?.unsqueeze(1)?)?.squeeze(1)? + f32(&b_in)?)?;
         Ok(Self {
-            norm: GroupNorm::new(vb.pp("norm"), cfg.groups, c, 1e-6)?,
-            proj_in: projection("proj_in")?,
+            norm,
+            proj_in_weight: proj_in_weight.to_dtype(dtype)?,
+            proj_in_bias: proj_in_bias.to_dtype(dtype)?,
             blocks,
-            proj_out: projection("proj_out")?,
+            proj_out_weight: w_out,
+            proj_out_bias: b_out.reshape((1, c, 1, 1))?,
         })
     }
 
     pub fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
-        let normed = self.norm.forward(xs)?;
-        let to_tokens = |t: &Tensor| t.flatten_from(2)?.transpose(1, 2)?.contiguous();
-        let mut tokens = match &self.proj_in {
-            Projection::Conv(p) => to_tokens(&p.forward(&normed)?)?,
-            Projection::Linear(p) => p.forward(&to_tokens(&normed)?)?,
-        };
+        let pixels = self.norm.normalize(xs)?.reshape((b, c, h * w))?;
+        // W · pixels, then to (batch, pixels, channels) while adding the
+        // bias: one pass writes the tokens. (Not pixelsᵀ · Wᵀ: candle's CPU
+        // matmul folds a transposed left operand's batches wrongly when the
+        // right one is shared.)
+        let mut tokens = self
+            .proj_in_weight
+            .broadcast_left(b)?
+            .matmul(&pixels)?
+            .transpose(1, 2)?
+            .broadcast_add(&self.proj_in_bias)?;
         for block in &self.blocks {
             tokens = block.forward(&tokens, context)?;
         }
-        let to_map = |t: &Tensor| t.transpose(1, 2)?.reshape((b, c, h, w));
-        let out = match &self.proj_out {
-            Projection::Conv(p) => p.forward(&to_map(&tokens)?)?,
-            Projection::Linear(p) => to_map(&p.forward(&tokens)?)?,
-        };
-        out + xs
+        // (batch, channels, pixels) = W · tokensᵀ
+        let out = self
+            .proj_out_weight
+            .broadcast_left(b)?
+            .matmul(&tokens.transpose(1, 2)?)?
+            .reshape((b, c, h, w))?;
+        (out + xs)?.broadcast_add(&self.proj_out_bias)
     }
 }
 

@@ -9,10 +9,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{Conv2d, VarBuilder};
 use image::RgbImage;
 
 use crate::DiffusionError;
+use crate::conv::ConvAlgorithm;
 use crate::model::{WeightFile, sha256_file};
 
 /// The shape of an RRDBNet.
@@ -31,15 +32,12 @@ struct ResidualDenseBlock {
 
 impl ResidualDenseBlock {
     fn new(vb: VarBuilder, nf: usize, gc: usize) -> candle_core::Result<Self> {
-        let cfg = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
         let convs = (0..5)
             .map(|k| {
                 let cin = nf + k * gc;
                 let cout = if k == 4 { nf } else { gc };
-                candle_nn::conv2d(cin, cout, 3, cfg, vb.pp(format!("conv{}", k + 1)))
+                let name = format!("conv{}", k + 1);
+                ConvAlgorithm::default().conv2d((cin, cout, 3), 1, 1, vb.pp(name))
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self { convs })
@@ -229,12 +227,10 @@ impl RrdbNet {
         weights: WeightFile,
     ) -> candle_core::Result<Self> {
         let (nf, gc) = (config.num_feat, config.num_grow_ch);
-        let pad1 = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
         let in_ch = 3 * (4 / config.scale) * (4 / config.scale);
-        let conv = |cin, cout, name: &str| candle_nn::conv2d(cin, cout, 3, pad1, vb.pp(name));
+        let conv = |cin, cout, name: &str| {
+            ConvAlgorithm::default().conv2d((cin, cout, 3), 1, 1, vb.pp(name))
+        };
         let body = (0..config.num_block)
             .map(|i| {
                 let b = vb.pp("body").pp(i.to_string());

@@ -8,6 +8,7 @@
 //! - [`rng`]: the seeded noise generator (same noise on every device);
 //! - [`unet`]: the denoising UNet, with SDXL's added conditioning;
 //! - [`attention`]: its transformer blocks, attention by matmuls or fused flash attention;
+//! - [`conv`]: the cuDNN algorithm of the convolutions (`cudnn` builds);
 //! - [`profile`]: where a UNet call spends its time (the benchmark's `profile`);
 //! - [`pipeline`]: Stable Diffusion 1.x/2.x/XL text-to-image and img2img;
 //! - [`esrgan`]: Real-ESRGAN (RRDBNet) super-resolution, tiled;
@@ -19,6 +20,7 @@
 pub mod attention;
 pub mod cache;
 pub mod clip;
+pub mod conv;
 mod error;
 pub mod esrgan;
 pub mod hub;
@@ -35,6 +37,7 @@ pub mod unet;
 pub mod upscale;
 
 pub use attention::AttentionChoice;
+pub use conv::ConvAlgorithm;
 pub use error::DiffusionError;
 pub use pipeline::{GenerateRequest, Generation, LoadOptions, Sample, StableDiffusion};
 pub use scheduler::SchedulerKind;

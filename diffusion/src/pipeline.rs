@@ -19,6 +19,7 @@ use image::RgbImage;
 use crate::DiffusionError;
 use crate::attention::{AttentionChoice, AttentionKernel};
 use crate::clip::ClipTextModel;
+use crate::conv::ConvAlgorithm;
 use crate::model::{Family, ModelFolder, VaeConfig, WeightFile};
 use crate::rng::NoiseGenerator;
 use crate::scheduler::{Sampler, SchedulerConfig, SchedulerKind};
@@ -35,6 +36,8 @@ pub struct LoadOptions {
     pub variant: Option<String>,
     /// The UNet's attention kernel.
     pub attention: AttentionChoice,
+    /// The UNet's convolution algorithm (`cudnn` builds).
+    pub conv_algorithm: ConvAlgorithm,
 }
 
 /// A device by name: `cpu`, `cuda` or `cuda:N`.
@@ -79,6 +82,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             variant: None,
             attention: AttentionChoice::Auto,
+            conv_algorithm: ConvAlgorithm::default(),
         }
     }
 }
@@ -149,12 +153,9 @@ struct VaeEncoder {
 impl VaeEncoder {
     fn new(vb: VarBuilder, cfg: &VaeConfig) -> candle_core::Result<Self> {
         let enc = vb.pp("encoder");
-        let pad1 = candle_nn::Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
+        let algo = ConvAlgorithm::default();
         let boc = &cfg.block_out_channels;
-        let conv_in = candle_nn::conv2d(3, boc[0], 3, pad1, enc.pp("conv_in"))?;
+        let conv_in = algo.conv2d((3, boc[0], 3), 1, 1, enc.pp("conv_in"))?;
         let down = (0..boc.len())
             .map(|i| {
                 let c = DownEncoderBlock2DConfig {
@@ -183,17 +184,10 @@ impl VaeEncoder {
             },
         )?;
         let norm = candle_nn::group_norm(cfg.norm_num_groups, last, 1e-6, enc.pp("conv_norm_out"))?;
-        let conv_out =
-            candle_nn::conv2d(last, 2 * cfg.latent_channels, 3, pad1, enc.pp("conv_out"))?;
+        let conv_out = algo.conv2d((last, 2 * cfg.latent_channels, 3), 1, 1, enc.pp("conv_out"))?;
         let quant_conv = if cfg.use_quant_conv {
             let c = 2 * cfg.latent_channels;
-            Some(candle_nn::conv2d(
-                c,
-                c,
-                1,
-                Default::default(),
-                vb.pp("quant_conv"),
-            )?)
+            Some(algo.conv2d((c, c, 1), 0, 1, vb.pp("quant_conv"))?)
         } else {
             None
         };
@@ -386,6 +380,7 @@ impl StableDiffusion {
         }
         let mut spec = UnetSpec::from_config(&unet_cfg)?;
         spec.attention = options.attention.resolve(&options.device, options.dtype)?;
+        spec.conv_algorithm = options.conv_algorithm;
         let text_width: usize = widths.iter().map(|w| w.0).sum();
         if spec.cross_attention_dim != text_width {
             return Err(DiffusionError::BadModel(format!(

@@ -12,6 +12,8 @@ use std::sync::Mutex;
 use candle_core::{D, Module, Tensor};
 use candle_nn::{Conv2d, Linear, VarBuilder};
 
+use crate::conv::ConvAlgorithm;
+
 /// diffusers' `GroupNorm`: each group of channels normalised over its
 /// channels and pixels, then scaled and shifted per channel.
 #[derive(Debug)]
@@ -62,28 +64,55 @@ impl GroupNorm {
     }
 }
 
-impl Module for GroupNorm {
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+impl GroupNorm {
+    /// The normalisation without the per-channel scale and shift (for a
+    /// caller that folds them into its next linear map).
+    pub(crate) fn normalize(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let dims = xs.dims();
         if dims.len() < 3 {
             candle_core::bail!("group norm wants (batch, channels, …), got {dims:?}");
         }
-        let (b, c) = (dims[0], dims[1]);
+        let b = dims[0];
         let row = xs.elem_count() / (b * self.groups);
         let (one, zero) = self.unit(row, xs)?;
-        let normed = candle_nn::ops::layer_norm(
+        candle_nn::ops::layer_norm(
             &xs.contiguous()?.reshape((b, self.groups, row))?,
             &one,
             &zero,
             self.eps,
         )?
-        .reshape(dims)?;
-        let mut per_channel = vec![1; dims.len()];
-        per_channel[1] = c;
+        .reshape(dims)
+    }
+
+    /// The per-channel scale and shift, `(channels,)` each.
+    pub(crate) fn affine(&self) -> (&Tensor, &Tensor) {
+        (&self.weight, &self.bias)
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let normed = self.normalize(xs)?;
+        let mut per_channel = vec![1; xs.rank()];
+        per_channel[1] = xs.dim(1)?;
         normed
             .broadcast_mul(&self.weight.reshape(per_channel.as_slice())?)?
             .broadcast_add(&self.bias.reshape(per_channel.as_slice())?)
     }
+}
+
+/// A convolution's bias as `(1, channels, 1, 1)`, for a caller that adds it
+/// together with something else.
+fn split_bias(conv: Conv2d) -> candle_core::Result<(Conv2d, Tensor)> {
+    let c = conv.weight().dim(0)?;
+    let bias = match conv.bias() {
+        Some(b) => b.reshape((1, c, 1, 1))?,
+        None => Tensor::zeros((1, c, 1, 1), conv.weight().dtype(), conv.weight().device())?,
+    };
+    Ok((
+        Conv2d::new(conv.weight().clone(), None, *conv.config()),
+        bias,
+    ))
 }
 
 /// diffusers' `ResnetBlock2D` (the UNet's kind: a time-embedding projection
@@ -92,11 +121,18 @@ impl Module for GroupNorm {
 #[derive(Debug)]
 pub(crate) struct ResnetBlock {
     norm1: GroupNorm,
+    /// The convolutions without their biases: `conv1`'s is added with the
+    /// time embedding, `conv2`'s with the shortcut's, one broadcast each.
     conv1: Conv2d,
+    conv1_bias: Tensor,
     time_emb_proj: Linear,
     norm2: GroupNorm,
     conv2: Conv2d,
-    shortcut: Option<Conv2d>,
+    /// `conv2`'s bias plus the shortcut's, `(1, out, 1, 1)`.
+    out_bias: Tensor,
+    /// The 1×1 shortcut's weight as `(out, in)`: a matmul over the pixels,
+    /// in the feature map's own layout.
+    shortcut: Option<Tensor>,
     output_scale_factor: f64,
 }
 
@@ -107,6 +143,7 @@ pub(crate) struct ResnetConfig {
     pub eps: f64,
     pub temb_channels: usize,
     pub output_scale_factor: f64,
+    pub conv: ConvAlgorithm,
 }
 
 impl ResnetBlock {
@@ -116,21 +153,33 @@ impl ResnetBlock {
         cout: usize,
         cfg: ResnetConfig,
     ) -> candle_core::Result<Self> {
-        let pad1 = candle_nn::Conv2dConfig {
-            padding: 1,
-            ..Default::default()
+        let norm1 = GroupNorm::new(vb.pp("norm1"), cfg.groups, cin, cfg.eps)?;
+        let (conv1, conv1_bias) =
+            split_bias(cfg.conv.conv2d((cin, cout, 3), 1, 1, vb.pp("conv1"))?)?;
+        let time_emb_proj = candle_nn::linear(cfg.temb_channels, cout, vb.pp("time_emb_proj"))?;
+        let norm2 = GroupNorm::new(vb.pp("norm2"), cfg.groups, cout, cfg.eps)?;
+        let (conv2, mut out_bias) =
+            split_bias(cfg.conv.conv2d((cout, cout, 3), 1, 1, vb.pp("conv2"))?)?;
+        let shortcut = if cin != cout {
+            let (conv, bias) =
+                split_bias(
+                    cfg.conv
+                        .conv2d((cin, cout, 1), 0, 1, vb.pp("conv_shortcut"))?,
+                )?;
+            out_bias = (out_bias + bias)?;
+            Some(conv.weight().reshape((cout, cin))?)
+        } else {
+            None
         };
         Ok(Self {
-            norm1: GroupNorm::new(vb.pp("norm1"), cfg.groups, cin, cfg.eps)?,
-            conv1: candle_nn::conv2d(cin, cout, 3, pad1, vb.pp("conv1"))?,
-            time_emb_proj: candle_nn::linear(cfg.temb_channels, cout, vb.pp("time_emb_proj"))?,
-            norm2: GroupNorm::new(vb.pp("norm2"), cfg.groups, cout, cfg.eps)?,
-            conv2: candle_nn::conv2d(cout, cout, 3, pad1, vb.pp("conv2"))?,
-            shortcut: (cin != cout)
-                .then(|| {
-                    candle_nn::conv2d(cin, cout, 1, Default::default(), vb.pp("conv_shortcut"))
-                })
-                .transpose()?,
+            norm1,
+            conv1,
+            conv1_bias,
+            time_emb_proj,
+            norm2,
+            conv2,
+            out_bias,
+            shortcut,
             output_scale_factor: cfg.output_scale_factor,
         })
     }
@@ -146,14 +195,21 @@ impl ResnetBlock {
             .forward(temb_act)?
             .unsqueeze(D::Minus1)?
             .unsqueeze(D::Minus1)?;
-        let h = h.broadcast_add(&t)?;
+        let h = h.broadcast_add(&t.broadcast_add(&self.conv1_bias)?)?;
         let h = self
             .conv2
             .forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
-        let out = match &self.shortcut {
-            Some(s) => (s.forward(xs)? + h)?,
-            None => (xs + h)?,
+        let skip = match &self.shortcut {
+            Some(w) => {
+                let (b, cin, height, width) = xs.dims4()?;
+                let pixels = xs.contiguous()?.reshape((b, cin, height * width))?;
+                w.broadcast_left(b)?
+                    .matmul(&pixels)?
+                    .reshape((b, (), height, width))?
+            }
+            None => xs.clone(),
         };
+        let out = (skip + h)?.broadcast_add(&self.out_bias)?;
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {
@@ -221,6 +277,7 @@ mod tests {
                 eps: 1e-6,
                 temb_channels: 12,
                 output_scale_factor: 1.0,
+                conv: ConvAlgorithm::default(),
             },
         )
         .unwrap();

@@ -16,6 +16,7 @@ use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbeddin
 
 use crate::DiffusionError;
 use crate::attention::{AttentionKernel, Transformer2D, TransformerConfig};
+use crate::conv::ConvAlgorithm;
 use crate::model::UnetConfig;
 use crate::profile::section;
 use crate::resnet::{GroupNorm, ResnetBlock, ResnetConfig};
@@ -60,6 +61,8 @@ pub struct UnetSpec {
     /// How attention is computed (not from the config: the load chooses;
     /// [`AttentionKernel::Matmul`] until then).
     pub attention: AttentionKernel,
+    /// The convolutions' cuDNN algorithm (chosen by the load, like attention).
+    pub conv_algorithm: ConvAlgorithm,
 }
 
 /// Values given as one number or one per block.
@@ -192,6 +195,7 @@ impl UnetSpec {
             center_input_sample: c.center_input_sample,
             text_time,
             attention: AttentionKernel::Matmul,
+            conv_algorithm: ConvAlgorithm::default(),
         })
     }
 
@@ -224,14 +228,19 @@ struct Downsample {
 }
 
 impl Downsample {
-    fn new(vb: VarBuilder, channels: usize, padding: usize) -> candle_core::Result<Self> {
-        let cfg = candle_nn::Conv2dConfig {
-            stride: 2,
-            padding,
-            ..Default::default()
-        };
+    fn new(
+        vb: VarBuilder,
+        channels: usize,
+        padding: usize,
+        algo: ConvAlgorithm,
+    ) -> candle_core::Result<Self> {
         Ok(Self {
-            conv: candle_nn::conv2d(channels, channels, 3, cfg, vb.pp("downsamplers.0.conv"))?,
+            conv: algo.conv2d(
+                (channels, channels, 3),
+                padding,
+                2,
+                vb.pp("downsamplers.0.conv"),
+            )?,
             pad: padding == 0,
         })
     }
@@ -254,13 +263,9 @@ struct Upsample {
 }
 
 impl Upsample {
-    fn new(vb: VarBuilder, channels: usize) -> candle_core::Result<Self> {
-        let pad1 = candle_nn::Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
+    fn new(vb: VarBuilder, channels: usize, algo: ConvAlgorithm) -> candle_core::Result<Self> {
         Ok(Self {
-            conv: candle_nn::conv2d(channels, channels, 3, pad1, vb.pp("upsamplers.0.conv"))?,
+            conv: algo.conv2d((channels, channels, 3), 1, 1, vb.pp("upsamplers.0.conv"))?,
         })
     }
 
@@ -377,14 +382,11 @@ pub struct Unet {
 
 impl Unet {
     pub fn new(vb: VarBuilder, spec: UnetSpec) -> candle_core::Result<Self> {
-        let pad1 = candle_nn::Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
         let first = spec.levels[0].channels;
         let temb = spec.time_embed_dim();
         let n = spec.levels.len();
-        let conv_in = candle_nn::conv2d(spec.in_channels, first, 3, pad1, vb.pp("conv_in"))?;
+        let algo = spec.conv_algorithm;
+        let conv_in = algo.conv2d((spec.in_channels, first, 3), 1, 1, vb.pp("conv_in"))?;
         let time_proj = Timesteps::new(first, spec.flip_sin_to_cos, spec.freq_shift);
         let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), first, temb)?;
         let added = match spec.text_time {
@@ -401,6 +403,7 @@ impl Unet {
             eps: spec.norm_eps,
             temb_channels: temb,
             output_scale_factor: 1.0,
+            conv: algo,
         };
         let attn = |level: &Level| level.transformer_layers.map(|d| spec.transformer(level, d));
         let mut down = Vec::with_capacity(n);
@@ -416,7 +419,9 @@ impl Unet {
             down.push(Down {
                 blocks: LevelBlocks::new(&vb, &inputs, level.channels, resnet, attn(level))?,
                 resample: (i + 1 < n)
-                    .then(|| Downsample::new(vb.clone(), level.channels, spec.downsample_padding))
+                    .then(|| {
+                        Downsample::new(vb.clone(), level.channels, spec.downsample_padding, algo)
+                    })
                     .transpose()?,
             });
         }
@@ -469,7 +474,7 @@ impl Unet {
             up.push(Up {
                 blocks: LevelBlocks::new(&vb, &inputs, level.channels, resnet, attn(level))?,
                 resample: (i + 1 < n)
-                    .then(|| Upsample::new(vb.clone(), level.channels))
+                    .then(|| Upsample::new(vb.clone(), level.channels, algo))
                     .transpose()?,
             });
         }
@@ -480,7 +485,7 @@ impl Unet {
             first,
             spec.norm_eps,
         )?;
-        let conv_out = candle_nn::conv2d(first, spec.out_channels, 3, pad1, vb.pp("conv_out"))?;
+        let conv_out = algo.conv2d((first, spec.out_channels, 3), 1, 1, vb.pp("conv_out"))?;
         Ok(Self {
             spec,
             conv_in,

@@ -15,8 +15,7 @@ use hallmark_diffusion::hub::{self, HubModel, HubOptions};
 use hallmark_diffusion::model::{ModelFolder, sha256_file};
 use hallmark_diffusion::upscale::{HiresFix, UpscaleMethod};
 use hallmark_diffusion::{
-    AttentionChoice, DiffusionError, GenerateRequest, LoadOptions, Sample, SchedulerKind,
-    StableDiffusion,
+    DiffusionError, GenerateRequest, LoadOptions, Sample, SchedulerKind, StableDiffusion,
 };
 use hallmark_proto::v1::ModelCapability;
 use hallmark_provenance::credentials::UpscaleRecord;
@@ -234,7 +233,9 @@ impl DiffusionEngine {
                         device: self.config.device.clone(),
                         dtype: self.config.dtype,
                         variant: self.config.variant.clone(),
-                        attention: AttentionChoice::Auto,
+                        // auto attention (flash where the build can), a
+                        // fixed cuDNN convolution algorithm
+                        ..LoadOptions::default()
                     },
                 )
             })

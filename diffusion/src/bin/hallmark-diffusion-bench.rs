@@ -22,8 +22,8 @@ use hallmark_diffusion::pipeline::{parse_device, parse_dtype, size_ids};
 use hallmark_diffusion::profile::profile;
 use hallmark_diffusion::unet::AddedConditioning;
 use hallmark_diffusion::{
-    AttentionChoice, DiffusionError, GenerateRequest, LoadOptions, Sample, StableDiffusion,
-    model::ModelFolder,
+    AttentionChoice, ConvAlgorithm, DiffusionError, GenerateRequest, LoadOptions, Sample,
+    StableDiffusion, model::ModelFolder,
 };
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -47,6 +47,22 @@ fn attention(args: &[String]) -> Result<AttentionChoice, DiffusionError> {
         .parse()
 }
 
+/// The convolutions' cuDNN algorithm (`cudnn` builds), by name.
+fn conv_algorithm(args: &[String]) -> Result<ConvAlgorithm, DiffusionError> {
+    arg(args, "--conv-algo")
+        .map(|name| name.parse())
+        .unwrap_or(Ok(ConvAlgorithm::default()))
+}
+
+/// How this build convolves: im2col and a matmul, or the cuDNN algorithm.
+fn conv_name(args: &[String]) -> Result<String, DiffusionError> {
+    Ok(if cfg!(feature = "cudnn") {
+        conv_algorithm(args)?.to_string()
+    } else {
+        "im2col".into()
+    })
+}
+
 fn load(args: &[String]) -> Result<StableDiffusion, Box<dyn std::error::Error>> {
     let dir = PathBuf::from(arg(args, "--model").ok_or("--model DIR is required")?);
     let started = Instant::now();
@@ -57,6 +73,7 @@ fn load(args: &[String]) -> Result<StableDiffusion, Box<dyn std::error::Error>> 
             dtype: dtype(args)?,
             variant: None,
             attention: attention(args)?,
+            conv_algorithm: conv_algorithm(args)?,
         },
     )?;
     eprintln!(
@@ -175,6 +192,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     "{}",
                     serde_json::json!({"engine": "hallmark", "bench": "pipeline", "device": format!("{dev:?}"),
                         "dtype": format!("{:?}", dtype(&args)?), "attention": format!("{:?}", sd.attention()),
+                        "conv": conv_name(&args)?,
                         "size": size, "steps": steps, "batch": b,
                         "seconds": total, "images_per_s": b as f64 / total, "unet_it_per_s": its})
                 );
@@ -228,7 +246,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     "{}",
                     serde_json::json!({"engine": "hallmark", "bench": "unet_profile",
                         "device": format!("{dev:?}"), "dtype": format!("{:?}", dtype(&args)?),
-                        "attention": format!("{:?}", sd.attention()), "size": size,
+                        "attention": format!("{:?}", sd.attention()),
+                        "conv": conv_name(&args)?, "size": size,
                         "batch": batch, "section": s.name,
                         "calls_per_step": s.calls as f64 / runs as f64,
                         "ms_per_step": s.seconds * 1e3 / runs as f64,
