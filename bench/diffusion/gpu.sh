@@ -37,6 +37,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 run "${bins[0]}" init "$MODEL" --arch sd15-full --clip-vocab .gpu/bpe_simple_vocab_16e6.txt.gz 2>&1
 common=(--model "$MODEL" --device cuda --size 512)
 {
+  stamp kernels
+  for dtype in f16 bf16; do run "${bins[0]}" kernels --device cuda --dtype "$dtype"; done
   stamp diffusers
   python3 bench/diffusion/diffusers_bench.py pipeline "$MODEL" --device cuda --dtype f16 --size 512 --steps 20 --batch 1,8 --runs 2
   for bin in "${bins[@]}"; do
@@ -48,13 +50,14 @@ common=(--model "$MODEL" --device cuda --size 512)
   stamp bf16
   run "${bins[0]}" pipeline "${common[@]}" --dtype bf16 --steps 20 --batch 1 --runs 1
   for bin in "${bins[@]}"; do
-    algos=implicit-precomp-gemm
-    case "$bin" in *cudnn*) algos=${CONV_ALGOS:-implicit-precomp-gemm implicit-gemm winograd-nonfused} ;; esac
+    algos=default
+    case "$bin" in *cudnn*) algos=${CONV_ALGOS:-winograd-nonfused implicit-precomp-gemm implicit-gemm} ;; esac
     for algo in $algos; do
       for attention in ${ATTENTIONS:-flash matmul}; do
         for batch in 2 16; do
           stamp "profile $bin $algo $attention $batch"
-          run "$bin" profile "${common[@]}" --dtype f16 --attention "$attention" --conv-algo "$algo" --batch "$batch" --runs 3
+          conv=(); [ "$algo" = default ] || conv=(--conv-algo "$algo")
+          run "$bin" profile "${common[@]}" --dtype f16 --attention "$attention" "${conv[@]}" --batch "$batch" --runs 3
         done
       done
     done

@@ -160,7 +160,7 @@ impl Attention {
         };
         let scores = section("attention/scores", || q.matmul(&k.t()?))?;
         let probs = section("attention/softmax", || {
-            candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)
+            crate::softmax::softmax_last_dim(&scores)?.to_dtype(dtype)
         })?;
         let out = section("attention/weighted-sum", || {
             probs

@@ -9,6 +9,7 @@
 //! - [`unet`]: the denoising UNet, with SDXL's added conditioning;
 //! - [`attention`]: its transformer blocks, attention by matmuls or fused flash attention;
 //! - [`conv`]: the cuDNN algorithm of the convolutions (`cudnn` builds);
+//! - [`softmax`]: the attention's softmax (an own kernel on CUDA);
 //! - [`profile`]: where a UNet call spends its time (the benchmark's `profile`);
 //! - [`pipeline`]: Stable Diffusion 1.x/2.x/XL text-to-image and img2img;
 //! - [`esrgan`]: Real-ESRGAN (RRDBNet) super-resolution, tiled;
@@ -31,6 +32,7 @@ pub mod profile;
 mod resnet;
 pub mod rng;
 pub mod scheduler;
+pub mod softmax;
 pub mod tiny;
 pub mod tokenizer;
 pub mod unet;

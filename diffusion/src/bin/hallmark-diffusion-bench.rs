@@ -8,16 +8,20 @@
 //!   guided UNet call (batch 2);
 //! - `profile --model DIR [--device ..] [--dtype ..] [--size 512] [--batch 2] [--runs 3]`
 //!   splits a UNet call into its sections (resnets, transformer blocks and
-//!   their attention, resampling, …), the device synchronised around each.
+//!   their attention, resampling, …), the device synchronised around each;
+//! - `kernels [--device cuda] [--dtype f16] [--rows 16] [--cols 4096]` checks
+//!   the crate's own CUDA kernels against candle's (largest difference, time).
 //!
-//! `--attention auto|matmul|flash` picks the UNet's attention kernel.
+//! `--attention auto|matmul|flash` picks the UNet's attention kernel;
+//! `--conv-algo winograd-nonfused|implicit-precomp-gemm|implicit-gemm|heuristic`
+//! the convolutions' cuDNN algorithm (a `cudnn` build; ignored elsewhere).
 //!
 //! Each measurement is printed as one JSON line.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{D, DType, Device, Tensor};
 use hallmark_diffusion::pipeline::{parse_device, parse_dtype, size_ids};
 use hallmark_diffusion::profile::profile;
 use hallmark_diffusion::unet::AddedConditioning;
@@ -262,8 +266,46 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     "unprofiled_ms_per_step": unprofiled * 1e3})
             );
         }
+        Some("kernels") => {
+            // The own CUDA kernels against candle's, on attention-sized
+            // scores: largest difference and time per call.
+            let dev = device(&args)?;
+            let dtype = dtype(&args)?;
+            let rows = num("--rows", 8 * 2);
+            let cols = num("--cols", 4096);
+            for shape in [(rows, cols, cols), (rows, cols, 77)] {
+                let x = (Tensor::randn(0f32, 3f32, shape, &dev)?).to_dtype(dtype)?;
+                let ours = hallmark_diffusion::softmax::softmax_last_dim(&x)?;
+                let theirs = hallmark_diffusion::softmax::candle_softmax_last_dim(&x)?;
+                let diff = (ours.to_dtype(DType::F32)? - theirs.to_dtype(DType::F32)?)?
+                    .abs()?
+                    .max_all()?
+                    .to_scalar::<f32>()?;
+                let row_sums = ours.to_dtype(DType::F32)?.sum(D::Minus1)?;
+                let sum_err = (row_sums - 1.0)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                let time = |f: &dyn Fn() -> candle_core::Result<Tensor>| -> candle_core::Result<f64> {
+                    f()?;
+                    dev.synchronize()?;
+                    let started = Instant::now();
+                    for _ in 0..10 {
+                        f()?;
+                    }
+                    dev.synchronize()?;
+                    Ok(started.elapsed().as_secs_f64() * 1e3 / 10.0)
+                };
+                let ours_ms = time(&|| hallmark_diffusion::softmax::softmax_last_dim(&x))?;
+                let candle_ms = time(&|| hallmark_diffusion::softmax::candle_softmax_last_dim(&x))?;
+                println!(
+                    "{}",
+                    serde_json::json!({"engine": "hallmark", "bench": "kernel_check", "kernel": "softmax",
+                        "device": format!("{dev:?}"), "dtype": format!("{dtype:?}"), "shape": [shape.0, shape.1, shape.2],
+                        "max_abs_diff_vs_candle": diff, "max_row_sum_error": sum_err,
+                        "ours_ms": ours_ms, "candle_ms": candle_ms})
+                );
+            }
+        }
         _ => return Err(
-            "usage: hallmark-diffusion-bench init|pipeline|unet|profile ... (see the source's doc comment)"
+            "usage: hallmark-diffusion-bench init|pipeline|unet|profile|kernels ... (see the source's doc comment)"
                 .into(),
         ),
     }

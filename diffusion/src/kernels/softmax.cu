@@ -1,0 +1,93 @@
+// Row softmax over the last dimension of a contiguous tensor: one block per
+// row, the maximum and the sum of exponentials found in one pass (an online
+// softmax: the running sum is rescaled whenever the maximum grows), then one
+// pass that writes exp(x - max) / sum. Statistics in f32 whatever the type.
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <math.h>
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
+  return __float2bfloat16(v);
+}
+
+// Merges the running (max, sum) pair (m2, s2) into (m, s).
+__device__ __forceinline__ void merge(float &m, float &s, float m2, float s2) {
+  const float mx = fmaxf(m, m2);
+  const float a = m == -INFINITY ? 0.f : s * __expf(m - mx);
+  const float b = m2 == -INFINITY ? 0.f : s2 * __expf(m2 - mx);
+  m = mx;
+  s = a + b;
+}
+
+__device__ __forceinline__ void warp_merge(float &m, float &s) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffff, m, offset);
+    const float s2 = __shfl_xor_sync(0xffffffff, s, offset);
+    merge(m, s, m2, s2);
+  }
+}
+
+template <typename T>
+__device__ void row_softmax(const T *x, T *y, const int ncols) {
+  const T *xr = x + (size_t)blockIdx.x * ncols;
+  T *yr = y + (size_t)blockIdx.x * ncols;
+  float m = -INFINITY;
+  float s = 0.f;
+  for (int i = threadIdx.x; i < ncols; i += blockDim.x) {
+    const float v = to_f32(xr[i]);
+    if (v > m) {
+      s = (m == -INFINITY ? 0.f : s * __expf(m - v)) + 1.f;
+      m = v;
+    } else {
+      s += __expf(v - m);
+    }
+  }
+  warp_merge(m, s);
+  __shared__ float shared_m[32];
+  __shared__ float shared_s[32];
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int warps = blockDim.x / 32;
+  if (warps > 1) {
+    if (lane == 0) {
+      shared_m[warp] = m;
+      shared_s[warp] = s;
+    }
+    __syncthreads();
+    if (warp == 0) {
+      m = lane < warps ? shared_m[lane] : -INFINITY;
+      s = lane < warps ? shared_s[lane] : 0.f;
+      warp_merge(m, s);
+      if (lane == 0) {
+        shared_m[0] = m;
+        shared_s[0] = s;
+      }
+    }
+    __syncthreads();
+    m = shared_m[0];
+    s = shared_s[0];
+  }
+  const float inv = 1.f / s;
+  for (int i = threadIdx.x; i < ncols; i += blockDim.x) {
+    yr[i] = from_f32<T>(__expf(to_f32(xr[i]) - m) * inv);
+  }
+}
+
+extern "C" __global__ void hallmark_softmax_f32(const float *x, float *y, const int ncols) {
+  row_softmax(x, y, ncols);
+}
+extern "C" __global__ void hallmark_softmax_f16(const __half *x, __half *y, const int ncols) {
+  row_softmax(x, y, ncols);
+}
+extern "C" __global__ void hallmark_softmax_bf16(const __nv_bfloat16 *x, __nv_bfloat16 *y,
+                                                 const int ncols) {
+  row_softmax(x, y, ncols);
+}
