@@ -7,8 +7,9 @@
 //! softmax in f32, as diffusers does.
 
 use std::str::FromStr;
+use std::sync::Mutex;
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor, TensorId};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 
 use crate::DiffusionError;
@@ -101,15 +102,24 @@ pub(crate) fn heads_first(t: &Tensor, heads: usize) -> candle_core::Result<Tenso
 }
 
 /// Multi-head attention: self-attention, or cross-attention to `context`.
+///
+/// The softmax scale is folded into the query weights. Self-attention
+/// projects queries, keys and values with one matmul (the three weights
+/// stacked); cross-attention keeps the keys and values of the last text
+/// context it saw, since a render attends to the same text at every step.
 #[derive(Debug)]
 struct Attention {
+    /// Self-attention: `[q·scale; k; v]` stacked, `(3 dim, dim)`.
+    /// Cross-attention: `q·scale`.
     to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
+    /// Cross-attention only.
+    to_kv: Option<(Linear, Linear)>,
     to_out: Linear,
     heads: usize,
     upcast: bool,
     flash: bool,
+    /// Cross-attention: the keys and values of the context with this id.
+    kv_cache: Mutex<Option<(TensorId, Tensor, Tensor)>>,
 }
 
 impl Attention {
@@ -118,39 +128,76 @@ impl Attention {
         dim: usize,
         context_dim: usize,
         cfg: &TransformerConfig,
+        cross: bool,
     ) -> candle_core::Result<Self> {
         let (heads, d) = (cfg.heads, dim / cfg.heads);
+        let to_q = candle_nn::linear_no_bias(dim, dim, vb.pp("to_q"))?;
+        let to_k = candle_nn::linear_no_bias(context_dim, dim, vb.pp("to_k"))?;
+        let to_v = candle_nn::linear_no_bias(context_dim, dim, vb.pp("to_v"))?;
+        let to_out = candle_nn::linear(dim, dim, vb.pp("to_out.0"))?;
+        let wq = to_q.weight();
+        let scaled_q = (wq.to_dtype(DType::F32)? * (d as f64).powf(-0.5))?.to_dtype(wq.dtype())?;
+        let (to_q, to_kv) = if cross {
+            (Linear::new(scaled_q, None), Some((to_k, to_v)))
+        } else {
+            let stacked = Tensor::cat(&[&scaled_q, to_k.weight(), to_v.weight()], 0)?;
+            (Linear::new(stacked, None), None)
+        };
         Ok(Self {
-            to_q: candle_nn::linear_no_bias(dim, dim, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(context_dim, dim, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(context_dim, dim, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(dim, dim, vb.pp("to_out.0"))?,
+            to_q,
+            to_kv,
+            to_out,
             heads,
             upcast: cfg.upcast_attention,
             flash: cfg.attention == AttentionKernel::Flash && d.is_multiple_of(8) && d <= 256,
+            kv_cache: Mutex::new(None),
         })
+    }
+
+    /// Queries, keys and values as `(batch, tokens, heads, d)` (the scale
+    /// already in the queries), each passed through `layout`.
+    fn project(
+        &self,
+        xs: &Tensor,
+        context: &Tensor,
+        layout: &dyn Fn(&Tensor) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let heads = self.heads;
+        let split = |t: &Tensor| -> candle_core::Result<Tensor> {
+            let (b, tokens, dim) = t.dims3()?;
+            t.reshape((b, tokens, heads, dim / heads))
+        };
+        let Some((to_k, to_v)) = &self.to_kv else {
+            let qkv = self.to_q.forward(xs)?;
+            let (b, tokens, dim3) = qkv.dims3()?;
+            let qkv = qkv.reshape((b, tokens, 3, heads, dim3 / 3 / heads))?;
+            let part = |i: usize| layout(&qkv.narrow(2, i, 1)?.squeeze(2)?);
+            return Ok((part(0)?, part(1)?, part(2)?));
+        };
+        let q = layout(&split(&self.to_q.forward(xs)?)?)?;
+        let mut cache = self.kv_cache.lock().expect("attention cache");
+        if let Some((id, k, v)) = cache.as_ref()
+            && *id == context.id()
+        {
+            return Ok((q, k.clone(), v.clone()));
+        }
+        let k = layout(&split(&to_k.forward(context)?)?)?;
+        let v = layout(&split(&to_v.forward(context)?)?)?;
+        *cache = Some((context.id(), k.clone(), v.clone()));
+        Ok((q, k, v))
     }
 
     fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
         let (b, n, dim) = xs.dims3()?;
         let d = dim / self.heads;
         if self.flash {
-            // (batch, tokens, heads, d) as the projections lay them out.
-            let m = context.dim(1)?;
-            let q = self.to_q.forward(xs)?.reshape((b, n, self.heads, d))?;
-            let k = self.to_k.forward(context)?.reshape((b, m, self.heads, d))?;
-            let v = self.to_v.forward(context)?.reshape((b, m, self.heads, d))?;
-            let out = flash_attention(&q, &k, &v, (d as f32).powf(-0.5))?;
+            // (batch, tokens, heads, d), contiguous.
+            let (q, k, v) = self.project(xs, context, &|t| t.contiguous())?;
+            let out = flash_attention(&q, &k, &v, 1.0)?;
             return self.to_out.forward(&out.reshape((b, n, dim))?);
         }
         let (q, k, v) = section("attention/projections", || {
-            let q = heads_first(
-                &(self.to_q.forward(xs)? * (d as f64).powf(-0.5))?,
-                self.heads,
-            )?;
-            let k = heads_first(&self.to_k.forward(context)?, self.heads)?;
-            let v = heads_first(&self.to_v.forward(context)?, self.heads)?;
-            candle_core::Result::Ok((q, k, v))
+            self.project(xs, context, &|t| t.transpose(1, 2)?.contiguous())
         })?;
         let dtype = q.dtype();
         let (q, k) = if self.upcast {
@@ -301,9 +348,9 @@ impl Transformer2D {
                 let vb = vb.pp("transformer_blocks").pp(i.to_string());
                 Ok(Block {
                     norm1: candle_nn::layer_norm(c, 1e-5, vb.pp("norm1"))?,
-                    attn1: Attention::new(vb.pp("attn1"), c, c, &cfg)?,
+                    attn1: Attention::new(vb.pp("attn1"), c, c, &cfg, false)?,
                     norm2: candle_nn::layer_norm(c, 1e-5, vb.pp("norm2"))?,
-                    attn2: Attention::new(vb.pp("attn2"), c, cfg.context_dim, &cfg)?,
+                    attn2: Attention::new(vb.pp("attn2"), c, cfg.context_dim, &cfg, true)?,
                     norm3: candle_nn::layer_norm(c, 1e-5, vb.pp("norm3"))?,
                     ff: FeedForward::new(vb.pp("ff"), c)?,
                 })

@@ -13,6 +13,7 @@ use candle_core::{D, Module, Tensor};
 use candle_nn::{Conv2d, Linear, VarBuilder};
 
 use crate::conv::ConvAlgorithm;
+use crate::profile::section;
 
 /// diffusers' `GroupNorm`: each group of channels normalised over its
 /// channels and pixels, then scaled and shifted per channel.
@@ -187,28 +188,32 @@ impl ResnetBlock {
     /// `temb_act`: the timestep embedding after its SiLU, shared by every
     /// block of the UNet.
     pub(crate) fn forward(&self, xs: &Tensor, temb_act: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self
-            .conv1
-            .forward(&candle_nn::ops::silu(&self.norm1.forward(xs)?)?)?;
-        let t = self
-            .time_emb_proj
-            .forward(temb_act)?
-            .unsqueeze(D::Minus1)?
-            .unsqueeze(D::Minus1)?;
-        let h = h.broadcast_add(&t.broadcast_add(&self.conv1_bias)?)?;
-        let h = self
-            .conv2
-            .forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
-        let skip = match &self.shortcut {
+        let norm_silu = |norm: &GroupNorm, x: &Tensor| {
+            section("resnet/norm+silu", || {
+                candle_nn::ops::silu(&norm.forward(x)?)
+            })
+        };
+        let conv = |conv: &Conv2d, x: &Tensor| section("resnet/conv", || conv.forward(x));
+        let h = conv(&self.conv1, &norm_silu(&self.norm1, xs)?)?;
+        let h = section("resnet/time", || {
+            let t = self
+                .time_emb_proj
+                .forward(temb_act)?
+                .unsqueeze(D::Minus1)?
+                .unsqueeze(D::Minus1)?;
+            h.broadcast_add(&t.broadcast_add(&self.conv1_bias)?)
+        })?;
+        let h = conv(&self.conv2, &norm_silu(&self.norm2, &h)?)?;
+        let skip = section("resnet/skip", || match &self.shortcut {
             Some(w) => {
                 let (b, cin, height, width) = xs.dims4()?;
                 let pixels = xs.contiguous()?.reshape((b, cin, height * width))?;
                 w.broadcast_left(b)?
                     .matmul(&pixels)?
-                    .reshape((b, (), height, width))?
+                    .reshape((b, (), height, width))
             }
-            None => xs.clone(),
-        };
+            None => Ok(xs.clone()),
+        })?;
         let out = (skip + h)?.broadcast_add(&self.out_bias)?;
         if self.output_scale_factor == 1.0 {
             Ok(out)

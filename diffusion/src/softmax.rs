@@ -2,9 +2,9 @@
 //!
 //! On a CUDA device this is the crate's own kernel (`kernels/softmax.cu`):
 //! one block per row that finds the maximum and the sum of exponentials in a
-//! single pass, then writes the probabilities — one read of the scores
-//! where candle's kernel (one warp per row) makes three, and a whole block
-//! of loads in flight per row. Elsewhere it is candle's softmax.
+//! single pass, then writes the probabilities — two reads of the scores
+//! where candle's kernel (one warp per row) makes three, 16-byte loads, and
+//! a whole block of loads in flight per row. Elsewhere candle's softmax.
 
 use candle_core::Tensor;
 
@@ -59,11 +59,16 @@ mod cuda {
         let func = dev.get_or_load_custom_func(name, "hallmark_softmax", PTX)?;
         // SAFETY: every element is written by the kernel.
         let dst = unsafe { dev.alloc::<T>(el)? };
+        // 16-byte loads where every row starts on a 16-byte boundary (the
+        // allocation itself is aligned).
+        let per_16 = 16 / std::mem::size_of::<T>();
+        let vec = i32::from(cols.is_multiple_of(per_16) && start.is_multiple_of(per_16));
         let cols = cols as i32;
         let mut builder = func.builder();
         builder.arg(&src);
         builder.arg(&dst);
         builder.arg(&cols);
+        builder.arg(&vec);
         // SAFETY: the arguments match the kernel's signature.
         unsafe { builder.launch(cfg) }.w()?;
         Ok(dst)
