@@ -24,6 +24,7 @@ pub mod clip;
 pub mod conv;
 mod error;
 pub mod esrgan;
+mod gpu;
 pub mod hub;
 pub mod latents;
 pub mod model;
