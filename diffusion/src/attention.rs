@@ -14,7 +14,7 @@ use candle_nn::{LayerNorm, Linear, VarBuilder};
 
 use crate::DiffusionError;
 use crate::profile::section;
-use crate::resnet::GroupNorm;
+use crate::resnet::{GroupNorm, bias_or_zeros};
 
 /// How the UNet's attention is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -317,31 +317,21 @@ pub struct Transformer2D {
     proj_out_bias: Tensor,
 }
 
-/// A projection's weight and bias (zeros when it has none).
-fn weight_and_bias(p: &Linear) -> candle_core::Result<(Tensor, Tensor)> {
-    let w = p.weight();
-    let bias = match p.bias() {
-        Some(b) => b.clone(),
-        None => Tensor::zeros(w.dim(0)?, w.dtype(), w.device())?,
-    };
-    Ok((w.clone(), bias))
-}
-
 impl Transformer2D {
     pub fn new(vb: VarBuilder, cfg: TransformerConfig) -> candle_core::Result<Self> {
         let c = cfg.channels;
-        // SD 1.x saves the projections as 1×1 convolutions: the same map as
-        // a linear layer on the tokens, which skips the convolution's
-        // layout copies on either side.
-        let projection = |name: &str| -> candle_core::Result<Linear> {
-            if cfg.linear_projection {
-                return candle_nn::linear(c, c, vb.pp(name));
-            }
-            let conv = candle_nn::conv2d(c, c, 1, Default::default(), vb.pp(name))?;
-            Ok(Linear::new(
-                conv.weight().reshape((c, c))?,
-                conv.bias().cloned(),
-            ))
+        // A projection's `(channels, channels)` weight and its bias. SD 1.x
+        // saves them as 1×1 convolutions: the same map on the channels.
+        let projection = |name: &str| -> candle_core::Result<(Tensor, Tensor)> {
+            let (w, b) = if cfg.linear_projection {
+                let p = candle_nn::linear(c, c, vb.pp(name))?;
+                (p.weight().clone(), p.bias().cloned())
+            } else {
+                let p = candle_nn::conv2d(c, c, 1, Default::default(), vb.pp(name))?;
+                (p.weight().reshape((c, c))?, p.bias().cloned())
+            };
+            let b = bias_or_zeros(b.as_ref(), &w)?;
+            Ok((w, b))
         };
         let blocks = (0..cfg.depth)
             .map(|i| {
@@ -357,8 +347,8 @@ impl Transformer2D {
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         let norm = GroupNorm::new(vb.pp("norm"), cfg.groups, c, 1e-6)?;
-        let (w_in, b_in) = weight_and_bias(&projection("proj_in")?)?;
-        let (w_out, b_out) = weight_and_bias(&projection("proj_out")?)?;
+        let (w_in, b_in) = projection("proj_in")?;
+        let (w_out, b_out) = projection("proj_out")?;
         // proj_in(γ ⊙ x̂ + β) = (W diag γ) x̂ + (W β + b), computed in f32.
         let dtype = w_in.dtype();
         let f32 = |t: &Tensor| t.to_dtype(DType::F32);

@@ -63,9 +63,7 @@ impl GroupNorm {
         *slot = Some((row, one.clone(), zero.clone()));
         Ok((one, zero))
     }
-}
 
-impl GroupNorm {
     /// The normalisation without the per-channel scale and shift (for a
     /// caller that folds them into its next linear map).
     pub(crate) fn normalize(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
@@ -102,14 +100,18 @@ impl Module for GroupNorm {
     }
 }
 
-/// A convolution's bias as `(1, channels, 1, 1)`, for a caller that adds it
-/// together with something else.
+/// A layer's bias, or zeros of its output width when it has none, for a
+/// caller that folds it into another term.
+pub(crate) fn bias_or_zeros(bias: Option<&Tensor>, weight: &Tensor) -> candle_core::Result<Tensor> {
+    match bias {
+        Some(b) => Ok(b.clone()),
+        None => Tensor::zeros(weight.dim(0)?, weight.dtype(), weight.device()),
+    }
+}
+
+/// A convolution without its bias, and the bias as `(1, channels, 1, 1)`.
 fn split_bias(conv: Conv2d) -> candle_core::Result<(Conv2d, Tensor)> {
-    let c = conv.weight().dim(0)?;
-    let bias = match conv.bias() {
-        Some(b) => b.reshape((1, c, 1, 1))?,
-        None => Tensor::zeros((1, c, 1, 1), conv.weight().dtype(), conv.weight().device())?,
-    };
+    let bias = bias_or_zeros(conv.bias(), conv.weight())?.reshape((1, (), 1, 1))?;
     Ok((
         Conv2d::new(conv.weight().clone(), None, *conv.config()),
         bias,
@@ -162,11 +164,10 @@ impl ResnetBlock {
         let (conv2, mut out_bias) =
             split_bias(cfg.conv.conv2d((cout, cout, 3), 1, 1, vb.pp("conv2"))?)?;
         let shortcut = if cin != cout {
-            let (conv, bias) =
-                split_bias(
-                    cfg.conv
-                        .conv2d((cin, cout, 1), 0, 1, vb.pp("conv_shortcut"))?,
-                )?;
+            let shortcut = cfg
+                .conv
+                .conv2d((cin, cout, 1), 0, 1, vb.pp("conv_shortcut"))?;
+            let (conv, bias) = split_bias(shortcut)?;
             out_bias = (out_bias + bias)?;
             Some(conv.weight().reshape((cout, cin))?)
         } else {
