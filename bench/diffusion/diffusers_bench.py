@@ -3,6 +3,11 @@
 
   diffusers_bench.py pipeline DIR --device cuda --dtype f16 --size 512 --steps 20 --batch 1,8 --runs 2
   diffusers_bench.py unet DIR --size 256 --runs 5
+  diffusers_bench.py ops --device cuda --dtype f16 --size 512 --batch 16 --runs 5
+  diffusers_bench.py ops-table FILE      # joins both engines' `ops` lines of FILE
+
+`ops` times the UNet's operations one by one in PyTorch at the shapes
+`hallmark-diffusion-bench ops` uses (see diffusion/src/opbench.rs), same names.
 
 Prints one JSON line per measurement, like hallmark-diffusion-bench.
 """
@@ -10,8 +15,9 @@ import argparse
 import json
 import time
 
+import sys
+
 import torch
-from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
@@ -21,10 +27,96 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def timed(device, runs, f):
+    """Median ms per call: a warm-up, then `runs` rounds of 4 calls between synchronisations."""
+    f()
+    sync(device)
+    rounds = []
+    for _ in range(max(runs, 1)):
+        t0 = time.perf_counter()
+        for _ in range(4):
+            f()
+        sync(device)
+        rounds.append((time.perf_counter() - t0) * 1e3 / 4)
+    rounds.sort()
+    return rounds[len(rounds) // 2]
+
+
+def ops(a, dtype, common):
+    """The operations of diffusion/src/opbench.rs, at its shapes, in PyTorch."""
+    import torch.nn.functional as F
+
+    dev, b, l = a.device, a.batch_size, a.size // 8
+    c, n, heads = 320, l * l, 8
+    d = c // heads
+
+    def randn(*shape):
+        return torch.randn(*shape, device=dev, dtype=dtype)
+
+    def emit(op, x, f):
+        ms = timed(dev, a.runs, f)
+        print(json.dumps({**common, "bench": "op", "op": op, "shape": list(x.shape), "ms": ms}), flush=True)
+
+    with torch.no_grad():
+        tokens = randn(b, n, c)
+        w_in, b_in = randn(4 * c, c) * c ** -0.5, randn(4 * c)
+        emit("linear", tokens, lambda: F.linear(tokens, w_in, b_in))
+        pixels, w_shared = randn(b, c, n), randn(c, c)
+        emit("shared_weight_matmul", pixels, lambda: torch.matmul(w_shared, pixels))
+        hidden = randn(b, n, 4 * c)
+        w_out, b_out = randn(c, 4 * c) * (4 * c) ** -0.5, randn(c)
+        emit("linear_out", hidden, lambda: F.linear(hidden, w_out, b_out))
+        q, k = randn(b * heads, n, d), randn(b * heads, n, d)
+        kt = k.transpose(1, 2)
+        emit("scores", q, lambda: torch.bmm(q, kt))
+        probs = torch.softmax(torch.bmm(q, kt), -1)
+        emit("weighted_sum", probs, lambda: torch.bmm(probs, k))
+        emit("softmax", probs, lambda: torch.softmax(probs, -1))
+        del probs
+        for op, ch, side in [("conv3x3", c, l), ("conv3x3_deep", 4 * c, l // 4)]:
+            w, bias = randn(ch, ch, 3, 3) * (9 * ch) ** -0.5, randn(ch)
+            x = randn(b, ch, side, side)
+            emit(op, x, lambda: F.conv2d(x, w, bias, padding=1))
+        fmap = randn(b, c, l, l)
+        gw, gb = randn(c), randn(c)
+        emit("group_norm", fmap, lambda: F.group_norm(fmap, 32, gw, gb, 1e-5))
+        emit("group_norm_silu", fmap, lambda: F.silu(F.group_norm(fmap, 32, gw, gb, 1e-5)))
+        emit("silu", fmap, lambda: F.silu(fmap))
+        cb = randn(1, c, 1, 1)
+        emit("add_channel_bias", fmap, lambda: fmap + cb)
+        other = randn(b, c, l, l)
+        emit("add", fmap, lambda: fmap + other)
+        lw, lb = randn(c), randn(c)
+        emit("layer_norm", tokens, lambda: F.layer_norm(tokens, (c,), lw, lb, 1e-5))
+        emit("gelu", hidden, lambda: F.gelu(hidden))
+        emit("mul", hidden, lambda: hidden * hidden)
+        split = tokens.reshape(b, n, heads, d)
+        emit("transpose_heads", split, lambda: split.transpose(1, 2).contiguous())
+
+
+def ops_table(path):
+    """Both engines' `op` lines side by side: ms, the ratio (> 1: Hallmark faster), and
+    Hallmark's achieved TFLOP/s (matmuls, convolutions) or GB/s (the rest)."""
+    rows = [json.loads(line) for line in open(path) if line.startswith("{")]
+    rows = [r for r in rows if r.get("bench") == "op"]
+    torch_ms = {r["op"]: r for r in rows if r["engine"] == "diffusers"}
+    print(f"{'op':18} {'shape':22} {'hallmark ms':>12} {'torch ms':>10} {'ratio':>7}  hallmark rate")
+    for h in (r for r in rows if r["engine"] == "hallmark"):
+        t = torch_ms.get(h["op"])
+        if t is None or t["shape"] != h["shape"]:
+            print(f"{h['op']:18} no PyTorch figure at shape {h['shape']}")
+            continue
+        rate = f"{h['tflops']:.1f} TFLOP/s" if h["tflops"] > 0 else f"{h['gbps']:.0f} GB/s"
+        print(f"{h['op']:18} {str(h['shape']):22} {h['ms']:12.3f} {t['ms']:10.3f} {t['ms'] / h['ms']:7.2f}  {rate}")
+
+
 def main():
+    if sys.argv[1:2] == ["ops-table"]:
+        ops_table(sys.argv[2])
+        return
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["pipeline", "unet"])
-    p.add_argument("model")
+    p.add_argument("mode", choices=["pipeline", "unet", "ops"])
+    p.add_argument("model", nargs="?")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="f32")
     p.add_argument("--size", type=int, default=512)
@@ -33,11 +125,17 @@ def main():
     p.add_argument("--runs", type=int, default=2)
     a = p.parse_args()
     dtype = DTYPES[a.dtype]
+    common = {"engine": "diffusers", "device": a.device, "dtype": a.dtype, "torch": torch.__version__,
+              "threads": torch.get_num_threads()}
+    if a.mode == "ops":
+        a.batch_size = int(a.batch)
+        ops(a, dtype, common)
+        return
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+
     pipe = StableDiffusionPipeline.from_pretrained(a.model, safety_checker=None, torch_dtype=dtype).to(a.device)
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    common = {"engine": "diffusers", "device": a.device, "dtype": a.dtype, "torch": torch.__version__,
-              "threads": torch.get_num_threads()}
 
     if a.mode == "unet":
         f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)

@@ -11,7 +11,9 @@
 //! - [`conv`]: the cuDNN algorithm of the convolutions (`cudnn` builds);
 //! - [`softmax`]: the attention's softmax (an own kernel on CUDA);
 //! - [`profile`]: where a UNet call spends its time (the benchmark's `profile`);
+//! - [`opbench`]: the UNet's operations one by one at its shapes (the benchmark's `ops`);
 //! - [`pipeline`]: Stable Diffusion 1.x/2.x/XL text-to-image and img2img;
+//! - `vae`: the VAE's decoder and encoder, on the UNet's resnets and group norm;
 //! - [`esrgan`]: Real-ESRGAN (RRDBNet) super-resolution, tiled;
 //! - [`upscale`]: the super-resolution stage (Real-ESRGAN or hires fix);
 //! - [`cache`]: loaded models within a memory budget, least recently used out;
@@ -28,6 +30,7 @@ mod gpu;
 pub mod hub;
 pub mod latents;
 pub mod model;
+pub mod opbench;
 pub mod pipeline;
 pub mod profile;
 mod resnet;
@@ -38,6 +41,7 @@ pub mod tiny;
 pub mod tokenizer;
 pub mod unet;
 pub mod upscale;
+mod vae;
 
 pub use attention::AttentionChoice;
 pub use conv::ConvAlgorithm;

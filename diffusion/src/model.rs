@@ -129,6 +129,9 @@ pub struct VaeConfig {
     /// The VAE overflows in fp16 and runs in f32 (diffusers' default: true).
     #[serde(default = "d_true")]
     pub force_upcast: bool,
+    /// The mid blocks have their self-attention (diffusers' default: true).
+    #[serde(default = "d_true")]
+    pub mid_block_add_attention: bool,
 }
 
 fn d1() -> usize {

@@ -6,14 +6,8 @@
 
 use std::sync::OnceLock;
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::stable_diffusion::{
-    unet_2d_blocks::{
-        DownEncoderBlock2D, DownEncoderBlock2DConfig, UNetMidBlock2D, UNetMidBlock2DConfig,
-    },
-    vae::{AutoEncoderKL, AutoEncoderKLConfig},
-};
 use image::RgbImage;
 
 use crate::DiffusionError;
@@ -25,6 +19,7 @@ use crate::rng::NoiseGenerator;
 use crate::scheduler::{Sampler, SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::{AddedConditioning, Unet, UnetSpec};
+use crate::vae;
 
 /// Where and how to load a model.
 #[derive(Debug, Clone)]
@@ -138,87 +133,6 @@ pub struct Generation {
     pub truncated: Vec<usize>,
 }
 
-/// The VAE's encoder half (built on first img2img use): candle's
-/// `AutoEncoderKL::encode` samples with an unseeded generator, and a seed
-/// must give the same image.
-struct VaeEncoder {
-    conv_in: candle_nn::Conv2d,
-    down: Vec<DownEncoderBlock2D>,
-    mid: UNetMidBlock2D,
-    norm: candle_nn::GroupNorm,
-    conv_out: candle_nn::Conv2d,
-    quant_conv: Option<candle_nn::Conv2d>,
-}
-
-impl VaeEncoder {
-    fn new(vb: VarBuilder, cfg: &VaeConfig) -> candle_core::Result<Self> {
-        let enc = vb.pp("encoder");
-        let algo = ConvAlgorithm::default();
-        let boc = &cfg.block_out_channels;
-        let conv_in = algo.conv2d((3, boc[0], 3), 1, 1, enc.pp("conv_in"))?;
-        let down = (0..boc.len())
-            .map(|i| {
-                let c = DownEncoderBlock2DConfig {
-                    num_layers: cfg.layers_per_block,
-                    resnet_eps: 1e-6,
-                    resnet_groups: cfg.norm_num_groups,
-                    add_downsample: i + 1 < boc.len(),
-                    downsample_padding: 0,
-                    ..Default::default()
-                };
-                let cin = if i > 0 { boc[i - 1] } else { boc[0] };
-                DownEncoderBlock2D::new(enc.pp("down_blocks").pp(i.to_string()), cin, boc[i], c)
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let last = *boc.last().expect("validated non-empty");
-        let mid = UNetMidBlock2D::new(
-            enc.pp("mid_block"),
-            last,
-            None,
-            UNetMidBlock2DConfig {
-                resnet_eps: 1e-6,
-                output_scale_factor: 1.0,
-                attn_num_head_channels: None,
-                resnet_groups: Some(cfg.norm_num_groups),
-                ..Default::default()
-            },
-        )?;
-        let norm = candle_nn::group_norm(cfg.norm_num_groups, last, 1e-6, enc.pp("conv_norm_out"))?;
-        let conv_out = algo.conv2d((last, 2 * cfg.latent_channels, 3), 1, 1, enc.pp("conv_out"))?;
-        let quant_conv = if cfg.use_quant_conv {
-            let c = 2 * cfg.latent_channels;
-            Some(algo.conv2d((c, c, 1), 0, 1, vb.pp("quant_conv"))?)
-        } else {
-            None
-        };
-        Ok(Self {
-            conv_in,
-            down,
-            mid,
-            norm,
-            conv_out,
-            quant_conv,
-        })
-    }
-
-    /// Mean and standard deviation of the latent distribution.
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
-        let mut xs = self.conv_in.forward(xs)?;
-        for d in &self.down {
-            xs = d.forward(&xs)?;
-        }
-        xs = self.mid.forward(&xs, None)?;
-        xs = candle_nn::ops::silu(&self.norm.forward(&xs)?)?;
-        xs = self.conv_out.forward(&xs)?;
-        if let Some(q) = &self.quant_conv {
-            xs = q.forward(&xs)?;
-        }
-        let parts = xs.chunk(2, 1)?;
-        let logvar = parts[1].clamp(-30f32, 20f32)?;
-        Ok((parts[0].clone(), (logvar * 0.5)?.exp()?))
-    }
-}
-
 /// A CLIP tokenizer and its text encoder.
 struct TextEncoder {
     tokenizer: ClipTokenizer,
@@ -246,14 +160,18 @@ pub fn size_ids(batch: usize, width: usize, height: usize) -> Result<Tensor, Dif
     Ok(Tensor::from_vec(data, (batch, 6), &Device::Cpu)?)
 }
 
+/// Output pixels the VAE decodes in one call (see [`StableDiffusion::decode`]).
+pub const DECODE_PIXELS: usize = 4 * 512 * 512;
+
 /// A loaded Stable Diffusion model.
 pub struct StableDiffusion {
     pub folder: ModelFolder,
     /// One encoder (SD 1.x/2.x) or two (SDXL).
     text_encoders: Vec<TextEncoder>,
     unet: Unet,
-    vae: AutoEncoderKL,
-    vae_encoder: OnceLock<Result<VaeEncoder, String>>,
+    vae: vae::Decoder,
+    /// Built on first img2img use.
+    vae_encoder: OnceLock<Result<vae::Encoder, String>>,
     vae_cfg: VaeConfig,
     scheduler_cfg: SchedulerConfig,
     options: LoadOptions,
@@ -277,17 +195,6 @@ fn vae_dtype(family: Family, c: &VaeConfig, dtype: DType) -> DType {
         DType::F32
     } else {
         dtype
-    }
-}
-
-pub(crate) fn vae_config(c: &VaeConfig) -> AutoEncoderKLConfig {
-    AutoEncoderKLConfig {
-        block_out_channels: c.block_out_channels.clone(),
-        layers_per_block: c.layers_per_block,
-        latent_channels: c.latent_channels,
-        norm_num_groups: c.norm_num_groups,
-        use_quant_conv: c.use_quant_conv,
-        use_post_quant_conv: c.use_post_quant_conv,
     }
 }
 
@@ -420,7 +327,7 @@ impl StableDiffusion {
             ..options.clone()
         };
         let vb = var_builder(&folder.vae, &vae_options)?;
-        let vae = AutoEncoderKL::new(vb, 3, 3, vae_config(&vae_cfg))
+        let vae = vae::Decoder::new(vb, &vae_cfg, options.conv_algorithm)
             .map_err(|e| load_err("vae", &folder.vae, e))?;
         Ok(Self {
             folder,
@@ -561,16 +468,21 @@ impl StableDiffusion {
     }
 
     /// Decode latents to images in [0, 1], `(batch, 3, H, W)` f32 on the CPU.
+    ///
+    /// Images are decoded together, up to [`DECODE_PIXELS`] output pixels
+    /// at a time (four 512² images, one 1024² image): batched where that is
+    /// cheap, sliced where the decoder's full-size feature maps would not fit.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor, DiffusionError> {
+        let (n, _, h, w) = latents.dims4()?;
+        let f = self.vae_scale_factor();
+        let per_call = (DECODE_PIXELS / (h * f * w * f)).max(1);
+        let dtype = vae_dtype(self.folder.family, &self.vae_cfg, self.options.dtype);
         let mut out = Vec::new();
-        for i in 0..latents.dim(0)? {
-            let z = (latents.get(i)?.unsqueeze(0)? / self.vae_cfg.scaling_factor)?;
-            let z = z.to_device(&self.options.device)?.to_dtype(vae_dtype(
-                self.folder.family,
-                &self.vae_cfg,
-                self.options.dtype,
-            ))?;
-            let img = self.vae.decode(&z)?.to_dtype(DType::F32)?;
+        for start in (0..n).step_by(per_call) {
+            let z =
+                (latents.narrow(0, start, per_call.min(n - start))? / self.vae_cfg.scaling_factor)?;
+            let z = z.to_device(&self.options.device)?.to_dtype(dtype)?;
+            let img = self.vae.forward(&z)?.to_dtype(DType::F32)?;
             self.check_finite(&img, "VAE decoder")?;
             out.push(
                 ((img / 2.0)? + 0.5)?
@@ -581,7 +493,7 @@ impl StableDiffusion {
         Ok(Tensor::cat(&out, 0)?)
     }
 
-    fn vae_encoder(&self) -> Result<&VaeEncoder, DiffusionError> {
+    fn vae_encoder(&self) -> Result<&vae::Encoder, DiffusionError> {
         self.vae_encoder
             .get_or_init(|| {
                 let opts = LoadOptions {
@@ -589,7 +501,7 @@ impl StableDiffusion {
                     ..self.options.clone()
                 };
                 let vb = var_builder(&self.folder.vae, &opts).map_err(|e| e.to_string())?;
-                VaeEncoder::new(vb, &self.vae_cfg)
+                vae::Encoder::new(vb, &self.vae_cfg, self.options.conv_algorithm)
                     .map_err(|e| load_err("vae encoder", &self.folder.vae, e).to_string())
             })
             .as_ref()

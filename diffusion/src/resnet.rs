@@ -1,5 +1,5 @@
-//! The UNet's residual blocks (diffusers' `ResnetBlock2D`) and a group norm
-//! built on candle's fused layer-norm kernel.
+//! The residual blocks of the UNet and the VAE (diffusers' `ResnetBlock2D`)
+//! and a group norm built on candle's fused layer-norm kernel.
 //!
 //! candle-nn's `GroupNorm` is a dozen tensor operations (each a kernel
 //! launch and a pass over an f32 copy of the feature map); here the
@@ -118,9 +118,9 @@ fn split_bias(conv: Conv2d) -> candle_core::Result<(Conv2d, Tensor)> {
     ))
 }
 
-/// diffusers' `ResnetBlock2D` (the UNet's kind: a time-embedding projection
-/// added after the first convolution, a 1×1 shortcut where the channel count
-/// changes).
+/// diffusers' `ResnetBlock2D`: in the UNet with a time-embedding projection
+/// added after the first convolution, in the VAE without; a 1×1 shortcut
+/// where the channel count changes.
 #[derive(Debug)]
 pub(crate) struct ResnetBlock {
     norm1: GroupNorm,
@@ -128,7 +128,8 @@ pub(crate) struct ResnetBlock {
     /// time embedding, `conv2`'s with the shortcut's, one broadcast each.
     conv1: Conv2d,
     conv1_bias: Tensor,
-    time_emb_proj: Linear,
+    /// The UNet's; the VAE's blocks have none.
+    time_emb_proj: Option<Linear>,
     norm2: GroupNorm,
     conv2: Conv2d,
     /// `conv2`'s bias plus the shortcut's, `(1, out, 1, 1)`.
@@ -144,7 +145,8 @@ pub(crate) struct ResnetBlock {
 pub(crate) struct ResnetConfig {
     pub groups: usize,
     pub eps: f64,
-    pub temb_channels: usize,
+    /// The timestep embedding's width (the UNet), or none (the VAE).
+    pub temb_channels: Option<usize>,
     pub output_scale_factor: f64,
     pub conv: ConvAlgorithm,
 }
@@ -159,7 +161,10 @@ impl ResnetBlock {
         let norm1 = GroupNorm::new(vb.pp("norm1"), cfg.groups, cin, cfg.eps)?;
         let (conv1, conv1_bias) =
             split_bias(cfg.conv.conv2d((cin, cout, 3), 1, 1, vb.pp("conv1"))?)?;
-        let time_emb_proj = candle_nn::linear(cfg.temb_channels, cout, vb.pp("time_emb_proj"))?;
+        let time_emb_proj = cfg
+            .temb_channels
+            .map(|t| candle_nn::linear(t, cout, vb.pp("time_emb_proj")))
+            .transpose()?;
         let norm2 = GroupNorm::new(vb.pp("norm2"), cfg.groups, cout, cfg.eps)?;
         let (conv2, mut out_bias) =
             split_bias(cfg.conv.conv2d((cout, cout, 3), 1, 1, vb.pp("conv2"))?)?;
@@ -187,8 +192,12 @@ impl ResnetBlock {
     }
 
     /// `temb_act`: the timestep embedding after its SiLU, shared by every
-    /// block of the UNet.
-    pub(crate) fn forward(&self, xs: &Tensor, temb_act: &Tensor) -> candle_core::Result<Tensor> {
+    /// block of the UNet (none in the VAE).
+    pub(crate) fn forward(
+        &self,
+        xs: &Tensor,
+        temb_act: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let norm_silu = |norm: &GroupNorm, x: &Tensor| {
             section("resnet/norm+silu", || {
                 candle_nn::ops::silu(&norm.forward(x)?)
@@ -196,13 +205,18 @@ impl ResnetBlock {
         };
         let conv = |conv: &Conv2d, x: &Tensor| section("resnet/conv", || conv.forward(x));
         let h = conv(&self.conv1, &norm_silu(&self.norm1, xs)?)?;
-        let h = section("resnet/time", || {
-            let t = self
-                .time_emb_proj
-                .forward(temb_act)?
-                .unsqueeze(D::Minus1)?
-                .unsqueeze(D::Minus1)?;
-            h.broadcast_add(&t.broadcast_add(&self.conv1_bias)?)
+        let h = section("resnet/time", || match (&self.time_emb_proj, temb_act) {
+            (Some(proj), Some(temb)) => {
+                let t = proj
+                    .forward(temb)?
+                    .unsqueeze(D::Minus1)?
+                    .unsqueeze(D::Minus1)?;
+                h.broadcast_add(&t.broadcast_add(&self.conv1_bias)?)
+            }
+            (None, None) => h.broadcast_add(&self.conv1_bias),
+            _ => candle_core::bail!(
+                "a resnet block takes a time embedding exactly when it has a projection for one"
+            ),
         })?;
         let h = conv(&self.conv2, &norm_silu(&self.norm2, &h)?)?;
         let skip = section("resnet/skip", || match &self.shortcut {
@@ -281,7 +295,7 @@ mod tests {
             ResnetConfig {
                 groups: 4,
                 eps: 1e-6,
-                temb_channels: 12,
+                temb_channels: Some(12),
                 output_scale_factor: 1.0,
                 conv: ConvAlgorithm::default(),
             },
@@ -291,7 +305,7 @@ mod tests {
         let t = Tensor::randn(0f32, 1f32, (2, 12), &dev).unwrap();
         let a = theirs.forward(&x, Some(&t)).unwrap();
         let b = ours
-            .forward(&x, &candle_nn::ops::silu(&t).unwrap())
+            .forward(&x, Some(&candle_nn::ops::silu(&t).unwrap()))
             .unwrap();
         assert_close(&a, &b);
     }

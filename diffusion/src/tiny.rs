@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::{Init, VarBuilder, var_builder::SimpleBackend};
-use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 use serde_json::json;
 
 use crate::DiffusionError;
@@ -503,7 +502,9 @@ fn write_sd(dir: &Path, shape: &SdShape, seed: u64, bpe: &Path) -> Result<(), Di
     let folder_vae: crate::model::VaeConfig =
         serde_json::from_value(vae_cfg).expect("static config");
     let (vb, tensors) = recorder(seed ^ 3);
-    AutoEncoderKL::new(vb, 3, 3, crate::pipeline::vae_config(&folder_vae))?;
+    // The VAE as the pipeline builds it, both halves.
+    crate::vae::Decoder::new(vb.clone(), &folder_vae, Default::default())?;
+    crate::vae::Encoder::new(vb, &folder_vae, Default::default())?;
     let mut vae = tensors.lock().expect("lock").clone();
     for name in ["decoder.conv_out.weight", "decoder.conv_out.bias"] {
         if let Some(t) = vae.get_mut(name) {

@@ -222,13 +222,13 @@ impl UnetSpec {
 /// Halves the feature map: a stride-2 convolution (`downsamplers.0.conv`);
 /// with `downsample_padding` 0 the map is padded right and bottom first.
 #[derive(Debug)]
-struct Downsample {
+pub(crate) struct Downsample {
     conv: Conv2d,
     pad: bool,
 }
 
 impl Downsample {
-    fn new(
+    pub(crate) fn new(
         vb: VarBuilder,
         channels: usize,
         padding: usize,
@@ -245,7 +245,7 @@ impl Downsample {
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         if self.pad {
             let xs = xs.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?;
             self.conv.forward(&xs)
@@ -258,18 +258,26 @@ impl Downsample {
 /// Doubles the feature map (or grows it to a skip connection's size):
 /// nearest-neighbour, then a convolution (`upsamplers.0.conv`).
 #[derive(Debug)]
-struct Upsample {
+pub(crate) struct Upsample {
     conv: Conv2d,
 }
 
 impl Upsample {
-    fn new(vb: VarBuilder, channels: usize, algo: ConvAlgorithm) -> candle_core::Result<Self> {
+    pub(crate) fn new(
+        vb: VarBuilder,
+        channels: usize,
+        algo: ConvAlgorithm,
+    ) -> candle_core::Result<Self> {
         Ok(Self {
             conv: algo.conv2d((channels, channels, 3), 1, 1, vb.pp("upsamplers.0.conv"))?,
         })
     }
 
-    fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(
+        &self,
+        xs: &Tensor,
+        size: Option<(usize, usize)>,
+    ) -> candle_core::Result<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
         self.conv.forward(&xs.upsample_nearest2d(th, tw)?)
@@ -321,7 +329,7 @@ impl LevelBlocks {
         temb: &Tensor,
         context: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        let xs = section("resnet", || self.resnets[i].forward(xs, temb))?;
+        let xs = section("resnet", || self.resnets[i].forward(xs, Some(temb)))?;
         match self.attentions.get(i) {
             Some(a) => section("transformer", || a.forward(&xs, context)),
             None => Ok(xs),
@@ -401,7 +409,7 @@ impl Unet {
         let resnet = ResnetConfig {
             groups: spec.norm_num_groups,
             eps: spec.norm_eps,
-            temb_channels: temb,
+            temb_channels: Some(temb),
             output_scale_factor: 1.0,
             conv: algo,
         };
@@ -577,9 +585,9 @@ impl Unet {
                 skips.push(xs.clone());
             }
         }
-        xs = section("resnet", || self.mid.first.forward(&xs, &temb))?;
+        xs = section("resnet", || self.mid.first.forward(&xs, Some(&temb)))?;
         xs = section("transformer", || self.mid.attention.forward(&xs, context))?;
-        xs = section("resnet", || self.mid.second.forward(&xs, &temb))?;
+        xs = section("resnet", || self.mid.second.forward(&xs, Some(&temb)))?;
         // Sizes that do not halve evenly down the levels upsample to the
         // skip connection's size rather than to twice their own.
         let factor = 1usize << (self.up.len() - 1);

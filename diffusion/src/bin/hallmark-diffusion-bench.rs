@@ -10,7 +10,10 @@
 //!   splits a UNet call into its sections (resnets, transformer blocks and
 //!   their attention, resampling, …), the device synchronised around each;
 //! - `kernels [--device cuda] [--dtype f16] [--rows 16] [--cols 4096]` checks
-//!   the crate's own CUDA kernels against candle's (largest difference, time).
+//!   the crate's own CUDA kernels against candle's (largest difference, time);
+//! - `ops [--device ..] [--dtype ..] [--size 512] [--batch 16] [--runs 5]` times the
+//!   UNet's operations one by one at its shapes (matmuls, convolutions, norms,
+//!   activations, layout copies), as `diffusers_bench.py ops` does in PyTorch.
 //!
 //! `--attention auto|matmul|flash` picks the UNet's attention kernel;
 //! `--conv-algo winograd-nonfused|implicit-precomp-gemm|implicit-gemm|heuristic`
@@ -304,8 +307,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 );
             }
         }
+        Some("ops") => {
+            let cfg = hallmark_diffusion::opbench::OpBenchConfig {
+                device: device(&args)?,
+                dtype: dtype(&args)?,
+                batch: num("--batch", 16),
+                latent: num("--size", 512) / 8,
+                runs: num("--runs", 5),
+                conv_algorithm: conv_algorithm(&args)?,
+            };
+            for t in hallmark_diffusion::opbench::run(&cfg)? {
+                println!(
+                    "{}",
+                    serde_json::json!({"engine": "hallmark", "bench": "op", "op": t.op,
+                        "device": format!("{:?}", cfg.device), "dtype": format!("{:?}", cfg.dtype),
+                        "conv": conv_name(&args)?, "shape": t.shape, "ms": t.ms,
+                        "tflops": t.tflops(), "gbps": t.gbps()})
+                );
+            }
+        }
         _ => return Err(
-            "usage: hallmark-diffusion-bench init|pipeline|unet|profile|kernels ... (see the source's doc comment)"
+            "usage: hallmark-diffusion-bench init|pipeline|unet|profile|kernels|ops ... (see the source's doc comment)"
                 .into(),
         ),
     }
