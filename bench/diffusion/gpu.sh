@@ -4,7 +4,10 @@
 # on the same SD-1.5-architecture random weights, 512², 20 steps, Euler a,
 # guidance 7.5, batch 1 and 8, in one run.
 #
-# Every build found in .gpu/ runs: with flash attention (a `flash-attn` build;
+# First the UNet's operations one by one (matmuls, convolutions, norms,
+# activations, layout copies at the SD-1.5 UNet's batch-8 shapes) in this
+# engine and in PyTorch, side by side: which kernel costs what. Then every
+# build found in .gpu/ runs: with flash attention (a `flash-attn` build;
 # other builds say by name that they cannot) and with matmul attention; then
 # a per-section profile of one guided UNet call at batch 1 and 8 (UNet batch
 # 2 and 16): where the time goes, for the next change. A `cudnn` build (its
@@ -39,6 +42,13 @@ common=(--model "$MODEL" --device cuda --size 512)
 {
   stamp kernels
   for dtype in f16 bf16; do run "${bins[0]}" kernels --device cuda --dtype "$dtype"; done
+  stamp ops
+  for bin in "${bins[@]}"; do run "$bin" ops --device cuda --dtype f16 --size 512 --batch 16 --runs 5 > "$OUT/ops-$(basename "$bin").jsonl"; done
+  python3 bench/diffusion/diffusers_bench.py ops --device cuda --dtype f16 --size 512 --batch 16 --runs 5 > "$OUT/ops-torch.jsonl"
+  for f in "$OUT"/ops-hallmark*.jsonl; do
+    echo "# $(basename "$f")"; cat "$f" "$OUT/ops-torch.jsonl" > "$OUT/ops-joined.jsonl"
+    python3 bench/diffusion/diffusers_bench.py ops-table "$OUT/ops-joined.jsonl"
+  done
   stamp diffusers
   python3 bench/diffusion/diffusers_bench.py pipeline "$MODEL" --device cuda --dtype f16 --size 512 --steps 20 --batch 1,8 --runs 2
   for bin in "${bins[@]}"; do

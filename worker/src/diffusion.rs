@@ -15,7 +15,8 @@ use hallmark_diffusion::hub::{self, HubModel, HubOptions};
 use hallmark_diffusion::model::{ModelFolder, sha256_file};
 use hallmark_diffusion::upscale::{HiresFix, UpscaleMethod};
 use hallmark_diffusion::{
-    DiffusionError, GenerateRequest, LoadOptions, Sample, SchedulerKind, StableDiffusion,
+    AttentionChoice, ConvAlgorithm, DiffusionError, GenerateRequest, LoadOptions, Sample,
+    SchedulerKind, StableDiffusion,
 };
 use hallmark_proto::v1::ModelCapability;
 use hallmark_provenance::credentials::UpscaleRecord;
@@ -41,6 +42,10 @@ pub struct DiffusionConfig {
     pub dtype: DType,
     /// Weight file variant to prefer (`fp16`).
     pub variant: Option<String>,
+    /// The UNet's attention kernel.
+    pub attention: AttentionChoice,
+    /// The convolutions' cuDNN algorithm (`cudnn` builds).
+    pub conv_algorithm: ConvAlgorithm,
 }
 
 impl DiffusionConfig {
@@ -56,6 +61,8 @@ impl DiffusionConfig {
             device: Device::Cpu,
             dtype: DType::F32,
             variant: None,
+            attention: AttentionChoice::Auto,
+            conv_algorithm: ConvAlgorithm::default(),
         }
     }
 }
@@ -108,6 +115,18 @@ pub struct DiffusionArgs {
     /// Memory budget for loaded models, in GiB.
     #[arg(long, default_value_t = 16.0)]
     pub model_cache_gb: f64,
+    /// The UNet's attention: auto (fused flash attention where the build,
+    /// device and type allow it, else matmul), matmul or flash.
+    #[arg(long, env = "HALLMARK_ATTENTION", default_value = "auto")]
+    pub attention: String,
+    /// The convolutions' cuDNN algorithm in a cudnn build:
+    /// winograd-nonfused, implicit-precomp-gemm, implicit-gemm or heuristic.
+    #[arg(
+        long = "conv-algo",
+        env = "HALLMARK_CONV_ALGO",
+        default_value = "winograd-nonfused"
+    )]
+    pub conv_algorithm: String,
 }
 
 impl DiffusionArgs {
@@ -153,6 +172,11 @@ impl DiffusionArgs {
         cfg.dtype = parse_dtype(&self.dtype)?;
         cfg.variant = self.variant.clone();
         cfg.cache_bytes = (self.model_cache_gb * (1u64 << 30) as f64) as u64;
+        cfg.attention = self.attention.parse()?;
+        // Flash attention where it cannot run is refused now, not at the
+        // first render.
+        cfg.attention.resolve(&cfg.device, cfg.dtype)?;
+        cfg.conv_algorithm = self.conv_algorithm.parse()?;
         Ok(cfg)
     }
 }
@@ -233,9 +257,8 @@ impl DiffusionEngine {
                         device: self.config.device.clone(),
                         dtype: self.config.dtype,
                         variant: self.config.variant.clone(),
-                        // auto attention (flash where the build can), a
-                        // fixed cuDNN convolution algorithm
-                        ..LoadOptions::default()
+                        attention: self.config.attention,
+                        conv_algorithm: self.config.conv_algorithm,
                     },
                 )
             })
@@ -446,5 +469,42 @@ impl Engine for DiffusionEngine {
             .into_iter()
             .map(|r| r.expect("every task has a result"))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        diffusion: DiffusionArgs,
+    }
+
+    fn config(extra: &[&str]) -> anyhow::Result<DiffusionConfig> {
+        let args = ["worker", "--model-path", "m=/models/m"]
+            .iter()
+            .chain(extra);
+        Cli::try_parse_from(args)?.diffusion.config()
+    }
+
+    #[test]
+    fn attention_and_convolution_choices_are_checked_at_start() {
+        let cfg = config(&["--attention", "matmul", "--conv-algo", "implicit-gemm"]).unwrap();
+        assert_eq!(cfg.attention, AttentionChoice::Matmul);
+        assert_eq!(cfg.conv_algorithm, ConvAlgorithm::ImplicitGemm);
+        let cfg = config(&[]).unwrap();
+        assert_eq!(cfg.attention, AttentionChoice::Auto);
+        assert_eq!(cfg.conv_algorithm, ConvAlgorithm::WinogradNonfused);
+
+        let err = config(&["--attention", "sdpa"]).unwrap_err().to_string();
+        assert!(err.contains("\"sdpa\""), "{err}");
+        let err = config(&["--conv-algo", "fft"]).unwrap_err().to_string();
+        assert!(err.contains("\"fft\""), "{err}");
+        // Flash attention cannot run on the CPU: refused before any render.
+        let err = config(&["--attention", "flash"]).unwrap_err().to_string();
+        assert!(err.contains("flash attention cannot run here"), "{err}");
     }
 }
