@@ -2,7 +2,8 @@
 # CPU benchmark of the diffusion engine beside diffusers, in one run on the
 # same machine and the same weights:
 #   1. one guided UNet step (batch 2) of the SD 1.5 architecture at 256²;
-#   2. the tiny SD-1.x pipeline end to end (192², 20 steps, Euler a, guided).
+#   2. the tiny SD-1.x pipeline end to end (192², 20 steps, Euler a, guided);
+#   3. the UNet's operations one by one at the 256², batch-2 shapes (ops).
 # Prints JSON lines and the ratios (diffusers time / Hallmark time: > 1 means
 # Hallmark is faster). Uses the reference venv of tests/reference/run.sh.
 set -euo pipefail
@@ -24,7 +25,10 @@ OUT="$(mktemp)"
   "$VENV/bin/python" bench/diffusion/diffusers_bench.py unet "$WORK/sd15" --size 256 --runs 5
   "$BIN" pipeline --model "$WORK/tiny-sd1" --size 192 --steps 20 --batch 1,4 --runs 3
   "$VENV/bin/python" bench/diffusion/diffusers_bench.py pipeline "$WORK/tiny-sd1" --size 192 --steps 20 --batch 1,4 --runs 3
+  "$BIN" ops --size 256 --batch 2 --runs 5
+  "$VENV/bin/python" bench/diffusion/diffusers_bench.py ops --size 256 --batch 2 --runs 5
 } | tee "$OUT"
+"$VENV/bin/python" bench/diffusion/diffusers_bench.py ops-table "$OUT"
 python3 - "$OUT" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
