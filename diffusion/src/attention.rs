@@ -349,13 +349,8 @@ impl Transformer2D {
         let norm = GroupNorm::new(vb.pp("norm"), cfg.groups, c, 1e-6)?;
         let (w_in, b_in) = projection("proj_in")?;
         let (w_out, b_out) = projection("proj_out")?;
-        // proj_in(γ ⊙ x̂ + β) = (W diag γ) x̂ + (W β + b), computed in f32.
         let dtype = w_in.dtype();
-        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-        let (gamma, beta) = norm.affine();
-        let proj_in_weight = f32(&w_in)?.broadcast_mul(&f32(gamma)?.unsqueeze(0)?)?;
-        let proj_in_bias =
-            (f32(&w_in)?.matmul(&f32(beta)?.unsqueeze(1)?)?.squeeze(1)? + f32(&b_in)?)?;
+        let (proj_in_weight, proj_in_bias) = norm.fold_into(&w_in, &b_in)?;
         Ok(Self {
             norm,
             proj_in_weight: proj_in_weight.to_dtype(dtype)?,

@@ -83,9 +83,19 @@ impl GroupNorm {
         .reshape(dims)
     }
 
-    /// The per-channel scale and shift, `(channels,)` each.
-    pub(crate) fn affine(&self) -> (&Tensor, &Tensor) {
-        (&self.weight, &self.bias)
+    /// A linear map `(weight (out, channels), bias (out,))` applied after
+    /// this norm, with the norm's scale and shift folded in, in f32:
+    /// W (γ ⊙ x̂ + β) + b = (W diag γ) x̂ + (W β + b).
+    pub(crate) fn fold_into(
+        &self,
+        weight: &Tensor,
+        bias: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let f32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32);
+        let w = f32(weight)?;
+        let folded_w = w.broadcast_mul(&f32(&self.weight)?.unsqueeze(0)?)?;
+        let folded_b = (w.matmul(&f32(&self.bias)?.unsqueeze(1)?)?.squeeze(1)? + f32(bias)?)?;
+        Ok((folded_w, folded_b))
     }
 }
 

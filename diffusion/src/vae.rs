@@ -84,7 +84,7 @@ struct SpatialAttention {
     norm: GroupNorm,
     /// `[W_q · s; W_k; W_v] · diag(γ)`, `(3c, c)`; s = c^-½.
     qkv_weight: Tensor,
-    /// `[W_q β + b_q) · s; W_k β + b_k; W_v β + b_v]`, `(3c, 1)`.
+    /// `[(W_q β + b_q) · s; W_k β + b_k; W_v β + b_v]`, `(3c, 1)`.
     qkv_bias: Tensor,
     out_weight: Tensor,
     /// `(c, 1)`.
@@ -102,21 +102,15 @@ impl SpatialAttention {
         let [q, k, v, out] = names.map(|name| projection(&vb.pp(name), channels));
         let (out_weight, out_bias) = out?;
         let dtype = out_weight.dtype();
-        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-        let (gamma, beta) = norm.affine();
-        let (gamma, beta) = (f32(gamma)?.unsqueeze(0)?, f32(beta)?.unsqueeze(1)?);
         let scale = (channels as f64).powf(-0.5);
         let mut weights = Vec::with_capacity(3);
         let mut biases = Vec::with_capacity(3);
         for (i, part) in [q, k, v].into_iter().enumerate() {
             let (w, b) = part?;
-            let (w, b) = (f32(&w)?, f32(&b)?.unsqueeze(1)?);
-            // W (γ ⊙ x̂ + β) + b = (W diag γ) x̂ + (W β + b)
-            let folded_w = w.broadcast_mul(&gamma)?;
-            let folded_b = (w.matmul(&beta)? + b)?;
+            let (folded_w, folded_b) = norm.fold_into(&w, &b)?;
             let s = if i == 0 { scale } else { 1.0 };
             weights.push((folded_w * s)?);
-            biases.push((folded_b * s)?);
+            biases.push((folded_b.unsqueeze(1)? * s)?);
         }
         Ok(Self {
             norm,
