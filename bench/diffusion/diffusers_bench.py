@@ -89,6 +89,8 @@ def ops(a, dtype, common):
         lw, lb = randn(c), randn(c)
         emit("layer_norm", tokens, lambda: F.layer_norm(tokens, (c,), lw, lb, 1e-5))
         emit("gelu", hidden, lambda: F.gelu(hidden))
+        gate = randn(b, n, 4 * c)
+        emit("geglu", hidden, lambda: hidden * F.gelu(gate))
         emit("mul", hidden, lambda: hidden * hidden)
         split = tokens.reshape(b, n, heads, d)
         emit("transpose_heads", split, lambda: split.transpose(1, 2).contiguous())

@@ -1,7 +1,8 @@
-//! How the networks' convolutions choose their cuDNN algorithm.
+//! The networks' convolutions: on the CPU in f32 the engine's own kernel
+//! (`cpu::conv2d`), elsewhere candle's, with the cuDNN algorithm chosen here.
 //!
-//! Only a `cudnn` build looks at this (elsewhere candle convolves by
-//! im2col and a matmul). candle's default asks cuDNN's heuristic
+//! Only a `cudnn` build looks at the algorithm (without cuDNN candle
+//! convolves by im2col and a matmul). candle's default asks cuDNN's heuristic
 //! (`cudnnGetConvolutionForwardAlgorithm_v7`) on every call, which costs
 //! milliseconds of CPU time per convolution with cuDNN 9 — on an H100 it made
 //! the whole SD-1.5 UNet six times slower than without cuDNN. A fixed
@@ -16,7 +17,8 @@ use std::fmt;
 use std::str::FromStr;
 
 use candle_core::conv::CudnnFwdAlgo;
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_core::{Module, Tensor};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
 use crate::DiffusionError;
 
@@ -97,7 +99,45 @@ impl ConvAlgorithm {
             cudnn_fwd_algo,
             ..Default::default()
         };
-        candle_nn::conv2d(cin, cout, kernel, cfg, vb)
+        candle_nn::conv2d(cin, cout, kernel, cfg, vb).map(Conv2d)
+    }
+}
+
+/// A 2-D convolution with an optional bias: candle-nn's, except f32 on the
+/// CPU, which runs the engine's own kernel.
+#[derive(Debug, Clone)]
+pub(crate) struct Conv2d(candle_nn::Conv2d);
+
+impl Conv2d {
+    pub(crate) fn weight(&self) -> &Tensor {
+        self.0.weight()
+    }
+
+    pub(crate) fn bias(&self) -> Option<&Tensor> {
+        self.0.bias()
+    }
+
+    /// The same convolution without its bias.
+    pub(crate) fn without_bias(&self) -> Self {
+        Self(candle_nn::Conv2d::new(
+            self.0.weight().clone(),
+            None,
+            *self.0.config(),
+        ))
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let cfg = self.0.config();
+        if !(crate::cpu::applies(xs) && cfg.dilation == 1 && cfg.groups == 1) {
+            return self.0.forward(xs);
+        }
+        let out = crate::cpu::conv2d(xs, self.0.weight(), cfg.stride, cfg.padding)?;
+        match self.0.bias() {
+            Some(b) => out.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            None => Ok(out),
+        }
     }
 }
 

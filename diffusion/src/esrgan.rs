@@ -9,11 +9,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
 use image::RgbImage;
 
 use crate::DiffusionError;
-use crate::conv::ConvAlgorithm;
+use crate::conv::{Conv2d, ConvAlgorithm};
 use crate::model::{WeightFile, sha256_file};
 
 /// The shape of an RRDBNet.

@@ -8,7 +8,8 @@
 //! - [`rng`]: the seeded noise generator (same noise on every device);
 //! - [`unet`]: the denoising UNet, with SDXL's added conditioning;
 //! - [`attention`]: its transformer blocks, attention by matmuls or fused flash attention;
-//! - [`conv`]: the cuDNN algorithm of the convolutions (`cudnn` builds);
+//! - [`conv`]: the convolutions and their cuDNN algorithm (`cudnn` builds);
+//! - `cpu`: the own CPU kernels (convolution, group norm, GEGLU) for f32;
 //! - [`softmax`]: the attention's softmax (an own kernel on CUDA);
 //! - [`profile`]: where a UNet call spends its time (the benchmark's `profile`);
 //! - [`opbench`]: the UNet's operations one by one at its shapes (the benchmark's `ops`);
@@ -24,6 +25,7 @@ pub mod attention;
 pub mod cache;
 pub mod clip;
 pub mod conv;
+mod cpu;
 mod error;
 pub mod esrgan;
 mod gpu;

@@ -213,7 +213,7 @@ pub fn run(cfg: &OpBenchConfig) -> candle_core::Result<Vec<OpTiming>> {
     )?;
     let ms = time(cfg, &|| norm.forward(&map))?;
     push("group_norm", map.dims(), ms, 0.0, map_bytes);
-    let ms = time(cfg, &|| candle_nn::ops::silu(&norm.forward(&map)?))?;
+    let ms = time(cfg, &|| norm.forward_silu(&map))?;
     push("group_norm_silu", map.dims(), ms, 0.0, map_bytes);
     let ms = time(cfg, &|| candle_nn::ops::silu(&map))?;
     push("silu", map.dims(), ms, 0.0, map_bytes);
@@ -236,6 +236,9 @@ pub fn run(cfg: &OpBenchConfig) -> candle_core::Result<Vec<OpTiming>> {
     let ms = time(cfg, &|| hidden.gelu_erf())?;
     let hidden_bytes = 2.0 * hidden.elem_count() as f64 * el;
     push("gelu", hidden.dims(), ms, 0.0, hidden_bytes);
+    let gate = randn(&[b, n, 4 * c], cfg)?;
+    let ms = time(cfg, &|| crate::attention::geglu(&hidden, &gate))?;
+    push("geglu", hidden.dims(), ms, 0.0, 1.5 * hidden_bytes);
     let ms = time(cfg, &|| &hidden * &hidden)?;
     push("mul", hidden.dims(), ms, 0.0, 1.5 * hidden_bytes);
     let split = tokens.reshape((b, n, heads, d))?;
@@ -284,6 +287,7 @@ mod tests {
                 "add",
                 "layer_norm",
                 "gelu",
+                "geglu",
                 "mul",
                 "transpose_heads"
             ]

@@ -10,9 +10,9 @@
 use std::sync::Mutex;
 
 use candle_core::{D, Module, Tensor};
-use candle_nn::{Conv2d, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
 
-use crate::conv::ConvAlgorithm;
+use crate::conv::{Conv2d, ConvAlgorithm};
 use crate::profile::section;
 
 /// diffusers' `GroupNorm`: each group of channels normalised over its
@@ -99,8 +99,35 @@ impl GroupNorm {
     }
 }
 
+impl GroupNorm {
+    /// The norm, then SiLU (the resnets' and the output blocks' pattern).
+    pub(crate) fn forward_silu(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if crate::cpu::applies(xs) {
+            return crate::cpu::group_norm(
+                xs,
+                &self.weight,
+                &self.bias,
+                self.groups,
+                self.eps,
+                true,
+            );
+        }
+        candle_nn::ops::silu(&self.forward(xs)?)
+    }
+}
+
 impl Module for GroupNorm {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if crate::cpu::applies(xs) {
+            return crate::cpu::group_norm(
+                xs,
+                &self.weight,
+                &self.bias,
+                self.groups,
+                self.eps,
+                false,
+            );
+        }
         let normed = self.normalize(xs)?;
         let mut per_channel = vec![1; xs.rank()];
         per_channel[1] = xs.dim(1)?;
@@ -122,10 +149,7 @@ pub(crate) fn bias_or_zeros(bias: Option<&Tensor>, weight: &Tensor) -> candle_co
 /// A convolution without its bias, and the bias as `(1, channels, 1, 1)`.
 fn split_bias(conv: Conv2d) -> candle_core::Result<(Conv2d, Tensor)> {
     let bias = bias_or_zeros(conv.bias(), conv.weight())?.reshape((1, (), 1, 1))?;
-    Ok((
-        Conv2d::new(conv.weight().clone(), None, *conv.config()),
-        bias,
-    ))
+    Ok((conv.without_bias(), bias))
 }
 
 /// diffusers' `ResnetBlock2D`: in the UNet with a time-embedding projection
@@ -208,11 +232,8 @@ impl ResnetBlock {
         xs: &Tensor,
         temb_act: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
-        let norm_silu = |norm: &GroupNorm, x: &Tensor| {
-            section("resnet/norm+silu", || {
-                candle_nn::ops::silu(&norm.forward(x)?)
-            })
-        };
+        let norm_silu =
+            |norm: &GroupNorm, x: &Tensor| section("resnet/norm+silu", || norm.forward_silu(x));
         let conv = |conv: &Conv2d, x: &Tensor| section("resnet/conv", || conv.forward(x));
         let h = conv(&self.conv1, &norm_silu(&self.norm1, xs)?)?;
         let h = section("resnet/time", || match (&self.time_emb_proj, temb_act) {

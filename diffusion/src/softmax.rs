@@ -4,7 +4,8 @@
 //! one block per row that finds the maximum and the sum of exponentials in a
 //! single pass, then writes the probabilities — two reads of the scores
 //! where candle's kernel (one warp per row) makes three, 16-byte loads, and
-//! a whole block of loads in flight per row. Elsewhere candle's softmax.
+//! a whole block of loads in flight per row. On the CPU in f32 the crate's
+//! own (`cpu`), elsewhere candle's softmax.
 
 use candle_core::Tensor;
 
@@ -13,6 +14,9 @@ pub fn softmax_last_dim(xs: &Tensor) -> candle_core::Result<Tensor> {
     #[cfg(feature = "cuda")]
     if xs.device().is_cuda() {
         return xs.contiguous()?.apply_op1_no_bwd(&cuda::RowSoftmax);
+    }
+    if crate::cpu::applies(xs) {
+        return crate::cpu::softmax_last_dim(xs);
     }
     candle_nn::ops::softmax_last_dim(xs)
 }

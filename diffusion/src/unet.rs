@@ -11,12 +11,12 @@
 //! model family is hard-coded.
 
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 
 use crate::DiffusionError;
 use crate::attention::{AttentionKernel, Transformer2D, TransformerConfig};
-use crate::conv::ConvAlgorithm;
+use crate::conv::{Conv2d, ConvAlgorithm};
 use crate::model::UnetConfig;
 use crate::profile::section;
 use crate::resnet::{GroupNorm, ResnetBlock, ResnetConfig};
@@ -610,8 +610,7 @@ impl Unet {
             }
         }
         Ok(section("conv_out", || {
-            self.conv_out
-                .forward(&candle_nn::ops::silu(&self.norm_out.forward(&xs)?)?)
+            self.conv_out.forward(&self.norm_out.forward_silu(&xs)?)
         })?)
     }
 }

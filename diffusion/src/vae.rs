@@ -15,9 +15,9 @@
 //! ever copied. Scores and softmax run in f32 (diffusers' `upcast_softmax`).
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
 
-use crate::conv::ConvAlgorithm;
+use crate::conv::{Conv2d, ConvAlgorithm};
 use crate::model::VaeConfig;
 use crate::resnet::{GroupNorm, ResnetBlock, ResnetConfig};
 use crate::unet::{Downsample, Upsample};
@@ -215,8 +215,7 @@ impl Head {
     }
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        self.conv
-            .forward(&candle_nn::ops::silu(&self.norm.forward(xs)?)?)
+        self.conv.forward(&self.norm.forward_silu(xs)?)
     }
 }
 

@@ -1,0 +1,791 @@
+//! The engine's own CPU kernels, for f32 on the CPU, where candle's are the
+//! slow part of a UNet call (`hallmark-diffusion-bench ops`):
+//!
+//! - [`conv2d`]: convolution as one im2col and one matmul per tile, the
+//!   im2col laid out `(cin·kh·kw, pixels)` so that the weight is used in its
+//!   stored layout and the matmul writes the output in place, NCHW. candle's
+//!   CPU convolution re-lays the input out as NHWC element by element on one
+//!   core, re-flattens the weight on every call, gathers each im2col element
+//!   on its own and scatters the result back element by element.
+//! - [`group_norm`]: group norm with its per-channel scale and shift and,
+//!   optionally, the SiLU after it, in one pass over the map per group (two
+//!   reads for the statistics, one write). candle composes it from a layer
+//!   norm, two broadcasts and a SiLU, each a pass of its own.
+//! - [`softmax_last_dim`]: the attention's softmax, a row at a time (max,
+//!   exponentials and their sum, scale) with the polynomial `exp`.
+//! - [`geglu`]: `value · gelu(gate)` (exact, erf-based GELU) in one pass.
+//!   candle's CPU GELU evaluates `erf` one element at a time.
+//!
+//! The activations use a polynomial `exp` (relative error about 1e-7) and
+//! erf (absolute error ≤ 1.5e-7, Abramowitz & Stegun 7.1.26), written so the
+//! compiler vectorises them; on x86-64 with AVX2 and FMA the loops are
+//! compiled for those too (chosen at run time). Work is split over candle's
+//! rayon pool.
+//!
+//! Other devices and types keep candle's kernels: callers check
+//! [`applies`] first.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Whether these kernels run `xs`: f32 on the CPU.
+pub(crate) fn applies(xs: &Tensor) -> bool {
+    xs.device().is_cpu() && xs.dtype() == DType::F32
+}
+
+/// Defines `fn $name(args)` whose body is compiled twice, for AVX2 with FMA
+/// and for the baseline target, the first chosen where the CPU has them.
+/// Helpers the body calls must be `#[inline(always)]` to be compiled into
+/// each version.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                fn wide($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has the features `wide` is compiled for.
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+/// `e^x` for f32: x = n ln 2 + r with |r| ≤ ln 2 / 2, a degree-6 Taylor
+/// polynomial for e^r, and 2^n put into the exponent bits. Arguments are
+/// clamped to where e^x is a finite, normal f32; a NaN stays a NaN. No
+/// float-to-integer cast (Rust's saturating `as` keeps loops scalar): n is
+/// rounded by adding 1.5·2^23, which leaves it in the low mantissa bits.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    const SHIFTER: f32 = 12_582_912.0;
+    let x = if x < -87.0 { -87.0 } else { x };
+    let x = if x > 88.0 { 88.0 } else { x };
+    let shifted = x * std::f32::consts::LOG2_E + SHIFTER;
+    let n = shifted - SHIFTER;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0 / 720.0;
+    let p = p * r + 1.0 / 120.0;
+    let p = p * r + 1.0 / 24.0;
+    let p = p * r + 1.0 / 6.0;
+    let p = p * r + 0.5;
+    let p = p * r + 1.0;
+    let p = p * r + 1.0;
+    // n + 127 in the exponent field: the shifter's bits are 0x4B40_0000 + n.
+    let biased = shifted
+        .to_bits()
+        .wrapping_sub(0x4B40_0000)
+        .wrapping_add(127);
+    p * f32::from_bits(biased << 23)
+}
+
+#[inline(always)]
+fn silu(x: f32) -> f32 {
+    x / (1.0 + exp(-x))
+}
+
+/// erf(x), |error| ≤ 1.5e-7 (Abramowitz & Stegun 7.1.26).
+#[inline(always)]
+fn erf(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let p = 1.061_405_4;
+    let p = p * t - 1.453_152_1;
+    let p = p * t + 1.421_413_8;
+    let p = p * t - 0.284_496_74;
+    let p = p * t + 0.254_829_6;
+    (1.0 - p * t * exp(-a * a)).copysign(x)
+}
+
+/// The exact GELU, x Φ(x).
+#[inline(always)]
+fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{what}: the CPU kernels take f32, got {:?}", s.dtype());
+    };
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&v[start..end]),
+        None => candle_core::bail!("{what}: the input must be contiguous"),
+    }
+}
+
+/// Elements per parallel work item of the elementwise kernels.
+const CHUNK: usize = 1 << 14;
+
+struct Geglu;
+
+impl CustomOp2 for Geglu {
+    fn name(&self) -> &'static str {
+        "hallmark-geglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        value: &CpuStorage,
+        value_l: &Layout,
+        gate: &CpuStorage,
+        gate_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if value_l.shape() != gate_l.shape() {
+            candle_core::bail!(
+                "geglu: value {:?} and gate {:?} differ in shape",
+                value_l.shape(),
+                gate_l.shape()
+            );
+        }
+        let v = f32_slice(value, value_l, "geglu")?;
+        let g = f32_slice(gate, gate_l, "geglu")?;
+        let mut out = vec![0f32; v.len()];
+        out.par_chunks_mut(CHUNK)
+            .zip(v.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+            .for_each(|(o, (v, g))| geglu_run(o, v, g));
+        Ok((CpuStorage::F32(out), value_l.shape().clone()))
+    }
+}
+
+multiversion! {
+    fn geglu_run(out: &mut [f32], value: &[f32], gate: &[f32]) {
+        for ((o, &v), &g) in out.iter_mut().zip(value).zip(gate) {
+            *o = v * gelu(g);
+        }
+    }
+}
+
+/// `value · gelu_erf(gate)`, f32 on the CPU (see [`applies`]).
+pub(crate) fn geglu(value: &Tensor, gate: &Tensor) -> candle_core::Result<Tensor> {
+    value
+        .contiguous()?
+        .apply_op2_no_bwd(&gate.contiguous()?, &Geglu)
+}
+
+struct Softmax;
+
+impl candle_core::CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "hallmark-softmax"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(xs, l, "softmax")?;
+        let cols = l.dims().last().copied().unwrap_or(1);
+        let mut out = vec![0f32; x.len()];
+        // Rows in work items of about CHUNK elements (none when rows are empty).
+        if let Some(per_item) = CHUNK.checked_div(cols) {
+            let rows = per_item.max(1) * cols;
+            out.par_chunks_mut(rows)
+                .zip(x.par_chunks(rows))
+                .for_each(|(y, x)| softmax_rows(x, y, cols));
+        }
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+}
+
+multiversion! {
+    fn softmax_rows(x: &[f32], y: &mut [f32], cols: usize) {
+        for (x, y) in x.chunks(cols).zip(y.chunks_mut(cols)) {
+            let mut lanes = [f32::NEG_INFINITY; 16];
+            let chunks = x.chunks_exact(16);
+            let mut max = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            for c in chunks {
+                for (l, &v) in lanes.iter_mut().zip(c) {
+                    *l = l.max(v);
+                }
+            }
+            max = lanes.iter().fold(max, |m, &v| m.max(v));
+            for (o, &v) in y.iter_mut().zip(x) {
+                *o = exp(v - max);
+            }
+            let inv = 1.0 / lane_sum(y, |v| v);
+            for o in y.iter_mut() {
+                *o *= inv;
+            }
+        }
+    }
+}
+
+/// Softmax over the last dimension; f32 on the CPU (see [`applies`]).
+pub(crate) fn softmax_last_dim(xs: &Tensor) -> candle_core::Result<Tensor> {
+    xs.contiguous()?.apply_op1_no_bwd(&Softmax)
+}
+
+struct GroupNormOp {
+    groups: usize,
+    eps: f32,
+    silu: bool,
+}
+
+impl CustomOp3 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "hallmark-group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xs_l: &Layout,
+        weight: &CpuStorage,
+        weight_l: &Layout,
+        bias: &CpuStorage,
+        bias_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = xs_l.dims();
+        if dims.len() < 3 {
+            candle_core::bail!("group norm wants (batch, channels, …), got {dims:?}");
+        }
+        let channels = dims[1];
+        if !channels.is_multiple_of(self.groups)
+            || weight_l.dims() != [channels]
+            || bias_l.dims() != [channels]
+        {
+            candle_core::bail!(
+                "group norm: {channels} channels in {} groups with scale {:?} and shift {:?}",
+                self.groups,
+                weight_l.dims(),
+                bias_l.dims()
+            );
+        }
+        let x = f32_slice(xs, xs_l, "group norm")?;
+        let gamma = f32_slice(weight, weight_l, "group norm")?;
+        let beta = f32_slice(bias, bias_l, "group norm")?;
+        let per_group = channels / self.groups;
+        let pixels: usize = dims[2..].iter().product();
+        let row = per_group * pixels;
+        let mut out = vec![0f32; x.len()];
+        if row > 0 {
+            out.par_chunks_mut(row)
+                .zip(x.par_chunks(row))
+                .enumerate()
+                .for_each(|(i, (y, x))| {
+                    let first = (i % self.groups) * per_group;
+                    let channels = first..first + per_group;
+                    let (gamma, beta) = (&gamma[channels.clone()], &beta[channels]);
+                    norm_group(x, y, gamma, beta, pixels, self.eps, self.silu);
+                });
+        }
+        Ok((CpuStorage::F32(out), xs_l.shape().clone()))
+    }
+}
+
+/// Sum of a slice in 16 lanes (so the compiler may vectorise it).
+#[inline(always)]
+fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0f32; 16];
+    let chunks = xs.chunks_exact(16);
+    let rest: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += f(v);
+        }
+    }
+    lanes.iter().sum::<f32>() + rest
+}
+
+multiversion! {
+    /// One group of one image: mean, then variance about it (two reads, as
+    /// exact as f32 allows), then scale, shift and the optional SiLU.
+    fn norm_group(
+        x: &[f32],
+        y: &mut [f32],
+        gamma: &[f32],
+        beta: &[f32],
+        pixels: usize,
+        eps: f32,
+        act: bool,
+    ) {
+        let n = x.len() as f32;
+        let mean = lane_sum(x, |v| v) / n;
+        let var = lane_sum(x, |v| (v - mean) * (v - mean)) / n;
+        let rstd = 1.0 / (var + eps).sqrt();
+        for (c, (xc, yc)) in x.chunks(pixels).zip(y.chunks_mut(pixels)).enumerate() {
+            let scale = gamma[c] * rstd;
+            let shift = beta[c] - mean * scale;
+            if act {
+                for (o, &v) in yc.iter_mut().zip(xc) {
+                    *o = silu(v * scale + shift);
+                }
+            } else {
+                for (o, &v) in yc.iter_mut().zip(xc) {
+                    *o = v * scale + shift;
+                }
+            }
+        }
+    }
+}
+
+/// diffusers' group norm (`groups` groups, scale and shift per channel),
+/// then SiLU when `act`; f32 on the CPU (see [`applies`]).
+pub(crate) fn group_norm(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f32,
+    act: bool,
+) -> candle_core::Result<Tensor> {
+    xs.contiguous()?.apply_op3_no_bwd(
+        &weight.contiguous()?,
+        &bias.contiguous()?,
+        &GroupNormOp {
+            groups,
+            eps,
+            silu: act,
+        },
+    )
+}
+
+/// Bytes of im2col buffer per tile: large enough for an efficient matmul,
+/// small enough to stay near the caches.
+const COL_BYTES: usize = 8 << 20;
+
+struct Conv2dOp {
+    stride: usize,
+    padding: usize,
+}
+
+/// The shape of one convolution.
+#[derive(Debug, Clone, Copy)]
+struct ConvShape {
+    batch: usize,
+    cin: usize,
+    height: usize,
+    width: usize,
+    cout: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    padding: usize,
+    out_h: usize,
+    out_w: usize,
+}
+
+impl ConvShape {
+    /// The im2col's rows: (input channel, kernel row, kernel column), the
+    /// weight's own order.
+    fn k(&self) -> usize {
+        self.cin * self.kh * self.kw
+    }
+}
+
+/// A run of output rows: `images` whole images from `image`, or one image's
+/// rows `row..row + rows`.
+#[derive(Debug, Clone, Copy)]
+struct Tile {
+    image: usize,
+    images: usize,
+    row: usize,
+    rows: usize,
+}
+
+impl Tile {
+    fn columns(&self, s: &ConvShape) -> usize {
+        self.images * self.rows * s.out_w
+    }
+}
+
+/// The tiles of a convolution: whole images together while they fit in
+/// [`COL_BYTES`] (small maps: one matmul shares the weight across images),
+/// else row bands of one image.
+fn tiles(s: &ConvShape) -> Vec<Tile> {
+    let budget = (COL_BYTES / 4 / s.k().max(1)).max(s.out_w);
+    let image_px = s.out_h * s.out_w;
+    let mut out = Vec::new();
+    if image_px <= budget {
+        let per = (budget / image_px.max(1)).max(1);
+        let mut image = 0;
+        while image < s.batch {
+            let images = per.min(s.batch - image);
+            out.push(Tile {
+                image,
+                images,
+                row: 0,
+                rows: s.out_h,
+            });
+            image += images;
+        }
+    } else {
+        let band = (budget / s.out_w).max(1);
+        for image in 0..s.batch {
+            let mut row = 0;
+            while row < s.out_h {
+                let rows = band.min(s.out_h - row);
+                out.push(Tile {
+                    image,
+                    images: 1,
+                    row,
+                    rows,
+                });
+                row += rows;
+            }
+        }
+    }
+    out
+}
+
+/// Fills the im2col rows of `tile`: row (c, ky, kx), column (image, output
+/// row, output column) holds the input pixel under kernel tap (ky, kx).
+fn im2col(x: &[f32], s: &ConvShape, tile: Tile, col: &mut [f32]) {
+    let n = tile.columns(s);
+    let taps = s.kh * s.kw;
+    col.par_chunks_mut(n).enumerate().for_each(|(r, dst)| {
+        let (c, ky, kx) = (r / taps, (r % taps) / s.kw, r % s.kw);
+        // Output columns whose input column lies inside the map.
+        let lo = s.padding.saturating_sub(kx).div_ceil(s.stride).min(s.out_w);
+        let hi = (s.width + s.padding)
+            .checked_sub(kx)
+            .map_or(0, |end| end.div_ceil(s.stride))
+            .clamp(lo, s.out_w);
+        for (i, seg) in dst.chunks_mut(s.out_w).enumerate() {
+            let image = tile.image + i / tile.rows;
+            let oy = tile.row + i % tile.rows;
+            let iy = (oy * s.stride + ky).checked_sub(s.padding);
+            let src = match iy {
+                Some(iy) if iy < s.height => {
+                    let start = ((image * s.cin + c) * s.height + iy) * s.width;
+                    &x[start..start + s.width]
+                }
+                _ => {
+                    seg.fill(0.0);
+                    continue;
+                }
+            };
+            if hi == lo {
+                seg.fill(0.0);
+                continue;
+            }
+            seg[..lo].fill(0.0);
+            seg[hi..].fill(0.0);
+            let first = lo * s.stride + kx - s.padding;
+            if s.stride == 1 {
+                seg[lo..hi].copy_from_slice(&src[first..first + (hi - lo)]);
+            } else {
+                for (j, v) in seg[lo..hi].iter_mut().enumerate() {
+                    *v = src[first + j * s.stride];
+                }
+            }
+        }
+    });
+}
+
+/// `dst (m, n) = lhs (m, k) · rhs (k, n)`, row-major operands, `dst_rs`
+/// apart between the rows of `dst`.
+fn matmul(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_rs: usize,
+    lhs: &[f32],
+    rhs: &[f32],
+) {
+    assert!(lhs.len() >= m * k && rhs.len() >= k * n);
+    assert!(m == 0 || dst.len() >= (m - 1) * dst_rs + n);
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above keep every access of the row-major (m, k),
+    // (k, n) operands and of the (m, n) destination with row stride `dst_rs`
+    // inside the slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            false,
+            lhs.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+fn convolve(x: &[f32], w: &[f32], s: &ConvShape) -> Vec<f32> {
+    let image_px = s.out_h * s.out_w;
+    let mut out = vec![0f32; s.batch * s.cout * image_px];
+    let tiles = tiles(s);
+    let widest = tiles.iter().map(|t| t.columns(s)).max().unwrap_or(0);
+    let mut col = vec![0f32; s.k() * widest];
+    let mut staged = Vec::new();
+    for tile in tiles {
+        let n = tile.columns(s);
+        let col = &mut col[..s.k() * n];
+        im2col(x, s, tile, col);
+        if tile.images == 1 {
+            // Straight into the image's rows: channel after channel,
+            // `image_px` apart.
+            let start = tile.image * s.cout * image_px + tile.row * s.out_w;
+            matmul((s.cout, n, s.k()), &mut out[start..], image_px, w, col);
+        } else {
+            // (cout, images × pixels), then each image's block to its place.
+            staged.resize(s.cout * n, 0f32);
+            matmul((s.cout, n, s.k()), &mut staged, n, w, col);
+            let images =
+                &mut out[tile.image * s.cout * image_px..][..tile.images * s.cout * image_px];
+            images
+                .par_chunks_mut(image_px)
+                .enumerate()
+                .for_each(|(j, dst)| {
+                    let (image, channel) = (j / s.cout, j % s.cout);
+                    let src = channel * n + image * image_px;
+                    dst.copy_from_slice(&staged[src..src + image_px]);
+                });
+        }
+    }
+    out
+}
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "hallmark-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xs_l: &Layout,
+        weight: &CpuStorage,
+        weight_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (batch, cin, height, width) = xs_l.shape().dims4()?;
+        let (cout, wcin, kh, kw) = weight_l.shape().dims4()?;
+        if wcin != cin {
+            candle_core::bail!(
+                "conv2d: a {:?} kernel on an input of {cin} channels",
+                weight_l.dims()
+            );
+        }
+        let (p, st) = (self.padding, self.stride.max(1));
+        if height + 2 * p < kh || width + 2 * p < kw {
+            candle_core::bail!(
+                "conv2d: a {kh}×{kw} kernel does not fit a {height}×{width} input padded by {p}"
+            );
+        }
+        let s = ConvShape {
+            batch,
+            cin,
+            height,
+            width,
+            cout,
+            kh,
+            kw,
+            stride: st,
+            padding: p,
+            out_h: (height + 2 * p - kh) / st + 1,
+            out_w: (width + 2 * p - kw) / st + 1,
+        };
+        let x = f32_slice(xs, xs_l, "conv2d")?;
+        let w = f32_slice(weight, weight_l, "conv2d")?;
+        let out = convolve(x, w, &s);
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((batch, cout, s.out_h, s.out_w)),
+        ))
+    }
+}
+
+/// A 2-D convolution (no dilation, one group, no bias) of `xs (b, cin, h,
+/// w)` by `weight (cout, cin, kh, kw)`; f32 on the CPU (see [`applies`]).
+pub(crate) fn conv2d(
+    xs: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> candle_core::Result<Tensor> {
+    xs.contiguous()?
+        .apply_op2_no_bwd(&weight.contiguous()?, &Conv2dOp { stride, padding })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+            .unwrap()
+    }
+
+    fn randn(shape: &[usize]) -> Tensor {
+        Tensor::randn(0f32, 1f32, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn activations_match_the_standard_library() {
+        let xs: Vec<f32> = (-4000..=4000).map(|i| i as f32 * 0.01).collect();
+        for &x in &xs {
+            let e = exp(x);
+            assert!((e - x.exp()).abs() <= 3e-7 * x.exp(), "exp({x}) = {e}");
+            let s = silu(x);
+            let want = x / (1.0 + (-x).exp());
+            assert!(
+                (s - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                "silu({x}) = {s}"
+            );
+        }
+        // The exact GELU against candle's (erf from the standard formulas).
+        let t = Tensor::new(xs.as_slice(), &Device::Cpu).unwrap();
+        let ones = Tensor::ones_like(&t).unwrap();
+        let ours = geglu(&ones, &t).unwrap();
+        let d = max_diff(&ours, &t.gelu_erf().unwrap());
+        assert!(d < 1e-6, "gelu differs by {d}");
+        // Extremes stay finite, and a NaN stays a NaN.
+        assert!(silu(-200.0).abs() < 1e-30);
+        assert_eq!(silu(200.0), 200.0);
+        assert!(exp(f32::NAN).is_nan() && silu(f32::NAN).is_nan() && gelu(f32::NAN).is_nan());
+        assert_eq!(gelu(-30.0), 0.0);
+    }
+
+    #[test]
+    fn geglu_matches_candle() {
+        let (v, g) = (randn(&[3, 77, 40]), (randn(&[3, 77, 40]) * 3.0).unwrap());
+        let want = (&v * g.gelu_erf().unwrap()).unwrap();
+        let d = max_diff(&geglu(&v, &g).unwrap(), &want);
+        assert!(d < 1e-5, "geglu differs by {d}");
+        // Non-contiguous inputs are made contiguous first.
+        let vt = v.transpose(1, 2).unwrap();
+        let gt = g.transpose(1, 2).unwrap();
+        let want = (&vt * gt.gelu_erf().unwrap()).unwrap();
+        assert!(max_diff(&geglu(&vt, &gt).unwrap(), &want) < 1e-5);
+        assert!(geglu(&v, &g.narrow(1, 0, 5).unwrap()).is_err());
+    }
+
+    #[test]
+    fn softmax_matches_candle() {
+        for shape in [&[2, 3, 77][..], &[4, 1000][..], &[5, 3][..]] {
+            let x = (randn(shape) * 8.0).unwrap();
+            let want = candle_nn::ops::softmax_last_dim(&x).unwrap();
+            let d = max_diff(&softmax_last_dim(&x).unwrap(), &want);
+            assert!(d < 1e-6, "{shape:?}: softmax differs by {d}");
+        }
+        // A row of equal very negative scores (a fully masked row in f32).
+        let x = Tensor::full(-1e30f32, (1, 8), &Device::Cpu).unwrap();
+        let s = softmax_last_dim(&x).unwrap().to_vec2::<f32>().unwrap();
+        assert!(s[0].iter().all(|&p| (p - 0.125).abs() < 1e-7), "{s:?}");
+    }
+
+    #[test]
+    fn group_norm_matches_candle_nn() {
+        for (shape, groups) in [
+            (&[2, 8, 5, 3][..], 4),
+            (&[1, 6, 7][..], 3),
+            (&[3, 4, 1, 1][..], 2),
+        ] {
+            let x = ((randn(shape) * 3.0).unwrap() + 1.5).unwrap();
+            let c = shape[1];
+            let (w, b) = (randn(&[c]), randn(&[c]));
+            let reference =
+                candle_nn::GroupNorm::new(w.clone(), b.clone(), c, groups, 1e-6).unwrap();
+            let want = candle_core::Module::forward(&reference, &x).unwrap();
+            let d = max_diff(&group_norm(&x, &w, &b, groups, 1e-6, false).unwrap(), &want);
+            assert!(d < 1e-5, "{shape:?}: group norm differs by {d}");
+            let want = candle_nn::ops::silu(&want).unwrap();
+            let d = max_diff(&group_norm(&x, &w, &b, groups, 1e-6, true).unwrap(), &want);
+            assert!(d < 1e-5, "{shape:?}: group norm + SiLU differs by {d}");
+        }
+        let x = randn(&[1, 6, 4]);
+        assert!(group_norm(&x, &randn(&[6]), &randn(&[6]), 4, 1e-6, false).is_err());
+        assert!(group_norm(&x, &randn(&[5]), &randn(&[6]), 3, 1e-6, false).is_err());
+    }
+
+    #[test]
+    fn conv2d_matches_candle() {
+        // (batch, cin, h, w, cout, kernel, stride, padding): same-size 3×3,
+        // stride-2 downsampling with and without padding, a 1×1, odd sizes,
+        // a map too small for the kernel's padding on one side.
+        let cases = [
+            (2, 5, 9, 7, 4, 3, 1, 1),
+            (3, 4, 8, 8, 6, 3, 2, 1),
+            (1, 3, 9, 10, 2, 3, 2, 0),
+            (2, 6, 5, 4, 3, 1, 1, 0),
+            (1, 2, 2, 1, 3, 3, 1, 1),
+            (2, 3, 6, 6, 2, 5, 1, 2),
+        ];
+        for (b, cin, h, w, cout, k, stride, padding) in cases {
+            let x = randn(&[b, cin, h, w]);
+            let wt = randn(&[cout, cin, k, k]);
+            let want = x.conv2d(&wt, padding, stride, 1, 1).unwrap();
+            let ours = conv2d(&x, &wt, stride, padding).unwrap();
+            assert_eq!(ours.dims(), want.dims());
+            let d = max_diff(&ours, &want);
+            assert!(
+                d < 1e-4,
+                "case {:?}: differs by {d}",
+                (b, cin, h, w, cout, k, stride, padding)
+            );
+        }
+        assert!(conv2d(&randn(&[1, 3, 4, 4]), &randn(&[2, 4, 3, 3]), 1, 1).is_err());
+        assert!(conv2d(&randn(&[1, 3, 2, 2]), &randn(&[2, 3, 5, 5]), 1, 0).is_err());
+    }
+
+    #[test]
+    fn conv2d_tiles_cover_every_output_once() {
+        // Bands of one image (a wide im2col) and groups of whole images.
+        for (batch, cin, side) in [(2, 320, 64), (5, 1280, 4), (3, 64, 300)] {
+            let s = ConvShape {
+                batch,
+                cin,
+                height: side,
+                width: side,
+                cout: cin,
+                kh: 3,
+                kw: 3,
+                stride: 1,
+                padding: 1,
+                out_h: side,
+                out_w: side,
+            };
+            let mut seen = vec![0u8; batch * side];
+            for t in tiles(&s) {
+                assert!(t.columns(&s) * s.k() * 4 <= COL_BYTES.max(s.k() * side * 4));
+                for image in t.image..t.image + t.images {
+                    for row in t.row..t.row + t.rows {
+                        seen[image * side + row] += 1;
+                    }
+                }
+            }
+            assert!(seen.iter().all(|&n| n == 1), "{batch}×{cin}×{side}²");
+        }
+    }
+
+    #[test]
+    fn banded_conv2d_matches_candle() {
+        // A map large enough that one image is split into row bands.
+        let x = randn(&[1, 64, 40, 130]);
+        let wt = (randn(&[8, 64, 3, 3]) * 0.1).unwrap();
+        let s_k = 64 * 9;
+        assert!(40 * 130 * s_k * 4 > COL_BYTES, "the case must band");
+        let want = x.conv2d(&wt, 1, 1, 1, 1).unwrap();
+        let d = max_diff(&conv2d(&x, &wt, 1, 1).unwrap(), &want);
+        assert!(d < 1e-4, "differs by {d}");
+    }
+}
