@@ -100,17 +100,15 @@ impl GroupNorm {
 }
 
 impl GroupNorm {
+    /// The whole norm (and the SiLU when `act`) as the one-pass CPU kernel.
+    fn cpu_kernel(&self, xs: &Tensor, act: bool) -> candle_core::Result<Tensor> {
+        crate::cpu::group_norm(xs, &self.weight, &self.bias, self.groups, self.eps, act)
+    }
+
     /// The norm, then SiLU (the resnets' and the output blocks' pattern).
     pub(crate) fn forward_silu(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         if crate::cpu::applies(xs) {
-            return crate::cpu::group_norm(
-                xs,
-                &self.weight,
-                &self.bias,
-                self.groups,
-                self.eps,
-                true,
-            );
+            return self.cpu_kernel(xs, true);
         }
         candle_nn::ops::silu(&self.forward(xs)?)
     }
@@ -119,14 +117,7 @@ impl GroupNorm {
 impl Module for GroupNorm {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         if crate::cpu::applies(xs) {
-            return crate::cpu::group_norm(
-                xs,
-                &self.weight,
-                &self.bias,
-                self.groups,
-                self.eps,
-                false,
-            );
+            return self.cpu_kernel(xs, false);
         }
         let normed = self.normalize(xs)?;
         let mut per_channel = vec![1; xs.rank()];
