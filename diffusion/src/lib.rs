@@ -50,3 +50,15 @@ pub use conv::ConvAlgorithm;
 pub use error::DiffusionError;
 pub use pipeline::{GenerateRequest, Generation, LoadOptions, Sample, StableDiffusion};
 pub use scheduler::SchedulerKind;
+
+#[cfg(test)]
+mod test_util {
+    use candle_core::Tensor;
+
+    /// The largest absolute elementwise difference of two f32 tensors.
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+            .unwrap()
+    }
+}

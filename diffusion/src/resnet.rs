@@ -119,6 +119,14 @@ impl Module for GroupNorm {
         if crate::cpu::applies(xs) {
             return self.cpu_kernel(xs, false);
         }
+        self.composite(xs)
+    }
+}
+
+impl GroupNorm {
+    /// The norm as candle operations: the fused layer norm, then the
+    /// per-channel scale and shift (every device and type).
+    fn composite(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let normed = self.normalize(xs)?;
         let mut per_channel = vec![1; xs.rank()];
         per_channel[1] = xs.dim(1)?;
@@ -266,9 +274,7 @@ mod tests {
     use candle_core::{DType, Device};
 
     fn assert_close(a: &Tensor, b: &Tensor) {
-        let diff = (a - b)
-            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
-            .unwrap();
+        let diff = crate::test_util::max_diff(a, b);
         assert!(diff < 1e-5, "max |a - b| = {diff}");
     }
 
@@ -283,12 +289,16 @@ mod tests {
         map.insert("weight".to_string(), w.clone());
         map.insert("bias".to_string(), b.clone());
         let vb = VarBuilder::from_tensors(map, DType::F32, &dev);
-        let ours = GroupNorm::new(vb, 4, 8, 1e-6).unwrap().forward(&x).unwrap();
+        let norm = GroupNorm::new(vb, 4, 8, 1e-6).unwrap();
         let theirs = candle_nn::GroupNorm::new(w, b, 8, 4, 1e-6)
             .unwrap()
             .forward(&x)
             .unwrap();
-        assert_close(&ours, &theirs);
+        // The CPU kernel (f32 on the CPU) and the composite other devices run.
+        assert_close(&norm.forward(&x).unwrap(), &theirs);
+        assert_close(&norm.composite(&x).unwrap(), &theirs);
+        let silu = candle_nn::ops::silu(&theirs).unwrap();
+        assert_close(&norm.forward_silu(&x).unwrap(), &silu);
     }
 
     #[test]

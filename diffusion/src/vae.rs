@@ -367,14 +367,9 @@ impl Encoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::max_diff;
     use candle_core::Device;
     use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
-            .unwrap()
-    }
 
     /// Norm scales around 1 with shifts, and attention projections large
     /// enough that the attention is sharp (a wrong scale shows).
