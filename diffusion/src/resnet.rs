@@ -97,9 +97,7 @@ impl GroupNorm {
         let folded_b = (w.matmul(&f32(&self.bias)?.unsqueeze(1)?)?.squeeze(1)? + f32(bias)?)?;
         Ok((folded_w, folded_b))
     }
-}
 
-impl GroupNorm {
     /// The whole norm (and the SiLU when `act`) as the one-pass CPU kernel.
     fn cpu_kernel(&self, xs: &Tensor, act: bool) -> candle_core::Result<Tensor> {
         crate::cpu::group_norm(xs, &self.weight, &self.bias, self.groups, self.eps, act)
@@ -112,18 +110,7 @@ impl GroupNorm {
         }
         candle_nn::ops::silu(&self.forward(xs)?)
     }
-}
 
-impl Module for GroupNorm {
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        if crate::cpu::applies(xs) {
-            return self.cpu_kernel(xs, false);
-        }
-        self.composite(xs)
-    }
-}
-
-impl GroupNorm {
     /// The norm as candle operations: the fused layer norm, then the
     /// per-channel scale and shift (every device and type).
     fn composite(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
@@ -133,6 +120,15 @@ impl GroupNorm {
         normed
             .broadcast_mul(&self.weight.reshape(per_channel.as_slice())?)?
             .broadcast_add(&self.bias.reshape(per_channel.as_slice())?)
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if crate::cpu::applies(xs) {
+            return self.cpu_kernel(xs, false);
+        }
+        self.composite(xs)
     }
 }
 
