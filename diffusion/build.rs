@@ -5,10 +5,11 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: [&str; 1] = ["softmax"];
+const KERNELS: [&str; 3] = ["softmax", "fused", "attention"];
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
+    println!("cargo::rerun-if-changed=src/kernels/common.cuh");
     for k in KERNELS {
         println!("cargo::rerun-if-changed=src/kernels/{k}.cu");
     }

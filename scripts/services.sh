@@ -70,6 +70,12 @@ if ! command -v openssl >/dev/null 2>&1; then
   apt_install openssl
 fi
 
+# --- A C++20 compiler: the diffusion crate's CUDA kernels run in a host
+# simulation of the CUDA execution model (diffusion/tests/cuda_sim) ---
+if ! command -v "${CXX:-c++}" >/dev/null 2>&1; then
+  apt_install g++
+fi
+
 # --- The official C2PA validator, which the credentials tests run ---
 c2patool_root="${HALLMARK_C2PATOOL_ROOT:-$HOME/.cache/hallmark/c2patool}"
 if [ ! -x "$c2patool_root/bin/c2patool" ]; then

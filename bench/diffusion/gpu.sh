@@ -8,7 +8,8 @@
 # activations, layout copies at the SD-1.5 UNet's batch-8 shapes) in this
 # engine and in PyTorch, side by side: which kernel costs what. Then every
 # build found in .gpu/ runs: with flash attention (a `flash-attn` build;
-# other builds say by name that they cannot) and with matmul attention; then
+# other builds say by name that they cannot), with the engine's own fused
+# attention kernel and with matmul attention; then
 # a per-section profile of one guided UNet call at batch 1 and 8 (UNet batch
 # 2 and 16): where the time goes, for the next change. A `cudnn` build (its
 # file name says so) is profiled with each fixed cuDNN convolution algorithm.
@@ -52,7 +53,7 @@ common=(--model "$MODEL" --device cuda --size 512)
   stamp diffusers
   python3 bench/diffusion/diffusers_bench.py pipeline "$MODEL" --device cuda --dtype f16 --size 512 --steps 20 --batch 1,8 --runs 2
   for bin in "${bins[@]}"; do
-    for attention in ${ATTENTIONS:-flash matmul}; do
+    for attention in ${ATTENTIONS:-flash fused matmul}; do
       stamp "$bin, attention: $attention"
       run "$bin" pipeline "${common[@]}" --dtype f16 --attention "$attention" --steps 20 --batch 1,8 --runs 2
     done
@@ -63,7 +64,7 @@ common=(--model "$MODEL" --device cuda --size 512)
     algos=default
     case "$bin" in *cudnn*) algos=${CONV_ALGOS:-winograd-nonfused implicit-precomp-gemm implicit-gemm} ;; esac
     for algo in $algos; do
-      for attention in ${ATTENTIONS:-flash matmul}; do
+      for attention in ${ATTENTIONS:-flash fused matmul}; do
         for batch in 2 16; do
           stamp "profile $bin $algo $attention $batch"
           conv=(); [ "$algo" = default ] || conv=(--conv-algo "$algo")

@@ -28,16 +28,23 @@ pub enum AttentionKernel {
     /// that are multiples of 8 up to 256 (other layers fall back to
     /// [`AttentionKernel::Matmul`]).
     Flash,
+    /// The crate's own fused attention (`fused::attention`): the same
+    /// scheme, its own kernel, so it needs only the `cuda` feature. CUDA,
+    /// f16/bf16, head sizes that are multiples of 8 up to 160 (other layers
+    /// fall back to [`AttentionKernel::Matmul`]).
+    Fused,
 }
 
 /// The kernel a load asks for: `auto` (flash where this build, the device
-/// and the type allow it, else matmul), `matmul` or `flash`.
+/// and the type allow it, else the own fused kernel where they allow that,
+/// else matmul), `matmul`, `flash` or `fused`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum AttentionChoice {
     #[default]
     Auto,
     Matmul,
     Flash,
+    Fused,
 }
 
 impl FromStr for AttentionChoice {
@@ -48,32 +55,49 @@ impl FromStr for AttentionChoice {
             "auto" => Ok(Self::Auto),
             "matmul" => Ok(Self::Matmul),
             "flash" => Ok(Self::Flash),
+            "fused" => Ok(Self::Fused),
             other => Err(DiffusionError::BadRequest(format!(
-                "unknown attention kernel {other:?} (auto, matmul, flash)"
+                "unknown attention kernel {other:?} (auto, matmul, flash, fused)"
             ))),
         }
     }
 }
 
 impl AttentionChoice {
-    /// The kernel to use on `device` in `dtype`; asking for flash where it
-    /// cannot run is an error naming why.
+    /// The kernel to use on `device` in `dtype`; asking for a fused kernel
+    /// where it cannot run is an error naming why.
     pub fn resolve(self, device: &Device, dtype: DType) -> Result<AttentionKernel, DiffusionError> {
-        let unavailable = if !cfg!(feature = "flash-attn") {
-            Some("this build lacks the `flash-attn` feature")
-        } else if !device.is_cuda() {
+        let on_gpu = if !device.is_cuda() {
             Some("it runs only on a CUDA device")
         } else if !matches!(dtype, DType::F16 | DType::BF16) {
             Some("it needs the f16 or bf16 compute type")
         } else {
             None
         };
-        match (self, unavailable) {
-            (Self::Matmul, _) | (Self::Auto, Some(_)) => Ok(AttentionKernel::Matmul),
-            (Self::Flash | Self::Auto, None) => Ok(AttentionKernel::Flash),
-            (Self::Flash, Some(why)) => Err(DiffusionError::BadRequest(format!(
-                "flash attention cannot run here: {why}"
-            ))),
+        let flash = if cfg!(feature = "flash-attn") {
+            on_gpu
+        } else {
+            Some("this build lacks the `flash-attn` feature")
+        };
+        let fused = if cfg!(feature = "cuda") {
+            on_gpu
+        } else {
+            Some("this build lacks the `cuda` feature")
+        };
+        let refuse = |name: &str, why: &str| {
+            Err(DiffusionError::BadRequest(format!(
+                "{name} attention cannot run here: {why}"
+            )))
+        };
+        match self {
+            Self::Matmul => Ok(AttentionKernel::Matmul),
+            Self::Flash => flash.map_or(Ok(AttentionKernel::Flash), |why| refuse("flash", why)),
+            Self::Fused => fused.map_or(Ok(AttentionKernel::Fused), |why| refuse("fused", why)),
+            Self::Auto => Ok(match (flash, fused) {
+                (None, _) => AttentionKernel::Flash,
+                (_, None) => AttentionKernel::Fused,
+                _ => AttentionKernel::Matmul,
+            }),
         }
     }
 }
@@ -118,6 +142,8 @@ struct Attention {
     heads: usize,
     upcast: bool,
     flash: bool,
+    /// The own fused kernel (`fused::attention`).
+    fused: bool,
     /// Cross-attention: the keys and values of the context with this id.
     kv_cache: Mutex<Option<(TensorId, Tensor, Tensor)>>,
 }
@@ -150,6 +176,8 @@ impl Attention {
             heads,
             upcast: cfg.upcast_attention,
             flash: cfg.attention == AttentionKernel::Flash && d.is_multiple_of(8) && d <= 256,
+            fused: cfg.attention == AttentionKernel::Fused
+                && crate::fused::attention_fits(d, vb.dtype()),
             kv_cache: Mutex::new(None),
         })
     }
@@ -195,6 +223,18 @@ impl Attention {
             let (q, k, v) = self.project(xs, context, &|t| t.contiguous())?;
             let out = flash_attention(&q, &k, &v, 1.0)?;
             return self.to_out.forward(&out.reshape((b, n, dim))?);
+        }
+        if self.fused {
+            // Views of the projections' outputs, read through their strides.
+            let (q, k, v) = section("attention/projections", || {
+                self.project(xs, context, &|t| Ok(t.clone()))
+            })?;
+            let out = section("attention/fused", || {
+                crate::fused::attention(&q, &k, &v, 1.0)
+            })?;
+            return section("attention/projections", || {
+                self.to_out.forward(&out.reshape((b, n, dim))?)
+            });
         }
         let (q, k, v) = section("attention/projections", || {
             self.project(xs, context, &|t| t.transpose(1, 2)?.contiguous())
@@ -259,10 +299,12 @@ impl FeedForward {
 }
 
 /// GEGLU's product, `value · gelu(gate)` with the exact (erf) GELU: one
-/// fused pass on the CPU in f32, candle's two elsewhere.
+/// fused pass on the CPU in f32 and on CUDA, candle's two elsewhere.
 pub(crate) fn geglu(value: &Tensor, gate: &Tensor) -> candle_core::Result<Tensor> {
     if crate::cpu::applies(gate) {
         crate::cpu::geglu(value, gate)
+    } else if crate::fused::applies(gate) {
+        crate::fused::geglu(value, gate)
     } else {
         value * gate.gelu_erf()?
     }
@@ -407,9 +449,10 @@ mod tests {
         assert_eq!(parse("auto").unwrap(), AttentionChoice::Auto);
         assert_eq!(parse("matmul").unwrap(), AttentionChoice::Matmul);
         assert_eq!(parse("flash").unwrap(), AttentionChoice::Flash);
+        assert_eq!(parse("fused").unwrap(), AttentionChoice::Fused);
         let err = parse("sdpa").unwrap_err().to_string();
         assert!(
-            err.contains("\"sdpa\"") && err.contains("auto, matmul, flash"),
+            err.contains("\"sdpa\"") && err.contains("auto, matmul, flash, fused"),
             "{err}"
         );
 
@@ -428,5 +471,15 @@ mod tests {
             "`flash-attn` feature"
         };
         assert!(err.contains(why), "{err}");
+        let err = AttentionChoice::Fused
+            .resolve(&cpu, DType::F16)
+            .unwrap_err()
+            .to_string();
+        let why = if cfg!(feature = "cuda") {
+            "CUDA device"
+        } else {
+            "`cuda` feature"
+        };
+        assert!(err.contains("fused") && err.contains(why), "{err}");
     }
 }

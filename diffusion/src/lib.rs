@@ -10,6 +10,7 @@
 //! - [`attention`]: its transformer blocks, attention by matmuls or fused flash attention;
 //! - [`conv`]: the convolutions and their cuDNN algorithm (`cudnn` builds);
 //! - `cpu`: the own CPU kernels (convolution, group norm, GEGLU) for f32;
+//! - [`fused`]: the own fused CUDA kernels (group norm with SiLU, GEGLU);
 //! - [`softmax`]: the attention's softmax (an own kernel on CUDA);
 //! - [`profile`]: where a UNet call spends its time (the benchmark's `profile`);
 //! - [`opbench`]: the UNet's operations one by one at its shapes (the benchmark's `ops`);
@@ -28,6 +29,7 @@ pub mod conv;
 mod cpu;
 mod error;
 pub mod esrgan;
+pub mod fused;
 mod gpu;
 pub mod hub;
 pub mod latents;

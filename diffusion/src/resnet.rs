@@ -67,6 +67,9 @@ impl GroupNorm {
     /// The normalisation without the per-channel scale and shift (for a
     /// caller that folds them into its next linear map).
     pub(crate) fn normalize(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        if crate::fused::applies(xs) {
+            return self.fused_kernel(xs, false, false);
+        }
         let dims = xs.dims();
         if dims.len() < 3 {
             candle_core::bail!("group norm wants (batch, channels, …), got {dims:?}");
@@ -103,10 +106,20 @@ impl GroupNorm {
         crate::cpu::group_norm(xs, &self.weight, &self.bias, self.groups, self.eps, act)
     }
 
+    /// The norm (with its scale and shift when `affine`, then the SiLU when
+    /// `silu`) as the fused CUDA kernel.
+    fn fused_kernel(&self, xs: &Tensor, affine: bool, silu: bool) -> candle_core::Result<Tensor> {
+        let output = crate::fused::GroupNormOutput { affine, silu };
+        crate::fused::group_norm(xs, &self.weight, &self.bias, self.groups, self.eps, output)
+    }
+
     /// The norm, then SiLU (the resnets' and the output blocks' pattern).
     pub(crate) fn forward_silu(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         if crate::cpu::applies(xs) {
             return self.cpu_kernel(xs, true);
+        }
+        if crate::fused::applies(xs) {
+            return self.fused_kernel(xs, true, true);
         }
         candle_nn::ops::silu(&self.forward(xs)?)
     }
@@ -127,6 +140,9 @@ impl Module for GroupNorm {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         if crate::cpu::applies(xs) {
             return self.cpu_kernel(xs, false);
+        }
+        if crate::fused::applies(xs) {
+            return self.fused_kernel(xs, true, false);
         }
         self.composite(xs)
     }

@@ -115,8 +115,9 @@ pub struct DiffusionArgs {
     /// Memory budget for loaded models, in GiB.
     #[arg(long, default_value_t = 16.0)]
     pub model_cache_gb: f64,
-    /// The UNet's attention: auto (fused flash attention where the build,
-    /// device and type allow it, else matmul), matmul or flash.
+    /// The UNet's attention: auto (FlashAttention-2 in a flash-attn build,
+    /// else the engine's own fused kernel, where the device and type allow
+    /// them, else matmul), matmul, flash or fused.
     #[arg(long, env = "HALLMARK_ATTENTION", default_value = "auto")]
     pub attention: String,
     /// The convolutions' cuDNN algorithm in a cudnn build:
@@ -506,5 +507,7 @@ mod tests {
         // Flash attention cannot run on the CPU: refused before any render.
         let err = config(&["--attention", "flash"]).unwrap_err().to_string();
         assert!(err.contains("flash attention cannot run here"), "{err}");
+        let err = config(&["--attention", "fused"]).unwrap_err().to_string();
+        assert!(err.contains("fused attention cannot run here"), "{err}");
     }
 }

@@ -10,7 +10,9 @@
 //!   splits a UNet call into its sections (resnets, transformer blocks and
 //!   their attention, resampling, …), the device synchronised around each;
 //! - `kernels [--device cuda] [--dtype f16] [--rows 16] [--cols 4096]` checks
-//!   the crate's own CUDA kernels against candle's (largest difference, time);
+//!   the crate's own CUDA kernels (softmax, group norm, GEGLU, attention) against
+//!   candle's operations in f32 (largest difference, pass or fail, time of
+//!   each); fails when one is out of tolerance;
 //! - `ops [--device ..] [--dtype ..] [--size 512] [--batch 16] [--runs 5]` times the
 //!   UNet's operations one by one at its shapes (matmuls, convolutions, norms,
 //!   activations, layout copies), as `diffusers_bench.py ops` does in PyTorch.
@@ -25,6 +27,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{D, DType, Device, Tensor};
+use hallmark_diffusion::fused::{self, GroupNormOutput};
 use hallmark_diffusion::pipeline::{parse_device, parse_dtype, size_ids};
 use hallmark_diffusion::profile::profile;
 use hallmark_diffusion::unet::AddedConditioning;
@@ -124,6 +127,214 @@ fn unet_inputs(
         sd.device(),
     )?;
     Ok((x, text.context, added))
+}
+
+/// Milliseconds per call of `f` on `dev` (one warm-up call, then ten).
+fn time_ms(dev: &Device, f: &dyn Fn() -> candle_core::Result<Tensor>) -> candle_core::Result<f64> {
+    f()?;
+    dev.synchronize()?;
+    let started = Instant::now();
+    for _ in 0..10 {
+        f()?;
+    }
+    dev.synchronize()?;
+    Ok(started.elapsed().as_secs_f64() * 1e3 / 10.0)
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
+    (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()
+}
+
+/// Group norm as the engine runs it without the fused kernel: candle's
+/// layer norm over each group, the per-channel scale and shift, SiLU.
+fn candle_group_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f32,
+    output: GroupNormOutput,
+) -> candle_core::Result<Tensor> {
+    let dims = x.dims();
+    let b = dims[0];
+    let row = x.elem_count() / (b * groups);
+    let one = Tensor::ones(row, x.dtype(), x.device())?;
+    let zero = Tensor::zeros(row, x.dtype(), x.device())?;
+    let mut y = candle_nn::ops::layer_norm(&x.reshape((b, groups, row))?, &one, &zero, eps)?
+        .reshape(dims)?;
+    if output.affine {
+        let mut per_channel = vec![1; x.rank()];
+        per_channel[1] = dims[1];
+        y = y
+            .broadcast_mul(&weight.reshape(per_channel.as_slice())?)?
+            .broadcast_add(&bias.reshape(per_channel.as_slice())?)?;
+    }
+    if output.silu {
+        y = candle_nn::ops::silu(&y)?;
+    }
+    Ok(y)
+}
+
+/// The crate's own CUDA kernels against candle's operations: the largest
+/// difference from candle's result computed in f32, and the time per call
+/// of each. Prints one line per check; returns how many were out of
+/// tolerance (a few roundings of the storage type).
+fn kernel_checks(
+    dev: &Device,
+    dtype: DType,
+    rows: usize,
+    cols: usize,
+) -> candle_core::Result<usize> {
+    let tolerance = match dtype {
+        DType::F32 => 1e-4,
+        DType::F16 => 4e-3,
+        _ => 3e-2,
+    };
+    let mut failed = 0;
+    let mut report = |kernel: &str,
+                      shape: &[usize],
+                      diff: f32,
+                      scale: f32,
+                      ours: f64,
+                      candle: f64,
+                      extra: serde_json::Value| {
+        let pass = diff <= tolerance * scale.max(1.0);
+        failed += usize::from(!pass);
+        let mut line = serde_json::json!({"engine": "hallmark", "bench": "kernel_check", "kernel": kernel,
+            "device": format!("{dev:?}"), "dtype": format!("{dtype:?}"), "shape": shape,
+            "max_abs_diff_vs_candle_f32": diff, "pass": pass, "ours_ms": ours, "candle_ms": candle});
+        if let (Some(line), serde_json::Value::Object(extra)) = (line.as_object_mut(), extra) {
+            line.extend(extra);
+        }
+        println!("{line}");
+    };
+    // Softmax on attention-sized scores: pixels to pixels, pixels to text.
+    for shape in [(rows, cols, cols), (rows, cols, 77)] {
+        let x = (Tensor::randn(0f32, 3f32, shape, dev)?).to_dtype(dtype)?;
+        let ours = hallmark_diffusion::softmax::softmax_last_dim(&x)?;
+        let reference =
+            hallmark_diffusion::softmax::candle_softmax_last_dim(&x.to_dtype(DType::F32)?)?;
+        let row_sums = ours.to_dtype(DType::F32)?.sum(D::Minus1)?;
+        let sum_err = (row_sums - 1.0)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        report(
+            "softmax",
+            &[shape.0, shape.1, shape.2],
+            max_abs_diff(&ours, &reference)?,
+            1.0,
+            time_ms(dev, &|| hallmark_diffusion::softmax::softmax_last_dim(&x))?,
+            time_ms(dev, &|| {
+                hallmark_diffusion::softmax::candle_softmax_last_dim(&x)
+            })?,
+            serde_json::json!({"max_row_sum_error": sum_err}),
+        );
+    }
+    // Group norm at the UNet's batch-8 shapes, batch 1's, a small map, and
+    // a spatial size that is not a multiple of 8 (the kernel's scalar path).
+    let outputs = [(true, true), (true, false), (false, false)];
+    for (shape, groups) in [
+        (vec![16, 320, 64, 64], 32),
+        (vec![2, 320, 64, 64], 32),
+        (vec![16, 1280, 8, 8], 32),
+        (vec![1, 128, 13, 13], 32),
+    ] {
+        let c = shape[1];
+        let x = ((Tensor::randn(0f32, 2f32, shape.as_slice(), dev)? + 0.5)?).to_dtype(dtype)?;
+        let weight = (Tensor::randn(0f32, 1f32, c, dev)? + 1.0)?.to_dtype(dtype)?;
+        let bias = Tensor::randn(0f32, 1f32, c, dev)?.to_dtype(dtype)?;
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        for (affine, silu) in outputs {
+            let output = GroupNormOutput { affine, silu };
+            let ours = fused::group_norm(&x, &weight, &bias, groups, 1e-5, output)?;
+            let reference = candle_group_norm(
+                &f32(&x)?,
+                &f32(&weight)?,
+                &f32(&bias)?,
+                groups,
+                1e-5,
+                output,
+            )?;
+            let scale = reference.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            report(
+                "group_norm",
+                &shape,
+                max_abs_diff(&ours, &reference)?,
+                scale,
+                time_ms(dev, &|| {
+                    fused::group_norm(&x, &weight, &bias, groups, 1e-5, output)
+                })?,
+                time_ms(dev, &|| {
+                    candle_group_norm(&x, &weight, &bias, groups, 1e-5, output)
+                })?,
+                serde_json::json!({"affine": affine, "silu": silu}),
+            );
+        }
+    }
+    // GEGLU at the feed-forward's batch-8 shape and an odd length.
+    for shape in [vec![16, 4096, 1280], vec![3, 77, 5]] {
+        let value = Tensor::randn(0f32, 2f32, shape.as_slice(), dev)?.to_dtype(dtype)?;
+        let gate = Tensor::randn(0f32, 2f32, shape.as_slice(), dev)?.to_dtype(dtype)?;
+        let ours = fused::geglu(&value, &gate)?;
+        let reference = (value.to_dtype(DType::F32)? * gate.to_dtype(DType::F32)?.gelu_erf()?)?;
+        let scale = reference.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        report(
+            "geglu",
+            &shape,
+            max_abs_diff(&ours, &reference)?,
+            scale,
+            time_ms(dev, &|| fused::geglu(&value, &gate))?,
+            time_ms(dev, &|| &value * gate.gelu_erf()?)?,
+            serde_json::json!({}),
+        );
+    }
+    // Fused attention at the SD 1.5 UNet's batch-8 shapes (self-attention
+    // at each level, q/k/v as views of one projection; cross-attention to
+    // the text) and SDXL's heads of 64, against the matmul path.
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    for (b, nq, nk, heads, d) in [
+        (16, 4096, 4096, 8, 40),
+        (16, 4096, 77, 8, 40),
+        (16, 1024, 1024, 8, 80),
+        (16, 256, 256, 8, 160),
+        (2, 4096, 4096, 10, 64),
+    ] {
+        let scale = 1.0 / (d as f32).sqrt();
+        let (q, k, v) = if nq == nk {
+            let qkv = Tensor::randn(0f32, 1f32, (b, nq, 3, heads, d), dev)?.to_dtype(dtype)?;
+            let part = |i: usize| qkv.narrow(2, i, 1).and_then(|t| t.squeeze(2));
+            (part(0)?, part(1)?, part(2)?)
+        } else {
+            let t = |n: usize| Tensor::randn(0f32, 1f32, (b, n, heads, d), dev)?.to_dtype(dtype);
+            (t(nq)?, t(nk)?, t(nk)?)
+        };
+        // (batch, heads, tokens, d) matmuls, as the engine's matmul path.
+        let matmul_attention =
+            |q: &Tensor, k: &Tensor, v: &Tensor| -> candle_core::Result<Tensor> {
+                let heads_first = |t: &Tensor| t.transpose(1, 2)?.contiguous();
+                let scores = (heads_first(q)?.matmul(&heads_first(k)?.t()?)? * f64::from(scale))?;
+                hallmark_diffusion::softmax::softmax_last_dim(&scores)?
+                    .matmul(&heads_first(v)?)?
+                    .transpose(1, 2)
+            };
+        if !fused::attention_fits(d, dtype) {
+            continue;
+        }
+        let ours = fused::attention(&q, &k, &v, scale)?;
+        let reference = matmul_attention(&f32(&q)?, &f32(&k)?, &f32(&v)?)?;
+        report(
+            "attention",
+            &[b, nq, nk, heads, d],
+            max_abs_diff(&ours, &reference)?,
+            1.0,
+            time_ms(dev, &|| fused::attention(&q, &k, &v, scale))?,
+            time_ms(dev, &|| matmul_attention(&q, &k, &v))?,
+            serde_json::json!({"layout": "(batch, queries, keys, heads, d)"}),
+        );
+    }
+    Ok(failed)
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -270,41 +481,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
         }
         Some("kernels") => {
-            // The own CUDA kernels against candle's, on attention-sized
-            // scores: largest difference and time per call.
-            let dev = device(&args)?;
-            let dtype = dtype(&args)?;
-            let rows = num("--rows", 8 * 2);
-            let cols = num("--cols", 4096);
-            for shape in [(rows, cols, cols), (rows, cols, 77)] {
-                let x = (Tensor::randn(0f32, 3f32, shape, &dev)?).to_dtype(dtype)?;
-                let ours = hallmark_diffusion::softmax::softmax_last_dim(&x)?;
-                let theirs = hallmark_diffusion::softmax::candle_softmax_last_dim(&x)?;
-                let diff = (ours.to_dtype(DType::F32)? - theirs.to_dtype(DType::F32)?)?
-                    .abs()?
-                    .max_all()?
-                    .to_scalar::<f32>()?;
-                let row_sums = ours.to_dtype(DType::F32)?.sum(D::Minus1)?;
-                let sum_err = (row_sums - 1.0)?.abs()?.max_all()?.to_scalar::<f32>()?;
-                let time = |f: &dyn Fn() -> candle_core::Result<Tensor>| -> candle_core::Result<f64> {
-                    f()?;
-                    dev.synchronize()?;
-                    let started = Instant::now();
-                    for _ in 0..10 {
-                        f()?;
-                    }
-                    dev.synchronize()?;
-                    Ok(started.elapsed().as_secs_f64() * 1e3 / 10.0)
-                };
-                let ours_ms = time(&|| hallmark_diffusion::softmax::softmax_last_dim(&x))?;
-                let candle_ms = time(&|| hallmark_diffusion::softmax::candle_softmax_last_dim(&x))?;
-                println!(
-                    "{}",
-                    serde_json::json!({"engine": "hallmark", "bench": "kernel_check", "kernel": "softmax",
-                        "device": format!("{dev:?}"), "dtype": format!("{dtype:?}"), "shape": [shape.0, shape.1, shape.2],
-                        "max_abs_diff_vs_candle": diff, "max_row_sum_error": sum_err,
-                        "ours_ms": ours_ms, "candle_ms": candle_ms})
-                );
+            let failed = kernel_checks(&device(&args)?, dtype(&args)?, num("--rows", 8 * 2), num("--cols", 4096))?;
+            if failed > 0 {
+                return Err(format!("{failed} kernel checks out of tolerance").into());
             }
         }
         Some("ops") => {

@@ -4,20 +4,9 @@
 // pass that writes exp(x - max) / sum. Statistics in f32 whatever the type.
 // `vec` (set by the caller when the row length and the start are multiples
 // of 16 bytes) moves 16 bytes per load and store.
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
 #include <math.h>
 
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
-  return __float2bfloat16(v);
-}
+#include "common.cuh"
 
 // Merges the running (max, sum) pair (m2, s2) into (m, s).
 __device__ __forceinline__ void merge(float &m, float &s, float m2, float s2) {

@@ -1,0 +1,551 @@
+//! The own fused CUDA kernels (`kernels/fused.cu`) for the UNet's and the
+//! VAE's memory-bound work, where candle runs a chain of kernels each making
+//! a pass over the feature map:
+//!
+//! - **group norm** with its per-channel scale and shift and, for the
+//!   resnets, the SiLU after it: one pass of statistics (each group split
+//!   over several blocks, so that batch 1's 32 groups still fill the GPU),
+//!   then one pass that writes the result, where candle's layer norm, scale,
+//!   shift and SiLU make four;
+//! - **GEGLU**'s `value · gelu(gate)` (exact GELU) in one pass instead of
+//!   two;
+//! - **attention**, `softmax(scale · QKᵀ)V` without materialising the scores
+//!   (`kernels/attention.cu`, the FlashAttention-2 scheme on the tensor
+//!   cores, f16/bf16), reading the queries, keys and values through their
+//!   strides, so the self-attention's three come straight out of its one
+//!   projection with no layout copies.
+//!
+//! Statistics and accumulators are f32 whatever the storage type. The norm
+//! and GEGLU run for CUDA tensors in f32, f16 or bf16 in a `cuda` build;
+//! `HALLMARK_FUSED_KERNELS=off` keeps candle's chains instead (for
+//! comparisons, or should a driver reject the kernels); the attention is
+//! chosen by the UNet's attention setting (`AttentionChoice`). The test
+//! `cuda_kernels_simulated` runs every kernel in a host simulation of the
+//! CUDA execution model against f64 references; on a GPU the benchmark's
+//! `kernels` check compares them against candle's operations.
+
+use candle_core::{DType, Tensor};
+
+/// Whether the fused kernels run for `xs`.
+pub fn applies(xs: &Tensor) -> bool {
+    cfg!(feature = "cuda")
+        && xs.device().is_cuda()
+        && matches!(xs.dtype(), DType::F32 | DType::F16 | DType::BF16)
+        && enabled()
+}
+
+/// `HALLMARK_FUSED_KERNELS` is not `off` (read once).
+fn enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        !std::env::var("HALLMARK_FUSED_KERNELS").is_ok_and(|v| v.eq_ignore_ascii_case("off"))
+    })
+}
+
+/// How [`group_norm`] finishes each element after normalising it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupNormOutput {
+    /// Times the channel's scale (`weight`), plus its shift (`bias`).
+    pub affine: bool,
+    /// Then SiLU.
+    pub silu: bool,
+}
+
+/// Group norm of a `(batch, channels, …)` map in `groups` groups of adjacent
+/// channels, with the fused CUDA kernel; `weight` and `bias` are
+/// `(channels,)` (read only when `output.affine`).
+pub fn group_norm(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f32,
+    output: GroupNormOutput,
+) -> candle_core::Result<Tensor> {
+    let dims = xs.dims();
+    if dims.len() < 3 {
+        candle_core::bail!("group norm wants (batch, channels, …), got {dims:?}");
+    }
+    if groups == 0 || !dims[1].is_multiple_of(groups) {
+        candle_core::bail!("{} channels do not split into {groups} groups", dims[1]);
+    }
+    for (name, t) in [("weight", weight), ("bias", bias)] {
+        if t.dims() != [dims[1]] || t.dtype() != xs.dtype() {
+            candle_core::bail!(
+                "group norm {name}: {:?} {:?}, the map has {} channels in {:?}",
+                t.dims(),
+                t.dtype(),
+                dims[1],
+                xs.dtype()
+            );
+        }
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let op = cuda::GroupNormOp {
+            groups,
+            eps,
+            output,
+        };
+        xs.contiguous()?
+            .apply_op3_no_bwd(&weight.contiguous()?, &bias.contiguous()?, &op)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (eps, output);
+        candle_core::bail!("the fused group norm runs only in a `cuda` build")
+    }
+}
+
+/// GEGLU's `value · gelu(gate)` (exact GELU) with the fused CUDA kernel.
+pub fn geglu(value: &Tensor, gate: &Tensor) -> candle_core::Result<Tensor> {
+    if value.dims() != gate.dims() || value.dtype() != gate.dtype() {
+        candle_core::bail!(
+            "GEGLU: value {:?} {:?} and gate {:?} {:?} differ",
+            value.dims(),
+            value.dtype(),
+            gate.dims(),
+            gate.dtype()
+        );
+    }
+    #[cfg(feature = "cuda")]
+    {
+        value
+            .contiguous()?
+            .apply_op2_no_bwd(&gate.contiguous()?, &cuda::Geglu)
+    }
+    #[cfg(not(feature = "cuda"))]
+    candle_core::bail!("the fused GEGLU runs only in a `cuda` build")
+}
+
+/// The padded head sizes the fused attention kernel is compiled for.
+const ATTENTION_HEAD_SIZES: [usize; 6] = [48, 64, 80, 96, 128, 160];
+
+/// Whether the fused attention runs heads of `d` in `dtype` (any device).
+pub fn attention_fits(d: usize, dtype: DType) -> bool {
+    matches!(dtype, DType::F16 | DType::BF16)
+        && d.is_multiple_of(8)
+        && d <= ATTENTION_HEAD_SIZES[ATTENTION_HEAD_SIZES.len() - 1]
+}
+
+/// `softmax(scale · QKᵀ)V` per head with the fused CUDA kernel: `q` is
+/// `(batch, queries, heads, d)`, `k` and `v` `(batch, keys, heads, d)`, any
+/// strides with a contiguous last dimension, every stride and start a
+/// multiple of 8 elements; the result is `(batch, queries, heads, d)`,
+/// contiguous.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core::Result<Tensor> {
+    let (b, _, h, d) = q.dims4()?;
+    let (kb, nk, kh, kd) = k.dims4()?;
+    if (kb, kh, kd) != (b, h, d) || k.dims() != v.dims() {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?} and v {:?} do not match",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    if !attention_fits(d, q.dtype()) || k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+        candle_core::bail!(
+            "the fused attention takes f16/bf16 heads of a multiple of 8 up to {}, not {d} in {:?}",
+            ATTENTION_HEAD_SIZES[ATTENTION_HEAD_SIZES.len() - 1],
+            q.dtype()
+        );
+    }
+    if nk == 0 {
+        candle_core::bail!("attention: no keys");
+    }
+    #[cfg(feature = "cuda")]
+    {
+        q.apply_op3_no_bwd(k, v, &cuda::Attention { scale })
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = scale;
+        candle_core::bail!("the fused attention runs only in a `cuda` build")
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+    use candle_core::{CpuStorage, CudaDevice, CudaStorage, CustomOp2, CustomOp3, Layout, Shape};
+
+    use super::{ATTENTION_HEAD_SIZES, GroupNormOutput};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+    const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+    const MODULE: &str = "hallmark_fused";
+    const THREADS: u32 = 256;
+    /// Blocks a group norm aims for: several per multiprocessor.
+    const TARGET_BLOCKS: usize = 1024;
+    /// The fewest elements one block of a group norm works through.
+    const MIN_CHUNK: usize = 2048;
+
+    /// The contiguous part of `slice` that `layout` covers, and where it
+    /// starts (in elements).
+    fn view<'a, T>(
+        slice: &'a CudaSlice<T>,
+        layout: &Layout,
+        what: &str,
+    ) -> candle_core::Result<(CudaView<'a, T>, usize)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("{what}: the input must be contiguous");
+        };
+        Ok((slice.slice(start..end), start))
+    }
+
+    fn lanes<T>() -> usize {
+        16 / std::mem::size_of::<T>()
+    }
+
+    fn to_i32(v: usize, what: &str) -> candle_core::Result<i32> {
+        i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{what} {v} is too large")))
+    }
+
+    /// `CustomOp3` for a kernel op with a generic `launch(suffix, device,
+    /// (slice, layout) × 3)`: the storage types it has, by variant and
+    /// kernel-name suffix; the result has the first operand's shape.
+    macro_rules! three_operand_op {
+        ($op:ty, $name:literal, $what:literal, [$($variant:ident => $suffix:literal),*]) => {
+            impl CustomOp3 for $op {
+                fn name(&self) -> &'static str {
+                    $name
+                }
+
+                fn cpu_fwd(
+                    &self,
+                    _: &CpuStorage,
+                    _: &Layout,
+                    _: &CpuStorage,
+                    _: &Layout,
+                    _: &CpuStorage,
+                    _: &Layout,
+                ) -> candle_core::Result<(CpuStorage, Shape)> {
+                    candle_core::bail!(concat!($what, " runs only on a CUDA device"))
+                }
+
+                fn cuda_fwd(
+                    &self,
+                    a: &CudaStorage,
+                    al: &Layout,
+                    b: &CudaStorage,
+                    bl: &Layout,
+                    c: &CudaStorage,
+                    cl: &Layout,
+                ) -> candle_core::Result<(CudaStorage, Shape)> {
+                    let dev = a.device();
+                    let slice = match (&a.slice, &b.slice, &c.slice) {
+                        $((
+                            CudaStorageSlice::$variant(a),
+                            CudaStorageSlice::$variant(b),
+                            CudaStorageSlice::$variant(c),
+                        ) => CudaStorageSlice::$variant(
+                            self.launch($suffix, dev, (a, al), (b, bl), (c, cl))?,
+                        ),)*
+                        _ => candle_core::bail!(
+                            "{}: {:?} (with {:?}, {:?}) is not a type the kernel has",
+                            $what,
+                            a.dtype(),
+                            b.dtype(),
+                            c.dtype()
+                        ),
+                    };
+                    let out = CudaStorage {
+                        slice,
+                        device: dev.clone(),
+                    };
+                    Ok((out, al.shape().clone()))
+                }
+            }
+        };
+    }
+
+    pub(super) struct GroupNormOp {
+        pub(super) groups: usize,
+        pub(super) eps: f32,
+        pub(super) output: GroupNormOutput,
+    }
+
+    impl GroupNormOp {
+        fn launch<T: DeviceRepr>(
+            &self,
+            suffix: &str,
+            dev: &CudaDevice,
+            (x, xl): (&CudaSlice<T>, &Layout),
+            (gamma, gl): (&CudaSlice<T>, &Layout),
+            (beta, bl): (&CudaSlice<T>, &Layout),
+        ) -> candle_core::Result<CudaSlice<T>> {
+            let (x, start) = view(x, xl, "group norm")?;
+            let (gamma, _) = view(gamma, gl, "group norm weight")?;
+            let (beta, _) = view(beta, bl, "group norm bias")?;
+            let dims = xl.shape().dims();
+            let el = xl.shape().elem_count();
+            let (batch, channels) = (dims[0], dims[1]);
+            let spatial: usize = dims[2..].iter().product();
+            let cpg = channels / self.groups;
+            let n = cpg * spatial;
+            let blocks_x = batch * self.groups;
+            if el == 0 {
+                // SAFETY: nothing to write.
+                return unsafe { dev.alloc::<T>(0) };
+            }
+            let vec = spatial.is_multiple_of(lanes::<T>()) && start.is_multiple_of(lanes::<T>());
+            let splits = TARGET_BLOCKS
+                .div_ceil(blocks_x)
+                .clamp(1, n.div_ceil(MIN_CHUNK).clamp(1, 256));
+            let mut chunk = n.div_ceil(splits);
+            if vec {
+                chunk = chunk.next_multiple_of(lanes::<T>());
+            }
+            let splits = n.div_ceil(chunk);
+            let cfg = LaunchConfig {
+                grid_dim: (to_i32(blocks_x, "batch × groups")? as u32, splits as u32, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (n, chunk) = (n as i64, chunk as i64);
+            let vec = i32::from(vec);
+            // SAFETY: the stats kernel writes both sums of every block.
+            let partial = unsafe { dev.alloc::<f32>(blocks_x * splits * 2)? };
+            let stats = dev.get_or_load_custom_func(
+                &format!("hallmark_group_norm_stats_{suffix}"),
+                MODULE,
+                PTX,
+            )?;
+            let mut builder = stats.builder();
+            builder.arg(&x);
+            builder.arg(&partial);
+            builder.arg(&n);
+            builder.arg(&chunk);
+            builder.arg(&vec);
+            // SAFETY: the arguments match the kernel's signature.
+            unsafe { builder.launch(cfg) }.w()?;
+
+            // SAFETY: the apply kernel writes every element.
+            let y = unsafe { dev.alloc::<T>(el)? };
+            let apply = dev.get_or_load_custom_func(
+                &format!("hallmark_group_norm_apply_{suffix}"),
+                MODULE,
+                PTX,
+            )?;
+            let spatial = to_i32(spatial, "spatial size")?;
+            let groups = to_i32(self.groups, "groups")?;
+            let cpg = to_i32(cpg, "channels per group")?;
+            let affine = i32::from(self.output.affine);
+            let silu = i32::from(self.output.silu);
+            let mut builder = apply.builder();
+            builder.arg(&x);
+            builder.arg(&partial);
+            builder.arg(&gamma);
+            builder.arg(&beta);
+            builder.arg(&y);
+            builder.arg(&n);
+            builder.arg(&chunk);
+            builder.arg(&spatial);
+            builder.arg(&groups);
+            builder.arg(&cpg);
+            builder.arg(&self.eps);
+            builder.arg(&affine);
+            builder.arg(&silu);
+            builder.arg(&vec);
+            // SAFETY: the arguments match the kernel's signature.
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok(y)
+        }
+    }
+
+    three_operand_op!(GroupNormOp, "hallmark-group-norm", "the fused group norm", [F32 => "f32", F16 => "f16", BF16 => "bf16"]);
+
+    pub(super) struct Geglu;
+
+    fn geglu_launch<T: DeviceRepr>(
+        suffix: &str,
+        dev: &CudaDevice,
+        (value, vl): (&CudaSlice<T>, &Layout),
+        (gate, gl): (&CudaSlice<T>, &Layout),
+    ) -> candle_core::Result<CudaSlice<T>> {
+        let (value, value_start) = view(value, vl, "GEGLU value")?;
+        let (gate, gate_start) = view(gate, gl, "GEGLU gate")?;
+        let el = vl.shape().elem_count();
+        let lanes = lanes::<T>();
+        let vec = el.is_multiple_of(lanes)
+            && value_start.is_multiple_of(lanes)
+            && gate_start.is_multiple_of(lanes);
+        let units = if vec { el / lanes } else { el };
+        let cfg = LaunchConfig {
+            grid_dim: (
+                units.div_ceil(THREADS as usize).clamp(1, 1 << 16) as u32,
+                1,
+                1,
+            ),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let func = dev.get_or_load_custom_func(&format!("hallmark_geglu_{suffix}"), MODULE, PTX)?;
+        // SAFETY: every element is written by the kernel.
+        let y = unsafe { dev.alloc::<T>(el)? };
+        let (n, vec) = (el as i64, i32::from(vec));
+        let mut builder = func.builder();
+        builder.arg(&value);
+        builder.arg(&gate);
+        builder.arg(&y);
+        builder.arg(&n);
+        builder.arg(&vec);
+        // SAFETY: the arguments match the kernel's signature.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(y)
+    }
+
+    impl CustomOp2 for Geglu {
+        fn name(&self) -> &'static str {
+            "hallmark-geglu"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("the fused GEGLU runs only on a CUDA device")
+        }
+
+        fn cuda_fwd(
+            &self,
+            value: &CudaStorage,
+            vl: &Layout,
+            gate: &CudaStorage,
+            gl: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let dev = value.device();
+            let slice = match (&value.slice, &gate.slice) {
+                (CudaStorageSlice::F32(v), CudaStorageSlice::F32(g)) => {
+                    CudaStorageSlice::F32(geglu_launch("f32", dev, (v, vl), (g, gl))?)
+                }
+                (CudaStorageSlice::F16(v), CudaStorageSlice::F16(g)) => {
+                    CudaStorageSlice::F16(geglu_launch("f16", dev, (v, vl), (g, gl))?)
+                }
+                (CudaStorageSlice::BF16(v), CudaStorageSlice::BF16(g)) => {
+                    CudaStorageSlice::BF16(geglu_launch("bf16", dev, (v, vl), (g, gl))?)
+                }
+                _ => candle_core::bail!(
+                    "GEGLU: {:?} is not a float type the kernel has",
+                    value.dtype()
+                ),
+            };
+            let out = CudaStorage {
+                slice,
+                device: dev.clone(),
+            };
+            Ok((out, vl.shape().clone()))
+        }
+    }
+
+    pub(super) struct Attention {
+        pub(super) scale: f32,
+    }
+
+    /// `(batch, tokens, heads)` strides of a `(batch, tokens, heads, d)`
+    /// operand and where it starts, checked for the kernel's 16-byte loads.
+    fn operand<'a, T>(
+        slice: &'a CudaSlice<T>,
+        layout: &Layout,
+        what: &str,
+    ) -> candle_core::Result<(CudaView<'a, T>, [i64; 3])> {
+        let stride = layout.stride();
+        let start = layout.start_offset();
+        let aligned = stride[..3]
+            .iter()
+            .chain([&start])
+            .all(|s| s.is_multiple_of(8));
+        if stride[3] != 1 || !aligned {
+            candle_core::bail!(
+                "attention {what}: strides {stride:?} from {start} (the kernel wants a contiguous head and multiples of 8)"
+            );
+        }
+        // The furthest element the strides reach, plus one.
+        let dims = layout.dims();
+        let end = start
+            + 1
+            + dims
+                .iter()
+                .zip(stride)
+                .map(|(&n, &s)| n.saturating_sub(1) * s)
+                .sum::<usize>();
+        Ok((
+            slice.slice(start..end),
+            [stride[0] as i64, stride[1] as i64, stride[2] as i64],
+        ))
+    }
+
+    impl Attention {
+        fn launch<T: DeviceRepr>(
+            &self,
+            suffix: &str,
+            dev: &CudaDevice,
+            (q, ql): (&CudaSlice<T>, &Layout),
+            (k, kl): (&CudaSlice<T>, &Layout),
+            (v, vl): (&CudaSlice<T>, &Layout),
+        ) -> candle_core::Result<CudaSlice<T>> {
+            let (b, nq, heads, d) = ql.shape().dims4()?;
+            let nk = kl.dims()[1];
+            let padded = ATTENTION_HEAD_SIZES
+                .into_iter()
+                .find(|&p| p >= d)
+                .expect("checked by attention_fits");
+            let el = b * nq * heads * d;
+            // SAFETY: every element is written by the kernel.
+            let o = unsafe { dev.alloc::<T>(el)? };
+            if el == 0 {
+                return Ok(o);
+            }
+            let (q, qs) = operand(q, ql, "queries")?;
+            let (k, ks) = operand(k, kl, "keys")?;
+            let (v, vs) = operand(v, vl, "values")?;
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    to_i32(nq.div_ceil(64), "query tiles")? as u32,
+                    to_i32(heads, "heads")? as u32,
+                    to_i32(b, "batch")? as u32,
+                ),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let func = dev.get_or_load_custom_func(
+                &format!("hallmark_attention_{suffix}_{padded}"),
+                "hallmark_attention",
+                ATTENTION_PTX,
+            )?;
+            let (nq, nk, d, heads) = (
+                to_i32(nq, "queries")?,
+                to_i32(nk, "keys")?,
+                d as i32,
+                heads as i32,
+            );
+            let scale_log2 = self.scale * std::f32::consts::LOG2_E;
+            let mut builder = func.builder();
+            builder.arg(&q);
+            builder.arg(&k);
+            builder.arg(&v);
+            builder.arg(&o);
+            builder.arg(&nq);
+            builder.arg(&nk);
+            builder.arg(&d);
+            builder.arg(&heads);
+            for s in qs.iter().chain(&ks).chain(&vs) {
+                builder.arg(s);
+            }
+            builder.arg(&scale_log2);
+            // SAFETY: the arguments match the kernel's signature.
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok(o)
+        }
+    }
+
+    three_operand_op!(Attention, "hallmark-attention", "the fused attention", [F16 => "f16", BF16 => "bf16"]);
+}

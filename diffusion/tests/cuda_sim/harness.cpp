@@ -1,0 +1,298 @@
+// Runs the crate's own CUDA kernels (src/kernels/*.cu, unchanged) in the
+// host simulation of sim.h and compares every result with a reference
+// computed in f64 from the same rounded inputs: the softmax, the group norm
+// (statistics split over blocks or not, 16-byte loads or not, with and
+// without scale, shift and SiLU), GEGLU, and the fused attention (the
+// self-attention's interleaved q/k/v, cross-attention to 77 tokens, every
+// padded head size the engine meets, partial query and key tiles) in f16,
+// bf16 and (where the kernel has it) f32. Prints one line per check and
+// exits non-zero when one is out of tolerance.
+#include <stdio.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../../src/kernels/attention.cu"
+#include "../../src/kernels/fused.cu"
+#include "../../src/kernels/softmax.cu"
+
+static int failures = 0;
+static std::mt19937 rng(20261203);
+
+static void check(const std::string &what, double err, double tol) {
+  const bool ok = err <= tol;  // false for NaN: an element never written
+  failures += !ok;
+  printf("%s %s: max error %.3g (tolerance %.3g)\n", ok ? "ok  " : "FAIL", what.c_str(), err,
+         tol);
+}
+
+template <typename T> static std::vector<T> randn(size_t n, float mean, float stddev) {
+  std::normal_distribution<float> dist(mean, stddev);
+  std::vector<T> v(n);
+  for (auto &x : v) {
+    x = from_f32<T>(dist(rng));
+  }
+  return v;
+}
+
+template <typename T> static double at(const std::vector<T> &v, size_t i) { return to_f32(v[i]); }
+
+// A buffer of NaNs (bits all ones), so an element the kernel never writes
+// fails its comparison.
+template <typename T> static std::vector<T> poisoned(size_t n) {
+  std::vector<T> v(n);
+  memset(v.data(), 0xff, n * sizeof(T));
+  return v;
+}
+
+template <typename T> static const char *type_name() {
+  if (sizeof(T) == 4) return "f32";
+  return std::is_same<T, __half>::value ? "f16" : "bf16";
+}
+
+// Tolerance per unit of the output's scale: a few roundings of the type.
+template <typename T> static double unit_tolerance() {
+  if (sizeof(T) == 4) return 1e-5;
+  return std::is_same<T, __half>::value ? 1e-3 : 8e-3;
+}
+
+template <typename T>
+static void softmax_case(void (*kernel)(const T *, T *, int, int), int rows, int cols) {
+  auto x = randn<T>((size_t)rows * cols, 0.f, 3.f);
+  auto y = poisoned<T>(x.size());
+  const int vec = cols % (16 / (int)sizeof(T)) == 0;
+  sim::launch({(unsigned)rows, 1, 1}, {cols <= 256 ? 32u : 256u, 1, 1},
+              [&] { kernel(x.data(), y.data(), cols, vec); });
+  double err = 0;
+  for (int r = 0; r < rows; ++r) {
+    double mx = -INFINITY, sum = 0;
+    for (int c = 0; c < cols; ++c) mx = std::max(mx, at(x, (size_t)r * cols + c));
+    for (int c = 0; c < cols; ++c) sum += std::exp(at(x, (size_t)r * cols + c) - mx);
+    for (int c = 0; c < cols; ++c) {
+      const size_t i = (size_t)r * cols + c;
+      const double want = std::exp(at(x, i) - mx) / sum;
+      err = std::max(err, std::isnan(at(y, i)) ? INFINITY : std::fabs(at(y, i) - want));
+    }
+  }
+  check(std::string("softmax ") + type_name<T>() + " " + std::to_string(rows) + "x" +
+            std::to_string(cols) + (vec ? " (16-byte)" : ""),
+        err, unit_tolerance<T>() / 2);
+}
+
+template <typename T>
+static void group_norm_case(void (*stats)(const T *, float *, int64_t, int64_t, int),
+                            void (*apply)(const T *, const float *, const T *, const T *, T *,
+                                          int64_t, int64_t, int, int, int, float, int, int, int),
+                            int batch, int channels, int spatial, int groups, int splits,
+                            int affine, int silu, float mean) {
+  const int cpg = channels / groups;
+  const int64_t n = (int64_t)cpg * spatial;
+  const int lanes = 16 / (int)sizeof(T);
+  const int vec = spatial % lanes == 0;
+  // As the engine splits: whole 16-byte loads per chunk where it can.
+  int64_t chunk = (n + splits - 1) / splits;
+  if (vec) chunk = (chunk + lanes - 1) / lanes * lanes;
+  const unsigned blocks_y = (unsigned)((n + chunk - 1) / chunk);
+  auto x = randn<T>((size_t)batch * channels * spatial, mean, 2.f);
+  auto gamma = randn<T>(channels, 1.f, 0.5f);
+  auto beta = randn<T>(channels, 0.f, 1.f);
+  std::vector<float> partial((size_t)batch * groups * blocks_y * 2, NAN);
+  auto y = poisoned<T>(x.size());
+  const float eps = 1e-5f;
+  const dim3 grid{(unsigned)(batch * groups), blocks_y, 1};
+  sim::launch(grid, {256, 1, 1}, [&] { stats(x.data(), partial.data(), n, chunk, vec); });
+  sim::launch(grid, {256, 1, 1}, [&] {
+    apply(x.data(), partial.data(), gamma.data(), beta.data(), y.data(), n, chunk, spatial,
+          groups, cpg, eps, affine, silu, vec);
+  });
+  double err = 0, scale = 1;
+  for (int b = 0; b < batch; ++b) {
+    for (int g = 0; g < groups; ++g) {
+      const size_t base = ((size_t)b * groups + g) * n;
+      double s = 0, ss = 0;
+      for (int64_t i = 0; i < n; ++i) s += at(x, base + i);
+      const double m = s / n;
+      for (int64_t i = 0; i < n; ++i) ss += (at(x, base + i) - m) * (at(x, base + i) - m);
+      const double rstd = 1 / std::sqrt(ss / n + eps);
+      for (int64_t i = 0; i < n; ++i) {
+        const int c = g * cpg + (int)(i / spatial);
+        double want = (at(x, base + i) - m) * rstd;
+        if (affine) want = want * at(gamma, c) + at(beta, c);
+        if (silu) want = want / (1 + std::exp(-want));
+        scale = std::max(scale, std::fabs(want));
+        const double got = at(y, base + i);
+        err = std::max(err, std::isnan(got) ? INFINITY : std::fabs(got - want));
+      }
+    }
+  }
+  char what[200];
+  snprintf(what, sizeof what,
+           "group norm %s (%d, %d, %d) in %d groups, %u blocks per group%s%s%s, mean %.0f",
+           type_name<T>(), batch, channels, spatial, groups, blocks_y, vec ? ", 16-byte" : "",
+           affine ? ", affine" : "", silu ? ", SiLU" : "", mean);
+  check(what, err, unit_tolerance<T>() * scale);
+}
+
+template <typename T>
+static void geglu_case(void (*kernel)(const T *, const T *, T *, int64_t, int), int64_t n,
+                       unsigned blocks) {
+  auto value = randn<T>(n, 0.f, 2.f);
+  auto gate = randn<T>(n, 0.f, 2.f);
+  auto y = poisoned<T>(n);
+  const int vec = n % (16 / (int)sizeof(T)) == 0;
+  sim::launch({blocks, 1, 1}, {256, 1, 1}, [&] { kernel(value.data(), gate.data(), y.data(), n, vec); });
+  double err = 0, scale = 1;
+  for (int64_t i = 0; i < n; ++i) {
+    const double g = at(gate, i);
+    const double want = at(value, i) * 0.5 * g * (1 + std::erf(g / std::sqrt(2.0)));
+    scale = std::max(scale, std::fabs(want));
+    err = std::max(err, std::isnan(at(y, i)) ? INFINITY : std::fabs(at(y, i) - want));
+  }
+  check(std::string("GEGLU ") + type_name<T>() + " n=" + std::to_string(n) +
+            (vec ? " (16-byte)" : ""),
+        err, unit_tolerance<T>() * scale);
+}
+
+
+// Attention of `nq` queries to `nk` keys, `heads` heads of size d, scale
+// `scale`. interleaved: q, k and v are views of one (batch, tokens, 3,
+// heads, d) buffer, as the self-attention's projection writes them (nq ==
+// nk); otherwise three contiguous (batch, tokens, heads, d) buffers.
+template <typename T>
+static void attention_case(const char *name, void (*kernel)(const T *, const T *, const T *, T *,
+                                                            int, int, int, int, int64_t, int64_t,
+                                                            int64_t, int64_t, int64_t, int64_t,
+                                                            int64_t, int64_t, int64_t, float),
+                           int dp, int batch, int nq, int nk, int heads, int d, float scale,
+                           bool interleaved, float spread) {
+  const int64_t hd = (int64_t)heads * d;
+  std::vector<T> qkv, q, k, v;
+  const T *qp, *kp, *vp;
+  int64_t q_st, k_st, v_st, q_sb, k_sb, v_sb;
+  if (interleaved) {
+    qkv = randn<T>((size_t)batch * nq * 3 * hd, 0.f, spread);
+    qp = qkv.data();
+    kp = qkv.data() + hd;
+    vp = qkv.data() + 2 * hd;
+    q_st = k_st = v_st = 3 * hd;
+    q_sb = k_sb = v_sb = 3 * hd * nq;
+  } else {
+    q = randn<T>((size_t)batch * nq * hd, 0.f, spread);
+    k = randn<T>((size_t)batch * nk * hd, 0.f, spread);
+    v = randn<T>((size_t)batch * nk * hd, 0.f, 1.f);
+    qp = q.data();
+    kp = k.data();
+    vp = v.data();
+    q_st = hd;
+    k_st = v_st = hd;
+    q_sb = hd * nq;
+    k_sb = v_sb = hd * nk;
+  }
+  const size_t out_len = (size_t)batch * nq * hd;
+  auto o = poisoned<T>(out_len + 64);  // 64 guard elements after the output
+  const float scale_log2 = scale * 1.4426950408889634f;
+  const dim3 grid{(unsigned)((nq + 63) / 64), (unsigned)heads, (unsigned)batch};
+  sim::launch(grid, {128, 1, 1}, [&] {
+    kernel(qp, kp, vp, o.data(), nq, nk, d, heads, q_sb, q_st, d, k_sb, k_st, d, v_sb, v_st, d,
+           scale_log2);
+  });
+  double err = 0, vmax = 1;
+  std::vector<double> s(nk);
+  for (int b = 0; b < batch; ++b) {
+    for (int h = 0; h < heads; ++h) {
+      for (int i = 0; i < nq; ++i) {
+        const T *qi = qp + b * q_sb + i * q_st + h * d;
+        double mx = -INFINITY;
+        for (int j = 0; j < nk; ++j) {
+          const T *kj = kp + b * k_sb + j * k_st + h * d;
+          double dot = 0;
+          for (int c = 0; c < d; ++c) dot += (double)to_f32(qi[c]) * to_f32(kj[c]);
+          s[j] = dot * scale;
+          mx = std::max(mx, s[j]);
+        }
+        double sum = 0;
+        for (int j = 0; j < nk; ++j) sum += (s[j] = std::exp(s[j] - mx));
+        for (int c = 0; c < d; ++c) {
+          double want = 0;
+          for (int j = 0; j < nk; ++j) {
+            const double vj = to_f32(vp[b * v_sb + j * v_st + h * d + c]);
+            vmax = std::max(vmax, std::fabs(vj));
+            want += s[j] / sum * vj;
+          }
+          const double got = at(o, (((size_t)b * nq + i) * heads + h) * d + c);
+          err = std::max(err, std::isnan(got) ? INFINITY : std::fabs(got - want));
+        }
+      }
+    }
+  }
+  bool guard_intact = true;
+  for (size_t i = out_len; i < o.size(); ++i) {
+    uint16_t bits;
+    memcpy(&bits, &o[i], 2);
+    guard_intact &= bits == 0xffff;
+  }
+  char what[200];
+  snprintf(what, sizeof what,
+           "attention %s %s: batch %d, %d queries, %d keys, %d heads of %d (padded %d)%s", name,
+           type_name<T>(), batch, nq, nk, heads, d, dp, interleaved ? ", interleaved q/k/v" : "");
+  check(what, guard_intact ? err : INFINITY, unit_tolerance<T>() * vmax);
+}
+
+int main() {
+  softmax_case<__half>(hallmark_softmax_f16, 3, 4096);
+  softmax_case<__half>(hallmark_softmax_f16, 3, 77);
+  softmax_case<__nv_bfloat16>(hallmark_softmax_bf16, 2, 1000);
+  softmax_case<float>(hallmark_softmax_f32, 2, 1030);
+
+  for (int splits : {1, 3}) {
+    for (int act = 0; act < 3; ++act) {
+      const int affine = act < 2, silu = act == 0;
+      group_norm_case<__half>(hallmark_group_norm_stats_f16, hallmark_group_norm_apply_f16, 2,
+                              16, 64, 4, splits, affine, silu, 0.5f);
+      group_norm_case<__half>(hallmark_group_norm_stats_f16, hallmark_group_norm_apply_f16, 2, 8,
+                              35, 4, splits, affine, silu, 0.5f);
+    }
+    group_norm_case<__nv_bfloat16>(hallmark_group_norm_stats_bf16,
+                                   hallmark_group_norm_apply_bf16, 1, 32, 64, 8, splits, 1, 1,
+                                   -1.f);
+    group_norm_case<float>(hallmark_group_norm_stats_f32, hallmark_group_norm_apply_f32, 2, 8,
+                           36, 2, splits, 1, 1, 0.f);
+    // A large mean: the variance must not come from two large sums.
+    group_norm_case<float>(hallmark_group_norm_stats_f32, hallmark_group_norm_apply_f32, 1, 4,
+                           1024, 2, splits, 1, 0, 300.f);
+  }
+
+  geglu_case<__half>(hallmark_geglu_f16, 8192, 2);
+  geglu_case<__half>(hallmark_geglu_f16, 77, 1);
+  geglu_case<__nv_bfloat16>(hallmark_geglu_bf16, 1000, 1);
+  geglu_case<float>(hallmark_geglu_f32, 999, 3);
+
+  const float r40 = 1 / std::sqrt(40.f), r64 = 0.125f, r80 = 1 / std::sqrt(80.f),
+              r160 = 1 / std::sqrt(160.f);
+  // SD 1.5's self-attention at the first level (heads of 40, q/k/v out of
+  // one projection), two key tiles and a partial query tile.
+  attention_case<__half>("48", hallmark_attention_f16_48, 48, 2, 100, 100, 2, 40, r40, true, 1.f);
+  // Its cross-attention: 77 text tokens, heads of 80.
+  attention_case<__half>("80", hallmark_attention_f16_80, 80, 1, 70, 77, 2, 80, r80, false, 1.f);
+  attention_case<__half>("160", hallmark_attention_f16_160, 160, 1, 64, 77, 1, 160, r160, false,
+                         1.f);
+  // SDXL / SD 2.x heads of 64; large scores, so the running maximum moves
+  // from tile to tile.
+  attention_case<__half>("64", hallmark_attention_f16_64, 64, 1, 130, 200, 2, 64, r64, false,
+                         3.f);
+  attention_case<__nv_bfloat16>("48", hallmark_attention_bf16_48, 48, 1, 80, 80, 2, 40, r40, true,
+                                1.f);
+  attention_case<__nv_bfloat16>("64", hallmark_attention_bf16_64, 64, 1, 65, 77, 1, 64, r64,
+                                false, 2.f);
+  // A head size a padded tile serves, and the two not met in SD (96, 128).
+  attention_case<__half>("96", hallmark_attention_f16_96, 96, 1, 40, 70, 1, 88, 0.1f, false, 1.f);
+  attention_case<__half>("128", hallmark_attention_f16_128, 128, 1, 64, 64, 1, 128, 0.09f, false,
+                         1.f);
+
+  printf("%d failed\n", failures);
+  return failures == 0 ? 0 : 1;
+}
