@@ -12,7 +12,9 @@
 # attention kernel and with matmul attention; then
 # a per-section profile of one guided UNet call at batch 1 and 8 (UNet batch
 # 2 and 16): where the time goes, for the next change. A `cudnn` build (its
-# file name says so) is profiled with each fixed cuDNN convolution algorithm.
+# file name says so) is profiled with Winograd, the fastest of the three
+# fixed cuDNN algorithms in run 3 (CONV_ALGOS="winograd-nonfused
+# implicit-precomp-gemm implicit-gemm" profiles all three).
 #
 # Prepared on the build machine (see README "Speed"):
 #   .gpu/hallmark-diffusion-bench-<build>.gz  (cargo build --release --features
@@ -62,7 +64,7 @@ common=(--model "$MODEL" --device cuda --size 512)
   run "${bins[0]}" pipeline "${common[@]}" --dtype bf16 --steps 20 --batch 1 --runs 1
   for bin in "${bins[@]}"; do
     algos=default
-    case "$bin" in *cudnn*) algos=${CONV_ALGOS:-winograd-nonfused implicit-precomp-gemm implicit-gemm} ;; esac
+    case "$bin" in *cudnn*) algos=${CONV_ALGOS:-winograd-nonfused} ;; esac
     for algo in $algos; do
       for attention in ${ATTENTIONS:-flash fused matmul}; do
         for batch in 2 16; do
