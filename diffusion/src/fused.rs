@@ -118,6 +118,32 @@ pub fn geglu(value: &Tensor, gate: &Tensor) -> candle_core::Result<Tensor> {
     candle_core::bail!("the fused GEGLU runs only in a `cuda` build")
 }
 
+/// Blocks a group norm aims for: several per multiprocessor.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const TARGET_BLOCKS: usize = 1024;
+/// The fewest elements one block of a group norm works through.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const MIN_CHUNK: usize = 2048;
+/// The most blocks one group is split over.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+const MAX_SPLITS: usize = 256;
+
+/// How the fused group norm splits each of `groups` groups of `n > 0`
+/// elements over blocks: `(blocks per group, elements per block)`, every
+/// block with work, the chunk a whole number of `lanes` (one 16-byte load)
+/// when the kernel loads 16 bytes at a time (`vec`).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn group_norm_split(groups: usize, n: usize, lanes: usize, vec: bool) -> (usize, usize) {
+    let splits = TARGET_BLOCKS
+        .div_ceil(groups)
+        .clamp(1, n.div_ceil(MIN_CHUNK).clamp(1, MAX_SPLITS));
+    let mut chunk = n.div_ceil(splits);
+    if vec {
+        chunk = chunk.next_multiple_of(lanes);
+    }
+    (n.div_ceil(chunk), chunk)
+}
+
 /// The padded head sizes the fused attention kernel is compiled for.
 const ATTENTION_HEAD_SIZES: [usize; 6] = [48, 64, 80, 96, 128, 160];
 
@@ -180,10 +206,6 @@ mod cuda {
     const ATTENTION_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
     const MODULE: &str = "hallmark_fused";
     const THREADS: u32 = 256;
-    /// Blocks a group norm aims for: several per multiprocessor.
-    const TARGET_BLOCKS: usize = 1024;
-    /// The fewest elements one block of a group norm works through.
-    const MIN_CHUNK: usize = 2048;
 
     /// The contiguous part of `slice` that `layout` covers, and where it
     /// starts (in elements).
@@ -294,14 +316,7 @@ mod cuda {
                 return unsafe { dev.alloc::<T>(0) };
             }
             let vec = spatial.is_multiple_of(lanes::<T>()) && start.is_multiple_of(lanes::<T>());
-            let splits = TARGET_BLOCKS
-                .div_ceil(blocks_x)
-                .clamp(1, n.div_ceil(MIN_CHUNK).clamp(1, 256));
-            let mut chunk = n.div_ceil(splits);
-            if vec {
-                chunk = chunk.next_multiple_of(lanes::<T>());
-            }
-            let splits = n.div_ceil(chunk);
+            let (splits, chunk) = super::group_norm_split(blocks_x, n, lanes::<T>(), vec);
             let cfg = LaunchConfig {
                 grid_dim: (to_i32(blocks_x, "batch × groups")? as u32, splits as u32, 1),
                 block_dim: (THREADS, 1, 1),
@@ -548,4 +563,44 @@ mod cuda {
     }
 
     three_operand_op!(Attention, "hallmark-attention", "the fused attention", [F16 => "f16", BF16 => "bf16"]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_norm_splits_cover_each_group_once_with_work_in_every_block() {
+        // (batch × groups, elements per group, lanes, vec): SD 1.5 at 512²
+        // batch 1 (guided) and 8, its deepest maps, the VAE at 512², odd
+        // tiny maps, f32 lanes.
+        let cases = [
+            (64, 10 * 64 * 64, 8, true),
+            (512, 10 * 64 * 64, 8, true),
+            (64, 40 * 8 * 8, 8, true),
+            (32, 4 * 512 * 512, 8, true),
+            (2, 1, 8, false),
+            (8, 2 * 35, 8, false),
+            (1, 4 * 1024, 4, true),
+            (5000, 3, 4, false),
+        ];
+        for (groups, n, lanes, vec) in cases {
+            let (splits, chunk) = group_norm_split(groups, n, lanes, vec);
+            let case =
+                format!("{groups} groups of {n} ({lanes} lanes, vec {vec}): {splits} × {chunk}");
+            assert!((1..=MAX_SPLITS).contains(&splits), "{case}");
+            assert!(splits * chunk >= n && (splits - 1) * chunk < n, "{case}");
+            assert!(!vec || chunk.is_multiple_of(lanes), "{case}");
+            // Few groups are split until the GPU has enough blocks or the
+            // chunks reach their floor; many groups are not split.
+            if groups * splits < TARGET_BLOCKS {
+                assert!(splits == 1 || chunk < 2 * MIN_CHUNK + lanes, "{case}");
+            }
+            if groups >= TARGET_BLOCKS {
+                assert_eq!(splits, 1, "{case}");
+            }
+        }
+        // Batch 1's 32 groups of a 64² map of 320 channels fill 1024 blocks.
+        assert_eq!(group_norm_split(64, 10 * 64 * 64, 8, true).0, 16);
+    }
 }
