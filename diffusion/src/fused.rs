@@ -51,6 +51,76 @@ pub struct GroupNormOutput {
     pub silu: bool,
 }
 
+/// Checks a group norm's operands: a `(batch, channels, …)` map whose
+/// channels split into `groups`, and, when `params`, a `(channels,)` weight
+/// and bias in the map's type.
+fn check_group_norm(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    params: bool,
+) -> candle_core::Result<()> {
+    let dims = xs.dims();
+    if dims.len() < 3 {
+        candle_core::bail!("group norm wants (batch, channels, …), got {dims:?}");
+    }
+    if groups == 0 || !dims[1].is_multiple_of(groups) {
+        candle_core::bail!("{} channels do not split into {groups} groups", dims[1]);
+    }
+    for (name, t) in [("weight", weight), ("bias", bias)] {
+        if params && (t.dims() != [dims[1]] || t.dtype() != xs.dtype()) {
+            candle_core::bail!(
+                "group norm {name}: {:?} {:?}, the map has {} channels in {:?}",
+                t.dims(),
+                t.dtype(),
+                dims[1],
+                xs.dtype()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Group norm as candle's operations, the chain the fused kernel replaces
+/// (and what runs where it does not): candle's fused layer norm over each
+/// group, with `unit(row)` the unit scale and zero shift of a group's
+/// length `row`, then the per-channel scale and shift when
+/// `output.affine`, then SiLU when `output.silu`. Any device and type.
+pub fn candle_group_norm(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f32,
+    output: GroupNormOutput,
+    unit: &dyn Fn(usize) -> candle_core::Result<(Tensor, Tensor)>,
+) -> candle_core::Result<Tensor> {
+    check_group_norm(xs, weight, bias, groups, output.affine)?;
+    let dims = xs.dims();
+    let b = dims[0];
+    let row = xs.elem_count() / (b * groups);
+    let (one, zero) = unit(row)?;
+    let mut ys = candle_nn::ops::layer_norm(
+        &xs.contiguous()?.reshape((b, groups, row))?,
+        &one,
+        &zero,
+        eps,
+    )?
+    .reshape(dims)?;
+    if output.affine {
+        let mut per_channel = vec![1; xs.rank()];
+        per_channel[1] = dims[1];
+        ys = ys
+            .broadcast_mul(&weight.reshape(per_channel.as_slice())?)?
+            .broadcast_add(&bias.reshape(per_channel.as_slice())?)?;
+    }
+    if output.silu {
+        ys = candle_nn::ops::silu(&ys)?;
+    }
+    Ok(ys)
+}
+
 /// Group norm of a `(batch, channels, …)` map in `groups` groups of adjacent
 /// channels, with the fused CUDA kernel; `weight` and `bias` are
 /// `(channels,)` (read only when `output.affine`).
@@ -62,24 +132,7 @@ pub fn group_norm(
     eps: f32,
     output: GroupNormOutput,
 ) -> candle_core::Result<Tensor> {
-    let dims = xs.dims();
-    if dims.len() < 3 {
-        candle_core::bail!("group norm wants (batch, channels, …), got {dims:?}");
-    }
-    if groups == 0 || !dims[1].is_multiple_of(groups) {
-        candle_core::bail!("{} channels do not split into {groups} groups", dims[1]);
-    }
-    for (name, t) in [("weight", weight), ("bias", bias)] {
-        if t.dims() != [dims[1]] || t.dtype() != xs.dtype() {
-            candle_core::bail!(
-                "group norm {name}: {:?} {:?}, the map has {} channels in {:?}",
-                t.dims(),
-                t.dtype(),
-                dims[1],
-                xs.dtype()
-            );
-        }
-    }
+    check_group_norm(xs, weight, bias, groups, true)?;
     #[cfg(feature = "cuda")]
     {
         let op = cuda::GroupNormOp {

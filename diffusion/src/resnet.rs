@@ -13,6 +13,7 @@ use candle_core::{D, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use crate::conv::{Conv2d, ConvAlgorithm};
+use crate::fused::GroupNormOutput;
 use crate::profile::section;
 
 /// diffusers' `GroupNorm`: each group of channels normalised over its
@@ -67,23 +68,7 @@ impl GroupNorm {
     /// The normalisation without the per-channel scale and shift (for a
     /// caller that folds them into its next linear map).
     pub(crate) fn normalize(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        if crate::fused::applies(xs) {
-            return self.fused_kernel(xs, false, false);
-        }
-        let dims = xs.dims();
-        if dims.len() < 3 {
-            candle_core::bail!("group norm wants (batch, channels, …), got {dims:?}");
-        }
-        let b = dims[0];
-        let row = xs.elem_count() / (b * self.groups);
-        let (one, zero) = self.unit(row, xs)?;
-        candle_nn::ops::layer_norm(
-            &xs.contiguous()?.reshape((b, self.groups, row))?,
-            &one,
-            &zero,
-            self.eps,
-        )?
-        .reshape(dims)
+        self.apply(xs, false, false)
     }
 
     /// A linear map `(weight (out, channels), bias (out,))` applied after
@@ -101,50 +86,56 @@ impl GroupNorm {
         Ok((folded_w, folded_b))
     }
 
-    /// The whole norm (and the SiLU when `act`) as the one-pass CPU kernel.
-    fn cpu_kernel(&self, xs: &Tensor, act: bool) -> candle_core::Result<Tensor> {
-        crate::cpu::group_norm(xs, &self.weight, &self.bias, self.groups, self.eps, act)
-    }
-
-    /// The norm (with its scale and shift when `affine`, then the SiLU when
-    /// `silu`) as the fused CUDA kernel.
-    fn fused_kernel(&self, xs: &Tensor, affine: bool, silu: bool) -> candle_core::Result<Tensor> {
-        let output = crate::fused::GroupNormOutput { affine, silu };
-        crate::fused::group_norm(xs, &self.weight, &self.bias, self.groups, self.eps, output)
-    }
-
     /// The norm, then SiLU (the resnets' and the output blocks' pattern).
     pub(crate) fn forward_silu(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        if crate::cpu::applies(xs) {
-            return self.cpu_kernel(xs, true);
-        }
-        if crate::fused::applies(xs) {
-            return self.fused_kernel(xs, true, true);
-        }
-        candle_nn::ops::silu(&self.forward(xs)?)
+        self.apply(xs, true, true)
     }
 
-    /// The norm as candle operations: the fused layer norm, then the
-    /// per-channel scale and shift (every device and type).
-    fn composite(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let normed = self.normalize(xs)?;
-        let mut per_channel = vec![1; xs.rank()];
-        per_channel[1] = xs.dim(1)?;
-        normed
-            .broadcast_mul(&self.weight.reshape(per_channel.as_slice())?)?
-            .broadcast_add(&self.bias.reshape(per_channel.as_slice())?)
+    /// The norm, with its scale and shift when `affine`, then SiLU when
+    /// `silu`: the one-pass CPU kernel for the whole norm in f32 on the CPU,
+    /// the fused CUDA kernel on a GPU, candle's operations elsewhere.
+    fn apply(&self, xs: &Tensor, affine: bool, silu: bool) -> candle_core::Result<Tensor> {
+        if affine && crate::cpu::applies(xs) {
+            return crate::cpu::group_norm(
+                xs,
+                &self.weight,
+                &self.bias,
+                self.groups,
+                self.eps,
+                silu,
+            );
+        }
+        let output = GroupNormOutput { affine, silu };
+        if crate::fused::applies(xs) {
+            return crate::fused::group_norm(
+                xs,
+                &self.weight,
+                &self.bias,
+                self.groups,
+                self.eps,
+                output,
+            );
+        }
+        self.candle_ops(xs, output)
+    }
+
+    /// The norm as candle's operations (every device and type).
+    fn candle_ops(&self, xs: &Tensor, output: GroupNormOutput) -> candle_core::Result<Tensor> {
+        crate::fused::candle_group_norm(
+            xs,
+            &self.weight,
+            &self.bias,
+            self.groups,
+            self.eps,
+            output,
+            &|row| self.unit(row, xs),
+        )
     }
 }
 
 impl Module for GroupNorm {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        if crate::cpu::applies(xs) {
-            return self.cpu_kernel(xs, false);
-        }
-        if crate::fused::applies(xs) {
-            return self.fused_kernel(xs, true, false);
-        }
-        self.composite(xs)
+        self.apply(xs, true, false)
     }
 }
 
@@ -306,9 +297,14 @@ mod tests {
             .unwrap()
             .forward(&x)
             .unwrap();
-        // The CPU kernel (f32 on the CPU) and the composite other devices run.
+        // The CPU kernel (f32 on the CPU) and the candle operations other
+        // devices run.
+        let affine = GroupNormOutput {
+            affine: true,
+            silu: false,
+        };
         assert_close(&norm.forward(&x).unwrap(), &theirs);
-        assert_close(&norm.composite(&x).unwrap(), &theirs);
+        assert_close(&norm.candle_ops(&x, affine).unwrap(), &theirs);
         let silu = candle_nn::ops::silu(&theirs).unwrap();
         assert_close(&norm.forward_silu(&x).unwrap(), &silu);
     }

@@ -149,8 +149,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
         .to_scalar::<f32>()
 }
 
-/// Group norm as the engine runs it without the fused kernel: candle's
-/// layer norm over each group, the per-channel scale and shift, SiLU.
+/// Group norm as the engine runs it without the fused kernel.
 fn candle_group_norm(
     x: &Tensor,
     weight: &Tensor,
@@ -159,24 +158,13 @@ fn candle_group_norm(
     eps: f32,
     output: GroupNormOutput,
 ) -> candle_core::Result<Tensor> {
-    let dims = x.dims();
-    let b = dims[0];
-    let row = x.elem_count() / (b * groups);
-    let one = Tensor::ones(row, x.dtype(), x.device())?;
-    let zero = Tensor::zeros(row, x.dtype(), x.device())?;
-    let mut y = candle_nn::ops::layer_norm(&x.reshape((b, groups, row))?, &one, &zero, eps)?
-        .reshape(dims)?;
-    if output.affine {
-        let mut per_channel = vec![1; x.rank()];
-        per_channel[1] = dims[1];
-        y = y
-            .broadcast_mul(&weight.reshape(per_channel.as_slice())?)?
-            .broadcast_add(&bias.reshape(per_channel.as_slice())?)?;
-    }
-    if output.silu {
-        y = candle_nn::ops::silu(&y)?;
-    }
-    Ok(y)
+    let unit = |row: usize| -> candle_core::Result<(Tensor, Tensor)> {
+        Ok((
+            Tensor::ones(row, x.dtype(), x.device())?,
+            Tensor::zeros(row, x.dtype(), x.device())?,
+        ))
+    };
+    fused::candle_group_norm(x, weight, bias, groups, eps, output, &unit)
 }
 
 /// The crate's own CUDA kernels against candle's operations: the largest
@@ -212,12 +200,12 @@ fn kernel_checks(
         }
         println!("{line}");
     };
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
     // Softmax on attention-sized scores: pixels to pixels, pixels to text.
     for shape in [(rows, cols, cols), (rows, cols, 77)] {
         let x = (Tensor::randn(0f32, 3f32, shape, dev)?).to_dtype(dtype)?;
         let ours = hallmark_diffusion::softmax::softmax_last_dim(&x)?;
-        let reference =
-            hallmark_diffusion::softmax::candle_softmax_last_dim(&x.to_dtype(DType::F32)?)?;
+        let reference = hallmark_diffusion::softmax::candle_softmax_last_dim(&f32(&x)?)?;
         let row_sums = ours.to_dtype(DType::F32)?.sum(D::Minus1)?;
         let sum_err = (row_sums - 1.0)?.abs()?.max_all()?.to_scalar::<f32>()?;
         report(
@@ -245,7 +233,6 @@ fn kernel_checks(
         let x = ((Tensor::randn(0f32, 2f32, shape.as_slice(), dev)? + 0.5)?).to_dtype(dtype)?;
         let weight = (Tensor::randn(0f32, 1f32, c, dev)? + 1.0)?.to_dtype(dtype)?;
         let bias = Tensor::randn(0f32, 1f32, c, dev)?.to_dtype(dtype)?;
-        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
         for (affine, silu) in outputs {
             let output = GroupNormOutput { affine, silu };
             let ours = fused::group_norm(&x, &weight, &bias, groups, 1e-5, output)?;
@@ -278,7 +265,7 @@ fn kernel_checks(
         let value = Tensor::randn(0f32, 2f32, shape.as_slice(), dev)?.to_dtype(dtype)?;
         let gate = Tensor::randn(0f32, 2f32, shape.as_slice(), dev)?.to_dtype(dtype)?;
         let ours = fused::geglu(&value, &gate)?;
-        let reference = (value.to_dtype(DType::F32)? * gate.to_dtype(DType::F32)?.gelu_erf()?)?;
+        let reference = (f32(&value)? * f32(&gate)?.gelu_erf()?)?;
         let scale = reference.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         report(
             "geglu",
@@ -293,7 +280,6 @@ fn kernel_checks(
     // Fused attention at the SD 1.5 UNet's batch-8 shapes (self-attention
     // at each level, q/k/v as views of one projection; cross-attention to
     // the text) and SDXL's heads of 64, against the matmul path.
-    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
     for (b, nq, nk, heads, d) in [
         (16, 4096, 4096, 8, 40),
         (16, 4096, 77, 8, 40),
@@ -301,6 +287,9 @@ fn kernel_checks(
         (16, 256, 256, 8, 160),
         (2, 4096, 4096, 10, 64),
     ] {
+        if !fused::attention_fits(d, dtype) {
+            continue;
+        }
         let scale = 1.0 / (d as f32).sqrt();
         let (q, k, v) = if nq == nk {
             let qkv = Tensor::randn(0f32, 1f32, (b, nq, 3, heads, d), dev)?.to_dtype(dtype)?;
@@ -319,9 +308,6 @@ fn kernel_checks(
                     .matmul(&heads_first(v)?)?
                     .transpose(1, 2)
             };
-        if !fused::attention_fits(d, dtype) {
-            continue;
-        }
         let ours = fused::attention(&q, &k, &v, scale)?;
         let reference = matmul_attention(&f32(&q)?, &f32(&k)?, &f32(&v)?)?;
         report(
