@@ -10,7 +10,9 @@ use std::str::FromStr;
 use std::sync::Mutex;
 
 use candle_core::{DType, Device, Module, Tensor, TensorId};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
+
+use crate::linear::Linear;
 
 use crate::DiffusionError;
 use crate::profile::section;
@@ -157,10 +159,10 @@ impl Attention {
         cross: bool,
     ) -> candle_core::Result<Self> {
         let (heads, d) = (cfg.heads, dim / cfg.heads);
-        let to_q = candle_nn::linear_no_bias(dim, dim, vb.pp("to_q"))?;
-        let to_k = candle_nn::linear_no_bias(context_dim, dim, vb.pp("to_k"))?;
-        let to_v = candle_nn::linear_no_bias(context_dim, dim, vb.pp("to_v"))?;
-        let to_out = candle_nn::linear(dim, dim, vb.pp("to_out.0"))?;
+        let to_q = Linear::load_no_bias(dim, dim, vb.pp("to_q"))?;
+        let to_k = Linear::load_no_bias(context_dim, dim, vb.pp("to_k"))?;
+        let to_v = Linear::load_no_bias(context_dim, dim, vb.pp("to_v"))?;
+        let to_out = Linear::load(dim, dim, vb.pp("to_out.0"))?;
         let wq = to_q.weight();
         let scaled_q = (wq.to_dtype(DType::F32)? * (d as f64).powf(-0.5))?.to_dtype(wq.dtype())?;
         let (to_q, to_kv) = if cross {
@@ -215,14 +217,26 @@ impl Attention {
         Ok((q, k, v))
     }
 
-    fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
+    /// The attention's output plus `residual` (the block's input), added
+    /// with `to_out`'s bias.
+    fn forward(
+        &self,
+        xs: &Tensor,
+        context: &Tensor,
+        residual: &Tensor,
+    ) -> candle_core::Result<Tensor> {
         let (b, n, dim) = xs.dims3()?;
         let d = dim / self.heads;
+        let out_projection = |out: &Tensor| {
+            section("attention/projections", || {
+                self.to_out.forward_add(out, Some(residual))
+            })
+        };
         if self.flash {
             // (batch, tokens, heads, d), contiguous.
             let (q, k, v) = self.project(xs, context, &|t| t.contiguous())?;
             let out = flash_attention(&q, &k, &v, 1.0)?;
-            return self.to_out.forward(&out.reshape((b, n, dim))?);
+            return out_projection(&out.reshape((b, n, dim))?);
         }
         if self.fused {
             // Views of the projections' outputs, read through their strides.
@@ -232,9 +246,7 @@ impl Attention {
             let out = section("attention/fused", || {
                 crate::fused::attention(&q, &k, &v, 1.0)
             })?;
-            return section("attention/projections", || {
-                self.to_out.forward(&out.reshape((b, n, dim))?)
-            });
+            return out_projection(&out.reshape((b, n, dim))?);
         }
         let (q, k, v) = section("attention/projections", || {
             self.project(xs, context, &|t| t.transpose(1, 2)?.contiguous())
@@ -255,7 +267,7 @@ impl Attention {
                 .transpose(1, 2)?
                 .reshape((b, n, self.heads * d))
         })?;
-        section("attention/projections", || self.to_out.forward(&out))
+        out_projection(&out)
     }
 }
 
@@ -265,46 +277,55 @@ struct FeedForward {
     /// `net.0.proj`'s first half (the values) and second half (the gate).
     value: Linear,
     gate: Linear,
+    /// `net.0.proj`'s whole bias, `(2 inner,)`: the fused GEGLU adds both
+    /// halves' as it reads the two projections.
+    proj_bias: Tensor,
     out: Linear,
 }
 
 impl FeedForward {
     fn new(vb: VarBuilder, dim: usize) -> candle_core::Result<Self> {
         let inner = 4 * dim;
-        let proj = candle_nn::linear(dim, 2 * inner, vb.pp("net.0.proj"))?;
+        let proj = Linear::load(dim, 2 * inner, vb.pp("net.0.proj"))?;
+        let proj_bias = bias_or_zeros(proj.bias(), proj.weight())?;
         // The projection's two halves as two layers: each output is
         // contiguous, so the GELU and the product run on plain layouts
         // instead of strided views of one wide output.
         let half = |i: usize| -> candle_core::Result<Linear> {
-            let bias = match proj.bias() {
-                Some(b) => Some(b.narrow(0, i * inner, inner)?.contiguous()?),
-                None => None,
-            };
             Ok(Linear::new(
                 proj.weight().narrow(0, i * inner, inner)?.contiguous()?,
-                bias,
+                Some(proj_bias.narrow(0, i * inner, inner)?.contiguous()?),
             ))
         };
         Ok(Self {
             value: half(0)?,
             gate: half(1)?,
-            out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+            proj_bias,
+            out: Linear::load(inner, dim, vb.pp("net.2"))?,
         })
     }
 
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let hidden = geglu(&self.value.forward(xs)?, &self.gate.forward(xs)?)?;
-        self.out.forward(&hidden)
+    /// The feed-forward of `xs` plus `residual`.
+    fn forward(&self, xs: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
+        let hidden = if crate::fused::applies(xs) {
+            crate::fused::geglu(
+                &self.value.matmul(xs)?,
+                &self.gate.matmul(xs)?,
+                &self.proj_bias,
+            )?
+        } else {
+            geglu(&self.value.forward(xs)?, &self.gate.forward(xs)?)?
+        };
+        self.out.forward_add(&hidden, Some(residual))
     }
 }
 
 /// GEGLU's product, `value · gelu(gate)` with the exact (erf) GELU: one
-/// fused pass on the CPU in f32 and on CUDA, candle's two elsewhere.
+/// pass on the CPU in f32, candle's two elsewhere (on CUDA the feed-forward
+/// calls the fused kernel, which also adds the biases).
 pub(crate) fn geglu(value: &Tensor, gate: &Tensor) -> candle_core::Result<Tensor> {
     if crate::cpu::applies(gate) {
         crate::cpu::geglu(value, gate)
-    } else if crate::fused::applies(gate) {
-        crate::fused::geglu(value, gate)
     } else {
         value * gate.gelu_erf()?
     }
@@ -326,13 +347,13 @@ impl Block {
     fn forward(&self, xs: &Tensor, context: &Tensor) -> candle_core::Result<Tensor> {
         let xs = section("transformer/self-attention", || {
             let h = self.norm1.forward(xs)?;
-            self.attn1.forward(&h, &h)? + xs
+            self.attn1.forward(&h, &h, xs)
         })?;
         let xs = section("transformer/cross-attention", || {
-            self.attn2.forward(&self.norm2.forward(&xs)?, context)? + &xs
+            self.attn2.forward(&self.norm2.forward(&xs)?, context, &xs)
         })?;
         section("transformer/feed-forward", || {
-            self.ff.forward(&self.norm3.forward(&xs)?)? + &xs
+            self.ff.forward(&self.norm3.forward(&xs)?, &xs)
         })
     }
 }
@@ -420,12 +441,10 @@ impl Transformer2D {
         // bias: one pass writes the tokens. (Not pixelsᵀ · Wᵀ: candle's CPU
         // matmul folds a transposed left operand's batches wrongly when the
         // right one is shared.)
-        let mut tokens = self
-            .proj_in_weight
-            .broadcast_left(b)?
-            .matmul(&pixels)?
-            .transpose(1, 2)?
-            .broadcast_add(&self.proj_in_bias)?;
+        let mut tokens = crate::fused::tokens(
+            &self.proj_in_weight.broadcast_left(b)?.matmul(&pixels)?,
+            &self.proj_in_bias,
+        )?;
         for block in &self.blocks {
             tokens = block.forward(&tokens, context)?;
         }
@@ -435,7 +454,7 @@ impl Transformer2D {
             .broadcast_left(b)?
             .matmul(&tokens.transpose(1, 2)?)?
             .reshape((b, c, h, w))?;
-        (out + xs)?.broadcast_add(&self.proj_out_bias)
+        crate::fused::add_bias(&out, &self.proj_out_bias, Some(xs))
     }
 }
 

@@ -103,8 +103,9 @@ impl ConvAlgorithm {
     }
 }
 
-/// A 2-D convolution with an optional bias: candle-nn's, except f32 on the
-/// CPU, which runs the engine's own kernel.
+/// A 2-D convolution with an optional bias: candle's, except f32 on the
+/// CPU, which runs the engine's own kernel; the bias added by
+/// `fused::add_bias` (one fused pass on CUDA).
 #[derive(Debug, Clone)]
 pub(crate) struct Conv2d(candle_nn::Conv2d);
 
@@ -130,12 +131,20 @@ impl Conv2d {
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let cfg = self.0.config();
-        if !(crate::cpu::applies(xs) && cfg.dilation == 1 && cfg.groups == 1) {
-            return self.0.forward(xs);
-        }
-        let out = crate::cpu::conv2d(xs, self.0.weight(), cfg.stride, cfg.padding)?;
+        let out = if crate::cpu::applies(xs) && cfg.dilation == 1 && cfg.groups == 1 {
+            crate::cpu::conv2d(xs, self.0.weight(), cfg.stride, cfg.padding)?
+        } else {
+            xs.conv2d_with_algo(
+                self.0.weight(),
+                cfg.padding,
+                cfg.stride,
+                cfg.dilation,
+                cfg.groups,
+                cfg.cudnn_fwd_algo,
+            )?
+        };
         match self.0.bias() {
-            Some(b) => out.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            Some(b) => crate::fused::add_bias(&out, &b.reshape((1, (), 1, 1))?, None),
             None => Ok(out),
         }
     }

@@ -7,17 +7,29 @@
 //!   over several blocks, so that batch 1's 32 groups still fill the GPU),
 //!   then one pass that writes the result, where candle's layer norm, scale,
 //!   shift and SiLU make four;
-//! - **GEGLU**'s `value · gelu(gate)` (exact GELU) in one pass instead of
-//!   two;
+//! - **GEGLU**'s `(value + b) · gelu(gate + b')` (exact GELU) in one pass,
+//!   where candle makes four (two bias adds, the GELU, the product);
+//! - **bias adds**: a linear layer's or a convolution's bias, with the
+//!   residual connection that follows it, in one pass. candle's broadcast
+//!   add computes each element's operand index with 64-bit divisions per
+//!   dimension, which made every bias add of the UNet several times slower
+//!   than its bytes (by the per-section profile of an H100 run, the
+//!   feed-forward and the projections ran at 55–70 TFLOP/s against the
+//!   hundreds cuBLAS reaches, and they are little else than matmuls, bias
+//!   adds and residuals);
+//! - **tokens**: the transformer's `proj_in` output from the feature map's
+//!   `(batch, channels, pixels)` to `(batch, pixels, channels)` with its
+//!   bias, through shared-memory tiles;
 //! - **attention**, `softmax(scale · QKᵀ)V` without materialising the scores
 //!   (`kernels/attention.cu`, the FlashAttention-2 scheme on the tensor
 //!   cores, f16/bf16), reading the queries, keys and values through their
 //!   strides, so the self-attention's three come straight out of its one
 //!   projection with no layout copies.
 //!
-//! Statistics and accumulators are f32 whatever the storage type. The norm
-//! and GEGLU run for CUDA tensors in f32, f16 or bf16 in a `cuda` build;
-//! `HALLMARK_FUSED_KERNELS=off` keeps candle's chains instead (for
+//! Statistics, accumulators and sums are f32 whatever the storage type. The
+//! norm, GEGLU, the bias adds and the tokens run for CUDA tensors in f32,
+//! f16 or bf16 in a `cuda` build; `HALLMARK_FUSED_KERNELS=off` keeps
+//! candle's chains instead (for
 //! comparisons, or should a driver reject the kernels); the attention is
 //! chosen by the UNet's attention setting (`AttentionChoice`). The test
 //! `cuda_kernels_simulated` runs every kernel in a host simulation of the
@@ -150,25 +162,110 @@ pub fn group_norm(
     }
 }
 
-/// GEGLU's `value · gelu(gate)` (exact GELU) with the fused CUDA kernel.
-pub fn geglu(value: &Tensor, gate: &Tensor) -> candle_core::Result<Tensor> {
-    if value.dims() != gate.dims() || value.dtype() != gate.dtype() {
+/// GEGLU's `(value + value_bias) · gelu(gate + gate_bias)` (exact GELU)
+/// with the fused CUDA kernel: `value` and `gate` are the feed-forward's
+/// two projections without their biases, `(…, width)`, and `bias` is the
+/// projection's `(2 width,)` bias, the values' half first; the bias adds
+/// cost no pass of their own.
+pub fn geglu(value: &Tensor, gate: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    let width = value.dims().last().copied().unwrap_or(0);
+    if value.dims() != gate.dims()
+        || value.dtype() != gate.dtype()
+        || bias.dims() != [2 * width]
+        || bias.dtype() != value.dtype()
+    {
         candle_core::bail!(
-            "GEGLU: value {:?} {:?} and gate {:?} {:?} differ",
+            "GEGLU: value {:?} {:?}, gate {:?} {:?} and bias {:?} {:?} do not match",
             value.dims(),
             value.dtype(),
             gate.dims(),
-            gate.dtype()
+            gate.dtype(),
+            bias.dims(),
+            bias.dtype()
         );
     }
     #[cfg(feature = "cuda")]
     {
         value
             .contiguous()?
-            .apply_op2_no_bwd(&gate.contiguous()?, &cuda::Geglu)
+            .apply_op3_no_bwd(&gate.contiguous()?, &bias.contiguous()?, &cuda::Geglu)
     }
     #[cfg(not(feature = "cuda"))]
     candle_core::bail!("the fused GEGLU runs only in a `cuda` build")
+}
+
+/// Where a bias broadcast over a tensor of `dims` (candle's rules: `bias`
+/// left-padded with ones) falls on its elements: `(inner, period)` such
+/// that element `e` (row-major) adds `bias[(e / inner) % period]`. That
+/// holds when the bias's dimensions other than one form a single run that
+/// matches the tensor's; `None` for any other broadcast.
+fn bias_extent(dims: &[usize], bias: &[usize]) -> Option<(usize, usize)> {
+    if bias.len() > dims.len() {
+        return None;
+    }
+    let padded: Vec<usize> = std::iter::repeat_n(1, dims.len() - bias.len())
+        .chain(bias.iter().copied())
+        .collect();
+    let Some(first) = padded.iter().position(|&n| n != 1) else {
+        return Some((1, 1));
+    };
+    let last = padded.iter().rposition(|&n| n != 1).expect("one exists");
+    if padded[first..=last] != dims[first..=last] {
+        return None;
+    }
+    Some((
+        dims[last + 1..].iter().product(),
+        dims[first..=last].iter().product(),
+    ))
+}
+
+/// `x + bias`, the bias broadcast as candle broadcasts it, plus `residual`
+/// (of `x`'s shape) when given: on CUDA one fused pass (a linear layer's or
+/// a convolution's bias together with the residual connection after it),
+/// where candle's strided bias add alone is several times slower than its
+/// bytes; candle's `broadcast_add` (then the add) elsewhere, and for any
+/// broadcast or layout the kernel does not take.
+pub fn add_bias(
+    x: &Tensor,
+    bias: &Tensor,
+    residual: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let extent = bias_extent(x.dims(), bias.dims());
+    let fits = |t: &Tensor| t.dtype() == x.dtype() && t.is_contiguous();
+    let residual_fits = residual.is_none_or(|r| r.dims() == x.dims() && fits(r));
+    match extent {
+        #[cfg(feature = "cuda")]
+        Some((inner, period)) if applies(x) && fits(x) && fits(bias) && residual_fits => {
+            let op = cuda::AddBias { inner, period };
+            match residual {
+                Some(r) => x.apply_op3_no_bwd(bias, r, &cuda::AddBiasResidual(op)),
+                None => x.apply_op2_no_bwd(bias, &op),
+            }
+        }
+        _ => {
+            let _ = (extent, residual_fits);
+            let y = x.broadcast_add(bias)?;
+            match residual {
+                Some(r) => y + r,
+                None => Ok(y),
+            }
+        }
+    }
+}
+
+/// A `(batch, channels, pixels)` map as `(batch, pixels, channels)` tokens
+/// plus a `(channels,)` bias: one tiled pass with the fused kernel on CUDA,
+/// candle's transposed broadcast add elsewhere.
+pub fn tokens(map: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, c, _) = map.dims3()?;
+    if bias.dims() != [c] {
+        candle_core::bail!("tokens: a bias of {:?} for {c} channels", bias.dims());
+    }
+    #[cfg(feature = "cuda")]
+    if applies(map) && map.is_contiguous() && bias.dtype() == map.dtype() {
+        return map.apply_op2_no_bwd(&bias.contiguous()?, &cuda::Tokens);
+    }
+    map.transpose(1, 2)?.broadcast_add(bias)
 }
 
 /// Blocks a group norm aims for: several per multiprocessor.
@@ -253,6 +350,11 @@ mod cuda {
     use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
     use candle_core::{CpuStorage, CudaDevice, CudaStorage, CustomOp2, CustomOp3, Layout, Shape};
 
+    /// The output shape of an op whose result has its first operand's.
+    fn same_shape(l: &Layout) -> candle_core::Result<Shape> {
+        Ok(l.shape().clone())
+    }
+
     use super::{ATTENTION_HEAD_SIZES, GroupNormOutput};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
@@ -279,6 +381,59 @@ mod cuda {
 
     fn to_i32(v: usize, what: &str) -> candle_core::Result<i32> {
         i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{what} {v} is too large")))
+    }
+
+    /// `CustomOp2` for a kernel op with a generic `launch(suffix, device,
+    /// (slice, layout) × 2)`: the storage types it has, by variant and
+    /// kernel-name suffix; `$shape` gives the result's shape from the first
+    /// operand's layout.
+    macro_rules! two_operand_op {
+        ($op:ty, $name:literal, $what:literal, $shape:expr, [$($variant:ident => $suffix:literal),*]) => {
+            impl CustomOp2 for $op {
+                fn name(&self) -> &'static str {
+                    $name
+                }
+
+                fn cpu_fwd(
+                    &self,
+                    _: &CpuStorage,
+                    _: &Layout,
+                    _: &CpuStorage,
+                    _: &Layout,
+                ) -> candle_core::Result<(CpuStorage, Shape)> {
+                    candle_core::bail!(concat!($what, " runs only on a CUDA device"))
+                }
+
+                fn cuda_fwd(
+                    &self,
+                    a: &CudaStorage,
+                    al: &Layout,
+                    b: &CudaStorage,
+                    bl: &Layout,
+                ) -> candle_core::Result<(CudaStorage, Shape)> {
+                    let dev = a.device();
+                    let slice = match (&a.slice, &b.slice) {
+                        $((
+                            CudaStorageSlice::$variant(a),
+                            CudaStorageSlice::$variant(b),
+                        ) => CudaStorageSlice::$variant(
+                            self.launch($suffix, dev, (a, al), (b, bl))?,
+                        ),)*
+                        _ => candle_core::bail!(
+                            "{}: {:?} (with {:?}) is not a type the kernel has",
+                            $what,
+                            a.dtype(),
+                            b.dtype()
+                        ),
+                    };
+                    let out = CudaStorage {
+                        slice,
+                        device: dev.clone(),
+                    };
+                    Ok((out, $shape(al)?))
+                }
+            }
+        };
     }
 
     /// `CustomOp3` for a kernel op with a generic `launch(suffix, device,
@@ -428,23 +583,10 @@ mod cuda {
 
     three_operand_op!(GroupNormOp, "hallmark-group-norm", "the fused group norm", [F32 => "f32", F16 => "f16", BF16 => "bf16"]);
 
-    pub(super) struct Geglu;
-
-    fn geglu_launch<T: DeviceRepr>(
-        suffix: &str,
-        dev: &CudaDevice,
-        (value, vl): (&CudaSlice<T>, &Layout),
-        (gate, gl): (&CudaSlice<T>, &Layout),
-    ) -> candle_core::Result<CudaSlice<T>> {
-        let (value, value_start) = view(value, vl, "GEGLU value")?;
-        let (gate, gate_start) = view(gate, gl, "GEGLU gate")?;
-        let el = vl.shape().elem_count();
-        let lanes = lanes::<T>();
-        let vec = el.is_multiple_of(lanes)
-            && value_start.is_multiple_of(lanes)
-            && gate_start.is_multiple_of(lanes);
-        let units = if vec { el / lanes } else { el };
-        let cfg = LaunchConfig {
+    /// Launches over `units` elements or 16-byte vectors: one thread each,
+    /// the grid capped (the kernels loop over what is left).
+    fn elementwise_config(units: usize) -> LaunchConfig {
+        LaunchConfig {
             grid_dim: (
                 units.div_ceil(THREADS as usize).clamp(1, 1 << 16) as u32,
                 1,
@@ -452,67 +594,206 @@ mod cuda {
             ),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
-        };
-        let func = dev.get_or_load_custom_func(&format!("hallmark_geglu_{suffix}"), MODULE, PTX)?;
-        // SAFETY: every element is written by the kernel.
-        let y = unsafe { dev.alloc::<T>(el)? };
-        let (n, vec) = (el as i64, i32::from(vec));
-        let mut builder = func.builder();
-        builder.arg(&value);
-        builder.arg(&gate);
-        builder.arg(&y);
-        builder.arg(&n);
-        builder.arg(&vec);
-        // SAFETY: the arguments match the kernel's signature.
-        unsafe { builder.launch(cfg) }.w()?;
-        Ok(y)
+        }
     }
 
-    impl CustomOp2 for Geglu {
-        fn name(&self) -> &'static str {
-            "hallmark-geglu"
+    pub(super) struct Geglu;
+
+    impl Geglu {
+        fn launch<T: DeviceRepr>(
+            &self,
+            suffix: &str,
+            dev: &CudaDevice,
+            (value, vl): (&CudaSlice<T>, &Layout),
+            (gate, gl): (&CudaSlice<T>, &Layout),
+            (bias, bl): (&CudaSlice<T>, &Layout),
+        ) -> candle_core::Result<CudaSlice<T>> {
+            let (value, value_start) = view(value, vl, "GEGLU value")?;
+            let (gate, gate_start) = view(gate, gl, "GEGLU gate")?;
+            let (_, bias_start) = view(bias, bl, "GEGLU bias")?;
+            let el = vl.shape().elem_count();
+            let width = bl.shape().elem_count() / 2;
+            let value_bias = bias.slice(bias_start..bias_start + width);
+            let gate_bias = bias.slice(bias_start + width..bias_start + 2 * width);
+            let lanes = lanes::<T>();
+            let vec = [width, value_start, gate_start, bias_start]
+                .iter()
+                .all(|v| v.is_multiple_of(lanes));
+            // SAFETY: every element is written by the kernel.
+            let y = unsafe { dev.alloc::<T>(el)? };
+            if el == 0 {
+                return Ok(y);
+            }
+            let func =
+                dev.get_or_load_custom_func(&format!("hallmark_geglu_{suffix}"), MODULE, PTX)?;
+            let (n, width64, vec32) = (el as i64, width as i64, i32::from(vec));
+            let mut builder = func.builder();
+            builder.arg(&value);
+            builder.arg(&gate);
+            builder.arg(&value_bias);
+            builder.arg(&gate_bias);
+            builder.arg(&y);
+            builder.arg(&n);
+            builder.arg(&width64);
+            builder.arg(&vec32);
+            let cfg = elementwise_config(if vec { el / lanes } else { el });
+            // SAFETY: the arguments match the kernel's signature.
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok(y)
+        }
+    }
+
+    three_operand_op!(Geglu, "hallmark-geglu", "the fused GEGLU", [F32 => "f32", F16 => "f16", BF16 => "bf16"]);
+
+    /// `x + bias[(e / inner) % period]` (+ a residual), see `add_bias`.
+    pub(super) struct AddBias {
+        pub(super) inner: usize,
+        pub(super) period: usize,
+    }
+
+    impl AddBias {
+        fn run<T: DeviceRepr>(
+            &self,
+            suffix: &str,
+            dev: &CudaDevice,
+            (x, xl): (&CudaSlice<T>, &Layout),
+            (bias, bl): (&CudaSlice<T>, &Layout),
+            residual: Option<(&CudaSlice<T>, &Layout)>,
+        ) -> candle_core::Result<CudaSlice<T>> {
+            let (x, x_start) = view(x, xl, "bias add input")?;
+            let (bias, bias_start) = view(bias, bl, "bias")?;
+            let residual = residual
+                .map(|(r, rl)| view(r, rl, "residual"))
+                .transpose()?;
+            let el = xl.shape().elem_count();
+            // SAFETY: every element is written by the kernel.
+            let y = unsafe { dev.alloc::<T>(el)? };
+            if el == 0 {
+                return Ok(y);
+            }
+            let lanes = lanes::<T>();
+            let aligned = [
+                Some(x_start),
+                Some(bias_start),
+                residual.as_ref().map(|r| r.1),
+            ]
+            .into_iter()
+            .flatten()
+            .all(|s| s.is_multiple_of(lanes));
+            let (inner, period) = (self.inner, self.period);
+            let mode: i32 = if aligned && inner == 1 && period.is_multiple_of(lanes) {
+                1
+            } else if aligned && inner.is_multiple_of(lanes) {
+                2
+            } else {
+                0
+            };
+            let func =
+                dev.get_or_load_custom_func(&format!("hallmark_add_bias_{suffix}"), MODULE, PTX)?;
+            let (n, inner, period) = (el as i64, inner as i64, period as i64);
+            let null: u64 = 0;
+            let mut builder = func.builder();
+            builder.arg(&x);
+            builder.arg(&bias);
+            match &residual {
+                Some((r, _)) => builder.arg(r),
+                None => builder.arg(&null),
+            };
+            builder.arg(&y);
+            builder.arg(&n);
+            builder.arg(&inner);
+            builder.arg(&period);
+            builder.arg(&mode);
+            let cfg = elementwise_config(if mode == 0 { el } else { el / lanes });
+            // SAFETY: the arguments match the kernel's signature (a null
+            // residual pointer means none).
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok(y)
         }
 
-        fn cpu_fwd(
+        fn launch<T: DeviceRepr>(
             &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> candle_core::Result<(CpuStorage, Shape)> {
-            candle_core::bail!("the fused GEGLU runs only on a CUDA device")
+            suffix: &str,
+            dev: &CudaDevice,
+            x: (&CudaSlice<T>, &Layout),
+            bias: (&CudaSlice<T>, &Layout),
+        ) -> candle_core::Result<CudaSlice<T>> {
+            self.run(suffix, dev, x, bias, None)
         }
+    }
 
-        fn cuda_fwd(
+    two_operand_op!(AddBias, "hallmark-add-bias", "the fused bias add", same_shape, [F32 => "f32", F16 => "f16", BF16 => "bf16"]);
+
+    /// The bias add with a residual: the residual is the third operand.
+    pub(super) struct AddBiasResidual(pub(super) AddBias);
+
+    impl AddBiasResidual {
+        fn launch<T: DeviceRepr>(
             &self,
-            value: &CudaStorage,
-            vl: &Layout,
-            gate: &CudaStorage,
-            gl: &Layout,
-        ) -> candle_core::Result<(CudaStorage, Shape)> {
-            let dev = value.device();
-            let slice = match (&value.slice, &gate.slice) {
-                (CudaStorageSlice::F32(v), CudaStorageSlice::F32(g)) => {
-                    CudaStorageSlice::F32(geglu_launch("f32", dev, (v, vl), (g, gl))?)
-                }
-                (CudaStorageSlice::F16(v), CudaStorageSlice::F16(g)) => {
-                    CudaStorageSlice::F16(geglu_launch("f16", dev, (v, vl), (g, gl))?)
-                }
-                (CudaStorageSlice::BF16(v), CudaStorageSlice::BF16(g)) => {
-                    CudaStorageSlice::BF16(geglu_launch("bf16", dev, (v, vl), (g, gl))?)
-                }
-                _ => candle_core::bail!(
-                    "GEGLU: {:?} is not a float type the kernel has",
-                    value.dtype()
+            suffix: &str,
+            dev: &CudaDevice,
+            x: (&CudaSlice<T>, &Layout),
+            bias: (&CudaSlice<T>, &Layout),
+            residual: (&CudaSlice<T>, &Layout),
+        ) -> candle_core::Result<CudaSlice<T>> {
+            self.0.run(suffix, dev, x, bias, Some(residual))
+        }
+    }
+
+    three_operand_op!(AddBiasResidual, "hallmark-add-bias-residual", "the fused bias add", [F32 => "f32", F16 => "f16", BF16 => "bf16"]);
+
+    pub(super) struct Tokens;
+
+    impl Tokens {
+        fn launch<T: DeviceRepr>(
+            &self,
+            suffix: &str,
+            dev: &CudaDevice,
+            (x, xl): (&CudaSlice<T>, &Layout),
+            (bias, bl): (&CudaSlice<T>, &Layout),
+        ) -> candle_core::Result<CudaSlice<T>> {
+            let (x, _) = view(x, xl, "tokens input")?;
+            let (bias, _) = view(bias, bl, "tokens bias")?;
+            let (b, c, p) = xl.shape().dims3()?;
+            // SAFETY: every element is written by the kernel.
+            let y = unsafe { dev.alloc::<T>(b * c * p)? };
+            if b * c * p == 0 {
+                return Ok(y);
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    to_i32(p.div_ceil(32), "pixel tiles")? as u32,
+                    to_i32(c.div_ceil(32), "channel tiles")? as u32,
+                    to_i32(b, "batch")? as u32,
                 ),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
             };
-            let out = CudaStorage {
-                slice,
-                device: dev.clone(),
-            };
-            Ok((out, vl.shape().clone()))
+            let func = dev.get_or_load_custom_func(
+                &format!("hallmark_tokens_add_bias_{suffix}"),
+                MODULE,
+                PTX,
+            )?;
+            let (c, p) = (to_i32(c, "channels")?, to_i32(p, "pixels")?);
+            let mut builder = func.builder();
+            builder.arg(&x);
+            builder.arg(&bias);
+            builder.arg(&y);
+            builder.arg(&c);
+            builder.arg(&p);
+            // SAFETY: the arguments match the kernel's signature.
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok(y)
         }
     }
+
+    /// `(batch, channels, pixels)` in, `(batch, pixels, channels)` out.
+    fn tokens_shape(l: &Layout) -> candle_core::Result<Shape> {
+        let (b, c, p) = l.shape().dims3()?;
+        Ok(Shape::from((b, p, c)))
+    }
+
+    two_operand_op!(Tokens, "hallmark-tokens", "the fused tokens bias add", tokens_shape, [F32 => "f32", F16 => "f16", BF16 => "bf16"]);
 
     pub(super) struct Attention {
         pub(super) scale: f32,
@@ -621,6 +902,77 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn bias_extent_places_every_broadcast_the_kernel_takes() {
+        // A linear layer's bias over tokens; a convolution's per channel; a
+        // resnet's per sample and channel; the VAE's (channels, 1) over
+        // (batch, channels, pixels); a scalar.
+        assert_eq!(bias_extent(&[2, 5, 6], &[6]), Some((1, 6)));
+        assert_eq!(bias_extent(&[2, 8, 4, 4], &[1, 8, 1, 1]), Some((16, 8)));
+        assert_eq!(bias_extent(&[2, 8, 4, 4], &[2, 8, 1, 1]), Some((16, 16)));
+        assert_eq!(bias_extent(&[2, 24, 9], &[24, 1]), Some((9, 24)));
+        assert_eq!(bias_extent(&[2, 3], &[1]), Some((1, 1)));
+        // A broadcast inside the bias's run, a bias larger than the tensor,
+        // a mismatched dimension: not one run, so candle's add.
+        assert_eq!(bias_extent(&[2, 8, 4, 4], &[2, 1, 1, 4]), None);
+        assert_eq!(bias_extent(&[6], &[1, 6]), None);
+        assert_eq!(bias_extent(&[2, 5, 6], &[5, 3]), None);
+        // What the extent says agrees with candle's broadcast, element by
+        // element.
+        let dev = Device::Cpu;
+        for (dims, bias_dims) in [
+            (vec![2, 5, 6], vec![6]),
+            (vec![2, 8, 4, 4], vec![2, 8, 1, 1]),
+            (vec![2, 24, 9], vec![24, 1]),
+            (vec![3, 4, 5], vec![3, 4, 1]),
+        ] {
+            let (inner, period) = bias_extent(&dims, &bias_dims).unwrap();
+            let n: usize = bias_dims.iter().product();
+            let bias = Tensor::arange(0u32, n as u32, &dev)
+                .unwrap()
+                .reshape(bias_dims.as_slice())
+                .unwrap();
+            let zeros = Tensor::zeros(dims.as_slice(), DType::U32, &dev).unwrap();
+            let spread = zeros.broadcast_add(&bias).unwrap().flatten_all().unwrap();
+            let spread = spread.to_vec1::<u32>().unwrap();
+            for (e, &b) in spread.iter().enumerate() {
+                assert_eq!(
+                    b as usize,
+                    (e / inner) % period,
+                    "{dims:?} + {bias_dims:?} at {e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bias_add_and_tokens_are_candles_where_the_kernels_do_not_run() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (2, 3, 4), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1., (1, 3, 1), &dev).unwrap();
+        let r = Tensor::randn(0f32, 1., (2, 3, 4), &dev).unwrap();
+        let want = (x.broadcast_add(&bias).unwrap() + &r).unwrap();
+        let got = add_bias(&x, &bias, Some(&r)).unwrap();
+        assert_eq!(crate::test_util::max_diff(&got, &want), 0.0);
+        let got = add_bias(&x, &bias, None).unwrap();
+        assert_eq!(
+            crate::test_util::max_diff(&got, &x.broadcast_add(&bias).unwrap()),
+            0.0
+        );
+        let b3 = bias.flatten_all().unwrap();
+        let got = tokens(&x, &b3).unwrap();
+        assert_eq!(got.dims(), [2, 4, 3]);
+        let want = x.transpose(1, 2).unwrap().broadcast_add(&b3).unwrap();
+        assert_eq!(crate::test_util::max_diff(&got, &want), 0.0);
+        // A bias that is not the map's channels, named.
+        let err = tokens(&x, &Tensor::zeros(4, DType::F32, &dev).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("3 channels"), "{err}");
+        // The fused GEGLU checks its operands before anything runs.
+        let err = geglu(&x, &x, &Tensor::zeros(4, DType::F32, &dev).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("do not match"), "{err}");
+    }
 
     #[test]
     fn group_norm_splits_cover_each_group_once_with_work_in_every_block() {

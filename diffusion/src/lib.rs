@@ -33,6 +33,7 @@ pub mod fused;
 mod gpu;
 pub mod hub;
 pub mod latents;
+mod linear;
 pub mod model;
 pub mod opbench;
 pub mod pipeline;

@@ -19,6 +19,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::conv::ConvAlgorithm;
+use crate::linear::Linear;
 use crate::resnet::GroupNorm;
 
 /// One operation's timing.
@@ -89,9 +90,9 @@ fn time(
 }
 
 /// A linear layer (weight and bias) from random tensors.
-fn linear(cin: usize, cout: usize, cfg: &OpBenchConfig) -> candle_core::Result<candle_nn::Linear> {
+fn linear(cin: usize, cout: usize, cfg: &OpBenchConfig) -> candle_core::Result<Linear> {
     let w = (randn(&[cout, cin], cfg)? * (cin as f64).powf(-0.5))?;
-    Ok(candle_nn::Linear::new(w, Some(randn(&[cout], cfg)?)))
+    Ok(Linear::new(w, Some(randn(&[cout], cfg)?)))
 }
 
 /// Time every operation (see the module doc for the shapes).
@@ -111,8 +112,8 @@ pub fn run(cfg: &OpBenchConfig) -> candle_core::Result<Vec<OpTiming>> {
         })
     };
 
-    // Matmuls: the feed-forward's projections (candle-nn's `Linear` runs a
-    // contiguous (b, n, c) input as one flat matmul), and a shared weight
+    // Matmuls: the feed-forward's projections (the engine's `Linear`: a
+    // contiguous (b, n, c) input as one flat matmul, then the bias add), and a shared weight
     // times the feature map's (b, c, pixels), as `proj_in`, the resnets'
     // 1×1 shortcuts and the VAE's attention multiply.
     let tokens = randn(&[b, n, c], cfg)?;
@@ -218,7 +219,7 @@ pub fn run(cfg: &OpBenchConfig) -> candle_core::Result<Vec<OpTiming>> {
     let ms = time(cfg, &|| candle_nn::ops::silu(&map))?;
     push("silu", map.dims(), ms, 0.0, map_bytes);
     let bias = randn(&[1, c, 1, 1], cfg)?;
-    let ms = time(cfg, &|| map.broadcast_add(&bias))?;
+    let ms = time(cfg, &|| crate::fused::add_bias(&map, &bias, None))?;
     push("add_channel_bias", map.dims(), ms, 0.0, map_bytes);
     let other = randn(&[b, c, l, l], cfg)?;
     let ms = time(cfg, &|| &map + &other)?;
@@ -237,7 +238,16 @@ pub fn run(cfg: &OpBenchConfig) -> candle_core::Result<Vec<OpTiming>> {
     let hidden_bytes = 2.0 * hidden.elem_count() as f64 * el;
     push("gelu", hidden.dims(), ms, 0.0, hidden_bytes);
     let gate = randn(&[b, n, 4 * c], cfg)?;
-    let ms = time(cfg, &|| crate::attention::geglu(&hidden, &gate))?;
+    // The engine's GEGLU: on CUDA the fused kernel, which also adds the
+    // projections' biases (zeros here; PyTorch's adds none).
+    let geglu_bias = Tensor::zeros(8 * c, cfg.dtype, &cfg.device)?;
+    let ms = time(cfg, &|| {
+        if crate::fused::applies(&gate) {
+            crate::fused::geglu(&hidden, &gate, &geglu_bias)
+        } else {
+            crate::attention::geglu(&hidden, &gate)
+        }
+    })?;
     push("geglu", hidden.dims(), ms, 0.0, 1.5 * hidden_bytes);
     let ms = time(cfg, &|| &hidden * &hidden)?;
     push("mul", hidden.dims(), ms, 0.0, 1.5 * hidden_bytes);

@@ -244,9 +244,10 @@ impl ResnetBlock {
                     .forward(temb)?
                     .unsqueeze(D::Minus1)?
                     .unsqueeze(D::Minus1)?;
-                h.broadcast_add(&t.broadcast_add(&self.conv1_bias)?)
+                // (batch, channels, 1, 1): one bias per sample and channel.
+                crate::fused::add_bias(&h, &t.broadcast_add(&self.conv1_bias)?, None)
             }
-            (None, None) => h.broadcast_add(&self.conv1_bias),
+            (None, None) => crate::fused::add_bias(&h, &self.conv1_bias, None),
             _ => candle_core::bail!(
                 "a resnet block takes a time embedding exactly when it has a projection for one"
             ),
@@ -262,7 +263,7 @@ impl ResnetBlock {
             }
             None => Ok(xs.clone()),
         })?;
-        let out = (skip + h)?.broadcast_add(&self.out_bias)?;
+        let out = crate::fused::add_bias(&h, &self.out_bias, Some(&skip))?;
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {

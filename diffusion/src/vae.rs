@@ -127,11 +127,11 @@ impl SpatialAttention {
         let pixels = self.norm.normalize(xs)?.reshape((b, c, h * w))?;
         // (b, 3c, pixels); the shared weight is the left operand, which
         // every backend multiplies batch by batch.
-        let qkv = self
-            .qkv_weight
-            .broadcast_left(b)?
-            .matmul(&pixels)?
-            .broadcast_add(&self.qkv_bias)?;
+        let qkv = crate::fused::add_bias(
+            &self.qkv_weight.broadcast_left(b)?.matmul(&pixels)?,
+            &self.qkv_bias,
+            None,
+        )?;
         let part = |i: usize| qkv.narrow(1, i * c, c);
         let (q, k, v) = (
             part(0)?.to_dtype(DType::F32)?,
@@ -143,13 +143,9 @@ impl SpatialAttention {
         let probs = crate::softmax::softmax_last_dim(&scores)?.to_dtype(dtype)?;
         // out[:, i] = Σ_j probs[i, j] v_j, channel-first: v · probsᵀ.
         let out = v.matmul(&probs.t()?)?;
-        let out = self
-            .out_weight
-            .broadcast_left(b)?
-            .matmul(&out)?
-            .broadcast_add(&self.out_bias)?
-            .reshape((b, c, h, w))?;
-        out + xs
+        let out = self.out_weight.broadcast_left(b)?.matmul(&out)?;
+        crate::fused::add_bias(&out, &self.out_bias, Some(&xs.reshape((b, c, h * w))?))?
+            .reshape((b, c, h, w))
     }
 }
 

@@ -1,12 +1,12 @@
 //! The crate's own CUDA kernels (`src/kernels/*.cu`: softmax, group norm,
-//! GEGLU, fused attention), compiled unchanged for the CPU against a host
-//! simulation of the CUDA execution model (`tests/cuda_sim/sim.h`: threads,
-//! shared memory, barriers, warp shuffles and the tensor cores' `mma.sync`
-//! with the PTX ISA's fragment layouts) and compared with f64 references
-//! (`tests/cuda_sim/harness.cpp`). This checks the kernels' indexing,
-//! fragment bookkeeping, masking, tiling and numerics on every machine;
-//! their speed, and the hardware's own agreement, need a GPU
-//! (`hallmark-diffusion-bench kernels`).
+//! GEGLU, bias adds, tokens, fused attention), compiled unchanged for the
+//! CPU against a host simulation of the CUDA execution model
+//! (`tests/cuda_sim/sim.h`: threads, shared memory, barriers, warp shuffles
+//! and the tensor cores' `mma.sync` with the PTX ISA's fragment layouts) and
+//! compared with f64 references (`tests/cuda_sim/harness.cpp`). This checks
+//! the kernels' indexing, fragment bookkeeping, masking, tiling and numerics
+//! on every machine; their speed, and the hardware's own agreement, need a
+//! GPU (`hallmark-diffusion-bench kernels`).
 
 use std::path::Path;
 use std::process::Command;
@@ -47,7 +47,14 @@ fn own_cuda_kernels_match_f64_references_in_the_host_simulation() {
     println!("{report}");
     assert!(run.status.success(), "kernel checks failed:\n{report}");
     // Every kernel family was exercised.
-    for kernel in ["softmax", "group norm", "GEGLU", "attention"] {
+    for kernel in [
+        "softmax",
+        "group norm",
+        "GEGLU",
+        "bias add",
+        "tokens",
+        "attention",
+    ] {
         assert!(report.contains(&format!("ok   {kernel}")), "{report}");
     }
 }

@@ -10,9 +10,10 @@
 //!   splits a UNet call into its sections (resnets, transformer blocks and
 //!   their attention, resampling, …), the device synchronised around each;
 //! - `kernels [--device cuda] [--dtype f16] [--rows 16] [--cols 4096]` checks
-//!   the crate's own CUDA kernels (softmax, group norm, GEGLU, attention) against
-//!   candle's operations in f32 (largest difference, pass or fail, time of
-//!   each); fails when one is out of tolerance;
+//!   the crate's own CUDA kernels (softmax, group norm, GEGLU, bias adds,
+//!   tokens, attention) against candle's operations in f32 (largest
+//!   difference, pass or fail, time of each); fails when one is out of
+//!   tolerance;
 //! - `ops [--device ..] [--dtype ..] [--size 512] [--batch 16] [--runs 5]` times the
 //!   UNet's operations one by one at its shapes (matmuls, convolutions, norms,
 //!   activations, layout copies), as `diffusers_bench.py ops` does in PyTorch.
@@ -260,20 +261,81 @@ fn kernel_checks(
             );
         }
     }
-    // GEGLU at the feed-forward's batch-8 shape and an odd length.
+    // GEGLU with its projections' biases at the feed-forward's batch-8
+    // shape and an odd width.
     for shape in [vec![16, 4096, 1280], vec![3, 77, 5]] {
+        let width = shape[2];
         let value = Tensor::randn(0f32, 2f32, shape.as_slice(), dev)?.to_dtype(dtype)?;
         let gate = Tensor::randn(0f32, 2f32, shape.as_slice(), dev)?.to_dtype(dtype)?;
-        let ours = fused::geglu(&value, &gate)?;
-        let reference = (f32(&value)? * f32(&gate)?.gelu_erf()?)?;
+        let bias = Tensor::randn(0f32, 1f32, 2 * width, dev)?.to_dtype(dtype)?;
+        let (bv, bg) = (bias.narrow(0, 0, width)?, bias.narrow(0, width, width)?);
+        let ours = fused::geglu(&value, &gate, &bias)?;
+        let reference = (f32(&value)?.broadcast_add(&f32(&bv)?)?
+            * f32(&gate)?.broadcast_add(&f32(&bg)?)?.gelu_erf()?)?;
         let scale = reference.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         report(
             "geglu",
             &shape,
             max_abs_diff(&ours, &reference)?,
             scale,
-            time_ms(dev, &|| fused::geglu(&value, &gate))?,
-            time_ms(dev, &|| &value * gate.gelu_erf()?)?,
+            time_ms(dev, &|| fused::geglu(&value, &gate, &bias))?,
+            time_ms(dev, &|| {
+                value.broadcast_add(&bv)? * gate.broadcast_add(&bg)?.gelu_erf()?
+            })?,
+            serde_json::json!({}),
+        );
+    }
+    // Bias adds, with the residual after them, as the UNet has them at
+    // batch 8: a linear layer's over (batch, tokens, channels), a
+    // convolution's per channel and a resnet's per sample and channel over
+    // (batch, channels, h, w); an odd shape (the element-by-element path).
+    for (shape, bias_shape, with_residual) in [
+        (vec![16, 4096, 320], vec![320], true),
+        (vec![16, 4096, 1280], vec![1280], false),
+        (vec![16, 320, 64, 64], vec![1, 320, 1, 1], true),
+        (vec![16, 320, 64, 64], vec![16, 320, 1, 1], false),
+        (vec![3, 7, 5, 5], vec![1, 7, 1, 1], true),
+    ] {
+        let x = Tensor::randn(0f32, 2f32, shape.as_slice(), dev)?.to_dtype(dtype)?;
+        let bias = Tensor::randn(0f32, 1f32, bias_shape.as_slice(), dev)?.to_dtype(dtype)?;
+        let residual = Tensor::randn(0f32, 2f32, shape.as_slice(), dev)?.to_dtype(dtype)?;
+        let residual = with_residual.then_some(&residual);
+        let candle_add = |x: &Tensor, bias: &Tensor, r: Option<&Tensor>| {
+            let y = x.broadcast_add(bias)?;
+            match r {
+                Some(r) => y + r,
+                None => Ok(y),
+            }
+        };
+        let ours = fused::add_bias(&x, &bias, residual)?;
+        let residual32 = residual.map(f32).transpose()?;
+        let reference = candle_add(&f32(&x)?, &f32(&bias)?, residual32.as_ref())?;
+        let scale = reference.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        report(
+            "add_bias",
+            &shape,
+            max_abs_diff(&ours, &reference)?,
+            scale,
+            time_ms(dev, &|| fused::add_bias(&x, &bias, residual))?,
+            time_ms(dev, &|| candle_add(&x, &bias, residual))?,
+            serde_json::json!({"bias": bias_shape, "residual": with_residual}),
+        );
+    }
+    // The transformer's proj_in: (batch, channels, pixels) to tokens plus
+    // the bias, at the top level and the deepest, and a partial tile.
+    for shape in [vec![16, 320, 4096], vec![16, 1280, 64], vec![1, 40, 77]] {
+        let map = Tensor::randn(0f32, 2f32, shape.as_slice(), dev)?.to_dtype(dtype)?;
+        let bias = Tensor::randn(0f32, 1f32, shape[1], dev)?.to_dtype(dtype)?;
+        let ours = fused::tokens(&map, &bias)?;
+        let reference = f32(&map)?.transpose(1, 2)?.broadcast_add(&f32(&bias)?)?;
+        let scale = reference.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        report(
+            "tokens",
+            &shape,
+            max_abs_diff(&ours, &reference)?,
+            scale,
+            time_ms(dev, &|| fused::tokens(&map, &bias))?,
+            time_ms(dev, &|| map.transpose(1, 2)?.broadcast_add(&bias))?,
             serde_json::json!({}),
         );
     }

@@ -17,7 +17,28 @@
 // 16 bytes per load and store; all elements of one such load are then in the
 // same channel.
 //
-// GEGLU: y = value * gelu(gate), the exact (erf) GELU, in f32.
+// GEGLU: y = (value + value_bias) * gelu(gate + gate_bias), the exact (erf)
+// GELU, in f32, the biases indexed by the last dimension (`width`): the
+// feed-forward's two projections' bias adds happen here rather than in two
+// passes of their own.
+//
+// Bias add: y = x + bias[(e / inner) % period] (+ residual[e]) for every
+// element e of a contiguous x, in f32 with one rounding: a bias broadcast
+// over the rows of (rows, period) tokens (inner 1), over the pixels of a
+// (batch, channels, pixels) map (inner the pixels, period the channels, or
+// batch * channels for a per-sample bias such as a resnet's time embedding),
+// with the residual connection that follows it folded in. `mode` 0 goes
+// element by element; 1 (inner 1, period a multiple of 16 bytes) and 2
+// (inner a multiple of 16 bytes) move 16 bytes per load, the bias too in
+// mode 1, one bias value per load in mode 2. The index arithmetic is 32-bit
+// when the tensor allows (candle's strided kernels divide in 64 bits per
+// element and dimension, which made its bias adds several times slower
+// than their bytes).
+//
+// Tokens: y[b][p][c] = x[b][c][p] + bias[c], a (batch, channels, pixels)
+// map to (batch, pixels, channels) tokens with a per-channel bias, through
+// a 32x32 tile in shared memory so both the reads and the writes are
+// coalesced; grid (pixel tiles, channel tiles, batch), 256 threads.
 #include <stdint.h>
 
 #include "common.cuh"
@@ -170,30 +191,128 @@ __device__ __forceinline__ float gelu_erf(const float g) {
 }
 
 template <typename T>
-__device__ void geglu(const T *value, const T *gate, T *y, const int64_t n, const int vec) {
+__device__ __forceinline__ T geglu_one(const T v, const T g, const T bv, const T bg) {
+  return from_f32<T>((to_f32(v) + to_f32(bv)) * gelu_erf(to_f32(g) + to_f32(bg)));
+}
+
+template <typename T>
+__device__ void geglu(const T *value, const T *gate, const T *value_bias, const T *gate_bias,
+                      T *y, const int64_t n, const int64_t width, const int vec) {
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   const int64_t first = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (vec) {
     constexpr int V = Lanes<T>::N;
     const uint4 *vv = reinterpret_cast<const uint4 *>(value);
     const uint4 *gv = reinterpret_cast<const uint4 *>(gate);
+    const uint4 *bvv = reinterpret_cast<const uint4 *>(value_bias);
+    const uint4 *bgv = reinterpret_cast<const uint4 *>(gate_bias);
     uint4 *yv = reinterpret_cast<uint4 *>(y);
+    const uint32_t width_v = (uint32_t)(width / V);
     for (int64_t i = first; i < n / V; i += stride) {
+      const uint32_t col = (uint32_t)(i % width_v);
       const uint4 vraw = vv[i];
       const uint4 graw = gv[i];
+      const uint4 bvraw = bvv[col];
+      const uint4 bgraw = bgv[col];
       const T *vs = reinterpret_cast<const T *>(&vraw);
       const T *gs = reinterpret_cast<const T *>(&graw);
+      const T *bvs = reinterpret_cast<const T *>(&bvraw);
+      const T *bgs = reinterpret_cast<const T *>(&bgraw);
       uint4 packed;
       T *out = reinterpret_cast<T *>(&packed);
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        out[j] = from_f32<T>(to_f32(vs[j]) * gelu_erf(to_f32(gs[j])));
+        out[j] = geglu_one(vs[j], gs[j], bvs[j], bgs[j]);
       }
       yv[i] = packed;
     }
   } else {
     for (int64_t i = first; i < n; i += stride) {
-      y[i] = from_f32<T>(to_f32(value[i]) * gelu_erf(to_f32(gate[i])));
+      const int64_t col = i % width;
+      y[i] = geglu_one(value[i], gate[i], value_bias[col], gate_bias[col]);
+    }
+  }
+}
+
+template <typename T, typename I>
+__device__ void add_bias_indexed(const T *x, const T *bias, const T *residual, T *y,
+                                 const I n, const I inner, const I period, const int mode) {
+  const I stride = (I)gridDim.x * blockDim.x;
+  const I first = (I)blockIdx.x * blockDim.x + threadIdx.x;
+  if (mode == 0) {
+    for (I i = first; i < n; i += stride) {
+      float r = to_f32(x[i]) + to_f32(bias[(i / inner) % period]);
+      if (residual) r += to_f32(residual[i]);
+      y[i] = from_f32<T>(r);
+    }
+    return;
+  }
+  constexpr int V = Lanes<T>::N;
+  const uint4 *xv = reinterpret_cast<const uint4 *>(x);
+  const uint4 *rv = reinterpret_cast<const uint4 *>(residual);
+  uint4 *yv = reinterpret_cast<uint4 *>(y);
+  for (I i = first; i < n / V; i += stride) {
+    const uint4 xraw = xv[i];
+    const T *xs = reinterpret_cast<const T *>(&xraw);
+    float sum[V];
+    if (mode == 1) {
+      const uint4 braw = reinterpret_cast<const uint4 *>(bias)[i % (period / V)];
+      const T *bs = reinterpret_cast<const T *>(&braw);
+#pragma unroll
+      for (int j = 0; j < V; ++j) sum[j] = to_f32(xs[j]) + to_f32(bs[j]);
+    } else {
+      const float b = to_f32(bias[(i * V / inner) % period]);
+#pragma unroll
+      for (int j = 0; j < V; ++j) sum[j] = to_f32(xs[j]) + b;
+    }
+    if (residual) {
+      const uint4 rraw = rv[i];
+      const T *rs = reinterpret_cast<const T *>(&rraw);
+#pragma unroll
+      for (int j = 0; j < V; ++j) sum[j] += to_f32(rs[j]);
+    }
+    uint4 packed;
+    T *out = reinterpret_cast<T *>(&packed);
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[j] = from_f32<T>(sum[j]);
+    yv[i] = packed;
+  }
+}
+
+template <typename T>
+__device__ void add_bias(const T *x, const T *bias, const T *residual, T *y, const int64_t n,
+                         const int64_t inner, const int64_t period, const int mode) {
+  if (n <= (int64_t)UINT32_MAX - (int64_t)gridDim.x * blockDim.x) {
+    add_bias_indexed<T, uint32_t>(x, bias, residual, y, (uint32_t)n, (uint32_t)inner,
+                                  (uint32_t)period, mode);
+  } else {
+    add_bias_indexed<T, uint64_t>(x, bias, residual, y, (uint64_t)n, (uint64_t)inner,
+                                  (uint64_t)period, mode);
+  }
+}
+
+template <typename T>
+__device__ void tokens_add_bias(const T *x, const T *bias, T *y, const int channels,
+                                const int pixels) {
+  __shared__ float tile[32][33];
+  const size_t base = (size_t)blockIdx.z * channels * pixels;
+  const int p0 = blockIdx.x * 32;
+  const int c0 = blockIdx.y * 32;
+  const int tx = threadIdx.x % 32;
+  const int ty = threadIdx.x / 32;
+  for (int j = ty; j < 32; j += 8) {
+    const int c = c0 + j;
+    const int p = p0 + tx;
+    if (c < channels && p < pixels) {
+      tile[j][tx] = to_f32(x[base + (size_t)c * pixels + p]) + to_f32(bias[c]);
+    }
+  }
+  __syncthreads();
+  for (int j = ty; j < 32; j += 8) {
+    const int p = p0 + j;
+    const int c = c0 + tx;
+    if (c < channels && p < pixels) {
+      y[base + (size_t)p * channels + c] = from_f32<T>(tile[tx][j]);
     }
   }
 }
@@ -210,9 +329,19 @@ __device__ void geglu(const T *value, const T *gate, T *y, const int64_t n, cons
     group_norm_apply(x, partial, gamma, beta, y, n, chunk, spatial, groups, cpg, eps, affine, \
                      silu, vec);                                                              \
   }                                                                                           \
-  extern "C" __global__ void hallmark_geglu_##SUFFIX(const T *value, const T *gate, T *y,    \
-                                                     const int64_t n, const int vec) {        \
-    geglu(value, gate, y, n, vec);                                                            \
+  extern "C" __global__ void hallmark_geglu_##SUFFIX(                                         \
+      const T *value, const T *gate, const T *value_bias, const T *gate_bias, T *y,            \
+      const int64_t n, const int64_t width, const int vec) {                                    \
+    geglu(value, gate, value_bias, gate_bias, y, n, width, vec);                              \
+  }                                                                                           \
+  extern "C" __global__ void hallmark_add_bias_##SUFFIX(                                      \
+      const T *x, const T *bias, const T *residual, T *y, const int64_t n, const int64_t inner, \
+      const int64_t period, const int mode) {                                                 \
+    add_bias(x, bias, residual, y, n, inner, period, mode);                                   \
+  }                                                                                           \
+  extern "C" __global__ void hallmark_tokens_add_bias_##SUFFIX(                               \
+      const T *x, const T *bias, T *y, const int channels, const int pixels) {                \
+    tokens_add_bias(x, bias, y, channels, pixels);                                            \
   }
 
 FUSED(f32, float)

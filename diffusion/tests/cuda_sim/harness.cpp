@@ -2,7 +2,9 @@
 // host simulation of sim.h and compares every result with a reference
 // computed in f64 from the same rounded inputs: the softmax, the group norm
 // (statistics split over blocks or not, 16-byte loads or not, with and
-// without scale, shift and SiLU), GEGLU, and the fused attention (the
+// without scale, shift and SiLU), GEGLU with its biases, the bias adds (over
+// rows or pixels, with and without a residual, 16 bytes at a time or not),
+// the transposing bias add to tokens, and the fused attention (the
 // self-attention's interleaved q/k/v, cross-attention to 77 tokens, every
 // padded head size the engine meets, partial query and key tiles) in f16,
 // bf16 and (where the kernel has it) f32. Prints one line per check and
@@ -138,25 +140,92 @@ static void group_norm_case(void (*stats)(const T *, float *, int64_t, int64_t, 
 }
 
 template <typename T>
-static void geglu_case(void (*kernel)(const T *, const T *, T *, int64_t, int), int64_t n,
-                       unsigned blocks) {
+static void geglu_case(void (*kernel)(const T *, const T *, const T *, const T *, T *, int64_t,
+                                      int64_t, int),
+                       int64_t rows, int64_t width, unsigned blocks) {
+  const int64_t n = rows * width;
   auto value = randn<T>(n, 0.f, 2.f);
   auto gate = randn<T>(n, 0.f, 2.f);
+  auto value_bias = randn<T>(width, 0.f, 1.f);
+  auto gate_bias = randn<T>(width, 0.f, 1.f);
   auto y = poisoned<T>(n);
-  const int vec = n % (16 / (int)sizeof(T)) == 0;
-  sim::launch({blocks, 1, 1}, {256, 1, 1}, [&] { kernel(value.data(), gate.data(), y.data(), n, vec); });
+  const int vec = width % (16 / (int)sizeof(T)) == 0;
+  sim::launch({blocks, 1, 1}, {256, 1, 1}, [&] {
+    kernel(value.data(), gate.data(), value_bias.data(), gate_bias.data(), y.data(), n, width,
+           vec);
+  });
   double err = 0, scale = 1;
   for (int64_t i = 0; i < n; ++i) {
-    const double g = at(gate, i);
-    const double want = at(value, i) * 0.5 * g * (1 + std::erf(g / std::sqrt(2.0)));
+    const double g = at(gate, i) + at(gate_bias, i % width);
+    const double v = at(value, i) + at(value_bias, i % width);
+    const double want = v * 0.5 * g * (1 + std::erf(g / std::sqrt(2.0)));
     scale = std::max(scale, std::fabs(want));
     err = std::max(err, std::isnan(at(y, i)) ? INFINITY : std::fabs(at(y, i) - want));
   }
-  check(std::string("GEGLU ") + type_name<T>() + " n=" + std::to_string(n) +
-            (vec ? " (16-byte)" : ""),
+  check(std::string("GEGLU ") + type_name<T>() + " " + std::to_string(rows) + "x" +
+            std::to_string(width) + (vec ? " (16-byte)" : ""),
         err, unit_tolerance<T>() * scale);
 }
 
+// x + bias (+ residual) over an (outer, period, inner) tensor, the bias
+// indexed by the period, in the mode the engine picks for the shape.
+template <typename T>
+static void add_bias_case(void (*kernel)(const T *, const T *, const T *, T *, int64_t, int64_t,
+                                         int64_t, int),
+                          int64_t outer, int64_t period, int64_t inner, bool with_residual,
+                          unsigned blocks) {
+  const int64_t n = outer * period * inner;
+  const int lanes = 16 / (int)sizeof(T);
+  const int mode = inner == 1 && period % lanes == 0 ? 1 : inner % lanes == 0 ? 2 : 0;
+  auto x = randn<T>(n, 0.f, 2.f);
+  auto bias = randn<T>(period, 0.f, 1.f);
+  auto residual = randn<T>(n, 0.f, 2.f);
+  auto y = poisoned<T>(n);
+  sim::launch({blocks, 1, 1}, {256, 1, 1}, [&] {
+    kernel(x.data(), bias.data(), with_residual ? residual.data() : nullptr, y.data(), n, inner,
+           period, mode);
+  });
+  double err = 0, scale = 1;
+  for (int64_t i = 0; i < n; ++i) {
+    double want = at(x, i) + at(bias, (i / inner) % period);
+    if (with_residual) want += at(residual, i);
+    scale = std::max(scale, std::fabs(want));
+    err = std::max(err, std::isnan(at(y, i)) ? INFINITY : std::fabs(at(y, i) - want));
+  }
+  char what[200];
+  snprintf(what, sizeof what, "bias add %s (%lld, %lld, %lld), mode %d%s", type_name<T>(),
+           (long long)outer, (long long)period, (long long)inner, mode,
+           with_residual ? ", with residual" : "");
+  check(what, err, unit_tolerance<T>() * scale);
+}
+
+// (batch, channels, pixels) + a per-channel bias, written as (batch,
+// pixels, channels).
+template <typename T>
+static void tokens_case(void (*kernel)(const T *, const T *, T *, int, int), int batch,
+                        int channels, int pixels) {
+  const size_t n = (size_t)batch * channels * pixels;
+  auto x = randn<T>(n, 0.f, 2.f);
+  auto bias = randn<T>(channels, 0.f, 1.f);
+  auto y = poisoned<T>(n);
+  const dim3 grid{(unsigned)((pixels + 31) / 32), (unsigned)((channels + 31) / 32),
+                  (unsigned)batch};
+  sim::launch(grid, {256, 1, 1}, [&] { kernel(x.data(), bias.data(), y.data(), channels, pixels); });
+  double err = 0, scale = 1;
+  for (int b = 0; b < batch; ++b) {
+    for (int c = 0; c < channels; ++c) {
+      for (int p = 0; p < pixels; ++p) {
+        const double want = at(x, ((size_t)b * channels + c) * pixels + p) + at(bias, c);
+        const double got = at(y, ((size_t)b * pixels + p) * channels + c);
+        scale = std::max(scale, std::fabs(want));
+        err = std::max(err, std::isnan(got) ? INFINITY : std::fabs(got - want));
+      }
+    }
+  }
+  check(std::string("tokens ") + type_name<T>() + " (" + std::to_string(batch) + ", " +
+            std::to_string(channels) + ", " + std::to_string(pixels) + ")",
+        err, unit_tolerance<T>() * scale);
+}
 
 // Attention of `nq` queries to `nk` keys, `heads` heads of size d, scale
 // `scale`. interleaved: q, k and v are views of one (batch, tokens, 3,
@@ -266,10 +335,28 @@ int main() {
                            1024, 2, splits, 1, 0, 300.f);
   }
 
-  geglu_case<__half>(hallmark_geglu_f16, 8192, 2);
-  geglu_case<__half>(hallmark_geglu_f16, 77, 1);
-  geglu_case<__nv_bfloat16>(hallmark_geglu_bf16, 1000, 1);
-  geglu_case<float>(hallmark_geglu_f32, 999, 3);
+  geglu_case<__half>(hallmark_geglu_f16, 64, 128, 2);
+  geglu_case<__half>(hallmark_geglu_f16, 7, 11, 1);
+  geglu_case<__nv_bfloat16>(hallmark_geglu_bf16, 10, 100, 1);
+  geglu_case<float>(hallmark_geglu_f32, 9, 111, 3);
+  geglu_case<float>(hallmark_geglu_f32, 5, 40, 2);
+
+  // A linear layer's bias over its rows (tokens), with and without the
+  // residual connection after it; a per-channel bias over a map's pixels;
+  // a per-sample-and-channel one (a resnet's time embedding); shapes that
+  // take no 16-byte loads.
+  for (bool residual : {false, true}) {
+    add_bias_case<__half>(hallmark_add_bias_f16, 50, 320, 1, residual, 3);
+    add_bias_case<__half>(hallmark_add_bias_f16, 2, 16, 64, residual, 2);
+    add_bias_case<__half>(hallmark_add_bias_f16, 1, 6, 35, residual, 1);
+    add_bias_case<__nv_bfloat16>(hallmark_add_bias_bf16, 12, 40, 1, residual, 2);
+    add_bias_case<float>(hallmark_add_bias_f32, 3, 10, 1, residual, 1);
+    add_bias_case<float>(hallmark_add_bias_f32, 1, 2 * 8, 36, residual, 2);
+  }
+  tokens_case<__half>(hallmark_tokens_add_bias_f16, 2, 64, 96);
+  tokens_case<__half>(hallmark_tokens_add_bias_f16, 1, 40, 77);
+  tokens_case<__nv_bfloat16>(hallmark_tokens_add_bias_bf16, 1, 33, 31);
+  tokens_case<float>(hallmark_tokens_add_bias_f32, 2, 8, 70);
 
   const float r40 = 1 / std::sqrt(40.f), r64 = 0.125f, r80 = 1 / std::sqrt(80.f),
               r160 = 1 / std::sqrt(160.f);
