@@ -11,7 +11,10 @@
 # other builds say by name that they cannot), with the engine's own fused
 # attention kernel and with matmul attention; then
 # a per-section profile of one guided UNet call at batch 1 and 8 (UNet batch
-# 2 and 16): where the time goes, for the next change. A `cudnn` build (its
+# 2 and 16): where the time goes, for the next change. The fused attention
+# also runs with HALLMARK_FUSED_KERNELS=off (candle's norm, GEGLU and bias
+# adds; batch 8 and its profile): the in-run baseline for the engine's own
+# elementwise kernels. A `cudnn` build (its
 # file name says so) is profiled with Winograd, the fastest of the three
 # fixed cuDNN algorithms in run 3 (CONV_ALGOS="winograd-nonfused
 # implicit-precomp-gemm implicit-gemm" profiles all three).
@@ -60,6 +63,14 @@ common=(--model "$MODEL" --device cuda --size 512)
       run "$bin" pipeline "${common[@]}" --dtype f16 --attention "$attention" --steps 20 --batch 1,8 --runs 2
     done
   done
+  # The same engine with candle's chains for the group norm, GEGLU and the
+  # bias adds (HALLMARK_FUSED_KERNELS=off; the attention kernel stays), at
+  # batch 8: the baseline, in the same run, for what the fused elementwise
+  # kernels are worth.
+  for bin in "${bins[@]}"; do
+    stamp "$bin, attention: fused, HALLMARK_FUSED_KERNELS=off"
+    HALLMARK_FUSED_KERNELS=off run "$bin" pipeline "${common[@]}" --dtype f16 --attention fused --steps 20 --batch 8 --runs 2
+  done
   stamp bf16
   run "${bins[0]}" pipeline "${common[@]}" --dtype bf16 --steps 20 --batch 1 --runs 1
   for bin in "${bins[@]}"; do
@@ -72,6 +83,10 @@ common=(--model "$MODEL" --device cuda --size 512)
           conv=(); [ "$algo" = default ] || conv=(--conv-algo "$algo")
           run "$bin" profile "${common[@]}" --dtype f16 --attention "$attention" "${conv[@]}" --batch "$batch" --runs 3
         done
+        if [ "$attention" = fused ]; then
+          stamp "profile $bin $algo fused 16, HALLMARK_FUSED_KERNELS=off"
+          HALLMARK_FUSED_KERNELS=off run "$bin" profile "${common[@]}" --dtype f16 --attention fused "${conv[@]}" --batch 16 --runs 3
+        fi
       done
     done
   done
