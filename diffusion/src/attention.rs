@@ -274,11 +274,11 @@ impl Attention {
 /// GEGLU feed-forward (`ff.net.0.proj`, `ff.net.2`).
 #[derive(Debug)]
 struct FeedForward {
-    /// `net.0.proj`'s first half (the values) and second half (the gate).
+    /// `net.0.proj`'s first half (the values) and second half (the gate),
+    /// without the bias.
     value: Linear,
     gate: Linear,
-    /// `net.0.proj`'s whole bias, `(2 inner,)`: the fused GEGLU adds both
-    /// halves' as it reads the two projections.
+    /// `net.0.proj`'s bias, `(2 inner,)`, added by [`geglu_with_bias`].
     proj_bias: Tensor,
     out: Linear,
 }
@@ -287,42 +287,55 @@ impl FeedForward {
     fn new(vb: VarBuilder, dim: usize) -> candle_core::Result<Self> {
         let inner = 4 * dim;
         let proj = Linear::load(dim, 2 * inner, vb.pp("net.0.proj"))?;
-        let proj_bias = bias_or_zeros(proj.bias(), proj.weight())?;
-        // The projection's two halves as two layers: each output is
+        // The projection's two halves as two matmuls: each output is
         // contiguous, so the GELU and the product run on plain layouts
         // instead of strided views of one wide output.
         let half = |i: usize| -> candle_core::Result<Linear> {
             Ok(Linear::new(
                 proj.weight().narrow(0, i * inner, inner)?.contiguous()?,
-                Some(proj_bias.narrow(0, i * inner, inner)?.contiguous()?),
+                None,
             ))
         };
         Ok(Self {
             value: half(0)?,
             gate: half(1)?,
-            proj_bias,
+            proj_bias: bias_or_zeros(proj.bias(), proj.weight())?,
             out: Linear::load(inner, dim, vb.pp("net.2"))?,
         })
     }
 
     /// The feed-forward of `xs` plus `residual`.
     fn forward(&self, xs: &Tensor, residual: &Tensor) -> candle_core::Result<Tensor> {
-        let hidden = if crate::fused::applies(xs) {
-            crate::fused::geglu(
-                &self.value.matmul(xs)?,
-                &self.gate.matmul(xs)?,
-                &self.proj_bias,
-            )?
-        } else {
-            geglu(&self.value.forward(xs)?, &self.gate.forward(xs)?)?
-        };
+        let hidden = geglu_with_bias(
+            &self.value.matmul(xs)?,
+            &self.gate.matmul(xs)?,
+            &self.proj_bias,
+        )?;
         self.out.forward_add(&hidden, Some(residual))
     }
 }
 
+/// GEGLU of the feed-forward's two projections without their biases,
+/// `(value + b) · gelu(gate + b')` with `bias` = `[b; b']`, `net.0.proj`'s
+/// `(2 width,)`: on CUDA one pass of the fused kernel, which adds the
+/// biases as it reads; elsewhere the two bias adds, then [`geglu`].
+pub(crate) fn geglu_with_bias(
+    value: &Tensor,
+    gate: &Tensor,
+    bias: &Tensor,
+) -> candle_core::Result<Tensor> {
+    if crate::fused::applies(gate) {
+        return crate::fused::geglu(value, gate, bias);
+    }
+    let width = bias.dim(0)? / 2;
+    geglu(
+        &value.broadcast_add(&bias.narrow(0, 0, width)?)?,
+        &gate.broadcast_add(&bias.narrow(0, width, width)?)?,
+    )
+}
+
 /// GEGLU's product, `value · gelu(gate)` with the exact (erf) GELU: one
-/// pass on the CPU in f32, candle's two elsewhere (on CUDA the feed-forward
-/// calls the fused kernel, which also adds the biases).
+/// pass on the CPU in f32, candle's two elsewhere.
 pub(crate) fn geglu(value: &Tensor, gate: &Tensor) -> candle_core::Result<Tensor> {
     if crate::cpu::applies(gate) {
         crate::cpu::geglu(value, gate)

@@ -199,6 +199,7 @@ pub fn geglu(value: &Tensor, gate: &Tensor, bias: &Tensor) -> candle_core::Resul
 /// that element `e` (row-major) adds `bias[(e / inner) % period]`. That
 /// holds when the bias's dimensions other than one form a single run that
 /// matches the tensor's; `None` for any other broadcast.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn bias_extent(dims: &[usize], bias: &[usize]) -> Option<(usize, usize)> {
     if bias.len() > dims.len() {
         return None;
@@ -223,33 +224,43 @@ fn bias_extent(dims: &[usize], bias: &[usize]) -> Option<(usize, usize)> {
 /// (of `x`'s shape) when given: on CUDA one fused pass (a linear layer's or
 /// a convolution's bias together with the residual connection after it),
 /// where candle's strided bias add alone is several times slower than its
-/// bytes; candle's `broadcast_add` (then the add) elsewhere, and for any
-/// broadcast or layout the kernel does not take.
+/// bytes; [`candle_add_bias`] elsewhere, and for any broadcast or layout
+/// the kernel does not take.
 pub fn add_bias(
     x: &Tensor,
     bias: &Tensor,
     residual: Option<&Tensor>,
 ) -> candle_core::Result<Tensor> {
-    let extent = bias_extent(x.dims(), bias.dims());
-    let fits = |t: &Tensor| t.dtype() == x.dtype() && t.is_contiguous();
-    let residual_fits = residual.is_none_or(|r| r.dims() == x.dims() && fits(r));
-    match extent {
-        #[cfg(feature = "cuda")]
-        Some((inner, period)) if applies(x) && fits(x) && fits(bias) && residual_fits => {
+    #[cfg(feature = "cuda")]
+    {
+        let fits = |t: &Tensor| t.dtype() == x.dtype() && t.is_contiguous();
+        if let Some((inner, period)) = bias_extent(x.dims(), bias.dims())
+            && applies(x)
+            && fits(x)
+            && fits(bias)
+            && residual.is_none_or(|r| r.dims() == x.dims() && fits(r))
+        {
             let op = cuda::AddBias { inner, period };
-            match residual {
+            return match residual {
                 Some(r) => x.apply_op3_no_bwd(bias, r, &cuda::AddBiasResidual(op)),
                 None => x.apply_op2_no_bwd(bias, &op),
-            }
+            };
         }
-        _ => {
-            let _ = (extent, residual_fits);
-            let y = x.broadcast_add(bias)?;
-            match residual {
-                Some(r) => y + r,
-                None => Ok(y),
-            }
-        }
+    }
+    candle_add_bias(x, bias, residual)
+}
+
+/// The bias add as candle's operations, what [`add_bias`] replaces (and
+/// runs where its kernel does not): `broadcast_add`, then the residual.
+pub fn candle_add_bias(
+    x: &Tensor,
+    bias: &Tensor,
+    residual: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    let y = x.broadcast_add(bias)?;
+    match residual {
+        Some(r) => y + r,
+        None => Ok(y),
     }
 }
 
@@ -350,11 +361,6 @@ mod cuda {
     use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
     use candle_core::{CpuStorage, CudaDevice, CudaStorage, CustomOp2, CustomOp3, Layout, Shape};
 
-    /// The output shape of an op whose result has its first operand's.
-    fn same_shape(l: &Layout) -> candle_core::Result<Shape> {
-        Ok(l.shape().clone())
-    }
-
     use super::{ATTENTION_HEAD_SIZES, GroupNormOutput};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
@@ -377,6 +383,11 @@ mod cuda {
 
     fn lanes<T>() -> usize {
         16 / std::mem::size_of::<T>()
+    }
+
+    /// The output shape of an op whose result has its first operand's.
+    fn same_shape(l: &Layout) -> candle_core::Result<Shape> {
+        Ok(l.shape().clone())
     }
 
     fn to_i32(v: usize, what: &str) -> candle_core::Result<i32> {

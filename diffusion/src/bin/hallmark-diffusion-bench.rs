@@ -300,16 +300,9 @@ fn kernel_checks(
         let bias = Tensor::randn(0f32, 1f32, bias_shape.as_slice(), dev)?.to_dtype(dtype)?;
         let residual = Tensor::randn(0f32, 2f32, shape.as_slice(), dev)?.to_dtype(dtype)?;
         let residual = with_residual.then_some(&residual);
-        let candle_add = |x: &Tensor, bias: &Tensor, r: Option<&Tensor>| {
-            let y = x.broadcast_add(bias)?;
-            match r {
-                Some(r) => y + r,
-                None => Ok(y),
-            }
-        };
         let ours = fused::add_bias(&x, &bias, residual)?;
         let residual32 = residual.map(f32).transpose()?;
-        let reference = candle_add(&f32(&x)?, &f32(&bias)?, residual32.as_ref())?;
+        let reference = fused::candle_add_bias(&f32(&x)?, &f32(&bias)?, residual32.as_ref())?;
         let scale = reference.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         report(
             "add_bias",
@@ -317,7 +310,7 @@ fn kernel_checks(
             max_abs_diff(&ours, &reference)?,
             scale,
             time_ms(dev, &|| fused::add_bias(&x, &bias, residual))?,
-            time_ms(dev, &|| candle_add(&x, &bias, residual))?,
+            time_ms(dev, &|| fused::candle_add_bias(&x, &bias, residual))?,
             serde_json::json!({"bias": bias_shape, "residual": with_residual}),
         );
     }
