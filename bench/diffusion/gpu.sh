@@ -15,9 +15,11 @@
 # also runs with HALLMARK_FUSED_KERNELS=off (candle's norm, GEGLU and bias
 # adds; batch 8 and its profile): the in-run baseline for the engine's own
 # elementwise kernels. A `cudnn` build (its
-# file name says so) is profiled with Winograd, the fastest of the three
-# fixed cuDNN algorithms in run 3 (CONV_ALGOS="winograd-nonfused
-# implicit-precomp-gemm implicit-gemm" profiles all three).
+# file name says so) also runs its convolutions with the engine's own
+# im2col (`--conv-algo im2col`, as a build without cuDNN does), and is
+# profiled with Winograd, the fastest of the three fixed cuDNN algorithms in
+# run 3, and with im2col (CONV_ALGOS="winograd-nonfused implicit-precomp-gemm
+# implicit-gemm im2col" profiles all four).
 #
 # Prepared on the build machine (see README "Speed"):
 #   .gpu/hallmark-diffusion-bench-<build>.gz  (cargo build --release --features
@@ -71,11 +73,18 @@ common=(--model "$MODEL" --device cuda --size 512)
     stamp "$bin, attention: fused, HALLMARK_FUSED_KERNELS=off"
     HALLMARK_FUSED_KERNELS=off run "$bin" pipeline "${common[@]}" --dtype f16 --attention fused --steps 20 --batch 8 --runs 2
   done
+  # A `cudnn` build with the own im2col for every convolution (what a build
+  # without cuDNN runs) instead of Winograd: which is faster where.
+  for bin in "${bins[@]}"; do
+    case "$bin" in *cudnn*) ;; *) continue ;; esac
+    stamp "$bin, attention: fused, conv: im2col"
+    run "$bin" pipeline "${common[@]}" --dtype f16 --attention fused --conv-algo im2col --steps 20 --batch 1,8 --runs 2
+  done
   stamp bf16
   run "${bins[0]}" pipeline "${common[@]}" --dtype bf16 --steps 20 --batch 1 --runs 1
   for bin in "${bins[@]}"; do
     algos=default
-    case "$bin" in *cudnn*) algos=${CONV_ALGOS:-winograd-nonfused} ;; esac
+    case "$bin" in *cudnn*) algos=${CONV_ALGOS:-winograd-nonfused im2col} ;; esac
     for algo in $algos; do
       for attention in ${ATTENTIONS:-flash fused matmul}; do
         for batch in 2 16; do

@@ -1,8 +1,15 @@
 //! The networks' convolutions: on the CPU in f32 the engine's own kernel
-//! (`cpu::conv2d`), elsewhere candle's, with the cuDNN algorithm chosen here.
+//! (`cpu::conv2d`); on CUDA the own im2col and one matmul (`fused::conv2d`)
+//! or, in a `cudnn` build, cuDNN with the algorithm chosen here; candle's
+//! convolution elsewhere.
 //!
-//! Only a `cudnn` build looks at the algorithm (without cuDNN candle
-//! convolves by im2col and a matmul). candle's default asks cuDNN's heuristic
+//! Without cuDNN, candle convolves on CUDA by an im2col whose columns are
+//! `(pixels, channels·k·k)`, a matmul, and a transposing copy of the output
+//! into `(batch, out, h, w)` — 29 % of a batch-8 UNet call on an H100
+//! (run 6). The own im2col lays its columns out the other way round, so the
+//! weight times them is the output in place, with no copy after it.
+//!
+//! With cuDNN, candle's default asks cuDNN's heuristic
 //! (`cudnnGetConvolutionForwardAlgorithm_v7`) on every call, which costs
 //! milliseconds of CPU time per convolution with cuDNN 9 — on an H100 it made
 //! the whole SD-1.5 UNet six times slower than without cuDNN. A fixed
@@ -11,7 +18,10 @@
 //! guided batch-1 call with Winograd / implicit GEMM / implicit precomputed
 //! GEMM and 86 / 186 / 191 ms at batch 8 — against 20 and 139 ms for the
 //! im2col path of a build without cuDNN, whose per-call overhead is smaller:
-//! a `cudnn` build pays off only at large batches.
+//! a `cudnn` build pays off only at large batches. The downsamplers' stride-2
+//! convolutions, which Winograd cannot run, took 4.8 ms per batch-8 call
+//! with implicit precomputed GEMM against candle's im2col's 1.8 (run 6), so
+//! the default runs them with the own im2col.
 
 use std::fmt;
 use std::str::FromStr;
@@ -29,20 +39,24 @@ pub enum ConvAlgorithm {
     ImplicitPrecompGemm,
     /// Implicit GEMM without the precomputed indices (no workspace).
     ImplicitGemm,
-    /// Winograd (non-fused) for 3×3 stride-1 convolutions, implicit
-    /// precomputed GEMM for the others (Winograd cannot run them); the
-    /// fastest of the three on an H100.
+    /// Winograd (non-fused) for 3×3 stride-1 convolutions, the own im2col
+    /// for the others (Winograd cannot run them); the fastest of the cuDNN
+    /// algorithms on an H100.
     #[default]
     WinogradNonfused,
     /// cuDNN's heuristic, asked on every call (candle's default).
     Heuristic,
+    /// The own im2col and a matmul for every convolution, as a build
+    /// without cuDNN runs them.
+    Im2col,
 }
 
-const NAMES: [(&str, ConvAlgorithm); 4] = [
+const NAMES: [(&str, ConvAlgorithm); 5] = [
     ("implicit-precomp-gemm", ConvAlgorithm::ImplicitPrecompGemm),
     ("implicit-gemm", ConvAlgorithm::ImplicitGemm),
     ("winograd-nonfused", ConvAlgorithm::WinogradNonfused),
     ("heuristic", ConvAlgorithm::Heuristic),
+    ("im2col", ConvAlgorithm::Im2col),
 ];
 
 impl FromStr for ConvAlgorithm {
@@ -83,59 +97,72 @@ impl ConvAlgorithm {
         stride: usize,
         vb: VarBuilder,
     ) -> candle_core::Result<Conv2d> {
+        let winograd = kernel == 3 && stride == 1;
+        // What cuDNN runs; also where the own im2col is chosen but the fused
+        // kernels are off (`HALLMARK_FUSED_KERNELS=off`).
         let precomp = Some(CudnnFwdAlgo::ImplicitPrecompGemm);
         let cudnn_fwd_algo = match self {
-            Self::ImplicitPrecompGemm => precomp,
+            Self::ImplicitPrecompGemm | Self::Im2col => precomp,
             Self::ImplicitGemm => Some(CudnnFwdAlgo::ImplicitGemm),
-            Self::WinogradNonfused if kernel == 3 && stride == 1 => {
-                Some(CudnnFwdAlgo::WinogradNonFused)
-            }
+            Self::WinogradNonfused if winograd => Some(CudnnFwdAlgo::WinogradNonFused),
             Self::WinogradNonfused => precomp,
             Self::Heuristic => None,
         };
+        let im2col = !cfg!(feature = "cudnn")
+            || self == Self::Im2col
+            || (self == Self::WinogradNonfused && !winograd);
         let cfg = Conv2dConfig {
             padding,
             stride,
             cudnn_fwd_algo,
             ..Default::default()
         };
-        candle_nn::conv2d(cin, cout, kernel, cfg, vb).map(Conv2d)
+        let conv = candle_nn::conv2d(cin, cout, kernel, cfg, vb)?;
+        Ok(Conv2d { conv, im2col })
     }
 }
 
-/// A 2-D convolution with an optional bias: candle's, except f32 on the
-/// CPU, which runs the engine's own kernel; the bias added by
-/// `fused::add_bias` (one fused pass on CUDA).
+/// A 2-D convolution with an optional bias: f32 on the CPU runs the
+/// engine's own kernel, CUDA the own im2col where `im2col` says so (and the
+/// fused kernels are on), everything else candle's convolution; the bias
+/// added by `fused::add_bias` (one fused pass on CUDA).
 #[derive(Debug, Clone)]
-pub(crate) struct Conv2d(candle_nn::Conv2d);
+pub(crate) struct Conv2d {
+    conv: candle_nn::Conv2d,
+    /// On CUDA, `fused::conv2d` rather than candle's (cuDNN's) convolution.
+    im2col: bool,
+}
 
 impl Conv2d {
     pub(crate) fn weight(&self) -> &Tensor {
-        self.0.weight()
+        self.conv.weight()
     }
 
     pub(crate) fn bias(&self) -> Option<&Tensor> {
-        self.0.bias()
+        self.conv.bias()
     }
 
     /// The same convolution without its bias.
     pub(crate) fn without_bias(&self) -> Self {
-        Self(candle_nn::Conv2d::new(
-            self.0.weight().clone(),
-            None,
-            *self.0.config(),
-        ))
+        Self {
+            conv: candle_nn::Conv2d::new(self.conv.weight().clone(), None, *self.conv.config()),
+            im2col: self.im2col,
+        }
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let cfg = self.0.config();
-        let out = if crate::cpu::applies(xs) && cfg.dilation == 1 && cfg.groups == 1 {
-            crate::cpu::conv2d(xs, self.0.weight(), cfg.stride, cfg.padding)?
+        let cfg = self.conv.config();
+        let plain = cfg.dilation == 1 && cfg.groups == 1;
+        let weight = self.conv.weight();
+        let out = if crate::cpu::applies(xs) && plain {
+            crate::cpu::conv2d(xs, weight, cfg.stride, cfg.padding)?
+        } else if self.im2col && plain && crate::fused::applies(xs) {
+            crate::fused::conv2d(xs, weight, cfg.stride, cfg.padding)?
         } else {
             xs.conv2d_with_algo(
-                self.0.weight(),
+                weight,
                 cfg.padding,
                 cfg.stride,
                 cfg.dilation,
@@ -143,7 +170,7 @@ impl Module for Conv2d {
                 cfg.cudnn_fwd_algo,
             )?
         };
-        match self.0.bias() {
+        match self.conv.bias() {
             Some(b) => crate::fused::add_bias(&out, &b.reshape((1, (), 1, 1))?, None),
             None => Ok(out),
         }

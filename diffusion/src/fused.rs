@@ -36,7 +36,7 @@
 //! CUDA execution model against f64 references; on a GPU the benchmark's
 //! `kernels` check compares them against candle's operations.
 
-use candle_core::{DType, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
 /// Whether the fused kernels run for `xs`.
 pub fn applies(xs: &Tensor) -> bool {
@@ -277,6 +277,178 @@ pub fn tokens(map: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
         return map.apply_op2_no_bwd(&bias.contiguous()?, &cuda::Tokens);
     }
     map.transpose(1, 2)?.broadcast_add(bias)
+}
+
+/// The most bytes of columns [`conv2d`] makes for one matmul: a larger
+/// convolution (the VAE's at full resolution, a large upscale tile) goes in
+/// chunks of images or, when one image is too large, bands of output rows.
+pub const IM2COL_BUDGET: usize = 512 << 20;
+
+/// A `k`×`k` convolution (dilation 1, one group) without its bias as the
+/// own im2col and one matmul of the weight, as an `(out, channels·k·k)`
+/// matrix, with the columns: the matmul writes the `(batch, out, h, w)`
+/// output in place, where candle's im2col path (CUDA without cuDNN) makes
+/// its columns the other way round and copies its output into that layout
+/// afterwards. The im2col kernel runs on CUDA (`kernels/fused.cu`), its
+/// plain loops on the CPU.
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    padding: usize,
+) -> candle_core::Result<Tensor> {
+    conv2d_in_budget(x, weight, stride, padding, IM2COL_BUDGET)
+}
+
+/// [`conv2d`] with at most `budget` bytes of columns per matmul.
+pub fn conv2d_in_budget(
+    x: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    padding: usize,
+    budget: usize,
+) -> candle_core::Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (out, cin, kh, kw) = weight.dims4()?;
+    if cin != c || kh != kw || stride == 0 || h + 2 * padding < kh || w + 2 * padding < kw {
+        candle_core::bail!(
+            "conv2d: a {:?} kernel (stride {stride}, padding {padding}) on a {:?} input",
+            weight.dims(),
+            x.dims()
+        );
+    }
+    let k = kh;
+    let im2col = Im2col {
+        kernel: k,
+        stride,
+        padding,
+        row0: 0,
+        rows: 0,
+    };
+    let (oh, ow) = im2col.output_size(h, w);
+    let k_rows = c * k * k;
+    let x = x.contiguous()?;
+    let matrix = weight.contiguous()?.reshape((out, k_rows))?;
+    let row_bytes = (k_rows * ow * x.dtype().size_in_bytes()).max(1);
+    let band_rows = (budget / row_bytes).clamp(1, oh);
+    let images = if band_rows == oh {
+        (budget / (row_bytes * oh)).clamp(1, b.max(1))
+    } else {
+        1
+    };
+    let band = |xs: &Tensor, row0: usize, rows: usize| -> candle_core::Result<Tensor> {
+        let n = xs.dim(0)?;
+        let col = xs.apply_op1_no_bwd(&Im2col {
+            row0,
+            rows,
+            ..im2col
+        })?;
+        matrix
+            .broadcast_left(n)?
+            .matmul(&col)?
+            .reshape((n, out, rows, ow))
+    };
+    let mut chunks = Vec::with_capacity(b.div_ceil(images));
+    for i0 in (0..b).step_by(images) {
+        let xs = x.narrow(0, i0, images.min(b - i0))?;
+        let bands = (0..oh)
+            .step_by(band_rows)
+            .map(|r0| band(&xs, r0, band_rows.min(oh - r0)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        chunks.push(Tensor::cat(&bands, 2)?);
+    }
+    Tensor::cat(&chunks, 0)
+}
+
+/// The columns of a `kernel`×`kernel` convolution of a contiguous `(batch,
+/// channels, h, w)` map for output rows `[row0, row0 + rows)`: `(batch,
+/// channels·k·k, rows·out_w)`, row `(c·k + ky)·k + kx` (the weight's own
+/// order), zeros where the window leaves the padded map.
+#[derive(Debug, Clone, Copy)]
+struct Im2col {
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    row0: usize,
+    rows: usize,
+}
+
+impl Im2col {
+    fn output_size(&self, h: usize, w: usize) -> (usize, usize) {
+        let out = |n: usize| (n + 2 * self.padding - self.kernel) / self.stride + 1;
+        (out(h), out(w))
+    }
+
+    /// `(batch, channels, h, w)` of the input and the output's shape.
+    fn shapes(&self, l: &Layout) -> candle_core::Result<([usize; 4], Shape)> {
+        let (b, c, h, w) = l.shape().dims4()?;
+        let (oh, ow) = self.output_size(h, w);
+        if self.row0 + self.rows > oh {
+            candle_core::bail!(
+                "im2col: rows {}..{} of a {oh}-row output",
+                self.row0,
+                self.row0 + self.rows
+            );
+        }
+        let k_rows = c * self.kernel * self.kernel;
+        Ok(([b, c, h, w], Shape::from((b, k_rows, self.rows * ow))))
+    }
+
+    fn cpu<T: Copy + Default>(&self, x: &[T], [b, c, h, w]: [usize; 4]) -> Vec<T> {
+        let (k, s, p) = (self.kernel, self.stride, self.padding);
+        let (_, ow) = self.output_size(h, w);
+        let mut col = Vec::with_capacity(b * c * k * k * self.rows * ow);
+        for plane in x.chunks_exact(h * w).take(b * c) {
+            for ky in 0..k {
+                for kx in 0..k {
+                    for oy in self.row0..self.row0 + self.rows {
+                        let iy = (oy * s + ky).checked_sub(p).filter(|&iy| iy < h);
+                        col.extend((0..ow).map(|ox| {
+                            let ix = (ox * s + kx).checked_sub(p).filter(|&ix| ix < w);
+                            match (iy, ix) {
+                                (Some(iy), Some(ix)) => plane[iy * w + ix],
+                                _ => T::default(),
+                            }
+                        }));
+                    }
+                }
+            }
+        }
+        col
+    }
+}
+
+impl CustomOp1 for Im2col {
+    fn name(&self) -> &'static str {
+        "hallmark-im2col"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (dims, shape) = self.shapes(l)?;
+        let Some((start, end)) = l.contiguous_offsets() else {
+            candle_core::bail!("im2col: the input must be contiguous");
+        };
+        let col = match xs {
+            CpuStorage::F32(v) => CpuStorage::F32(self.cpu(&v[start..end], dims)),
+            CpuStorage::F16(v) => CpuStorage::F16(self.cpu(&v[start..end], dims)),
+            CpuStorage::BF16(v) => CpuStorage::BF16(self.cpu(&v[start..end], dims)),
+            other => candle_core::bail!(
+                "im2col: {:?} is not a type it takes",
+                candle_core::backend::BackendStorage::dtype(other)
+            ),
+        };
+        Ok((col, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (dims, shape) = self.shapes(l)?;
+        cuda::im2col(self, xs, l, dims, shape)
+    }
 }
 
 /// Blocks a group norm aims for: several per multiprocessor.
@@ -806,6 +978,86 @@ mod cuda {
 
     two_operand_op!(Tokens, "hallmark-tokens", "the fused tokens bias add", tokens_shape, [F32 => "f32", F16 => "f16", BF16 => "bf16"]);
 
+    /// Launches the im2col kernel for `op` on `xs` (`(batch, channels, h,
+    /// w)` in `dims`), whose result has `shape`.
+    pub(super) fn im2col(
+        op: &super::Im2col,
+        xs: &CudaStorage,
+        l: &Layout,
+        [_, c, h, w]: [usize; 4],
+        shape: Shape,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        fn run<T: DeviceRepr>(
+            op: &super::Im2col,
+            suffix: &str,
+            dev: &CudaDevice,
+            x: &CudaSlice<T>,
+            l: &Layout,
+            [c, h, w]: [usize; 3],
+            shape: &Shape,
+        ) -> candle_core::Result<CudaSlice<T>> {
+            let (x, _) = view(x, l, "im2col input")?;
+            let (rows_total, pixels) = (shape.dims()[0] * shape.dims()[1], shape.dims()[2]);
+            // SAFETY: every element is written by the kernel.
+            let col = unsafe { dev.alloc::<T>(shape.elem_count())? };
+            if shape.elem_count() == 0 {
+                return Ok(col);
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    to_i32(rows_total, "batch × column rows")? as u32,
+                    pixels.div_ceil(THREADS as usize).clamp(1, 65_535) as u32,
+                    1,
+                ),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let func =
+                dev.get_or_load_custom_func(&format!("hallmark_im2col_{suffix}"), MODULE, PTX)?;
+            let (_, ow) = op.output_size(h, w);
+            let args = [
+                to_i32(c, "channels")?,
+                to_i32(h, "height")?,
+                to_i32(w, "width")?,
+                to_i32(op.kernel, "kernel")?,
+                to_i32(op.stride, "stride")?,
+                to_i32(op.padding, "padding")?,
+                to_i32(ow, "output width")?,
+                to_i32(op.row0, "first row")?,
+                to_i32(op.rows, "rows")?,
+            ];
+            to_i32(op.rows * ow, "band pixels")?;
+            let mut builder = func.builder();
+            builder.arg(&x);
+            builder.arg(&col);
+            for a in &args {
+                builder.arg(a);
+            }
+            // SAFETY: the arguments match the kernel's signature.
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok(col)
+        }
+        let dev = xs.device();
+        let geometry = [c, h, w];
+        let slice = match &xs.slice {
+            CudaStorageSlice::F32(x) => {
+                CudaStorageSlice::F32(run(op, "f32", dev, x, l, geometry, &shape)?)
+            }
+            CudaStorageSlice::F16(x) => {
+                CudaStorageSlice::F16(run(op, "f16", dev, x, l, geometry, &shape)?)
+            }
+            CudaStorageSlice::BF16(x) => {
+                CudaStorageSlice::BF16(run(op, "bf16", dev, x, l, geometry, &shape)?)
+            }
+            _ => candle_core::bail!("im2col: {:?} is not a type the kernel has", xs.dtype()),
+        };
+        let out = CudaStorage {
+            slice,
+            device: dev.clone(),
+        };
+        Ok((out, shape))
+    }
+
     pub(super) struct Attention {
         pub(super) scale: f32,
     }
@@ -956,6 +1208,63 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn im2col_convolutions_match_candles_whole_in_chunks_and_in_bands() {
+        let dev = Device::Cpu;
+        // A resnet's 3×3, a downsampler's stride 2 on odd sizes, a 1×1.
+        for (shape, out, k, stride, padding) in [
+            ([2, 3, 9, 7], 4, 3, 1, 1),
+            ([3, 4, 11, 9], 5, 3, 2, 1),
+            ([2, 5, 6, 5], 3, 1, 1, 0),
+        ] {
+            let x = Tensor::randn(0f32, 1., &shape, &dev).unwrap();
+            let w = Tensor::randn(0f32, 1., (out, shape[1], k, k), &dev).unwrap();
+            let want = x.conv2d(&w, padding, stride, 1, 1).unwrap();
+            let (_, ow) = Im2col {
+                kernel: k,
+                stride,
+                padding,
+                row0: 0,
+                rows: 0,
+            }
+            .output_size(shape[2], shape[3]);
+            let oh = want.dim(2).unwrap();
+            let row_bytes = shape[1] * k * k * ow * 4;
+            // The whole batch at once; two images per matmul; bands of two
+            // rows of one image; one row at a time.
+            for budget in [IM2COL_BUDGET, 2 * oh * row_bytes, 2 * row_bytes, 1] {
+                let got = conv2d_in_budget(&x, &w, stride, padding, budget).unwrap();
+                assert_eq!(got.dims(), want.dims(), "{shape:?}, budget {budget}");
+                let d = crate::test_util::max_diff(&got, &want);
+                assert!(
+                    d < 1e-4,
+                    "{shape:?} {k}×{k} stride {stride}, budget {budget}: {d}"
+                );
+            }
+            // f16 columns hold the same values.
+            let got = conv2d(
+                &x.to_dtype(DType::F16).unwrap(),
+                &w.to_dtype(DType::F16).unwrap(),
+                stride,
+                padding,
+            )
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap();
+            let d = crate::test_util::max_diff(&got, &want);
+            assert!(d < 0.05, "{shape:?} in f16: {d}");
+        }
+        let x = Tensor::zeros((1, 3, 4, 4), DType::F32, &dev).unwrap();
+        let wrong_channels = Tensor::zeros((2, 4, 3, 3), DType::F32, &dev).unwrap();
+        let err = conv2d(&x, &wrong_channels, 1, 1).unwrap_err().to_string();
+        assert!(
+            err.contains("[2, 4, 3, 3]") && err.contains("[1, 3, 4, 4]"),
+            "{err}"
+        );
+        let too_large = Tensor::zeros((2, 3, 7, 7), DType::F32, &dev).unwrap();
+        assert!(conv2d(&x, &too_large, 1, 1).is_err());
     }
 
     #[test]

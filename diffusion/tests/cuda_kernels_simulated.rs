@@ -1,5 +1,5 @@
 //! The crate's own CUDA kernels (`src/kernels/*.cu`: softmax, group norm,
-//! GEGLU, bias adds, tokens, fused attention), compiled unchanged for the
+//! GEGLU, bias adds, tokens, im2col, fused attention), compiled unchanged for the
 //! CPU against a host simulation of the CUDA execution model
 //! (`tests/cuda_sim/sim.h`: threads, shared memory, barriers, warp shuffles
 //! and the tensor cores' `mma.sync` with the PTX ISA's fragment layouts) and
@@ -53,6 +53,7 @@ fn own_cuda_kernels_match_f64_references_in_the_host_simulation() {
         "GEGLU",
         "bias add",
         "tokens",
+        "im2col",
         "attention",
     ] {
         assert!(report.contains(&format!("ok   {kernel}")), "{report}");

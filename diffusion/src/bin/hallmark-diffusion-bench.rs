@@ -11,7 +11,7 @@
 //!   their attention, resampling, …), the device synchronised around each;
 //! - `kernels [--device cuda] [--dtype f16] [--rows 16] [--cols 4096]` checks
 //!   the crate's own CUDA kernels (softmax, group norm, GEGLU, bias adds,
-//!   tokens, attention) against candle's operations in f32 (largest
+//!   tokens, im2col convolutions, attention) against candle's operations in f32 (largest
 //!   difference, pass or fail, time of each); fails when one is out of
 //!   tolerance;
 //! - `ops [--device ..] [--dtype ..] [--size 512] [--batch 16] [--runs 5]` times the
@@ -19,7 +19,7 @@
 //!   activations, layout copies), as `diffusers_bench.py ops` does in PyTorch.
 //!
 //! `--attention auto|matmul|flash` picks the UNet's attention kernel;
-//! `--conv-algo winograd-nonfused|implicit-precomp-gemm|implicit-gemm|heuristic`
+//! `--conv-algo winograd-nonfused|implicit-precomp-gemm|implicit-gemm|heuristic|im2col`
 //! the convolutions' cuDNN algorithm (a `cudnn` build; ignored elsewhere).
 //!
 //! Each measurement is printed as one JSON line.
@@ -27,6 +27,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
+use candle_core::conv::CudnnFwdAlgo;
 use candle_core::{D, DType, Device, Tensor};
 use hallmark_diffusion::fused::{self, GroupNormOutput};
 use hallmark_diffusion::pipeline::{parse_device, parse_dtype, size_ids};
@@ -330,6 +331,41 @@ fn kernel_checks(
             time_ms(dev, &|| fused::tokens(&map, &bias))?,
             time_ms(dev, &|| map.transpose(1, 2)?.broadcast_add(&bias))?,
             serde_json::json!({}),
+        );
+    }
+    // The own im2col convolution at the UNet's batch-8 shapes (a level-1
+    // resnet's 3×3, a downsampler's stride 2, the deepest level), in row
+    // bands of a small budget, and an odd shape, against candle's
+    // convolution in f32; timed against what candle runs otherwise (a
+    // `cudnn` build: Winograd at stride 1, implicit precomputed GEMM at 2).
+    for (shape, out, stride, budget) in [
+        (vec![16, 320, 64, 64], 320, 1, fused::IM2COL_BUDGET),
+        (vec![16, 320, 64, 64], 320, 2, fused::IM2COL_BUDGET),
+        (vec![16, 1280, 8, 8], 1280, 1, fused::IM2COL_BUDGET),
+        (vec![2, 128, 64, 64], 128, 1, 1 << 20),
+        (vec![1, 3, 13, 11], 8, 2, fused::IM2COL_BUDGET),
+    ] {
+        let c = shape[1];
+        let x = Tensor::randn(0f32, 1f32, shape.as_slice(), dev)?.to_dtype(dtype)?;
+        let w = (Tensor::randn(0f32, 1f32, (out, c, 3, 3), dev)? * (9.0 * c as f64).powf(-0.5))?
+            .to_dtype(dtype)?;
+        let ours = fused::conv2d_in_budget(&x, &w, stride, 1, budget)?;
+        let reference = f32(&x)?.conv2d(&f32(&w)?, 1, stride, 1, 1)?;
+        let scale = reference.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let algo = Some(if stride == 1 {
+            CudnnFwdAlgo::WinogradNonFused
+        } else {
+            CudnnFwdAlgo::ImplicitPrecompGemm
+        });
+        report(
+            "conv2d",
+            &shape,
+            max_abs_diff(&ours, &reference)?,
+            scale,
+            time_ms(dev, &|| fused::conv2d_in_budget(&x, &w, stride, 1, budget))?,
+            time_ms(dev, &|| x.conv2d_with_algo(&w, 1, stride, 1, 1, algo))?,
+            serde_json::json!({"out": out, "kernel": 3, "stride": stride, "budget": budget,
+                "candle": if cfg!(feature = "cudnn") { "cudnn" } else { "im2col" }}),
         );
     }
     // Fused attention at the SD 1.5 UNet's batch-8 shapes (self-attention

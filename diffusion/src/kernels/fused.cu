@@ -39,6 +39,19 @@
 // map to (batch, pixels, channels) tokens with a per-channel bias, through
 // a 32x32 tile in shared memory so both the reads and the writes are
 // coalesced; grid (pixel tiles, channel tiles, batch), 256 threads.
+//
+// Im2col: the columns of a k x k convolution (stride, zero padding) of a
+// contiguous (batch, channels, height, width) map, laid out as (batch,
+// channels * k * k, pixels) with row r = (c * k + ky) * k + kx, the order of
+// the weight's own (out, channels, k, k) elements: the weight as an (out,
+// channels * k * k) matrix times one image's columns is that image's
+// output already in (out, pixels) order, so no layout copy follows the
+// matmul (candle's im2col makes (pixels, channels * k * k) columns, and its
+// output then needs a transposing copy). Output rows [row0, row0 + rows)
+// only, for a band of a large output. Grid (batch * channels * k * k,
+// pixel chunks); each block fills one row, each thread every
+// (blockDim.x * gridDim.y)-th pixel; the reads of a row are coalesced at
+// stride 1 and the writes always.
 #include <stdint.h>
 
 #include "common.cuh"
@@ -317,6 +330,31 @@ __device__ void tokens_add_bias(const T *x, const T *bias, T *y, const int chann
   }
 }
 
+template <typename T>
+__device__ void im2col(const T *x, T *col, const int channels, const int height,
+                       const int width, const int kernel, const int stride, const int pad,
+                       const int out_w, const int row0, const int rows) {
+  const int taps = kernel * kernel;
+  const int k_rows = channels * taps;
+  const int image = blockIdx.x / k_rows;
+  const int r = blockIdx.x - image * k_rows;
+  const int c = r / taps;
+  const int ky = (r - c * taps) / kernel;
+  const int kx = r - c * taps - ky * kernel;
+  const T *plane = x + ((size_t)image * channels + c) * height * width;
+  T *out = col + (size_t)blockIdx.x * rows * out_w;
+  const int n = rows * out_w;
+  const T zero = from_f32<T>(0.f);
+  for (int p = blockIdx.y * blockDim.x + threadIdx.x; p < n; p += gridDim.y * blockDim.x) {
+    const int oy = p / out_w;
+    const int ox = p - oy * out_w;
+    const int iy = (row0 + oy) * stride - pad + ky;
+    const int ix = ox * stride - pad + kx;
+    const bool inside = iy >= 0 && iy < height && ix >= 0 && ix < width;
+    out[p] = inside ? plane[(size_t)iy * width + ix] : zero;
+  }
+}
+
 #define FUSED(SUFFIX, T)                                                                      \
   extern "C" __global__ void hallmark_group_norm_stats_##SUFFIX(                              \
       const T *x, float *partial, const int64_t n, const int64_t chunk, const int vec) {      \
@@ -342,6 +380,12 @@ __device__ void tokens_add_bias(const T *x, const T *bias, T *y, const int chann
   extern "C" __global__ void hallmark_tokens_add_bias_##SUFFIX(                               \
       const T *x, const T *bias, T *y, const int channels, const int pixels) {                \
     tokens_add_bias(x, bias, y, channels, pixels);                                            \
+  }                                                                                           \
+  extern "C" __global__ void hallmark_im2col_##SUFFIX(                                        \
+      const T *x, T *col, const int channels, const int height, const int width,              \
+      const int kernel, const int stride, const int pad, const int out_w, const int row0,     \
+      const int rows) {                                                                       \
+    im2col(x, col, channels, height, width, kernel, stride, pad, out_w, row0, rows);          \
   }
 
 FUSED(f32, float)

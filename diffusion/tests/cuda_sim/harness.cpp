@@ -4,7 +4,7 @@
 // (statistics split over blocks or not, 16-byte loads or not, with and
 // without scale, shift and SiLU), GEGLU with its biases, the bias adds (over
 // rows or pixels, with and without a residual, 16 bytes at a time or not),
-// the transposing bias add to tokens, and the fused attention (the
+// the transposing bias add to tokens, the convolutions' im2col, and the fused attention (the
 // self-attention's interleaved q/k/v, cross-attention to 77 tokens, every
 // padded head size the engine meets, partial query and key tiles) in f16,
 // bf16 and (where the kernel has it) f32. Prints one line per check and
@@ -227,6 +227,50 @@ static void tokens_case(void (*kernel)(const T *, const T *, T *, int, int), int
         err, unit_tolerance<T>() * scale);
 }
 
+// The columns of a k x k convolution of a (batch, channels, height, width)
+// map for output rows [row0, row0 + rows) (all when rows is 0): each column
+// element is one input element or a padding zero, so they must agree
+// exactly. Small blocks and two pixel chunks, so every thread loops.
+template <typename T>
+static void im2col_case(void (*kernel)(const T *, T *, int, int, int, int, int, int, int, int,
+                                       int),
+                        int batch, int channels, int height, int width, int k, int stride,
+                        int pad, int row0, int rows) {
+  const int out_h = (height + 2 * pad - k) / stride + 1;
+  const int out_w = (width + 2 * pad - k) / stride + 1;
+  if (rows == 0) rows = out_h;
+  const int k_rows = channels * k * k;
+  auto x = randn<T>((size_t)batch * channels * height * width, 0.f, 1.f);
+  auto col = poisoned<T>((size_t)batch * k_rows * rows * out_w);
+  sim::launch({(unsigned)(batch * k_rows), 2, 1}, {32, 1, 1}, [&] {
+    kernel(x.data(), col.data(), channels, height, width, k, stride, pad, out_w, row0, rows);
+  });
+  double err = 0;
+  for (int b = 0; b < batch; ++b) {
+    for (int c = 0; c < channels; ++c) {
+      for (int ky = 0; ky < k; ++ky) {
+        for (int kx = 0; kx < k; ++kx) {
+          const int r = (c * k + ky) * k + kx;
+          for (int oy = 0; oy < rows; ++oy) {
+            for (int ox = 0; ox < out_w; ++ox) {
+              const int iy = (row0 + oy) * stride - pad + ky, ix = ox * stride - pad + kx;
+              const bool inside = iy >= 0 && iy < height && ix >= 0 && ix < width;
+              const double want =
+                  inside ? at(x, (((size_t)b * channels + c) * height + iy) * width + ix) : 0.0;
+              const double got = at(col, (((size_t)b * k_rows + r) * rows + oy) * out_w + ox);
+              err = std::max(err, std::isnan(got) ? INFINITY : std::fabs(got - want));
+            }
+          }
+        }
+      }
+    }
+  }
+  char what[160];
+  snprintf(what, sizeof what, "im2col %s: (%d, %d, %d, %d), %dx%d stride %d pad %d, rows %d+%d",
+           type_name<T>(), batch, channels, height, width, k, k, stride, pad, row0, rows);
+  check(what, err, 0.0);
+}
+
 // Attention of `nq` queries to `nk` keys, `heads` heads of size d, scale
 // `scale`. interleaved: q, k and v are views of one (batch, tokens, 3,
 // heads, d) buffer, as the self-attention's projection writes them (nq ==
@@ -357,6 +401,13 @@ int main() {
   tokens_case<__half>(hallmark_tokens_add_bias_f16, 1, 40, 77);
   tokens_case<__nv_bfloat16>(hallmark_tokens_add_bias_bf16, 1, 33, 31);
   tokens_case<float>(hallmark_tokens_add_bias_f32, 2, 8, 70);
+
+  // A resnet's 3x3 convolution, a downsampler's stride 2 (odd sizes), a
+  // band of output rows, a 1x1 convolution.
+  im2col_case<__half>(hallmark_im2col_f16, 2, 3, 9, 7, 3, 1, 1, 0, 0);
+  im2col_case<__half>(hallmark_im2col_f16, 1, 4, 11, 9, 3, 2, 1, 0, 0);
+  im2col_case<__nv_bfloat16>(hallmark_im2col_bf16, 2, 2, 8, 8, 3, 1, 1, 3, 4);
+  im2col_case<float>(hallmark_im2col_f32, 1, 5, 6, 5, 1, 1, 0, 0, 0);
 
   const float r40 = 1 / std::sqrt(40.f), r64 = 0.125f, r80 = 1 / std::sqrt(80.f),
               r160 = 1 / std::sqrt(160.f);
