@@ -2,6 +2,11 @@
 
 use clap::Parser;
 
+/// See the workspace manifest: glibc's malloc unmaps freed tensors, so every
+/// large allocation faults its pages in again.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()

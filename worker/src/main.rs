@@ -12,6 +12,11 @@ use hallmark_provenance::watermark;
 use hallmark_worker::stamp::StampSettings;
 use hallmark_worker::{StampConfig, Stamping, SyntheticConfig, SyntheticEngine, WorkerConfig};
 
+/// See the workspace manifest: glibc's malloc unmaps freed tensors, so every
+/// large allocation faults its pages in again.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Leases tasks from a coordinator, renders them and uploads the results.
 #[derive(Parser)]
 #[command(version, about)]

@@ -38,6 +38,11 @@ use hallmark_diffusion::{
     StableDiffusion, model::ModelFolder,
 };
 
+/// See the workspace manifest: glibc's malloc unmaps freed tensors, so every
+/// large allocation faults its pages in again.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter()
         .position(|a| a == name)
