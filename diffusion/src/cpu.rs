@@ -359,26 +359,65 @@ struct Conv2dOp {
     padding: usize,
 }
 
-/// The shape of one convolution.
+/// The shape of one convolution (also `fused::conv2d`'s).
 #[derive(Debug, Clone, Copy)]
-struct ConvShape {
-    batch: usize,
-    cin: usize,
-    height: usize,
-    width: usize,
-    cout: usize,
-    kh: usize,
-    kw: usize,
-    stride: usize,
-    padding: usize,
-    out_h: usize,
-    out_w: usize,
+pub(crate) struct ConvShape {
+    pub(crate) batch: usize,
+    pub(crate) cin: usize,
+    pub(crate) height: usize,
+    pub(crate) width: usize,
+    pub(crate) cout: usize,
+    pub(crate) kh: usize,
+    pub(crate) kw: usize,
+    pub(crate) stride: usize,
+    pub(crate) padding: usize,
+    pub(crate) out_h: usize,
+    pub(crate) out_w: usize,
 }
 
 impl ConvShape {
+    /// The convolution of a `(batch, cin, height, width)` input by a
+    /// `(cout, cin, kh, kw)` weight; refused when the channels differ or
+    /// the kernel does not fit the padded input.
+    pub(crate) fn new(
+        x: &Shape,
+        weight: &Shape,
+        stride: usize,
+        padding: usize,
+    ) -> candle_core::Result<Self> {
+        let (batch, cin, height, width) = x.dims4()?;
+        let (cout, wcin, kh, kw) = weight.dims4()?;
+        if wcin != cin {
+            candle_core::bail!(
+                "conv2d: a {:?} kernel on a {:?} input of {cin} channels",
+                weight.dims(),
+                x.dims()
+            );
+        }
+        let (p, st) = (padding, stride.max(1));
+        if height + 2 * p < kh || width + 2 * p < kw {
+            candle_core::bail!(
+                "conv2d: a {kh}×{kw} kernel does not fit a {height}×{width} input padded by {p}"
+            );
+        }
+        Ok(Self {
+            batch,
+            cin,
+            height,
+            width,
+            cout,
+            kh,
+            kw,
+            stride: st,
+            padding: p,
+            out_h: (height + 2 * p - kh) / st + 1,
+            out_w: (width + 2 * p - kw) / st + 1,
+        })
+    }
+
     /// The im2col's rows: (input channel, kernel row, kernel column), the
     /// weight's own order.
-    fn k(&self) -> usize {
+    pub(crate) fn k(&self) -> usize {
         self.cin * self.kh * self.kw
     }
 }
@@ -386,24 +425,24 @@ impl ConvShape {
 /// A run of output rows: `images` whole images from `image`, or one image's
 /// rows `row..row + rows`.
 #[derive(Debug, Clone, Copy)]
-struct Tile {
-    image: usize,
-    images: usize,
-    row: usize,
-    rows: usize,
+pub(crate) struct Tile {
+    pub(crate) image: usize,
+    pub(crate) images: usize,
+    pub(crate) row: usize,
+    pub(crate) rows: usize,
 }
 
 impl Tile {
-    fn columns(&self, s: &ConvShape) -> usize {
+    pub(crate) fn columns(&self, s: &ConvShape) -> usize {
         self.images * self.rows * s.out_w
     }
 }
 
-/// The tiles of a convolution: whole images together while they fit in
-/// [`COL_BYTES`] (small maps: one matmul shares the weight across images),
-/// else row bands of one image.
-fn tiles(s: &ConvShape) -> Vec<Tile> {
-    let budget = (COL_BYTES / 4 / s.k().max(1)).max(s.out_w);
+/// The tiles of a convolution: whole images together while their columns
+/// fit in `col_elements` (small maps: one matmul shares the weight across
+/// images), else row bands of one image.
+pub(crate) fn tiles(s: &ConvShape, col_elements: usize) -> Vec<Tile> {
+    let budget = (col_elements / s.k().max(1)).max(s.out_w);
     let image_px = s.out_h * s.out_w;
     let mut out = Vec::new();
     if image_px <= budget {
@@ -440,7 +479,12 @@ fn tiles(s: &ConvShape) -> Vec<Tile> {
 
 /// Fills the im2col rows of `tile`: row (c, ky, kx), column (image, output
 /// row, output column) holds the input pixel under kernel tap (ky, kx).
-fn im2col(x: &[f32], s: &ConvShape, tile: Tile, col: &mut [f32]) {
+pub(crate) fn im2col<T: Copy + Default + Send + Sync>(
+    x: &[T],
+    s: &ConvShape,
+    tile: Tile,
+    col: &mut [T],
+) {
     let n = tile.columns(s);
     let taps = s.kh * s.kw;
     col.par_chunks_mut(n).enumerate().for_each(|(r, dst)| {
@@ -461,16 +505,16 @@ fn im2col(x: &[f32], s: &ConvShape, tile: Tile, col: &mut [f32]) {
                     &x[start..start + s.width]
                 }
                 _ => {
-                    seg.fill(0.0);
+                    seg.fill(T::default());
                     continue;
                 }
             };
             if hi == lo {
-                seg.fill(0.0);
+                seg.fill(T::default());
                 continue;
             }
-            seg[..lo].fill(0.0);
-            seg[hi..].fill(0.0);
+            seg[..lo].fill(T::default());
+            seg[hi..].fill(T::default());
             let first = lo * s.stride + kx - s.padding;
             if s.stride == 1 {
                 seg[lo..hi].copy_from_slice(&src[first..first + (hi - lo)]);
@@ -531,7 +575,7 @@ fn matmul(
 fn convolve(x: &[f32], w: &[f32], s: &ConvShape) -> Vec<f32> {
     let image_px = s.out_h * s.out_w;
     let mut out = vec![0f32; s.batch * s.cout * image_px];
-    let tiles = tiles(s);
+    let tiles = tiles(s, COL_BYTES / 4);
     let widest = tiles.iter().map(|t| t.columns(s)).max().unwrap_or(0);
     let mut col = vec![0f32; s.k() * widest];
     let mut staged = Vec::new();
@@ -575,39 +619,13 @@ impl CustomOp2 for Conv2dOp {
         weight: &CpuStorage,
         weight_l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (batch, cin, height, width) = xs_l.shape().dims4()?;
-        let (cout, wcin, kh, kw) = weight_l.shape().dims4()?;
-        if wcin != cin {
-            candle_core::bail!(
-                "conv2d: a {:?} kernel on an input of {cin} channels",
-                weight_l.dims()
-            );
-        }
-        let (p, st) = (self.padding, self.stride.max(1));
-        if height + 2 * p < kh || width + 2 * p < kw {
-            candle_core::bail!(
-                "conv2d: a {kh}×{kw} kernel does not fit a {height}×{width} input padded by {p}"
-            );
-        }
-        let s = ConvShape {
-            batch,
-            cin,
-            height,
-            width,
-            cout,
-            kh,
-            kw,
-            stride: st,
-            padding: p,
-            out_h: (height + 2 * p - kh) / st + 1,
-            out_w: (width + 2 * p - kw) / st + 1,
-        };
+        let s = ConvShape::new(xs_l.shape(), weight_l.shape(), self.stride, self.padding)?;
         let x = f32_slice(xs, xs_l, "conv2d")?;
         let w = f32_slice(weight, weight_l, "conv2d")?;
         let out = convolve(x, w, &s);
         Ok((
             CpuStorage::F32(out),
-            Shape::from((batch, cout, s.out_h, s.out_w)),
+            Shape::from((s.batch, s.cout, s.out_h, s.out_w)),
         ))
     }
 }
@@ -760,7 +778,7 @@ mod tests {
                 out_w: side,
             };
             let mut seen = vec![0u8; batch * side];
-            for t in tiles(&s) {
+            for t in tiles(&s, COL_BYTES / 4) {
                 assert!(t.columns(&s) * s.k() * 4 <= COL_BYTES.max(s.k() * side * 4));
                 for image in t.image..t.image + t.images {
                     for row in t.row..t.row + t.rows {

@@ -38,6 +38,8 @@
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
+use crate::cpu::{self, ConvShape, Tile};
+
 /// Whether the fused kernels run for `xs`.
 pub fn applies(xs: &Tensor) -> bool {
     cfg!(feature = "cuda")
@@ -308,111 +310,80 @@ pub fn conv2d_in_budget(
     padding: usize,
     budget: usize,
 ) -> candle_core::Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let (out, cin, kh, kw) = weight.dims4()?;
-    if cin != c || kh != kw || stride == 0 || h + 2 * padding < kh || w + 2 * padding < kw {
+    let (_, _, kh, kw) = weight.dims4()?;
+    if kh != kw || stride == 0 {
         candle_core::bail!(
             "conv2d: a {:?} kernel (stride {stride}, padding {padding}) on a {:?} input",
             weight.dims(),
             x.dims()
         );
     }
-    let k = kh;
-    let im2col = Im2col {
-        kernel: k,
-        stride,
-        padding,
-        row0: 0,
-        rows: 0,
-    };
-    let (oh, ow) = im2col.output_size(h, w);
-    let k_rows = c * k * k;
+    let shape = ConvShape::new(x.shape(), weight.shape(), stride, padding)?;
     let x = x.contiguous()?;
-    let matrix = weight.contiguous()?.reshape((out, k_rows))?;
-    let row_bytes = (k_rows * ow * x.dtype().size_in_bytes()).max(1);
-    let band_rows = (budget / row_bytes).clamp(1, oh);
-    let images = if band_rows == oh {
-        (budget / (row_bytes * oh)).clamp(1, b.max(1))
-    } else {
-        1
-    };
-    let band = |xs: &Tensor, row0: usize, rows: usize| -> candle_core::Result<Tensor> {
-        let n = xs.dim(0)?;
-        let col = xs.apply_op1_no_bwd(&Im2col {
-            row0,
-            rows,
-            ..im2col
-        })?;
-        matrix
-            .broadcast_left(n)?
-            .matmul(&col)?
-            .reshape((n, out, rows, ow))
-    };
-    let mut chunks = Vec::with_capacity(b.div_ceil(images));
-    for i0 in (0..b).step_by(images) {
-        let xs = x.narrow(0, i0, images.min(b - i0))?;
-        let bands = (0..oh)
-            .step_by(band_rows)
-            .map(|r0| band(&xs, r0, band_rows.min(oh - r0)))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        chunks.push(Tensor::cat(&bands, 2)?);
+    let matrix = weight.contiguous()?.reshape((shape.cout, shape.k()))?;
+    let col_elements = budget / x.dtype().size_in_bytes();
+    // Whole images, or the row bands of one image, to be joined in order.
+    let mut images = Vec::new();
+    let mut bands = Vec::new();
+    for tile in cpu::tiles(&shape, col_elements) {
+        let col = x.apply_op1_no_bwd(&Im2col { shape, tile })?;
+        let y = matrix.broadcast_left(tile.images)?.matmul(&col)?.reshape((
+            tile.images,
+            shape.cout,
+            tile.rows,
+            shape.out_w,
+        ))?;
+        if tile.rows == shape.out_h {
+            images.push(y);
+            continue;
+        }
+        bands.push(y);
+        if tile.row + tile.rows == shape.out_h {
+            images.push(Tensor::cat(&bands, 2)?);
+            bands.clear();
+        }
     }
-    Tensor::cat(&chunks, 0)
+    Tensor::cat(&images, 0)
 }
 
-/// The columns of a `kernel`×`kernel` convolution of a contiguous `(batch,
-/// channels, h, w)` map for output rows `[row0, row0 + rows)`: `(batch,
-/// channels·k·k, rows·out_w)`, row `(c·k + ky)·k + kx` (the weight's own
-/// order), zeros where the window leaves the padded map.
+/// The columns of a convolution for the output rows of `tile`: `(images,
+/// channels·kh·kw, rows·out_w)`, row `(c·kh + ky)·kw + kx` (the weight's own
+/// order), zeros where the window leaves the padded map; each image's
+/// columns as `cpu::im2col` fills them, one image after the other (the
+/// matmul broadcasts the weight over the images).
 #[derive(Debug, Clone, Copy)]
 struct Im2col {
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-    row0: usize,
-    rows: usize,
+    shape: ConvShape,
+    tile: Tile,
 }
 
 impl Im2col {
-    fn output_size(&self, h: usize, w: usize) -> (usize, usize) {
-        let out = |n: usize| (n + 2 * self.padding - self.kernel) / self.stride + 1;
-        (out(h), out(w))
-    }
-
-    /// `(batch, channels, h, w)` of the input and the output's shape.
-    fn shapes(&self, l: &Layout) -> candle_core::Result<([usize; 4], Shape)> {
-        let (b, c, h, w) = l.shape().dims4()?;
-        let (oh, ow) = self.output_size(h, w);
-        if self.row0 + self.rows > oh {
+    /// The output's shape, once the input is checked to be the shape's.
+    fn output(&self, l: &Layout) -> candle_core::Result<Shape> {
+        let s = &self.shape;
+        let t = &self.tile;
+        if l.dims() != [s.batch, s.cin, s.height, s.width]
+            || t.image + t.images > s.batch
+            || t.row + t.rows > s.out_h
+        {
             candle_core::bail!(
-                "im2col: rows {}..{} of a {oh}-row output",
-                self.row0,
-                self.row0 + self.rows
+                "im2col: {t:?} of {s:?} does not fit an input of {:?}",
+                l.dims()
             );
         }
-        let k_rows = c * self.kernel * self.kernel;
-        Ok(([b, c, h, w], Shape::from((b, k_rows, self.rows * ow))))
+        Ok(Shape::from((t.images, s.k(), t.rows * s.out_w)))
     }
 
-    fn cpu<T: Copy + Default>(&self, x: &[T], [b, c, h, w]: [usize; 4]) -> Vec<T> {
-        let (k, s, p) = (self.kernel, self.stride, self.padding);
-        let (_, ow) = self.output_size(h, w);
-        let mut col = Vec::with_capacity(b * c * k * k * self.rows * ow);
-        for plane in x.chunks_exact(h * w).take(b * c) {
-            for ky in 0..k {
-                for kx in 0..k {
-                    for oy in self.row0..self.row0 + self.rows {
-                        let iy = (oy * s + ky).checked_sub(p).filter(|&iy| iy < h);
-                        col.extend((0..ow).map(|ox| {
-                            let ix = (ox * s + kx).checked_sub(p).filter(|&ix| ix < w);
-                            match (iy, ix) {
-                                (Some(iy), Some(ix)) => plane[iy * w + ix],
-                                _ => T::default(),
-                            }
-                        }));
-                    }
-                }
-            }
+    fn cpu<T: Copy + Default + Send + Sync>(&self, x: &[T]) -> Vec<T> {
+        let per_image = self.shape.k() * self.tile.rows * self.shape.out_w;
+        let mut col = vec![T::default(); self.tile.images * per_image];
+        for (i, image_col) in col.chunks_exact_mut(per_image.max(1)).enumerate() {
+            let tile = Tile {
+                image: self.tile.image + i,
+                images: 1,
+                ..self.tile
+            };
+            cpu::im2col(x, &self.shape, tile, image_col);
         }
         col
     }
@@ -424,14 +395,14 @@ impl CustomOp1 for Im2col {
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (dims, shape) = self.shapes(l)?;
+        let shape = self.output(l)?;
         let Some((start, end)) = l.contiguous_offsets() else {
             candle_core::bail!("im2col: the input must be contiguous");
         };
         let col = match xs {
-            CpuStorage::F32(v) => CpuStorage::F32(self.cpu(&v[start..end], dims)),
-            CpuStorage::F16(v) => CpuStorage::F16(self.cpu(&v[start..end], dims)),
-            CpuStorage::BF16(v) => CpuStorage::BF16(self.cpu(&v[start..end], dims)),
+            CpuStorage::F32(v) => CpuStorage::F32(self.cpu(&v[start..end])),
+            CpuStorage::F16(v) => CpuStorage::F16(self.cpu(&v[start..end])),
+            CpuStorage::BF16(v) => CpuStorage::BF16(self.cpu(&v[start..end])),
             other => candle_core::bail!(
                 "im2col: {:?} is not a type it takes",
                 candle_core::backend::BackendStorage::dtype(other)
@@ -446,8 +417,8 @@ impl CustomOp1 for Im2col {
         xs: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (dims, shape) = self.shapes(l)?;
-        cuda::im2col(self, xs, l, dims, shape)
+        let shape = self.output(l)?;
+        cuda::im2col(self, xs, l, shape)
     }
 }
 
@@ -978,13 +949,12 @@ mod cuda {
 
     two_operand_op!(Tokens, "hallmark-tokens", "the fused tokens bias add", tokens_shape, [F32 => "f32", F16 => "f16", BF16 => "bf16"]);
 
-    /// Launches the im2col kernel for `op` on `xs` (`(batch, channels, h,
-    /// w)` in `dims`), whose result has `shape`.
+    /// Launches the im2col kernel for `op` on `xs`, whose result has
+    /// `shape`.
     pub(super) fn im2col(
         op: &super::Im2col,
         xs: &CudaStorage,
         l: &Layout,
-        [_, c, h, w]: [usize; 4],
         shape: Shape,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         fn run<T: DeviceRepr>(
@@ -993,19 +963,24 @@ mod cuda {
             dev: &CudaDevice,
             x: &CudaSlice<T>,
             l: &Layout,
-            [c, h, w]: [usize; 3],
             shape: &Shape,
         ) -> candle_core::Result<CudaSlice<T>> {
+            let (s, t) = (&op.shape, &op.tile);
+            if s.kh != s.kw {
+                candle_core::bail!("im2col: the kernel takes square windows, not {s:?}");
+            }
             let (x, _) = view(x, l, "im2col input")?;
-            let (rows_total, pixels) = (shape.dims()[0] * shape.dims()[1], shape.dims()[2]);
+            let image = s.cin * s.height * s.width;
+            let x = x.slice(t.image * image..(t.image + t.images) * image);
             // SAFETY: every element is written by the kernel.
             let col = unsafe { dev.alloc::<T>(shape.elem_count())? };
             if shape.elem_count() == 0 {
                 return Ok(col);
             }
+            let pixels = to_i32(t.rows * s.out_w, "band pixels")? as usize;
             let cfg = LaunchConfig {
                 grid_dim: (
-                    to_i32(rows_total, "batch × column rows")? as u32,
+                    to_i32(t.images * s.k(), "images × column rows")? as u32,
                     pixels.div_ceil(THREADS as usize).clamp(1, 65_535) as u32,
                     1,
                 ),
@@ -1014,19 +989,17 @@ mod cuda {
             };
             let func =
                 dev.get_or_load_custom_func(&format!("hallmark_im2col_{suffix}"), MODULE, PTX)?;
-            let (_, ow) = op.output_size(h, w);
             let args = [
-                to_i32(c, "channels")?,
-                to_i32(h, "height")?,
-                to_i32(w, "width")?,
-                to_i32(op.kernel, "kernel")?,
-                to_i32(op.stride, "stride")?,
-                to_i32(op.padding, "padding")?,
-                to_i32(ow, "output width")?,
-                to_i32(op.row0, "first row")?,
-                to_i32(op.rows, "rows")?,
+                to_i32(s.cin, "channels")?,
+                to_i32(s.height, "height")?,
+                to_i32(s.width, "width")?,
+                to_i32(s.kh, "kernel")?,
+                to_i32(s.stride, "stride")?,
+                to_i32(s.padding, "padding")?,
+                to_i32(s.out_w, "output width")?,
+                to_i32(t.row, "first row")?,
+                to_i32(t.rows, "rows")?,
             ];
-            to_i32(op.rows * ow, "band pixels")?;
             let mut builder = func.builder();
             builder.arg(&x);
             builder.arg(&col);
@@ -1038,16 +1011,11 @@ mod cuda {
             Ok(col)
         }
         let dev = xs.device();
-        let geometry = [c, h, w];
         let slice = match &xs.slice {
-            CudaStorageSlice::F32(x) => {
-                CudaStorageSlice::F32(run(op, "f32", dev, x, l, geometry, &shape)?)
-            }
-            CudaStorageSlice::F16(x) => {
-                CudaStorageSlice::F16(run(op, "f16", dev, x, l, geometry, &shape)?)
-            }
+            CudaStorageSlice::F32(x) => CudaStorageSlice::F32(run(op, "f32", dev, x, l, &shape)?),
+            CudaStorageSlice::F16(x) => CudaStorageSlice::F16(run(op, "f16", dev, x, l, &shape)?),
             CudaStorageSlice::BF16(x) => {
-                CudaStorageSlice::BF16(run(op, "bf16", dev, x, l, geometry, &shape)?)
+                CudaStorageSlice::BF16(run(op, "bf16", dev, x, l, &shape)?)
             }
             _ => candle_core::bail!("im2col: {:?} is not a type the kernel has", xs.dtype()),
         };
@@ -1222,14 +1190,9 @@ mod tests {
             let x = Tensor::randn(0f32, 1., &shape, &dev).unwrap();
             let w = Tensor::randn(0f32, 1., (out, shape[1], k, k), &dev).unwrap();
             let want = x.conv2d(&w, padding, stride, 1, 1).unwrap();
-            let (_, ow) = Im2col {
-                kernel: k,
-                stride,
-                padding,
-                row0: 0,
-                rows: 0,
-            }
-            .output_size(shape[2], shape[3]);
+            let ow = ConvShape::new(x.shape(), w.shape(), stride, padding)
+                .unwrap()
+                .out_w;
             let oh = want.dim(2).unwrap();
             let row_bytes = shape[1] * k * k * ow * 4;
             // The whole batch at once; two images per matmul; bands of two
