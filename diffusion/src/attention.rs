@@ -30,16 +30,18 @@ pub enum AttentionKernel {
     /// that are multiples of 8 up to 256 (other layers fall back to
     /// [`AttentionKernel::Matmul`]).
     Flash,
-    /// The crate's own fused attention (`fused::attention`): the same
-    /// scheme, its own kernel, so it needs only the `cuda` feature. CUDA,
-    /// f16/bf16, head sizes that are multiples of 8 up to 160 (other layers
-    /// fall back to [`AttentionKernel::Matmul`]).
+    /// The crate's own fused attention (`fused::attention`): on CUDA the
+    /// same scheme, its own kernel, so it needs only the `cuda` feature
+    /// (f16/bf16, head sizes that are multiples of 8 up to 160; other layers
+    /// fall back to [`AttentionKernel::Matmul`]); on the CPU in f32, blocks
+    /// of queries whose scores stay in cache (`cpu::attention`).
     Fused,
 }
 
 /// The kernel a load asks for: `auto` (flash where this build, the device
-/// and the type allow it, else the own fused kernel where they allow that,
-/// else matmul), `matmul`, `flash` or `fused`.
+/// and the type allow it, else the own fused kernel where they allow that —
+/// CUDA in f16/bf16, or the CPU in f32 —, else matmul), `matmul`, `flash` or
+/// `fused`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum AttentionChoice {
     #[default]
@@ -81,7 +83,9 @@ impl AttentionChoice {
         } else {
             Some("this build lacks the `flash-attn` feature")
         };
-        let fused = if cfg!(feature = "cuda") {
+        let fused = if device.is_cpu() {
+            (dtype != DType::F32).then_some("on the CPU it needs the f32 compute type")
+        } else if cfg!(feature = "cuda") {
             on_gpu
         } else {
             Some("this build lacks the `cuda` feature")
@@ -179,7 +183,7 @@ impl Attention {
             upcast: cfg.upcast_attention,
             flash: cfg.attention == AttentionKernel::Flash && d.is_multiple_of(8) && d <= 256,
             fused: cfg.attention == AttentionKernel::Fused
-                && crate::fused::attention_fits(d, vb.dtype()),
+                && crate::fused::attention_fits(vb.device(), d, vb.dtype()),
             kv_cache: Mutex::new(None),
         })
     }
@@ -488,11 +492,25 @@ mod tests {
             "{err}"
         );
 
+        // The CPU's own fused attention takes f32 only.
         let cpu = Device::Cpu;
-        for dtype in [DType::F32, DType::F16] {
-            let auto = AttentionChoice::Auto.resolve(&cpu, dtype).unwrap();
-            assert_eq!(auto, AttentionKernel::Matmul);
-        }
+        let resolve = |choice: AttentionChoice, dtype| choice.resolve(&cpu, dtype);
+        assert_eq!(
+            resolve(AttentionChoice::Auto, DType::F32).unwrap(),
+            AttentionKernel::Fused
+        );
+        assert_eq!(
+            resolve(AttentionChoice::Fused, DType::F32).unwrap(),
+            AttentionKernel::Fused
+        );
+        assert_eq!(
+            resolve(AttentionChoice::Matmul, DType::F32).unwrap(),
+            AttentionKernel::Matmul
+        );
+        assert_eq!(
+            resolve(AttentionChoice::Auto, DType::F16).unwrap(),
+            AttentionKernel::Matmul
+        );
         let err = AttentionChoice::Flash
             .resolve(&cpu, DType::F16)
             .unwrap_err()
@@ -507,11 +525,6 @@ mod tests {
             .resolve(&cpu, DType::F16)
             .unwrap_err()
             .to_string();
-        let why = if cfg!(feature = "cuda") {
-            "CUDA device"
-        } else {
-            "`cuda` feature"
-        };
-        assert!(err.contains("fused") && err.contains(why), "{err}");
+        assert!(err.contains("fused") && err.contains("f32"), "{err}");
     }
 }

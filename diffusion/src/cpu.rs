@@ -15,6 +15,11 @@
 //!   exponentials and their sum, scale) with the polynomial `exp`.
 //! - [`geglu`]: `value · gelu(gate)` (exact, erf-based GELU) in one pass.
 //!   candle's CPU GELU evaluates `erf` one element at a time.
+//! - [`attention`]: `softmax(QKᵀ)V` a block of queries of one head at a
+//!   time (scores, softmax, weighted sum while the block's scores are in
+//!   cache), reading q, k and v through their strides. The matmul path
+//!   writes every head's whole score matrix to memory (4096² per head at
+//!   512²) and reads it back twice, after copying q, k and v heads-first.
 //!
 //! The activations use a polynomial `exp` (relative error about 1e-7) and
 //! erf (absolute error ≤ 1.5e-7, Abramowitz & Stegun 7.1.26), written so the
@@ -191,17 +196,21 @@ impl candle_core::CustomOp1 for Softmax {
             let rows = per_item.max(1) * cols;
             out.par_chunks_mut(rows)
                 .zip(x.par_chunks(rows))
-                .for_each(|(y, x)| softmax_rows(x, y, cols));
+                .for_each(|(y, x)| {
+                    y.copy_from_slice(x);
+                    softmax_rows(y, cols);
+                });
         }
         Ok((CpuStorage::F32(out), l.shape().clone()))
     }
 }
 
 multiversion! {
-    fn softmax_rows(x: &[f32], y: &mut [f32], cols: usize) {
-        for (x, y) in x.chunks(cols).zip(y.chunks_mut(cols)) {
+    /// Each `cols`-long row of `y` replaced by its softmax.
+    fn softmax_rows(y: &mut [f32], cols: usize) {
+        for y in y.chunks_mut(cols) {
             let mut lanes = [f32::NEG_INFINITY; 16];
-            let chunks = x.chunks_exact(16);
+            let chunks = y.chunks_exact(16);
             let mut max = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
             for c in chunks {
                 for (l, &v) in lanes.iter_mut().zip(c) {
@@ -209,8 +218,8 @@ multiversion! {
                 }
             }
             max = lanes.iter().fold(max, |m, &v| m.max(v));
-            for (o, &v) in y.iter_mut().zip(x) {
-                *o = exp(v - max);
+            for o in y.iter_mut() {
+                *o = exp(*o - max);
             }
             let inv = 1.0 / lane_sum(y, |v| v);
             for o in y.iter_mut() {
@@ -223,6 +232,123 @@ multiversion! {
 /// Softmax over the last dimension; f32 on the CPU (see [`applies`]).
 pub(crate) fn softmax_last_dim(xs: &Tensor) -> candle_core::Result<Tensor> {
     xs.contiguous()?.apply_op1_no_bwd(&Softmax)
+}
+
+/// Queries per work item of [`attention`]: their scores against every key
+/// (64 × 4096 in f32 at 512², 1 MiB) stay in the core's cache, where the
+/// matmul path writes and reads back all of them.
+const QUERY_BLOCK: usize = 64;
+
+struct AttentionOp {
+    scale: f32,
+}
+
+/// A `(batch, tokens, heads, d)` operand of [`attention`]: its slice and
+/// the element strides of those four dimensions.
+fn heads_operand<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+) -> candle_core::Result<(&'a [f32], usize, [usize; 4])> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("attention: the CPU kernels take f32, got {:?}", s.dtype());
+    };
+    let strides: [usize; 4] = l
+        .stride()
+        .try_into()
+        .map_err(|_| candle_core::Error::Msg(format!("attention: {:?} is not 4-D", l.dims())))?;
+    Ok((v, l.start_offset(), strides))
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "hallmark-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        q_l: &Layout,
+        k: &CpuStorage,
+        k_l: &Layout,
+        v: &CpuStorage,
+        v_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dims = |l: &Layout| -> candle_core::Result<[usize; 4]> {
+            l.dims().try_into().map_err(|_| {
+                candle_core::Error::Msg(format!("attention: {:?} is not 4-D", l.dims()))
+            })
+        };
+        let [b, nq, h, d] = dims(q_l)?;
+        let [kb, nk, kh, kd] = dims(k_l)?;
+        if (kb, kh, kd) != (b, h, d) || k_l.dims() != v_l.dims() || nk == 0 {
+            candle_core::bail!(
+                "attention: q {:?}, k {:?} and v {:?} do not match",
+                q_l.dims(),
+                k_l.dims(),
+                v_l.dims()
+            );
+        }
+        let (q, q_start, qs) = heads_operand(q, q_l)?;
+        let (k, k_start, ks) = heads_operand(k, k_l)?;
+        let (v, v_start, vs) = heads_operand(v, v_l)?;
+        // One (batch, head) pair's rows of an operand, from `row` on.
+        let at = |start: usize, s: [usize; 4], bh: usize, row: usize| Operand {
+            start: start + (bh / h) * s[0] + (bh % h) * s[2] + row * s[1],
+            strides: [s[1], s[3]],
+        };
+        let mut out = vec![0f32; b * h * nq * d];
+        if !out.is_empty() {
+            out.par_chunks_mut(nq * d)
+                .enumerate()
+                .for_each(|(bh, out)| {
+                    out.par_chunks_mut(QUERY_BLOCK * d)
+                        .enumerate()
+                        .for_each(|(block, out)| {
+                            let rows = out.len() / d;
+                            let mut scores = vec![0f32; rows * nk];
+                            // scores = q_block · kᵀ: k's rows read as columns.
+                            let k_at = at(k_start, ks, bh, 0);
+                            let kt = Operand {
+                                start: k_at.start,
+                                strides: [k_at.strides[1], k_at.strides[0]],
+                            };
+                            matmul_strided(
+                                (rows, nk, d),
+                                self.scale,
+                                (&mut scores, Operand::row_major(nk)),
+                                (q, at(q_start, qs, bh, block * QUERY_BLOCK)),
+                                (k, kt),
+                                gemm::Parallelism::None,
+                            );
+                            softmax_rows(&mut scores, nk);
+                            matmul_strided(
+                                (rows, d, nk),
+                                1.0,
+                                (out, Operand::row_major(d)),
+                                (&scores, Operand::row_major(nk)),
+                                (v, at(v_start, vs, bh, 0)),
+                                gemm::Parallelism::None,
+                            );
+                        });
+                });
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, h, nq, d))))
+    }
+}
+
+/// `softmax(scale · QKᵀ)V` per head without materialising the scores: `q`
+/// is `(batch, queries, heads, d)`, `k` and `v` `(batch, keys, heads, d)`,
+/// read through any strides; the result is
+/// `(batch, heads, queries, d)`, contiguous. Blocks of [`QUERY_BLOCK`]
+/// queries of one head are the work items: their scores, softmax and
+/// weighted sum stay in cache. f32 on the CPU (see [`applies`]).
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+) -> candle_core::Result<Tensor> {
+    q.apply_op3_no_bwd(k, v, &AttentionOp { scale })
 }
 
 struct GroupNormOp {
@@ -527,8 +653,97 @@ pub(crate) fn im2col<T: Copy + Default + Send + Sync>(
     });
 }
 
+/// A matrix inside a slice: element `(i, j)` at `start + i·strides[0] +
+/// j·strides[1]`.
+#[derive(Debug, Clone, Copy)]
+struct Operand {
+    start: usize,
+    strides: [usize; 2],
+}
+
+impl Operand {
+    fn row_major(cols: usize) -> Self {
+        Self {
+            start: 0,
+            strides: [cols, 1],
+        }
+    }
+
+    /// Whether a `(rows, cols)` matrix read so stays inside `len` elements.
+    fn fits(&self, (rows, cols): (usize, usize), len: usize) -> bool {
+        if rows == 0 || cols == 0 {
+            return true;
+        }
+        let last = (rows - 1)
+            .checked_mul(self.strides[0])
+            .zip((cols - 1).checked_mul(self.strides[1]))
+            .and_then(|(r, c)| r.checked_add(c)?.checked_add(self.start));
+        last.is_some_and(|last| last < len)
+    }
+}
+
+/// The matmuls' split over candle's thread pool.
+fn parallelism() -> gemm::Parallelism {
+    match candle_core::utils::get_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        threads => gemm::Parallelism::Rayon(threads),
+    }
+}
+
+/// `dst (m, n) = scale · lhs (m, k) · rhs (k, n)`, each operand read
+/// through its strides.
+fn matmul_strided(
+    (m, n, k): (usize, usize, usize),
+    scale: f32,
+    (dst, dst_at): (&mut [f32], Operand),
+    (lhs, lhs_at): (&[f32], Operand),
+    (rhs, rhs_at): (&[f32], Operand),
+    parallelism: gemm::Parallelism,
+) {
+    assert!(dst_at.fits((m, n), dst.len()));
+    assert!(lhs_at.fits((m, k), lhs.len()) && rhs_at.fits((k, n), rhs.len()));
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        // gemm would leave an unread destination as it was.
+        for i in 0..m {
+            for j in 0..n {
+                dst[dst_at.start + i * dst_at.strides[0] + j * dst_at.strides[1]] = 0.0;
+            }
+        }
+        return;
+    }
+    let stride = |s: usize| s as isize;
+    // SAFETY: the asserts above keep every element of the (m, k), (k, n)
+    // and (m, n) matrices, read through their strides, inside the slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr().add(dst_at.start),
+            stride(dst_at.strides[1]),
+            stride(dst_at.strides[0]),
+            false,
+            lhs.as_ptr().add(lhs_at.start),
+            stride(lhs_at.strides[1]),
+            stride(lhs_at.strides[0]),
+            rhs.as_ptr().add(rhs_at.start),
+            stride(rhs_at.strides[1]),
+            stride(rhs_at.strides[0]),
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
 /// `dst (m, n) = lhs (m, k) · rhs (k, n)`, row-major operands, `dst_rs`
-/// apart between the rows of `dst`.
+/// apart between the rows of `dst`, over candle's thread pool.
 fn matmul(
     (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
@@ -536,40 +751,18 @@ fn matmul(
     lhs: &[f32],
     rhs: &[f32],
 ) {
-    assert!(lhs.len() >= m * k && rhs.len() >= k * n);
-    assert!(m == 0 || dst.len() >= (m - 1) * dst_rs + n);
-    let threads = candle_core::utils::get_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
+    let dst_at = Operand {
+        start: 0,
+        strides: [dst_rs, 1],
     };
-    // SAFETY: the asserts above keep every access of the row-major (m, k),
-    // (k, n) operands and of the (m, n) destination with row stride `dst_rs`
-    // inside the slices.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            false,
-            lhs.as_ptr(),
-            1,
-            k as isize,
-            rhs.as_ptr(),
-            1,
-            n as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
+    matmul_strided(
+        (m, n, k),
+        1.0,
+        (dst, dst_at),
+        (lhs, Operand::row_major(k)),
+        (rhs, Operand::row_major(n)),
+        parallelism(),
+    );
 }
 
 fn convolve(x: &[f32], w: &[f32], s: &ConvShape) -> Vec<f32> {
@@ -704,6 +897,76 @@ mod tests {
         let x = Tensor::full(-1e30f32, (1, 8), &Device::Cpu).unwrap();
         let s = softmax_last_dim(&x).unwrap().to_vec2::<f32>().unwrap();
         assert!(s[0].iter().all(|&p| (p - 0.125).abs() < 1e-7), "{s:?}");
+    }
+
+    /// `softmax(scale · QKᵀ)V` by candle's matmuls and softmax, as
+    /// `(batch, heads, queries, d)`.
+    fn materialised_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
+        let heads_first = |t: &Tensor| t.transpose(1, 2).unwrap().contiguous().unwrap();
+        let kt = heads_first(k).t().unwrap();
+        let scores = (heads_first(q).matmul(&kt).unwrap() * scale).unwrap();
+        candle_nn::ops::softmax_last_dim(&scores)
+            .unwrap()
+            .matmul(&heads_first(v))
+            .unwrap()
+    }
+
+    #[test]
+    fn attention_matches_the_materialised_scores_through_any_strides() {
+        // Self-attention with q, k and v as views of one interleaved
+        // projection; the query count not a multiple of the block.
+        let (b, n, heads, d) = (2, 2 * QUERY_BLOCK + 5, 3, 8);
+        let qkv = (randn(&[b, n, 3, heads, d]) * 2.0).unwrap();
+        let part = |i: usize| qkv.narrow(2, i, 1).unwrap().squeeze(2).unwrap();
+        let (q, k, v) = (part(0), part(1), part(2));
+        assert!(!q.is_contiguous());
+        let ours = attention(&q, &k, &v, 0.3).unwrap();
+        assert_eq!(ours.dims(), [b, heads, n, d]);
+        let d_self = max_diff(&ours, &materialised_attention(&q, &k, &v, 0.3));
+        assert!(d_self < 1e-5, "self-attention differs by {d_self}");
+
+        // Cross-attention to 77 text tokens, contiguous operands.
+        let q = randn(&[2, 37, 4, 40]);
+        let (k, v) = (randn(&[2, 77, 4, 40]), randn(&[2, 77, 4, 40]));
+        let d_cross = max_diff(
+            &attention(&q, &k, &v, 1.0).unwrap(),
+            &materialised_attention(&q, &k, &v, 1.0),
+        );
+        assert!(d_cross < 1e-5, "cross-attention differs by {d_cross}");
+
+        // One head over the pixels of channel-first maps (the VAE's), every
+        // operand read transposed, from an offset into its storage.
+        let maps = randn(&[1, 3 * 16, 150]);
+        let head = |i: usize| {
+            maps.narrow(1, i * 16, 16)
+                .unwrap()
+                .t()
+                .unwrap()
+                .unsqueeze(2)
+                .unwrap()
+        };
+        let (q, k, v) = (head(0), head(1), head(2));
+        let d_vae = max_diff(
+            &attention(&q, &k, &v, 0.25).unwrap(),
+            &materialised_attention(&q, &k, &v, 0.25),
+        );
+        assert!(d_vae < 1e-5, "channel-first attention differs by {d_vae}");
+
+        // The weights matter: swapping keys and values changes the result.
+        let swapped = attention(&q, &v, &k, 0.25).unwrap();
+        assert!(max_diff(&swapped, &materialised_attention(&q, &k, &v, 0.25)) > 1e-2);
+    }
+
+    #[test]
+    fn attention_refuses_operands_that_do_not_match() {
+        let q = randn(&[2, 10, 4, 8]);
+        let k = randn(&[2, 12, 4, 8]);
+        let err = attention(&q, &k, &randn(&[2, 11, 4, 8]), 1.0).unwrap_err();
+        assert!(err.to_string().contains("do not match"), "{err}");
+        let err = attention(&q, &randn(&[2, 12, 2, 16]), &randn(&[2, 12, 2, 16]), 1.0);
+        assert!(err.is_err());
+        let err = attention(&q, &randn(&[2, 0, 4, 8]), &randn(&[2, 0, 4, 8]), 1.0);
+        assert!(err.is_err(), "no keys");
     }
 
     #[test]

@@ -36,7 +36,7 @@
 //! CUDA execution model against f64 references; on a GPU the benchmark's
 //! `kernels` check compares them against candle's operations.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
 use crate::cpu::{self, ConvShape, Tile};
 
@@ -451,18 +451,29 @@ fn group_norm_split(groups: usize, n: usize, lanes: usize, vec: bool) -> (usize,
 /// The padded head sizes the fused attention kernel is compiled for.
 const ATTENTION_HEAD_SIZES: [usize; 6] = [48, 64, 80, 96, 128, 160];
 
-/// Whether the fused attention runs heads of `d` in `dtype` (any device).
-pub fn attention_fits(d: usize, dtype: DType) -> bool {
+/// Whether the fused attention runs heads of `d` in `dtype` on `device`:
+/// the CUDA kernel takes f16/bf16 heads of a multiple of 8 up to 160, the
+/// CPU one (`cpu::attention`) any head in f32.
+pub fn attention_fits(device: &Device, d: usize, dtype: DType) -> bool {
+    if device.is_cpu() {
+        return dtype == DType::F32;
+    }
+    cuda_attention_fits(d, dtype)
+}
+
+fn cuda_attention_fits(d: usize, dtype: DType) -> bool {
     matches!(dtype, DType::F16 | DType::BF16)
         && d.is_multiple_of(8)
         && d <= ATTENTION_HEAD_SIZES[ATTENTION_HEAD_SIZES.len() - 1]
 }
 
-/// `softmax(scale · QKᵀ)V` per head with the fused CUDA kernel: `q` is
-/// `(batch, queries, heads, d)`, `k` and `v` `(batch, keys, heads, d)`, any
-/// strides with a contiguous last dimension, every stride and start a
-/// multiple of 8 elements; the result is `(batch, queries, heads, d)`,
-/// contiguous.
+/// `softmax(scale · QKᵀ)V` per head without materialising the scores: `q`
+/// is `(batch, queries, heads, d)`, `k` and `v` `(batch, keys, heads, d)`;
+/// the result is `(batch, queries, heads, d)`. On CUDA the fused kernel:
+/// any strides with a contiguous last dimension, every stride and start a
+/// multiple of 8 elements, the result contiguous. On the CPU in f32
+/// `cpu::attention`: any strides, the result a transposed view of its
+/// `(batch, heads, queries, d)`.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core::Result<Tensor> {
     let (b, _, h, d) = q.dims4()?;
     let (kb, nk, kh, kd) = k.dims4()?;
@@ -474,15 +485,26 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> candle_core:
             v.dims()
         );
     }
-    if !attention_fits(d, q.dtype()) || k.dtype() != q.dtype() || v.dtype() != q.dtype() {
-        candle_core::bail!(
-            "the fused attention takes f16/bf16 heads of a multiple of 8 up to {}, not {d} in {:?}",
-            ATTENTION_HEAD_SIZES[ATTENTION_HEAD_SIZES.len() - 1],
-            q.dtype()
-        );
-    }
     if nk == 0 {
         candle_core::bail!("attention: no keys");
+    }
+    let dtype = q.dtype();
+    if k.dtype() != dtype || v.dtype() != dtype {
+        candle_core::bail!(
+            "attention: q, k and v in {dtype:?}, {:?} and {:?}",
+            k.dtype(),
+            v.dtype()
+        );
+    }
+    if cpu::applies(q) {
+        return cpu::attention(q, k, v, scale)?.transpose(1, 2);
+    }
+    if !q.device().is_cuda() || !cuda_attention_fits(d, dtype) {
+        candle_core::bail!(
+            "the fused attention takes heads in f32 on the CPU, or f16/bf16 heads of a multiple of 8 up to {} on CUDA, not {d} in {dtype:?} on {:?}",
+            ATTENTION_HEAD_SIZES[ATTENTION_HEAD_SIZES.len() - 1],
+            q.device()
+        );
     }
     #[cfg(feature = "cuda")]
     {
@@ -1077,7 +1099,7 @@ mod cuda {
             let padded = ATTENTION_HEAD_SIZES
                 .into_iter()
                 .find(|&p| p >= d)
-                .expect("checked by attention_fits");
+                .expect("checked by cuda_attention_fits");
             let el = b * nq * heads * d;
             // SAFETY: every element is written by the kernel.
             let o = unsafe { dev.alloc::<T>(el)? };

@@ -123,7 +123,6 @@ impl SpatialAttention {
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
-        let dtype = xs.dtype();
         let pixels = self.norm.normalize(xs)?.reshape((b, c, h * w))?;
         // (b, 3c, pixels); the shared weight is the left operand, which
         // every backend multiplies batch by batch.
@@ -133,20 +132,30 @@ impl SpatialAttention {
             None,
         )?;
         let part = |i: usize| qkv.narrow(1, i * c, c);
-        let (q, k, v) = (
-            part(0)?.to_dtype(DType::F32)?,
-            part(1)?.to_dtype(DType::F32)?,
-            part(2)?,
-        );
-        // scores[i, j] = q_i · k_j over the channels: (b, pixels, pixels).
-        let scores = q.t()?.matmul(&k)?;
-        let probs = crate::softmax::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        // out[:, i] = Σ_j probs[i, j] v_j, channel-first: v · probsᵀ.
-        let out = v.matmul(&probs.t()?)?;
+        let out = if crate::cpu::applies(&qkv) {
+            // One head of `(b, pixels, 1, c)` views; the scores stay in cache.
+            let head = |i: usize| part(i)?.t()?.unsqueeze(2);
+            let out = crate::fused::attention(&head(0)?, &head(1)?, &head(2)?, 1.0)?;
+            out.squeeze(2)?.t()?
+        } else {
+            materialised_attention(&part(0)?, &part(1)?, &part(2)?)?
+        };
         let out = self.out_weight.broadcast_left(b)?.matmul(&out)?;
         crate::fused::add_bias(&out, &self.out_bias, Some(&xs.reshape((b, c, h * w))?))?
             .reshape((b, c, h, w))
     }
+}
+
+/// `v · softmax(qᵀk)ᵀ` of channel-first `(b, c, pixels)` parts, the scores
+/// and the softmax in f32.
+fn materialised_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+    let dtype = v.dtype();
+    let (q, k) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?);
+    // scores[i, j] = q_i · k_j over the channels: (b, pixels, pixels).
+    let scores = q.t()?.matmul(&k)?;
+    let probs = crate::softmax::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+    // out[:, i] = Σ_j probs[i, j] v_j, channel-first: v · probsᵀ.
+    v.matmul(&probs.t()?)
 }
 
 /// `UNetMidBlock2D` of the VAE: resnet, attention (unless the config turns

@@ -248,7 +248,7 @@ fn bad_requests_fail_with_the_cause() {
     );
 
     // Flash attention asked for where it cannot run is refused by name;
-    // `auto` falls back to the matmul kernel.
+    // `auto` on the CPU in f32 is the own fused attention.
     let with = |attention| {
         StableDiffusion::load(
             ModelFolder::open(&dir, None).unwrap(),
@@ -260,10 +260,47 @@ fn bad_requests_fail_with_the_cause() {
     };
     let err = with(AttentionChoice::Flash).unwrap_err().to_string();
     assert!(err.contains("flash attention cannot run here"), "{err}");
-    assert_eq!(sd.attention(), AttentionKernel::Matmul);
+    assert_eq!(sd.attention(), AttentionKernel::Fused);
     assert_eq!(
         with(AttentionChoice::Matmul).unwrap().attention(),
         AttentionKernel::Matmul
+    );
+}
+
+#[test]
+fn fused_and_matmul_attention_render_the_same_image() {
+    let (_t, dir) = tiny(TinyArch::Sd1, 3);
+    let render = |attention| {
+        let sd = StableDiffusion::load(
+            ModelFolder::open(&dir, None).unwrap(),
+            LoadOptions {
+                attention,
+                ..LoadOptions::default()
+            },
+        )
+        .unwrap();
+        let samples = vec![sample("a red fox", 11), sample("a lighthouse", 12)];
+        sd.generate(&request(samples, SchedulerKind::EulerAncestral), &|_| {})
+            .unwrap()
+    };
+    let fused = render(AttentionChoice::Fused);
+    let matmul = render(AttentionChoice::Matmul);
+    let latent_diff = (&fused.latents - &matmul.latents)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(latent_diff < 1e-4, "final latents differ by {latent_diff}");
+    for (f, m) in fused.images.iter().zip(&matmul.images) {
+        // Summation order alone: at most one step of 8-bit rounding.
+        assert!(max_diff(f, m) <= 1, "differ by {}", max_diff(f, m));
+    }
+    assert!(
+        max_diff(&fused.images[0], &fused.images[1]) > 8,
+        "the two prompts render alike"
     );
 }
 

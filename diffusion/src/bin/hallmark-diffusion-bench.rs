@@ -383,7 +383,7 @@ fn kernel_checks(
         (16, 256, 256, 8, 160),
         (2, 4096, 4096, 10, 64),
     ] {
-        if !fused::attention_fits(d, dtype) {
+        if !fused::attention_fits(dev, d, dtype) {
             continue;
         }
         let scale = 1.0 / (d as f32).sqrt();
