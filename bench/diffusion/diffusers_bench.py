@@ -73,6 +73,9 @@ def ops(a, dtype, common):
         emit("weighted_sum", probs, lambda: torch.bmm(probs, k))
         emit("softmax", probs, lambda: torch.softmax(probs, -1))
         del probs
+        qkv = randn(b, n, 3, heads, d)
+        qh, kh, vh = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        emit("attention", qkv[:, :, 0], lambda: F.scaled_dot_product_attention(qh, kh, vh))
         for op, ch, side in [("conv3x3", c, l), ("conv3x3_deep", 4 * c, l // 4)]:
             w, bias = randn(ch, ch, 3, 3) * (9 * ch) ** -0.5, randn(ch)
             x = randn(b, ch, side, side)

@@ -1,6 +1,7 @@
 //! The UNet's operations one by one, at the shapes an SD-1.5 UNet call
 //! feeds them (the benchmark's `ops`): matmuls of the projections and the
-//! feed-forward, the attention's score and value products, 3×3
+//! feed-forward, the attention's score and value products, the whole
+//! attention as the engine runs it, 3×3
 //! convolutions, group and layer norms, the activations and the layout
 //! copies. `bench/diffusion/diffusers_bench.py ops` times the same
 //! operations in PyTorch at the same shapes, so one run on a GPU says which
@@ -180,6 +181,31 @@ pub fn run(cfg: &OpBenchConfig) -> candle_core::Result<Vec<OpTiming>> {
         2.0 * probs.elem_count() as f64 * el,
     );
     drop(probs);
+    // The whole self-attention as the engine runs it (the own fused kernel
+    // where it takes the heads, else the matmuls above with the softmax), on
+    // q, k and v as views of one projection's `(b, n, 3, heads, d)` output;
+    // PyTorch's scaled_dot_product_attention on the same views.
+    let qkv = randn(&[b, n, 3, heads, d], cfg)?;
+    let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2);
+    let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+    let scale = (d as f32).powf(-0.5);
+    let fused = crate::fused::attention_fits(&cfg.device, d, cfg.dtype);
+    let ms = time(cfg, &|| {
+        if fused {
+            crate::fused::attention(&q, &k, &v, scale)
+        } else {
+            let heads_first = |t: &Tensor| t.transpose(1, 2)?.contiguous();
+            let scores = (heads_first(&q)?.matmul(&heads_first(&k)?.t()?)? * f64::from(scale))?;
+            crate::softmax::softmax_last_dim(&scores)?.matmul(&heads_first(&v)?)
+        }
+    })?;
+    push(
+        "attention",
+        q.dims(),
+        ms,
+        2.0 * (bh as f64) * mm(n, d, n),
+        4.0 * q.elem_count() as f64 * el,
+    );
 
     // 3×3 convolutions at the top level and at the deepest one.
     for (op, ch, side) in [("conv3x3", c, l), ("conv3x3_deep", 4 * c, l / 4)] {
@@ -288,6 +314,7 @@ mod tests {
                 "scores",
                 "weighted_sum",
                 "softmax",
+                "attention",
                 "conv3x3",
                 "conv3x3_deep",
                 "group_norm",
@@ -306,6 +333,6 @@ mod tests {
         assert_eq!(scores.shape, [16, 64, 40]);
         assert_eq!(scores.flops, 16.0 * 2.0 * 64.0 * 40.0 * 64.0);
         assert!(timings.iter().all(|t| t.ms > 0.0 && t.bytes > 0.0));
-        assert!(timings[6].tflops() > 0.0 && timings[8].gbps() > 0.0);
+        assert!(timings[7].tflops() > 0.0 && timings[9].gbps() > 0.0);
     }
 }

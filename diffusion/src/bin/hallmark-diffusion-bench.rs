@@ -18,7 +18,7 @@
 //!   UNet's operations one by one at its shapes (matmuls, convolutions, norms,
 //!   activations, layout copies), as `diffusers_bench.py ops` does in PyTorch.
 //!
-//! `--attention auto|matmul|flash` picks the UNet's attention kernel;
+//! `--attention auto|matmul|flash|fused` picks the UNet's attention kernel;
 //! `--conv-algo winograd-nonfused|implicit-precomp-gemm|implicit-gemm|heuristic|im2col`
 //! the convolutions' cuDNN algorithm (a `cudnn` build; ignored elsewhere).
 //!
@@ -516,6 +516,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!(
                 "{}",
                 serde_json::json!({"engine": "hallmark", "bench": "unet_step", "device": format!("{dev:?}"),
+                    "attention": format!("{:?}", sd.attention()),
                     "size": size, "batch": 2, "median_s": times[times.len() / 2], "min_s": times[0]})
             );
         }
