@@ -23,9 +23,9 @@
 //!
 //! The activations use a polynomial `exp` (relative error about 1e-7) and
 //! erf (absolute error ≤ 1.5e-7, Abramowitz & Stegun 7.1.26), written so the
-//! compiler vectorises them; on x86-64 with AVX2 and FMA the loops are
-//! compiled for those too (chosen at run time). Work is split over candle's
-//! rayon pool.
+//! compiler vectorises them; on x86-64 the loops are compiled for AVX-512
+//! and for AVX2 with FMA too (the widest the CPU has chosen at run time).
+//! Work is split over candle's rayon pool.
 //!
 //! Other devices and types keep candle's kernels: callers check
 //! [`applies`] first.
@@ -39,8 +39,9 @@ pub(crate) fn applies(xs: &Tensor) -> bool {
     xs.device().is_cpu() && xs.dtype() == DType::F32
 }
 
-/// Defines `fn $name(args)` whose body is compiled twice, for AVX2 with FMA
-/// and for the baseline target, the first chosen where the CPU has them.
+/// Defines `fn $name(args)` whose body is compiled three times, for
+/// AVX-512, for AVX2 with FMA and for the baseline target, the widest the
+/// CPU has chosen at run time.
 /// Helpers the body calls must be `#[inline(always)]` to be compiled into
 /// each version.
 macro_rules! multiversion {
