@@ -494,23 +494,15 @@ mod tests {
 
         // The CPU's own fused attention takes f32 only.
         let cpu = Device::Cpu;
-        let resolve = |choice: AttentionChoice, dtype| choice.resolve(&cpu, dtype);
-        assert_eq!(
-            resolve(AttentionChoice::Auto, DType::F32).unwrap(),
-            AttentionKernel::Fused
-        );
-        assert_eq!(
-            resolve(AttentionChoice::Fused, DType::F32).unwrap(),
-            AttentionKernel::Fused
-        );
-        assert_eq!(
-            resolve(AttentionChoice::Matmul, DType::F32).unwrap(),
-            AttentionKernel::Matmul
-        );
-        assert_eq!(
-            resolve(AttentionChoice::Auto, DType::F16).unwrap(),
-            AttentionKernel::Matmul
-        );
+        for (choice, dtype, want) in [
+            (AttentionChoice::Auto, DType::F32, AttentionKernel::Fused),
+            (AttentionChoice::Fused, DType::F32, AttentionKernel::Fused),
+            (AttentionChoice::Matmul, DType::F32, AttentionKernel::Matmul),
+            (AttentionChoice::Auto, DType::F16, AttentionKernel::Matmul),
+        ] {
+            let got = choice.resolve(&cpu, dtype).unwrap();
+            assert_eq!(got, want, "{choice:?} in {dtype:?}");
+        }
         let err = AttentionChoice::Flash
             .resolve(&cpu, DType::F16)
             .unwrap_err()

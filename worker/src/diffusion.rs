@@ -507,7 +507,12 @@ mod tests {
         // Flash attention cannot run on the CPU: refused before any render.
         let err = config(&["--attention", "flash"]).unwrap_err().to_string();
         assert!(err.contains("flash attention cannot run here"), "{err}");
-        let err = config(&["--attention", "fused"]).unwrap_err().to_string();
+        // The own fused attention runs on the CPU in f32 only.
+        let cfg = config(&["--attention", "fused"]).unwrap();
+        assert_eq!(cfg.attention, AttentionChoice::Fused);
+        let err = config(&["--attention", "fused", "--dtype", "f16"])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("fused attention cannot run here"), "{err}");
     }
 }
