@@ -254,20 +254,18 @@ struct AttentionOp {
     scale: f32,
 }
 
-/// A `(batch, tokens, heads, d)` operand of [`attention`]: its slice and
-/// the element strides of those four dimensions.
-fn heads_operand<'a>(
-    s: &'a CpuStorage,
-    l: &Layout,
-) -> candle_core::Result<(&'a [f32], usize, [usize; 4])> {
+/// A `(batch, tokens, heads, d)` operand of [`attention`]: its slice, its
+/// start in it, and the sizes and element strides of those four dimensions.
+type HeadsOperand<'a> = (&'a [f32], usize, [usize; 4], [usize; 4]);
+
+fn heads_operand<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<HeadsOperand<'a>> {
     let CpuStorage::F32(v) = s else {
         candle_core::bail!("attention: the CPU kernels take f32, got {:?}", s.dtype());
     };
-    let strides: [usize; 4] = l
-        .stride()
-        .try_into()
-        .map_err(|_| candle_core::Error::Msg(format!("attention: {:?} is not 4-D", l.dims())))?;
-    Ok((v, l.start_offset(), strides))
+    let not_4d = |_| candle_core::Error::Msg(format!("attention: {:?} is not 4-D", l.dims()));
+    let dims = l.dims().try_into().map_err(not_4d)?;
+    let strides = l.stride().try_into().map_err(not_4d)?;
+    Ok((v, l.start_offset(), dims, strides))
 }
 
 impl CustomOp3 for AttentionOp {
@@ -284,14 +282,11 @@ impl CustomOp3 for AttentionOp {
         v: &CpuStorage,
         v_l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = |l: &Layout| -> candle_core::Result<[usize; 4]> {
-            l.dims().try_into().map_err(|_| {
-                candle_core::Error::Msg(format!("attention: {:?} is not 4-D", l.dims()))
-            })
-        };
-        let [b, nq, h, d] = dims(q_l)?;
-        let [kb, nk, kh, kd] = dims(k_l)?;
-        if (kb, kh, kd) != (b, h, d) || k_l.dims() != v_l.dims() || nk == 0 {
+        let (q, q_start, [b, nq, h, d], qs) = heads_operand(q, q_l)?;
+        let (k, k_start, k_dims, ks) = heads_operand(k, k_l)?;
+        let (v, v_start, v_dims, vs) = heads_operand(v, v_l)?;
+        let [kb, nk, kh, kd] = k_dims;
+        if (kb, kh, kd) != (b, h, d) || k_dims != v_dims || nk == 0 {
             candle_core::bail!(
                 "attention: q {:?}, k {:?} and v {:?} do not match",
                 q_l.dims(),
@@ -299,9 +294,6 @@ impl CustomOp3 for AttentionOp {
                 v_l.dims()
             );
         }
-        let (q, q_start, qs) = heads_operand(q, q_l)?;
-        let (k, k_start, ks) = heads_operand(k, k_l)?;
-        let (v, v_start, vs) = heads_operand(v, v_l)?;
         // One (batch, head) pair's rows of an operand, from `row` on.
         let at = |start: usize, s: [usize; 4], bh: usize, row: usize| Operand {
             start: start + (bh / h) * s[0] + (bh % h) * s[2] + row * s[1],
@@ -312,17 +304,18 @@ impl CustomOp3 for AttentionOp {
             out.par_chunks_mut(nq * d)
                 .enumerate()
                 .for_each(|(bh, out)| {
+                    // kᵀ: the head's key rows read as columns.
+                    let k_at = at(k_start, ks, bh, 0);
+                    let kt = Operand {
+                        start: k_at.start,
+                        strides: [k_at.strides[1], k_at.strides[0]],
+                    };
+                    let v_at = at(v_start, vs, bh, 0);
                     out.par_chunks_mut(QUERY_BLOCK * d)
                         .enumerate()
                         .for_each(|(block, out)| {
                             let rows = out.len() / d;
                             let mut scores = vec![0f32; rows * nk];
-                            // scores = q_block · kᵀ: k's rows read as columns.
-                            let k_at = at(k_start, ks, bh, 0);
-                            let kt = Operand {
-                                start: k_at.start,
-                                strides: [k_at.strides[1], k_at.strides[0]],
-                            };
                             matmul_strided(
                                 (rows, nk, d),
                                 self.scale,
@@ -337,7 +330,7 @@ impl CustomOp3 for AttentionOp {
                                 1.0,
                                 (out, Operand::row_major(d)),
                                 (&scores, Operand::row_major(nk)),
-                                (v, at(v_start, vs, bh, 0)),
+                                (v, v_at),
                                 gemm::Parallelism::None,
                             );
                         });
@@ -714,15 +707,6 @@ fn matmul_strided(
     assert!(dst_at.fits((m, n), dst.len()));
     assert!(lhs_at.fits((m, k), lhs.len()) && rhs_at.fits((k, n), rhs.len()));
     if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        // gemm would leave an unread destination as it was.
-        for i in 0..m {
-            for j in 0..n {
-                dst[dst_at.start + i * dst_at.strides[0] + j * dst_at.strides[1]] = 0.0;
-            }
-        }
         return;
     }
     let stride = |s: usize| s as isize;

@@ -467,6 +467,23 @@ fn cuda_attention_fits(d: usize, dtype: DType) -> bool {
         && d <= ATTENTION_HEAD_SIZES[ATTENTION_HEAD_SIZES.len() - 1]
 }
 
+/// The attention as candle's matmuls and the softmax, what [`attention`]
+/// replaces (the benchmark's baseline): the same `(batch, tokens, heads,
+/// d)` operands and result, the scores materialised heads-first. Any device
+/// and type.
+pub fn candle_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+) -> candle_core::Result<Tensor> {
+    let heads_first = |t: &Tensor| t.transpose(1, 2)?.contiguous();
+    let scores = (heads_first(q)?.matmul(&heads_first(k)?.t()?)? * f64::from(scale))?;
+    crate::softmax::softmax_last_dim(&scores)?
+        .matmul(&heads_first(v)?)?
+        .transpose(1, 2)
+}
+
 /// `softmax(scale · QKᵀ)V` per head without materialising the scores: `q`
 /// is `(batch, queries, heads, d)`, `k` and `v` `(batch, keys, heads, d)`;
 /// the result is `(batch, queries, heads, d)`. On CUDA the fused kernel:

@@ -182,7 +182,7 @@ pub fn run(cfg: &OpBenchConfig) -> candle_core::Result<Vec<OpTiming>> {
     );
     drop(probs);
     // The whole self-attention as the engine runs it (the own fused kernel
-    // where it takes the heads, else the matmuls above with the softmax), on
+    // where it takes the heads, else candle's matmuls and the softmax), on
     // q, k and v as views of one projection's `(b, n, 3, heads, d)` output;
     // PyTorch's scaled_dot_product_attention on the same views.
     let qkv = randn(&[b, n, 3, heads, d], cfg)?;
@@ -194,9 +194,7 @@ pub fn run(cfg: &OpBenchConfig) -> candle_core::Result<Vec<OpTiming>> {
         if fused {
             crate::fused::attention(&q, &k, &v, scale)
         } else {
-            let heads_first = |t: &Tensor| t.transpose(1, 2)?.contiguous();
-            let scores = (heads_first(&q)?.matmul(&heads_first(&k)?.t()?)? * f64::from(scale))?;
-            crate::softmax::softmax_last_dim(&scores)?.matmul(&heads_first(&v)?)
+            crate::fused::candle_attention(&q, &k, &v, scale)
         }
     })?;
     push(

@@ -395,24 +395,15 @@ fn kernel_checks(
             let t = |n: usize| Tensor::randn(0f32, 1f32, (b, n, heads, d), dev)?.to_dtype(dtype);
             (t(nq)?, t(nk)?, t(nk)?)
         };
-        // (batch, heads, tokens, d) matmuls, as the engine's matmul path.
-        let matmul_attention =
-            |q: &Tensor, k: &Tensor, v: &Tensor| -> candle_core::Result<Tensor> {
-                let heads_first = |t: &Tensor| t.transpose(1, 2)?.contiguous();
-                let scores = (heads_first(q)?.matmul(&heads_first(k)?.t()?)? * f64::from(scale))?;
-                hallmark_diffusion::softmax::softmax_last_dim(&scores)?
-                    .matmul(&heads_first(v)?)?
-                    .transpose(1, 2)
-            };
         let ours = fused::attention(&q, &k, &v, scale)?;
-        let reference = matmul_attention(&f32(&q)?, &f32(&k)?, &f32(&v)?)?;
+        let reference = fused::candle_attention(&f32(&q)?, &f32(&k)?, &f32(&v)?, scale)?;
         report(
             "attention",
             &[b, nq, nk, heads, d],
             max_abs_diff(&ours, &reference)?,
             1.0,
             time_ms(dev, &|| fused::attention(&q, &k, &v, scale))?,
-            time_ms(dev, &|| matmul_attention(&q, &k, &v))?,
+            time_ms(dev, &|| fused::candle_attention(&q, &k, &v, scale))?,
             serde_json::json!({"layout": "(batch, queries, keys, heads, d)"}),
         );
     }
