@@ -4,8 +4,10 @@
 #   1. one guided UNet step (batch 2) of the SD 1.5 architecture at 256²;
 #   2. the tiny SD-1.x pipeline end to end (192², 20 steps, Euler a, guided);
 #   3. the UNet's operations one by one at the 256², batch-2 shapes (ops).
-# Hallmark runs 1 and 2 twice: with its own CPU attention (the default) and
-# with `--attention matmul` (the materialised scores), the in-run baseline.
+# Hallmark runs 1 and 2 three times: as it is by default (its own CPU
+# attention, Winograd for the 3×3 stride-1 convolutions), with `--attention
+# matmul` (the materialised scores) and with `--conv-algo im2col` (every
+# convolution by the im2col): the in-run baselines of those two kernels.
 # Prints JSON lines and the ratios (diffusers time / Hallmark time: > 1 means
 # Hallmark is faster). Uses the reference venv of tests/reference/run.sh.
 set -euo pipefail
@@ -23,12 +25,14 @@ mkdir -p "$WORK"
 [ -d "$WORK/tiny-sd1" ] || "$BIN" init "$WORK/tiny-sd1" --arch sd1 --clip-vocab "$VOCAB"
 OUT="$(mktemp)"
 {
-  for attention in fused matmul; do
-    "$BIN" unet --model "$WORK/sd15" --size 256 --runs 5 --attention "$attention"
+  for variant in "" "--attention matmul" "--conv-algo im2col"; do
+    # shellcheck disable=SC2086 # the variant is two words or none
+    "$BIN" unet --model "$WORK/sd15" --size 256 --runs 5 $variant
   done
   "$VENV/bin/python" bench/diffusion/diffusers_bench.py unet "$WORK/sd15" --size 256 --runs 5
-  for attention in fused matmul; do
-    "$BIN" pipeline --model "$WORK/tiny-sd1" --size 192 --steps 20 --batch 1,4 --runs 3 --attention "$attention"
+  for variant in "" "--attention matmul" "--conv-algo im2col"; do
+    # shellcheck disable=SC2086
+    "$BIN" pipeline --model "$WORK/tiny-sd1" --size 192 --steps 20 --batch 1,4 --runs 3 $variant
   done
   "$VENV/bin/python" bench/diffusion/diffusers_bench.py pipeline "$WORK/tiny-sd1" --size 192 --steps 20 --batch 1,4 --runs 3
   "$BIN" ops --size 256 --batch 2 --runs 5
@@ -38,17 +42,16 @@ OUT="$(mktemp)"
 python3 - "$OUT" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
-def pick(engine, bench, batch=None, attention=None):
+def pick(engine, bench, batch=None):
     return [r for r in rows if r["engine"] == engine and r["bench"] == bench
-            and (batch is None or r["batch"] == batch)
-            and (attention is None or r.get("attention") == attention)]
+            and (batch is None or r["batch"] == batch)]
+def variant(r):
+    return f"{r.get('attention')} attention, {r.get('conv')} convolutions"
 d = pick("diffusers", "unet_step")[0]
-for attention in ("Fused", "Matmul"):
-    h = pick("hallmark", "unet_step", attention=attention)[0]
-    print(f"SD1.5 UNet step 256² (batch 2), {attention} attention: hallmark {h['median_s']*1000:.0f} ms, diffusers {d['median_s']*1000:.0f} ms, ratio {d['median_s']/h['median_s']:.2f}")
+for h in pick("hallmark", "unet_step"):
+    print(f"SD1.5 UNet step 256² (batch 2), {variant(h)}: hallmark {h['median_s']*1000:.0f} ms, diffusers {d['median_s']*1000:.0f} ms, ratio {d['median_s']/h['median_s']:.2f}")
 for b in sorted({r["batch"] for r in pick("hallmark", "pipeline")}):
     d = pick("diffusers", "pipeline", b)[0]
-    for attention in ("Fused", "Matmul"):
-        h = pick("hallmark", "pipeline", b, attention)[0]
-        print(f"tiny pipeline 192² 20 steps batch {b}, {attention} attention: hallmark {h['images_per_s']:.2f} img/s, diffusers {d['images_per_s']:.2f} img/s, ratio {h['images_per_s']/d['images_per_s']:.2f}")
+    for h in pick("hallmark", "pipeline", b):
+        print(f"tiny pipeline 192² 20 steps batch {b}, {variant(h)}: hallmark {h['images_per_s']:.2f} img/s, diffusers {d['images_per_s']:.2f} img/s, ratio {h['images_per_s']/d['images_per_s']:.2f}")
 PY

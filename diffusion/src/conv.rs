@@ -1,5 +1,6 @@
-//! The networks' convolutions: on the CPU in f32 the engine's own kernel
-//! (`cpu::conv2d`); on CUDA the own im2col and one matmul (`fused::conv2d`)
+//! The networks' convolutions: on the CPU in f32 the engine's own kernels
+//! (`cpu::conv2d`: Winograd's F(2×2, 3×3) for 3×3 stride-1 convolutions
+//! under the default algorithm, the im2col for the rest); on CUDA the own im2col and one matmul (`fused::conv2d`)
 //! or, in a `cudnn` build, cuDNN with the algorithm chosen here; candle's
 //! convolution elsewhere.
 //!
@@ -41,7 +42,8 @@ pub enum ConvAlgorithm {
     ImplicitGemm,
     /// Winograd (non-fused) for 3×3 stride-1 convolutions, the own im2col
     /// for the others (Winograd cannot run them); the fastest of the cuDNN
-    /// algorithms on an H100.
+    /// algorithms on an H100. On the CPU the own Winograd F(2×2, 3×3)
+    /// (`cpu/winograd.rs`); every other choice there is the own im2col.
     #[default]
     WinogradNonfused,
     /// cuDNN's heuristic, asked on every call (candle's default).
@@ -111,6 +113,10 @@ impl ConvAlgorithm {
         let im2col = !cfg!(feature = "cudnn")
             || self == Self::Im2col
             || (self == Self::WinogradNonfused && !winograd);
+        // On the CPU (f32), the default runs the 3×3 stride-1 convolutions
+        // by the own Winograd and every other choice the own im2col: the
+        // cuDNN algorithms have no CPU counterpart.
+        let cpu_winograd = self == Self::WinogradNonfused && winograd;
         let cfg = Conv2dConfig {
             padding,
             stride,
@@ -118,7 +124,11 @@ impl ConvAlgorithm {
             ..Default::default()
         };
         let conv = candle_nn::conv2d(cin, cout, kernel, cfg, vb)?;
-        Ok(Conv2d { conv, im2col })
+        Ok(Conv2d {
+            conv,
+            im2col,
+            cpu_winograd,
+        })
     }
 }
 
@@ -131,6 +141,9 @@ pub(crate) struct Conv2d {
     conv: candle_nn::Conv2d,
     /// On CUDA, `fused::conv2d` rather than candle's (cuDNN's) convolution.
     im2col: bool,
+    /// On the CPU, a 3×3 stride-1 convolution by Winograd's F(2×2, 3×3)
+    /// rather than the im2col.
+    cpu_winograd: bool,
 }
 
 impl Conv2d {
@@ -146,7 +159,7 @@ impl Conv2d {
     pub(crate) fn without_bias(&self) -> Self {
         Self {
             conv: candle_nn::Conv2d::new(self.conv.weight().clone(), None, *self.conv.config()),
-            im2col: self.im2col,
+            ..self.clone()
         }
     }
 }
@@ -157,7 +170,7 @@ impl Module for Conv2d {
         let plain = cfg.dilation == 1 && cfg.groups == 1;
         let weight = self.conv.weight();
         let out = if crate::cpu::applies(xs) && plain {
-            crate::cpu::conv2d(xs, weight, cfg.stride, cfg.padding)?
+            crate::cpu::conv2d(xs, weight, cfg.stride, cfg.padding, self.cpu_winograd)?
         } else if self.im2col && plain && crate::fused::applies(xs) {
             crate::fused::conv2d(xs, weight, cfg.stride, cfg.padding)?
         } else {

@@ -76,6 +76,8 @@ macro_rules! multiversion {
     };
 }
 
+mod winograd;
+
 /// `e^x` for f32: x = n ln 2 + r with |r| ≤ ln 2 / 2, a degree-6 Taylor
 /// polynomial for e^r, and 2^n put into the exponent bits. Arguments are
 /// clamped to where e^x is a finite, normal f32; a NaN stays a NaN. No
@@ -487,6 +489,9 @@ const COL_BYTES: usize = 8 << 20;
 struct Conv2dOp {
     stride: usize,
     padding: usize,
+    /// 3×3 stride-1 convolutions by Winograd's F(2×2, 3×3) rather than
+    /// the im2col.
+    winograd: bool,
 }
 
 /// The shape of one convolution (also `fused::conv2d`'s).
@@ -573,34 +578,42 @@ impl Tile {
 /// images), else row bands of one image.
 pub(crate) fn tiles(s: &ConvShape, col_elements: usize) -> Vec<Tile> {
     let budget = (col_elements / s.k().max(1)).max(s.out_w);
-    let image_px = s.out_h * s.out_w;
+    split_rows(s.batch, s.out_h, s.out_w, budget)
+}
+
+/// `batch` images of `rows` rows of `row_len` units each in runs of at
+/// most `budget` units (one row at the least): whole images together while
+/// they fit, else row bands of one image.
+fn split_rows(batch: usize, rows: usize, row_len: usize, budget: usize) -> Vec<Tile> {
+    let budget = budget.max(row_len);
+    let image_units = rows * row_len;
     let mut out = Vec::new();
-    if image_px <= budget {
-        let per = (budget / image_px.max(1)).max(1);
+    if image_units <= budget {
+        let per = (budget / image_units.max(1)).max(1);
         let mut image = 0;
-        while image < s.batch {
-            let images = per.min(s.batch - image);
+        while image < batch {
+            let images = per.min(batch - image);
             out.push(Tile {
                 image,
                 images,
                 row: 0,
-                rows: s.out_h,
+                rows,
             });
             image += images;
         }
     } else {
-        let band = (budget / s.out_w).max(1);
-        for image in 0..s.batch {
+        let band = (budget / row_len.max(1)).max(1);
+        for image in 0..batch {
             let mut row = 0;
-            while row < s.out_h {
-                let rows = band.min(s.out_h - row);
+            while row < rows {
+                let n = band.min(rows - row);
                 out.push(Tile {
                     image,
                     images: 1,
                     row,
-                    rows,
+                    rows: n,
                 });
-                row += rows;
+                row += n;
             }
         }
     }
@@ -810,7 +823,11 @@ impl CustomOp2 for Conv2dOp {
         let s = ConvShape::new(xs_l.shape(), weight_l.shape(), self.stride, self.padding)?;
         let x = f32_slice(xs, xs_l, "conv2d")?;
         let w = f32_slice(weight, weight_l, "conv2d")?;
-        let out = convolve(x, w, &s);
+        let out = if self.winograd && winograd::runs(&s) {
+            winograd::convolve(x, w, &s)
+        } else {
+            convolve(x, w, &s)
+        };
         Ok((
             CpuStorage::F32(out),
             Shape::from((s.batch, s.cout, s.out_h, s.out_w)),
@@ -820,14 +837,22 @@ impl CustomOp2 for Conv2dOp {
 
 /// A 2-D convolution (no dilation, one group, no bias) of `xs (b, cin, h,
 /// w)` by `weight (cout, cin, kh, kw)`; f32 on the CPU (see [`applies`]).
+/// With `winograd`, a 3×3 stride-1 convolution runs by Winograd's F(2×2,
+/// 3×3) (`winograd.rs`), every other by the im2col.
 pub(crate) fn conv2d(
     xs: &Tensor,
     weight: &Tensor,
     stride: usize,
     padding: usize,
+    winograd: bool,
 ) -> candle_core::Result<Tensor> {
+    let op = Conv2dOp {
+        stride,
+        padding,
+        winograd,
+    };
     xs.contiguous()?
-        .apply_op2_no_bwd(&weight.contiguous()?, &Conv2dOp { stride, padding })
+        .apply_op2_no_bwd(&weight.contiguous()?, &op)
 }
 
 #[cfg(test)]
@@ -1000,22 +1025,32 @@ mod tests {
             (2, 6, 5, 4, 3, 1, 1, 0),
             (1, 2, 2, 1, 3, 3, 1, 1),
             (2, 3, 6, 6, 2, 5, 1, 2),
+            (2, 8, 24, 23, 4, 3, 1, 1),
         ];
-        for (b, cin, h, w, cout, k, stride, padding) in cases {
-            let x = randn(&[b, cin, h, w]);
-            let wt = randn(&[cout, cin, k, k]);
-            let want = x.conv2d(&wt, padding, stride, 1, 1).unwrap();
-            let ours = conv2d(&x, &wt, stride, padding).unwrap();
-            assert_eq!(ours.dims(), want.dims());
-            let d = max_diff(&ours, &want);
-            assert!(
-                d < 1e-4,
-                "case {:?}: differs by {d}",
-                (b, cin, h, w, cout, k, stride, padding)
-            );
+        // With `winograd`, the 3×3 stride-1 case with enough tiles (the
+        // last) runs by Winograd's F(2×2, 3×3), the others by the im2col
+        // still.
+        for winograd in [false, true] {
+            for (b, cin, h, w, cout, k, stride, padding) in cases {
+                let x = randn(&[b, cin, h, w]);
+                let wt = randn(&[cout, cin, k, k]);
+                let want = x.conv2d(&wt, padding, stride, 1, 1).unwrap();
+                let ours = conv2d(&x, &wt, stride, padding, winograd).unwrap();
+                assert_eq!(ours.dims(), want.dims());
+                let d = max_diff(&ours, &want);
+                assert!(
+                    d < 1e-4,
+                    "case {:?}, winograd {winograd}: differs by {d}",
+                    (b, cin, h, w, cout, k, stride, padding)
+                );
+            }
+            let bad = |x: &[usize], w: &[usize], padding| {
+                conv2d(&randn(x), &randn(w), 1, padding, winograd).is_err()
+            };
+            assert!(bad(&[1, 3, 4, 4], &[2, 4, 3, 3], 1));
+            assert!(bad(&[1, 3, 2, 2], &[2, 3, 5, 5], 0));
+            assert!(bad(&[1, 3, 1, 2], &[2, 3, 3, 3], 0));
         }
-        assert!(conv2d(&randn(&[1, 3, 4, 4]), &randn(&[2, 4, 3, 3]), 1, 1).is_err());
-        assert!(conv2d(&randn(&[1, 3, 2, 2]), &randn(&[2, 3, 5, 5]), 1, 0).is_err());
     }
 
     #[test]
@@ -1056,7 +1091,7 @@ mod tests {
         let s_k = 64 * 9;
         assert!(40 * 130 * s_k * 4 > COL_BYTES, "the case must band");
         let want = x.conv2d(&wt, 1, 1, 1, 1).unwrap();
-        let d = max_diff(&conv2d(&x, &wt, 1, 1).unwrap(), &want);
+        let d = max_diff(&conv2d(&x, &wt, 1, 1, false).unwrap(), &want);
         assert!(d < 1e-4, "differs by {d}");
     }
 }

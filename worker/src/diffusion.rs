@@ -120,8 +120,10 @@ pub struct DiffusionArgs {
     /// them, else matmul), matmul, flash or fused.
     #[arg(long, env = "HALLMARK_ATTENTION", default_value = "auto")]
     pub attention: String,
-    /// The convolutions' cuDNN algorithm in a cudnn build:
-    /// winograd-nonfused, implicit-precomp-gemm, implicit-gemm or heuristic.
+    /// The convolutions' algorithm: in a cudnn build cuDNN's
+    /// (winograd-nonfused, implicit-precomp-gemm, implicit-gemm, heuristic)
+    /// or the own im2col (im2col); on the CPU winograd-nonfused runs the 3×3
+    /// stride-1 convolutions by the own Winograd, any other the own im2col.
     #[arg(
         long = "conv-algo",
         env = "HALLMARK_CONV_ALGO",

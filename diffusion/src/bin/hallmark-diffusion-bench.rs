@@ -20,7 +20,9 @@
 //!
 //! `--attention auto|matmul|flash|fused` picks the UNet's attention kernel;
 //! `--conv-algo winograd-nonfused|implicit-precomp-gemm|implicit-gemm|heuristic|im2col`
-//! the convolutions' cuDNN algorithm (a `cudnn` build; ignored elsewhere).
+//! the convolutions' cuDNN algorithm (a `cudnn` build); on the CPU the default
+//! runs the 3×3 stride-1 convolutions by the own Winograd, every other choice
+//! all of them by the own im2col.
 //!
 //! Each measurement is printed as one JSON line.
 
@@ -71,10 +73,15 @@ fn conv_algorithm(args: &[String]) -> Result<ConvAlgorithm, DiffusionError> {
         .unwrap_or(Ok(ConvAlgorithm::default()))
 }
 
-/// How this build convolves: im2col and a matmul, or the cuDNN algorithm.
+/// How this run convolves: on the CPU the own Winograd (3×3, stride 1) or
+/// im2col; on CUDA im2col and a matmul, or the cuDNN algorithm.
 fn conv_name(args: &[String]) -> Result<String, DiffusionError> {
-    Ok(if cfg!(feature = "cudnn") {
-        conv_algorithm(args)?.to_string()
+    let algo = conv_algorithm(args)?;
+    Ok(if device(args)?.is_cpu() {
+        let winograd = algo == ConvAlgorithm::WinogradNonfused;
+        (if winograd { "winograd" } else { "im2col" }).into()
+    } else if cfg!(feature = "cudnn") {
+        algo.to_string()
     } else {
         "im2col".into()
     })
