@@ -90,6 +90,37 @@ fn time(
     Ok(rounds[rounds.len() / 2])
 }
 
+/// One 3×3 convolution (padding 1, with a bias) of a `(batch, cin, side,
+/// side)` map to `cout` channels, through the engine's convolution layer
+/// with `cfg.conv_algorithm`.
+pub fn conv3x3(
+    cfg: &OpBenchConfig,
+    op: &'static str,
+    (batch, cin, cout, side): (usize, usize, usize, usize),
+) -> candle_core::Result<OpTiming> {
+    let vars = HashMap::from([
+        (
+            "weight".to_string(),
+            (randn(&[cout, cin, 3, 3], cfg)? * (9.0 * cin as f64).powf(-0.5))?,
+        ),
+        ("bias".to_string(), randn(&[cout], cfg)?),
+    ]);
+    let vb = VarBuilder::from_tensors(vars, cfg.dtype, &cfg.device);
+    let conv = cfg.conv_algorithm.conv2d((cin, cout, 3), 1, 1, vb)?;
+    let x = randn(&[batch, cin, side, side], cfg)?;
+    let ms = time(cfg, &|| conv.forward(&x))?;
+    let pixels = (batch * side * side) as f64;
+    let el = cfg.dtype.size_in_bytes() as f64;
+    let bytes = (x.elem_count() as f64 + pixels * cout as f64 + (9 * cin * cout) as f64) * el;
+    Ok(OpTiming {
+        op,
+        shape: x.dims().to_vec(),
+        ms,
+        flops: 2.0 * pixels * (9 * cin * cout) as f64,
+        bytes,
+    })
+}
+
 /// A linear layer (weight and bias) from random tensors.
 fn linear(cin: usize, cout: usize, cfg: &OpBenchConfig) -> candle_core::Result<Linear> {
     let w = (randn(&[cout, cin], cfg)? * (cin as f64).powf(-0.5))?;
@@ -207,20 +238,8 @@ pub fn run(cfg: &OpBenchConfig) -> candle_core::Result<Vec<OpTiming>> {
 
     // 3×3 convolutions at the top level and at the deepest one.
     for (op, ch, side) in [("conv3x3", c, l), ("conv3x3_deep", 4 * c, l / 4)] {
-        let vars = HashMap::from([
-            (
-                "weight".to_string(),
-                (randn(&[ch, ch, 3, 3], cfg)? * (9.0 * ch as f64).powf(-0.5))?,
-            ),
-            ("bias".to_string(), randn(&[ch], cfg)?),
-        ]);
-        let vb = VarBuilder::from_tensors(vars, cfg.dtype, &cfg.device);
-        let conv = cfg.conv_algorithm.conv2d((ch, ch, 3), 1, 1, vb)?;
-        let x = randn(&[b, ch, side, side], cfg)?;
-        let ms = time(cfg, &|| conv.forward(&x))?;
-        let pixels = b * side * side;
-        let bytes = (2 * x.elem_count() + 9 * ch * ch) as f64 * el;
-        push(op, x.dims(), ms, mm(pixels, 9 * ch, ch), bytes);
+        let t = conv3x3(cfg, op, (b, ch, ch, side))?;
+        push(op, &t.shape, t.ms, t.flops, t.bytes);
     }
 
     // Norms, activations and elementwise passes over the top level's maps.

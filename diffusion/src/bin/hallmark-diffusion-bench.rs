@@ -16,7 +16,10 @@
 //!   tolerance;
 //! - `ops [--device ..] [--dtype ..] [--size 512] [--batch 16] [--runs 5]` times the
 //!   UNet's operations one by one at its shapes (matmuls, convolutions, norms,
-//!   activations, layout copies), as `diffusers_bench.py ops` does in PyTorch.
+//!   activations, layout copies), as `diffusers_bench.py ops` does in PyTorch;
+//! - `conv [--device ..] [--dtype ..] [--shapes "B,CIN,COUT,SIDE;…"] [--runs 5]` times
+//!   3×3 convolutions through the engine's convolution layer (by default at
+//!   the tiny model's, Real-ESRGAN's, the SD-1.5 VAE's and UNet's shapes).
 //!
 //! `--attention auto|matmul|flash|fused` picks the UNet's attention kernel;
 //! `--conv-algo winograd-nonfused|implicit-precomp-gemm|implicit-gemm|heuristic|im2col`
@@ -44,6 +47,13 @@ use hallmark_diffusion::{
 /// large allocation faults its pages in again.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `conv`'s shapes (batch, cin, cout, side): the tiny SD-1.x model's UNet
+/// and VAE at 192², Real-ESRGAN's (64 features, 32 growth channels) on a
+/// 128² tile and its ×4 head at 512², the SD-1.5 VAE decoder's and UNet's
+/// at 512².
+const CONV_SHAPES: &str = "2,32,32,24;2,64,64,12;1,64,64,96;1,64,32,128;1,160,32,128;\
+    1,64,64,512;1,512,512,64;1,256,256,256;2,320,320,64;2,1280,1280,16;2,1280,1280,8";
 
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter()
@@ -514,7 +524,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!(
                 "{}",
                 serde_json::json!({"engine": "hallmark", "bench": "unet_step", "device": format!("{dev:?}"),
-                    "attention": format!("{:?}", sd.attention()),
+                    "attention": format!("{:?}", sd.attention()), "conv": conv_name(&args)?,
                     "size": size, "batch": 2, "median_s": times[times.len() / 2], "min_s": times[0]})
             );
         }
@@ -586,8 +596,36 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 );
             }
         }
+        Some("conv") => {
+            let cfg = hallmark_diffusion::opbench::OpBenchConfig {
+                device: device(&args)?,
+                dtype: dtype(&args)?,
+                batch: 1,
+                latent: 1,
+                runs: num("--runs", 5),
+                conv_algorithm: conv_algorithm(&args)?,
+            };
+            let shapes = arg(&args, "--shapes").unwrap_or_else(|| CONV_SHAPES.into());
+            for spec in shapes.split(';') {
+                let dims: Vec<usize> = spec
+                    .split(',')
+                    .map(|v| v.trim().parse())
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| format!("--shapes {spec:?}: {e}"))?;
+                let [batch, cin, cout, side] = dims[..] else {
+                    return Err(format!("--shapes {spec:?}: want batch,cin,cout,side").into());
+                };
+                let t = hallmark_diffusion::opbench::conv3x3(&cfg, "conv3x3", (batch, cin, cout, side))?;
+                println!(
+                    "{}",
+                    serde_json::json!({"engine": "hallmark", "bench": "conv", "conv": conv_name(&args)?,
+                        "device": format!("{:?}", cfg.device), "dtype": format!("{:?}", cfg.dtype),
+                        "shape": t.shape, "cout": cout, "ms": t.ms, "tflops": t.tflops()})
+                );
+            }
+        }
         _ => return Err(
-            "usage: hallmark-diffusion-bench init|pipeline|unet|profile|kernels|ops ... (see the source's doc comment)"
+            "usage: hallmark-diffusion-bench init|pipeline|unet|profile|kernels|ops|conv ... (see the source's doc comment)"
                 .into(),
         ),
     }

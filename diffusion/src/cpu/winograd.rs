@@ -19,37 +19,50 @@
 //! convolution's.
 //!
 //! The work goes in bands of tile rows (several whole images for small
-//! maps) whose transformed input and products stay near the cache. The
+//! maps) whose transformed input and products stay near the cache, and
+//! only where it gains: from 128 channels in and out and 128 tiles up (see
+//! [`runs`]); the im2col takes the rest. The
 //! layouts keep what one thread writes together — U as `[cout][ξ][cin]`, V
-//! as `[cin][ξ][tile]`, M as `[cout][ξ][tile]` — and the matmuls read them
-//! through their strides.
+//! as `[cin][ξ][tile]`, M as `[ξ][cout][tile]` — and the matmuls read U and
+//! V through their strides.
 
 use rayon::prelude::*;
 
-use super::{ConvShape, Operand, Tile, matmul_strided, parallelism, split_rows};
+use super::{ConvShape, Operand, Tile, matmul_strided, split_rows};
 
 /// Points of a transformed 4×4 tile: the matmuls per band.
 const POINTS: usize = 16;
 
 /// What a band's transformed input, and its products, may take.
-const BAND_BYTES: usize = 64 << 20;
+const BAND_BYTES: usize = 16 << 20;
 
-/// Tiles per band at the least, whatever the channels: the matmuls run
-/// at about 420 GFLOP/s on two Zen 5 cores with 2048 tiles, 320 with 384
-/// (the SD-1.5 UNet's top-level convolution).
-const MIN_BAND_TILES: usize = 2048;
+/// Tiles per band at the least, whatever the channels: each matmul's
+/// columns (with 384 of them the top-level matmuls of the SD-1.5 UNet ran
+/// at 320 GFLOP/s on two Zen 5 cores, with 2048 at 420).
+const MIN_BAND_TILES: usize = 1024;
 
 /// Tiles (of all images) below which the im2col is faster: the filters'
 /// transform, on every call, costs about what 2.5 tiles' products save per
-/// filter. Measured: 1.26 times the im2col's speed at 128 tiles (1280
-/// channels at 16², batch 2), half of it at 32 (8²).
+/// filter. Measured (`hallmark-diffusion-bench conv`): 1.3 times the
+/// im2col's speed at 128 tiles (1280 channels at 16², batch 2), no gain at
+/// 32 (8²).
 const MIN_TILES: usize = 128;
 
+/// Channels (in and out) below which the im2col is as fast: with few
+/// channels the transforms' memory traffic outweighs the products saved
+/// (64 channels at 512², Real-ESRGAN's: 0.9–1.0 of the im2col's speed; 128
+/// channels, the SD VAE's last level: 1.9; 320 at 64², batch 2: 1.5).
+const MIN_CHANNELS: usize = 128;
+
 /// Whether this kernel runs `s`: a 3×3 kernel at stride 1 (any padding)
-/// over enough tiles.
+/// with enough channels and tiles to gain.
 pub(super) fn runs(s: &ConvShape) -> bool {
     let tiles = s.batch * s.out_h.div_ceil(2) * s.out_w.div_ceil(2);
-    s.kh == 3 && s.kw == 3 && s.stride == 1 && tiles >= MIN_TILES
+    s.kh == 3
+        && s.kw == 3
+        && s.stride == 1
+        && s.cin.min(s.cout) >= MIN_CHANNELS
+        && tiles >= MIN_TILES
 }
 
 /// The convolution of `x` (`(batch, cin, height, width)`) by `w` (`(cout,
@@ -79,27 +92,32 @@ pub(super) fn convolve(x: &[f32], w: &[f32], s: &ConvShape) -> Vec<f32> {
         v.par_chunks_mut(POINTS * tiles)
             .enumerate()
             .for_each(|(c, v)| transform_input(v, x, s, c, band, tiles_w));
-        // M[ξ] = U[ξ] · V[ξ]: every operand's rows are POINTS apart.
+        // M[ξ] = U[ξ] · V[ξ], the 16 matmuls shared out over the threads
+        // (each on one thread: at the small maps' sizes a matmul's own
+        // split costs more than it saves); U's and V's rows are POINTS
+        // apart.
         let point = |start: usize, row: usize| Operand {
             start,
             strides: [POINTS * row, 1],
         };
-        for xi in 0..POINTS {
-            matmul_strided(
-                (s.cout, tiles, s.cin),
-                1.0,
-                (&mut *m, point(xi * tiles, tiles)),
-                (&u, point(xi * s.cin, s.cin)),
-                (&*v, point(xi * tiles, tiles)),
-                parallelism(),
-            );
-        }
+        m.par_chunks_mut(s.cout * tiles)
+            .enumerate()
+            .for_each(|(xi, m)| {
+                matmul_strided(
+                    (s.cout, tiles, s.cin),
+                    1.0,
+                    (m, Operand::row_major(tiles)),
+                    (&u, point(xi * s.cin, s.cin)),
+                    (&*v, point(xi * tiles, tiles)),
+                    gemm::Parallelism::None,
+                );
+            });
         let plane = s.out_h * s.out_w;
         let images = &mut out[band.image * s.cout * plane..][..band.images * s.cout * plane];
         images.par_chunks_mut(plane).enumerate().for_each(|(j, y)| {
             let (image, o) = (j / s.cout, j % s.cout);
-            let m = &m[o * POINTS * tiles..][..POINTS * tiles];
-            transform_output(y, m, s, band, image * band.rows * tiles_w, tiles_w);
+            let first = o * tiles + image * band.rows * tiles_w;
+            transform_output(y, m, s, band, first, tiles_w);
         });
     }
     out
@@ -197,12 +215,13 @@ multiversion! {
 }
 
 multiversion! {
-    /// One output plane's rows of `band` from `m`, its channel's products as
-    /// `[ξ][tile]` (this image's tiles from `first`): `Aᵀ M A` of every
-    /// tile, `Aᵀ = [1 1 1 0; 0 1 -1 -1]`, cut at the plane's edges.
+    /// One output plane's rows of `band` from `m`, the products as
+    /// `[ξ][cout][tile]` (this plane's tiles from `first` in each point's
+    /// block): `Aᵀ M A` of every tile, `Aᵀ = [1 1 1 0; 0 1 -1 -1]`, cut at
+    /// the plane's edges.
     fn transform_output(y: &mut [f32], m: &[f32], s: &ConvShape, band: Tile, first: usize, tiles_w: usize) {
-        let tiles = m.len() / POINTS;
-        let point = |xi: usize| &m[xi * tiles + first..][..band.rows * tiles_w];
+        let block = m.len() / POINTS;
+        let point = |xi: usize| &m[xi * block + first..][..band.rows * tiles_w];
         let p: [&[f32]; POINTS] = std::array::from_fn(point);
         for r in 0..band.rows {
             let oy = 2 * (band.row + r);
@@ -281,10 +300,10 @@ mod tests {
 
     #[test]
     fn bands_of_rows_and_of_whole_images_cover_every_output() {
-        // 64 channels: 16384 tiles per band. A 301² output (151² = 22801
-        // tiles) is split into row bands; thirteen 80² images (1600 tiles
+        // 64 channels: 4096 tiles per band. A 151² output (76² = 5776
+        // tiles) is split into row bands; thirteen 40² images (400 tiles
         // each) go ten, and three, to a band.
-        for (b, side) in [(1, 301), (13, 80)] {
+        for (b, side) in [(1, 151), (13, 40)] {
             let s =
                 ConvShape::new(&(b, 64, side, side).into(), &(8, 64, 3, 3).into(), 1, 1).unwrap();
             let tiles = side.div_ceil(2);
