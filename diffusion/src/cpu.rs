@@ -1027,9 +1027,9 @@ mod tests {
             (2, 3, 6, 6, 2, 5, 1, 2),
             (2, 128, 16, 15, 128, 3, 1, 1),
         ];
-        // With `winograd`, the 3×3 stride-1 case with enough tiles (the
-        // last) runs by Winograd's F(2×2, 3×3), the others by the im2col
-        // still.
+        // With `winograd`, the 3×3 stride-1 case with enough channels and
+        // tiles (the last) runs by Winograd's F(2×2, 3×3), the others by
+        // the im2col still.
         for winograd in [false, true] {
             for (b, cin, h, w, cout, k, stride, padding) in cases {
                 let x = randn(&[b, cin, h, w]);

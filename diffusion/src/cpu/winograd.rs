@@ -20,8 +20,12 @@
 //!
 //! The work goes in bands of tile rows (several whole images for small
 //! maps) whose transformed input and products stay near the cache, and
-//! only where it gains: from 128 channels in and out and 128 tiles up (see
-//! [`runs`]); the im2col takes the rest. The
+//! only where it gains: from 32 channels in and out and 128 tiles up (see
+//! [`runs`]); the im2col takes the rest. Narrow layers (up to 256
+//! channels) give each thread bands of its own, small enough for its
+//! core's cache ([`per_core`]); wide ones put all threads on one band at a
+//! time, its transforms split over the channels and its matmuls over the
+//! points ([`shared`]). The
 //! layouts keep what one thread writes together — U as `[cout][ξ][cin]`, V
 //! as `[cin][ξ][tile]`, M as `[ξ][cout][tile]` — and the matmuls read U and
 //! V through their strides.
@@ -41,6 +45,17 @@ const BAND_BYTES: usize = 16 << 20;
 /// at 320 GFLOP/s on two Zen 5 cores, with 2048 at 420).
 const MIN_BAND_TILES: usize = 1024;
 
+/// Layers up to this many channels (in and out) run [`per_core`], wider
+/// ones [`shared`]. Per core, every band reads all of U, which is small
+/// here (4 MiB at 256 channels): 256 → 256 at 256² took 101 ms per core
+/// and 109 shared; 640 → 640 at 32² (26 MiB of U) 32 ms per core and 21
+/// shared.
+const CORE_CHANNELS: usize = 256;
+
+/// What a band's transformed input, and its products, may take in
+/// [`per_core`]: one core's share of the cache.
+const CORE_BAND_BYTES: usize = 1 << 20;
+
 /// Tiles (of all images) below which the im2col is faster: the filters'
 /// transform, on every call, costs about what 2.5 tiles' products save per
 /// filter. Measured (`hallmark-diffusion-bench conv`): 1.3 times the
@@ -48,11 +63,12 @@ const MIN_BAND_TILES: usize = 1024;
 /// 32 (8²).
 const MIN_TILES: usize = 128;
 
-/// Channels (in and out) below which the im2col is as fast: with few
-/// channels the transforms' memory traffic outweighs the products saved
-/// (64 channels at 512², Real-ESRGAN's: 0.9–1.0 of the im2col's speed; 128
-/// channels, the SD VAE's last level: 1.9; 320 at 64², batch 2: 1.5).
-const MIN_CHANNELS: usize = 128;
+/// Channels (in and out) below which the im2col is as fast. Measured
+/// (`hallmark-diffusion-bench conv`, per-core bands): Real-ESRGAN's 64 → 32
+/// at 128² and 64 → 64 at 512² 1.1–1.2 times the im2col's speed, 160 → 32
+/// 1.5; the tiny models' 32 channels about the same; a 4-channel input
+/// (the UNet's first convolution) a quarter.
+const MIN_CHANNELS: usize = 32;
 
 /// Whether this kernel runs `s`: a 3×3 kernel at stride 1 (any padding)
 /// with enough channels and tiles to gain.
@@ -73,15 +89,40 @@ pub(super) fn convolve(x: &[f32], w: &[f32], s: &ConvShape) -> Vec<f32> {
         s.kh == 3 && s.kw == 3 && s.stride == 1,
         "Winograd F(2×2, 3×3) takes {s:?}"
     );
+    let u = filters(w, s);
+    if s.cin.max(s.cout) <= CORE_CHANNELS {
+        per_core(x, &u, s)
+    } else {
+        shared(x, &u, s)
+    }
+}
+
+/// Bands of tile rows whose transformed input and products take at most
+/// `bytes`, or `min_tiles` tiles, whichever is more (a tile row at the
+/// least).
+fn bands(s: &ConvShape, bytes: usize, min_tiles: usize) -> Vec<Tile> {
     let (tiles_h, tiles_w) = (s.out_h.div_ceil(2), s.out_w.div_ceil(2));
-    let budget = (BAND_BYTES / 4 / (POINTS * s.cin.max(s.cout).max(1))).max(MIN_BAND_TILES);
-    let bands = split_rows(s.batch, tiles_h, tiles_w, budget);
+    let budget = (bytes / 4 / (POINTS * s.cin.max(s.cout).max(1))).max(min_tiles);
+    split_rows(s.batch, tiles_h, tiles_w, budget)
+}
+
+/// Output rows `2 band.row ..` of one plane, `plane` elements each.
+fn band_rows(s: &ConvShape, band: Tile) -> std::ops::Range<usize> {
+    let first = 2 * band.row;
+    let last = (2 * (band.row + band.rows)).min(s.out_h);
+    first * s.out_w..last * s.out_w
+}
+
+/// Wide layers: each band's transforms split over the channels and its
+/// matmuls over the points, all threads on one band at a time.
+fn shared(x: &[f32], u: &[f32], s: &ConvShape) -> Vec<f32> {
+    let tiles_w = s.out_w.div_ceil(2);
+    let bands = bands(s, BAND_BYTES, MIN_BAND_TILES);
     let widest = bands
         .iter()
         .map(|b| b.images * b.rows * tiles_w)
         .max()
         .unwrap_or(0);
-    let u = filters(w, s);
     let mut v = vec![0f32; s.cin * POINTS * widest];
     let mut m = vec![0f32; s.cout * POINTS * widest];
     let mut out = vec![0f32; s.batch * s.cout * s.out_h * s.out_w];
@@ -92,34 +133,107 @@ pub(super) fn convolve(x: &[f32], w: &[f32], s: &ConvShape) -> Vec<f32> {
         v.par_chunks_mut(POINTS * tiles)
             .enumerate()
             .for_each(|(c, v)| transform_input(v, x, s, c, band, tiles_w));
-        // M[ξ] = U[ξ] · V[ξ], the 16 matmuls shared out over the threads
-        // (each on one thread: at the small maps' sizes a matmul's own
-        // split costs more than it saves); U's and V's rows are POINTS
-        // apart.
-        let point = |start: usize, row: usize| Operand {
-            start,
-            strides: [POINTS * row, 1],
-        };
+        // Each matmul on one thread: at the small maps' sizes a matmul's
+        // own split costs more than it saves.
         m.par_chunks_mut(s.cout * tiles)
             .enumerate()
-            .for_each(|(xi, m)| {
-                matmul_strided(
-                    (s.cout, tiles, s.cin),
-                    1.0,
-                    (m, Operand::row_major(tiles)),
-                    (&u, point(xi * s.cin, s.cin)),
-                    (&*v, point(xi * tiles, tiles)),
-                    gemm::Parallelism::None,
-                );
-            });
+            .for_each(|(xi, m)| products(m, u, v, s, xi, tiles));
         let plane = s.out_h * s.out_w;
         let images = &mut out[band.image * s.cout * plane..][..band.images * s.cout * plane];
         images.par_chunks_mut(plane).enumerate().for_each(|(j, y)| {
             let (image, o) = (j / s.cout, j % s.cout);
             let first = o * tiles + image * band.rows * tiles_w;
-            transform_output(y, m, s, band, first, tiles_w);
+            transform_output(&mut y[band_rows(s, band)], m, s, band, first, tiles_w);
         });
     }
+    out
+}
+
+/// `M[ξ] = U[ξ] · V[ξ]` into `m` (`cout × tiles`); U's and V's rows are
+/// POINTS apart.
+fn products(m: &mut [f32], u: &[f32], v: &[f32], s: &ConvShape, xi: usize, tiles: usize) {
+    let point = |start: usize, row: usize| Operand {
+        start,
+        strides: [POINTS * row, 1],
+    };
+    matmul_strided(
+        (s.cout, tiles, s.cin),
+        1.0,
+        (m, Operand::row_major(tiles)),
+        (u, point(xi * s.cin, s.cin)),
+        (v, point(xi * tiles, tiles)),
+        gemm::Parallelism::None,
+    );
+}
+
+/// The output, shared by the threads of [`per_core`]: each writes the rows
+/// of its own bands only.
+struct Planes {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: `Planes::rows` hands out only the rows of one band, and bands do
+// not overlap.
+unsafe impl Sync for Planes {}
+
+impl Planes {
+    /// The `rows` of plane (`image`, `o`).
+    ///
+    /// # Safety
+    /// No other live slice from this `Planes` may overlap them.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn rows(
+        &self,
+        s: &ConvShape,
+        image: usize,
+        o: usize,
+        rows: std::ops::Range<usize>,
+    ) -> &mut [f32] {
+        let start = (image * s.cout + o) * s.out_h * s.out_w + rows.start;
+        assert!(start + rows.len() <= self.len, "rows inside the output");
+        // SAFETY: in bounds (above); exclusive by the caller's promise.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), rows.len()) }
+    }
+}
+
+/// Narrow layers: one band per thread at a time, small enough that its
+/// transformed tiles and products stay in that core's cache, where the
+/// shared scheme would pass them between cores through memory.
+fn per_core(x: &[f32], u: &[f32], s: &ConvShape) -> Vec<f32> {
+    let tiles_w = s.out_w.div_ceil(2);
+    let bands = bands(s, CORE_BAND_BYTES, 0);
+    let mut out = vec![0f32; s.batch * s.cout * s.out_h * s.out_w];
+    let planes = Planes {
+        ptr: out.as_mut_ptr(),
+        len: out.len(),
+    };
+    bands.par_iter().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(v, m), &band| {
+            let tiles = band.images * band.rows * tiles_w;
+            v.resize(s.cin * POINTS * tiles, 0f32);
+            m.resize(s.cout * POINTS * tiles, 0f32);
+            let (v, m) = (
+                &mut v[..s.cin * POINTS * tiles],
+                &mut m[..s.cout * POINTS * tiles],
+            );
+            for (c, v) in v.chunks_exact_mut(POINTS * tiles).enumerate() {
+                transform_input(v, x, s, c, band, tiles_w);
+            }
+            for (xi, m) in m.chunks_exact_mut(s.cout * tiles).enumerate() {
+                products(m, u, v, s, xi, tiles);
+            }
+            for image in 0..band.images {
+                for o in 0..s.cout {
+                    // SAFETY: these rows belong to this band alone.
+                    let y = unsafe { planes.rows(s, band.image + image, o, band_rows(s, band)) };
+                    let first = o * tiles + image * band.rows * tiles_w;
+                    transform_output(y, m, s, band, first, tiles_w);
+                }
+            }
+        },
+    );
     out
 }
 
@@ -215,16 +329,15 @@ multiversion! {
 }
 
 multiversion! {
-    /// One output plane's rows of `band` from `m`, the products as
-    /// `[ξ][cout][tile]` (this plane's tiles from `first` in each point's
-    /// block): `Aᵀ M A` of every tile, `Aᵀ = [1 1 1 0; 0 1 -1 -1]`, cut at
-    /// the plane's edges.
+    /// One output plane's rows of `band` (`y`, from the band's first output
+    /// row) from `m`, the products as `[ξ][cout][tile]` (this plane's tiles
+    /// from `first` in each point's block): `Aᵀ M A` of every tile, `Aᵀ =
+    /// [1 1 1 0; 0 1 -1 -1]`, cut at the plane's edges.
     fn transform_output(y: &mut [f32], m: &[f32], s: &ConvShape, band: Tile, first: usize, tiles_w: usize) {
         let block = m.len() / POINTS;
         let point = |xi: usize| &m[xi * block + first..][..band.rows * tiles_w];
         let p: [&[f32]; POINTS] = std::array::from_fn(point);
         for r in 0..band.rows {
-            let oy = 2 * (band.row + r);
             for tx in 0..tiles_w {
                 let t = r * tiles_w + tx;
                 // Aᵀ M: two rows of four, then each row times A.
@@ -232,10 +345,10 @@ multiversion! {
                 let bottom: [f32; 4] = std::array::from_fn(|j| p[4 + j][t] - p[8 + j][t] - p[12 + j][t]);
                 let ox = 2 * tx;
                 for (dy, [a, b, c, e]) in [top, bottom].into_iter().enumerate() {
-                    if oy + dy >= s.out_h {
+                    if 2 * (band.row + r) + dy >= s.out_h {
                         break;
                     }
-                    let row = &mut y[(oy + dy) * s.out_w..][..s.out_w];
+                    let row = &mut y[(2 * r + dy) * s.out_w..][..s.out_w];
                     row[ox] = a + b + c;
                     if ox + 1 < s.out_w {
                         row[ox + 1] = b - c - e;
@@ -256,19 +369,23 @@ mod tests {
         Tensor::randn(0f32, 1f32, shape, &Device::Cpu).unwrap()
     }
 
-    /// The Winograd convolution of `x` by `w` and candle's, at `padding`.
-    fn both(x: &Tensor, w: &Tensor, padding: usize) -> (Tensor, Tensor) {
+    /// Both Winograd schemes' convolution of `x` by `w` at `padding`,
+    /// checked against candle's.
+    fn check(x: &Tensor, w: &Tensor, padding: usize, what: &str) {
         let s = ConvShape::new(x.shape(), w.shape(), 1, padding).unwrap();
-        assert!(s.kh == 3 && s.kw == 3 && s.stride == 1);
         let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let ws = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let ours = Tensor::from_vec(
-            convolve(&xs, &ws, &s),
-            (s.batch, s.cout, s.out_h, s.out_w),
-            &Device::Cpu,
-        )
-        .unwrap();
-        (ours, x.conv2d(w, padding, 1, 1, 1).unwrap())
+        let want = x.conv2d(w, padding, 1, 1, 1).unwrap();
+        let u = filters(&ws, &s);
+        let schemes: [(&str, fn(&[f32], &[f32], &ConvShape) -> Vec<f32>); 2] =
+            [("shared", shared), ("per core", per_core)];
+        for (name, scheme) in schemes {
+            let dims = (s.batch, s.cout, s.out_h, s.out_w);
+            let ours = Tensor::from_vec(scheme(&xs, &u, &s), dims, &Device::Cpu).unwrap();
+            assert_eq!(ours.dims(), want.dims());
+            let d = max_diff(&ours, &want);
+            assert!(d < 1e-4, "{what}, {name}: differs by {d}");
+        }
     }
 
     #[test]
@@ -287,41 +404,39 @@ mod tests {
             (1, 4, 1, 2, 3, 1),
         ];
         for (b, cin, h, w, cout, padding) in cases {
-            let (ours, want) = both(&randn(&[b, cin, h, w]), &randn(&[cout, cin, 3, 3]), padding);
-            assert_eq!(ours.dims(), want.dims());
-            let d = max_diff(&ours, &want);
-            assert!(
-                d < 1e-4,
-                "{:?}: differs by {d}",
-                (b, cin, h, w, cout, padding)
+            let (x, wt) = (randn(&[b, cin, h, w]), randn(&[cout, cin, 3, 3]));
+            check(
+                &x,
+                &wt,
+                padding,
+                &format!("{:?}", (b, cin, h, w, cout, padding)),
             );
         }
     }
 
     #[test]
     fn bands_of_rows_and_of_whole_images_cover_every_output() {
-        // 64 channels: 4096 tiles per band. A 151² output (76² = 5776
-        // tiles) is split into row bands; thirteen 40² images (400 tiles
-        // each) go ten, and three, to a band.
-        for (b, side) in [(1, 151), (13, 40)] {
-            let s =
-                ConvShape::new(&(b, 64, side, side).into(), &(8, 64, 3, 3).into(), 1, 1).unwrap();
-            let tiles = side.div_ceil(2);
-            let budget = (BAND_BYTES / 4 / (POINTS * 64)).max(MIN_BAND_TILES);
-            let bands = split_rows(b, tiles, tiles, budget);
-            let split = if b == 1 {
-                bands.len() > 1
-            } else {
-                bands.iter().any(|t| t.images > 1) && bands.len() > 1
-            };
-            assert!(split, "{b}×{side}²: {bands:?}");
+        // 64 channels: 4096 tiles per band shared by the threads, 256 per
+        // core. A 151² output (76² = 5776 tiles) goes in row bands in
+        // both schemes; thirteen 40² images (400 tiles each) go ten to a
+        // shared band, and three; thirteen 20² ones (100 tiles) two to a
+        // core's band.
+        let schemes = [(BAND_BYTES, MIN_BAND_TILES), (CORE_BAND_BYTES, 0)];
+        // Per scheme: whether some case went in row bands, and whether some
+        // went several images to a band, in more than one band.
+        let mut seen = [(false, false); 2];
+        for (b, side) in [(1, 151), (13, 40), (13, 20)] {
             let x = randn(&[b, 64, side, side]);
             let w = (randn(&[8, 64, 3, 3]) * 0.1).unwrap();
-            let (ours, want) = both(&x, &w, 1);
-            let d = max_diff(&ours, &want);
-            assert!(d < 1e-4, "{b}×{side}²: differs by {d}");
-            assert_eq!(s.out_h, side);
+            let s = ConvShape::new(x.shape(), w.shape(), 1, 1).unwrap();
+            for (&(bytes, min_tiles), seen) in schemes.iter().zip(&mut seen) {
+                let bands = bands(&s, bytes, min_tiles);
+                seen.0 |= bands.iter().any(|t| t.rows < side.div_ceil(2));
+                seen.1 |= bands.len() > 1 && bands.iter().any(|t| t.images > 1);
+            }
+            check(&x, &w, 1, &format!("{b}×{side}²"));
         }
+        assert_eq!(seen, [(true, true); 2]);
     }
 
     #[test]
