@@ -365,6 +365,9 @@ mod tests {
     use crate::test_util::max_diff;
     use candle_core::{Device, Tensor};
 
+    /// [`shared`] or [`per_core`].
+    type Scheme = fn(&[f32], &[f32], &ConvShape) -> Vec<f32>;
+
     fn randn(shape: &[usize]) -> Tensor {
         Tensor::randn(0f32, 1f32, shape, &Device::Cpu).unwrap()
     }
@@ -377,8 +380,7 @@ mod tests {
         let ws = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let want = x.conv2d(w, padding, 1, 1, 1).unwrap();
         let u = filters(&ws, &s);
-        let schemes: [(&str, fn(&[f32], &[f32], &ConvShape) -> Vec<f32>); 2] =
-            [("shared", shared), ("per core", per_core)];
+        let schemes: [(&str, Scheme); 2] = [("shared", shared), ("per core", per_core)];
         for (name, scheme) in schemes {
             let dims = (s.batch, s.cout, s.out_h, s.out_w);
             let ours = Tensor::from_vec(scheme(&xs, &u, &s), dims, &Device::Cpu).unwrap();
