@@ -31,13 +31,13 @@ struct ResidualDenseBlock {
 }
 
 impl ResidualDenseBlock {
-    fn new(vb: VarBuilder, nf: usize, gc: usize) -> candle_core::Result<Self> {
+    fn new(vb: VarBuilder, nf: usize, gc: usize, algo: ConvAlgorithm) -> candle_core::Result<Self> {
         let convs = (0..5)
             .map(|k| {
                 let cin = nf + k * gc;
                 let cout = if k == 4 { nf } else { gc };
                 let name = format!("conv{}", k + 1);
-                ConvAlgorithm::default().conv2d((cin, cout, 3), 1, 1, vb.pp(name))
+                algo.conv2d((cin, cout, 3), 1, 1, vb.pp(name))
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self { convs })
@@ -200,6 +200,16 @@ impl RrdbNet {
     /// Load a Real-ESRGAN checkpoint (a `.safetensors` file or a folder
     /// holding one).
     pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Self, DiffusionError> {
+        Self::load_with(path, device, dtype, ConvAlgorithm::default())
+    }
+
+    /// [`RrdbNet::load`], its convolutions run by `algo`.
+    pub fn load_with(
+        path: &Path,
+        device: &Device,
+        dtype: DType,
+        algo: ConvAlgorithm,
+    ) -> Result<Self, DiffusionError> {
         let file = find_weights(path)?;
         let config = RrdbConfig::from_weights(&file)?;
         let size = std::fs::metadata(&file)
@@ -215,7 +225,7 @@ impl RrdbNet {
             path: file.clone(),
             size,
         };
-        Self::new(vb, config, weights)
+        Self::new(vb, config, weights, algo)
             .map_err(|e| DiffusionError::BadModel(format!("loading {}: {e}", file.display())))
     }
 
@@ -225,19 +235,18 @@ impl RrdbNet {
         vb: VarBuilder,
         config: RrdbConfig,
         weights: WeightFile,
+        algo: ConvAlgorithm,
     ) -> candle_core::Result<Self> {
         let (nf, gc) = (config.num_feat, config.num_grow_ch);
         let in_ch = 3 * (4 / config.scale) * (4 / config.scale);
-        let conv = |cin, cout, name: &str| {
-            ConvAlgorithm::default().conv2d((cin, cout, 3), 1, 1, vb.pp(name))
-        };
+        let conv = |cin, cout, name: &str| algo.conv2d((cin, cout, 3), 1, 1, vb.pp(name));
         let body = (0..config.num_block)
             .map(|i| {
                 let b = vb.pp("body").pp(i.to_string());
                 Ok([
-                    ResidualDenseBlock::new(b.pp("rdb1"), nf, gc)?,
-                    ResidualDenseBlock::new(b.pp("rdb2"), nf, gc)?,
-                    ResidualDenseBlock::new(b.pp("rdb3"), nf, gc)?,
+                    ResidualDenseBlock::new(b.pp("rdb1"), nf, gc, algo)?,
+                    ResidualDenseBlock::new(b.pp("rdb2"), nf, gc, algo)?,
+                    ResidualDenseBlock::new(b.pp("rdb3"), nf, gc, algo)?,
                 ])
             })
             .collect::<candle_core::Result<Vec<_>>>()?;

@@ -38,6 +38,9 @@ pub enum TinyArch {
     Esrgan {
         scale: usize,
     },
+    /// Real-ESRGAN ×4plus's own sizes (64 features, 23 blocks, 32 growth
+    /// channels) with random weights, for benchmarks.
+    EsrganX4Full,
 }
 
 impl std::str::FromStr for TinyArch {
@@ -49,10 +52,11 @@ impl std::str::FromStr for TinyArch {
             "sd15-full" => Self::Sd15Full,
             "esrgan" | "esrgan-x2" => Self::Esrgan { scale: 2 },
             "esrgan-x4" => Self::Esrgan { scale: 4 },
+            "esrgan-x4-full" => Self::EsrganX4Full,
             "sdxl" => Self::Sdxl,
             other => {
                 return Err(DiffusionError::BadRequest(format!(
-                    "unknown tiny architecture {other:?} (sd1, sd2, sdxl, sd15-full, esrgan-x2, esrgan-x4)"
+                    "unknown tiny architecture {other:?} (sd1, sd2, sdxl, sd15-full, esrgan-x2, esrgan-x4, esrgan-x4-full)"
                 )));
             }
         })
@@ -214,7 +218,18 @@ pub fn init_tiny(
             };
             write_sd(&staging, &shape, seed, bpe)
         }
-        TinyArch::Esrgan { scale } => write_esrgan(&staging, scale, seed),
+        TinyArch::Esrgan { scale } => write_esrgan(&staging, tiny_esrgan(scale), seed, "tiny"),
+        TinyArch::EsrganX4Full => write_esrgan(
+            &staging,
+            RrdbConfig {
+                scale: 4,
+                num_feat: 64,
+                num_block: 23,
+                num_grow_ch: 32,
+            },
+            seed,
+            "random",
+        ),
     };
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&staging);
@@ -226,20 +241,31 @@ pub fn init_tiny(
     std::fs::rename(&staging, dir).map_err(io(dir))
 }
 
-fn write_esrgan(dir: &Path, scale: usize, seed: u64) -> Result<(), DiffusionError> {
-    let config = RrdbConfig {
+/// The tiny RRDBNet's sizes.
+fn tiny_esrgan(scale: usize) -> RrdbConfig {
+    RrdbConfig {
         scale,
         num_feat: 16,
         num_block: 2,
         num_grow_ch: 8,
-    };
+    }
+}
+
+/// An RRDBNet of `config`'s sizes, its file named `RealESRGAN_x{scale}plus_{name}`.
+fn write_esrgan(
+    dir: &Path,
+    config: RrdbConfig,
+    seed: u64,
+    name: &str,
+) -> Result<(), DiffusionError> {
+    let scale = config.scale;
     let (vb, tensors) = recorder(seed);
     let dummy = WeightFile {
         relative: String::new(),
         path: dir.to_path_buf(),
         size: 0,
     };
-    RrdbNet::new(vb, config, dummy)?;
+    RrdbNet::new(vb, config, dummy, crate::conv::ConvAlgorithm::default())?;
     let mut t = tensors.lock().expect("recorder lock").clone();
     // Keep the random network's output around mid-grey rather than clipped.
     if let Some(w) = t.get_mut("conv_last.weight") {
@@ -249,7 +275,7 @@ fn write_esrgan(dir: &Path, scale: usize, seed: u64) -> Result<(), DiffusionErro
         *b = b.ones_like()?.affine(0.5, 0.0)?;
     }
     write_safetensors(
-        &dir.join(format!("RealESRGAN_x{scale}plus_tiny.safetensors")),
+        &dir.join(format!("RealESRGAN_x{scale}plus_{name}.safetensors")),
         &t,
     )?;
     write_json(

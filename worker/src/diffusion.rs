@@ -278,8 +278,15 @@ impl DiffusionEngine {
                 "an esrgan upscale needs Real-ESRGAN weights (--upscaler PATH)".into(),
             )
         })?;
-        let net =
-            Arc::new(RrdbNet::load(path, &self.config.device, self.config.dtype).map_err(failed)?);
+        let net = Arc::new(
+            RrdbNet::load_with(
+                path,
+                &self.config.device,
+                self.config.dtype,
+                self.config.conv_algorithm,
+            )
+            .map_err(failed)?,
+        );
         let digest = sha256_file(&net.weights.path).map_err(failed)?;
         *slot = Some((net.clone(), digest.clone()));
         Ok((net, digest))

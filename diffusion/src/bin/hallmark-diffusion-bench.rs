@@ -1,6 +1,7 @@
 //! Benchmarks of the diffusion engine (a command, not a test):
 //!
-//! - `init DIR --clip-vocab GZ [--arch sd15-full|sd1|sd2|sdxl]` writes a random-weight model;
+//! - `init DIR --clip-vocab GZ [--arch sd15-full|sd1|sd2|sdxl|esrgan-x4-full|…]` writes a random-weight
+//!   model (no vocabulary for the upscalers);
 //! - `pipeline --model DIR [--device cpu|cuda] [--dtype f32|f16|bf16] [--size 512]
 //!   [--steps 20] [--batch 1,8] [--runs 2] [--scheduler euler_a]` renders and
 //!   prints images/s and UNet it/s (guided steps per second, as diffusers counts);
@@ -17,6 +18,9 @@
 //! - `ops [--device ..] [--dtype ..] [--size 512] [--batch 16] [--runs 5]` times the
 //!   UNet's operations one by one at its shapes (matmuls, convolutions, norms,
 //!   activations, layout copies), as `diffusers_bench.py ops` does in PyTorch;
+//! - `esrgan --model FILE|DIR [--device ..] [--dtype ..] [--size 128] [--runs 3]` times one
+//!   Real-ESRGAN forward pass on a `size`² image (`init DIR --arch
+//!   esrgan-x4-full` writes Real-ESRGAN ×4plus's architecture with random weights);
 //! - `conv [--device ..] [--dtype ..] [--shapes "B,CIN,COUT,SIDE;…"] [--runs 5]` times
 //!   3×3 convolutions through the engine's convolution layer (by default at
 //!   the tiny model's, Real-ESRGAN's, the SD-1.5 VAE's and UNet's shapes).
@@ -438,10 +442,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some("init") => {
             let dir = PathBuf::from(args.get(1).ok_or("init DIR")?);
             let arch = arg(&args, "--arch").unwrap_or_else(|| "sd15-full".into());
-            let vocab =
-                PathBuf::from(arg(&args, "--clip-vocab").ok_or("--clip-vocab GZ is required")?);
+            let arch: hallmark_diffusion::tiny::TinyArch = arch.parse()?;
+            let upscaler = matches!(
+                arch,
+                hallmark_diffusion::tiny::TinyArch::Esrgan { .. }
+                    | hallmark_diffusion::tiny::TinyArch::EsrganX4Full
+            );
+            let vocab = match arg(&args, "--clip-vocab") {
+                Some(v) => Some(PathBuf::from(v)),
+                None if upscaler => None,
+                None => return Err("--clip-vocab GZ is required".into()),
+            };
             let started = Instant::now();
-            hallmark_diffusion::tiny::init_tiny(&dir, arch.parse()?, 0, Some(&vocab))?;
+            hallmark_diffusion::tiny::init_tiny(&dir, arch, 0, vocab.as_deref())?;
             eprintln!(
                 "wrote {} in {:.1} s",
                 dir.display(),
@@ -596,6 +609,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 );
             }
         }
+        Some("esrgan") => {
+            let path = PathBuf::from(arg(&args, "--model").ok_or("--model FILE|DIR is required")?);
+            let (dev, size, runs) = (device(&args)?, num("--size", 128), num("--runs", 3));
+            let net = hallmark_diffusion::esrgan::RrdbNet::load_with(
+                &path,
+                &dev,
+                dtype(&args)?,
+                conv_algorithm(&args)?,
+            )?;
+            let x = Tensor::rand(0f32, 1f32, (1, 3, size, size), &dev)?.to_dtype(dtype(&args)?)?;
+            net.forward(&x)?;
+            let mut times = Vec::with_capacity(runs);
+            for _ in 0..runs.max(1) {
+                let started = Instant::now();
+                net.forward(&x)?;
+                dev.synchronize()?;
+                times.push(started.elapsed().as_secs_f64());
+            }
+            times.sort_by(f64::total_cmp);
+            println!(
+                "{}",
+                serde_json::json!({"engine": "hallmark", "bench": "esrgan", "device": format!("{dev:?}"),
+                    "conv": conv_name(&args)?, "scale": net.config.scale, "num_feat": net.config.num_feat,
+                    "num_block": net.config.num_block, "size": size,
+                    "median_s": times[times.len() / 2], "min_s": times[0]})
+            );
+        }
         Some("conv") => {
             let cfg = hallmark_diffusion::opbench::OpBenchConfig {
                 device: device(&args)?,
@@ -625,7 +665,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         _ => return Err(
-            "usage: hallmark-diffusion-bench init|pipeline|unet|profile|kernels|ops|conv ... (see the source's doc comment)"
+            "usage: hallmark-diffusion-bench init|pipeline|unet|profile|kernels|ops|esrgan|conv ... (see the source's doc comment)"
                 .into(),
         ),
     }
