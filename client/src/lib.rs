@@ -322,11 +322,7 @@ fn init_tiny(
 ) -> anyhow::Result<i32> {
     let arch_name = arch;
     let arch: hallmark_diffusion::tiny::TinyArch = arch.parse()?;
-    let needs_vocab = !matches!(
-        arch,
-        hallmark_diffusion::tiny::TinyArch::Esrgan { .. }
-            | hallmark_diffusion::tiny::TinyArch::EsrganX4Full
-    );
+    let needs_vocab = arch.needs_clip_vocab();
     if needs_vocab && !clip_vocab.is_file() {
         bail!(
             "CLIP vocabulary {} not found: pass --clip-vocab PATH to bpe_simple_vocab_16e6.txt.gz (or set HALLMARK_CLIP_VOCAB)",

@@ -90,6 +90,13 @@ impl fmt::Display for ConvAlgorithm {
 }
 
 impl ConvAlgorithm {
+    /// Whether, on the CPU (f32), the 3×3 stride-1 convolutions run by the
+    /// own Winograd: under the default only, every other choice running the
+    /// own im2col (the cuDNN algorithms have no CPU counterpart).
+    pub fn winograd_on_cpu(self) -> bool {
+        self == Self::WinogradNonfused
+    }
+
     /// A `kernel`×`kernel` convolution loaded from `vb` (`weight`, `bias`)
     /// that runs with this algorithm.
     pub(crate) fn conv2d(
@@ -113,10 +120,7 @@ impl ConvAlgorithm {
         let im2col = !cfg!(feature = "cudnn")
             || self == Self::Im2col
             || (self == Self::WinogradNonfused && !winograd);
-        // On the CPU (f32), the default runs the 3×3 stride-1 convolutions
-        // by the own Winograd and every other choice the own im2col: the
-        // cuDNN algorithms have no CPU counterpart.
-        let cpu_winograd = self == Self::WinogradNonfused && winograd;
+        let cpu_winograd = self.winograd_on_cpu() && winograd;
         let cfg = Conv2dConfig {
             padding,
             stride,

@@ -577,8 +577,7 @@ impl Tile {
 /// fit in `col_elements` (small maps: one matmul shares the weight across
 /// images), else row bands of one image.
 pub(crate) fn tiles(s: &ConvShape, col_elements: usize) -> Vec<Tile> {
-    let budget = (col_elements / s.k().max(1)).max(s.out_w);
-    split_rows(s.batch, s.out_h, s.out_w, budget)
+    split_rows(s.batch, s.out_h, s.out_w, col_elements / s.k().max(1))
 }
 
 /// `batch` images of `rows` rows of `row_len` units each in runs of at

@@ -43,6 +43,14 @@ pub enum TinyArch {
     EsrganX4Full,
 }
 
+impl TinyArch {
+    /// Whether [`init_tiny`] needs CLIP's vocabulary for this architecture
+    /// (every Stable Diffusion one; the upscalers have no tokenizer).
+    pub fn needs_clip_vocab(&self) -> bool {
+        !matches!(self, Self::Esrgan { .. } | Self::EsrganX4Full)
+    }
+}
+
 impl std::str::FromStr for TinyArch {
     type Err = DiffusionError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {

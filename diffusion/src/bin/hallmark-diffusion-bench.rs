@@ -59,6 +59,25 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const CONV_SHAPES: &str = "2,32,32,24;2,64,64,12;1,64,64,96;1,64,32,128;1,160,32,128;\
     1,64,64,512;1,512,512,64;1,256,256,256;2,320,320,64;2,1280,1280,16;2,1280,1280,8";
 
+/// Median and least seconds of `runs` calls of `f` (one at the least), each
+/// with the device synchronised, after a warm-up call.
+fn median_and_min(
+    dev: &Device,
+    runs: usize,
+    f: &dyn Fn() -> Result<(), Box<dyn std::error::Error>>,
+) -> Result<(f64, f64), Box<dyn std::error::Error>> {
+    f()?;
+    let mut times = Vec::with_capacity(runs.max(1));
+    for _ in 0..runs.max(1) {
+        let started = Instant::now();
+        f()?;
+        dev.synchronize()?;
+        times.push(started.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((times[times.len() / 2], times[0]))
+}
+
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter()
         .position(|a| a == name)
@@ -92,8 +111,12 @@ fn conv_algorithm(args: &[String]) -> Result<ConvAlgorithm, DiffusionError> {
 fn conv_name(args: &[String]) -> Result<String, DiffusionError> {
     let algo = conv_algorithm(args)?;
     Ok(if device(args)?.is_cpu() {
-        let winograd = algo == ConvAlgorithm::WinogradNonfused;
-        (if winograd { "winograd" } else { "im2col" }).into()
+        (if algo.winograd_on_cpu() {
+            "winograd"
+        } else {
+            "im2col"
+        })
+        .into()
     } else if cfg!(feature = "cudnn") {
         algo.to_string()
     } else {
@@ -443,14 +466,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let dir = PathBuf::from(args.get(1).ok_or("init DIR")?);
             let arch = arg(&args, "--arch").unwrap_or_else(|| "sd15-full".into());
             let arch: hallmark_diffusion::tiny::TinyArch = arch.parse()?;
-            let upscaler = matches!(
-                arch,
-                hallmark_diffusion::tiny::TinyArch::Esrgan { .. }
-                    | hallmark_diffusion::tiny::TinyArch::EsrganX4Full
-            );
             let vocab = match arg(&args, "--clip-vocab") {
                 Some(v) => Some(PathBuf::from(v)),
-                None if upscaler => None,
+                None if !arch.needs_clip_vocab() => None,
                 None => return Err("--clip-vocab GZ is required".into()),
             };
             let started = Instant::now();
@@ -525,20 +543,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let runs = num("--runs", 5);
             let dev = sd.device().clone();
             let (x, ctx, added) = unet_inputs(&sd, 2, size)?;
-            sd.predict(&x, 500.0, &ctx, added.as_ref())?;
-            let mut times = Vec::new();
-            for _ in 0..runs {
-                let started = Instant::now();
+            let (median, min) = median_and_min(&dev, runs, &|| {
                 sd.predict(&x, 500.0, &ctx, added.as_ref())?;
-                dev.synchronize()?;
-                times.push(started.elapsed().as_secs_f64());
-            }
-            times.sort_by(f64::total_cmp);
+                Ok(())
+            })?;
             println!(
                 "{}",
                 serde_json::json!({"engine": "hallmark", "bench": "unet_step", "device": format!("{dev:?}"),
                     "attention": format!("{:?}", sd.attention()), "conv": conv_name(&args)?,
-                    "size": size, "batch": 2, "median_s": times[times.len() / 2], "min_s": times[0]})
+                    "size": size, "batch": 2, "median_s": median, "min_s": min})
             );
         }
         Some("profile") => {
@@ -619,21 +632,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 conv_algorithm(&args)?,
             )?;
             let x = Tensor::rand(0f32, 1f32, (1, 3, size, size), &dev)?.to_dtype(dtype(&args)?)?;
-            net.forward(&x)?;
-            let mut times = Vec::with_capacity(runs);
-            for _ in 0..runs.max(1) {
-                let started = Instant::now();
+            let (median, min) = median_and_min(&dev, runs, &|| {
                 net.forward(&x)?;
-                dev.synchronize()?;
-                times.push(started.elapsed().as_secs_f64());
-            }
-            times.sort_by(f64::total_cmp);
+                Ok(())
+            })?;
             println!(
                 "{}",
                 serde_json::json!({"engine": "hallmark", "bench": "esrgan", "device": format!("{dev:?}"),
                     "conv": conv_name(&args)?, "scale": net.config.scale, "num_feat": net.config.num_feat,
                     "num_block": net.config.num_block, "size": size,
-                    "median_s": times[times.len() / 2], "min_s": times[0]})
+                    "median_s": median, "min_s": min})
             );
         }
         Some("conv") => {

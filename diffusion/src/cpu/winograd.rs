@@ -25,8 +25,7 @@
 //! channels) give each thread bands of its own, small enough for its
 //! core's cache ([`per_core`]); wide ones put all threads on one band at a
 //! time, its transforms split over the channels and its matmuls over the
-//! points ([`shared`]). The
-//! layouts keep what one thread writes together — U as `[cout][ξ][cin]`, V
+//! points ([`shared`]). The layouts keep what one thread writes together — U as `[cout][ξ][cin]`, V
 //! as `[cin][ξ][tile]`, M as `[ξ][cout][tile]` — and the matmuls read U and
 //! V through their strides.
 
@@ -106,7 +105,8 @@ fn bands(s: &ConvShape, bytes: usize, min_tiles: usize) -> Vec<Tile> {
     split_rows(s.batch, tiles_h, tiles_w, budget)
 }
 
-/// Output rows `2 band.row ..` of one plane, `plane` elements each.
+/// The elements of one output plane that `band`'s tile rows cover (rows
+/// `2 band.row ..`, cut at the plane's last row).
 fn band_rows(s: &ConvShape, band: Tile) -> std::ops::Range<usize> {
     let first = 2 * band.row;
     let last = (2 * (band.row + band.rows)).min(s.out_h);
@@ -214,10 +214,6 @@ fn per_core(x: &[f32], u: &[f32], s: &ConvShape) -> Vec<f32> {
             let tiles = band.images * band.rows * tiles_w;
             v.resize(s.cin * POINTS * tiles, 0f32);
             m.resize(s.cout * POINTS * tiles, 0f32);
-            let (v, m) = (
-                &mut v[..s.cin * POINTS * tiles],
-                &mut m[..s.cout * POINTS * tiles],
-            );
             for (c, v) in v.chunks_exact_mut(POINTS * tiles).enumerate() {
                 transform_input(v, x, s, c, band, tiles_w);
             }
