@@ -995,7 +995,20 @@ mod tests {
             (&[1, 6, 7][..], 3),
             (&[3, 4, 1, 1][..], 2),
         ] {
-            let x = ((randn(shape) * 3.0).unwrap() + 1.5).unwrap();
+            // A group of two elements (the 1×1 maps) is ill-conditioned
+            // when its two random values nearly coincide: with the
+            // variance near eps, both this kernel and candle's differ from
+            // an f64 reference by up to 2e-4 (the worst of 2000 draws), so
+            // the test failed now and then. That case takes values 1.3
+            // apart instead.
+            let x = if shape[2..].iter().product::<usize>() == 1 {
+                let n = shape.iter().product::<usize>() as u32;
+                let ramp = Tensor::arange(0u32, n, &Device::Cpu).unwrap();
+                let ramp = ramp.to_dtype(DType::F32).unwrap().reshape(shape).unwrap();
+                ramp.affine(1.3, -4.0).unwrap()
+            } else {
+                ((randn(shape) * 3.0).unwrap() + 1.5).unwrap()
+            };
             let c = shape[1];
             let (w, b) = (randn(&[c]), randn(&[c]));
             let reference =
