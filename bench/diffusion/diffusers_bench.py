@@ -16,9 +16,13 @@ import argparse
 import json
 import time
 
+import os
 import sys
 
 import torch
+
+# Real-ESRGAN's RRDBNet (`rrdbnet.py`) is shared with the reference tensors.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../tests/reference"))
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
@@ -100,69 +104,6 @@ def ops(a, dtype, common):
         emit("transpose_heads", split, lambda: split.transpose(1, 2).contiguous())
 
 
-def rrdbnet(path, device, dtype):
-    """Real-ESRGAN's RRDBNet (x4, its original parameter names) in PyTorch,
-    sized by and loaded from the safetensors file at `path` (or the one in
-    the folder `path`), as `hallmark-diffusion-bench esrgan` loads it."""
-    import glob
-    import os
-
-    import torch.nn as nn
-    import torch.nn.functional as F
-    from safetensors.torch import load_file
-
-    if os.path.isdir(path):
-        path = sorted(glob.glob(os.path.join(path, "*.safetensors")))[0]
-    state = load_file(path)
-    nf = state["conv_first.weight"].shape[0]
-    gc = state["body.0.rdb1.conv1.weight"].shape[0]
-    blocks = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("body."))
-    if state["conv_first.weight"].shape[1] != 3:
-        raise SystemExit("esrgan: only the x4 architecture (3 input channels) is benchmarked")
-
-    def conv(cin, cout):
-        return nn.Conv2d(cin, cout, 3, 1, 1)
-
-    class Dense(nn.Module):
-        def __init__(self):
-            super().__init__()
-            for k in range(5):
-                setattr(self, f"conv{k + 1}", conv(nf + k * gc, nf if k == 4 else gc))
-
-        def forward(self, x):
-            feats = [x]
-            for k in range(4):
-                feats.append(F.leaky_relu(getattr(self, f"conv{k + 1}")(torch.cat(feats, 1)), 0.2))
-            return self.conv5(torch.cat(feats, 1)) * 0.2 + x
-
-    class Rrdb(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.rdb1, self.rdb2, self.rdb3 = Dense(), Dense(), Dense()
-
-        def forward(self, x):
-            return self.rdb3(self.rdb2(self.rdb1(x))) * 0.2 + x
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv_first = conv(3, nf)
-            self.body = nn.Sequential(*[Rrdb() for _ in range(blocks)])
-            self.conv_body, self.conv_up1, self.conv_up2, self.conv_hr = (conv(nf, nf) for _ in range(4))
-            self.conv_last = conv(nf, 3)
-
-        def forward(self, x):
-            feat = self.conv_first(x)
-            feat = feat + self.conv_body(self.body(feat))
-            feat = F.leaky_relu(self.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2)
-            feat = F.leaky_relu(self.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")), 0.2)
-            return self.conv_last(F.leaky_relu(self.conv_hr(feat), 0.2))
-
-    net = Net()
-    net.load_state_dict(state)
-    return net.to(device=device, dtype=dtype).eval(), nf, blocks
-
-
 def ops_table(path):
     """Both engines' `op` lines side by side: ms, the ratio (> 1: Hallmark faster), and
     Hallmark's achieved TFLOP/s (matmuls, convolutions) or GB/s (the rest)."""
@@ -201,7 +142,9 @@ def main():
         ops(a, dtype, common)
         return
     if a.mode == "esrgan":
-        net, nf, blocks = rrdbnet(a.model, a.device, dtype)
+        import rrdbnet
+
+        net, scale, nf, blocks = rrdbnet.load(a.model, a.device, dtype)
         x = torch.rand(1, 3, a.size, a.size, device=a.device, dtype=dtype)
         times = []
         with torch.no_grad():
@@ -213,7 +156,7 @@ def main():
                 sync(a.device)
                 times.append(time.perf_counter() - t0)
         times.sort()
-        print(json.dumps({**common, "engine": "pytorch", "bench": "esrgan", "scale": 4, "num_feat": nf,
+        print(json.dumps({**common, "engine": "pytorch", "bench": "esrgan", "scale": scale, "num_feat": nf,
                           "num_block": blocks, "size": a.size, "median_s": times[len(times) // 2],
                           "min_s": times[0]}), flush=True)
         return

@@ -139,7 +139,8 @@ impl ConvAlgorithm {
 /// A 2-D convolution with an optional bias: f32 on the CPU runs the
 /// engine's own kernel, CUDA the own im2col where `im2col` says so (and the
 /// fused kernels are on), everything else candle's convolution; the bias
-/// added by `fused::add_bias` (one fused pass on CUDA).
+/// added as the output is written on the CPU, by `fused::add_bias` (one
+/// fused pass on CUDA) elsewhere.
 #[derive(Debug, Clone)]
 pub(crate) struct Conv2d {
     conv: candle_nn::Conv2d,
@@ -168,14 +169,66 @@ impl Conv2d {
     }
 }
 
+impl Conv2d {
+    /// Whether the CPU kernels run this convolution on `xs`.
+    fn on_cpu_kernels(&self, xs: &Tensor) -> bool {
+        let cfg = self.conv.config();
+        crate::cpu::applies(xs) && cfg.dilation == 1 && cfg.groups == 1
+    }
+
+    /// Whether [`Conv2d::forward_cpu_into`] runs this convolution: its
+    /// weights f32 on the CPU, no dilation, one group.
+    pub(crate) fn runs_on_cpu_slices(&self) -> bool {
+        self.on_cpu_kernels(self.conv.weight())
+    }
+
+    /// The convolution of `x`, a `dims` (`(batch, cin, h, w)`) input, into
+    /// `out` with the CPU kernels, the bias and `ep`'s leaky ReLU and
+    /// residual applied as the output is written (`ep.bias` is this
+    /// layer's); the output's dims back. Only where
+    /// [`Conv2d::runs_on_cpu_slices`].
+    pub(crate) fn forward_cpu_into(
+        &self,
+        x: &[f32],
+        dims: (usize, usize, usize, usize),
+        out: &mut [f32],
+        ep: crate::cpu::Epilogue,
+    ) -> candle_core::Result<(usize, usize, usize, usize)> {
+        let cfg = self.conv.config();
+        let weight = self.conv.weight();
+        let s = crate::cpu::ConvShape::new(&dims.into(), weight.shape(), cfg.stride, cfg.padding)?;
+        crate::cpu::with_f32(weight, |w| match self.conv.bias() {
+            Some(b) => crate::cpu::with_f32(b, |b| {
+                let ep = crate::cpu::Epilogue {
+                    bias: Some(b),
+                    ..ep
+                };
+                crate::cpu::conv2d_into(x, w, &s, self.cpu_winograd, out, &ep)
+            })?,
+            None => crate::cpu::conv2d_into(x, w, &s, self.cpu_winograd, out, &ep),
+        })??;
+        Ok((s.batch, s.cout, s.out_h, s.out_w))
+    }
+}
+
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let cfg = self.conv.config();
         let plain = cfg.dilation == 1 && cfg.groups == 1;
         let weight = self.conv.weight();
-        let out = if crate::cpu::applies(xs) && plain {
-            crate::cpu::conv2d(xs, weight, cfg.stride, cfg.padding, self.cpu_winograd)?
-        } else if self.im2col && plain && crate::fused::applies(xs) {
+        if self.on_cpu_kernels(xs) {
+            // The bias added as each tile is written.
+            let bias = self.conv.bias();
+            return crate::cpu::conv2d(
+                xs,
+                weight,
+                bias,
+                cfg.stride,
+                cfg.padding,
+                self.cpu_winograd,
+            );
+        }
+        let out = if self.im2col && plain && crate::fused::applies(xs) {
             crate::fused::conv2d(xs, weight, cfg.stride, cfg.padding)?
         } else {
             xs.conv2d_with_algo(

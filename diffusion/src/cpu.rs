@@ -772,9 +772,74 @@ fn matmul(
     );
 }
 
-fn convolve(x: &[f32], w: &[f32], s: &ConvShape) -> Vec<f32> {
+/// What a convolution does to its output while the output is in cache:
+/// `v = acc + bias[o]`, then the leaky ReLU `max(v, slope·v)` where given,
+/// then `v = residual + scale·v` where given. The default does nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Epilogue<'a> {
+    /// One value per output channel.
+    pub(crate) bias: Option<&'a [f32]>,
+    /// The leaky ReLU's slope below zero (Real-ESRGAN's 0.2).
+    pub(crate) leaky: Option<f32>,
+    /// `(residual, scale)`: the residual laid out as the output.
+    pub(crate) residual: Option<(&'a [f32], f32)>,
+}
+
+impl Epilogue<'_> {
+    /// Applies it to `y`, output elements `at..` of channel `o`'s plane.
+    fn apply(&self, y: &mut [f32], o: usize, at: usize) {
+        if self.bias.is_none() && self.leaky.is_none() && self.residual.is_none() {
+            return;
+        }
+        let bias = self.bias.map_or(0.0, |b| b[o]);
+        let residual = self
+            .residual
+            .map(|(r, scale)| (&r[at..at + y.len()], scale));
+        epilogue_run(y, bias, self.leaky, residual);
+    }
+
+    /// Refuses a bias or residual that does not fit an `s` output of
+    /// `len` elements.
+    fn check(&self, s: &ConvShape, len: usize) -> candle_core::Result<()> {
+        if let Some(b) = self.bias
+            && b.len() != s.cout
+        {
+            candle_core::bail!("conv2d: {} bias values for {} channels", b.len(), s.cout);
+        }
+        if let Some((r, _)) = self.residual
+            && r.len() != len
+        {
+            candle_core::bail!(
+                "conv2d: a residual of {} elements for an output of {len}",
+                r.len()
+            );
+        }
+        Ok(())
+    }
+}
+
+multiversion! {
+    fn epilogue_run(y: &mut [f32], bias: f32, leaky: Option<f32>, residual: Option<(&[f32], f32)>) {
+        for v in y.iter_mut() {
+            *v += bias;
+        }
+        if let Some(slope) = leaky {
+            for v in y.iter_mut() {
+                *v = v.max(*v * slope);
+            }
+        }
+        if let Some((r, scale)) = residual {
+            for (v, &r) in y.iter_mut().zip(r) {
+                *v = r + scale * *v;
+            }
+        }
+    }
+}
+
+/// The im2col convolution of `x` by `w` into `out`, `ep` applied to each
+/// tile's rows as they are written.
+fn convolve(x: &[f32], w: &[f32], s: &ConvShape, out: &mut [f32], ep: &Epilogue) {
     let image_px = s.out_h * s.out_w;
-    let mut out = vec![0f32; s.batch * s.cout * image_px];
     let tiles = tiles(s, COL_BYTES / 4);
     let widest = tiles.iter().map(|t| t.columns(s)).max().unwrap_or(0);
     let mut col = vec![0f32; s.k() * widest];
@@ -783,17 +848,16 @@ fn convolve(x: &[f32], w: &[f32], s: &ConvShape) -> Vec<f32> {
         let n = tile.columns(s);
         let col = &mut col[..s.k() * n];
         im2col(x, s, tile, col);
+        let images = &mut out[tile.image * s.cout * image_px..][..tile.images * s.cout * image_px];
         if tile.images == 1 {
             // Straight into the image's rows: channel after channel,
             // `image_px` apart.
-            let start = tile.image * s.cout * image_px + tile.row * s.out_w;
-            matmul((s.cout, n, s.k()), &mut out[start..], image_px, w, col);
+            let start = tile.row * s.out_w;
+            matmul((s.cout, n, s.k()), &mut images[start..], image_px, w, col);
         } else {
             // (cout, images × pixels), then each image's block to its place.
             staged.resize(s.cout * n, 0f32);
             matmul((s.cout, n, s.k()), &mut staged, n, w, col);
-            let images =
-                &mut out[tile.image * s.cout * image_px..][..tile.images * s.cout * image_px];
             images
                 .par_chunks_mut(image_px)
                 .enumerate()
@@ -803,8 +867,70 @@ fn convolve(x: &[f32], w: &[f32], s: &ConvShape) -> Vec<f32> {
                     dst.copy_from_slice(&staged[src..src + image_px]);
                 });
         }
+        let rows = tile.row * s.out_w..(tile.row + tile.rows) * s.out_w;
+        images
+            .par_chunks_mut(image_px)
+            .enumerate()
+            .for_each(|(j, plane)| {
+                let at = (tile.image * s.cout + j) * image_px + rows.start;
+                ep.apply(&mut plane[rows.clone()], j % s.cout, at);
+            });
     }
-    out
+}
+
+/// The convolution of `x` (`(batch, cin, height, width)`, contiguous) by
+/// `w` (`(cout, cin, kh, kw)`) into `out` (`(batch, cout, out_h, out_w)`),
+/// `ep` applied to it; with `winograd`, by Winograd's F(2×2, 3×3) where it
+/// runs ([`winograd::runs`]), else by the im2col.
+pub(crate) fn conv2d_into(
+    x: &[f32],
+    w: &[f32],
+    s: &ConvShape,
+    winograd: bool,
+    out: &mut [f32],
+    ep: &Epilogue,
+) -> candle_core::Result<()> {
+    let out_len = s.batch * s.cout * s.out_h * s.out_w;
+    if x.len() != s.batch * s.cin * s.height * s.width || w.len() != s.cout * s.k() {
+        candle_core::bail!(
+            "conv2d: {} input and {} weight elements for {s:?}",
+            x.len(),
+            w.len()
+        );
+    }
+    if out.len() != out_len {
+        candle_core::bail!("conv2d: an output of {} elements for {out_len}", out.len());
+    }
+    ep.check(s, out_len)?;
+    if winograd && winograd::runs(s) {
+        winograd::convolve(x, w, s, out, ep);
+    } else {
+        convolve(x, w, s, out, ep);
+    }
+    Ok(())
+}
+
+impl Conv2dOp {
+    fn run(
+        &self,
+        (xs, xs_l): (&CpuStorage, &Layout),
+        (weight, weight_l): (&CpuStorage, &Layout),
+        bias: Option<&[f32]>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let s = ConvShape::new(xs_l.shape(), weight_l.shape(), self.stride, self.padding)?;
+        let x = f32_slice(xs, xs_l, "conv2d")?;
+        let w = f32_slice(weight, weight_l, "conv2d")?;
+        let mut out = vec![0f32; s.batch * s.cout * s.out_h * s.out_w];
+        let ep = Epilogue {
+            bias,
+            ..Default::default()
+        };
+        conv2d_into(x, w, &s, self.winograd, &mut out, &ep)?;
+        Ok((
+            CpuStorage::F32(out),
+            Shape::from((s.batch, s.cout, s.out_h, s.out_w)),
+        ))
+    }
 }
 
 impl CustomOp2 for Conv2dOp {
@@ -819,28 +945,38 @@ impl CustomOp2 for Conv2dOp {
         weight: &CpuStorage,
         weight_l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let s = ConvShape::new(xs_l.shape(), weight_l.shape(), self.stride, self.padding)?;
-        let x = f32_slice(xs, xs_l, "conv2d")?;
-        let w = f32_slice(weight, weight_l, "conv2d")?;
-        let out = if self.winograd && winograd::runs(&s) {
-            winograd::convolve(x, w, &s)
-        } else {
-            convolve(x, w, &s)
-        };
-        Ok((
-            CpuStorage::F32(out),
-            Shape::from((s.batch, s.cout, s.out_h, s.out_w)),
-        ))
+        self.run((xs, xs_l), (weight, weight_l), None)
     }
 }
 
-/// A 2-D convolution (no dilation, one group, no bias) of `xs (b, cin, h,
-/// w)` by `weight (cout, cin, kh, kw)`; f32 on the CPU (see [`applies`]).
-/// With `winograd`, a 3×3 stride-1 convolution runs by Winograd's F(2×2,
-/// 3×3) (`winograd.rs`), every other by the im2col.
+impl CustomOp3 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "hallmark-conv2d-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xs_l: &Layout,
+        weight: &CpuStorage,
+        weight_l: &Layout,
+        bias: &CpuStorage,
+        bias_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let b = f32_slice(bias, bias_l, "conv2d bias")?;
+        self.run((xs, xs_l), (weight, weight_l), Some(b))
+    }
+}
+
+/// A 2-D convolution (no dilation, one group) of `xs (b, cin, h, w)` by
+/// `weight (cout, cin, kh, kw)`, plus `bias (cout)` where given; f32 on
+/// the CPU (see [`applies`]). With `winograd`, a 3×3 stride-1 convolution
+/// runs by Winograd's F(2×2, 3×3) (`winograd.rs`), every other by the
+/// im2col; the bias is added as each tile is written.
 pub(crate) fn conv2d(
     xs: &Tensor,
     weight: &Tensor,
+    bias: Option<&Tensor>,
     stride: usize,
     padding: usize,
     winograd: bool,
@@ -850,8 +986,23 @@ pub(crate) fn conv2d(
         padding,
         winograd,
     };
-    xs.contiguous()?
-        .apply_op2_no_bwd(&weight.contiguous()?, &op)
+    let (xs, weight) = (xs.contiguous()?, weight.contiguous()?);
+    match bias {
+        Some(b) => xs.apply_op3_no_bwd(&weight, &b.flatten_all()?.contiguous()?, &op),
+        None => xs.apply_op2_no_bwd(&weight, &op),
+    }
+}
+
+/// Runs `f` on the f32 elements of `t`, a contiguous f32 tensor on the CPU.
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!(
+            "the CPU kernels take CPU tensors, got one on {:?}",
+            t.device()
+        );
+    };
+    Ok(f(f32_slice(cpu, layout, "tensor")?))
 }
 
 #[cfg(test)]
@@ -1046,8 +1197,15 @@ mod tests {
             for (b, cin, h, w, cout, k, stride, padding) in cases {
                 let x = randn(&[b, cin, h, w]);
                 let wt = randn(&[cout, cin, k, k]);
-                let want = x.conv2d(&wt, padding, stride, 1, 1).unwrap();
-                let ours = conv2d(&x, &wt, stride, padding, winograd).unwrap();
+                let mut want = x.conv2d(&wt, padding, stride, 1, 1).unwrap();
+                // The odd-sized cases with a bias.
+                let bias = (h % 2 == 1).then(|| randn(&[cout]));
+                if let Some(b) = &bias {
+                    want = want
+                        .broadcast_add(&b.reshape((1, cout, 1, 1)).unwrap())
+                        .unwrap();
+                }
+                let ours = conv2d(&x, &wt, bias.as_ref(), stride, padding, winograd).unwrap();
                 assert_eq!(ours.dims(), want.dims());
                 // Relative to the output's largest magnitude (about 10 here,
                 // 100 for the 128-channel sums).
@@ -1060,12 +1218,14 @@ mod tests {
                     (b, cin, h, w, cout, k, stride, padding)
                 );
             }
-            let bad = |x: &[usize], w: &[usize], padding| {
-                conv2d(&randn(x), &randn(w), 1, padding, winograd).is_err()
+            let bad = |x: &[usize], w: &[usize], padding, bias: Option<usize>| {
+                let bias = bias.map(|n| randn(&[n]));
+                conv2d(&randn(x), &randn(w), bias.as_ref(), 1, padding, winograd).is_err()
             };
-            assert!(bad(&[1, 3, 4, 4], &[2, 4, 3, 3], 1));
-            assert!(bad(&[1, 3, 2, 2], &[2, 3, 5, 5], 0));
-            assert!(bad(&[1, 3, 1, 2], &[2, 3, 3, 3], 0));
+            assert!(bad(&[1, 3, 4, 4], &[2, 4, 3, 3], 1, None));
+            assert!(bad(&[1, 3, 2, 2], &[2, 3, 5, 5], 0, None));
+            assert!(bad(&[1, 3, 1, 2], &[2, 3, 3, 3], 0, None));
+            assert!(bad(&[1, 3, 4, 4], &[2, 3, 3, 3], 1, Some(3)));
         }
     }
 
@@ -1107,7 +1267,61 @@ mod tests {
         let s_k = 64 * 9;
         assert!(40 * 130 * s_k * 4 > COL_BYTES, "the case must band");
         let want = x.conv2d(&wt, 1, 1, 1, 1).unwrap();
-        let d = max_diff(&conv2d(&x, &wt, 1, 1, false).unwrap(), &want);
+        let d = max_diff(&conv2d(&x, &wt, None, 1, 1, false).unwrap(), &want);
         assert!(d < 1e-4, "differs by {d}");
+    }
+
+    #[test]
+    fn the_epilogue_applies_on_every_convolution_path() {
+        // (batch, cin, side, winograd): the im2col in row bands of one
+        // image, the im2col over several whole images per matmul, and
+        // Winograd; each with a bias, the leaky ReLU and a scaled residual,
+        // into an output that held NaNs.
+        for (b, cin, side, winograd) in [(1, 64, 70, false), (3, 8, 9, false), (2, 32, 24, true)] {
+            let x = randn(&[b, cin, side, side]);
+            let wt = (randn(&[32, cin, 3, 3]) * 0.1).unwrap();
+            let bias = randn(&[32]);
+            let s = ConvShape::new(x.shape(), wt.shape(), 1, 1).unwrap();
+            assert!(
+                winograd::runs(&s) || !winograd,
+                "the case must run Winograd"
+            );
+            let conv = x.conv2d(&wt, 1, 1, 1, 1).unwrap();
+            let residual = randn(conv.dims());
+            let biased = conv
+                .broadcast_add(&bias.reshape((1, 32, 1, 1)).unwrap())
+                .unwrap();
+            let want = (&residual
+                + (biased.maximum(&(&biased * 0.2).unwrap()).unwrap() * 0.2).unwrap())
+            .unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let (bias, residual) = (flat(&bias), flat(&residual));
+            let ep = Epilogue {
+                bias: Some(&bias),
+                leaky: Some(0.2),
+                residual: Some((&residual, 0.2)),
+            };
+            let mut out = vec![f32::NAN; residual.len()];
+            conv2d_into(&flat(&x), &flat(&wt), &s, winograd, &mut out, &ep).unwrap();
+            let ours = Tensor::from_vec(out, conv.dims(), &Device::Cpu).unwrap();
+            let d = max_diff(&ours, &want);
+            assert!(d < 1e-4, "{:?}: differs by {d}", (b, cin, side, winograd));
+            // A residual or bias of another size, or an output of another
+            // size, is refused.
+            let short = &residual[1..];
+            let mut out = vec![0f32; residual.len()];
+            let bad = Epilogue {
+                residual: Some((short, 1.0)),
+                ..ep
+            };
+            assert!(conv2d_into(&flat(&x), &flat(&wt), &s, winograd, &mut out, &bad).is_err());
+            let bad = Epilogue {
+                bias: Some(&bias[1..]),
+                ..ep
+            };
+            assert!(conv2d_into(&flat(&x), &flat(&wt), &s, winograd, &mut out, &bad).is_err());
+            let mut short_out = vec![0f32; residual.len() - 1];
+            assert!(conv2d_into(&flat(&x), &flat(&wt), &s, winograd, &mut short_out, &ep).is_err());
+        }
     }
 }

@@ -4,6 +4,14 @@
 //! `conv_last`); the architecture (scale, width, depth, growth) is read off
 //! the weight shapes. Inference runs in overlapping tiles so large images
 //! fit in memory.
+//!
+//! On the CPU in f32 the network runs over plain buffers
+//! ([`RrdbNet::forward`]): each dense block keeps its input and the four
+//! growths in one buffer, so every convolution reads a prefix of it and
+//! writes its output after that prefix — no concatenation — and the bias,
+//! the leaky ReLU and the block's scaled residual are applied as each
+//! output band is written, while it is in cache. Elsewhere the network is
+//! candle's operations, written as the original is.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,9 +19,11 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use image::RgbImage;
+use rayon::prelude::*;
 
 use crate::DiffusionError;
 use crate::conv::{Conv2d, ConvAlgorithm};
+use crate::cpu::Epilogue;
 use crate::model::{WeightFile, sha256_file};
 
 /// The shape of an RRDBNet.
@@ -43,6 +53,36 @@ impl ResidualDenseBlock {
         Ok(Self { convs })
     }
 
+    /// The block on `dense`, whose first `nf` channels hold its `(1, nf,
+    /// h, w)` input and which has room for the four growths after them;
+    /// `x + 0.2 · conv5(…)` into `out`.
+    fn forward_cpu(
+        &self,
+        dense: &mut [f32],
+        out: &mut [f32],
+        (h, w): (usize, usize),
+    ) -> candle_core::Result<()> {
+        let nf = out.len() / (h * w);
+        let mut channels = nf;
+        for conv in &self.convs[..4] {
+            let (input, rest) = dense.split_at_mut(channels * h * w);
+            let ep = Epilogue {
+                leaky: Some(LEAKY_SLOPE),
+                ..Default::default()
+            };
+            let grown = conv.weight().dim(0)?;
+            let rest = &mut rest[..grown * h * w];
+            conv.forward_cpu_into(input, (1, channels, h, w), rest, ep)?;
+            channels += grown;
+        }
+        let ep = Epilogue {
+            residual: Some((&dense[..nf * h * w], RESIDUAL_SCALE)),
+            ..Default::default()
+        };
+        self.convs[4].forward_cpu_into(dense, (1, channels, h, w), out, ep)?;
+        Ok(())
+    }
+
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let mut feats = vec![x.clone()];
         for conv in &self.convs[..4] {
@@ -50,13 +90,38 @@ impl ResidualDenseBlock {
             feats.push(y);
         }
         let x5 = self.convs[4].forward(&Tensor::cat(&feats, 1)?)?;
-        (x5 * 0.2)? + x
+        (x5 * RESIDUAL_SCALE as f64)? + x
     }
 }
 
+/// The leaky ReLU's slope below zero.
+const LEAKY_SLOPE: f32 = 0.2;
+
+/// What the dense blocks, and the blocks of three, scale their output by
+/// before adding their input.
+const RESIDUAL_SCALE: f32 = 0.2;
+
 fn lrelu(x: &Tensor) -> candle_core::Result<Tensor> {
-    // leaky ReLU with slope 0.2: max(x, 0.2x)
-    x.maximum(&(x * 0.2)?)
+    // max(x, slope·x)
+    x.maximum(&(x * LEAKY_SLOPE as f64)?)
+}
+
+/// `(c, h, w)` planes repeated into `(c, 2h, 2w)`: nearest-neighbour ×2.
+fn upsample2(x: &[f32], (c, h, w): (usize, usize, usize)) -> Vec<f32> {
+    let mut out = vec![0f32; c * 4 * h * w];
+    out.par_chunks_mut(4 * w)
+        .enumerate()
+        .for_each(|(row, dst)| {
+            // Output rows 2y and 2y + 1 of channel `row / h` from input row y.
+            let (channel, y) = (row / h, row % h);
+            let src = &x[(channel * h + y) * w..][..w];
+            let (top, bottom) = dst.split_at_mut(2 * w);
+            for (pair, &v) in top.chunks_exact_mut(2).zip(src) {
+                pair.fill(v);
+            }
+            bottom.copy_from_slice(top);
+        });
+    out
 }
 
 fn pixel_unshuffle(x: &Tensor, r: usize) -> candle_core::Result<Tensor> {
@@ -270,22 +335,106 @@ impl RrdbNet {
         sha256_file(&self.weights.path)
     }
 
-    /// `(1, 3, h, w)` in [0, 1] → `(1, 3, h·s, w·s)`; `h` and `w` must be
+    /// `(b, 3, h, w)` in [0, 1] → `(b, 3, h·s, w·s)`; `h` and `w` must be
     /// multiples of `4 / scale`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut feat = match self.config.scale {
-            2 => pixel_unshuffle(x, 2)?,
-            1 => pixel_unshuffle(x, 4)?,
-            _ => x.clone(),
-        };
-        feat = self.conv_first.forward(&feat)?;
+        let feat = self.unshuffle(x)?;
+        if crate::cpu::applies(&feat) && self.conv_first.runs_on_cpu_slices() {
+            self.forward_cpu(&feat)
+        } else {
+            self.forward_candle(&feat)
+        }
+    }
+
+    /// [`RrdbNet::forward`] as candle's operations on every device (the
+    /// CPU's own buffers' in-run baseline in `hallmark-diffusion-bench
+    /// esrgan --composed`).
+    pub fn forward_composed(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_candle(&self.unshuffle(x)?)
+    }
+
+    /// The input at the body's resolution: ×4 as it is, ×2 and ×1 pixel-
+    /// unshuffled by 2 and 4.
+    fn unshuffle(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self.config.scale {
+            2 => pixel_unshuffle(x, 2),
+            1 => pixel_unshuffle(x, 4),
+            _ => Ok(x.clone()),
+        }
+    }
+
+    /// The network after the pixel unshuffle, over plain buffers with the
+    /// CPU kernels, an image at a time (see the module's doc).
+    fn forward_cpu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (batch, cin, h, w) = x.dims4()?;
+        let (nf, gc) = (self.config.num_feat, self.config.num_grow_ch);
+        let input = x.flatten_all()?.to_vec1::<f32>()?;
+        let plane = h * w;
+        let mut images = Vec::with_capacity(batch);
+        for image in input.chunks_exact(cin * plane) {
+            let none = Epilogue::default;
+            let mut feat = vec![0f32; nf * plane];
+            self.conv_first
+                .forward_cpu_into(image, (1, cin, h, w), &mut feat, none())?;
+            // The trunk: blocks of three dense blocks, each dense block from
+            // one buffer into the next one's first channels.
+            let mut body = feat.clone();
+            let mut dense = vec![0f32; (nf + 4 * gc) * plane];
+            let mut next = dense.clone();
+            for rrdb in &self.body {
+                dense[..nf * plane].copy_from_slice(&body);
+                for rdb in rrdb {
+                    rdb.forward_cpu(&mut dense, &mut next[..nf * plane], (h, w))?;
+                    std::mem::swap(&mut dense, &mut next);
+                }
+                body.par_chunks_mut(1 << 14)
+                    .zip(dense[..nf * plane].par_chunks(1 << 14))
+                    .for_each(|(b, y)| {
+                        for (b, &y) in b.iter_mut().zip(y) {
+                            *b += RESIDUAL_SCALE * y;
+                        }
+                    });
+            }
+            drop((dense, next));
+            let trunk = Epilogue {
+                residual: Some((&feat, 1.0)),
+                ..none()
+            };
+            let mut up = vec![0f32; nf * plane];
+            self.conv_body
+                .forward_cpu_into(&body, (1, nf, h, w), &mut up, trunk)?;
+            let leaky = Epilogue {
+                leaky: Some(LEAKY_SLOPE),
+                ..none()
+            };
+            let mut size = (h, w);
+            for conv in [&self.conv_up1, &self.conv_up2] {
+                let larger = upsample2(&up, (nf, size.0, size.1));
+                size = (2 * size.0, 2 * size.1);
+                up = vec![0f32; nf * size.0 * size.1];
+                conv.forward_cpu_into(&larger, (1, nf, size.0, size.1), &mut up, leaky)?;
+            }
+            let mut hr = vec![0f32; nf * size.0 * size.1];
+            self.conv_hr
+                .forward_cpu_into(&up, (1, nf, size.0, size.1), &mut hr, leaky)?;
+            let mut out = vec![0f32; 3 * size.0 * size.1];
+            self.conv_last
+                .forward_cpu_into(&hr, (1, nf, size.0, size.1), &mut out, none())?;
+            images.push(Tensor::from_vec(out, (1, 3, size.0, size.1), &Device::Cpu)?);
+        }
+        Tensor::cat(&images, 0)
+    }
+
+    /// The network after the pixel unshuffle, as candle's operations.
+    fn forward_candle(&self, feat: &Tensor) -> candle_core::Result<Tensor> {
+        let mut feat = self.conv_first.forward(feat)?;
         let mut body = feat.clone();
         for rrdb in &self.body {
             let mut y = body.clone();
             for rdb in rrdb {
                 y = rdb.forward(&y)?;
             }
-            body = ((y * 0.2)? + body)?;
+            body = ((y * RESIDUAL_SCALE as f64)? + body)?;
         }
         feat = (feat + self.conv_body.forward(&body)?)?;
         let (_, _, h, w) = feat.dims4()?;
@@ -379,5 +528,63 @@ impl RrdbNet {
             }
         }
         Ok(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::max_diff;
+
+    #[test]
+    fn cpu_buffers_run_the_network_as_candle_operations_do() {
+        // 32 features and growth channels at 24² (144 Winograd tiles): the
+        // dense blocks' convolutions run Winograd under the default
+        // algorithm, the im2col under `im2col`; two images, ×2 and ×4.
+        let tmp = tempfile::tempdir().unwrap();
+        for scale in [2, 4] {
+            let config = RrdbConfig {
+                scale,
+                num_feat: 32,
+                num_block: 2,
+                num_grow_ch: 32,
+            };
+            let dir = tmp.path().join(format!("x{scale}"));
+            std::fs::create_dir(&dir).unwrap();
+            crate::tiny::write_esrgan(&dir, config, 3, "test").unwrap();
+            let side = 24 * 4 / scale;
+            let x = Tensor::rand(0f32, 1f32, (2, 3, side, side), &Device::Cpu).unwrap();
+            for algo in [ConvAlgorithm::WinogradNonfused, ConvAlgorithm::Im2col] {
+                let net = RrdbNet::load_with(&dir, &Device::Cpu, DType::F32, algo).unwrap();
+                assert_eq!(net.config, config);
+                let ours = net.forward(&x).unwrap();
+                assert_eq!(ours.dims(), [2, 3, side * scale, side * scale]);
+                let want = net.forward_composed(&x).unwrap();
+                // Relative to the output's spread: the random network's
+                // output stays near mid-grey.
+                let scalar = |t: Tensor| t.to_scalar::<f32>().unwrap();
+                let spread = scalar(want.max_all().unwrap()) - scalar(want.min_all().unwrap());
+                let d = max_diff(&ours, &want);
+                assert!(
+                    d < 5e-4 * spread,
+                    "x{scale}, {algo}: differs by {d} (spread {spread})"
+                );
+                // Each image is its own: the second alone gives its half.
+                let second = net.forward(&x.narrow(0, 1, 1).unwrap()).unwrap();
+                let d = max_diff(&second, &ours.narrow(0, 1, 1).unwrap());
+                assert!(
+                    d < 5e-4 * spread,
+                    "x{scale}, {algo}: the batch mixes images ({d})"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn nearest_upsampling_repeats_each_pixel_twice_each_way() {
+        let x: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let t = Tensor::from_vec(x.clone(), (1, 2, 2, 3), &Device::Cpu).unwrap();
+        let want = t.upsample_nearest2d(4, 6).unwrap().flatten_all().unwrap();
+        assert_eq!(upsample2(&x, (2, 2, 3)), want.to_vec1::<f32>().unwrap());
     }
 }

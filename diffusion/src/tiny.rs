@@ -260,7 +260,7 @@ fn tiny_esrgan(scale: usize) -> RrdbConfig {
 }
 
 /// An RRDBNet of `config`'s sizes, its file named `RealESRGAN_x{scale}plus_{name}`.
-fn write_esrgan(
+pub(crate) fn write_esrgan(
     dir: &Path,
     config: RrdbConfig,
     seed: u64,

@@ -289,3 +289,56 @@ fn sd2_shaped_v_prediction_model_matches_diffusers() {
 fn sdxl_shaped_model_matches_diffusers() {
     check_model("sdxl", TinyArch::Sdxl);
 }
+
+/// The tiny Real-ESRGAN checkpoint of `scale` against PyTorch's RRDBNet
+/// (basicsr's architecture, `tests/reference/rrdbnet.py`) on the same two
+/// noise images, with both of the CPU's convolution algorithms.
+fn check_esrgan(scale: usize) {
+    use hallmark_diffusion::conv::ConvAlgorithm;
+    use hallmark_diffusion::esrgan::RrdbNet;
+    let arch = format!("esrgan-x{scale}");
+    let r = read_reference(&arch);
+    assert_eq!(
+        r.meta.get("scale").map(String::as_str),
+        Some(&*scale.to_string())
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join(&arch);
+    init_tiny(&dir, TinyArch::Esrgan { scale }, 1, None).unwrap();
+    let (input, want) = (&r.tensors["input"], &r.tensors["output"]);
+    // The tiny network's output stays within about ±0.005 of mid-grey (its
+    // last convolution is scaled down), so the tolerance is relative to
+    // that spread, not to the values.
+    let spread = spread(want);
+    assert!(spread > 1e-3, "the reference output is flat ({spread})");
+    for algo in [ConvAlgorithm::WinogradNonfused, ConvAlgorithm::Im2col] {
+        let net = RrdbNet::load_with(&dir, &Device::Cpu, candle_core::DType::F32, algo).unwrap();
+        let d = max_abs_diff(&net.forward(input).unwrap(), want);
+        assert!(
+            d <= TOL_ESRGAN * spread,
+            "{arch}, {algo}: max |ours - PyTorch| = {d:e} > {:e}",
+            TOL_ESRGAN * spread
+        );
+    }
+}
+
+/// Real-ESRGAN's output against PyTorch's, relative to the output's spread
+/// (measured: 1e-4; a dense block's residual scaled by 0.25 instead of 0.2
+/// gives 2e-3).
+const TOL_ESRGAN: f32 = 5e-4;
+
+/// The largest value of `t` less its smallest.
+fn spread(t: &Tensor) -> f32 {
+    let scalar = |t: Tensor| t.to_scalar::<f32>().unwrap();
+    scalar(t.max_all().unwrap()) - scalar(t.min_all().unwrap())
+}
+
+#[test]
+fn esrgan_x2_matches_pytorch() {
+    check_esrgan(2);
+}
+
+#[test]
+fn esrgan_x4_matches_pytorch() {
+    check_esrgan(4);
+}

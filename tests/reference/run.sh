@@ -7,7 +7,11 @@
 # tests/reference/tiny-{sd1,sd2,sdxl}.safetensors; then checks
 # that the folders diffusers itself saves (save_pretrained, fp32 and the fp16
 # variant) load and render with `hallmark render --engine diffusion`.
-# Arguments: the architectures to regenerate (default: sd1 sd2 sdxl).
+# For the tiny Real-ESRGAN checkpoints (esrgan-x2, esrgan-x4) it writes
+# tests/reference/tiny-esrgan-x{2,4}.safetensors from PyTorch's RRDBNet
+# (rrdbnet.py) instead.
+# Arguments: the architectures to regenerate (default: sd1 sd2 sdxl
+# esrgan-x2 esrgan-x4).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VENV="${HALLMARK_REF_VENV:-$HOME/.cache/hallmark/refenv}"
@@ -19,8 +23,12 @@ fi
 cargo build -q -p hallmark-client --bin hallmark
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-for arch in ${*:-sd1 sd2 sdxl}; do
+for arch in ${*:-sd1 sd2 sdxl esrgan-x2 esrgan-x4}; do
   target/debug/hallmark models init-tiny "$WORK/$arch" --arch "$arch" --seed 1
+  case "$arch" in esrgan-*)
+    "$VENV/bin/python" tests/reference/make_esrgan_reference.py "$WORK/$arch" "tests/reference/tiny-$arch.safetensors"
+    continue ;;
+  esac
   "$VENV/bin/python" tests/reference/make_references.py "$WORK/$arch" "tests/reference/tiny-$arch.safetensors" "$WORK/saved-$arch"
   # Folders saved by diffusers itself load and render here.
   target/debug/hallmark render --engine diffusion --model-path "$WORK/saved-$arch" --state-dir "$WORK/state" \

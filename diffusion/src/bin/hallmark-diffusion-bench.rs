@@ -18,9 +18,10 @@
 //! - `ops [--device ..] [--dtype ..] [--size 512] [--batch 16] [--runs 5]` times the
 //!   UNet's operations one by one at its shapes (matmuls, convolutions, norms,
 //!   activations, layout copies), as `diffusers_bench.py ops` does in PyTorch;
-//! - `esrgan --model FILE|DIR [--device ..] [--dtype ..] [--size 128] [--runs 3]` times one
-//!   Real-ESRGAN forward pass on a `size`² image (`init DIR --arch
+//! - `esrgan --model FILE|DIR [--device ..] [--dtype ..] [--size 128] [--runs 3] [--composed]`
+//!   times one Real-ESRGAN forward pass on a `size`² image (`init DIR --arch
 //!   esrgan-x4-full` writes Real-ESRGAN ×4plus's architecture with random weights);
+//!   `--composed` runs it as candle's operations, the baseline of the CPU's own buffers;
 //! - `conv [--device ..] [--dtype ..] [--shapes "B,CIN,COUT,SIDE;…"] [--runs 5]` times
 //!   3×3 convolutions through the engine's convolution layer (by default at
 //!   the tiny model's, Real-ESRGAN's, the SD-1.5 VAE's and UNet's shapes).
@@ -632,14 +633,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 conv_algorithm(&args)?,
             )?;
             let x = Tensor::rand(0f32, 1f32, (1, 3, size, size), &dev)?.to_dtype(dtype(&args)?)?;
+            // --composed: the network as candle's operations (concatenations,
+            // separate activations and residual adds), the in-run baseline of
+            // the CPU's own buffers.
+            let composed = args.iter().any(|a| a == "--composed");
             let (median, min) = median_and_min(&dev, runs, &|| {
-                net.forward(&x)?;
+                if composed {
+                    net.forward_composed(&x)?;
+                } else {
+                    net.forward(&x)?;
+                }
                 Ok(())
             })?;
             println!(
                 "{}",
                 serde_json::json!({"engine": "hallmark", "bench": "esrgan", "device": format!("{dev:?}"),
-                    "conv": conv_name(&args)?, "scale": net.config.scale, "num_feat": net.config.num_feat,
+                    "conv": conv_name(&args)?, "composed": composed, "scale": net.config.scale, "num_feat": net.config.num_feat,
                     "num_block": net.config.num_block, "size": size,
                     "median_s": median, "min_s": min})
             );

@@ -31,7 +31,7 @@
 
 use rayon::prelude::*;
 
-use super::{ConvShape, Operand, Tile, matmul_strided, split_rows};
+use super::{ConvShape, Epilogue, Operand, Tile, matmul_strided, split_rows};
 
 /// Points of a transformed 4×4 tile: the matmuls per band.
 const POINTS: usize = 16;
@@ -81,18 +81,19 @@ pub(super) fn runs(s: &ConvShape) -> bool {
 }
 
 /// The convolution of `x` (`(batch, cin, height, width)`) by `w` (`(cout,
-/// cin, 3, 3)`), `(batch, cout, out_h, out_w)` out, at `s`'s padding;
-/// `s` must be 3×3 at stride 1 (the callers check [`runs`]).
-pub(super) fn convolve(x: &[f32], w: &[f32], s: &ConvShape) -> Vec<f32> {
+/// cin, 3, 3)`) into `out` (`(batch, cout, out_h, out_w)`) at `s`'s
+/// padding, `ep` applied to each band's rows as they are written; `s` must
+/// be 3×3 at stride 1 (the callers check [`runs`]).
+pub(super) fn convolve(x: &[f32], w: &[f32], s: &ConvShape, out: &mut [f32], ep: &Epilogue) {
     assert!(
         s.kh == 3 && s.kw == 3 && s.stride == 1,
         "Winograd F(2×2, 3×3) takes {s:?}"
     );
     let u = filters(w, s);
     if s.cin.max(s.cout) <= CORE_CHANNELS {
-        per_core(x, &u, s)
+        per_core(x, &u, s, out, ep)
     } else {
-        shared(x, &u, s)
+        shared(x, &u, s, out, ep)
     }
 }
 
@@ -115,7 +116,7 @@ fn band_rows(s: &ConvShape, band: Tile) -> std::ops::Range<usize> {
 
 /// Wide layers: each band's transforms split over the channels and its
 /// matmuls over the points, all threads on one band at a time.
-fn shared(x: &[f32], u: &[f32], s: &ConvShape) -> Vec<f32> {
+fn shared(x: &[f32], u: &[f32], s: &ConvShape, out: &mut [f32], ep: &Epilogue) {
     let tiles_w = s.out_w.div_ceil(2);
     let bands = bands(s, BAND_BYTES, MIN_BAND_TILES);
     let widest = bands
@@ -125,14 +126,13 @@ fn shared(x: &[f32], u: &[f32], s: &ConvShape) -> Vec<f32> {
         .unwrap_or(0);
     let mut v = vec![0f32; s.cin * POINTS * widest];
     let mut m = vec![0f32; s.cout * POINTS * widest];
-    let mut out = vec![0f32; s.batch * s.cout * s.out_h * s.out_w];
     for band in bands {
         let tiles = band.images * band.rows * tiles_w;
         let v = &mut v[..s.cin * POINTS * tiles];
         let m = &mut m[..s.cout * POINTS * tiles];
         v.par_chunks_mut(POINTS * tiles)
             .enumerate()
-            .for_each(|(c, v)| transform_input(v, x, s, c, band, tiles_w));
+            .for_each(|(c, v)| transform_input(v, x, s, c..c + 1, band, tiles_w));
         // Each matmul on one thread: at the small maps' sizes a matmul's
         // own split costs more than it saves.
         m.par_chunks_mut(s.cout * tiles)
@@ -143,10 +143,13 @@ fn shared(x: &[f32], u: &[f32], s: &ConvShape) -> Vec<f32> {
         images.par_chunks_mut(plane).enumerate().for_each(|(j, y)| {
             let (image, o) = (j / s.cout, j % s.cout);
             let first = o * tiles + image * band.rows * tiles_w;
-            transform_output(&mut y[band_rows(s, band)], m, s, band, first, tiles_w);
+            let rows = band_rows(s, band);
+            let at = (band.image * s.cout + j) * plane + rows.start;
+            let y = &mut y[rows];
+            transform_output(y, m, s, band, first, tiles_w);
+            ep.apply(y, o, at);
         });
     }
-    out
 }
 
 /// `M[ξ] = U[ξ] · V[ξ]` into `m` (`cout × tiles`); U's and V's rows are
@@ -200,10 +203,14 @@ impl Planes {
 /// Narrow layers: one band per thread at a time, small enough that its
 /// transformed tiles and products stay in that core's cache, where the
 /// shared scheme would pass them between cores through memory.
-fn per_core(x: &[f32], u: &[f32], s: &ConvShape) -> Vec<f32> {
+fn per_core(x: &[f32], u: &[f32], s: &ConvShape, out: &mut [f32], ep: &Epilogue) {
     let tiles_w = s.out_w.div_ceil(2);
     let bands = bands(s, CORE_BAND_BYTES, 0);
-    let mut out = vec![0f32; s.batch * s.cout * s.out_h * s.out_w];
+    assert_eq!(
+        out.len(),
+        s.batch * s.cout * s.out_h * s.out_w,
+        "the output's size"
+    );
     let planes = Planes {
         ptr: out.as_mut_ptr(),
         len: out.len(),
@@ -214,23 +221,23 @@ fn per_core(x: &[f32], u: &[f32], s: &ConvShape) -> Vec<f32> {
             let tiles = band.images * band.rows * tiles_w;
             v.resize(s.cin * POINTS * tiles, 0f32);
             m.resize(s.cout * POINTS * tiles, 0f32);
-            for (c, v) in v.chunks_exact_mut(POINTS * tiles).enumerate() {
-                transform_input(v, x, s, c, band, tiles_w);
-            }
+            transform_input(v, x, s, 0..s.cin, band, tiles_w);
             for (xi, m) in m.chunks_exact_mut(s.cout * tiles).enumerate() {
                 products(m, u, v, s, xi, tiles);
             }
             for image in 0..band.images {
                 for o in 0..s.cout {
+                    let rows = band_rows(s, band);
+                    let at = ((band.image + image) * s.cout + o) * s.out_h * s.out_w + rows.start;
                     // SAFETY: these rows belong to this band alone.
-                    let y = unsafe { planes.rows(s, band.image + image, o, band_rows(s, band)) };
+                    let y = unsafe { planes.rows(s, band.image + image, o, rows) };
                     let first = o * tiles + image * band.rows * tiles_w;
                     transform_output(y, m, s, band, first, tiles_w);
+                    ep.apply(y, o, at);
                 }
             }
         },
     );
-    out
 }
 
 /// U as `[cout][ξ][cin]`, each filter `g = w[o][c]` turned into `G g Gᵀ`.
@@ -267,56 +274,64 @@ multiversion! {
 }
 
 multiversion! {
-    /// Input channel `c`'s tiles of `band` into `v` as `[ξ][tile]`: `Bᵀ d B`
-    /// of every 4×4 tile `d`, `Bᵀ = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]`;
-    /// tile (ty, tx) starts at input row 2 ty - padding, column 2 tx -
-    /// padding, zero outside the map.
-    fn transform_input(v: &mut [f32], x: &[f32], s: &ConvShape, c: usize, band: Tile, tiles_w: usize) {
-        let tiles = v.len() / POINTS;
+    /// The tiles of `band` of input `channels` into `v`, each channel's as
+    /// `[ξ][tile]`: `Bᵀ d B` of every 4×4 tile `d`, `Bᵀ = [1 0 -1 0; 0 1 1
+    /// 0; 0 -1 1 0; 0 1 0 -1]`; tile (ty, tx) starts at input row 2 ty -
+    /// padding, column 2 tx - padding, zero outside the map. `Bᵀ` combines
+    /// a tile row's four input rows straight from the input into padded
+    /// rows, then `B` their columns into the tiles.
+    fn transform_input(
+        v: &mut [f32],
+        x: &[f32],
+        s: &ConvShape,
+        channels: std::ops::Range<usize>,
+        band: Tile,
+        tiles_w: usize,
+    ) {
+        let tiles = band.images * band.rows * tiles_w;
         let wide = 2 * tiles_w + 2;
-        // The tile row's four input rows, padded, then Bᵀ of them.
-        let mut d = vec![0f32; 4 * wide];
+        // Padded column k is input column k - padding; the columns outside
+        // the input are never written, so stay zero.
+        let first = s.padding.min(wide);
+        let n = s.width.min(wide - first);
+        let zeros = vec![0f32; n];
         let mut q = vec![0f32; 4 * wide];
-        for image in 0..band.images {
-            let plane = &x[((band.image + image) * s.cin + c) * s.height * s.width..][..s.height * s.width];
-            for r in 0..band.rows {
-                let ty = band.row + r;
-                for (i, row) in d.chunks_exact_mut(wide).enumerate() {
-                    row.fill(0.0);
-                    let Some(iy) = (2 * ty + i).checked_sub(s.padding).filter(|&iy| iy < s.height) else {
-                        continue;
-                    };
-                    // Padded column k is input column k - padding.
-                    let src = &plane[iy * s.width..][..s.width];
-                    let first = s.padding.min(wide);
-                    let n = s.width.min(wide - first);
-                    row[first..first + n].copy_from_slice(&src[..n]);
-                }
-                let (d0, rest) = d.split_at(wide);
-                let (d1, rest) = rest.split_at(wide);
-                let (d2, d3) = rest.split_at(wide);
-                let (q0, rest) = q.split_at_mut(wide);
-                let (q1, rest) = rest.split_at_mut(wide);
-                let (q2, q3) = rest.split_at_mut(wide);
-                for k in 0..wide {
-                    q0[k] = d0[k] - d2[k];
-                    q1[k] = d1[k] + d2[k];
-                    q2[k] = d2[k] - d1[k];
-                    q3[k] = d1[k] - d3[k];
-                }
-                let base = (image * band.rows + r) * tiles_w;
-                for (i, qi) in q.chunks_exact(wide).enumerate() {
-                    let (p0, rest) = v[4 * i * tiles..].split_at_mut(tiles);
-                    let (p1, rest) = rest.split_at_mut(tiles);
-                    let (p2, rest) = rest.split_at_mut(tiles);
-                    let p3 = &mut rest[..tiles];
-                    for tx in 0..tiles_w {
-                        let [a, b, cc, e] = [qi[2 * tx], qi[2 * tx + 1], qi[2 * tx + 2], qi[2 * tx + 3]];
-                        let t = base + tx;
-                        p0[t] = a - cc;
-                        p1[t] = b + cc;
-                        p2[t] = cc - b;
-                        p3[t] = b - e;
+        for (v, c) in v.chunks_exact_mut(POINTS * tiles).zip(channels) {
+            for image in 0..band.images {
+                let plane = &x[((band.image + image) * s.cin + c) * s.height * s.width..][..s.height * s.width];
+                for r in 0..band.rows {
+                    let ty = band.row + r;
+                    let [d0, d1, d2, d3]: [&[f32]; 4] = std::array::from_fn(|i| {
+                        match (2 * ty + i).checked_sub(s.padding).filter(|&iy| iy < s.height) {
+                            Some(iy) => &plane[iy * s.width..][..n],
+                            None => &zeros[..],
+                        }
+                    });
+                    let (q0, rest) = q.split_at_mut(wide);
+                    let (q1, rest) = rest.split_at_mut(wide);
+                    let (q2, q3) = rest.split_at_mut(wide);
+                    let (q0, q1) = (&mut q0[first..first + n], &mut q1[first..first + n]);
+                    let (q2, q3) = (&mut q2[first..first + n], &mut q3[first..first + n]);
+                    for k in 0..n {
+                        q0[k] = d0[k] - d2[k];
+                        q1[k] = d1[k] + d2[k];
+                        q2[k] = d2[k] - d1[k];
+                        q3[k] = d1[k] - d3[k];
+                    }
+                    let base = (image * band.rows + r) * tiles_w;
+                    for (i, qi) in q.chunks_exact(wide).enumerate() {
+                        let (p0, rest) = v[4 * i * tiles..].split_at_mut(tiles);
+                        let (p1, rest) = rest.split_at_mut(tiles);
+                        let (p2, rest) = rest.split_at_mut(tiles);
+                        let p3 = &mut rest[..tiles];
+                        for tx in 0..tiles_w {
+                            let [a, b, cc, e] = [qi[2 * tx], qi[2 * tx + 1], qi[2 * tx + 2], qi[2 * tx + 3]];
+                            let t = base + tx;
+                            p0[t] = a - cc;
+                            p1[t] = b + cc;
+                            p2[t] = cc - b;
+                            p3[t] = b - e;
+                        }
                     }
                 }
             }
@@ -324,32 +339,58 @@ multiversion! {
     }
 }
 
+/// Tiles per chunk of [`transform_output`]'s row: its four partial rows
+/// stay in registers' reach on the stack.
+const OUT_CHUNK: usize = 64;
+
 multiversion! {
     /// One output plane's rows of `band` (`y`, from the band's first output
     /// row) from `m`, the products as `[ξ][cout][tile]` (this plane's tiles
     /// from `first` in each point's block): `Aᵀ M A` of every tile, `Aᵀ =
-    /// [1 1 1 0; 0 1 -1 -1]`, cut at the plane's edges.
+    /// [1 1 1 0; 0 1 -1 -1]`, cut at the plane's edges. A tile row goes in
+    /// chunks: the even and odd columns of its two output rows are worked
+    /// out over the chunk's tiles (16 streams in, four out, all contiguous,
+    /// so the loop vectorises), then interleaved into the rows.
     fn transform_output(y: &mut [f32], m: &[f32], s: &ConvShape, band: Tile, first: usize, tiles_w: usize) {
         let block = m.len() / POINTS;
         let point = |xi: usize| &m[xi * block + first..][..band.rows * tiles_w];
         let p: [&[f32]; POINTS] = std::array::from_fn(point);
         for r in 0..band.rows {
-            for tx in 0..tiles_w {
-                let t = r * tiles_w + tx;
-                // Aᵀ M: two rows of four, then each row times A.
-                let top: [f32; 4] = std::array::from_fn(|j| p[j][t] + p[4 + j][t] + p[8 + j][t]);
-                let bottom: [f32; 4] = std::array::from_fn(|j| p[4 + j][t] - p[8 + j][t] - p[12 + j][t]);
-                let ox = 2 * tx;
-                for (dy, [a, b, c, e]) in [top, bottom].into_iter().enumerate() {
-                    if 2 * (band.row + r) + dy >= s.out_h {
-                        break;
+            // Output rows 2(band.row + r) and the one below, where inside.
+            let rows = (s.out_h - 2 * (band.row + r)).min(2);
+            let mut tx0 = 0;
+            while tx0 < tiles_w {
+                let n = OUT_CHUNK.min(tiles_w - tx0);
+                let at = r * tiles_w + tx0;
+                let q: [&[f32]; POINTS] = std::array::from_fn(|xi| &p[xi][at..at + n]);
+                // [top even, top odd, bottom even, bottom odd]
+                let mut out = [[0f32; OUT_CHUNK]; 4];
+                for k in 0..n {
+                    // Aᵀ M: its two rows of four, then each row times A.
+                    let top: [f32; 4] = std::array::from_fn(|j| q[j][k] + q[4 + j][k] + q[8 + j][k]);
+                    let bottom: [f32; 4] =
+                        std::array::from_fn(|j| q[4 + j][k] - q[8 + j][k] - q[12 + j][k]);
+                    out[0][k] = top[0] + top[1] + top[2];
+                    out[1][k] = top[1] - top[2] - top[3];
+                    out[2][k] = bottom[0] + bottom[1] + bottom[2];
+                    out[3][k] = bottom[1] - bottom[2] - bottom[3];
+                }
+                let ox0 = 2 * tx0;
+                let cols = (s.out_w - ox0).min(2 * n);
+                for dy in 0..rows {
+                    let (even, odd) = (&out[2 * dy][..n], &out[2 * dy + 1][..n]);
+                    let row = &mut y[(2 * r + dy) * s.out_w + ox0..][..cols];
+                    let mut pairs = row.chunks_exact_mut(2);
+                    for ((pair, &e), &o) in (&mut pairs).zip(even).zip(odd) {
+                        pair[0] = e;
+                        pair[1] = o;
                     }
-                    let row = &mut y[(2 * r + dy) * s.out_w..][..s.out_w];
-                    row[ox] = a + b + c;
-                    if ox + 1 < s.out_w {
-                        row[ox + 1] = b - c - e;
+                    // An odd-width plane's last column.
+                    if let [last] = pairs.into_remainder() {
+                        *last = even[cols / 2];
                     }
                 }
+                tx0 += n;
             }
         }
     }
@@ -362,27 +403,47 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     /// [`shared`] or [`per_core`].
-    type Scheme = fn(&[f32], &[f32], &ConvShape) -> Vec<f32>;
+    type Scheme = fn(&[f32], &[f32], &ConvShape, &mut [f32], &Epilogue);
 
     fn randn(shape: &[usize]) -> Tensor {
         Tensor::randn(0f32, 1f32, shape, &Device::Cpu).unwrap()
     }
 
     /// Both Winograd schemes' convolution of `x` by `w` at `padding`,
-    /// checked against candle's.
+    /// checked against candle's, bare and with an epilogue (a bias, the
+    /// leaky ReLU and a scaled residual, each output element's own).
     fn check(x: &Tensor, w: &Tensor, padding: usize, what: &str) {
         let s = ConvShape::new(x.shape(), w.shape(), 1, padding).unwrap();
-        let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let ws = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let want = x.conv2d(w, padding, 1, 1, 1).unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (xs, ws) = (flat(x), flat(w));
+        let conv = x.conv2d(w, padding, 1, 1, 1).unwrap();
+        let bias = randn(&[s.cout]);
+        let residual = randn(conv.dims());
+        let biased = conv
+            .broadcast_add(&bias.reshape((1, (), 1, 1)).unwrap())
+            .unwrap();
+        let leaky = biased.maximum(&(&biased * 0.2).unwrap()).unwrap();
+        let with_epilogue = (&residual + (leaky * 0.5).unwrap()).unwrap();
+        let (bias, residual) = (flat(&bias), flat(&residual));
+        let epilogue = Epilogue {
+            bias: Some(&bias),
+            leaky: Some(0.2),
+            residual: Some((&residual, 0.5)),
+        };
         let u = filters(&ws, &s);
         let schemes: [(&str, Scheme); 2] = [("shared", shared), ("per core", per_core)];
         for (name, scheme) in schemes {
-            let dims = (s.batch, s.cout, s.out_h, s.out_w);
-            let ours = Tensor::from_vec(scheme(&xs, &u, &s), dims, &Device::Cpu).unwrap();
-            assert_eq!(ours.dims(), want.dims());
-            let d = max_diff(&ours, &want);
-            assert!(d < 1e-4, "{what}, {name}: differs by {d}");
+            for (ep, want) in [(Epilogue::default(), &conv), (epilogue, &with_epilogue)] {
+                let dims = (s.batch, s.cout, s.out_h, s.out_w);
+                // Whatever the output held before is overwritten.
+                let mut out = vec![f32::NAN; s.batch * s.cout * s.out_h * s.out_w];
+                scheme(&xs, &u, &s, &mut out, &ep);
+                let ours = Tensor::from_vec(out, dims, &Device::Cpu).unwrap();
+                assert_eq!(ours.dims(), want.dims());
+                let d = max_diff(&ours, want);
+                let bare = ep.bias.is_none();
+                assert!(d < 1e-4, "{what}, {name} (bare: {bare}): differs by {d}");
+            }
         }
     }
 
