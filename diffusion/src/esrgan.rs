@@ -408,18 +408,21 @@ impl RrdbNet {
                 ..none()
             };
             let mut size = (h, w);
+            let mut larger = Vec::new();
             for conv in [&self.conv_up1, &self.conv_up2] {
-                let larger = upsample2(&up, (nf, size.0, size.1));
+                larger = upsample2(&up, (nf, size.0, size.1));
                 size = (2 * size.0, 2 * size.1);
                 up = vec![0f32; nf * size.0 * size.1];
                 conv.forward_cpu_into(&larger, (1, nf, size.0, size.1), &mut up, leaky)?;
             }
-            let mut hr = vec![0f32; nf * size.0 * size.1];
+            // Into the last upsampled map, read by now: the largest maps are
+            // tens of megabytes, each a fresh allocation's page faults.
+            let hr = &mut larger;
             self.conv_hr
-                .forward_cpu_into(&up, (1, nf, size.0, size.1), &mut hr, leaky)?;
+                .forward_cpu_into(&up, (1, nf, size.0, size.1), hr, leaky)?;
             let mut out = vec![0f32; 3 * size.0 * size.1];
             self.conv_last
-                .forward_cpu_into(&hr, (1, nf, size.0, size.1), &mut out, none())?;
+                .forward_cpu_into(hr, (1, nf, size.0, size.1), &mut out, none())?;
             images.push(Tensor::from_vec(out, (1, 3, size.0, size.1), &Device::Cpu)?);
         }
         Tensor::cat(&images, 0)
