@@ -291,7 +291,10 @@ fn fused_and_matmul_attention_render_the_same_image() {
         .zip(flat(&matmul.latents))
         .map(|(f, m)| (f - m).abs())
         .fold(0f32, f32::max);
-    assert!(latent_diff < 1e-4, "final latents differ by {latent_diff}");
+    // Summation order alone, compounded over 20 Euler a steps through
+    // F(4×4) Winograd convolutions (about 1e-5 of a layer's output off
+    // exact, ten times F(2×2)'s): measured 1.8e-4 (4.4e-5 with F(2×2)).
+    assert!(latent_diff < 5e-4, "final latents differ by {latent_diff}");
     for (f, m) in fused.images.iter().zip(&matmul.images) {
         // Summation order alone: at most one step of 8-bit rounding.
         assert!(max_diff(f, m) <= 1, "differ by {}", max_diff(f, m));

@@ -1,22 +1,30 @@
 //! 3×3 stride-1 convolutions by Winograd's minimal filtering F(2×2, 3×3)
-//! (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks",
-//! 2015). Each 2×2 block of outputs comes from the 4×4 block of input
-//! under it through 16 products per input channel, where the direct
-//! convolution takes 36: with `g` a 3×3 filter and `d` a 4×4 input tile,
+//! and F(4×4, 3×3) (Lavin and Gray, "Fast Algorithms for Convolutional
+//! Neural Networks", 2015). Each m×m block of outputs comes from the
+//! (m+2)×(m+2) block of input under it through (m+2)² products per input
+//! channel, where the direct convolution takes 9m²: 16 instead of 36 for
+//! F(2×2), 36 instead of 144 for F(4×4). With `g` a 3×3 filter and `d` an
+//! input tile,
 //!
 //! ```text
 //! Y = Aᵀ [ (G g Gᵀ) ⊙ (Bᵀ d B) ] A
 //! ```
 //!
-//! Over a layer the 16 points ξ of the transformed tile are 16 matmuls,
+//! Over a layer the points ξ of the transformed tile are as many matmuls,
 //! `M[ξ] (cout × tiles) = U[ξ] (cout × cin) · V[ξ] (cin × tiles)`, with
-//! U the transformed filters and V the transformed input tiles: 2.25 times
-//! fewer multiply-adds than the im2col's single matmul, for three passes
-//! over memory of their own (the input's, the output's and the filters'
-//! transforms). The filters are transformed on every call, so a model holds
-//! no second copy of its weights. The transforms' coefficients are 0, ±1
-//! and ½, so in f32 the result stays within a few roundings of the direct
-//! convolution's.
+//! U the transformed filters and V the transformed input tiles: 2.25 (F2)
+//! or 4 (F4) times fewer multiply-adds than the im2col's single matmul, for
+//! three passes over memory of their own (the input's, the output's and
+//! the filters' transforms). The filters are transformed on every call, so
+//! a model holds no second copy of its weights. F(2×2)'s coefficients are
+//! 0, ±1 and ½, so in f32 its result stays within a few roundings of the
+//! direct convolution's; F(4×4)'s reach 8 and 1/24, which costs about one
+//! decimal digit more (checked against the direct convolution and by the
+//! diffusers reference tests at their tolerances), so it runs only where
+//! its larger tiles pay: maps of at least [`F4_MIN_SIDE`] a side with
+//! [`F4_PIXELS_PER_CHANNEL`] output pixels per channel
+//! (`HALLMARK_WINOGRAD=f2` keeps F(2×2) everywhere, the benchmarks'
+//! baseline).
 //!
 //! The work goes in bands of tile rows (several whole images for small
 //! maps) whose transformed input and products stay near the cache, and
@@ -33,8 +41,71 @@ use rayon::prelude::*;
 
 use super::{ConvShape, Epilogue, Operand, Tile, matmul_strided, split_rows};
 
-/// Points of a transformed 4×4 tile: the matmuls per band.
-const POINTS: usize = 16;
+/// Which of the two minimal filterings a convolution runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Form {
+    /// F(2×2, 3×3): 2×2 outputs from 4×4 inputs, 16 points.
+    F2,
+    /// F(4×4, 3×3): 4×4 outputs from 6×6 inputs, 36 points.
+    F4,
+}
+
+impl Form {
+    /// The side of a tile's outputs.
+    fn m(self) -> usize {
+        match self {
+            Self::F2 => 2,
+            Self::F4 => 4,
+        }
+    }
+
+    /// Points of a transformed tile: the matmuls per band.
+    fn points(self) -> usize {
+        match self {
+            Self::F2 => F2_POINTS,
+            Self::F4 => F4_POINTS,
+        }
+    }
+
+    /// The form for `s`: F(4×4) where both sides of the output are at
+    /// least [`F4_MIN_SIDE`] and it has [`F4_PIXELS_PER_CHANNEL`] output
+    /// pixels (all images) per channel of the wider side, unless
+    /// `HALLMARK_WINOGRAD=f2` (the benchmarks' in-run baseline) says
+    /// F(2×2) everywhere.
+    fn for_shape(s: &ConvShape) -> Self {
+        static F2_ONLY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let f2_only =
+            *F2_ONLY.get_or_init(|| std::env::var("HALLMARK_WINOGRAD").is_ok_and(|v| v == "f2"));
+        let pixels = s.batch * s.out_h * s.out_w;
+        if !f2_only
+            && s.out_h.min(s.out_w) >= F4_MIN_SIDE
+            && pixels >= F4_PIXELS_PER_CHANNEL * s.cin.max(s.cout)
+        {
+            Self::F4
+        } else {
+            Self::F2
+        }
+    }
+}
+
+/// Points of a transformed F(2×2, 3×3) tile (4×4) and of an F(4×4, 3×3)
+/// one (6×6).
+const F2_POINTS: usize = 16;
+const F4_POINTS: usize = 36;
+
+/// The output side from which F(4×4, 3×3) runs: below it partial tiles and
+/// the larger transforms eat what its fewer products save.
+const F4_MIN_SIDE: usize = 16;
+
+/// Output pixels per channel from which F(4×4, 3×3) runs: its filters'
+/// transform (36 points per filter where F(2×2) has 16) is paid once per
+/// call, its savings per pixel. Measured (`hallmark-diffusion-bench conv`,
+/// `HALLMARK_WINOGRAD=f2` the baseline, 2-core Zen 3): 1.4–1.9 times
+/// F(2×2)'s speed for Real-ESRGAN's layers at 128² (up to 85 pixels per
+/// channel), 1.45 for 320 channels at 64² × 2 (26), 1.5 for 256 at 256²;
+/// even for 640 at 32² × 2 (3.2) and 512 at 64² (8); 0.7 for 1280 at 16² × 2
+/// (0.4).
+const F4_PIXELS_PER_CHANNEL: usize = 16;
 
 /// What a band's transformed input, and its products, may take.
 const BAND_BYTES: usize = 16 << 20;
@@ -85,79 +156,108 @@ pub(super) fn runs(s: &ConvShape) -> bool {
 /// padding, `ep` applied to each band's rows as they are written; `s` must
 /// be 3×3 at stride 1 (the callers check [`runs`]).
 pub(super) fn convolve(x: &[f32], w: &[f32], s: &ConvShape, out: &mut [f32], ep: &Epilogue) {
+    convolve_as(Form::for_shape(s), x, w, s, out, ep);
+}
+
+/// [`convolve`] by the given form.
+fn convolve_as(f: Form, x: &[f32], w: &[f32], s: &ConvShape, out: &mut [f32], ep: &Epilogue) {
     assert!(
         s.kh == 3 && s.kw == 3 && s.stride == 1,
-        "Winograd F(2×2, 3×3) takes {s:?}"
+        "Winograd F(m×m, 3×3) takes {s:?}"
     );
-    let u = filters(w, s);
+    let u = filters(f, w, s);
     if s.cin.max(s.cout) <= CORE_CHANNELS {
-        per_core(x, &u, s, out, ep)
+        per_core(f, x, &u, s, out, ep)
     } else {
-        shared(x, &u, s, out, ep)
+        shared(f, x, &u, s, out, ep)
     }
 }
 
 /// Bands of tile rows whose transformed input and products take at most
 /// `bytes`, or `min_tiles` tiles, whichever is more (a tile row at the
 /// least).
-fn bands(s: &ConvShape, bytes: usize, min_tiles: usize) -> Vec<Tile> {
-    let (tiles_h, tiles_w) = (s.out_h.div_ceil(2), s.out_w.div_ceil(2));
-    let budget = (bytes / 4 / (POINTS * s.cin.max(s.cout).max(1))).max(min_tiles);
+fn bands(f: Form, s: &ConvShape, bytes: usize, min_tiles: usize) -> Vec<Tile> {
+    let (tiles_h, tiles_w) = (s.out_h.div_ceil(f.m()), s.out_w.div_ceil(f.m()));
+    let budget = (bytes / 4 / (f.points() * s.cin.max(s.cout).max(1))).max(min_tiles);
     split_rows(s.batch, tiles_h, tiles_w, budget)
 }
 
 /// The elements of one output plane that `band`'s tile rows cover (rows
-/// `2 band.row ..`, cut at the plane's last row).
-fn band_rows(s: &ConvShape, band: Tile) -> std::ops::Range<usize> {
-    let first = 2 * band.row;
-    let last = (2 * (band.row + band.rows)).min(s.out_h);
+/// `m band.row ..`, cut at the plane's last row).
+fn band_rows(f: Form, s: &ConvShape, band: Tile) -> std::ops::Range<usize> {
+    let first = f.m() * band.row;
+    let last = (f.m() * (band.row + band.rows)).min(s.out_h);
     first * s.out_w..last * s.out_w
+}
+
+/// Input `channels`' tiles of `band` into `v`, by `f`'s transform.
+fn transform_input(
+    f: Form,
+    v: &mut [f32],
+    x: &[f32],
+    s: &ConvShape,
+    channels: std::ops::Range<usize>,
+    band: Tile,
+) {
+    match f {
+        Form::F2 => transform_input2(v, x, s, channels, band, s.out_w.div_ceil(2)),
+        Form::F4 => transform_input4(v, x, s, channels, band, s.out_w.div_ceil(4)),
+    }
+}
+
+/// One output plane's rows of `band` from the products, by `f`'s transform.
+fn transform_output(f: Form, y: &mut [f32], m: &[f32], s: &ConvShape, band: Tile, first: usize) {
+    match f {
+        Form::F2 => transform_output2(y, m, s, band, first, s.out_w.div_ceil(2)),
+        Form::F4 => transform_output4(y, m, s, band, first, s.out_w.div_ceil(4)),
+    }
 }
 
 /// Wide layers: each band's transforms split over the channels and its
 /// matmuls over the points, all threads on one band at a time.
-fn shared(x: &[f32], u: &[f32], s: &ConvShape, out: &mut [f32], ep: &Epilogue) {
-    let tiles_w = s.out_w.div_ceil(2);
-    let bands = bands(s, BAND_BYTES, MIN_BAND_TILES);
+fn shared(f: Form, x: &[f32], u: &[f32], s: &ConvShape, out: &mut [f32], ep: &Epilogue) {
+    let points = f.points();
+    let tiles_w = s.out_w.div_ceil(f.m());
+    let bands = bands(f, s, BAND_BYTES, MIN_BAND_TILES);
     let widest = bands
         .iter()
         .map(|b| b.images * b.rows * tiles_w)
         .max()
         .unwrap_or(0);
-    let mut v = vec![0f32; s.cin * POINTS * widest];
-    let mut m = vec![0f32; s.cout * POINTS * widest];
+    let mut v = vec![0f32; s.cin * points * widest];
+    let mut m = vec![0f32; s.cout * points * widest];
     for band in bands {
         let tiles = band.images * band.rows * tiles_w;
-        let v = &mut v[..s.cin * POINTS * tiles];
-        let m = &mut m[..s.cout * POINTS * tiles];
-        v.par_chunks_mut(POINTS * tiles)
+        let v = &mut v[..s.cin * points * tiles];
+        let m = &mut m[..s.cout * points * tiles];
+        v.par_chunks_mut(points * tiles)
             .enumerate()
-            .for_each(|(c, v)| transform_input(v, x, s, c..c + 1, band, tiles_w));
+            .for_each(|(c, v)| transform_input(f, v, x, s, c..c + 1, band));
         // Each matmul on one thread: at the small maps' sizes a matmul's
         // own split costs more than it saves.
         m.par_chunks_mut(s.cout * tiles)
             .enumerate()
-            .for_each(|(xi, m)| products(m, u, v, s, xi, tiles));
+            .for_each(|(xi, m)| products(f, m, u, v, s, xi, tiles));
         let plane = s.out_h * s.out_w;
         let images = &mut out[band.image * s.cout * plane..][..band.images * s.cout * plane];
         images.par_chunks_mut(plane).enumerate().for_each(|(j, y)| {
             let (image, o) = (j / s.cout, j % s.cout);
             let first = o * tiles + image * band.rows * tiles_w;
-            let rows = band_rows(s, band);
+            let rows = band_rows(f, s, band);
             let at = (band.image * s.cout + j) * plane + rows.start;
             let y = &mut y[rows];
-            transform_output(y, m, s, band, first, tiles_w);
+            transform_output(f, y, m, s, band, first);
             ep.apply(y, o, at);
         });
     }
 }
 
 /// `M[ξ] = U[ξ] · V[ξ]` into `m` (`cout × tiles`); U's and V's rows are
-/// POINTS apart.
-fn products(m: &mut [f32], u: &[f32], v: &[f32], s: &ConvShape, xi: usize, tiles: usize) {
+/// `f`'s points apart.
+fn products(f: Form, m: &mut [f32], u: &[f32], v: &[f32], s: &ConvShape, xi: usize, tiles: usize) {
     let point = |start: usize, row: usize| Operand {
         start,
-        strides: [POINTS * row, 1],
+        strides: [f.points() * row, 1],
     };
     matmul_strided(
         (s.cout, tiles, s.cin),
@@ -203,9 +303,10 @@ impl Planes {
 /// Narrow layers: one band per thread at a time, small enough that its
 /// transformed tiles and products stay in that core's cache, where the
 /// shared scheme would pass them between cores through memory.
-fn per_core(x: &[f32], u: &[f32], s: &ConvShape, out: &mut [f32], ep: &Epilogue) {
-    let tiles_w = s.out_w.div_ceil(2);
-    let bands = bands(s, CORE_BAND_BYTES, 0);
+fn per_core(f: Form, x: &[f32], u: &[f32], s: &ConvShape, out: &mut [f32], ep: &Epilogue) {
+    let points = f.points();
+    let tiles_w = s.out_w.div_ceil(f.m());
+    let bands = bands(f, s, CORE_BAND_BYTES, 0);
     assert_eq!(
         out.len(),
         s.batch * s.cout * s.out_h * s.out_w,
@@ -219,20 +320,20 @@ fn per_core(x: &[f32], u: &[f32], s: &ConvShape, out: &mut [f32], ep: &Epilogue)
         || (Vec::new(), Vec::new()),
         |(v, m), &band| {
             let tiles = band.images * band.rows * tiles_w;
-            v.resize(s.cin * POINTS * tiles, 0f32);
-            m.resize(s.cout * POINTS * tiles, 0f32);
-            transform_input(v, x, s, 0..s.cin, band, tiles_w);
+            v.resize(s.cin * points * tiles, 0f32);
+            m.resize(s.cout * points * tiles, 0f32);
+            transform_input(f, v, x, s, 0..s.cin, band);
             for (xi, m) in m.chunks_exact_mut(s.cout * tiles).enumerate() {
-                products(m, u, v, s, xi, tiles);
+                products(f, m, u, v, s, xi, tiles);
             }
             for image in 0..band.images {
                 for o in 0..s.cout {
-                    let rows = band_rows(s, band);
+                    let rows = band_rows(f, s, band);
                     let at = ((band.image + image) * s.cout + o) * s.out_h * s.out_w + rows.start;
                     // SAFETY: these rows belong to this band alone.
                     let y = unsafe { planes.rows(s, band.image + image, o, rows) };
                     let first = o * tiles + image * band.rows * tiles_w;
-                    transform_output(y, m, s, band, first, tiles_w);
+                    transform_output(f, y, m, s, band, first);
                     ep.apply(y, o, at);
                 }
             }
@@ -240,12 +341,16 @@ fn per_core(x: &[f32], u: &[f32], s: &ConvShape, out: &mut [f32], ep: &Epilogue)
     );
 }
 
-/// U as `[cout][ξ][cin]`, each filter `g = w[o][c]` turned into `G g Gᵀ`.
-fn filters(w: &[f32], s: &ConvShape) -> Vec<f32> {
-    let mut u = vec![0f32; s.cout * POINTS * s.cin];
-    u.par_chunks_mut(POINTS * s.cin)
+/// U as `[cout][ξ][cin]`, each filter `g = w[o][c]` turned into `G g Gᵀ`
+/// of `f`.
+fn filters(f: Form, w: &[f32], s: &ConvShape) -> Vec<f32> {
+    let mut u = vec![0f32; s.cout * f.points() * s.cin];
+    u.par_chunks_mut(f.points() * s.cin)
         .zip(w.par_chunks(9 * s.cin))
-        .for_each(|(u, w)| transform_filters(u, w, s.cin));
+        .for_each(|(u, w)| match f {
+            Form::F2 => transform_filters2(u, w, s.cin),
+            Form::F4 => transform_filters4(u, w, s.cin),
+        });
     u
 }
 
@@ -258,7 +363,7 @@ fn g_times([a, b, c]: [f32; 3]) -> [f32; 4] {
 multiversion! {
     /// One output channel's filters, `w` as `[cin][3][3]`, into `u` as
     /// `[ξ][cin]`.
-    fn transform_filters(u: &mut [f32], w: &[f32], cin: usize) {
+    fn transform_filters2(u: &mut [f32], w: &[f32], cin: usize) {
         for (c, g) in w.chunks_exact(9).enumerate() {
             // G g, then (G g) Gᵀ: G applied to each row of G g.
             let columns: [[f32; 4]; 3] =
@@ -280,7 +385,7 @@ multiversion! {
     /// padding, column 2 tx - padding, zero outside the map. `Bᵀ` combines
     /// a tile row's four input rows straight from the input into padded
     /// rows, then `B` their columns into the tiles.
-    fn transform_input(
+    fn transform_input2(
         v: &mut [f32],
         x: &[f32],
         s: &ConvShape,
@@ -296,7 +401,7 @@ multiversion! {
         let n = s.width.min(wide - first);
         let zeros = vec![0f32; n];
         let mut q = vec![0f32; 4 * wide];
-        for (v, c) in v.chunks_exact_mut(POINTS * tiles).zip(channels) {
+        for (v, c) in v.chunks_exact_mut(F2_POINTS * tiles).zip(channels) {
             for image in 0..band.images {
                 let plane = &x[((band.image + image) * s.cin + c) * s.height * s.width..][..s.height * s.width];
                 for r in 0..band.rows {
@@ -351,10 +456,10 @@ multiversion! {
     /// chunks: the even and odd columns of its two output rows are worked
     /// out over the chunk's tiles (16 streams in, four out, all contiguous,
     /// so the loop vectorises), then interleaved into the rows.
-    fn transform_output(y: &mut [f32], m: &[f32], s: &ConvShape, band: Tile, first: usize, tiles_w: usize) {
-        let block = m.len() / POINTS;
+    fn transform_output2(y: &mut [f32], m: &[f32], s: &ConvShape, band: Tile, first: usize, tiles_w: usize) {
+        let block = m.len() / F2_POINTS;
         let point = |xi: usize| &m[xi * block + first..][..band.rows * tiles_w];
-        let p: [&[f32]; POINTS] = std::array::from_fn(point);
+        let p: [&[f32]; F2_POINTS] = std::array::from_fn(point);
         for r in 0..band.rows {
             // Output rows 2(band.row + r) and the one below, where inside.
             let rows = (s.out_h - 2 * (band.row + r)).min(2);
@@ -362,7 +467,7 @@ multiversion! {
             while tx0 < tiles_w {
                 let n = OUT_CHUNK.min(tiles_w - tx0);
                 let at = r * tiles_w + tx0;
-                let q: [&[f32]; POINTS] = std::array::from_fn(|xi| &p[xi][at..at + n]);
+                let q: [&[f32]; F2_POINTS] = std::array::from_fn(|xi| &p[xi][at..at + n]);
                 // [top even, top odd, bottom even, bottom odd]
                 let mut out = [[0f32; OUT_CHUNK]; 4];
                 for k in 0..n {
@@ -396,6 +501,180 @@ multiversion! {
     }
 }
 
+/// `G v` for one 3-vector, F(4×4, 3×3)'s `G = [¼ 0 0; -⅙ -⅙ -⅙; -⅙ ⅙ -⅙;
+/// 1/24 1/12 ⅙; 1/24 -1/12 ⅙; 0 0 1]`.
+#[inline(always)]
+fn g4_times([a, b, c]: [f32; 3]) -> [f32; 6] {
+    let (even, odd) = (a + c, b);
+    let (quarter, twelfth) = (a / 24.0 + c / 6.0, b / 12.0);
+    [
+        a / 4.0,
+        -(even + odd) / 6.0,
+        -(even - odd) / 6.0,
+        quarter + twelfth,
+        quarter - twelfth,
+        c,
+    ]
+}
+
+/// `Bᵀ d` for one 6-vector, F(4×4, 3×3)'s `Bᵀ = [4 0 -5 0 1 0; 0 -4 -4 1 1
+/// 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0; 0 4 0 -5 0 1]`.
+#[inline(always)]
+fn bt4_times([d0, d1, d2, d3, d4, d5]: [f32; 6]) -> [f32; 6] {
+    let (a, b) = (d4 - 4.0 * d2, d3 - 4.0 * d1);
+    let (c, e) = (d4 - d2, 2.0 * (d3 - d1));
+    [
+        4.0 * d0 - 5.0 * d2 + d4,
+        a + b,
+        a - b,
+        c + e,
+        c - e,
+        4.0 * d1 - 5.0 * d3 + d5,
+    ]
+}
+
+/// `Aᵀ m` for one 6-vector, F(4×4, 3×3)'s `Aᵀ = [1 1 1 1 1 0; 0 1 -1 2 -2
+/// 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1]`.
+#[inline(always)]
+fn at4_times([m0, m1, m2, m3, m4, m5]: [f32; 6]) -> [f32; 4] {
+    let (sum12, diff12) = (m1 + m2, m1 - m2);
+    let (sum34, diff34) = (m3 + m4, m3 - m4);
+    [
+        m0 + sum12 + sum34,
+        diff12 + 2.0 * diff34,
+        sum12 + 4.0 * sum34,
+        diff12 + 8.0 * diff34 + m5,
+    ]
+}
+
+multiversion! {
+    /// One output channel's filters, `w` as `[cin][3][3]`, into `u` as
+    /// `[ξ][cin]` (ξ = 6 i + j), by F(4×4, 3×3)'s `G`.
+    fn transform_filters4(u: &mut [f32], w: &[f32], cin: usize) {
+        for (c, g) in w.chunks_exact(9).enumerate() {
+            let columns: [[f32; 6]; 3] =
+                std::array::from_fn(|j| g4_times([g[j], g[3 + j], g[6 + j]]));
+            for i in 0..6 {
+                let row = g4_times([columns[0][i], columns[1][i], columns[2][i]]);
+                for (j, value) in row.into_iter().enumerate() {
+                    u[(6 * i + j) * cin + c] = value;
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// [`transform_input2`] for F(4×4, 3×3): 6×6 tiles, 4 apart; tile (ty,
+    /// tx) starts at input row 4 ty - padding, column 4 tx - padding. `Bᵀ`
+    /// combines a tile row's six input rows straight from the input into
+    /// padded rows, then `B` each tile's six columns of them.
+    fn transform_input4(
+        v: &mut [f32],
+        x: &[f32],
+        s: &ConvShape,
+        channels: std::ops::Range<usize>,
+        band: Tile,
+        tiles_w: usize,
+    ) {
+        let tiles = band.images * band.rows * tiles_w;
+        let wide = 4 * tiles_w + 2;
+        let first = s.padding.min(wide);
+        let n = s.width.min(wide - first);
+        let zeros = vec![0f32; n];
+        let mut q = vec![0f32; 6 * wide];
+        for (v, c) in v.chunks_exact_mut(F4_POINTS * tiles).zip(channels) {
+            for image in 0..band.images {
+                let plane = &x[((band.image + image) * s.cin + c) * s.height * s.width..][..s.height * s.width];
+                for r in 0..band.rows {
+                    let ty = band.row + r;
+                    let d: [&[f32]; 6] = std::array::from_fn(|i| {
+                        match (4 * ty + i).checked_sub(s.padding).filter(|&iy| iy < s.height) {
+                            Some(iy) => &plane[iy * s.width..][..n],
+                            None => &zeros[..],
+                        }
+                    });
+                    {
+                        let mut rows = q.chunks_exact_mut(wide);
+                        let mut q: [&mut [f32]; 6] =
+                            std::array::from_fn(|_| rows.next().expect("six rows"));
+                        for k in 0..n {
+                            let out = bt4_times(std::array::from_fn(|i| d[i][k]));
+                            for (q, value) in q.iter_mut().zip(out) {
+                                q[first + k] = value;
+                            }
+                        }
+                    }
+                    let base = (image * band.rows + r) * tiles_w;
+                    for (i, qi) in q.chunks_exact(wide).enumerate() {
+                        let mut points = v[6 * i * tiles..][..6 * tiles].chunks_exact_mut(tiles);
+                        let mut p: [&mut [f32]; 6] =
+                            std::array::from_fn(|_| points.next().expect("six points"));
+                        for tx in 0..tiles_w {
+                            let out = bt4_times(std::array::from_fn(|j| qi[4 * tx + j]));
+                            for (p, value) in p.iter_mut().zip(out) {
+                                p[base + tx] = value;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// [`transform_output2`] for F(4×4, 3×3): 4×4 outputs of each tile from
+    /// its 36 points (ξ = 6 i + j) by `Aᵀ M A`, a tile row in chunks whose
+    /// sixteen output streams (row dy, column dx) are worked out over the
+    /// chunk's tiles, then interleaved into the rows.
+    fn transform_output4(y: &mut [f32], m: &[f32], s: &ConvShape, band: Tile, first: usize, tiles_w: usize) {
+        let block = m.len() / F4_POINTS;
+        let point = |xi: usize| &m[xi * block + first..][..band.rows * tiles_w];
+        let p: [&[f32]; F4_POINTS] = std::array::from_fn(point);
+        for r in 0..band.rows {
+            let rows = (s.out_h - 4 * (band.row + r)).min(4);
+            let mut tx0 = 0;
+            while tx0 < tiles_w {
+                let n = OUT_CHUNK.min(tiles_w - tx0);
+                let at = r * tiles_w + tx0;
+                let q: [&[f32]; F4_POINTS] = std::array::from_fn(|xi| &p[xi][at..at + n]);
+                // Output (dy, dx) of the chunk's tiles at 4 dy + dx.
+                let mut out = [[0f32; OUT_CHUNK]; 16];
+                for k in 0..n {
+                    // Aᵀ M: each of the six columns j down to four rows.
+                    let columns: [[f32; 4]; 6] =
+                        std::array::from_fn(|j| at4_times(std::array::from_fn(|i| q[6 * i + j][k])));
+                    for dy in 0..4 {
+                        let row = at4_times(std::array::from_fn(|j| columns[j][dy]));
+                        for (dx, value) in row.into_iter().enumerate() {
+                            out[4 * dy + dx][k] = value;
+                        }
+                    }
+                }
+                let ox0 = 4 * tx0;
+                let cols = (s.out_w - ox0).min(4 * n);
+                for dy in 0..rows {
+                    let streams: [&[f32]; 4] = std::array::from_fn(|dx| &out[4 * dy + dx][..n]);
+                    let row = &mut y[(4 * r + dy) * s.out_w + ox0..][..cols];
+                    let mut quads = row.chunks_exact_mut(4);
+                    for (k, quad) in (&mut quads).enumerate() {
+                        for (dx, v) in quad.iter_mut().enumerate() {
+                            *v = streams[dx][k];
+                        }
+                    }
+                    // The plane's last, partial tile.
+                    let last = cols / 4;
+                    for (dx, v) in quads.into_remainder().iter_mut().enumerate() {
+                        *v = streams[dx][last];
+                    }
+                }
+                tx0 += n;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -403,15 +682,16 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     /// [`shared`] or [`per_core`].
-    type Scheme = fn(&[f32], &[f32], &ConvShape, &mut [f32], &Epilogue);
+    type Scheme = fn(Form, &[f32], &[f32], &ConvShape, &mut [f32], &Epilogue);
 
     fn randn(shape: &[usize]) -> Tensor {
         Tensor::randn(0f32, 1f32, shape, &Device::Cpu).unwrap()
     }
 
-    /// Both Winograd schemes' convolution of `x` by `w` at `padding`,
-    /// checked against candle's, bare and with an epilogue (a bias, the
-    /// leaky ReLU and a scaled residual, each output element's own).
+    /// Both forms' and both schemes' convolution of `x` by `w` at
+    /// `padding`, checked against candle's, bare and with an epilogue (a
+    /// bias, the leaky ReLU and a scaled residual, each output element's
+    /// own).
     fn check(x: &Tensor, w: &Tensor, padding: usize, what: &str) {
         let s = ConvShape::new(x.shape(), w.shape(), 1, padding).unwrap();
         let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -430,19 +710,24 @@ mod tests {
             leaky: Some(0.2),
             residual: Some((&residual, 0.5)),
         };
-        let u = filters(&ws, &s);
         let schemes: [(&str, Scheme); 2] = [("shared", shared), ("per core", per_core)];
-        for (name, scheme) in schemes {
-            for (ep, want) in [(Epilogue::default(), &conv), (epilogue, &with_epilogue)] {
-                let dims = (s.batch, s.cout, s.out_h, s.out_w);
-                // Whatever the output held before is overwritten.
-                let mut out = vec![f32::NAN; s.batch * s.cout * s.out_h * s.out_w];
-                scheme(&xs, &u, &s, &mut out, &ep);
-                let ours = Tensor::from_vec(out, dims, &Device::Cpu).unwrap();
-                assert_eq!(ours.dims(), want.dims());
-                let d = max_diff(&ours, want);
-                let bare = ep.bias.is_none();
-                assert!(d < 1e-4, "{what}, {name} (bare: {bare}): differs by {d}");
+        for form in [Form::F2, Form::F4] {
+            let u = filters(form, &ws, &s);
+            for (name, scheme) in schemes {
+                for (ep, want) in [(Epilogue::default(), &conv), (epilogue, &with_epilogue)] {
+                    let dims = (s.batch, s.cout, s.out_h, s.out_w);
+                    // Whatever the output held before is overwritten.
+                    let mut out = vec![f32::NAN; s.batch * s.cout * s.out_h * s.out_w];
+                    scheme(form, &xs, &u, &s, &mut out, &ep);
+                    let ours = Tensor::from_vec(out, dims, &Device::Cpu).unwrap();
+                    assert_eq!(ours.dims(), want.dims());
+                    let d = max_diff(&ours, want);
+                    let bare = ep.bias.is_none();
+                    assert!(
+                        d < 1e-4,
+                        "{what}, {form:?} {name} (bare: {bare}): differs by {d}"
+                    );
+                }
             }
         }
     }
@@ -475,11 +760,11 @@ mod tests {
 
     #[test]
     fn bands_of_rows_and_of_whole_images_cover_every_output() {
-        // 64 channels: 4096 tiles per band shared by the threads, 256 per
-        // core. A 151² output (76² = 5776 tiles) goes in row bands in
-        // both schemes; thirteen 40² images (400 tiles each) go ten to a
-        // shared band, and three; thirteen 20² ones (100 tiles) two to a
-        // core's band.
+        // 64 channels, F(2×2) tiles: 4096 tiles per band shared by the
+        // threads, 256 per core. A 151² output (76² = 5776 tiles) goes in
+        // row bands in both schemes; thirteen 40² images (400 tiles each)
+        // go ten to a shared band, and three; thirteen 20² ones (100
+        // tiles) two to a core's band. (`check` runs F(4×4) too.)
         let schemes = [(BAND_BYTES, MIN_BAND_TILES), (CORE_BAND_BYTES, 0)];
         // Per scheme: whether some case went in row bands, and whether some
         // went several images to a band, in more than one band.
@@ -489,7 +774,7 @@ mod tests {
             let w = (randn(&[8, 64, 3, 3]) * 0.1).unwrap();
             let s = ConvShape::new(x.shape(), w.shape(), 1, 1).unwrap();
             for (&(bytes, min_tiles), seen) in schemes.iter().zip(&mut seen) {
-                let bands = bands(&s, bytes, min_tiles);
+                let bands = bands(Form::F2, &s, bytes, min_tiles);
                 seen.0 |= bands.iter().any(|t| t.rows < side.div_ceil(2));
                 seen.1 |= bands.len() > 1 && bands.iter().any(|t| t.images > 1);
             }
@@ -501,12 +786,85 @@ mod tests {
     #[test]
     fn filters_transform_as_g_g_transposed() {
         // One filter of ones: G g Gᵀ is the outer product of G's row sums
-        // (1, 3/2, 1/2, 1) with themselves.
-        let mut u = vec![0f32; POINTS];
-        transform_filters(&mut u, &[1.0; 9], 1);
+        // with themselves: (1, 3/2, 1/2, 1) for F(2×2), (1/4, -1/2, -1/6,
+        // 7/24, 1/8, 1) for F(4×4).
+        let mut u = vec![0f32; F2_POINTS];
+        transform_filters2(&mut u, &[1.0; 9], 1);
         let sums = [1.0, 1.5, 0.5, 1.0];
         for (xi, &v) in u.iter().enumerate() {
-            assert_eq!(v, sums[xi / 4] * sums[xi % 4], "point {xi}");
+            assert_eq!(v, sums[xi / 4] * sums[xi % 4], "F2 point {xi}");
         }
+        let mut u = vec![0f32; F4_POINTS];
+        transform_filters4(&mut u, &[1.0; 9], 1);
+        let sums = [0.25, -0.5, -1.0 / 6.0, 7.0 / 24.0, 0.125, 1.0];
+        for (xi, &v) in u.iter().enumerate() {
+            let want = sums[xi / 6] * sums[xi % 6];
+            assert!((v - want).abs() < 1e-6, "F4 point {xi}: {v} for {want}");
+        }
+    }
+
+    #[test]
+    fn both_forms_stay_close_to_the_exact_convolution() {
+        // Against the convolution in f64, relative to the output's largest
+        // magnitude, PyTorch's initialisation: F(2×2) measured 3e-7–1e-6
+        // (f32's direct convolution 5e-7–9e-7), F(4×4) 7e-6–1.8e-5.
+        use candle_core::DType;
+        for (cin, cout, side) in [(64, 32, 40), (192, 192, 24)] {
+            let x = Tensor::randn(0f64, 1f64, (1, cin, side, side), &Device::Cpu).unwrap();
+            let bound = 1.0 / ((9 * cin) as f64).sqrt();
+            let w = Tensor::rand(-bound, bound, (cout, cin, 3, 3), &Device::Cpu).unwrap();
+            let exact = x.conv2d(&w, 1, 1, 1, 1).unwrap();
+            let largest = exact
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            let flat = |t: &Tensor| {
+                let t = t.to_dtype(DType::F32).unwrap();
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            };
+            let s = ConvShape::new(x.shape(), w.shape(), 1, 1).unwrap();
+            for (form, tolerance) in [(Form::F2, 4e-6), (Form::F4, 6e-5)] {
+                let mut out = vec![0f32; exact.elem_count()];
+                convolve_as(
+                    form,
+                    &flat(&x),
+                    &flat(&w),
+                    &s,
+                    &mut out,
+                    &Epilogue::default(),
+                );
+                let ours = Tensor::from_vec(out, exact.dims(), &Device::Cpu).unwrap();
+                let d = (ours.to_dtype(DType::F64).unwrap() - &exact).unwrap();
+                let d = d
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+                    / largest;
+                assert!(
+                    d < tolerance,
+                    "{form:?}, {cin} → {cout} at {side}²: {d:e} off"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn f4_runs_on_maps_of_enough_pixels_per_channel() {
+        let shape = |batch, channels, side| {
+            let x = candle_core::Shape::from((batch, channels, side, side + 3));
+            ConvShape::new(&x, &(channels, channels, 3, 3).into(), 1, 1).unwrap()
+        };
+        assert_eq!(Form::for_shape(&shape(2, 32, F4_MIN_SIDE)), Form::F4);
+        assert_eq!(Form::for_shape(&shape(1, 32, F4_MIN_SIDE)), Form::F2);
+        assert_eq!(Form::for_shape(&shape(4, 32, F4_MIN_SIDE - 1)), Form::F2);
+        // The SD-1.5 UNet's levels at 512², batch 2.
+        assert_eq!(Form::for_shape(&shape(2, 320, 62)), Form::F4);
+        assert_eq!(Form::for_shape(&shape(2, 1280, 14)), Form::F2);
     }
 }
