@@ -354,6 +354,31 @@ fn filters(f: Form, w: &[f32], s: &ConvShape) -> Vec<f32> {
     u
 }
 
+/// Channel `c`'s plane of image `image` of the input.
+#[inline(always)]
+fn input_plane<'a>(x: &'a [f32], s: &ConvShape, image: usize, c: usize) -> &'a [f32] {
+    let len = s.height * s.width;
+    &x[(image * s.cin + c) * len..][..len]
+}
+
+/// The `N` input rows under a tile row from padded row `top` (input row
+/// `top - padding`), each cut to `zeros`'s length; `zeros` itself where a
+/// row lies outside the map.
+#[inline(always)]
+fn tile_rows<'a, const N: usize>(
+    plane: &'a [f32],
+    s: &ConvShape,
+    top: usize,
+    zeros: &'a [f32],
+) -> [&'a [f32]; N] {
+    std::array::from_fn(
+        |i| match (top + i).checked_sub(s.padding).filter(|&iy| iy < s.height) {
+            Some(iy) => &plane[iy * s.width..][..zeros.len()],
+            None => zeros,
+        },
+    )
+}
+
 /// `G v` for one 3-vector: `G = [1 0 0; ½ ½ ½; ½ -½ ½; 0 0 1]`.
 #[inline(always)]
 fn g_times([a, b, c]: [f32; 3]) -> [f32; 4] {
@@ -403,15 +428,9 @@ multiversion! {
         let mut q = vec![0f32; 4 * wide];
         for (v, c) in v.chunks_exact_mut(F2_POINTS * tiles).zip(channels) {
             for image in 0..band.images {
-                let plane = &x[((band.image + image) * s.cin + c) * s.height * s.width..][..s.height * s.width];
+                let plane = input_plane(x, s, band.image + image, c);
                 for r in 0..band.rows {
-                    let ty = band.row + r;
-                    let [d0, d1, d2, d3]: [&[f32]; 4] = std::array::from_fn(|i| {
-                        match (2 * ty + i).checked_sub(s.padding).filter(|&iy| iy < s.height) {
-                            Some(iy) => &plane[iy * s.width..][..n],
-                            None => &zeros[..],
-                        }
-                    });
+                    let [d0, d1, d2, d3] = tile_rows(plane, s, 2 * (band.row + r), &zeros);
                     let (q0, rest) = q.split_at_mut(wide);
                     let (q1, rest) = rest.split_at_mut(wide);
                     let (q2, q3) = rest.split_at_mut(wide);
@@ -585,15 +604,9 @@ multiversion! {
         let mut q = vec![0f32; 6 * wide];
         for (v, c) in v.chunks_exact_mut(F4_POINTS * tiles).zip(channels) {
             for image in 0..band.images {
-                let plane = &x[((band.image + image) * s.cin + c) * s.height * s.width..][..s.height * s.width];
+                let plane = input_plane(x, s, band.image + image, c);
                 for r in 0..band.rows {
-                    let ty = band.row + r;
-                    let d: [&[f32]; 6] = std::array::from_fn(|i| {
-                        match (4 * ty + i).checked_sub(s.padding).filter(|&iy| iy < s.height) {
-                            Some(iy) => &plane[iy * s.width..][..n],
-                            None => &zeros[..],
-                        }
-                    });
+                    let d: [&[f32]; 6] = tile_rows(plane, s, 4 * (band.row + r), &zeros);
                     {
                         let mut rows = q.chunks_exact_mut(wide);
                         let mut q: [&mut [f32]; 6] =
