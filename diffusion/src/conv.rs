@@ -1,5 +1,5 @@
 //! The networks' convolutions: on the CPU in f32 the engine's own kernels
-//! (`cpu::conv2d`: Winograd's F(2×2, 3×3) for 3×3 stride-1 convolutions
+//! (`cpu::conv2d`: Winograd's F(2×2, 3×3) or F(4×4, 3×3) for 3×3 stride-1 convolutions
 //! under the default algorithm, the im2col for the rest); on CUDA the own im2col and one matmul (`fused::conv2d`)
 //! or, in a `cudnn` build, cuDNN with the algorithm chosen here; candle's
 //! convolution elsewhere.
@@ -42,7 +42,7 @@ pub enum ConvAlgorithm {
     ImplicitGemm,
     /// Winograd (non-fused) for 3×3 stride-1 convolutions, the own im2col
     /// for the others (Winograd cannot run them); the fastest of the cuDNN
-    /// algorithms on an H100. On the CPU the own Winograd F(2×2, 3×3)
+    /// algorithms on an H100. On the CPU the own Winograd F(2×2, 3×3) or F(4×4, 3×3)
     /// (`cpu/winograd.rs`); every other choice there is the own im2col.
     #[default]
     WinogradNonfused,
@@ -146,7 +146,7 @@ pub(crate) struct Conv2d {
     conv: candle_nn::Conv2d,
     /// On CUDA, `fused::conv2d` rather than candle's (cuDNN's) convolution.
     im2col: bool,
-    /// On the CPU, a 3×3 stride-1 convolution by Winograd's F(2×2, 3×3)
+    /// On the CPU, a 3×3 stride-1 convolution by Winograd's F(2×2, 3×3) or F(4×4, 3×3)
     /// rather than the im2col.
     cpu_winograd: bool,
 }

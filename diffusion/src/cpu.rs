@@ -489,7 +489,7 @@ const COL_BYTES: usize = 8 << 20;
 struct Conv2dOp {
     stride: usize,
     padding: usize,
-    /// 3×3 stride-1 convolutions by Winograd's F(2×2, 3×3) rather than
+    /// 3×3 stride-1 convolutions by Winograd's F(2×2, 3×3) or F(4×4, 3×3) rather than
     /// the im2col.
     winograd: bool,
 }
@@ -880,7 +880,7 @@ fn convolve(x: &[f32], w: &[f32], s: &ConvShape, out: &mut [f32], ep: &Epilogue)
 
 /// The convolution of `x` (`(batch, cin, height, width)`, contiguous) by
 /// `w` (`(cout, cin, kh, kw)`) into `out` (`(batch, cout, out_h, out_w)`),
-/// `ep` applied to it; with `winograd`, by Winograd's F(2×2, 3×3) where it
+/// `ep` applied to it; with `winograd`, by Winograd's F(2×2, 3×3) or F(4×4, 3×3) where it
 /// runs ([`winograd::runs`]), else by the im2col.
 pub(crate) fn conv2d_into(
     x: &[f32],
@@ -971,7 +971,7 @@ impl CustomOp3 for Conv2dOp {
 /// A 2-D convolution (no dilation, one group) of `xs (b, cin, h, w)` by
 /// `weight (cout, cin, kh, kw)`, plus `bias (cout)` where given; f32 on
 /// the CPU (see [`applies`]). With `winograd`, a 3×3 stride-1 convolution
-/// runs by Winograd's F(2×2, 3×3) (`winograd.rs`), every other by the
+/// runs by Winograd's F(2×2, 3×3) or F(4×4, 3×3) (`winograd.rs`), every other by the
 /// im2col; the bias is added as each tile is written.
 pub(crate) fn conv2d(
     xs: &Tensor,
@@ -1191,7 +1191,7 @@ mod tests {
             (2, 128, 16, 15, 128, 3, 1, 1),
         ];
         // With `winograd`, the 3×3 stride-1 case with enough channels and
-        // tiles (the last) runs by Winograd's F(2×2, 3×3), the others by
+        // tiles (the last) runs by Winograd's F(2×2, 3×3) or F(4×4, 3×3), the others by
         // the im2col still.
         for winograd in [false, true] {
             for (b, cin, h, w, cout, k, stride, padding) in cases {
