@@ -112,10 +112,13 @@ fn conv_algorithm(args: &[String]) -> Result<ConvAlgorithm, DiffusionError> {
 fn conv_name(args: &[String]) -> Result<String, DiffusionError> {
     let algo = conv_algorithm(args)?;
     Ok(if device(args)?.is_cpu() {
-        (if algo.winograd_on_cpu() {
-            "winograd"
-        } else {
-            "im2col"
+        // `HALLMARK_WINOGRAD=f2` keeps Winograd's F(2×2, 3×3) everywhere
+        // (the baseline of F(4×4, 3×3) on large maps).
+        let f2_only = std::env::var("HALLMARK_WINOGRAD").is_ok_and(|v| v == "f2");
+        (match (algo.winograd_on_cpu(), f2_only) {
+            (true, false) => "winograd",
+            (true, true) => "winograd-f2",
+            (false, _) => "im2col",
         })
         .into()
     } else if cfg!(feature = "cudnn") {
