@@ -89,6 +89,14 @@ impl fmt::Display for ConvAlgorithm {
     }
 }
 
+/// Whether `HALLMARK_WINOGRAD=f2` keeps the CPU's Winograd at F(2×2, 3×3)
+/// everywhere (the benchmarks' baseline of F(4×4, 3×3) on large maps;
+/// read once).
+pub fn winograd_f2_only() -> bool {
+    static F2_ONLY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *F2_ONLY.get_or_init(|| std::env::var("HALLMARK_WINOGRAD").is_ok_and(|v| v == "f2"))
+}
+
 impl ConvAlgorithm {
     /// Whether, on the CPU (f32), the 3×3 stride-1 convolutions run by the
     /// own Winograd: under the default only, every other choice running the

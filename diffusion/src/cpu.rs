@@ -786,9 +786,13 @@ pub(crate) struct Epilogue<'a> {
 }
 
 impl Epilogue<'_> {
+    fn does_nothing(&self) -> bool {
+        self.bias.is_none() && self.leaky.is_none() && self.residual.is_none()
+    }
+
     /// Applies it to `y`, output elements `at..` of channel `o`'s plane.
     fn apply(&self, y: &mut [f32], o: usize, at: usize) {
-        if self.bias.is_none() && self.leaky.is_none() && self.residual.is_none() {
+        if self.does_nothing() {
             return;
         }
         let bias = self.bias.map_or(0.0, |b| b[o]);
@@ -866,6 +870,9 @@ fn convolve(x: &[f32], w: &[f32], s: &ConvShape, out: &mut [f32], ep: &Epilogue)
                     let src = channel * n + image * image_px;
                     dst.copy_from_slice(&staged[src..src + image_px]);
                 });
+        }
+        if ep.does_nothing() {
+            continue;
         }
         let rows = tile.row * s.out_w..(tile.row + tile.rows) * s.out_w;
         images

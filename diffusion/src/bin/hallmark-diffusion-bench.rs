@@ -114,7 +114,7 @@ fn conv_name(args: &[String]) -> Result<String, DiffusionError> {
     Ok(if device(args)?.is_cpu() {
         // `HALLMARK_WINOGRAD=f2` keeps Winograd's F(2×2, 3×3) everywhere
         // (the baseline of F(4×4, 3×3) on large maps).
-        let f2_only = std::env::var("HALLMARK_WINOGRAD").is_ok_and(|v| v == "f2");
+        let f2_only = hallmark_diffusion::conv::winograd_f2_only();
         (match (algo.winograd_on_cpu(), f2_only) {
             (true, false) => "winograd",
             (true, true) => "winograd-f2",

@@ -73,9 +73,7 @@ impl Form {
     /// `HALLMARK_WINOGRAD=f2` (the benchmarks' in-run baseline) says
     /// F(2×2) everywhere.
     fn for_shape(s: &ConvShape) -> Self {
-        static F2_ONLY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let f2_only =
-            *F2_ONLY.get_or_init(|| std::env::var("HALLMARK_WINOGRAD").is_ok_and(|v| v == "f2"));
+        let f2_only = crate::conv::winograd_f2_only();
         let pixels = s.batch * s.out_h * s.out_w;
         if !f2_only
             && s.out_h.min(s.out_w) >= F4_MIN_SIDE
@@ -385,21 +383,31 @@ fn g_times([a, b, c]: [f32; 3]) -> [f32; 4] {
     [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c]
 }
 
-multiversion! {
-    /// One output channel's filters, `w` as `[cin][3][3]`, into `u` as
-    /// `[ξ][cin]`.
-    fn transform_filters2(u: &mut [f32], w: &[f32], cin: usize) {
-        for (c, g) in w.chunks_exact(9).enumerate() {
-            // G g, then (G g) Gᵀ: G applied to each row of G g.
-            let columns: [[f32; 4]; 3] =
-                std::array::from_fn(|j| g_times([g[j], g[3 + j], g[6 + j]]));
-            for i in 0..4 {
-                let row = g_times([columns[0][i], columns[1][i], columns[2][i]]);
-                for (j, value) in row.into_iter().enumerate() {
-                    u[(4 * i + j) * cin + c] = value;
-                }
+/// One output channel's filters, `w` as `[cin][3][3]`, into `u` as
+/// `[ξ][cin]` (ξ = A i + j): `G g Gᵀ` with `g_times` applying `G`.
+#[inline(always)]
+fn transform_filters_by<const A: usize>(
+    u: &mut [f32],
+    w: &[f32],
+    cin: usize,
+    g_times: impl Fn([f32; 3]) -> [f32; A],
+) {
+    for (c, g) in w.chunks_exact(9).enumerate() {
+        // G g, then (G g) Gᵀ: G applied to each row of G g.
+        let columns: [[f32; A]; 3] = std::array::from_fn(|j| g_times([g[j], g[3 + j], g[6 + j]]));
+        for i in 0..A {
+            let row = g_times([columns[0][i], columns[1][i], columns[2][i]]);
+            for (j, value) in row.into_iter().enumerate() {
+                u[(A * i + j) * cin + c] = value;
             }
         }
+    }
+}
+
+multiversion! {
+    /// [`transform_filters_by`] F(2×2, 3×3)'s `G`.
+    fn transform_filters2(u: &mut [f32], w: &[f32], cin: usize) {
+        transform_filters_by(u, w, cin, g_times)
     }
 }
 
@@ -567,19 +575,9 @@ fn at4_times([m0, m1, m2, m3, m4, m5]: [f32; 6]) -> [f32; 4] {
 }
 
 multiversion! {
-    /// One output channel's filters, `w` as `[cin][3][3]`, into `u` as
-    /// `[ξ][cin]` (ξ = 6 i + j), by F(4×4, 3×3)'s `G`.
+    /// [`transform_filters_by`] F(4×4, 3×3)'s `G`.
     fn transform_filters4(u: &mut [f32], w: &[f32], cin: usize) {
-        for (c, g) in w.chunks_exact(9).enumerate() {
-            let columns: [[f32; 6]; 3] =
-                std::array::from_fn(|j| g4_times([g[j], g[3 + j], g[6 + j]]));
-            for i in 0..6 {
-                let row = g4_times([columns[0][i], columns[1][i], columns[2][i]]);
-                for (j, value) in row.into_iter().enumerate() {
-                    u[(6 * i + j) * cin + c] = value;
-                }
-            }
-        }
+        transform_filters_by(u, w, cin, g4_times)
     }
 }
 
