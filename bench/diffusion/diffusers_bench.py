@@ -3,6 +3,7 @@
 
   diffusers_bench.py pipeline DIR --device cuda --dtype f16 --size 512 --steps 20 --batch 1,8 --runs 2
   diffusers_bench.py unet DIR --size 256 --runs 5
+  diffusers_bench.py vae DIR --size 512 --batch 1 --runs 3   # the VAE decoding a batch
   diffusers_bench.py ops --device cuda --dtype f16 --size 512 --batch 16 --runs 5
   diffusers_bench.py ops-table FILE      # joins both engines' `ops` lines of FILE
   diffusers_bench.py esrgan FILE_OR_DIR --size 128 --runs 3   # Real-ESRGAN in PyTorch
@@ -125,7 +126,7 @@ def main():
         ops_table(sys.argv[2])
         return
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["pipeline", "unet", "ops", "esrgan"])
+    p.add_argument("mode", choices=["pipeline", "unet", "vae", "ops", "esrgan"])
     p.add_argument("model", nargs="?")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="f32")
@@ -182,6 +183,23 @@ def main():
                 times.append(time.perf_counter() - t0)
         times.sort()
         print(json.dumps({**common, "bench": "unet_step", "size": a.size, "batch": 2,
+                          "median_s": times[len(times) // 2], "min_s": times[0]}), flush=True)
+        return
+
+    if a.mode == "vae":
+        f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        z = torch.randn(int(a.batch), pipe.vae.config.latent_channels, a.size // f, a.size // f, dtype=dtype, device=a.device)
+        times = []
+        with torch.no_grad():
+            pipe.vae.decode(z / pipe.vae.config.scaling_factor)
+            for _ in range(max(a.runs, 1)):
+                sync(a.device)
+                t0 = time.perf_counter()
+                pipe.vae.decode(z / pipe.vae.config.scaling_factor)
+                sync(a.device)
+                times.append(time.perf_counter() - t0)
+        times.sort()
+        print(json.dumps({**common, "bench": "vae_decode", "size": a.size, "batch": int(a.batch),
                           "median_s": times[len(times) // 2], "min_s": times[0]}), flush=True)
         return
 

@@ -11,7 +11,8 @@
 # other builds say by name that they cannot), with the engine's own fused
 # attention kernel and with matmul attention; then
 # a per-section profile of one guided UNet call at batch 1 and 8 (UNet batch
-# 2 and 16): where the time goes, for the next change. The fused attention
+# 2 and 16): where the time goes, for the next change. The VAE decoding a
+# batch of 8 runs in both engines too, with this engine's sections. The fused attention
 # also runs with HALLMARK_FUSED_KERNELS=off (candle's norm, GEGLU and bias
 # adds; batch 8 and its profile): the in-run baseline for the engine's own
 # elementwise kernels. A `cudnn` build (its
@@ -79,6 +80,13 @@ common=(--model "$MODEL" --device cuda --size 512)
     case "$bin" in *cudnn*) ;; *) continue ;; esac
     stamp "$bin, attention: fused, conv: im2col"
     run "$bin" pipeline "${common[@]}" --dtype f16 --attention fused --conv-algo im2col --steps 20 --batch 1,8 --runs 2
+  done
+  # The VAE decoding the batch-8 render's latents (what images/s spends
+  # beside the UNet), with its sections per build.
+  stamp vae
+  python3 bench/diffusion/diffusers_bench.py vae "$MODEL" --device cuda --dtype f16 --size 512 --batch 8 --runs 3
+  for bin in "${bins[@]}"; do
+    run "$bin" vae "${common[@]}" --dtype f16 --batch 8 --runs 3 --profile
   done
   stamp bf16
   run "${bins[0]}" pipeline "${common[@]}" --dtype bf16 --steps 20 --batch 1 --runs 1

@@ -5,7 +5,9 @@
 #   2. the tiny SD-1.x pipeline end to end (192², 20 steps, Euler a, guided);
 #   3. Real-ESRGAN's ×4plus architecture on a 128² input, beside PyTorch's
 #      RRDBNet (tests/reference/rrdbnet.py) on the same weights;
-#   4. the UNet's operations one by one at the 256², batch-2 shapes (ops).
+#   4. the SD-1.5 VAE decoding one 512² image (what a one-step Turbo render
+#      spends beside its single UNet call);
+#   5. the UNet's operations one by one at the 256², batch-2 shapes (ops).
 # Hallmark runs 1 and 2 four times: as it is by default (its own CPU
 # attention, Winograd for the 3×3 stride-1 convolutions, F(4×4, 3×3) on the
 # large maps), with `--attention matmul` (the materialised scores), with
@@ -54,6 +56,8 @@ variant() {
     variant "$v" esrgan --model "$WORK/esrgan-x4" --size 128 --runs 3
   done
   "$VENV/bin/python" bench/diffusion/diffusers_bench.py esrgan "$WORK/esrgan-x4" --size 128 --runs 3
+  "$BIN" vae --model "$WORK/sd15" --size 512 --runs 2
+  "$VENV/bin/python" bench/diffusion/diffusers_bench.py vae "$WORK/sd15" --size 512 --runs 2
   "$BIN" ops --size 256 --batch 2 --runs 5
   "$VENV/bin/python" bench/diffusion/diffusers_bench.py ops --size 256 --batch 2 --runs 5
 } | tee "$OUT"

@@ -87,6 +87,16 @@ pub fn profile<T>(device: &Device, f: impl FnOnce() -> T) -> (T, Vec<SectionTime
     (out, sections)
 }
 
+/// Seconds in the top-level sections (names without a `/`): the profiled
+/// call's total, each part counted once.
+pub fn top_level_seconds(sections: &[SectionTime]) -> f64 {
+    sections
+        .iter()
+        .filter(|s| !s.name.contains('/'))
+        .map(|s| s.seconds)
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,6 +116,9 @@ mod tests {
         let names: Vec<_> = s.iter().map(|s| (s.name, s.calls)).collect();
         assert_eq!(names, [("outer/inner", 3), ("outer", 3), ("other", 1)]);
         assert!(s[1].seconds >= s[0].seconds && s[0].seconds >= 0.006);
+        // The nested section is not counted twice in the total.
+        let total = top_level_seconds(&s);
+        assert_eq!(total, s[1].seconds + s[2].seconds);
         // Nothing is recorded once the profile has returned.
         assert_eq!(section("outside", || 8), 8);
         let (_, s) = profile(&Device::Cpu, || ());

@@ -280,7 +280,8 @@ impl Upsample {
     ) -> candle_core::Result<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
-        self.conv.forward(&xs.upsample_nearest2d(th, tw)?)
+        let xs = section("upsample/nearest", || xs.upsample_nearest2d(th, tw))?;
+        section("upsample/conv", || self.conv.forward(&xs))
     }
 }
 

@@ -19,6 +19,7 @@ use candle_nn::VarBuilder;
 
 use crate::conv::{Conv2d, ConvAlgorithm};
 use crate::model::VaeConfig;
+use crate::profile::section;
 use crate::resnet::{GroupNorm, ResnetBlock, ResnetConfig};
 use crate::unet::{Downsample, Upsample};
 
@@ -191,11 +192,11 @@ impl MidBlock {
     }
 
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let mut xs = self.first.forward(xs, None)?;
+        let mut xs = section("resnet", || self.first.forward(xs, None))?;
         if let Some(a) = &self.attention {
-            xs = a.forward(&xs)?;
+            xs = section("attention", || a.forward(&xs))?;
         }
-        self.second.forward(&xs, None)
+        section("resnet", || self.second.forward(&xs, None))
     }
 }
 
@@ -286,16 +287,17 @@ impl Decoder {
             Some(conv) => conv.forward(z)?,
             None => z.clone(),
         };
-        let mut xs = self.mid.forward(&self.conv_in.forward(&z)?)?;
+        let xs = section("conv_in", || self.conv_in.forward(&z))?;
+        let mut xs = self.mid.forward(&xs)?;
         for (blocks, upsample) in &self.up {
             for block in blocks {
-                xs = block.forward(&xs, None)?;
+                xs = section("resnet", || block.forward(&xs, None))?;
             }
             if let Some(u) = upsample {
-                xs = u.forward(&xs, None)?;
+                xs = section("upsample", || u.forward(&xs, None))?;
             }
         }
-        self.head.forward(&xs)
+        section("head", || self.head.forward(&xs))
     }
 }
 
@@ -540,5 +542,35 @@ mod tests {
         let z = Tensor::randn(0f32, 1f32, (1, 4, 4, 4), &Device::Cpu).unwrap();
         let diff = max_diff(&with.forward(&z).unwrap(), &without.forward(&z).unwrap());
         assert!(diff > 1e-4, "the attention changed nothing ({diff})");
+    }
+
+    #[test]
+    fn a_profiled_decode_names_each_block_once_per_call() {
+        // Three levels, layers_per_block 1 (two resnets a decoder level):
+        // the mid block's two resnets and its attention, two resnets a
+        // level, an upsample between levels, the head.
+        let cfg = config(
+            r#"{"block_out_channels": [8, 16, 16], "layers_per_block": 1, "norm_num_groups": 4}"#,
+        );
+        let (varmap, _) = random_vae(&cfg);
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let decoder = Decoder::new(vb, &cfg, ConvAlgorithm::default()).unwrap();
+        let z = Tensor::randn(0f32, 1f32, (1, 4, 4, 4), &Device::Cpu).unwrap();
+        let (out, sections) = crate::profile::profile(&Device::Cpu, || decoder.forward(&z));
+        assert_eq!(out.unwrap().dims4().unwrap(), (1, 3, 16, 16));
+        let calls = |name: &str| {
+            sections
+                .iter()
+                .find(|s| s.name == name)
+                .map_or(0, |s| s.calls)
+        };
+        assert_eq!(calls("conv_in"), 1);
+        assert_eq!(calls("resnet"), 2 + 3 * 2);
+        assert_eq!(calls("resnet/conv"), 2 * (2 + 3 * 2));
+        assert_eq!(calls("attention"), 1);
+        assert_eq!(calls("upsample"), 2);
+        assert_eq!(calls("upsample/nearest"), 2);
+        assert_eq!(calls("upsample/conv"), 2);
+        assert_eq!(calls("head"), 1);
     }
 }

@@ -7,6 +7,10 @@
 //!   prints images/s and UNet it/s (guided steps per second, as diffusers counts);
 //! - `unet --model DIR [--device ..] [--dtype ..] [--size 256] [--runs 5]` times one
 //!   guided UNet call (batch 2);
+//! - `vae --model DIR [--device ..] [--dtype ..] [--size 512] [--batch 1] [--runs 3] [--profile]`
+//!   times the VAE decoding `batch` `size`² images (what a one-step Turbo render
+//!   spends beside its single UNet call); `--profile` adds one decode split
+//!   into its sections (resnets and their parts, attention, upsampling, head);
 //! - `profile --model DIR [--device ..] [--dtype ..] [--size 512] [--batch 2] [--runs 3]`
 //!   splits a UNet call into its sections (resnets, transformer blocks and
 //!   their attention, resampling, …), the device synchronised around each;
@@ -41,7 +45,7 @@ use candle_core::conv::CudnnFwdAlgo;
 use candle_core::{D, DType, Device, Tensor};
 use hallmark_diffusion::fused::{self, GroupNormOutput};
 use hallmark_diffusion::pipeline::{parse_device, parse_dtype, size_ids};
-use hallmark_diffusion::profile::profile;
+use hallmark_diffusion::profile::{profile, top_level_seconds};
 use hallmark_diffusion::unet::AddedConditioning;
 use hallmark_diffusion::{
     AttentionChoice, ConvAlgorithm, DiffusionError, GenerateRequest, LoadOptions, Sample,
@@ -558,6 +562,41 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     "size": size, "batch": 2, "median_s": median, "min_s": min})
             );
         }
+        Some("vae") => {
+            let sd = load(&args)?;
+            let size = num("--size", 512);
+            let runs = num("--runs", 3);
+            let dev = sd.device().clone();
+            let f = sd.vae_scale_factor();
+            if size % f != 0 {
+                return Err(format!("--size {size}: not a multiple of {f}").into());
+            }
+            let batch = num("--batch", 1);
+            let z = Tensor::randn(0f32, 1f32, (batch, sd.latent_channels(), size / f, size / f), &dev)?;
+            let (median, min) = median_and_min(&dev, runs, &|| {
+                sd.decode(&z)?;
+                Ok(())
+            })?;
+            if args.iter().any(|a| a == "--profile") {
+                let (result, sections) = profile(&dev, || sd.decode(&z).map(drop));
+                result?;
+                let top = top_level_seconds(&sections);
+                for s in &sections {
+                    println!(
+                        "{}",
+                        serde_json::json!({"engine": "hallmark", "bench": "vae_profile",
+                            "device": format!("{dev:?}"), "size": size, "batch": batch, "section": s.name,
+                            "calls": s.calls, "ms": s.seconds * 1e3, "share": s.seconds / top})
+                    );
+                }
+            }
+            println!(
+                "{}",
+                serde_json::json!({"engine": "hallmark", "bench": "vae_decode", "device": format!("{dev:?}"),
+                    "dtype": format!("{:?}", dtype(&args)?), "conv": conv_name(&args)?,
+                    "size": size, "batch": batch, "median_s": median, "min_s": min})
+            );
+        }
         Some("profile") => {
             let sd = load(&args)?;
             let size = num("--size", 512);
@@ -575,11 +614,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 (0..runs).try_for_each(|_| sd.predict(&x, 500.0, &ctx, added.as_ref()).map(drop))
             });
             result?;
-            let top: f64 = sections
-                .iter()
-                .filter(|s| !s.name.contains('/'))
-                .map(|s| s.seconds)
-                .sum();
+            let top = top_level_seconds(&sections);
             for s in &sections {
                 println!(
                     "{}",
@@ -685,7 +720,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         _ => return Err(
-            "usage: hallmark-diffusion-bench init|pipeline|unet|profile|kernels|ops|esrgan|conv ... (see the source's doc comment)"
+            "usage: hallmark-diffusion-bench init|pipeline|unet|vae|profile|kernels|ops|esrgan|conv ... (see the source's doc comment)"
                 .into(),
         ),
     }
