@@ -33,6 +33,21 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def seconds(device, runs, f):
+    """Median and least seconds of single calls of `f`: a warm-up, then `runs` calls (one at the least),
+    each between synchronisations."""
+    f()
+    times = []
+    for _ in range(max(runs, 1)):
+        sync(device)
+        t0 = time.perf_counter()
+        f()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2], times[0]
+
+
 def timed(device, runs, f):
     """Median ms per call: a warm-up, then `runs` rounds of 4 calls between synchronisations."""
     f()
@@ -147,19 +162,10 @@ def main():
 
         net, scale, nf, blocks = rrdbnet.load(a.model, a.device, dtype)
         x = torch.rand(1, 3, a.size, a.size, device=a.device, dtype=dtype)
-        times = []
         with torch.no_grad():
-            net(x)
-            for _ in range(max(a.runs, 1)):
-                sync(a.device)
-                t0 = time.perf_counter()
-                net(x)
-                sync(a.device)
-                times.append(time.perf_counter() - t0)
-        times.sort()
+            median, least = seconds(a.device, a.runs, lambda: net(x))
         print(json.dumps({**common, "engine": "pytorch", "bench": "esrgan", "scale": scale, "num_feat": nf,
-                          "num_block": blocks, "size": a.size, "median_s": times[len(times) // 2],
-                          "min_s": times[0]}), flush=True)
+                          "num_block": blocks, "size": a.size, "median_s": median, "min_s": least}), flush=True)
         return
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 
@@ -167,40 +173,24 @@ def main():
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
 
+    # Latent side of a `size`² image.
+    side = a.size // (2 ** (len(pipe.vae.config.block_out_channels) - 1))
     if a.mode == "unet":
-        f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         with torch.no_grad():
             ids = pipe.tokenizer(["", "a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
             ctx = pipe.text_encoder(ids.to(a.device))[0]
-            x = torch.randn(2, pipe.unet.config.in_channels, a.size // f, a.size // f, dtype=dtype, device=a.device)
-            pipe.unet(x, 500, encoder_hidden_states=ctx)
-            times = []
-            for _ in range(a.runs):
-                sync(a.device)
-                t0 = time.perf_counter()
-                pipe.unet(x, 500, encoder_hidden_states=ctx)
-                sync(a.device)
-                times.append(time.perf_counter() - t0)
-        times.sort()
+            x = torch.randn(2, pipe.unet.config.in_channels, side, side, dtype=dtype, device=a.device)
+            median, least = seconds(a.device, a.runs, lambda: pipe.unet(x, 500, encoder_hidden_states=ctx))
         print(json.dumps({**common, "bench": "unet_step", "size": a.size, "batch": 2,
-                          "median_s": times[len(times) // 2], "min_s": times[0]}), flush=True)
+                          "median_s": median, "min_s": least}), flush=True)
         return
 
     if a.mode == "vae":
-        f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        z = torch.randn(int(a.batch), pipe.vae.config.latent_channels, a.size // f, a.size // f, dtype=dtype, device=a.device)
-        times = []
+        z = torch.randn(int(a.batch), pipe.vae.config.latent_channels, side, side, dtype=dtype, device=a.device)
         with torch.no_grad():
-            pipe.vae.decode(z / pipe.vae.config.scaling_factor)
-            for _ in range(max(a.runs, 1)):
-                sync(a.device)
-                t0 = time.perf_counter()
-                pipe.vae.decode(z / pipe.vae.config.scaling_factor)
-                sync(a.device)
-                times.append(time.perf_counter() - t0)
-        times.sort()
+            median, least = seconds(a.device, a.runs, lambda: pipe.vae.decode(z / pipe.vae.config.scaling_factor))
         print(json.dumps({**common, "bench": "vae_decode", "size": a.size, "batch": int(a.batch),
-                          "median_s": times[len(times) // 2], "min_s": times[0]}), flush=True)
+                          "median_s": median, "min_s": least}), flush=True)
         return
 
     for b in [int(x) for x in a.batch.split(",")]:

@@ -12,8 +12,8 @@
 # attention kernel and with matmul attention; then
 # a per-section profile of one guided UNet call at batch 1 and 8 (UNet batch
 # 2 and 16): where the time goes, for the next change. The VAE decoding a
-# batch of 8 runs in both engines too, with this engine's sections. The fused attention
-# also runs with HALLMARK_FUSED_KERNELS=off (candle's norm, GEGLU and bias
+# batch of 8 runs in both engines too, with this engine's sections. The
+# fused attention also runs with HALLMARK_FUSED_KERNELS=off (candle's norm, GEGLU and bias
 # adds; batch 8 and its profile): the in-run baseline for the engine's own
 # elementwise kernels. A `cudnn` build (its
 # file name says so) also runs its convolutions with the engine's own
