@@ -219,6 +219,60 @@ impl Conv2d {
     }
 }
 
+impl Conv2d {
+    /// The convolution of `xs` (this layer without a bias of its own) plus
+    /// `bias` (`(1, cout, 1, 1)`, or `(batch, cout, 1, 1)` with one per
+    /// image) and `residual` (laid out as the output) where given. On the
+    /// CPU kernels both are added as the output is written, with no pass
+    /// of their own; elsewhere by one `fused::add_bias` pass after the
+    /// convolution.
+    pub(crate) fn forward_with(
+        &self,
+        xs: &Tensor,
+        bias: &Tensor,
+        residual: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        if self.conv.bias().is_some() {
+            candle_core::bail!("conv2d: forward_with takes the bias of a layer without one");
+        }
+        if !(self.on_cpu_kernels(xs) && self.runs_on_cpu_slices()) {
+            return crate::fused::add_bias(&self.forward(xs)?, bias, residual);
+        }
+        let cfg = self.conv.config();
+        let xs = xs.contiguous()?;
+        let s = crate::cpu::ConvShape::new(
+            xs.shape(),
+            self.conv.weight().shape(),
+            cfg.stride,
+            cfg.padding,
+        )?;
+        let dims = (s.batch, s.cout, s.out_h, s.out_w);
+        if let Some(r) = residual
+            && r.dims() != [dims.0, dims.1, dims.2, dims.3]
+        {
+            candle_core::bail!("conv2d: a {:?} residual for a {dims:?} output", r.dims());
+        }
+        let bias = bias.flatten_all()?.contiguous()?;
+        let residual = residual.map(Tensor::contiguous).transpose()?;
+        let mut out = vec![0f32; dims.0 * dims.1 * dims.2 * dims.3];
+        let into = |x: &[f32], bias: &[f32], residual: Option<&[f32]>, out: &mut [f32]| {
+            let ep = crate::cpu::Epilogue {
+                bias: Some(bias),
+                leaky: None,
+                residual: residual.map(|r| (r, 1.0)),
+            };
+            self.forward_cpu_into(x, xs.dims4()?, out, ep).map(|_| ())
+        };
+        crate::cpu::with_f32(&xs, |x| {
+            crate::cpu::with_f32(&bias, |b| match &residual {
+                Some(r) => crate::cpu::with_f32(r, |r| into(x, b, Some(r), &mut out))?,
+                None => into(x, b, None, &mut out),
+            })?
+        })??;
+        Tensor::from_vec(out, dims, xs.device())
+    }
+}
+
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let cfg = self.conv.config();
@@ -270,5 +324,53 @@ mod tests {
             err.contains("\"winograd\"") && err.contains("implicit-precomp-gemm"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn forward_with_adds_per_channel_and_per_image_biases_and_the_residual() {
+        use crate::test_util::{max_diff, randn};
+        use candle_core::{DType, Device};
+        // (batch, channels, side, kernel, algorithm): Winograd (32 channels,
+        // enough tiles), the im2col (too few channels for Winograd, and the
+        // im2col chosen), a 1×1.
+        let cases = [
+            (2, 32, 24, 3, ConvAlgorithm::WinogradNonfused),
+            (3, 8, 9, 3, ConvAlgorithm::WinogradNonfused),
+            (2, 32, 24, 3, ConvAlgorithm::Im2col),
+            (2, 6, 7, 1, ConvAlgorithm::WinogradNonfused),
+        ];
+        for (b, c, side, k, algo) in cases {
+            let weight = (randn(&[c, c, k, k]) * 0.1).unwrap();
+            let mut map = std::collections::HashMap::new();
+            map.insert("weight".to_string(), weight.clone());
+            map.insert("bias".to_string(), randn(&[c]));
+            let vb = VarBuilder::from_tensors(map, DType::F32, &Device::Cpu);
+            let conv = algo.conv2d((c, c, k), k / 2, 1, vb).unwrap().without_bias();
+            let x = randn(&[b, c, side, side]);
+            let plain = x.conv2d(&weight, k / 2, 1, 1, 1).unwrap();
+            let residual = randn(plain.dims());
+            for bias in [randn(&[1, c, 1, 1]), randn(&[b, c, 1, 1])] {
+                let biased = plain.broadcast_add(&bias).unwrap();
+                for (r, want) in [
+                    (None, biased.clone()),
+                    (Some(&residual), (&biased + &residual).unwrap()),
+                ] {
+                    let got = conv.forward_with(&x, &bias, r).unwrap();
+                    // Relative to the largest output: F(4×4)'s rounding
+                    // stays under 1e-4, a misplaced bias or residual is
+                    // off by order 1.
+                    let largest = want.abs().unwrap().max_all().unwrap();
+                    let d = max_diff(&got, &want) / largest.to_scalar::<f32>().unwrap();
+                    let what = (b, c, side, k, algo, bias.dims(), r.is_some());
+                    assert!(d < 1e-4, "{what:?}: differs by {d} of the largest output");
+                }
+            }
+            // A residual of another shape, a bias that fits neither way.
+            let short = residual.narrow(3, 0, side - 1).unwrap();
+            let bias = randn(&[1, c, 1, 1]);
+            assert!(conv.forward_with(&x, &bias, Some(&short)).is_err());
+            let odd = randn(&[1, c + 1, 1, 1]);
+            assert!(conv.forward_with(&x, &odd, None).is_err());
+        }
     }
 }

@@ -556,7 +556,7 @@ mod tests {
             std::fs::create_dir(&dir).unwrap();
             crate::tiny::write_esrgan(&dir, config, 3, "test").unwrap();
             let side = 24 * 4 / scale;
-            let x = Tensor::rand(0f32, 1f32, (2, 3, side, side), &Device::Cpu).unwrap();
+            let x = crate::test_util::rand(&[2, 3, side, side], 0.0, 1.0);
             for algo in [ConvAlgorithm::WinogradNonfused, ConvAlgorithm::Im2col] {
                 let net = RrdbNet::load_with(&dir, &Device::Cpu, DType::F32, algo).unwrap();
                 assert_eq!(net.config, config);

@@ -1226,8 +1226,8 @@ mod tests {
             ([3, 4, 11, 9], 5, 3, 2, 1),
             ([2, 5, 6, 5], 3, 1, 1, 0),
         ] {
-            let x = Tensor::randn(0f32, 1., &shape, &dev).unwrap();
-            let w = Tensor::randn(0f32, 1., (out, shape[1], k, k), &dev).unwrap();
+            let x = crate::test_util::randn(&shape);
+            let w = crate::test_util::randn(&[out, shape[1], k, k]);
             let want = x.conv2d(&w, padding, stride, 1, 1).unwrap();
             let ow = ConvShape::new(x.shape(), w.shape(), stride, padding)
                 .unwrap()
@@ -1272,9 +1272,9 @@ mod tests {
     #[test]
     fn bias_add_and_tokens_are_candles_where_the_kernels_do_not_run() {
         let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1., (2, 3, 4), &dev).unwrap();
-        let bias = Tensor::randn(0f32, 1., (1, 3, 1), &dev).unwrap();
-        let r = Tensor::randn(0f32, 1., (2, 3, 4), &dev).unwrap();
+        let x = crate::test_util::randn(&[2, 3, 4]);
+        let bias = crate::test_util::randn(&[1, 3, 1]);
+        let r = crate::test_util::randn(&[2, 3, 4]);
         let want = (x.broadcast_add(&bias).unwrap() + &r).unwrap();
         let got = add_bias(&x, &bias, Some(&r)).unwrap();
         assert_eq!(crate::test_util::max_diff(&got, &want), 0.0);

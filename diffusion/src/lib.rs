@@ -56,7 +56,34 @@ pub use scheduler::SchedulerKind;
 
 #[cfg(test)]
 mod test_util {
-    use candle_core::Tensor;
+    use crate::rng::NoiseGenerator;
+    use candle_core::{Device, Tensor};
+    use std::cell::RefCell;
+
+    thread_local! {
+        /// Each test runs on its own thread (and, under nextest, in its own
+        /// process), so each test draws the same data on every run.
+        static NOISE: RefCell<NoiseGenerator> = RefCell::new(NoiseGenerator::new(0x4a11_3a2c));
+    }
+
+    /// A CPU tensor of standard normal samples from the test thread's
+    /// seeded stream: a failure reproduces, and a tolerance that holds once
+    /// holds on every run (candle's own `randn` cannot be seeded on the CPU).
+    pub(crate) fn randn(shape: &[usize]) -> Tensor {
+        let n = shape.iter().product();
+        let values = NOISE.with(|g| g.borrow_mut().normals(n));
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
+    /// A CPU tensor of samples uniform in [lo, hi), from the same stream.
+    pub(crate) fn rand(shape: &[usize], lo: f64, hi: f64) -> Tensor {
+        let n = shape.iter().product();
+        let values: Vec<f32> = NOISE.with(|g| {
+            let mut g = g.borrow_mut();
+            (0..n).map(|_| g.next_uniform(lo, hi) as f32).collect()
+        });
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
 
     /// The largest absolute elementwise difference of two f32 tensors.
     pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {

@@ -93,20 +93,17 @@ mod tests {
     #[test]
     fn matches_candle_nn_for_every_input_layout_with_and_without_a_residual() {
         let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1., (6, 4), &dev).unwrap();
-        let b = Tensor::randn(0f32, 1., 6, &dev).unwrap();
+        let w = crate::test_util::randn(&[6, 4]);
+        let b = crate::test_util::randn(&[6]);
         let ours = Linear::new(w.clone(), Some(b.clone()));
         let theirs = candle_nn::Linear::new(w, Some(b));
-        let x3 = Tensor::randn(0f32, 1., (2, 5, 4), &dev).unwrap();
+        let x3 = crate::test_util::randn(&[2, 5, 4]);
         let inputs = [
-            Tensor::randn(0f32, 1., (5, 4), &dev).unwrap(),
+            crate::test_util::randn(&[5, 4]),
             x3.clone(),
             // Not contiguous: the batched matmul path.
-            Tensor::randn(0f32, 1., (2, 4, 5), &dev)
-                .unwrap()
-                .transpose(1, 2)
-                .unwrap(),
-            Tensor::randn(0f32, 1., (3, 2, 5, 4), &dev).unwrap(),
+            crate::test_util::randn(&[2, 4, 5]).transpose(1, 2).unwrap(),
+            crate::test_util::randn(&[3, 2, 5, 4]),
         ];
         for x in &inputs {
             let want = theirs.forward(x).unwrap();
@@ -114,7 +111,7 @@ mod tests {
             assert_eq!(got.dims(), want.dims());
             let diff = crate::test_util::max_diff(&got, &want);
             assert!(diff < 1e-5, "{:?}: {diff}", x.dims());
-            let residual = Tensor::randn(0f32, 1., want.dims(), &dev).unwrap();
+            let residual = crate::test_util::randn(want.dims());
             let got = ours.forward_add(x, Some(&residual)).unwrap();
             let diff = crate::test_util::max_diff(&got, &(&want + &residual).unwrap());
             assert!(diff < 1e-5, "{:?} with a residual: {diff}", x.dims());

@@ -383,7 +383,7 @@ mod tests {
     fn randomize(varmap: &candle_nn::VarMap) {
         for (name, var) in varmap.data().lock().unwrap().iter() {
             let shape = var.as_tensor().shape().clone();
-            let normal = |std: f32| Tensor::randn(0f32, std, &shape, &Device::Cpu).unwrap();
+            let normal = |std: f32| (crate::test_util::randn(shape.dims()) * std as f64).unwrap();
             let fresh = if name.contains("norm") {
                 (normal(0.5) + 1.0).unwrap()
             } else if name.contains("query") || name.contains("key") {
@@ -442,7 +442,7 @@ mod tests {
         // Batch 1: candle's attention block feeds a transposed input to a
         // shared-weight matmul, which candle's CPU backend gets wrong for
         // larger batches (see `batches_decode_as_their_images_alone`).
-        let z = Tensor::randn(0f32, 1f32, (1, 4, 6, 5), &dev).unwrap();
+        let z = crate::test_util::randn(&[1, 4, 6, 5]);
         let ours = decoder.forward(&z).unwrap();
         assert_eq!(ours.dims(), [1, 3, 12, 10]);
         let diff = max_diff(&ours, &theirs.decode(&z).unwrap());
@@ -466,7 +466,7 @@ mod tests {
         }
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
         let encoder = Encoder::new(vb, &cfg, algo).unwrap();
-        let img = Tensor::randn(0f32, 1f32, (1, 3, 12, 10), &dev).unwrap();
+        let img = crate::test_util::randn(&[1, 3, 12, 10]);
         let (mean, std) = encoder.forward(&img).unwrap();
         assert_eq!(mean.dims(), [1, 4, 6, 5]);
         let theirs = theirs.encode(&img).unwrap().sample().unwrap();
@@ -501,7 +501,7 @@ mod tests {
         let theirs = AttentionBlock::new(vb.clone(), 16, cfg).unwrap();
         randomize(&varmap);
         let ours = SpatialAttention::new(vb, 16, 4).unwrap();
-        let x = Tensor::randn(0f32, 1f32, (1, 16, 8, 7), &dev).unwrap();
+        let x = crate::test_util::randn(&[1, 16, 8, 7]);
         let (a, b) = (ours.forward(&x).unwrap(), theirs.forward(&x).unwrap());
         let diff = max_diff(&a, &b);
         assert!(diff < 1e-4, "max |ours - candle| = {diff}");
@@ -518,7 +518,7 @@ mod tests {
         let (varmap, _) = random_vae(&cfg);
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
         let decoder = Decoder::new(vb, &cfg, ConvAlgorithm::default()).unwrap();
-        let z = Tensor::randn(0f32, 1f32, (3, 4, 5, 6), &Device::Cpu).unwrap();
+        let z = crate::test_util::randn(&[3, 4, 5, 6]);
         let batch = decoder.forward(&z).unwrap();
         for i in 0..3 {
             let alone = decoder.forward(&z.narrow(0, i, 1).unwrap()).unwrap();
@@ -539,7 +539,7 @@ mod tests {
         };
         let without = Decoder::new(vb, &cfg_off, ConvAlgorithm::default()).unwrap();
         assert!(with.mid.attention.is_some() && without.mid.attention.is_none());
-        let z = Tensor::randn(0f32, 1f32, (1, 4, 4, 4), &Device::Cpu).unwrap();
+        let z = crate::test_util::randn(&[1, 4, 4, 4]);
         let diff = max_diff(&with.forward(&z).unwrap(), &without.forward(&z).unwrap());
         assert!(diff > 1e-4, "the attention changed nothing ({diff})");
     }
@@ -555,7 +555,7 @@ mod tests {
         let (varmap, _) = random_vae(&cfg);
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
         let decoder = Decoder::new(vb, &cfg, ConvAlgorithm::default()).unwrap();
-        let z = Tensor::randn(0f32, 1f32, (1, 4, 4, 4), &Device::Cpu).unwrap();
+        let z = crate::test_util::randn(&[1, 4, 4, 4]);
         let (out, sections) = crate::profile::profile(&Device::Cpu, || decoder.forward(&z));
         assert_eq!(out.unwrap().dims4().unwrap(), (1, 3, 16, 16));
         let calls = |name: &str| {
