@@ -257,11 +257,6 @@ impl ResnetBlock {
         })?;
         let h = conv(&self.conv1, &norm_silu(&self.norm1, xs)?, &bias1, None)?;
         let skip = section("resnet/skip", || match &self.shortcut {
-            // The CPU kernels' own matmul, the 1×1 convolution's.
-            Some(w) if crate::cpu::applies(xs) => {
-                let (cout, cin) = w.dims2()?;
-                crate::cpu::conv2d(xs, &w.reshape((cout, cin, 1, 1))?, None, 1, 0, false)
-            }
             Some(w) => {
                 let (b, cin, height, width) = xs.dims4()?;
                 let pixels = xs.contiguous()?.reshape((b, cin, height * width))?;
