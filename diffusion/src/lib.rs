@@ -85,6 +85,14 @@ mod test_util {
         Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
     }
 
+    /// [`max_diff`] of `got` from `want` relative to `want`'s largest
+    /// magnitude (at least 1, so that an output near zero is held to an
+    /// absolute bound): how far a kernel strays at any output size.
+    pub(crate) fn relative_diff(got: &Tensor, want: &Tensor) -> f32 {
+        let largest = want.abs().and_then(|a| a.max_all()?.to_scalar::<f32>());
+        max_diff(got, want) / largest.unwrap().max(1.0)
+    }
+
     /// The largest absolute elementwise difference of two f32 tensors.
     pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
