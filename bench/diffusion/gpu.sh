@@ -15,7 +15,8 @@
 # batch of 8 runs in both engines too, with this engine's sections. The
 # fused attention also runs with HALLMARK_FUSED_KERNELS=off (candle's norm, GEGLU and bias
 # adds; batch 8 and its profile): the in-run baseline for the engine's own
-# elementwise kernels. A `cudnn` build (its
+# elementwise kernels; and at batch 1 with cudarc's per-allocation events
+# kept (HALLMARK_CUDA_EVENTS=on), the baseline for turning them off. A `cudnn` build (its
 # file name says so) also runs its convolutions with the engine's own
 # im2col (`--conv-algo im2col`, as a build without cuDNN does), and is
 # profiled with Winograd, the fastest of the three fixed cuDNN algorithms in
@@ -74,6 +75,11 @@ common=(--model "$MODEL" --device cuda --size 512)
     stamp "$bin, attention: fused, HALLMARK_FUSED_KERNELS=off"
     HALLMARK_FUSED_KERNELS=off run "$bin" pipeline "${common[@]}" --dtype f16 --attention fused --steps 20 --batch 8 --runs 2
   done
+  # cudarc's per-allocation CUDA events kept (HALLMARK_CUDA_EVENTS=on; the
+  # engine turns them off): the in-run baseline for that, at batch 1, where
+  # host time per operation bounds the step.
+  stamp "${bins[0]}, attention: fused, HALLMARK_CUDA_EVENTS=on"
+  HALLMARK_CUDA_EVENTS=on run "${bins[0]}" pipeline "${common[@]}" --dtype f16 --attention fused --steps 20 --batch 1 --runs 2
   # A `cudnn` build with the own im2col for every convolution (what a build
   # without cuDNN runs) instead of Winograd: which is faster where.
   for bin in "${bins[@]}"; do

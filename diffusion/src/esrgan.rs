@@ -275,6 +275,7 @@ impl RrdbNet {
         dtype: DType,
         algo: ConvAlgorithm,
     ) -> Result<Self, DiffusionError> {
+        crate::gpu::prepare(device);
         let file = find_weights(path)?;
         let config = RrdbConfig::from_weights(&file)?;
         let size = std::fs::metadata(&file)

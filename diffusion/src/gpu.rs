@@ -2,13 +2,20 @@
 
 use candle_core::Device;
 
+/// Sets up `device` for the engine before a model's tensors are created on
+/// it: [`keep_freed_memory`] and [`skip_event_tracking`]. Nothing on the CPU.
+pub(crate) fn prepare(device: &Device) {
+    keep_freed_memory(device);
+    skip_event_tracking(device);
+}
+
 /// Lets the device's memory pool keep what the engine frees instead of
 /// returning it to the driver at every synchronisation (CUDA's default
 /// release threshold is zero). The pipeline synchronises once per step, so
 /// the step's large buffers — the attention scores alone are gigabytes at
 /// batch 8 — were mapped afresh every step; PyTorch's caching allocator
 /// keeps them too. Best effort: a driver that refuses leaves the default.
-pub(crate) fn keep_freed_memory(device: &Device) {
+fn keep_freed_memory(device: &Device) {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(dev) = device {
         use candle_core::cuda_backend::cudarc::driver::sys;
@@ -32,6 +39,34 @@ pub(crate) fn keep_freed_memory(device: &Device) {
         if let Err(e) = set {
             tracing::warn!("cannot keep freed GPU memory in the pool: {e}");
         }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
+}
+
+/// Stops cudarc from creating two CUDA events with every allocation and
+/// destroying them with every free. It uses them to order work between
+/// streams, and only once a second stream exists in the context (until
+/// then it neither records nor waits on them); candle runs everything on
+/// one stream, the per-thread default stream, and never creates another,
+/// so the events of the engine's tensors are never used — yet each tensor
+/// still costs two `cuEventCreate` and two `cuEventDestroy` driver calls,
+/// hundreds of each per UNet call, on the host time that bounds
+/// batch 1. Tensors created before this call keep theirs.
+/// `HALLMARK_CUDA_EVENTS=on` keeps the events (the benchmark's in-run
+/// baseline for this).
+fn skip_event_tracking(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        let keep =
+            std::env::var("HALLMARK_CUDA_EVENTS").is_ok_and(|v| v.eq_ignore_ascii_case("on"));
+        if keep || dev.cuda_stream().context().is_in_multi_stream_mode() {
+            // Something made a second stream: keep the events, they matter.
+            return;
+        }
+        // SAFETY: the events only order work between streams, and this
+        // context has one (checked above; candle creates no other).
+        unsafe { dev.disable_event_tracking() };
     }
     #[cfg(not(feature = "cuda"))]
     let _ = device;

@@ -238,7 +238,7 @@ fn load_err(component: &str, files: &[WeightFile], e: impl std::fmt::Display) ->
 impl StableDiffusion {
     /// Load the model in `folder`.
     pub fn load(folder: ModelFolder, options: LoadOptions) -> Result<Self, DiffusionError> {
-        crate::gpu::keep_freed_memory(&options.device);
+        crate::gpu::prepare(&options.device);
         let unet_cfg = folder.unet_config()?;
         let vae_cfg = folder.vae_config()?;
         let scheduler_cfg = folder.scheduler_config()?;
