@@ -73,6 +73,13 @@ __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint3
 }
 #endif
 
+// Two 16-bit values as one operand register, `lo` in the low half (the
+// lower k index, as a 32-bit load of two neighbours would give).
+template <typename T> __device__ __forceinline__ uint32_t pair_bits(const T &lo, const T &hi) {
+  return (uint32_t)*reinterpret_cast<const uint16_t *>(&lo) |
+         ((uint32_t)*reinterpret_cast<const uint16_t *>(&hi) << 16);
+}
+
 __device__ __forceinline__ float quad_max(float v) {
   v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, 1));
   return fmaxf(v, __shfl_xor_sync(0xffffffff, v, 2));
@@ -98,7 +105,7 @@ __device__ void attention(const T *__restrict__ q, const T *__restrict__ k,
   constexpr int DT = DP / 8;   // 8-wide output tiles
   constexpr int NT = BN / 8;   // 8-wide score tiles per key tile
   __shared__ __align__(16) T ks[BN][DP + PAD];   // keys, row-major
-  __shared__ __align__(16) T vt[DP][BN + PAD];   // values, transposed
+  __shared__ __align__(16) T vs[BN][DP + PAD];   // values, row-major
 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -154,11 +161,7 @@ __device__ void attention(const T *__restrict__ q, const T *__restrict__ k,
         vv = *reinterpret_cast<const uint4 *>(vb + key * v_st + col);
       }
       *reinterpret_cast<uint4 *>(&ks[r][col]) = kv;
-      const T *vals = reinterpret_cast<const T *>(&vv);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        vt[col + j][r] = vals[j];
-      }
+      *reinterpret_cast<uint4 *>(&vs[r][col]) = vv;
     }
     __syncthreads();
 
@@ -215,15 +218,20 @@ __device__ void attention(const T *__restrict__ q, const T *__restrict__ k,
       row_sum[0] += top.x + top.y;
       row_sum[1] += bottom.x + bottom.y;
     }
-    // acc += P · V, 16 keys at a time.
+    // acc += P · V, 16 keys at a time. The operand b of V holds keys
+    // 2t, 2t + 1 (and + 8) of value column g: two rows of the row-major
+    // tile, paired from 16-bit loads (conflict-free: lanes g and g + 1
+    // share a word; a transposed tile would cost scalar stores with
+    // six-way bank conflicts at every fill instead).
 #pragma unroll
     for (int c = 0; c < BN / 16; ++c) {
       const uint32_t a[4] = {p[2 * c][0], p[2 * c][1], p[2 * c + 1][0], p[2 * c + 1][1]};
+      const int key = c * 16 + 2 * t;
 #pragma unroll
       for (int i = 0; i < DT; ++i) {
-        const T *vr = &vt[i * 8 + g][c * 16 + 2 * t];
-        mma(acc[i], a, *reinterpret_cast<const uint32_t *>(vr),
-            *reinterpret_cast<const uint32_t *>(vr + 8), T());
+        const int col = i * 8 + g;
+        mma(acc[i], a, pair_bits(vs[key][col], vs[key + 1][col]),
+            pair_bits(vs[key + 8][col], vs[key + 9][col]), T());
       }
     }
     __syncthreads();
@@ -248,8 +256,15 @@ __device__ void attention(const T *__restrict__ q, const T *__restrict__ k,
   }
 }
 
+// Blocks per SM the register allocation must leave room for (65536
+// registers, 128 threads a block): five at a head size of 48 (at most 102
+// registers a thread), four up to 80 (128), three up to 128, two above —
+// what each size reached before the values' tile went row-major. Without
+// it the compiler takes a few registers more and a block less.
+constexpr int min_blocks(int dp) { return dp <= 48 ? 5 : dp <= 80 ? 4 : dp <= 128 ? 3 : 2; }
+
 #define ATTENTION(NAME, T, DP)                                                                  \
-  extern "C" __global__ void __launch_bounds__(WARPS * 32)                                      \
+  extern "C" __global__ void __launch_bounds__(WARPS * 32, min_blocks(DP))                      \
       NAME(const T *q, const T *k, const T *v, T *o, const int nq, const int nk, const int d,   \
            const int heads, const int64_t q_sb, const int64_t q_st, const int64_t q_sh,         \
            const int64_t k_sb, const int64_t k_st, const int64_t k_sh, const int64_t v_sb,      \

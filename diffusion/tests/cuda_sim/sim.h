@@ -24,7 +24,7 @@
 #define __forceinline__ inline
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 
 inline thread_local dim3 threadIdx;
 inline thread_local dim3 blockIdx;
