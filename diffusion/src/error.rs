@@ -44,4 +44,51 @@ impl DiffusionError {
             reason: reason.to_string(),
         }
     }
+
+    /// Whether the device ran out of memory — CUDA's allocator, cuBLAS or
+    /// cuDNN failing to allocate (no CUDA error stays set after one) —, so
+    /// a smaller batch may fit where this one did not.
+    pub fn is_out_of_device_memory(&self) -> bool {
+        const MARKERS: [&str; 3] = [
+            "CUDA_ERROR_OUT_OF_MEMORY",
+            "CUBLAS_STATUS_ALLOC_FAILED",
+            "CUDNN_STATUS_ALLOC_FAILED",
+        ];
+        match self {
+            Self::Candle(e) => {
+                let message = e.to_string();
+                MARKERS.iter().any(|m| message.contains(m))
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_memory_exhaustion_is_told_from_other_failures() {
+        // As cudarc and candle word them (candle wraps the driver's error).
+        let candle = |m: &str| DiffusionError::Candle(candle_core::Error::Cuda(m.into()));
+        for m in [
+            r#"DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of memory")"#,
+            "CublasError(CUBLAS_STATUS_ALLOC_FAILED)",
+            "CUDNN_STATUS_ALLOC_FAILED",
+        ] {
+            assert!(candle(m).is_out_of_device_memory(), "{m}");
+        }
+        for e in [
+            candle(r#"DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, "an illegal memory access")"#),
+            DiffusionError::Candle(candle_core::Error::Msg("shape mismatch".into())),
+            DiffusionError::NonFinite {
+                stage: "UNet",
+                hint: String::new(),
+            },
+            DiffusionError::BadRequest("CUDA_ERROR_OUT_OF_MEMORY in a prompt".into()),
+        ] {
+            assert!(!e.is_out_of_device_memory(), "{e}");
+        }
+    }
 }

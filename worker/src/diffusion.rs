@@ -206,6 +206,66 @@ fn failed(e: impl std::fmt::Display) -> EngineError {
     EngineError::Failed(e.to_string())
 }
 
+/// Why a batch failed, and whether for want of device memory (then a
+/// smaller batch may fit).
+struct BatchFailure {
+    error: EngineError,
+    out_of_memory: bool,
+}
+
+impl From<EngineError> for BatchFailure {
+    fn from(error: EngineError) -> Self {
+        Self {
+            error,
+            out_of_memory: false,
+        }
+    }
+}
+
+/// Renders a batch of items, reporting progress; see [`in_fitting_batches`].
+type RunBatch<'a, T, R> = dyn Fn(&[T], &dyn Fn(f32)) -> Result<Vec<R>, BatchFailure> + 'a;
+
+/// `run` on all of `items` as one batch; where the device runs out of
+/// memory, on each half instead (and so on down to single items), so a
+/// batch too large for the GPU still renders — every sample keeps its own
+/// seed, so the split changes no image beyond rounding — instead of
+/// failing every task again on each retry. Results keep the items' order;
+/// `progress` runs over the whole batch across the parts.
+fn in_fitting_batches<T, R>(
+    items: &[T],
+    progress: &dyn Fn(f32),
+    run: &RunBatch<T, R>,
+) -> Result<Vec<R>, EngineError> {
+    fn part<T, R>(
+        items: &[T],
+        done: usize,
+        total: usize,
+        progress: &dyn Fn(f32),
+        run: &RunBatch<T, R>,
+    ) -> Result<Vec<R>, EngineError> {
+        let n = items.len();
+        let part_progress = |p: f32| progress((done as f32 + p * n as f32) / total as f32);
+        match run(items, &part_progress) {
+            Ok(results) => Ok(results),
+            Err(BatchFailure {
+                error,
+                out_of_memory: true,
+            }) if n > 1 => {
+                let half = n / 2;
+                tracing::warn!(
+                    "a batch of {n} ran out of device memory ({error}); rendering it as {half} and {}",
+                    n - half
+                );
+                let mut results = part(&items[..half], done, total, progress, run)?;
+                results.extend(part(&items[half..], done + half, total, progress, run)?);
+                Ok(results)
+            }
+            Err(failure) => Err(failure.error),
+        }
+    }
+    part(items, 0, items.len(), progress, run)
+}
+
 impl DiffusionEngine {
     /// Open and hash every model folder (and read the initial latents).
     pub fn new(config: DiffusionConfig) -> Result<Self, DiffusionError> {
@@ -311,7 +371,7 @@ impl DiffusionEngine {
         &self,
         tasks: &[&RenderTask],
         progress: &dyn Fn(f32),
-    ) -> Result<Vec<RenderedImage>, EngineError> {
+    ) -> Result<Vec<RenderedImage>, BatchFailure> {
         let l = &tasks[0].lease;
         let sd = self.model(&l.model_id)?;
         let samples = tasks
@@ -336,7 +396,10 @@ impl DiffusionEngine {
                 .collect::<Vec<_>>();
             req.init_latents = Some(Tensor::cat(&rows, 0).map_err(failed)?);
         }
-        let out = sd.generate(&req, progress).map_err(failed)?;
+        let out = sd.generate(&req, progress).map_err(|e| BatchFailure {
+            out_of_memory: e.is_out_of_device_memory(),
+            error: failed(e),
+        })?;
         Ok(out.images.into_iter().map(RenderedImage::from).collect())
     }
 
@@ -444,7 +507,9 @@ impl Engine for DiffusionEngine {
             match stage {
                 "generate" => {
                     let tasks: Vec<&RenderTask> = idx.iter().map(|&i| &batch[i]).collect();
-                    match self.generate(&tasks, &sub_progress) {
+                    match in_fitting_batches(&tasks, &sub_progress, &|part, progress| {
+                        self.generate(part, progress)
+                    }) {
                         Ok(images) => {
                             for (&i, img) in idx.iter().zip(images) {
                                 results[i] = Some(Ok(img));
@@ -498,6 +563,59 @@ mod tests {
             .iter()
             .chain(extra);
         Cli::try_parse_from(args)?.diffusion.config()
+    }
+
+    #[test]
+    fn a_batch_out_of_device_memory_renders_in_halves_in_order() {
+        use std::cell::RefCell;
+        let oom = || BatchFailure {
+            error: EngineError::Failed("CUDA_ERROR_OUT_OF_MEMORY".into()),
+            out_of_memory: true,
+        };
+        // A device that fits at most two samples; each part reports its
+        // progress to the end.
+        let calls = RefCell::new(Vec::new());
+        let seen = RefCell::new(Vec::new());
+        let run = |part: &[u32], progress: &dyn Fn(f32)| -> Result<Vec<u32>, BatchFailure> {
+            calls.borrow_mut().push(part.to_vec());
+            if part.len() > 2 {
+                return Err(oom());
+            }
+            progress(0.5);
+            progress(1.0);
+            Ok(part.iter().map(|v| v * 10).collect())
+        };
+        let progress = |p: f32| seen.borrow_mut().push(p);
+        let items = [1, 2, 3, 4, 5];
+        let out = in_fitting_batches(&items, &progress, &run).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(out, vec![10, 20, 30, 40, 50]);
+        assert_eq!(
+            *calls.borrow(),
+            vec![
+                vec![1, 2, 3, 4, 5],
+                vec![1, 2],
+                vec![3, 4, 5],
+                vec![3],
+                vec![4, 5]
+            ]
+        );
+        let seen = seen.borrow();
+        assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+        assert_eq!(seen.last().copied(), Some(1.0));
+
+        // Another failure is not retried, and one sample that does not fit
+        // fails by name.
+        calls.borrow_mut().clear();
+        let other = |part: &[u32], _: &dyn Fn(f32)| -> Result<Vec<u32>, BatchFailure> {
+            calls.borrow_mut().push(part.to_vec());
+            Err(EngineError::Failed("the UNet produced non-finite values".into()).into())
+        };
+        let err = in_fitting_batches(&items, &progress, &other).unwrap_err();
+        assert!(err.to_string().contains("non-finite"), "{err}");
+        assert_eq!(calls.borrow().len(), 1);
+        let never = |_: &[u32], _: &dyn Fn(f32)| -> Result<Vec<u32>, BatchFailure> { Err(oom()) };
+        let err = in_fitting_batches(&items[..1], &progress, &never).unwrap_err();
+        assert!(err.to_string().contains("OUT_OF_MEMORY"), "{err}");
     }
 
     #[test]
