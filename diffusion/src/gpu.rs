@@ -60,8 +60,8 @@ fn skip_event_tracking(device: &Device) {
     if let Device::Cuda(dev) = device {
         let keep =
             std::env::var("HALLMARK_CUDA_EVENTS").is_ok_and(|v| v.eq_ignore_ascii_case("on"));
+        // Asked to, or something made a second stream, where they matter.
         if keep || dev.cuda_stream().context().is_in_multi_stream_mode() {
-            // Something made a second stream: keep the events, they matter.
             return;
         }
         // SAFETY: the events only order work between streams, and this
