@@ -204,10 +204,16 @@ impl Remote {
 }
 
 /// Writes `bytes` to a temporary file beside `path`, then renames it, so a
-/// crash never leaves a half-written image.
+/// crash never leaves a half-written image. The file gets the permissions
+/// any new file gets (0666 less the umask), not a temporary file's 0600:
+/// rendered images are for sharing.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+    let mut builder = tempfile::Builder::new();
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    let mut tmp = builder
+        .tempfile_in(dir)
         .with_context(|| format!("writing into {}", dir.display()))?;
     tmp.write_all(bytes)
         .with_context(|| format!("writing {}", path.display()))?;
@@ -298,5 +304,33 @@ impl Bars {
         if let Some(s) = &self.status {
             s.finish();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn written_files_get_the_permissions_of_any_new_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain.png");
+        std::fs::write(&plain, b"x").unwrap();
+        let atomic = dir.path().join("image.png");
+        write_atomic(&atomic, b"image bytes").unwrap();
+        assert_eq!(std::fs::read(&atomic).unwrap(), b"image bytes");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            // Both are 0666 less this process's umask (0644 under the usual
+            // 022); a temporary file's own 0600 would differ from it.
+            assert_eq!(mode(&atomic), mode(&plain), "{:o}", mode(&atomic));
+        }
+        // Writing over an existing file replaces it whole.
+        write_atomic(&atomic, b"new").unwrap();
+        assert_eq!(std::fs::read(&atomic).unwrap(), b"new");
+        let leftovers = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(leftovers, 2, "no temporary file left behind");
     }
 }
