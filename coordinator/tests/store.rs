@@ -205,6 +205,24 @@ both_stores! {
         assert_eq!(count(s, "SELECT CAST(COUNT(*) AS BIGINT) FROM artifacts").await, 1);
     }
 
+    async fn a_finished_job_reports_when_its_last_task_finished(s: &Store) {
+        let w = worker(s, "w1", 2).await;
+        submit(s, "j1", &job(2, 0), 0).await;
+        let leases = lease(s, &w, 2, 100).await;
+        assert_eq!(leases.len(), 2);
+        s.complete(&done(&w, &leases[0]), 110).await.unwrap();
+        let running = s.get_job("j1", 120, 0).await.unwrap();
+        assert_eq!((running.state.as_str(), running.finished_at_ms), ("running", 0));
+        s.complete(&done(&w, &leases[1]), 150).await.unwrap();
+        // Before the reap records it, the state and the finish time are derived.
+        let finished = s.get_job("j1", 200, 0).await.unwrap();
+        assert_eq!((finished.state.as_str(), finished.finished_at_ms), ("succeeded", 150));
+        // The reap, later, records the same time, not its own.
+        assert_eq!(s.reap(5_000).await.unwrap().finished_jobs, vec!["j1".to_string()]);
+        let stored = s.get_job("j1", 6_000, 0).await.unwrap();
+        assert_eq!((stored.state.as_str(), stored.finished_at_ms), ("succeeded", 150));
+    }
+
     async fn expired_lease_is_released_with_a_new_token(s: &Store) {
         let w1 = worker(s, "w1", 1).await;
         let w2 = worker(s, "w2", 1).await;

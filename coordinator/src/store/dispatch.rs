@@ -671,7 +671,8 @@ impl Store {
         }
         fail_dependents(&mut tx, &failed, now).await?;
         let finished = sqlx::query(
-            "UPDATE jobs SET finished_at = $1, state = CASE WHEN EXISTS \
+            "UPDATE jobs SET finished_at = COALESCE((SELECT MAX(t.finished_at) FROM tasks t WHERE t.job_id = jobs.id), $1), \
+             state = CASE WHEN EXISTS \
              (SELECT 1 FROM tasks t WHERE t.job_id = jobs.id AND t.state = 'failed') THEN 'failed' ELSE 'succeeded' END \
              WHERE state = 'running' AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.job_id = jobs.id \
              AND t.state IN ('waiting', 'ready', 'leased', 'held')) RETURNING id",

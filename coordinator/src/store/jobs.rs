@@ -275,13 +275,15 @@ impl Store {
         let done: u64 = job.stages.iter().map(|s| s.succeeded).sum();
         let ready: u64 = job.stages.iter().map(|s| s.ready).sum();
         let leased: u64 = job.stages.iter().map(|s| s.leased).sum();
-        // The stored state lags completions by one reap interval; derive it.
+        // The stored state lags completions by one reap interval; derive it,
+        // and the finish time (the last task's), as the reap will record them.
         if job.state == "running" && open == 0 {
             job.state = if failed > 0 {
                 "failed".into()
             } else {
                 "succeeded".into()
             };
+            job.finished_at_ms = self.last_task_finished(job_id).await?.unwrap_or(now);
         }
         if job.state == "running" {
             let elapsed = (now - job.created_at_ms).max(0) as u64;
@@ -307,6 +309,16 @@ impl Store {
                 .collect();
         }
         Ok(job)
+    }
+
+    /// When the job's last finished task finished.
+    async fn last_task_finished(&self, job_id: &str) -> Result<Option<i64>> {
+        Ok(sqlx::query_scalar::<_, Option<i64>>(
+            "SELECT MAX(finished_at) FROM tasks WHERE job_id = $1",
+        )
+        .bind(job_id)
+        .fetch_one(&self.pool)
+        .await?)
     }
 
     async fn queue_position(&self, job: &Job) -> Result<u64> {
