@@ -16,7 +16,9 @@
 # fused attention also runs with HALLMARK_FUSED_KERNELS=off (candle's norm, GEGLU and bias
 # adds; batch 8 and its profile): the in-run baseline for the engine's own
 # elementwise kernels; and at batch 1 with cudarc's per-allocation events
-# kept (HALLMARK_CUDA_EVENTS=on), the baseline for turning them off. A `cudnn` build (its
+# kept (HALLMARK_CUDA_EVENTS=on), the baseline for turning them off; and
+# with the UNet's calls replayed as a CUDA graph (HALLMARK_CUDA_GRAPHS=on, after a
+# `check` run that compares the first replay with an eager call). A `cudnn` build (its
 # file name says so) also runs its convolutions with the engine's own
 # im2col (`--conv-algo im2col`, as a build without cuDNN does), and is
 # profiled with Winograd, the fastest of the three fixed cuDNN algorithms in
@@ -80,6 +82,17 @@ common=(--model "$MODEL" --device cuda --size 512)
   # host time per operation bounds the step.
   stamp "${bins[0]}, attention: fused, HALLMARK_CUDA_EVENTS=on"
   HALLMARK_CUDA_EVENTS=on run "${bins[0]}" pipeline "${common[@]}" --dtype f16 --attention fused --steps 20 --batch 1 --runs 2
+  # The UNet's calls recorded once per render and replayed as a CUDA graph
+  # (HALLMARK_CUDA_GRAPHS=on), against the eager fused-attention runs of the
+  # same build above: first `check`, whose first replay is compared with an
+  # eager call (a cuda_graph_check line on stderr: nodes, largest difference),
+  # then the timings.
+  for bin in "${bins[@]}"; do
+    stamp "$bin, attention: fused, HALLMARK_CUDA_GRAPHS=check"
+    HALLMARK_CUDA_GRAPHS=check run "$bin" pipeline "${common[@]}" --dtype f16 --attention fused --steps 4 --batch 1,8 --runs 0
+    stamp "$bin, attention: fused, HALLMARK_CUDA_GRAPHS=on"
+    HALLMARK_CUDA_GRAPHS=on run "$bin" pipeline "${common[@]}" --dtype f16 --attention fused --steps 20 --batch 1,8 --runs 2
+  done
   # A `cudnn` build with the own im2col for every convolution (what a build
   # without cuDNN runs) instead of Winograd: which is faster where.
   for bin in "${bins[@]}"; do

@@ -213,11 +213,15 @@ impl Attention {
         if let Some((id, k, v)) = cache.as_ref()
             && *id == context.id()
         {
+            crate::graph::keep_alive(&[k, v]);
             return Ok((q, k.clone(), v.clone()));
         }
         let k = layout(&split(&to_k.forward(context)?)?)?;
         let v = layout(&split(&to_v.forward(context)?)?)?;
-        *cache = Some((context.id(), k.clone(), v.clone()));
+        // Made while a CUDA graph records, they live in the graph's memory.
+        if !crate::graph::recording() {
+            *cache = Some((context.id(), k.clone(), v.clone()));
+        }
         Ok((q, k, v))
     }
 
@@ -518,5 +522,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("fused") && err.contains("f32"), "{err}");
+    }
+
+    #[test]
+    fn keys_and_values_made_while_a_graph_records_are_not_kept() {
+        let dev = Device::Cpu;
+        let cfg = TransformerConfig {
+            channels: 8,
+            heads: 2,
+            depth: 1,
+            context_dim: 6,
+            groups: 2,
+            linear_projection: false,
+            upcast_attention: false,
+            attention: AttentionKernel::Matmul,
+        };
+        let vb = VarBuilder::zeros(DType::F32, &dev);
+        let attention = Attention::new(vb, 8, 6, &cfg, true).unwrap();
+        let xs = crate::test_util::randn(&[1, 4, 8]);
+        let context = crate::test_util::randn(&[1, 3, 6]);
+        let same = |t: &Tensor| Ok(t.clone());
+        let cached = || attention.kv_cache.lock().unwrap().is_some();
+        let (made, kept) =
+            crate::graph::while_recording(|| attention.project(&xs, &context, &same));
+        assert_eq!(made.unwrap().1.dims(), [1, 3, 2, 4]);
+        assert!(!cached(), "kept keys made in a graph's memory");
+        assert!(kept.is_empty());
+        let (_, k, v) = attention.project(&xs, &context, &same).unwrap();
+        assert!(cached(), "eager calls keep them");
+        // Taken from the cache while a graph records, the graph keeps them.
+        let (_, kept) = crate::graph::while_recording(|| attention.project(&xs, &context, &same));
+        let ids: Vec<_> = kept.iter().map(Tensor::id).collect();
+        assert_eq!(ids, [k.id(), v.id()]);
     }
 }

@@ -31,6 +31,7 @@ mod error;
 pub mod esrgan;
 pub mod fused;
 mod gpu;
+pub mod graph;
 pub mod hub;
 pub mod latents;
 mod linear;

@@ -14,6 +14,7 @@ use crate::DiffusionError;
 use crate::attention::{AttentionChoice, AttentionKernel};
 use crate::clip::ClipTextModel;
 use crate::conv::ConvAlgorithm;
+use crate::graph::{GraphMode, UnetCalls};
 use crate::model::{Family, ModelFolder, VaeConfig, WeightFile};
 use crate::rng::NoiseGenerator;
 use crate::scheduler::{Sampler, SchedulerConfig, SchedulerKind};
@@ -458,13 +459,24 @@ impl StableDiffusion {
         context: &Tensor,
         added: Option<&AddedConditioning>,
     ) -> Result<Tensor, DiffusionError> {
+        let mut calls = UnetCalls::new(&self.unet, &self.options.device, GraphMode::Off);
+        self.predict_with(&mut calls, latents, t, context, added)
+    }
+
+    /// [`predict`](Self::predict) through a render's `calls` (which may
+    /// replay a CUDA graph).
+    fn predict_with(
+        &self,
+        calls: &mut UnetCalls,
+        latents: &Tensor,
+        t: f64,
+        context: &Tensor,
+        added: Option<&AddedConditioning>,
+    ) -> Result<Tensor, DiffusionError> {
         let x = latents
             .to_device(&self.options.device)?
             .to_dtype(self.options.dtype)?;
-        Ok(self
-            .unet
-            .forward(&x, t, context, added)?
-            .to_dtype(DType::F32)?)
+        Ok(calls.forward(&x, t, context, added)?.to_dtype(DType::F32)?)
     }
 
     /// Decode latents to images in [0, 1], `(batch, 3, H, W)` f32 on the CPU.
@@ -676,6 +688,7 @@ impl StableDiffusion {
         // 3. Denoise (latents stay f32 on the device; the UNet runs in the
         // compute type).
         let total = sampler.timesteps().len() - start;
+        let mut calls = UnetCalls::new(&self.unet, dev, GraphMode::from_env());
         for i in start..sampler.timesteps().len() {
             let t = sampler.timesteps()[i];
             let input = sampler.scale_model_input(&latents, i)?;
@@ -684,7 +697,7 @@ impl StableDiffusion {
             } else {
                 input
             };
-            let pred = self.predict(&input, t, &context, added.as_ref())?;
+            let pred = self.predict_with(&mut calls, &input, t, &context, added.as_ref())?;
             let pred = if guided {
                 let (u, t) = (pred.narrow(0, 0, b)?, pred.narrow(0, b, b)?);
                 (&u + ((t - &u)? * req.guidance)?)?

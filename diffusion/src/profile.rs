@@ -42,6 +42,11 @@ fn active() -> bool {
     ACTIVE.with(|p| p.borrow().is_some())
 }
 
+/// Whether a [`profile`] call is running on this thread.
+pub(crate) fn running() -> bool {
+    active()
+}
+
 /// Runs `f` as the section `name` of the running profile (or just runs it).
 pub(crate) fn section<T>(name: &'static str, f: impl FnOnce() -> T) -> T {
     if !active() {

@@ -57,11 +57,15 @@ impl GroupNorm {
             && one.dtype() == like.dtype()
             && one.device().same_device(like.device())
         {
+            crate::graph::keep_alive(&[one, zero]);
             return Ok((one.clone(), zero.clone()));
         }
         let one = Tensor::ones(row, like.dtype(), like.device())?;
         let zero = Tensor::zeros(row, like.dtype(), like.device())?;
-        *slot = Some((row, one.clone(), zero.clone()));
+        // Made while a CUDA graph records, they live in the graph's memory.
+        if !crate::graph::recording() {
+            *slot = Some((row, one.clone(), zero.clone()));
+        }
         Ok((one, zero))
     }
 
@@ -352,5 +356,25 @@ mod tests {
             .forward(&x, Some(&candle_nn::ops::silu(&t).unwrap()))
             .unwrap();
         assert_close(&a, &b);
+    }
+
+    #[test]
+    fn the_unit_scale_made_while_a_graph_records_is_not_kept() {
+        let dev = Device::Cpu;
+        let norm =
+            GroupNorm::new(candle_nn::VarBuilder::zeros(DType::F32, &dev), 2, 4, 1e-5).unwrap();
+        let like = Tensor::zeros(1, DType::F32, &dev).unwrap();
+        let kept = || norm.unit.lock().unwrap().is_some();
+        let (made, _) = crate::graph::while_recording(|| norm.unit(6, &like));
+        let (one, zero) = made.unwrap();
+        assert_eq!(one.to_vec1::<f32>().unwrap(), [1.0; 6]);
+        assert_eq!(zero.to_vec1::<f32>().unwrap(), [0.0; 6]);
+        assert!(!kept(), "kept a tensor made in a graph's memory");
+        let (one, zero) = norm.unit(6, &like).unwrap();
+        assert!(kept(), "eager calls keep it");
+        // Taken from the cache while a graph records, the graph keeps them.
+        let (_, read) = crate::graph::while_recording(|| norm.unit(6, &like));
+        let ids: Vec<_> = read.iter().map(Tensor::id).collect();
+        assert_eq!(ids, [one.id(), zero.id()]);
     }
 }

@@ -551,6 +551,12 @@ impl Unet {
         }
     }
 
+    /// Channels of the prediction (the latents').
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn out_channels(&self) -> usize {
+        self.spec.out_channels
+    }
+
     pub fn attention(&self) -> AttentionKernel {
         self.spec.attention
     }
@@ -564,17 +570,41 @@ impl Unet {
         context: &Tensor,
         added: Option<&AddedConditioning>,
     ) -> Result<Tensor, DiffusionError> {
-        let (b, _, h, w) = xs.dims4()?;
-        let emb = section("embedding", || {
-            self.embedding(b, timestep, added, xs.dtype(), xs.device())
-        })?;
+        let emb = self.embed(xs, timestep, added)?;
+        self.forward_embedded(xs, &emb, context)
+    }
+
+    /// The timestep embedding (plus the added conditioning) of a call on
+    /// `xs`: the part of [`forward`](Self::forward) that depends on the
+    /// timestep's value, made on the host's side of a CUDA graph.
+    pub(crate) fn embed(
+        &self,
+        xs: &Tensor,
+        timestep: f64,
+        added: Option<&AddedConditioning>,
+    ) -> Result<Tensor, DiffusionError> {
+        section("embedding", || {
+            self.embedding(xs.dim(0)?, timestep, added, xs.dtype(), xs.device())
+        })
+    }
+
+    /// [`forward`](Self::forward) from the embedding [`embed`](Self::embed)
+    /// made: device work only, with nothing read back or copied from the
+    /// host, so that a CUDA graph can record it (`graph.rs`).
+    pub(crate) fn forward_embedded(
+        &self,
+        xs: &Tensor,
+        emb: &Tensor,
+        context: &Tensor,
+    ) -> Result<Tensor, DiffusionError> {
+        let (_, _, h, w) = xs.dims4()?;
         let xs = if self.spec.center_input_sample {
             ((xs * 2.0)? - 1.0)?
         } else {
             xs.clone()
         };
         let mut xs = section("conv_in", || self.conv_in.forward(&xs))?;
-        let temb = candle_nn::ops::silu(&emb)?;
+        let temb = candle_nn::ops::silu(emb)?;
         let mut skips = vec![xs.clone()];
         for block in &self.down {
             for i in 0..block.blocks.resnets.len() {

@@ -540,6 +540,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     serde_json::json!({"engine": "hallmark", "bench": "pipeline", "device": format!("{dev:?}"),
                         "dtype": format!("{:?}", dtype(&args)?), "attention": format!("{:?}", sd.attention()),
                         "conv": conv_name(&args)?,
+                        "cuda_graphs": format!("{:?}", hallmark_diffusion::graph::GraphMode::from_env()),
                         "size": size, "steps": steps, "batch": b,
                         "seconds": total, "images_per_s": b as f64 / total, "unet_it_per_s": its})
                 );
