@@ -263,7 +263,7 @@ impl<'a> UnetCalls<'a> {
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::cuda_backend::cudarc::driver::sys;
-    use candle_core::cuda_backend::cudarc::driver::{CudaGraph, DriverError};
+    use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaStream, DriverError};
     use candle_core::{Device, Tensor};
 
     use crate::DiffusionError;
@@ -310,6 +310,17 @@ mod cuda {
             stream
                 .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
                 .map_err(|e| driver("starting the capture", e))?;
+            // Ends the capture if the call panics, so this thread's stream
+            // does not stay capturing.
+            struct Capturing<'a>(Option<&'a std::sync::Arc<CudaStream>>);
+            impl Drop for Capturing<'_> {
+                fn drop(&mut self) {
+                    if let Some(stream) = self.0.take() {
+                        let _ = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+                    }
+                }
+            }
+            let mut capturing = Capturing(Some(&stream));
             // Everything allocated in here is dropped in here, the result
             // after its copy into `out`.
             let (recorded, cached) = super::while_recording(|| -> Result<(), DiffusionError> {
@@ -317,6 +328,7 @@ mod cuda {
                 out.slice_set(&y.contiguous()?, 0, 0)?;
                 Ok(())
             });
+            capturing.0 = None;
             let ended = stream.end_capture(sys::CUgraphInstantiate_flags(0));
             // An error the capture's frees recorded in cudarc's context (a
             // free in a capture that broke) would otherwise fail the next
