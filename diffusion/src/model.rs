@@ -292,10 +292,15 @@ impl ModelFolder {
         self.weight_files().map(|w| w.size).sum()
     }
 
-    /// `(relative path, sha256)` of every weight file.
+    /// `(relative path, sha256)` of every weight file, each checked first
+    /// to be a whole safetensors file ([`check_safetensors`]), so a worker
+    /// serving a truncated or foreign file refuses it when it starts.
     pub fn hash_weights(&self) -> Result<Vec<(String, String)>, DiffusionError> {
         self.weight_files()
-            .map(|w| Ok((w.relative.clone(), sha256_file(&w.path)?)))
+            .map(|w| {
+                check_safetensors(&w.path)?;
+                Ok((w.relative.clone(), sha256_file(&w.path)?))
+            })
             .collect()
     }
 
@@ -332,6 +337,60 @@ impl ModelFolder {
     pub fn scheduler_config(&self) -> Result<SchedulerConfig, DiffusionError> {
         read_json(&self.root.join("scheduler/scheduler_config.json"))
     }
+}
+
+/// Largest safetensors header this reads (the format's own limit).
+const MAX_SAFETENSORS_HEADER: u64 = 100 << 20;
+
+/// Checks that `path` is a whole safetensors file (as it is now): an
+/// 8-byte header length, a JSON header of that length, and its tensors'
+/// data ending exactly at the end of the file — so a truncated download or
+/// a foreign file is named before anything maps it.
+pub fn check_safetensors(path: &Path) -> Result<(), DiffusionError> {
+    let corrupt = |why: String| DiffusionError::corrupt(path, why);
+    let mut f = std::fs::File::open(path).map_err(|e| DiffusionError::io(path, e))?;
+    let size = f.metadata().map_err(|e| DiffusionError::io(path, e))?.len();
+    let mut head = [0u8; 8];
+    f.read_exact(&mut head)
+        .map_err(|_| corrupt(format!("not a safetensors file ({size} bytes)")))?;
+    let header_len = u64::from_le_bytes(head);
+    if !(2..=MAX_SAFETENSORS_HEADER).contains(&header_len) || 8 + header_len > size {
+        return Err(corrupt(format!(
+            "not a safetensors file (bad or truncated header: {header_len} bytes of header in {size} bytes)"
+        )));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    f.read_exact(&mut header)
+        .map_err(|e| DiffusionError::io(path, e))?;
+    let entries: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| corrupt(format!("not a safetensors file (header: {e})")))?;
+    let mut end = 0u64;
+    for (name, entry) in entries.iter().filter(|(n, _)| *n != "__metadata__") {
+        let offsets = entry
+            .get("data_offsets")
+            .and_then(|o| o.as_array())
+            .and_then(|o| Some((o.first()?.as_u64()?, o.get(1)?.as_u64()?)));
+        match offsets {
+            Some((from, to)) if from <= to => end = end.max(to),
+            _ => {
+                return Err(corrupt(format!(
+                    "tensor {name:?} has no valid data_offsets"
+                )));
+            }
+        }
+    }
+    let data = size - 8 - header_len;
+    if end != data {
+        return Err(corrupt(format!(
+            "{} (its tensors take {end} bytes of data, the file holds {data})",
+            if end > data {
+                "truncated"
+            } else {
+                "bytes after the last tensor"
+            }
+        )));
+    }
+    Ok(())
 }
 
 /// Streamed sha256 of a file.

@@ -206,18 +206,8 @@ fn var_builder<'a>(
     opts: &LoadOptions,
 ) -> Result<VarBuilder<'a>, DiffusionError> {
     for f in files {
-        // Check the header first so a truncated or foreign file is named.
-        let mut head = [0u8; 8];
-        let ok = std::fs::File::open(&f.path)
-            .and_then(|mut h| std::io::Read::read_exact(&mut h, &mut head))
-            .is_ok();
-        let header_len = u64::from_le_bytes(head);
-        if !ok || header_len == 0 || header_len + 8 > f.size {
-            return Err(DiffusionError::corrupt(
-                &f.path,
-                "not a safetensors file (bad or truncated header)",
-            ));
-        }
+        // Checked first so a truncated or foreign file is named.
+        crate::model::check_safetensors(&f.path)?;
     }
     let paths: Vec<_> = files.iter().map(|f| f.path.clone()).collect();
     // Safety: the files are memory-mapped read-only; the model folder must not

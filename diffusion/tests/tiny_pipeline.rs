@@ -335,9 +335,27 @@ fn broken_model_folders_are_refused_with_the_file_named() {
     std::fs::write(&unet, &bytes[..bytes.len() / 2]).unwrap();
     let err = load_error(&dir);
     assert!(
-        err.contains("unet/diffusion_pytorch_model.safetensors"),
+        err.contains("unet/diffusion_pytorch_model.safetensors") && err.contains("truncated"),
         "{err}"
     );
+    // Hashing the folder (what a worker does when it starts) refuses it too.
+    let folder = ModelFolder::open(&dir, None).unwrap();
+    let err = folder.hash_weights().unwrap_err().to_string();
+    assert!(
+        err.contains("unet/diffusion_pytorch_model.safetensors") && err.contains("truncated"),
+        "{err}"
+    );
+    // Bytes after the last tensor, and a file that is not safetensors.
+    let mut padded = bytes.clone();
+    padded.extend_from_slice(&[0; 16]);
+    std::fs::write(&unet, &padded).unwrap();
+    let err = folder.hash_weights().unwrap_err().to_string();
+    assert!(err.contains("bytes after the last tensor"), "{err}");
+    std::fs::write(&unet, b"PK\x03\x04 a zip file, not safetensors").unwrap();
+    let err = folder.hash_weights().unwrap_err().to_string();
+    assert!(err.contains("not a safetensors file"), "{err}");
+    std::fs::write(&unet, &bytes).unwrap();
+    assert!(folder.hash_weights().is_ok(), "the whole file passes");
 
     // Weights that do not fit the config.
     let (_t, dir) = tiny(TinyArch::Sd1, 8);
