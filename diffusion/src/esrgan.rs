@@ -154,32 +154,10 @@ impl std::fmt::Debug for RrdbNet {
     }
 }
 
-/// Names and shapes from a safetensors header.
+/// Names and shapes from the header of a whole safetensors file.
 fn header_shapes(path: &Path) -> Result<BTreeMap<String, Vec<usize>>, DiffusionError> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| DiffusionError::io(path, e))?;
-    let size = f.metadata().map_err(|e| DiffusionError::io(path, e))?.len();
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len)
-        .map_err(|_| DiffusionError::corrupt(path, "not a safetensors file (too short)"))?;
-    let n = u64::from_le_bytes(len);
-    if n == 0 || n + 8 > size || n > 100 << 20 {
-        return Err(DiffusionError::corrupt(
-            path,
-            "not a safetensors file (bad header length)",
-        ));
-    }
-    let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header)
-        .map_err(|e| DiffusionError::io(path, e))?;
-    let v: serde_json::Value = serde_json::from_slice(&header)
-        .map_err(|e| DiffusionError::corrupt(path, format!("header: {e}")))?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| DiffusionError::corrupt(path, "header is not an object"))?;
-    Ok(obj
+    Ok(crate::model::safetensors_header(path)?
         .iter()
-        .filter(|(k, _)| *k != "__metadata__")
         .filter_map(|(k, v)| {
             let shape = v.get("shape")?.as_array()?;
             Some((

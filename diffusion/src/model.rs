@@ -347,6 +347,14 @@ const MAX_SAFETENSORS_HEADER: u64 = 100 << 20;
 /// data ending exactly at the end of the file — so a truncated download or
 /// a foreign file is named before anything maps it.
 pub fn check_safetensors(path: &Path) -> Result<(), DiffusionError> {
+    safetensors_header(path).map(|_| ())
+}
+
+/// The header of a whole safetensors file ([`check_safetensors`]): its
+/// tensors by name (without `__metadata__`).
+pub(crate) fn safetensors_header(
+    path: &Path,
+) -> Result<serde_json::Map<String, serde_json::Value>, DiffusionError> {
     let corrupt = |why: String| DiffusionError::corrupt(path, why);
     let mut f = std::fs::File::open(path).map_err(|e| DiffusionError::io(path, e))?;
     let size = f.metadata().map_err(|e| DiffusionError::io(path, e))?.len();
@@ -362,10 +370,12 @@ pub fn check_safetensors(path: &Path) -> Result<(), DiffusionError> {
     let mut header = vec![0u8; header_len as usize];
     f.read_exact(&mut header)
         .map_err(|e| DiffusionError::io(path, e))?;
-    let entries: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
-        .map_err(|e| corrupt(format!("not a safetensors file (header: {e})")))?;
+    let mut entries: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header)
+            .map_err(|e| corrupt(format!("not a safetensors file (header: {e})")))?;
+    entries.remove("__metadata__");
     let mut end = 0u64;
-    for (name, entry) in entries.iter().filter(|(n, _)| *n != "__metadata__") {
+    for (name, entry) in &entries {
         let offsets = entry
             .get("data_offsets")
             .and_then(|o| o.as_array())
@@ -390,7 +400,7 @@ pub fn check_safetensors(path: &Path) -> Result<(), DiffusionError> {
             }
         )));
     }
-    Ok(())
+    Ok(entries)
 }
 
 /// Streamed sha256 of a file.

@@ -267,7 +267,8 @@ fn in_fitting_batches<T, R>(
 }
 
 impl DiffusionEngine {
-    /// Open and hash every model folder (and read the initial latents).
+    /// Open and hash every model folder, check the upscaler's weights file
+    /// (and read the initial latents).
     pub fn new(config: DiffusionConfig) -> Result<Self, DiffusionError> {
         let mut served = HashMap::new();
         let mut order = Vec::new();
@@ -287,6 +288,12 @@ impl DiffusionEngine {
                     files,
                 },
             );
+        }
+        // The upscaler loads at its first task; a missing or broken file
+        // is refused now, as the models are.
+        if let Some(path) = &config.upscaler {
+            let weights = hallmark_diffusion::esrgan::find_weights(path)?;
+            hallmark_diffusion::model::check_safetensors(&weights)?;
         }
         let init_latents = config
             .init_latents
@@ -641,5 +648,27 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("fused attention cannot run here"), "{err}");
+    }
+
+    #[test]
+    fn a_broken_upscaler_file_is_refused_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let weights = dir.path().join("RealESRGAN_x4plus.safetensors");
+        std::fs::write(&weights, b"\x10\x00\x00\x00\x00\x00\x00\x00{}").unwrap();
+        let mut cfg = DiffusionConfig::new(Vec::new());
+        cfg.upscaler = Some(weights.clone());
+        let err = DiffusionEngine::new(cfg.clone())
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            err.contains("RealESRGAN_x4plus.safetensors") && err.contains("not a safetensors file"),
+            "{err}"
+        );
+        cfg.upscaler = Some(dir.path().join("missing"));
+        assert!(
+            DiffusionEngine::new(cfg).is_err(),
+            "a missing upscaler is refused too"
+        );
     }
 }
