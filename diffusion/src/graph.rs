@@ -44,6 +44,15 @@ thread_local! {
     static READ: std::cell::RefCell<Vec<Tensor>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Graph launches in this process (what the benchmark reports, so a render
+/// that fell back to eager calls shows as such).
+static REPLAYS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// UNet calls replayed from a graph so far in this process.
+pub fn replays() -> u64 {
+    REPLAYS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Whether this thread is recording a graph: what is made now lives in the
 /// graph's memory, so nothing may keep it (the cross-attention's key and
 /// value cache and the group norm's unit scale do not fill while this is
@@ -371,6 +380,7 @@ mod cuda {
             self.graph
                 .launch()
                 .map_err(|e| driver("launching the graph", e))?;
+            super::REPLAYS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Ok(self.out.copy()?)
         }
 

@@ -463,6 +463,14 @@ fn kernel_checks(
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // Warnings (a CUDA graph that fell back to eager calls, say) on stderr.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let num = |name: &str, default: usize| -> usize {
         arg(&args, name)
@@ -512,6 +520,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 req.scheduler = scheduler.parse()?;
                 // One warm-up run (kernels, allocator), then the measured runs.
                 let mut best: Option<(f64, f64)> = None;
+                let replays_before = hallmark_diffusion::graph::replays();
                 for run in 0..=runs {
                     let step_times = std::cell::RefCell::new(Vec::new());
                     let started = Instant::now();
@@ -541,6 +550,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         "dtype": format!("{:?}", dtype(&args)?), "attention": format!("{:?}", sd.attention()),
                         "conv": conv_name(&args)?,
                         "cuda_graphs": format!("{:?}", hallmark_diffusion::graph::GraphMode::from_env()),
+                        "graph_replays": hallmark_diffusion::graph::replays() - replays_before,
                         "size": size, "steps": steps, "batch": b,
                         "seconds": total, "images_per_s": b as f64 / total, "unet_it_per_s": its})
                 );
