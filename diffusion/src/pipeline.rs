@@ -678,24 +678,28 @@ impl StableDiffusion {
         // 3. Denoise (latents stay f32 on the device; the UNet runs in the
         // compute type).
         let total = sampler.timesteps().len() - start;
-        let mut calls = UnetCalls::new(&self.unet, dev, GraphMode::from_env());
-        for i in start..sampler.timesteps().len() {
-            let t = sampler.timesteps()[i];
-            let input = sampler.scale_model_input(&latents, i)?;
-            let input = if guided {
-                Tensor::cat(&[&input, &input], 0)?
-            } else {
-                input
-            };
-            let pred = self.predict_with(&mut calls, &input, t, &context, added.as_ref())?;
-            let pred = if guided {
-                let (u, t) = (pred.narrow(0, 0, b)?, pred.narrow(0, b, b)?);
-                (&u + ((t - &u)? * req.guidance)?)?
-            } else {
-                pred
-            };
-            latents = sampler.step(&pred, i, &latents, &mut || noise(&mut rngs))?;
-            progress((i + 1 - start) as f32 / total as f32);
+        // The calls (and a recorded graph's memory) end with the loop,
+        // before the VAE needs room.
+        {
+            let mut calls = UnetCalls::new(&self.unet, dev, GraphMode::from_env());
+            for i in start..sampler.timesteps().len() {
+                let t = sampler.timesteps()[i];
+                let input = sampler.scale_model_input(&latents, i)?;
+                let input = if guided {
+                    Tensor::cat(&[&input, &input], 0)?
+                } else {
+                    input
+                };
+                let pred = self.predict_with(&mut calls, &input, t, &context, added.as_ref())?;
+                let pred = if guided {
+                    let (u, t) = (pred.narrow(0, 0, b)?, pred.narrow(0, b, b)?);
+                    (&u + ((t - &u)? * req.guidance)?)?
+                } else {
+                    pred
+                };
+                latents = sampler.step(&pred, i, &latents, &mut || noise(&mut rngs))?;
+                progress((i + 1 - start) as f32 / total as f32);
+            }
         }
         self.check_finite(&latents, "UNet")?;
 
