@@ -1,7 +1,7 @@
 //! The UNet's calls of one render, replayed as a CUDA graph.
 //!
 //! At batch 1 a UNet call on an H100 is bound by the host: candle issues
-//! about a thousand kernels per call, each with its own allocation,
+//! hundreds of kernels per call, each with its own allocation,
 //! layout bookkeeping and launch, and the GPU waits for them. A CUDA graph
 //! records the call's kernels once and replays them with one launch.
 //! `HALLMARK_CUDA_GRAPHS=on` turns this on for renders on a CUDA device
