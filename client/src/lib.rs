@@ -162,10 +162,13 @@ pub struct SpecArgs {
     /// Job seed; item seeds derive from it. Random when unset.
     #[arg(long)]
     pub seed: Option<u64>,
-    #[arg(long, default_value_t = 512)]
-    pub width: u32,
-    #[arg(long, default_value_t = 512)]
-    pub height: u32,
+    /// Image width (default 512, or the init image's width rounded down
+    /// to a multiple of 8).
+    #[arg(long)]
+    pub width: Option<u32>,
+    /// Image height (default 512, or the init image's, as the width).
+    #[arg(long)]
+    pub height: Option<u32>,
     #[arg(long, default_value_t = 20)]
     pub steps: u32,
     #[arg(long, default_value_t = 7.5)]
@@ -190,6 +193,75 @@ pub struct SpecArgs {
     /// Attempts per task before it fails (default: the coordinator's).
     #[arg(long, default_value_t = 0)]
     pub max_attempts: u32,
+    /// img2img: start every image from this picture (PNG, JPEG or WebP),
+    /// uploaded to the coordinator and named in each output's credentials.
+    /// It is resized to the job's size.
+    #[arg(long)]
+    pub init_image: Option<PathBuf>,
+    /// img2img: how much of the init image is re-imagined, in (0, 1]
+    /// (default 0.8, as diffusers); floor(steps × strength) steps run.
+    #[arg(long, requires = "init_image")]
+    pub strength: Option<f32>,
+}
+
+/// An init image file as read for a job: its bytes, sha256 and size.
+pub struct InitImageFile {
+    pub bytes: Vec<u8>,
+    pub sha256: String,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl InitImageFile {
+    pub fn read(path: &Path) -> anyhow::Result<Self> {
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("--init-image {}: cannot read it", path.display()))?;
+        let img = hallmark_provenance::credentials::decode_image(&bytes)
+            .with_context(|| format!("--init-image {}: not a usable image", path.display()))?;
+        Ok(Self {
+            sha256: hallmark_provenance::sha256_hex(&bytes),
+            width: img.width(),
+            height: img.height(),
+            bytes,
+        })
+    }
+}
+
+/// Uploads the spec's init image (read again, and checked to be the file
+/// the spec was built from), then submits the job.
+pub async fn submit_job(
+    remote: &Remote,
+    spec: JobSpec,
+    init_image: Option<&Path>,
+    queue_unservable: bool,
+) -> anyhow::Result<Job> {
+    if let Some(path) = init_image {
+        let file = InitImageFile::read(path)?;
+        if file.sha256 != spec.init_image_sha256 {
+            bail!(
+                "--init-image {} changed while the job was being submitted",
+                path.display()
+            );
+        }
+        let input = remote.upload_input(&file.bytes).await?;
+        if input.sha256 != spec.init_image_sha256 {
+            bail!(
+                "the coordinator stored the init image as {}, not {}",
+                input.sha256,
+                spec.init_image_sha256
+            );
+        }
+    }
+    Ok(remote
+        .jobs
+        .clone()
+        .submit(SubmitJobRequest {
+            spec: Some(spec),
+            queue_unservable,
+        })
+        .await
+        .map_err(rpc)?
+        .into_inner())
 }
 
 #[derive(Args, Debug)]
@@ -388,16 +460,13 @@ async fn remote_command(
     match command {
         Command::Submit(args) => {
             let spec = build_spec(&args.spec, cfg)?;
-            let job = remote
-                .jobs
-                .clone()
-                .submit(SubmitJobRequest {
-                    spec: Some(spec),
-                    queue_unservable: args.queue_unservable,
-                })
-                .await
-                .map_err(rpc)?
-                .into_inner();
+            let job = submit_job(
+                remote,
+                spec,
+                args.spec.init_image.as_deref(),
+                args.queue_unservable,
+            )
+            .await?;
             if json && !args.watch {
                 println!("{}", output::job_json(&job));
             } else if !json {
@@ -720,6 +789,17 @@ pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<JobSpec
         (None, "synthetic") => "synthetic-v1".into(),
         (None, engine) => bail!("--model is required with the {engine} engine"),
     };
+    let init = args
+        .init_image
+        .as_deref()
+        .map(InitImageFile::read)
+        .transpose()?;
+    // img2img keeps the init image's size unless told otherwise.
+    let side = |given: Option<u32>, of_init: Option<u32>| {
+        given.or(of_init.map(|v| v / 8 * 8)).unwrap_or(512)
+    };
+    let width = side(args.width, init.as_ref().map(|i| i.width));
+    let height = side(args.height, init.as_ref().map(|i| i.height));
     let mut labels = HashMap::new();
     for l in &args.labels {
         let (k, v) = l
@@ -734,8 +814,8 @@ pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<JobSpec
         negative_prompt: args.negative.clone(),
         images_per_prompt: args.images_per_prompt,
         seed: args.seed,
-        width: args.width,
-        height: args.height,
+        width,
+        height,
         steps: args.steps,
         guidance: args.guidance,
         scheduler: args.scheduler.clone(),
@@ -750,6 +830,11 @@ pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<JobSpec
         tenant: args.tenant.clone().unwrap_or_else(|| cfg.tenant.clone()),
         labels,
         max_attempts: args.max_attempts,
+        strength: match &init {
+            Some(_) => args.strength.unwrap_or(0.8),
+            None => 0.0,
+        },
+        init_image_sha256: init.map(|i| i.sha256).unwrap_or_default(),
     })
 }
 
@@ -807,7 +892,14 @@ async fn render(cfg: &ClientConfig, mut args: RenderArgs, json: bool) -> anyhow:
             (Some(farm), url)
         }
     };
-    let result = render_on(&url, spec, &args.output, json).await;
+    let result = render_on(
+        &url,
+        spec,
+        args.spec.init_image.as_deref(),
+        &args.output,
+        json,
+    )
+    .await;
     if let Some(farm) = farm {
         farm.stop().await?;
     }
@@ -833,20 +925,12 @@ async fn render(cfg: &ClientConfig, mut args: RenderArgs, json: bool) -> anyhow:
 async fn render_on(
     url: &str,
     spec: JobSpec,
+    init_image: Option<&Path>,
     out: &Path,
     json: bool,
 ) -> anyhow::Result<(Job, Vec<PathBuf>)> {
     let remote = Remote::connect(url).await?;
-    let job = remote
-        .jobs
-        .clone()
-        .submit(SubmitJobRequest {
-            spec: Some(spec),
-            queue_unservable: false,
-        })
-        .await
-        .map_err(rpc)?
-        .into_inner();
+    let job = submit_job(&remote, spec, init_image, false).await?;
     let end = remote.watch(&job.job_id, false, json).await?;
     let files = remote.download(&job.job_id, out).await?;
     Ok((end, files.into_iter().map(|(p, _)| p).collect()))

@@ -10,7 +10,7 @@ use hallmark_proto::v1::jobs_client::JobsClient;
 use hallmark_proto::v1::provenance_client::ProvenanceClient;
 use hallmark_proto::v1::registry_client::RegistryClient;
 use hallmark_proto::v1::workers_client::WorkersClient;
-use hallmark_proto::v1::{Artifact, DownloadArtifactRequest, Job, JobRef};
+use hallmark_proto::v1::{Artifact, Chunk, DownloadArtifactRequest, InputImage, Job, JobRef};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tonic::transport::Channel;
 
@@ -26,6 +26,23 @@ pub struct Remote {
 }
 
 impl Remote {
+    /// Uploads an input image (an img2img job's init image) in chunks.
+    pub async fn upload_input(&self, bytes: &[u8]) -> anyhow::Result<InputImage> {
+        const CHUNK: usize = 1024 * 1024;
+        let chunks: Vec<Chunk> = bytes
+            .chunks(CHUNK)
+            .map(|c| Chunk { data: c.to_vec() })
+            .collect();
+        Ok(self
+            .jobs
+            .clone()
+            .upload_input(tokio_stream::iter(chunks))
+            .await
+            .map_err(rpc)
+            .context("uploading the init image")?
+            .into_inner())
+    }
+
     pub async fn connect(url: &str) -> anyhow::Result<Self> {
         let channel = Channel::from_shared(url.to_string())
             .with_context(|| format!("coordinator url {url:?} is not a valid URL"))?

@@ -281,6 +281,7 @@ fn record_json(r: &ArtifactRecord) -> serde_json::Value {
         "worker_id": r.worker_id, "watermark_id": r.watermark_id,
         "width": r.width, "height": r.height, "seed": r.seed,
         "manifest_label": r.manifest_label, "tenant": r.tenant,
+        "parent_sha256": r.parent_sha256,
     });
     if !r.prompt.is_empty() {
         v["prompt"] = json!(r.prompt);
@@ -383,9 +384,25 @@ pub fn print_report(r: &FileReport) {
                 }
                 println!("  upscale      {how}");
             }
+            if let (Some(sha), Some(strength)) = (&g.init_image_sha256, g.strength) {
+                println!(
+                    "  img2img      init image {}, strength {strength}",
+                    short(sha)
+                );
+            }
             if !g.datasets.is_empty() {
                 println!("  datasets     {}", g.datasets.join(", "));
             }
+        }
+        if let Some(i) = &c.input {
+            println!(
+                "  init image   {}{}",
+                i.title.as_deref().unwrap_or("?"),
+                match &i.manifest_label {
+                    Some(l) => format!(" (with its own credentials, {l})"),
+                    None => " (no credentials of its own)".into(),
+                }
+            );
         }
         if let Some(p) = &c.parent {
             println!(
@@ -445,6 +462,12 @@ pub fn print_report(r: &FileReport) {
                 d["version"].as_str().unwrap_or("?"),
                 d["uri"].as_str().unwrap_or("")
             );
+        }
+        if let Some(first) = repo.chain.first()
+            && first["stage"] == "generate"
+            && let Some(init) = first["parent_sha256"].as_str().filter(|p| !p.is_empty())
+        {
+            println!("               uploaded init image {}", short(init));
         }
         for a in &repo.chain {
             println!(

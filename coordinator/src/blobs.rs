@@ -251,6 +251,11 @@ impl BlobWriter {
         Ok(())
     }
 
+    /// The sha256 and size of what was written so far.
+    pub fn digest(&self) -> (String, u64) {
+        (hex::encode(self.hasher.clone().finalize()), self.size)
+    }
+
     /// Checks size and hash against the declared ones and publishes the blob
     /// (a blob already stored is kept as it is). On any error nothing is left
     /// behind.

@@ -53,6 +53,15 @@ pub struct Item {
     pub scheduler: String,
 }
 
+/// The init image of an img2img job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InitImage {
+    /// sha256 of an uploaded input (`Jobs.UploadInput`).
+    pub sha256: String,
+    /// (0, 1]: the fraction of the schedule run from the noised image.
+    pub strength: f32,
+}
+
 /// A validated job ready to be written.
 #[derive(Debug, Clone)]
 pub struct ExpandedJob {
@@ -63,6 +72,9 @@ pub struct ExpandedJob {
     pub upscale: u32,
     /// `esrgan`, `hires-fix`, or empty for the worker's default.
     pub upscale_method: String,
+    /// img2img: the uploaded input every item starts from, and how much of
+    /// it is re-imagined; `None` for text-to-image.
+    pub init_image: Option<InitImage>,
     pub max_attempts: u32,
     pub labels: HashMap<String, String>,
     pub items: Vec<Item>,
@@ -241,6 +253,7 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
         }
     }
     check_text("negative_prompt", &spec.negative_prompt, true)?;
+    let init_image = check_init_image(spec)?;
 
     let job_seed = spec.seed.unwrap_or(random_seed);
     let mut items = Vec::with_capacity(total as usize);
@@ -265,6 +278,9 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
         check_steps(&field("steps"), steps, limits.max_steps)?;
         check_guidance(&field("guidance"), guidance)?;
         check_scheduler(&field("scheduler"), &scheduler)?;
+        if let Some(init) = &init_image {
+            check_img2img_steps(&field("steps"), steps, init.strength)?;
+        }
         for image in 0..u64::from(per_prompt) {
             let index = p as u64 * u64::from(per_prompt) + image;
             let seed = match line.seed {
@@ -291,6 +307,7 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
         priority: spec.priority,
         upscale: spec.upscale,
         upscale_method: spec.upscale_method.clone(),
+        init_image,
         max_attempts: if spec.max_attempts == 0 {
             limits.default_max_attempts
         } else {
@@ -299,6 +316,52 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
         labels: spec.labels.clone(),
         items,
     })
+}
+
+/// The init image and strength, both or neither.
+fn check_init_image(spec: &JobSpec) -> Result<Option<InitImage>, SpecError> {
+    let sha = spec.init_image_sha256.to_ascii_lowercase();
+    if sha.is_empty() {
+        if spec.strength != 0.0 {
+            return Err(bad(
+                "strength",
+                "is set but init_image_sha256 is not (strength applies to img2img)",
+            ));
+        }
+        return Ok(None);
+    }
+    if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad(
+            "init_image_sha256",
+            format!("{sha:?} is not 64 hex digits"),
+        ));
+    }
+    let strength = spec.strength;
+    if !strength.is_finite() || strength <= 0.0 || strength > 1.0 {
+        return Err(bad(
+            "strength",
+            format!("{strength} is outside (0, 1] (img2img needs a strength)"),
+        ));
+    }
+    Ok(Some(InitImage {
+        sha256: sha,
+        strength,
+    }))
+}
+
+/// img2img runs the last `floor(steps × strength)` steps of the schedule
+/// (as diffusers does): at least one.
+fn check_img2img_steps(field: &str, steps: u32, strength: f32) -> Result<(), SpecError> {
+    // The engine's floor allows the same slack for an f32 strength.
+    if f64::from(steps) * f64::from(strength) + 1e-6 < 1.0 {
+        return Err(bad(
+            field,
+            format!(
+                "{steps} steps at strength {strength} run no step (img2img runs floor(steps × strength)); raise either"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn check_text(field: &str, text: &str, may_be_empty: bool) -> Result<(), SpecError> {
@@ -438,5 +501,44 @@ mod tests {
         let mut bad = s.clone();
         bad.engine = "synthetic".into();
         assert!(refused(&bad).contains("diffusion engine"));
+    }
+
+    #[test]
+    fn init_image_needs_a_strength_that_runs_a_step() {
+        let sha = "AB".repeat(32);
+        let mut s = spec(&["ok"]);
+        s.init_image_sha256 = sha.clone();
+        s.strength = 0.5;
+        s.steps = 4;
+        let init = expand(&s, &limits(), 1).unwrap().init_image.unwrap();
+        assert_eq!(init.sha256, sha.to_ascii_lowercase());
+        assert_eq!(init.strength, 0.5);
+        assert_eq!(
+            expand(&spec(&["ok"]), &limits(), 1).unwrap().init_image,
+            None
+        );
+
+        let field = |s: &JobSpec| expand(s, &limits(), 1).unwrap_err().field;
+        let mut bad = s.clone();
+        bad.strength = 0.0;
+        assert_eq!(field(&bad), "strength");
+        bad.strength = 1.5;
+        assert_eq!(field(&bad), "strength");
+        bad.strength = f32::NAN;
+        assert_eq!(field(&bad), "strength");
+        let mut bad = spec(&["ok"]);
+        bad.strength = 0.5;
+        assert_eq!(field(&bad), "strength");
+        let mut bad = s.clone();
+        bad.init_image_sha256 = "not-a-digest".into();
+        assert_eq!(field(&bad), "init_image_sha256");
+        // 4 steps × 0.2 runs no step; an item that overrides its steps is
+        // checked with its own.
+        let mut bad = s.clone();
+        bad.strength = 0.2;
+        assert_eq!(field(&bad), "prompts[0].steps");
+        let mut ok = bad.clone();
+        ok.prompts[0].steps = Some(5);
+        assert!(expand(&ok, &limits(), 1).is_ok());
     }
 }

@@ -169,6 +169,58 @@ async fn count(s: &Store, sql: &str) -> i64 {
 }
 
 both_stores! {
+    async fn img2img_tasks_start_from_the_uploaded_input(s: &Store) {
+        let input = hallmark_proto::v1::InputImage {
+            sha256: "ab".repeat(32),
+            media_type: "image/png".into(),
+            width: 640,
+            height: 480,
+            size: 1234,
+        };
+        assert!(s.find_input(&input.sha256).await.unwrap().is_none());
+        assert!(!s.blob_known(&input.sha256).await.unwrap());
+        s.record_input(&input, 5).await.unwrap();
+        // A second upload of the same bytes keeps the first row.
+        s.record_input(&input, 6).await.unwrap();
+        assert_eq!(s.find_input(&input.sha256.to_ascii_uppercase()).await.unwrap(), Some(input.clone()));
+        assert!(s.blob_known(&input.sha256).await.unwrap(), "workers may fetch an input");
+
+        let w = worker(s, "w1", 4).await;
+        let mut j = job(2, 2);
+        j.init_image = Some(spec::InitImage { sha256: input.sha256.clone(), strength: 0.75 });
+        submit(s, "j1", &j, 0).await;
+        submit(s, "j2", &job(1, 0), 0).await;
+        let generate = lease(s, &w, 4, 100).await;
+        assert_eq!(generate.len(), 2, "one job's generate tasks lease together");
+        for g in &generate {
+            assert_eq!((g.job_id.as_str(), g.stage.as_str()), ("j1", "generate"));
+            assert_eq!(g.parent_sha256, input.sha256);
+            assert_eq!(g.strength, 0.75);
+        }
+        s.complete(&done(&w, &generate[0]), 110).await.unwrap();
+        let base = s.find_artifact(ArtifactKey::Sha256(&done(&w, &generate[0]).sha256)).await.unwrap().unwrap();
+        assert_eq!(base.record.parent_sha256, input.sha256, "the image names its init image");
+        let up = lease(s, &w, 1, 120).await.remove(0);
+        assert_eq!(up.stage, "upscale");
+        assert_eq!(up.parent_sha256, done(&w, &generate[0]).sha256, "an upscale starts from its base");
+        assert_eq!(up.strength, 0.0);
+        s.complete(&done(&w, &generate[1]), 130).await.unwrap();
+        s.complete(&done(&w, &up), 130).await.unwrap();
+        // The rest of j1 (item 1's upscale), then the text-to-image job.
+        let mut plain = None;
+        for now in [140, 150, 160] {
+            for l in lease(s, &w, 4, now).await {
+                if l.job_id == "j2" {
+                    plain = Some(l);
+                } else {
+                    s.complete(&done(&w, &l), now + 1).await.unwrap();
+                }
+            }
+        }
+        let plain = plain.expect("the text-to-image job is leased");
+        assert_eq!((plain.parent_sha256.as_str(), plain.strength), ("", 0.0));
+    }
+
     async fn artifacts_resolve_by_watermark_sha256_and_manifest_label(s: &Store) {
         let w = worker(s, "w1", 1).await;
         submit(s, "j1", &job(1, 2), 0).await;

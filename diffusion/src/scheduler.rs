@@ -370,7 +370,9 @@ impl Sampler {
     /// The first step of an img2img run with `strength` (0 < s ≤ 1).
     pub fn start_index(&self, strength: f64) -> usize {
         let n = self.timesteps.len();
-        let init = ((n as f64 * strength) as usize).min(n);
+        // floor(steps × strength) as diffusers takes it; the slack keeps a
+        // strength that travelled as f32 (0.7 → 0.69999999) on its step.
+        let init = ((n as f64 * strength + 1e-6) as usize).min(n);
         n - init
     }
 
@@ -617,6 +619,17 @@ mod tests {
         assert_eq!(s.timesteps(), &[801.0, 601.0, 401.0, 201.0]);
         let s = Sampler::new(SchedulerKind::Euler, &sd_config("trailing"), 4).unwrap();
         assert_eq!(s.timesteps(), &[999.0, 749.0, 499.0, 249.0]);
+    }
+
+    #[test]
+    fn img2img_runs_floor_of_steps_times_strength() {
+        let s = Sampler::new(SchedulerKind::Ddim, &sd_config("leading"), 10).unwrap();
+        assert_eq!(s.start_index(0.5), 5);
+        assert_eq!(s.start_index(1.0), 0);
+        assert_eq!(s.start_index(0.05), 10);
+        // 0.7 as an f32 is 0.69999999: still 7 steps, as in diffusers.
+        assert_eq!(s.start_index(f64::from(0.7f32)), 3);
+        assert_eq!(s.start_index(f64::from(0.3f32)), 7);
     }
 
     #[test]

@@ -95,6 +95,7 @@ fn c2patool_validates_png_jpeg_and_webp_outputs_and_upscales() {
                             watermark_id: 99,
                             training_mining: Some(TrainingMining::default()),
                             parent,
+                            input: None,
                         },
                     )
                     .unwrap()

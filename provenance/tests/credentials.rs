@@ -78,6 +78,7 @@ fn stamped(
                 watermark_id: id,
                 training_mining: Some(TrainingMining::default()),
                 parent,
+                input: None,
             },
         )
         .unwrap()
@@ -191,6 +192,7 @@ fn one_changed_pixel_is_a_hash_mismatch() {
                 watermark_id: 9,
                 training_mining: None,
                 parent: None,
+                input: None,
             },
         )
         .unwrap();
@@ -523,6 +525,7 @@ fn signatures_are_timestamped_by_the_configured_authority() {
             watermark_id: 21,
             training_mining: None,
             parent: None,
+            input: None,
         };
         let file = stamper.sign(format, &encoded, &stamp).unwrap();
         let report = inspect(&file, Some(&ca.anchors())).unwrap();
@@ -570,6 +573,7 @@ fn an_unreachable_or_https_timestamp_authority_fails_signing_clearly() {
         watermark_id: 1,
         training_mining: None,
         parent: None,
+        input: None,
     };
     assert!(stamper.sign(ImageFormat::Png, &encoded, &stamp).is_err());
 }

@@ -209,6 +209,7 @@ async fn unstamped_and_stale_completions_are_refused() {
             watermark_id: 0x0123_4567_89ab_cdef,
             training_mining: None,
             parent: None,
+            input: None,
         };
         stamper.sign(ImageFormat::Png, &png, &stamp).unwrap()
     };

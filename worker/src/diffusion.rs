@@ -403,6 +403,20 @@ impl DiffusionEngine {
                 .collect::<Vec<_>>();
             req.init_latents = Some(Tensor::cat(&rows, 0).map_err(failed)?);
         }
+        // img2img: the group shares its strength (the sub-batch key).
+        let inits = tasks
+            .iter()
+            .map(|t| t.init_image())
+            .collect::<Result<Vec<_>, _>>()?;
+        if inits.iter().any(Option::is_some) {
+            req.init_images = Some(
+                inits
+                    .into_iter()
+                    .map(|i| i.ok_or(EngineError::MissingParent))
+                    .collect::<Result<_, _>>()?,
+            );
+            req.strength = f64::from(l.strength);
+        }
         let out = sd.generate(&req, progress).map_err(|e| BatchFailure {
             out_of_memory: e.is_out_of_device_memory(),
             error: failed(e),
@@ -499,8 +513,16 @@ impl Engine for DiffusionEngine {
         for (i, t) in batch.iter().enumerate() {
             let l = &t.lease;
             let key = format!(
-                "{}|{}|{}x{}|{}|{}|{}",
-                l.stage, l.model_id, l.width, l.height, l.steps, l.guidance, l.scheduler
+                "{}|{}|{}x{}|{}|{}|{}|{}|{}",
+                l.stage,
+                l.model_id,
+                l.width,
+                l.height,
+                l.steps,
+                l.guidance,
+                l.scheduler,
+                l.strength,
+                l.parent_sha256.is_empty()
             );
             match groups.iter_mut().find(|(k, _)| *k == key) {
                 Some((_, v)) => v.push(i),

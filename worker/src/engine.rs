@@ -7,12 +7,48 @@ use hallmark_proto::v1::{ModelCapability, TaskLease};
 use hallmark_provenance::credentials::UpscaleRecord;
 use image::RgbImage;
 
-/// One task to render: its lease, and the base image for a later stage.
+/// One task to render: its lease, and the image it starts from.
 #[derive(Debug, Clone)]
 pub struct RenderTask {
     pub lease: TaskLease,
-    /// The encoded base image of an `upscale` task.
+    /// The encoded file named by `lease.parent_sha256`: an `upscale` task's
+    /// base image, or an img2img `generate` task's init image.
     pub parent: Option<Vec<u8>>,
+}
+
+impl RenderTask {
+    /// The init image of an img2img `generate` task, resized to the task's
+    /// size (as diffusers' img2img resizes to the requested size); `None`
+    /// for text-to-image.
+    pub fn init_image(&self) -> Result<Option<RgbImage>, EngineError> {
+        let l = &self.lease;
+        if l.stage != "generate" {
+            return Ok(None);
+        }
+        let Some(bytes) = self.parent.as_deref() else {
+            if l.parent_sha256.is_empty() {
+                return Ok(None);
+            }
+            return Err(EngineError::MissingParent);
+        };
+        if !(l.strength > 0.0 && l.strength <= 1.0) {
+            return Err(EngineError::Failed(format!(
+                "img2img strength {} is outside (0, 1]",
+                l.strength
+            )));
+        }
+        let img = hallmark_provenance::credentials::decode_image(bytes)
+            .map_err(|e| EngineError::BadParent(e.to_string()))?;
+        if img.dimensions() == (l.width, l.height) {
+            return Ok(Some(img));
+        }
+        Ok(Some(image::imageops::resize(
+            &img,
+            l.width,
+            l.height,
+            image::imageops::FilterType::Lanczos3,
+        )))
+    }
 }
 
 /// A rendered output, before stamping (the worker watermarks, encodes and
@@ -40,9 +76,9 @@ pub enum EngineError {
     UnknownModel(String),
     #[error("stage {0:?} is not supported by this engine")]
     UnknownStage(String),
-    #[error("the upscale task has no base image")]
+    #[error("the task has no base or init image")]
     MissingParent,
-    #[error("cannot decode the base image: {0}")]
+    #[error("cannot decode the base or init image: {0}")]
     BadParent(String),
     #[error("{0}")]
     Failed(String),
@@ -117,7 +153,14 @@ impl SyntheticEngine {
             )));
         }
         match l.stage.as_str() {
-            "generate" => Ok(generate(&l.prompt, l.seed, l.width, l.height).into()),
+            "generate" => {
+                let made = generate(&l.prompt, l.seed, l.width, l.height);
+                Ok(match task.init_image()? {
+                    // img2img: the init image shows through by 1 - strength.
+                    Some(init) => blend(&init, &made, l.strength).into(),
+                    None => made.into(),
+                })
+            }
             "upscale" => {
                 let parent = task.parent.as_deref().ok_or(EngineError::MissingParent)?;
                 let base = hallmark_provenance::credentials::decode_image(parent)
@@ -202,6 +245,17 @@ fn generate(prompt: &str, seed: u64, width: u32, height: u32) -> RgbImage {
     img
 }
 
+/// `a · (1 - t) + b · t`, per channel.
+fn blend(a: &RgbImage, b: &RgbImage, t: f32) -> RgbImage {
+    let mut out = a.clone();
+    for (o, q) in out.pixels_mut().zip(b.pixels()) {
+        for (c, d) in o.0.iter_mut().zip(q.0) {
+            *c = (f32::from(*c) * (1.0 - t) + f32::from(d) * t).round() as u8;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,5 +330,64 @@ mod tests {
             e.render(&[t], &|_| {})[0],
             Err(EngineError::UnknownModel(_))
         ));
+    }
+
+    fn png(img: &RgbImage) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        img.write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .unwrap();
+        bytes
+    }
+
+    #[test]
+    fn init_image_is_resized_to_the_task_and_shows_through_by_strength() {
+        let e = SyntheticEngine::new(SyntheticConfig::default());
+        let plain = e.render(&[task("a cat", 1)], &|_| {}).remove(0).unwrap();
+        // A white init image twice the task's size.
+        let white = RgbImage::from_pixel(128, 96, image::Rgb([255, 255, 255]));
+        let mut t = task("a cat", 1);
+        t.lease.parent_sha256 = "ab".repeat(32);
+        t.parent = Some(png(&white));
+        let mean = |img: &RgbImage| {
+            img.as_raw().iter().map(|&v| f64::from(v)).sum::<f64>() / img.as_raw().len() as f64
+        };
+        let mut last = f64::INFINITY;
+        for strength in [0.25f32, 0.5, 1.0] {
+            t.lease.strength = strength;
+            let out = e.render(&[t.clone()], &|_| {}).remove(0).unwrap();
+            assert_eq!(out.pixels.dimensions(), (64, 48));
+            let m = mean(&out.pixels);
+            assert!(m < last, "more strength keeps less of the white init image");
+            last = m;
+        }
+        assert!(
+            (last - mean(&plain.pixels)).abs() < 1e-9,
+            "strength 1 ignores the init image"
+        );
+
+        // Named but missing, undecodable, or without a strength: refused.
+        t.lease.strength = 0.5;
+        t.parent = None;
+        assert!(matches!(
+            e.render(&[t.clone()], &|_| {})[0],
+            Err(EngineError::MissingParent)
+        ));
+        t.parent = Some(b"not an image".to_vec());
+        assert!(matches!(
+            e.render(&[t.clone()], &|_| {})[0],
+            Err(EngineError::BadParent(_))
+        ));
+        t.parent = Some(png(&white));
+        t.lease.strength = 0.0;
+        assert!(
+            e.render(&[t], &|_| {})[0]
+                .as_ref()
+                .unwrap_err()
+                .to_string()
+                .contains("strength")
+        );
     }
 }

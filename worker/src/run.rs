@@ -387,7 +387,14 @@ async fn run_batch(shared: Arc<Shared>, leases: Vec<TaskLease>) {
                 lease,
                 parent: Some(bytes),
             }),
-            Err(e) => pending.push((lease, format!("fetching the base image: {e}"))),
+            Err(e) => {
+                let what = if lease.stage == "upscale" {
+                    "base"
+                } else {
+                    "init"
+                };
+                pending.push((lease, format!("fetching the {what} image: {e}")))
+            }
         }
     }
     for (lease, message) in pending {
@@ -511,7 +518,7 @@ async fn fetch(client: &WorkersClient<Channel>, sha256: &str) -> Result<Vec<u8>,
     let got = hallmark_provenance::sha256_hex(&bytes);
     if got != sha256 {
         return Err(Status::data_loss(format!(
-            "base image hashes to {got}, expected {sha256}"
+            "image {sha256} arrived with sha256 {got}"
         )));
     }
     Ok(bytes)

@@ -123,9 +123,10 @@ impl Stamping {
         Ok(Arc::new(Self { stamper, config }))
     }
 
-    /// Watermarks, encodes and signs one rendered image. `parent` is the base
-    /// image file an upscale was made from (its manifest becomes the
-    /// `parentOf` ingredient).
+    /// Watermarks, encodes and signs one rendered image. `parent` is the file
+    /// the task started from: an upscale's base image (its manifest becomes
+    /// the `parentOf` ingredient) or an img2img render's init image (the
+    /// `inputTo` ingredient, named by sha256 in the generation record).
     pub fn stamp(
         &self,
         lease: &TaskLease,
@@ -157,6 +158,15 @@ impl Stamping {
             upscale: image.upscale.clone(),
             ..Default::default()
         };
+        let (parent, input) = if lease.stage == "generate" {
+            (None, parent)
+        } else {
+            (parent, None)
+        };
+        if input.is_some() {
+            record.init_image_sha256 = Some(lease.parent_sha256.clone());
+            record.strength = Some(lease.strength);
+        }
         record.set_prompt(&lease.prompt, self.config.prompt_policy);
         let stamp = Stamp {
             title: format!(
@@ -170,6 +180,7 @@ impl Stamping {
             watermark_id,
             training_mining: self.config.training_mining.map(TrainingMining::all),
             parent,
+            input,
         };
         let bytes = self.stamper.sign(self.config.format, &encoded, &stamp)?;
         Ok(StampedImage {

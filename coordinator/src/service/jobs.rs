@@ -5,17 +5,20 @@ use std::time::Duration;
 
 use hallmark_proto::v1::jobs_server::Jobs;
 use hallmark_proto::v1::{
-    Chunk, DownloadArtifactRequest, Job, JobRef, ListArtifactsResponse, ListJobsRequest,
-    ListJobsResponse, SubmitJobRequest,
+    Chunk, DownloadArtifactRequest, InputImage, Job, JobRef, ListArtifactsResponse,
+    ListJobsRequest, ListJobsResponse, SubmitJobRequest,
 };
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
-use super::{Coordinator, status};
-use crate::spec::{self, Limits};
+use super::{Coordinator, blob_status, status};
+use crate::spec::{self, Limits, SpecError};
 use crate::store::{JobControl, StoreError, now_ms};
 
 pub struct JobsService(pub Arc<Coordinator>);
+
+/// Largest input image accepted by `UploadInput`.
+pub const MAX_INPUT_BYTES: u64 = 64 * 1024 * 1024;
 
 fn is_terminal(state: &str) -> bool {
     matches!(state, "succeeded" | "failed" | "canceled")
@@ -71,6 +74,21 @@ impl Jobs for JobsService {
             .check_servable(&job, r.queue_unservable)
             .await
             .map_err(status)?;
+        if let Some(init) = &job.init_image
+            && c.store
+                .find_input(&init.sha256)
+                .await
+                .map_err(status)?
+                .is_none()
+        {
+            return Err(status(StoreError::Spec(SpecError {
+                field: "init_image_sha256".into(),
+                message: format!(
+                    "no uploaded input image {}; upload it first (UploadInput, or `hallmark submit --init-image FILE`)",
+                    init.sha256
+                ),
+            })));
+        }
         let job_id = format!("j-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let spec_json = serde_json::json!({
             "engine": job.engine, "model_id": job.model_id, "upscale": job.upscale,
@@ -79,6 +97,8 @@ impl Jobs for JobsService {
             "guidance": spec.guidance, "scheduler": spec.scheduler,
             "images_per_prompt": spec.images_per_prompt.max(1),
             "seed": spec.seed.unwrap_or(random_seed), "negative_prompt": spec.negative_prompt,
+            "init_image_sha256": job.init_image.as_ref().map(|i| &i.sha256),
+            "strength": job.init_image.as_ref().map(|i| i.strength),
         })
         .to_string();
         let tenant_cap = c.config.tenant_cap(&job.tenant);
@@ -210,5 +230,58 @@ impl Jobs for JobsService {
         Ok(Response::new(
             self.0.stream_blob(&req.into_inner().sha256).await?,
         ))
+    }
+
+    async fn upload_input(
+        &self,
+        req: Request<Streaming<Chunk>>,
+    ) -> Result<Response<InputImage>, Status> {
+        let c = &self.0;
+        let mut stream = req.into_inner();
+        let mut writer = c.blobs.writer(MAX_INPUT_BYTES);
+        let mut body = Vec::new();
+        while let Some(chunk) = stream.message().await? {
+            writer.write(&chunk.data).await.map_err(blob_status)?;
+            body.extend_from_slice(&chunk.data);
+        }
+        if body.is_empty() {
+            return Err(Status::invalid_argument("the input image is empty"));
+        }
+        // Decoded whole: a truncated or corrupt file is refused here, not
+        // by every task that would start from it. So are credentials that
+        // do not validate: every output names the input as an ingredient,
+        // and would carry its failure.
+        let (media_type, width, height) = tokio::task::spawn_blocking(move || {
+            use hallmark_provenance::credentials as cr;
+            let unusable = |e: cr::CredentialsError| format!("the input is not a usable image: {e}");
+            let format = cr::ImageFormat::sniff(&body).map_err(unusable)?;
+            let pixels = cr::decode_image(&body).map_err(unusable)?;
+            let report = cr::inspect(&body, None).map_err(unusable)?;
+            if report.verdict == cr::Verdict::Invalid {
+                return Err(format!(
+                    "the input's content credentials do not validate ({}); use the original file or one without credentials",
+                    report.failures.join("; ")
+                ));
+            }
+            Ok((format.mime(), pixels.width(), pixels.height()))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("decoding the input panicked: {e}")))?
+        .map_err(Status::invalid_argument)?;
+        let (sha256, size) = writer.digest();
+        let sha256 = writer.finish(&sha256, size).await.map_err(blob_status)?;
+        let input = InputImage {
+            sha256,
+            media_type: media_type.to_string(),
+            width,
+            height,
+            size,
+        };
+        c.store
+            .record_input(&input, now_ms())
+            .await
+            .map_err(status)?;
+        tracing::info!(sha256 = %input.sha256, width, height, size, "input image uploaded");
+        Ok(Response::new(input))
     }
 }

@@ -113,7 +113,7 @@ impl Coordinator {
         &self,
         sha256: &str,
     ) -> Result<ReceiverStream<Result<hallmark_proto::v1::Chunk, Status>>, Status> {
-        if !self.store.artifact_known(sha256).await.map_err(status)? {
+        if !self.store.blob_known(sha256).await.map_err(status)? {
             return Err(Status::not_found(format!(
                 "no artifact with sha256 {sha256}"
             )));

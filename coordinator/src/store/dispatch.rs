@@ -360,7 +360,7 @@ impl Store {
         let update = "UPDATE tasks SET state = 'leased', worker_id = $1, lease_token = lease_token + 1, \
              attempts = attempts + 1, started_at = $5, lease_expires_at = $5 + lease_ttl_ms, progress = 0 \
              WHERE state = 'ready' AND id IN (SELECT id FROM picked) \
-             RETURNING id, lease_token, attempts, lease_expires_at, item_index, stage, engine, model_id, upscale, upscale_method, parent_sha256";
+             RETURNING id, lease_token, attempts, lease_expires_at, item_index, stage, engine, model_id, upscale, upscale_method, parent_sha256, strength";
         const ITEM_COLUMNS: &str =
             "prompt, negative_prompt, seed, width, height, steps, guidance, scheduler";
         let sql = match self.dialect {
@@ -396,6 +396,7 @@ impl Store {
                 model_id: r.try_get("model_id")?,
                 upscale: r.try_get::<i64, _>("upscale")? as u32,
                 upscale_method: r.try_get("upscale_method")?,
+                strength: r.try_get::<f64, _>("strength")? as f32,
                 parent_sha256: r
                     .try_get::<Option<String>, _>("parent_sha256")?
                     .unwrap_or_default(),

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use hallmark_proto::v1::{Artifact, Job, StageProgress};
+use hallmark_proto::v1::{Artifact, InputImage, Job, StageProgress};
 use sqlx::Row;
 
 use super::{Result, Store, StoreError, placeholders, state};
@@ -136,13 +136,14 @@ impl Store {
             for chunk in job.items.chunks(ROWS_PER_INSERT) {
                 let mut sql = String::from(
                     "INSERT INTO tasks (id, job_id, item_index, stage, stage_rank, state, tenant, engine, model_id, \
-                     pixels, upscale, upscale_method, batch_key, depends_on, has_next, max_attempts, lease_ttl_ms) VALUES ",
+                     pixels, upscale, upscale_method, batch_key, depends_on, has_next, max_attempts, lease_ttl_ms, \
+                     parent_sha256, strength) VALUES ",
                 );
                 for i in 0..chunk.len() {
                     if i > 0 {
                         sql.push_str(", ");
                     }
-                    sql.push_str(&placeholders(i * 17 + 1, 17));
+                    sql.push_str(&placeholders(i * 19 + 1, 19));
                 }
                 let mut q = sqlx::query(&sql);
                 for item in chunk {
@@ -154,8 +155,12 @@ impl Store {
                     } else {
                         ""
                     };
+                    // A generate task of an img2img job starts from the
+                    // init image, named where an upscale names its base.
+                    let init = job.init_image.as_ref().filter(|_| !upscale);
+                    let strength = init.map_or(0.0, |i| f64::from(i.strength));
                     let batch_key = format!(
-                        "{}|{}|{stage}|{}x{}|{}|{}|{}|{method}",
+                        "{}|{}|{stage}|{}x{}|{}|{}|{}|{method}|{strength}",
                         job.engine,
                         job.model_id,
                         item.width,
@@ -186,7 +191,9 @@ impl Store {
                         .bind(upscale.then(|| task_id(job_id, item.index, STAGE_GENERATE)))
                         .bind(i64::from(!upscale && job.upscale > 0))
                         .bind(i64::from(job.max_attempts))
-                        .bind(lease.ttl_ms(pixels, work_steps));
+                        .bind(lease.ttl_ms(pixels, work_steps))
+                        .bind(init.map(|i| i.sha256.as_str()))
+                        .bind(strength);
                 }
                 q.execute(&mut *tx).await?;
             }
@@ -524,6 +531,49 @@ impl Store {
                 .await?
                 .is_some(),
         )
+    }
+
+    /// Whether `sha256` is a stored blob a worker may fetch: an artifact or
+    /// an uploaded input.
+    pub async fn blob_known(&self, sha256: &str) -> Result<bool> {
+        Ok(self.artifact_known(sha256).await? || self.find_input(sha256).await?.is_some())
+    }
+
+    /// Records an uploaded input image (its blob is already stored); an
+    /// input uploaded before is kept as it was.
+    pub async fn record_input(&self, input: &InputImage, now: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO inputs (sha256, media_type, width, height, size, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (sha256) DO NOTHING",
+        )
+        .bind(&input.sha256)
+        .bind(&input.media_type)
+        .bind(i64::from(input.width))
+        .bind(i64::from(input.height))
+        .bind(input.size as i64)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn find_input(&self, sha256: &str) -> Result<Option<InputImage>> {
+        let Some(r) = sqlx::query(
+            "SELECT sha256, media_type, width, height, size FROM inputs WHERE sha256 = $1",
+        )
+        .bind(sha256.to_ascii_lowercase())
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(InputImage {
+            sha256: r.try_get("sha256")?,
+            media_type: r.try_get("media_type")?,
+            width: r.try_get::<i64, _>("width")? as u32,
+            height: r.try_get::<i64, _>("height")? as u32,
+            size: r.try_get::<i64, _>("size")? as u64,
+        }))
     }
 
     pub async fn job_exists(&self, job_id: &str) -> Result<bool> {

@@ -59,6 +59,15 @@ pub struct ParentSummary {
     pub watermark_id: Option<String>,
 }
 
+/// The init image an img2img render names as its `inputTo` ingredient.
+#[derive(Debug, Clone, Serialize)]
+pub struct InputSummary {
+    pub title: Option<String>,
+    /// The input's own manifest, when it came with content credentials.
+    pub manifest_label: Option<String>,
+    pub generation: Option<GenerationRecord>,
+}
+
 /// What a file's credentials say and whether they hold.
 #[derive(Debug, Clone, Serialize)]
 pub struct CredentialsReport {
@@ -77,6 +86,8 @@ pub struct CredentialsReport {
     /// Hex watermark id from the soft binding.
     pub watermark_id: Option<String>,
     pub parent: Option<ParentSummary>,
+    /// img2img: the init image ingredient.
+    pub input: Option<InputSummary>,
 }
 
 impl CredentialsReport {
@@ -94,6 +105,7 @@ impl CredentialsReport {
             generation: None,
             watermark_id: None,
             parent: None,
+            input: None,
         }
     }
 
@@ -230,6 +242,15 @@ fn report_from(reader: &c2pa::Reader, format: ImageFormat) -> CredentialsReport 
                 manifest_label: ingredient.active_manifest().map(str::to_string),
                 generation,
                 watermark_id,
+            });
+        } else if *ingredient.relationship() == c2pa::Relationship::InputTo {
+            let label = ingredient.active_manifest();
+            report.input = Some(InputSummary {
+                title: ingredient.title().map(str::to_string),
+                manifest_label: label.map(str::to_string),
+                generation: label
+                    .and_then(|l| reader.get_manifest(l))
+                    .and_then(|m| hallmark_assertions(m).0),
             });
         }
     }

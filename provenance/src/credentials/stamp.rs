@@ -1,6 +1,7 @@
 //! Builds and signs the manifest of one rendered image.
 //!
-//! A base render asserts `c2pa.created` (trainedAlgorithmicMedia); an
+//! A base render asserts `c2pa.created` (trainedAlgorithmicMedia), naming
+//! an img2img render's init image as its `inputTo` ingredient; an
 //! upscale names its base image, manifest and all, as the `parentOf`
 //! ingredient with `c2pa.opened` + `c2pa.resized`. Both assert
 //! `c2pa.watermarked.bound` with the soft binding that carries the watermark
@@ -72,6 +73,12 @@ pub struct GenerationRecord {
     /// An `upscale` stage's method (absent on generated images).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upscale: Option<UpscaleRecord>,
+    /// img2img: the sha256 of the init image file the render started from
+    /// (the `inputTo` ingredient), and its strength.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_image_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f32>,
 }
 
 /// How an upscaled image was made from its base image (the `parentOf`
@@ -211,6 +218,9 @@ pub struct Stamp<'a> {
     pub training_mining: Option<TrainingMining>,
     /// The base image file (with its manifest) an upscale was made from.
     pub parent: Option<&'a [u8]>,
+    /// The init image file an img2img render started from (an `inputTo`
+    /// ingredient, with its own manifest where it has one).
+    pub input: Option<&'a [u8]>,
 }
 
 /// Signs images with one identity; cheap to share between threads.
@@ -253,11 +263,25 @@ impl Stamper {
             }))?;
         match stamp.parent {
             None => {
-                builder.add_action(json!({
+                let mut created = json!({
                     "action": "c2pa.created",
                     "digitalSourceType": TRAINED_ALGORITHMIC_MEDIA,
                     "softwareAgent": agent,
-                }))?;
+                });
+                if let Some(input) = stamp.input {
+                    builder.add_ingredient_from_stream(
+                        json!({
+                            "title": format!("init image of {}", stamp.record.task_id),
+                            "relationship": "inputTo",
+                            "label": "init_image",
+                        })
+                        .to_string(),
+                        ImageFormat::sniff(input)?.mime(),
+                        &mut Cursor::new(input),
+                    )?;
+                    created["parameters"] = json!({ "ingredientIds": ["init_image"] });
+                }
+                builder.add_action(created)?;
             }
             Some(parent) => {
                 let parent_format = ImageFormat::sniff(parent)?;
