@@ -153,3 +153,61 @@ fn c2patool_validates_png_jpeg_and_webp_outputs_and_upscales() {
         }
     }
 }
+
+#[test]
+fn c2patool_validates_an_img2img_output_and_its_init_image_ingredient() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = ca::init(
+        &dir.path().join("ca"),
+        "Hallmark c2patool",
+        SigningAlgorithm::Es256,
+    )
+    .unwrap();
+    let stamper = Stamper::new(
+        &files.identity(None).unwrap(),
+        Some(&files.trust_anchors().unwrap()),
+        ("hallmark-test", "0"),
+    )
+    .unwrap();
+    let photo =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/images/rocket.jpg");
+    let init = std::fs::read(&photo).unwrap();
+    let mut rec = record("generate");
+    rec.init_image_sha256 = Some(hallmark_provenance::sha256_hex(&init));
+    rec.strength = Some(0.6);
+    let key = WatermarkKey::from_secret(b"c2patool");
+    let img = watermark::attacks::smooth_field(256, 256, 5);
+    let marked = watermark::embed(&img, 5, &key, EmbedOptions::default()).unwrap();
+    let encoded = credentials::encode_image(&marked, ImageFormat::Png).unwrap();
+    let signed = stamper
+        .sign(
+            ImageFormat::Png,
+            &encoded,
+            &Stamp {
+                title: "img2img.png".into(),
+                record: &rec,
+                watermark_id: 5,
+                training_mining: None,
+                parent: None,
+                input: Some(&init),
+            },
+        )
+        .unwrap();
+    let path = dir.path().join("img2img.png");
+    std::fs::write(&path, &signed).unwrap();
+    let report = check(&path, &files.root_cert);
+    assert_eq!(report["validation_state"], "Trusted", "{report:#}");
+    let active = report["active_manifest"].as_str().unwrap();
+    let manifest = &report["manifests"][active];
+    let ingredient = &manifest["ingredients"][0];
+    assert_eq!(ingredient["relationship"], "inputTo", "{manifest:#}");
+    assert_eq!(ingredient["format"], "image/jpeg", "{manifest:#}");
+    // Our own reader agrees, and finds the record's link to the input.
+    let ours = credentials::inspect(&signed, Some(&files.trust_anchors().unwrap())).unwrap();
+    assert_eq!(ours.verdict, credentials::Verdict::Verified, "{ours:#?}");
+    assert!(ours.input.is_some() && ours.parent.is_none(), "{ours:#?}");
+    assert_eq!(
+        ours.generation.unwrap().init_image_sha256,
+        rec.init_image_sha256
+    );
+}

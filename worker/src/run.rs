@@ -374,6 +374,8 @@ fn release(shared: &Shared, lease: &TaskLease) {
 async fn run_batch(shared: Arc<Shared>, leases: Vec<TaskLease>) {
     let mut tasks = Vec::with_capacity(leases.len());
     let mut pending = Vec::new();
+    // The tasks of an img2img batch share one init image: fetched once.
+    let mut fetched: HashMap<String, Vec<u8>> = HashMap::new();
     for lease in leases {
         if lease.parent_sha256.is_empty() {
             tasks.push(RenderTask {
@@ -382,7 +384,15 @@ async fn run_batch(shared: Arc<Shared>, leases: Vec<TaskLease>) {
             });
             continue;
         }
-        match fetch(&shared.client, &lease.parent_sha256).await {
+        let got = match fetched.get(&lease.parent_sha256) {
+            Some(bytes) => Ok(bytes.clone()),
+            None => fetch(&shared.client, &lease.parent_sha256)
+                .await
+                .inspect(|bytes| {
+                    fetched.insert(lease.parent_sha256.clone(), bytes.clone());
+                }),
+        };
+        match got {
             Ok(bytes) => tasks.push(RenderTask {
                 lease,
                 parent: Some(bytes),
