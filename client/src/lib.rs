@@ -200,7 +200,9 @@ pub struct SpecArgs {
     pub init_image: Option<PathBuf>,
     /// img2img: how much of the init image is re-imagined, in (0, 1]
     /// (default 0.8, as diffusers); floor(steps × strength) steps run.
-    #[arg(long, requires = "init_image")]
+    /// Prompt-file lines may name their own `init_image` (a path relative
+    /// to the file) and `strength`.
+    #[arg(long)]
     pub strength: Option<f32>,
 }
 
@@ -227,28 +229,34 @@ impl InitImageFile {
     }
 }
 
-/// Uploads the spec's init image (read again, and checked to be the file
+/// A job spec and the local files of the init images it names.
+pub struct BuiltSpec {
+    pub spec: JobSpec,
+    /// (sha256, path) of every distinct init image.
+    pub init_images: Vec<(String, PathBuf)>,
+}
+
+/// Uploads the spec's init images (read again, and checked to be the files
 /// the spec was built from), then submits the job.
 pub async fn submit_job(
     remote: &Remote,
-    spec: JobSpec,
-    init_image: Option<&Path>,
+    built: BuiltSpec,
     queue_unservable: bool,
 ) -> anyhow::Result<Job> {
-    if let Some(path) = init_image {
+    for (sha256, path) in &built.init_images {
         let file = InitImageFile::read(path)?;
-        if file.sha256 != spec.init_image_sha256 {
+        if &file.sha256 != sha256 {
             bail!(
-                "--init-image {} changed while the job was being submitted",
+                "init image {} changed while the job was being submitted",
                 path.display()
             );
         }
         let input = remote.upload_input(&file.bytes).await?;
-        if input.sha256 != spec.init_image_sha256 {
+        if &input.sha256 != sha256 {
             bail!(
-                "the coordinator stored the init image as {}, not {}",
-                input.sha256,
-                spec.init_image_sha256
+                "the coordinator stored init image {} as {}, not {sha256}",
+                path.display(),
+                input.sha256
             );
         }
     }
@@ -256,7 +264,7 @@ pub async fn submit_job(
         .jobs
         .clone()
         .submit(SubmitJobRequest {
-            spec: Some(spec),
+            spec: Some(built.spec),
             queue_unservable,
         })
         .await
@@ -459,14 +467,8 @@ async fn remote_command(
 ) -> anyhow::Result<i32> {
     match command {
         Command::Submit(args) => {
-            let spec = build_spec(&args.spec, cfg)?;
-            let job = submit_job(
-                remote,
-                spec,
-                args.spec.init_image.as_deref(),
-                args.queue_unservable,
-            )
-            .await?;
+            let built = build_spec(&args.spec, cfg)?;
+            let job = submit_job(remote, built, args.queue_unservable).await?;
             if json && !args.watch {
                 println!("{}", output::job_json(&job));
             } else if !json {
@@ -772,10 +774,13 @@ fn job_exit(job: &Job) -> i32 {
 }
 
 /// Builds the job spec from flags and the prompt file; reads nothing remote.
-pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<JobSpec> {
-    let mut prompts: Vec<PromptItem> = match &args.prompts {
+pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<BuiltSpec> {
+    let prompts::PromptFile {
+        items: mut prompts,
+        mut init_images,
+    } = match &args.prompts {
         Some(path) => prompts::read_prompt_file(path)?,
-        None => Vec::new(),
+        None => prompts::PromptFile::default(),
     };
     prompts.extend(args.prompt.iter().map(|p| PromptItem {
         prompt: p.clone(),
@@ -807,7 +812,15 @@ pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<JobSpec
             .with_context(|| format!("label {l:?} must be key=value"))?;
         labels.insert(k.to_string(), v.to_string());
     }
-    Ok(JobSpec {
+    if let (Some(file), Some(path)) = (&init, &args.init_image)
+        && !init_images.iter().any(|(sha, _)| *sha == file.sha256)
+    {
+        init_images.push((file.sha256.clone(), path.clone()));
+    }
+    if args.strength.is_some() && init_images.is_empty() {
+        bail!("--strength applies to img2img: give --init-image or init_image in the prompt file");
+    }
+    let spec = JobSpec {
         engine: args.engine.clone(),
         model_id: model,
         prompts,
@@ -830,12 +843,13 @@ pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<JobSpec
         tenant: args.tenant.clone().unwrap_or_else(|| cfg.tenant.clone()),
         labels,
         max_attempts: args.max_attempts,
-        strength: match &init {
-            Some(_) => args.strength.unwrap_or(0.8),
-            None => 0.0,
+        strength: match init_images.is_empty() {
+            false => args.strength.unwrap_or(0.8),
+            true => 0.0,
         },
         init_image_sha256: init.map(|i| i.sha256).unwrap_or_default(),
-    })
+    };
+    Ok(BuiltSpec { spec, init_images })
 }
 
 /// `hallmark render`: submit, follow, download, summarise — on a local
@@ -862,7 +876,7 @@ async fn render(cfg: &ClientConfig, mut args: RenderArgs, json: bool) -> anyhow:
     {
         args.spec.model = d.models.first().map(|(id, _)| id.clone());
     }
-    let spec = build_spec(&args.spec, cfg)?;
+    let built = build_spec(&args.spec, cfg)?;
     let started = Instant::now();
     let (farm, url) = match &cfg.coordinator {
         Some(url) => (None, url.clone()),
@@ -874,7 +888,7 @@ async fn render(cfg: &ClientConfig, mut args: RenderArgs, json: bool) -> anyhow:
             let workers = LocalWorkers {
                 count: args.workers.unwrap_or(cfg.workers).max(1),
                 engine: args.spec.engine.clone(),
-                models: vec![spec.model_id.clone()],
+                models: vec![built.spec.model_id.clone()],
                 render_time: Duration::from_millis(args.render_ms),
                 max_batch: 4,
                 diffusion,
@@ -892,14 +906,7 @@ async fn render(cfg: &ClientConfig, mut args: RenderArgs, json: bool) -> anyhow:
             (Some(farm), url)
         }
     };
-    let result = render_on(
-        &url,
-        spec,
-        args.spec.init_image.as_deref(),
-        &args.output,
-        json,
-    )
-    .await;
+    let result = render_on(&url, built, &args.output, json).await;
     if let Some(farm) = farm {
         farm.stop().await?;
     }
@@ -924,13 +931,12 @@ async fn render(cfg: &ClientConfig, mut args: RenderArgs, json: bool) -> anyhow:
 
 async fn render_on(
     url: &str,
-    spec: JobSpec,
-    init_image: Option<&Path>,
+    built: BuiltSpec,
     out: &Path,
     json: bool,
 ) -> anyhow::Result<(Job, Vec<PathBuf>)> {
     let remote = Remote::connect(url).await?;
-    let job = submit_job(&remote, spec, init_image, false).await?;
+    let job = submit_job(&remote, built, false).await?;
     let end = remote.watch(&job.job_id, false, json).await?;
     let files = remote.download(&job.job_id, out).await?;
     Ok((end, files.into_iter().map(|(p, _)| p).collect()))

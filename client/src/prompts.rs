@@ -2,7 +2,7 @@
 //! skipped), `.jsonl` (one object per line with per-item overrides) and
 //! `.csv` (a header naming `prompt` and any override columns).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use hallmark_proto::v1::PromptItem;
@@ -17,11 +17,23 @@ const FIELDS: &[&str] = &[
     "steps",
     "guidance",
     "scheduler",
+    "init_image",
+    "strength",
 ];
 
+/// A prompt file read: its items, and the init images they name (each
+/// item's `init_image_sha256` is the sha256 of one of these files).
+#[derive(Debug, Default)]
+pub struct PromptFile {
+    pub items: Vec<PromptItem>,
+    /// (sha256, path) of every distinct init image.
+    pub init_images: Vec<(String, PathBuf)>,
+}
+
 /// Reads a prompt file, refusing empty, non-UTF-8 and malformed files with
-/// the line that is wrong.
-pub fn read_prompt_file(path: &Path) -> anyhow::Result<Vec<PromptItem>> {
+/// the line that is wrong. An `init_image` is a path relative to the
+/// file's folder; it is read here (and refused if it is not an image).
+pub fn read_prompt_file(path: &Path) -> anyhow::Result<PromptFile> {
     let bytes =
         std::fs::read(path).with_context(|| format!("reading prompt file {}", path.display()))?;
     let text = String::from_utf8(bytes).map_err(|e| {
@@ -39,7 +51,7 @@ pub fn read_prompt_file(path: &Path) -> anyhow::Result<Vec<PromptItem>> {
     let items = match ext.as_str() {
         "jsonl" | "ndjson" => parse_jsonl(&text),
         "csv" => parse_csv(&text),
-        _ => Ok(parse_txt(&text)),
+        _ => Ok(parse_txt(&text).into_iter().map(|i| (i, None)).collect()),
     }
     .with_context(|| format!("in prompt file {}", path.display()))?;
     if items.is_empty() {
@@ -48,8 +60,29 @@ pub fn read_prompt_file(path: &Path) -> anyhow::Result<Vec<PromptItem>> {
             path.display()
         );
     }
-    Ok(items)
+    let folder = path.parent().unwrap_or(Path::new("."));
+    let mut file = PromptFile::default();
+    for (mut item, init) in items {
+        if let Some(init) = init {
+            let image = folder.join(&init);
+            let sha256 = match file.init_images.iter().find(|(_, p)| *p == image) {
+                Some((sha, _)) => sha.clone(),
+                None => {
+                    let read = crate::InitImageFile::read(&image)
+                        .with_context(|| format!("in prompt file {}, {init:?}", path.display()))?;
+                    file.init_images.push((read.sha256.clone(), image));
+                    read.sha256
+                }
+            };
+            item.init_image_sha256 = Some(sha256);
+        }
+        file.items.push(item);
+    }
+    Ok(file)
 }
+
+/// A parsed line: the item and the init image path it names, if any.
+type Line = (PromptItem, Option<String>);
 
 /// One prompt per line; blank lines and `#` comments are skipped.
 pub fn parse_txt(text: &str) -> Vec<PromptItem> {
@@ -63,7 +96,7 @@ pub fn parse_txt(text: &str) -> Vec<PromptItem> {
         .collect()
 }
 
-fn parse_jsonl(text: &str) -> anyhow::Result<Vec<PromptItem>> {
+fn parse_jsonl(text: &str) -> anyhow::Result<Vec<Line>> {
     let mut items = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -75,7 +108,7 @@ fn parse_jsonl(text: &str) -> anyhow::Result<Vec<PromptItem>> {
         let obj = value
             .as_object()
             .with_context(|| format!("line {}: expected a JSON object", n + 1))?;
-        let mut item = PromptItem::default();
+        let mut line = Line::default();
         for (key, v) in obj {
             let text = match v {
                 serde_json::Value::String(s) => s.clone(),
@@ -83,17 +116,17 @@ fn parse_jsonl(text: &str) -> anyhow::Result<Vec<PromptItem>> {
                 serde_json::Value::Null => continue,
                 other => bail!("line {}: {key:?} has an unsupported value {other}", n + 1),
             };
-            set_field(&mut item, key, &text).with_context(|| format!("line {}", n + 1))?;
+            set_field(&mut line, key, &text).with_context(|| format!("line {}", n + 1))?;
         }
-        if item.prompt.is_empty() {
+        if line.0.prompt.is_empty() {
             bail!("line {}: missing \"prompt\"", n + 1);
         }
-        items.push(item);
+        items.push(line);
     }
     Ok(items)
 }
 
-fn parse_csv(text: &str) -> anyhow::Result<Vec<PromptItem>> {
+fn parse_csv(text: &str) -> anyhow::Result<Vec<Line>> {
     let mut reader = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)
         .from_reader(text.as_bytes());
@@ -107,21 +140,21 @@ fn parse_csv(text: &str) -> anyhow::Result<Vec<PromptItem>> {
     let mut items = Vec::new();
     for (n, record) in reader.records().enumerate() {
         let record = record.with_context(|| format!("row {}", n + 2))?;
-        let mut item = PromptItem::default();
+        let mut line = Line::default();
         for (key, value) in headers.iter().zip(record.iter()) {
             if !value.is_empty() {
-                set_field(&mut item, key, value).with_context(|| format!("row {}", n + 2))?;
+                set_field(&mut line, key, value).with_context(|| format!("row {}", n + 2))?;
             }
         }
-        if item.prompt.is_empty() {
+        if line.0.prompt.is_empty() {
             continue;
         }
-        items.push(item);
+        items.push(line);
     }
     Ok(items)
 }
 
-fn set_field(item: &mut PromptItem, key: &str, value: &str) -> anyhow::Result<()> {
+fn set_field((item, init): &mut Line, key: &str, value: &str) -> anyhow::Result<()> {
     fn num<T: std::str::FromStr>(key: &str, value: &str) -> anyhow::Result<T> {
         value
             .parse()
@@ -136,6 +169,8 @@ fn set_field(item: &mut PromptItem, key: &str, value: &str) -> anyhow::Result<()
         "steps" => item.steps = Some(num(key, value)?),
         "guidance" => item.guidance = Some(num(key, value)?),
         "scheduler" => item.scheduler = Some(value.to_string()),
+        "init_image" => *init = Some(value.to_string()),
+        "strength" => item.strength = Some(num(key, value)?),
         other => bail!("unknown field {other:?}; allowed: {}", FIELDS.join(", ")),
     }
     Ok(())
@@ -155,7 +190,7 @@ mod tests {
     #[test]
     fn txt_skips_blank_lines_and_comments() {
         let (_d, p) = write("p.txt", b"# header\n\na red fox\n  \n# note\nblue sky\n");
-        let items = read_prompt_file(&p).unwrap();
+        let items = read_prompt_file(&p).unwrap().items;
         assert_eq!(
             items.iter().map(|i| i.prompt.as_str()).collect::<Vec<_>>(),
             ["a red fox", "blue sky"]
@@ -171,14 +206,14 @@ mod tests {
             "p.jsonl",
             b"{\"prompt\": \"a\", \"seed\": 5, \"width\": 128}\n",
         );
-        let items = read_prompt_file(&p).unwrap();
+        let items = read_prompt_file(&p).unwrap().items;
         assert_eq!((items[0].seed, items[0].width), (Some(5), Some(128)));
     }
 
     #[test]
     fn csv_needs_a_prompt_column() {
         let (_d, p) = write("p.csv", b"prompt,seed\n\"a, b\",3\nc,\n");
-        let items = read_prompt_file(&p).unwrap();
+        let items = read_prompt_file(&p).unwrap().items;
         assert_eq!(items[0].prompt, "a, b");
         assert_eq!(items[0].seed, Some(3));
         assert_eq!(items[1].seed, None);
@@ -203,6 +238,42 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("not UTF-8")
+        );
+    }
+
+    #[test]
+    fn init_images_are_read_relative_to_the_file_once_each() {
+        let (dir, p) = write(
+            "p.jsonl",
+            b"{\"prompt\": \"a\", \"init_image\": \"in/cat.png\", \"strength\": 0.4}\n\
+              {\"prompt\": \"b\", \"init_image\": \"in/cat.png\"}\n{\"prompt\": \"c\"}\n",
+        );
+        std::fs::create_dir(dir.path().join("in")).unwrap();
+        image::RgbImage::new(16, 8)
+            .save(dir.path().join("in/cat.png"))
+            .unwrap();
+        let file = read_prompt_file(&p).unwrap();
+        assert_eq!(file.init_images.len(), 1, "one file, read once");
+        let (sha, path) = &file.init_images[0];
+        assert_eq!(path, &dir.path().join("in/cat.png"));
+        assert_eq!(
+            sha,
+            &hallmark_provenance::sha256_hex(&std::fs::read(path).unwrap())
+        );
+        let inits: Vec<_> = file
+            .items
+            .iter()
+            .map(|i| i.init_image_sha256.clone())
+            .collect();
+        assert_eq!(inits, [Some(sha.clone()), Some(sha.clone()), None]);
+        assert_eq!(file.items[0].strength, Some(0.4));
+        assert_eq!(file.items[1].strength, None);
+        // A missing or unreadable image names the file and the line's path.
+        std::fs::write(dir.path().join("in/cat.png"), b"not an image").unwrap();
+        let err = format!("{:#}", read_prompt_file(&p).unwrap_err());
+        assert!(
+            err.contains("in/cat.png") && err.contains("not a usable image"),
+            "{err}"
         );
     }
 }

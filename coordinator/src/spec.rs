@@ -51,9 +51,12 @@ pub struct Item {
     pub steps: u32,
     pub guidance: f32,
     pub scheduler: String,
+    /// img2img: the uploaded input the item starts from, and how much of it
+    /// is re-imagined; `None` for text-to-image.
+    pub init_image: Option<InitImage>,
 }
 
-/// The init image of an img2img job.
+/// The init image of an img2img item.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InitImage {
     /// sha256 of an uploaded input (`Jobs.UploadInput`).
@@ -72,9 +75,6 @@ pub struct ExpandedJob {
     pub upscale: u32,
     /// `esrgan`, `hires-fix`, or empty for the worker's default.
     pub upscale_method: String,
-    /// img2img: the uploaded input every item starts from, and how much of
-    /// it is re-imagined; `None` for text-to-image.
-    pub init_image: Option<InitImage>,
     pub max_attempts: u32,
     pub labels: HashMap<String, String>,
     pub items: Vec<Item>,
@@ -89,6 +89,14 @@ impl ExpandedJob {
             .map(|i| u64::from(i.width) * u64::from(i.height) * factor * factor)
             .max()
             .unwrap_or(0)
+    }
+
+    /// The distinct uploaded inputs the job's items start from.
+    pub fn init_images(&self) -> std::collections::BTreeSet<&str> {
+        self.items
+            .iter()
+            .filter_map(|i| i.init_image.as_ref().map(|x| x.sha256.as_str()))
+            .collect()
     }
 }
 
@@ -253,7 +261,10 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
         }
     }
     check_text("negative_prompt", &spec.negative_prompt, true)?;
-    let init_image = check_init_image(spec)?;
+    let job_init = check_sha("init_image_sha256", &spec.init_image_sha256)?;
+    if spec.strength != 0.0 {
+        check_strength("strength", spec.strength)?;
+    }
 
     let job_seed = spec.seed.unwrap_or(random_seed);
     let mut items = Vec::with_capacity(total as usize);
@@ -278,6 +289,13 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
         check_steps(&field("steps"), steps, limits.max_steps)?;
         check_guidance(&field("guidance"), guidance)?;
         check_scheduler(&field("scheduler"), &scheduler)?;
+        let init_image = item_init(
+            &field,
+            line.init_image_sha256.as_deref(),
+            line.strength,
+            job_init.as_deref(),
+            spec.strength,
+        )?;
         if let Some(init) = &init_image {
             check_img2img_steps(&field("steps"), steps, init.strength)?;
         }
@@ -297,8 +315,15 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
                 steps,
                 guidance,
                 scheduler: scheduler.clone(),
+                init_image: init_image.clone(),
             });
         }
+    }
+    if spec.strength != 0.0 && items.iter().all(|i| i.init_image.is_none()) {
+        return Err(bad(
+            "strength",
+            "is set but no item has an init image (strength applies to img2img)",
+        ));
     }
     Ok(ExpandedJob {
         engine: spec.engine.clone(),
@@ -307,7 +332,6 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
         priority: spec.priority,
         upscale: spec.upscale,
         upscale_method: spec.upscale_method.clone(),
-        init_image,
         max_attempts: if spec.max_attempts == 0 {
             limits.default_max_attempts
         } else {
@@ -318,35 +342,59 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
     })
 }
 
-/// The init image and strength, both or neither.
-fn check_init_image(spec: &JobSpec) -> Result<Option<InitImage>, SpecError> {
-    let sha = spec.init_image_sha256.to_ascii_lowercase();
-    if sha.is_empty() {
-        if spec.strength != 0.0 {
+/// An init image's sha256 (lowercased), or `None` when empty.
+fn check_sha(field: &str, value: &str) -> Result<Option<String>, SpecError> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    if value.len() != 64 || !value.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad(field, format!("{value:?} is not 64 hex digits")));
+    }
+    Ok(Some(value.to_ascii_lowercase()))
+}
+
+fn check_strength(field: &str, value: f32) -> Result<(), SpecError> {
+    if !value.is_finite() || value <= 0.0 || value > 1.0 {
+        return Err(bad(
+            field,
+            format!("{value} is outside (0, 1] (img2img needs a strength)"),
+        ));
+    }
+    Ok(())
+}
+
+/// An item's init image and strength: its own, else the job's.
+fn item_init(
+    field: &dyn Fn(&str) -> String,
+    sha: Option<&str>,
+    strength: Option<f32>,
+    job_sha: Option<&str>,
+    job_strength: f32,
+) -> Result<Option<InitImage>, SpecError> {
+    let own = match sha {
+        Some(s) => check_sha(&field("init_image_sha256"), s)?,
+        None => None,
+    };
+    let Some(sha256) = own.or(job_sha.map(str::to_string)) else {
+        if strength.is_some() {
             return Err(bad(
-                "strength",
-                "is set but init_image_sha256 is not (strength applies to img2img)",
+                field("strength"),
+                "is set but the item has no init image (strength applies to img2img)",
             ));
         }
         return Ok(None);
-    }
-    if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(bad(
-            "init_image_sha256",
-            format!("{sha:?} is not 64 hex digits"),
-        ));
-    }
-    let strength = spec.strength;
-    if !strength.is_finite() || strength <= 0.0 || strength > 1.0 {
-        return Err(bad(
-            "strength",
-            format!("{strength} is outside (0, 1] (img2img needs a strength)"),
-        ));
-    }
-    Ok(Some(InitImage {
-        sha256: sha,
-        strength,
-    }))
+    };
+    let strength = match strength {
+        Some(s) => {
+            check_strength(&field("strength"), s)?;
+            s
+        }
+        None => {
+            check_strength("strength", job_strength)?;
+            job_strength
+        }
+    };
+    Ok(Some(InitImage { sha256, strength }))
 }
 
 /// img2img runs the last `floor(steps × strength)` steps of the schedule
@@ -510,11 +558,14 @@ mod tests {
         s.init_image_sha256 = sha.clone();
         s.strength = 0.5;
         s.steps = 4;
-        let init = expand(&s, &limits(), 1).unwrap().init_image.unwrap();
+        let init = expand(&s, &limits(), 1).unwrap().items[0]
+            .init_image
+            .clone()
+            .unwrap();
         assert_eq!(init.sha256, sha.to_ascii_lowercase());
         assert_eq!(init.strength, 0.5);
         assert_eq!(
-            expand(&spec(&["ok"]), &limits(), 1).unwrap().init_image,
+            expand(&spec(&["ok"]), &limits(), 1).unwrap().items[0].init_image,
             None
         );
 
@@ -540,5 +591,56 @@ mod tests {
         let mut ok = bad.clone();
         ok.prompts[0].steps = Some(5);
         assert!(expand(&ok, &limits(), 1).is_ok());
+    }
+
+    #[test]
+    fn items_may_name_their_own_init_image_and_strength() {
+        let (a, b) = ("aa".repeat(32), "bb".repeat(32));
+        let mut s = spec(&["job's", "own", "none"]);
+        s.steps = 10;
+        s.strength = 0.6;
+        s.prompts[0].init_image_sha256 = Some(a.clone());
+        s.prompts[1].init_image_sha256 = Some(b.clone());
+        s.prompts[1].strength = Some(0.3);
+        let job = expand(&s, &limits(), 1).unwrap();
+        let inits: Vec<_> = job.items.iter().map(|i| i.init_image.clone()).collect();
+        assert_eq!(
+            inits,
+            [
+                Some(InitImage {
+                    sha256: a.clone(),
+                    strength: 0.6
+                }),
+                Some(InitImage {
+                    sha256: b.clone(),
+                    strength: 0.3
+                }),
+                None
+            ]
+        );
+        assert_eq!(job.init_images().len(), 2);
+        // A job-level image is every item's unless an item names another.
+        let mut all = s.clone();
+        all.init_image_sha256 = a.clone();
+        let job = expand(&all, &limits(), 1).unwrap();
+        assert_eq!(job.items[2].init_image.as_ref().unwrap().sha256, a);
+        assert_eq!(job.items[1].init_image.as_ref().unwrap().sha256, b);
+
+        let field = |s: &JobSpec| expand(s, &limits(), 1).unwrap_err().field;
+        let mut bad = s.clone();
+        bad.prompts[2].strength = Some(0.5);
+        assert_eq!(field(&bad), "prompts[2].strength");
+        let mut bad = s.clone();
+        bad.prompts[1].strength = Some(2.0);
+        assert_eq!(field(&bad), "prompts[1].strength");
+        let mut bad = s.clone();
+        bad.prompts[0].init_image_sha256 = Some("zz".into());
+        assert_eq!(field(&bad), "prompts[0].init_image_sha256");
+        let mut bad = s.clone();
+        bad.strength = 0.0;
+        assert_eq!(field(&bad), "strength", "item 0 has no strength of its own");
+        let mut bad = spec(&["a", "b"]);
+        bad.strength = 0.5;
+        assert_eq!(field(&bad), "strength", "no item has an init image");
     }
 }

@@ -187,7 +187,9 @@ both_stores! {
 
         let w = worker(s, "w1", 4).await;
         let mut j = job(2, 2);
-        j.init_image = Some(spec::InitImage { sha256: input.sha256.clone(), strength: 0.75 });
+        for item in &mut j.items {
+            item.init_image = Some(spec::InitImage { sha256: input.sha256.clone(), strength: 0.75 });
+        }
         submit(s, "j1", &j, 0).await;
         submit(s, "j2", &job(1, 0), 0).await;
         let generate = lease(s, &w, 4, 100).await;

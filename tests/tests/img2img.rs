@@ -265,6 +265,78 @@ async fn init_image_is_uploaded_rendered_from_and_named_in_the_lineage() {
     assert!(err.contains("content credentials do not validate"), "{err}");
     assert!(!dir.path().join("never").exists());
 
+    // A prompt file whose lines name their own init images (relative to
+    // the file) and strengths, beside a plain text-to-image line.
+    let bulk = dir.path().join("bulk");
+    std::fs::create_dir(&bulk).unwrap();
+    for name in ["chelsea.png", "coffee.png"] {
+        std::fs::copy(photo(name), bulk.join(name)).unwrap();
+    }
+    let prompts = bulk.join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"a cat\", \"init_image\": \"chelsea.png\"}\n\
+         {\"prompt\": \"a cup\", \"init_image\": \"coffee.png\", \"strength\": 0.3}\n\
+         {\"prompt\": \"a plain one\"}\n",
+    )
+    .unwrap();
+    let bulk_out = dir.path().join("bulk-out");
+    let out = hallmark(&[
+        "--coordinator",
+        &url,
+        "render",
+        prompts.to_str().unwrap(),
+        "--strength",
+        "0.2",
+        "--width",
+        "448",
+        "--height",
+        "296",
+        "-o",
+        bulk_out.to_str().unwrap(),
+    ]);
+    ok(&out);
+    let resized = |name: &str| {
+        image::imageops::resize(
+            &rgb(&photo(name)),
+            448,
+            296,
+            image::imageops::FilterType::Lanczos3,
+        )
+    };
+    let (cat, cup) = (resized("chelsea.png"), resized("coffee.png"));
+    let first = rgb(&bulk_out.join("00000.png"));
+    let second = rgb(&bulk_out.join("00001.png"));
+    // Each item starts from its own picture: closer to it than to the other.
+    for (img, own, other) in [(&first, &cat, &cup), (&second, &cup, &cat)] {
+        let (d_own, d_other) = (mean_diff(img, own), mean_diff(img, other));
+        assert!(
+            d_own * 1.5 < d_other,
+            "{d_own:.1} from its own init image, {d_other:.1} from the other"
+        );
+    }
+    let record = |i: usize| {
+        let out = hallmark(&[
+            "--json",
+            "verify",
+            bulk_out.join(format!("{i:05}.png")).to_str().unwrap(),
+            "--trust-anchors",
+            &anchors,
+        ]);
+        ok(&out);
+        json_of(&out)["credentials"]["generation"].clone()
+    };
+    let sha_of = |name: &str| hallmark_provenance::sha256_hex(&std::fs::read(photo(name)).unwrap());
+    let (r0, r1, r2) = (record(0), record(1), record(2));
+    assert_eq!(r0["init_image_sha256"], sha_of("chelsea.png").as_str());
+    assert_eq!(r0["strength"], 0.2, "the job's strength");
+    assert_eq!(r1["init_image_sha256"], sha_of("coffee.png").as_str());
+    assert_eq!(r1["strength"], 0.3, "the line's own");
+    assert!(
+        r2["init_image_sha256"].is_null() && r2["strength"].is_null(),
+        "{r2:#}"
+    );
+
     // The human-readable report says so too.
     let out = hallmark(&[
         "verify",

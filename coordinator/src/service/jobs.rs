@@ -74,20 +74,15 @@ impl Jobs for JobsService {
             .check_servable(&job, r.queue_unservable)
             .await
             .map_err(status)?;
-        if let Some(init) = &job.init_image
-            && c.store
-                .find_input(&init.sha256)
-                .await
-                .map_err(status)?
-                .is_none()
-        {
-            return Err(status(StoreError::Spec(SpecError {
-                field: "init_image_sha256".into(),
-                message: format!(
-                    "no uploaded input image {}; upload it first (UploadInput, or `hallmark submit --init-image FILE`)",
-                    init.sha256
-                ),
-            })));
+        for sha256 in job.init_images() {
+            if c.store.find_input(sha256).await.map_err(status)?.is_none() {
+                return Err(status(StoreError::Spec(SpecError {
+                    field: "init_image_sha256".into(),
+                    message: format!(
+                        "no uploaded input image {sha256}; upload it first (UploadInput, or `hallmark submit --init-image FILE`)"
+                    ),
+                })));
+            }
         }
         let job_id = format!("j-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let spec_json = serde_json::json!({
@@ -97,8 +92,8 @@ impl Jobs for JobsService {
             "guidance": spec.guidance, "scheduler": spec.scheduler,
             "images_per_prompt": spec.images_per_prompt.max(1),
             "seed": spec.seed.unwrap_or(random_seed), "negative_prompt": spec.negative_prompt,
-            "init_image_sha256": job.init_image.as_ref().map(|i| &i.sha256),
-            "strength": job.init_image.as_ref().map(|i| i.strength),
+            "init_image_sha256": spec.init_image_sha256, "strength": spec.strength,
+            "init_images": job.init_images(),
         })
         .to_string();
         let tenant_cap = c.config.tenant_cap(&job.tenant);
