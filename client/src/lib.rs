@@ -217,9 +217,9 @@ pub struct InitImageFile {
 impl InitImageFile {
     pub fn read(path: &Path) -> anyhow::Result<Self> {
         let bytes = std::fs::read(path)
-            .with_context(|| format!("--init-image {}: cannot read it", path.display()))?;
+            .with_context(|| format!("init image {}: cannot read it", path.display()))?;
         let img = hallmark_provenance::credentials::decode_image(&bytes)
-            .with_context(|| format!("--init-image {}: not a usable image", path.display()))?;
+            .with_context(|| format!("init image {}: not a usable image", path.display()))?;
         Ok(Self {
             sha256: hallmark_provenance::sha256_hex(&bytes),
             width: img.width(),
@@ -843,9 +843,10 @@ pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<BuiltSp
         tenant: args.tenant.clone().unwrap_or_else(|| cfg.tenant.clone()),
         labels,
         max_attempts: args.max_attempts,
-        strength: match init_images.is_empty() {
-            false => args.strength.unwrap_or(0.8),
-            true => 0.0,
+        strength: if init_images.is_empty() {
+            0.0
+        } else {
+            args.strength.unwrap_or(0.8)
         },
         init_image_sha256: init.map(|i| i.sha256).unwrap_or_default(),
     };

@@ -363,7 +363,7 @@ fn bad_init_images_and_strengths_are_refused_before_any_job() {
     let cases: [(&[&str], &str); 5] = [
         (
             &["--init-image", "/nonexistent/photo.png"],
-            "--init-image /nonexistent/photo.png: cannot read it",
+            "init image /nonexistent/photo.png: cannot read it",
         ),
         (
             &["--init-image", not_an_image.to_str().unwrap()],
