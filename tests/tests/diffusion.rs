@@ -231,6 +231,12 @@ async fn registered_model_renders_on_a_worker_process_and_altered_weights_are_re
         ("hires-fix", 2, Some(3))
     );
     assert_eq!(upscale.weights_sha256, None, "{upscale:?}");
+    // The default strength, written as configured (0.4, not the f32
+    // nearest to it) where verifiers read it.
+    assert_eq!(
+        serde_json::to_value(&upscale).unwrap()["strength"],
+        serde_json::json!(0.4)
+    );
 
     // A job that names its method overrides the worker's default: this
     // worker has no Real-ESRGAN weights, so an esrgan upscale fails with

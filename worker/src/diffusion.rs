@@ -463,7 +463,7 @@ impl DiffusionEngine {
                     negative: l.negative_prompt.clone(),
                     seed: l.seed,
                 };
-                record.strength = Some(cfg.strength as f32);
+                record.strength = Some(cfg.strength);
                 record.steps = Some(cfg.steps as u32);
                 hallmark_diffusion::upscale::hires_fix(&sd, &base, factor, &sample, &cfg, progress)
                     .map_err(failed)?

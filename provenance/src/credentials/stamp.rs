@@ -97,7 +97,7 @@ pub struct UpscaleRecord {
     pub weights_sha256: Option<String>,
     /// Hires fix: the img2img strength and its steps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub strength: Option<f32>,
+    pub strength: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steps: Option<u32>,
 }
