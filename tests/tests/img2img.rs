@@ -445,10 +445,16 @@ async fn diffusion_img2img_depends_on_its_init_image_and_strength() {
             init.to_str().unwrap(),
             "--strength",
             strength,
+            "--images-per-prompt",
+            "2",
             "--workers",
             "1",
         ]));
-        rgb(&out_dir.join("00000.png"))
+        // Two items from one init image run as one batch.
+        let second = rgb(&out_dir.join("00001.png"));
+        let first = rgb(&out_dir.join("00000.png"));
+        assert_ne!(first, second, "each item has its own seed");
+        first
     };
     // Far-apart init images: through the tiny model's random VAE two
     // photographs come out alike; black and white do not.

@@ -403,11 +403,24 @@ impl DiffusionEngine {
                 .collect::<Vec<_>>();
             req.init_latents = Some(Tensor::cat(&rows, 0).map_err(failed)?);
         }
-        // img2img: the group shares its strength (the sub-batch key).
-        let inits = tasks
-            .iter()
-            .map(|t| t.init_image())
-            .collect::<Result<Vec<_>, _>>()?;
+        // img2img: the group shares its strength and size (the sub-batch
+        // key); each distinct init image is decoded and resized once.
+        let mut decoded: HashMap<&str, image::RgbImage> = HashMap::new();
+        let mut inits = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            let sha = t.lease.parent_sha256.as_str();
+            let init = match decoded.get(sha) {
+                Some(img) => Some(img.clone()),
+                None => {
+                    let img = t.init_image()?;
+                    if let Some(img) = &img {
+                        decoded.insert(sha, img.clone());
+                    }
+                    img
+                }
+            };
+            inits.push(init);
+        }
         if inits.iter().any(Option::is_some) {
             req.init_images = Some(
                 inits
