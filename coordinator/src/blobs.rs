@@ -121,7 +121,7 @@ impl BlobStore {
     }
 
     fn check_name(sha256: &str) -> Result<(), BlobError> {
-        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if !hallmark_provenance::is_sha256_hex(sha256) {
             return Err(BlobError::BadName(sha256.to_string()));
         }
         Ok(())

@@ -347,7 +347,7 @@ fn check_sha(field: &str, value: &str) -> Result<Option<String>, SpecError> {
     if value.is_empty() {
         return Ok(None);
     }
-    if value.len() != 64 || !value.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !hallmark_provenance::is_sha256_hex(value) {
         return Err(bad(field, format!("{value:?} is not 64 hex digits")));
     }
     Ok(Some(value.to_ascii_lowercase()))

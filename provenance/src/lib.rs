@@ -16,6 +16,11 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// Whether `s` looks like a sha256 digest: 64 hex digits (either case).
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// One digest for a model's weight files: the sha256 of the file itself when
 /// there is one file registered as `*`, otherwise the sha256 of the sorted
 /// `path:sha256` lines, so the digest does not depend on listing order.

@@ -105,7 +105,7 @@ impl Provenance for ProvenanceService {
                 ArtifactKey::WatermarkId(id)
             }
             Some(Key::Sha256(sha)) => {
-                if sha.len() != 64 || !sha.chars().all(|c| c.is_ascii_hexdigit()) {
+                if !hallmark_provenance::is_sha256_hex(sha) {
                     return Err(Status::invalid_argument(format!(
                         "sha256 {sha:?} is not 64 hex digits"
                     )));

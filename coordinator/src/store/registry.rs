@@ -7,7 +7,7 @@ use sqlx::Row;
 use super::{Result, Store, StoreError};
 
 fn check_sha256(field: &str, value: &str) -> Result<()> {
-    if value.len() != 64 || !value.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !hallmark_provenance::is_sha256_hex(value) {
         return Err(StoreError::Refused(format!(
             "{field}: {value:?} is not a sha256 (64 hex digits)"
         )));
