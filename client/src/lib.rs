@@ -203,7 +203,7 @@ pub struct SpecArgs {
     /// Prompt-file lines may name their own `init_image` (a path relative
     /// to the file) and `strength`.
     #[arg(long)]
-    pub strength: Option<f32>,
+    pub strength: Option<f64>,
 }
 
 /// An init image file as read for a job: its bytes, sha256 and size.

@@ -62,7 +62,7 @@ pub struct InitImage {
     /// sha256 of an uploaded input (`Jobs.UploadInput`).
     pub sha256: String,
     /// (0, 1]: the fraction of the schedule run from the noised image.
-    pub strength: f32,
+    pub strength: f64,
 }
 
 /// A validated job ready to be written.
@@ -353,7 +353,7 @@ fn check_sha(field: &str, value: &str) -> Result<Option<String>, SpecError> {
     Ok(Some(value.to_ascii_lowercase()))
 }
 
-fn check_strength(field: &str, value: f32) -> Result<(), SpecError> {
+fn check_strength(field: &str, value: f64) -> Result<(), SpecError> {
     if !value.is_finite() || value <= 0.0 || value > 1.0 {
         return Err(bad(
             field,
@@ -367,9 +367,9 @@ fn check_strength(field: &str, value: f32) -> Result<(), SpecError> {
 fn item_init(
     field: &dyn Fn(&str) -> String,
     sha: Option<&str>,
-    strength: Option<f32>,
+    strength: Option<f64>,
     job_sha: Option<&str>,
-    job_strength: f32,
+    job_strength: f64,
 ) -> Result<Option<InitImage>, SpecError> {
     let own = match sha {
         Some(s) => check_sha(&field("init_image_sha256"), s)?,
@@ -399,9 +399,8 @@ fn item_init(
 
 /// img2img runs the last `floor(steps × strength)` steps of the schedule
 /// (as diffusers does): at least one.
-fn check_img2img_steps(field: &str, steps: u32, strength: f32) -> Result<(), SpecError> {
-    // The engine's floor allows the same slack for an f32 strength.
-    if f64::from(steps) * f64::from(strength) + 1e-6 < 1.0 {
+fn check_img2img_steps(field: &str, steps: u32, strength: f64) -> Result<(), SpecError> {
+    if hallmark_proto::img2img_steps(steps as usize, strength) == 0 {
         return Err(bad(
             field,
             format!(
@@ -575,7 +574,7 @@ mod tests {
         assert_eq!(field(&bad), "strength");
         bad.strength = 1.5;
         assert_eq!(field(&bad), "strength");
-        bad.strength = f32::NAN;
+        bad.strength = f64::NAN;
         assert_eq!(field(&bad), "strength");
         let mut bad = spec(&["ok"]);
         bad.strength = 0.5;

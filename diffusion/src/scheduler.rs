@@ -370,10 +370,7 @@ impl Sampler {
     /// The first step of an img2img run with `strength` (0 < s ≤ 1).
     pub fn start_index(&self, strength: f64) -> usize {
         let n = self.timesteps.len();
-        // floor(steps × strength) as diffusers takes it; the slack keeps a
-        // strength that travelled as f32 (0.7 → 0.69999999) on its step.
-        let init = ((n as f64 * strength + 1e-6) as usize).min(n);
-        n - init
+        n - hallmark_proto::img2img_steps(n, strength)
     }
 
     /// Scale the latents before the UNet sees them.

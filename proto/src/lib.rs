@@ -26,5 +26,14 @@ pub const SCHEDULERS: &[&str] = &[
 /// Super-resolution methods a diffusion job may ask for (`upscale_method`).
 pub const UPSCALE_METHODS: &[&str] = &["esrgan", "hires-fix"];
 
+/// How many of `steps` an img2img render at `strength` runs: the last
+/// `floor(steps × strength)` of the schedule, as diffusers takes them. The
+/// slack keeps a strength that passed through single precision (0.7 →
+/// 0.69999999) on its step. The engine starts its schedule there, the
+/// coordinator refuses a job where it is none.
+pub fn img2img_steps(steps: usize, strength: f64) -> usize {
+    ((steps as f64 * strength + 1e-6) as usize).min(steps)
+}
+
 /// The encoded file descriptor set, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("hallmark_descriptor");

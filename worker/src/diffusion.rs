@@ -428,7 +428,7 @@ impl DiffusionEngine {
                     .map(|i| i.ok_or(EngineError::MissingParent))
                     .collect::<Result<_, _>>()?,
             );
-            req.strength = f64::from(l.strength);
+            req.strength = l.strength;
         }
         let out = sd.generate(&req, progress).map_err(|e| BatchFailure {
             out_of_memory: e.is_out_of_device_memory(),

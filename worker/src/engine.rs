@@ -246,11 +246,11 @@ fn generate(prompt: &str, seed: u64, width: u32, height: u32) -> RgbImage {
 }
 
 /// `a · (1 - t) + b · t`, per channel.
-fn blend(a: &RgbImage, b: &RgbImage, t: f32) -> RgbImage {
+fn blend(a: &RgbImage, b: &RgbImage, t: f64) -> RgbImage {
     let mut out = a.clone();
     for (o, q) in out.pixels_mut().zip(b.pixels()) {
         for (c, d) in o.0.iter_mut().zip(q.0) {
-            *c = (f32::from(*c) * (1.0 - t) + f32::from(d) * t).round() as u8;
+            *c = (f64::from(*c) * (1.0 - t) + f64::from(d) * t).round() as u8;
         }
     }
     out
@@ -355,7 +355,7 @@ mod tests {
             img.as_raw().iter().map(|&v| f64::from(v)).sum::<f64>() / img.as_raw().len() as f64
         };
         let mut last = f64::INFINITY;
-        for strength in [0.25f32, 0.5, 1.0] {
+        for strength in [0.25, 0.5, 1.0] {
             t.lease.strength = strength;
             let out = e.render(&[t.clone()], &|_| {}).remove(0).unwrap();
             assert_eq!(out.pixels.dimensions(), (64, 48));

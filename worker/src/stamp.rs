@@ -165,9 +165,7 @@ impl Stamping {
         };
         if input.is_some() {
             record.init_image_sha256 = Some(lease.parent_sha256.clone());
-            // The strength travelled as an f32: recorded as the decimal
-            // the user gave (0.2, not 0.20000000298).
-            record.strength = Some((f64::from(lease.strength) * 1e6).round() / 1e6);
+            record.strength = Some(lease.strength);
         }
         record.set_prompt(&lease.prompt, self.config.prompt_policy);
         let stamp = Stamp {

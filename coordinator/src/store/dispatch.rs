@@ -396,7 +396,7 @@ impl Store {
                 model_id: r.try_get("model_id")?,
                 upscale: r.try_get::<i64, _>("upscale")? as u32,
                 upscale_method: r.try_get("upscale_method")?,
-                strength: r.try_get::<f64, _>("strength")? as f32,
+                strength: r.try_get("strength")?,
                 parent_sha256: r
                     .try_get::<Option<String>, _>("parent_sha256")?
                     .unwrap_or_default(),

@@ -158,7 +158,7 @@ impl Store {
                     // A generate task of an img2img job starts from the
                     // init image, named where an upscale names its base.
                     let init = item.init_image.as_ref().filter(|_| !upscale);
-                    let strength = init.map_or(0.0, |i| f64::from(i.strength));
+                    let strength = init.map_or(0.0, |i| i.strength);
                     let batch_key = format!(
                         "{}|{}|{stage}|{}x{}|{}|{}|{}|{method}|{strength}",
                         job.engine,

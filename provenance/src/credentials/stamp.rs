@@ -74,8 +74,7 @@ pub struct GenerationRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upscale: Option<UpscaleRecord>,
     /// img2img: the sha256 of the init image file the render started from
-    /// (the `inputTo` ingredient), and its strength (as the job gave it:
-    /// 0.2, not the f32 nearest to it).
+    /// (the `inputTo` ingredient), and its strength.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_image_sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
