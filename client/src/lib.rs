@@ -236,22 +236,23 @@ pub struct BuiltSpec {
     pub init_images: Vec<(String, PathBuf)>,
 }
 
-/// Uploads the spec's init images (read again, and checked to be the files
-/// the spec was built from), then submits the job.
+/// Uploads the spec's init images (read again — building the spec decoded
+/// them — and checked to be the same bytes), then submits the job.
 pub async fn submit_job(
     remote: &Remote,
     built: BuiltSpec,
     queue_unservable: bool,
 ) -> anyhow::Result<Job> {
     for (sha256, path) in &built.init_images {
-        let file = InitImageFile::read(path)?;
-        if &file.sha256 != sha256 {
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("init image {}: cannot read it", path.display()))?;
+        if &hallmark_provenance::sha256_hex(&bytes) != sha256 {
             bail!(
                 "init image {} changed while the job was being submitted",
                 path.display()
             );
         }
-        let input = remote.upload_input(&file.bytes).await?;
+        let input = remote.upload_input(&bytes).await?;
         if &input.sha256 != sha256 {
             bail!(
                 "the coordinator stored init image {} as {}, not {sha256}",

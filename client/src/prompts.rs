@@ -2,6 +2,7 @@
 //! skipped), `.jsonl` (one object per line with per-item overrides) and
 //! `.csv` (a header naming `prompt` and any override columns).
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -62,16 +63,23 @@ pub fn read_prompt_file(path: &Path) -> anyhow::Result<PromptFile> {
     }
     let folder = path.parent().unwrap_or(Path::new("."));
     let mut file = PromptFile::default();
+    // Each path is read once; files with the same bytes are uploaded once.
+    let mut read: HashMap<PathBuf, String> = HashMap::new();
+    let mut uploads: HashSet<String> = HashSet::new();
     for (mut item, init) in items {
         if let Some(init) = init {
             let image = folder.join(&init);
-            let sha256 = match file.init_images.iter().find(|(_, p)| *p == image) {
-                Some((sha, _)) => sha.clone(),
+            let sha256 = match read.get(&image) {
+                Some(sha) => sha.clone(),
                 None => {
-                    let read = crate::InitImageFile::read(&image)
-                        .with_context(|| format!("in prompt file {}, {init:?}", path.display()))?;
-                    file.init_images.push((read.sha256.clone(), image));
-                    read.sha256
+                    let sha = crate::InitImageFile::read(&image)
+                        .with_context(|| format!("in prompt file {}, {init:?}", path.display()))?
+                        .sha256;
+                    if uploads.insert(sha.clone()) {
+                        file.init_images.push((sha.clone(), image.clone()));
+                    }
+                    read.insert(image, sha.clone());
+                    sha
                 }
             };
             item.init_image_sha256 = Some(sha256);
