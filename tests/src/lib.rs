@@ -509,3 +509,47 @@ impl Moto {
         .collect()
     }
 }
+
+/// Asserts that a finished command succeeded (showing its output when it
+/// did not) and returns its stdout.
+pub fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}\n{}\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A command's stdout as JSON (what `--json` prints).
+pub fn json_of(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// The CLIP vocabulary committed under `tests/data`.
+pub fn clip_vocab() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/clip/bpe_simple_vocab_16e6.txt.gz")
+}
+
+/// `hallmark models init-tiny DIR --arch ARCH --seed 3`.
+pub fn init_tiny(dir: &std::path::Path, arch: &str) {
+    ok(&hallmark(&[
+        "models",
+        "init-tiny",
+        dir.to_str().unwrap(),
+        "--arch",
+        arch,
+        "--seed",
+        "3",
+        "--clip-vocab",
+        clip_vocab().to_str().unwrap(),
+    ]));
+}

@@ -4,43 +4,14 @@
 //! upscaled by Real-ESRGAN and by the hires fix, and weights that differ
 //! from the registry refused.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use hallmark_e2e::*;
 
-fn clip_vocab() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/clip/bpe_simple_vocab_16e6.txt.gz")
-}
-
-fn ok(out: std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "exit {:?}\n{}\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn init_tiny(dir: &Path, arch: &str) {
-    ok(hallmark(&[
-        "models",
-        "init-tiny",
-        dir.to_str().unwrap(),
-        "--arch",
-        arch,
-        "--seed",
-        "3",
-        "--clip-vocab",
-        clip_vocab().to_str().unwrap(),
-    ]));
-}
-
 /// `hallmark --json verify DIR` with the embedded farm's state, which must pass.
 fn verify_report(dir: &Path, state: &Path) -> String {
-    ok(std::process::Command::new(bin("hallmark"))
+    ok(&std::process::Command::new(bin("hallmark"))
         .args(["--json", "verify", dir.to_str().unwrap()])
         .env("HALLMARK_STATE_DIR", state)
         .output()
@@ -70,7 +41,7 @@ async fn embedded_render_runs_the_diffusion_engine_and_the_esrgan_stage() {
     init_tiny(&esrgan, "esrgan-x2");
     let state = dir.path().join("state");
     let out_dir = dir.path().join("out");
-    ok(hallmark(&[
+    ok(&hallmark(&[
         "render",
         "--engine",
         "diffusion",
@@ -158,7 +129,7 @@ async fn registered_model_renders_on_a_worker_process_and_altered_weights_are_re
     let spec = CoordinatorSpec::new(&db, Some(redis_url()), dir.path().join("blobs"));
     let _c = spec.start().await;
     let url = spec.url();
-    ok(hallmark(&[
+    ok(&hallmark(&[
         "--coordinator",
         &url,
         "models",
@@ -216,7 +187,7 @@ async fn registered_model_renders_on_a_worker_process_and_altered_weights_are_re
         hallmark(&args)
     };
     let out_dir = dir.path().join("out");
-    ok(farm_render(&out_dir, &[]));
+    ok(&farm_render(&out_dir, &[]));
     assert_eq!(dims(&out_dir.join("00000.png")), (192, 192));
     assert_eq!(dims(&out_dir.join("00000-upscalex2.png")), (384, 384));
     // The upscale's credentials say the worker's default method made it.
@@ -338,7 +309,7 @@ async fn embedded_render_runs_an_sdxl_model_and_names_bad_hub_references() {
             "1",
         ])
     };
-    ok(render(model.to_str().unwrap(), &out_dir));
+    ok(&render(model.to_str().unwrap(), &out_dir));
     assert_eq!(dims(&out_dir.join("00000.png")), (256, 192));
     let report = verify_report(&out_dir, &state);
     assert!(report.contains("tiny-sdxl"), "{report}");

@@ -8,32 +8,11 @@ use std::path::{Path, PathBuf};
 
 use hallmark_e2e::*;
 use hallmark_proto::v1::{Chunk, SubmitJobRequest};
-use serde_json::Value;
 
 fn photo(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("data/images")
         .join(name)
-}
-
-fn json_of(out: &std::process::Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}): {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
-
-fn ok(out: &std::process::Output) {
-    assert!(
-        out.status.success(),
-        "exit {:?}\n{}\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Mean absolute difference per channel value.
@@ -405,19 +384,7 @@ fn bad_init_images_and_strengths_are_refused_before_any_job() {
 async fn diffusion_img2img_depends_on_its_init_image_and_strength() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny-sd1");
-    let vocab =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/clip/bpe_simple_vocab_16e6.txt.gz");
-    ok(&hallmark(&[
-        "models",
-        "init-tiny",
-        model.to_str().unwrap(),
-        "--arch",
-        "sd1",
-        "--seed",
-        "3",
-        "--clip-vocab",
-        vocab.to_str().unwrap(),
-    ]));
+    init_tiny(&model, "sd1");
     let state = dir.path().join("state");
     let render = |name: &str, init: &Path, strength: &str| {
         let out_dir = dir.path().join(name);

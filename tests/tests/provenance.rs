@@ -57,16 +57,6 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
     }
 }
 
-fn json_of(out: &std::process::Output) -> Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}): {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
-
 fn verify(args: &[&str]) -> (i32, Value) {
     let out = hallmark(&[&["--json", "verify"], args].concat());
     (out.status.code().unwrap_or(-1), json_of(&out))
