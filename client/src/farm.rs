@@ -44,6 +44,29 @@ pub struct LocalFarm {
     stop: watch::Sender<bool>,
 }
 
+/// The embedded farm's coordinator settings for `state_dir`.
+fn coordinator_config(state_dir: &Path, listen: &str) -> CoordinatorConfig {
+    CoordinatorConfig {
+        listen: listen.to_string(),
+        database_url: format!("sqlite://{}", state_dir.join("coordinator.db").display()),
+        blob_dir: state_dir.join("blobs"),
+        poll_interval_ms: 500,
+        ..Default::default()
+    }
+}
+
+/// Opens an embedded farm's existing state with a coordinator and no
+/// workers on a loopback port, for reading it (`hallmark audit`).
+pub async fn open_state(state_dir: &Path) -> anyhow::Result<RunningCoordinator> {
+    if !state_dir.join("coordinator.db").is_file() {
+        anyhow::bail!(
+            "no embedded farm state in {} (nothing rendered there yet); pass --coordinator URL or --state-dir DIR",
+            state_dir.display()
+        );
+    }
+    hallmark_coordinator::start(coordinator_config(state_dir, "127.0.0.1:0")).await
+}
+
 impl LocalFarm {
     /// Starts the coordinator on `listen` (port 0 picks one) and the workers,
     /// and returns once every worker has registered.
@@ -76,15 +99,10 @@ impl LocalFarm {
             };
         std::fs::create_dir_all(state_dir)
             .with_context(|| format!("creating state directory {}", state_dir.display()))?;
-        let db = state_dir.join("coordinator.db");
         let config = CoordinatorConfig {
-            listen: listen.to_string(),
-            database_url: format!("sqlite://{}", db.display()),
-            blob_dir: state_dir.join("blobs"),
-            poll_interval_ms: 500,
             watermark_key: stamping.watermark_key.clone(),
             trust_anchors: stamping.trust_anchors.clone(),
-            ..Default::default()
+            ..coordinator_config(state_dir, listen)
         };
         let coordinator = hallmark_coordinator::start(config).await?;
         let url = coordinator.url();

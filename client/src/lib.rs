@@ -6,8 +6,10 @@
 //! - [`farm`]: the embedded single-node farm behind `render` and `up`.
 //! - [`credentials`]: the signing identity (or local test CA) and trust anchors.
 //! - [`verify`]: `hallmark verify` — credentials, watermark, repository.
+//! - [`audit`]: `hallmark audit` — the audit ledger, re-hashed here.
 //! - [`output`]: human and `--json` output.
 
+pub mod audit;
 pub mod config;
 pub mod credentials;
 pub mod farm;
@@ -111,6 +113,44 @@ pub enum Command {
     /// Certificate authority tools.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Read and check the audit ledger: submissions, dispatches, completions,
+    /// failures, controls and registrations, hash-chained. Without a
+    /// coordinator, the embedded farm's (`--state-dir`).
+    Audit(AuditArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct AuditArgs {
+    #[command(subcommand)]
+    pub command: AuditCommand,
+    /// State directory of the embedded farm (when no coordinator is configured).
+    #[arg(long, env = "HALLMARK_STATE_DIR", global = true)]
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Re-hash the whole chain here. Exit 0 intact, 1 tampered or inconsistent.
+    Verify {
+        /// `SEQ:HASH` printed by an earlier run (repeatable): the chain must
+        /// still pass through it, which catches a chain recomputed from scratch.
+        #[arg(long = "anchor")]
+        anchors: Vec<hallmark_provenance::ledger::Anchor>,
+        /// Also hold this job's artifacts against their recorded completions.
+        #[arg(long)]
+        job: Option<String>,
+    },
+    /// Print ledger entries in chain order.
+    Log {
+        /// Only this job's entries.
+        #[arg(long)]
+        job: Option<String>,
+        /// Entries after this one.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -450,6 +490,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             organization,
             alg,
         }) => ca_init(&dir, &organization, &alg, json),
+        Command::Audit(args) => audit_command(&cfg, args, json).await,
         command => {
             let url = cfg.coordinator.clone().context(
                 "no coordinator configured: pass --coordinator URL, set HALLMARK_COORDINATOR, or run `hallmark up`",
@@ -458,6 +499,41 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             remote_command(&cfg, &remote, command, json).await
         }
     }
+}
+
+async fn audit_command(cfg: &ClientConfig, args: AuditArgs, json: bool) -> anyhow::Result<i32> {
+    // Without a coordinator the embedded farm's state is opened here; it
+    // seals what its last run left unsealed before anything is read.
+    let (remote, embedded) = match &cfg.coordinator {
+        Some(url) => (Remote::connect(url).await?, None),
+        None => {
+            let state_dir = args.state_dir.unwrap_or_else(|| cfg.state_dir.clone());
+            let running = farm::open_state(&state_dir).await?;
+            running.state.seal_ledger().await?;
+            (Remote::connect(&running.url()).await?, Some(running))
+        }
+    };
+    let outcome = match args.command {
+        AuditCommand::Verify { anchors, job } => audit::verify(&remote, anchors, job.as_deref())
+            .await
+            .map(|report| {
+                if json {
+                    println!("{}", report.to_json());
+                } else {
+                    print!("{}", report.to_text());
+                }
+                if report.ok() { 0 } else { 1 }
+            }),
+        AuditCommand::Log { job, after, limit } => {
+            audit::log(&remote, job.as_deref(), after, limit, json)
+                .await
+                .map(|()| 0)
+        }
+    };
+    if let Some(running) = embedded {
+        running.stop().await?;
+    }
+    outcome
 }
 
 async fn remote_command(
@@ -755,7 +831,8 @@ async fn remote_command(
         | Command::Watermark(_)
         | Command::Verify { .. }
         | Command::Models(ModelsCommand::InitTiny { .. })
-        | Command::Ca(_) => {
+        | Command::Ca(_)
+        | Command::Audit(_) => {
             unreachable!("handled before connecting")
         }
     }

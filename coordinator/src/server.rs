@@ -46,11 +46,16 @@ impl RunningCoordinator {
         format!("http://{}", self.addr)
     }
 
-    /// Stops accepting calls, lets running ones finish, and stops the reaper.
+    /// Stops accepting calls, lets running ones finish, stops the reaper and
+    /// seals what the audit ledger still holds unsealed.
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(true);
         self.reaper.abort();
         self.server.await.context("coordinator server task")??;
+        self.state
+            .seal_ledger()
+            .await
+            .context("sealing the audit ledger")?;
         Ok(())
     }
 

@@ -15,6 +15,7 @@ use hallmark_coordinator::store::{
 use hallmark_proto::v1::{
     Dataset, JobSpec, Model, ModelCapability, PromptItem, TaskLease, WeightFile,
 };
+use hallmark_provenance::ledger::ChainCheck;
 
 const POLICY: LeasePolicy = LeasePolicy {
     base_ms: 10_000,
@@ -486,6 +487,121 @@ both_stores! {
         reg.models = &models;
         let err = s.register_worker(&reg, 5).await.unwrap_err();
         assert!(err.to_string().contains("mismatched weights"), "{err}");
+    }
+
+    async fn the_audit_ledger_records_each_action_and_seals_one_chain(s: &Store) {
+        let w = worker(s, "w1", 2).await;
+        submit(s, "j1", &job(2, 0), 0).await;
+        let leases = lease(s, &w, 2, 100).await;
+        assert_eq!(leases.len(), 2);
+        s.complete(&done(&w, &leases[0]), 110).await.unwrap();
+        // A refused (repeated) completion records nothing.
+        assert!(s.complete(&done(&w, &leases[0]), 111).await.is_err());
+        s.fail("w1", &leases[1].task_id, leases[1].fencing_token, "out of memory", false, 120)
+            .await
+            .unwrap();
+        // Appending never touches the chain: nothing is sealed yet.
+        let page = s.audit_page(0, 100, None).await.unwrap();
+        assert!(page.entries.is_empty());
+        assert_eq!((page.unsealed, page.head.clone().unwrap().seq), (5, 0));
+
+        // Sealers racing (replicas) still build one chain, entry by entry.
+        let mut sealers = Vec::new();
+        for _ in 0..4 {
+            let s = s.clone();
+            sealers.push(tokio::spawn(async move {
+                while s.audit_page(0, 1, None).await.unwrap().unsealed > 0 {
+                    s.seal_audit(1).await.unwrap();
+                }
+            }));
+        }
+        for h in sealers {
+            h.await.unwrap();
+        }
+        let page = s.audit_page(0, 100, None).await.unwrap();
+        let kinds: Vec<&str> = page.entries.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, ["register_worker", "submit", "dispatch", "complete", "fail"]);
+        let mut check = ChainCheck::default();
+        for e in &page.entries {
+            check.push(e).unwrap();
+        }
+        assert_eq!(Some(check.head()), page.head);
+        let body = |i: usize| serde_json::from_str::<serde_json::Value>(&page.entries[i].body).unwrap();
+        let mut ids: Vec<&str> = leases.iter().map(|l| l.task_id.as_str()).collect();
+        ids.sort();
+        let dispatched: Vec<(String, i64)> = body(2)["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| (t[0].as_str().unwrap().to_string(), t[1].as_i64().unwrap()))
+            .collect();
+        assert_eq!(dispatched.iter().map(|t| t.0.as_str()).collect::<Vec<_>>(), ids);
+        assert!(dispatched.iter().all(|t| leases.iter().any(|l| l.task_id == t.0 && l.fencing_token == t.1)));
+        assert_eq!((page.entries[2].actor.as_str(), page.entries[2].job_id.as_str()), ("w1", "j1"));
+        assert_eq!(page.entries[3].subject, leases[0].task_id);
+        assert_eq!(body(3)["sha256"], done(&w, &leases[0]).sha256.as_str());
+        assert_eq!(body(4)["message"], "out of memory");
+        assert_eq!(page.entries[1].actor, "default", "a submission names its tenant");
+
+        // Later entries continue the chain from the head.
+        s.control("j1", JobControl::Cancel, 200).await.unwrap();
+        assert_eq!(s.seal_audit(100).await.unwrap(), 1);
+        let more = s.audit_page(5, 100, None).await.unwrap();
+        assert_eq!(more.entries.len(), 1);
+        assert_eq!(more.entries[0].kind, "cancel");
+        check.push(&more.entries[0]).unwrap();
+        // A job's own entries, for reading.
+        let j1 = s.audit_page(0, 100, Some("j1")).await.unwrap();
+        assert_eq!(j1.entries.len(), 5, "every entry but the worker's registration");
+
+        // An entry changed in the database no longer checks out.
+        sqlx::query("UPDATE audit_events SET body = '{}' WHERE seq = 4")
+            .execute(s.pool())
+            .await
+            .unwrap();
+        let mut check = ChainCheck::default();
+        let fault = s.audit_page(0, 100, None).await.unwrap().entries.iter().try_for_each(|e| check.push(e));
+        assert!(
+            matches!(fault, Err(hallmark_provenance::ledger::LedgerFault::Altered { seq: 4, .. })),
+            "{fault:?}"
+        );
+    }
+
+    async fn registrations_and_expiries_are_in_the_ledger(s: &Store) {
+        let w = worker(s, "w1", 1).await;
+        s.register_dataset(
+            &Dataset { name: "laion".into(), version: "5b".into(), uri: "s3://d".into(), content_sha256: SHA.into(), license: "cc-by".into(), created_at_ms: 0 },
+            1,
+        )
+        .await
+        .unwrap();
+        s.register_model(
+            &Model {
+                model_id: "m2".into(),
+                family: "sd15".into(),
+                weights: vec![WeightFile { path: "unet.safetensors".into(), sha256: SHA.into(), size: 3 }],
+                training_datasets: vec!["laion@5b".into()],
+                ..Default::default()
+            },
+            2,
+        )
+        .await
+        .unwrap();
+        submit(s, "j1", &job(1, 0), 0).await;
+        let l = lease(s, &w, 1, 100).await.remove(0);
+        let out = s.reap(100 + 10_001).await.unwrap();
+        assert_eq!(out.requeued, 1);
+        s.seal_audit(100).await.unwrap();
+        let page = s.audit_page(0, 100, None).await.unwrap();
+        let kinds: Vec<&str> = page.entries.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(kinds, ["register_worker", "register_dataset", "register_model", "submit", "dispatch", "expire"]);
+        let model: serde_json::Value = serde_json::from_str(&page.entries[2].body).unwrap();
+        assert_eq!(model["weights"][0]["sha256"], SHA);
+        assert_eq!(model["training_datasets"][0], "laion@5b");
+        assert_eq!(page.entries[1].subject, "laion@5b");
+        let expired: serde_json::Value = serde_json::from_str(&page.entries[5].body).unwrap();
+        assert_eq!((page.entries[5].subject.as_str(), expired["token"].as_i64()), (l.task_id.as_str(), Some(l.fencing_token)));
+        assert_eq!(expired["state"], "ready");
     }
 
     async fn concurrent_leasing_never_leases_a_task_twice(s: &Store) {

@@ -4,9 +4,12 @@
 //!   bytes a worker loads;
 //! - [`watermark`]: the invisible, keyed, self-synchronising watermark that
 //!   survives metadata stripping, re-encoding, resizing, cropping and small
-//!   rotations (the C2PA soft binding). C2PA stamping lands here next.
+//!   rotations (the C2PA soft binding);
+//! - [`credentials`]: C2PA content credentials, signed and inspected;
+//! - [`ledger`]: the audit ledger's hash chain and the auditor's check of it.
 
 pub mod credentials;
+pub mod ledger;
 pub mod watermark;
 
 use sha2::{Digest, Sha256};

@@ -138,6 +138,7 @@ impl Coordinator {
     /// One pass of lease expiry and job closing, with the wake-ups it implies.
     pub async fn reap_once(&self) -> Result<(), StoreError> {
         let out = self.store.reap(now_ms()).await?;
+        self.seal_ledger().await?;
         if out.requeued > 0 {
             tracing::info!(
                 requeued = out.requeued,
@@ -154,6 +155,27 @@ impl Coordinator {
         Ok(())
     }
 }
+
+impl Coordinator {
+    /// Seals the audit ledger's waiting entries into the chain, a bounded
+    /// number of rounds per call so a backlog cannot stall the reaper.
+    pub async fn seal_ledger(&self) -> Result<u64, StoreError> {
+        let mut sealed = 0;
+        for _ in 0..SEAL_ROUNDS {
+            let n = self.store.seal_audit(SEAL_BATCH).await?;
+            sealed += n;
+            if n < u64::from(SEAL_BATCH) {
+                break;
+            }
+        }
+        Ok(sealed)
+    }
+}
+
+/// Entries sealed per transaction, and transactions per reap pass: at the
+/// default 250 ms pass, far above what the farm appends.
+const SEAL_BATCH: u32 = 2000;
+const SEAL_ROUNDS: usize = 8;
 
 /// Maps store errors to gRPC status codes with the store's message.
 pub fn status(e: StoreError) -> Status {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use hallmark_proto::v1::provenance_server::Provenance;
 use hallmark_proto::v1::resolve_request::Key;
-use hallmark_proto::v1::{ResolveRequest, ResolveResponse};
+use hallmark_proto::v1::{LedgerEntry, LedgerPage, LedgerRequest, ResolveRequest, ResolveResponse};
 use tonic::{Request, Response, Status};
 
 use super::{Coordinator, status};
@@ -16,6 +16,10 @@ pub struct ProvenanceService(pub Arc<Coordinator>);
 
 /// Deepest ancestry followed (a job has at most a few stages).
 const MAX_CHAIN: usize = 8;
+
+/// Ledger entries per page, by default and at most.
+const LEDGER_PAGE: u32 = 1000;
+const LEDGER_PAGE_MAX: u32 = 10_000;
 
 /// Lookups shared by the gRPC service and the HTTP soft-binding API.
 pub trait Resolution {
@@ -127,5 +131,46 @@ impl Provenance for ProvenanceService {
                 _ => "no artifact with that sha256 in this repository".to_string(),
             })),
         }
+    }
+
+    async fn ledger(&self, req: Request<LedgerRequest>) -> Result<Response<LedgerPage>, Status> {
+        let r = req.into_inner();
+        let limit = match r.limit {
+            0 => LEDGER_PAGE,
+            n => n.min(LEDGER_PAGE_MAX),
+        };
+        let job = Some(r.job_id.as_str()).filter(|j| !j.is_empty());
+        let page = self
+            .0
+            .store
+            .audit_page(r.after_seq, limit, job)
+            .await
+            .map_err(status)?;
+        let head = page
+            .head
+            .unwrap_or_else(|| hallmark_provenance::ledger::Anchor {
+                seq: 0,
+                hash: hallmark_provenance::ledger::GENESIS.into(),
+            });
+        Ok(Response::new(LedgerPage {
+            entries: page
+                .entries
+                .into_iter()
+                .map(|e| LedgerEntry {
+                    seq: e.seq,
+                    at_ms: e.at_ms,
+                    kind: e.kind,
+                    job_id: e.job_id,
+                    subject: e.subject,
+                    actor: e.actor,
+                    body: e.body,
+                    prev_hash: e.prev_hash,
+                    hash: e.hash,
+                })
+                .collect(),
+            head_seq: head.seq,
+            head_hash: head.hash,
+            unsealed: page.unsealed,
+        }))
     }
 }

@@ -9,6 +9,7 @@
 use hallmark_proto::v1::{ModelCapability, RevokedLease, TaskLease, WorkerInfo};
 use sqlx::Row;
 
+use super::audit::{self, AuditEvent, kind};
 use super::{Result, Store, StoreError, state};
 use crate::stamps::CheckedStamp;
 
@@ -162,6 +163,24 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
+        let registered = AuditEvent::new(
+            kind::REGISTER_WORKER,
+            worker_id,
+            serde_json::json!({
+                "name": name,
+                "hostname": hostname,
+                "engines": engines,
+                "models": models.iter().map(|(engine, m)| serde_json::json!({
+                    "engine": engine,
+                    "model_id": m.model_id,
+                    "weights_sha256": m.weights_sha256,
+                })).collect::<Vec<_>>(),
+                "max_pixels": max_pixels,
+                "max_batch": max_batch,
+            }),
+        )
+        .actor(worker_id);
+        audit::append(&mut tx, now, &[registered]).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -364,23 +383,54 @@ impl Store {
         const ITEM_COLUMNS: &str =
             "prompt, negative_prompt, seed, width, height, steps, guidance, scheduler";
         let sql = match self.dialect {
-            // Postgres returns the items' fields from the same statement.
+            // Postgres returns the items' fields from the same statement, and
+            // appends the dispatch to the audit ledger in it.
             super::Dialect::Postgres => format!(
-                "{pick}, leased AS ({update}) SELECT leased.*, i.{} FROM leased \
+                "{pick}, leased AS ({update}), logged AS (INSERT INTO audit_events \
+                 (at, kind, job_id, subject, actor, body) SELECT $5, '{}', $2, $2, $1, \
+                 json_build_object('tasks', json_agg(json_build_array(id, lease_token) ORDER BY id))::text \
+                 FROM leased HAVING COUNT(*) > 0) \
+                 SELECT leased.*, i.{} FROM leased \
                  JOIN items i ON i.job_id = $2 AND i.item_index = leased.item_index",
+                kind::DISPATCH,
                 ITEM_COLUMNS.replace(", ", ", i.")
             ),
             super::Dialect::Sqlite => format!("{pick} {update}"),
         };
-        let rows = sqlx::query(&sql)
+        let query = sqlx::query(&sql)
             .bind(&worker.worker_id)
             .bind(job_id)
             .bind(worker.max_pixels as i64)
             .bind(cooldown_since)
             .bind(now)
-            .bind(i64::from(want))
-            .fetch_all(&self.pool)
-            .await?;
+            .bind(i64::from(want));
+        let rows = match self.dialect {
+            super::Dialect::Postgres => query.fetch_all(&self.pool).await?,
+            super::Dialect::Sqlite => {
+                let mut tx = self.pool.begin().await?;
+                let rows = query.fetch_all(&mut *tx).await?;
+                if !rows.is_empty() {
+                    let mut tasks = Vec::with_capacity(rows.len());
+                    for r in &rows {
+                        tasks.push(serde_json::json!([
+                            r.try_get::<String, _>("id")?,
+                            r.try_get::<i64, _>("lease_token")?
+                        ]));
+                    }
+                    tasks.sort_by(|a, b| a[0].as_str().cmp(&b[0].as_str()));
+                    let dispatched = AuditEvent::new(
+                        kind::DISPATCH,
+                        job_id,
+                        serde_json::json!({ "tasks": tasks }),
+                    )
+                    .job(job_id)
+                    .actor(&worker.worker_id);
+                    audit::append(&mut tx, now, &[dispatched]).await?;
+                }
+                tx.commit().await?;
+                rows
+            }
+        };
         if rows.is_empty() {
             return Ok(Vec::new());
         }
@@ -496,6 +546,7 @@ impl Store {
     ) -> Result<Vec<Result<(String, bool)>>> {
         let mut tx = self.pool.begin().await?;
         let mut outcomes = Vec::with_capacity(completions.len());
+        let mut events = Vec::with_capacity(completions.len());
         for c in completions {
             let row = sqlx::query(
                 "UPDATE tasks SET state = 'succeeded', finished_at = $4, lease_expires_at = NULL, error = NULL \
@@ -551,8 +602,25 @@ impl Store {
                 .await?
                 .rows_affected();
             }
+            events.push(
+                AuditEvent::new(
+                    kind::COMPLETE,
+                    &c.task_id,
+                    serde_json::json!({
+                        "token": c.fencing_token,
+                        "sha256": c.sha256,
+                        "watermark_id": c.stamp.watermark_id,
+                        "manifest_label": c.stamp.manifest_label,
+                        "parent_sha256": row.try_get::<Option<String>, _>("parent_sha256")?,
+                        "model_id": row.try_get::<String, _>("model_id")?,
+                    }),
+                )
+                .job(&job_id)
+                .actor(&c.worker_id),
+            );
             outcomes.push(Some((job_id, readied > 0)));
         }
+        audit::append(&mut tx, now, &events).await?;
         tx.commit().await?;
         let mut results = Vec::with_capacity(outcomes.len());
         for (c, outcome) in completions.iter().zip(outcomes) {
@@ -639,6 +707,18 @@ impl Store {
                 fail_dependents(&mut tx, &[task_id.to_string()], now).await?;
             }
         }
+        let event = AuditEvent::new(
+            if hand_back {
+                kind::HAND_BACK
+            } else {
+                kind::FAIL
+            },
+            task_id,
+            serde_json::json!({ "token": token, "message": message, "state": outcome.state }),
+        )
+        .job(&outcome.job_id)
+        .actor(worker_id);
+        audit::append(&mut tx, now, &[event]).await?;
         tx.commit().await?;
         Ok(outcome)
     }
@@ -653,15 +733,28 @@ impl Store {
              state = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'ready' END, \
              finished_at = CASE WHEN attempts >= max_attempts THEN $1 ELSE NULL END, \
              error = 'lease expired: the worker stopped heartbeating' \
-             WHERE state = 'leased' AND lease_expires_at < $1 RETURNING id, job_id, state",
+             WHERE state = 'leased' AND lease_expires_at < $1 RETURNING id, job_id, state, lease_token",
         )
         .bind(now)
         .fetch_all(&mut *tx)
         .await?;
         let mut failed = Vec::new();
+        let mut events = Vec::new();
         for r in &rows {
             let job: String = r.try_get("job_id")?;
-            if r.try_get::<String, _>("state")? == state::FAILED {
+            let task: String = r.try_get("id")?;
+            let new_state: String = r.try_get("state")?;
+            events.push(
+                AuditEvent::new(
+                    kind::EXPIRE,
+                    &task,
+                    serde_json::json!({ "token": r.try_get::<i64, _>("lease_token")?, "state": new_state }),
+                )
+                // The worker that held it is the one the dispatch of this
+                // token names; the row no longer says.
+                .job(&job),
+            );
+            if new_state == state::FAILED {
                 failed.push(r.try_get::<String, _>("id")?);
             } else {
                 out.requeued += 1;
@@ -676,14 +769,24 @@ impl Store {
              state = CASE WHEN EXISTS \
              (SELECT 1 FROM tasks t WHERE t.job_id = jobs.id AND t.state = 'failed') THEN 'failed' ELSE 'succeeded' END \
              WHERE state = 'running' AND NOT EXISTS (SELECT 1 FROM tasks t WHERE t.job_id = jobs.id \
-             AND t.state IN ('waiting', 'ready', 'leased', 'held')) RETURNING id",
+             AND t.state IN ('waiting', 'ready', 'leased', 'held')) RETURNING id, state",
         )
         .bind(now)
         .fetch_all(&mut *tx)
         .await?;
         for r in finished {
-            out.finished_jobs.push(r.try_get("id")?);
+            let job: String = r.try_get("id")?;
+            events.push(
+                AuditEvent::new(
+                    kind::FINISH,
+                    &job,
+                    serde_json::json!({ "state": r.try_get::<String, _>("state")? }),
+                )
+                .job(&job),
+            );
+            out.finished_jobs.push(job);
         }
+        audit::append(&mut tx, now, &events).await?;
         tx.commit().await?;
         Ok(out)
     }

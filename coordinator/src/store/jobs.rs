@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use hallmark_proto::v1::{Artifact, InputImage, Job, StageProgress};
 use sqlx::Row;
 
-use super::{Result, Store, StoreError, placeholders, state};
+use super::{AuditEvent, Result, Store, StoreError, audit_kind, placeholders, state};
 use crate::spec::{ExpandedJob, STAGE_GENERATE, STAGE_UPSCALE};
 
 /// What a user can do to a running job.
@@ -15,6 +15,18 @@ pub enum JobControl {
     Pause,
     Resume,
     RetryFailed,
+}
+
+impl JobControl {
+    /// The action's name, as the audit ledger records it.
+    pub fn name(self) -> &'static str {
+        match self {
+            JobControl::Cancel => "cancel",
+            JobControl::Pause => "pause",
+            JobControl::Resume => "resume",
+            JobControl::RetryFailed => "retry",
+        }
+    }
 }
 
 const ROWS_PER_INSERT: usize = 400;
@@ -198,6 +210,21 @@ impl Store {
                 q.execute(&mut *tx).await?;
             }
         }
+        let submitted = AuditEvent::new(
+            audit_kind::SUBMIT,
+            job_id,
+            serde_json::json!({
+                "engine": job.engine,
+                "model_id": job.model_id,
+                "items": job.items.len(),
+                "upscale": job.upscale,
+                "priority": job.priority,
+                "spec_sha256": hallmark_provenance::sha256_hex(spec_json.as_bytes()),
+            }),
+        )
+        .job(job_id)
+        .actor(&job.tenant);
+        super::audit::append(&mut tx, now, &[submitted]).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -504,6 +531,13 @@ impl Store {
                     .await?;
             }
         }
+        let event = AuditEvent::new(
+            action.name(),
+            job_id,
+            serde_json::json!({ "from_state": current }),
+        )
+        .job(job_id);
+        super::audit::append(&mut tx, now, &[event]).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -542,7 +576,8 @@ impl Store {
     /// Records an uploaded input image (its blob is already stored); an
     /// input uploaded before is kept as it was.
     pub async fn record_input(&self, input: &InputImage, now: i64) -> Result<()> {
-        sqlx::query(
+        let mut tx = self.pool.begin().await?;
+        let added = sqlx::query(
             "INSERT INTO inputs (sha256, media_type, width, height, size, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (sha256) DO NOTHING",
         )
@@ -552,8 +587,23 @@ impl Store {
         .bind(i64::from(input.height))
         .bind(input.size as i64)
         .bind(now)
-        .execute(&self.pool)
-        .await?;
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if added > 0 {
+            let event = AuditEvent::new(
+                audit_kind::UPLOAD_INPUT,
+                &input.sha256,
+                serde_json::json!({
+                    "media_type": input.media_type,
+                    "width": input.width,
+                    "height": input.height,
+                    "size": input.size,
+                }),
+            );
+            super::audit::append(&mut tx, now, &[event]).await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 

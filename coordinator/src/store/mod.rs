@@ -7,6 +7,7 @@
 //! chosen by [`Dialect`]. The shared test suite in `tests/store.rs` runs
 //! against both.
 
+mod audit;
 mod dispatch;
 mod jobs;
 mod provenance;
@@ -18,6 +19,7 @@ use std::str::FromStr;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
+pub use audit::{AuditEvent, LedgerPage, kind as audit_kind};
 pub use dispatch::{
     Completion, FailOutcome, LeasePolicy, ReapOutcome, WorkerCaps, WorkerRegistration,
 };

@@ -4,6 +4,7 @@
 use hallmark_proto::v1::{Dataset, Model, WeightFile};
 use sqlx::Row;
 
+use super::audit::{self, AuditEvent, kind};
 use super::{Result, Store, StoreError};
 
 fn check_sha256(field: &str, value: &str) -> Result<()> {
@@ -24,6 +25,7 @@ impl Store {
             ));
         }
         check_sha256("content_sha256", &d.content_sha256)?;
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO datasets (name, version, uri, content_sha256, license, created_at) VALUES ($1, $2, $3, $4, $5, $6) \
              ON CONFLICT (name, version) DO UPDATE SET uri = excluded.uri, content_sha256 = excluded.content_sha256, license = excluded.license",
@@ -34,8 +36,19 @@ impl Store {
         .bind(d.content_sha256.to_ascii_lowercase())
         .bind(&d.license)
         .bind(now)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        let event = AuditEvent::new(
+            kind::REGISTER_DATASET,
+            format!("{}@{}", d.name, d.version),
+            serde_json::json!({
+                "uri": d.uri,
+                "content_sha256": d.content_sha256.to_ascii_lowercase(),
+                "license": d.license,
+            }),
+        );
+        audit::append(&mut tx, now, &[event]).await?;
+        tx.commit().await?;
         Ok(Dataset {
             created_at_ms: now,
             content_sha256: d.content_sha256.to_ascii_lowercase(),
@@ -145,6 +158,26 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
         }
+        let event = AuditEvent::new(
+            kind::REGISTER_MODEL,
+            &m.model_id,
+            serde_json::json!({
+                "family": m.family,
+                "license": m.license,
+                "parent_model_id": m.parent_model_id,
+                "weights": m.weights.iter().map(|w| serde_json::json!({
+                    "path": w.path,
+                    "sha256": w.sha256.to_ascii_lowercase(),
+                    "size": w.size,
+                })).collect::<Vec<_>>(),
+                "weights_sha256": hallmark_provenance::weights_digest(
+                    m.weights.iter().map(|w| (w.path.as_str(), w.sha256.as_str())),
+                ),
+                "training_datasets": m.training_datasets,
+                "config_sha256": hallmark_provenance::sha256_hex(m.config_json.as_bytes()),
+            }),
+        );
+        audit::append(&mut tx, now, &[event]).await?;
         tx.commit().await?;
         Ok(Model {
             created_at_ms: now,

@@ -1,0 +1,381 @@
+//! The audit ledger's hash chain: how an entry is hashed and how an auditor
+//! checks a chain, shared by the coordinator (which seals entries) and the
+//! client (which re-checks them without trusting the coordinator).
+//!
+//! Entry `n` is hashed over its own fields and entry `n − 1`'s hash, so
+//! changing, removing or reordering any entry breaks every link after it.
+//! A whole chain recomputed by someone with write access to the database
+//! is caught by an anchor: a `(seq, hash)` pair an auditor recorded earlier.
+
+use sha2::{Digest, Sha256};
+
+/// The `prev_hash` of the first entry.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Domain separation: a ledger hash is never the hash of anything else.
+const DOMAIN: &[u8] = b"hallmark-audit-ledger-v1";
+
+/// What happened, as the coordinator recorded it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EntryFields<'a> {
+    /// Milliseconds since the Unix epoch, by the coordinator's clock.
+    pub at_ms: i64,
+    /// `submit`, `dispatch`, `complete`, `fail`, … (see the coordinator's `audit::kind`).
+    pub kind: &'a str,
+    /// The job it belongs to; empty for registrations.
+    pub job_id: &'a str,
+    /// What it is about: a job, task, worker, model, dataset or input id.
+    pub subject: &'a str,
+    /// Who did it: a worker id, a tenant; empty where the farm cannot tell.
+    pub actor: &'a str,
+    /// The facts, as JSON text (hashed as stored).
+    pub body: &'a str,
+}
+
+/// The hash of entry `seq` whose predecessor hashed to `prev_hash`: sha256
+/// over the domain tag and every field, each prefixed with its length so no
+/// two different entries encode alike.
+pub fn entry_hash(seq: u64, prev_hash: &str, e: &EntryFields<'_>) -> String {
+    let mut h = Sha256::new();
+    h.update(DOMAIN);
+    let seq = seq.to_string();
+    let at = e.at_ms.to_string();
+    for field in [
+        seq.as_str(),
+        prev_hash,
+        at.as_str(),
+        e.kind,
+        e.job_id,
+        e.subject,
+        e.actor,
+        e.body,
+    ] {
+        h.update((field.len() as u64).to_be_bytes());
+        h.update(field.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+/// A sealed entry as read back from the ledger.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SealedEntry {
+    pub seq: u64,
+    pub at_ms: i64,
+    pub kind: String,
+    pub job_id: String,
+    pub subject: String,
+    pub actor: String,
+    pub body: String,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+impl SealedEntry {
+    pub fn fields(&self) -> EntryFields<'_> {
+        EntryFields {
+            at_ms: self.at_ms,
+            kind: &self.kind,
+            job_id: &self.job_id,
+            subject: &self.subject,
+            actor: &self.actor,
+            body: &self.body,
+        }
+    }
+}
+
+/// Why a chain does not check out. Each names the entry where it breaks.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LedgerFault {
+    #[error("ledger entry {found} follows entry {}: entries are missing or out of order", .expected - 1)]
+    Gap { expected: u64, found: u64 },
+    #[error(
+        "ledger entry {seq} names {named} as the previous entry's hash, but entry {} hashes to {actual}: the chain was broken before it",
+        .seq - 1
+    )]
+    BrokenLink {
+        seq: u64,
+        named: String,
+        actual: String,
+    },
+    #[error(
+        "ledger entry {seq} ({kind} of {subject}) does not hash to its recorded {recorded}: its contents were changed after it was sealed"
+    )]
+    Altered {
+        seq: u64,
+        kind: String,
+        subject: String,
+        recorded: String,
+    },
+    #[error(
+        "anchor {seq}:{expected} does not match: entry {seq} now hashes to {actual}; the ledger was rewritten since the anchor was taken"
+    )]
+    AnchorMismatch {
+        seq: u64,
+        expected: String,
+        actual: String,
+    },
+    #[error(
+        "anchor {seq}:{expected} names an entry past the ledger's end ({head}): entries were removed since the anchor was taken"
+    )]
+    AnchorMissing {
+        seq: u64,
+        expected: String,
+        head: u64,
+    },
+}
+
+/// A point of the chain an auditor recorded: entry `seq` hashed to `hash`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Anchor {
+    pub seq: u64,
+    pub hash: String,
+}
+
+impl std::str::FromStr for Anchor {
+    type Err = String;
+
+    /// `SEQ:HASH`, as `hallmark audit verify` prints the head.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (seq, hash) = s
+            .split_once(':')
+            .ok_or_else(|| format!("anchor {s:?} is not SEQ:HASH"))?;
+        let seq: u64 = seq
+            .parse()
+            .map_err(|_| format!("anchor {s:?}: {seq:?} is not an entry number"))?;
+        if seq == 0 || !crate::is_sha256_hex(hash) {
+            return Err(format!(
+                "anchor {s:?}: needs an entry number from 1 and a 64-hex-digit hash"
+            ));
+        }
+        Ok(Self {
+            seq,
+            hash: hash.to_ascii_lowercase(),
+        })
+    }
+}
+
+/// Checks a chain entry by entry, from the first, so an auditor can walk a
+/// ledger of any length page by page.
+#[derive(Debug, Clone)]
+pub struct ChainCheck {
+    next_seq: u64,
+    head_hash: String,
+    anchors: Vec<Anchor>,
+}
+
+impl Default for ChainCheck {
+    fn default() -> Self {
+        Self::new(Vec::new())
+    }
+}
+
+impl ChainCheck {
+    /// A check from the genesis, holding the chain to `anchors` as it passes them.
+    pub fn new(anchors: Vec<Anchor>) -> Self {
+        Self {
+            next_seq: 1,
+            head_hash: GENESIS.to_string(),
+            anchors,
+        }
+    }
+
+    /// Checks the next entry: its number, its link to the previous one,
+    /// its own hash, and any anchor at its number.
+    pub fn push(&mut self, e: &SealedEntry) -> Result<(), LedgerFault> {
+        if e.seq != self.next_seq {
+            return Err(LedgerFault::Gap {
+                expected: self.next_seq,
+                found: e.seq,
+            });
+        }
+        if e.prev_hash != self.head_hash {
+            return Err(LedgerFault::BrokenLink {
+                seq: e.seq,
+                named: e.prev_hash.clone(),
+                actual: self.head_hash.clone(),
+            });
+        }
+        let actual = entry_hash(e.seq, &e.prev_hash, &e.fields());
+        if actual != e.hash {
+            return Err(LedgerFault::Altered {
+                seq: e.seq,
+                kind: e.kind.clone(),
+                subject: e.subject.clone(),
+                recorded: e.hash.clone(),
+            });
+        }
+        if let Some(a) = self.anchors.iter().find(|a| a.seq == e.seq)
+            && a.hash != actual
+        {
+            return Err(LedgerFault::AnchorMismatch {
+                seq: e.seq,
+                expected: a.hash.clone(),
+                actual,
+            });
+        }
+        self.next_seq += 1;
+        self.head_hash = actual;
+        Ok(())
+    }
+
+    /// Ends the walk: every anchor must have been passed.
+    pub fn finish(&self) -> Result<Anchor, LedgerFault> {
+        let head = self.head();
+        if let Some(a) = self.anchors.iter().find(|a| a.seq > head.seq) {
+            return Err(LedgerFault::AnchorMissing {
+                seq: a.seq,
+                expected: a.hash.clone(),
+                head: head.seq,
+            });
+        }
+        Ok(head)
+    }
+
+    /// The last entry checked (entry 0 with the genesis hash before any).
+    pub fn head(&self) -> Anchor {
+        Anchor {
+            seq: self.next_seq - 1,
+            hash: self.head_hash.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(n: u64) -> Vec<SealedEntry> {
+        let mut prev = GENESIS.to_string();
+        (1..=n)
+            .map(|seq| {
+                let mut e = SealedEntry {
+                    seq,
+                    at_ms: 1_700_000_000_000 + seq as i64,
+                    kind: "complete".into(),
+                    job_id: "job-1".into(),
+                    subject: format!("job-1-g-{seq}"),
+                    actor: "worker-a".into(),
+                    body: format!(r#"{{"sha256":"{seq:064x}"}}"#),
+                    prev_hash: prev.clone(),
+                    hash: String::new(),
+                };
+                e.hash = entry_hash(seq, &prev, &e.fields());
+                prev = e.hash.clone();
+                e
+            })
+            .collect()
+    }
+
+    fn check(entries: &[SealedEntry], anchors: Vec<Anchor>) -> Result<Anchor, LedgerFault> {
+        let mut c = ChainCheck::new(anchors);
+        for e in entries {
+            c.push(e)?;
+        }
+        c.finish()
+    }
+
+    #[test]
+    fn an_untouched_chain_checks_out_to_its_head() {
+        let entries = chain(5);
+        let head = check(&entries, Vec::new()).unwrap();
+        assert_eq!(head.seq, 5);
+        assert_eq!(head.hash, entries[4].hash);
+        assert_eq!(check(&[], Vec::new()).unwrap().hash, GENESIS);
+    }
+
+    #[test]
+    fn every_field_is_covered_by_the_hash() {
+        let base = chain(1).remove(0);
+        let edits: [fn(&mut SealedEntry); 6] = [
+            |e| e.at_ms += 1,
+            |e| e.kind = "fail".into(),
+            |e| e.job_id = "job-2".into(),
+            |e| e.subject.push('x'),
+            |e| e.actor = "worker-b".into(),
+            |e| e.body = e.body.replace('1', "2"),
+        ];
+        for edit in edits {
+            let mut e = base.clone();
+            edit(&mut e);
+            assert!(
+                matches!(
+                    check(&[e], Vec::new()),
+                    Err(LedgerFault::Altered { seq: 1, .. })
+                ),
+                "an edit went unnoticed"
+            );
+        }
+        // Moving bytes between fields changes the hash too (length prefixes).
+        let mut e = base.clone();
+        e.actor = format!("{}{}", e.subject, e.actor);
+        e.subject.clear();
+        assert!(matches!(
+            check(&[e], Vec::new()),
+            Err(LedgerFault::Altered { .. })
+        ));
+    }
+
+    #[test]
+    fn a_removed_entry_is_a_gap_and_a_resealed_one_a_broken_link() {
+        let mut entries = chain(4);
+        let mut removed = entries.clone();
+        removed.remove(1);
+        assert_eq!(
+            check(&removed, Vec::new()),
+            Err(LedgerFault::Gap {
+                expected: 2,
+                found: 3
+            })
+        );
+        // Altering entry 2 and re-hashing it alone breaks entry 3's link.
+        entries[1].body = "{}".into();
+        entries[1].hash = entry_hash(2, &entries[1].prev_hash, &entries[1].fields());
+        assert!(matches!(
+            check(&entries, Vec::new()),
+            Err(LedgerFault::BrokenLink { seq: 3, .. })
+        ));
+    }
+
+    #[test]
+    fn anchors_catch_a_rewritten_or_truncated_chain() {
+        let entries = chain(4);
+        let anchor = Anchor {
+            seq: 3,
+            hash: entries[2].hash.clone(),
+        };
+        assert!(check(&entries, vec![anchor.clone()]).is_ok());
+        // The whole chain recomputed with one entry changed: consistent in
+        // itself, but not with what the auditor recorded.
+        let mut rewritten = entries.clone();
+        rewritten[0].actor = "someone-else".into();
+        let mut prev = GENESIS.to_string();
+        for e in &mut rewritten {
+            e.prev_hash = prev.clone();
+            e.hash = entry_hash(e.seq, &prev, &e.fields());
+            prev = e.hash.clone();
+        }
+        assert!(check(&rewritten, Vec::new()).is_ok());
+        assert!(matches!(
+            check(&rewritten, vec![anchor.clone()]),
+            Err(LedgerFault::AnchorMismatch { seq: 3, .. })
+        ));
+        assert!(matches!(
+            check(&entries[..2], vec![anchor]),
+            Err(LedgerFault::AnchorMissing {
+                seq: 3,
+                head: 2,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn anchors_parse_as_printed() {
+        let hash = chain(1)[0].hash.clone();
+        let a: Anchor = format!("7:{}", hash.to_uppercase()).parse().unwrap();
+        assert_eq!((a.seq, a.hash), (7, hash.clone()));
+        for bad in ["7", "x:ab", &format!("0:{hash}"), "3:abc"] {
+            assert!(bad.parse::<Anchor>().is_err(), "{bad} parsed");
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! The audit ledger end to end: a real coordinator on Postgres records what
+//! a farm did, `hallmark audit verify` re-hashes the chain in its own
+//! process, and every kind of tampering with the database it can be asked
+//! to catch — an artifact swapped, an entry edited, an entry removed, the
+//! whole chain recomputed — makes it exit 1 naming where.
+
+use std::time::Duration;
+
+use hallmark_e2e::*;
+use hallmark_provenance::ledger::{self, EntryFields};
+use serde_json::Value;
+use sqlx::Row;
+
+fn audit(args: &[&str]) -> (i32, Value) {
+    let out = hallmark(&[&["--json", "audit"], args].concat());
+    let code = out.status.code().unwrap_or(-1);
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "audit printed no JSON (exit {code}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (code, report)
+}
+
+fn problems(report: &Value) -> String {
+    report["problems"]
+        .as_array()
+        .map(|p| {
+            p.iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_default()
+}
+
+async fn execute(pool: &sqlx::AnyPool, sql: &str) {
+    sqlx::query(sql)
+        .execute(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_ledger_catches_every_kind_of_tampering() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fresh_database().await;
+    let spec = CoordinatorSpec::new(&db, Some(redis_url()), dir.path().join("blobs"));
+    let _c = spec.start().await;
+    let url = spec.url();
+    let _w = start_worker(&url, "w", 0, &[]);
+    wait_for_workers(&url, 1).await;
+    let prompts = prompt_file(dir.path(), 4);
+    let out = hallmark(&[
+        "--coordinator",
+        &url,
+        "--json",
+        "submit",
+        prompts.to_str().unwrap(),
+        "--upscale",
+        "2",
+        "--width",
+        "192",
+        "--height",
+        "192",
+    ]);
+    let job_id = json_of(&out)["job_id"].as_str().unwrap().to_string();
+    let job = wait_for_job(&url, &job_id, Duration::from_secs(60)).await;
+    assert_eq!(job.state, "succeeded");
+    // The finish is recorded by a reap pass, and sealed by the next.
+    wait_for_count(
+        &db,
+        "the job's finish sealed",
+        "SELECT COUNT(*) FROM audit_events WHERE kind = 'finish' AND seq IS NOT NULL",
+        |n| n == 1,
+    )
+    .await;
+
+    let (code, report) = audit(&["--coordinator", &url, "verify", "--job", &job_id]);
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["ok"], true);
+    assert_eq!(report["job"]["submitted"], true);
+    assert_eq!(
+        report["job"]["completions"], 8,
+        "4 generates and 4 upscales"
+    );
+    assert_eq!(report["job"]["artifacts"], 8);
+    assert!(report["job"]["dispatches"].as_u64().unwrap() >= 2);
+    let head = report["head"].as_str().unwrap().to_string();
+    let entries = report["entries"].as_u64().unwrap();
+    assert_eq!(head.split(':').next().unwrap(), entries.to_string());
+
+    // The log reads back what happened, in order, with the worker named.
+    let out = hallmark(&[
+        "--coordinator",
+        &url,
+        "--json",
+        "audit",
+        "log",
+        "--job",
+        &job_id,
+    ]);
+    let kinds: Vec<Value> = ok(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(kinds[0]["kind"], "submit");
+    assert_eq!(kinds.last().unwrap()["kind"], "finish");
+    let completes: Vec<&Value> = kinds.iter().filter(|e| e["kind"] == "complete").collect();
+    assert_eq!(completes.len(), 8);
+    assert!(
+        completes
+            .iter()
+            .all(|e| !e["actor"].as_str().unwrap().is_empty()),
+        "every completion names its worker"
+    );
+
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&db).await.unwrap();
+
+    // 1. An artifact row swapped for another image.
+    let task: String = sqlx::query_scalar(
+        "SELECT task_id FROM artifacts WHERE stage = 'upscale' ORDER BY task_id LIMIT 1",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let real: String = sqlx::query_scalar("SELECT sha256 FROM artifacts WHERE task_id = $1")
+        .bind(&task)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let fake = "ee".repeat(32);
+    execute(
+        &pool,
+        &format!("UPDATE artifacts SET sha256 = '{fake}' WHERE task_id = '{task}'"),
+    )
+    .await;
+    let (code, report) = audit(&["--coordinator", &url, "verify", "--job", &job_id]);
+    assert_eq!(code, 1, "{report:#}");
+    let p = problems(&report);
+    assert!(
+        p.contains(&task) && p.contains(&fake) && p.contains(&real),
+        "{p}"
+    );
+    // The chain itself is intact: without --job it checks out.
+    assert_eq!(audit(&["--coordinator", &url, "verify"]).0, 0);
+    execute(
+        &pool,
+        &format!("UPDATE artifacts SET sha256 = '{real}' WHERE task_id = '{task}'"),
+    )
+    .await;
+
+    // 2. A sealed entry edited in place: the completion made to name the fake.
+    let seq: i64 =
+        sqlx::query_scalar("SELECT seq FROM audit_events WHERE kind = 'complete' AND subject = $1")
+            .bind(&task)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    let body: String = sqlx::query_scalar("SELECT body FROM audit_events WHERE seq = $1")
+        .bind(seq)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE audit_events SET body = $1 WHERE seq = $2")
+        .bind(body.replace(&real, &fake))
+        .bind(seq)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (code, report) = audit(&["--coordinator", &url, "verify"]);
+    assert_eq!(code, 1, "{report:#}");
+    let p = problems(&report);
+    assert!(
+        p.contains(&format!("ledger entry {seq} (complete of {task})"))
+            && p.contains("changed after it was sealed"),
+        "{p}"
+    );
+    sqlx::query("UPDATE audit_events SET body = $1 WHERE seq = $2")
+        .bind(&body)
+        .bind(seq)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(audit(&["--coordinator", &url, "verify"]).0, 0);
+
+    // 3. The whole chain recomputed after the edit, as someone with the
+    // database and this source could: consistent, but not with the anchor.
+    let rows = sqlx::query(
+        "SELECT seq, at, kind, job_id, subject, actor, body FROM audit_events \
+         WHERE seq IS NOT NULL ORDER BY seq",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let mut prev = ledger::GENESIS.to_string();
+    let mut tx = pool.begin().await.unwrap();
+    for r in &rows {
+        let seq: i64 = r.get("seq");
+        let mut body: String = r.get("body");
+        if seq == i64::try_from(entries).unwrap() / 2 {
+            body = body.replace('"', "'");
+        }
+        let hash = ledger::entry_hash(
+            seq as u64,
+            &prev,
+            &EntryFields {
+                at_ms: r.get("at"),
+                kind: &r.get::<String, _>("kind"),
+                job_id: &r.get::<String, _>("job_id"),
+                subject: &r.get::<String, _>("subject"),
+                actor: &r.get::<String, _>("actor"),
+                body: &body,
+            },
+        );
+        sqlx::query("UPDATE audit_events SET body = $1, prev_hash = $2, hash = $3 WHERE seq = $4")
+            .bind(&body)
+            .bind(&prev)
+            .bind(&hash)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        prev = hash;
+    }
+    sqlx::query("UPDATE audit_head SET hash = $1")
+        .bind(&prev)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        audit(&["--coordinator", &url, "verify"]).0,
+        0,
+        "a recomputed chain is consistent in itself"
+    );
+    let (code, report) = audit(&["--coordinator", &url, "verify", "--anchor", &head]);
+    assert_eq!(code, 1, "{report:#}");
+    assert!(
+        problems(&report).contains("rewritten since the anchor was taken"),
+        "{report:#}"
+    );
+
+    // 4. An entry removed.
+    execute(&pool, "DELETE FROM audit_events WHERE seq = 2").await;
+    let (code, report) = audit(&["--coordinator", &url, "verify"]);
+    assert_eq!(code, 1, "{report:#}");
+    assert!(
+        problems(&report).contains("ledger entry 3 follows entry 1"),
+        "{report:#}"
+    );
+    pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_node_render_leaves_a_sealed_ledger_to_audit() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let state = state.to_str().unwrap();
+    // Nothing rendered yet: a clear refusal, not an empty "intact" ledger.
+    let out = hallmark(&["audit", "--state-dir", state, "verify"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no embedded farm state"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out_dir = dir.path().join("out");
+    ok(&hallmark(&[
+        "render",
+        "--prompt",
+        "a ledger of light",
+        "--images-per-prompt",
+        "2",
+        "--width",
+        "192",
+        "--height",
+        "192",
+        "--state-dir",
+        state,
+        "-o",
+        out_dir.to_str().unwrap(),
+    ]));
+    let (code, report) = audit(&["--state-dir", state, "verify"]);
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(
+        report["unsealed"], 0,
+        "the farm sealed everything as it stopped"
+    );
+    let out = hallmark(&["--json", "audit", "--state-dir", state, "log"]);
+    let kinds: Vec<String> = ok(&out)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["kind"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    for kind in ["register_worker", "submit", "dispatch", "complete"] {
+        assert!(kinds.iter().any(|k| k == kind), "no {kind} in {kinds:?}");
+    }
+    assert_eq!(kinds.iter().filter(|k| *k == "complete").count(), 2);
+    assert_eq!(report["entries"].as_u64().unwrap() as usize, kinds.len());
+}
