@@ -103,15 +103,6 @@ pub struct LedgerPage {
 }
 
 impl Store {
-    /// Appends `events` in a transaction of their own (for actions that
-    /// are one statement and have none).
-    pub async fn append_audit(&self, events: &[AuditEvent], now: i64) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        append(&mut tx, now, events).await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
     /// Seals up to `limit` unsealed entries, oldest first. Returns how many;
     /// 0 also when another replica is sealing right now.
     pub async fn seal_audit(&self, limit: u32) -> Result<u64> {
