@@ -503,7 +503,7 @@ both_stores! {
         // Appending never touches the chain: nothing is sealed yet.
         let page = s.audit_page(0, 100, None).await.unwrap();
         assert!(page.entries.is_empty());
-        assert_eq!((page.unsealed, page.head.clone().unwrap().seq), (5, 0));
+        assert_eq!((page.unsealed, page.head.seq), (5, 0));
 
         // Sealers racing (replicas) still build one chain, entry by entry.
         let mut sealers = Vec::new();
@@ -525,7 +525,7 @@ both_stores! {
         for e in &page.entries {
             check.push(e).unwrap();
         }
-        assert_eq!(Some(check.head()), page.head);
+        assert_eq!(check.head(), page.head);
         let body = |i: usize| serde_json::from_str::<serde_json::Value>(&page.entries[i].body).unwrap();
         let mut ids: Vec<&str> = leases.iter().map(|l| l.task_id.as_str()).collect();
         ids.sort();

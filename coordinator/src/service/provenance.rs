@@ -146,12 +146,6 @@ impl Provenance for ProvenanceService {
             .audit_page(r.after_seq, limit, job)
             .await
             .map_err(status)?;
-        let head = page
-            .head
-            .unwrap_or_else(|| hallmark_provenance::ledger::Anchor {
-                seq: 0,
-                hash: hallmark_provenance::ledger::GENESIS.into(),
-            });
         Ok(Response::new(LedgerPage {
             entries: page
                 .entries
@@ -168,8 +162,8 @@ impl Provenance for ProvenanceService {
                     hash: e.hash,
                 })
                 .collect(),
-            head_seq: head.seq,
-            head_hash: head.hash,
+            head_seq: page.head.seq,
+            head_hash: page.head.hash,
             unsealed: page.unsealed,
         }))
     }

@@ -11,7 +11,7 @@
 use hallmark_provenance::ledger::{self, Anchor, EntryFields, SealedEntry};
 use sqlx::{AnyConnection, Row};
 
-use super::{Dialect, Result, Store, placeholders};
+use super::{Dialect, Result, Store, row_placeholders};
 
 /// What an entry records.
 pub mod kind {
@@ -71,12 +71,7 @@ pub(super) async fn append(conn: &mut AnyConnection, at: i64, events: &[AuditEve
         let mut sql = String::from(
             "INSERT INTO audit_events (at, kind, job_id, subject, actor, body) VALUES ",
         );
-        for i in 0..chunk.len() {
-            if i > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&placeholders(i * 6 + 1, 6));
-        }
+        sql.push_str(&row_placeholders(chunk.len(), 6));
         let mut q = sqlx::query(&sql);
         for e in chunk {
             q = q
@@ -93,11 +88,11 @@ pub(super) async fn append(conn: &mut AnyConnection, at: i64, events: &[AuditEve
 }
 
 /// A page of the sealed chain, with where it stands.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LedgerPage {
     pub entries: Vec<SealedEntry>,
-    /// The last sealed entry.
-    pub head: Option<Anchor>,
+    /// The last sealed entry (entry 0 with the genesis hash before any).
+    pub head: Anchor,
     /// Entries appended but not sealed yet.
     pub unsealed: u64,
 }
@@ -231,15 +226,12 @@ impl Store {
             });
         }
         let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
-            .fetch_optional(&self.pool)
-            .await?
-            .map(|r| -> Result<Anchor> {
-                Ok(Anchor {
-                    seq: r.try_get::<i64, _>("seq")? as u64,
-                    hash: r.try_get("hash")?,
-                })
-            })
-            .transpose()?;
+            .fetch_one(&self.pool)
+            .await?;
+        let head = Anchor {
+            seq: head.try_get::<i64, _>("seq")? as u64,
+            hash: head.try_get("hash")?,
+        };
         let unsealed: i64 = sqlx::query("SELECT COUNT(*) AS n FROM audit_events WHERE seq IS NULL")
             .fetch_one(&self.pool)
             .await?

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use hallmark_proto::v1::{Artifact, InputImage, Job, StageProgress};
 use sqlx::Row;
 
-use super::{AuditEvent, Result, Store, StoreError, audit_kind, placeholders, state};
+use super::{AuditEvent, Result, Store, StoreError, audit_kind, row_placeholders, state};
 use crate::spec::{ExpandedJob, STAGE_GENERATE, STAGE_UPSCALE};
 
 /// What a user can do to a running job.
@@ -116,12 +116,7 @@ impl Store {
             let mut sql = String::from(
                 "INSERT INTO items (job_id, item_index, prompt, negative_prompt, seed, width, height, steps, guidance, scheduler) VALUES ",
             );
-            for i in 0..chunk.len() {
-                if i > 0 {
-                    sql.push_str(", ");
-                }
-                sql.push_str(&placeholders(i * 10 + 1, 10));
-            }
+            sql.push_str(&row_placeholders(chunk.len(), 10));
             let mut q = sqlx::query(&sql);
             for item in chunk {
                 q = q
@@ -151,12 +146,7 @@ impl Store {
                      pixels, upscale, upscale_method, batch_key, depends_on, has_next, max_attempts, lease_ttl_ms, \
                      parent_sha256, strength) VALUES ",
                 );
-                for i in 0..chunk.len() {
-                    if i > 0 {
-                        sql.push_str(", ");
-                    }
-                    sql.push_str(&placeholders(i * 19 + 1, 19));
-                }
+                sql.push_str(&row_placeholders(chunk.len(), 19));
                 let mut q = sqlx::query(&sql);
                 for item in chunk {
                     let upscale = stage == STAGE_UPSCALE;

@@ -171,17 +171,24 @@ fn sqlite_url(url: &str) -> Result<String> {
     })
 }
 
-/// `$first, $first+1, …` placeholders for one row of `n` values.
-fn placeholders(first: usize, n: usize) -> String {
-    let mut s = String::from("(");
-    for i in 0..n {
-        if i > 0 {
+/// The placeholders of a multi-row insert: `rows` rows of `width` values,
+/// `($1, …, $width), ($width+1, …), …`.
+fn row_placeholders(rows: usize, width: usize) -> String {
+    let mut s = String::new();
+    for r in 0..rows {
+        if r > 0 {
             s.push_str(", ");
         }
-        s.push('$');
-        s.push_str(&(first + i).to_string());
+        s.push('(');
+        for i in 0..width {
+            if i > 0 {
+                s.push_str(", ");
+            }
+            s.push('$');
+            s.push_str(&(r * width + i + 1).to_string());
+        }
+        s.push(')');
     }
-    s.push(')');
     s
 }
 
