@@ -154,9 +154,7 @@ impl Coordinator {
         }
         Ok(())
     }
-}
 
-impl Coordinator {
     /// Seals the audit ledger's waiting entries into the chain, a bounded
     /// number of rounds per call so a backlog cannot stall the reaper.
     pub async fn seal_ledger(&self) -> Result<u64, StoreError> {

@@ -755,7 +755,7 @@ impl Store {
                 .job(&job),
             );
             if new_state == state::FAILED {
-                failed.push(r.try_get::<String, _>("id")?);
+                failed.push(task);
             } else {
                 out.requeued += 1;
             }
