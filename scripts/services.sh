@@ -2,8 +2,9 @@
 # Makes sure the services the tests need are up on their default local ports:
 # PostgreSQL on 5432 (trust auth for local TCP) and Redis on 6379, plus the
 # redis-server binary that fault tests start privately, moto's S3 server
-# for the object-store tests and the official c2patool (built once into
-# ~/.cache/hallmark) for the C2PA validation tests. Starts them when they
+# for the object-store tests, the official c2patool (built once into
+# ~/.cache/hallmark) for the C2PA validation tests and promtool for the
+# metrics tests. Starts them when they
 # are installed but down, installs them from Debian packages when missing.
 set -euo pipefail
 
@@ -88,6 +89,19 @@ if [ ! -x "$c2patool_root/bin/c2patool" ]; then
     --root "$c2patool_root" --target-dir "$HOME/.cache/hallmark/c2patool-build" --quiet
 fi
 
+# --- promtool, which lints the /metrics output in the metrics tests: taken
+# out of Debian's prometheus package without installing it (no service) ---
+prometheus_root="${HALLMARK_PROMETHEUS_ROOT:-$HOME/.cache/hallmark/prometheus}"
+if [ ! -x "$prometheus_root/usr/bin/promtool" ]; then
+  echo "services: unpacking promtool from Debian's prometheus package into $prometheus_root"
+  deb_dir=$(mktemp -d)
+  (cd "$deb_dir" && { apt-get download prometheus >/dev/null 2>&1 ||
+    { $SUDO apt-get update -qq && apt-get download prometheus >/dev/null; }; })
+  mkdir -p "$prometheus_root"
+  dpkg-deb -x "$deb_dir"/prometheus_*.deb "$prometheus_root"
+  rm -rf "$deb_dir"
+fi
+
 # --- Leftover test databases from earlier runs ---
 if command -v psql >/dev/null 2>&1; then
   psql -h 127.0.0.1 -U postgres -d postgres -Atc \
@@ -96,4 +110,4 @@ if command -v psql >/dev/null 2>&1; then
       psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null 2>&1 || true
     done
 fi
-echo "services: PostgreSQL, Redis, the moto S3 server and c2patool are ready"
+echo "services: PostgreSQL, Redis, the moto S3 server, c2patool and promtool are ready"

@@ -69,10 +69,12 @@ pub async fn open_state(state_dir: &Path) -> anyhow::Result<RunningCoordinator> 
 
 impl LocalFarm {
     /// Starts the coordinator on `listen` (port 0 picks one) and the workers,
-    /// and returns once every worker has registered.
+    /// and returns once every worker has registered. With `metrics_listen`
+    /// the coordinator's and the local workers' metrics are served there.
     pub async fn start(
         state_dir: &Path,
         listen: &str,
+        metrics_listen: Option<&str>,
         workers: &LocalWorkers,
         stamping: FarmStamping,
     ) -> anyhow::Result<Self> {
@@ -102,9 +104,13 @@ impl LocalFarm {
         let config = CoordinatorConfig {
             watermark_key: stamping.watermark_key.clone(),
             trust_anchors: stamping.trust_anchors.clone(),
+            metrics_listen: metrics_listen.map(str::to_string),
             ..coordinator_config(state_dir, listen)
         };
         let coordinator = hallmark_coordinator::start(config).await?;
+        if coordinator.metrics_addr.is_some() {
+            hallmark_worker::metrics::describe();
+        }
         let url = coordinator.url();
         let remote = Remote::connect(&url).await?;
         let before = remote
@@ -161,6 +167,11 @@ impl LocalFarm {
 
     pub fn url(&self) -> String {
         self.coordinator.url()
+    }
+
+    /// Where the Prometheus endpoint is served, if it is.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.coordinator.metrics_addr
     }
 
     /// Drains the workers, then stops the coordinator.

@@ -337,6 +337,10 @@ pub struct RenderArgs {
 pub struct UpArgs {
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: String,
+    /// Address of the Prometheus endpoint, GET /metrics (the coordinator's
+    /// and the local workers' metrics); unset: none.
+    #[arg(long, env = "HALLMARK_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// Local workers to start (0 for a coordinator only).
     #[arg(long)]
     pub workers: Option<u32>,
@@ -973,7 +977,8 @@ async fn render(cfg: &ClientConfig, mut args: RenderArgs, json: bool) -> anyhow:
                 diffusion,
             };
             let stamping = farm_stamping(cfg, &state_dir)?;
-            let farm = LocalFarm::start(&state_dir, "127.0.0.1:0", &workers, stamping).await?;
+            let farm =
+                LocalFarm::start(&state_dir, "127.0.0.1:0", None, &workers, stamping).await?;
             if !json {
                 eprintln!(
                     "embedded farm: {} local workers, state in {}",
@@ -1047,13 +1052,23 @@ async fn up(cfg: &ClientConfig, args: UpArgs) -> anyhow::Result<i32> {
         max_batch: 4,
     };
     let stamping = farm_stamping(cfg, &state_dir)?;
-    let farm = LocalFarm::start(&state_dir, &args.listen, &workers, stamping).await?;
+    let farm = LocalFarm::start(
+        &state_dir,
+        &args.listen,
+        args.metrics_listen.as_deref(),
+        &workers,
+        stamping,
+    )
+    .await?;
     println!(
         "hallmark farm up at {} with {} local workers (state in {})",
         farm.url(),
         workers.count,
         state_dir.display()
     );
+    if let Some(addr) = farm.metrics_addr() {
+        println!("metrics on http://{addr}/metrics");
+    }
     println!(
         "submit with: hallmark --coordinator {} submit PROMPTS",
         farm.url()

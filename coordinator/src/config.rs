@@ -68,6 +68,10 @@ pub struct CoordinatorConfig {
     pub verify_watermark_on_upload: bool,
     /// Address of the HTTP C2PA soft-binding resolution API; unset: off.
     pub http_listen: Option<String>,
+    /// Address of the Prometheus endpoint (`GET /metrics`), e.g.
+    /// `0.0.0.0:9464`; unset: no metrics are kept. Keep it off the public
+    /// network: it names tenants and models.
+    pub metrics_listen: Option<String>,
 }
 
 /// Settings of one tenant.
@@ -105,6 +109,7 @@ impl Default for CoordinatorConfig {
             trust_anchors: None,
             verify_watermark_on_upload: true,
             http_listen: None,
+            metrics_listen: None,
         }
     }
 }

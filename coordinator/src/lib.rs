@@ -15,11 +15,14 @@
 //! - [`service`]: the gRPC services (`Jobs`, `Workers`, `Registry`,
 //!   `Provenance` — the manifest repository).
 //! - [`http`]: the C2PA soft-binding resolution API over HTTP.
+//! - [`metrics`]: what the Prometheus endpoint exports, and the census of
+//!   open work it reads from the store.
 //! - [`server`]: `start` — wires it all up and serves; `stop` shuts down.
 
 pub mod blobs;
 pub mod config;
 pub mod http;
+pub mod metrics;
 pub mod notify;
 pub mod server;
 pub mod service;

@@ -31,6 +31,9 @@ struct Args {
     /// Address of the HTTP C2PA soft-binding resolution API (e.g. 0.0.0.0:7071).
     #[arg(long)]
     http_listen: Option<String>,
+    /// Address of the Prometheus endpoint, GET /metrics (e.g. 0.0.0.0:9464).
+    #[arg(long)]
+    metrics_listen: Option<String>,
     /// PEM file of the roots upload signatures must chain to.
     #[arg(long)]
     trust_anchors: Option<PathBuf>,
@@ -65,6 +68,9 @@ async fn main() -> anyhow::Result<()> {
     if let Some(v) = args.http_listen {
         overrides.push(("http_listen", v));
     }
+    if let Some(v) = args.metrics_listen {
+        overrides.push(("metrics_listen", v));
+    }
     if let Some(v) = args.trust_anchors {
         overrides.push(("trust_anchors", v.display().to_string()));
     }
@@ -75,6 +81,9 @@ async fn main() -> anyhow::Result<()> {
     println!("listening on {}", running.addr);
     if let Some(http) = running.http_addr {
         println!("soft-binding API on http://{http}");
+    }
+    if let Some(metrics) = running.metrics_addr {
+        println!("metrics on http://{metrics}/metrics");
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

@@ -1,6 +1,6 @@
 //! Starting and stopping a coordinator: store, blob store, notifier, the
 //! reaper loop, the gRPC server (with health checking and reflection) and
-//! the optional HTTP soft-binding resolution API.
+//! the optional HTTP soft-binding resolution API and Prometheus endpoint.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,6 +34,8 @@ pub struct RunningCoordinator {
     pub addr: SocketAddr,
     /// The C2PA soft-binding resolution API, when `http_listen` is set.
     pub http_addr: Option<SocketAddr>,
+    /// The Prometheus endpoint, when `metrics_listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
     pub state: Arc<Coordinator>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -118,6 +120,17 @@ pub async fn start_on(
         ),
         _ => None,
     };
+    let metrics = match &config.metrics_listen {
+        Some(addr) if !addr.is_empty() => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("listening for metrics on {addr}"))?;
+            let handle = hallmark_telemetry::recorder()?;
+            crate::metrics::describe();
+            Some((listener, handle))
+        }
+        _ => None,
+    };
     let addr = listener.local_addr()?;
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let state = Arc::new(Coordinator::new(
@@ -171,16 +184,31 @@ pub async fn start_on(
         Some(l) => Some(crate::http::serve(l, state.clone(), shutdown_rx.clone())?),
         None => None,
     };
+    let metrics_addr = match metrics {
+        Some((listener, handle)) => {
+            let mut stop = shutdown_rx.clone();
+            Some(hallmark_telemetry::serve(
+                listener,
+                handle,
+                Some(state.clone() as Arc<dyn hallmark_telemetry::Refresh>),
+                async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                },
+            )?)
+        }
+        None => None,
+    };
     let server = tokio::spawn(router.serve_with_incoming_shutdown(
         TcpListenerStream::new(listener),
         async move {
             let _ = shutdown_rx.wait_for(|stop| *stop).await;
         },
     ));
-    tracing::info!(%addr, ?http_addr, "coordinator listening");
+    tracing::info!(%addr, ?http_addr, ?metrics_addr, "coordinator listening");
     Ok(RunningCoordinator {
         addr,
         http_addr,
+        metrics_addr,
         state,
         shutdown,
         server,

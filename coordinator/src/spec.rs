@@ -91,6 +91,21 @@ impl ExpandedJob {
             .unwrap_or(0)
     }
 
+    /// The stages every item runs, in order: `generate`, then `upscale`
+    /// when the job asks for one.
+    pub fn stages(&self) -> Vec<&'static str> {
+        if self.upscale > 0 {
+            vec![STAGE_GENERATE, STAGE_UPSCALE]
+        } else {
+            vec![STAGE_GENERATE]
+        }
+    }
+
+    /// How many tasks the job expands into (items × stages).
+    pub fn task_count(&self) -> usize {
+        self.items.len() * self.stages().len()
+    }
+
     /// The distinct uploaded inputs the job's items start from.
     pub fn init_images(&self) -> std::collections::BTreeSet<&str> {
         self.items

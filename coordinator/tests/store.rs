@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use hallmark_coordinator::spec::{self, ExpandedJob, Limits};
 use hallmark_coordinator::stamps::CheckedStamp;
 use hallmark_coordinator::store::{
-    ArtifactKey, Completion, JobControl, LeasePolicy, Store, StoreError, WorkerCaps,
+    ArtifactKey, Census, Completion, JobControl, LeasePolicy, Store, StoreError, WorkerCaps,
     WorkerRegistration,
 };
 use hallmark_proto::v1::{
@@ -169,7 +169,69 @@ async fn count(s: &Store, sql: &str) -> i64 {
         .unwrap()
 }
 
+/// The census's task counts as (state, stage, count), all for model m1.
+async fn census_tasks(s: &Store, live_since: i64) -> (Vec<(String, String, u64)>, Census) {
+    let census = s.census(live_since).await.unwrap();
+    let tasks = census
+        .tasks
+        .iter()
+        .map(|t| {
+            assert_eq!(
+                (t.engine.as_str(), t.model_id.as_str()),
+                ("synthetic", "m1")
+            );
+            (t.state.clone(), t.stage.clone(), t.count)
+        })
+        .collect();
+    (tasks, census)
+}
+
+fn counts(rows: &[(&str, &str, u64)]) -> Vec<(String, String, u64)> {
+    rows.iter()
+        .map(|(a, b, n)| (a.to_string(), b.to_string(), *n))
+        .collect()
+}
+
 both_stores! {
+    async fn the_census_counts_open_work_by_state_stage_and_model(s: &Store) {
+        let (tasks, census) = census_tasks(s, 0).await;
+        assert!(tasks.is_empty());
+        assert_eq!((census.running_jobs, census.live_workers, census.unsealed_audit_entries), (0, 0, 0));
+        let w = worker(s, "w1", 2).await;
+        submit(s, "j1", &job(3, 2), 0).await;
+        let (tasks, census) = census_tasks(s, 0).await;
+        assert_eq!(tasks, counts(&[("ready", "generate", 3), ("waiting", "upscale", 3)]));
+        assert_eq!((census.running_jobs, census.paused_jobs), (1, 0));
+        // Registered at 0: live for a cut-off at 0, not for one after.
+        assert_eq!(census.live_workers, 1);
+        assert_eq!(s.census(1).await.unwrap().live_workers, 0);
+        let unsealed = count(s, "SELECT COUNT(*) FROM audit_events WHERE seq IS NULL").await;
+        assert!(unsealed >= 2, "the registration and the submit at least");
+        assert_eq!(census.unsealed_audit_entries, unsealed as u64);
+
+        let leases = lease(s, &w, 2, 100).await;
+        s.complete(&done(&w, &leases[0]), 110).await.unwrap();
+        let (tasks, _) = census_tasks(s, 0).await;
+        assert_eq!(
+            tasks,
+            counts(&[("leased", "generate", 1), ("ready", "generate", 1), ("ready", "upscale", 1), ("waiting", "upscale", 2)])
+        );
+
+        s.control("j1", JobControl::Pause, 120).await.unwrap();
+        let (tasks, census) = census_tasks(s, 0).await;
+        // Pausing holds the ready tasks and takes back the leased one.
+        assert_eq!(tasks, counts(&[("held", "generate", 2), ("held", "upscale", 1), ("waiting", "upscale", 2)]));
+        assert_eq!((census.running_jobs, census.paused_jobs), (0, 1));
+
+        s.seal_audit(100).await.unwrap();
+        assert_eq!(s.census(0).await.unwrap().unsealed_audit_entries, 0);
+        // A finished job's tasks are history, not open work.
+        s.control("j1", JobControl::Cancel, 130).await.unwrap();
+        let (tasks, census) = census_tasks(s, 0).await;
+        assert!(tasks.is_empty(), "{tasks:?}");
+        assert_eq!((census.running_jobs, census.paused_jobs), (0, 0));
+    }
+
     async fn img2img_tasks_start_from_the_uploaded_input(s: &Store) {
         let input = hallmark_proto::v1::InputImage {
             sha256: "ab".repeat(32),
@@ -273,7 +335,10 @@ both_stores! {
         let finished = s.get_job("j1", 200, 0).await.unwrap();
         assert_eq!((finished.state.as_str(), finished.finished_at_ms), ("succeeded", 150));
         // The reap, later, records the same time, not its own.
-        assert_eq!(s.reap(5_000).await.unwrap().finished_jobs, vec!["j1".to_string()]);
+        assert_eq!(
+            s.reap(5_000).await.unwrap().finished_jobs,
+            vec![("j1".to_string(), "succeeded".to_string())]
+        );
         let stored = s.get_job("j1", 6_000, 0).await.unwrap();
         assert_eq!((stored.state.as_str(), stored.finished_at_ms), ("succeeded", 150));
     }
@@ -285,7 +350,7 @@ both_stores! {
         let first = lease(s, &w1, 1, 100).await.remove(0);
         assert!(lease(s, &w2, 1, 200).await.is_empty(), "a leased task is not leased twice");
         let out = s.reap(100 + 10_001).await.unwrap();
-        assert_eq!(out.requeued, 1);
+        assert_eq!((out.expired, out.requeued), (1, 1));
         let second = lease(s, &w2, 1, 20_000).await.remove(0);
         assert_eq!(second.task_id, first.task_id);
         assert!(second.fencing_token > first.fencing_token);

@@ -5,6 +5,7 @@
 //! The binaries come from the same target directory as the test; build them
 //! first (`cargo build --bins`, which the README's test command does).
 
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -459,7 +460,6 @@ pub struct Moto {
 
 impl Moto {
     pub fn start() -> Self {
-        use std::io::{Read, Write};
         let bin = std::env::var("HALLMARK_TEST_MOTO_SERVER").unwrap_or_else(|_| {
             format!(
                 "{}/.cache/hallmark/moto-venv/bin/moto_server",
@@ -552,4 +552,160 @@ pub fn init_tiny(dir: &std::path::Path, arch: &str) {
         "--clip-vocab",
         clip_vocab().to_str().unwrap(),
     ]));
+}
+
+/// A minimal HTTP/1.1 exchange: (status, body).
+pub fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the HTTP API");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("HTTP head");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let mut body = raw[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    (status, body)
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line = b.windows(2).position(|w| w == b"\r\n").unwrap();
+        let n = usize::from_str_radix(std::str::from_utf8(&b[..line]).unwrap().trim(), 16).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[line + 2..line + 2 + n]);
+        b = &b[line + 2 + n + 2..];
+    }
+}
+
+/// One scrape of a Prometheus endpoint: every sample as (metric, labels, value).
+pub struct Scrape {
+    pub samples: Vec<(String, std::collections::BTreeMap<String, String>, f64)>,
+    pub text: String,
+}
+
+impl Scrape {
+    /// `GET /metrics` at `addr` (host:port); panics unless it answers 200
+    /// with the Prometheus text format.
+    pub fn get(addr: &str) -> Self {
+        let (status, body) = http(addr, "GET", "/metrics", b"");
+        let text = String::from_utf8(body).expect("metrics are UTF-8");
+        assert_eq!(status, 200, "GET /metrics: {text}");
+        let samples = text
+            .lines()
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|l| parse_sample(l).unwrap_or_else(|| panic!("bad sample line {l:?}")))
+            .collect();
+        Self { samples, text }
+    }
+
+    /// The sum of the samples of `metric` whose labels include `labels`;
+    /// `None` when there is no such sample.
+    pub fn sum(&self, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let mut found = None;
+        for (name, have, value) in &self.samples {
+            if name == metric
+                && labels
+                    .iter()
+                    .all(|(k, v)| have.get(*k).map(String::as_str) == Some(*v))
+            {
+                *found.get_or_insert(0.0) += value;
+            }
+        }
+        found
+    }
+}
+
+/// `name{k="v",…} value` → its parts (label values unescaped).
+fn parse_sample(line: &str) -> Option<(String, std::collections::BTreeMap<String, String>, f64)> {
+    let mut labels = std::collections::BTreeMap::new();
+    let (name, rest) = match line.find('{') {
+        Some(open) => {
+            let mut chars = line[open + 1..].char_indices();
+            let mut key = String::new();
+            let close = loop {
+                let (i, c) = chars.next()?;
+                match c {
+                    '}' => break open + 1 + i,
+                    ',' | ' ' => {}
+                    '=' => {
+                        if chars.next()?.1 != '"' {
+                            return None;
+                        }
+                        let mut value = String::new();
+                        loop {
+                            match chars.next()?.1 {
+                                '\\' => value.push(chars.next()?.1),
+                                '"' => break,
+                                c => value.push(c),
+                            }
+                        }
+                        labels.insert(std::mem::take(&mut key), value);
+                    }
+                    c => key.push(c),
+                }
+            };
+            (&line[..open], &line[close + 1..])
+        }
+        None => line.split_once(' ')?,
+    };
+    let value = rest.split_whitespace().next()?.parse().ok()?;
+    Some((name.to_string(), labels, value))
+}
+
+/// Lints a scrape with Prometheus's own `promtool check metrics` (unpacked
+/// by `scripts/services.sh`; `HALLMARK_PROMTOOL` to use another): it must
+/// parse, and break none of Prometheus's naming and typing rules.
+pub fn promtool_check(scrape: &Scrape) {
+    let path = std::env::var_os("HALLMARK_PROMTOOL")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cache/hallmark/prometheus/usr/bin/promtool"))
+        })
+        .expect("HOME or HALLMARK_PROMTOOL");
+    assert!(
+        path.is_file(),
+        "{} is missing: scripts/services.sh unpacks promtool (or set HALLMARK_PROMTOOL)",
+        path.display()
+    );
+    let mut child = Command::new(&path)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    child
+        .stdin
+        .take()
+        .expect("promtool stdin")
+        .write_all(scrape.text.as_bytes())
+        .expect("feed promtool");
+    let out = child.wait_with_output().expect("promtool output");
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        scrape.text
+    );
 }

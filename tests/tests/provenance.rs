@@ -3,7 +3,6 @@
 //! metadata, shrunk and re-encoded leads back through its watermark to the
 //! manifest repository — over gRPC and over the HTTP soft-binding API.
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::time::Duration;
 
@@ -14,48 +13,6 @@ use hallmark_proto::v1::{Dataset, Model, WeightFile};
 use hallmark_provenance::credentials;
 use hallmark_provenance::watermark::attacks::Attack;
 use serde_json::Value;
-
-/// A minimal HTTP/1.1 exchange: (status, body).
-fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to the HTTP API");
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    s.write_all(body).unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("HTTP head");
-    let head = String::from_utf8_lossy(&raw[..split]).to_string();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    let mut body = raw[split + 4..].to_vec();
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        body = dechunk(&body);
-    }
-    (status, body)
-}
-
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let line = b.windows(2).position(|w| w == b"\r\n").unwrap();
-        let n = usize::from_str_radix(std::str::from_utf8(&b[..line]).unwrap().trim(), 16).unwrap();
-        if n == 0 {
-            return out;
-        }
-        out.extend_from_slice(&b[line + 2..line + 2 + n]);
-        b = &b[line + 2 + n + 2..];
-    }
-}
 
 fn verify(args: &[&str]) -> (i32, Value) {
     let out = hallmark(&[&["--json", "verify"], args].concat());

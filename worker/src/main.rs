@@ -79,6 +79,10 @@ struct Args {
     /// cawg.training-mining preference: allowed, notAllowed, constrained or none.
     #[arg(long, env = "HALLMARK_TRAINING_MINING", default_value = "notAllowed")]
     training_mining: String,
+    /// Address of the Prometheus endpoint, GET /metrics (e.g. 0.0.0.0:9465);
+    /// unset: no metrics are kept.
+    #[arg(long, env = "HALLMARK_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     /// Output format: png, jpeg or webp.
     #[arg(long, env = "HALLMARK_OUTPUT_FORMAT", default_value = "png")]
     output_format: String,
@@ -94,6 +98,15 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if let Some(addr) = args.metrics_listen.as_deref().filter(|a| !a.is_empty()) {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening for metrics on {addr}"))?;
+        let handle = hallmark_telemetry::recorder()?;
+        hallmark_worker::metrics::describe();
+        let served = hallmark_telemetry::serve(listener, handle, None, std::future::pending())?;
+        eprintln!("metrics on http://{served}/metrics");
+    }
     let engine: Arc<dyn hallmark_worker::Engine> = match args.engine.as_str() {
         "synthetic" => Arc::new(SyntheticEngine::new(SyntheticConfig {
             models: args.models,

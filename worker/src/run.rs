@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hallmark_proto::v1::complete_message::Body;
@@ -21,6 +21,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::engine::{Engine, RenderTask};
+use crate::metrics as m;
 use crate::stamp::{ModelFacts, StampedImage, Stamping};
 
 const UPLOAD_CHUNK: usize = 256 * 1024;
@@ -170,7 +171,7 @@ pub async fn run(
                         .is_some()
                     {
                         tracing::info!(task_id = %r.task_id, reason = %r.reason, "lease revoked; dropping the work");
-                        bump(&shared, |rep| rep.dropped += 1);
+                        tally(&shared, Outcome::Dropped);
                     }
                 }
                 if !resp.leases.is_empty() {
@@ -180,7 +181,11 @@ pub async fn run(
                         }
                     }
                     let s = shared.clone();
-                    current = Some(tokio::spawn(async move { run_batch(s, resp.leases).await }));
+                    metrics::histogram!(m::BATCH_TASKS).record(resp.leases.len() as f64);
+                    current = Some(tokio::spawn(async move {
+                        let _busy = Busy::start();
+                        run_batch(s, resp.leases).await
+                    }));
                 }
             }
             Err(status) if status.code() == Code::NotFound => {
@@ -212,6 +217,7 @@ pub async fn run(
                 });
             }
             Err(status) => {
+                metrics::counter!(m::LEASE_ERRORS).increment(1);
                 tracing::warn!(code = ?status.code(), error = %status.message(), "lease call failed; backing off");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
@@ -280,7 +286,7 @@ pub async fn run(
             })
             .await;
         if r.is_ok() {
-            bump(&shared, |rep| rep.handed_back += 1);
+            tally(&shared, Outcome::HandedBack);
         }
     }
     let report = shared.report.lock().map(|r| r.clone()).unwrap_or_default();
@@ -350,9 +356,47 @@ fn held_leases(shared: &Shared) -> Vec<HeldLease> {
         .unwrap_or_default()
 }
 
-fn bump(shared: &Shared, f: impl FnOnce(&mut WorkerReport)) {
+/// A batch in hand, counted in the busy gauge until it ends or is aborted.
+struct Busy;
+
+impl Busy {
+    fn start() -> Self {
+        metrics::gauge!(m::BUSY).increment(1.0);
+        Busy
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        metrics::gauge!(m::BUSY).decrement(1.0);
+    }
+}
+
+/// How a leased task ended on this worker.
+#[derive(Clone, Copy)]
+enum Outcome {
+    Completed,
+    Failed,
+    Dropped,
+    HandedBack,
+}
+
+/// Counts a task's end in the report and the metrics.
+fn tally(shared: &Shared, outcome: Outcome) {
+    let label = match outcome {
+        Outcome::Completed => "completed",
+        Outcome::Failed => "failed",
+        Outcome::Dropped => "dropped",
+        Outcome::HandedBack => "handed_back",
+    };
+    metrics::counter!(m::TASKS, "outcome" => label).increment(1);
     if let Ok(mut r) = shared.report.lock() {
-        f(&mut r);
+        match outcome {
+            Outcome::Completed => r.completed += 1,
+            Outcome::Failed => r.failed += 1,
+            Outcome::Dropped => r.dropped += 1,
+            Outcome::HandedBack => r.handed_back += 1,
+        }
     }
 }
 
@@ -434,14 +478,20 @@ async fn run_batch(shared: Arc<Shared>, leases: Vec<TaskLease>) {
     let report = move |p: f32| progress.store(p.to_bits(), Ordering::Relaxed);
     // Render, then stamp each output: watermark, encode, sign.
     let work = move || {
+        let started = Instant::now();
         let rendered = engine.render(&render_input, &report);
+        if let Some(first) = render_input.first() {
+            metrics::histogram!(m::RENDER_SECONDS, "engine" => engine.name().to_string(), "stage" => first.lease.stage.clone())
+                .record(started.elapsed());
+        }
         render_input
             .iter()
             .zip(rendered)
             .zip(&facts)
             .map(|((task, result), facts)| {
                 let image = result.map_err(|e| e.to_string())?;
-                stamping
+                let started = Instant::now();
+                let stamped = stamping
                     .stamp(
                         &task.lease,
                         &worker_id,
@@ -449,7 +499,9 @@ async fn run_batch(shared: Arc<Shared>, leases: Vec<TaskLease>) {
                         &image,
                         task.parent.as_deref(),
                     )
-                    .map_err(|e| format!("stamping the output: {e}"))
+                    .map_err(|e| format!("stamping the output: {e}"));
+                metrics::histogram!(m::STAMP_SECONDS).record(started.elapsed());
+                stamped
             })
             .collect::<Vec<_>>()
     };
@@ -581,7 +633,10 @@ async fn upload(shared: &Shared, results: Vec<(TaskLease, StampedImage)>) {
             }));
         }
         let mut c = shared.client.clone();
-        match c.complete(tokio_stream::iter(messages)).await {
+        let started = Instant::now();
+        let reply = c.complete(tokio_stream::iter(messages)).await;
+        metrics::histogram!(m::UPLOAD_SECONDS).record(started.elapsed());
+        match reply {
             Ok(resp) => {
                 let resp = resp.into_inner();
                 if resp.outcomes.len() != live.len() {
@@ -595,12 +650,12 @@ async fn upload(shared: &Shared, results: Vec<(TaskLease, StampedImage)>) {
                     match Kind::try_from(outcome.kind).unwrap_or(Kind::Stale) {
                         Kind::Recorded => {
                             release(shared, lease);
-                            bump(shared, |r| r.completed += 1);
+                            tally(shared, Outcome::Completed);
                         }
                         Kind::Stale => {
                             tracing::warn!(task_id = %lease.task_id, error = %outcome.message, "completion refused; dropping the work");
                             release(shared, lease);
-                            bump(shared, |r| r.dropped += 1);
+                            tally(shared, Outcome::Dropped);
                         }
                         Kind::Rejected => {
                             report_failure(
@@ -618,7 +673,7 @@ async fn upload(shared: &Shared, results: Vec<(TaskLease, StampedImage)>) {
                 for (lease, _, _) in &live {
                     tracing::warn!(task_id = %lease.task_id, error = %s.message(), "completion refused; dropping the work");
                     release(shared, lease);
-                    bump(shared, |r| r.dropped += 1);
+                    tally(shared, Outcome::Dropped);
                 }
                 return;
             }
@@ -657,7 +712,7 @@ async fn report_failure(shared: &Shared, lease: &TaskLease, message: &str) {
         })
         .await;
     release(shared, lease);
-    bump(shared, |r| r.failed += 1);
+    tally(shared, Outcome::Failed);
 }
 
 fn hostname() -> String {

@@ -12,6 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{Coordinator, blob_status, status};
+use crate::metrics as m;
 use crate::spec::{self, Limits, SpecError};
 use crate::store::{JobControl, StoreError, now_ms};
 
@@ -109,6 +110,8 @@ impl Jobs for JobsService {
             .await
             .map_err(status)?;
         tracing::info!(job_id = %job_id, items = job.items.len(), tenant = %job.tenant, "job submitted");
+        metrics::counter!(m::JOBS_SUBMITTED, "tenant" => job.tenant.clone()).increment(1);
+        metrics::counter!(m::TASKS_SUBMITTED).increment(job.task_count() as u64);
         c.notifier.tasks_ready();
         c.notifier.job_changed(&job_id);
         Ok(Response::new(self.view(&job_id).await?))

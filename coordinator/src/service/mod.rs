@@ -19,6 +19,7 @@ pub use workers::WorkersService;
 
 use crate::blobs::{BlobError, BlobStore};
 use crate::config::CoordinatorConfig;
+use crate::metrics::{self as m, CensusLabels};
 use crate::notify::Notifier;
 use crate::stamps::StampCheck;
 use crate::store::{LeasePolicy, Store, StoreError, WorkerCaps, now_ms};
@@ -33,6 +34,8 @@ pub struct Coordinator {
     /// The upload gate: content credentials and watermark of every artifact.
     pub stamps: Arc<StampCheck>,
     workers: Mutex<HashMap<String, (WorkerCaps, Instant)>>,
+    /// The task label sets the metrics census has reported.
+    pub(crate) census_labels: CensusLabels,
     /// Turns true when the server stops: long polls and watches end early
     /// so a graceful shutdown does not wait for them.
     shutdown: tokio::sync::watch::Receiver<bool>,
@@ -59,6 +62,7 @@ impl Coordinator {
             lease_policy,
             stamps: Arc::new(stamps),
             workers: Mutex::new(HashMap::new()),
+            census_labels: CensusLabels::default(),
             shutdown,
         }
     }
@@ -139,6 +143,11 @@ impl Coordinator {
     pub async fn reap_once(&self) -> Result<(), StoreError> {
         let out = self.store.reap(now_ms()).await?;
         self.seal_ledger().await?;
+        if out.expired > 0 {
+            metrics::counter!(m::LEASES_EXPIRED, "outcome" => "requeued").increment(out.requeued);
+            metrics::counter!(m::LEASES_EXPIRED, "outcome" => "failed")
+                .increment(out.expired - out.requeued);
+        }
         if out.requeued > 0 {
             tracing::info!(
                 requeued = out.requeued,
@@ -146,11 +155,13 @@ impl Coordinator {
             );
             self.notifier.tasks_ready();
         }
-        for job in out.expired_jobs.iter().chain(&out.finished_jobs) {
+        for job in &out.expired_jobs {
             self.notifier.job_changed(job);
         }
-        for job in &out.finished_jobs {
-            tracing::info!(job_id = %job, "job finished");
+        for (job, state) in &out.finished_jobs {
+            self.notifier.job_changed(job);
+            metrics::counter!(m::JOBS_FINISHED, "state" => state.clone()).increment(1);
+            tracing::info!(job_id = %job, %state, "job finished");
         }
         Ok(())
     }
@@ -161,6 +172,7 @@ impl Coordinator {
         let mut sealed = 0;
         for _ in 0..SEAL_ROUNDS {
             let n = self.store.seal_audit(SEAL_BATCH).await?;
+            metrics::counter!(m::AUDIT_SEALED).increment(n);
             sealed += n;
             if n < u64::from(SEAL_BATCH) {
                 break;

@@ -2,7 +2,7 @@
 
 use std::pin::pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hallmark_proto::v1::complete_message::Body;
 use hallmark_proto::v1::complete_outcome::Kind;
@@ -17,9 +17,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{Coordinator, blob_status, status};
 use crate::blobs::BlobWriter;
+use crate::metrics as m;
 use crate::spec::ENGINES;
 use crate::stamps::StampCheck;
-use crate::store::{Completion, WorkerRegistration, now_ms};
+use crate::store::{Completion, StoreError, WorkerRegistration, now_ms};
 
 /// Largest upload a worker may send (one image).
 const MAX_UPLOAD: u64 = 256 * 1024 * 1024;
@@ -125,6 +126,7 @@ impl Workers for WorkersService {
             let mut notified = pin!(c.notifier.wake().notified());
             notified.as_mut().enable();
             let now = now_ms();
+            let looked = Instant::now();
             let leases = c
                 .store
                 .lease(
@@ -137,9 +139,13 @@ impl Workers for WorkersService {
                 )
                 .await
                 .map_err(status)?;
+            metrics::histogram!(m::LEASE_SECONDS).record(looked.elapsed());
             let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
             if !leases.is_empty() || r.want == 0 || remaining.is_zero() {
                 if let Some(first) = leases.first() {
+                    // A batch is one stage (the batch key holds it).
+                    metrics::counter!(m::TASKS_LEASED, "stage" => first.stage.clone())
+                        .increment(leases.len() as u64);
                     tracing::debug!(worker_id = %r.worker_id, job_id = %first.job_id, n = leases.len(), "leased");
                     c.notifier.job_changed(&first.job_id);
                 }
@@ -189,6 +195,7 @@ impl Workers for WorkersService {
                         c.store
                             .check_lease(&h.worker_id, &h.task_id, h.fencing_token)
                             .await
+                            .inspect_err(count_stale)
                             .map_err(status)?;
                     }
                     uploads.push(Upload {
@@ -233,36 +240,44 @@ impl Workers for WorkersService {
                     });
                     completions.push(completion);
                 }
-                Err(message) => outcomes.push(CompleteOutcome {
-                    task_id,
-                    kind: Kind::Rejected as i32,
-                    message,
-                    ..Default::default()
-                }),
+                Err(message) => {
+                    metrics::counter!(m::UPLOADS_REFUSED, "reason" => "rejected").increment(1);
+                    outcomes.push(CompleteOutcome {
+                        task_id,
+                        kind: Kind::Rejected as i32,
+                        message,
+                        ..Default::default()
+                    })
+                }
             }
         }
         let single = outcomes.len() == 1;
         if single && outcomes[0].kind == Kind::Rejected as i32 {
             return Err(Status::invalid_argument(outcomes.remove(0).message));
         }
+        let recording = Instant::now();
         let results = c
             .store
             .complete_many(&completions, now_ms())
             .await
             .map_err(status)?;
+        metrics::histogram!(m::COMPLETE_SECONDS).record(recording.elapsed());
         let mut readied = false;
         let mut jobs = std::collections::BTreeSet::new();
-        let mut results = results.into_iter();
+        let mut results = results.into_iter().zip(&completions);
         for o in outcomes
             .iter_mut()
             .filter(|o| o.kind == Kind::Recorded as i32)
         {
             match results.next() {
-                Some(Ok((job_id, r))) => {
+                Some((Ok((job_id, r)), recorded)) => {
+                    metrics::counter!(m::ARTIFACTS_RECORDED).increment(1);
+                    metrics::counter!(m::UPLOAD_BYTES).increment(recorded.size);
                     readied |= r;
                     jobs.insert(job_id);
                 }
-                Some(Err(e)) => {
+                Some((Err(e), _)) => {
+                    count_stale(&e);
                     if single {
                         return Err(status(e));
                     }
@@ -311,6 +326,12 @@ impl Workers for WorkersService {
             .await
             .map_err(status)?;
         tracing::info!(task_id = %r.task_id, worker_id = %r.worker_id, hand_back = r.hand_back, state = %out.state, "task attempt ended without a result");
+        let outcome = match (r.hand_back, out.state.as_str()) {
+            (true, _) => "handed_back",
+            (false, "ready") => "retry",
+            (false, _) => "failed",
+        };
+        metrics::counter!(m::ATTEMPTS_FAILED, "outcome" => outcome).increment(1);
         if out.state == "ready" {
             c.notifier.tasks_ready();
         }
@@ -340,6 +361,13 @@ impl Workers for WorkersService {
             .await
             .map_err(status)?;
         Ok(Response::new(ListWorkersResponse { workers }))
+    }
+}
+
+/// Counts an upload the store refused for its lease (not a database error).
+fn count_stale(e: &StoreError) {
+    if matches!(e, StoreError::Refused(_) | StoreError::NotFound(_)) {
+        metrics::counter!(m::UPLOADS_REFUSED, "reason" => "stale").increment(1);
     }
 }
 

@@ -79,9 +79,13 @@ pub struct FailOutcome {
 pub struct ReapOutcome {
     /// Jobs with leases that expired (tasks back to ready, or failed).
     pub expired_jobs: Vec<String>,
+    /// Expired leases, requeued or (budget spent) failed.
+    pub expired: u64,
+    /// Expired leases whose task went back to ready.
     pub requeued: u64,
-    /// Jobs that were closed as succeeded or failed.
-    pub finished_jobs: Vec<String>,
+    /// Jobs that were closed, with the state they closed in (`succeeded`
+    /// or `failed`).
+    pub finished_jobs: Vec<(String, String)>,
 }
 
 impl Store {
@@ -754,6 +758,7 @@ impl Store {
                 // token names; the row no longer says.
                 .job(&job),
             );
+            out.expired += 1;
             if new_state == state::FAILED {
                 failed.push(task);
             } else {
@@ -776,15 +781,16 @@ impl Store {
         .await?;
         for r in finished {
             let job: String = r.try_get("id")?;
+            let job_state: String = r.try_get("state")?;
             events.push(
                 AuditEvent::new(
                     kind::FINISH,
                     &job,
-                    serde_json::json!({ "state": r.try_get::<String, _>("state")? }),
+                    serde_json::json!({ "state": job_state }),
                 )
                 .job(&job),
             );
-            out.finished_jobs.push(job);
+            out.finished_jobs.push((job, job_state));
         }
         audit::append(&mut tx, now, &events).await?;
         tx.commit().await?;

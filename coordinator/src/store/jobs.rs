@@ -135,11 +135,7 @@ impl Store {
         }
 
         // Generate tasks first: upscale tasks reference them.
-        let mut stages = vec![STAGE_GENERATE];
-        if job.upscale > 0 {
-            stages.push(STAGE_UPSCALE);
-        }
-        for stage in stages {
+        for stage in job.stages() {
             for chunk in job.items.chunks(ROWS_PER_INSERT) {
                 let mut sql = String::from(
                     "INSERT INTO tasks (id, job_id, item_index, stage, stage_rank, state, tenant, engine, model_id, \

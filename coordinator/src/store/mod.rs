@@ -8,6 +8,7 @@
 //! against both.
 
 mod audit;
+mod census;
 mod dispatch;
 mod jobs;
 mod provenance;
@@ -20,6 +21,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
 pub use audit::{AuditEvent, LedgerPage, kind as audit_kind};
+pub use census::{Census, TaskCount};
 pub use dispatch::{
     Completion, FailOutcome, LeasePolicy, ReapOutcome, WorkerCaps, WorkerRegistration,
 };

@@ -44,6 +44,10 @@ struct Args {
     /// postgres, sqlite or both.
     #[arg(long, default_value = "both")]
     store: String,
+    /// Keep metrics (the coordinator's Prometheus recorder installed and
+    /// its endpoint served), to measure what recording them costs.
+    #[arg(long)]
+    metrics: bool,
 }
 
 /// Counts statements sqlx executes (its `sqlx::query` log events).
@@ -96,8 +100,11 @@ async fn main() -> anyhow::Result<()> {
         other => anyhow::bail!("--store {other:?}: use postgres, sqlite or both"),
     };
     println!(
-        "hallmark-bench: synthetic 0 ms render, {} workers, batch {}, {} tasks per timed run",
-        args.workers, args.batch, args.tasks
+        "hallmark-bench: synthetic 0 ms render, {} workers, batch {}, {} tasks per timed run, metrics {}",
+        args.workers,
+        args.batch,
+        args.tasks,
+        if args.metrics { "on" } else { "off" }
     );
     println!(
         "{:<16} {:>9} {:>11} {:>11} {:>13} {:>13} {:>9}",
@@ -114,13 +121,29 @@ async fn main() -> anyhow::Result<()> {
         let count_tasks = (args.tasks / 10).clamp(500, 2_000);
         counting.store(true, Ordering::Relaxed);
         statements.store(0, Ordering::Relaxed);
-        run(store, &args.workers, args.batch, count_tasks, &stamping).await?;
+        run(
+            store,
+            &args.workers,
+            args.batch,
+            count_tasks,
+            args.metrics,
+            &stamping,
+        )
+        .await?;
         let per_task = statements.load(Ordering::Relaxed) as f64 / f64::from(count_tasks);
         counting.store(false, Ordering::Relaxed);
 
-        let out = run(store, &args.workers, args.batch, args.tasks, &stamping).await?;
+        let out = run(
+            store,
+            &args.workers,
+            args.batch,
+            args.tasks,
+            args.metrics,
+            &stamping,
+        )
+        .await?;
         // Lease latency of an idle farm: one worker, one task at a time.
-        let idle = run(store, &1, 1, 300, &stamping).await?;
+        let idle = run(store, &1, 1, 300, args.metrics, &stamping).await?;
         let (p50, p99) = percentiles(out.latencies_us);
         let (idle50, idle99) = percentiles(idle.latencies_us);
         let label = if store == "postgres" {
@@ -147,6 +170,7 @@ async fn run(
     workers: &u32,
     batch: u32,
     tasks: u32,
+    metrics: bool,
     stamping: &Arc<Stamping>,
 ) -> anyhow::Result<Outcome> {
     let dir = tempfile::tempdir()?;
@@ -166,6 +190,7 @@ async fn run(
         redis_url,
         blob_dir: dir.path().join("blobs"),
         max_items_per_job: tasks.max(100_000),
+        metrics_listen: metrics.then(|| "127.0.0.1:0".into()),
         ..Default::default()
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

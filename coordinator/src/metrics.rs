@@ -1,0 +1,151 @@
+//! The coordinator's metrics, exported for Prometheus on `metrics_listen`.
+//!
+//! Counters and histograms count what this replica did. The census gauges
+//! (`hallmark_tasks`, `hallmark_jobs`, `hallmark_workers_live`,
+//! `hallmark_audit_unsealed_entries`) are read from the database before each
+//! scrape, so every replica reports the same farm-wide figures: aggregate
+//! them with `max`, the counters with `sum`. `hallmark_tasks{state="ready"}`
+//! by model is the signal to scale a model's workers on.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+
+use futures::future::BoxFuture;
+use hallmark_telemetry::Refresh;
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram, gauge};
+
+use crate::service::Coordinator;
+use crate::store::{Census, now_ms};
+
+pub const JOBS_SUBMITTED: &str = "hallmark_jobs_submitted_total";
+pub const TASKS_SUBMITTED: &str = "hallmark_tasks_submitted_total";
+pub const JOBS_FINISHED: &str = "hallmark_jobs_finished_total";
+pub const TASKS_LEASED: &str = "hallmark_tasks_leased_total";
+pub const LEASE_SECONDS: &str = "hallmark_store_lease_seconds";
+pub const ARTIFACTS_RECORDED: &str = "hallmark_artifacts_recorded_total";
+pub const UPLOAD_BYTES: &str = "hallmark_upload_bytes_total";
+pub const UPLOADS_REFUSED: &str = "hallmark_uploads_refused_total";
+pub const COMPLETE_SECONDS: &str = "hallmark_store_complete_seconds";
+pub const ATTEMPTS_FAILED: &str = "hallmark_task_attempts_failed_total";
+pub const LEASES_EXPIRED: &str = "hallmark_leases_expired_total";
+pub const AUDIT_SEALED: &str = "hallmark_audit_entries_sealed_total";
+pub const TASKS: &str = "hallmark_tasks";
+pub const JOBS: &str = "hallmark_jobs";
+pub const WORKERS_LIVE: &str = "hallmark_workers_live";
+pub const AUDIT_UNSEALED: &str = "hallmark_audit_unsealed_entries";
+pub const CENSUS_UP: &str = "hallmark_census_up";
+
+/// Gives every metric its help text (call once the recorder is installed).
+pub fn describe() {
+    describe_counter!(JOBS_SUBMITTED, "Jobs accepted, by tenant.");
+    describe_counter!(TASKS_SUBMITTED, "Tasks created by accepted jobs.");
+    describe_counter!(
+        JOBS_FINISHED,
+        "Jobs closed by this replica's reaper, by final state."
+    );
+    describe_counter!(TASKS_LEASED, "Tasks leased to workers, by stage.");
+    describe_histogram!(
+        LEASE_SECONDS,
+        Unit::Seconds,
+        "Time of the store's lease statement, per look at the queue (empty ones too)."
+    );
+    describe_counter!(
+        ARTIFACTS_RECORDED,
+        "Uploads recorded as artifacts (stamp checked, lease current)."
+    );
+    describe_counter!(UPLOAD_BYTES, Unit::Bytes, "Bytes of recorded artifacts.");
+    describe_counter!(
+        UPLOADS_REFUSED,
+        "Uploads not recorded, by reason: rejected (format, stamp or hash) or stale (the lease was no longer the worker's)."
+    );
+    describe_histogram!(
+        COMPLETE_SECONDS,
+        Unit::Seconds,
+        "Time of the store transaction that records one Complete call's artifacts."
+    );
+    describe_counter!(
+        ATTEMPTS_FAILED,
+        "Task attempts a worker ended without a result, by outcome: retry, failed (budget spent) or handed_back."
+    );
+    describe_counter!(
+        LEASES_EXPIRED,
+        "Leases that ran out without a heartbeat, by outcome: requeued or failed."
+    );
+    describe_counter!(
+        AUDIT_SEALED,
+        "Audit ledger entries sealed into the hash chain by this replica."
+    );
+    describe_gauge!(
+        TASKS,
+        "Open tasks of running and paused jobs, by state (waiting, ready, held, leased), stage, engine and model. Farm-wide."
+    );
+    describe_gauge!(JOBS, "Open jobs, by state (running, paused). Farm-wide.");
+    describe_gauge!(
+        WORKERS_LIVE,
+        "Workers seen within worker_timeout_ms. Farm-wide."
+    );
+    describe_gauge!(
+        AUDIT_UNSEALED,
+        "Audit ledger entries not yet sealed into the chain. Farm-wide."
+    );
+    describe_gauge!(
+        CENSUS_UP,
+        "1 when the last scrape could read the census from the database, else 0."
+    );
+}
+
+/// The `hallmark_tasks` label sets reported so far: once seen, a set is
+/// reported as 0 when its tasks are gone, so a drained queue reads 0
+/// instead of keeping its last value or vanishing.
+#[derive(Default)]
+pub struct CensusLabels(Mutex<BTreeSet<[String; 4]>>);
+
+impl CensusLabels {
+    /// Sets the census gauges from `census`.
+    pub fn publish(&self, census: &Census) {
+        let Ok(mut reported) = self.0.lock() else {
+            return;
+        };
+        let now: BTreeMap<[String; 4], u64> = census
+            .tasks
+            .iter()
+            .map(|t| {
+                let key = [
+                    t.state.clone(),
+                    t.stage.clone(),
+                    t.engine.clone(),
+                    t.model_id.clone(),
+                ];
+                (key, t.count)
+            })
+            .collect();
+        reported.extend(now.keys().cloned());
+        for key in reported.iter() {
+            let count = now.get(key).copied().unwrap_or(0);
+            let [state, stage, engine, model] = key.clone();
+            gauge!(TASKS, "state" => state, "stage" => stage, "engine" => engine, "model" => model)
+                .set(count as f64);
+        }
+        gauge!(JOBS, "state" => "running").set(census.running_jobs as f64);
+        gauge!(JOBS, "state" => "paused").set(census.paused_jobs as f64);
+        gauge!(WORKERS_LIVE).set(census.live_workers as f64);
+        gauge!(AUDIT_UNSEALED).set(census.unsealed_audit_entries as f64);
+    }
+}
+
+impl Refresh for Coordinator {
+    fn refresh(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            match self.store.census(self.live_since(now_ms())).await {
+                Ok(census) => {
+                    self.census_labels.publish(&census);
+                    gauge!(CENSUS_UP).set(1.0);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the census for metrics");
+                    gauge!(CENSUS_UP).set(0.0);
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,222 @@
+//! Metrics end to end: a coordinator process on Postgres and a worker
+//! process each serve `GET /metrics`; what they export is checked against
+//! what the job did — the census of open work before and after, the tasks
+//! leased, recorded and failed, and the worker's own tallies.
+
+use std::process::Command;
+use std::time::Duration;
+
+use hallmark_e2e::*;
+use hallmark_proto::v1::registry_client::RegistryClient;
+use hallmark_proto::v1::{Model, SubmitJobRequest, WeightFile};
+
+const SYNTHETIC: [(&str, &str); 2] = [("engine", "synthetic"), ("model", "synthetic-v1")];
+
+fn open_tasks(s: &Scrape, state: &str, stage: &str) -> Option<f64> {
+    s.sum(
+        "hallmark_tasks",
+        &[
+            SYNTHETIC[0],
+            SYNTHETIC[1],
+            ("state", state),
+            ("stage", stage),
+        ],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_and_the_worker_export_what_the_farm_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fresh_database().await;
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let spec = CoordinatorSpec::new(&db, Some(redis_url()), dir.path().join("blobs"))
+        .with("HALLMARK_METRICS_LISTEN", &metrics);
+    let _c = spec.start().await;
+    let url = spec.url();
+
+    // The model is registered; its worker is not up yet.
+    RegistryClient::new(channel(&url).await)
+        .register_model(Model {
+            model_id: "synthetic-v1".into(),
+            family: "synthetic".into(),
+            weights: vec![WeightFile {
+                path: "*".into(),
+                sha256: hallmark_provenance::sha256_hex(b"hallmark-synthetic:synthetic-v1"),
+                size: 0,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Six prompts with an upscale each, one of them failing on the worker
+    // with no retry: queued before any worker exists.
+    let mut job = synthetic_spec(6, 2);
+    job.prompts[3].prompt = "p3 [boom]".into();
+    job.max_attempts = 1;
+    let job_id = jobs_client(&url)
+        .await
+        .submit(SubmitJobRequest {
+            spec: Some(job),
+            queue_unservable: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+
+    let before = Scrape::get(&metrics);
+    assert_eq!(open_tasks(&before, "ready", "generate"), Some(6.0));
+    assert_eq!(open_tasks(&before, "waiting", "upscale"), Some(6.0));
+    assert_eq!(before.sum("hallmark_tasks", &[("state", "leased")]), None);
+    assert_eq!(
+        before.sum("hallmark_jobs", &[("state", "running")]),
+        Some(1.0)
+    );
+    assert_eq!(before.sum("hallmark_workers_live", &[]), Some(0.0));
+    assert_eq!(before.sum("hallmark_census_up", &[]), Some(1.0));
+    assert_eq!(before.sum("hallmark_jobs_submitted_total", &[]), Some(1.0));
+    assert_eq!(
+        before.sum("hallmark_tasks_submitted_total", &[]),
+        Some(12.0)
+    );
+    assert!(
+        before.text.contains("# HELP hallmark_tasks Open tasks"),
+        "help texts are exported:\n{}",
+        before.text
+    );
+
+    let worker_metrics = format!("127.0.0.1:{}", free_port());
+    let _w = start_worker(
+        &url,
+        "w",
+        0,
+        &[
+            "--fail-marker",
+            "[boom]",
+            "--metrics-listen",
+            &worker_metrics,
+        ],
+    );
+    let done = wait_for_job(&url, &job_id, Duration::from_secs(60)).await;
+    assert_eq!(done.state, "failed", "item 3 fails with no retry");
+
+    // The reaper closes the job; then the census has nothing open.
+    let mut after = Scrape::get(&metrics);
+    eventually(
+        "the job closed in the census",
+        Duration::from_secs(20),
+        || {
+            after = Scrape::get(&metrics);
+            let closed =
+                after.sum("hallmark_jobs_finished_total", &[("state", "failed")]) == Some(1.0);
+            async move { closed }
+        },
+    )
+    .await;
+    // Label sets seen before read 0 now, instead of vanishing.
+    assert_eq!(open_tasks(&after, "ready", "generate"), Some(0.0));
+    assert_eq!(open_tasks(&after, "waiting", "upscale"), Some(0.0));
+    assert_eq!(after.sum("hallmark_tasks", &[]), Some(0.0));
+    assert_eq!(
+        after.sum("hallmark_jobs", &[("state", "running")]),
+        Some(0.0)
+    );
+    assert_eq!(after.sum("hallmark_workers_live", &[]), Some(1.0));
+    // What the coordinator did: 6 generate leases, 5 upscales (the failed
+    // item's upscale never became ready), 10 artifacts, 1 failed attempt.
+    assert_eq!(
+        after.sum("hallmark_tasks_leased_total", &[("stage", "generate")]),
+        Some(6.0)
+    );
+    assert_eq!(
+        after.sum("hallmark_tasks_leased_total", &[("stage", "upscale")]),
+        Some(5.0)
+    );
+    assert_eq!(
+        after.sum("hallmark_artifacts_recorded_total", &[]),
+        Some(10.0)
+    );
+    let stored_bytes = scalar(&db, "SELECT CAST(SUM(size) AS BIGINT) FROM artifacts").await;
+    assert_eq!(
+        after.sum("hallmark_upload_bytes_total", &[]),
+        Some(stored_bytes as f64)
+    );
+    assert_eq!(
+        after.sum(
+            "hallmark_task_attempts_failed_total",
+            &[("outcome", "failed")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        after.sum(
+            "hallmark_task_attempts_failed_total",
+            &[("outcome", "retry")]
+        ),
+        None
+    );
+    assert!(after.sum("hallmark_store_lease_seconds_count", &[]) >= Some(2.0));
+    assert!(after.sum("hallmark_store_complete_seconds_count", &[]) >= Some(1.0));
+    // Every ledger entry is sealed by the reaper soon, this replica's count.
+    let ledger = scalar(&db, "SELECT COUNT(*) FROM audit_events").await;
+    eventually("the ledger sealed", Duration::from_secs(20), || {
+        let s = Scrape::get(&metrics);
+        let sealed = s.sum("hallmark_audit_unsealed_entries", &[]) == Some(0.0)
+            && s.sum("hallmark_audit_entries_sealed_total", &[]) == Some(ledger as f64);
+        async move { sealed }
+    })
+    .await;
+
+    // The worker's side of the same work.
+    let w = Scrape::get(&worker_metrics);
+    assert_eq!(
+        w.sum("hallmark_worker_tasks_total", &[("outcome", "completed")]),
+        Some(10.0)
+    );
+    assert_eq!(
+        w.sum("hallmark_worker_tasks_total", &[("outcome", "failed")]),
+        Some(1.0)
+    );
+    assert_eq!(w.sum("hallmark_worker_batch_tasks_sum", &[]), Some(11.0));
+    assert_eq!(
+        w.sum("hallmark_worker_stamp_seconds_count", &[]),
+        Some(10.0)
+    );
+    assert!(
+        w.sum(
+            "hallmark_worker_render_seconds_count",
+            &[("engine", "synthetic"), ("stage", "upscale")]
+        ) >= Some(1.0)
+    );
+    assert_eq!(w.sum("hallmark_worker_busy", &[]), Some(0.0));
+    // Prometheus's own linter accepts both endpoints' output.
+    promtool_check(&after);
+    promtool_check(&w);
+    assert_eq!(
+        w.sum("hallmark_tasks", &[]),
+        None,
+        "a worker does not export the coordinator's census"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_metrics_address_in_use_stops_the_coordinator_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = Command::new(bin("hallmark-coordinator"))
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .arg("--database-url")
+        .arg(format!("sqlite://{}", dir.path().join("c.db").display()))
+        .arg("--blob-dir")
+        .arg(dir.path().join("blobs"))
+        .args(["--metrics-listen", &addr])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("listening for metrics on {addr}")),
+        "{stderr}"
+    );
+}
