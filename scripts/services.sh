@@ -3,8 +3,9 @@
 # PostgreSQL on 5432 (trust auth for local TCP) and Redis on 6379, plus the
 # redis-server binary that fault tests start privately, moto's S3 server
 # for the object-store tests, the official c2patool (built once into
-# ~/.cache/hallmark) for the C2PA validation tests and promtool for the
-# metrics tests. Starts them when they
+# ~/.cache/hallmark) for the C2PA validation tests, promtool for the
+# metrics and Prometheus rule tests and kubernetes-validate for the
+# deployment tests. Starts them when they
 # are installed but down, installs them from Debian packages when missing.
 set -euo pipefail
 
@@ -89,6 +90,16 @@ if [ ! -x "$c2patool_root/bin/c2patool" ]; then
     --root "$c2patool_root" --target-dir "$HOME/.cache/hallmark/c2patool-build" --quiet
 fi
 
+# --- kubernetes-validate: the Kubernetes API schemas the deploy tests hold
+# deploy/k8s against, from PyPI ---
+deploy_venv="${HALLMARK_DEPLOY_VENV:-$HOME/.cache/hallmark/deploy-venv}"
+if [ ! -x "$deploy_venv/bin/kubernetes-validate" ]; then
+  echo "services: installing kubernetes-validate into $deploy_venv"
+  rm -rf "$deploy_venv"
+  python3 -m venv "$deploy_venv"
+  "$deploy_venv/bin/pip" install -q "kubernetes-validate==1.37.0"
+fi
+
 # --- promtool, which lints the /metrics output in the metrics tests: taken
 # out of Debian's prometheus package without installing it (no service) ---
 prometheus_root="${HALLMARK_PROMETHEUS_ROOT:-$HOME/.cache/hallmark/prometheus}"
@@ -110,4 +121,4 @@ if command -v psql >/dev/null 2>&1; then
       psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null 2>&1 || true
     done
 fi
-echo "services: PostgreSQL, Redis, the moto S3 server, c2patool and promtool are ready"
+echo "services: PostgreSQL, Redis, the moto S3 server, c2patool, promtool and kubernetes-validate are ready"

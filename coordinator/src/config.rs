@@ -6,10 +6,10 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// All coordinator settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct CoordinatorConfig {
     /// Address the gRPC server listens on.
@@ -75,7 +75,7 @@ pub struct CoordinatorConfig {
 }
 
 /// Settings of one tenant.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 pub struct TenantConfig {
     /// Cap on this tenant's running tasks; 0 means none.
     pub max_running: u32,
@@ -140,6 +140,15 @@ impl CoordinatorConfig {
             .try_deserialize()
             .map_err(|e| anyhow::anyhow!("invalid coordinator configuration: {e}"))?;
         Ok(cfg)
+    }
+
+    /// The name of every setting (`HALLMARK_` + the name in capitals sets
+    /// it from the environment).
+    pub fn setting_names() -> Vec<String> {
+        match serde_json::to_value(Self::default()) {
+            Ok(serde_json::Value::Object(fields)) => fields.keys().cloned().collect(),
+            _ => Vec::new(),
+        }
     }
 
     /// The running-task cap of `tenant` (0 = none).

@@ -258,7 +258,8 @@ pub fn hallmark(args: &[&str]) -> Output {
         .expect("run hallmark")
 }
 
-async fn wait_for_grpc(url: &str) {
+/// Waits until a gRPC server answers at `url`.
+pub async fn wait_for_grpc(url: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(ch) = Channel::from_shared(url.to_string())
@@ -708,4 +709,30 @@ pub fn promtool_check(scrape: &Scrape) {
         String::from_utf8_lossy(&out.stderr),
         scrape.text
     );
+}
+
+/// `hallmark submit ARGS` to `url`, waits until the job succeeds (or
+/// panics with its last state), then downloads it into `out_dir`; the job id.
+pub async fn run_job(
+    url: &str,
+    args: &[&str],
+    out_dir: &std::path::Path,
+    timeout: Duration,
+) -> String {
+    let out = hallmark(&[&["--coordinator", url, "--json", "submit"], args].concat());
+    let job_id = json_of(&out)["job_id"]
+        .as_str()
+        .expect("submit prints the job id")
+        .to_string();
+    let job = wait_for_job(url, &job_id, timeout).await;
+    assert_eq!(job.state, "succeeded", "{job:?}");
+    ok(&hallmark(&[
+        "--coordinator",
+        url,
+        "download",
+        &job_id,
+        "-o",
+        out_dir.to_str().expect("UTF-8 path"),
+    ]));
+    job_id
 }

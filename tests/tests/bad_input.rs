@@ -173,3 +173,17 @@ async fn bad_input_is_refused_clearly_and_creates_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_diffusion_worker_given_synthetic_model_ids_is_refused() {
+    let ca = test_ca();
+    let out = std::process::Command::new(bin("hallmark-worker"))
+        .env("HALLMARK_SIGNING_CERT_CHAIN", &ca.signer_chain)
+        .env("HALLMARK_SIGNING_PRIVATE_KEY", &ca.signer_key)
+        .args(["--engine", "diffusion", "--model", "sd15=/models/sd15"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--model-path"), "{stderr}");
+}

@@ -34,8 +34,9 @@ struct Args {
     /// Render engine: synthetic or diffusion.
     #[arg(long, default_value = "synthetic")]
     engine: String,
-    /// Model ids to serve (synthetic engine).
-    #[arg(long = "model", default_value = "synthetic-v1")]
+    /// Model ids to serve (synthetic engine; default synthetic-v1). The
+    /// diffusion engine serves the folders of --model-path instead.
+    #[arg(long = "model")]
     models: Vec<String>,
     #[command(flatten)]
     diffusion: hallmark_worker::diffusion::DiffusionArgs,
@@ -109,11 +110,20 @@ async fn main() -> anyhow::Result<()> {
     }
     let engine: Arc<dyn hallmark_worker::Engine> = match args.engine.as_str() {
         "synthetic" => Arc::new(SyntheticEngine::new(SyntheticConfig {
-            models: args.models,
+            models: if args.models.is_empty() {
+                vec!["synthetic-v1".into()]
+            } else {
+                args.models
+            },
             render_time: Duration::from_millis(args.render_ms),
             fail_marker: args.fail_marker,
         })),
         "diffusion" => {
+            if !args.models.is_empty() {
+                anyhow::bail!(
+                    "--model names synthetic models; the diffusion engine serves --model-path [ID=]DIR"
+                );
+            }
             let config = args.diffusion.config()?;
             Arc::new(
                 tokio::task::spawn_blocking(move || hallmark_worker::DiffusionEngine::new(config))

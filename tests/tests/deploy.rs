@@ -1,0 +1,905 @@
+//! The deployment files are tested, not only written. The Kubernetes
+//! manifests pass the API's schemas (kubernetes-validate, strict) and hang
+//! together (selectors, the autoscaler's target and model); the coordinator
+//! and the worker they describe — command, arguments, environment from
+//! ConfigMaps, Secrets and the downward API, mounted files, ports, probes,
+//! metrics annotations — run here as real processes with exactly that
+//! configuration and render a job through S3-compatible blob storage; so do
+//! the compose file's services. The Prometheus configuration and rules go
+//! through promtool, the rules through their unit tests.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use hallmark_e2e::*;
+use serde::Deserialize;
+use serde_yaml::Value;
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .join("deploy")
+}
+
+fn tool(env: &str, under_cache: &str, hint: &str) -> PathBuf {
+    let path = std::env::var_os(env)
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(under_cache)))
+        .expect("HOME");
+    assert!(
+        path.is_file(),
+        "{} is missing: {hint} (or set {env})",
+        path.display()
+    );
+    path
+}
+
+fn promtool() -> PathBuf {
+    tool(
+        "HALLMARK_PROMTOOL",
+        ".cache/hallmark/prometheus/usr/bin/promtool",
+        "scripts/services.sh unpacks promtool",
+    )
+}
+
+fn succeeded(out: &Output, what: &str) -> String {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{what} failed: {text}");
+    text
+}
+
+fn yaml_docs(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        .filter(|v: &Value| !v.is_null())
+        .collect()
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        other => panic!("expected a scalar, got {other:?}"),
+    }
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_sequence()
+        .map(|s| s.iter().map(text).collect())
+        .unwrap_or_default()
+}
+
+/// A process as a deployment file describes it.
+#[derive(Debug, Default)]
+struct Launch {
+    program: String,
+    args: Vec<String>,
+    env: BTreeMap<String, String>,
+}
+
+/// What the deployment's world is here: each `from` (a mount path, an
+/// address) replaced by its `to` in every argument and variable.
+#[derive(Default)]
+struct Rewrite(Vec<(String, String)>);
+
+impl Rewrite {
+    fn add(&mut self, from: impl Into<String>, to: impl Into<String>) {
+        self.0.push((from.into(), to.into()));
+        // Longest first, so /etc/hallmark/trust wins over /etc/hallmark.
+        self.0
+            .sort_by_key(|(from, _)| std::cmp::Reverse(from.len()));
+    }
+
+    /// One pass over `s`: a replacement is never rewritten again.
+    fn apply(&self, s: &str) -> String {
+        let mut out = String::new();
+        let mut i = 0;
+        'scan: while i < s.len() {
+            for (from, to) in &self.0 {
+                if s[i..].starts_with(from.as_str()) {
+                    out.push_str(to);
+                    i += from.len();
+                    continue 'scan;
+                }
+            }
+            let c = s[i..].chars().next().expect("a char");
+            out.push(c);
+            i += c.len_utf8();
+        }
+        out
+    }
+}
+
+/// Container ports, each mapped to a free port here (`0.0.0.0:P` →
+/// `127.0.0.1:P'`), since this machine runs every container on one network.
+#[derive(Default)]
+struct Ports(BTreeMap<u16, u16>);
+
+impl Ports {
+    fn map(&mut self, port: u16) -> u16 {
+        *self.0.entry(port).or_insert_with(free_port)
+    }
+
+    /// Adds a rewrite of every `0.0.0.0:P` found in `values` to its local port.
+    fn rewrite_listens<'a>(&mut self, values: impl Iterator<Item = &'a String>, rw: &mut Rewrite) {
+        for v in values {
+            if let Some(rest) = v.split("0.0.0.0:").nth(1) {
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                let port: u16 = digits.parse().expect("a port after 0.0.0.0:");
+                let local = self.map(port);
+                rw.add(format!("0.0.0.0:{port}"), format!("127.0.0.1:{local}"));
+            }
+        }
+    }
+}
+
+impl Launch {
+    fn rewritten(&self, rw: &Rewrite) -> Launch {
+        Launch {
+            program: self.program.clone(),
+            args: self.args.iter().map(|a| rw.apply(a)).collect(),
+            env: self
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), rw.apply(v)))
+                .collect(),
+        }
+    }
+
+    /// The command, with only the described environment (and a PATH that
+    /// finds the built binaries, a HOME of its own).
+    fn command(&self, home: &Path) -> Command {
+        let bins = bin("hallmark");
+        let bin_dir = bins.parent().expect("binaries directory");
+        let program = match self.program.as_str() {
+            p @ ("hallmark" | "hallmark-coordinator" | "hallmark-worker") => bin(p),
+            other => PathBuf::from(other),
+        };
+        let mut cmd = Command::new(program);
+        cmd.env_clear()
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    bin_dir.display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            )
+            .env("HOME", home)
+            .args(&self.args)
+            .envs(&self.env);
+        cmd
+    }
+}
+
+/// Every `HALLMARK_*` variable given to a coordinator is one of its
+/// settings: a misspelt one would be ignored without a word.
+fn assert_coordinator_settings(env: &BTreeMap<String, String>, source: &str) {
+    let names = hallmark_coordinator::CoordinatorConfig::setting_names();
+    assert!(names.contains(&"metrics_listen".to_string()), "{names:?}");
+    for key in env
+        .keys()
+        .filter(|k| k.starts_with("HALLMARK_") && *k != "HALLMARK_LOG")
+    {
+        let setting = key["HALLMARK_".len()..].to_ascii_lowercase();
+        let setting = setting.split("__").next().unwrap_or_default();
+        assert!(
+            names.iter().any(|n| n == setting),
+            "{source}: {key} is not a coordinator setting"
+        );
+    }
+}
+
+/// Every `HALLMARK_*` variable given to a worker is one its flags read.
+fn assert_worker_settings(env: &BTreeMap<String, String>, source: &str) {
+    let help = succeeded(
+        &Command::new(bin("hallmark-worker"))
+            .arg("--help")
+            .output()
+            .unwrap(),
+        "hallmark-worker --help",
+    );
+    for key in env
+        .keys()
+        .filter(|k| k.starts_with("HALLMARK_") && *k != "HALLMARK_LOG")
+    {
+        assert!(
+            help.contains(&format!("[env: {key}")),
+            "{source}: {key} is read by no worker flag"
+        );
+    }
+}
+
+// ---------------------------------------------------------------- Kubernetes
+
+struct Cluster {
+    docs: Vec<Value>,
+}
+
+impl Cluster {
+    fn load() -> Self {
+        let dir = deploy_dir().join("k8s");
+        let kustomization = yaml_docs(&dir.join("kustomization.yaml")).remove(0);
+        let listed: BTreeSet<String> = strings(&kustomization["resources"]).into_iter().collect();
+        let present: BTreeSet<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n.ends_with(".yaml") && n != "kustomization.yaml")
+            .collect();
+        assert_eq!(listed, present, "kustomization.yaml lists every manifest");
+        let docs = listed
+            .iter()
+            .flat_map(|f| yaml_docs(&dir.join(f)))
+            .collect();
+        Self { docs }
+    }
+
+    fn get(&self, kind: &str, name: &str) -> &Value {
+        self.docs
+            .iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name} in deploy/k8s"))
+    }
+
+    fn config_map(&self, name: &str) -> BTreeMap<String, String> {
+        self.get("ConfigMap", name)["data"]
+            .as_mapping()
+            .expect("ConfigMap data")
+            .iter()
+            .map(|(k, v)| (text(k), text(v)))
+            .collect()
+    }
+}
+
+/// What the operator creates beside the manifests (deploy/README.md):
+/// Secrets, the trust ConfigMap, the models volume.
+struct Provided {
+    secrets: BTreeMap<(String, String), String>,
+    /// Files of Secret and ConfigMap volumes, by object name then key.
+    files: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
+    /// Directories standing in for PersistentVolumeClaims, by claim name.
+    claims: BTreeMap<String, PathBuf>,
+}
+
+/// The launch of `container` of a Deployment's pod `pod_name`, with its
+/// volumes made here under `root`.
+fn pod_launch(
+    cluster: &Cluster,
+    deployment: &str,
+    container: &str,
+    pod_name: &str,
+    provided: &Provided,
+    root: &Path,
+    rw: &mut Rewrite,
+) -> (Launch, Value) {
+    let pod = &cluster.get("Deployment", deployment)["spec"]["template"]["spec"];
+    let c = pod["containers"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == container)
+        .unwrap_or_else(|| panic!("no container {container} in {deployment}"))
+        .clone();
+    let mut command = strings(&c["command"]);
+    let mut launch = Launch {
+        program: command.remove(0),
+        args: command.into_iter().chain(strings(&c["args"])).collect(),
+        env: BTreeMap::new(),
+    };
+    for from in c["envFrom"].as_sequence().into_iter().flatten() {
+        launch
+            .env
+            .extend(cluster.config_map(&text(&from["configMapRef"]["name"])));
+    }
+    for e in c["env"].as_sequence().into_iter().flatten() {
+        let name = text(&e["name"]);
+        let from = &e["valueFrom"];
+        let value = if !e["value"].is_null() {
+            Some(text(&e["value"]))
+        } else if !from["secretKeyRef"].is_null() {
+            let r = &from["secretKeyRef"];
+            let key = (text(&r["name"]), text(&r["key"]));
+            let value = provided.secrets.get(&key).cloned();
+            assert!(
+                value.is_some() || r["optional"] == true,
+                "{deployment} needs secret {key:?}, which deploy/README.md does not name"
+            );
+            value
+        } else if !from["configMapKeyRef"].is_null() {
+            let r = &from["configMapKeyRef"];
+            cluster
+                .config_map(&text(&r["name"]))
+                .get(&text(&r["key"]))
+                .cloned()
+        } else if from["fieldRef"]["fieldPath"] == "metadata.name" {
+            Some(pod_name.to_string())
+        } else {
+            panic!("{deployment}: cannot resolve {e:?}")
+        };
+        if let Some(v) = value {
+            launch.env.insert(name, v);
+        }
+    }
+    let volumes = pod["volumes"].as_sequence().cloned().unwrap_or_default();
+    for m in c["volumeMounts"].as_sequence().into_iter().flatten() {
+        let name = text(&m["name"]);
+        let v = volumes
+            .iter()
+            .find(|v| v["name"] == name.as_str())
+            .unwrap_or_else(|| panic!("{deployment}: no volume {name}"));
+        let local = root.join(&name);
+        let object = if !v["configMap"].is_null() {
+            Some(text(&v["configMap"]["name"]))
+        } else if !v["secret"].is_null() {
+            Some(text(&v["secret"]["secretName"]))
+        } else {
+            None
+        };
+        if let Some(object) = object {
+            let files = provided
+                .files
+                .get(&object)
+                .unwrap_or_else(|| panic!("{deployment} mounts {object}, which is not provided"));
+            std::fs::create_dir_all(&local).unwrap();
+            for (key, bytes) in files {
+                std::fs::write(local.join(key), bytes).unwrap();
+            }
+            rw.add(text(&m["mountPath"]), local.to_string_lossy());
+        } else if !v["emptyDir"].is_null() {
+            std::fs::create_dir_all(&local).unwrap();
+            rw.add(text(&m["mountPath"]), local.to_string_lossy());
+        } else if !v["persistentVolumeClaim"].is_null() {
+            let claim = text(&v["persistentVolumeClaim"]["claimName"]);
+            cluster.get("PersistentVolumeClaim", &claim);
+            let dir = &provided.claims[&claim];
+            rw.add(text(&m["mountPath"]), dir.to_string_lossy());
+        } else {
+            panic!("{deployment}: volume {name} of an unexpected kind");
+        }
+    }
+    (launch, c)
+}
+
+fn labels(v: &Value) -> BTreeMap<String, String> {
+    v.as_mapping()
+        .map(|m| m.iter().map(|(k, v)| (text(k), text(v))).collect())
+        .unwrap_or_default()
+}
+
+fn port_named(container: &Value, name: &str) -> u16 {
+    container["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .and_then(|p| p["containerPort"].as_u64())
+        .unwrap_or_else(|| panic!("no port {name}")) as u16
+}
+
+#[test]
+fn the_kubernetes_manifests_pass_the_api_schemas() {
+    let dir = deploy_dir().join("k8s");
+    let validate = tool(
+        "HALLMARK_KUBERNETES_VALIDATE",
+        ".cache/hallmark/deploy-venv/bin/kubernetes-validate",
+        "scripts/services.sh installs kubernetes-validate",
+    );
+    let files: Vec<String> = strings(&yaml_docs(&dir.join("kustomization.yaml"))[0]["resources"]);
+    // The oldest Kubernetes still in support, and the newest the schemas know.
+    for version in ["1.30", "1.37"] {
+        let out = Command::new(&validate)
+            .current_dir(&dir)
+            .args(["--strict", "--quiet", "-k", version])
+            .args(&files)
+            .output()
+            .unwrap();
+        let report = succeeded(&out, &format!("kubernetes-validate against {version}"));
+        assert!(!report.contains("WARN"), "{report}");
+    }
+}
+
+#[test]
+fn the_kubernetes_objects_select_and_scale_each_other() {
+    let cluster = Cluster::load();
+    for name in ["hallmark-coordinator", "hallmark-worker-sd15"] {
+        let d = cluster.get("Deployment", name);
+        let pod_labels = labels(&d["spec"]["template"]["metadata"]["labels"]);
+        for (k, v) in labels(&d["spec"]["selector"]["matchLabels"]) {
+            assert_eq!(
+                pod_labels.get(&k),
+                Some(&v),
+                "{name}'s selector matches its pods"
+            );
+        }
+    }
+    let coordinator_pods = labels(
+        &cluster.get("Deployment", "hallmark-coordinator")["spec"]["template"]["metadata"]["labels"],
+    );
+    for (kind, path) in [("Service", "selector"), ("PodDisruptionBudget", "selector")] {
+        let object = cluster.get(kind, "hallmark-coordinator");
+        let selector = if kind == "Service" {
+            labels(&object["spec"][path])
+        } else {
+            labels(&object["spec"][path]["matchLabels"])
+        };
+        assert!(!selector.is_empty());
+        for (k, v) in selector {
+            assert_eq!(
+                coordinator_pods.get(&k),
+                Some(&v),
+                "the {kind} selects the coordinator pods"
+            );
+        }
+    }
+    // The autoscaler scales the worker Deployment on the model it serves.
+    let hpa = cluster.get("HorizontalPodAutoscaler", "hallmark-worker-sd15");
+    assert_eq!(
+        hpa["spec"]["scaleTargetRef"]["name"],
+        "hallmark-worker-sd15"
+    );
+    let worker = &cluster.get("Deployment", "hallmark-worker-sd15")["spec"]["template"]["spec"]["containers"]
+        [0];
+    let args = strings(&worker["args"]);
+    let served: Vec<&str> = args
+        .windows(2)
+        .filter(|w| w[0] == "--model-path")
+        .map(|w| w[1].split('=').next().unwrap())
+        .collect();
+    let metric = &hpa["spec"]["metrics"][0]["external"]["metric"];
+    assert_eq!(
+        served,
+        [text(&metric["selector"]["matchLabels"]["model"]).as_str()]
+    );
+    // The external metric is the one prometheus-adapter serves from the recording rule.
+    let adapter = yaml_docs(&deploy_dir().join("prometheus/adapter-rules.yaml")).remove(0);
+    let rule = &adapter["externalRules"][0];
+    assert_eq!(rule["name"]["as"], metric["name"]);
+    let rules = std::fs::read_to_string(deploy_dir().join("prometheus/rules.yml")).unwrap();
+    assert!(rules.contains(&format!("record: {}", text(&rule["seriesQuery"]))));
+    // One GPU per worker; the grace period outlasts the drain.
+    assert_eq!(worker["resources"]["limits"]["nvidia.com/gpu"], 1);
+    let drain: u64 = args
+        .windows(2)
+        .find(|w| w[0] == "--drain-secs")
+        .map(|w| w[1].parse().unwrap())
+        .expect("--drain-secs");
+    let grace = cluster.get("Deployment", "hallmark-worker-sd15")["spec"]["template"]["spec"]
+        ["terminationGracePeriodSeconds"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        grace > drain,
+        "grace {grace}s must outlast the {drain}s drain"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kubernetes_manifests_run_a_farm_as_written() {
+    let cluster = Cluster::load();
+    let dir = tempfile::tempdir().unwrap();
+    let moto = Moto::start();
+    let db = fresh_database().await;
+    let ca = test_ca();
+    let models = dir.path().join("models-volume");
+    init_tiny(&models.join("sd15"), "sd1");
+    init_tiny(&models.join("realesrgan-x4"), "esrgan-x4");
+    // Exactly the Secret keys and files deploy/README.md tells the operator to create.
+    let secret =
+        |name: &str, key: &str, value: String| ((name.to_string(), key.to_string()), value);
+    let provided = Provided {
+        secrets: [
+            secret("hallmark-secrets", "database-url", db.clone()),
+            secret("hallmark-secrets", "redis-url", redis_url()),
+            secret(
+                "hallmark-secrets",
+                "watermark-key",
+                "k8s-test-watermark-key".into(),
+            ),
+            secret("hallmark-secrets", "blob-url", moto.bucket_url()),
+            secret("hallmark-blob-store", "aws-access-key-id", "test".into()),
+            secret(
+                "hallmark-blob-store",
+                "aws-secret-access-key",
+                "test".into(),
+            ),
+            secret("hallmark-blob-store", "aws-region", "us-east-1".into()),
+            secret(
+                "hallmark-blob-store",
+                "aws-endpoint",
+                format!("http://127.0.0.1:{}", moto.port),
+            ),
+            secret("hallmark-blob-store", "aws-allow-http", "true".into()),
+        ]
+        .into_iter()
+        .collect(),
+        files: [
+            ("hallmark-trust", vec![("root.pem", &ca.root_cert)]),
+            (
+                "hallmark-signing",
+                vec![
+                    ("signer.pem", &ca.signer_chain),
+                    ("signer.key", &ca.signer_key),
+                ],
+            ),
+        ]
+        .into_iter()
+        .map(|(object, files)| {
+            (
+                object.to_string(),
+                files
+                    .into_iter()
+                    .map(|(k, p)| (k.to_string(), std::fs::read(p).unwrap()))
+                    .collect(),
+            )
+        })
+        .collect(),
+        claims: [("hallmark-models".to_string(), models)]
+            .into_iter()
+            .collect(),
+    };
+
+    let mut ports = Ports::default();
+    let mut rw = Rewrite::default();
+    let (coordinator, c_spec) = pod_launch(
+        &cluster,
+        "hallmark-coordinator",
+        "coordinator",
+        "hallmark-coordinator-7d9f-abcde",
+        &provided,
+        &dir.path().join("coordinator-pod"),
+        &mut rw,
+    );
+    let mut worker_rw = Rewrite::default();
+    let (worker, w_spec) = pod_launch(
+        &cluster,
+        "hallmark-worker-sd15",
+        "worker",
+        "hallmark-worker-sd15-6c8b-fghij",
+        &provided,
+        &dir.path().join("worker-pod"),
+        &mut worker_rw,
+    );
+    // Services resolve to the coordinator's ports here.
+    let service = cluster.get("Service", "hallmark-coordinator");
+    for p in service["spec"]["ports"].as_sequence().unwrap() {
+        let target = port_named(&c_spec, &text(&p["targetPort"]));
+        let local = ports.map(target);
+        worker_rw.add(
+            format!("hallmark-coordinator:{}", text(&p["port"])),
+            format!("127.0.0.1:{local}"),
+        );
+    }
+    ports.rewrite_listens(coordinator.env.values().chain(&coordinator.args), &mut rw);
+    ports.rewrite_listens(worker.env.values().chain(&worker.args), &mut worker_rw);
+
+    assert_coordinator_settings(&coordinator.env, "deploy/k8s coordinator");
+    assert_worker_settings(&worker.env, "deploy/k8s worker");
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let _coordinator = Proc::spawn(
+        "k8s-coordinator",
+        &mut coordinator.rewritten(&rw).command(&home),
+    );
+    let grpc = ports.map(port_named(&c_spec, "grpc"));
+    let url = format!("http://127.0.0.1:{grpc}");
+    wait_for_grpc(&url).await;
+
+    // The probes ask gRPC health on the listening port.
+    for probe in ["readinessProbe", "livenessProbe"] {
+        let p = &c_spec[probe]["grpc"];
+        assert_eq!(
+            p["port"].as_u64(),
+            Some(u64::from(port_named(&c_spec, "grpc")))
+        );
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel(&url).await);
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: p["service"].as_str().unwrap_or_default().to_string(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(
+            status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        );
+    }
+    // Prometheus finds the metrics where the annotations say.
+    let scrape_at = |spec: &Value, deployment: &str| {
+        let annotations = labels(
+            &cluster.get("Deployment", deployment)["spec"]["template"]["metadata"]["annotations"],
+        );
+        assert_eq!(annotations["prometheus.io/scrape"], "true");
+        assert_eq!(annotations["prometheus.io/path"], "/metrics");
+        let port: u16 = annotations["prometheus.io/port"].parse().unwrap();
+        assert_eq!(port, port_named(spec, "metrics"));
+        port
+    };
+    let c_metrics = format!(
+        "127.0.0.1:{}",
+        ports.map(scrape_at(&c_spec, "hallmark-coordinator"))
+    );
+    assert_eq!(
+        Scrape::get(&c_metrics).sum("hallmark_census_up", &[]),
+        Some(1.0)
+    );
+
+    // The worker: as written, but on this machine's CPU (no GPU here).
+    assert_eq!(
+        worker.env.get("HALLMARK_DEVICE").map(String::as_str),
+        Some("cuda")
+    );
+    let mut worker = worker.rewritten(&worker_rw);
+    worker.env.insert("HALLMARK_DEVICE".into(), "cpu".into());
+    worker.env.insert("HALLMARK_DTYPE".into(), "f32".into());
+    let _worker = Proc::spawn("k8s-worker", &mut worker.command(&home));
+    wait_for_workers(&url, 1).await;
+    let listed = workers_client(&url)
+        .await
+        .list_workers(hallmark_proto::v1::ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    assert_eq!(
+        listed[0].name, "hallmark-worker-sd15-6c8b-fghij",
+        "named after its pod"
+    );
+
+    let out_dir = dir.path().join("out");
+    run_job(
+        &url,
+        &[
+            "--prompt",
+            "a lighthouse at dusk",
+            "--engine",
+            "diffusion",
+            "--model",
+            "sd15",
+            "--width",
+            "192",
+            "--height",
+            "192",
+            "--steps",
+            "2",
+            "--upscale",
+            "4",
+        ],
+        &out_dir,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(
+        image::image_dimensions(out_dir.join("00000-upscalex4.png")).unwrap(),
+        (768, 768)
+    );
+    let w_metrics = format!(
+        "127.0.0.1:{}",
+        ports.map(scrape_at(&w_spec, "hallmark-worker-sd15"))
+    );
+    assert_eq!(
+        Scrape::get(&w_metrics).sum("hallmark_worker_tasks_total", &[("outcome", "completed")]),
+        Some(2.0)
+    );
+}
+
+// ------------------------------------------------------------------- compose
+
+/// `${VAR}`, `${VAR:-default}` and `${VAR:?message}` as compose
+/// interpolates them from `vars`.
+fn interpolate(s: &str, vars: &BTreeMap<&str, &str>) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find('}').expect("closing brace") + start;
+        let inner = &rest[start + 2..end];
+        let (name, fallback) = match inner.find(":-").or_else(|| inner.find(":?")) {
+            Some(i) => (&inner[..i], Some((&inner[i..i + 2], &inner[i + 2..]))),
+            None => (inner, None),
+        };
+        match (vars.get(name), fallback) {
+            (Some(v), _) if !v.is_empty() => out.push_str(v),
+            (_, Some((":-", default))) => out.push_str(default),
+            (_, Some((_, message))) => panic!("compose would refuse to start: {message}"),
+            (None, None) | (Some(_), None) => {}
+        }
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn service_launch(service: &Value, vars: &BTreeMap<&str, &str>) -> Launch {
+    let mut command = strings(&service["command"]);
+    let env = service["environment"]
+        .as_mapping()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (text(k), interpolate(&text(v), vars)))
+                .collect()
+        })
+        .unwrap_or_default();
+    Launch {
+        program: command.remove(0),
+        args: command,
+        env,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_compose_file_runs_a_farm_as_written() {
+    let compose = yaml_docs(&deploy_dir().join("compose.yaml")).remove(0);
+    let services = &compose["services"];
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let vars: BTreeMap<&str, &str> =
+        [("HALLMARK_WATERMARK_KEY", "compose-test-watermark-key")].into();
+    let db = fresh_database().await;
+
+    // Named volumes are directories here; the hosts are this machine.
+    let mut rw = Rewrite::default();
+    for name in compose["volumes"].as_mapping().unwrap().keys() {
+        let name = text(name);
+        std::fs::create_dir_all(dir.path().join(&name)).unwrap();
+        for s in services.as_mapping().unwrap().values() {
+            for v in strings(&s["volumes"]) {
+                let parts: Vec<&str> = v.split(':').collect();
+                if parts[0] == name {
+                    rw.add(parts[1], dir.path().join(&name).to_string_lossy());
+                }
+            }
+        }
+    }
+    let postgres_url = text(&services["coordinator"]["environment"]["HALLMARK_DATABASE_URL"]);
+    rw.add(postgres_url, db);
+    rw.add("redis:6379", redis_url().trim_start_matches("redis://"));
+    let mut ports = Ports::default();
+    let coordinator = service_launch(&services["coordinator"], &vars);
+    assert_coordinator_settings(&coordinator.env, "compose coordinator");
+    assert_worker_settings(
+        &service_launch(&services["worker"], &vars).env,
+        "compose worker",
+    );
+    ports.rewrite_listens(coordinator.env.values(), &mut rw);
+    let grpc = ports.map(7070);
+    rw.add("coordinator:7070", format!("127.0.0.1:{grpc}"));
+
+    // The CA job makes the signing identity once and leaves it on a re-run.
+    let ca = service_launch(&services["ca"], &vars).rewritten(&rw);
+    for run in 0..2 {
+        succeeded(
+            &ca.command(&home).output().unwrap(),
+            &format!("the ca service (run {run})"),
+        );
+    }
+    let ca_dir = dir.path().join("ca");
+    for f in ["root.pem", "signer.pem", "signer.key"] {
+        assert!(ca_dir.join(f).is_file(), "the ca service made {f}");
+    }
+
+    let _coordinator = Proc::spawn(
+        "compose-coordinator",
+        &mut coordinator.rewritten(&rw).command(&home),
+    );
+    let url = format!("http://127.0.0.1:{grpc}");
+    wait_for_grpc(&url).await;
+    // Scaled to two workers: each listens on its own metrics port here.
+    let worker = service_launch(&services["worker"], &vars);
+    let mut workers = Vec::new();
+    let mut worker_metrics = Vec::new();
+    for i in 0..2 {
+        let mut own = Rewrite(rw.0.clone());
+        let mut own_ports = Ports::default();
+        own_ports.rewrite_listens(worker.env.values(), &mut own);
+        worker_metrics.push(format!("127.0.0.1:{}", own_ports.map(9465)));
+        workers.push(Proc::spawn(
+            &format!("compose-worker-{i}"),
+            &mut worker.rewritten(&own).command(&home),
+        ));
+    }
+    wait_for_workers(&url, 2).await;
+    let prompts = prompt_file(dir.path(), 6);
+    // The outputs are signed by the CA the ca service made, and verify against it.
+    let out_dir = dir.path().join("out");
+    run_job(
+        &url,
+        &[
+            prompts.to_str().unwrap(),
+            "--upscale",
+            "2",
+            "--width",
+            "192",
+            "--height",
+            "192",
+        ],
+        &out_dir,
+        Duration::from_secs(60),
+    )
+    .await;
+    let report = ok(&Command::new(bin("hallmark"))
+        .args([
+            "--json",
+            "verify",
+            out_dir.to_str().unwrap(),
+            "--trust-anchors",
+        ])
+        .arg(ca_dir.join("root.pem"))
+        .env("HALLMARK_WATERMARK_KEY", vars["HALLMARK_WATERMARK_KEY"])
+        .output()
+        .unwrap());
+    let files: Vec<serde_json::Value> = serde_json::from_str(&report).unwrap();
+    assert_eq!(files.len(), 12);
+    let completed: f64 = worker_metrics
+        .iter()
+        .map(|m| {
+            Scrape::get(m)
+                .sum("hallmark_worker_tasks_total", &[("outcome", "completed")])
+                .unwrap_or(0.0)
+        })
+        .sum();
+    assert_eq!(
+        completed, 12.0,
+        "the two workers' metrics add up to the job"
+    );
+
+    // Prometheus's configuration names these services and ports.
+    let prometheus = yaml_docs(&deploy_dir().join("prometheus/prometheus.yml")).remove(0);
+    let jobs = prometheus["scrape_configs"].as_sequence().unwrap();
+    let coordinator_target = text(&jobs[0]["static_configs"][0]["targets"][0]);
+    assert_eq!(
+        coordinator_target,
+        format!(
+            "coordinator:{}",
+            coordinator.env["HALLMARK_METRICS_LISTEN"]
+                .rsplit(':')
+                .next()
+                .unwrap()
+        )
+    );
+    assert_eq!(
+        jobs[1]["dns_sd_configs"][0]["port"]
+            .as_u64()
+            .map(|p| p.to_string()),
+        worker.env["HALLMARK_METRICS_LISTEN"]
+            .rsplit(':')
+            .next()
+            .map(str::to_string)
+    );
+    for s in strings(&services["prometheus"]["volumes"]) {
+        assert_eq!(
+            s, "./prometheus:/etc/prometheus:ro",
+            "the config folder beside compose.yaml"
+        );
+    }
+}
+
+// ---------------------------------------------------------------- Prometheus
+
+#[test]
+fn the_prometheus_configuration_and_rules_pass_promtool_and_their_unit_tests() {
+    let dir = deploy_dir().join("prometheus");
+    let run = |args: &[&str]| {
+        let out = Command::new(promtool())
+            .current_dir(&dir)
+            .args(args)
+            .output()
+            .unwrap();
+        succeeded(&out, &format!("promtool {}", args.join(" ")))
+    };
+    run(&["check", "config", "prometheus.yml"]);
+    let rules = run(&["check", "rules", "rules.yml"]);
+    assert!(rules.contains("SUCCESS: 9 rules found"), "{rules}");
+    run(&["test", "rules", "rules.test.yml"]);
+}
