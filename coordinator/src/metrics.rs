@@ -32,6 +32,7 @@ pub const AUDIT_SEALED: &str = "hallmark_audit_entries_sealed_total";
 pub const TASKS: &str = "hallmark_tasks";
 pub const JOBS: &str = "hallmark_jobs";
 pub const WORKERS_LIVE: &str = "hallmark_workers_live";
+pub const MODEL_WORKERS_LIVE: &str = "hallmark_model_workers_live";
 pub const AUDIT_UNSEALED: &str = "hallmark_audit_unsealed_entries";
 pub const CENSUS_UP: &str = "hallmark_census_up";
 
@@ -85,6 +86,10 @@ pub fn describe() {
         "Workers seen within worker_timeout_ms. Farm-wide."
     );
     describe_gauge!(
+        MODEL_WORKERS_LIVE,
+        "Live workers serving each engine and model (a worker counts for every model it serves). Farm-wide."
+    );
+    describe_gauge!(
         AUDIT_UNSEALED,
         "Audit ledger entries not yet sealed into the chain. Farm-wide."
     );
@@ -94,11 +99,15 @@ pub fn describe() {
     );
 }
 
-/// The `hallmark_tasks` label sets reported so far: once seen, a set is
-/// reported as 0 when its tasks are gone, so a drained queue reads 0
-/// instead of keeping its last value or vanishing.
+/// The label sets the census gauges have reported so far, by metric: once
+/// seen, a set is reported as 0 when it is gone (a drained queue, a model
+/// whose last worker left), so it reads 0 instead of keeping its last value
+/// or vanishing.
 #[derive(Default)]
-pub struct CensusLabels(Mutex<BTreeSet<[String; 4]>>);
+pub struct CensusLabels(Mutex<BTreeSet<Series>>);
+
+/// One gauge series: the metric and its label pairs.
+type Series = (&'static str, Vec<(&'static str, String)>);
 
 impl CensusLabels {
     /// Sets the census gauges from `census`.
@@ -106,25 +115,29 @@ impl CensusLabels {
         let Ok(mut reported) = self.0.lock() else {
             return;
         };
-        let now: BTreeMap<[String; 4], u64> = census
-            .tasks
-            .iter()
-            .map(|t| {
-                let key = [
-                    t.state.clone(),
-                    t.stage.clone(),
-                    t.engine.clone(),
-                    t.model_id.clone(),
-                ];
-                (key, t.count)
-            })
-            .collect();
+        let mut now: BTreeMap<Series, u64> = BTreeMap::new();
+        for t in &census.tasks {
+            let labels = vec![
+                ("state", t.state.clone()),
+                ("stage", t.stage.clone()),
+                ("engine", t.engine.clone()),
+                ("model", t.model_id.clone()),
+            ];
+            now.insert((TASKS, labels), t.count);
+        }
+        for m in &census.model_workers {
+            let labels = vec![("engine", m.engine.clone()), ("model", m.model_id.clone())];
+            now.insert((MODEL_WORKERS_LIVE, labels), m.live);
+        }
         reported.extend(now.keys().cloned());
         for key in reported.iter() {
-            let count = now.get(key).copied().unwrap_or(0);
-            let [state, stage, engine, model] = key.clone();
-            gauge!(TASKS, "state" => state, "stage" => stage, "engine" => engine, "model" => model)
-                .set(count as f64);
+            let value = now.get(key).copied().unwrap_or(0);
+            let (metric, labels) = key;
+            let labels: Vec<metrics::Label> = labels
+                .iter()
+                .map(|(k, v)| metrics::Label::new(*k, v.clone()))
+                .collect();
+            gauge!(*metric, labels).set(value as f64);
         }
         gauge!(JOBS, "state" => "running").set(census.running_jobs as f64);
         gauge!(JOBS, "state" => "paused").set(census.paused_jobs as f64);

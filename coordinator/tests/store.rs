@@ -9,8 +9,8 @@ use std::collections::HashSet;
 use hallmark_coordinator::spec::{self, ExpandedJob, Limits};
 use hallmark_coordinator::stamps::CheckedStamp;
 use hallmark_coordinator::store::{
-    ArtifactKey, Census, Completion, JobControl, LeasePolicy, Store, StoreError, WorkerCaps,
-    WorkerRegistration,
+    ArtifactKey, Census, Completion, JobControl, LeasePolicy, ModelWorkers, Store, StoreError,
+    WorkerCaps, WorkerRegistration,
 };
 use hallmark_proto::v1::{
     Dataset, JobSpec, Model, ModelCapability, PromptItem, TaskLease, WeightFile,
@@ -204,7 +204,12 @@ both_stores! {
         assert_eq!((census.running_jobs, census.paused_jobs), (1, 0));
         // Registered at 0: live for a cut-off at 0, not for one after.
         assert_eq!(census.live_workers, 1);
-        assert_eq!(s.census(1).await.unwrap().live_workers, 0);
+        assert_eq!(
+            census.model_workers,
+            [ModelWorkers { engine: "synthetic".into(), model_id: "m1".into(), live: 1 }]
+        );
+        let later = s.census(1).await.unwrap();
+        assert_eq!((later.live_workers, later.model_workers.len()), (0, 0));
         let unsealed = count(s, "SELECT COUNT(*) FROM audit_events WHERE seq IS NULL").await;
         assert!(unsealed >= 2, "the registration and the submit at least");
         assert_eq!(census.unsealed_audit_entries, unsealed as u64);

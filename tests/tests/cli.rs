@@ -281,6 +281,7 @@ async fn up_serves_an_embedded_farm_that_outside_workers_and_clients_join() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let url = format!("http://{listen}");
+    let metrics = format!("127.0.0.1:{}", free_port());
     let mut up = Proc::spawn(
         "hallmark up",
         std::process::Command::new(bin("hallmark")).args([
@@ -293,6 +294,8 @@ async fn up_serves_an_embedded_farm_that_outside_workers_and_clients_join() {
             "300",
             "--state-dir",
             dir.path().join("state").to_str().unwrap(),
+            "--metrics-listen",
+            &metrics,
         ]),
     );
     eventually("the embedded farm answers", Duration::from_secs(30), || {
@@ -397,6 +400,23 @@ async fn up_serves_an_embedded_farm_that_outside_workers_and_clients_join() {
             .iter()
             .any(|r| r["credentials"]["generation"]["worker_id"] == outside_id),
         "no image from the outside worker: {reports:#}"
+    );
+    // The farm's endpoint carries the coordinator's metrics and its local
+    // worker's (the outside worker has its own process).
+    let by_outside = reports
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["credentials"]["generation"]["worker_id"] == outside_id)
+        .count();
+    let scrape = Scrape::get(&metrics);
+    assert_eq!(scrape.sum("hallmark_tasks_leased_total", &[]), Some(8.0));
+    assert_eq!(scrape.sum("hallmark_workers_live", &[]), Some(2.0));
+    assert_eq!(
+        scrape
+            .sum("hallmark_worker_tasks_total", &[("outcome", "completed")])
+            .unwrap_or(0.0),
+        (8 - by_outside) as f64
     );
     assert!(
         up.terminate().success(),

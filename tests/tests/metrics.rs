@@ -73,6 +73,7 @@ async fn the_coordinator_and_the_worker_export_what_the_farm_did() {
         Some(1.0)
     );
     assert_eq!(before.sum("hallmark_workers_live", &[]), Some(0.0));
+    assert_eq!(before.sum("hallmark_model_workers_live", &SYNTHETIC), None);
     assert_eq!(before.sum("hallmark_census_up", &[]), Some(1.0));
     assert_eq!(before.sum("hallmark_jobs_submitted_total", &[]), Some(1.0));
     assert_eq!(
@@ -122,6 +123,10 @@ async fn the_coordinator_and_the_worker_export_what_the_farm_did() {
         Some(0.0)
     );
     assert_eq!(after.sum("hallmark_workers_live", &[]), Some(1.0));
+    assert_eq!(
+        after.sum("hallmark_model_workers_live", &SYNTHETIC),
+        Some(1.0)
+    );
     // What the coordinator did: 6 generate leases, 5 upscales (the failed
     // item's upscale never became ready), 10 artifacts, 1 failed attempt.
     assert_eq!(

@@ -1,6 +1,6 @@
 //! A census of the farm's open work, read for the metrics endpoint: tasks of
-//! unfinished jobs by state, stage and model, open jobs, live workers and the
-//! audit entries waiting to be sealed.
+//! unfinished jobs by state, stage and model, open jobs, live workers (in all
+//! and per model they serve) and the audit entries waiting to be sealed.
 //!
 //! Every count reads rows that indexes reach directly (running and paused
 //! jobs, the unsealed ledger entries), so a scrape costs the open work, not
@@ -21,6 +21,14 @@ pub struct TaskCount {
     pub count: u64,
 }
 
+/// How many live workers serve one engine and model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelWorkers {
+    pub engine: String,
+    pub model_id: String,
+    pub live: u64,
+}
+
 /// The farm's open work at one moment.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Census {
@@ -30,6 +38,9 @@ pub struct Census {
     pub paused_jobs: u64,
     /// Workers seen since `live_since`.
     pub live_workers: u64,
+    /// Those workers per engine and model they serve (a worker serving two
+    /// models counts for each).
+    pub model_workers: Vec<ModelWorkers>,
     pub unsealed_audit_entries: u64,
 }
 
@@ -74,6 +85,21 @@ impl Store {
                 .fetch_one(&self.pool)
                 .await?
                 .try_get::<i64, _>("n")? as u64;
+        for r in sqlx::query(
+            "SELECT m.engine, m.model_id, COUNT(*) AS n FROM workers w \
+             JOIN worker_models m ON m.worker_id = w.id WHERE w.last_seen_at >= $1 \
+             GROUP BY m.engine, m.model_id ORDER BY m.engine, m.model_id",
+        )
+        .bind(live_since)
+        .fetch_all(&self.pool)
+        .await?
+        {
+            census.model_workers.push(ModelWorkers {
+                engine: r.try_get("engine")?,
+                model_id: r.try_get("model_id")?,
+                live: r.try_get::<i64, _>("n")? as u64,
+            });
+        }
         census.unsealed_audit_entries =
             sqlx::query("SELECT COUNT(*) AS n FROM audit_events WHERE seq IS NULL")
                 .fetch_one(&self.pool)

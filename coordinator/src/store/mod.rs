@@ -21,7 +21,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
 pub use audit::{AuditEvent, LedgerPage, kind as audit_kind};
-pub use census::{Census, TaskCount};
+pub use census::{Census, ModelWorkers, TaskCount};
 pub use dispatch::{
     Completion, FailOutcome, LeasePolicy, ReapOutcome, WorkerCaps, WorkerRegistration,
 };
