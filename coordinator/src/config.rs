@@ -151,11 +151,54 @@ impl CoordinatorConfig {
         }
     }
 
+    /// The `HALLMARK_*` variables among `vars` that set no coordinator
+    /// setting: the environment source ignores them, so a misspelt one
+    /// would otherwise change nothing without a word. `HALLMARK_LOG` and
+    /// `HALLMARK_CONFIG` are the binary's own.
+    pub fn unrecognised_variables(vars: impl IntoIterator<Item = String>) -> Vec<String> {
+        let names = Self::setting_names();
+        vars.into_iter()
+            .filter(|k| k.starts_with("HALLMARK_") && k != "HALLMARK_LOG" && k != "HALLMARK_CONFIG")
+            .filter(|k| {
+                let setting = k["HALLMARK_".len()..].to_ascii_lowercase();
+                let setting = setting.split("__").next().unwrap_or_default();
+                !names.iter().any(|n| n == setting)
+            })
+            .collect()
+    }
+
     /// The running-task cap of `tenant` (0 = none).
     pub fn tenant_cap(&self, tenant: &str) -> u32 {
         self.tenants
             .get(tenant)
             .map(|t| t.max_running)
             .unwrap_or(self.tenant_max_running)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unrecognised(vars: &[&str]) -> Vec<String> {
+        CoordinatorConfig::unrecognised_variables(vars.iter().map(|v| v.to_string()))
+    }
+
+    #[test]
+    fn misspelt_hallmark_variables_are_named_and_settings_are_not() {
+        assert_eq!(
+            unrecognised(&[
+                "HALLMARK_DATABASE_URL",
+                "HALLMARK_METRICS_LISTEN",
+                "HALLMARK_BLOB_OPTIONS__AWS_REGION",
+                "HALLMARK_TENANTS__ACME__MAX_RUNNING",
+                "HALLMARK_LOG",
+                "HALLMARK_CONFIG",
+                "AWS_REGION",
+                "HALLMARK_HTTP_LISTN",
+                "HALLMARK_COORDINATOR",
+            ]),
+            ["HALLMARK_HTTP_LISTN", "HALLMARK_COORDINATOR"]
+        );
     }
 }

@@ -75,6 +75,9 @@ async fn main() -> anyhow::Result<()> {
         overrides.push(("trust_anchors", v.display().to_string()));
     }
     let config = CoordinatorConfig::load(args.config.as_deref(), &overrides)?;
+    for variable in CoordinatorConfig::unrecognised_variables(std::env::vars().map(|(k, _)| k)) {
+        tracing::warn!(%variable, "not a coordinator setting (coordinator/src/config.rs); ignored");
+    }
     let mut running = hallmark_coordinator::start(config)
         .await
         .context("starting the coordinator")?;

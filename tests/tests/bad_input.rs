@@ -187,3 +187,19 @@ fn a_diffusion_worker_given_synthetic_model_ids_is_refused() {
     assert!(!out.status.success());
     assert!(stderr.contains("--model-path"), "{stderr}");
 }
+
+#[test]
+fn the_coordinator_names_a_misspelt_setting() {
+    let out = std::process::Command::new(bin("hallmark-coordinator"))
+        .env("HALLMARK_HTTP_LISTN", "127.0.0.1:0")
+        .args(["--database-url", "nowhere://x"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("HALLMARK_HTTP_LISTN") && stderr.contains("not a coordinator setting"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("neither postgres"), "{stderr}");
+}
