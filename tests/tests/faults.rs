@@ -104,7 +104,9 @@ async fn killed_worker_tasks_are_released_and_the_job_completes_once() {
 async fn unstamped_and_stale_completions_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let db = fresh_database().await;
-    let spec = CoordinatorSpec::new(&db, None, dir.path().join("blobs"));
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let spec = CoordinatorSpec::new(&db, None, dir.path().join("blobs"))
+        .with("HALLMARK_METRICS_LISTEN", &metrics);
     let _c = spec.start().await;
     let url = spec.url();
     let worker_id = fake_worker(&url).await;
@@ -264,6 +266,15 @@ async fn unstamped_and_stale_completions_are_refused() {
         .await,
         1,
         "the artifact is recorded with its watermark id and manifest"
+    );
+    // The refusals are counted by reason.
+    let scrape = Scrape::get(&metrics);
+    let refused = |reason| scrape.sum("hallmark_uploads_refused_total", &[("reason", reason)]);
+    assert_eq!(refused("rejected"), Some(5.0));
+    assert_eq!(refused("stale"), Some(1.0));
+    assert_eq!(
+        scrape.sum("hallmark_artifacts_recorded_total", &[]),
+        Some(1.0)
     );
 }
 
