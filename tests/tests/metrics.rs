@@ -225,3 +225,93 @@ async fn a_metrics_address_in_use_stops_the_coordinator_with_the_reason() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_diffusion_worker_exports_its_model_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny-sd1");
+    init_tiny(&model, "sd1");
+    let db = fresh_database().await;
+    let spec = CoordinatorSpec::new(&db, None, dir.path().join("blobs"));
+    let _c = spec.start().await;
+    let url = spec.url();
+    // Two models (the same folder under two ids) and a cache too small for
+    // both: each switch of model evicts the other.
+    let (a, b) = (
+        format!("tiny-a={}", model.display()),
+        format!("tiny-b={}", model.display()),
+    );
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let _w = start_worker(
+        &url,
+        "gpu-0",
+        0,
+        &[
+            "--engine",
+            "diffusion",
+            "--model-path",
+            &a,
+            "--model-path",
+            &b,
+            "--model-cache-gb",
+            "0.000001",
+            "--metrics-listen",
+            &metrics,
+        ],
+    );
+    wait_for_workers(&url, 1).await;
+    for model_id in ["tiny-a", "tiny-b", "tiny-a", "tiny-a"] {
+        let out_dir = dir.path().join(format!("out-{}", uuid::Uuid::new_v4()));
+        run_job(
+            &url,
+            &[
+                "--prompt",
+                "a fox",
+                "--engine",
+                "diffusion",
+                "--model",
+                model_id,
+                "--width",
+                "192",
+                "--height",
+                "192",
+                "--steps",
+                "2",
+            ],
+            &out_dir,
+            Duration::from_secs(60),
+        )
+        .await;
+    }
+    let s = Scrape::get(&metrics);
+    let loads = |model| {
+        s.sum(
+            "hallmark_worker_model_load_seconds_count",
+            &[("model", model)],
+        )
+    };
+    assert_eq!(
+        (loads("tiny-a"), loads("tiny-b")),
+        (Some(2.0), Some(1.0)),
+        "the last render hit the cache"
+    );
+    assert_eq!(
+        s.sum("hallmark_worker_model_evictions_total", &[]),
+        Some(2.0)
+    );
+    assert_eq!(s.sum("hallmark_worker_models_loaded", &[]), Some(1.0));
+    let weights: u64 = std::fs::read_dir(model.join("unet"))
+        .into_iter()
+        .chain(std::fs::read_dir(model.join("vae")))
+        .chain(std::fs::read_dir(model.join("text_encoder")))
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    assert_eq!(
+        s.sum("hallmark_worker_model_cache_bytes", &[]),
+        Some(weights as f64)
+    );
+    promtool_check(&s);
+}

@@ -22,6 +22,7 @@ use hallmark_proto::v1::ModelCapability;
 use hallmark_provenance::credentials::UpscaleRecord;
 
 use crate::engine::{Engine, EngineError, RenderTask, RenderedImage};
+use crate::metrics as m;
 
 /// Settings of the diffusion engine.
 #[derive(Debug, Clone)]
@@ -318,10 +319,12 @@ impl DiffusionEngine {
             .get(id)
             .ok_or_else(|| EngineError::UnknownModel(id.to_string()))?;
         let mut cache = self.cache.lock().expect("model cache lock");
-        cache
+        let held_before = cache.held();
+        let model = cache
             .get_or_load(id, served.folder.weights_size(), || {
+                let started = std::time::Instant::now();
                 served.folder.verify_weights(&served.files)?;
-                StableDiffusion::load(
+                let loaded = StableDiffusion::load(
                     served.folder.clone(),
                     LoadOptions {
                         device: self.config.device.clone(),
@@ -330,9 +333,20 @@ impl DiffusionEngine {
                         attention: self.config.attention,
                         conv_algorithm: self.config.conv_algorithm,
                     },
-                )
+                );
+                metrics::histogram!(m::MODEL_LOAD_SECONDS, "model" => id.to_string())
+                    .record(started.elapsed());
+                loaded
             })
-            .map_err(failed)
+            .map_err(failed);
+        let held = cache.held();
+        let evicted = held_before.iter().filter(|k| !held.contains(k)).count();
+        if evicted > 0 {
+            metrics::counter!(m::MODEL_EVICTIONS).increment(evicted as u64);
+        }
+        metrics::gauge!(m::MODELS_LOADED).set(held.len() as f64);
+        metrics::gauge!(m::MODEL_CACHE_BYTES).set(cache.used() as f64);
+        model
     }
 
     fn upscaler(&self) -> Result<(Arc<RrdbNet>, String), EngineError> {

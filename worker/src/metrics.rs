@@ -9,6 +9,10 @@ pub const STAMP_SECONDS: &str = "hallmark_worker_stamp_seconds";
 pub const UPLOAD_SECONDS: &str = "hallmark_worker_upload_seconds";
 pub const BUSY: &str = "hallmark_worker_busy";
 pub const LEASE_ERRORS: &str = "hallmark_worker_lease_errors_total";
+pub const MODEL_LOAD_SECONDS: &str = "hallmark_worker_model_load_seconds";
+pub const MODEL_EVICTIONS: &str = "hallmark_worker_model_evictions_total";
+pub const MODELS_LOADED: &str = "hallmark_worker_models_loaded";
+pub const MODEL_CACHE_BYTES: &str = "hallmark_worker_model_cache_bytes";
 
 /// Gives every metric its help text (call once the recorder is installed).
 pub fn describe() {
@@ -35,6 +39,21 @@ pub fn describe() {
     describe_gauge!(
         BUSY,
         "Batches in hand (rendering, stamping or uploading): 0 or 1 per worker in the process."
+    );
+    describe_histogram!(
+        MODEL_LOAD_SECONDS,
+        Unit::Seconds,
+        "Diffusion models loaded into the cache (weights re-hashed, then read), by model: the count is the loads."
+    );
+    describe_counter!(
+        MODEL_EVICTIONS,
+        "Models evicted from the cache to fit its budget (--model-cache-gb)."
+    );
+    describe_gauge!(MODELS_LOADED, "Diffusion models held in the cache.");
+    describe_gauge!(
+        MODEL_CACHE_BYTES,
+        Unit::Bytes,
+        "Weight bytes of the models held in the cache."
     );
     describe_counter!(
         LEASE_ERRORS,
