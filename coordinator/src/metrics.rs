@@ -35,6 +35,8 @@ pub const WORKERS_LIVE: &str = "hallmark_workers_live";
 pub const MODEL_WORKERS_LIVE: &str = "hallmark_model_workers_live";
 pub const AUDIT_UNSEALED: &str = "hallmark_audit_unsealed_entries";
 pub const CENSUS_UP: &str = "hallmark_census_up";
+pub const GRPC_REQUESTS: &str = "hallmark_grpc_requests_total";
+pub const GRPC_SECONDS: &str = "hallmark_grpc_request_seconds";
 
 /// Gives every metric its help text (call once the recorder is installed).
 pub fn describe() {
@@ -92,6 +94,15 @@ pub fn describe() {
     describe_gauge!(
         AUDIT_UNSEALED,
         "Audit ledger entries not yet sealed into the chain. Farm-wide."
+    );
+    describe_counter!(
+        GRPC_REQUESTS,
+        "gRPC calls served, by method and status code."
+    );
+    describe_histogram!(
+        GRPC_SECONDS,
+        Unit::Seconds,
+        "gRPC call time by method, until the response ends (a stream's whole life; a lease call's long poll)."
     );
     describe_gauge!(
         CENSUS_UP,
@@ -160,5 +171,137 @@ impl Refresh for Coordinator {
                 }
             }
         })
+    }
+}
+
+/// Counts and times every gRPC call by method and status code, as a tower
+/// layer on the server: `hallmark_grpc_requests_total{method,code}` and
+/// `hallmark_grpc_request_seconds{method}` (until the response ends, so a
+/// stream's whole life). The status comes from the response headers for an
+/// error answered at once, else from the trailers that end the body.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GrpcMetricsLayer;
+
+impl<S> tower::Layer<S> for GrpcMetricsLayer {
+    type Service = GrpcMetrics<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcMetrics { inner }
+    }
+}
+
+/// The service [`GrpcMetricsLayer`] wraps around the gRPC routes.
+#[derive(Debug, Clone)]
+pub struct GrpcMetrics<S> {
+    inner: S,
+}
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for GrpcMetrics<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<ObservedBody<ResBody>>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let mut call = GrpcCall {
+            method: request.uri().path().to_string(),
+            started: std::time::Instant::now(),
+            ended: false,
+        };
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            if let Some(code) = grpc_status(response.headers()) {
+                call.end(code);
+            }
+            let (parts, body) = response.into_parts();
+            Ok(http::Response::from_parts(
+                parts,
+                ObservedBody { body, call },
+            ))
+        })
+    }
+}
+
+/// One call being measured; recorded once, when its status is known (or,
+/// failing that, when the response is dropped: `Cancelled`).
+struct GrpcCall {
+    method: String,
+    started: std::time::Instant,
+    ended: bool,
+}
+
+impl GrpcCall {
+    fn end(&mut self, code: tonic::Code) {
+        if std::mem::replace(&mut self.ended, true) {
+            return;
+        }
+        metrics::counter!(GRPC_REQUESTS, "method" => self.method.clone(), "code" => format!("{code:?}"))
+            .increment(1);
+        metrics::histogram!(GRPC_SECONDS, "method" => self.method.clone())
+            .record(self.started.elapsed());
+    }
+}
+
+impl Drop for GrpcCall {
+    fn drop(&mut self) {
+        self.end(tonic::Code::Cancelled);
+    }
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
+    let value = headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .parse::<i32>()
+        .ok()?;
+    Some(tonic::Code::from_i32(value))
+}
+
+/// A response body that records its call's status from the trailers.
+pub struct ObservedBody<B> {
+    body: B,
+    call: GrpcCall,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for ObservedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
+                    self.call.end(code);
+                }
+            }
+            std::task::Poll::Ready(Some(Err(_))) => self.call.end(tonic::Code::Internal),
+            std::task::Poll::Ready(None) => self.call.end(tonic::Code::Unknown),
+            std::task::Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }

@@ -169,6 +169,7 @@ pub async fn start_on(
 
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .layer(crate::metrics::GrpcMetricsLayer)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(

@@ -276,6 +276,21 @@ async fn unstamped_and_stale_completions_are_refused() {
         scrape.sum("hallmark_artifacts_recorded_total", &[]),
         Some(1.0)
     );
+    // The same calls by gRPC status code.
+    let completes = |code| {
+        scrape.sum(
+            "hallmark_grpc_requests_total",
+            &[("method", "/hallmark.v1.Workers/Complete"), ("code", code)],
+        )
+    };
+    assert_eq!(
+        (
+            completes("InvalidArgument"),
+            completes("FailedPrecondition"),
+            completes("Ok")
+        ),
+        (Some(5.0), Some(1.0), Some(1.0))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -76,6 +76,19 @@ async fn the_coordinator_and_the_worker_export_what_the_farm_did() {
     assert_eq!(before.sum("hallmark_model_workers_live", &SYNTHETIC), None);
     assert_eq!(before.sum("hallmark_census_up", &[]), Some(1.0));
     assert_eq!(before.sum("hallmark_jobs_submitted_total", &[]), Some(1.0));
+    // Every gRPC call is counted by method and code: one submit, and the
+    // model registration.
+    let calls = |s: &Scrape, method: &str, code: &str| {
+        s.sum(
+            "hallmark_grpc_requests_total",
+            &[("method", method), ("code", code)],
+        )
+    };
+    assert_eq!(calls(&before, "/hallmark.v1.Jobs/Submit", "Ok"), Some(1.0));
+    assert_eq!(
+        calls(&before, "/hallmark.v1.Registry/RegisterModel", "Ok"),
+        Some(1.0)
+    );
     assert_eq!(
         before.sum("hallmark_tasks_submitted_total", &[]),
         Some(12.0)
@@ -194,6 +207,25 @@ async fn the_coordinator_and_the_worker_export_what_the_farm_did() {
         ) >= Some(1.0)
     );
     assert_eq!(w.sum("hallmark_worker_busy", &[]), Some(0.0));
+    // The worker's calls: one registration, one Complete per uploaded
+    // batch, one Fail; at least one answered Lease per batch it held.
+    let batches = w.sum("hallmark_worker_batch_tasks_count", &[]);
+    assert_eq!(
+        calls(&after, "/hallmark.v1.Workers/Register", "Ok"),
+        Some(1.0)
+    );
+    assert_eq!(calls(&after, "/hallmark.v1.Workers/Fail", "Ok"), Some(1.0));
+    assert_eq!(
+        calls(&after, "/hallmark.v1.Workers/Complete", "Ok"),
+        w.sum("hallmark_worker_upload_seconds_count", &[])
+    );
+    assert!(calls(&after, "/hallmark.v1.Workers/Lease", "Ok") >= batches);
+    assert!(
+        after.sum(
+            "hallmark_grpc_request_seconds_count",
+            &[("method", "/hallmark.v1.Workers/Lease")]
+        ) >= batches
+    );
     // Prometheus's own linter accepts both endpoints' output.
     promtool_check(&after);
     promtool_check(&w);
