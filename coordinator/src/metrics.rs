@@ -179,14 +179,20 @@ impl Refresh for Coordinator {
 /// `hallmark_grpc_request_seconds{method}` (until the response ends, so a
 /// stream's whole life). The status comes from the response headers for an
 /// error answered at once, else from the trailers that end the body.
+/// Disabled (no `metrics_listen`), it passes calls through unmeasured.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct GrpcMetricsLayer;
+pub struct GrpcMetricsLayer {
+    pub enabled: bool,
+}
 
 impl<S> tower::Layer<S> for GrpcMetricsLayer {
     type Service = GrpcMetrics<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        GrpcMetrics { inner }
+        GrpcMetrics {
+            inner,
+            enabled: self.enabled,
+        }
     }
 }
 
@@ -194,6 +200,7 @@ impl<S> tower::Layer<S> for GrpcMetricsLayer {
 #[derive(Debug, Clone)]
 pub struct GrpcMetrics<S> {
     inner: S,
+    enabled: bool,
 }
 
 impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for GrpcMetrics<S>
@@ -213,15 +220,15 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let mut call = GrpcCall {
+        let mut call = self.enabled.then(|| GrpcCall {
             method: request.uri().path().to_string(),
             started: std::time::Instant::now(),
             ended: false,
-        };
+        });
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await?;
-            if let Some(code) = grpc_status(response.headers()) {
+            if let (Some(call), Some(code)) = (call.as_mut(), grpc_status(response.headers())) {
                 call.end(code);
             }
             let (parts, body) = response.into_parts();
@@ -272,7 +279,7 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<tonic::Code> {
 /// A response body that records its call's status from the trailers.
 pub struct ObservedBody<B> {
     body: B,
-    call: GrpcCall,
+    call: Option<GrpcCall>,
 }
 
 impl<B: http_body::Body + Unpin> http_body::Body for ObservedBody<B> {
@@ -284,14 +291,17 @@ impl<B: http_body::Body + Unpin> http_body::Body for ObservedBody<B> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        let Some(call) = self.call.as_mut() else {
+            return polled;
+        };
         match &polled {
             std::task::Poll::Ready(Some(Ok(frame))) => {
                 if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
-                    self.call.end(code);
+                    call.end(code);
                 }
             }
-            std::task::Poll::Ready(Some(Err(_))) => self.call.end(tonic::Code::Internal),
-            std::task::Poll::Ready(None) => self.call.end(tonic::Code::Unknown),
+            std::task::Poll::Ready(Some(Err(_))) => call.end(tonic::Code::Internal),
+            std::task::Poll::Ready(None) => call.end(tonic::Code::Unknown),
             std::task::Poll::Pending => {}
         }
         polled

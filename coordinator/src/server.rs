@@ -169,7 +169,9 @@ pub async fn start_on(
 
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .layer(crate::metrics::GrpcMetricsLayer)
+        .layer(crate::metrics::GrpcMetricsLayer {
+            enabled: metrics.is_some(),
+        })
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
