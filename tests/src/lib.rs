@@ -461,15 +461,10 @@ pub struct Moto {
 
 impl Moto {
     pub fn start() -> Self {
-        let bin = std::env::var("HALLMARK_TEST_MOTO_SERVER").unwrap_or_else(|_| {
-            format!(
-                "{}/.cache/hallmark/moto-venv/bin/moto_server",
-                std::env::var("HOME").unwrap_or_default()
-            )
-        });
-        assert!(
-            std::path::Path::new(&bin).exists(),
-            "{bin} is missing: run scripts/services.sh (it installs moto's S3 server) or set HALLMARK_TEST_MOTO_SERVER"
+        let bin = installed_tool(
+            "HALLMARK_TEST_MOTO_SERVER",
+            ".cache/hallmark/moto-venv/bin/moto_server",
+            "run scripts/services.sh (it installs moto's S3 server)",
         );
         let port = free_port();
         let proc = Proc::spawn(
@@ -672,23 +667,36 @@ fn parse_sample(line: &str) -> Option<(String, std::collections::BTreeMap<String
     Some((name.to_string(), labels, value))
 }
 
+/// A tool `scripts/services.sh` installs under `~/.cache/hallmark`
+/// (`under_cache`), or the one the variable `env` names; panics with `hint`
+/// when it is missing.
+pub fn installed_tool(env: &str, under_cache: &str, hint: &str) -> PathBuf {
+    let path = std::env::var_os(env)
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(under_cache)))
+        .unwrap_or_else(|| panic!("set HOME or {env}"));
+    assert!(
+        path.is_file(),
+        "{} is missing: {hint} (or set {env})",
+        path.display()
+    );
+    path
+}
+
+/// Prometheus's `promtool`, unpacked by `scripts/services.sh`.
+pub fn promtool() -> PathBuf {
+    installed_tool(
+        "HALLMARK_PROMTOOL",
+        ".cache/hallmark/prometheus/usr/bin/promtool",
+        "scripts/services.sh unpacks promtool",
+    )
+}
+
 /// Lints a scrape with Prometheus's own `promtool check metrics` (unpacked
 /// by `scripts/services.sh`; `HALLMARK_PROMTOOL` to use another): it must
 /// parse, and break none of Prometheus's naming and typing rules.
 pub fn promtool_check(scrape: &Scrape) {
-    let path = std::env::var_os("HALLMARK_PROMTOOL")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cache/hallmark/prometheus/usr/bin/promtool"))
-        })
-        .expect("HOME or HALLMARK_PROMTOOL");
-    assert!(
-        path.is_file(),
-        "{} is missing: scripts/services.sh unpacks promtool (or set HALLMARK_PROMTOOL)",
-        path.display()
-    );
-    let mut child = Command::new(&path)
+    let mut child = Command::new(promtool())
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -711,21 +719,31 @@ pub fn promtool_check(scrape: &Scrape) {
     );
 }
 
-/// `hallmark submit ARGS` to `url`, waits until the job succeeds (or
-/// panics with its last state), then downloads it into `out_dir`; the job id.
+/// `hallmark submit ARGS` to `url` (which must exit 0), then waits until
+/// the job succeeds (or panics with its last state); the job id.
+pub async fn submit_and_finish(url: &str, args: &[&str], timeout: Duration) -> String {
+    let out = ok(&hallmark(
+        &[&["--coordinator", url, "--json", "submit"], args].concat(),
+    ));
+    let submitted: serde_json::Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("submit printed no JSON ({e}): {out}"));
+    let job_id = submitted["job_id"]
+        .as_str()
+        .expect("submit prints the job id")
+        .to_string();
+    let job = wait_for_job(url, &job_id, timeout).await;
+    assert_eq!(job.state, "succeeded", "{job:?}");
+    job_id
+}
+
+/// [`submit_and_finish`], then downloads the job into `out_dir`; the job id.
 pub async fn run_job(
     url: &str,
     args: &[&str],
     out_dir: &std::path::Path,
     timeout: Duration,
 ) -> String {
-    let out = hallmark(&[&["--coordinator", url, "--json", "submit"], args].concat());
-    let job_id = json_of(&out)["job_id"]
-        .as_str()
-        .expect("submit prints the job id")
-        .to_string();
-    let job = wait_for_job(url, &job_id, timeout).await;
-    assert_eq!(job.state, "succeeded", "{job:?}");
+    let job_id = submit_and_finish(url, args, timeout).await;
     ok(&hallmark(&[
         "--coordinator",
         url,

@@ -53,22 +53,20 @@ async fn the_audit_ledger_catches_every_kind_of_tampering() {
     let _w = start_worker(&url, "w", 0, &[]);
     wait_for_workers(&url, 1).await;
     let prompts = prompt_file(dir.path(), 4);
-    let out = hallmark(&[
-        "--coordinator",
+    let job_id = submit_and_finish(
         &url,
-        "--json",
-        "submit",
-        prompts.to_str().unwrap(),
-        "--upscale",
-        "2",
-        "--width",
-        "192",
-        "--height",
-        "192",
-    ]);
-    let job_id = json_of(&out)["job_id"].as_str().unwrap().to_string();
-    let job = wait_for_job(&url, &job_id, Duration::from_secs(60)).await;
-    assert_eq!(job.state, "succeeded");
+        &[
+            prompts.to_str().unwrap(),
+            "--upscale",
+            "2",
+            "--width",
+            "192",
+            "--height",
+            "192",
+        ],
+        Duration::from_secs(60),
+    )
+    .await;
     // The finish is recorded by a reap pass, and sealed by the next.
     wait_for_count(
         &db,

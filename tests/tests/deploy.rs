@@ -24,27 +24,6 @@ fn deploy_dir() -> PathBuf {
         .join("deploy")
 }
 
-fn tool(env: &str, under_cache: &str, hint: &str) -> PathBuf {
-    let path = std::env::var_os(env)
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(under_cache)))
-        .expect("HOME");
-    assert!(
-        path.is_file(),
-        "{} is missing: {hint} (or set {env})",
-        path.display()
-    );
-    path
-}
-
-fn promtool() -> PathBuf {
-    tool(
-        "HALLMARK_PROMTOOL",
-        ".cache/hallmark/prometheus/usr/bin/promtool",
-        "scripts/services.sh unpacks promtool",
-    )
-}
-
 fn succeeded(out: &Output, what: &str) -> String {
     let text = format!(
         "{}{}",
@@ -381,7 +360,7 @@ fn port_named(container: &Value, name: &str) -> u16 {
 #[test]
 fn the_kubernetes_manifests_pass_the_api_schemas() {
     let dir = deploy_dir().join("k8s");
-    let validate = tool(
+    let validate = installed_tool(
         "HALLMARK_KUBERNETES_VALIDATE",
         ".cache/hallmark/deploy-venv/bin/kubernetes-validate",
         "scripts/services.sh installs kubernetes-validate",

@@ -76,48 +76,29 @@ async fn stamped_outputs_verify_and_a_laundered_copy_leads_back_to_its_lineage()
     );
     wait_for_workers(&url, 1).await;
 
-    let out = hallmark(&[
-        "--coordinator",
-        &url,
-        "--json",
-        "submit",
-        "--engine",
-        "synthetic",
-        "--model",
-        "synth-prov",
-        "--prompt",
-        "a lighthouse at dusk",
-        "--upscale",
-        "2",
-        "--width",
-        "256",
-        "--height",
-        "256",
-        "--tenant",
-        "acme",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let job_id = json_of(&out)["job_id"].as_str().unwrap().to_string();
-    let job = wait_for_job(&url, &job_id, Duration::from_secs(60)).await;
-    assert_eq!(job.state, "succeeded");
     let files = dir.path().join("files");
-    let out = hallmark(&[
-        "--coordinator",
+    run_job(
         &url,
-        "download",
-        &job_id,
-        "-o",
-        files.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        &[
+            "--engine",
+            "synthetic",
+            "--model",
+            "synth-prov",
+            "--prompt",
+            "a lighthouse at dusk",
+            "--upscale",
+            "2",
+            "--width",
+            "256",
+            "--height",
+            "256",
+            "--tenant",
+            "acme",
+        ],
+        &files,
+        Duration::from_secs(60),
+    )
+    .await;
     let base = files.join("00000.png");
     let up = files.join("00000-upscalex2.png");
 
