@@ -244,6 +244,27 @@ pub struct SpecArgs {
     /// to the file) and `strength`.
     #[arg(long)]
     pub strength: Option<f64>,
+    /// Refine each image before any upscale: img2img at its size with this
+    /// model (an SDXL refiner, a fine-tune, or the job's own model).
+    #[arg(long)]
+    pub refine_model: Option<String>,
+    /// How much a refine re-renders, in (0, 1) (default 0.3; implies a
+    /// refine with the job's model when --refine-model is not given).
+    #[arg(long)]
+    pub refine_strength: Option<f64>,
+}
+
+impl SpecArgs {
+    /// The refine stage the flags ask for, if any.
+    fn refine(&self) -> Option<hallmark_proto::v1::RefineSpec> {
+        if self.refine_model.is_none() && self.refine_strength.is_none() {
+            return None;
+        }
+        Some(hallmark_proto::v1::RefineSpec {
+            model_id: self.refine_model.clone().unwrap_or_default(),
+            strength: self.refine_strength.unwrap_or(0.0),
+        })
+    }
 }
 
 /// An init image file as read for a job: its bytes, sha256 and size.
@@ -931,6 +952,7 @@ pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<BuiltSp
             args.strength.unwrap_or(0.8)
         },
         init_image_sha256: init.map(|i| i.sha256).unwrap_or_default(),
+        refine: args.refine(),
     };
     Ok(BuiltSpec { spec, init_images })
 }
@@ -971,7 +993,17 @@ async fn render(cfg: &ClientConfig, mut args: RenderArgs, json: bool) -> anyhow:
             let workers = LocalWorkers {
                 count: args.workers.unwrap_or(cfg.workers).max(1),
                 engine: args.spec.engine.clone(),
-                models: vec![built.spec.model_id.clone()],
+                // The local workers serve the job's model and its refiner.
+                models: std::iter::once(built.spec.model_id.clone())
+                    .chain(
+                        built
+                            .spec
+                            .refine
+                            .as_ref()
+                            .map(|r| r.model_id.clone())
+                            .filter(|m| !m.is_empty() && *m != built.spec.model_id),
+                    )
+                    .collect(),
                 render_time: Duration::from_millis(args.render_ms),
                 max_batch: 4,
                 diffusion,

@@ -157,9 +157,8 @@ impl Remote {
         let artifacts = self.artifacts(job_id).await?;
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating output directory {}", dir.display()))?;
-        let base_widths: BTreeMap<String, u32> = artifacts
+        let widths: BTreeMap<String, u32> = artifacts
             .iter()
-            .filter(|a| a.stage == "generate")
             .map(|a| (a.sha256.clone(), a.width))
             .collect();
         let mut written = Vec::with_capacity(artifacts.len());
@@ -169,14 +168,16 @@ impl Remote {
                 "image/webp" => "webp",
                 _ => "png",
             };
-            let name = if a.stage == "generate" {
-                format!("{:05}.{ext}", a.item_index)
-            } else {
-                let factor = base_widths
-                    .get(&a.parent_sha256)
-                    .and_then(|w| a.width.checked_div(*w))
-                    .unwrap_or(0);
-                format!("{:05}-{}x{factor}.{ext}", a.item_index, a.stage)
+            let name = match a.stage.as_str() {
+                "generate" => format!("{:05}.{ext}", a.item_index),
+                "upscale" => {
+                    let factor = widths
+                        .get(&a.parent_sha256)
+                        .and_then(|w| a.width.checked_div(*w))
+                        .unwrap_or(0);
+                    format!("{:05}-{}x{factor}.{ext}", a.item_index, a.stage)
+                }
+                stage => format!("{:05}-{stage}.{ext}", a.item_index),
             };
             let path = dir.join(name);
             let bytes = self.fetch(&a.sha256).await?;

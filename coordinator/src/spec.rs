@@ -12,8 +12,23 @@ pub use hallmark_proto::SCHEDULERS;
 pub use hallmark_proto::UPSCALE_METHODS;
 /// The first stage of every item.
 pub const STAGE_GENERATE: &str = "generate";
-/// The optional super-resolution stage, ready once the item's generate succeeded.
+/// The optional img2img pass at the base size, ready once the item's
+/// generate succeeded.
+pub const STAGE_REFINE: &str = "refine";
+/// The optional super-resolution stage, ready once the item's previous
+/// stage (refine, else generate) succeeded.
 pub const STAGE_UPSCALE: &str = "upscale";
+/// Where a stage comes in an item's chain (0 for `generate`); for ordering.
+pub fn stage_rank(stage: &str) -> i32 {
+    match stage {
+        STAGE_GENERATE => 0,
+        STAGE_REFINE => 1,
+        _ => 2,
+    }
+}
+
+/// Refine strength when the spec leaves it at 0.
+pub const DEFAULT_REFINE_STRENGTH: f64 = 0.3;
 
 /// Limits a spec is checked against (from the coordinator config).
 #[derive(Debug, Clone)]
@@ -65,11 +80,21 @@ pub struct InitImage {
     pub strength: f64,
 }
 
+/// The refine stage of a job: which model re-runs each base image, and how much.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refine {
+    pub model_id: String,
+    /// (0, 1).
+    pub strength: f64,
+}
+
 /// A validated job ready to be written.
 #[derive(Debug, Clone)]
 pub struct ExpandedJob {
     pub engine: String,
     pub model_id: String,
+    /// The optional refine stage between generate and upscale.
+    pub refine: Option<Refine>,
     pub tenant: String,
     pub priority: i32,
     pub upscale: u32,
@@ -91,14 +116,45 @@ impl ExpandedJob {
             .unwrap_or(0)
     }
 
-    /// The stages every item runs, in order: `generate`, then `upscale`
-    /// when the job asks for one.
+    /// The stages every item runs, in order: `generate`, then `refine` and
+    /// `upscale` when the job asks for them. Each waits on the one before.
     pub fn stages(&self) -> Vec<&'static str> {
-        if self.upscale > 0 {
-            vec![STAGE_GENERATE, STAGE_UPSCALE]
-        } else {
-            vec![STAGE_GENERATE]
+        let mut stages = vec![STAGE_GENERATE];
+        if self.refine.is_some() {
+            stages.push(STAGE_REFINE);
         }
+        if self.upscale > 0 {
+            stages.push(STAGE_UPSCALE);
+        }
+        stages
+    }
+
+    /// The model a stage's tasks name: the refine model for `refine`, the
+    /// job's otherwise.
+    pub fn stage_model(&self, stage: &str) -> &str {
+        match (&self.refine, stage) {
+            (Some(r), STAGE_REFINE) => &r.model_id,
+            _ => &self.model_id,
+        }
+    }
+
+    /// Each model the job needs a worker for, with the largest pixel count
+    /// that model's tasks need a worker to hold.
+    pub fn models(&self) -> Vec<(&str, u64)> {
+        let base = self
+            .items
+            .iter()
+            .map(|i| u64::from(i.width) * u64::from(i.height))
+            .max()
+            .unwrap_or(0);
+        let mut models = vec![(self.model_id.as_str(), self.max_task_pixels())];
+        if let Some(r) = &self.refine {
+            match models.iter_mut().find(|(m, _)| *m == r.model_id) {
+                Some((_, px)) => *px = (*px).max(base),
+                None => models.push((r.model_id.as_str(), base)),
+            }
+        }
+        models
     }
 
     /// How many tasks the job expands into (items × stages).
@@ -280,6 +336,31 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
     if spec.strength != 0.0 {
         check_strength("strength", spec.strength)?;
     }
+    let refine = match &spec.refine {
+        None => None,
+        Some(r) => {
+            let model_id = if r.model_id.is_empty() {
+                spec.model_id.clone()
+            } else {
+                check_name("refine.model_id", &r.model_id)?;
+                r.model_id.clone()
+            };
+            let strength = if r.strength == 0.0 {
+                DEFAULT_REFINE_STRENGTH
+            } else {
+                r.strength
+            };
+            if !strength.is_finite() || strength <= 0.0 || strength >= 1.0 {
+                return Err(bad(
+                    "refine.strength",
+                    format!(
+                        "{strength} is outside (0, 1) (a refine keeps part of its base image; 0.2-0.4 is usual)"
+                    ),
+                ));
+            }
+            Some(Refine { model_id, strength })
+        }
+    };
 
     let job_seed = spec.seed.unwrap_or(random_seed);
     let mut items = Vec::with_capacity(total as usize);
@@ -314,6 +395,9 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
         if let Some(init) = &init_image {
             check_img2img_steps(&field("steps"), steps, init.strength)?;
         }
+        if let Some(r) = &refine {
+            check_img2img_steps(&field("steps"), steps, r.strength)?;
+        }
         for image in 0..u64::from(per_prompt) {
             let index = p as u64 * u64::from(per_prompt) + image;
             let seed = match line.seed {
@@ -343,6 +427,7 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
     Ok(ExpandedJob {
         engine: spec.engine.clone(),
         model_id: spec.model_id.clone(),
+        refine,
         tenant: tenant.to_string(),
         priority: spec.priority,
         upscale: spec.upscale,
@@ -656,5 +741,50 @@ mod tests {
         let mut bad = spec(&["a", "b"]);
         bad.strength = 0.5;
         assert_eq!(field(&bad), "strength", "no item has an init image");
+    }
+
+    #[test]
+    fn refine_adds_a_stage_between_generate_and_upscale_on_its_own_model() {
+        use hallmark_proto::v1::RefineSpec;
+        let mut s = spec(&["a", "b"]);
+        s.upscale = 2;
+        s.refine = Some(RefineSpec {
+            model_id: "refiner-v1".into(),
+            strength: 0.0,
+        });
+        let job = expand(&s, &limits(), 1).unwrap();
+        assert_eq!(job.stages(), vec!["generate", "refine", "upscale"]);
+        assert_eq!(job.task_count(), 6);
+        let r = job.refine.as_ref().unwrap();
+        assert_eq!((r.model_id.as_str(), r.strength), ("refiner-v1", 0.3));
+        assert_eq!(job.stage_model("refine"), "refiner-v1");
+        assert_eq!(job.stage_model("upscale"), "synthetic-v1");
+        // The refiner holds base-size images; the job's model the upscales.
+        assert_eq!(
+            job.models(),
+            vec![("synthetic-v1", 384 * 384), ("refiner-v1", 192 * 192)]
+        );
+
+        // Without a model of its own, the job's model refines (one entry).
+        s.refine = Some(RefineSpec {
+            model_id: String::new(),
+            strength: 0.5,
+        });
+        s.upscale = 0;
+        let job = expand(&s, &limits(), 1).unwrap();
+        assert_eq!(job.stages(), vec!["generate", "refine"]);
+        assert_eq!(job.stage_model("refine"), "synthetic-v1");
+        assert_eq!(job.models(), vec![("synthetic-v1", 192 * 192)]);
+
+        let err = |s: &JobSpec| expand(s, &limits(), 1).unwrap_err();
+        for strength in [1.0, -0.1, f64::NAN] {
+            s.refine.as_mut().unwrap().strength = strength;
+            assert_eq!(err(&s).field, "refine.strength", "{strength}");
+        }
+        // 4 steps at 0.2 run floor(0.8) = 0 steps.
+        s.refine.as_mut().unwrap().strength = 0.2;
+        assert_eq!(err(&s).field, "prompts[0].steps");
+        s.refine.as_mut().unwrap().model_id = "bad model".into();
+        assert_eq!(err(&s).field, "refine.model_id");
     }
 }

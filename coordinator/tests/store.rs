@@ -114,16 +114,26 @@ fn job_for(tenant: &str, priority: i32, prompts: usize, upscale: u32) -> Expande
 }
 
 async fn worker(s: &Store, id: &str, max_batch: u32) -> WorkerCaps {
-    let model = ModelCapability {
-        model_id: "m1".into(),
-        weights_sha256: SHA.into(),
-    };
+    worker_serving(s, id, max_batch, &["m1"]).await
+}
+
+async fn worker_serving(s: &Store, id: &str, max_batch: u32, models: &[&str]) -> WorkerCaps {
+    let models: Vec<(String, ModelCapability)> = models
+        .iter()
+        .map(|m| {
+            let model = ModelCapability {
+                model_id: m.to_string(),
+                weights_sha256: SHA.into(),
+            };
+            ("synthetic".to_string(), model)
+        })
+        .collect();
     let reg = WorkerRegistration {
         worker_id: id,
         name: id,
         hostname: "host",
         engines: &["synthetic".into()],
-        models: &[("synthetic".into(), model)],
+        models: &models,
         max_pixels: 1 << 24,
         max_batch,
     };
@@ -378,6 +388,65 @@ both_stores! {
         assert_eq!(next.parent_sha256, done(&w, &g0).sha256);
         assert_eq!(next.upscale, 2);
         assert_eq!(next.upscale_method, "hires-fix");
+    }
+
+    async fn a_refine_stage_runs_between_generate_and_upscale_on_its_own_model(s: &Store) {
+        let w = worker(s, "w1", 1).await;
+        let mut j = job(2, 2);
+        j.refine = Some(spec::Refine { model_id: "r1".into(), strength: 0.5 });
+        // Nobody has heard of the refiner yet: refused, naming it.
+        let err = s.check_servable(&j, false).await.unwrap_err().to_string();
+        assert!(err.contains("\"r1\""), "{err}");
+        let r = worker_serving(s, "w2", 1, &["r1"]).await;
+        submit(s, "j1", &j, 0).await;
+        let view = s.get_job("j1", 1, 0).await.unwrap();
+        let stages: Vec<_> = view.stages.iter().map(|st| (st.stage.as_str(), st.ready, st.waiting)).collect();
+        assert_eq!(stages, [("generate", 2, 0), ("refine", 0, 2), ("upscale", 0, 2)]);
+
+        assert!(lease(s, &r, 1, 100).await.is_empty(), "no refine is ready before its base");
+        let g0 = lease(s, &w, 1, 100).await.remove(0);
+        assert_eq!((g0.stage.as_str(), g0.model_id.as_str(), g0.strength), ("generate", "m1", 0.0));
+        s.complete(&done(&w, &g0), 110).await.unwrap();
+        // The refine of item 0 is ready at once, for the refiner's worker only.
+        let g1 = lease(s, &w, 1, 120).await.remove(0);
+        assert_eq!((g1.stage.as_str(), g1.item_index), ("generate", 1));
+        let r0 = lease(s, &r, 1, 120).await.remove(0);
+        assert_eq!((r0.stage.as_str(), r0.item_index, r0.model_id.as_str()), ("refine", 0, "r1"));
+        assert_eq!((r0.parent_sha256.as_str(), r0.strength, r0.width), (done(&w, &g0).sha256.as_str(), 0.5, 192));
+        assert_eq!(r0.upscale, 1);
+        s.complete(&done(&r, &r0), 130).await.unwrap();
+        s.complete(&done(&w, &g1), 131).await.unwrap();
+        // The upscale starts from the refined image, on the job's model.
+        let u0 = lease(s, &w, 1, 140).await.remove(0);
+        assert_eq!((u0.stage.as_str(), u0.item_index, u0.model_id.as_str()), ("upscale", 0, "m1"));
+        assert_eq!(u0.parent_sha256, done(&r, &r0).sha256);
+        s.complete(&done(&w, &u0), 150).await.unwrap();
+        // The refiner's worker gone, the job says which model it waits for.
+        s.touch_worker("w1", "", 2_000).await.unwrap();
+        let view = s.get_job("j1", 2_000, 1_000).await.unwrap();
+        assert!(view.waiting_reason.contains("model \"r1\""), "{}", view.waiting_reason);
+        // The lineage runs generate → refine → upscale.
+        let arts = s.list_artifacts("j1").await.unwrap();
+        let by_stage = |st: &str| arts.iter().find(|a| a.item_index == 0 && a.stage == st).unwrap();
+        assert_eq!(by_stage("refine").parent_sha256, by_stage("generate").sha256);
+        assert_eq!(by_stage("refine").model_id, "r1");
+        assert_eq!(by_stage("upscale").parent_sha256, by_stage("refine").sha256);
+
+        // A generate that fails for good fails its refine and its upscale.
+        let w3 = worker(s, "w3", 1).await;
+        submit(s, "j2", &j, 0).await;
+        for (wk, now) in [(&w, 3_000), (&w3, 3_010)] {
+            let l = lease(s, wk, 1, now).await.remove(0);
+            assert_eq!((l.job_id.as_str(), l.item_index), ("j2", 0));
+            s.fail(&wk.worker_id, &l.task_id, l.fencing_token, "boom", false, now + 1).await.unwrap();
+        }
+        let view = s.get_job("j2", 3_100, 0).await.unwrap();
+        let failed: Vec<_> = view.stages.iter().map(|st| (st.stage.as_str(), st.failed)).collect();
+        assert_eq!(failed, [("generate", 1), ("refine", 1), ("upscale", 1)]);
+        s.control("j2", JobControl::RetryFailed, 3_200).await.unwrap();
+        let view = s.get_job("j2", 3_300, 0).await.unwrap();
+        let open: Vec<_> = view.stages.iter().map(|st| (st.stage.as_str(), st.ready, st.waiting)).collect();
+        assert_eq!(open, [("generate", 2, 0), ("refine", 0, 2), ("upscale", 0, 2)]);
     }
 
     async fn compatible_tasks_are_leased_together_up_to_the_batch(s: &Store) {

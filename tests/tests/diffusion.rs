@@ -39,6 +39,8 @@ async fn embedded_render_runs_the_diffusion_engine_and_the_esrgan_stage() {
     let (model, esrgan) = (dir.path().join("tiny-sd1"), dir.path().join("esrgan"));
     init_tiny(&model, "sd1");
     init_tiny(&esrgan, "esrgan-x2");
+    // The same weights served under a second id refine each image.
+    let refiner = format!("refiner={}", model.display());
     let state = dir.path().join("state");
     let out_dir = dir.path().join("out");
     ok(&hallmark(&[
@@ -47,6 +49,12 @@ async fn embedded_render_runs_the_diffusion_engine_and_the_esrgan_stage() {
         "diffusion",
         "--model-path",
         model.to_str().unwrap(),
+        "--model-path",
+        &refiner,
+        "--refine-model",
+        "refiner",
+        "--refine-strength",
+        "0.5",
         "--upscaler",
         esrgan.to_str().unwrap(),
         "--state-dir",
@@ -74,6 +82,16 @@ async fn embedded_render_runs_the_diffusion_engine_and_the_esrgan_stage() {
     ]));
     for i in 0..2 {
         assert_eq!(dims(&out_dir.join(format!("{i:05}.png"))), (192, 192));
+        let (base, refined) = (
+            image::open(out_dir.join(format!("{i:05}.png")))
+                .unwrap()
+                .to_rgb8(),
+            image::open(out_dir.join(format!("{i:05}-refine.png")))
+                .unwrap()
+                .to_rgb8(),
+        );
+        assert_eq!(refined.dimensions(), (192, 192));
+        assert_ne!(base, refined, "item {i}: the refine re-rendered its base");
         assert_eq!(
             dims(&out_dir.join(format!("{i:05}-upscalex2.png"))),
             (384, 384)
@@ -91,6 +109,30 @@ async fn embedded_render_runs_the_diffusion_engine_and_the_esrgan_stage() {
         .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
         .unwrap();
     let digest = hallmark_provenance::sha256_hex(&std::fs::read(&weights).unwrap());
+    // Each refine names its model, its strength and its base image, and
+    // each upscale starts from the refined image.
+    let files: Vec<serde_json::Value> = serde_json::from_str(&report).unwrap();
+    let credentials = |suffix: &str| -> Vec<&serde_json::Value> {
+        files
+            .iter()
+            .filter(|f| f["path"].as_str().unwrap().ends_with(suffix))
+            .map(|f| &f["credentials"])
+            .collect()
+    };
+    let refines = credentials("-refine.png");
+    assert_eq!(refines.len(), 2, "{report}");
+    for c in refines {
+        let g = &c["generation"];
+        assert_eq!(
+            (&g["stage"], &g["model_id"], &g["strength"]),
+            (&"refine".into(), &"refiner".into(), &0.5.into()),
+            "{c:#}"
+        );
+        assert_eq!(c["parent"]["generation"]["stage"], "generate");
+    }
+    for c in credentials("-upscalex2.png") {
+        assert_eq!(c["parent"]["generation"]["stage"], "refine", "{c:#}");
+    }
     let records = upscale_records(&report);
     assert_eq!(records.len(), 2, "{report}");
     for r in records {

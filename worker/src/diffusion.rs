@@ -407,7 +407,9 @@ impl DiffusionEngine {
         req.steps = l.steps as usize;
         req.guidance = l.guidance as f64;
         req.scheduler = l.scheduler.parse::<SchedulerKind>().map_err(failed)?;
-        if self.init_latents.is_some() {
+        // Given initial latents replace a text-to-image render's noise; a
+        // refine noises its base image with its own seed.
+        if self.init_latents.is_some() && l.stage == "generate" {
             let rows = tasks
                 .iter()
                 .map(|t| self.init_latents_for(t.lease.item_index))
@@ -561,7 +563,9 @@ impl Engine for DiffusionEngine {
             let sub_progress = |p: f32| progress((g as f32 + p) / n);
             let stage = batch[idx[0]].lease.stage.as_str();
             match stage {
-                "generate" => {
+                // A refine is img2img from its base image, on the
+                // sampler path a generate takes.
+                "generate" | "refine" => {
                     let tasks: Vec<&RenderTask> = idx.iter().map(|&i| &batch[i]).collect();
                     match in_fitting_batches(&tasks, &sub_progress, &|part, progress| {
                         self.generate(part, progress)

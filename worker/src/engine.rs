@@ -11,22 +11,24 @@ use image::RgbImage;
 #[derive(Debug, Clone)]
 pub struct RenderTask {
     pub lease: TaskLease,
-    /// The encoded file named by `lease.parent_sha256`: an `upscale` task's
-    /// base image, or an img2img `generate` task's init image.
+    /// The encoded file named by `lease.parent_sha256`: a `refine` or
+    /// `upscale` task's base image, or an img2img `generate` task's init
+    /// image.
     pub parent: Option<Vec<u8>>,
 }
 
 impl RenderTask {
-    /// The init image of an img2img `generate` task, resized to the task's
-    /// size (as diffusers' img2img resizes to the requested size); `None`
-    /// for text-to-image.
+    /// The image an img2img pass starts from, resized to the task's size
+    /// (as diffusers' img2img resizes to the requested size): an img2img
+    /// `generate` task's init image, or a `refine` task's base image;
+    /// `None` for text-to-image.
     pub fn init_image(&self) -> Result<Option<RgbImage>, EngineError> {
         let l = &self.lease;
-        if l.stage != "generate" {
+        if l.stage != "generate" && l.stage != "refine" {
             return Ok(None);
         }
         let Some(bytes) = self.parent.as_deref() else {
-            if l.parent_sha256.is_empty() {
+            if l.parent_sha256.is_empty() && l.stage == "generate" {
                 return Ok(None);
             }
             return Err(EngineError::MissingParent);
@@ -161,6 +163,12 @@ impl SyntheticEngine {
                     None => made.into(),
                 })
             }
+            "refine" => {
+                let base = task.init_image()?.ok_or(EngineError::MissingParent)?;
+                // Re-rendered detail shows through by the strength.
+                let detail = generate(&l.prompt, l.seed ^ REFINE_SEED, l.width, l.height);
+                Ok(blend(&base, &detail, l.strength).into())
+            }
             "upscale" => {
                 let parent = task.parent.as_deref().ok_or(EngineError::MissingParent)?;
                 let base = hallmark_provenance::credentials::decode_image(parent)
@@ -223,6 +231,10 @@ impl Engine for SyntheticEngine {
         out
     }
 }
+
+/// Mixed into a refine's seed so its re-rendered detail is not the base
+/// image over again.
+const REFINE_SEED: u64 = 0x5EF1_0E00_0000_0001;
 
 /// A smooth colour field with a little grain, fixed by (prompt, seed): the
 /// low-texture look of generated images, which is what the watermark is
@@ -389,5 +401,53 @@ mod tests {
                 .to_string()
                 .contains("strength")
         );
+    }
+
+    #[test]
+    fn refine_starts_from_its_base_image_at_its_size() {
+        let e = SyntheticEngine::new(SyntheticConfig::default());
+        let base = e.render(&[task("a cat", 1)], &|_| {}).remove(0).unwrap();
+        let mut t = task("a cat", 1);
+        t.lease.stage = "refine".into();
+        t.lease.parent_sha256 = "ab".repeat(32);
+        t.lease.strength = 0.3;
+        t.parent = Some(png(&base.pixels));
+        let diff = |a: &RgbImage, b: &RgbImage| {
+            a.as_raw()
+                .iter()
+                .zip(b.as_raw())
+                .map(|(&x, &y)| (f64::from(x) - f64::from(y)).abs())
+                .sum::<f64>()
+                / a.as_raw().len() as f64
+        };
+        let light = e.render(&[t.clone()], &|_| {}).remove(0).unwrap();
+        assert_eq!(light.pixels.dimensions(), (64, 48));
+        t.lease.strength = 0.6;
+        let strong = e.render(&[t.clone()], &|_| {}).remove(0).unwrap();
+        let (d_light, d_strong) = (
+            diff(&light.pixels, &base.pixels),
+            diff(&strong.pixels, &base.pixels),
+        );
+        assert!(d_light > 0.5, "a refine changes the image ({d_light})");
+        assert!(
+            d_strong > d_light * 1.5,
+            "more strength changes more ({d_light} vs {d_strong})"
+        );
+        assert_eq!(
+            e.render(&[t.clone()], &|_| {}).remove(0).unwrap().pixels,
+            strong.pixels,
+            "deterministic"
+        );
+        // A refine has no text-to-image fallback: no base, no render.
+        t.parent = None;
+        assert!(matches!(
+            e.render(&[t.clone()], &|_| {})[0],
+            Err(EngineError::MissingParent)
+        ));
+        t.lease.parent_sha256.clear();
+        assert!(matches!(
+            e.render(&[t], &|_| {})[0],
+            Err(EngineError::MissingParent)
+        ));
     }
 }

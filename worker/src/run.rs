@@ -442,10 +442,10 @@ async fn run_batch(shared: Arc<Shared>, leases: Vec<TaskLease>) {
                 parent: Some(bytes),
             }),
             Err(e) => {
-                let what = if lease.stage == "upscale" {
-                    "base"
-                } else {
+                let what = if lease.stage == "generate" {
                     "init"
+                } else {
+                    "base"
                 };
                 pending.push((lease, format!("fetching the {what} image: {e}")))
             }

@@ -166,6 +166,8 @@ impl Stamping {
         if input.is_some() {
             record.init_image_sha256 = Some(lease.parent_sha256.clone());
             record.strength = Some(lease.strength);
+        } else if lease.stage == "refine" {
+            record.strength = Some(lease.strength);
         }
         record.set_prompt(&lease.prompt, self.config.prompt_policy);
         let stamp = Stamp {

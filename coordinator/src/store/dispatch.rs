@@ -295,7 +295,7 @@ impl Store {
     }
 
     /// Leases up to `want` compatible ready tasks (same model, stage, size,
-    /// steps) to the worker: priority first, then the tenant served longest
+    /// steps) of the models the worker serves to it: priority first, then the tenant served longest
     /// ago, then the model the worker already holds, then job age.
     pub async fn lease(
         &self,
@@ -313,10 +313,10 @@ impl Store {
         let jobs = sqlx::query(
             "SELECT j.id, j.tenant FROM jobs j JOIN tenants tn ON tn.name = j.tenant \
              WHERE j.state = 'running' \
-             AND EXISTS (SELECT 1 FROM worker_models wm WHERE wm.worker_id = $1 AND wm.engine = j.engine AND wm.model_id = j.model_id) \
              AND NOT EXISTS (SELECT 1 FROM job_worker_failures b WHERE b.job_id = j.id AND b.worker_id = $1 AND b.failures >= $2) \
              AND (tn.max_running = 0 OR (SELECT COUNT(*) FROM tasks r WHERE r.tenant = j.tenant AND r.state = 'leased') < tn.max_running) \
-             AND EXISTS (SELECT 1 FROM tasks t WHERE t.job_id = j.id AND t.state = 'ready' AND t.pixels <= $3) \
+             AND EXISTS (SELECT 1 FROM worker_models wm JOIN tasks t ON t.job_id = j.id AND t.model_id = wm.model_id \
+                         WHERE wm.worker_id = $1 AND wm.engine = j.engine AND t.state = 'ready' AND t.pixels <= $3) \
              ORDER BY j.priority DESC, tn.last_dispatch_at ASC, CASE WHEN j.model_id = $4 THEN 0 ELSE 1 END, j.created_at ASC, j.id \
              LIMIT 4",
         )
@@ -370,7 +370,9 @@ impl Store {
         cooldown_since: i64,
         now: i64,
     ) -> Result<Vec<TaskLease>> {
+        // Per task, not per job: a job's refine stage names its refiner.
         let eligible = "t.job_id = $2 AND t.state = 'ready' AND t.pixels <= $3 \
+             AND EXISTS (SELECT 1 FROM worker_models wm WHERE wm.worker_id = $1 AND wm.engine = t.engine AND wm.model_id = t.model_id) \
              AND NOT EXISTS (SELECT 1 FROM task_failures f WHERE f.task_id = t.id AND f.worker_id = $1 AND f.failed_at > $4)";
         // The pick is a CTE so Postgres runs it (and its LIMIT) exactly once;
         // as a plain `IN (subquery)` the planner may re-run it and lease more.
@@ -839,21 +841,26 @@ impl Store {
     }
 }
 
-/// Fails the later stages of items whose earlier stage failed for good.
+/// Fails the later stages of items whose earlier stage failed for good, down
+/// the whole chain (a failed generate fails its refine and its upscale).
 async fn fail_dependents(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     failed: &[String],
     now: i64,
 ) -> Result<()> {
-    for id in failed {
-        sqlx::query(
+    let mut frontier = failed.to_vec();
+    while let Some(id) = frontier.pop() {
+        let rows = sqlx::query(
             "UPDATE tasks SET state = 'failed', error = 'its base stage failed', finished_at = $2 \
-             WHERE depends_on = $1 AND state IN ('waiting', 'held')",
+             WHERE depends_on = $1 AND state IN ('waiting', 'held') RETURNING id",
         )
-        .bind(id)
+        .bind(&id)
         .bind(now)
-        .execute(&mut **tx)
+        .fetch_all(&mut **tx)
         .await?;
+        for r in rows {
+            frontier.push(r.try_get("id")?);
+        }
     }
     Ok(())
 }

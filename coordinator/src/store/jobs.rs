@@ -6,7 +6,7 @@ use hallmark_proto::v1::{Artifact, InputImage, Job, StageProgress};
 use sqlx::Row;
 
 use super::{AuditEvent, Result, Store, StoreError, audit_kind, row_placeholders, state};
-use crate::spec::{ExpandedJob, STAGE_GENERATE, STAGE_UPSCALE};
+use crate::spec::{ExpandedJob, STAGE_REFINE, STAGE_UPSCALE, stage_rank};
 
 /// What a user can do to a running job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,15 +35,28 @@ impl Store {
     /// Refuses a job no registered worker can run (unless `queue_unservable`)
     /// and a model nobody has heard of, before anything is written.
     pub async fn check_servable(&self, job: &ExpandedJob, queue_unservable: bool) -> Result<()> {
+        for (model_id, needed) in job.models() {
+            self.check_model_servable(&job.engine, model_id, needed, queue_unservable)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn check_model_servable(
+        &self,
+        engine: &str,
+        model_id: &str,
+        needed: u64,
+        queue_unservable: bool,
+    ) -> Result<()> {
         let known = sqlx::query("SELECT id FROM models WHERE id = $1")
-            .bind(&job.model_id)
+            .bind(model_id)
             .fetch_optional(&self.pool)
             .await?
             .is_some();
         if !known {
             return Err(StoreError::NotFound(format!(
-                "unknown model {:?}: register it (`hallmark models register`) or start a worker that serves it",
-                job.model_id
+                "unknown model {model_id:?}: register it (`hallmark models register`) or start a worker that serves it"
             )));
         }
         if queue_unservable {
@@ -54,22 +67,20 @@ impl Store {
              FROM worker_models wm JOIN workers w ON w.id = wm.worker_id \
              WHERE wm.engine = $1 AND wm.model_id = $2",
         )
-        .bind(&job.engine)
-        .bind(&job.model_id)
+        .bind(engine)
+        .bind(model_id)
         .fetch_one(&self.pool)
         .await?;
         let (n, px): (i64, i64) = (row.try_get("n")?, row.try_get("px")?);
         if n == 0 {
             return Err(StoreError::Refused(format!(
-                "no registered worker serves model {:?} with engine {:?}; start one, or pass --queue-unservable to queue the job anyway",
-                job.model_id, job.engine
+                "no registered worker serves model {model_id:?} with engine {engine:?}; start one, or pass --queue-unservable to queue the job anyway"
             )));
         }
-        let needed = job.max_task_pixels() as i64;
+        let needed = needed as i64;
         if needed > px {
             return Err(StoreError::Refused(format!(
-                "the job needs a worker that holds {needed} pixels; the largest registered worker for {:?} holds {px}; pass --queue-unservable to queue it anyway",
-                job.model_id
+                "the job needs a worker that holds {needed} pixels; the largest registered worker for {model_id:?} holds {px}; pass --queue-unservable to queue it anyway"
             )));
         }
         Ok(())
@@ -134,8 +145,14 @@ impl Store {
             q.execute(&mut *tx).await?;
         }
 
-        // Generate tasks first: upscale tasks reference them.
-        for stage in job.stages() {
+        // Stage by stage: each task references the item's task of the stage
+        // before, which must exist first.
+        let stages = job.stages();
+        for (rank, &stage) in stages.iter().enumerate() {
+            let first = rank == 0;
+            let last = rank + 1 == stages.len();
+            let upscale = stage == STAGE_UPSCALE;
+            let model_id = job.stage_model(stage);
             for chunk in job.items.chunks(ROWS_PER_INSERT) {
                 let mut sql = String::from(
                     "INSERT INTO tasks (id, job_id, item_index, stage, stage_rank, state, tenant, engine, model_id, \
@@ -145,7 +162,6 @@ impl Store {
                 sql.push_str(&row_placeholders(chunk.len(), 19));
                 let mut q = sqlx::query(&sql);
                 for item in chunk {
-                    let upscale = stage == STAGE_UPSCALE;
                     let factor = if upscale { u64::from(job.upscale) } else { 1 };
                     let pixels = u64::from(item.width) * u64::from(item.height) * factor * factor;
                     let method = if upscale {
@@ -154,40 +170,39 @@ impl Store {
                         ""
                     };
                     // A generate task of an img2img job starts from the
-                    // init image, named where an upscale names its base.
-                    let init = item.init_image.as_ref().filter(|_| !upscale);
-                    let strength = init.map_or(0.0, |i| i.strength);
+                    // init image, named where later stages name their base.
+                    let init = item.init_image.as_ref().filter(|_| first);
+                    let strength = match (&job.refine, stage) {
+                        (Some(r), STAGE_REFINE) => r.strength,
+                        _ => init.map_or(0.0, |i| i.strength),
+                    };
                     let batch_key = format!(
-                        "{}|{}|{stage}|{}x{}|{}|{}|{}|{method}|{strength}",
-                        job.engine,
-                        job.model_id,
-                        item.width,
-                        item.height,
-                        item.steps,
-                        item.scheduler,
-                        factor
+                        "{}|{model_id}|{stage}|{}x{}|{}|{}|{}|{method}|{strength}",
+                        job.engine, item.width, item.height, item.steps, item.scheduler, factor
                     );
-                    let work_steps = if upscale { 4 } else { item.steps };
+                    let work_steps = match stage {
+                        STAGE_UPSCALE => 4,
+                        STAGE_REFINE => {
+                            hallmark_proto::img2img_steps(item.steps as usize, strength) as u32
+                        }
+                        _ => item.steps,
+                    };
                     q = q
                         .bind(task_id(job_id, item.index, stage))
                         .bind(job_id)
                         .bind(item.index as i64)
                         .bind(stage)
-                        .bind(if upscale { 1i64 } else { 0 })
-                        .bind(if upscale {
-                            state::WAITING
-                        } else {
-                            state::READY
-                        })
+                        .bind(rank as i64)
+                        .bind(if first { state::READY } else { state::WAITING })
                         .bind(&job.tenant)
                         .bind(&job.engine)
-                        .bind(&job.model_id)
+                        .bind(model_id)
                         .bind(pixels as i64)
                         .bind(factor as i64)
                         .bind(method)
                         .bind(batch_key)
-                        .bind(upscale.then(|| task_id(job_id, item.index, STAGE_GENERATE)))
-                        .bind(i64::from(!upscale && job.upscale > 0))
+                        .bind((!first).then(|| task_id(job_id, item.index, stages[rank - 1])))
+                        .bind(i64::from(!last))
                         .bind(i64::from(job.max_attempts))
                         .bind(lease.ttl_ms(pixels, work_steps))
                         .bind(init.map(|i| i.sha256.as_str()))
@@ -203,6 +218,9 @@ impl Store {
                 "engine": job.engine,
                 "model_id": job.model_id,
                 "items": job.items.len(),
+                "refine": job.refine.as_ref().map(|r| serde_json::json!({
+                    "model_id": r.model_id, "strength": r.strength,
+                })),
                 "upscale": job.upscale,
                 "priority": job.priority,
                 "spec_sha256": hallmark_provenance::sha256_hex(spec_json.as_bytes()),
@@ -253,7 +271,7 @@ impl Store {
             let stage: String = r.try_get("stage")?;
             let st: String = r.try_get("state")?;
             let n = r.try_get::<i64, _>("n")? as u64;
-            let rank = if stage == STAGE_GENERATE { 0 } else { 1 };
+            let rank = stage_rank(&stage);
             let p = stages
                 .entry((rank, stage.clone()))
                 .or_insert_with(|| StageProgress {
@@ -357,33 +375,39 @@ impl Store {
 
     /// Why the job's ready tasks are not leased (DESIGN invariant 5).
     async fn waiting_reason(&self, job: &Job, now: i64, live_since: i64) -> Result<String> {
-        let row = sqlx::query(
-            "SELECT CAST(COUNT(*) AS BIGINT) AS n, CAST(COALESCE(MAX(w.max_pixels), 0) AS BIGINT) AS px \
-             FROM worker_models wm JOIN workers w ON w.id = wm.worker_id \
-             WHERE wm.engine = $1 AND wm.model_id = $2 AND w.last_seen_at >= $3",
-        )
-        .bind(&job.engine)
-        .bind(&job.model_id)
-        .bind(live_since)
-        .fetch_one(&self.pool)
-        .await?;
-        let (live, px): (i64, i64) = (row.try_get("n")?, row.try_get("px")?);
-        if live == 0 {
-            return Ok(format!(
-                "no live worker serves model {:?} with engine {:?}",
-                job.model_id, job.engine
-            ));
-        }
-        let smallest: i64 = sqlx::query_scalar(
-            "SELECT CAST(COALESCE(MIN(pixels), 0) AS BIGINT) FROM tasks WHERE job_id = $1 AND state = 'ready'",
+        // Per model: a refine stage's ready tasks name the refiner.
+        let ready = sqlx::query(
+            "SELECT model_id, CAST(MIN(pixels) AS BIGINT) AS px FROM tasks \
+             WHERE job_id = $1 AND state = 'ready' GROUP BY model_id ORDER BY model_id",
         )
         .bind(&job.job_id)
-        .fetch_one(&self.pool)
+        .fetch_all(&self.pool)
         .await?;
-        if smallest > px {
-            return Ok(format!(
-                "too large: its tasks need {smallest} pixels, the largest live worker holds {px}"
-            ));
+        for r in ready {
+            let model_id: String = r.try_get("model_id")?;
+            let smallest: i64 = r.try_get("px")?;
+            let row = sqlx::query(
+                "SELECT CAST(COUNT(*) AS BIGINT) AS n, CAST(COALESCE(MAX(w.max_pixels), 0) AS BIGINT) AS px \
+                 FROM worker_models wm JOIN workers w ON w.id = wm.worker_id \
+                 WHERE wm.engine = $1 AND wm.model_id = $2 AND w.last_seen_at >= $3",
+            )
+            .bind(&job.engine)
+            .bind(&model_id)
+            .bind(live_since)
+            .fetch_one(&self.pool)
+            .await?;
+            let (live, px): (i64, i64) = (row.try_get("n")?, row.try_get("px")?);
+            if live == 0 {
+                return Ok(format!(
+                    "no live worker serves model {model_id:?} with engine {:?}",
+                    job.engine
+                ));
+            }
+            if smallest > px {
+                return Ok(format!(
+                    "too large: its tasks need {smallest} pixels, the largest live worker for {model_id:?} holds {px}"
+                ));
+            }
         }
         let cap = sqlx::query(
             "SELECT max_running, CAST((SELECT COUNT(*) FROM tasks r WHERE r.tenant = $1 AND r.state = 'leased') AS BIGINT) AS running \

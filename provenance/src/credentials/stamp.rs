@@ -3,7 +3,8 @@
 //! A base render asserts `c2pa.created` (trainedAlgorithmicMedia), naming
 //! an img2img render's init image as its `inputTo` ingredient; an
 //! upscale names its base image, manifest and all, as the `parentOf`
-//! ingredient with `c2pa.opened` + `c2pa.resized`. Both assert
+//! ingredient with `c2pa.opened` + `c2pa.resized`, and a refine (img2img
+//! of the base image at its size) the same with `c2pa.edited`. All assert
 //! `c2pa.watermarked.bound` with the soft binding that carries the watermark
 //! id, the generation record and the training-and-mining preferences.
 
@@ -59,7 +60,7 @@ pub struct GenerationRecord {
     pub steps: u32,
     pub guidance: f32,
     pub scheduler: String,
-    /// `generate` or `upscale`.
+    /// `generate`, `refine` or `upscale`.
     pub stage: String,
     pub width: u32,
     pub height: u32,
@@ -74,7 +75,7 @@ pub struct GenerationRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upscale: Option<UpscaleRecord>,
     /// img2img: the sha256 of the init image file the render started from
-    /// (the `inputTo` ingredient), and its strength.
+    /// (the `inputTo` ingredient), and its strength; a refine's strength.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_image_sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -300,8 +301,15 @@ impl Stamper {
                     "softwareAgent": agent,
                     "parameters": { "ingredientIds": ["base_image"] },
                 }))?;
+                // An upscale changes the size; a refine re-renders part of
+                // the picture at its size.
+                let action = if stamp.record.stage == "upscale" {
+                    "c2pa.resized"
+                } else {
+                    "c2pa.edited"
+                };
                 builder.add_action(json!({
-                    "action": "c2pa.resized",
+                    "action": action,
                     "softwareAgent": agent,
                     "digitalSourceType": TRAINED_ALGORITHMIC_MEDIA,
                 }))?;

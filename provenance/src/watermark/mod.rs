@@ -76,10 +76,11 @@ impl WatermarkKey {
         }
     }
 
-    /// The key for marks made at a later stage (`upscale`): an upscaled
-    /// image still carries its base image's mark at exactly the tile period
-    /// its own mark gets, so the two need independent chips and sync
-    /// patterns. The `generate` stage uses the key itself.
+    /// The key for marks made at a later stage (`refine`, `upscale`): a
+    /// refined or upscaled image may still carry its base image's mark at
+    /// exactly the tile period its own mark gets, so the two need
+    /// independent chips and sync patterns. The `generate` stage uses the
+    /// key itself.
     pub fn for_stage(&self, stage: &str) -> Self {
         if stage == "generate" {
             return self.clone();
@@ -405,14 +406,15 @@ pub fn detect(img: &RgbImage, key: &WatermarkKey) -> Option<Detection> {
     analyze(img, key).detection
 }
 
-/// Looks for farm marks stage by stage, latest first: an upscale carries
-/// its own mark (made with [`WatermarkKey::for_stage`]) on top of its base
-/// image's. Lazy, so taking the first hit decodes no further.
+/// Looks for farm marks stage by stage, latest first: an upscale or a
+/// refine carries its own mark (made with [`WatermarkKey::for_stage`]) on
+/// top of what is left of its base image's. Lazy, so taking the first hit
+/// decodes no further.
 pub fn detect_stages<'a>(
     img: &'a RgbImage,
     key: &'a WatermarkKey,
 ) -> impl Iterator<Item = (&'static str, Detection)> + 'a {
-    ["upscale", "generate"]
+    ["upscale", "refine", "generate"]
         .into_iter()
         .filter_map(move |stage| detect(img, &key.for_stage(stage)).map(|d| (stage, d)))
 }
