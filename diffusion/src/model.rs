@@ -52,6 +52,14 @@ struct ModelIndex {
     /// the encoding of "" (diffusers' default for SDXL pipelines: true).
     #[serde(default = "d_true")]
     force_zeros_for_empty_prompt: bool,
+    /// SDXL's refiner: conditioned on an aesthetic score instead of the
+    /// target size, with the second text encoder only.
+    #[serde(default)]
+    requires_aesthetics_score: bool,
+    /// `["transformers", "CLIPTextModel"]`, or `[null, null]` where the
+    /// pipeline has no first text encoder (SDXL's refiner).
+    #[serde(default)]
+    text_encoder: Option<serde_json::Value>,
 }
 
 /// `unet/config.json` (the fields this engine reads).
@@ -262,6 +270,22 @@ impl ModelFolder {
                 )));
             }
         };
+        let no_first_encoder = index
+            .text_encoder
+            .as_ref()
+            .and_then(|v| v.as_array())
+            .is_some_and(|a| a.iter().all(serde_json::Value::is_null));
+        if index.requires_aesthetics_score || no_first_encoder {
+            return Err(DiffusionError::BadModel(format!(
+                "{}: an SDXL refiner checkpoint (aesthetic-score conditioning{}) is not supported yet; refine with an SD 1.x/2.x/XL model instead (any of them can be a job's --refine-model)",
+                root.display(),
+                if no_first_encoder {
+                    ", second text encoder only"
+                } else {
+                    ""
+                }
+            )));
+        }
         let text_encoder_2 = if family == Family::StableDiffusionXl {
             component_weights(root, "text_encoder_2", variant)?
         } else {

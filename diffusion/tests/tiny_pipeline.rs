@@ -593,6 +593,23 @@ fn sdxl_folders_with_missing_or_mismatched_parts_are_refused_by_name() {
         "{err}"
     );
 
+    // SDXL's refiner checkpoint as diffusers writes it: no first text
+    // encoder, aesthetic-score conditioning. Named, not half-loaded.
+    let (_t, dir) = tiny(TinyArch::Sdxl, 12);
+    let index = dir.join("model_index.json");
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&index).unwrap()).unwrap();
+    json["text_encoder"] = serde_json::json!([null, null]);
+    json["tokenizer"] = serde_json::json!([null, null]);
+    json["requires_aesthetics_score"] = true.into();
+    std::fs::write(&index, json.to_string()).unwrap();
+    std::fs::remove_dir_all(dir.join("text_encoder")).unwrap();
+    let err = ModelFolder::open(&dir, None).unwrap_err().to_string();
+    assert!(
+        err.contains("SDXL refiner checkpoint") && err.contains("--refine-model"),
+        "{err}"
+    );
+
     // A second encoder without the projection SDXL pools through.
     let (_t, dir) = tiny(TinyArch::Sdxl, 12);
     let cfg = dir.join("text_encoder_2/config.json");
