@@ -56,7 +56,14 @@ pub struct CoordinatorConfig {
     pub reap_interval_ms: u64,
     /// Cap on running (leased) tasks per tenant; 0 means none.
     pub tenant_max_running: u32,
-    /// Per-tenant overrides of the cap, e.g. `[tenants.acme] max_running = 8`.
+    /// Items (prompts × images) a tenant may submit per minute, as a
+    /// bucket that refills continuously and holds one minute's worth; a job
+    /// over it is refused with RESOURCE_EXHAUSTED and when to retry. Shared
+    /// by the replicas through Redis (per replica without it); 0 means no
+    /// limit.
+    pub tenant_submit_items_per_minute: u32,
+    /// Per-tenant overrides of the cap and the submit rate, e.g.
+    /// `[tenants.acme] max_running = 8` and `submit_items_per_minute = 5000`.
     pub tenants: BTreeMap<String, TenantConfig>,
     /// Secret of the invisible watermark (the same as the workers'). The
     /// default is for development only.
@@ -74,11 +81,16 @@ pub struct CoordinatorConfig {
     pub metrics_listen: Option<String>,
 }
 
-/// Settings of one tenant.
+/// Settings of one tenant; each unset one is the all-tenant setting.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 pub struct TenantConfig {
     /// Cap on this tenant's running tasks; 0 means none.
-    pub max_running: u32,
+    #[serde(default)]
+    pub max_running: Option<u32>,
+    /// Items (prompts × images) this tenant may submit per minute; 0 means
+    /// no limit.
+    #[serde(default)]
+    pub submit_items_per_minute: Option<u32>,
 }
 
 impl Default for CoordinatorConfig {
@@ -104,6 +116,7 @@ impl Default for CoordinatorConfig {
             job_worker_failure_limit: 3,
             reap_interval_ms: 250,
             tenant_max_running: 0,
+            tenant_submit_items_per_minute: 0,
             tenants: BTreeMap::new(),
             watermark_key: hallmark_provenance::watermark::DEVELOPMENT_KEY.into(),
             trust_anchors: None,
@@ -171,8 +184,16 @@ impl CoordinatorConfig {
     pub fn tenant_cap(&self, tenant: &str) -> u32 {
         self.tenants
             .get(tenant)
-            .map(|t| t.max_running)
+            .and_then(|t| t.max_running)
             .unwrap_or(self.tenant_max_running)
+    }
+
+    /// The items `tenant` may submit per minute (0 = no limit).
+    pub fn tenant_submit_rate(&self, tenant: &str) -> u32 {
+        self.tenants
+            .get(tenant)
+            .and_then(|t| t.submit_items_per_minute)
+            .unwrap_or(self.tenant_submit_items_per_minute)
     }
 }
 
@@ -182,6 +203,32 @@ mod tests {
 
     fn unrecognised(vars: &[&str]) -> Vec<String> {
         CoordinatorConfig::unrecognised_variables(vars.iter().map(|v| v.to_string()))
+    }
+
+    #[test]
+    fn a_tenants_own_settings_override_the_all_tenant_ones_one_by_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "tenant_max_running = 4\ntenant_submit_items_per_minute = 100\n\
+             [tenants.acme]\nsubmit_items_per_minute = 5000\n\
+             [tenants.small]\nmax_running = 1\n",
+        )
+        .unwrap();
+        let c = CoordinatorConfig::load(Some(&file), &[]).unwrap();
+        assert_eq!(
+            (c.tenant_cap("acme"), c.tenant_submit_rate("acme")),
+            (4, 5000)
+        );
+        assert_eq!(
+            (c.tenant_cap("small"), c.tenant_submit_rate("small")),
+            (1, 100)
+        );
+        assert_eq!(
+            (c.tenant_cap("other"), c.tenant_submit_rate("other")),
+            (4, 100)
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! - [`store`]: Postgres/SQLite store — jobs, tasks, leases, artifacts, registry.
 //! - [`blobs`]: content-addressed blob store for uploaded images.
 //! - [`notify`]: in-process and Redis wake-ups and job events.
+//! - [`rate`]: per-tenant submission rate limits (token buckets in Redis).
 //! - [`stamps`]: the upload gate — content credentials and watermark checked
 //!   before an artifact is recorded.
 //! - [`service`]: the gRPC services (`Jobs`, `Workers`, `Registry`,
@@ -24,6 +25,7 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod notify;
+pub mod rate;
 pub mod server;
 pub mod service;
 pub mod spec;

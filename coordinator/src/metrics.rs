@@ -18,6 +18,7 @@ use crate::service::Coordinator;
 use crate::store::{Census, now_ms};
 
 pub const JOBS_SUBMITTED: &str = "hallmark_jobs_submitted_total";
+pub const SUBMITS_RATE_LIMITED: &str = "hallmark_submits_rate_limited_total";
 pub const TASKS_SUBMITTED: &str = "hallmark_tasks_submitted_total";
 pub const JOBS_FINISHED: &str = "hallmark_jobs_finished_total";
 pub const TASKS_LEASED: &str = "hallmark_tasks_leased_total";
@@ -41,6 +42,10 @@ pub const GRPC_SECONDS: &str = "hallmark_grpc_request_seconds";
 /// Gives every metric its help text (call once the recorder is installed).
 pub fn describe() {
     describe_counter!(JOBS_SUBMITTED, "Jobs accepted, by tenant.");
+    describe_counter!(
+        SUBMITS_RATE_LIMITED,
+        "Jobs refused by the tenant's submission rate limit, by tenant."
+    );
     describe_counter!(TASKS_SUBMITTED, "Tasks created by accepted jobs.");
     describe_counter!(
         JOBS_FINISHED,

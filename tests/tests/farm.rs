@@ -263,3 +263,65 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     files
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_submit_rate_is_shared_by_the_replicas_through_redis() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fresh_database().await;
+    let a = CoordinatorSpec::new(&db, Some(redis_url()), dir.path().join("blobs"))
+        .with("HALLMARK_TENANT_SUBMIT_ITEMS_PER_MINUTE", 10);
+    let b = CoordinatorSpec {
+        port: free_port(),
+        ..a.clone()
+    };
+    let (_a, _b) = (a.start().await, b.start().await);
+    let _w = start_worker(&a.url(), "w", 0, &[]);
+    wait_for_workers(&a.url(), 1).await;
+    // The buckets live in the shared Redis: a tenant of this run only.
+    let tenant = format!("rate-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let submit = |url: &str, tenant: &str, images: u32| {
+        hallmark(&[
+            "--coordinator",
+            url,
+            "--json",
+            "submit",
+            "--prompt",
+            "a kite",
+            "--images-per-prompt",
+            &images.to_string(),
+            "--width",
+            "192",
+            "--height",
+            "192",
+            "--tenant",
+            tenant,
+        ])
+    };
+    ok(&submit(&a.url(), &tenant, 6));
+    // Six more through the other replica: over the 10 per minute.
+    let out = submit(&b.url(), &tenant, 6);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("over its limit of 10 items per minute") && err.contains("retry in"),
+        "{err}"
+    );
+    // What is left still passes, through either replica; a job larger than
+    // a minute's allowance is refused outright; other tenants are apart.
+    ok(&submit(&b.url(), &tenant, 4));
+    let out = submit(&a.url(), &tenant, 11);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("split it"), "{err}");
+    ok(&submit(&a.url(), &format!("{tenant}-other"), 10));
+    // The refused jobs left no rows.
+    let jobs: serde_json::Value = serde_json::from_str(&ok(&hallmark(&[
+        "--coordinator",
+        &a.url(),
+        "--json",
+        "jobs",
+        "--tenant",
+        &tenant,
+    ])))
+    .unwrap();
+    assert_eq!(jobs.as_array().map(Vec::len), Some(2), "{jobs:#}");
+}

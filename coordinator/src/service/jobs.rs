@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{Coordinator, blob_status, status};
 use crate::metrics as m;
+use crate::rate::RateRefusal;
 use crate::spec::{self, Limits, SpecError};
 use crate::store::{JobControl, StoreError, now_ms};
 
@@ -101,7 +102,19 @@ impl Jobs for JobsService {
         })
         .to_string();
         let tenant_cap = c.config.tenant_cap(&job.tenant);
-        c.store
+        // Counted last, so a job refused for anything else costs nothing,
+        // and given back if it is not written.
+        let rate = u64::from(c.config.tenant_submit_rate(&job.tenant));
+        let items = job.items.len() as u64;
+        if let Err(refusal) = c.limiter.admit(&job.tenant, items, rate, now_ms()).await {
+            metrics::counter!(m::SUBMITS_RATE_LIMITED, "tenant" => job.tenant.clone()).increment(1);
+            return Err(match refusal {
+                RateRefusal::TooLarge { .. } => Status::invalid_argument(refusal.to_string()),
+                RateRefusal::Exhausted { .. } => Status::resource_exhausted(refusal.to_string()),
+            });
+        }
+        if let Err(e) = c
+            .store
             .submit(
                 &job_id,
                 &job,
@@ -111,7 +124,10 @@ impl Jobs for JobsService {
                 now_ms(),
             )
             .await
-            .map_err(status)?;
+        {
+            c.limiter.refund(&job.tenant, items, rate, now_ms()).await;
+            return Err(status(e));
+        }
         tracing::info!(job_id = %job_id, items = job.items.len(), tenant = %job.tenant, "job submitted");
         metrics::counter!(m::JOBS_SUBMITTED, "tenant" => job.tenant.clone()).increment(1);
         metrics::counter!(m::TASKS_SUBMITTED).increment(job.task_count() as u64);

@@ -33,6 +33,8 @@ pub struct Coordinator {
     pub lease_policy: LeasePolicy,
     /// The upload gate: content credentials and watermark of every artifact.
     pub stamps: Arc<StampCheck>,
+    /// Tenants' submission rate buckets (shared through Redis when set).
+    pub limiter: crate::rate::SubmitLimiter,
     workers: Mutex<HashMap<String, (WorkerCaps, Instant)>>,
     /// The task label sets the metrics census has reported.
     pub(crate) census_labels: CensusLabels,
@@ -54,6 +56,14 @@ impl Coordinator {
             base_ms: config.lease_base_ms,
             ms_per_megapixel_step: config.lease_ms_per_megapixel_step,
         };
+        let limiter = match config.redis_url.as_deref() {
+            Some(url) if !url.is_empty() => crate::rate::SubmitLimiter::with_redis(url)
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "rate limits: bad Redis URL, keeping them per replica");
+                    crate::rate::SubmitLimiter::local()
+                }),
+            _ => crate::rate::SubmitLimiter::local(),
+        };
         Self {
             store,
             blobs,
@@ -61,6 +71,7 @@ impl Coordinator {
             config,
             lease_policy,
             stamps: Arc::new(stamps),
+            limiter,
             workers: Mutex::new(HashMap::new()),
             census_labels: CensusLabels::default(),
             shutdown,

@@ -1,0 +1,252 @@
+//! Per-tenant submission rate limits: a token bucket of items per tenant.
+//!
+//! A tenant's bucket holds up to one minute's allowance of items (prompts ×
+//! images) and refills continuously; a job is admitted when the bucket
+//! holds all its items. With Redis the bucket is shared by every replica (a
+//! script updates it atomically, on Redis's clock); without Redis, or while
+//! Redis cannot be reached, each replica keeps its own bucket. A limit is
+//! a hint in DESIGN's sense: losing Redis loosens it, it never loses work.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Why a submission was not admitted.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RateRefusal {
+    /// The bucket cannot hold this many items: the job can never pass.
+    #[error(
+        "the job has {items} items, over tenant {tenant:?}'s limit of {limit} items per minute; split it into jobs of at most {limit}"
+    )]
+    TooLarge {
+        tenant: String,
+        items: u64,
+        limit: u64,
+    },
+    /// Not now: the bucket refills enough in `retry_after`.
+    #[error(
+        "tenant {tenant:?} is over its limit of {limit} items per minute ({available} available now, the job has {items}); retry in {}s",
+        retry_after.as_secs().max(1)
+    )]
+    Exhausted {
+        tenant: String,
+        items: u64,
+        limit: u64,
+        available: u64,
+        retry_after: Duration,
+    },
+}
+
+/// Tenants' item buckets, in Redis when configured.
+pub struct SubmitLimiter {
+    redis: Option<redis::Client>,
+    connection: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
+    local: Mutex<HashMap<String, Bucket>>,
+}
+
+/// Takes `ARGV[2]` items from the bucket in `KEYS[1]` holding at most
+/// `ARGV[1]`, refilled at `ARGV[1]` per minute since its last use (Redis's
+/// clock); a negative count gives items back. Returns {admitted, tokens
+/// left as text}.
+const TAKE: &str = r"
+local cap = tonumber(ARGV[1])
+local want = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(b[1]) or cap
+local at = tonumber(b[2]) or now
+tokens = math.min(cap, tokens + math.max(0, now - at) * cap / 60000)
+local ok = 0
+if want <= tokens then
+  tokens = math.min(cap, tokens - want)
+  ok = 1
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+redis.call('PEXPIRE', KEYS[1], 120000)
+return {ok, tostring(tokens)}
+";
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at_ms: i64,
+}
+
+impl Bucket {
+    /// Refills to `now_ms`, then takes `want` (gives back when negative)
+    /// if the bucket holds it. Returns whether it did, and what is left.
+    fn take(&mut self, limit: u64, want: f64, now_ms: i64) -> (bool, f64) {
+        let cap = limit as f64;
+        let elapsed = (now_ms - self.at_ms).max(0) as f64;
+        self.tokens = (self.tokens + elapsed * cap / 60_000.0).min(cap);
+        self.at_ms = now_ms.max(self.at_ms);
+        if want <= self.tokens {
+            self.tokens = (self.tokens - want).min(cap);
+            (true, self.tokens)
+        } else {
+            (false, self.tokens)
+        }
+    }
+}
+
+fn key(tenant: &str) -> String {
+    format!("hallmark:rate:submit:{tenant}")
+}
+
+impl SubmitLimiter {
+    /// Buckets in this process only.
+    pub fn local() -> Self {
+        Self {
+            redis: None,
+            connection: tokio::sync::Mutex::new(None),
+            local: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Buckets shared through Redis at `url`.
+    pub fn with_redis(url: &str) -> Result<Self, redis::RedisError> {
+        Ok(Self {
+            redis: Some(redis::Client::open(url)?),
+            ..Self::local()
+        })
+    }
+
+    /// Admits `items` of `tenant` under `limit` items per minute (0: no
+    /// limit), or says why not and when to try again.
+    pub async fn admit(
+        &self,
+        tenant: &str,
+        items: u64,
+        limit: u64,
+        now_ms: i64,
+    ) -> Result<(), RateRefusal> {
+        if limit == 0 {
+            return Ok(());
+        }
+        if items > limit {
+            return Err(RateRefusal::TooLarge {
+                tenant: tenant.to_string(),
+                items,
+                limit,
+            });
+        }
+        let (admitted, left) = self.take(tenant, limit, items as f64, now_ms).await;
+        if admitted {
+            return Ok(());
+        }
+        let missing = items as f64 - left;
+        let retry_after = Duration::from_millis((missing * 60_000.0 / limit as f64).ceil() as u64);
+        Err(RateRefusal::Exhausted {
+            tenant: tenant.to_string(),
+            items,
+            limit,
+            available: left.floor() as u64,
+            retry_after,
+        })
+    }
+
+    /// Gives back what [`admit`](Self::admit) took for a job that was then
+    /// not written.
+    pub async fn refund(&self, tenant: &str, items: u64, limit: u64, now_ms: i64) {
+        if limit > 0 {
+            self.take(tenant, limit, -(items as f64), now_ms).await;
+        }
+    }
+
+    async fn take(&self, tenant: &str, limit: u64, want: f64, now_ms: i64) -> (bool, f64) {
+        if self.redis.is_some() {
+            match self.take_in_redis(tenant, limit, want).await {
+                Ok(r) => return r,
+                Err(e) => {
+                    tracing::warn!(error = %e, tenant, "rate limit: Redis unavailable, using this replica's bucket");
+                }
+            }
+        }
+        let mut buckets = self.local.lock().expect("rate buckets lock");
+        let bucket = buckets.entry(tenant.to_string()).or_insert(Bucket {
+            tokens: limit as f64,
+            at_ms: now_ms,
+        });
+        bucket.take(limit, want, now_ms)
+    }
+
+    async fn take_in_redis(
+        &self,
+        tenant: &str,
+        limit: u64,
+        want: f64,
+    ) -> redis::RedisResult<(bool, f64)> {
+        let client = self.redis.as_ref().expect("checked by the caller");
+        let mut slot = self.connection.lock().await;
+        if slot.is_none() {
+            let conn = tokio::time::timeout(
+                Duration::from_secs(2),
+                client.get_multiplexed_async_connection(),
+            )
+            .await
+            .map_err(|_| {
+                redis::RedisError::from((redis::ErrorKind::IoError, "connect timed out"))
+            })??;
+            *slot = Some(conn);
+        }
+        let conn = slot.as_mut().expect("just set");
+        let script = redis::Script::new(TAKE);
+        let mut invocation = script.key(key(tenant));
+        invocation.arg(limit).arg(want);
+        let call = invocation.invoke_async::<(i64, String)>(conn);
+        let result = match tokio::time::timeout(Duration::from_secs(2), call).await {
+            Ok(r) => r,
+            Err(_) => Err((redis::ErrorKind::IoError, "rate limit script timed out").into()),
+        };
+        match result {
+            Ok((ok, left)) => Ok((ok == 1, left.parse().unwrap_or(0.0))),
+            Err(e) => {
+                // Reconnect next time.
+                *slot = None;
+                Err(e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_bucket_admits_a_minutes_items_refills_over_time_and_refunds() {
+        let l = SubmitLimiter::local();
+        l.admit("acme", 6, 10, 0).await.unwrap();
+        let err = l.admit("acme", 6, 10, 1_000).await.unwrap_err();
+        let RateRefusal::Exhausted {
+            available,
+            retry_after,
+            ..
+        } = &err
+        else {
+            panic!("{err}");
+        };
+        // 4 left plus 1 s of refill at 10 per minute (0.17): 1.83 more
+        // items take 11 s.
+        assert_eq!(*available, 4);
+        assert_eq!(retry_after.as_millis(), 11_000);
+        assert!(err.to_string().contains("10 items per minute"), "{err}");
+        // Another tenant has its own bucket; no limit admits anything.
+        l.admit("other", 10, 10, 1_000).await.unwrap();
+        l.admit("acme", 1_000, 0, 1_000).await.unwrap();
+        // 12 s later the bucket holds 4.17 + 2.
+        l.admit("acme", 6, 10, 13_000).await.unwrap();
+        assert!(l.admit("acme", 1, 10, 13_000).await.is_err());
+        l.refund("acme", 3, 10, 13_000).await;
+        l.admit("acme", 3, 10, 13_000).await.unwrap();
+        // A full minute refills to the cap, never past it.
+        l.admit("acme", 10, 10, 600_000).await.unwrap();
+        assert!(l.admit("acme", 1, 10, 600_000).await.is_err());
+        // A job larger than a minute's allowance can never pass.
+        assert!(matches!(
+            l.admit("acme", 11, 10, 10_000_000).await,
+            Err(RateRefusal::TooLarge { .. })
+        ));
+    }
+}
