@@ -462,3 +462,43 @@ async fn two_replicas_never_lease_a_task_twice() {
             >= 4
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_the_submit_rate_falls_back_to_each_replicas_own_bucket() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fresh_database().await;
+    let mut redis = PrivateRedis::start();
+    let c = CoordinatorSpec::new(&db, Some(redis.url()), dir.path().join("blobs"))
+        .with("HALLMARK_TENANT_SUBMIT_ITEMS_PER_MINUTE", 10);
+    let _c = c.start().await;
+    fake_worker(&c.url()).await;
+    let try_submit = |n: usize| {
+        let url = c.url();
+        async move {
+            jobs_client(&url)
+                .await
+                .submit(SubmitJobRequest {
+                    spec: Some(synthetic_spec(n, 0)),
+                    queue_unservable: false,
+                })
+                .await
+                .map(|_| ())
+                .map_err(|s| s.code())
+        }
+    };
+    try_submit(6).await.unwrap();
+    // Redis gone: submissions go on under this replica's own (fresh) bucket.
+    redis.stop();
+    try_submit(6).await.unwrap();
+    assert_eq!(try_submit(6).await, Err(tonic::Code::ResourceExhausted));
+    // Redis back (empty: it keeps nothing on disk here): a fresh shared
+    // bucket, used again instead of the replica's.
+    redis.restart();
+    try_submit(6).await.unwrap();
+    assert_eq!(try_submit(6).await, Err(tonic::Code::ResourceExhausted));
+    assert_eq!(
+        scalar(&db, "SELECT CAST(COUNT(*) AS BIGINT) FROM jobs").await,
+        3,
+        "refused jobs leave no rows"
+    );
+}
