@@ -31,6 +31,7 @@ pub const ATTEMPTS_FAILED: &str = "hallmark_task_attempts_failed_total";
 pub const LEASES_EXPIRED: &str = "hallmark_leases_expired_total";
 pub const AUDIT_SEALED: &str = "hallmark_audit_entries_sealed_total";
 pub const TASKS: &str = "hallmark_tasks";
+pub const TENANT_TASKS: &str = "hallmark_tenant_tasks";
 pub const JOBS: &str = "hallmark_jobs";
 pub const WORKERS_LIVE: &str = "hallmark_workers_live";
 pub const MODEL_WORKERS_LIVE: &str = "hallmark_model_workers_live";
@@ -87,6 +88,10 @@ pub fn describe() {
         TASKS,
         "Open tasks of running and paused jobs, by state (waiting, ready, held, leased), stage, engine and model. Farm-wide."
     );
+    describe_gauge!(
+        TENANT_TASKS,
+        "Open tasks of running and paused jobs, by tenant and state: each tenant's queue. Farm-wide."
+    );
     describe_gauge!(JOBS, "Open jobs, by state (running, paused). Farm-wide.");
     describe_gauge!(
         WORKERS_LIVE,
@@ -139,7 +144,9 @@ impl CensusLabels {
                 ("engine", t.engine.clone()),
                 ("model", t.model_id.clone()),
             ];
-            now.insert((TASKS, labels), t.count);
+            *now.entry((TASKS, labels)).or_default() += t.count;
+            let labels = vec![("tenant", t.tenant.clone()), ("state", t.state.clone())];
+            *now.entry((TENANT_TASKS, labels)).or_default() += t.count;
         }
         for m in &census.model_workers {
             let labels = vec![("engine", m.engine.clone()), ("model", m.model_id.clone())];

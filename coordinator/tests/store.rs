@@ -232,6 +232,14 @@ both_stores! {
             counts(&[("leased", "generate", 1), ("ready", "generate", 1), ("ready", "upscale", 1), ("waiting", "upscale", 2)])
         );
 
+        // Another tenant's job is counted apart.
+        submit(s, "j2", &job_for("acme", 0, 2, 0), 0).await;
+        let census = s.census(0).await.unwrap();
+        let acme: Vec<_> = census.tasks.iter().filter(|t| t.tenant == "acme").map(|t| (t.state.as_str(), t.count)).collect();
+        assert_eq!(acme, [("ready", 2)]);
+        assert!(census.tasks.iter().all(|t| t.tenant == "acme" || t.tenant == "default"));
+        s.control("j2", JobControl::Cancel, 115).await.unwrap();
+
         s.control("j1", JobControl::Pause, 120).await.unwrap();
         let (tasks, census) = census_tasks(s, 0).await;
         // Pausing holds the ready tasks and takes back the leased one.

@@ -68,6 +68,15 @@ async fn the_coordinator_and_the_worker_export_what_the_farm_did() {
     assert_eq!(open_tasks(&before, "ready", "generate"), Some(6.0));
     assert_eq!(open_tasks(&before, "waiting", "upscale"), Some(6.0));
     assert_eq!(before.sum("hallmark_tasks", &[("state", "leased")]), None);
+    // Each tenant's queue: the job's 12 open tasks, by state.
+    let tenant_tasks = |s: &Scrape, state: &str| {
+        s.sum(
+            "hallmark_tenant_tasks",
+            &[("tenant", "default"), ("state", state)],
+        )
+    };
+    assert_eq!(tenant_tasks(&before, "ready"), Some(6.0));
+    assert_eq!(tenant_tasks(&before, "waiting"), Some(6.0));
     assert_eq!(
         before.sum("hallmark_jobs", &[("state", "running")]),
         Some(1.0)
@@ -131,6 +140,8 @@ async fn the_coordinator_and_the_worker_export_what_the_farm_did() {
     assert_eq!(open_tasks(&after, "ready", "generate"), Some(0.0));
     assert_eq!(open_tasks(&after, "waiting", "upscale"), Some(0.0));
     assert_eq!(after.sum("hallmark_tasks", &[]), Some(0.0));
+    assert_eq!(after.sum("hallmark_tenant_tasks", &[]), Some(0.0));
+    assert_eq!(tenant_tasks(&after, "ready"), Some(0.0));
     assert_eq!(
         after.sum("hallmark_jobs", &[("state", "running")]),
         Some(0.0)

@@ -1,5 +1,5 @@
 //! A census of the farm's open work, read for the metrics endpoint: tasks of
-//! unfinished jobs by state, stage and model, open jobs, live workers (in all
+//! unfinished jobs by state, stage, tenant and model, open jobs, live workers (in all
 //! and per model they serve) and the audit entries waiting to be sealed.
 //!
 //! Every count reads rows that indexes reach directly (running and paused
@@ -10,12 +10,13 @@ use sqlx::Row;
 
 use super::{Result, Store};
 
-/// How many open tasks share one state, stage, engine and model.
+/// How many open tasks share one state, stage, engine, model and tenant.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TaskCount {
     /// `waiting`, `ready`, `held` or `leased`.
     pub state: String,
     pub stage: String,
+    pub tenant: String,
     pub engine: String,
     pub model_id: String,
     pub count: u64,
@@ -48,12 +49,12 @@ impl Store {
     /// Counts the open work; workers seen since `live_since` are live.
     pub async fn census(&self, live_since: i64) -> Result<Census> {
         let rows = sqlx::query(
-            "SELECT t.state, t.stage, t.engine, t.model_id, COUNT(*) AS n \
+            "SELECT t.state, t.stage, t.tenant, t.engine, t.model_id, COUNT(*) AS n \
              FROM jobs j JOIN tasks t ON t.job_id = j.id \
              WHERE j.state IN ('running', 'paused') \
              AND t.state IN ('waiting', 'ready', 'held', 'leased') \
-             GROUP BY t.state, t.stage, t.engine, t.model_id \
-             ORDER BY t.state, t.stage, t.engine, t.model_id",
+             GROUP BY t.state, t.stage, t.tenant, t.engine, t.model_id \
+             ORDER BY t.state, t.stage, t.tenant, t.engine, t.model_id",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -62,6 +63,7 @@ impl Store {
             census.tasks.push(TaskCount {
                 state: r.try_get("state")?,
                 stage: r.try_get("stage")?,
+                tenant: r.try_get("tenant")?,
                 engine: r.try_get("engine")?,
                 model_id: r.try_get("model_id")?,
                 count: r.try_get::<i64, _>("n")? as u64,
