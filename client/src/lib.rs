@@ -245,7 +245,7 @@ pub struct SpecArgs {
     #[arg(long)]
     pub strength: Option<f64>,
     /// Refine each image before any upscale: img2img at its size with this
-    /// model (an SDXL refiner, a fine-tune, or the job's own model).
+    /// model (a fine-tune, another SD model, or the job's own model).
     #[arg(long)]
     pub refine_model: Option<String>,
     /// How much a refine re-renders, in (0, 1) (default 0.3; implies a

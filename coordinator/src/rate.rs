@@ -41,8 +41,14 @@ pub enum RateRefusal {
 pub struct SubmitLimiter {
     redis: Option<redis::Client>,
     connection: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
+    /// After Redis fails, it is not tried again before this: a submit
+    /// during an outage does not wait on a dead connection each time.
+    redis_retry_at: Mutex<Option<std::time::Instant>>,
     local: Mutex<HashMap<String, Bucket>>,
 }
+
+/// How long Redis is left alone after it failed.
+pub const REDIS_RETRY_AFTER: Duration = Duration::from_secs(2);
 
 /// Takes `ARGV[2]` items from the bucket in `KEYS[1]` holding at most
 /// `ARGV[1]`, refilled at `ARGV[1]` per minute since its last use (Redis's
@@ -100,6 +106,7 @@ impl SubmitLimiter {
         Self {
             redis: None,
             connection: tokio::sync::Mutex::new(None),
+            redis_retry_at: Mutex::new(None),
             local: Mutex::new(HashMap::new()),
         }
     }
@@ -155,11 +162,17 @@ impl SubmitLimiter {
     }
 
     async fn take(&self, tenant: &str, limit: u64, want: f64, now_ms: i64) -> (bool, f64) {
-        if self.redis.is_some() {
+        let resting = || {
+            let retry_at = self.redis_retry_at.lock().expect("rate retry lock");
+            retry_at.is_some_and(|at| std::time::Instant::now() < at)
+        };
+        if self.redis.is_some() && !resting() {
             match self.take_in_redis(tenant, limit, want).await {
                 Ok(r) => return r,
                 Err(e) => {
                     tracing::warn!(error = %e, tenant, "rate limit: Redis unavailable, using this replica's bucket");
+                    *self.redis_retry_at.lock().expect("rate retry lock") =
+                        Some(std::time::Instant::now() + REDIS_RETRY_AFTER);
                 }
             }
         }

@@ -494,6 +494,9 @@ async fn without_redis_the_submit_rate_falls_back_to_each_replicas_own_bucket() 
     // Redis back (empty: it keeps nothing on disk here): a fresh shared
     // bucket, used again instead of the replica's.
     redis.restart();
+    // Redis is left alone for a moment after it failed.
+    tokio::time::sleep(hallmark_coordinator::rate::REDIS_RETRY_AFTER + Duration::from_millis(500))
+        .await;
     try_submit(6).await.unwrap();
     assert_eq!(try_submit(6).await, Err(tonic::Code::ResourceExhausted));
     assert_eq!(
