@@ -80,8 +80,9 @@ pub struct InitImage {
     pub strength: f64,
 }
 
-/// The refine stage of a job: which model re-runs each base image, and how much.
-#[derive(Debug, Clone, PartialEq)]
+/// The refine stage of a job: which model re-runs each base image, and how
+/// much (serialised as the stored spec and the ledger record it).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Refine {
     pub model_id: String,
     /// (0, 1).

@@ -96,9 +96,7 @@ impl Jobs for JobsService {
             "seed": spec.seed.unwrap_or(random_seed), "negative_prompt": spec.negative_prompt,
             "init_image_sha256": spec.init_image_sha256, "strength": spec.strength,
             "init_images": job.init_images(),
-            "refine": job.refine.as_ref().map(|r| serde_json::json!({
-                "model_id": r.model_id, "strength": r.strength,
-            })),
+            "refine": job.refine,
         })
         .to_string();
         let tenant_cap = c.config.tenant_cap(&job.tenant);

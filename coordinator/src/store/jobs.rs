@@ -62,16 +62,7 @@ impl Store {
         if queue_unservable {
             return Ok(());
         }
-        let row = sqlx::query(
-            "SELECT CAST(COUNT(*) AS BIGINT) AS n, CAST(COALESCE(MAX(w.max_pixels), 0) AS BIGINT) AS px \
-             FROM worker_models wm JOIN workers w ON w.id = wm.worker_id \
-             WHERE wm.engine = $1 AND wm.model_id = $2",
-        )
-        .bind(engine)
-        .bind(model_id)
-        .fetch_one(&self.pool)
-        .await?;
-        let (n, px): (i64, i64) = (row.try_get("n")?, row.try_get("px")?);
+        let (n, px) = self.model_workers(engine, model_id, i64::MIN).await?;
         if n == 0 {
             return Err(StoreError::Refused(format!(
                 "no registered worker serves model {model_id:?} with engine {engine:?}; start one, or pass --queue-unservable to queue the job anyway"
@@ -84,6 +75,27 @@ impl Store {
             )));
         }
         Ok(())
+    }
+
+    /// How many workers seen since `seen_since` serve `model_id` with
+    /// `engine`, and the most pixels one of them holds (0 when none).
+    async fn model_workers(
+        &self,
+        engine: &str,
+        model_id: &str,
+        seen_since: i64,
+    ) -> Result<(i64, i64)> {
+        let row = sqlx::query(
+            "SELECT CAST(COUNT(*) AS BIGINT) AS n, CAST(COALESCE(MAX(w.max_pixels), 0) AS BIGINT) AS px \
+             FROM worker_models wm JOIN workers w ON w.id = wm.worker_id \
+             WHERE wm.engine = $1 AND wm.model_id = $2 AND w.last_seen_at >= $3",
+        )
+        .bind(engine)
+        .bind(model_id)
+        .bind(seen_since)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((row.try_get("n")?, row.try_get("px")?))
     }
 
     /// Writes the job, its items and per-item stage tasks in one transaction.
@@ -218,9 +230,7 @@ impl Store {
                 "engine": job.engine,
                 "model_id": job.model_id,
                 "items": job.items.len(),
-                "refine": job.refine.as_ref().map(|r| serde_json::json!({
-                    "model_id": r.model_id, "strength": r.strength,
-                })),
+                "refine": job.refine,
                 "upscale": job.upscale,
                 "priority": job.priority,
                 "spec_sha256": hallmark_provenance::sha256_hex(spec_json.as_bytes()),
@@ -386,17 +396,9 @@ impl Store {
         for r in ready {
             let model_id: String = r.try_get("model_id")?;
             let smallest: i64 = r.try_get("px")?;
-            let row = sqlx::query(
-                "SELECT CAST(COUNT(*) AS BIGINT) AS n, CAST(COALESCE(MAX(w.max_pixels), 0) AS BIGINT) AS px \
-                 FROM worker_models wm JOIN workers w ON w.id = wm.worker_id \
-                 WHERE wm.engine = $1 AND wm.model_id = $2 AND w.last_seen_at >= $3",
-            )
-            .bind(&job.engine)
-            .bind(&model_id)
-            .bind(live_since)
-            .fetch_one(&self.pool)
-            .await?;
-            let (live, px): (i64, i64) = (row.try_get("n")?, row.try_get("px")?);
+            let (live, px) = self
+                .model_workers(&job.engine, &model_id, live_since)
+                .await?;
             if live == 0 {
                 return Ok(format!(
                     "no live worker serves model {model_id:?} with engine {:?}",
