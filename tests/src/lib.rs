@@ -519,6 +519,12 @@ pub fn ok(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `hallmark --json verify ARGS…`: its exit code and its report.
+pub fn verify_json(args: &[&str]) -> (i32, serde_json::Value) {
+    let out = hallmark(&[&["--json", "verify"], args].concat());
+    (out.status.code().unwrap_or(-1), json_of(&out))
+}
+
 /// A command's stdout as JSON (what `--json` prints).
 pub fn json_of(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {

@@ -14,11 +14,6 @@ use hallmark_provenance::credentials;
 use hallmark_provenance::watermark::attacks::Attack;
 use serde_json::Value;
 
-fn verify(args: &[&str]) -> (i32, Value) {
-    let out = hallmark(&[&["--json", "verify"], args].concat());
-    (out.status.code().unwrap_or(-1), json_of(&out))
-}
-
 /// Strips everything but the pixels, shrinks to 0.75× and re-encodes as
 /// JPEG quality 75.
 fn launder(src: &Path, dst: &Path) {
@@ -103,7 +98,7 @@ async fn stamped_outputs_verify_and_a_laundered_copy_leads_back_to_its_lineage()
     let up = files.join("00000-upscalex2.png");
 
     // Offline: both files verify against the deployment's root.
-    let (code, report) = verify(&[base.to_str().unwrap(), "--trust-anchors", &anchors]);
+    let (code, report) = verify_json(&[base.to_str().unwrap(), "--trust-anchors", &anchors]);
     assert_eq!(code, 0, "{report:#}");
     assert_eq!(report["status"], "verified");
     let gen_record = &report["credentials"]["generation"];
@@ -111,7 +106,7 @@ async fn stamped_outputs_verify_and_a_laundered_copy_leads_back_to_its_lineage()
     assert_eq!(gen_record["model_id"], "synth-prov");
     assert_eq!(gen_record["prompt"], "a lighthouse at dusk");
     assert_eq!(gen_record["datasets"][0], "laion-mini@1");
-    let (code, report) = verify(&[up.to_str().unwrap(), "--trust-anchors", &anchors]);
+    let (code, report) = verify_json(&[up.to_str().unwrap(), "--trust-anchors", &anchors]);
     assert_eq!(code, 0, "{report:#}");
     let up_id = report["credentials"]["watermark_id"]
         .as_str()
@@ -147,7 +142,7 @@ async fn stamped_outputs_verify_and_a_laundered_copy_leads_back_to_its_lineage()
     ]);
     assert!(out.status.success());
     let other_root = ca_dir.join("root.pem");
-    let (code, report) = verify(&[
+    let (code, report) = verify_json(&[
         up.to_str().unwrap(),
         "--trust-anchors",
         other_root.to_str().unwrap(),
@@ -157,12 +152,12 @@ async fn stamped_outputs_verify_and_a_laundered_copy_leads_back_to_its_lineage()
     // Laundered: metadata gone, 0.75×, JPEG 75.
     let laundered = dir.path().join("laundered.jpg");
     launder(&up, &laundered);
-    let (code, report) = verify(&[laundered.to_str().unwrap(), "--trust-anchors", &anchors]);
+    let (code, report) = verify_json(&[laundered.to_str().unwrap(), "--trust-anchors", &anchors]);
     assert_eq!(code, 2, "offline there is only the watermark: {report:#}");
     assert_eq!(report["status"], "watermark_only");
     assert_eq!(report["watermark"]["id"], up_id.as_str());
     let online = |tenant: &str| {
-        verify(&[
+        verify_json(&[
             laundered.to_str().unwrap(),
             "--trust-anchors",
             &anchors,
@@ -212,7 +207,7 @@ async fn stamped_outputs_verify_and_a_laundered_copy_leads_back_to_its_lineage()
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (code, report) = verify(&[stray.to_str().unwrap(), "--coordinator", &url]);
+    let (code, report) = verify_json(&[stray.to_str().unwrap(), "--coordinator", &url]);
     assert_eq!(code, 2, "{report:#}");
     assert!(
         report["summary"]

@@ -7,11 +7,6 @@ use std::time::Duration;
 use hallmark_e2e::*;
 use serde_json::Value;
 
-fn verify(args: &[&str]) -> (i32, Value) {
-    let out = hallmark(&[&["--json", "verify"], args].concat());
-    (out.status.code().unwrap_or(-1), json_of(&out))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refine_stage_runs_on_the_refiners_workers_and_the_chain_is_in_every_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -88,7 +83,7 @@ async fn a_refine_stage_runs_on_the_refiners_workers_and_the_chain_is_in_every_f
     // The refined file: its own mark under the refine key, its base as the
     // parentOf ingredient, edited (not resized), with the strength it ran at.
     let refined = files.join("00000-refine.png");
-    let (code, report) = verify(&[refined.to_str().unwrap(), "--trust-anchors", &anchors]);
+    let (code, report) = verify_json(&[refined.to_str().unwrap(), "--trust-anchors", &anchors]);
     assert_eq!(code, 0, "{report:#}");
     let record = &report["credentials"]["generation"];
     assert_eq!(
@@ -107,7 +102,7 @@ async fn a_refine_stage_runs_on_the_refiners_workers_and_the_chain_is_in_every_f
     // The upscale's parent is the refined image, and the repository walks
     // the whole chain from it.
     let up = files.join("00000-upscalex2.png");
-    let (code, report) = verify(&[
+    let (code, report) = verify_json(&[
         up.to_str().unwrap(),
         "--trust-anchors",
         &anchors,
