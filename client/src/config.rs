@@ -17,8 +17,12 @@ pub struct ClientConfig {
     pub coordinator: Option<String>,
     /// Where the embedded farm keeps its SQLite store and blobs.
     pub state_dir: PathBuf,
-    /// Tenant jobs are submitted as.
-    pub tenant: String,
+    /// Tenant jobs are submitted as (see [`ClientConfig::tenant`]).
+    pub tenant: Option<String>,
+    /// Token presented to a coordinator with `auth = "tokens"`
+    /// (`HALLMARK_TOKEN`); `hallmark token new` makes one. Keep it out of
+    /// shared config files: it is a password.
+    pub token: Option<String>,
     /// Local workers the embedded farm starts.
     pub workers: u32,
     /// Secret the invisible watermark is keyed with. The default is for
@@ -53,7 +57,8 @@ impl Default for ClientConfig {
         Self {
             coordinator: None,
             state_dir,
-            tenant: "default".into(),
+            tenant: None,
+            token: None,
             workers: 2,
             watermark_key: DEVELOPMENT_WATERMARK_KEY.into(),
             signing_cert_chain: None,
@@ -69,12 +74,21 @@ impl Default for ClientConfig {
 }
 
 impl ClientConfig {
+    /// The tenant requests name: the configured one; unset, `default`, or
+    /// with a token none, so the coordinator takes the token's own tenant.
+    pub fn tenant(&self) -> String {
+        match (&self.tenant, &self.token) {
+            (Some(t), _) => t.clone(),
+            (None, Some(_)) => String::new(),
+            (None, None) => "default".into(),
+        }
+    }
+
     pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
         let mut builder = config::Config::builder();
         let defaults = Self::default();
         builder = builder
             .set_default("state_dir", defaults.state_dir.display().to_string())?
-            .set_default("tenant", defaults.tenant)?
             .set_default("workers", defaults.workers)?
             .set_default("watermark_key", defaults.watermark_key)?
             .set_default("signing_alg", defaults.signing_alg)?

@@ -112,7 +112,7 @@ impl LocalFarm {
             hallmark_worker::metrics::describe();
         }
         let url = coordinator.url();
-        let remote = Remote::connect(&url).await?;
+        let remote = Remote::connect(&url, None).await?;
         let before = remote
             .workers
             .clone()

@@ -113,6 +113,9 @@ pub enum Command {
     /// Certificate authority tools.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Tokens callers present to a coordinator with `auth = "tokens"`.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Read and check the audit ledger: submissions, dispatches, completions,
     /// failures, controls and registrations, hash-chained. Without a
     /// coordinator, the embedded farm's (`--state-dir`).
@@ -164,6 +167,17 @@ pub enum CaCommand {
         /// es256 or ed25519.
         #[arg(long, default_value = "es256")]
         alg: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Make a token and print it with the `auth_tokens` line that admits it
+    /// (the coordinator keeps only the token's SHA-256 digest).
+    New {
+        /// tenant:NAME, worker[:NAME] or operator[:NAME].
+        #[arg(long)]
+        role: String,
     },
 }
 
@@ -515,12 +529,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             organization,
             alg,
         }) => ca_init(&dir, &organization, &alg, json),
+        Command::Token(TokenCommand::New { role }) => token_new(&role, json),
         Command::Audit(args) => audit_command(&cfg, args, json).await,
         command => {
             let url = cfg.coordinator.clone().context(
                 "no coordinator configured: pass --coordinator URL, set HALLMARK_COORDINATOR, or run `hallmark up`",
             )?;
-            let remote = Remote::connect(&url).await?;
+            let remote = Remote::connect(&url, cfg.token.as_deref()).await?;
             remote_command(&cfg, &remote, command, json).await
         }
     }
@@ -530,12 +545,12 @@ async fn audit_command(cfg: &ClientConfig, args: AuditArgs, json: bool) -> anyho
     // Without a coordinator the embedded farm's state is opened here; it
     // seals what its last run left unsealed before anything is read.
     let (remote, embedded) = match &cfg.coordinator {
-        Some(url) => (Remote::connect(url).await?, None),
+        Some(url) => (Remote::connect(url, cfg.token.as_deref()).await?, None),
         None => {
             let state_dir = args.state_dir.unwrap_or_else(|| cfg.state_dir.clone());
             let running = farm::open_state(&state_dir).await?;
             running.state.seal_ledger().await?;
-            (Remote::connect(&running.url()).await?, Some(running))
+            (Remote::connect(&running.url(), None).await?, Some(running))
         }
     };
     let outcome = match args.command {
@@ -857,6 +872,7 @@ async fn remote_command(
         | Command::Verify { .. }
         | Command::Models(ModelsCommand::InitTiny { .. })
         | Command::Ca(_)
+        | Command::Token(_)
         | Command::Audit(_) => {
             unreachable!("handled before connecting")
         }
@@ -943,7 +959,7 @@ pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<BuiltSp
             .unwrap_or(0),
         upscale_method: args.upscale_method.clone().unwrap_or_default(),
         priority: args.priority,
-        tenant: args.tenant.clone().unwrap_or_else(|| cfg.tenant.clone()),
+        tenant: args.tenant.clone().unwrap_or_else(|| cfg.tenant()),
         labels,
         max_attempts: args.max_attempts,
         strength: if init_images.is_empty() {
@@ -1022,7 +1038,7 @@ async fn render(cfg: &ClientConfig, mut args: RenderArgs, json: bool) -> anyhow:
             (Some(farm), url)
         }
     };
-    let result = render_on(&url, built, &args.output, json).await;
+    let result = render_on(&url, cfg.token.as_deref(), built, &args.output, json).await;
     if let Some(farm) = farm {
         farm.stop().await?;
     }
@@ -1047,11 +1063,12 @@ async fn render(cfg: &ClientConfig, mut args: RenderArgs, json: bool) -> anyhow:
 
 async fn render_on(
     url: &str,
+    token: Option<&str>,
     built: BuiltSpec,
     out: &Path,
     json: bool,
 ) -> anyhow::Result<(Job, Vec<PathBuf>)> {
-    let remote = Remote::connect(url).await?;
+    let remote = Remote::connect(url, token).await?;
     let job = submit_job(&remote, built, false).await?;
     let end = remote.watch(&job.job_id, false, json).await?;
     let files = remote.download(&job.job_id, out).await?;
@@ -1137,7 +1154,7 @@ async fn verify_command(
         bail!("no .png, .jpg, .jpeg or .webp files under the given paths");
     }
     let remote = match &cfg.coordinator {
-        Some(url) => Some(Remote::connect(url).await?),
+        Some(url) => Some(Remote::connect(url, cfg.token.as_deref()).await?),
         None => None,
     };
     let verifier = verify::Verifier {
@@ -1146,7 +1163,7 @@ async fn verify_command(
             cfg.watermark_key.as_bytes(),
         ),
         remote,
-        tenant: tenant.unwrap_or_else(|| cfg.tenant.clone()),
+        tenant: tenant.unwrap_or_else(|| cfg.tenant()),
     };
     let mut reports = Vec::with_capacity(files.len());
     for f in &files {
@@ -1190,6 +1207,29 @@ fn ca_init(dir: &Path, organization: &str, alg: &str, json: bool) -> anyhow::Res
             files.signer_chain.display(),
             files.signer_key.display(),
             files.alg.name()
+        );
+    }
+    Ok(0)
+}
+
+/// `hallmark token new`: a token, and the configuration line admitting it.
+fn token_new(role: &str, json: bool) -> anyhow::Result<i32> {
+    use hallmark_coordinator::auth;
+    if auth::parse_role(role).is_none() {
+        bail!("--role {role:?} is not tenant:NAME, worker[:NAME] or operator[:NAME]");
+    }
+    let token = auth::new_token().context("reading the system's random generator")?;
+    let digest = hex::encode(auth::token_digest(&token));
+    if json {
+        println!(
+            "{}",
+            json!({"token": token, "sha256": digest, "role": role})
+        );
+    } else {
+        println!("{token}");
+        // Both lines are TOML, so `2>> auth.toml` builds the coordinator's list.
+        eprintln!(
+            "# {role}: the token on stdout is shown only now (give it to its holder as HALLMARK_TOKEN); admit it under [auth_tokens]:\n\"{digest}\" = \"{role}\""
         );
     }
     Ok(0)

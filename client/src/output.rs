@@ -10,7 +10,7 @@ pub fn job_json(j: &Job) -> Value {
         "stages": j.stages.iter().map(|s| json!({
             "stage": s.stage, "total": s.total, "waiting": s.waiting, "ready": s.ready,
             "leased": s.leased, "succeeded": s.succeeded, "failed": s.failed, "canceled": s.canceled,
-            "progress": s.progress,
+            "progress": s.progress, "model_id": s.model_id,
         })).collect::<Vec<_>>(),
         "created_at_ms": j.created_at_ms, "finished_at_ms": j.finished_at_ms,
         "queue_position": j.queue_position, "waiting_reason": j.waiting_reason,
@@ -72,6 +72,9 @@ pub fn job_text(j: &Job) -> String {
             st.failed,
             st.canceled
         ));
+        if !st.model_id.is_empty() && st.model_id != j.model_id {
+            s.insert_str(s.len() - 1, &format!("  model {}", st.model_id));
+        }
     }
     if j.state == "running" && j.queue_position > 0 {
         s.push_str(&format!(

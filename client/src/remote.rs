@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use hallmark_proto::auth::{AuthChannel, BearerToken};
 use hallmark_proto::v1::jobs_client::JobsClient;
 use hallmark_proto::v1::provenance_client::ProvenanceClient;
 use hallmark_proto::v1::registry_client::RegistryClient;
@@ -19,10 +20,10 @@ use crate::output;
 /// Clients of the coordinator's services over one connection.
 #[derive(Clone)]
 pub struct Remote {
-    pub jobs: JobsClient<Channel>,
-    pub workers: WorkersClient<Channel>,
-    pub registry: RegistryClient<Channel>,
-    pub provenance: ProvenanceClient<Channel>,
+    pub jobs: JobsClient<AuthChannel>,
+    pub workers: WorkersClient<AuthChannel>,
+    pub registry: RegistryClient<AuthChannel>,
+    pub provenance: ProvenanceClient<AuthChannel>,
 }
 
 impl Remote {
@@ -43,13 +44,18 @@ impl Remote {
             .into_inner())
     }
 
-    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+    /// Connects to the coordinator at `url`; every call presents `token`
+    /// when one is given (a coordinator with `auth = "tokens"` needs it).
+    pub async fn connect(url: &str, token: Option<&str>) -> anyhow::Result<Self> {
+        let bearer = BearerToken::new(token)
+            .map_err(|e| anyhow::anyhow!("token (HALLMARK_TOKEN or `token` in the config): {e}"))?;
         let channel = Channel::from_shared(url.to_string())
             .with_context(|| format!("coordinator url {url:?} is not a valid URL"))?
             .connect_timeout(Duration::from_secs(5))
             .connect()
             .await
             .with_context(|| format!("cannot reach the coordinator at {url}; is it running?"))?;
+        let channel = bearer.on(channel);
         Ok(Self {
             jobs: JobsClient::new(channel.clone()).max_decoding_message_size(64 * 1024 * 1024),
             workers: WorkersClient::new(channel.clone()),
@@ -247,6 +253,9 @@ pub fn rpc(s: tonic::Status) -> anyhow::Error {
         tonic::Code::NotFound => "not found",
         tonic::Code::FailedPrecondition => "refused",
         tonic::Code::Unavailable => "coordinator unavailable",
+        tonic::Code::Unauthenticated => "not authenticated",
+        tonic::Code::PermissionDenied => "not allowed",
+        tonic::Code::ResourceExhausted => "rate limited",
         _ => "coordinator error",
     };
     anyhow::anyhow!("{code}: {}", s.message())

@@ -73,6 +73,18 @@ pub struct CoordinatorConfig {
     pub trust_anchors: Option<PathBuf>,
     /// Check that an upload's pixels carry the watermark its manifest names.
     pub verify_watermark_on_upload: bool,
+    /// Who may call: `off` (anyone may make every call, and requests name
+    /// their own tenant: one machine, or a network of trusted callers only)
+    /// or `tokens` (each call carries `authorization: Bearer TOKEN`; see
+    /// `auth_tokens` and `auth.rs` for what each role may do).
+    pub auth: String,
+    /// The tokens accepted with `auth = "tokens"`, by their SHA-256 digest
+    /// (hex) — the configuration never holds a token itself — each with its
+    /// role: `"<digest>" = "tenant:acme"`, `"worker"` or `"operator"`
+    /// (`worker:NAME` and `operator:NAME` name the holder in the audit
+    /// ledger). `hallmark token new --role ROLE` makes a token and prints
+    /// its line.
+    pub auth_tokens: BTreeMap<String, String>,
     /// Address of the HTTP C2PA soft-binding resolution API; unset: off.
     pub http_listen: Option<String>,
     /// Address of the Prometheus endpoint (`GET /metrics`), e.g.
@@ -121,6 +133,8 @@ impl Default for CoordinatorConfig {
             watermark_key: hallmark_provenance::watermark::DEVELOPMENT_KEY.into(),
             trust_anchors: None,
             verify_watermark_on_upload: true,
+            auth: "off".into(),
+            auth_tokens: BTreeMap::new(),
             http_listen: None,
             metrics_listen: None,
         }

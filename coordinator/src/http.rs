@@ -28,6 +28,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::auth::PrivateView;
 use crate::service::{Coordinator, Resolution};
 use crate::store::ArtifactKey;
 
@@ -108,7 +109,10 @@ fn watermark_id(value: &str) -> Option<String> {
 }
 
 async fn matches_for(state: &Coordinator, id: &str) -> Response {
-    match state.resolve(ArtifactKey::WatermarkId(id), "").await {
+    match state
+        .resolve(ArtifactKey::WatermarkId(id), &PrivateView::None)
+        .await
+    {
         Ok(Some(found)) => {
             let label = found.artifact.map(|a| a.manifest_label).unwrap_or_default();
             axum::Json(json!({ "matches": [{ "manifestId": label }] })).into_response()
@@ -158,7 +162,10 @@ async fn by_content(
     };
     let mut matches = Vec::new();
     for id in ids {
-        match state.resolve(ArtifactKey::WatermarkId(&id), "").await {
+        match state
+            .resolve(ArtifactKey::WatermarkId(&id), &PrivateView::None)
+            .await
+        {
             Ok(Some(found)) => {
                 if let Some(a) = found.artifact {
                     matches.push(json!({ "manifestId": a.manifest_label }));
@@ -205,7 +212,10 @@ fn record_json(r: &ArtifactRecord) -> serde_json::Value {
 }
 
 async fn lineage(State(state): State<Arc<Coordinator>>, Path(id): Path<String>) -> Response {
-    match state.resolve(ArtifactKey::ManifestLabel(&id), "").await {
+    match state
+        .resolve(ArtifactKey::ManifestLabel(&id), &PrivateView::None)
+        .await
+    {
         Ok(Some(found)) => axum::Json(json!({
             "chain": found.chain.iter().map(record_json).collect::<Vec<_>>(),
             "model": found.model.map(|m| json!({

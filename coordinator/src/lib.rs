@@ -5,6 +5,8 @@
 //! tells watchers about progress. The database is the only source of truth;
 //! Redis only carries wake-ups and events.
 //!
+//! - [`auth`]: who is calling — bearer tokens of tenants, workers and
+//!   operators, checked by an interceptor in front of every service.
 //! - [`config`]: every setting, with defaults, file, environment and flags.
 //! - [`spec`]: job spec validation and expansion (pure).
 //! - [`store`]: Postgres/SQLite store — jobs, tasks, leases, artifacts, registry.
@@ -20,6 +22,7 @@
 //!   open work it reads from the store.
 //! - [`server`]: `start` — wires it all up and serves; `stop` shuts down.
 
+pub mod auth;
 pub mod blobs;
 pub mod config;
 pub mod http;

@@ -16,7 +16,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 
+use crate::auth::{Gate, Tokens};
 use crate::blobs::BlobStore;
 use crate::config::CoordinatorConfig;
 use crate::notify::Notifier;
@@ -100,6 +102,15 @@ pub async fn start_on(
         }
         _ => Notifier::local(),
     };
+    let tokens = Tokens::from_config(&config.auth, &config.auth_tokens)?;
+    match &tokens {
+        Some(t) => tracing::info!(roles = ?t.roles(), "callers need a token"),
+        None if !is_loopback(&listener) => tracing::warn!(
+            "auth = \"off\" on a non-loopback address: anyone who reaches it can submit as any tenant, lease work and read prompts; set auth = \"tokens\""
+        ),
+        None => {}
+    }
+    let gate = Gate::new(tokens);
     let trust_anchors = match &config.trust_anchors {
         Some(path) => Some(
             std::fs::read_to_string(path)
@@ -174,15 +185,23 @@ pub async fn start_on(
         })
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(
+        .add_service(InterceptedService::new(
             JobsServer::new(JobsService(state.clone())).max_decoding_message_size(MAX_MESSAGE),
-        )
-        .add_service(
+            gate.clone(),
+        ))
+        .add_service(InterceptedService::new(
             WorkersServer::new(WorkersService(state.clone()))
                 .max_decoding_message_size(MAX_MESSAGE),
-        )
-        .add_service(RegistryServer::new(RegistryService(state.clone())))
-        .add_service(ProvenanceServer::new(ProvenanceService(state.clone())));
+            gate.clone(),
+        ))
+        .add_service(RegistryServer::with_interceptor(
+            RegistryService(state.clone()),
+            gate.clone(),
+        ))
+        .add_service(ProvenanceServer::with_interceptor(
+            ProvenanceService(state.clone()),
+            gate,
+        ));
     let http_addr = match http_listener {
         Some(l) => Some(crate::http::serve(l, state.clone(), shutdown_rx.clone())?),
         None => None,
@@ -217,6 +236,10 @@ pub async fn start_on(
         server,
         reaper,
     })
+}
+
+fn is_loopback(listener: &TcpListener) -> bool {
+    listener.local_addr().is_ok_and(|a| a.ip().is_loopback())
 }
 
 /// Hides a password in a database URL before it is logged.

@@ -265,11 +265,19 @@ both_stores! {
         };
         assert!(s.find_input(&input.sha256).await.unwrap().is_none());
         assert!(!s.blob_known(&input.sha256).await.unwrap());
-        s.record_input(&input, 5).await.unwrap();
+        s.record_input(&input, "acme", 5).await.unwrap();
         // A second upload of the same bytes keeps the first row.
-        s.record_input(&input, 6).await.unwrap();
+        s.record_input(&input, "globex", 6).await.unwrap();
         assert_eq!(s.find_input(&input.sha256.to_ascii_uppercase()).await.unwrap(), Some(input.clone()));
         assert!(s.blob_known(&input.sha256).await.unwrap(), "workers may fetch an input");
+        // Each uploader owns it; nobody else does, and a bare upload names none.
+        assert!(s.input_owned_by(&input.sha256, "acme").await.unwrap());
+        assert!(s.input_owned_by(&input.sha256.to_ascii_uppercase(), "globex").await.unwrap());
+        assert!(!s.input_owned_by(&input.sha256, "initech").await.unwrap());
+        s.record_input(&input, "", 7).await.unwrap();
+        let mut owners = s.blob_tenants(&input.sha256).await.unwrap();
+        owners.sort();
+        assert_eq!(owners, ["acme", "globex"]);
 
         let w = worker(s, "w1", 4).await;
         let mut j = job(2, 2);

@@ -35,5 +35,56 @@ pub fn img2img_steps(steps: usize, strength: f64) -> usize {
     ((steps as f64 * strength + 1e-6) as usize).min(steps)
 }
 
+/// Presenting a caller's token: every call over an [`AuthChannel`] carries
+/// `authorization: Bearer TOKEN` when a token is set (a coordinator with
+/// `auth = "tokens"` identifies the caller by it), nothing otherwise.
+pub mod auth {
+    use tonic::metadata::{Ascii, MetadataValue};
+    use tonic::service::interceptor::InterceptedService;
+    use tonic::transport::Channel;
+
+    /// The environment variable the CLI and the worker read a token from.
+    pub const TOKEN_ENV: &str = "HALLMARK_TOKEN";
+
+    /// A channel whose calls present the caller's token.
+    pub type AuthChannel = InterceptedService<Channel, BearerToken>;
+
+    /// The interceptor that adds the token to each call.
+    #[derive(Clone, Default)]
+    pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+    impl BearerToken {
+        /// `None` or an empty token: calls go without one.
+        pub fn new(token: Option<&str>) -> Result<Self, String> {
+            match token.map(str::trim).filter(|t| !t.is_empty()) {
+                None => Ok(Self(None)),
+                Some(t) => format!("Bearer {t}")
+                    .parse()
+                    .map(|v| Self(Some(v)))
+                    .map_err(|_| {
+                        "the token holds characters a gRPC header cannot carry".to_string()
+                    }),
+            }
+        }
+
+        /// `channel` with this token on every call.
+        pub fn on(self, channel: Channel) -> AuthChannel {
+            InterceptedService::new(channel, self)
+        }
+    }
+
+    impl tonic::service::Interceptor for BearerToken {
+        fn call(
+            &mut self,
+            mut req: tonic::Request<()>,
+        ) -> Result<tonic::Request<()>, tonic::Status> {
+            if let Some(v) = &self.0 {
+                req.metadata_mut().insert("authorization", v.clone());
+            }
+            Ok(req)
+        }
+    }
+}
+
 /// The encoded file descriptor set, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("hallmark_descriptor");

@@ -258,6 +258,32 @@ pub fn hallmark(args: &[&str]) -> Output {
         .expect("run hallmark")
 }
 
+/// `hallmark --coordinator URL ARGS…` presenting `token` (`None`: no token,
+/// whatever this process's environment holds).
+pub fn hallmark_as(url: &str, token: Option<&str>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(bin("hallmark"));
+    cmd.arg("--coordinator")
+        .arg(url)
+        .args(args)
+        .env("HALLMARK_LOG", "warn")
+        .env_remove("HALLMARK_TOKEN")
+        .env_remove("HALLMARK_TENANT");
+    if let Some(t) = token {
+        cmd.env("HALLMARK_TOKEN", t);
+    }
+    cmd.output().expect("run hallmark")
+}
+
+/// A new token for `role` from `hallmark token new`: (token, its digest).
+pub fn new_token(role: &str) -> (String, String) {
+    let out = hallmark(&["--json", "token", "new", "--role", role]);
+    ok(&out);
+    let v = json_of(&out);
+    assert_eq!(v["role"], role);
+    let field = |k: &str| v[k].as_str().expect("token new prints token and sha256");
+    (field("token").to_string(), field("sha256").to_string())
+}
+
 /// Waits until a gRPC server answers at `url`.
 pub async fn wait_for_grpc(url: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);

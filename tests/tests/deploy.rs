@@ -465,6 +465,18 @@ async fn the_kubernetes_manifests_run_a_farm_as_written() {
     let models = dir.path().join("models-volume");
     init_tiny(&models.join("sd15"), "sd1");
     init_tiny(&models.join("realesrgan-x4"), "esrgan-x4");
+    // The callers' tokens, made as deploy/README.md makes them: each token
+    // on stdout, its auth.toml line appended from stderr.
+    let mut auth_toml = String::from("[auth_tokens]\n");
+    let mut token_new = |role: &str| {
+        let out = hallmark(&["token", "new", "--role", role]);
+        let token = ok(&out);
+        auth_toml.push_str(&String::from_utf8_lossy(&out.stderr));
+        token
+    };
+    let worker_token = token_new("worker");
+    let operator = token_new("operator:alice").trim().to_string();
+    let tenant = token_new("tenant:acme").trim().to_string();
     // Exactly the Secret keys and files deploy/README.md tells the operator to create.
     let secret =
         |name: &str, key: &str, value: String| ((name.to_string(), key.to_string()), value);
@@ -491,16 +503,24 @@ async fn the_kubernetes_manifests_run_a_farm_as_written() {
                 format!("http://127.0.0.1:{}", moto.port),
             ),
             secret("hallmark-blob-store", "aws-allow-http", "true".into()),
+            secret("hallmark-auth", "worker-token", worker_token),
         ]
         .into_iter()
         .collect(),
         files: [
-            ("hallmark-trust", vec![("root.pem", &ca.root_cert)]),
+            (
+                "hallmark-auth",
+                vec![("auth.toml", auth_toml.clone().into_bytes())],
+            ),
+            (
+                "hallmark-trust",
+                vec![("root.pem", std::fs::read(&ca.root_cert).unwrap())],
+            ),
             (
                 "hallmark-signing",
                 vec![
-                    ("signer.pem", &ca.signer_chain),
-                    ("signer.key", &ca.signer_key),
+                    ("signer.pem", std::fs::read(&ca.signer_chain).unwrap()),
+                    ("signer.key", std::fs::read(&ca.signer_key).unwrap()),
                 ],
             ),
         ]
@@ -508,10 +528,7 @@ async fn the_kubernetes_manifests_run_a_farm_as_written() {
         .map(|(object, files)| {
             (
                 object.to_string(),
-                files
-                    .into_iter()
-                    .map(|(k, p)| (k.to_string(), std::fs::read(p).unwrap()))
-                    .collect(),
+                files.into_iter().map(|(k, b)| (k.to_string(), b)).collect(),
             )
         })
         .collect(),
@@ -616,23 +633,37 @@ async fn the_kubernetes_manifests_run_a_farm_as_written() {
     worker.env.insert("HALLMARK_DEVICE".into(), "cpu".into());
     worker.env.insert("HALLMARK_DTYPE".into(), "f32".into());
     let _worker = Proc::spawn("k8s-worker", &mut worker.command(&home));
-    wait_for_workers(&url, 1).await;
-    let listed = workers_client(&url)
-        .await
-        .list_workers(hallmark_proto::v1::ListWorkersRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .workers;
+    // With auth on: no token, no worker list; the operator's shows the
+    // worker, which got in with the Secret's worker token.
+    let refused = hallmark_as(&url, None, &["workers"]);
+    assert!(
+        !refused.status.success()
+            && String::from_utf8_lossy(&refused.stderr).contains("needs a token"),
+        "{refused:?}"
+    );
+    let workers = || {
+        let out = hallmark_as(&url, Some(operator.as_str()), &["--json", "workers"]);
+        json_of(&out).as_array().cloned().unwrap_or_default()
+    };
+    eventually("the worker registers", Duration::from_secs(60), || {
+        let n = workers().len();
+        async move { n == 1 }
+    })
+    .await;
     assert_eq!(
-        listed[0].name, "hallmark-worker-sd15-6c8b-fghij",
+        workers()[0]["name"],
+        "hallmark-worker-sd15-6c8b-fghij",
         "named after its pod"
     );
 
     let out_dir = dir.path().join("out");
-    run_job(
+    let submitted = hallmark_as(
         &url,
+        Some(tenant.as_str()),
         &[
+            "--json",
+            "submit",
+            "--watch",
             "--prompt",
             "a lighthouse at dusk",
             "--engine",
@@ -648,10 +679,18 @@ async fn the_kubernetes_manifests_run_a_farm_as_written() {
             "--upscale",
             "4",
         ],
-        &out_dir,
-        Duration::from_secs(120),
-    )
-    .await;
+    );
+    let job = ok(&submitted);
+    let job_id = job
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| v["job_id"].as_str().map(str::to_string))
+        .expect("submit printed the job");
+    ok(&hallmark_as(
+        &url,
+        Some(tenant.as_str()),
+        &["download", &job_id, "-o", out_dir.to_str().unwrap()],
+    ));
     assert_eq!(
         image::image_dimensions(out_dir.join("00000-upscalex4.png")).unwrap(),
         (768, 768)

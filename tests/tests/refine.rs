@@ -53,13 +53,43 @@ async fn a_refine_stage_runs_on_the_refiners_workers_and_the_chain_is_in_every_f
         serde_json::from_slice(&std::fs::read(files.join("job.json")).unwrap()).unwrap();
     let artifacts = job["artifacts"].as_array().unwrap();
     assert_eq!(artifacts.len(), 6, "{job:#}");
-    let stages: Vec<&str> = job["job"]["stages"]
+    let stages: Vec<(&str, &str)> = job["job"]["stages"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|s| s["stage"].as_str().unwrap())
+        .map(|s| {
+            (
+                s["stage"].as_str().unwrap(),
+                s["model_id"].as_str().unwrap(),
+            )
+        })
         .collect();
-    assert_eq!(stages, ["generate", "refine", "upscale"]);
+    assert_eq!(
+        stages,
+        [
+            ("generate", "synth-base"),
+            ("refine", "synth-refiner"),
+            ("upscale", "synth-base")
+        ]
+    );
+    // `hallmark status` names the refiner on its stage's line.
+    let job_id = job["job"]["job_id"].as_str().unwrap();
+    let status = ok(&hallmark(&["--coordinator", &url, "status", job_id]));
+    let refine_line = status
+        .lines()
+        .find(|l| l.trim_start().starts_with("refine"));
+    assert!(
+        refine_line.is_some_and(|l| l.ends_with("model synth-refiner")),
+        "{status}"
+    );
+    assert!(
+        status
+            .lines()
+            .filter(|l| l.contains("model synth-refiner"))
+            .count()
+            == 1,
+        "{status}"
+    );
     for item in 0..2u64 {
         let of = |stage: &str| {
             artifacts

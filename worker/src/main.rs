@@ -31,6 +31,10 @@ struct Args {
     /// Name shown in `hallmark workers`.
     #[arg(long, env = "HALLMARK_WORKER_NAME", default_value = "")]
     name: String,
+    /// Token of a `worker` role, for a coordinator with `auth = "tokens"`
+    /// (`hallmark token new --role worker`); best passed in the environment.
+    #[arg(long, env = "HALLMARK_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Render engine: synthetic or diffusion.
     #[arg(long, default_value = "synthetic")]
     engine: String,
@@ -154,6 +158,7 @@ async fn main() -> anyhow::Result<()> {
         max_pixels: args.max_pixels,
         max_batch: args.max_batch,
         drain_timeout: Duration::from_secs(args.drain_secs),
+        token: args.token,
         ..WorkerConfig::new(stamping)
     };
     let channel = hallmark_worker::channel(&args.coordinator)?;

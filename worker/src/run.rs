@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use hallmark_proto::auth::{AuthChannel, BearerToken};
 use hallmark_proto::v1::complete_message::Body;
 use hallmark_proto::v1::complete_outcome::Kind;
 use hallmark_proto::v1::registry_client::RegistryClient;
@@ -41,6 +42,9 @@ pub struct WorkerConfig {
     pub lease_wait: Duration,
     /// On shutdown, how long to finish held work before handing it back.
     pub drain_timeout: Duration,
+    /// Token presented to a coordinator with `auth = "tokens"` (a
+    /// `worker` role's).
+    pub token: Option<String>,
 }
 
 impl WorkerConfig {
@@ -53,6 +57,7 @@ impl WorkerConfig {
             max_batch: 4,
             lease_wait: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(30),
+            token: None,
         }
     }
 }
@@ -71,8 +76,8 @@ pub struct WorkerReport {
 type Held = Arc<Mutex<HashMap<String, i64>>>;
 
 struct Shared {
-    client: WorkersClient<Channel>,
-    registry: RegistryClient<Channel>,
+    client: WorkersClient<AuthChannel>,
+    registry: RegistryClient<AuthChannel>,
     engine: Arc<dyn Engine>,
     stamping: Arc<Stamping>,
     /// Weights digest and training datasets per model, from the registry.
@@ -101,6 +106,9 @@ pub async fn run(
     engine: Arc<dyn Engine>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<WorkerReport> {
+    let channel = BearerToken::new(config.token.as_deref())
+        .map_err(|e| anyhow::anyhow!("worker token: {e}"))?
+        .on(channel);
     let mut client =
         WorkersClient::new(channel.clone()).max_decoding_message_size(64 * 1024 * 1024);
     let registry = RegistryClient::new(channel);
@@ -302,7 +310,7 @@ pub async fn run(
 /// Registers, retrying with back-off until the coordinator answers.
 /// `None` when shutdown came first.
 async fn register(
-    client: &mut WorkersClient<Channel>,
+    client: &mut WorkersClient<AuthChannel>,
     config: &WorkerConfig,
     engine: &dyn Engine,
     mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
@@ -326,6 +334,12 @@ async fn register(
             Ok(resp) => return Ok(Some(resp.into_inner())),
             Err(s) if matches!(s.code(), Code::InvalidArgument | Code::FailedPrecondition) => {
                 anyhow::bail!("the coordinator refused this worker: {}", s.message())
+            }
+            Err(s) if matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied) => {
+                anyhow::bail!(
+                    "the coordinator refused this worker's token: {} (set HALLMARK_TOKEN to a worker token: `hallmark token new --role worker`)",
+                    s.message()
+                )
             }
             Err(s) => {
                 tracing::warn!(error = %s.message(), "cannot register yet; retrying");
@@ -565,7 +579,7 @@ async fn model_facts(shared: &Shared, model_id: &str) -> Result<ModelFacts, Stri
         .ok_or_else(|| format!("model {model_id:?} is not in the registry"))
 }
 
-async fn fetch(client: &WorkersClient<Channel>, sha256: &str) -> Result<Vec<u8>, Status> {
+async fn fetch(client: &WorkersClient<AuthChannel>, sha256: &str) -> Result<Vec<u8>, Status> {
     let mut c = client.clone();
     let mut stream = c
         .fetch_artifact(DownloadArtifactRequest {

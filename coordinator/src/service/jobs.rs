@@ -12,6 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{Coordinator, blob_status, status};
+use crate::auth::Caller;
 use crate::metrics as m;
 use crate::rate::RateRefusal;
 use crate::spec::{self, Limits, SpecError};
@@ -36,15 +37,27 @@ impl JobsService {
             .map_err(status)
     }
 
+    /// Refuses a job the caller may not see as if it did not exist, so a
+    /// tenant cannot probe for other tenants' job ids.
+    async fn check_owner(&self, caller: &Caller, job_id: &str) -> Result<(), Status> {
+        caller.require_known("looking at a job")?;
+        match self.0.store.job_tenant(job_id).await.map_err(status)? {
+            Some(tenant) if caller.owns(&tenant) => Ok(()),
+            _ => Err(Status::not_found(format!("no job with id {job_id:?}"))),
+        }
+    }
+
     async fn control(
         &self,
         req: Request<JobRef>,
         action: JobControl,
     ) -> Result<Response<Job>, Status> {
+        let caller = Caller::of(&req);
         let job_id = req.into_inner().job_id;
+        self.check_owner(&caller, &job_id).await?;
         self.0
             .store
-            .control(&job_id, action, now_ms())
+            .control_by(&job_id, action, &caller.name(), now_ms())
             .await
             .map_err(status)?;
         if matches!(action, JobControl::Resume | JobControl::RetryFailed) {
@@ -59,10 +72,12 @@ impl JobsService {
 impl Jobs for JobsService {
     async fn submit(&self, req: Request<SubmitJobRequest>) -> Result<Response<Job>, Status> {
         let c = &self.0;
+        let caller = Caller::of(&req);
         let r = req.into_inner();
-        let spec = r
+        let mut spec = r
             .spec
             .ok_or_else(|| Status::invalid_argument("invalid job spec: spec: missing"))?;
+        spec.tenant = caller.acting_tenant(&spec.tenant, "submitting")?;
         let limits = Limits {
             max_items: c.config.max_items_per_job,
             max_side: c.config.max_side,
@@ -76,8 +91,16 @@ impl Jobs for JobsService {
             .check_servable(&job, r.queue_unservable)
             .await
             .map_err(status)?;
+        // A tenant's token renders only from the tenant's own uploads.
+        let own_inputs_only = matches!(caller, Caller::Tenant(_));
         for sha256 in job.init_images() {
-            if c.store.find_input(sha256).await.map_err(status)?.is_none() {
+            let usable = c.store.find_input(sha256).await.map_err(status)?.is_some()
+                && (!own_inputs_only
+                    || c.store
+                        .input_owned_by(sha256, &job.tenant)
+                        .await
+                        .map_err(status)?);
+            if !usable {
                 return Err(status(StoreError::Spec(SpecError {
                     field: "init_image_sha256".into(),
                     message: format!(
@@ -135,19 +158,24 @@ impl Jobs for JobsService {
     }
 
     async fn get_job(&self, req: Request<JobRef>) -> Result<Response<Job>, Status> {
-        Ok(Response::new(self.view(&req.into_inner().job_id).await?))
+        let caller = Caller::of(&req);
+        let job_id = req.into_inner().job_id;
+        self.check_owner(&caller, &job_id).await?;
+        Ok(Response::new(self.view(&job_id).await?))
     }
 
     async fn list_jobs(
         &self,
         req: Request<ListJobsRequest>,
     ) -> Result<Response<ListJobsResponse>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
+        let tenant = caller.acting_tenant(&r.tenant, "listing jobs")?;
         let now = now_ms();
         let jobs = self
             .0
             .store
-            .list_jobs(&r.tenant, r.limit, now, self.0.live_since(now))
+            .list_jobs(&tenant, r.limit, now, self.0.live_since(now))
             .await
             .map_err(status)?;
         Ok(Response::new(ListJobsResponse { jobs }))
@@ -159,7 +187,9 @@ impl Jobs for JobsService {
         &self,
         req: Request<JobRef>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let caller = Caller::of(&req);
         let job_id = req.into_inner().job_id;
+        self.check_owner(&caller, &job_id).await?;
         let first = self.view(&job_id).await?;
         let mut events = self.0.notifier.subscribe_jobs();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -228,10 +258,9 @@ impl Jobs for JobsService {
         &self,
         req: Request<JobRef>,
     ) -> Result<Response<ListArtifactsResponse>, Status> {
+        let caller = Caller::of(&req);
         let job_id = req.into_inner().job_id;
-        if !self.0.store.job_exists(&job_id).await.map_err(status)? {
-            return Err(Status::not_found(format!("no job with id {job_id:?}")));
-        }
+        self.check_owner(&caller, &job_id).await?;
         let artifacts = self.0.store.list_artifacts(&job_id).await.map_err(status)?;
         Ok(Response::new(ListArtifactsResponse { artifacts }))
     }
@@ -242,9 +271,18 @@ impl Jobs for JobsService {
         &self,
         req: Request<DownloadArtifactRequest>,
     ) -> Result<Response<Self::DownloadArtifactStream>, Status> {
-        Ok(Response::new(
-            self.0.stream_blob(&req.into_inner().sha256).await?,
-        ))
+        let caller = Caller::of(&req);
+        let sha256 = req.into_inner().sha256;
+        if !matches!(caller, Caller::Open | Caller::Operator(_)) {
+            caller.require_known("downloading an artifact")?;
+            let tenants = self.0.store.blob_tenants(&sha256).await.map_err(status)?;
+            if !tenants.iter().any(|t| caller.owns(t)) {
+                return Err(Status::not_found(format!(
+                    "no artifact with sha256 {sha256}"
+                )));
+            }
+        }
+        Ok(Response::new(self.0.stream_blob(&sha256).await?))
     }
 
     async fn upload_input(
@@ -252,6 +290,7 @@ impl Jobs for JobsService {
         req: Request<Streaming<Chunk>>,
     ) -> Result<Response<InputImage>, Status> {
         let c = &self.0;
+        let tenant = Caller::of(&req).acting_tenant("", "uploading an input image")?;
         let mut stream = req.into_inner();
         let mut writer = c.blobs.writer(MAX_INPUT_BYTES);
         let mut body = Vec::new();
@@ -293,7 +332,7 @@ impl Jobs for JobsService {
             size,
         };
         c.store
-            .record_input(&input, now_ms())
+            .record_input(&input, &tenant, now_ms())
             .await
             .map_err(status)?;
         tracing::info!(sha256 = %input.sha256, width, height, size, "input image uploaded");

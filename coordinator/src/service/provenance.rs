@@ -10,6 +10,7 @@ use hallmark_proto::v1::{LedgerEntry, LedgerPage, LedgerRequest, ResolveRequest,
 use tonic::{Request, Response, Status};
 
 use super::{Coordinator, status};
+use crate::auth::{Caller, PrivateView};
 use crate::store::{ArtifactKey, StoreError};
 
 pub struct ProvenanceService(pub Arc<Coordinator>);
@@ -24,11 +25,11 @@ const LEDGER_PAGE_MAX: u32 = 10_000;
 /// Lookups shared by the gRPC service and the HTTP soft-binding API.
 pub trait Resolution {
     /// The manifest and lineage of the artifact under `key`; the prompt only
-    /// when `tenant` owns the job.
+    /// where `view` shows the owning tenant's private fields.
     fn resolve(
         &self,
         key: ArtifactKey<'_>,
-        tenant: &str,
+        view: &PrivateView,
     ) -> impl Future<Output = Result<Option<ResolveResponse>, StoreError>> + Send;
 }
 
@@ -36,7 +37,7 @@ impl Resolution for Coordinator {
     async fn resolve(
         &self,
         key: ArtifactKey<'_>,
-        tenant: &str,
+        view: &PrivateView,
     ) -> Result<Option<ResolveResponse>, StoreError> {
         let Some(found) = self.store.find_artifact(key).await? else {
             return Ok(None);
@@ -58,7 +59,7 @@ impl Resolution for Coordinator {
         }
         chain.reverse();
         for record in &mut chain {
-            if record.tenant != tenant {
+            if !view.shows(&record.tenant) {
                 record.prompt.clear();
             }
         }
@@ -98,6 +99,7 @@ impl Provenance for ProvenanceService {
         &self,
         req: Request<ResolveRequest>,
     ) -> Result<Response<ResolveResponse>, Status> {
+        let view = Caller::of(&req).private_view(&req.get_ref().tenant);
         let r = req.into_inner();
         let key = match &r.key {
             Some(Key::WatermarkId(id)) => {
@@ -122,7 +124,7 @@ impl Provenance for ProvenanceService {
                 ));
             }
         };
-        match self.0.resolve(key, &r.tenant).await.map_err(status)? {
+        match self.0.resolve(key, &view).await.map_err(status)? {
             Some(found) => Ok(Response::new(found)),
             None => Err(Status::not_found(match &r.key {
                 Some(Key::WatermarkId(id)) => {
@@ -134,6 +136,7 @@ impl Provenance for ProvenanceService {
     }
 
     async fn ledger(&self, req: Request<LedgerRequest>) -> Result<Response<LedgerPage>, Status> {
+        Caller::of(&req).require_operator("reading the audit ledger")?;
         let r = req.into_inner();
         let limit = match r.limit {
             0 => LEDGER_PAGE,

@@ -10,6 +10,7 @@ use hallmark_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use super::{Coordinator, status};
+use crate::auth::Caller;
 use crate::store::now_ms;
 
 pub struct RegistryService(pub Arc<Coordinator>);
@@ -17,6 +18,7 @@ pub struct RegistryService(pub Arc<Coordinator>);
 #[tonic::async_trait]
 impl Registry for RegistryService {
     async fn register_model(&self, req: Request<Model>) -> Result<Response<Model>, Status> {
+        Caller::of(&req).require_operator("registering a model")?;
         let m = self
             .0
             .store
@@ -28,13 +30,15 @@ impl Registry for RegistryService {
 
     async fn list_models(
         &self,
-        _: Request<ListModelsRequest>,
+        req: Request<ListModelsRequest>,
     ) -> Result<Response<ListModelsResponse>, Status> {
+        Caller::of(&req).require_known("listing models")?;
         let models = self.0.store.list_models().await.map_err(status)?;
         Ok(Response::new(ListModelsResponse { models }))
     }
 
     async fn register_dataset(&self, req: Request<Dataset>) -> Result<Response<Dataset>, Status> {
+        Caller::of(&req).require_operator("registering a dataset")?;
         let d = self
             .0
             .store
@@ -46,8 +50,9 @@ impl Registry for RegistryService {
 
     async fn list_datasets(
         &self,
-        _: Request<ListDatasetsRequest>,
+        req: Request<ListDatasetsRequest>,
     ) -> Result<Response<ListDatasetsResponse>, Status> {
+        Caller::of(&req).require_known("listing datasets")?;
         let datasets = self.0.store.list_datasets().await.map_err(status)?;
         Ok(Response::new(ListDatasetsResponse { datasets }))
     }

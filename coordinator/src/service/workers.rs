@@ -16,6 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{Coordinator, blob_status, status};
+use crate::auth::Caller;
 use crate::blobs::BlobWriter;
 use crate::metrics as m;
 use crate::spec::ENGINES;
@@ -42,6 +43,7 @@ impl Workers for WorkersService {
         &self,
         req: Request<RegisterWorkerRequest>,
     ) -> Result<Response<RegisterWorkerResponse>, Status> {
+        Caller::of(&req).require_worker("registering a worker")?;
         let r = req.into_inner();
         if r.engines.is_empty() {
             return Err(Status::invalid_argument(
@@ -100,6 +102,7 @@ impl Workers for WorkersService {
     }
 
     async fn lease(&self, req: Request<LeaseRequest>) -> Result<Response<LeaseResponse>, Status> {
+        Caller::of(&req).require_worker("leasing tasks")?;
         let c = &self.0;
         let r = req.into_inner();
         let now = now_ms();
@@ -171,6 +174,7 @@ impl Workers for WorkersService {
         &self,
         req: Request<Streaming<CompleteMessage>>,
     ) -> Result<Response<CompleteResponse>, Status> {
+        Caller::of(&req).require_worker("completing tasks")?;
         let c = &self.0;
         let mut stream = req.into_inner();
         let mut uploads: Vec<Upload> = Vec::new();
@@ -310,6 +314,7 @@ impl Workers for WorkersService {
     }
 
     async fn fail(&self, req: Request<FailRequest>) -> Result<Response<FailResponse>, Status> {
+        Caller::of(&req).require_worker("failing tasks")?;
         let c = &self.0;
         let r = req.into_inner();
         let message: String = r.message.chars().take(2000).collect();
@@ -345,6 +350,7 @@ impl Workers for WorkersService {
         &self,
         req: Request<DownloadArtifactRequest>,
     ) -> Result<Response<Self::FetchArtifactStream>, Status> {
+        Caller::of(&req).require_worker("fetching a base image")?;
         Ok(Response::new(
             self.0.stream_blob(&req.into_inner().sha256).await?,
         ))
@@ -352,8 +358,9 @@ impl Workers for WorkersService {
 
     async fn list_workers(
         &self,
-        _: Request<ListWorkersRequest>,
+        req: Request<ListWorkersRequest>,
     ) -> Result<Response<ListWorkersResponse>, Status> {
+        Caller::of(&req).require_operator("listing workers")?;
         let workers = self
             .0
             .store

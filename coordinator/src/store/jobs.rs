@@ -269,7 +269,8 @@ impl Store {
         };
 
         let counts = sqlx::query(
-            "SELECT stage, state, CAST(COUNT(*) AS BIGINT) AS n, CAST(SUM(progress) AS DOUBLE PRECISION) AS p \
+            "SELECT stage, state, MIN(model_id) AS model_id, CAST(COUNT(*) AS BIGINT) AS n, \
+             CAST(SUM(progress) AS DOUBLE PRECISION) AS p \
              FROM tasks WHERE job_id = $1 GROUP BY stage, state",
         )
         .bind(job_id)
@@ -288,6 +289,8 @@ impl Store {
                     stage: stage.clone(),
                     ..Default::default()
                 });
+            // Every task of a stage runs on the stage's model.
+            p.model_id = r.try_get("model_id")?;
             p.total += n;
             if st == state::LEASED {
                 running_progress.insert(
@@ -453,6 +456,17 @@ impl Store {
 
     /// Cancel, pause, resume or retry the failed tasks of a job.
     pub async fn control(&self, job_id: &str, action: JobControl, now: i64) -> Result<()> {
+        self.control_by(job_id, action, "", now).await
+    }
+
+    /// [`Store::control`], naming who did it in the audit ledger.
+    pub async fn control_by(
+        &self,
+        job_id: &str,
+        action: JobControl,
+        actor: &str,
+        now: i64,
+    ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         let current: String = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1")
             .bind(job_id)
@@ -548,7 +562,8 @@ impl Store {
             job_id,
             serde_json::json!({ "from_state": current }),
         )
-        .job(job_id);
+        .job(job_id)
+        .actor(actor);
         super::audit::append(&mut tx, now, &[event]).await?;
         tx.commit().await?;
         Ok(())
@@ -585,9 +600,10 @@ impl Store {
         Ok(self.artifact_known(sha256).await? || self.find_input(sha256).await?.is_some())
     }
 
-    /// Records an uploaded input image (its blob is already stored); an
-    /// input uploaded before is kept as it was.
-    pub async fn record_input(&self, input: &InputImage, now: i64) -> Result<()> {
+    /// Records an uploaded input image (its blob is already stored) and
+    /// that `tenant` uploaded it (none: an upload without authentication);
+    /// an input uploaded before is kept as it was.
+    pub async fn record_input(&self, input: &InputImage, tenant: &str, now: i64) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         let added = sqlx::query(
             "INSERT INTO inputs (sha256, media_type, width, height, size, created_at) \
@@ -615,8 +631,29 @@ impl Store {
             );
             super::audit::append(&mut tx, now, &[event]).await?;
         }
+        if !tenant.is_empty() {
+            sqlx::query(
+                "INSERT INTO input_owners (sha256, tenant) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            )
+            .bind(&input.sha256)
+            .bind(tenant)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Whether `tenant` uploaded the input image `sha256`.
+    pub async fn input_owned_by(&self, sha256: &str, tenant: &str) -> Result<bool> {
+        Ok(
+            sqlx::query("SELECT tenant FROM input_owners WHERE sha256 = $1 AND tenant = $2")
+                .bind(sha256.to_ascii_lowercase())
+                .bind(tenant)
+                .fetch_optional(&self.pool)
+                .await?
+                .is_some(),
+        )
     }
 
     pub async fn find_input(&self, sha256: &str) -> Result<Option<InputImage>> {
@@ -638,12 +675,25 @@ impl Store {
         }))
     }
 
-    pub async fn job_exists(&self, job_id: &str) -> Result<bool> {
-        Ok(sqlx::query("SELECT id FROM jobs WHERE id = $1")
+    /// The tenant of a job; `None` when there is no such job.
+    pub async fn job_tenant(&self, job_id: &str) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar("SELECT tenant FROM jobs WHERE id = $1")
             .bind(job_id)
             .fetch_optional(&self.pool)
-            .await?
-            .is_some())
+            .await?)
+    }
+
+    /// The tenants a stored blob belongs to: those whose jobs made an
+    /// artifact stored under `sha256` (identical images share a blob) and
+    /// those who uploaded it as an input.
+    pub async fn blob_tenants(&self, sha256: &str) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT j.tenant FROM artifacts a JOIN jobs j ON j.id = a.job_id WHERE a.sha256 = $1 \
+             UNION SELECT tenant FROM input_owners WHERE sha256 = $1",
+        )
+        .bind(sha256)
+        .fetch_all(&self.pool)
+        .await?)
     }
 }
 

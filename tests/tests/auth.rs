@@ -1,0 +1,344 @@
+//! Authentication end to end: a coordinator process with `auth = "tokens"`,
+//! a worker process holding a worker token, and the `hallmark` CLI as two
+//! tenants, a worker, an operator and a stranger — each allowed what its role
+//! allows and refused the rest with an error that says why.
+
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use hallmark_e2e::*;
+use serde_json::Value;
+
+/// Asserts the command failed and its stderr says `what`.
+fn refused(out: &Output, what: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains(what),
+        "expected a refusal saying {what:?}; exit {:?}\n{}\n{stderr}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+fn submit(url: &str, token: &str, model: &str, extra: &[&str]) -> Output {
+    hallmark_as(
+        url,
+        Some(token),
+        &[
+            &[
+                "--json",
+                "submit",
+                "--model",
+                model,
+                "--width",
+                "192",
+                "--height",
+                "192",
+                "--prompt",
+                "a private prompt",
+            ],
+            extra,
+        ]
+        .concat(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_role_is_allowed_its_own_calls_and_refused_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let (acme, acme_digest) = new_token("tenant:acme");
+    let (globex, globex_digest) = new_token("tenant:globex");
+    let (worker, worker_digest) = new_token("worker:gpu-pool");
+    let (operator, operator_digest) = new_token("operator:ops");
+    let (acme, globex, worker, operator) = (
+        acme.as_str(),
+        globex.as_str(),
+        worker.as_str(),
+        operator.as_str(),
+    );
+    let config = dir.path().join("coordinator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "auth = \"tokens\"\n[auth_tokens]\n\"{acme_digest}\" = \"tenant:acme\"\n\
+             \"{globex_digest}\" = \"tenant:globex\"\n\"{worker_digest}\" = \"worker:gpu-pool\"\n\
+             \"{operator_digest}\" = \"operator:ops\"\n"
+        ),
+    )
+    .unwrap();
+    let db = fresh_database().await;
+    let spec = CoordinatorSpec::new(&db, Some(redis_url()), dir.path().join("blobs"))
+        .with("HALLMARK_CONFIG", config.display())
+        .with("HALLMARK_TRUST_ANCHORS", test_ca().root_cert.display());
+    let _c = spec.start().await;
+    let url = spec.url();
+
+    // A worker without a token, or with a tenant's, stops at once saying why.
+    for (name, extra) in [
+        ("no-token", vec![]),
+        ("tenant-token", vec!["--token", acme]),
+    ] {
+        let mut p = start_worker(&url, name, 0, &extra);
+        let started = Instant::now();
+        let status = loop {
+            if let Some(s) = p.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "a worker with {name} kept running"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert!(!status.success(), "{name}: {status:?}");
+    }
+    let _worker = start_worker(&url, "gpu-0", 0, &["--token", worker]);
+    let listed = hallmark_as(&url, Some(operator), &["--json", "workers"]);
+    ok(&listed);
+    eventually("the worker registers", Duration::from_secs(20), || {
+        let out = hallmark_as(&url, Some(operator), &["--json", "workers"]);
+        let one = out.status.success() && json_of(&out).as_array().is_some_and(|w| w.len() == 1);
+        async move { one }
+    })
+    .await;
+
+    // Strangers: no token, or one the coordinator does not know.
+    refused(&submit_raw(&url, None), "not authenticated");
+    refused(
+        &submit(&url, "hmk_not-a-real-token", "synthetic-v1", &[]),
+        "not known",
+    );
+    // A tenant submits as itself; naming another tenant is refused.
+    let out = submit(&url, acme, "synthetic-v1", &[]);
+    ok(&out);
+    let job_id = json_of(&out)["job_id"].as_str().unwrap().to_string();
+    refused(
+        &submit(&url, acme, "synthetic-v1", &["--tenant", "globex"]),
+        "not allowed",
+    );
+    // Workers do not submit.
+    refused(&submit(&url, worker, "synthetic-v1", &[]), "not allowed");
+    // Nothing was written by the refused submits.
+    assert_eq!(scalar(&db, "SELECT COUNT(*) FROM jobs").await, 1);
+    assert_eq!(
+        scalar(&db, "SELECT COUNT(*) FROM jobs WHERE tenant = 'acme'").await,
+        1
+    );
+
+    let watched = hallmark_as(&url, Some(acme), &["--json", "watch", &job_id]);
+    ok(&watched);
+    let status = hallmark_as(&url, Some(acme), &["--json", "status", &job_id]);
+    let job = json_of(&status);
+    assert_eq!(
+        (job["state"].as_str(), job["tenant"].as_str()),
+        (Some("succeeded"), Some("acme")),
+        "{job:#}"
+    );
+
+    // Another tenant cannot tell the job exists, let alone touch it.
+    for args in [
+        vec!["status", job_id.as_str()],
+        vec!["retry", job_id.as_str()],
+        vec!["download", job_id.as_str(), "-o", "unused"],
+    ] {
+        refused(&hallmark_as(&url, Some(globex), &args), "no job with id");
+    }
+    let theirs = hallmark_as(&url, Some(globex), &["--json", "jobs"]);
+    assert_eq!(json_of(&theirs).as_array().map(Vec::len), Some(0));
+    let mine = hallmark_as(&url, Some(acme), &["--json", "jobs"]);
+    assert_eq!(json_of(&mine).as_array().map(Vec::len), Some(1));
+    refused(
+        &hallmark_as(&url, Some(globex), &["jobs", "--tenant", "acme"]),
+        "not allowed",
+    );
+
+    // The owner downloads; its image resolves for anyone, its prompt only
+    // for the owner (and operators).
+    let files = dir.path().join("files");
+    ok(&hallmark_as(
+        &url,
+        Some(acme),
+        &["download", &job_id, "-o", files.to_str().unwrap()],
+    ));
+    let image = files.join("00000.png");
+    let anchors = test_ca().root_cert.to_str().unwrap().to_string();
+    let prompt_seen_by = |token: Option<&str>| -> Value {
+        let out = hallmark_as(
+            &url,
+            token,
+            &[
+                "--json",
+                "verify",
+                "--trust-anchors",
+                &anchors,
+                image.to_str().unwrap(),
+            ],
+        );
+        let report = json_of(&out);
+        assert_eq!(report["status"], "verified", "{report:#}");
+        report["repository"]["chain"][0]["prompt"].clone()
+    };
+    assert_eq!(prompt_seen_by(Some(acme)), "a private prompt");
+    assert_eq!(prompt_seen_by(Some(operator)), "a private prompt");
+    assert_eq!(prompt_seen_by(Some(globex)), Value::Null);
+    assert_eq!(prompt_seen_by(None), Value::Null);
+
+    // Operators' calls: the worker list and the audit ledger.
+    refused(&hallmark_as(&url, Some(acme), &["workers"]), "not allowed");
+    refused(&hallmark_as(&url, None, &["workers"]), "needs a token");
+    refused(
+        &hallmark_as(&url, Some(acme), &["audit", "verify"]),
+        "not allowed",
+    );
+    // Registering models is the operators'; a control names who did it in
+    // the ledger.
+    let weights = dir.path().join("weights.bin");
+    std::fs::write(&weights, b"not served by any worker").unwrap();
+    let register = |token: &str| {
+        hallmark_as(
+            &url,
+            Some(token),
+            &[
+                "models",
+                "register",
+                "--id",
+                "unserved",
+                "--family",
+                "synthetic",
+                "--weights",
+                weights.to_str().unwrap(),
+            ],
+        )
+    };
+    refused(&register(acme), "not allowed");
+    ok(&register(operator));
+    let paused = submit(&url, acme, "unserved", &["--queue-unservable"]);
+    ok(&paused);
+    let second = json_of(&paused)["job_id"].as_str().unwrap().to_string();
+    ok(&hallmark_as(&url, Some(acme), &["cancel", &second]));
+    let audit = hallmark_as(&url, Some(operator), &["--json", "audit", "verify"]);
+    ok(&audit);
+    let actor = scalar(
+        &db,
+        &format!(
+            "SELECT COUNT(*) FROM audit_events WHERE kind = 'cancel' AND job_id = '{second}' AND actor = 'tenant:acme'"
+        ),
+    )
+    .await;
+    assert_eq!(actor, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_renders_and_downloads_only_the_inputs_it_uploaded() {
+    use hallmark_proto::auth::BearerToken;
+    use hallmark_proto::v1::jobs_client::JobsClient;
+    use hallmark_proto::v1::{Chunk, DownloadArtifactRequest, SubmitJobRequest};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (acme, acme_digest) = new_token("tenant:acme");
+    let (globex, globex_digest) = new_token("tenant:globex");
+    let (worker, worker_digest) = new_token("worker");
+    let (acme, globex, worker) = (acme.as_str(), globex.as_str(), worker.as_str());
+    let config = dir.path().join("coordinator.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "auth = \"tokens\"\n[auth_tokens]\n\"{acme_digest}\" = \"tenant:acme\"\n\
+             \"{globex_digest}\" = \"tenant:globex\"\n\"{worker_digest}\" = \"worker\"\n"
+        ),
+    )
+    .unwrap();
+    let db = fresh_database().await;
+    let spec = CoordinatorSpec::new(&db, None, dir.path().join("blobs"))
+        .with("HALLMARK_CONFIG", config.display());
+    let _c = spec.start().await;
+    let url = spec.url();
+    let _w = start_worker(&url, "w", 0, &["--token", worker]);
+    wait_for_count(&db, "the worker", "SELECT COUNT(*) FROM workers", |n| {
+        n == 1
+    })
+    .await;
+    let client = |token: Option<&str>| {
+        let url = url.clone();
+        let bearer = BearerToken::new(token).unwrap();
+        async move { JobsClient::new(bearer.on(channel(&url).await)) }
+    };
+    let photo = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/images/coffee.png"),
+    )
+    .unwrap();
+    let upload = |token: Option<&str>| {
+        let photo = photo.clone();
+        let client = client(token);
+        async move {
+            client
+                .await
+                .upload_input(tokio_stream::iter(vec![Chunk { data: photo }]))
+                .await
+                .map(|r| r.into_inner().sha256)
+        }
+    };
+    assert_eq!(
+        upload(None).await.unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+    assert_eq!(
+        upload(Some(worker)).await.unwrap_err().code(),
+        tonic::Code::PermissionDenied
+    );
+    let sha256 = upload(Some(acme)).await.unwrap();
+
+    // The hash is public (every output's credentials name it); only the
+    // uploader may render from it or fetch it back.
+    let submit = |token: &str| {
+        let client = client(Some(token));
+        let mut spec = synthetic_spec(1, 0);
+        spec.init_image_sha256 = sha256.clone();
+        spec.strength = 0.5;
+        async move {
+            client
+                .await
+                .submit(SubmitJobRequest {
+                    spec: Some(spec),
+                    queue_unservable: false,
+                })
+                .await
+        }
+    };
+    let theirs = submit(globex).await.unwrap_err();
+    assert_eq!(theirs.code(), tonic::Code::InvalidArgument);
+    assert!(
+        theirs.message().contains("no uploaded input image"),
+        "{theirs:?}"
+    );
+    let mine = submit(acme).await.unwrap().into_inner();
+    assert_eq!(mine.tenant, "acme");
+    let download = |token: &str| {
+        let client = client(Some(token));
+        let sha256 = sha256.clone();
+        async move {
+            client
+                .await
+                .download_artifact(DownloadArtifactRequest { sha256 })
+                .await
+                .map(|_| ())
+        }
+    };
+    assert_eq!(
+        download(globex).await.unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+    download(acme).await.unwrap();
+    // Once globex uploads the same picture itself, it may use it too.
+    assert_eq!(upload(Some(globex)).await.unwrap(), sha256);
+    submit(globex).await.unwrap();
+}
+
+/// A submit with no token at all.
+fn submit_raw(url: &str, token: Option<&str>) -> Output {
+    hallmark_as(
+        url,
+        token,
+        &["submit", "--model", "synthetic-v1", "--prompt", "x"],
+    )
+}
