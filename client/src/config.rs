@@ -23,6 +23,9 @@ pub struct ClientConfig {
     /// (`HALLMARK_TOKEN`); `hallmark token new` makes one. Keep it out of
     /// shared config files: it is a password.
     pub token: Option<String>,
+    /// PEM certificates an `https://` coordinator's certificate is verified
+    /// against (`HALLMARK_TLS_CA`); unset: the system's roots.
+    pub tls_ca: Option<PathBuf>,
     /// Local workers the embedded farm starts.
     pub workers: u32,
     /// Secret the invisible watermark is keyed with. The default is for
@@ -59,6 +62,7 @@ impl Default for ClientConfig {
             state_dir,
             tenant: None,
             token: None,
+            tls_ca: None,
             workers: 2,
             watermark_key: DEVELOPMENT_WATERMARK_KEY.into(),
             signing_cert_chain: None,

@@ -112,7 +112,7 @@ impl LocalFarm {
             hallmark_worker::metrics::describe();
         }
         let url = coordinator.url();
-        let remote = Remote::connect(&url, None).await?;
+        let remote = Remote::connect(&url, None, None).await?;
         let before = remote
             .workers
             .clone()
@@ -125,7 +125,7 @@ impl LocalFarm {
         let (stop, stop_rx) = watch::channel(false);
         let mut handles = Vec::new();
         for i in 0..workers.count {
-            let channel = hallmark_worker::channel(&url)?;
+            let channel = hallmark_worker::channel(&url, None)?;
             let config = WorkerConfig {
                 name: format!("local-{i}"),
                 max_batch: workers.max_batch,

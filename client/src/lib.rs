@@ -535,7 +535,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             let url = cfg.coordinator.clone().context(
                 "no coordinator configured: pass --coordinator URL, set HALLMARK_COORDINATOR, or run `hallmark up`",
             )?;
-            let remote = Remote::connect(&url, cfg.token.as_deref()).await?;
+            let remote = Remote::connect_as(&url, &cfg).await?;
             remote_command(&cfg, &remote, command, json).await
         }
     }
@@ -545,12 +545,15 @@ async fn audit_command(cfg: &ClientConfig, args: AuditArgs, json: bool) -> anyho
     // Without a coordinator the embedded farm's state is opened here; it
     // seals what its last run left unsealed before anything is read.
     let (remote, embedded) = match &cfg.coordinator {
-        Some(url) => (Remote::connect(url, cfg.token.as_deref()).await?, None),
+        Some(url) => (Remote::connect_as(url, cfg).await?, None),
         None => {
             let state_dir = args.state_dir.unwrap_or_else(|| cfg.state_dir.clone());
             let running = farm::open_state(&state_dir).await?;
             running.state.seal_ledger().await?;
-            (Remote::connect(&running.url(), None).await?, Some(running))
+            (
+                Remote::connect(&running.url(), None, None).await?,
+                Some(running),
+            )
         }
     };
     let outcome = match args.command {
@@ -1038,7 +1041,7 @@ async fn render(cfg: &ClientConfig, mut args: RenderArgs, json: bool) -> anyhow:
             (Some(farm), url)
         }
     };
-    let result = render_on(&url, cfg.token.as_deref(), built, &args.output, json).await;
+    let result = render_on(&url, cfg, built, &args.output, json).await;
     if let Some(farm) = farm {
         farm.stop().await?;
     }
@@ -1063,12 +1066,12 @@ async fn render(cfg: &ClientConfig, mut args: RenderArgs, json: bool) -> anyhow:
 
 async fn render_on(
     url: &str,
-    token: Option<&str>,
+    cfg: &ClientConfig,
     built: BuiltSpec,
     out: &Path,
     json: bool,
 ) -> anyhow::Result<(Job, Vec<PathBuf>)> {
-    let remote = Remote::connect(url, token).await?;
+    let remote = Remote::connect_as(url, cfg).await?;
     let job = submit_job(&remote, built, false).await?;
     let end = remote.watch(&job.job_id, false, json).await?;
     let files = remote.download(&job.job_id, out).await?;
@@ -1154,7 +1157,7 @@ async fn verify_command(
         bail!("no .png, .jpg, .jpeg or .webp files under the given paths");
     }
     let remote = match &cfg.coordinator {
-        Some(url) => Some(Remote::connect(url, cfg.token.as_deref()).await?),
+        Some(url) => Some(Remote::connect_as(url, cfg).await?),
         None => None,
     };
     let verifier = verify::Verifier {

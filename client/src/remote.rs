@@ -6,14 +6,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use hallmark_proto::auth::{AuthChannel, BearerToken};
+use hallmark_proto::client::{AuthChannel, BearerToken};
 use hallmark_proto::v1::jobs_client::JobsClient;
 use hallmark_proto::v1::provenance_client::ProvenanceClient;
 use hallmark_proto::v1::registry_client::RegistryClient;
 use hallmark_proto::v1::workers_client::WorkersClient;
 use hallmark_proto::v1::{Artifact, Chunk, DownloadArtifactRequest, InputImage, Job, JobRef};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use tonic::transport::Channel;
 
 use crate::output;
 
@@ -44,13 +43,32 @@ impl Remote {
             .into_inner())
     }
 
-    /// Connects to the coordinator at `url`; every call presents `token`
-    /// when one is given (a coordinator with `auth = "tokens"` needs it).
-    pub async fn connect(url: &str, token: Option<&str>) -> anyhow::Result<Self> {
+    /// Connects to the coordinator at `url` with the configuration's token
+    /// and TLS roots.
+    pub async fn connect_as(url: &str, cfg: &crate::config::ClientConfig) -> anyhow::Result<Self> {
+        Self::connect(url, cfg.token.as_deref(), cfg.tls_ca.as_deref()).await
+    }
+
+    /// Connects to the coordinator at `url` (`https://`: over TLS, verified
+    /// against `tls_ca`'s PEM certificates, else the system's roots); every
+    /// call presents `token` when one is given (a coordinator with `auth =
+    /// "tokens"` needs it).
+    pub async fn connect(
+        url: &str,
+        token: Option<&str>,
+        tls_ca: Option<&Path>,
+    ) -> anyhow::Result<Self> {
         let bearer = BearerToken::new(token)
             .map_err(|e| anyhow::anyhow!("token (HALLMARK_TOKEN or `token` in the config): {e}"))?;
-        let channel = Channel::from_shared(url.to_string())
-            .with_context(|| format!("coordinator url {url:?} is not a valid URL"))?
+        let ca = match tls_ca {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .with_context(|| format!("reading the TLS roots {}", path.display()))?,
+            ),
+            None => None,
+        };
+        let channel = hallmark_proto::client::endpoint(url, ca.as_deref())
+            .map_err(anyhow::Error::msg)?
             .connect_timeout(Duration::from_secs(5))
             .connect()
             .await

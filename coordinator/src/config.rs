@@ -85,6 +85,13 @@ pub struct CoordinatorConfig {
     /// ledger). `hallmark token new --role ROLE` makes a token and prints
     /// its line.
     pub auth_tokens: BTreeMap<String, String>,
+    /// PEM certificate chain the gRPC server presents: with `tls_key`, it
+    /// serves TLS only (clients use `https://` URLs). Unset: plain HTTP/2,
+    /// for loopback or a network whose links are already protected (a
+    /// mesh, or TLS ended in front of the coordinator).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
     /// Address of the HTTP C2PA soft-binding resolution API; unset: off.
     pub http_listen: Option<String>,
     /// Address of the Prometheus endpoint (`GET /metrics`), e.g.
@@ -135,6 +142,8 @@ impl Default for CoordinatorConfig {
             verify_watermark_on_upload: true,
             auth: "off".into(),
             auth_tokens: BTreeMap::new(),
+            tls_cert: None,
+            tls_key: None,
             http_listen: None,
             metrics_listen: None,
         }

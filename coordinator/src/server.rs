@@ -34,6 +34,8 @@ const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 /// A coordinator that is serving; [`RunningCoordinator::stop`] shuts it down.
 pub struct RunningCoordinator {
     pub addr: SocketAddr,
+    /// Whether gRPC is served over TLS (`https://`).
+    pub tls: bool,
     /// The C2PA soft-binding resolution API, when `http_listen` is set.
     pub http_addr: Option<SocketAddr>,
     /// The Prometheus endpoint, when `metrics_listen` is set.
@@ -45,9 +47,10 @@ pub struct RunningCoordinator {
 }
 
 impl RunningCoordinator {
-    /// `http://addr`, for clients and workers.
+    /// `http://addr` (`https://` with TLS), for clients and workers.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Stops accepting calls, lets running ones finish, stops the reaper and
@@ -111,6 +114,23 @@ pub async fn start_on(
         None => {}
     }
     let gate = Gate::new(tokens);
+    let has_tls = config.tls_cert.is_some();
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            let read = |path: &std::path::PathBuf, what: &str| {
+                std::fs::read(path)
+                    .with_context(|| format!("reading the TLS {what} {}", path.display()))
+            };
+            Some(tonic::transport::ServerTlsConfig::new().identity(
+                tonic::transport::Identity::from_pem(
+                    read(cert, "certificate chain (tls_cert)")?,
+                    read(key, "private key (tls_key)")?,
+                ),
+            ))
+        }
+        (None, None) => None,
+        _ => anyhow::bail!("tls_cert and tls_key go together: set both for TLS, or neither"),
+    };
     let trust_anchors = match &config.trust_anchors {
         Some(path) => Some(
             std::fs::read_to_string(path)
@@ -178,8 +198,13 @@ pub async fn start_on(
         .build_v1()
         .context("building gRPC reflection")?;
 
-    let router = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .context("the TLS certificate and key (tls_cert, tls_key)")?;
+    }
+    let router = builder
         .layer(crate::metrics::GrpcMetricsLayer {
             enabled: metrics.is_some(),
         })
@@ -226,9 +251,10 @@ pub async fn start_on(
             let _ = shutdown_rx.wait_for(|stop| *stop).await;
         },
     ));
-    tracing::info!(%addr, ?http_addr, ?metrics_addr, "coordinator listening");
+    tracing::info!(%addr, tls = has_tls, ?http_addr, ?metrics_addr, "coordinator listening");
     Ok(RunningCoordinator {
         addr,
+        tls: has_tls,
         http_addr,
         metrics_addr,
         state,

@@ -35,21 +35,45 @@ pub fn img2img_steps(steps: usize, strength: f64) -> usize {
     ((steps as f64 * strength + 1e-6) as usize).min(steps)
 }
 
-/// Presenting a caller's token: every call over an [`AuthChannel`] carries
-/// `authorization: Bearer TOKEN` when a token is set (a coordinator with
-/// `auth = "tokens"` identifies the caller by it), nothing otherwise.
-pub mod auth {
+/// How clients (the CLI, the worker) reach a coordinator: TLS when its URL
+/// is `https://`, and the caller's token on every call.
+pub mod client {
     use tonic::metadata::{Ascii, MetadataValue};
     use tonic::service::interceptor::InterceptedService;
-    use tonic::transport::Channel;
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
     /// The environment variable the CLI and the worker read a token from.
     pub const TOKEN_ENV: &str = "HALLMARK_TOKEN";
 
+    /// The endpoint of a coordinator URL: `http://` in the clear, `https://`
+    /// over TLS, the server's certificate verified against `ca_pem` (PEM
+    /// certificates) when given, else against the system's roots.
+    pub fn endpoint(url: &str, ca_pem: Option<&[u8]>) -> Result<Endpoint, String> {
+        let endpoint = Endpoint::from_shared(url.to_string())
+            .map_err(|e| format!("coordinator url {url:?} is not a valid URL: {e}"))?;
+        match endpoint.uri().scheme_str() {
+            Some("http") => Ok(endpoint),
+            Some("https") => {
+                let tls = match ca_pem {
+                    Some(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
+                    None => ClientTlsConfig::new().with_native_roots(),
+                };
+                endpoint
+                    .tls_config(tls)
+                    .map_err(|e| format!("TLS for {url}: {e}"))
+            }
+            _ => Err(format!(
+                "coordinator url {url:?} must start with http:// or https://"
+            )),
+        }
+    }
+
     /// A channel whose calls present the caller's token.
     pub type AuthChannel = InterceptedService<Channel, BearerToken>;
 
-    /// The interceptor that adds the token to each call.
+    /// The interceptor that adds `authorization: Bearer TOKEN` to each call
+    /// when a token is set (a coordinator with `auth = "tokens"` identifies
+    /// the caller by it), nothing otherwise.
     #[derive(Clone, Default)]
     pub struct BearerToken(Option<MetadataValue<Ascii>>);
 

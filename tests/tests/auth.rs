@@ -9,6 +9,21 @@ use std::time::{Duration, Instant};
 use hallmark_e2e::*;
 use serde_json::Value;
 
+/// A coordinator configuration file under `dir` with `auth = "tokens"` and
+/// one new token per role; the tokens, in the roles' order.
+fn token_config(dir: &std::path::Path, roles: &[&str]) -> (std::path::PathBuf, Vec<String>) {
+    let mut toml = String::from("auth = \"tokens\"\n[auth_tokens]\n");
+    let mut tokens = Vec::new();
+    for role in roles {
+        let (token, digest) = new_token(role);
+        toml.push_str(&format!("\"{digest}\" = \"{role}\"\n"));
+        tokens.push(token);
+    }
+    let path = dir.join("coordinator.toml");
+    std::fs::write(&path, toml).unwrap();
+    (path, tokens)
+}
+
 /// Asserts the command failed and its stderr says `what`.
 fn refused(out: &Output, what: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -46,26 +61,16 @@ fn submit(url: &str, token: &str, model: &str, extra: &[&str]) -> Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_role_is_allowed_its_own_calls_and_refused_the_rest() {
     let dir = tempfile::tempdir().unwrap();
-    let (acme, acme_digest) = new_token("tenant:acme");
-    let (globex, globex_digest) = new_token("tenant:globex");
-    let (worker, worker_digest) = new_token("worker:gpu-pool");
-    let (operator, operator_digest) = new_token("operator:ops");
-    let (acme, globex, worker, operator) = (
-        acme.as_str(),
-        globex.as_str(),
-        worker.as_str(),
-        operator.as_str(),
+    let (config, tokens) = token_config(
+        dir.path(),
+        &[
+            "tenant:acme",
+            "tenant:globex",
+            "worker:gpu-pool",
+            "operator:ops",
+        ],
     );
-    let config = dir.path().join("coordinator.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "auth = \"tokens\"\n[auth_tokens]\n\"{acme_digest}\" = \"tenant:acme\"\n\
-             \"{globex_digest}\" = \"tenant:globex\"\n\"{worker_digest}\" = \"worker:gpu-pool\"\n\
-             \"{operator_digest}\" = \"operator:ops\"\n"
-        ),
-    )
-    .unwrap();
+    let [acme, globex, worker, operator] = [0, 1, 2, 3].map(|i| tokens[i].as_str());
     let db = fresh_database().await;
     let spec = CoordinatorSpec::new(&db, Some(redis_url()), dir.path().join("blobs"))
         .with("HALLMARK_CONFIG", config.display())
@@ -230,24 +235,13 @@ async fn each_role_is_allowed_its_own_calls_and_refused_the_rest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_renders_and_downloads_only_the_inputs_it_uploaded() {
-    use hallmark_proto::auth::BearerToken;
+    use hallmark_proto::client::BearerToken;
     use hallmark_proto::v1::jobs_client::JobsClient;
     use hallmark_proto::v1::{Chunk, DownloadArtifactRequest, SubmitJobRequest};
 
     let dir = tempfile::tempdir().unwrap();
-    let (acme, acme_digest) = new_token("tenant:acme");
-    let (globex, globex_digest) = new_token("tenant:globex");
-    let (worker, worker_digest) = new_token("worker");
-    let (acme, globex, worker) = (acme.as_str(), globex.as_str(), worker.as_str());
-    let config = dir.path().join("coordinator.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "auth = \"tokens\"\n[auth_tokens]\n\"{acme_digest}\" = \"tenant:acme\"\n\
-             \"{globex_digest}\" = \"tenant:globex\"\n\"{worker_digest}\" = \"worker\"\n"
-        ),
-    )
-    .unwrap();
+    let (config, tokens) = token_config(dir.path(), &["tenant:acme", "tenant:globex", "worker"]);
+    let [acme, globex, worker] = [0, 1, 2].map(|i| tokens[i].as_str());
     let db = fresh_database().await;
     let spec = CoordinatorSpec::new(&db, None, dir.path().join("blobs"))
         .with("HALLMARK_CONFIG", config.display());
@@ -332,6 +326,119 @@ async fn a_tenant_renders_and_downloads_only_the_inputs_it_uploaded() {
     // Once globex uploads the same picture itself, it may use it too.
     assert_eq!(upload(Some(globex)).await.unwrap(), sha256);
     submit(globex).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_travel_over_tls_to_a_coordinator_with_a_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = tls_server_cert(&dir.path().join("tls"));
+    let (config, tokens) = token_config(dir.path(), &["tenant:acme", "worker"]);
+    let [tenant, worker] = [0, 1].map(|i| tokens[i].as_str());
+    let db = fresh_database().await;
+    // Half a TLS identity, or tokens switched on with none, stop the
+    // coordinator at start, naming the setting.
+    let start_fails = |envs: &[(&str, &std::path::Path)], what: &str| {
+        let mut cmd = std::process::Command::new(bin("hallmark-coordinator"));
+        cmd.arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--database-url")
+            .arg(&db)
+            .arg("--blob-dir")
+            .arg(dir.path().join("blobs"));
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(what),
+            "{what}: {stderr}"
+        );
+    };
+    start_fails(
+        &[("HALLMARK_TLS_CERT", &tls.server_chain)],
+        "tls_cert and tls_key go together",
+    );
+    let no_tokens = dir.path().join("no-tokens.toml");
+    std::fs::write(&no_tokens, "auth = \"tokens\"\n").unwrap();
+    start_fails(&[("HALLMARK_CONFIG", &no_tokens)], "no auth_tokens");
+    let port = free_port();
+    let mut cmd = std::process::Command::new(bin("hallmark-coordinator"));
+    cmd.arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--database-url")
+        .arg(&db)
+        .arg("--blob-dir")
+        .arg(dir.path().join("blobs"))
+        .env("HALLMARK_CONFIG", &config)
+        .env("HALLMARK_TLS_CERT", &tls.server_chain)
+        .env("HALLMARK_TLS_KEY", &tls.server_key);
+    let _c = Proc::spawn("tls-coordinator", &mut cmd);
+    let url = format!("https://127.0.0.1:{port}");
+    let root = tls.root_cert.to_str().unwrap();
+    let cli = |url: &str, ca: Option<&str>, args: &[&str]| {
+        let mut cmd = std::process::Command::new(bin("hallmark"));
+        cmd.arg("--coordinator")
+            .arg(url)
+            .args(args)
+            .env("HALLMARK_LOG", "warn")
+            .env("HALLMARK_TOKEN", tenant)
+            .env_remove("HALLMARK_TLS_CA");
+        if let Some(ca) = ca {
+            cmd.env("HALLMARK_TLS_CA", ca);
+        }
+        cmd.output().unwrap()
+    };
+    eventually(
+        "the coordinator answers over TLS",
+        Duration::from_secs(30),
+        || {
+            let up = cli(&url, Some(root), &["--json", "jobs"]).status.success();
+            async move { up }
+        },
+    )
+    .await;
+    let _w = start_worker(
+        &url,
+        "tls-worker",
+        0,
+        &["--token", worker, "--tls-ca", root],
+    );
+    wait_for_count(&db, "the worker", "SELECT COUNT(*) FROM workers", |n| {
+        n == 1
+    })
+    .await;
+
+    let out = dir.path().join("out");
+    ok(&cli(
+        &url,
+        Some(root),
+        &[
+            "submit",
+            "--watch",
+            "--prompt",
+            "over the wire",
+            "--width",
+            "192",
+            "--height",
+            "192",
+        ],
+    ));
+    let listed = json_of(&cli(&url, Some(root), &["--json", "jobs"]));
+    let job_id = listed[0]["job_id"].as_str().unwrap();
+    assert_eq!(listed[0]["state"], "succeeded");
+    ok(&cli(
+        &url,
+        Some(root),
+        &["download", job_id, "-o", out.to_str().unwrap()],
+    ));
+    assert!(out.join("00000.png").exists());
+
+    // Without the root that issued the certificate the client does not
+    // trust it; plain HTTP/2 to the TLS port gets nowhere.
+    refused(&cli(&url, None, &["jobs"]), "cannot reach the coordinator");
+    let plain = cli(&format!("http://127.0.0.1:{port}"), None, &["jobs"]);
+    assert!(!plain.status.success(), "{plain:?}");
 }
 
 /// A submit with no token at all.

@@ -35,6 +35,10 @@ struct Args {
     /// (`hallmark token new --role worker`); best passed in the environment.
     #[arg(long, env = "HALLMARK_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// PEM certificates an `https://` coordinator's certificate is verified
+    /// against (default: the system's roots).
+    #[arg(long, env = "HALLMARK_TLS_CA")]
+    tls_ca: Option<PathBuf>,
     /// Render engine: synthetic or diffusion.
     #[arg(long, default_value = "synthetic")]
     engine: String,
@@ -161,7 +165,14 @@ async fn main() -> anyhow::Result<()> {
         token: args.token,
         ..WorkerConfig::new(stamping)
     };
-    let channel = hallmark_worker::channel(&args.coordinator)?;
+    let tls_ca = match &args.tls_ca {
+        Some(path) => Some(
+            std::fs::read(path)
+                .with_context(|| format!("reading the TLS roots {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let channel = hallmark_worker::channel(&args.coordinator, tls_ca.as_deref())?;
     let shutdown = async {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -7,8 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use hallmark_proto::auth::{AuthChannel, BearerToken};
+use hallmark_proto::client::{AuthChannel, BearerToken};
 use hallmark_proto::v1::complete_message::Body;
 use hallmark_proto::v1::complete_outcome::Kind;
 use hallmark_proto::v1::registry_client::RegistryClient;
@@ -89,10 +88,12 @@ struct Shared {
     report: Mutex<WorkerReport>,
 }
 
-/// Connects lazily to the coordinator at `url` (reconnecting by itself).
-pub fn channel(url: &str) -> anyhow::Result<Channel> {
-    Ok(Channel::from_shared(url.to_string())
-        .with_context(|| format!("coordinator url {url:?}"))?
+/// Connects lazily to the coordinator at `url` (reconnecting by itself);
+/// an `https://` one over TLS, verified against `tls_ca` (PEM) when given,
+/// else the system's roots.
+pub fn channel(url: &str, tls_ca: Option<&[u8]>) -> anyhow::Result<Channel> {
+    Ok(hallmark_proto::client::endpoint(url, tls_ca)
+        .map_err(anyhow::Error::msg)?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)
         .connect_lazy())
