@@ -616,7 +616,7 @@ both_stores! {
 
     async fn registry_links_models_to_datasets_and_checks_worker_weights(s: &Store) {
         let d = Dataset { name: "laion".into(), version: "5b".into(), uri: "s3://x".into(), content_sha256: SHA.into(), license: "cc".into(), created_at_ms: 0 };
-        s.register_dataset(&d, 1).await.unwrap();
+        s.register_dataset(&d, "", 1).await.unwrap();
         let mut m = Model {
             model_id: "sd15".into(),
             family: "sd15".into(),
@@ -625,9 +625,9 @@ both_stores! {
             training_datasets: vec!["laion@5b".into()],
             ..Default::default()
         };
-        s.register_model(&m, 2).await.unwrap();
+        s.register_model(&m, "", 2).await.unwrap();
         m.training_datasets = vec!["nope@1".into()];
-        assert!(matches!(s.register_model(&m, 3).await, Err(StoreError::NotFound(_))));
+        assert!(matches!(s.register_model(&m, "", 3).await, Err(StoreError::NotFound(_))));
         let models = s.list_models().await.unwrap();
         assert_eq!(models[0].training_datasets, ["laion@5b"]);
         let digest = hallmark_provenance::weights_digest([("unet.safetensors", SHA)]);
@@ -726,6 +726,7 @@ both_stores! {
         let w = worker(s, "w1", 1).await;
         s.register_dataset(
             &Dataset { name: "laion".into(), version: "5b".into(), uri: "s3://d".into(), content_sha256: SHA.into(), license: "cc-by".into(), created_at_ms: 0 },
+            "operator:alice",
             1,
         )
         .await
@@ -738,6 +739,7 @@ both_stores! {
                 training_datasets: vec!["laion@5b".into()],
                 ..Default::default()
             },
+            "operator:bob",
             2,
         )
         .await
@@ -754,6 +756,7 @@ both_stores! {
         assert_eq!(model["weights"][0]["sha256"], SHA);
         assert_eq!(model["training_datasets"][0], "laion@5b");
         assert_eq!(page.entries[1].subject, "laion@5b");
+        assert_eq!((page.entries[1].actor.as_str(), page.entries[2].actor.as_str()), ("operator:alice", "operator:bob"));
         let expired: serde_json::Value = serde_json::from_str(&page.entries[5].body).unwrap();
         assert_eq!((page.entries[5].subject.as_str(), expired["token"].as_i64()), (l.task_id.as_str(), Some(l.fencing_token)));
         assert_eq!(expired["state"], "ready");

@@ -231,6 +231,12 @@ async fn each_role_is_allowed_its_own_calls_and_refused_the_rest() {
     )
     .await;
     assert_eq!(actor, 1);
+    let registered_by = scalar(
+        &db,
+        "SELECT COUNT(*) FROM audit_events WHERE kind = 'register_model' AND subject = 'unserved' AND actor = 'operator:ops'",
+    )
+    .await;
+    assert_eq!(registered_by, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,11 +18,12 @@ pub struct RegistryService(pub Arc<Coordinator>);
 #[tonic::async_trait]
 impl Registry for RegistryService {
     async fn register_model(&self, req: Request<Model>) -> Result<Response<Model>, Status> {
-        Caller::of(&req).require_operator("registering a model")?;
+        let caller = Caller::of(&req);
+        caller.require_operator("registering a model")?;
         let m = self
             .0
             .store
-            .register_model(&req.into_inner(), now_ms())
+            .register_model(&req.into_inner(), &caller.name(), now_ms())
             .await
             .map_err(status)?;
         Ok(Response::new(m))
@@ -38,11 +39,12 @@ impl Registry for RegistryService {
     }
 
     async fn register_dataset(&self, req: Request<Dataset>) -> Result<Response<Dataset>, Status> {
-        Caller::of(&req).require_operator("registering a dataset")?;
+        let caller = Caller::of(&req);
+        caller.require_operator("registering a dataset")?;
         let d = self
             .0
             .store
-            .register_dataset(&req.into_inner(), now_ms())
+            .register_dataset(&req.into_inner(), &caller.name(), now_ms())
             .await
             .map_err(status)?;
         Ok(Response::new(d))

@@ -18,7 +18,8 @@ fn check_sha256(field: &str, value: &str) -> Result<()> {
 
 impl Store {
     /// Registers (or updates) a dataset.
-    pub async fn register_dataset(&self, d: &Dataset, now: i64) -> Result<Dataset> {
+    /// `actor` is who registers it, for the audit ledger (empty: unknown).
+    pub async fn register_dataset(&self, d: &Dataset, actor: &str, now: i64) -> Result<Dataset> {
         if d.name.trim().is_empty() || d.version.trim().is_empty() {
             return Err(StoreError::Refused(
                 "dataset name and version are required".into(),
@@ -46,7 +47,8 @@ impl Store {
                 "content_sha256": d.content_sha256.to_ascii_lowercase(),
                 "license": d.license,
             }),
-        );
+        )
+        .actor(actor);
         audit::append(&mut tx, now, &[event]).await?;
         tx.commit().await?;
         Ok(Dataset {
@@ -78,7 +80,8 @@ impl Store {
 
     /// Registers (or replaces) a model with its weight files and training
     /// datasets; the parent model and datasets must already be registered.
-    pub async fn register_model(&self, m: &Model, now: i64) -> Result<Model> {
+    /// `actor` is who registers it, for the audit ledger (empty: unknown).
+    pub async fn register_model(&self, m: &Model, actor: &str, now: i64) -> Result<Model> {
         if m.model_id.trim().is_empty() {
             return Err(StoreError::Refused("model_id is required".into()));
         }
@@ -176,7 +179,8 @@ impl Store {
                 "training_datasets": m.training_datasets,
                 "config_sha256": hallmark_provenance::sha256_hex(m.config_json.as_bytes()),
             }),
-        );
+        )
+        .actor(actor);
         audit::append(&mut tx, now, &[event]).await?;
         tx.commit().await?;
         Ok(Model {
