@@ -19,7 +19,9 @@
 //! believed, as before tokens existed.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tonic::Status;
@@ -269,18 +271,71 @@ pub fn new_token() -> Result<String, getrandom::Error> {
 
 /// The interceptor in front of every service: it identifies the caller and
 /// puts a [`Caller`] in the request's extensions for the handlers to check.
+/// Clones share one token list, which [`Gate::reload_from`] replaces.
 #[derive(Clone)]
-pub struct Gate(Option<Arc<Tokens>>);
+pub struct Gate(Arc<RwLock<Option<Arc<Tokens>>>>);
 
 impl Gate {
     pub fn new(tokens: Option<Tokens>) -> Self {
-        Self(tokens.map(Arc::new))
+        Self(Arc::new(RwLock::new(tokens.map(Arc::new))))
+    }
+
+    fn tokens(&self) -> Option<Arc<Tokens>> {
+        match self.0.read() {
+            Ok(t) => t.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Reads `file` (the coordinator's configuration) every `every` and,
+    /// when it changed, takes its `auth_tokens`: added tokens work and
+    /// removed ones stop working on the next call. A file that no longer
+    /// parses, or turns `auth` off or on, keeps the tokens in force (with a
+    /// warning): a bad edit must not lock everyone out or open the API.
+    pub fn reload_from(&self, file: PathBuf, every: Duration) -> tokio::task::JoinHandle<()> {
+        let gate = self.clone();
+        tokio::spawn(async move {
+            let mut last = tokio::fs::read(&file).await.ok();
+            loop {
+                tokio::time::sleep(every).await;
+                let Ok(now) = tokio::fs::read(&file).await else {
+                    continue;
+                };
+                if last.as_ref() == Some(&now) {
+                    continue;
+                }
+                last = Some(now);
+                match gate.reload(&file) {
+                    Ok(n) => {
+                        tracing::info!(file = %file.display(), tokens = n, "auth_tokens reloaded")
+                    }
+                    Err(e) => {
+                        tracing::warn!(file = %file.display(), error = %e, "auth_tokens not reloaded; the tokens in force stay")
+                    }
+                }
+            }
+        })
+    }
+
+    fn reload(&self, file: &std::path::Path) -> anyhow::Result<usize> {
+        let cfg = crate::CoordinatorConfig::load(Some(file), &[])?;
+        let tokens = Tokens::from_config(&cfg.auth, &cfg.auth_tokens)?
+            .ok_or_else(|| anyhow::anyhow!("auth = \"off\" takes a restart"))?;
+        if self.tokens().is_none() {
+            anyhow::bail!("auth = \"tokens\" takes a restart");
+        }
+        let n = tokens.0.len();
+        match self.0.write() {
+            Ok(mut t) => *t = Some(Arc::new(tokens)),
+            Err(poisoned) => *poisoned.into_inner() = Some(Arc::new(tokens)),
+        }
+        Ok(n)
     }
 }
 
 impl Interceptor for Gate {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        let caller = match &self.0 {
+        let caller = match self.tokens() {
             None => Caller::Open,
             Some(tokens) => tokens.identify(req.metadata())?,
         };

@@ -85,6 +85,14 @@ pub struct CoordinatorConfig {
     /// ledger). `hallmark token new --role ROLE` makes a token and prints
     /// its line.
     pub auth_tokens: BTreeMap<String, String>,
+    /// How often the configuration file is read again for `auth_tokens`, in
+    /// milliseconds, so tokens are added and revoked without a restart (a
+    /// Kubernetes Secret's update reaches every replica this way); 0: never.
+    /// The `auth` mode itself changes only with a restart.
+    pub auth_reload_interval_ms: u64,
+    /// The file the settings were loaded from, if any (set by `load`).
+    #[serde(skip)]
+    pub config_file: Option<PathBuf>,
     /// PEM certificate chain the gRPC server presents: with `tls_key`, it
     /// serves TLS only (clients use `https://` URLs). Unset: plain HTTP/2,
     /// for loopback or a network whose links are already protected (a
@@ -142,6 +150,8 @@ impl Default for CoordinatorConfig {
             verify_watermark_on_upload: true,
             auth: "off".into(),
             auth_tokens: BTreeMap::new(),
+            auth_reload_interval_ms: 5_000,
+            config_file: None,
             tls_cert: None,
             tls_key: None,
             http_listen: None,
@@ -171,10 +181,11 @@ impl CoordinatorConfig {
         for (key, value) in overrides {
             builder = builder.set_override(*key, value.clone())?;
         }
-        let cfg: Self = builder
+        let mut cfg: Self = builder
             .build()?
             .try_deserialize()
             .map_err(|e| anyhow::anyhow!("invalid coordinator configuration: {e}"))?;
+        cfg.config_file = file.map(Path::to_path_buf);
         Ok(cfg)
     }
 

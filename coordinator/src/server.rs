@@ -44,6 +44,7 @@ pub struct RunningCoordinator {
     shutdown: watch::Sender<bool>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     reaper: JoinHandle<()>,
+    token_reloader: Option<JoinHandle<()>>,
 }
 
 impl RunningCoordinator {
@@ -58,6 +59,9 @@ impl RunningCoordinator {
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(true);
         self.reaper.abort();
+        if let Some(reloader) = &self.token_reloader {
+            reloader.abort();
+        }
         self.server.await.context("coordinator server task")??;
         self.state
             .seal_ledger()
@@ -113,6 +117,7 @@ pub async fn start_on(
         ),
         None => {}
     }
+    let reload_tokens = tokens.is_some();
     let gate = Gate::new(tokens);
     let has_tls = config.tls_cert.is_some();
     let tls = match (&config.tls_cert, &config.tls_key) {
@@ -172,6 +177,15 @@ pub async fn start_on(
         stamps,
         shutdown_rx.clone(),
     ));
+    let token_reloader = match (
+        &state.config.config_file,
+        state.config.auth_reload_interval_ms,
+    ) {
+        (Some(file), ms) if reload_tokens && ms > 0 => {
+            Some(gate.reload_from(file.clone(), Duration::from_millis(ms)))
+        }
+        _ => None,
+    };
     let reaper_state = state.clone();
     let reaper = tokio::spawn(async move {
         let every = Duration::from_millis(reaper_state.config.reap_interval_ms.max(10));
@@ -261,6 +275,7 @@ pub async fn start_on(
         shutdown,
         server,
         reaper,
+        token_reloader,
     })
 }
 

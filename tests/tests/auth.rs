@@ -447,6 +447,47 @@ async fn tokens_travel_over_tls_to_a_coordinator_with_a_certificate() {
     assert!(!plain.status.success(), "{plain:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_added_and_revoked_by_editing_the_file_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, tokens) = token_config(dir.path(), &["tenant:acme"]);
+    let old = tokens[0].as_str();
+    let db = fresh_database().await;
+    let spec = CoordinatorSpec::new(&db, None, dir.path().join("blobs"))
+        .with("HALLMARK_CONFIG", config.display())
+        .with("HALLMARK_AUTH_RELOAD_INTERVAL_MS", 100);
+    let _c = spec.start().await;
+    let url = spec.url();
+    let works = |token: &str| hallmark_as(&url, Some(token), &["jobs"]).status.success();
+    assert!(works(old));
+
+    // The old token revoked, a new one added: the running coordinator
+    // follows the file.
+    let (new, new_digest) = new_token("tenant:globex");
+    std::fs::write(
+        &config,
+        format!("auth = \"tokens\"\n[auth_tokens]\n\"{new_digest}\" = \"tenant:globex\"\n"),
+    )
+    .unwrap();
+    eventually("the edit takes effect", Duration::from_secs(10), || {
+        let done = works(&new) && !works(old);
+        async move { done }
+    })
+    .await;
+    refused(&hallmark_as(&url, Some(old), &["jobs"]), "not known");
+
+    // A broken edit, or one turning auth off, keeps the tokens in force.
+    for edit in [
+        "auth = \"tokens\"\n[auth_tokens]\n\"not-hex\" = \"tenant:x\"\n".to_string(),
+        "auth = \"off\"\n".to_string(),
+    ] {
+        std::fs::write(&config, edit).unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(works(&new));
+        refused(&hallmark_as(&url, None, &["jobs"]), "needs a token");
+    }
+}
+
 /// A submit with no token at all.
 fn submit_raw(url: &str, token: Option<&str>) -> Output {
     hallmark_as(
