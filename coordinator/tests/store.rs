@@ -9,8 +9,8 @@ use std::collections::HashSet;
 use hallmark_coordinator::spec::{self, ExpandedJob, Limits};
 use hallmark_coordinator::stamps::CheckedStamp;
 use hallmark_coordinator::store::{
-    ArtifactKey, Census, Completion, JobControl, LeasePolicy, ModelWorkers, Store, StoreError,
-    WorkerCaps, WorkerRegistration,
+    ArtifactKey, Census, Completion, JobControl, LeasePolicy, ModelWorkers, NewJob, Store,
+    StoreError, WorkerCaps, WorkerRegistration,
 };
 use hallmark_proto::v1::{
     Dataset, JobSpec, Model, ModelCapability, PromptItem, TaskLease, WeightFile,
@@ -147,7 +147,14 @@ async fn worker_serving(s: &Store, id: &str, max_batch: u32, models: &[&str]) ->
 
 async fn submit(s: &Store, id: &str, j: &ExpandedJob, cap: u32) {
     s.check_servable(j, false).await.unwrap();
-    s.submit(id, j, "{}", cap, &POLICY, 1).await.unwrap();
+    let new = NewJob {
+        id,
+        job: j,
+        spec_json: "{}",
+        tenant_cap: cap,
+        submitted_by: "",
+    };
+    s.submit(&new, &POLICY, 1).await.unwrap();
 }
 
 async fn lease(s: &Store, w: &WorkerCaps, want: u32, now: i64) -> Vec<TaskLease> {

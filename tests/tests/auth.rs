@@ -231,6 +231,33 @@ async fn each_role_is_allowed_its_own_calls_and_refused_the_rest() {
     )
     .await;
     assert_eq!(actor, 1);
+    // An operator may submit for a tenant; the ledger names the operator.
+    let for_acme = hallmark_as(
+        &url,
+        Some(operator),
+        &[
+            "--json",
+            "submit",
+            "--tenant",
+            "acme",
+            "--model",
+            "unserved",
+            "--queue-unservable",
+            "--prompt",
+            "on behalf",
+        ],
+    );
+    let on_behalf = json_of(&for_acme);
+    assert_eq!(on_behalf["tenant"], "acme");
+    let submitted_by = scalar(
+        &db,
+        &format!(
+            "SELECT COUNT(*) FROM audit_events WHERE kind = 'submit' AND job_id = '{}' AND actor = 'operator:ops'",
+            on_behalf["job_id"].as_str().unwrap()
+        ),
+    )
+    .await;
+    assert_eq!(submitted_by, 1);
     let registered_by = scalar(
         &db,
         "SELECT COUNT(*) FROM audit_events WHERE kind = 'register_model' AND subject = 'unserved' AND actor = 'operator:ops'",

@@ -16,7 +16,7 @@ use crate::auth::Caller;
 use crate::metrics as m;
 use crate::rate::RateRefusal;
 use crate::spec::{self, Limits, SpecError};
-use crate::store::{JobControl, StoreError, now_ms};
+use crate::store::{JobControl, NewJob, StoreError, now_ms};
 
 pub struct JobsService(pub Arc<Coordinator>);
 
@@ -134,18 +134,18 @@ impl Jobs for JobsService {
                 RateRefusal::Exhausted { .. } => Status::resource_exhausted(refusal.to_string()),
             });
         }
-        if let Err(e) = c
-            .store
-            .submit(
-                &job_id,
-                &job,
-                &spec_json,
-                tenant_cap,
-                &c.lease_policy,
-                now_ms(),
-            )
-            .await
-        {
+        let submitted_by = match &caller {
+            Caller::Operator(_) => caller.name(),
+            _ => String::new(),
+        };
+        let new = NewJob {
+            id: &job_id,
+            job: &job,
+            spec_json: &spec_json,
+            tenant_cap,
+            submitted_by: &submitted_by,
+        };
+        if let Err(e) = c.store.submit(&new, &c.lease_policy, now_ms()).await {
             c.limiter.refund(&job.tenant, items, rate, now_ms()).await;
             return Err(status(e));
         }

@@ -31,6 +31,20 @@ impl JobControl {
 
 const ROWS_PER_INSERT: usize = 400;
 
+/// A job to write: what [`Store::submit`] records.
+#[derive(Clone, Copy)]
+pub struct NewJob<'a> {
+    pub id: &'a str,
+    pub job: &'a ExpandedJob,
+    /// The stored spec (its hash goes in the ledger's submit entry).
+    pub spec_json: &'a str,
+    /// The tenant's running-task cap (0: none).
+    pub tenant_cap: u32,
+    /// Who submitted it, for the ledger: empty for the tenant itself (an
+    /// operator submitting for a tenant is named instead).
+    pub submitted_by: &'a str,
+}
+
 impl Store {
     /// Refuses a job no registered worker can run (unless `queue_unservable`)
     /// and a model nobody has heard of, before anything is written.
@@ -101,13 +115,17 @@ impl Store {
     /// Writes the job, its items and per-item stage tasks in one transaction.
     pub async fn submit(
         &self,
-        job_id: &str,
-        job: &ExpandedJob,
-        spec_json: &str,
-        tenant_cap: u32,
+        new: &NewJob<'_>,
         lease: &super::LeasePolicy,
         now: i64,
     ) -> Result<()> {
+        let NewJob {
+            id: job_id,
+            job,
+            spec_json,
+            tenant_cap,
+            submitted_by,
+        } = *new;
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO tenants (name, max_running, last_dispatch_at) VALUES ($1, $2, 0) \
@@ -237,7 +255,11 @@ impl Store {
             }),
         )
         .job(job_id)
-        .actor(&job.tenant);
+        .actor(if submitted_by.is_empty() {
+            job.tenant.as_str()
+        } else {
+            submitted_by
+        });
         super::audit::append(&mut tx, now, &[submitted]).await?;
         tx.commit().await?;
         Ok(())

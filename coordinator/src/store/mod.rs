@@ -25,7 +25,7 @@ pub use census::{Census, ModelWorkers, TaskCount};
 pub use dispatch::{
     Completion, FailOutcome, LeasePolicy, ReapOutcome, WorkerCaps, WorkerRegistration,
 };
-pub use jobs::JobControl;
+pub use jobs::{JobControl, NewJob};
 pub use provenance::{ArtifactKey, StoredArtifact};
 
 use crate::spec::SpecError;
