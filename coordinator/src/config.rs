@@ -62,8 +62,14 @@ pub struct CoordinatorConfig {
     /// by the replicas through Redis (per replica without it); 0 means no
     /// limit.
     pub tenant_submit_items_per_minute: u32,
-    /// Per-tenant overrides of the cap and the submit rate, e.g.
-    /// `[tenants.acme] max_running = 8` and `submit_items_per_minute = 5000`.
+    /// Bytes of input images (img2img) a tenant may upload per minute, as a
+    /// bucket like the submit rate's; an upload over it is refused with
+    /// RESOURCE_EXHAUSTED. Applies to tenants known by their token (`auth =
+    /// "tokens"`); 0 means no limit.
+    pub tenant_upload_bytes_per_minute: u64,
+    /// Per-tenant overrides of the cap and the rates, e.g.
+    /// `[tenants.acme] max_running = 8`, `submit_items_per_minute = 5000`
+    /// and `upload_bytes_per_minute = 1000000000`.
     pub tenants: BTreeMap<String, TenantConfig>,
     /// Secret of the invisible watermark (the same as the workers'). The
     /// default is for development only.
@@ -118,6 +124,10 @@ pub struct TenantConfig {
     /// no limit.
     #[serde(default)]
     pub submit_items_per_minute: Option<u32>,
+    /// Bytes of input images this tenant may upload per minute; 0 means
+    /// no limit.
+    #[serde(default)]
+    pub upload_bytes_per_minute: Option<u64>,
 }
 
 impl Default for CoordinatorConfig {
@@ -144,6 +154,7 @@ impl Default for CoordinatorConfig {
             reap_interval_ms: 250,
             tenant_max_running: 0,
             tenant_submit_items_per_minute: 0,
+            tenant_upload_bytes_per_minute: 0,
             tenants: BTreeMap::new(),
             watermark_key: hallmark_provenance::watermark::DEVELOPMENT_KEY.into(),
             trust_anchors: None,
@@ -222,6 +233,14 @@ impl CoordinatorConfig {
             .unwrap_or(self.tenant_max_running)
     }
 
+    /// The input bytes `tenant` may upload per minute (0 = no limit).
+    pub fn tenant_upload_rate(&self, tenant: &str) -> u64 {
+        self.tenants
+            .get(tenant)
+            .and_then(|t| t.upload_bytes_per_minute)
+            .unwrap_or(self.tenant_upload_bytes_per_minute)
+    }
+
     /// The items `tenant` may submit per minute (0 = no limit).
     pub fn tenant_submit_rate(&self, tenant: &str) -> u32 {
         self.tenants
@@ -246,7 +265,8 @@ mod tests {
         std::fs::write(
             &file,
             "tenant_max_running = 4\ntenant_submit_items_per_minute = 100\n\
-             [tenants.acme]\nsubmit_items_per_minute = 5000\n\
+             tenant_upload_bytes_per_minute = 1000\n\
+             [tenants.acme]\nsubmit_items_per_minute = 5000\nupload_bytes_per_minute = 0\n\
              [tenants.small]\nmax_running = 1\n",
         )
         .unwrap();
@@ -262,6 +282,10 @@ mod tests {
         assert_eq!(
             (c.tenant_cap("other"), c.tenant_submit_rate("other")),
             (4, 100)
+        );
+        assert_eq!(
+            (c.tenant_upload_rate("acme"), c.tenant_upload_rate("small")),
+            (0, 1000)
         );
     }
 

@@ -19,6 +19,7 @@ use crate::store::{Census, now_ms};
 
 pub const JOBS_SUBMITTED: &str = "hallmark_jobs_submitted_total";
 pub const SUBMITS_RATE_LIMITED: &str = "hallmark_submits_rate_limited_total";
+pub const UPLOADS_RATE_LIMITED: &str = "hallmark_uploads_rate_limited_total";
 pub const TASKS_SUBMITTED: &str = "hallmark_tasks_submitted_total";
 pub const JOBS_FINISHED: &str = "hallmark_jobs_finished_total";
 pub const TASKS_LEASED: &str = "hallmark_tasks_leased_total";
@@ -46,6 +47,10 @@ pub fn describe() {
     describe_counter!(
         SUBMITS_RATE_LIMITED,
         "Jobs refused by the tenant's submission rate limit, by tenant."
+    );
+    describe_counter!(
+        UPLOADS_RATE_LIMITED,
+        "Input uploads refused by the tenant's upload rate limit, by tenant."
     );
     describe_counter!(TASKS_SUBMITTED, "Tasks created by accepted jobs.");
     describe_counter!(

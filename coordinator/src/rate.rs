@@ -1,41 +1,114 @@
-//! Per-tenant submission rate limits: a token bucket of items per tenant.
+//! Per-tenant rate limits: token buckets of submitted items and of uploaded
+//! input bytes.
 //!
-//! A tenant's bucket holds up to one minute's allowance of items (prompts ×
-//! images) and refills continuously; a job is admitted when the bucket
-//! holds all its items. With Redis the bucket is shared by every replica (a
-//! script updates it atomically, on Redis's clock); without Redis, or while
-//! Redis cannot be reached, each replica keeps its own bucket. A limit is
-//! a hint in DESIGN's sense: losing Redis loosens it, it never loses work.
+//! A tenant's bucket holds up to one minute's allowance (items — prompts ×
+//! images — for submits, bytes for input uploads) and refills continuously;
+//! a job or an upload is admitted when the bucket holds all of it. With
+//! Redis the bucket is shared by every replica (a script updates it
+//! atomically, on Redis's clock); without Redis, or while Redis cannot be
+//! reached, each replica keeps its own bucket. A limit is a hint in
+//! DESIGN's sense: losing Redis loosens it, it never loses work.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::sync::Mutex;
 use std::time::Duration;
 
-/// Why a submission was not admitted.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+/// What a bucket counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quota {
+    /// Items (prompts × images) of submitted jobs.
+    SubmitItems,
+    /// Bytes of uploaded input images.
+    UploadBytes,
+}
+
+impl Quota {
+    fn key(self) -> &'static str {
+        match self {
+            Quota::SubmitItems => "submit",
+            Quota::UploadBytes => "upload",
+        }
+    }
+
+    fn unit(self) -> &'static str {
+        match self {
+            Quota::SubmitItems => "items",
+            Quota::UploadBytes => "bytes",
+        }
+    }
+
+    /// "the job has" / "the upload is", before the amount.
+    fn subject(self) -> &'static str {
+        match self {
+            Quota::SubmitItems => "the job has",
+            Quota::UploadBytes => "the upload is",
+        }
+    }
+}
+
+/// Why a submission or an upload was not admitted.
+#[derive(Debug, Clone, PartialEq)]
 pub enum RateRefusal {
-    /// The bucket cannot hold this many items: the job can never pass.
-    #[error(
-        "the job has {items} items, over tenant {tenant:?}'s limit of {limit} items per minute; split it into jobs of at most {limit}"
-    )]
+    /// The bucket cannot hold this much: it can never pass.
     TooLarge {
+        quota: Quota,
         tenant: String,
-        items: u64,
+        amount: u64,
         limit: u64,
     },
     /// Not now: the bucket refills enough in `retry_after`.
-    #[error(
-        "tenant {tenant:?} is over its limit of {limit} items per minute ({available} available now, the job has {items}); retry in {}s",
-        retry_after.as_secs().max(1)
-    )]
     Exhausted {
+        quota: Quota,
         tenant: String,
-        items: u64,
+        amount: u64,
         limit: u64,
         available: u64,
         retry_after: Duration,
     },
 }
+
+impl fmt::Display for RateRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RateRefusal::TooLarge {
+                quota,
+                tenant,
+                amount,
+                limit,
+            } => {
+                let unit = quota.unit();
+                write!(
+                    f,
+                    "{} {amount} {unit}, over tenant {tenant:?}'s limit of {limit} {unit} per minute; ",
+                    quota.subject()
+                )?;
+                match quota {
+                    Quota::SubmitItems => write!(f, "split it into jobs of at most {limit}"),
+                    Quota::UploadBytes => write!(f, "upload a smaller image"),
+                }
+            }
+            RateRefusal::Exhausted {
+                quota,
+                tenant,
+                amount,
+                limit,
+                available,
+                retry_after,
+            } => {
+                let unit = quota.unit();
+                write!(
+                    f,
+                    "tenant {tenant:?} is over its limit of {limit} {unit} per minute ({available} available now, {} {amount}); retry in {}s",
+                    quota.subject(),
+                    retry_after.as_secs().max(1)
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for RateRefusal {}
 
 /// Tenants' item buckets, in Redis when configured.
 pub struct SubmitLimiter {
@@ -96,8 +169,8 @@ impl Bucket {
     }
 }
 
-fn key(tenant: &str) -> String {
-    format!("hallmark:rate:submit:{tenant}")
+fn key(quota: Quota, tenant: &str) -> String {
+    format!("hallmark:rate:{}:{tenant}", quota.key())
 }
 
 impl SubmitLimiter {
@@ -119,65 +192,71 @@ impl SubmitLimiter {
         })
     }
 
-    /// Admits `items` of `tenant` under `limit` items per minute (0: no
-    /// limit), or says why not and when to try again.
+    /// Admits `amount` of `tenant`'s `quota` under `limit` per minute (0:
+    /// no limit), or says why not and when to try again.
     pub async fn admit(
         &self,
+        quota: Quota,
         tenant: &str,
-        items: u64,
+        amount: u64,
         limit: u64,
         now_ms: i64,
     ) -> Result<(), RateRefusal> {
         if limit == 0 {
             return Ok(());
         }
-        if items > limit {
+        if amount > limit {
             return Err(RateRefusal::TooLarge {
+                quota,
                 tenant: tenant.to_string(),
-                items,
+                amount,
                 limit,
             });
         }
-        let (admitted, left) = self.take(tenant, limit, items as f64, now_ms).await;
+        let bucket = key(quota, tenant);
+        let (admitted, left) = self.take(&bucket, limit, amount as f64, now_ms).await;
         if admitted {
             return Ok(());
         }
-        let missing = items as f64 - left;
+        let missing = amount as f64 - left;
         let retry_after = Duration::from_millis((missing * 60_000.0 / limit as f64).ceil() as u64);
         Err(RateRefusal::Exhausted {
+            quota,
             tenant: tenant.to_string(),
-            items,
+            amount,
             limit,
             available: left.floor() as u64,
             retry_after,
         })
     }
 
-    /// Gives back what [`admit`](Self::admit) took for a job that was then
-    /// not written.
-    pub async fn refund(&self, tenant: &str, items: u64, limit: u64, now_ms: i64) {
+    /// Gives back what [`admit`](Self::admit) took for a job or an upload
+    /// that was then not written.
+    pub async fn refund(&self, quota: Quota, tenant: &str, amount: u64, limit: u64, now_ms: i64) {
         if limit > 0 {
-            self.take(tenant, limit, -(items as f64), now_ms).await;
+            self.take(&key(quota, tenant), limit, -(amount as f64), now_ms)
+                .await;
         }
     }
 
-    async fn take(&self, tenant: &str, limit: u64, want: f64, now_ms: i64) -> (bool, f64) {
+    /// Takes from the bucket named `bucket` (its Redis key).
+    async fn take(&self, bucket: &str, limit: u64, want: f64, now_ms: i64) -> (bool, f64) {
         let resting = || {
             let retry_at = self.redis_retry_at.lock().expect("rate retry lock");
             retry_at.is_some_and(|at| std::time::Instant::now() < at)
         };
         if self.redis.is_some() && !resting() {
-            match self.take_in_redis(tenant, limit, want).await {
+            match self.take_in_redis(bucket, limit, want).await {
                 Ok(r) => return r,
                 Err(e) => {
-                    tracing::warn!(error = %e, tenant, "rate limit: Redis unavailable, using this replica's bucket");
+                    tracing::warn!(error = %e, bucket, "rate limit: Redis unavailable, using this replica's bucket");
                     *self.redis_retry_at.lock().expect("rate retry lock") =
                         Some(std::time::Instant::now() + REDIS_RETRY_AFTER);
                 }
             }
         }
         let mut buckets = self.local.lock().expect("rate buckets lock");
-        let bucket = buckets.entry(tenant.to_string()).or_insert(Bucket {
+        let bucket = buckets.entry(bucket.to_string()).or_insert(Bucket {
             tokens: limit as f64,
             at_ms: now_ms,
         });
@@ -186,7 +265,7 @@ impl SubmitLimiter {
 
     async fn take_in_redis(
         &self,
-        tenant: &str,
+        bucket: &str,
         limit: u64,
         want: f64,
     ) -> redis::RedisResult<(bool, f64)> {
@@ -205,7 +284,7 @@ impl SubmitLimiter {
         }
         let conn = slot.as_mut().expect("just set");
         let script = redis::Script::new(TAKE);
-        let mut invocation = script.key(key(tenant));
+        let mut invocation = script.key(bucket);
         invocation.arg(limit).arg(want);
         let call = invocation.invoke_async::<(i64, String)>(conn);
         let result = match tokio::time::timeout(Duration::from_secs(2), call).await {
@@ -230,8 +309,11 @@ mod tests {
     #[tokio::test]
     async fn a_bucket_admits_a_minutes_items_refills_over_time_and_refunds() {
         let l = SubmitLimiter::local();
-        l.admit("acme", 6, 10, 0).await.unwrap();
-        let err = l.admit("acme", 6, 10, 1_000).await.unwrap_err();
+        l.admit(Quota::SubmitItems, "acme", 6, 10, 0).await.unwrap();
+        let err = l
+            .admit(Quota::SubmitItems, "acme", 6, 10, 1_000)
+            .await
+            .unwrap_err();
         let RateRefusal::Exhausted {
             available,
             retry_after,
@@ -246,20 +328,70 @@ mod tests {
         assert_eq!(retry_after.as_millis(), 11_000);
         assert!(err.to_string().contains("10 items per minute"), "{err}");
         // Another tenant has its own bucket; no limit admits anything.
-        l.admit("other", 10, 10, 1_000).await.unwrap();
-        l.admit("acme", 1_000, 0, 1_000).await.unwrap();
+        l.admit(Quota::SubmitItems, "other", 10, 10, 1_000)
+            .await
+            .unwrap();
+        l.admit(Quota::SubmitItems, "acme", 1_000, 0, 1_000)
+            .await
+            .unwrap();
         // 12 s later the bucket holds 4.17 + 2.
-        l.admit("acme", 6, 10, 13_000).await.unwrap();
-        assert!(l.admit("acme", 1, 10, 13_000).await.is_err());
-        l.refund("acme", 3, 10, 13_000).await;
-        l.admit("acme", 3, 10, 13_000).await.unwrap();
+        l.admit(Quota::SubmitItems, "acme", 6, 10, 13_000)
+            .await
+            .unwrap();
+        assert!(
+            l.admit(Quota::SubmitItems, "acme", 1, 10, 13_000)
+                .await
+                .is_err()
+        );
+        l.refund(Quota::SubmitItems, "acme", 3, 10, 13_000).await;
+        l.admit(Quota::SubmitItems, "acme", 3, 10, 13_000)
+            .await
+            .unwrap();
         // A full minute refills to the cap, never past it.
-        l.admit("acme", 10, 10, 600_000).await.unwrap();
-        assert!(l.admit("acme", 1, 10, 600_000).await.is_err());
+        l.admit(Quota::SubmitItems, "acme", 10, 10, 600_000)
+            .await
+            .unwrap();
+        assert!(
+            l.admit(Quota::SubmitItems, "acme", 1, 10, 600_000)
+                .await
+                .is_err()
+        );
         // A job larger than a minute's allowance can never pass.
         assert!(matches!(
-            l.admit("acme", 11, 10, 10_000_000).await,
+            l.admit(Quota::SubmitItems, "acme", 11, 10, 10_000_000)
+                .await,
             Err(RateRefusal::TooLarge { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn upload_bytes_have_their_own_bucket_beside_the_items() {
+        let l = SubmitLimiter::local();
+        l.admit(Quota::SubmitItems, "acme", 10, 10, 0)
+            .await
+            .unwrap();
+        // The items are spent; the bytes are not.
+        l.admit(Quota::UploadBytes, "acme", 600, 1_000, 0)
+            .await
+            .unwrap();
+        let err = l
+            .admit(Quota::UploadBytes, "acme", 600, 1_000, 0)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("limit of 1000 bytes per minute (400 available now, the upload is 600)"),
+            "{err}"
+        );
+        let big = l
+            .admit(Quota::UploadBytes, "acme", 1_001, 1_000, 0)
+            .await
+            .unwrap_err();
+        assert!(matches!(big, RateRefusal::TooLarge { .. }));
+        assert!(big.to_string().contains("upload a smaller image"), "{big}");
+        l.refund(Quota::UploadBytes, "acme", 600, 1_000, 0).await;
+        l.admit(Quota::UploadBytes, "acme", 600, 1_000, 0)
+            .await
+            .unwrap();
     }
 }

@@ -275,9 +275,18 @@ async fn a_tenant_renders_and_downloads_only_the_inputs_it_uploaded() {
     let dir = tempfile::tempdir().unwrap();
     let (config, tokens) = token_config(dir.path(), &["tenant:acme", "tenant:globex", "worker"]);
     let [acme, globex, worker] = [0, 1, 2].map(|i| tokens[i].as_str());
+    let photo = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/images/coffee.png"),
+    )
+    .unwrap();
     let db = fresh_database().await;
+    // Room for one upload of the photo per tenant per minute, not two.
     let spec = CoordinatorSpec::new(&db, None, dir.path().join("blobs"))
-        .with("HALLMARK_CONFIG", config.display());
+        .with("HALLMARK_CONFIG", config.display())
+        .with(
+            "HALLMARK_TENANT_UPLOAD_BYTES_PER_MINUTE",
+            photo.len() * 3 / 2,
+        );
     let _c = spec.start().await;
     let url = spec.url();
     let _w = start_worker(&url, "w", 0, &["--token", worker]);
@@ -290,10 +299,6 @@ async fn a_tenant_renders_and_downloads_only_the_inputs_it_uploaded() {
         let bearer = BearerToken::new(token).unwrap();
         async move { JobsClient::new(bearer.on(channel(&url).await)) }
     };
-    let photo = std::fs::read(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/images/coffee.png"),
-    )
-    .unwrap();
     let upload = |token: Option<&str>| {
         let photo = photo.clone();
         let client = client(token);
@@ -314,6 +319,15 @@ async fn a_tenant_renders_and_downloads_only_the_inputs_it_uploaded() {
         tonic::Code::PermissionDenied
     );
     let sha256 = upload(Some(acme)).await.unwrap();
+    // The tenant's upload allowance is spent; nothing of the refused upload
+    // is kept.
+    let spent = upload(Some(acme)).await.unwrap_err();
+    assert_eq!(spent.code(), tonic::Code::ResourceExhausted, "{spent:?}");
+    assert!(
+        spent.message().contains("bytes per minute") && spent.message().contains("retry in"),
+        "{spent:?}"
+    );
+    assert_eq!(scalar(&db, "SELECT COUNT(*) FROM input_owners").await, 1);
 
     // The hash is public (every output's credentials name it); only the
     // uploader may render from it or fetch it back.

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{Coordinator, blob_status, status};
 use crate::auth::Caller;
 use crate::metrics as m;
-use crate::rate::RateRefusal;
+use crate::rate::{Quota, RateRefusal};
 use crate::spec::{self, Limits, SpecError};
 use crate::store::{JobControl, NewJob, StoreError, now_ms};
 
@@ -22,6 +22,15 @@ pub struct JobsService(pub Arc<Coordinator>);
 
 /// Largest input image accepted by `UploadInput`.
 pub const MAX_INPUT_BYTES: u64 = 64 * 1024 * 1024;
+
+/// A rate refusal as a status: one that can never pass is invalid, one
+/// that may pass later is RESOURCE_EXHAUSTED.
+fn rate_status(refusal: RateRefusal) -> Status {
+    match refusal {
+        RateRefusal::TooLarge { .. } => Status::invalid_argument(refusal.to_string()),
+        RateRefusal::Exhausted { .. } => Status::resource_exhausted(refusal.to_string()),
+    }
+}
 
 fn is_terminal(state: &str) -> bool {
     matches!(state, "succeeded" | "failed" | "canceled")
@@ -127,12 +136,13 @@ impl Jobs for JobsService {
         // and given back if it is not written.
         let rate = u64::from(c.config.tenant_submit_rate(&job.tenant));
         let items = job.items.len() as u64;
-        if let Err(refusal) = c.limiter.admit(&job.tenant, items, rate, now_ms()).await {
+        if let Err(refusal) = c
+            .limiter
+            .admit(Quota::SubmitItems, &job.tenant, items, rate, now_ms())
+            .await
+        {
             metrics::counter!(m::SUBMITS_RATE_LIMITED, "tenant" => job.tenant.clone()).increment(1);
-            return Err(match refusal {
-                RateRefusal::TooLarge { .. } => Status::invalid_argument(refusal.to_string()),
-                RateRefusal::Exhausted { .. } => Status::resource_exhausted(refusal.to_string()),
-            });
+            return Err(rate_status(refusal));
         }
         let submitted_by = match &caller {
             Caller::Operator(_) => caller.name(),
@@ -146,7 +156,9 @@ impl Jobs for JobsService {
             submitted_by: &submitted_by,
         };
         if let Err(e) = c.store.submit(&new, &c.lease_policy, now_ms()).await {
-            c.limiter.refund(&job.tenant, items, rate, now_ms()).await;
+            c.limiter
+                .refund(Quota::SubmitItems, &job.tenant, items, rate, now_ms())
+                .await;
             return Err(status(e));
         }
         tracing::info!(job_id = %job_id, items = job.items.len(), tenant = %job.tenant, "job submitted");
@@ -323,7 +335,33 @@ impl Jobs for JobsService {
         .map_err(|e| Status::internal(format!("decoding the input panicked: {e}")))?
         .map_err(Status::invalid_argument)?;
         let (sha256, size) = writer.digest();
-        let sha256 = writer.finish(&sha256, size).await.map_err(blob_status)?;
+        // Counted once the upload is whole and good; nothing is kept when it
+        // does not fit, and the count is given back if it is not recorded.
+        let rate = if tenant.is_empty() {
+            0
+        } else {
+            c.config.tenant_upload_rate(&tenant)
+        };
+        if let Err(refusal) = c
+            .limiter
+            .admit(Quota::UploadBytes, &tenant, size, rate, now_ms())
+            .await
+        {
+            metrics::counter!(m::UPLOADS_RATE_LIMITED, "tenant" => tenant.clone()).increment(1);
+            return Err(rate_status(refusal));
+        }
+        let refund = || async {
+            c.limiter
+                .refund(Quota::UploadBytes, &tenant, size, rate, now_ms())
+                .await
+        };
+        let sha256 = match writer.finish(&sha256, size).await {
+            Ok(sha256) => sha256,
+            Err(e) => {
+                refund().await;
+                return Err(blob_status(e));
+            }
+        };
         let input = InputImage {
             sha256,
             media_type: media_type.to_string(),
@@ -331,10 +369,10 @@ impl Jobs for JobsService {
             height,
             size,
         };
-        c.store
-            .record_input(&input, &tenant, now_ms())
-            .await
-            .map_err(status)?;
+        if let Err(e) = c.store.record_input(&input, &tenant, now_ms()).await {
+            refund().await;
+            return Err(status(e));
+        }
         tracing::info!(sha256 = %input.sha256, width, height, size, "input image uploaded");
         Ok(Response::new(input))
     }
