@@ -17,6 +17,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Parser;
 use hallmark_coordinator::CoordinatorConfig;
+use hallmark_proto::client::{AuthChannel, BearerToken};
 use hallmark_proto::v1::complete_message::Body;
 use hallmark_proto::v1::workers_client::WorkersClient;
 use hallmark_proto::v1::{
@@ -48,6 +49,11 @@ struct Args {
     /// its endpoint served), to measure what recording them costs.
     #[arg(long)]
     metrics: bool,
+    /// Run the coordinator with `auth = "tokens"`: the workers present a
+    /// worker token and the submit a tenant's, to measure what the gate
+    /// costs.
+    #[arg(long)]
+    auth: bool,
 }
 
 /// Counts statements sqlx executes (its `sqlx::query` log events).
@@ -100,11 +106,12 @@ async fn main() -> anyhow::Result<()> {
         other => anyhow::bail!("--store {other:?}: use postgres, sqlite or both"),
     };
     println!(
-        "hallmark-bench: synthetic 0 ms render, {} workers, batch {}, {} tasks per timed run, metrics {}",
+        "hallmark-bench: synthetic 0 ms render, {} workers, batch {}, {} tasks per timed run, metrics {}, auth {}",
         args.workers,
         args.batch,
         args.tasks,
-        if args.metrics { "on" } else { "off" }
+        if args.metrics { "on" } else { "off" },
+        if args.auth { "tokens" } else { "off" }
     );
     println!(
         "{:<16} {:>9} {:>11} {:>11} {:>13} {:>13} {:>9}",
@@ -127,6 +134,7 @@ async fn main() -> anyhow::Result<()> {
             args.batch,
             count_tasks,
             args.metrics,
+            args.auth,
             &stamping,
         )
         .await?;
@@ -139,11 +147,12 @@ async fn main() -> anyhow::Result<()> {
             args.batch,
             args.tasks,
             args.metrics,
+            args.auth,
             &stamping,
         )
         .await?;
         // Lease latency of an idle farm: one worker, one task at a time.
-        let idle = run(store, &1, 1, 300, args.metrics, &stamping).await?;
+        let idle = run(store, &1, 1, 300, args.metrics, args.auth, &stamping).await?;
         let (p50, p99) = percentiles(out.latencies_us);
         let (idle50, idle99) = percentiles(idle.latencies_us);
         let label = if store == "postgres" {
@@ -171,6 +180,7 @@ async fn run(
     batch: u32,
     tasks: u32,
     metrics: bool,
+    auth: bool,
     stamping: &Arc<Stamping>,
 ) -> anyhow::Result<Outcome> {
     let dir = tempfile::tempdir()?;
@@ -184,6 +194,23 @@ async fn run(
             None,
         ),
     };
+    let (worker_token, tenant_token) = (
+        hallmark_coordinator::auth::new_token()?,
+        hallmark_coordinator::auth::new_token()?,
+    );
+    let (auth_mode, auth_tokens) = if auth {
+        let digest = |t: &str| hex::encode(hallmark_coordinator::auth::token_digest(t));
+        (
+            "tokens",
+            [
+                (digest(&worker_token), "worker".to_string()),
+                (digest(&tenant_token), "tenant:bench".to_string()),
+            ]
+            .into(),
+        )
+    } else {
+        ("off", Default::default())
+    };
     let config = CoordinatorConfig {
         listen: "127.0.0.1:0".into(),
         database_url,
@@ -191,6 +218,8 @@ async fn run(
         blob_dir: dir.path().join("blobs"),
         max_items_per_job: tasks.max(100_000),
         metrics_listen: metrics.then(|| "127.0.0.1:0".into()),
+        auth: auth_mode.into(),
+        auth_tokens,
         ..Default::default()
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -200,10 +229,16 @@ async fn run(
         .connect()
         .await
         .context("connect")?;
+    let as_caller = |token: &str| -> anyhow::Result<AuthChannel> {
+        let token = auth.then_some(token);
+        Ok(BearerToken::new(token)
+            .map_err(anyhow::Error::msg)?
+            .on(channel.clone()))
+    };
 
     let mut ids = Vec::new();
     for i in 0..*workers {
-        let mut c = WorkersClient::new(channel.clone());
+        let mut c = WorkersClient::new(as_caller(&worker_token)?);
         let id = c
             .register(RegisterWorkerRequest {
                 name: format!("bench-{i}"),
@@ -223,7 +258,7 @@ async fn run(
     }
     let spec = hallmark_e2e::synthetic_spec(tasks as usize, 0);
     let started = Instant::now();
-    hallmark_proto::v1::jobs_client::JobsClient::new(channel.clone())
+    hallmark_proto::v1::jobs_client::JobsClient::new(as_caller(&tenant_token)?)
         .max_encoding_message_size(256 * 1024 * 1024)
         .submit(SubmitJobRequest {
             spec: Some(spec),
@@ -233,7 +268,7 @@ async fn run(
     let done = Arc::new(AtomicU64::new(0));
     let mut handles = Vec::new();
     for id in ids {
-        let client = WorkersClient::new(channel.clone());
+        let client = WorkersClient::new(as_caller(&worker_token)?);
         let done = done.clone();
         let stamping = stamping.clone();
         handles.push(tokio::spawn(async move {
@@ -253,7 +288,7 @@ async fn run(
 }
 
 async fn simulated_worker(
-    mut client: WorkersClient<Channel>,
+    mut client: WorkersClient<AuthChannel>,
     worker_id: String,
     batch: u32,
     stamping: Arc<Stamping>,
