@@ -1222,7 +1222,7 @@ fn token_new(role: &str, json: bool) -> anyhow::Result<i32> {
         bail!("--role {role:?} is not tenant:NAME, worker[:NAME] or operator[:NAME]");
     }
     let token = auth::new_token().context("reading the system's random generator")?;
-    let digest = hex::encode(auth::token_digest(&token));
+    let digest = auth::token_digest(&token);
     if json {
         println!(
             "{}",

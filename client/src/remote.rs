@@ -60,14 +60,7 @@ impl Remote {
     ) -> anyhow::Result<Self> {
         let bearer = BearerToken::new(token)
             .map_err(|e| anyhow::anyhow!("token (HALLMARK_TOKEN or `token` in the config): {e}"))?;
-        let ca = match tls_ca {
-            Some(path) => Some(
-                std::fs::read(path)
-                    .with_context(|| format!("reading the TLS roots {}", path.display()))?,
-            ),
-            None => None,
-        };
-        let channel = hallmark_proto::client::endpoint(url, ca.as_deref())
+        let channel = hallmark_proto::client::endpoint(url, tls_ca)
             .map_err(anyhow::Error::msg)?
             .connect_timeout(Duration::from_secs(5))
             .connect()

@@ -23,7 +23,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
 use tonic::Status;
 use tonic::service::Interceptor;
 
@@ -58,7 +57,9 @@ impl Caller {
             Caller::Open => String::new(),
             Caller::Anonymous => "anonymous".into(),
             Caller::Tenant(t) => format!("tenant:{t}"),
+            Caller::Worker(w) if w.is_empty() => "worker".into(),
             Caller::Worker(w) => format!("worker:{w}"),
+            Caller::Operator(o) if o.is_empty() => "operator".into(),
             Caller::Operator(o) => format!("operator:{o}"),
         }
     }
@@ -157,9 +158,9 @@ impl PrivateView {
 #[error("{0}")]
 pub struct AuthConfigError(String);
 
-/// The tokens a coordinator accepts, by SHA-256 digest.
+/// The tokens a coordinator accepts, by SHA-256 digest (lowercase hex).
 #[derive(Debug, Clone)]
-pub struct Tokens(HashMap<[u8; 32], Caller>);
+pub struct Tokens(HashMap<String, Caller>);
 
 impl Tokens {
     /// Reads `auth` and `auth_tokens`: `None` when authentication is off.
@@ -180,17 +181,17 @@ impl Tokens {
         }
         let mut tokens = HashMap::new();
         for (digest, role) in entries {
-            let key = parse_digest(digest).ok_or_else(|| {
-                AuthConfigError(format!(
+            if !hallmark_provenance::is_sha256_hex(digest) {
+                return Err(AuthConfigError(format!(
                     "auth_tokens: {digest:?} is not a SHA-256 digest (64 hex digits); `hallmark token new` prints one"
-                ))
-            })?;
+                )));
+            }
             let caller = parse_role(role).ok_or_else(|| {
                 AuthConfigError(format!(
                     "auth_tokens.{digest}: role {role:?} is not tenant:NAME, worker[:NAME] or operator[:NAME]"
                 ))
             })?;
-            tokens.insert(key, caller);
+            tokens.insert(digest.to_ascii_lowercase(), caller);
         }
         if tokens.is_empty() {
             return Err(AuthConfigError(
@@ -229,11 +230,6 @@ impl Tokens {
     }
 }
 
-fn parse_digest(hex_digest: &str) -> Option<[u8; 32]> {
-    let bytes = hex::decode(hex_digest).ok()?;
-    bytes.try_into().ok()
-}
-
 /// The caller a configured role names: `tenant:NAME`, `worker[:NAME]` or
 /// `operator[:NAME]`.
 pub fn parse_role(role: &str) -> Option<Caller> {
@@ -257,9 +253,9 @@ pub fn parse_role(role: &str) -> Option<Caller> {
     }
 }
 
-/// SHA-256 of a token, as configured in `auth_tokens`.
-pub fn token_digest(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
+/// SHA-256 of a token (lowercase hex), as configured in `auth_tokens`.
+pub fn token_digest(token: &str) -> String {
+    hallmark_provenance::sha256_hex(token.as_bytes())
 }
 
 /// A new token: 32 bytes from the operating system's generator.
@@ -290,7 +286,7 @@ impl Gate {
     /// Reads `file` (the coordinator's configuration) every `every` and,
     /// when it changed, takes its `auth_tokens`: added tokens work and
     /// removed ones stop working on the next call. A file that no longer
-    /// parses, or turns `auth` off or on, keeps the tokens in force (with a
+    /// parses, or turns `auth` off, keeps the tokens in force (with a
     /// warning): a bad edit must not lock everyone out or open the API.
     pub fn reload_from(&self, file: PathBuf, every: Duration) -> tokio::task::JoinHandle<()> {
         let gate = self.clone();
@@ -319,11 +315,9 @@ impl Gate {
 
     fn reload(&self, file: &std::path::Path) -> anyhow::Result<usize> {
         let cfg = crate::CoordinatorConfig::load(Some(file), &[])?;
+        // Only a gate that started with tokens reloads them (`server.rs`).
         let tokens = Tokens::from_config(&cfg.auth, &cfg.auth_tokens)?
             .ok_or_else(|| anyhow::anyhow!("auth = \"off\" takes a restart"))?;
-        if self.tokens().is_none() {
-            anyhow::bail!("auth = \"tokens\" takes a restart");
-        }
         let n = tokens.0.len();
         match self.0.write() {
             Ok(mut t) => *t = Some(Arc::new(tokens)),
@@ -367,8 +361,8 @@ mod tests {
         let (acme, ops) = (new_token().unwrap(), new_token().unwrap());
         assert!(acme.starts_with(TOKEN_PREFIX) && acme.len() == 4 + 64 && acme != ops);
         let t = tokens(&[
-            (&hex::encode(token_digest(&acme)), "tenant:acme"),
-            (&hex::encode(token_digest(&ops)), "operator"),
+            (&token_digest(&acme), "tenant:acme"),
+            (&token_digest(&ops), "operator"),
         ])
         .unwrap()
         .unwrap();
@@ -383,7 +377,7 @@ mod tests {
         let unknown = t.identify(&bearer("hmk_guess")).unwrap_err();
         assert_eq!(unknown.code(), tonic::Code::Unauthenticated);
         // The digest itself is not a token.
-        let digest = hex::encode(token_digest(&acme));
+        let digest = token_digest(&acme);
         assert!(t.identify(&bearer(&digest)).is_err());
         let mut basic = tonic::metadata::MetadataMap::new();
         basic.insert("authorization", "Basic YTpi".parse().unwrap());
@@ -399,7 +393,14 @@ mod tests {
 
     #[test]
     fn bad_auth_settings_are_refused_naming_the_entry() {
-        let digest = hex::encode(token_digest("x"));
+        let digest = token_digest("x");
+        let upper = tokens(&[(&digest.to_ascii_uppercase(), "operator")])
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            upper.identify(&bearer("x")).unwrap(),
+            Caller::Operator(String::new())
+        );
         let e = tokens(&[("abc", "operator")]).unwrap_err().to_string();
         assert!(e.contains("\"abc\" is not a SHA-256 digest"), "{e}");
         let e = tokens(&[(&digest, "tenant")]).unwrap_err().to_string();
@@ -430,6 +431,10 @@ mod tests {
         assert!(acme.require_operator("registering a model").is_err());
         assert!(acme.require_worker("leasing").is_err());
         let ops = Caller::Operator(String::new());
+        assert_eq!(
+            (ops.name(), acme.name()),
+            ("operator".into(), "tenant:acme".to_string())
+        );
         assert_eq!(ops.acting_tenant("globex", "submit").unwrap(), "globex");
         assert!(ops.owns("globex") && ops.require_worker("leasing").is_ok());
         let worker = Caller::Worker("gpu".into());

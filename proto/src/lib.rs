@@ -46,9 +46,17 @@ pub mod client {
     pub const TOKEN_ENV: &str = "HALLMARK_TOKEN";
 
     /// The endpoint of a coordinator URL: `http://` in the clear, `https://`
-    /// over TLS, the server's certificate verified against `ca_pem` (PEM
-    /// certificates) when given, else against the system's roots.
-    pub fn endpoint(url: &str, ca_pem: Option<&[u8]>) -> Result<Endpoint, String> {
+    /// over TLS, the server's certificate verified against the PEM
+    /// certificates in the file `tls_ca` when given, else against the
+    /// system's roots.
+    pub fn endpoint(url: &str, tls_ca: Option<&std::path::Path>) -> Result<Endpoint, String> {
+        let ca_pem = match tls_ca {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|e| format!("reading the TLS roots {}: {e}", path.display()))?,
+            ),
+            None => None,
+        };
         let endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| format!("coordinator url {url:?} is not a valid URL: {e}"))?;
         match endpoint.uri().scheme_str() {

@@ -165,14 +165,7 @@ async fn main() -> anyhow::Result<()> {
         token: args.token,
         ..WorkerConfig::new(stamping)
     };
-    let tls_ca = match &args.tls_ca {
-        Some(path) => Some(
-            std::fs::read(path)
-                .with_context(|| format!("reading the TLS roots {}", path.display()))?,
-        ),
-        None => None,
-    };
-    let channel = hallmark_worker::channel(&args.coordinator, tls_ca.as_deref())?;
+    let channel = hallmark_worker::channel(&args.coordinator, args.tls_ca.as_deref())?;
     let shutdown = async {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -199,7 +199,7 @@ async fn run(
         hallmark_coordinator::auth::new_token()?,
     );
     let (auth_mode, auth_tokens) = if auth {
-        let digest = |t: &str| hex::encode(hallmark_coordinator::auth::token_digest(t));
+        let digest = hallmark_coordinator::auth::token_digest;
         (
             "tokens",
             [
