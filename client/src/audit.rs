@@ -10,8 +10,9 @@
 use std::collections::HashMap;
 
 use anyhow::Context;
-use hallmark_proto::v1::{LedgerEntry, LedgerRequest};
-use hallmark_provenance::ledger::{Anchor, ChainCheck, SealedEntry};
+use hallmark_proto::v1::{LedgerCheckpoint, LedgerEntry, LedgerRequest};
+use hallmark_provenance::credentials::detached::verify_detached;
+use hallmark_provenance::ledger::{Anchor, ChainCheck, Checkpoint, LedgerFault, SealedEntry};
 use serde_json::json;
 
 use crate::remote::{Remote, rpc};
@@ -32,6 +33,18 @@ pub struct LedgerReport {
     pub problems: Vec<String>,
     /// The `--job` cross-check, when asked for.
     pub job: Option<JobAudit>,
+    /// The coordinator's latest signed checkpoint, its signature checked here.
+    pub checkpoint: Option<SignedCheckpoint>,
+}
+
+/// A checkpoint whose signature verified: the chain was held to it.
+#[derive(Debug, Clone)]
+pub struct SignedCheckpoint {
+    pub checkpoint: Checkpoint,
+    /// The signing certificate's organization.
+    pub signer: String,
+    /// Whether the signer chains to the trust anchors (`None`: none given).
+    pub trusted: Option<bool>,
 }
 
 /// A job's records held against its ledger entries.
@@ -56,6 +69,13 @@ impl LedgerReport {
             "head": format!("{}:{}", self.head.seq, self.head.hash),
             "unsealed": self.unsealed,
             "problems": self.problems,
+            "checkpoint": self.checkpoint.as_ref().map(|c| json!({
+                "seq": c.checkpoint.seq,
+                "hash": c.checkpoint.hash,
+                "at_ms": c.checkpoint.at_ms,
+                "signer": c.signer,
+                "trusted": c.trusted,
+            })),
             "job": self.job.as_ref().map(|j| json!({
                 "job_id": j.job_id,
                 "submitted": j.submitted,
@@ -83,6 +103,30 @@ impl LedgerReport {
             "head: {}:{}\n  (keep it; `hallmark audit verify --anchor {}:{}` later proves the chain was not rewritten)\n",
             self.head.seq, self.head.hash, self.head.seq, self.head.hash
         ));
+        match &self.checkpoint {
+            Some(c) => {
+                s.push_str(&format!(
+                    "signed checkpoint: entry {} at {} by {:?} ({}); the chain passes through it\n",
+                    c.checkpoint.seq,
+                    hallmark_coordinator::auth::format_time_ms(c.checkpoint.at_ms),
+                    c.signer,
+                    match c.trusted {
+                        Some(true) => "trusted",
+                        Some(false) => "NOT under the trust anchors",
+                        None => "signer not checked: no trust anchors",
+                    }
+                ));
+                if self.head.seq > c.checkpoint.seq {
+                    s.push_str(&format!(
+                        "{} entries after it are hash-chained, not yet signed\n",
+                        self.head.seq - c.checkpoint.seq
+                    ));
+                }
+            }
+            None => s.push_str(
+                "no signed checkpoint: the coordinator signs none (signing_cert_chain unset) or has not yet\n",
+            ),
+        }
         if self.unsealed > 0 {
             s.push_str(&format!(
                 "{} newer entries wait to be sealed (the coordinator seals every reap interval)\n",
@@ -117,15 +161,92 @@ fn sealed(e: LedgerEntry) -> SealedEntry {
     }
 }
 
-/// Walks and checks the whole chain; with `job`, also checks that job's
-/// artifacts against the completions recorded for it.
-pub async fn verify(
-    remote: &Remote,
-    anchors: Vec<Anchor>,
-    job: Option<&str>,
-) -> anyhow::Result<LedgerReport> {
-    let mut check = ChainCheck::new(anchors);
+/// What `hallmark audit verify` holds the chain to.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOptions {
+    /// `SEQ:HASH` points recorded earlier.
+    pub anchors: Vec<Anchor>,
+    /// Also check this job's artifacts against its recorded completions.
+    pub job: Option<String>,
+    /// PEM roots the checkpoint's signer must chain to.
+    pub trust_anchors: Option<String>,
+    /// A trusted signed checkpoint is required.
+    pub require_signed: bool,
+}
+
+/// Checks the checkpoint's signature; a valid one becomes an anchor the
+/// chain must pass through.
+fn check_checkpoint(
+    c: LedgerCheckpoint,
+    trust_anchors: Option<&str>,
+    problems: &mut Vec<String>,
+) -> Option<SignedCheckpoint> {
+    let checkpoint = Checkpoint {
+        seq: c.seq,
+        hash: c.hash,
+        at_ms: c.at_ms,
+    };
+    match verify_detached(&c.signature, &checkpoint.payload(), trust_anchors) {
+        Ok(v) => {
+            if v.trusted == Some(false) {
+                problems.push(format!(
+                    "the checkpoint at entry {} is signed by {:?}, whose certificate does not chain to the trust anchors",
+                    checkpoint.seq, v.signer
+                ));
+            }
+            Some(SignedCheckpoint {
+                checkpoint,
+                signer: v.signer,
+                trusted: v.trusted,
+            })
+        }
+        Err(e) => {
+            problems.push(format!(
+                "the checkpoint at entry {} ({}) does not verify: {e}",
+                checkpoint.seq, checkpoint.hash
+            ));
+            None
+        }
+    }
+}
+
+/// Walks and checks the whole chain, held to the anchors and the latest
+/// signed checkpoint; with a job, also checks that job's artifacts against
+/// the completions recorded for it.
+pub async fn verify(remote: &Remote, options: VerifyOptions) -> anyhow::Result<LedgerReport> {
+    let VerifyOptions {
+        mut anchors,
+        job,
+        trust_anchors,
+        require_signed,
+    } = options;
+    let job = job.as_deref();
     let mut problems = Vec::new();
+    let first = remote
+        .provenance
+        .clone()
+        .ledger(LedgerRequest {
+            after_seq: u64::MAX >> 1,
+            limit: 1,
+            job_id: String::new(),
+        })
+        .await
+        .map_err(rpc)
+        .context("reading the audit ledger's checkpoint")?
+        .into_inner();
+    let checkpoint = first
+        .checkpoint
+        .and_then(|c| check_checkpoint(c, trust_anchors.as_deref(), &mut problems));
+    if let Some(c) = &checkpoint {
+        anchors.push(c.checkpoint.anchor());
+    }
+    if require_signed && checkpoint.as_ref().is_none_or(|c| c.trusted != Some(true)) {
+        problems.push(
+            "--require-signed: the ledger has no checkpoint signed by a trusted certificate".into(),
+        );
+    }
+    let mut check = ChainCheck::new(anchors);
+    let mut broken = false;
     let mut after = 0;
     let mut entries = 0;
     let mut unsealed;
@@ -156,7 +277,8 @@ pub async fn verify(
             let e = sealed(e);
             after = e.seq;
             if let Err(fault) = check.push(&e) {
-                problems.push(fault.to_string());
+                problems.push(explain(&fault, checkpoint.as_ref()));
+                broken = true;
                 break 'pages;
             }
             entries += 1;
@@ -177,10 +299,8 @@ pub async fn verify(
             }
         }
     }
-    if problems.is_empty()
-        && let Err(fault) = check.finish()
-    {
-        problems.push(fault.to_string());
+    if !broken && let Err(fault) = check.finish() {
+        problems.push(explain(&fault, checkpoint.as_ref()));
     }
     if let Some(a) = audit.as_mut() {
         if !a.submitted {
@@ -218,7 +338,32 @@ pub async fn verify(
         unsealed,
         problems,
         job: audit,
+        checkpoint,
     })
+}
+
+/// A chain fault, said in terms of the signed checkpoint when it is the
+/// anchor that broke.
+fn explain(fault: &LedgerFault, checkpoint: Option<&SignedCheckpoint>) -> String {
+    let signed = checkpoint.map(|c| &c.checkpoint);
+    match fault {
+        LedgerFault::AnchorMismatch { seq, actual, .. }
+            if signed.is_some_and(|c| c.seq == *seq) =>
+        {
+            let c = signed.expect("checked");
+            format!(
+                "ledger entry {seq} now hashes to {actual}, but the coordinator signed {} for it at {}: the ledger was rewritten after it was signed",
+                c.hash,
+                hallmark_coordinator::auth::format_time_ms(c.at_ms)
+            )
+        }
+        LedgerFault::AnchorMissing { seq, head, .. } if signed.is_some_and(|c| c.seq == *seq) => {
+            format!(
+                "the coordinator signed a checkpoint at entry {seq}, but the chain ends at {head}: entries were removed after it was signed"
+            )
+        }
+        other => other.to_string(),
+    }
 }
 
 /// Prints ledger entries after `after`, `job`'s only when given.

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use hallmark_coordinator::{CoordinatorConfig, RunningCoordinator};
 use hallmark_proto::v1::ListWorkersRequest;
+use hallmark_provenance::credentials::SigningIdentity;
 use hallmark_worker::{Stamping, SyntheticConfig, SyntheticEngine, WorkerConfig, WorkerReport};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -35,6 +36,9 @@ pub struct FarmStamping {
     pub watermark_key: String,
     /// Roots the coordinator requires upload signatures to chain to.
     pub trust_anchors: Option<PathBuf>,
+    /// What the coordinator signs the audit ledger's checkpoints with (the
+    /// farm's signing identity).
+    pub ledger_identity: SigningIdentity,
 }
 
 /// A running embedded farm.
@@ -55,16 +59,28 @@ fn coordinator_config(state_dir: &Path, listen: &str) -> CoordinatorConfig {
     }
 }
 
+/// Whether `state_dir` holds an embedded farm's state.
+pub fn has_state(state_dir: &Path) -> bool {
+    state_dir.join("coordinator.db").is_file()
+}
+
 /// Opens an embedded farm's existing state with a coordinator and no
 /// workers on a loopback port, for reading it (`hallmark audit`).
-pub async fn open_state(state_dir: &Path) -> anyhow::Result<RunningCoordinator> {
-    if !state_dir.join("coordinator.db").is_file() {
+pub async fn open_state(
+    state_dir: &Path,
+    ledger_identity: Option<SigningIdentity>,
+) -> anyhow::Result<RunningCoordinator> {
+    if !has_state(state_dir) {
         anyhow::bail!(
             "no embedded farm state in {} (nothing rendered there yet); pass --coordinator URL or --state-dir DIR",
             state_dir.display()
         );
     }
-    hallmark_coordinator::start(coordinator_config(state_dir, "127.0.0.1:0")).await
+    hallmark_coordinator::start(CoordinatorConfig {
+        signing_identity: ledger_identity,
+        ..coordinator_config(state_dir, "127.0.0.1:0")
+    })
+    .await
 }
 
 impl LocalFarm {
@@ -105,6 +121,7 @@ impl LocalFarm {
             watermark_key: stamping.watermark_key.clone(),
             trust_anchors: stamping.trust_anchors.clone(),
             metrics_listen: metrics_listen.map(str::to_string),
+            signing_identity: Some(stamping.ledger_identity.clone()),
             ..coordinator_config(state_dir, listen)
         };
         let coordinator = hallmark_coordinator::start(config).await?;

@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use hallmark_proto::v1::{
     Dataset, Job, JobRef, JobSpec, ListDatasetsRequest, ListJobsRequest, ListModelsRequest,
@@ -142,6 +142,13 @@ pub enum AuditCommand {
         /// Also hold this job's artifacts against their recorded completions.
         #[arg(long)]
         job: Option<String>,
+        /// PEM roots the ledger checkpoint's signer must chain to (default:
+        /// `trust_anchors` and the local test CA's root, as for `verify`).
+        #[arg(long)]
+        trust_anchors: Option<PathBuf>,
+        /// Fail unless the ledger has a checkpoint signed by a trusted certificate.
+        #[arg(long)]
+        require_signed: bool,
     },
     /// Print ledger entries in chain order.
     Log {
@@ -178,6 +185,12 @@ pub enum TokenCommand {
         /// tenant:NAME, worker[:NAME] or operator[:NAME].
         #[arg(long)]
         role: String,
+        /// The token stops working this long from now (`30d`, `12h`, `90min`).
+        #[arg(long, value_name = "DURATION")]
+        expires_in: Option<String>,
+        /// The token stops working at this time (RFC 3339, `2027-01-31T00:00:00Z`).
+        #[arg(long, value_name = "TIME")]
+        expires: Option<String>,
     },
 }
 
@@ -529,7 +542,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             organization,
             alg,
         }) => ca_init(&dir, &organization, &alg, json),
-        Command::Token(TokenCommand::New { role }) => token_new(&role, json),
+        Command::Token(TokenCommand::New {
+            role,
+            expires_in,
+            expires,
+        }) => token_new(&role, expires_in.as_deref(), expires.as_deref(), json),
         Command::Audit(args) => audit_command(&cfg, args, json).await,
         command => {
             let url = cfg.coordinator.clone().context(
@@ -544,11 +561,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
 async fn audit_command(cfg: &ClientConfig, args: AuditArgs, json: bool) -> anyhow::Result<i32> {
     // Without a coordinator the embedded farm's state is opened here; it
     // seals what its last run left unsealed before anything is read.
+    let cfg = &ClientConfig {
+        state_dir: args.state_dir.unwrap_or_else(|| cfg.state_dir.clone()),
+        ..cfg.clone()
+    };
     let (remote, embedded) = match &cfg.coordinator {
         Some(url) => (Remote::connect_as(url, cfg).await?, None),
         None => {
-            let state_dir = args.state_dir.unwrap_or_else(|| cfg.state_dir.clone());
-            let running = farm::open_state(&state_dir).await?;
+            let state_dir = cfg.state_dir.clone();
+            // The farm's own identity signs the checkpoint of what it seals
+            // now (none is made where nothing was rendered: that is refused).
+            let identity = if farm::has_state(&state_dir) {
+                Some(farm_stamping(cfg, &state_dir)?.ledger_identity)
+            } else {
+                None
+            };
+            let running = farm::open_state(&state_dir, identity).await?;
             running.state.seal_ledger().await?;
             (
                 Remote::connect(&running.url(), None, None).await?,
@@ -557,16 +585,29 @@ async fn audit_command(cfg: &ClientConfig, args: AuditArgs, json: bool) -> anyho
         }
     };
     let outcome = match args.command {
-        AuditCommand::Verify { anchors, job } => audit::verify(&remote, anchors, job.as_deref())
-            .await
-            .map(|report| {
-                if json {
-                    println!("{}", report.to_json());
-                } else {
-                    print!("{}", report.to_text());
-                }
-                if report.ok() { 0 } else { 1 }
-            }),
+        AuditCommand::Verify {
+            anchors,
+            job,
+            trust_anchors,
+            require_signed,
+        } => audit::verify(
+            &remote,
+            audit::VerifyOptions {
+                anchors,
+                job,
+                trust_anchors: credentials::trust_anchors(cfg, trust_anchors.as_deref())?,
+                require_signed,
+            },
+        )
+        .await
+        .map(|report| {
+            if json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{}", report.to_text());
+            }
+            if report.ok() { 0 } else { 1 }
+        }),
         AuditCommand::Log { job, after, limit } => {
             audit::log(&remote, job.as_deref(), after, limit, json)
                 .await
@@ -710,17 +751,22 @@ async fn remote_command(
                 );
             } else {
                 println!(
-                    "{:<16} {:<14} {:<6} {:>6} {:>9}  MODELS",
-                    "WORKER", "NAME", "LIVE", "LEASED", "MAXBATCH"
+                    "{:<16} {:<14} {:<6} {:>6} {:>9}  {:<16} MODELS",
+                    "WORKER", "NAME", "LIVE", "LEASED", "MAXBATCH", "TOKEN"
                 );
                 for w in workers {
                     println!(
-                        "{:<16} {:<14} {:<6} {:>6} {:>9}  {}",
+                        "{:<16} {:<14} {:<6} {:>6} {:>9}  {:<16} {}",
                         w.worker_id,
                         w.name,
                         if w.live { "yes" } else { "no" },
                         w.leased_tasks,
                         w.max_batch,
+                        if w.principal.is_empty() {
+                            "-"
+                        } else {
+                            &w.principal
+                        },
                         w.models.join(",")
                     );
                 }
@@ -1089,6 +1135,7 @@ fn farm_stamping(cfg: &ClientConfig, state_dir: &Path) -> anyhow::Result<FarmSta
         stamping: credentials::stamping(&cfg, &signing)?,
         watermark_key: cfg.watermark_key.clone(),
         trust_anchors: signing.anchors_path,
+        ledger_identity: signing.identity,
     })
 }
 
@@ -1216,23 +1263,31 @@ fn ca_init(dir: &Path, organization: &str, alg: &str, json: bool) -> anyhow::Res
 }
 
 /// `hallmark token new`: a token, and the configuration line admitting it.
-fn token_new(role: &str, json: bool) -> anyhow::Result<i32> {
+fn token_new(
+    role: &str,
+    expires_in: Option<&str>,
+    expires: Option<&str>,
+    json: bool,
+) -> anyhow::Result<i32> {
     use hallmark_coordinator::auth;
     if auth::parse_role(role).is_none() {
         bail!("--role {role:?} is not tenant:NAME, worker[:NAME] or operator[:NAME]");
     }
+    let expires =
+        auth::expiry(expires_in, expires, std::time::SystemTime::now()).map_err(|e| anyhow!(e))?;
     let token = auth::new_token().context("reading the system's random generator")?;
     let digest = auth::token_digest(&token);
     if json {
         println!(
             "{}",
-            json!({"token": token, "sha256": digest, "role": role})
+            json!({"token": token, "sha256": digest, "role": role, "expires": expires})
         );
     } else {
         println!("{token}");
         // Both lines are TOML, so `2>> auth.toml` builds the coordinator's list.
         eprintln!(
-            "# {role}: the token on stdout is shown only now (give it to its holder as HALLMARK_TOKEN); admit it under [auth_tokens]:\n\"{digest}\" = \"{role}\""
+            "# {role}: the token on stdout is shown only now (give it to its holder as HALLMARK_TOKEN); admit it under [auth_tokens]:\n{}",
+            auth::token_line(&digest, role, expires.as_deref())
         );
     }
     Ok(0)

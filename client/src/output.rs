@@ -33,7 +33,7 @@ pub fn worker_json(w: &WorkerInfo) -> Value {
         "worker_id": w.worker_id, "name": w.name, "hostname": w.hostname, "engines": w.engines,
         "models": w.models, "max_pixels": w.max_pixels, "max_batch": w.max_batch,
         "last_seen_ms": w.last_seen_ms, "live": w.live, "leased_tasks": w.leased_tasks,
-        "loaded_model": w.loaded_model,
+        "loaded_model": w.loaded_model, "principal": w.principal,
     })
 }
 

@@ -21,10 +21,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tonic::Status;
 use tonic::service::Interceptor;
+
+use crate::config::TokenEntry;
 
 /// The identity a call was made with, put in its extensions by [`Gate`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,6 +115,18 @@ impl Caller {
         }
     }
 
+    /// Whether the caller may renew, complete and fail the leases of a
+    /// worker registered by `principal` (the `name` of the caller that
+    /// registered it): the same worker token, an operator, or anyone with
+    /// authentication off.
+    pub fn drives_worker(&self, principal: &str) -> bool {
+        match self {
+            Caller::Open | Caller::Operator(_) => true,
+            Caller::Worker(_) => self.name() == principal,
+            Caller::Tenant(_) | Caller::Anonymous => false,
+        }
+    }
+
     /// Whether the caller may see and act on a job of `tenant`.
     pub fn owns(&self, tenant: &str) -> bool {
         match self {
@@ -158,15 +172,23 @@ impl PrivateView {
 #[error("{0}")]
 pub struct AuthConfigError(String);
 
+/// A token's role, and until when it is accepted.
+#[derive(Debug, Clone)]
+struct Grant {
+    caller: Caller,
+    /// Milliseconds since the Unix epoch; `None`: no expiry.
+    expires_ms: Option<i64>,
+}
+
 /// The tokens a coordinator accepts, by SHA-256 digest (lowercase hex).
 #[derive(Debug, Clone)]
-pub struct Tokens(HashMap<String, Caller>);
+pub struct Tokens(HashMap<String, Grant>);
 
 impl Tokens {
     /// Reads `auth` and `auth_tokens`: `None` when authentication is off.
     pub fn from_config(
         mode: &str,
-        entries: &BTreeMap<String, String>,
+        entries: &BTreeMap<String, TokenEntry>,
     ) -> Result<Option<Self>, AuthConfigError> {
         match mode {
             "off" | "" => {
@@ -180,18 +202,29 @@ impl Tokens {
             }
         }
         let mut tokens = HashMap::new();
-        for (digest, role) in entries {
+        for (digest, entry) in entries {
             if !hallmark_provenance::is_sha256_hex(digest) {
                 return Err(AuthConfigError(format!(
                     "auth_tokens: {digest:?} is not a SHA-256 digest (64 hex digits); `hallmark token new` prints one"
                 )));
             }
+            let role = entry.role();
             let caller = parse_role(role).ok_or_else(|| {
                 AuthConfigError(format!(
                     "auth_tokens.{digest}: role {role:?} is not tenant:NAME, worker[:NAME] or operator[:NAME]"
                 ))
             })?;
-            tokens.insert(digest.to_ascii_lowercase(), caller);
+            let expires_ms = entry
+                .expires()
+                .map(|e| {
+                    parse_time_ms(e).ok_or_else(|| {
+                        AuthConfigError(format!(
+                            "auth_tokens.{digest}: expires = {e:?} is not an RFC 3339 time such as \"2027-01-31T00:00:00Z\""
+                        ))
+                    })
+                })
+                .transpose()?;
+            tokens.insert(digest.to_ascii_lowercase(), Grant { caller, expires_ms });
         }
         if tokens.is_empty() {
             return Err(AuthConfigError(
@@ -201,8 +234,13 @@ impl Tokens {
         Ok(Some(Self(tokens)))
     }
 
-    /// The caller a request's metadata names.
-    pub fn identify(&self, metadata: &tonic::metadata::MetadataMap) -> Result<Caller, Status> {
+    /// The caller a request's metadata names, at `now_ms` (milliseconds
+    /// since the Unix epoch; an expired token is refused).
+    pub fn identify(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        now_ms: i64,
+    ) -> Result<Caller, Status> {
         let Some(value) = metadata.get("authorization") else {
             return Ok(Caller::Anonymous);
         };
@@ -215,18 +253,121 @@ impl Tokens {
             .ok_or_else(|| {
                 Status::unauthenticated("the authorization header is not `Bearer TOKEN`")
             })?;
-        self.0
+        let grant = self
+            .0
             .get(&token_digest(token))
-            .cloned()
-            .ok_or_else(|| Status::unauthenticated("the token is not known to this coordinator"))
+            .ok_or_else(|| Status::unauthenticated("the token is not known to this coordinator"))?;
+        match grant.expires_ms {
+            Some(at) if now_ms >= at => Err(Status::unauthenticated(format!(
+                "the token expired at {}; ask for a new one (`hallmark token new`)",
+                format_time_ms(at)
+            ))),
+            _ => Ok(grant.caller.clone()),
+        }
     }
 
     /// Roles that hold at least one token, for the start-up log.
     pub fn roles(&self) -> Vec<String> {
-        let mut roles: Vec<String> = self.0.values().map(Caller::name).collect();
+        let mut roles: Vec<String> = self.0.values().map(|g| g.caller.name()).collect();
         roles.sort();
         roles.dedup();
         roles
+    }
+
+    /// How many of the tokens have expired at `now_ms` (still listed in
+    /// the configuration, refused on every call).
+    pub fn expired(&self, now_ms: i64) -> usize {
+        self.0
+            .values()
+            .filter(|g| g.expires_ms.is_some_and(|at| now_ms >= at))
+            .count()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// An RFC 3339 time (`2027-01-31T00:00:00Z`, or with an offset) as
+/// milliseconds since the Unix epoch.
+pub fn parse_time_ms(text: &str) -> Option<i64> {
+    let text = text.trim();
+    // humantime reads UTC times; a `±HH:MM` offset is taken off here.
+    let (utc, offset_s) = match text.len().checked_sub(6).map(|i| text.split_at(i)) {
+        Some((time, offset))
+            if offset.len() == 6
+                && (offset.starts_with('+') || offset.starts_with('-'))
+                && offset.as_bytes()[3] == b':' =>
+        {
+            let hours: i64 = offset[1..3].parse().ok()?;
+            let minutes: i64 = offset[4..6].parse().ok()?;
+            if hours > 23 || minutes > 59 {
+                return None;
+            }
+            let sign = if offset.starts_with('-') { -1 } else { 1 };
+            (format!("{time}Z"), sign * (hours * 3600 + minutes * 60))
+        }
+        _ => (text.to_string(), 0),
+    };
+    let t = humantime::parse_rfc3339_weak(&utc).ok()?;
+    let ms = t.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_millis();
+    i64::try_from(ms).ok()?.checked_sub(offset_s * 1000)
+}
+
+/// Milliseconds since the Unix epoch as an RFC 3339 UTC time (seconds).
+pub fn format_time_ms(ms: i64) -> String {
+    let t = SystemTime::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// The expiry `hallmark token new` writes: `--expires-in` (a duration such
+/// as `30d` or `12h`, from `now`) or `--expires` (an RFC 3339 time), as an
+/// RFC 3339 UTC time; `None` for a token that does not expire.
+pub fn expiry(
+    expires_in: Option<&str>,
+    expires: Option<&str>,
+    now: SystemTime,
+) -> Result<Option<String>, String> {
+    let at_ms = match (expires_in, expires) {
+        (None, None) => return Ok(None),
+        (Some(_), Some(_)) => return Err("give --expires-in or --expires, not both".into()),
+        (Some(d), None) => {
+            let d = humantime::parse_duration(d.trim()).map_err(|e| {
+                format!("--expires-in {d:?} is not a duration such as 30d or 12h: {e}")
+            })?;
+            if d.is_zero() {
+                return Err("--expires-in must be longer than zero".into());
+            }
+            let at = now
+                .checked_add(d)
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .and_then(|t| i64::try_from(t.as_millis()).ok())
+                .ok_or_else(|| format!("--expires-in {d:?} is too far ahead"))?;
+            // Rounded up to a whole second, so the printed time is not earlier.
+            (at + 999) / 1000 * 1000
+        }
+        (None, Some(t)) => parse_time_ms(t).ok_or_else(|| {
+            format!("--expires {t:?} is not an RFC 3339 time such as 2027-01-31T00:00:00Z")
+        })?,
+    };
+    let now_ms = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    if at_ms <= now_ms {
+        return Err(format!(
+            "the expiry {} is not in the future",
+            format_time_ms(at_ms)
+        ));
+    }
+    Ok(Some(format_time_ms(at_ms)))
+}
+
+/// The `auth_tokens` line admitting a token (TOML).
+pub fn token_line(digest: &str, role: &str, expires: Option<&str>) -> String {
+    match expires {
+        None => format!("\"{digest}\" = \"{role}\""),
+        Some(at) => format!("\"{digest}\" = {{ role = \"{role}\", expires = \"{at}\" }}"),
     }
 }
 
@@ -318,7 +459,8 @@ impl Gate {
         // Only a gate that started with tokens reloads them (`server.rs`).
         let tokens = Tokens::from_config(&cfg.auth, &cfg.auth_tokens)?
             .ok_or_else(|| anyhow::anyhow!("auth = \"off\" takes a restart"))?;
-        let n = tokens.0.len();
+        let n = tokens.len();
+        log_expired(&tokens);
         match self.0.write() {
             Ok(mut t) => *t = Some(Arc::new(tokens)),
             Err(poisoned) => *poisoned.into_inner() = Some(Arc::new(tokens)),
@@ -327,11 +469,22 @@ impl Gate {
     }
 }
 
+/// Warns about tokens that have expired but are still configured.
+pub fn log_expired(tokens: &Tokens) {
+    let expired = tokens.expired(crate::store::now_ms());
+    if expired > 0 {
+        tracing::warn!(
+            expired,
+            "auth_tokens lists expired tokens (refused on every call); remove them"
+        );
+    }
+}
+
 impl Interceptor for Gate {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
         let caller = match self.tokens() {
             None => Caller::Open,
-            Some(tokens) => tokens.identify(req.metadata())?,
+            Some(tokens) => tokens.identify(req.metadata(), crate::store::now_ms())?,
         };
         req.extensions_mut().insert(caller);
         Ok(req)
@@ -345,10 +498,13 @@ mod tests {
     fn tokens(entries: &[(&str, &str)]) -> Result<Option<Tokens>, AuthConfigError> {
         let map = entries
             .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .map(|(k, v)| (k.to_string(), TokenEntry::Role(v.to_string())))
             .collect();
         Tokens::from_config("tokens", &map)
     }
+
+    /// 2026-12-06T12:00:00Z.
+    const NOW: i64 = 1_796_558_400_000;
 
     fn bearer(token: &str) -> tonic::metadata::MetadataMap {
         let mut m = tonic::metadata::MetadataMap::new();
@@ -367,26 +523,27 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(
-            t.identify(&bearer(&acme)).unwrap(),
+            t.identify(&bearer(&acme), NOW).unwrap(),
             Caller::Tenant("acme".into())
         );
         assert_eq!(
-            t.identify(&bearer(&ops)).unwrap(),
+            t.identify(&bearer(&ops), NOW).unwrap(),
             Caller::Operator(String::new())
         );
-        let unknown = t.identify(&bearer("hmk_guess")).unwrap_err();
+        let unknown = t.identify(&bearer("hmk_guess"), NOW).unwrap_err();
         assert_eq!(unknown.code(), tonic::Code::Unauthenticated);
         // The digest itself is not a token.
         let digest = token_digest(&acme);
-        assert!(t.identify(&bearer(&digest)).is_err());
+        assert!(t.identify(&bearer(&digest), NOW).is_err());
         let mut basic = tonic::metadata::MetadataMap::new();
         basic.insert("authorization", "Basic YTpi".parse().unwrap());
         assert_eq!(
-            t.identify(&basic).unwrap_err().code(),
+            t.identify(&basic, NOW).unwrap_err().code(),
             tonic::Code::Unauthenticated
         );
         assert_eq!(
-            t.identify(&tonic::metadata::MetadataMap::new()).unwrap(),
+            t.identify(&tonic::metadata::MetadataMap::new(), NOW)
+                .unwrap(),
             Caller::Anonymous
         );
     }
@@ -398,7 +555,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(
-            upper.identify(&bearer("x")).unwrap(),
+            upper.identify(&bearer("x"), NOW).unwrap(),
             Caller::Operator(String::new())
         );
         let e = tokens(&[("abc", "operator")]).unwrap_err().to_string();
@@ -457,5 +614,93 @@ mod tests {
         assert!(ops.private_view("").shows("globex"));
         assert!(Caller::Open.private_view("globex").shows("globex"));
         assert!(!Caller::Open.private_view("").shows(""));
+    }
+
+    #[test]
+    fn an_expired_token_is_refused_saying_when_it_expired() {
+        let (fresh, old) = (new_token().unwrap(), new_token().unwrap());
+        let grant = |at: &str| TokenEntry::Grant {
+            role: "tenant:acme".into(),
+            expires: Some(at.into()),
+        };
+        let map = BTreeMap::from([
+            (token_digest(&fresh), grant("2026-12-06T13:00:00Z")),
+            (token_digest(&old), grant("2026-12-06T12:00:00+01:00")),
+        ]);
+        let t = Tokens::from_config("tokens", &map).unwrap().unwrap();
+        assert_eq!(
+            t.identify(&bearer(&fresh), NOW).unwrap(),
+            Caller::Tenant("acme".into())
+        );
+        let e = t.identify(&bearer(&old), NOW).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert!(
+            e.message().contains("expired at 2026-12-06T11:00:00Z"),
+            "{e:?}"
+        );
+        assert_eq!(t.expired(NOW), 1);
+        // At its expiry to the millisecond, the fresh one is refused too.
+        let at = parse_time_ms("2026-12-06T13:00:00Z").unwrap();
+        assert!(t.identify(&bearer(&fresh), at - 1).is_ok());
+        assert!(t.identify(&bearer(&fresh), at).is_err());
+        assert_eq!(t.expired(at), 2);
+
+        let bad = BTreeMap::from([(token_digest(&old), grant("next tuesday"))]);
+        let e = Tokens::from_config("tokens", &bad).unwrap_err().to_string();
+        assert!(
+            e.contains("expires = \"next tuesday\" is not an RFC 3339 time"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn token_new_writes_an_expiry_the_coordinator_reads_back() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_millis(NOW as u64 + 400);
+        assert_eq!(expiry(None, None, now).unwrap(), None);
+        let in_a_day = expiry(Some("1day"), None, now).unwrap().unwrap();
+        assert_eq!(in_a_day, "2026-12-07T12:00:01Z");
+        assert_eq!(parse_time_ms(&in_a_day), Some(NOW + 86_400_000 + 1_000));
+        assert_eq!(
+            expiry(None, Some("2027-01-31T00:00:00Z"), now)
+                .unwrap()
+                .as_deref(),
+            Some("2027-01-31T00:00:00Z")
+        );
+        for (expires_in, expires, says) in [
+            (Some("soon"), None, "not a duration"),
+            (Some("0s"), None, "longer than zero"),
+            (None, Some("2026-12-01T00:00:00Z"), "not in the future"),
+            (None, Some("31/01/2027"), "not an RFC 3339 time"),
+            (Some("1d"), Some("2027-01-31T00:00:00Z"), "not both"),
+        ] {
+            let e = expiry(expires_in, expires, now).unwrap_err();
+            assert!(e.contains(says), "{expires_in:?} {expires:?}: {e}");
+        }
+        // The line `token new` prints is the entry the configuration reads.
+        let line = token_line(&token_digest("t"), "worker:a", Some(&in_a_day));
+        let parsed: BTreeMap<String, TokenEntry> = toml_entry(&line);
+        let entry = &parsed[&token_digest("t")];
+        assert_eq!(
+            (entry.role(), entry.expires()),
+            ("worker:a", Some(in_a_day.as_str()))
+        );
+        let plain: BTreeMap<String, TokenEntry> =
+            toml_entry(&token_line(&token_digest("t"), "operator", None));
+        assert_eq!(
+            plain[&token_digest("t")],
+            TokenEntry::Role("operator".into())
+        );
+    }
+
+    /// An `[auth_tokens]` table read the way the coordinator reads its file.
+    fn toml_entry(line: &str) -> BTreeMap<String, TokenEntry> {
+        let cfg = config::Config::builder()
+            .add_source(config::File::from_str(
+                &format!("[auth_tokens]\n{line}\n"),
+                config::FileFormat::Toml,
+            ))
+            .build()
+            .unwrap();
+        cfg.get("auth_tokens").unwrap()
     }
 }

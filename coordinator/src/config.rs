@@ -8,6 +8,36 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+/// One `auth_tokens` entry: a role, or a role with an expiry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(
+    untagged,
+    expecting = "a role (\"tenant:NAME\", \"worker[:NAME]\", \"operator[:NAME]\") or { role = ROLE, expires = \"RFC 3339 time\" }"
+)]
+pub enum TokenEntry {
+    Role(String),
+    Grant {
+        role: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires: Option<String>,
+    },
+}
+
+impl TokenEntry {
+    pub fn role(&self) -> &str {
+        match self {
+            TokenEntry::Role(role) | TokenEntry::Grant { role, .. } => role,
+        }
+    }
+
+    pub fn expires(&self) -> Option<&str> {
+        match self {
+            TokenEntry::Role(_) => None,
+            TokenEntry::Grant { expires, .. } => expires.as_deref(),
+        }
+    }
+}
+
 /// All coordinator settings.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
@@ -79,6 +109,24 @@ pub struct CoordinatorConfig {
     pub trust_anchors: Option<PathBuf>,
     /// Check that an upload's pixels carry the watermark its manifest names.
     pub verify_watermark_on_upload: bool,
+    /// PEM certificate chain (signing certificate first) the coordinator
+    /// signs the audit ledger's checkpoints with: the deployment's signing
+    /// identity, the one its workers stamp images with
+    /// (`HALLMARK_SIGNING_CERT_CHAIN`). Unset: the ledger is hash-chained
+    /// but not signed.
+    pub signing_cert_chain: Option<PathBuf>,
+    /// PKCS#8 PEM private key of `signing_cert_chain`.
+    pub signing_private_key: Option<PathBuf>,
+    /// `es256` or `ed25519`.
+    pub signing_alg: String,
+    /// Least time between two signed ledger checkpoints, in milliseconds:
+    /// after a sealing pass that moved the chain's head, once this long has
+    /// passed since the last, the head is signed.
+    pub ledger_checkpoint_interval_ms: u64,
+    /// A signing identity handed over in code (the embedded farm signs with
+    /// its own); takes the place of the two files.
+    #[serde(skip)]
+    pub signing_identity: Option<hallmark_provenance::credentials::SigningIdentity>,
     /// Who may call: `off` (anyone may make every call, and requests name
     /// their own tenant: one machine, or a network of trusted callers only)
     /// or `tokens` (each call carries `authorization: Bearer TOKEN`; see
@@ -88,9 +136,11 @@ pub struct CoordinatorConfig {
     /// (hex) — the configuration never holds a token itself — each with its
     /// role: `"<digest>" = "tenant:acme"`, `"worker"` or `"operator"`
     /// (`worker:NAME` and `operator:NAME` name the holder in the audit
-    /// ledger). `hallmark token new --role ROLE` makes a token and prints
-    /// its line.
-    pub auth_tokens: BTreeMap<String, String>,
+    /// ledger), or with an expiry: `"<digest>" = { role = "tenant:acme",
+    /// expires = "2027-01-31T00:00:00Z" }` (RFC 3339, UTC), after which the
+    /// token is refused. `hallmark token new --role ROLE [--expires-in 30d]`
+    /// makes a token and prints its line.
+    pub auth_tokens: BTreeMap<String, TokenEntry>,
     /// How often the configuration file is read again for `auth_tokens`, in
     /// milliseconds, so tokens are added and revoked without a restart (a
     /// Kubernetes Secret's update reaches every replica this way); 0: never.
@@ -159,6 +209,11 @@ impl Default for CoordinatorConfig {
             watermark_key: hallmark_provenance::watermark::DEVELOPMENT_KEY.into(),
             trust_anchors: None,
             verify_watermark_on_upload: true,
+            signing_cert_chain: None,
+            signing_private_key: None,
+            signing_alg: "es256".into(),
+            ledger_checkpoint_interval_ms: 60_000,
+            signing_identity: None,
             auth: "off".into(),
             auth_tokens: BTreeMap::new(),
             auth_reload_interval_ms: 5_000,

@@ -31,6 +31,7 @@ pub const COMPLETE_SECONDS: &str = "hallmark_store_complete_seconds";
 pub const ATTEMPTS_FAILED: &str = "hallmark_task_attempts_failed_total";
 pub const LEASES_EXPIRED: &str = "hallmark_leases_expired_total";
 pub const AUDIT_SEALED: &str = "hallmark_audit_entries_sealed_total";
+pub const AUDIT_CHECKPOINTS: &str = "hallmark_audit_checkpoints_signed_total";
 pub const TASKS: &str = "hallmark_tasks";
 pub const TENANT_TASKS: &str = "hallmark_tenant_tasks";
 pub const JOBS: &str = "hallmark_jobs";
@@ -88,6 +89,10 @@ pub fn describe() {
     describe_counter!(
         AUDIT_SEALED,
         "Audit ledger entries sealed into the hash chain by this replica."
+    );
+    describe_counter!(
+        AUDIT_CHECKPOINTS,
+        "Audit ledger checkpoints (the chain's head) this replica signed."
     );
     describe_gauge!(
         TASKS,

@@ -111,7 +111,10 @@ pub async fn start_on(
     };
     let tokens = Tokens::from_config(&config.auth, &config.auth_tokens)?;
     match &tokens {
-        Some(t) => tracing::info!(roles = ?t.roles(), "callers need a token"),
+        Some(t) => {
+            tracing::info!(roles = ?t.roles(), "callers need a token");
+            crate::auth::log_expired(t);
+        }
         None if !is_loopback(&listener) => tracing::warn!(
             "auth = \"off\" on a non-loopback address: anyone who reaches it can submit as any tenant, lease work and read prompts; set auth = \"tokens\""
         ),
@@ -143,6 +146,16 @@ pub async fn start_on(
         ),
         None => None,
     };
+    let ledger_signer = ledger_signing_identity(&config)?;
+    match &ledger_signer {
+        Some(_) => tracing::info!(
+            interval_ms = config.ledger_checkpoint_interval_ms,
+            "audit ledger checkpoints are signed"
+        ),
+        None => tracing::info!(
+            "audit ledger checkpoints are not signed (set signing_cert_chain and signing_private_key)"
+        ),
+    }
     let stamps = StampCheck::new(
         trust_anchors,
         WatermarkKey::from_secret(config.watermark_key.as_bytes()),
@@ -175,6 +188,7 @@ pub async fn start_on(
         notifier,
         config,
         stamps,
+        ledger_signer,
         shutdown_rx.clone(),
     ));
     let token_reloader = match (
@@ -291,5 +305,32 @@ fn redact(url: &str) -> String {
             None => url.to_string(),
         },
         _ => url.to_string(),
+    }
+}
+
+/// The identity the audit ledger's checkpoints are signed with: one handed
+/// over in code, or the configured files (both, or neither).
+fn ledger_signing_identity(
+    config: &CoordinatorConfig,
+) -> anyhow::Result<Option<hallmark_provenance::credentials::SigningIdentity>> {
+    use hallmark_provenance::credentials::{SigningAlgorithm, SigningIdentity};
+    if let Some(identity) = &config.signing_identity {
+        return Ok(Some(identity.clone()));
+    }
+    match (&config.signing_cert_chain, &config.signing_private_key) {
+        (Some(chain), Some(key)) => {
+            let alg = SigningAlgorithm::parse(&config.signing_alg)?;
+            let identity = SigningIdentity::load(chain, key, alg, None).context(
+                "loading the ledger's signing identity (signing_cert_chain, signing_private_key)",
+            )?;
+            // A key that cannot sign is found now, not at the first checkpoint.
+            hallmark_provenance::credentials::detached::sign_detached(&identity, b"start-up check")
+                .context("signing with signing_cert_chain and signing_private_key")?;
+            Ok(Some(identity))
+        }
+        (None, None) => Ok(None),
+        _ => anyhow::bail!(
+            "signing_cert_chain and signing_private_key go together: set both to sign the audit ledger, or neither"
+        ),
     }
 }

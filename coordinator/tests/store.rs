@@ -136,12 +136,14 @@ async fn worker_serving(s: &Store, id: &str, max_batch: u32, models: &[&str]) ->
         models: &models,
         max_pixels: 1 << 24,
         max_batch,
+        principal: "",
     };
     s.register_worker(&reg, 0).await.unwrap();
     WorkerCaps {
         worker_id: id.into(),
         max_pixels: 1 << 24,
         max_batch,
+        principal: String::new(),
     }
 }
 
@@ -641,8 +643,11 @@ both_stores! {
         let good = ModelCapability { model_id: "sd15".into(), weights_sha256: digest };
         let engines = ["diffusion".to_string()];
         let models = [("diffusion".to_string(), good)];
-        let mut reg = WorkerRegistration { worker_id: "w1", name: "w1", hostname: "h", engines: &engines, models: &models, max_pixels: 1 << 20, max_batch: 1 };
+        let mut reg = WorkerRegistration { worker_id: "w1", name: "w1", hostname: "h", engines: &engines, models: &models, max_pixels: 1 << 20, max_batch: 1, principal: "worker:pool-a" };
         s.register_worker(&reg, 4).await.unwrap();
+        // The token it registered with is kept for the lease calls' check.
+        assert_eq!(s.worker_caps("w1").await.unwrap().principal, "worker:pool-a");
+        assert_eq!(s.list_workers(0).await.unwrap()[0].principal, "worker:pool-a");
         let bad = ModelCapability { model_id: "sd15".into(), weights_sha256: SHA.into() };
         let models = [("diffusion".to_string(), bad)];
         reg.worker_id = "w2";

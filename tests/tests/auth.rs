@@ -354,6 +354,23 @@ async fn a_tenant_renders_and_downloads_only_the_inputs_it_uploaded() {
     );
     let mine = submit(acme).await.unwrap().into_inner();
     assert_eq!(mine.tenant, "acme");
+    // The worker fetched the input while it held the task (the job renders);
+    // with no such lease its token fetches nothing by hash.
+    ok(&hallmark_as(&url, Some(acme), &["watch", &mine.job_id]));
+    let state = hallmark_as(&url, Some(acme), &["--json", "status", &mine.job_id]);
+    assert_eq!(json_of(&state)["state"], "succeeded", "{state:?}");
+    let fetched = {
+        use hallmark_proto::v1::workers_client::WorkersClient;
+        let bearer = BearerToken::new(Some(worker)).unwrap();
+        WorkersClient::new(bearer.on(channel(&url).await))
+            .fetch_artifact(DownloadArtifactRequest {
+                sha256: sha256.clone(),
+            })
+            .await
+    };
+    let e = fetched.map(|_| ()).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    assert!(e.message().contains("no task leased to worker"), "{e:?}");
     let download = |token: &str| {
         let client = client(Some(token));
         let sha256 = sha256.clone();
@@ -536,4 +553,149 @@ fn submit_raw(url: &str, token: Option<&str>) -> Output {
         token,
         &["submit", "--model", "synthetic-v1", "--prompt", "x"],
     )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_token_drives_only_its_own_workers_and_expired_tokens_are_refused() {
+    use hallmark_proto::client::BearerToken;
+    use hallmark_proto::v1::complete_message::Body;
+    use hallmark_proto::v1::workers_client::WorkersClient;
+    use hallmark_proto::v1::{
+        CompleteHeader, CompleteMessage, FailRequest, LeaseRequest, ListWorkersRequest,
+        ModelCapability, RegisterWorkerRequest,
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let (config, tokens) = token_config(
+        dir.path(),
+        &["tenant:acme", "worker:pool-a", "worker:pool-b", "operator"],
+    );
+    let [acme, pool_a, pool_b, operator] = [0, 1, 2, 3].map(|i| tokens[i].as_str());
+    // An expiring token, its entry appended the way deploy/README.md does
+    // (`2>> auth.toml`), and one whose entry says it has expired.
+    let later = hallmark(&[
+        "token",
+        "new",
+        "--role",
+        "tenant:later",
+        "--expires-in",
+        "30d",
+    ]);
+    ok(&later);
+    let later_token = String::from_utf8(later.stdout).unwrap().trim().to_string();
+    let (stale, stale_digest) = new_token("tenant:acme");
+    let mut toml = std::fs::read_to_string(&config).unwrap();
+    toml.push_str(&String::from_utf8(later.stderr).unwrap());
+    toml.push_str(&format!(
+        "\"{stale_digest}\" = {{ role = \"tenant:acme\", expires = \"2026-01-01T00:00:00Z\" }}\n"
+    ));
+    std::fs::write(&config, toml).unwrap();
+
+    let db = fresh_database().await;
+    let spec = CoordinatorSpec::new(&db, None, dir.path().join("blobs"))
+        .with("HALLMARK_CONFIG", config.display());
+    let _c = spec.start().await;
+    let url = spec.url();
+
+    ok(&hallmark_as(&url, Some(&later_token), &["jobs"]));
+    refused(
+        &hallmark_as(&url, Some(&stale), &["jobs"]),
+        "expired at 2026-01-01T00:00:00Z",
+    );
+
+    let workers = |token: &str| {
+        let url = url.clone();
+        let bearer = BearerToken::new(Some(token)).unwrap();
+        async move { WorkersClient::new(bearer.on(channel(&url).await)) }
+    };
+    let (mut a, mut b) = (workers(pool_a).await, workers(pool_b).await);
+    let worker_a = a
+        .register(RegisterWorkerRequest {
+            name: "a".into(),
+            hostname: "test".into(),
+            engines: vec!["synthetic".into()],
+            models: vec![ModelCapability {
+                model_id: "synthetic-v1".into(),
+                weights_sha256: hallmark_provenance::sha256_hex(b"hallmark-synthetic:synthetic-v1"),
+            }],
+            max_pixels: 1 << 20,
+            max_batch: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .worker_id;
+    ok(&submit(&url, acme, "synthetic-v1", &[]));
+    let lease = |worker_id: &str| LeaseRequest {
+        worker_id: worker_id.into(),
+        want: 1,
+        wait_ms: 5_000,
+        ..Default::default()
+    };
+    let leased = a.lease(lease(&worker_a)).await.unwrap().into_inner().leases;
+    assert_eq!(leased.len(), 1);
+    let (task_id, fencing_token) = (leased[0].task_id.clone(), leased[0].fencing_token);
+
+    // With pool B's token, worker A is unknown: no renewing (or draining)
+    // its leases, no failing or completing its task.
+    let e = b.lease(lease(&worker_a)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    assert!(e.message().contains("unknown worker"), "{e:?}");
+    let fail = |hand_back| FailRequest {
+        worker_id: worker_a.clone(),
+        task_id: task_id.clone(),
+        fencing_token,
+        message: "not mine".into(),
+        hand_back,
+    };
+    let e = b.fail(fail(false)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    let header = CompleteMessage {
+        body: Some(Body::Header(CompleteHeader {
+            worker_id: worker_a.clone(),
+            task_id: task_id.clone(),
+            fencing_token,
+            size: 4,
+            ..Default::default()
+        })),
+    };
+    let e = b
+        .complete(tokio_stream::iter(vec![header]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    let held = format!(
+        "SELECT CAST(COUNT(*) AS BIGINT) FROM tasks WHERE id = '{task_id}' AND state = 'leased' AND worker_id = '{worker_a}' AND attempts = 1"
+    );
+    assert_eq!(
+        scalar(&db, &held).await,
+        1,
+        "pool B touched worker A's lease"
+    );
+
+    // The operator sees which token each worker registered with; pool A's
+    // own token hands the task back.
+    let listed = workers(operator)
+        .await
+        .list_workers(ListWorkersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    assert_eq!(
+        listed
+            .iter()
+            .map(|w| (w.worker_id.as_str(), w.principal.as_str()))
+            .collect::<Vec<_>>(),
+        [(worker_a.as_str(), "worker:pool-a")]
+    );
+    a.fail(fail(true)).await.unwrap();
+    assert_eq!(
+        scalar(
+            &db,
+            &format!("SELECT CAST(COUNT(*) AS BIGINT) FROM tasks WHERE id = '{task_id}' AND state = 'ready'")
+        )
+        .await,
+        1
+    );
 }

@@ -17,6 +17,11 @@ pub use provenance::{ProvenanceService, Resolution};
 pub use registry::RegistryService;
 pub use workers::WorkersService;
 
+use hallmark_provenance::credentials::SigningIdentity;
+use hallmark_provenance::credentials::detached::{sign_detached, verify_detached};
+use hallmark_provenance::ledger::{self, Anchor, ChainCheck, Checkpoint};
+
+use crate::auth::Caller;
 use crate::blobs::{BlobError, BlobStore};
 use crate::config::CoordinatorConfig;
 use crate::metrics::{self as m, CensusLabels};
@@ -36,6 +41,8 @@ pub struct Coordinator {
     /// Tenants' submission rate buckets (shared through Redis when set).
     pub limiter: crate::rate::SubmitLimiter,
     workers: Mutex<HashMap<String, (WorkerCaps, Instant)>>,
+    /// Signs the audit ledger's head as it is sealed, when configured.
+    ledger_signer: Option<LedgerSigner>,
     /// The task label sets the metrics census has reported.
     pub(crate) census_labels: CensusLabels,
     /// Turns true when the server stops: long polls and watches end early
@@ -50,8 +57,14 @@ impl Coordinator {
         notifier: Notifier,
         config: CoordinatorConfig,
         stamps: StampCheck,
+        ledger_signer: Option<SigningIdentity>,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
+        let ledger_signer = ledger_signer.map(|identity| LedgerSigner {
+            identity,
+            every: Duration::from_millis(config.ledger_checkpoint_interval_ms),
+            last: tokio::sync::Mutex::new(None),
+        });
         let lease_policy = LeasePolicy {
             base_ms: config.lease_base_ms,
             ms_per_megapixel_step: config.lease_ms_per_megapixel_step,
@@ -73,6 +86,7 @@ impl Coordinator {
             stamps: Arc::new(stamps),
             limiter,
             workers: Mutex::new(HashMap::new()),
+            ledger_signer,
             census_labels: CensusLabels::default(),
             shutdown,
         }
@@ -90,24 +104,24 @@ impl Coordinator {
     }
 
     /// The worker's capabilities (cached), and its presence refreshed at most
-    /// once per heartbeat interval so lease calls stay cheap.
+    /// once per heartbeat interval so lease calls stay cheap. A worker the
+    /// caller may not drive (registered with another token) is unknown to it.
     async fn seen_worker(
         &self,
+        caller: &Caller,
         worker_id: &str,
         loaded_model: &str,
         now: i64,
     ) -> Result<WorkerCaps, Status> {
         let refresh = Duration::from_millis(self.config.heartbeat_interval_ms.max(500));
-        let cached = self
-            .workers
-            .lock()
-            .map_err(|_| Status::internal("worker cache poisoned"))?
-            .get(worker_id)
-            .cloned();
-        match cached {
-            Some((caps, touched)) if touched.elapsed() < refresh => Ok(caps),
+        match self.cached_worker(worker_id)? {
+            Some((caps, touched)) if touched.elapsed() < refresh => {
+                caller_drives(caller, &caps)?;
+                Ok(caps)
+            }
             _ => {
                 let caps = self.store.worker_caps(worker_id).await.map_err(status)?;
+                caller_drives(caller, &caps)?;
                 self.store
                     .touch_worker(worker_id, loaded_model, now)
                     .await
@@ -121,6 +135,29 @@ impl Coordinator {
                 Ok(caps)
             }
         }
+    }
+
+    fn cached_worker(&self, worker_id: &str) -> Result<Option<(WorkerCaps, Instant)>, Status> {
+        Ok(self
+            .workers
+            .lock()
+            .map_err(|_| Status::internal("worker cache poisoned"))?
+            .get(worker_id)
+            .cloned())
+    }
+
+    /// Refuses a call about `worker_id` (completing or failing its leases)
+    /// from a caller that may not drive it; with authentication off, or for
+    /// an operator, there is nothing to look up.
+    async fn check_worker_caller(&self, caller: &Caller, worker_id: &str) -> Result<(), Status> {
+        if matches!(caller, Caller::Open | Caller::Operator(_)) {
+            return Ok(());
+        }
+        let caps = match self.cached_worker(worker_id)? {
+            Some((caps, _)) => caps,
+            None => self.store.worker_caps(worker_id).await.map_err(status)?,
+        };
+        caller_drives(caller, &caps)
     }
 
     /// Streams a stored blob in chunks.
@@ -189,8 +226,117 @@ impl Coordinator {
                 break;
             }
         }
+        if let Some(signer) = &self.ledger_signer
+            && let Err(e) = self.sign_checkpoint(signer).await
+        {
+            // The chain is sealed either way; the next pass tries again.
+            tracing::warn!(error = %e, "could not sign an audit ledger checkpoint");
+        }
         Ok(sealed)
     }
+
+    /// Signs the chain's head as a checkpoint when it moved past the last
+    /// one and the interval has passed since — after checking that the
+    /// chain still runs from the last checkpoint to the head, so a chain
+    /// rewritten in the database is never signed.
+    async fn sign_checkpoint(&self, signer: &LedgerSigner) -> anyhow::Result<()> {
+        let mut last = signer.last.lock().await;
+        let signed = match &*last {
+            Some(s) => s.clone(),
+            None => {
+                let from = match self.store.latest_checkpoint().await? {
+                    Some((c, signature)) => {
+                        verify_detached(&signature, &c.payload(), None).map_err(|e| {
+                            anyhow::anyhow!(
+                                "the stored checkpoint at entry {} does not verify: {e}",
+                                c.seq
+                            )
+                        })?;
+                        c.anchor()
+                    }
+                    None => Anchor {
+                        seq: 0,
+                        hash: ledger::GENESIS.to_string(),
+                    },
+                };
+                let s = LastCheckpoint {
+                    signed: from,
+                    at: None,
+                };
+                *last = Some(s.clone());
+                s
+            }
+        };
+        if signed.at.is_some_and(|at| at.elapsed() < signer.every) {
+            return Ok(());
+        }
+        let head = self.store.audit_head().await?;
+        if head.seq <= signed.signed.seq {
+            return Ok(());
+        }
+        // An attempt that fails (a chain that does not check out) is made
+        // again after the interval, not on every sealing pass.
+        if let Some(l) = last.as_mut() {
+            l.at = Some(Instant::now());
+        }
+        let mut check = ChainCheck::resume(signed.signed.clone());
+        while check.head().seq < head.seq {
+            let page = self
+                .store
+                .audit_page(check.head().seq, SEAL_BATCH, None)
+                .await?;
+            if page.entries.is_empty() {
+                break;
+            }
+            for e in page.entries.iter().take_while(|e| e.seq <= head.seq) {
+                check.push(e).map_err(|fault| {
+                    anyhow::anyhow!(
+                        "the audit ledger does not continue from the checkpoint signed at entry {}: {fault}; not signing it",
+                        signed.signed.seq
+                    )
+                })?;
+            }
+        }
+        if check.head() != head {
+            anyhow::bail!(
+                "the audit ledger's head {}:{} is not where its entries lead ({}:{}); not signing it",
+                head.seq,
+                head.hash,
+                check.head().seq,
+                check.head().hash
+            );
+        }
+        let checkpoint = Checkpoint {
+            seq: head.seq,
+            hash: head.hash,
+            at_ms: now_ms(),
+        };
+        let signature = sign_detached(&signer.identity, &checkpoint.payload())?;
+        self.store
+            .record_checkpoint(&checkpoint, &signature)
+            .await?;
+        metrics::counter!(m::AUDIT_CHECKPOINTS).increment(1);
+        *last = Some(LastCheckpoint {
+            signed: checkpoint.anchor(),
+            at: Some(Instant::now()),
+        });
+        Ok(())
+    }
+}
+
+/// What signs the audit ledger's checkpoints, and the last it signed.
+struct LedgerSigner {
+    identity: SigningIdentity,
+    every: Duration,
+    last: tokio::sync::Mutex<Option<LastCheckpoint>>,
+}
+
+#[derive(Debug, Clone)]
+struct LastCheckpoint {
+    /// The entry the last checkpoint vouches for.
+    signed: Anchor,
+    /// When this replica signed it (`None`: found stored).
+    at: Option<Instant>,
 }
 
 /// Entries sealed per transaction, and transactions per reap pass: at the
@@ -220,5 +366,19 @@ fn blob_status(e: BlobError) -> Status {
         BlobError::Io { .. } | BlobError::Config(_) => Status::internal(e.to_string()),
         BlobError::Object(_) => Status::unavailable(e.to_string()),
         other => Status::invalid_argument(other.to_string()),
+    }
+}
+
+/// A worker registered with another token is unknown to the caller: the
+/// same answer as for a worker that does not exist (no probing for ids),
+/// and the one a worker meets by registering again.
+fn caller_drives(caller: &Caller, caps: &WorkerCaps) -> Result<(), Status> {
+    if caller.drives_worker(&caps.principal) {
+        Ok(())
+    } else {
+        Err(Status::not_found(format!(
+            "unknown worker {:?}; register again",
+            caps.worker_id
+        )))
     }
 }

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use hallmark_proto::v1::provenance_server::Provenance;
 use hallmark_proto::v1::resolve_request::Key;
-use hallmark_proto::v1::{LedgerEntry, LedgerPage, LedgerRequest, ResolveRequest, ResolveResponse};
+use hallmark_proto::v1::{
+    LedgerCheckpoint, LedgerEntry, LedgerPage, LedgerRequest, ResolveRequest, ResolveResponse,
+};
 use tonic::{Request, Response, Status};
 
 use super::{Coordinator, status};
@@ -168,6 +170,12 @@ impl Provenance for ProvenanceService {
             head_seq: page.head.seq,
             head_hash: page.head.hash,
             unsealed: page.unsealed,
+            checkpoint: page.checkpoint.map(|(c, signature)| LedgerCheckpoint {
+                seq: c.seq,
+                hash: c.hash,
+                at_ms: c.at_ms,
+                signature,
+            }),
         }))
     }
 }

@@ -43,7 +43,8 @@ impl Workers for WorkersService {
         &self,
         req: Request<RegisterWorkerRequest>,
     ) -> Result<Response<RegisterWorkerResponse>, Status> {
-        Caller::of(&req).require_worker("registering a worker")?;
+        let caller = Caller::of(&req);
+        caller.require_worker("registering a worker")?;
         let r = req.into_inner();
         if r.engines.is_empty() {
             return Err(Status::invalid_argument(
@@ -86,6 +87,7 @@ impl Workers for WorkersService {
             models: &models,
             max_pixels: r.max_pixels,
             max_batch: r.max_batch,
+            principal: &caller.name(),
         };
         self.0
             .store
@@ -102,11 +104,14 @@ impl Workers for WorkersService {
     }
 
     async fn lease(&self, req: Request<LeaseRequest>) -> Result<Response<LeaseResponse>, Status> {
-        Caller::of(&req).require_worker("leasing tasks")?;
+        let caller = Caller::of(&req);
+        caller.require_worker("leasing tasks")?;
         let c = &self.0;
         let r = req.into_inner();
         let now = now_ms();
-        let caps = c.seen_worker(&r.worker_id, &r.loaded_model, now).await?;
+        let caps = c
+            .seen_worker(&caller, &r.worker_id, &r.loaded_model, now)
+            .await?;
         let held: Vec<(String, i64, f32)> = r
             .held
             .iter()
@@ -174,10 +179,13 @@ impl Workers for WorkersService {
         &self,
         req: Request<Streaming<CompleteMessage>>,
     ) -> Result<Response<CompleteResponse>, Status> {
-        Caller::of(&req).require_worker("completing tasks")?;
+        let caller = Caller::of(&req);
+        caller.require_worker("completing tasks")?;
         let c = &self.0;
         let mut stream = req.into_inner();
         let mut uploads: Vec<Upload> = Vec::new();
+        // Workers this call may complete for (normally the one).
+        let mut drives: Vec<String> = Vec::new();
         let mut call_bytes = 0u64;
         while let Some(msg) = stream.message().await? {
             match msg.body {
@@ -192,6 +200,10 @@ impl Workers for WorkersService {
                             "upload of {} bytes is over the limit",
                             h.size
                         )));
+                    }
+                    if !drives.contains(&h.worker_id) {
+                        c.check_worker_caller(&caller, &h.worker_id).await?;
+                        drives.push(h.worker_id.clone());
                     }
                     // Refuse a stale lease before taking a large upload; a small
                     // one is checked when it is recorded (one statement less).
@@ -314,9 +326,11 @@ impl Workers for WorkersService {
     }
 
     async fn fail(&self, req: Request<FailRequest>) -> Result<Response<FailResponse>, Status> {
-        Caller::of(&req).require_worker("failing tasks")?;
+        let caller = Caller::of(&req);
+        caller.require_worker("failing tasks")?;
         let c = &self.0;
         let r = req.into_inner();
+        c.check_worker_caller(&caller, &r.worker_id).await?;
         let message: String = r.message.chars().take(2000).collect();
         let out = c
             .store
@@ -350,10 +364,26 @@ impl Workers for WorkersService {
         &self,
         req: Request<DownloadArtifactRequest>,
     ) -> Result<Response<Self::FetchArtifactStream>, Status> {
-        Caller::of(&req).require_worker("fetching a base image")?;
-        Ok(Response::new(
-            self.0.stream_blob(&req.into_inner().sha256).await?,
-        ))
+        let caller = Caller::of(&req);
+        caller.require_worker("fetching a base image")?;
+        let sha256 = req.into_inner().sha256;
+        // A worker token fetches only what its workers' leases start from:
+        // not other tenants' outputs or inputs by their (public) hashes.
+        if let Caller::Worker(_) = caller {
+            let principal = caller.name();
+            if !self
+                .0
+                .store
+                .base_image_leased_to(&sha256, &principal)
+                .await
+                .map_err(status)?
+            {
+                return Err(Status::not_found(format!(
+                    "no task leased to {principal}'s workers starts from image {sha256}"
+                )));
+            }
+        }
+        Ok(Response::new(self.0.stream_blob(&sha256).await?))
     }
 
     async fn list_workers(

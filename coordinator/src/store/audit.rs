@@ -8,7 +8,7 @@
 //! ([`hallmark_provenance::ledger::entry_hash`]); one sealer at a time holds
 //! the head row, and a replica that finds it held skips its turn.
 
-use hallmark_provenance::ledger::{self, Anchor, EntryFields, SealedEntry};
+use hallmark_provenance::ledger::{self, Anchor, Checkpoint, EntryFields, SealedEntry};
 use sqlx::{AnyConnection, Row};
 
 use super::{Dialect, Result, Store, row_placeholders};
@@ -95,6 +95,8 @@ pub struct LedgerPage {
     pub head: Anchor,
     /// Entries appended but not sealed yet.
     pub unsealed: u64,
+    /// The latest signed checkpoint and its signature, if any.
+    pub checkpoint: Option<(Checkpoint, Vec<u8>)>,
 }
 
 impl Store {
@@ -225,13 +227,8 @@ impl Store {
                 hash: r.try_get::<Option<String>, _>("hash")?.unwrap_or_default(),
             });
         }
-        let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
-            .fetch_one(&self.pool)
-            .await?;
-        let head = Anchor {
-            seq: head.try_get::<i64, _>("seq")? as u64,
-            hash: head.try_get("hash")?,
-        };
+        let head = self.audit_head().await?;
+        let checkpoint = self.latest_checkpoint().await?;
         let unsealed: i64 = sqlx::query("SELECT COUNT(*) AS n FROM audit_events WHERE seq IS NULL")
             .fetch_one(&self.pool)
             .await?
@@ -240,6 +237,54 @@ impl Store {
             entries,
             head,
             unsealed: unsealed as u64,
+            checkpoint,
         })
+    }
+
+    /// The chain's last sealed entry (entry 0 with the genesis hash before any).
+    pub async fn audit_head(&self) -> Result<Anchor> {
+        let head = sqlx::query("SELECT seq, hash FROM audit_head WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(Anchor {
+            seq: head.try_get::<i64, _>("seq")? as u64,
+            hash: head.try_get("hash")?,
+        })
+    }
+
+    /// Keeps a signed checkpoint; one already kept for the same entry (by
+    /// another replica) stays.
+    pub async fn record_checkpoint(&self, c: &Checkpoint, signature: &[u8]) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO audit_checkpoints (seq, hash, at, signature) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (seq) DO NOTHING",
+        )
+        .bind(c.seq as i64)
+        .bind(&c.hash)
+        .bind(c.at_ms)
+        .bind(signature)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The signed checkpoint furthest along the chain, with its signature.
+    pub async fn latest_checkpoint(&self) -> Result<Option<(Checkpoint, Vec<u8>)>> {
+        let Some(r) = sqlx::query(
+            "SELECT seq, hash, at, signature FROM audit_checkpoints ORDER BY seq DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        Ok(Some((
+            Checkpoint {
+                seq: r.try_get::<i64, _>("seq")? as u64,
+                hash: r.try_get("hash")?,
+                at_ms: r.try_get("at")?,
+            },
+            r.try_get("signature")?,
+        )))
     }
 }

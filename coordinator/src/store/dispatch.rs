@@ -36,6 +36,8 @@ pub struct WorkerCaps {
     pub worker_id: String,
     pub max_pixels: u64,
     pub max_batch: u32,
+    /// The role of the token it registered with (`Caller::name`).
+    pub principal: String,
 }
 
 /// A worker as it registers: who it is and what it can render.
@@ -49,6 +51,9 @@ pub struct WorkerRegistration<'a> {
     pub models: &'a [(String, ModelCapability)],
     pub max_pixels: u64,
     pub max_batch: u32,
+    /// The role of the token it registers with (`Caller::name`); '' with
+    /// authentication off.
+    pub principal: &'a str,
 }
 
 /// A finished upload, ready to be recorded.
@@ -100,6 +105,7 @@ impl Store {
             models,
             max_pixels,
             max_batch,
+            principal,
         } = *w;
         let mut tx = self.pool.begin().await?;
         for (engine, model) in models {
@@ -143,8 +149,8 @@ impl Store {
             }
         }
         sqlx::query(
-            "INSERT INTO workers (id, name, hostname, engines, max_pixels, max_batch, registered_at, last_seen_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
+            "INSERT INTO workers (id, name, hostname, engines, max_pixels, max_batch, registered_at, last_seen_at, principal) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8)",
         )
         .bind(worker_id)
         .bind(name)
@@ -153,6 +159,7 @@ impl Store {
         .bind(max_pixels as i64)
         .bind(i64::from(max_batch))
         .bind(now)
+        .bind(principal)
         .execute(&mut *tx)
         .await?;
         for (engine, model) in models {
@@ -181,9 +188,14 @@ impl Store {
                 })).collect::<Vec<_>>(),
                 "max_pixels": max_pixels,
                 "max_batch": max_batch,
+                "principal": principal,
             }),
         )
-        .actor(worker_id);
+        .actor(if principal.is_empty() {
+            worker_id
+        } else {
+            principal
+        });
         audit::append(&mut tx, now, &[registered]).await?;
         tx.commit().await?;
         Ok(())
@@ -191,7 +203,7 @@ impl Store {
 
     /// The lease-relevant capabilities of a registered worker.
     pub async fn worker_caps(&self, worker_id: &str) -> Result<WorkerCaps> {
-        let row = sqlx::query("SELECT max_pixels, max_batch FROM workers WHERE id = $1")
+        let row = sqlx::query("SELECT max_pixels, max_batch, principal FROM workers WHERE id = $1")
             .bind(worker_id)
             .fetch_optional(&self.pool)
             .await?
@@ -202,7 +214,24 @@ impl Store {
             worker_id: worker_id.to_string(),
             max_pixels: row.try_get::<i64, _>("max_pixels")? as u64,
             max_batch: row.try_get::<i64, _>("max_batch")? as u32,
+            principal: row.try_get("principal")?,
         })
+    }
+
+    /// Whether a task leased to a worker registered by `principal` starts
+    /// from the image `sha256` (an upscale's base image, an img2img input):
+    /// what a worker token may fetch. Only leased tasks are looked at (a
+    /// partial index), so this stays cheap however many tasks are stored.
+    pub async fn base_image_leased_to(&self, sha256: &str, principal: &str) -> Result<bool> {
+        let found: Option<i32> = sqlx::query_scalar(
+            "SELECT 1 FROM tasks t JOIN workers w ON w.id = t.worker_id \
+             WHERE t.state = 'leased' AND t.parent_sha256 = $1 AND w.principal = $2 LIMIT 1",
+        )
+        .bind(sha256)
+        .bind(principal)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(found.is_some())
     }
 
     /// Marks the worker seen now (presence) and what model it holds.
@@ -802,7 +831,7 @@ impl Store {
     /// Registered workers with their presence and current load.
     pub async fn list_workers(&self, live_since: i64) -> Result<Vec<WorkerInfo>> {
         let rows = sqlx::query(
-            "SELECT w.id, w.name, w.hostname, w.engines, w.max_pixels, w.max_batch, w.last_seen_at, w.loaded_model, \
+            "SELECT w.id, w.name, w.hostname, w.engines, w.max_pixels, w.max_batch, w.last_seen_at, w.loaded_model, w.principal, \
              CAST((SELECT COUNT(*) FROM tasks t WHERE t.worker_id = w.id AND t.state = 'leased') AS BIGINT) AS leased \
              FROM workers w ORDER BY w.last_seen_at DESC, w.id",
         )
@@ -835,6 +864,7 @@ impl Store {
                 live: last_seen >= live_since,
                 leased_tasks: r.try_get::<i64, _>("leased")? as u32,
                 loaded_model: r.try_get("loaded_model")?,
+                principal: r.try_get("principal")?,
             });
         }
         Ok(out)

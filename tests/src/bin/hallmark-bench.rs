@@ -17,6 +17,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Parser;
 use hallmark_coordinator::CoordinatorConfig;
+use hallmark_coordinator::config::TokenEntry;
 use hallmark_proto::client::{AuthChannel, BearerToken};
 use hallmark_proto::v1::complete_message::Body;
 use hallmark_proto::v1::workers_client::WorkersClient;
@@ -203,8 +204,11 @@ async fn run(
         (
             "tokens",
             [
-                (digest(&worker_token), "worker".to_string()),
-                (digest(&tenant_token), "tenant:bench".to_string()),
+                (digest(&worker_token), TokenEntry::Role("worker".into())),
+                (
+                    digest(&tenant_token),
+                    TokenEntry::Role("tenant:bench".into()),
+                ),
             ]
             .into(),
         )
