@@ -154,6 +154,37 @@ impl std::str::FromStr for Anchor {
     }
 }
 
+/// The coordinator's signed statement that the chain's entry `seq` hashed
+/// to `hash` at `at_ms`: what it signs (detached, with the deployment's
+/// certificate: [`crate::credentials::detached`]) as it seals. A chain
+/// rewritten after a checkpoint no longer passes through it, and rewriting
+/// the checkpoint too takes the signing key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub seq: u64,
+    pub hash: String,
+    pub at_ms: i64,
+}
+
+impl Checkpoint {
+    /// The bytes signed: a domain tag and the three fields, one per line.
+    pub fn payload(&self) -> Vec<u8> {
+        format!(
+            "hallmark-audit-checkpoint-v1\n{}\n{}\n{}",
+            self.seq, self.hash, self.at_ms
+        )
+        .into_bytes()
+    }
+
+    /// The point of the chain it vouches for.
+    pub fn anchor(&self) -> Anchor {
+        Anchor {
+            seq: self.seq,
+            hash: self.hash.clone(),
+        }
+    }
+}
+
 /// Checks a chain entry by entry, from the first, so an auditor can walk a
 /// ledger of any length page by page.
 #[derive(Debug, Clone)]
@@ -176,6 +207,17 @@ impl ChainCheck {
             next_seq: 1,
             head_hash: GENESIS.to_string(),
             anchors,
+        }
+    }
+
+    /// A check that starts after `from`, an entry already known good (a
+    /// signed checkpoint): the next entry must be `from.seq + 1` and link
+    /// to `from.hash`.
+    pub fn resume(from: Anchor) -> Self {
+        Self {
+            next_seq: from.seq + 1,
+            head_hash: from.hash,
+            anchors: Vec::new(),
         }
     }
 
@@ -377,5 +419,46 @@ mod tests {
         for bad in ["7", "x:ab", &format!("0:{hash}"), "3:abc"] {
             assert!(bad.parse::<Anchor>().is_err(), "{bad} parsed");
         }
+    }
+
+    #[test]
+    fn a_check_resumed_at_a_checkpoint_needs_the_chain_to_continue_from_it() {
+        let entries = chain(5);
+        let at = Checkpoint {
+            seq: 2,
+            hash: entries[1].hash.clone(),
+            at_ms: 9,
+        };
+        assert_eq!(
+            String::from_utf8(at.payload()).unwrap(),
+            format!("hallmark-audit-checkpoint-v1\n2\n{}\n9", entries[1].hash)
+        );
+        let mut resumed = ChainCheck::resume(at.anchor());
+        for e in &entries[2..] {
+            resumed.push(e).unwrap();
+        }
+        assert_eq!(
+            resumed.head(),
+            Anchor {
+                seq: 5,
+                hash: entries[4].hash.clone()
+            }
+        );
+        // Starting anywhere but right after it is a gap; a checkpoint the
+        // chain no longer passes through is a broken link.
+        let mut skipped = ChainCheck::resume(at.anchor());
+        assert!(matches!(
+            skipped.push(&entries[3]),
+            Err(LedgerFault::Gap { .. })
+        ));
+        let forged = Anchor {
+            seq: 2,
+            hash: "ab".repeat(32),
+        };
+        let mut rewritten = ChainCheck::resume(forged);
+        assert!(matches!(
+            rewritten.push(&entries[2]),
+            Err(LedgerFault::BrokenLink { seq: 3, .. })
+        ));
     }
 }

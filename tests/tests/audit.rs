@@ -283,12 +283,16 @@ async fn a_single_node_render_leaves_a_sealed_ledger_to_audit() {
         "-o",
         out_dir.to_str().unwrap(),
     ]));
-    let (code, report) = audit(&["--state-dir", state, "verify"]);
+    let (code, report) = audit(&["--state-dir", state, "verify", "--require-signed"]);
     assert_eq!(code, 0, "{report:#}");
     assert_eq!(
         report["unsealed"], 0,
         "the farm sealed everything as it stopped"
     );
+    // Signed with the farm's own (local test CA) identity, up to the head.
+    assert_eq!(report["checkpoint"]["trusted"], true, "{report:#}");
+    assert_eq!(report["checkpoint"]["signer"], "Hallmark local");
+    assert_eq!(report["checkpoint"]["seq"], report["entries"], "{report:#}");
     let out = hallmark(&["--json", "audit", "--state-dir", state, "log"]);
     let kinds: Vec<String> = ok(&out)
         .lines()
@@ -304,4 +308,164 @@ async fn a_single_node_render_leaves_a_sealed_ledger_to_audit() {
     }
     assert_eq!(kinds.iter().filter(|k| *k == "complete").count(), 2);
     assert_eq!(report["entries"].as_u64().unwrap() as usize, kinds.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_checkpoint_catches_a_chain_recomputed_without_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_ca();
+    let db = fresh_database().await;
+    let spec = CoordinatorSpec::new(&db, None, dir.path().join("blobs"))
+        .with("HALLMARK_SIGNING_CERT_CHAIN", ca.signer_chain.display())
+        .with("HALLMARK_SIGNING_PRIVATE_KEY", ca.signer_key.display())
+        .with("HALLMARK_LEDGER_CHECKPOINT_INTERVAL_MS", 0);
+    let _c = spec.start().await;
+    let url = spec.url();
+    let _w = start_worker(&url, "w", 0, &[]);
+    wait_for_workers(&url, 1).await;
+    let prompts = prompt_file(dir.path(), 3);
+    submit_and_finish(&url, &[prompts.to_str().unwrap()], Duration::from_secs(60)).await;
+    // The finish sealed, and the head it ends on signed.
+    wait_for_count(
+        &db,
+        "the head signed after the finish",
+        "SELECT COUNT(*) FROM audit_checkpoints c JOIN audit_head h ON c.seq = h.seq \
+         WHERE EXISTS (SELECT 1 FROM audit_events WHERE kind = 'finish' AND seq IS NOT NULL)",
+        |n| n == 1,
+    )
+    .await;
+    let root = ca.root_cert.to_str().unwrap();
+    let verify = |extra: &[&str]| {
+        audit(
+            &[
+                &["--coordinator", &url, "verify", "--trust-anchors", root][..],
+                extra,
+            ]
+            .concat(),
+        )
+    };
+    let (code, report) = verify(&["--require-signed"]);
+    assert_eq!(code, 0, "{report:#}");
+    let checkpoint = &report["checkpoint"];
+    assert_eq!(checkpoint["trusted"], true, "{report:#}");
+    assert_eq!(checkpoint["signer"], "Hallmark e2e");
+    let signed_seq = checkpoint["seq"].as_u64().unwrap();
+    assert_eq!(
+        report["head"].as_str().unwrap(),
+        format!("{signed_seq}:{}", checkpoint["hash"].as_str().unwrap())
+    );
+
+    // Another deployment's roots do not vouch for the signer; a ledger with
+    // no checkpoint is refused under --require-signed.
+    let other = tempfile::tempdir().unwrap();
+    let other_ca = hallmark_provenance::credentials::ca::init(
+        other.path(),
+        "Someone Else",
+        hallmark_provenance::credentials::SigningAlgorithm::Es256,
+    )
+    .unwrap();
+    let (code, report) = audit(&[
+        "--coordinator",
+        &url,
+        "verify",
+        "--trust-anchors",
+        other_ca.root_cert.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{report:#}");
+    assert!(
+        problems(&report).contains("does not chain to the trust anchors"),
+        "{report:#}"
+    );
+
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&db).await.unwrap();
+    // A checkpoint whose signature does not match what it states.
+    execute(
+        &pool,
+        &format!("UPDATE audit_checkpoints SET at = at + 1 WHERE seq = {signed_seq}"),
+    )
+    .await;
+    let (code, report) = verify(&[]);
+    assert_eq!(code, 1, "{report:#}");
+    assert!(problems(&report).contains("does not verify"), "{report:#}");
+    execute(
+        &pool,
+        &format!("UPDATE audit_checkpoints SET at = at - 1 WHERE seq = {signed_seq}"),
+    )
+    .await;
+    assert_eq!(verify(&["--require-signed"]).0, 0);
+
+    // The whole chain recomputed around an edit, as someone with the
+    // database and this source (but not the key) could: consistent in
+    // itself, but not with what the coordinator signed — and no anchor of
+    // the auditor's own is needed to see it.
+    let rows = sqlx::query(
+        "SELECT seq, at, kind, job_id, subject, actor, body FROM audit_events \
+         WHERE seq IS NOT NULL ORDER BY seq",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let mut prev = ledger::GENESIS.to_string();
+    let mut tx = pool.begin().await.unwrap();
+    for r in &rows {
+        let seq: i64 = r.get("seq");
+        let mut body: String = r.get("body");
+        if seq == 2 {
+            body = body.replace('"', "'");
+        }
+        let hash = ledger::entry_hash(
+            seq as u64,
+            &prev,
+            &EntryFields {
+                at_ms: r.get("at"),
+                kind: &r.get::<String, _>("kind"),
+                job_id: &r.get::<String, _>("job_id"),
+                subject: &r.get::<String, _>("subject"),
+                actor: &r.get::<String, _>("actor"),
+                body: &body,
+            },
+        );
+        sqlx::query("UPDATE audit_events SET body = $1, prev_hash = $2, hash = $3 WHERE seq = $4")
+            .bind(&body)
+            .bind(&prev)
+            .bind(&hash)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        prev = hash;
+    }
+    sqlx::query("UPDATE audit_head SET hash = $1")
+        .bind(&prev)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let (code, report) = verify(&[]);
+    assert_eq!(code, 1, "{report:#}");
+    assert!(
+        problems(&report).contains(&format!(
+            "ledger entry {signed_seq} now hashes to {prev}, but the coordinator signed"
+        )) && problems(&report).contains("rewritten after it was signed"),
+        "{report:#}"
+    );
+
+    // Nor does the coordinator sign the forged chain as it grows on it.
+    submit_and_finish(&url, &[prompts.to_str().unwrap()], Duration::from_secs(60)).await;
+    wait_for_count(
+        &db,
+        "the second job's finish sealed",
+        "SELECT COUNT(*) FROM audit_events WHERE kind = 'finish' AND seq IS NOT NULL",
+        |n| n == 2,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        scalar(&db, "SELECT COALESCE(MAX(seq), 0) FROM audit_checkpoints").await,
+        signed_seq as i64,
+        "a checkpoint was signed over the rewritten chain"
+    );
+    assert_eq!(verify(&[]).0, 1);
+    pool.close().await;
 }

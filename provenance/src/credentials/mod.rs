@@ -7,12 +7,15 @@
 //!   ingredient) and signs it into PNG, JPEG or WebP bytes;
 //! - [`inspect`]: reads and validates a file's credentials against trust
 //!   anchors, including the ingredients' own validation results;
-//! - `timestamp`: RFC 3161 timestamps from a configured authority.
+//! - `timestamp`: RFC 3161 timestamps from a configured authority;
+//! - [`detached`]: COSE signatures over other bytes (the audit ledger's
+//!   checkpoints), with the same certificate and trust anchors.
 //!
 //! The `c2pa` crate does the JUMBF/COSE work; this module decides what
 //! Hallmark asserts and how a verdict is phrased.
 
 pub mod ca;
+pub mod detached;
 pub mod inspect;
 pub mod stamp;
 mod timestamp;
@@ -52,6 +55,8 @@ pub enum CredentialsError {
     Manifest(String),
     #[error("not supported: {0}")]
     Unsupported(String),
+    #[error("signature: {0}")]
+    Signature(String),
 }
 
 pub(crate) fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CredentialsError + '_ {

@@ -1,0 +1,138 @@
+//! Detached signatures over bytes that are not an image: a COSE_Sign1 made
+//! with the deployment's signing certificate, the same structure C2PA signs
+//! its claims with (the signing chain rides in the signature, the payload
+//! does not). The audit ledger's checkpoints are signed this way, so an
+//! auditor checks them against the same trust anchors as the images.
+
+use c2pa::crypto::cose::{
+    CertificateTrustPolicy, CoseError, TimeStampStorage, Verifier, cert_chain_from_sign1,
+    parse_cose_sign1, sign,
+};
+use c2pa::crypto::raw_signature::signer_from_cert_chain_and_private_key;
+use c2pa::status_tracker::StatusTracker;
+
+use super::{CredentialsError, SigningIdentity};
+
+/// What a valid detached signature says about its signer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DetachedVerdict {
+    /// The signing certificate's organization.
+    pub signer: String,
+    /// `es256` or `ed25519`.
+    pub alg: String,
+    /// Whether the signing chain leads to one of the trust anchors given;
+    /// `None` when none were given.
+    pub trusted: Option<bool>,
+}
+
+/// Signs `payload` with `identity` (no timestamp authority: the payloads
+/// signed this way carry their own time).
+pub fn sign_detached(
+    identity: &SigningIdentity,
+    payload: &[u8],
+) -> Result<Vec<u8>, CredentialsError> {
+    let signer = signer_from_cert_chain_and_private_key(
+        &identity.cert_chain_pem,
+        &identity.private_key_pem,
+        identity.alg.c2pa(),
+        None,
+    )
+    .map_err(|e| CredentialsError::Signature(format!("loading the signing identity: {e}")))?;
+    sign(
+        signer.as_ref(),
+        payload,
+        None,
+        TimeStampStorage::V2_sigTst2_CTT,
+    )
+    .map_err(|e| CredentialsError::Signature(format!("signing: {e}")))
+}
+
+/// Checks that `signature` signs exactly `payload`, and whether its signer
+/// chains to `trust_anchors` (PEM). A signature that does not match the
+/// payload (or is not a COSE_Sign1 with a certificate chain) is an error.
+pub fn verify_detached(
+    signature: &[u8],
+    payload: &[u8],
+    trust_anchors: Option<&str>,
+) -> Result<DetachedVerdict, CredentialsError> {
+    let broken = |e: CoseError| CredentialsError::Signature(e.to_string());
+    let mut log = StatusTracker::default();
+    let info = Verifier::IgnoreProfileAndTrustPolicy
+        .verify_signature(signature, payload, &[], None, &mut log)
+        .map_err(broken)?;
+    let trusted = match trust_anchors {
+        None => None,
+        Some(pem) => {
+            let mut policy = CertificateTrustPolicy::new();
+            policy
+                .add_trust_anchors(pem.as_bytes())
+                .map_err(|e| CredentialsError::Certificate(format!("trust anchors: {e}")))?;
+            let sign1 = parse_cose_sign1(signature, payload, &mut log).map_err(broken)?;
+            let chain = cert_chain_from_sign1(&sign1).map_err(broken)?;
+            let (end_entity, rest) = chain.split_first().ok_or_else(|| {
+                CredentialsError::Signature("the signature carries no certificate".into())
+            })?;
+            Some(
+                policy
+                    .check_certificate_trust(rest, end_entity, None)
+                    .is_ok(),
+            )
+        }
+    };
+    Ok(DetachedVerdict {
+        signer: info.issuer_org.unwrap_or_default(),
+        alg: info
+            .alg
+            .map(|a| a.to_string().to_ascii_lowercase())
+            .unwrap_or_default(),
+        trusted,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::credentials::SigningAlgorithm;
+    use crate::credentials::ca::{CaFiles, init};
+
+    fn identity(
+        dir: &std::path::Path,
+        org: &str,
+        alg: SigningAlgorithm,
+    ) -> (SigningIdentity, String) {
+        init(dir, org, alg).unwrap();
+        let files = CaFiles::in_dir(dir, alg);
+        (
+            files.identity(None).unwrap(),
+            files.trust_anchors().unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_detached_signature_holds_its_payload_and_names_its_signer() {
+        for alg in [SigningAlgorithm::Es256, SigningAlgorithm::Ed25519] {
+            let (ours, theirs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let (id, anchors) = identity(ours.path(), "Hallmark Test", alg);
+            let (_, other_anchors) = identity(theirs.path(), "Someone Else", alg);
+            let payload = b"hallmark-audit-checkpoint-v1\n7\nabc\n1";
+            let sig = sign_detached(&id, payload).unwrap();
+            let v = verify_detached(&sig, payload, Some(&anchors)).unwrap();
+            assert_eq!(v.signer, "Hallmark Test");
+            assert_eq!(v.alg, alg.name());
+            assert_eq!(v.trusted, Some(true));
+            assert_eq!(verify_detached(&sig, payload, None).unwrap().trusted, None);
+            // Another deployment's roots do not vouch for it.
+            let other = verify_detached(&sig, payload, Some(&other_anchors)).unwrap();
+            assert_eq!(other.trusted, Some(false));
+            // One changed byte of the payload, or of the signature, breaks it.
+            assert!(
+                verify_detached(&sig, b"hallmark-audit-checkpoint-v1\n8\nabc\n1", None).is_err()
+            );
+            let mut bad = sig.clone();
+            let last = bad.len() - 1;
+            bad[last] ^= 1;
+            assert!(verify_detached(&bad, payload, None).is_err());
+            assert!(verify_detached(b"not cose", payload, None).is_err());
+        }
+    }
+}
