@@ -319,7 +319,7 @@ async fn a_signed_checkpoint_catches_a_chain_recomputed_without_the_key() {
         .with("HALLMARK_SIGNING_CERT_CHAIN", ca.signer_chain.display())
         .with("HALLMARK_SIGNING_PRIVATE_KEY", ca.signer_key.display())
         .with("HALLMARK_LEDGER_CHECKPOINT_INTERVAL_MS", 0);
-    let _c = spec.start().await;
+    let coordinator = spec.start().await;
     let url = spec.url();
     let _w = start_worker(&url, "w", 0, &[]);
     wait_for_workers(&url, 1).await;
@@ -467,5 +467,64 @@ async fn a_signed_checkpoint_catches_a_chain_recomputed_without_the_key() {
         "a checkpoint was signed over the rewritten chain"
     );
     assert_eq!(verify(&[]).0, 1);
+
+    // A checkpoint of the forged head signed with someone else's key, then
+    // a restarted coordinator: it resumes from its own checkpoint, not the
+    // newer foreign one, so it still signs nothing over the forged chain;
+    // the auditor is told whose signature the newest checkpoint bears.
+    let forged_head: (i64, String) = {
+        let r = sqlx::query("SELECT seq, hash FROM audit_head")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        (r.get("seq"), r.get("hash"))
+    };
+    let forged = ledger::Checkpoint {
+        seq: forged_head.0 as u64,
+        hash: forged_head.1,
+        at_ms: 1,
+    };
+    let foreign = hallmark_provenance::credentials::detached::sign_detached(
+        &other_ca.identity(None).unwrap(),
+        &forged.payload(),
+    )
+    .unwrap();
+    sqlx::query("INSERT INTO audit_checkpoints (seq, hash, at, signature) VALUES ($1, $2, $3, $4)")
+        .bind(forged.seq as i64)
+        .bind(&forged.hash)
+        .bind(forged.at_ms)
+        .bind(foreign)
+        .execute(&pool)
+        .await
+        .unwrap();
+    drop(coordinator);
+    let _restarted = spec.start().await;
+    submit_and_finish(&url, &[prompts.to_str().unwrap()], Duration::from_secs(60)).await;
+    wait_for_count(
+        &db,
+        "the third job's finish sealed",
+        "SELECT COUNT(*) FROM audit_events WHERE kind = 'finish' AND seq IS NOT NULL",
+        |n| n == 3,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        scalar(
+            &db,
+            &format!(
+                "SELECT COUNT(*) FROM audit_checkpoints WHERE seq > {signed_seq} AND seq <> {}",
+                forged.seq
+            )
+        )
+        .await,
+        0,
+        "the restarted coordinator signed the forged chain"
+    );
+    let (code, report) = verify(&[]);
+    assert_eq!(code, 1, "{report:#}");
+    assert!(
+        problems(&report).contains("\"Someone Else\", whose certificate does not chain"),
+        "{report:#}"
+    );
     pool.close().await;
 }

@@ -64,6 +64,7 @@ impl Coordinator {
             identity,
             every: Duration::from_millis(config.ledger_checkpoint_interval_ms),
             last: tokio::sync::Mutex::new(None),
+            resume_failed: tokio::sync::Mutex::new(None),
         });
         let lease_policy = LeasePolicy {
             base_ms: config.lease_base_ms,
@@ -244,21 +245,15 @@ impl Coordinator {
         let signed = match &*last {
             Some(s) => s.clone(),
             None => {
-                let from = match self.store.latest_checkpoint().await? {
-                    Some((c, signature)) => {
-                        verify_detached(&signature, &c.payload(), None).map_err(|e| {
-                            anyhow::anyhow!(
-                                "the stored checkpoint at entry {} does not verify: {e}",
-                                c.seq
-                            )
-                        })?;
-                        c.anchor()
-                    }
-                    None => Anchor {
-                        seq: 0,
-                        hash: ledger::GENESIS.to_string(),
-                    },
-                };
+                // A replica that cannot find where to resume tries again
+                // after a while, not on every sealing pass.
+                let mut failed = signer.resume_failed.lock().await;
+                if failed.is_some_and(|at| at.elapsed() < RESUME_RETRY.max(signer.every)) {
+                    return Ok(());
+                }
+                let from = self.resume_point(signer).await.inspect_err(|_| {
+                    *failed = Some(Instant::now());
+                })?;
                 let s = LastCheckpoint {
                     signed: from,
                     at: None,
@@ -324,12 +319,59 @@ impl Coordinator {
     }
 }
 
+impl Coordinator {
+    /// Where a replica that has signed nothing yet resumes: the latest
+    /// stored checkpoint this deployment vouches for — signed with this
+    /// replica's own certificate, or by one the trust anchors accept — or
+    /// the genesis when none was ever made. Checkpoints that exist but none
+    /// of which it vouches for (someone else's signature, or a broken one)
+    /// stop it signing, loudly: resuming from the genesis then would sign
+    /// whatever chain the database holds now.
+    async fn resume_point(&self, signer: &LedgerSigner) -> anyhow::Result<Anchor> {
+        let ours = signer.identity.certificate_der()?;
+        let stored = self.store.latest_checkpoints(CHECKPOINTS_SCANNED).await?;
+        if stored.is_empty() {
+            return Ok(Anchor {
+                seq: 0,
+                hash: ledger::GENESIS.to_string(),
+            });
+        }
+        for (c, signature) in &stored {
+            match verify_detached(signature, &c.payload(), self.stamps.trust_anchors()) {
+                Ok(v) if v.certificate == ours || v.trusted == Some(true) => {
+                    return Ok(c.anchor());
+                }
+                Ok(v) => tracing::warn!(
+                    seq = c.seq,
+                    signer = %v.signer,
+                    "an audit checkpoint is signed by a certificate this deployment does not vouch for"
+                ),
+                Err(e) => {
+                    tracing::warn!(seq = c.seq, error = %e, "an audit checkpoint does not verify")
+                }
+            }
+        }
+        anyhow::bail!(
+            "none of the latest {} audit checkpoints is signed by this deployment; not signing until they are looked into",
+            stored.len()
+        )
+    }
+}
+
+/// Stored checkpoints a replica looks through for one to resume from.
+const CHECKPOINTS_SCANNED: u32 = 16;
+
 /// What signs the audit ledger's checkpoints, and the last it signed.
 struct LedgerSigner {
     identity: SigningIdentity,
     every: Duration,
     last: tokio::sync::Mutex<Option<LastCheckpoint>>,
+    /// When looking for a checkpoint to resume from last failed.
+    resume_failed: tokio::sync::Mutex<Option<Instant>>,
 }
+
+/// Least time between two looks for a checkpoint to resume from.
+const RESUME_RETRY: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 struct LastCheckpoint {

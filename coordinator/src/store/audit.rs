@@ -270,21 +270,28 @@ impl Store {
 
     /// The signed checkpoint furthest along the chain, with its signature.
     pub async fn latest_checkpoint(&self) -> Result<Option<(Checkpoint, Vec<u8>)>> {
-        let Some(r) = sqlx::query(
-            "SELECT seq, hash, at, signature FROM audit_checkpoints ORDER BY seq DESC LIMIT 1",
+        Ok(self.latest_checkpoints(1).await?.into_iter().next())
+    }
+
+    /// Up to `n` signed checkpoints, furthest along the chain first.
+    pub async fn latest_checkpoints(&self, n: u32) -> Result<Vec<(Checkpoint, Vec<u8>)>> {
+        let rows = sqlx::query(
+            "SELECT seq, hash, at, signature FROM audit_checkpoints ORDER BY seq DESC LIMIT $1",
         )
-        .fetch_optional(&self.pool)
-        .await?
-        else {
-            return Ok(None);
-        };
-        Ok(Some((
-            Checkpoint {
-                seq: r.try_get::<i64, _>("seq")? as u64,
-                hash: r.try_get("hash")?,
-                at_ms: r.try_get("at")?,
-            },
-            r.try_get("signature")?,
-        )))
+        .bind(i64::from(n))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    Checkpoint {
+                        seq: r.try_get::<i64, _>("seq")? as u64,
+                        hash: r.try_get("hash")?,
+                        at_ms: r.try_get("at")?,
+                    },
+                    r.try_get("signature")?,
+                ))
+            })
+            .collect()
     }
 }

@@ -23,6 +23,8 @@ pub struct DetachedVerdict {
     /// Whether the signing chain leads to one of the trust anchors given;
     /// `None` when none were given.
     pub trusted: Option<bool>,
+    /// The signing certificate, DER.
+    pub certificate: Vec<u8>,
 }
 
 /// Signs `payload` with `identity` (no timestamp authority: the payloads
@@ -60,6 +62,11 @@ pub fn verify_detached(
     let info = Verifier::IgnoreProfileAndTrustPolicy
         .verify_signature(signature, payload, &[], None, &mut log)
         .map_err(broken)?;
+    let sign1 = parse_cose_sign1(signature, payload, &mut log).map_err(broken)?;
+    let chain = cert_chain_from_sign1(&sign1).map_err(broken)?;
+    let (end_entity, rest) = chain.split_first().ok_or_else(|| {
+        CredentialsError::Signature("the signature carries no certificate".into())
+    })?;
     let trusted = match trust_anchors {
         None => None,
         Some(pem) => {
@@ -67,11 +74,6 @@ pub fn verify_detached(
             policy
                 .add_trust_anchors(pem.as_bytes())
                 .map_err(|e| CredentialsError::Certificate(format!("trust anchors: {e}")))?;
-            let sign1 = parse_cose_sign1(signature, payload, &mut log).map_err(broken)?;
-            let chain = cert_chain_from_sign1(&sign1).map_err(broken)?;
-            let (end_entity, rest) = chain.split_first().ok_or_else(|| {
-                CredentialsError::Signature("the signature carries no certificate".into())
-            })?;
             Some(
                 policy
                     .check_certificate_trust(rest, end_entity, None)
@@ -86,6 +88,7 @@ pub fn verify_detached(
             .map(|a| a.to_string().to_ascii_lowercase())
             .unwrap_or_default(),
         trusted,
+        certificate: end_entity.clone(),
     })
 }
 
@@ -120,7 +123,9 @@ mod tests {
             assert_eq!(v.signer, "Hallmark Test");
             assert_eq!(v.alg, alg.name());
             assert_eq!(v.trusted, Some(true));
-            assert_eq!(verify_detached(&sig, payload, None).unwrap().trusted, None);
+            let unchecked = verify_detached(&sig, payload, None).unwrap();
+            assert_eq!(unchecked.trusted, None);
+            assert_eq!(unchecked.certificate, id.certificate_der().unwrap());
             // Another deployment's roots do not vouch for it.
             let other = verify_detached(&sig, payload, Some(&other_anchors)).unwrap();
             assert_eq!(other.trusted, Some(false));

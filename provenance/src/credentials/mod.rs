@@ -124,6 +124,18 @@ impl SigningIdentity {
         })
     }
 
+    /// The signing (end-entity) certificate, DER: the first of the chain.
+    pub fn certificate_der(&self) -> Result<Vec<u8>, CredentialsError> {
+        pem::parse_many(&self.cert_chain_pem)
+            .map_err(|e| CredentialsError::Certificate(format!("signing chain: {e}")))?
+            .into_iter()
+            .find(|p| p.tag() == "CERTIFICATE")
+            .map(pem::Pem::into_contents)
+            .ok_or_else(|| {
+                CredentialsError::Certificate("the signing chain holds no certificate".into())
+            })
+    }
+
     pub(crate) fn signer(&self) -> Result<c2pa::BoxedSigner, CredentialsError> {
         let signer = c2pa::create_signer::from_keys(
             &self.cert_chain_pem,
