@@ -43,6 +43,56 @@ async fn execute(pool: &sqlx::AnyPool, sql: &str) {
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
+/// Edits entry `edited` and recomputes the whole chain around it, as
+/// someone with the database and this source (but no key) could; the new
+/// head's hash.
+async fn rewrite_chain(pool: &sqlx::AnyPool, edited: i64) -> String {
+    let rows = sqlx::query(
+        "SELECT seq, at, kind, job_id, subject, actor, body FROM audit_events \
+         WHERE seq IS NOT NULL ORDER BY seq",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let mut prev = ledger::GENESIS.to_string();
+    let mut tx = pool.begin().await.unwrap();
+    for r in &rows {
+        let seq: i64 = r.get("seq");
+        let mut body: String = r.get("body");
+        if seq == edited {
+            body = body.replace('"', "'");
+        }
+        let hash = ledger::entry_hash(
+            seq as u64,
+            &prev,
+            &EntryFields {
+                at_ms: r.get("at"),
+                kind: &r.get::<String, _>("kind"),
+                job_id: &r.get::<String, _>("job_id"),
+                subject: &r.get::<String, _>("subject"),
+                actor: &r.get::<String, _>("actor"),
+                body: &body,
+            },
+        );
+        sqlx::query("UPDATE audit_events SET body = $1, prev_hash = $2, hash = $3 WHERE seq = $4")
+            .bind(&body)
+            .bind(&prev)
+            .bind(&hash)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        prev = hash;
+    }
+    sqlx::query("UPDATE audit_head SET hash = $1")
+        .bind(&prev)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    prev
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_ledger_catches_every_kind_of_tampering() {
     let dir = tempfile::tempdir().unwrap();
@@ -187,49 +237,7 @@ async fn the_audit_ledger_catches_every_kind_of_tampering() {
 
     // 3. The whole chain recomputed after the edit, as someone with the
     // database and this source could: consistent, but not with the anchor.
-    let rows = sqlx::query(
-        "SELECT seq, at, kind, job_id, subject, actor, body FROM audit_events \
-         WHERE seq IS NOT NULL ORDER BY seq",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    let mut prev = ledger::GENESIS.to_string();
-    let mut tx = pool.begin().await.unwrap();
-    for r in &rows {
-        let seq: i64 = r.get("seq");
-        let mut body: String = r.get("body");
-        if seq == i64::try_from(entries).unwrap() / 2 {
-            body = body.replace('"', "'");
-        }
-        let hash = ledger::entry_hash(
-            seq as u64,
-            &prev,
-            &EntryFields {
-                at_ms: r.get("at"),
-                kind: &r.get::<String, _>("kind"),
-                job_id: &r.get::<String, _>("job_id"),
-                subject: &r.get::<String, _>("subject"),
-                actor: &r.get::<String, _>("actor"),
-                body: &body,
-            },
-        );
-        sqlx::query("UPDATE audit_events SET body = $1, prev_hash = $2, hash = $3 WHERE seq = $4")
-            .bind(&body)
-            .bind(&prev)
-            .bind(&hash)
-            .bind(seq)
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        prev = hash;
-    }
-    sqlx::query("UPDATE audit_head SET hash = $1")
-        .bind(&prev)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    rewrite_chain(&pool, i64::try_from(entries).unwrap() / 2).await;
     assert_eq!(
         audit(&["--coordinator", &url, "verify"]).0,
         0,
@@ -399,49 +407,7 @@ async fn a_signed_checkpoint_catches_a_chain_recomputed_without_the_key() {
     // database and this source (but not the key) could: consistent in
     // itself, but not with what the coordinator signed — and no anchor of
     // the auditor's own is needed to see it.
-    let rows = sqlx::query(
-        "SELECT seq, at, kind, job_id, subject, actor, body FROM audit_events \
-         WHERE seq IS NOT NULL ORDER BY seq",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    let mut prev = ledger::GENESIS.to_string();
-    let mut tx = pool.begin().await.unwrap();
-    for r in &rows {
-        let seq: i64 = r.get("seq");
-        let mut body: String = r.get("body");
-        if seq == 2 {
-            body = body.replace('"', "'");
-        }
-        let hash = ledger::entry_hash(
-            seq as u64,
-            &prev,
-            &EntryFields {
-                at_ms: r.get("at"),
-                kind: &r.get::<String, _>("kind"),
-                job_id: &r.get::<String, _>("job_id"),
-                subject: &r.get::<String, _>("subject"),
-                actor: &r.get::<String, _>("actor"),
-                body: &body,
-            },
-        );
-        sqlx::query("UPDATE audit_events SET body = $1, prev_hash = $2, hash = $3 WHERE seq = $4")
-            .bind(&body)
-            .bind(&prev)
-            .bind(&hash)
-            .bind(seq)
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        prev = hash;
-    }
-    sqlx::query("UPDATE audit_head SET hash = $1")
-        .bind(&prev)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    let prev = rewrite_chain(&pool, 2).await;
     let (code, report) = verify(&[]);
     assert_eq!(code, 1, "{report:#}");
     assert!(
