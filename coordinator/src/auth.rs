@@ -7,8 +7,8 @@
 //!
 //! | role | may |
 //! |---|---|
-//! | `tenant:NAME` | submit as `NAME`; see, watch, control and download `NAME`'s jobs only; upload inputs; list models and datasets; resolve provenance, with the prompt of its own images |
-//! | `worker[:NAME]` | the `Workers` service (register, lease, complete, fail, fetch a base image); list models and datasets |
+//! | `tenant:NAME` | submit as `NAME`; see, watch, control and download `NAME`'s jobs only; upload inputs; list models and datasets; resolve provenance, with the prompt of its own images; read its own jobs' audit ledger entries |
+//! | `worker[:NAME]` | the `Workers` service (register, lease, complete, fail, fetch a base image) for the workers it registered; list models and datasets |
 //! | `operator[:NAME]` | everything, for any tenant: registering models and datasets, listing workers, reading the audit ledger |
 //! | no token | resolve provenance (public fields only), as the HTTP soft-binding API does; health and reflection |
 //!

@@ -195,6 +195,33 @@ async fn each_role_is_allowed_its_own_calls_and_refused_the_rest() {
         &hallmark_as(&url, Some(acme), &["audit", "verify"]),
         "not allowed",
     );
+    // A tenant reads its own job's ledger entries (not the whole chain,
+    // which holds every tenant's).
+    let log = hallmark_as(
+        &url,
+        Some(acme),
+        &["--json", "audit", "log", "--job", &job_id],
+    );
+    let entries: Vec<Value> = ok(&log)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        entries.first().map(|e| e["kind"].clone()),
+        Some("submit".into())
+    );
+    assert!(
+        entries.iter().all(|e| e["job_id"] == job_id.as_str()),
+        "{entries:?}"
+    );
+    refused(
+        &hallmark_as(&url, Some(globex), &["audit", "log", "--job", &job_id]),
+        "no job with id",
+    );
+    refused(
+        &hallmark_as(&url, Some(acme), &["audit", "log"]),
+        "not allowed",
+    );
     // Registering models is the operators'; a control names who did it in
     // the ledger.
     let weights = dir.path().join("weights.bin");

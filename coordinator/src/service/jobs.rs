@@ -46,16 +46,6 @@ impl JobsService {
             .map_err(status)
     }
 
-    /// Refuses a job the caller may not see as if it did not exist, so a
-    /// tenant cannot probe for other tenants' job ids.
-    async fn check_owner(&self, caller: &Caller, job_id: &str) -> Result<(), Status> {
-        caller.require_known("looking at a job")?;
-        match self.0.store.job_tenant(job_id).await.map_err(status)? {
-            Some(tenant) if caller.owns(&tenant) => Ok(()),
-            _ => Err(Status::not_found(format!("no job with id {job_id:?}"))),
-        }
-    }
-
     async fn control(
         &self,
         req: Request<JobRef>,
@@ -63,7 +53,7 @@ impl JobsService {
     ) -> Result<Response<Job>, Status> {
         let caller = Caller::of(&req);
         let job_id = req.into_inner().job_id;
-        self.check_owner(&caller, &job_id).await?;
+        self.0.check_job_owner(&caller, &job_id).await?;
         self.0
             .store
             .control_by(&job_id, action, &caller.name(), now_ms())
@@ -172,7 +162,7 @@ impl Jobs for JobsService {
     async fn get_job(&self, req: Request<JobRef>) -> Result<Response<Job>, Status> {
         let caller = Caller::of(&req);
         let job_id = req.into_inner().job_id;
-        self.check_owner(&caller, &job_id).await?;
+        self.0.check_job_owner(&caller, &job_id).await?;
         Ok(Response::new(self.view(&job_id).await?))
     }
 
@@ -201,7 +191,7 @@ impl Jobs for JobsService {
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let caller = Caller::of(&req);
         let job_id = req.into_inner().job_id;
-        self.check_owner(&caller, &job_id).await?;
+        self.0.check_job_owner(&caller, &job_id).await?;
         let first = self.view(&job_id).await?;
         let mut events = self.0.notifier.subscribe_jobs();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -272,7 +262,7 @@ impl Jobs for JobsService {
     ) -> Result<Response<ListArtifactsResponse>, Status> {
         let caller = Caller::of(&req);
         let job_id = req.into_inner().job_id;
-        self.check_owner(&caller, &job_id).await?;
+        self.0.check_job_owner(&caller, &job_id).await?;
         let artifacts = self.0.store.list_artifacts(&job_id).await.map_err(status)?;
         Ok(Response::new(ListArtifactsResponse { artifacts }))
     }

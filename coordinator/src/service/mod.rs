@@ -161,6 +161,16 @@ impl Coordinator {
         caller_drives(caller, &caps)
     }
 
+    /// Refuses a job the caller may not see as if it did not exist, so a
+    /// tenant cannot probe for other tenants' job ids.
+    async fn check_job_owner(&self, caller: &Caller, job_id: &str) -> Result<(), Status> {
+        caller.require_known("looking at a job")?;
+        match self.store.job_tenant(job_id).await.map_err(status)? {
+            Some(tenant) if caller.owns(&tenant) => Ok(()),
+            _ => Err(Status::not_found(format!("no job with id {job_id:?}"))),
+        }
+    }
+
     /// Streams a stored blob in chunks.
     async fn stream_blob(
         &self,
