@@ -32,6 +32,7 @@ pub const ATTEMPTS_FAILED: &str = "hallmark_task_attempts_failed_total";
 pub const LEASES_EXPIRED: &str = "hallmark_leases_expired_total";
 pub const AUDIT_SEALED: &str = "hallmark_audit_entries_sealed_total";
 pub const AUDIT_CHECKPOINTS: &str = "hallmark_audit_checkpoints_signed_total";
+pub const AUDIT_CHECKPOINT_REFUSALS: &str = "hallmark_audit_checkpoint_refusals_total";
 pub const TASKS: &str = "hallmark_tasks";
 pub const TENANT_TASKS: &str = "hallmark_tenant_tasks";
 pub const JOBS: &str = "hallmark_jobs";
@@ -93,6 +94,10 @@ pub fn describe() {
     describe_counter!(
         AUDIT_CHECKPOINTS,
         "Audit ledger checkpoints (the chain's head) this replica signed."
+    );
+    describe_counter!(
+        AUDIT_CHECKPOINT_REFUSALS,
+        "Times this replica did not sign a due ledger checkpoint: the chain does not run on from the last checkpoint (rewritten?), no stored checkpoint is its deployment's, or signing failed."
     );
     describe_gauge!(
         TASKS,

@@ -323,10 +323,12 @@ async fn a_signed_checkpoint_catches_a_chain_recomputed_without_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let ca = test_ca();
     let db = fresh_database().await;
+    let metrics = format!("127.0.0.1:{}", free_port());
     let spec = CoordinatorSpec::new(&db, None, dir.path().join("blobs"))
         .with("HALLMARK_SIGNING_CERT_CHAIN", ca.signer_chain.display())
         .with("HALLMARK_SIGNING_PRIVATE_KEY", ca.signer_key.display())
-        .with("HALLMARK_LEDGER_CHECKPOINT_INTERVAL_MS", 0);
+        .with("HALLMARK_LEDGER_CHECKPOINT_INTERVAL_MS", 0)
+        .with("HALLMARK_METRICS_LISTEN", &metrics);
     let coordinator = spec.start().await;
     let url = spec.url();
     let _w = start_worker(&url, "w", 0, &[]);
@@ -433,6 +435,14 @@ async fn a_signed_checkpoint_catches_a_chain_recomputed_without_the_key() {
         "a checkpoint was signed over the rewritten chain"
     );
     assert_eq!(verify(&[]).0, 1);
+    // Each refusal is counted for the HallmarkAuditCheckpointRefused alert.
+    let scrape = Scrape::get(&metrics);
+    assert!(
+        scrape.sum("hallmark_audit_checkpoints_signed_total", &[]) >= Some(2.0)
+            && scrape.sum("hallmark_audit_checkpoint_refusals_total", &[]) >= Some(1.0),
+        "{}",
+        scrape.text
+    );
 
     // A checkpoint of the forged head signed with someone else's key, then
     // a restarted coordinator: it resumes from its own checkpoint, not the

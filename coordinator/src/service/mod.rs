@@ -241,6 +241,7 @@ impl Coordinator {
             && let Err(e) = self.sign_checkpoint(signer).await
         {
             // The chain is sealed either way; the next pass tries again.
+            metrics::counter!(m::AUDIT_CHECKPOINT_REFUSALS).increment(1);
             tracing::warn!(error = %e, "could not sign an audit ledger checkpoint");
         }
         Ok(sealed)
