@@ -18,9 +18,9 @@
 //! trusted) every call is allowed and the request's own `tenant` fields are
 //! believed, as before tokens existed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use tonic::Status;
@@ -286,6 +286,18 @@ impl Tokens {
     fn len(&self) -> usize {
         self.0.len()
     }
+
+    /// The earliest expiry (ms) of each role that holds an expiring token.
+    fn earliest_expiries(&self) -> BTreeMap<String, i64> {
+        let mut out: BTreeMap<String, i64> = BTreeMap::new();
+        for g in self.0.values() {
+            if let Some(at) = g.expires_ms {
+                let e = out.entry(g.caller.name()).or_insert(at);
+                *e = (*e).min(at);
+            }
+        }
+        out
+    }
 }
 
 /// An RFC 3339 time (`2027-01-31T00:00:00Z`, or with an offset) as
@@ -410,17 +422,49 @@ pub fn new_token() -> Result<String, getrandom::Error> {
 /// puts a [`Caller`] in the request's extensions for the handlers to check.
 /// Clones share one token list, which [`Gate::reload_from`] replaces.
 #[derive(Clone)]
-pub struct Gate(Arc<RwLock<Option<Arc<Tokens>>>>);
+pub struct Gate {
+    tokens: Arc<RwLock<Option<Arc<Tokens>>>>,
+    /// Roles whose expiry this process has published (a role whose last
+    /// expiring token is removed is set to +Inf, not left stale).
+    reported: Arc<Mutex<BTreeSet<String>>>,
+}
 
 impl Gate {
     pub fn new(tokens: Option<Tokens>) -> Self {
-        Self(Arc::new(RwLock::new(tokens.map(Arc::new))))
+        Self {
+            tokens: Arc::new(RwLock::new(tokens.map(Arc::new))),
+            reported: Arc::default(),
+        }
     }
 
     fn tokens(&self) -> Option<Arc<Tokens>> {
-        match self.0.read() {
+        match self.tokens.read() {
             Ok(t) => t.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Publishes when each role's first token expires,
+    /// `hallmark_auth_token_expiry_timestamp_seconds{role}` (Unix seconds),
+    /// for an alert ahead of it; a role with no expiring token left reads
+    /// +Inf. Called at start (once metrics are on) and on every reload.
+    pub fn report_expiries(&self) {
+        let earliest = self
+            .tokens()
+            .map(|t| t.earliest_expiries())
+            .unwrap_or_default();
+        let mut reported = match self.reported.lock() {
+            Ok(r) => r,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for role in reported.iter().filter(|r| !earliest.contains_key(*r)) {
+            metrics::gauge!(crate::metrics::TOKEN_EXPIRY, "role" => role.clone())
+                .set(f64::INFINITY);
+        }
+        for (role, at_ms) in &earliest {
+            metrics::gauge!(crate::metrics::TOKEN_EXPIRY, "role" => role.clone())
+                .set(*at_ms as f64 / 1000.0);
+            reported.insert(role.clone());
         }
     }
 
@@ -461,10 +505,11 @@ impl Gate {
             .ok_or_else(|| anyhow::anyhow!("auth = \"off\" takes a restart"))?;
         let n = tokens.len();
         log_expired(&tokens);
-        match self.0.write() {
+        match self.tokens.write() {
             Ok(mut t) => *t = Some(Arc::new(tokens)),
             Err(poisoned) => *poisoned.into_inner() = Some(Arc::new(tokens)),
         }
+        self.report_expiries();
         Ok(n)
     }
 }

@@ -33,6 +33,7 @@ pub const LEASES_EXPIRED: &str = "hallmark_leases_expired_total";
 pub const AUDIT_SEALED: &str = "hallmark_audit_entries_sealed_total";
 pub const AUDIT_CHECKPOINTS: &str = "hallmark_audit_checkpoints_signed_total";
 pub const AUDIT_CHECKPOINT_REFUSALS: &str = "hallmark_audit_checkpoint_refusals_total";
+pub const TOKEN_EXPIRY: &str = "hallmark_auth_token_expiry_timestamp_seconds";
 pub const TASKS: &str = "hallmark_tasks";
 pub const TENANT_TASKS: &str = "hallmark_tenant_tasks";
 pub const JOBS: &str = "hallmark_jobs";
@@ -98,6 +99,11 @@ pub fn describe() {
     describe_counter!(
         AUDIT_CHECKPOINT_REFUSALS,
         "Times this replica did not sign a due ledger checkpoint: the chain does not run on from the last checkpoint (rewritten?), no stored checkpoint is its deployment's, or signing failed."
+    );
+    describe_gauge!(
+        TOKEN_EXPIRY,
+        Unit::Seconds,
+        "When the first of each role's expiring tokens expires (Unix time); +Inf once the role has none."
     );
     describe_gauge!(
         TASKS,

@@ -176,6 +176,7 @@ pub async fn start_on(
                 .with_context(|| format!("listening for metrics on {addr}"))?;
             let handle = hallmark_telemetry::recorder()?;
             crate::metrics::describe();
+            gate.report_expiries();
             Some((listener, handle))
         }
         _ => None,

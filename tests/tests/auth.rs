@@ -537,14 +537,30 @@ async fn tokens_are_added_and_revoked_by_editing_the_file_without_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let (config, tokens) = token_config(dir.path(), &["tenant:acme"]);
     let old = tokens[0].as_str();
+    // The old token expires far ahead: its expiry is published until the
+    // token is gone.
+    let expiring = std::fs::read_to_string(&config).unwrap().replace(
+        "= \"tenant:acme\"",
+        "= { role = \"tenant:acme\", expires = \"2099-01-01T00:00:00Z\" }",
+    );
+    std::fs::write(&config, expiring).unwrap();
     let db = fresh_database().await;
+    let metrics = format!("127.0.0.1:{}", free_port());
     let spec = CoordinatorSpec::new(&db, None, dir.path().join("blobs"))
         .with("HALLMARK_CONFIG", config.display())
-        .with("HALLMARK_AUTH_RELOAD_INTERVAL_MS", 100);
+        .with("HALLMARK_AUTH_RELOAD_INTERVAL_MS", 100)
+        .with("HALLMARK_METRICS_LISTEN", &metrics);
     let _c = spec.start().await;
     let url = spec.url();
     let works = |token: &str| hallmark_as(&url, Some(token), &["jobs"]).status.success();
     assert!(works(old));
+    let acme_expiry = || {
+        Scrape::get(&metrics).sum(
+            "hallmark_auth_token_expiry_timestamp_seconds",
+            &[("role", "tenant:acme")],
+        )
+    };
+    assert_eq!(acme_expiry(), Some(4_070_908_800.0));
 
     // The old token revoked, a new one added: the running coordinator
     // follows the file.
@@ -560,6 +576,11 @@ async fn tokens_are_added_and_revoked_by_editing_the_file_without_a_restart() {
     })
     .await;
     refused(&hallmark_as(&url, Some(old), &["jobs"]), "not known");
+    assert_eq!(
+        acme_expiry(),
+        Some(f64::INFINITY),
+        "a revoked role reads +Inf"
+    );
 
     // A broken edit, or one turning auth off, keeps the tokens in force.
     for edit in [
@@ -619,12 +640,39 @@ async fn a_worker_token_drives_only_its_own_workers_and_expired_tokens_are_refus
     std::fs::write(&config, toml).unwrap();
 
     let db = fresh_database().await;
+    let metrics = format!("127.0.0.1:{}", free_port());
     let spec = CoordinatorSpec::new(&db, None, dir.path().join("blobs"))
-        .with("HALLMARK_CONFIG", config.display());
+        .with("HALLMARK_CONFIG", config.display())
+        .with("HALLMARK_METRICS_LISTEN", &metrics);
     let _c = spec.start().await;
     let url = spec.url();
 
     ok(&hallmark_as(&url, Some(&later_token), &["jobs"]));
+    // Each role's first expiry is published for an alert ahead of it.
+    let scrape = Scrape::get(&metrics);
+    let expiry = |role: &str| {
+        scrape.sum(
+            "hallmark_auth_token_expiry_timestamp_seconds",
+            &[("role", role)],
+        )
+    };
+    let in_30_days = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        + 30.0 * 86400.0;
+    assert!(
+        expiry("tenant:later").is_some_and(|t| (t - in_30_days).abs() < 3600.0),
+        "{}",
+        scrape.text
+    );
+    assert_eq!(
+        expiry("tenant:acme"),
+        Some(1_767_225_600.0),
+        "{}",
+        scrape.text
+    );
+    assert_eq!(expiry("worker:pool-a"), None, "{}", scrape.text);
     refused(
         &hallmark_as(&url, Some(&stale), &["jobs"]),
         "expired at 2026-01-01T00:00:00Z",

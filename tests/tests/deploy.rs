@@ -912,6 +912,6 @@ fn the_prometheus_configuration_and_rules_pass_promtool_and_their_unit_tests() {
     };
     run(&["check", "config", "prometheus.yml"]);
     let rules = run(&["check", "rules", "rules.yml"]);
-    assert!(rules.contains("SUCCESS: 11 rules found"), "{rules}");
+    assert!(rules.contains("SUCCESS: 12 rules found"), "{rules}");
     run(&["test", "rules", "rules.test.yml"]);
 }
