@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use anyhow::Context;
-use hallmark_proto::v1::{LedgerCheckpoint, LedgerEntry, LedgerRequest};
+use hallmark_proto::v1::{LedgerCheckpoint, LedgerEntry, LedgerPage, LedgerRequest};
 use hallmark_provenance::credentials::detached::verify_detached;
 use hallmark_provenance::ledger::{Anchor, ChainCheck, Checkpoint, LedgerFault, SealedEntry};
 use serde_json::json;
@@ -222,20 +222,11 @@ pub async fn verify(remote: &Remote, options: VerifyOptions) -> anyhow::Result<L
     } = options;
     let job = job.as_deref();
     let mut problems = Vec::new();
-    let first = remote
-        .provenance
-        .clone()
-        .ledger(LedgerRequest {
-            after_seq: u64::MAX >> 1,
-            limit: 1,
-            job_id: String::new(),
-        })
-        .await
-        .map_err(rpc)
-        .context("reading the audit ledger's checkpoint")?
-        .into_inner();
-    let checkpoint = first
+    // Every page names the latest checkpoint; the first one's is held to.
+    let mut page = chain_page(remote, 0).await?;
+    let checkpoint = page
         .checkpoint
+        .take()
         .and_then(|c| check_checkpoint(c, trust_anchors.as_deref(), &mut problems));
     if let Some(c) = &checkpoint {
         anchors.push(c.checkpoint.anchor());
@@ -257,18 +248,6 @@ pub async fn verify(remote: &Remote, options: VerifyOptions) -> anyhow::Result<L
     // task id -> sha256 its completion recorded.
     let mut completed: HashMap<String, String> = HashMap::new();
     'pages: loop {
-        let page = remote
-            .provenance
-            .clone()
-            .ledger(LedgerRequest {
-                after_seq: after,
-                limit: PAGE,
-                job_id: String::new(),
-            })
-            .await
-            .map_err(rpc)
-            .context("reading the audit ledger")?
-            .into_inner();
         unsealed = page.unsealed;
         if page.entries.is_empty() {
             break;
@@ -298,6 +277,7 @@ pub async fn verify(remote: &Remote, options: VerifyOptions) -> anyhow::Result<L
                 }
             }
         }
+        page = chain_page(remote, after).await?;
     }
     if !broken && let Err(fault) = check.finish() {
         problems.push(explain(&fault, checkpoint.as_ref()));
@@ -342,27 +322,35 @@ pub async fn verify(remote: &Remote, options: VerifyOptions) -> anyhow::Result<L
     })
 }
 
+/// The page of the whole chain after entry `after`.
+async fn chain_page(remote: &Remote, after: u64) -> anyhow::Result<LedgerPage> {
+    Ok(remote
+        .provenance
+        .clone()
+        .ledger(LedgerRequest {
+            after_seq: after,
+            limit: PAGE,
+            job_id: String::new(),
+        })
+        .await
+        .map_err(rpc)
+        .context("reading the audit ledger")?
+        .into_inner())
+}
+
 /// A chain fault, said in terms of the signed checkpoint when it is the
 /// anchor that broke.
 fn explain(fault: &LedgerFault, checkpoint: Option<&SignedCheckpoint>) -> String {
-    let signed = checkpoint.map(|c| &c.checkpoint);
-    match fault {
-        LedgerFault::AnchorMismatch { seq, actual, .. }
-            if signed.is_some_and(|c| c.seq == *seq) =>
-        {
-            let c = signed.expect("checked");
-            format!(
-                "ledger entry {seq} now hashes to {actual}, but the coordinator signed {} for it at {}: the ledger was rewritten after it was signed",
-                c.hash,
-                hallmark_coordinator::auth::format_time_ms(c.at_ms)
-            )
-        }
-        LedgerFault::AnchorMissing { seq, head, .. } if signed.is_some_and(|c| c.seq == *seq) => {
-            format!(
-                "the coordinator signed a checkpoint at entry {seq}, but the chain ends at {head}: entries were removed after it was signed"
-            )
-        }
-        other => other.to_string(),
+    match (fault, checkpoint.map(|c| &c.checkpoint)) {
+        (LedgerFault::AnchorMismatch { seq, actual, .. }, Some(c)) if c.seq == *seq => format!(
+            "ledger entry {seq} now hashes to {actual}, but the coordinator signed {} for it at {}: the ledger was rewritten after it was signed",
+            c.hash,
+            hallmark_coordinator::auth::format_time_ms(c.at_ms)
+        ),
+        (LedgerFault::AnchorMissing { seq, head, .. }, Some(c)) if c.seq == *seq => format!(
+            "the coordinator signed a checkpoint at entry {seq}, but the chain ends at {head}: entries were removed after it was signed"
+        ),
+        (other, _) => other.to_string(),
     }
 }
 

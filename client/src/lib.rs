@@ -568,15 +568,14 @@ async fn audit_command(cfg: &ClientConfig, args: AuditArgs, json: bool) -> anyho
     let (remote, embedded) = match &cfg.coordinator {
         Some(url) => (Remote::connect_as(url, cfg).await?, None),
         None => {
-            let state_dir = cfg.state_dir.clone();
             // The farm's own identity signs the checkpoint of what it seals
             // now (none is made where nothing was rendered: that is refused).
-            let identity = if farm::has_state(&state_dir) {
-                Some(farm_stamping(cfg, &state_dir)?.ledger_identity)
+            let identity = if farm::has_state(&cfg.state_dir) {
+                Some(credentials::farm_signing(cfg)?.identity)
             } else {
                 None
             };
-            let running = farm::open_state(&state_dir, identity).await?;
+            let running = farm::open_state(&cfg.state_dir, identity).await?;
             running.state.seal_ledger().await?;
             (
                 Remote::connect(&running.url(), None, None).await?,

@@ -321,9 +321,14 @@ pub fn parse_time_ms(text: &str) -> Option<i64> {
         }
         _ => (text.to_string(), 0),
     };
-    let t = humantime::parse_rfc3339_weak(&utc).ok()?;
+    epoch_ms(humantime::parse_rfc3339_weak(&utc).ok()?)?.checked_sub(offset_s * 1000)
+}
+
+/// A time as milliseconds since the Unix epoch; `None` before it or past
+/// what an `i64` holds.
+fn epoch_ms(t: SystemTime) -> Option<i64> {
     let ms = t.duration_since(SystemTime::UNIX_EPOCH).ok()?.as_millis();
-    i64::try_from(ms).ok()?.checked_sub(offset_s * 1000)
+    i64::try_from(ms).ok()
 }
 
 /// Milliseconds since the Unix epoch as an RFC 3339 UTC time (seconds).
@@ -352,8 +357,7 @@ pub fn expiry(
             }
             let at = now
                 .checked_add(d)
-                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-                .and_then(|t| i64::try_from(t.as_millis()).ok())
+                .and_then(epoch_ms)
                 .ok_or_else(|| format!("--expires-in {d:?} is too far ahead"))?;
             // Rounded up to a whole second, so the printed time is not earlier.
             (at + 999) / 1000 * 1000
@@ -362,11 +366,7 @@ pub fn expiry(
             format!("--expires {t:?} is not an RFC 3339 time such as 2027-01-31T00:00:00Z")
         })?,
     };
-    let now_ms = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
-    if at_ms <= now_ms {
+    if at_ms <= epoch_ms(now).unwrap_or(0) {
         return Err(format!(
             "the expiry {} is not in the future",
             format_time_ms(at_ms)
