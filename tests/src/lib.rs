@@ -72,37 +72,99 @@ pub async fn scalar(db_url: &str, sql: &str) -> i64 {
     v
 }
 
-/// A free TCP port on loopback.
+/// A free TCP port on loopback for a test server to listen on.
+///
+/// Drawn below the kernel's ephemeral range, so no outgoing connection (to
+/// Postgres, Redis, a coordinator) can be holding it when the server binds,
+/// and never the same port twice in one test process.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    const LOW: u16 = 20000;
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    let given = given.get_or_insert_with(HashSet::new);
+    if ephemeral_low > LOW + 1000 {
+        let span = u64::from(ephemeral_low - LOW);
+        let mut x = u64::from(std::process::id())
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+        for _ in 0..span {
+            // xorshift64*: a spread of candidates that differs per process.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let port = LOW + (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11).rem_euclid(span) as u16;
+            if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                given.insert(port);
+                return port;
+            }
+        }
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
         .expect("addr")
-        .port()
+        .port();
+    given.insert(port);
+    port
 }
 
-/// A child process killed (SIGKILL) when dropped.
+/// A child process killed (SIGKILL) when dropped. Its stderr goes to a
+/// log file (shown when it dies before it should), or to the test's own
+/// stderr with `HALLMARK_TEST_LOGS` set.
 pub struct Proc {
     pub child: Child,
     pub name: String,
+    log: Option<tempfile::NamedTempFile>,
 }
 
 impl Proc {
     pub fn spawn(name: &str, cmd: &mut Command) -> Self {
+        let log = if std::env::var_os("HALLMARK_TEST_LOGS").is_some() {
+            None
+        } else {
+            Some(tempfile::NamedTempFile::new().expect("a log file for a test process"))
+        };
+        let stderr = match &log {
+            Some(f) => Stdio::from(f.reopen().expect("reopen the log file")),
+            None => Stdio::inherit(),
+        };
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(if std::env::var_os("HALLMARK_TEST_LOGS").is_some() {
-                Stdio::inherit()
-            } else {
-                Stdio::null()
-            })
+            .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         Self {
             child,
             name: name.into(),
+            log,
         }
+    }
+
+    /// `None` while the process runs; once it has exited, how it ended and
+    /// the end of its log.
+    pub fn exited(&mut self) -> Option<String> {
+        let status = self.child.try_wait().expect("wait on a test process")?;
+        let tail = match &self.log {
+            Some(f) => {
+                let text = std::fs::read_to_string(f.path()).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                lines[lines.len().saturating_sub(30)..].join("\n")
+            }
+            None => "(its stderr went to the test's stderr)".into(),
+        };
+        Some(format!(
+            "{} exited ({status}); its log ends:\n{tail}",
+            self.name
+        ))
     }
 
     /// `kill -9`.
@@ -174,8 +236,8 @@ impl CoordinatorSpec {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        let p = Proc::spawn("coordinator", &mut cmd);
-        wait_for_grpc(&self.url()).await;
+        let mut p = Proc::spawn("coordinator", &mut cmd);
+        wait_for_grpc_of(&self.url(), &mut p).await;
         p
     }
 }
@@ -321,6 +383,16 @@ pub fn new_token(role: &str) -> (String, String) {
 
 /// Waits until a gRPC server answers at `url`.
 pub async fn wait_for_grpc(url: &str) {
+    wait_until_serving(url, None).await
+}
+
+/// Waits until the gRPC server `process` started answers at `url`; fails
+/// with its log if it exits first.
+pub async fn wait_for_grpc_of(url: &str, process: &mut Proc) {
+    wait_until_serving(url, Some(process)).await
+}
+
+async fn wait_until_serving(url: &str, mut process: Option<&mut Proc>) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(ch) = Channel::from_shared(url.to_string())
@@ -328,16 +400,32 @@ pub async fn wait_for_grpc(url: &str) {
             .connect()
             .await
         {
-            let mut c = JobsClient::new(ch);
-            // Any answer (even NOT_FOUND) means the server is up and migrated.
-            if c.get_job(JobRef {
-                job_id: "ping".into(),
-            })
-            .await
-            .is_err()
+            // An answer from the server itself (NOT_FOUND, or UNAUTHENTICATED
+            // with auth on) means it is up and migrated. A connection that
+            // fails is not one: the port can accept connections while the
+            // process is still starting, and then exit.
+            match JobsClient::new(ch)
+                .get_job(JobRef {
+                    job_id: "ping".into(),
+                })
+                .await
             {
-                return;
+                Ok(_) => return,
+                Err(s)
+                    if !matches!(
+                        s.code(),
+                        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                    ) =>
+                {
+                    return;
+                }
+                Err(_) => {}
             }
+        }
+        if let Some(p) = process.as_deref_mut()
+            && let Some(how) = p.exited()
+        {
+            panic!("the server for {url} did not come up: {how}");
         }
         assert!(
             Instant::now() < deadline,

@@ -575,13 +575,13 @@ async fn the_kubernetes_manifests_run_a_farm_as_written() {
     assert_worker_settings(&worker.env, "deploy/k8s worker");
     let home = dir.path().join("home");
     std::fs::create_dir_all(&home).unwrap();
-    let _coordinator = Proc::spawn(
+    let mut coordinator_proc = Proc::spawn(
         "k8s-coordinator",
         &mut coordinator.rewritten(&rw).command(&home),
     );
     let grpc = ports.map(port_named(&c_spec, "grpc"));
     let url = format!("http://127.0.0.1:{grpc}");
-    wait_for_grpc(&url).await;
+    wait_for_grpc_of(&url, &mut coordinator_proc).await;
 
     // The probes ask gRPC health on the listening port.
     for probe in ["readinessProbe", "livenessProbe"] {
@@ -801,12 +801,12 @@ async fn the_compose_file_runs_a_farm_as_written() {
         assert!(ca_dir.join(f).is_file(), "the ca service made {f}");
     }
 
-    let _coordinator = Proc::spawn(
+    let mut coordinator_proc = Proc::spawn(
         "compose-coordinator",
         &mut coordinator.rewritten(&rw).command(&home),
     );
     let url = format!("http://127.0.0.1:{grpc}");
-    wait_for_grpc(&url).await;
+    wait_for_grpc_of(&url, &mut coordinator_proc).await;
     // Scaled to two workers: each listens on its own metrics port here.
     let worker = service_launch(&services["worker"], &vars);
     let mut workers = Vec::new();
