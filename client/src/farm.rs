@@ -2,15 +2,18 @@
 //! state directory, with an in-process notifier, plus local workers in the
 //! same process, all talking real gRPC over loopback.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use hallmark_coordinator::config::TokenEntry;
 use hallmark_coordinator::{CoordinatorConfig, RunningCoordinator};
 use hallmark_proto::v1::ListWorkersRequest;
 use hallmark_provenance::credentials::SigningIdentity;
 use hallmark_worker::{Stamping, SyntheticConfig, SyntheticEngine, WorkerConfig, WorkerReport};
+use serde::Deserialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -39,6 +42,75 @@ pub struct FarmStamping {
     /// What the coordinator signs the audit ledger's checkpoints with (the
     /// farm's signing identity).
     pub ledger_identity: SigningIdentity,
+}
+
+/// Token authentication for an embedded farm that other machines join
+/// (`hallmark up --auth-tokens FILE`): the file's `auth_tokens` admit
+/// outside callers, read again as the file changes, and the farm's own
+/// workers and calls use tokens it makes for itself, held only in memory.
+#[derive(Debug, Clone)]
+pub struct FarmAuth {
+    file: PathBuf,
+    tokens: BTreeMap<String, TokenEntry>,
+    reload_interval_ms: u64,
+}
+
+/// What `hallmark up --auth-tokens` reads: a coordinator configuration
+/// holding the authentication settings and nothing else.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthFile {
+    auth: Option<String>,
+    #[serde(default)]
+    auth_tokens: BTreeMap<String, TokenEntry>,
+    auth_reload_interval_ms: Option<u64>,
+}
+
+impl FarmAuth {
+    /// Reads and checks `file`: `auth = "tokens"` and at least one valid
+    /// entry in `[auth_tokens]` (the form `hallmark token new` prints), as a
+    /// coordinator would take them.
+    pub fn load(file: &Path) -> anyhow::Result<Self> {
+        let shown = file.display();
+        if !file.is_file() {
+            anyhow::bail!("--auth-tokens {shown}: no such file");
+        }
+        let parsed: AuthFile = config::Config::builder()
+            .add_source(config::File::from(file.to_path_buf()).format(config::FileFormat::Toml))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "--auth-tokens {shown}: {e} (the file holds auth = \"tokens\", [auth_tokens] and optionally auth_reload_interval_ms)"
+                )
+            })?;
+        match parsed.auth.as_deref() {
+            Some("tokens") => {}
+            Some(other) => anyhow::bail!(
+                "--auth-tokens {shown}: auth = {other:?}; a farm that checks tokens needs auth = \"tokens\""
+            ),
+            None => anyhow::bail!(
+                "--auth-tokens {shown}: no auth = \"tokens\" line (put it above [auth_tokens], as in a coordinator's configuration)"
+            ),
+        }
+        hallmark_coordinator::auth::Tokens::from_config("tokens", &parsed.auth_tokens)
+            .map_err(|e| anyhow::anyhow!("--auth-tokens {shown}: {e}"))?;
+        Ok(Self {
+            file: file.to_path_buf(),
+            tokens: parsed.auth_tokens,
+            reload_interval_ms: parsed
+                .auth_reload_interval_ms
+                .unwrap_or(CoordinatorConfig::default().auth_reload_interval_ms),
+        })
+    }
+}
+
+/// A token for `role` made for this process only: (token, its config entry).
+fn own_token(role: &str) -> anyhow::Result<(String, (String, TokenEntry))> {
+    let token = hallmark_coordinator::auth::new_token()
+        .map_err(|e| anyhow::anyhow!("making a token for the farm's own {role}: {e}"))?;
+    let digest = hallmark_coordinator::auth::token_digest(&token);
+    Ok((token, (digest, TokenEntry::Role(role.into()))))
 }
 
 /// A running embedded farm.
@@ -93,6 +165,7 @@ impl LocalFarm {
         metrics_listen: Option<&str>,
         workers: &LocalWorkers,
         stamping: FarmStamping,
+        auth: Option<&FarmAuth>,
     ) -> anyhow::Result<Self> {
         // The engine is opened first: a bad model folder fails before the farm starts.
         let engine: Arc<dyn hallmark_worker::Engine> =
@@ -117,19 +190,30 @@ impl LocalFarm {
             };
         std::fs::create_dir_all(state_dir)
             .with_context(|| format!("creating state directory {}", state_dir.display()))?;
-        let config = CoordinatorConfig {
+        let mut config = CoordinatorConfig {
             watermark_key: stamping.watermark_key.clone(),
             trust_anchors: stamping.trust_anchors.clone(),
             metrics_listen: metrics_listen.map(str::to_string),
             signing_identity: Some(stamping.ledger_identity.clone()),
             ..coordinator_config(state_dir, listen)
         };
+        let (mut worker_token, mut operator_token) = (None, None);
+        if let Some(auth) = auth {
+            let (w, w_entry) = own_token("worker:local")?;
+            let (o, o_entry) = own_token("operator:local")?;
+            config.auth = "tokens".into();
+            config.auth_tokens = auth.tokens.clone();
+            config.config_file = Some(auth.file.clone());
+            config.auth_reload_interval_ms = auth.reload_interval_ms;
+            config.pinned_tokens = BTreeMap::from([w_entry, o_entry]);
+            (worker_token, operator_token) = (Some(w), Some(o));
+        }
         let coordinator = hallmark_coordinator::start(config).await?;
         if coordinator.metrics_addr.is_some() {
             hallmark_worker::metrics::describe();
         }
         let url = coordinator.url();
-        let remote = Remote::connect(&url, None, None).await?;
+        let remote = Remote::connect(&url, operator_token.as_deref(), None).await?;
         let before = remote
             .workers
             .clone()
@@ -146,6 +230,7 @@ impl LocalFarm {
             let config = WorkerConfig {
                 name: format!("local-{i}"),
                 max_batch: workers.max_batch,
+                token: worker_token.clone(),
                 ..WorkerConfig::new(stamping.stamping.clone())
             };
             let mut rx = stop_rx.clone();
@@ -184,6 +269,11 @@ impl LocalFarm {
 
     pub fn url(&self) -> String {
         self.coordinator.url()
+    }
+
+    /// Whether the farm listens on a loopback address only.
+    pub fn is_loopback(&self) -> bool {
+        self.coordinator.addr.ip().is_loopback()
     }
 
     /// Where the Prometheus endpoint is served, if it is.

@@ -377,6 +377,12 @@ pub struct RenderArgs {
     /// Simulated render time per batch for the synthetic engine, in ms.
     #[arg(long, default_value_t = 0)]
     pub render_ms: u64,
+    /// Require a token on every call, from the `[auth_tokens]` of this file
+    /// (`auth = "tokens"`, then the lines `hallmark token new` prints),
+    /// read again when it changes; the farm's own workers need none. For a
+    /// farm that other machines join.
+    #[arg(long, env = "HALLMARK_UP_AUTH_TOKENS")]
+    pub auth_tokens: Option<PathBuf>,
     #[command(flatten)]
     pub diffusion: hallmark_worker::diffusion::DiffusionArgs,
 }
@@ -400,6 +406,12 @@ pub struct UpArgs {
     pub state_dir: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     pub render_ms: u64,
+    /// Require a token on every call, from the `[auth_tokens]` of this file
+    /// (`auth = "tokens"`, then the lines `hallmark token new` prints),
+    /// read again when it changes; the farm's own workers need none. For a
+    /// farm that other machines join.
+    #[arg(long, env = "HALLMARK_UP_AUTH_TOKENS")]
+    pub auth_tokens: Option<PathBuf>,
     #[command(flatten)]
     pub diffusion: hallmark_worker::diffusion::DiffusionArgs,
 }
@@ -1074,7 +1086,7 @@ async fn render(cfg: &ClientConfig, mut args: RenderArgs, json: bool) -> anyhow:
             };
             let stamping = farm_stamping(cfg, &state_dir)?;
             let farm =
-                LocalFarm::start(&state_dir, "127.0.0.1:0", None, &workers, stamping).await?;
+                LocalFarm::start(&state_dir, "127.0.0.1:0", None, &workers, stamping, None).await?;
             if !json {
                 eprintln!(
                     "embedded farm: {} local workers, state in {}",
@@ -1141,6 +1153,11 @@ fn farm_stamping(cfg: &ClientConfig, state_dir: &Path) -> anyhow::Result<FarmSta
 /// `hallmark up`: the embedded farm as a long-running server.
 async fn up(cfg: &ClientConfig, args: UpArgs) -> anyhow::Result<i32> {
     let state_dir = args.state_dir.unwrap_or_else(|| cfg.state_dir.clone());
+    let auth = args
+        .auth_tokens
+        .as_deref()
+        .map(crate::farm::FarmAuth::load)
+        .transpose()?;
     let workers = LocalWorkers {
         count: args.workers.unwrap_or(cfg.workers),
         diffusion: local_diffusion(&args.engine, &args.diffusion)?,
@@ -1156,6 +1173,7 @@ async fn up(cfg: &ClientConfig, args: UpArgs) -> anyhow::Result<i32> {
         args.metrics_listen.as_deref(),
         &workers,
         stamping,
+        auth.as_ref(),
     )
     .await?;
     println!(
@@ -1167,10 +1185,24 @@ async fn up(cfg: &ClientConfig, args: UpArgs) -> anyhow::Result<i32> {
     if let Some(addr) = farm.metrics_addr() {
         println!("metrics on http://{addr}/metrics");
     }
-    println!(
-        "submit with: hallmark --coordinator {} submit PROMPTS",
-        farm.url()
-    );
+    match &args.auth_tokens {
+        Some(file) => {
+            println!(
+                "every call needs a token listed in {} (HALLMARK_TOKEN=… hallmark --coordinator {} submit PROMPTS)",
+                file.display(),
+                farm.url()
+            );
+            if !farm.is_loopback() {
+                tracing::warn!(
+                    "tokens reach this farm in the clear (hallmark up serves no TLS): put a TLS proxy in front of it, or use it only on a network you trust"
+                );
+            }
+        }
+        None => println!(
+            "submit with: hallmark --coordinator {} submit PROMPTS",
+            farm.url()
+        ),
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}

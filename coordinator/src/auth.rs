@@ -424,17 +424,38 @@ pub fn new_token() -> Result<String, getrandom::Error> {
 #[derive(Clone)]
 pub struct Gate {
     tokens: Arc<RwLock<Option<Arc<Tokens>>>>,
+    /// Tokens set in code (`CoordinatorConfig::pinned_tokens`), kept
+    /// beside whatever a reload of the file brings.
+    pinned: Arc<BTreeMap<String, TokenEntry>>,
     /// Roles whose expiry this process has published (a role whose last
     /// expiring token is removed is set to +Inf, not left stale).
     reported: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl Gate {
-    pub fn new(tokens: Option<Tokens>) -> Self {
-        Self {
+    /// A gate for `auth` with the file's `auth_tokens` and the `pinned`
+    /// tokens set in code; `None` when authentication is off.
+    pub fn from_config(
+        mode: &str,
+        entries: &BTreeMap<String, TokenEntry>,
+        pinned: &BTreeMap<String, TokenEntry>,
+    ) -> Result<Self, AuthConfigError> {
+        let tokens = Tokens::from_config(mode, &with_pinned(entries, pinned))?;
+        Ok(Self {
             tokens: Arc::new(RwLock::new(tokens.map(Arc::new))),
+            pinned: Arc::new(pinned.clone()),
             reported: Arc::default(),
-        }
+        })
+    }
+
+    /// Whether callers need a token.
+    pub fn is_on(&self) -> bool {
+        self.tokens().is_some()
+    }
+
+    /// The current tokens (`None`: authentication is off).
+    pub fn current(&self) -> Option<Arc<Tokens>> {
+        self.tokens()
     }
 
     fn tokens(&self) -> Option<Arc<Tokens>> {
@@ -501,7 +522,7 @@ impl Gate {
     fn reload(&self, file: &std::path::Path) -> anyhow::Result<usize> {
         let cfg = crate::CoordinatorConfig::load(Some(file), &[])?;
         // Only a gate that started with tokens reloads them (`server.rs`).
-        let tokens = Tokens::from_config(&cfg.auth, &cfg.auth_tokens)?
+        let tokens = Tokens::from_config(&cfg.auth, &with_pinned(&cfg.auth_tokens, &self.pinned))?
             .ok_or_else(|| anyhow::anyhow!("auth = \"off\" takes a restart"))?;
         let n = tokens.len();
         log_expired(&tokens);
@@ -512,6 +533,16 @@ impl Gate {
         self.report_expiries();
         Ok(n)
     }
+}
+
+/// `entries` with the `pinned` tokens added (pinned ones win a clash).
+fn with_pinned(
+    entries: &BTreeMap<String, TokenEntry>,
+    pinned: &BTreeMap<String, TokenEntry>,
+) -> BTreeMap<String, TokenEntry> {
+    let mut all = entries.clone();
+    all.extend(pinned.iter().map(|(k, v)| (k.clone(), v.clone())));
+    all
 }
 
 /// Warns about tokens that have expired but are still configured.

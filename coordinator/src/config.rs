@@ -146,6 +146,10 @@ pub struct CoordinatorConfig {
     /// Kubernetes Secret's update reaches every replica this way); 0: never.
     /// The `auth` mode itself changes only with a restart.
     pub auth_reload_interval_ms: u64,
+    /// Tokens set in code beside `auth_tokens`, by digest, and kept when
+    /// the file is reloaded: the embedded farm's own workers and calls.
+    #[serde(skip)]
+    pub pinned_tokens: BTreeMap<String, TokenEntry>,
     /// The file the settings were loaded from, if any (set by `load`).
     #[serde(skip)]
     pub config_file: Option<PathBuf>,
@@ -217,6 +221,7 @@ impl Default for CoordinatorConfig {
             auth: "off".into(),
             auth_tokens: BTreeMap::new(),
             auth_reload_interval_ms: 5_000,
+            pinned_tokens: BTreeMap::new(),
             config_file: None,
             tls_cert: None,
             tls_key: None,

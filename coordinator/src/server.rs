@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 
-use crate::auth::{Gate, Tokens};
+use crate::auth::Gate;
 use crate::blobs::BlobStore;
 use crate::config::CoordinatorConfig;
 use crate::notify::Notifier;
@@ -109,19 +109,18 @@ pub async fn start_on(
         }
         _ => Notifier::local(),
     };
-    let tokens = Tokens::from_config(&config.auth, &config.auth_tokens)?;
-    match &tokens {
+    let gate = Gate::from_config(&config.auth, &config.auth_tokens, &config.pinned_tokens)?;
+    match gate.current() {
         Some(t) => {
             tracing::info!(roles = ?t.roles(), "callers need a token");
-            crate::auth::log_expired(t);
+            crate::auth::log_expired(&t);
         }
         None if !is_loopback(&listener) => tracing::warn!(
             "auth = \"off\" on a non-loopback address: anyone who reaches it can submit as any tenant, lease work and read prompts; set auth = \"tokens\""
         ),
         None => {}
     }
-    let reload_tokens = tokens.is_some();
-    let gate = Gate::new(tokens);
+    let reload_tokens = gate.is_on();
     let has_tls = config.tls_cert.is_some();
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => {

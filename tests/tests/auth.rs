@@ -774,3 +774,184 @@ async fn a_worker_token_drives_only_its_own_workers_and_expired_tokens_are_refus
         1
     );
 }
+
+/// Waits until `token`'s caller sees the job end; its last state.
+fn job_state_as(url: &str, token: &str, job_id: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = hallmark_as(url, Some(token), &["--json", "status", job_id]);
+        let state = json_of(&out)["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if matches!(state.as_str(), "succeeded" | "failed" | "canceled") {
+            return state;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {job_id} did not end: {state}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_farm_that_others_join_checks_their_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let up = |file: &std::path::Path, listen: &str| {
+        let mut cmd = std::process::Command::new(bin("hallmark"));
+        cmd.args([
+            "up",
+            "--listen",
+            listen,
+            "--workers",
+            "1",
+            "--render-ms",
+            "50",
+        ])
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--auth-tokens")
+        .arg(file)
+        .env("HALLMARK_LOG", "warn");
+        cmd
+    };
+    // Files it cannot use are refused, naming what is wrong, before the
+    // farm makes anything.
+    let bad = dir.path().join("bad.toml");
+    for (text, says) in [
+        (None, "no such file"),
+        (Some("auth = \"off\"\n"), "needs auth = \"tokens\""),
+        (Some("[auth_tokens]\n"), "no auth = \"tokens\" line"),
+        (
+            Some("auth = \"tokens\"\ndatabase_url = \"postgres://x\"\n"),
+            "database_url",
+        ),
+        (Some("auth = \"tokens\"\n[auth_tokens]\n"), "no auth_tokens"),
+        (
+            Some("auth = \"tokens\"\n[auth_tokens]\n\"abc\" = \"tenant:x\"\n"),
+            "not a SHA-256 digest",
+        ),
+    ] {
+        match text {
+            Some(t) => std::fs::write(&bad, t).unwrap(),
+            None => {
+                let _ = std::fs::remove_file(&bad);
+            }
+        }
+        let out = up(&bad, "127.0.0.1:0").output().unwrap();
+        refused(&out, says);
+        refused(&out, "--auth-tokens");
+        assert!(!state.exists(), "a refused start made {}", state.display());
+    }
+
+    let (file, tokens) = token_config(dir.path(), &["tenant:acme", "worker:pool", "operator"]);
+    let (acme, pool, operator) = (&tokens[0], &tokens[1], &tokens[2]);
+    let with_reload = std::fs::read_to_string(&file).unwrap().replacen(
+        "[auth_tokens]",
+        "auth_reload_interval_ms = 100\n[auth_tokens]",
+        1,
+    );
+    std::fs::write(&file, with_reload).unwrap();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let _farm = Proc::spawn("hallmark up", &mut up(&file, &format!("127.0.0.1:{port}")));
+    eventually("the farm answers", Duration::from_secs(30), || {
+        let up = hallmark_as(&url, Some(acme), &["jobs"]).status.success();
+        async move { up }
+    })
+    .await;
+    refused(&hallmark_as(&url, None, &["jobs"]), "needs a token");
+    refused(
+        &hallmark_as(&url, Some("not-a-listed-token"), &["jobs"]),
+        "not known",
+    );
+    refused(
+        &hallmark_as(&url, Some(acme), &["workers"]),
+        "not allowed for tenant:acme",
+    );
+
+    // The farm's own worker renders with the token it made for itself.
+    let job = json_of(&submit(
+        &url,
+        acme,
+        "synthetic-v1",
+        &["--images-per-prompt", "3"],
+    ));
+    let job_id = job["job_id"].as_str().unwrap().to_string();
+    assert_eq!(job_state_as(&url, acme, &job_id), "succeeded");
+
+    // An outside worker joins with its pool's token, under that role.
+    let ca = state.join("ca");
+    let ca_file = |name: &str| ca.join(name).to_str().unwrap().to_string();
+    let outside = start_worker(
+        &url,
+        "outside",
+        0,
+        &[
+            "--token",
+            pool,
+            "--cert-chain",
+            &ca_file("signer.pem"),
+            "--private-key",
+            &ca_file("signer.key"),
+            "--trust-anchors",
+            &ca_file("root.pem"),
+        ],
+    );
+    let principals = || {
+        let out = hallmark_as(&url, Some(operator), &["--json", "workers"]);
+        let mut p: Vec<String> = json_of(&out)
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["live"] == true)
+            .map(|w| w["principal"].as_str().unwrap().to_string())
+            .collect();
+        p.sort();
+        p
+    };
+    eventually("the outside worker joins", Duration::from_secs(20), || {
+        let both = principals() == ["worker:local", "worker:pool"];
+        async move { both }
+    })
+    .await;
+    drop(outside);
+
+    // The file edited: acme's token revoked, globex's added. The farm
+    // follows it, and its own worker keeps its token through the reload.
+    let (globex, globex_digest) = new_token("tenant:globex");
+    let kept: String = std::fs::read_to_string(&file)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.contains("tenant:acme"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(
+        &file,
+        format!("{kept}\"{globex_digest}\" = \"tenant:globex\"\n"),
+    )
+    .unwrap();
+    eventually("the edit takes effect", Duration::from_secs(10), || {
+        let done = hallmark_as(&url, Some(&globex), &["jobs"]).status.success()
+            && !hallmark_as(&url, Some(acme), &["jobs"]).status.success();
+        async move { done }
+    })
+    .await;
+    refused(&hallmark_as(&url, Some(acme), &["jobs"]), "not known");
+    // Longer than a lease without a heartbeat would last.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let job = json_of(&submit(
+        &url,
+        &globex,
+        "synthetic-v1",
+        &["--images-per-prompt", "3"],
+    ));
+    let job_id = job["job_id"].as_str().unwrap().to_string();
+    assert_eq!(job_state_as(&url, &globex, &job_id), "succeeded");
+    assert!(
+        principals().contains(&"worker:local".to_string()),
+        "the farm's own worker is still live after the reload"
+    );
+}
