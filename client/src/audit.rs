@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 
 use anyhow::Context;
-use hallmark_proto::v1::{LedgerCheckpoint, LedgerEntry, LedgerPage, LedgerRequest};
+use hallmark_proto::v1::{LedgerEntry, LedgerPage, LedgerRequest};
 use hallmark_provenance::credentials::detached::verify_detached;
 use hallmark_provenance::ledger::{Anchor, ChainCheck, Checkpoint, LedgerFault, SealedEntry};
 use serde_json::json;
@@ -35,6 +35,9 @@ pub struct LedgerReport {
     pub job: Option<JobAudit>,
     /// The coordinator's latest signed checkpoint, its signature checked here.
     pub checkpoint: Option<SignedCheckpoint>,
+    /// The auditor's own copies of published checkpoints (`--checkpoint`)
+    /// whose signatures verified: the chain was held to each.
+    pub own_checkpoints: Vec<SignedCheckpoint>,
 }
 
 /// A checkpoint whose signature verified: the chain was held to it.
@@ -76,6 +79,13 @@ impl LedgerReport {
                 "signer": c.signer,
                 "trusted": c.trusted,
             })),
+            "own_checkpoints": self.own_checkpoints.iter().map(|c| json!({
+                "seq": c.checkpoint.seq,
+                "hash": c.checkpoint.hash,
+                "at_ms": c.checkpoint.at_ms,
+                "signer": c.signer,
+                "trusted": c.trusted,
+            })).collect::<Vec<_>>(),
             "job": self.job.as_ref().map(|j| json!({
                 "job_id": j.job_id,
                 "submitted": j.submitted,
@@ -127,6 +137,18 @@ impl LedgerReport {
                 "no signed checkpoint: the coordinator signs none (signing_cert_chain unset) or has not yet\n",
             ),
         }
+        for c in &self.own_checkpoints {
+            s.push_str(&format!(
+                "your checkpoint copy: entry {} signed by {:?} ({}); held to it\n",
+                c.checkpoint.seq,
+                c.signer,
+                match c.trusted {
+                    Some(true) => "trusted",
+                    Some(false) => "NOT under the trust anchors",
+                    None => "signer not checked: no trust anchors",
+                }
+            ));
+        }
         if self.unsealed > 0 {
             s.push_str(&format!(
                 "{} newer entries wait to be sealed (the coordinator seals every reap interval)\n",
@@ -172,21 +194,20 @@ pub struct VerifyOptions {
     pub trust_anchors: Option<String>,
     /// A trusted signed checkpoint is required.
     pub require_signed: bool,
+    /// Published checkpoints the auditor holds (read from the blob store's
+    /// `ledger-checkpoints/`), each with the file it came from.
+    pub own_checkpoints: Vec<(String, Checkpoint, Vec<u8>)>,
 }
 
 /// Checks the checkpoint's signature; a valid one becomes an anchor the
 /// chain must pass through.
 fn check_checkpoint(
-    c: LedgerCheckpoint,
+    checkpoint: Checkpoint,
+    signature: &[u8],
     trust_anchors: Option<&str>,
     problems: &mut Vec<String>,
 ) -> Option<SignedCheckpoint> {
-    let checkpoint = Checkpoint {
-        seq: c.seq,
-        hash: c.hash,
-        at_ms: c.at_ms,
-    };
-    match verify_detached(&c.signature, &checkpoint.payload(), trust_anchors) {
+    match verify_detached(signature, &checkpoint.payload(), trust_anchors) {
         Ok(v) => {
             if v.trusted == Some(false) {
                 problems.push(format!(
@@ -210,6 +231,23 @@ fn check_checkpoint(
     }
 }
 
+/// Reads published checkpoint files (`--checkpoint`); one that cannot be
+/// read or parsed is an error naming it.
+pub fn read_checkpoints(
+    files: &[std::path::PathBuf],
+) -> anyhow::Result<Vec<(String, Checkpoint, Vec<u8>)>> {
+    files
+        .iter()
+        .map(|f| {
+            let shown = f.display().to_string();
+            let bytes = std::fs::read(f).with_context(|| format!("--checkpoint {shown}"))?;
+            let (c, signature) = Checkpoint::from_published(&bytes)
+                .map_err(|e| anyhow::anyhow!("--checkpoint {shown}: {e}"))?;
+            Ok((shown, c, signature))
+        })
+        .collect()
+}
+
 /// Walks and checks the whole chain, held to the anchors and the latest
 /// signed checkpoint; with a job, also checks that job's artifacts against
 /// the completions recorded for it.
@@ -219,19 +257,38 @@ pub async fn verify(remote: &Remote, options: VerifyOptions) -> anyhow::Result<L
         job,
         trust_anchors,
         require_signed,
+        own_checkpoints,
     } = options;
     let job = job.as_deref();
     let mut problems = Vec::new();
     // Every page names the latest checkpoint; the first one's is held to.
     let mut page = chain_page(remote, 0).await?;
-    let checkpoint = page
-        .checkpoint
-        .take()
-        .and_then(|c| check_checkpoint(c, trust_anchors.as_deref(), &mut problems));
-    if let Some(c) = &checkpoint {
-        anchors.push(c.checkpoint.anchor());
+    let checkpoint = page.checkpoint.take().and_then(|c| {
+        let checkpoint = Checkpoint {
+            seq: c.seq,
+            hash: c.hash,
+            at_ms: c.at_ms,
+        };
+        check_checkpoint(
+            checkpoint,
+            &c.signature,
+            trust_anchors.as_deref(),
+            &mut problems,
+        )
+    });
+    let mut own = Vec::new();
+    for (file, c, signature) in own_checkpoints {
+        let before = problems.len();
+        if let Some(c) = check_checkpoint(c, &signature, trust_anchors.as_deref(), &mut problems) {
+            own.push(c);
+        }
+        for p in &mut problems[before..] {
+            *p = format!("{file}: {p}");
+        }
     }
-    if require_signed && checkpoint.as_ref().is_none_or(|c| c.trusted != Some(true)) {
+    let signed: Vec<&SignedCheckpoint> = checkpoint.iter().chain(&own).collect();
+    anchors.extend(signed.iter().map(|c| c.checkpoint.anchor()));
+    if require_signed && !signed.iter().any(|c| c.trusted == Some(true)) {
         problems.push(
             "--require-signed: the ledger has no checkpoint signed by a trusted certificate".into(),
         );
@@ -256,7 +313,7 @@ pub async fn verify(remote: &Remote, options: VerifyOptions) -> anyhow::Result<L
             let e = sealed(e);
             after = e.seq;
             if let Err(fault) = check.push(&e) {
-                problems.push(explain(&fault, checkpoint.as_ref()));
+                problems.push(explain(&fault, &signed));
                 broken = true;
                 break 'pages;
             }
@@ -280,7 +337,7 @@ pub async fn verify(remote: &Remote, options: VerifyOptions) -> anyhow::Result<L
         page = chain_page(remote, after).await?;
     }
     if !broken && let Err(fault) = check.finish() {
-        problems.push(explain(&fault, checkpoint.as_ref()));
+        problems.push(explain(&fault, &signed));
     }
     if let Some(a) = audit.as_mut() {
         if !a.submitted {
@@ -319,6 +376,7 @@ pub async fn verify(remote: &Remote, options: VerifyOptions) -> anyhow::Result<L
         problems,
         job: audit,
         checkpoint,
+        own_checkpoints: own,
     })
 }
 
@@ -340,17 +398,20 @@ async fn chain_page(remote: &Remote, after: u64) -> anyhow::Result<LedgerPage> {
 
 /// A chain fault, said in terms of the signed checkpoint when it is the
 /// anchor that broke.
-fn explain(fault: &LedgerFault, checkpoint: Option<&SignedCheckpoint>) -> String {
-    match (fault, checkpoint.map(|c| &c.checkpoint)) {
-        (LedgerFault::AnchorMismatch { seq, actual, .. }, Some(c)) if c.seq == *seq => format!(
-            "ledger entry {seq} now hashes to {actual}, but the coordinator signed {} for it at {}: the ledger was rewritten after it was signed",
-            c.hash,
-            hallmark_coordinator::auth::format_time_ms(c.at_ms)
-        ),
-        (LedgerFault::AnchorMissing { seq, head, .. }, Some(c)) if c.seq == *seq => format!(
+fn explain(fault: &LedgerFault, signed: &[&SignedCheckpoint]) -> String {
+    let signed_at = |seq: u64| signed.iter().map(|c| &c.checkpoint).find(|c| c.seq == seq);
+    match fault {
+        LedgerFault::AnchorMismatch { seq, actual, .. } if let Some(c) = signed_at(*seq) => {
+            format!(
+                "ledger entry {seq} now hashes to {actual}, but the coordinator signed {} for it at {}: the ledger was rewritten after it was signed",
+                c.hash,
+                hallmark_coordinator::auth::format_time_ms(c.at_ms)
+            )
+        }
+        LedgerFault::AnchorMissing { seq, head, .. } if signed_at(*seq).is_some() => format!(
             "the coordinator signed a checkpoint at entry {seq}, but the chain ends at {head}: entries were removed after it was signed"
         ),
-        (other, _) => other.to_string(),
+        other => other.to_string(),
     }
 }
 

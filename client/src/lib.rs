@@ -149,6 +149,12 @@ pub enum AuditCommand {
         /// Fail unless the ledger has a checkpoint signed by a trusted certificate.
         #[arg(long)]
         require_signed: bool,
+        /// A published checkpoint file you hold (repeatable): a copy of the
+        /// blob store's `ledger-checkpoints/SEQ.json`, kept where the
+        /// database's administrators cannot change it. Its signature is
+        /// checked and the chain must pass through it.
+        #[arg(long = "checkpoint")]
+        checkpoints: Vec<PathBuf>,
     },
     /// Print ledger entries in chain order.
     Log {
@@ -601,6 +607,7 @@ async fn audit_command(cfg: &ClientConfig, args: AuditArgs, json: bool) -> anyho
             job,
             trust_anchors,
             require_signed,
+            checkpoints,
         } => audit::verify(
             &remote,
             audit::VerifyOptions {
@@ -608,6 +615,7 @@ async fn audit_command(cfg: &ClientConfig, args: AuditArgs, json: bool) -> anyho
                 job,
                 trust_anchors: credentials::trust_anchors(cfg, trust_anchors.as_deref())?,
                 require_signed,
+                own_checkpoints: audit::read_checkpoints(&checkpoints)?,
             },
         )
         .await

@@ -11,7 +11,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use futures::stream::{BoxStream, StreamExt};
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use object_store::ObjectStore;
 use sha2::{Digest, Sha256};
 
@@ -197,6 +197,131 @@ impl BlobStore {
                     .boxed())
             }
         }
+    }
+}
+
+impl BlobStore {
+    fn check_named(dir: &str, name: &str) -> Result<(), BlobError> {
+        let plain = |s: &str| {
+            !s.is_empty()
+                && !s.starts_with('.')
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        };
+        // Two-character folders are the blobs' shards.
+        if !plain(dir) || dir.len() <= 2 || dir == "tmp" || !plain(name) {
+            return Err(BlobError::BadName(format!("{dir}/{name}")));
+        }
+        Ok(())
+    }
+
+    /// Keeps `bytes` under `dir/name`, beside the blobs (named, not
+    /// content-addressed: the audit ledger's published checkpoints). In a
+    /// local directory the first file written under a name stays; in a
+    /// bucket a second write replaces it unless the bucket forbids that
+    /// (object lock).
+    pub async fn put_named(&self, dir: &str, name: &str, bytes: Vec<u8>) -> Result<(), BlobError> {
+        Self::check_named(dir, name)?;
+        match &self.backend {
+            Backend::Local(root) => {
+                let folder = root.join(dir);
+                let dest = folder.join(name);
+                let tmp = folder.join(format!(".tmp-{}", uuid::Uuid::new_v4().simple()));
+                blocking(move || {
+                    std::fs::create_dir_all(&folder).map_err(io(&folder))?;
+                    std::fs::write(&tmp, &bytes).map_err(io(&tmp))?;
+                    // A hard link fails where the name exists: write-once.
+                    let linked = std::fs::hard_link(&tmp, &dest);
+                    let _ = std::fs::remove_file(&tmp);
+                    match linked {
+                        Ok(()) => Ok(()),
+                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+                        Err(e) => Err(io(&dest)(e)),
+                    }
+                })
+                .await
+            }
+            Backend::Object { store, prefix } => {
+                store
+                    .put(&prefix.child(dir).child(name), bytes.into())
+                    .await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// The bytes kept under `dir/name`.
+    pub async fn get_named(&self, dir: &str, name: &str) -> Result<Vec<u8>, BlobError> {
+        Self::check_named(dir, name)?;
+        match &self.backend {
+            Backend::Local(root) => {
+                let path = root.join(dir).join(name);
+                tokio::fs::read(&path).await.map_err(|e| match e.kind() {
+                    std::io::ErrorKind::NotFound => BlobError::Missing(format!("{dir}/{name}")),
+                    _ => io(&path)(e),
+                })
+            }
+            Backend::Object { store, prefix } => {
+                let got = store
+                    .get(&prefix.child(dir).child(name))
+                    .await
+                    .map_err(|e| match e {
+                        object_store::Error::NotFound { .. } => {
+                            BlobError::Missing(format!("{dir}/{name}"))
+                        }
+                        other => BlobError::Object(other),
+                    })?;
+                Ok(got.bytes().await?.to_vec())
+            }
+        }
+    }
+
+    /// The names kept in `dir` that sort after `after` (all with `None`),
+    /// in order.
+    pub async fn list_named(
+        &self,
+        dir: &str,
+        after: Option<&str>,
+    ) -> Result<Vec<String>, BlobError> {
+        Self::check_named(dir, after.unwrap_or("x"))?;
+        let mut names = match &self.backend {
+            Backend::Local(root) => {
+                let folder = root.join(dir);
+                blocking(move || {
+                    let entries = match std::fs::read_dir(&folder) {
+                        Ok(entries) => entries,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                        Err(e) => return Err(io(&folder)(e)),
+                    };
+                    let mut names = Vec::new();
+                    for entry in entries {
+                        let entry = entry.map_err(io(&folder))?;
+                        if let Some(name) = entry.file_name().to_str()
+                            && !name.starts_with('.')
+                        {
+                            names.push(name.to_string());
+                        }
+                    }
+                    Ok(names)
+                })
+                .await?
+            }
+            Backend::Object { store, prefix } => {
+                let folder = prefix.child(dir);
+                let listing = match after {
+                    Some(a) => store.list_with_offset(Some(&folder), &folder.child(a)),
+                    None => store.list(Some(&folder)),
+                };
+                let metas: Vec<object_store::ObjectMeta> = listing.try_collect().await?;
+                metas
+                    .iter()
+                    .filter_map(|m| m.location.filename().map(str::to_string))
+                    .collect()
+            }
+        };
+        names.retain(|n| after.is_none_or(|a| n.as_str() > a));
+        names.sort();
+        Ok(names)
     }
 }
 

@@ -183,6 +183,68 @@ impl Checkpoint {
             hash: self.hash.clone(),
         }
     }
+
+    /// The checkpoint and its `signature` as published outside the
+    /// database: a small JSON document an auditor can read and check alone.
+    pub fn to_published(&self, signature: &[u8]) -> Vec<u8> {
+        let doc = PublishedCheckpoint {
+            format: PUBLISHED_FORMAT.into(),
+            seq: self.seq,
+            hash: self.hash.clone(),
+            at_ms: self.at_ms,
+            signature: hex::encode(signature),
+        };
+        let mut text = serde_json::to_vec_pretty(&doc).unwrap_or_default();
+        text.push(b'\n');
+        text
+    }
+
+    /// Reads a published checkpoint: the checkpoint and its signature (not
+    /// yet verified: see `credentials::detached::verify_detached`).
+    pub fn from_published(bytes: &[u8]) -> Result<(Checkpoint, Vec<u8>), String> {
+        let doc: PublishedCheckpoint = serde_json::from_slice(bytes)
+            .map_err(|e| format!("not a published audit checkpoint: {e}"))?;
+        if doc.format != PUBLISHED_FORMAT {
+            return Err(format!("format {:?}, not {PUBLISHED_FORMAT:?}", doc.format));
+        }
+        let signature =
+            hex::decode(&doc.signature).map_err(|e| format!("signature is not hex: {e}"))?;
+        Ok((
+            Checkpoint {
+                seq: doc.seq,
+                hash: doc.hash,
+                at_ms: doc.at_ms,
+            },
+            signature,
+        ))
+    }
+
+    /// The file name a checkpoint at entry `seq` is published under; names
+    /// sort as their entries do.
+    pub fn published_name(seq: u64) -> String {
+        format!("{seq:020}.json")
+    }
+
+    /// The entry a published file name stands for.
+    pub fn published_seq(name: &str) -> Option<u64> {
+        let digits = name.strip_suffix(".json")?;
+        (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| digits.parse().ok())
+            .flatten()
+    }
+}
+
+const PUBLISHED_FORMAT: &str = "hallmark-audit-checkpoint-v1";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishedCheckpoint {
+    format: String,
+    seq: u64,
+    hash: String,
+    at_ms: i64,
+    /// The detached COSE_Sign1 over [`Checkpoint::payload`], hex.
+    signature: String,
 }
 
 /// Checks a chain entry by entry, from the first, so an auditor can walk a
@@ -460,5 +522,42 @@ mod tests {
             rewritten.push(&entries[2]),
             Err(LedgerFault::BrokenLink { seq: 3, .. })
         ));
+    }
+
+    #[test]
+    fn a_published_checkpoint_reads_back_and_names_sort_by_entry() {
+        let c = Checkpoint {
+            seq: 42,
+            hash: "ab".repeat(32),
+            at_ms: 1_796_558_400_000,
+        };
+        let text = c.to_published(&[1, 2, 0xfe]);
+        assert_eq!(Checkpoint::from_published(&text), Ok((c, vec![1, 2, 0xfe])));
+        let doc = String::from_utf8(text).unwrap();
+        for (from, to, says) in [
+            (
+                "\"seq\": 42",
+                "\"seq\": \"x\"",
+                "not a published audit checkpoint",
+            ),
+            ("checkpoint-v1", "checkpoint-v2", "format"),
+            ("0102fe", "0g02fe", "not hex"),
+            ("\"seq\"", "\"extra\": 1, \"seq\"", "unknown field"),
+        ] {
+            let bad = doc.replace(from, to);
+            assert_ne!(bad, doc, "{from}");
+            let e = Checkpoint::from_published(bad.as_bytes()).unwrap_err();
+            assert!(e.contains(says), "{e}");
+        }
+        assert!(Checkpoint::published_name(9) < Checkpoint::published_name(10));
+        assert_eq!(
+            Checkpoint::published_seq(&Checkpoint::published_name(10)),
+            Some(10)
+        );
+        assert_eq!(Checkpoint::published_seq("10.json"), None);
+        assert_eq!(
+            Checkpoint::published_seq(".tmp-00000000000000000010.json"),
+            None
+        );
     }
 }

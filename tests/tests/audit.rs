@@ -318,22 +318,46 @@ async fn a_single_node_render_leaves_a_sealed_ledger_to_audit() {
     assert_eq!(report["entries"].as_u64().unwrap() as usize, kinds.len());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_signed_checkpoint_catches_a_chain_recomputed_without_the_key() {
-    let dir = tempfile::tempdir().unwrap();
+/// Runs another job and waits until it is the `n`th finish sealed, then a
+/// second more, in which a coordinator would sign the head.
+async fn another_job_sealed(url: &str, prompts: &std::path::Path, db: &str, n: i64) {
+    submit_and_finish(url, &[prompts.to_str().unwrap()], Duration::from_secs(60)).await;
+    wait_for_count(
+        db,
+        &format!("finish number {n} sealed"),
+        "SELECT COUNT(*) FROM audit_events WHERE kind = 'finish' AND seq IS NOT NULL",
+        |c| c == n,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+}
+
+/// A coordinator on Postgres that signs a checkpoint at every seal, one
+/// worker, and a three-prompt job finished, its last entry sealed and signed.
+struct SigningFarm {
+    db: String,
+    metrics: String,
+    spec: CoordinatorSpec,
+    coordinator: Proc,
+    _worker: Proc,
+    url: String,
+    prompts: std::path::PathBuf,
+}
+
+async fn signing_farm_after_one_job(dir: &std::path::Path) -> SigningFarm {
     let ca = test_ca();
     let db = fresh_database().await;
     let metrics = format!("127.0.0.1:{}", free_port());
-    let spec = CoordinatorSpec::new(&db, None, dir.path().join("blobs"))
+    let spec = CoordinatorSpec::new(&db, None, dir.join("blobs"))
         .with("HALLMARK_SIGNING_CERT_CHAIN", ca.signer_chain.display())
         .with("HALLMARK_SIGNING_PRIVATE_KEY", ca.signer_key.display())
         .with("HALLMARK_LEDGER_CHECKPOINT_INTERVAL_MS", 0)
         .with("HALLMARK_METRICS_LISTEN", &metrics);
     let coordinator = spec.start().await;
     let url = spec.url();
-    let _w = start_worker(&url, "w", 0, &[]);
+    let worker = start_worker(&url, "w", 0, &[]);
     wait_for_workers(&url, 1).await;
-    let prompts = prompt_file(dir.path(), 3);
+    let prompts = prompt_file(dir, 3);
     submit_and_finish(&url, &[prompts.to_str().unwrap()], Duration::from_secs(60)).await;
     // The finish sealed, and the head it ends on signed.
     wait_for_count(
@@ -344,6 +368,30 @@ async fn a_signed_checkpoint_catches_a_chain_recomputed_without_the_key() {
         |n| n == 1,
     )
     .await;
+    SigningFarm {
+        db,
+        metrics,
+        spec,
+        coordinator,
+        _worker: worker,
+        url,
+        prompts,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_checkpoint_catches_a_chain_recomputed_without_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_ca();
+    let SigningFarm {
+        db,
+        metrics,
+        spec,
+        coordinator,
+        _worker,
+        url,
+        prompts,
+    } = signing_farm_after_one_job(dir.path()).await;
     let root = ca.root_cert.to_str().unwrap();
     let verify = |extra: &[&str]| {
         audit(
@@ -420,15 +468,7 @@ async fn a_signed_checkpoint_catches_a_chain_recomputed_without_the_key() {
     );
 
     // Nor does the coordinator sign the forged chain as it grows on it.
-    submit_and_finish(&url, &[prompts.to_str().unwrap()], Duration::from_secs(60)).await;
-    wait_for_count(
-        &db,
-        "the second job's finish sealed",
-        "SELECT COUNT(*) FROM audit_events WHERE kind = 'finish' AND seq IS NOT NULL",
-        |n| n == 2,
-    )
-    .await;
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    another_job_sealed(&url, &prompts, &db, 2).await;
     assert_eq!(
         scalar(&db, "SELECT COALESCE(MAX(seq), 0) FROM audit_checkpoints").await,
         signed_seq as i64,
@@ -475,15 +515,7 @@ async fn a_signed_checkpoint_catches_a_chain_recomputed_without_the_key() {
         .unwrap();
     drop(coordinator);
     let _restarted = spec.start().await;
-    submit_and_finish(&url, &[prompts.to_str().unwrap()], Duration::from_secs(60)).await;
-    wait_for_count(
-        &db,
-        "the third job's finish sealed",
-        "SELECT COUNT(*) FROM audit_events WHERE kind = 'finish' AND seq IS NOT NULL",
-        |n| n == 3,
-    )
-    .await;
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    another_job_sealed(&url, &prompts, &db, 3).await;
     assert_eq!(
         scalar(
             &db,
@@ -501,6 +533,169 @@ async fn a_signed_checkpoint_catches_a_chain_recomputed_without_the_key() {
     assert!(
         problems(&report).contains("\"Someone Else\", whose certificate does not chain"),
         "{report:#}"
+    );
+    pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_checkpoints_catch_a_rewrite_that_deletes_the_databases_copies() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_ca();
+    let SigningFarm {
+        db,
+        metrics,
+        spec,
+        coordinator,
+        _worker,
+        url,
+        prompts,
+    } = signing_farm_after_one_job(dir.path()).await;
+
+    // Every checkpoint the database keeps is also a file in the blob store,
+    // one an auditor can check on its own.
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&db).await.unwrap();
+    let kept = sqlx::query("SELECT seq, hash, at FROM audit_checkpoints ORDER BY seq")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert!(!kept.is_empty());
+    let published = dir.path().join("blobs/ledger-checkpoints");
+    for r in &kept {
+        let seq: i64 = r.get("seq");
+        let file = published.join(ledger::Checkpoint::published_name(seq as u64));
+        let bytes = std::fs::read(&file)
+            .unwrap_or_else(|e| panic!("checkpoint {seq} was not published ({e})"));
+        let (c, signature) = ledger::Checkpoint::from_published(&bytes).unwrap();
+        assert_eq!(
+            (c.seq as i64, c.hash.clone(), c.at_ms),
+            (seq, r.get::<String, _>("hash"), r.get::<i64, _>("at"))
+        );
+        let root = std::fs::read_to_string(&ca.root_cert).unwrap();
+        let v = hallmark_provenance::credentials::detached::verify_detached(
+            &signature,
+            &c.payload(),
+            Some(&root),
+        )
+        .unwrap();
+        assert_eq!(v.trusted, Some(true));
+    }
+    let signed_seq = scalar(&db, "SELECT MAX(seq) FROM audit_checkpoints").await;
+    // The auditor keeps a copy of the newest, somewhere else.
+    let copy = dir.path().join("auditor-copy.json");
+    std::fs::copy(
+        published.join(ledger::Checkpoint::published_name(signed_seq as u64)),
+        &copy,
+    )
+    .unwrap();
+
+    // Someone with the database rewrites the chain around an edit and
+    // deletes every checkpoint it holds, then restarts the coordinator so
+    // no replica remembers what it signed.
+    drop(coordinator);
+    let prev = rewrite_chain(&pool, 2).await;
+    execute(&pool, "DELETE FROM audit_checkpoints").await;
+    let _restarted = spec.start().await;
+    let root = ca.root_cert.to_str().unwrap();
+    let verify = || {
+        audit(&[
+            "--coordinator",
+            &url,
+            "verify",
+            "--trust-anchors",
+            root,
+            "--require-signed",
+        ])
+    };
+    // The auditor is still shown the coordinator's signature, from the
+    // published copy, and the chain no longer passes through it.
+    let (code, report) = verify();
+    assert_eq!(code, 1, "{report:#}");
+    assert!(
+        problems(&report).contains(&format!(
+            "ledger entry {signed_seq} now hashes to {prev}, but the coordinator signed"
+        )),
+        "{report:#}"
+    );
+    // Nor does the restarted coordinator sign the forged chain as it grows:
+    // it resumes from the published checkpoint, not from the genesis.
+    another_job_sealed(&url, &prompts, &db, 2).await;
+    assert_eq!(
+        scalar(&db, "SELECT COUNT(*) FROM audit_checkpoints").await,
+        0,
+        "the restarted coordinator signed the forged chain"
+    );
+    assert!(
+        Scrape::get(&metrics).sum("hallmark_audit_checkpoint_refusals_total", &[]) >= Some(1.0)
+    );
+    assert_eq!(verify().0, 1);
+
+    // With the blob store's copies gone too, the coordinator has nothing
+    // signed to show; the auditor's own copy still catches the rewrite.
+    std::fs::remove_dir_all(&published).unwrap();
+    let (code, report) = verify();
+    assert_eq!(code, 1, "{report:#}");
+    assert!(
+        problems(&report).contains("no checkpoint signed by a trusted certificate"),
+        "{report:#}"
+    );
+    let copy_arg = copy.to_str().unwrap();
+    let with_copy = |file: &str| {
+        audit(&[
+            "--coordinator",
+            &url,
+            "verify",
+            "--trust-anchors",
+            root,
+            "--require-signed",
+            "--checkpoint",
+            file,
+        ])
+    };
+    let (code, report) = with_copy(copy_arg);
+    assert_eq!(code, 1, "{report:#}");
+    assert!(
+        problems(&report).contains(&format!(
+            "ledger entry {signed_seq} now hashes to {prev}, but the coordinator signed"
+        )) && !problems(&report).contains("no checkpoint signed"),
+        "{report:#}"
+    );
+    assert_eq!(report["own_checkpoints"][0]["trusted"], true, "{report:#}");
+    // A copy whose contents were changed does not verify, and says which
+    // file it was; a file that is not there is an error naming it.
+    let edited = dir.path().join("edited.json");
+    let text = std::fs::read_to_string(&copy).unwrap();
+    let at = ledger::Checkpoint::from_published(text.as_bytes())
+        .unwrap()
+        .0
+        .at_ms;
+    std::fs::write(
+        &edited,
+        text.replace(&at.to_string(), &(at + 1).to_string()),
+    )
+    .unwrap();
+    let (code, report) = with_copy(edited.to_str().unwrap());
+    assert_eq!(code, 1, "{report:#}");
+    assert!(
+        problems(&report).contains(&format!(
+            "{}: the checkpoint at entry {signed_seq}",
+            edited.display()
+        )) && problems(&report).contains("does not verify"),
+        "{report:#}"
+    );
+    let missing = hallmark(&[
+        "--coordinator",
+        &url,
+        "audit",
+        "verify",
+        "--checkpoint",
+        "no-such-checkpoint.json",
+    ]);
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("--checkpoint no-such-checkpoint.json"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
     );
     pool.close().await;
 }

@@ -88,11 +88,91 @@ async fn behaves_as_a_content_addressed_store(store: &BlobStore) {
     ));
 }
 
+/// Named files beside the blobs (the published audit checkpoints): kept,
+/// read back, listed in order after a given name; names that could reach
+/// outside their folder or into the blobs' shards are refused.
+async fn keeps_named_files(store: &BlobStore) {
+    let dir = "ledger-checkpoints";
+    assert_eq!(
+        store.list_named(dir, None).await.unwrap(),
+        Vec::<String>::new()
+    );
+    for n in [3u8, 1, 2, 10] {
+        let name = format!("{n:020}.json");
+        store.put_named(dir, &name, vec![n; 5]).await.unwrap();
+    }
+    assert_eq!(
+        store
+            .get_named(dir, &format!("{:020}.json", 10))
+            .await
+            .unwrap(),
+        vec![10; 5]
+    );
+    let all = store.list_named(dir, None).await.unwrap();
+    let want: Vec<String> = [1, 2, 3, 10]
+        .iter()
+        .map(|n| format!("{n:020}.json"))
+        .collect();
+    assert_eq!(all, want);
+    assert_eq!(
+        store.list_named(dir, Some(&want[1])).await.unwrap(),
+        want[2..].to_vec()
+    );
+    assert_eq!(
+        store.list_named(dir, Some(&want[3])).await.unwrap(),
+        Vec::<String>::new()
+    );
+    assert!(matches!(
+        store.get_named(dir, "missing.json").await,
+        Err(BlobError::Missing(_))
+    ));
+    for (d, n) in [
+        (dir, "../escape"),
+        (dir, ".hidden"),
+        ("ab", "x.json"),
+        ("tmp", "x.json"),
+        ("a/b", "x.json"),
+    ] {
+        assert!(
+            matches!(
+                store.put_named(d, n, vec![1]).await,
+                Err(BlobError::BadName(_))
+            ),
+            "{d}/{n} was accepted"
+        );
+    }
+}
+
 #[tokio::test]
 async fn local_directory_store() {
     let dir = tempfile::tempdir().unwrap();
     let store = BlobStore::open(dir.path()).unwrap();
     behaves_as_a_content_addressed_store(&store).await;
+    keeps_named_files(&store).await;
+    // Locally the first file written under a name stays.
+    let first = format!("{:020}.json", 1);
+    store
+        .put_named("ledger-checkpoints", &first, b"second".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_named("ledger-checkpoints", &first).await.unwrap(),
+        vec![1; 5]
+    );
+    let stray = std::fs::read_dir(dir.path().join("ledger-checkpoints"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with('.')
+        })
+        .count();
+    assert_eq!(
+        stray, 0,
+        "no temporary files are left beside the named ones"
+    );
     let leftovers = std::fs::read_dir(dir.path().join("tmp")).unwrap().count();
     assert_eq!(leftovers, 0, "no temporary files are left behind");
 }
@@ -103,6 +183,7 @@ async fn s3_compatible_store() {
     let spill = tempfile::tempdir().unwrap();
     let store = s3_store(&m, spill.path());
     behaves_as_a_content_addressed_store(&store).await;
+    keeps_named_files(&store).await;
     assert_eq!(
         std::fs::read_dir(spill.path()).unwrap().count(),
         0,

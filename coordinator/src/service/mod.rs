@@ -326,9 +326,88 @@ impl Coordinator {
             signed: checkpoint.anchor(),
             at: Some(Instant::now()),
         });
+        drop(last);
+        // A copy outside the database: a chain rewritten there, with its
+        // checkpoints deleted, still meets this one.
+        self.blobs
+            .put_named(
+                CHECKPOINT_DIR,
+                &Checkpoint::published_name(checkpoint.seq),
+                checkpoint.to_published(&signature),
+            )
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "signed the audit checkpoint at entry {} but could not publish it to the blob store: {e}",
+                    checkpoint.seq
+                )
+            })?;
         Ok(())
     }
+
+    /// The newest signed checkpoint: the database's `stored` one, or one
+    /// published to the blob store further along (the database's were
+    /// deleted, or are behind). A blob store that cannot be read leaves the
+    /// database's, with a warning.
+    pub async fn newest_checkpoint(
+        &self,
+        stored: Option<(Checkpoint, Vec<u8>)>,
+    ) -> Option<(Checkpoint, Vec<u8>)> {
+        match self
+            .published_checkpoints(stored.as_ref().map(|(c, _)| c.seq), 1)
+            .await
+        {
+            Ok(mut newer) if !newer.is_empty() => newer.pop(),
+            Ok(_) => stored,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the published audit checkpoints");
+                stored
+            }
+        }
+    }
+
+    /// Up to `n` checkpoints published after entry `after` (all with
+    /// `None`), the newest last; files that do not parse are skipped with
+    /// a warning.
+    async fn published_checkpoints(
+        &self,
+        after: Option<u64>,
+        n: usize,
+    ) -> Result<Vec<(Checkpoint, Vec<u8>)>, BlobError> {
+        let after = after.map(Checkpoint::published_name);
+        let names = self
+            .blobs
+            .list_named(CHECKPOINT_DIR, after.as_deref())
+            .await?;
+        let newest: Vec<&String> = names
+            .iter()
+            .filter(|n| Checkpoint::published_seq(n).is_some())
+            .rev()
+            .take(n)
+            .collect();
+        let mut out = Vec::new();
+        for name in newest.into_iter().rev() {
+            let bytes = self.blobs.get_named(CHECKPOINT_DIR, name).await?;
+            match Checkpoint::from_published(&bytes) {
+                Ok((c, sig)) if Checkpoint::published_seq(name) == Some(c.seq) => {
+                    out.push((c, sig))
+                }
+                Ok((c, _)) => tracing::warn!(
+                    file = %name,
+                    seq = c.seq,
+                    "a published audit checkpoint is filed under another entry's name; skipped"
+                ),
+                Err(e) => {
+                    tracing::warn!(file = %name, error = %e, "a published audit checkpoint does not parse; skipped")
+                }
+            }
+        }
+        Ok(out)
+    }
 }
+
+/// Where the blob store keeps the published audit checkpoints.
+pub const CHECKPOINT_DIR: &str = "ledger-checkpoints";
 
 impl Coordinator {
     /// Where a replica that has signed nothing yet resumes: the latest
@@ -340,7 +419,21 @@ impl Coordinator {
     /// whatever chain the database holds now.
     async fn resume_point(&self, signer: &LedgerSigner) -> anyhow::Result<Anchor> {
         let ours = signer.identity.certificate_der()?;
-        let stored = self.store.latest_checkpoints(CHECKPOINTS_SCANNED).await?;
+        let mut stored = self.store.latest_checkpoints(CHECKPOINTS_SCANNED).await?;
+        // Those published beyond the database's newest (all of them when
+        // the database holds none): deleting the database's checkpoints
+        // does not send a replica back to the genesis.
+        let newest_stored = stored.first().map(|(c, _)| c.seq);
+        let published = self
+            .published_checkpoints(newest_stored, CHECKPOINTS_SCANNED as usize)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "could not read the published audit checkpoints: {e}; not signing until it can"
+                )
+            })?;
+        stored.extend(published);
+        stored.sort_by_key(|c| std::cmp::Reverse(c.0.seq));
         if stored.is_empty() {
             return Ok(Anchor {
                 seq: 0,

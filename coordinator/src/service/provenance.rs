@@ -160,6 +160,7 @@ impl Provenance for ProvenanceService {
             .audit_page(r.after_seq, limit, job)
             .await
             .map_err(status)?;
+        let checkpoint = self.0.newest_checkpoint(page.checkpoint).await;
         Ok(Response::new(LedgerPage {
             entries: page
                 .entries
@@ -179,7 +180,7 @@ impl Provenance for ProvenanceService {
             head_seq: page.head.seq,
             head_hash: page.head.hash,
             unsealed: page.unsealed,
-            checkpoint: page.checkpoint.map(|(c, signature)| LedgerCheckpoint {
+            checkpoint: checkpoint.map(|(c, signature)| LedgerCheckpoint {
                 seq: c.seq,
                 hash: c.hash,
                 at_ms: c.at_ms,
