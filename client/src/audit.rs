@@ -48,6 +48,8 @@ pub struct SignedCheckpoint {
     pub signer: String,
     /// Whether the signer chains to the trust anchors (`None`: none given).
     pub trusted: Option<bool>,
+    /// When a time-stamp authority saw the signature (ms), if one did.
+    pub timestamp_ms: Option<i64>,
 }
 
 /// A job's records held against its ledger entries.
@@ -78,6 +80,7 @@ impl LedgerReport {
                 "at_ms": c.checkpoint.at_ms,
                 "signer": c.signer,
                 "trusted": c.trusted,
+                "timestamp": c.timestamp_ms.map(hallmark_coordinator::auth::format_time_ms),
             })),
             "own_checkpoints": self.own_checkpoints.iter().map(|c| json!({
                 "seq": c.checkpoint.seq,
@@ -85,6 +88,7 @@ impl LedgerReport {
                 "at_ms": c.checkpoint.at_ms,
                 "signer": c.signer,
                 "trusted": c.trusted,
+                "timestamp": c.timestamp_ms.map(hallmark_coordinator::auth::format_time_ms),
             })).collect::<Vec<_>>(),
             "job": self.job.as_ref().map(|j| json!({
                 "job_id": j.job_id,
@@ -126,6 +130,12 @@ impl LedgerReport {
                         None => "signer not checked: no trust anchors",
                     }
                 ));
+                if let Some(at) = c.timestamp_ms {
+                    s.push_str(&format!(
+                        "  time-stamped by its authority at {}\n",
+                        hallmark_coordinator::auth::format_time_ms(at)
+                    ));
+                }
                 if self.head.seq > c.checkpoint.seq {
                     s.push_str(&format!(
                         "{} entries after it are hash-chained, not yet signed\n",
@@ -215,10 +225,21 @@ fn check_checkpoint(
                     checkpoint.seq, v.signer
                 ));
             }
+            if let Some(at) = v.timestamp_ms
+                && !checkpoint.agrees_with_timestamp(at)
+            {
+                problems.push(format!(
+                    "the checkpoint at entry {} says it was signed at {}, but its time-stamp authority saw the signature at {}",
+                    checkpoint.seq,
+                    hallmark_coordinator::auth::format_time_ms(checkpoint.at_ms),
+                    hallmark_coordinator::auth::format_time_ms(at)
+                ));
+            }
             Some(SignedCheckpoint {
                 checkpoint,
                 signer: v.signer,
                 trusted: v.trusted,
+                timestamp_ms: v.timestamp_ms,
             })
         }
         Err(e) => {

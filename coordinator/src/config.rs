@@ -123,6 +123,12 @@ pub struct CoordinatorConfig {
     /// after a sealing pass that moved the chain's head, once this long has
     /// passed since the last, the head is signed.
     pub ledger_checkpoint_interval_ms: u64,
+    /// An RFC 3161 time-stamp authority (`http://`) for the ledger's
+    /// checkpoints: each signature then carries a time the coordinator
+    /// cannot set, and stays checkable after the signing certificate
+    /// expires. A checkpoint the authority cannot stamp is not signed (and
+    /// counted as refused) until it can.
+    pub ledger_tsa_url: Option<String>,
     /// A signing identity handed over in code (the embedded farm signs with
     /// its own); takes the place of the two files.
     #[serde(skip)]
@@ -217,6 +223,7 @@ impl Default for CoordinatorConfig {
             signing_private_key: None,
             signing_alg: "es256".into(),
             ledger_checkpoint_interval_ms: 60_000,
+            ledger_tsa_url: None,
             signing_identity: None,
             auth: "off".into(),
             auth_tokens: BTreeMap::new(),

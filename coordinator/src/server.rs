@@ -320,11 +320,20 @@ fn ledger_signing_identity(
     match (&config.signing_cert_chain, &config.signing_private_key) {
         (Some(chain), Some(key)) => {
             let alg = SigningAlgorithm::parse(&config.signing_alg)?;
-            let identity = SigningIdentity::load(chain, key, alg, None).context(
-                "loading the ledger's signing identity (signing_cert_chain, signing_private_key)",
+            let tsa = config.ledger_tsa_url.clone().filter(|u| !u.is_empty());
+            let identity = SigningIdentity::load(chain, key, alg, tsa).context(
+                "loading the ledger's signing identity (signing_cert_chain, signing_private_key, ledger_tsa_url)",
             )?;
-            // A key that cannot sign is found now, not at the first checkpoint.
-            hallmark_provenance::credentials::detached::sign_detached(&identity, b"start-up check")
+            // A time-stamp authority URL that cannot be used is refused now.
+            identity.check().context("ledger_tsa_url")?;
+            // A key that cannot sign is found now, not at the first
+            // checkpoint; the time-stamp authority is not asked (one that
+            // is down does not keep the coordinator from starting).
+            let untimed = SigningIdentity {
+                tsa_url: None,
+                ..identity.clone()
+            };
+            hallmark_provenance::credentials::detached::sign_detached(&untimed, b"start-up check")
                 .context("signing with signing_cert_chain and signing_private_key")?;
             Ok(Some(identity))
         }

@@ -219,6 +219,14 @@ impl Checkpoint {
         ))
     }
 
+    /// Whether the time a time-stamp authority saw this checkpoint's
+    /// signature (`stamped_ms`) agrees with the time the checkpoint states,
+    /// within [`TIMESTAMP_SKEW_MS`]: a checkpoint dated earlier or later
+    /// than it was signed (by someone holding the key) does not.
+    pub fn agrees_with_timestamp(&self, stamped_ms: i64) -> bool {
+        (stamped_ms - self.at_ms).abs() <= TIMESTAMP_SKEW_MS
+    }
+
     /// The file name a checkpoint at entry `seq` is published under; names
     /// sort as their entries do.
     pub fn published_name(seq: u64) -> String {
@@ -235,6 +243,9 @@ impl Checkpoint {
 }
 
 const PUBLISHED_FORMAT: &str = "hallmark-audit-checkpoint-v1";
+
+/// How far a checkpoint's own time may be from its time-stamp authority's.
+pub const TIMESTAMP_SKEW_MS: i64 = 10 * 60 * 1000;
 
 #[derive(serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -559,5 +570,18 @@ mod tests {
             Checkpoint::published_seq(".tmp-00000000000000000010.json"),
             None
         );
+    }
+
+    #[test]
+    fn a_checkpoint_agrees_with_a_time_stamp_only_near_its_own_time() {
+        let c = Checkpoint {
+            seq: 1,
+            hash: "ab".repeat(32),
+            at_ms: 1_796_558_400_000,
+        };
+        assert!(c.agrees_with_timestamp(c.at_ms + 1500));
+        assert!(c.agrees_with_timestamp(c.at_ms - TIMESTAMP_SKEW_MS));
+        assert!(!c.agrees_with_timestamp(c.at_ms + TIMESTAMP_SKEW_MS + 1));
+        assert!(!c.agrees_with_timestamp(c.at_ms - 86_400_000));
     }
 }

@@ -577,3 +577,39 @@ fn an_unreachable_or_https_timestamp_authority_fails_signing_clearly() {
     };
     assert!(stamper.sign(ImageFormat::Png, &encoded, &stamp).is_err());
 }
+
+#[test]
+fn detached_signatures_carry_the_time_stamp_authoritys_time() {
+    use hallmark_provenance::credentials::detached::{sign_detached, verify_detached};
+    let ca = new_ca(SigningAlgorithm::Es256, "Hallmark Test");
+    let tsa = local_tsa(&ca);
+    let payload = b"hallmark-audit-checkpoint-v1\n7\nabc\n1";
+    let before = time::OffsetDateTime::now_utc().unix_timestamp() * 1000;
+    let identity = ca.files.identity(Some(tsa.url.clone())).unwrap();
+    let sig = sign_detached(&identity, payload).unwrap();
+    let after = time::OffsetDateTime::now_utc().unix_timestamp() * 1000 + 1000;
+    let v = verify_detached(&sig, payload, Some(&ca.anchors())).unwrap();
+    assert_eq!(v.trusted, Some(true));
+    // The authority's clock (openssl's, one-second accuracy) saw it now.
+    let at = v
+        .timestamp_ms
+        .expect("a time-stamped signature carries its time");
+    assert!(
+        (before - 2000..=after + 2000).contains(&at),
+        "{at} not within {before}..{after}"
+    );
+    // The token covers this signature only: the payload changed, the
+    // signature fails as before.
+    assert!(verify_detached(&sig, b"hallmark-audit-checkpoint-v1\n8\nabc\n1", None).is_err());
+    // An authority that cannot be reached fails the signature, naming it.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let url = format!("http://{closed}/");
+    let unreachable = ca.files.identity(Some(url.clone())).unwrap();
+    let err = sign_detached(&unreachable, payload)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&url), "{err}");
+}

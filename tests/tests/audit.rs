@@ -699,3 +699,71 @@ async fn published_checkpoints_catch_a_rewrite_that_deletes_the_databases_copies
     );
     pool.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_wait_for_their_time_stamp_authority() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_ca();
+    let db = fresh_database().await;
+    let signing = CoordinatorSpec::new(&db, None, dir.path().join("blobs"))
+        .with("HALLMARK_SIGNING_CERT_CHAIN", ca.signer_chain.display())
+        .with("HALLMARK_SIGNING_PRIVATE_KEY", ca.signer_key.display())
+        .with("HALLMARK_LEDGER_CHECKPOINT_INTERVAL_MS", 0);
+    // An authority it could not use is refused at start, naming the setting.
+    let mut refused = Proc::spawn(
+        "coordinator with an https authority",
+        std::process::Command::new(bin("hallmark-coordinator"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--database-url",
+                &db,
+                "--blob-dir",
+            ])
+            .arg(dir.path().join("blobs"))
+            .envs(signing.env.iter().cloned())
+            .env("HALLMARK_LEDGER_TSA_URL", "https://tsa.example/")
+            .env("RUST_BACKTRACE", "0"),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let how = loop {
+        if let Some(how) = refused.exited() {
+            break how;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the coordinator started with an https time-stamp authority"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        !how.contains("exit status: 0")
+            && how.contains("ledger_tsa_url")
+            && how.contains("http://"),
+        "{how}"
+    );
+    // One that cannot be reached does not keep the coordinator from
+    // starting, but nothing is signed without its time-stamp.
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let spec = signing
+        .with(
+            "HALLMARK_LEDGER_TSA_URL",
+            format!("http://127.0.0.1:{}/tsa", free_port()),
+        )
+        .with("HALLMARK_METRICS_LISTEN", &metrics);
+    let _coordinator = spec.start().await;
+    let url = spec.url();
+    let _w = start_worker(&url, "w", 0, &[]);
+    wait_for_workers(&url, 1).await;
+    let prompts = prompt_file(dir.path(), 2);
+    another_job_sealed(&url, &prompts, &db, 1).await;
+    assert_eq!(
+        scalar(&db, "SELECT COUNT(*) FROM audit_checkpoints").await,
+        0
+    );
+    assert!(
+        Scrape::get(&metrics).sum("hallmark_audit_checkpoint_refusals_total", &[]) >= Some(1.0)
+    );
+    let (code, report) = audit(&["--coordinator", &url, "verify", "--require-signed"]);
+    assert_eq!(code, 1, "{report:#}");
+}

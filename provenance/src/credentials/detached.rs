@@ -6,9 +6,10 @@
 
 use c2pa::crypto::cose::{
     CertificateTrustPolicy, CoseError, TimeStampStorage, Verifier, cert_chain_from_sign1,
-    parse_cose_sign1, sign,
+    parse_cose_sign1, sign, signing_time_from_sign1,
 };
-use c2pa::crypto::raw_signature::signer_from_cert_chain_and_private_key;
+use c2pa::crypto::raw_signature::{RawSigner, RawSignerError};
+use c2pa::crypto::time_stamp::{TimeStampError, TimeStampProvider};
 use c2pa::status_tracker::StatusTracker;
 
 use super::{CredentialsError, SigningIdentity};
@@ -25,28 +26,70 @@ pub struct DetachedVerdict {
     pub trusted: Option<bool>,
     /// The signing certificate, DER.
     pub certificate: Vec<u8>,
+    /// When an RFC 3161 time-stamp authority saw the signature
+    /// (milliseconds since the Unix epoch; `None`: not time-stamped). The
+    /// token is checked against the signature; the authority's own
+    /// certificate is not checked against trust anchors.
+    pub timestamp_ms: Option<i64>,
 }
 
-/// Signs `payload` with `identity` (no timestamp authority: the payloads
-/// signed this way carry their own time).
+/// Signs `payload` with `identity`, time-stamped by its `tsa_url` when it
+/// has one (then an authority that cannot be reached fails the signature).
 pub fn sign_detached(
     identity: &SigningIdentity,
     payload: &[u8],
 ) -> Result<Vec<u8>, CredentialsError> {
-    let signer = signer_from_cert_chain_and_private_key(
-        &identity.cert_chain_pem,
-        &identity.private_key_pem,
-        identity.alg.c2pa(),
-        None,
-    )
-    .map_err(|e| CredentialsError::Signature(format!("loading the signing identity: {e}")))?;
+    let signer = identity.signer()?;
     sign(
-        signer.as_ref(),
+        &Raw(signer.as_ref()),
         payload,
         None,
         TimeStampStorage::V2_sigTst2_CTT,
     )
-    .map_err(|e| CredentialsError::Signature(format!("signing: {e}")))
+    .map_err(|e| match &identity.tsa_url {
+        Some(tsa) => {
+            CredentialsError::Signature(format!("signing with a time-stamp from {tsa}: {e}"))
+        }
+        None => CredentialsError::Signature(format!("signing: {e}")),
+    })
+}
+
+/// The identity's signer (with its time-stamping, which goes out over this
+/// crate's own HTTP client) as the raw signer COSE signing takes.
+struct Raw<'a>(&'a dyn c2pa::Signer);
+
+impl RawSigner for Raw<'_> {
+    fn sign(&self, data: &[u8]) -> Result<Vec<u8>, RawSignerError> {
+        self.0
+            .sign(data)
+            .map_err(|e| RawSignerError::InternalError(e.to_string()))
+    }
+
+    fn alg(&self) -> c2pa::SigningAlg {
+        self.0.alg()
+    }
+
+    fn cert_chain(&self) -> Result<Vec<Vec<u8>>, RawSignerError> {
+        self.0
+            .certs()
+            .map_err(|e| RawSignerError::InternalError(e.to_string()))
+    }
+
+    fn reserve_size(&self) -> usize {
+        self.0.reserve_size()
+    }
+}
+
+impl TimeStampProvider for Raw<'_> {
+    fn time_stamp_service_url(&self) -> Option<String> {
+        self.0.time_authority_url()
+    }
+
+    fn send_time_stamp_request(&self, message: &[u8]) -> Option<Result<Vec<u8>, TimeStampError>> {
+        self.0
+            .send_timestamp_request(message)
+            .map(|r| r.map_err(|e| TimeStampError::InternalError(e.to_string())))
+    }
 }
 
 /// Checks that `signature` signs exactly `payload`, and whether its signer
@@ -89,6 +132,7 @@ pub fn verify_detached(
             .unwrap_or_default(),
         trusted,
         certificate: end_entity.clone(),
+        timestamp_ms: signing_time_from_sign1(&sign1, payload, false).map(|t| t.timestamp_millis()),
     })
 }
 
@@ -125,6 +169,7 @@ mod tests {
             assert_eq!(v.trusted, Some(true));
             let unchecked = verify_detached(&sig, payload, None).unwrap();
             assert_eq!(unchecked.trusted, None);
+            assert_eq!(unchecked.timestamp_ms, None, "no authority, no time-stamp");
             assert_eq!(unchecked.certificate, id.certificate_der().unwrap());
             // Another deployment's roots do not vouch for it.
             let other = verify_detached(&sig, payload, Some(&other_anchors)).unwrap();

@@ -136,6 +136,12 @@ impl SigningIdentity {
             })
     }
 
+    /// Whether a signer can be made of this identity (its key and its
+    /// time-stamp authority URL), without signing or asking the authority.
+    pub fn check(&self) -> Result<(), CredentialsError> {
+        self.signer().map(|_| ())
+    }
+
     pub(crate) fn signer(&self) -> Result<c2pa::BoxedSigner, CredentialsError> {
         let signer = c2pa::create_signer::from_keys(
             &self.cert_chain_pem,
