@@ -456,7 +456,7 @@ impl Coordinator {
             }
         }
         anyhow::bail!(
-            "none of the latest {} audit checkpoints is signed by this deployment; not signing until they are looked into",
+            "none of the latest {} audit checkpoints is signed by this deployment; not signing until they are looked into (after a signing key rotation, set trust_anchors to the root that issued both certificates)",
             stored.len()
         )
     }
