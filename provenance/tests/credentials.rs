@@ -391,120 +391,17 @@ fn ca_init_refuses_to_overwrite() {
     assert!(err.contains("already holds a CA"), "{err}");
 }
 
-/// A local RFC 3161 authority: `openssl ts -reply` behind a one-request-
-/// per-connection HTTP server, with a TSA certificate from `ca`'s root.
+/// A local RFC 3161 authority with a TSA certificate from `ca`'s root.
 struct LocalTsa {
     url: String,
     _dir: tempfile::TempDir,
 }
 
 fn local_tsa(ca: &Ca) -> LocalTsa {
-    use rcgen::{CertificateParams, CustomExtension, DnType, Issuer, KeyPair, KeyUsagePurpose};
     let dir = tempfile::tempdir().unwrap();
-    let root_key =
-        KeyPair::from_pem(&std::fs::read_to_string(&ca.files.root_key).unwrap()).unwrap();
-    // The root's subject as `ca::init` writes it, with the root's key.
-    let mut root = CertificateParams::default();
-    root.distinguished_name = rcgen::DistinguishedName::new();
-    root.distinguished_name
-        .push(DnType::CommonName, "Hallmark Test test root CA");
-    root.distinguished_name
-        .push(DnType::OrganizationName, "Hallmark Test");
-    root.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-    let issuer = Issuer::new(root, root_key);
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut params = CertificateParams::default();
-    params.distinguished_name = rcgen::DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "Hallmark test TSA");
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, "Hallmark Test");
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    // extKeyUsage = critical, timeStamping (RFC 3161 requires it critical).
-    let mut eku = CustomExtension::from_oid_content(
-        &[2, 5, 29, 37],
-        vec![
-            0x30, 0x0a, 0x06, 0x08, 0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x08,
-        ],
-    );
-    eku.set_criticality(true);
-    params.custom_extensions = vec![eku];
-    params.use_authority_key_identifier_extension = true;
-    let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::hours(1);
-    params.not_after = now + time::Duration::days(365);
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    let path = |n: &str| dir.path().join(n);
-    std::fs::write(path("tsa.pem"), cert.pem()).unwrap();
-    std::fs::write(path("tsa.key"), key.serialize_pem()).unwrap();
-    std::fs::write(path("serial"), "01\n").unwrap();
-    std::fs::write(
-        path("ts.cnf"),
-        format!(
-            "[ tsa ]\ndefault_tsa = t\n[ t ]\nserial = {}\ncrypto_device = builtin\nsigner_digest = sha256\n\
-             default_policy = 1.2.3.4.1\ndigests = sha256, sha384, sha512\naccuracy = secs:1\n\
-             ordering = yes\ntsa_name = no\ness_cert_id_chain = no\ness_cert_id_alg = sha256\n",
-            path("serial").display()
-        ),
-    )
-    .unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/tsa", listener.local_addr().unwrap());
-    let root = dir.path().to_path_buf();
-    std::thread::spawn(move || {
-        use std::io::{BufRead, Read, Write};
-        for stream in listener.incoming().flatten() {
-            let mut reader = std::io::BufReader::new(stream);
-            let mut len = 0usize;
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-            }
-            let mut query = vec![0u8; len];
-            if reader.read_exact(&mut query).is_err() {
-                continue;
-            }
-            std::fs::write(root.join("q.tsq"), &query).unwrap();
-            let ok = std::process::Command::new("openssl")
-                .args(["ts", "-reply", "-config"])
-                .arg(root.join("ts.cnf"))
-                .arg("-queryfile")
-                .arg(root.join("q.tsq"))
-                .arg("-signer")
-                .arg(root.join("tsa.pem"))
-                .arg("-inkey")
-                .arg(root.join("tsa.key"))
-                .arg("-out")
-                .arg(root.join("r.tsr"))
-                .output()
-                .map(|o| o.status.success())
-                .unwrap_or(false);
-            let body = if ok {
-                std::fs::read(root.join("r.tsr")).unwrap()
-            } else {
-                Vec::new()
-            };
-            let status = if ok {
-                "200 OK"
-            } else {
-                "500 Internal Server Error"
-            };
-            let mut stream = reader.into_inner();
-            let _ = write!(
-                stream,
-                "HTTP/1.1 {status}\r\nContent-Type: application/timestamp-reply\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = stream.write_all(&body);
-        }
-    });
+    let url =
+        hallmark_provenance::credentials::local_tsa::start(&ca.files, "Hallmark Test", dir.path())
+            .unwrap();
     LocalTsa { url, _dir: dir }
 }
 

@@ -344,15 +344,19 @@ struct SigningFarm {
     prompts: std::path::PathBuf,
 }
 
-async fn signing_farm_after_one_job(dir: &std::path::Path) -> SigningFarm {
+/// A coordinator on `db` signing with [`test_ca`] at every seal.
+fn signing_spec(db: &str, blobs: std::path::PathBuf) -> CoordinatorSpec {
     let ca = test_ca();
-    let db = fresh_database().await;
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let spec = CoordinatorSpec::new(&db, None, dir.join("blobs"))
+    CoordinatorSpec::new(db, None, blobs)
         .with("HALLMARK_SIGNING_CERT_CHAIN", ca.signer_chain.display())
         .with("HALLMARK_SIGNING_PRIVATE_KEY", ca.signer_key.display())
         .with("HALLMARK_LEDGER_CHECKPOINT_INTERVAL_MS", 0)
-        .with("HALLMARK_METRICS_LISTEN", &metrics);
+}
+
+async fn signing_farm_after_one_job(dir: &std::path::Path) -> SigningFarm {
+    let db = fresh_database().await;
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let spec = signing_spec(&db, dir.join("blobs")).with("HALLMARK_METRICS_LISTEN", &metrics);
     let coordinator = spec.start().await;
     let url = spec.url();
     let worker = start_worker(&url, "w", 0, &[]);
@@ -701,14 +705,11 @@ async fn published_checkpoints_catch_a_rewrite_that_deletes_the_databases_copies
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn checkpoints_wait_for_their_time_stamp_authority() {
+async fn checkpoints_are_time_stamped_and_wait_for_their_authority() {
     let dir = tempfile::tempdir().unwrap();
     let ca = test_ca();
     let db = fresh_database().await;
-    let signing = CoordinatorSpec::new(&db, None, dir.path().join("blobs"))
-        .with("HALLMARK_SIGNING_CERT_CHAIN", ca.signer_chain.display())
-        .with("HALLMARK_SIGNING_PRIVATE_KEY", ca.signer_key.display())
-        .with("HALLMARK_LEDGER_CHECKPOINT_INTERVAL_MS", 0);
+    let signing = signing_spec(&db, dir.path().join("blobs"));
     // An authority it could not use is refused at start, naming the setting.
     let mut refused = Proc::spawn(
         "coordinator with an https authority",
@@ -766,4 +767,59 @@ async fn checkpoints_wait_for_their_time_stamp_authority() {
     );
     let (code, report) = audit(&["--coordinator", &url, "verify", "--require-signed"]);
     assert_eq!(code, 1, "{report:#}");
+
+    // A working authority: each checkpoint carries its time, which the
+    // auditor is shown beside the checkpoint's own.
+    let tsa = hallmark_provenance::credentials::local_tsa::start(
+        ca,
+        "Hallmark e2e",
+        &dir.path().join("tsa"),
+    )
+    .unwrap();
+    let db = fresh_database().await;
+    let spec = signing_spec(&db, dir.path().join("blobs-2")).with("HALLMARK_LEDGER_TSA_URL", &tsa);
+    let _stamped = spec.start().await;
+    let url = spec.url();
+    let _w2 = start_worker(&url, "w2", 0, &[]);
+    wait_for_workers(&url, 1).await;
+    another_job_sealed(&url, &prompts, &db, 1).await;
+    wait_for_count(
+        &db,
+        "the head signed",
+        "SELECT COUNT(*) FROM audit_checkpoints c JOIN audit_head h ON c.seq = h.seq",
+        |n| n == 1,
+    )
+    .await;
+    let root = ca.root_cert.to_str().unwrap();
+    let (code, report) = audit(&[
+        "--coordinator",
+        &url,
+        "verify",
+        "--require-signed",
+        "--trust-anchors",
+        root,
+    ]);
+    assert_eq!(code, 0, "{report:#}");
+    let checkpoint = &report["checkpoint"];
+    let stamped = hallmark_coordinator::auth::parse_time_ms(
+        checkpoint["timestamp"]
+            .as_str()
+            .expect("the checkpoint is time-stamped"),
+    )
+    .unwrap();
+    let own = checkpoint["at_ms"].as_i64().unwrap();
+    assert!((stamped - own).abs() < 60_000, "{report:#}");
+    let text = hallmark(&[
+        "--coordinator",
+        &url,
+        "audit",
+        "verify",
+        "--trust-anchors",
+        root,
+    ]);
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("time-stamped by its authority at"),
+        "{}",
+        String::from_utf8_lossy(&text.stdout)
+    );
 }

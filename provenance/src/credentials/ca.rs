@@ -98,6 +98,19 @@ fn write_private(path: &Path, pem: &str) -> Result<(), CredentialsError> {
     std::io::Write::write_all(&mut file, pem.as_bytes()).map_err(io_error(path))
 }
 
+/// A certificate subject: common name and organization.
+pub(crate) fn subject(common_name: &str, organization: &str) -> rcgen::DistinguishedName {
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    dn.push(DnType::OrganizationName, organization);
+    dn
+}
+
+/// The subject `init` gives the root of a CA for `organization`.
+pub(crate) fn root_subject(organization: &str) -> rcgen::DistinguishedName {
+    subject(&format!("{organization} test root CA"), organization)
+}
+
 /// (root cert PEM, root key PEM, signer cert PEM, signer key PEM).
 fn generate(
     organization: &str,
@@ -114,11 +127,7 @@ fn generate(
 
     let root_key = KeyPair::generate_for(sig_alg).map_err(err)?;
     let mut root = CertificateParams::default();
-    root.distinguished_name = rcgen::DistinguishedName::new();
-    root.distinguished_name
-        .push(DnType::CommonName, format!("{organization} test root CA"));
-    root.distinguished_name
-        .push(DnType::OrganizationName, organization);
+    root.distinguished_name = root_subject(organization);
     root.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     root.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -132,13 +141,7 @@ fn generate(
 
     let signer_key = KeyPair::generate_for(sig_alg).map_err(err)?;
     let mut signer = CertificateParams::default();
-    signer.distinguished_name = rcgen::DistinguishedName::new();
-    signer
-        .distinguished_name
-        .push(DnType::CommonName, format!("{organization} render farm"));
-    signer
-        .distinguished_name
-        .push(DnType::OrganizationName, organization);
+    signer.distinguished_name = subject(&format!("{organization} render farm"), organization);
     signer.is_ca = IsCa::ExplicitNoCa;
     signer.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     signer.extended_key_usages = vec![ExtendedKeyUsagePurpose::EmailProtection];

@@ -17,6 +17,7 @@
 pub mod ca;
 pub mod detached;
 pub mod inspect;
+pub mod local_tsa;
 pub mod stamp;
 mod timestamp;
 
