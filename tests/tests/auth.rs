@@ -862,6 +862,29 @@ async fn an_embedded_farm_that_others_join_checks_their_tokens() {
         async move { up }
     })
     .await;
+    let principals = || {
+        let out = hallmark_as(&url, Some(operator), &["--json", "workers"]);
+        let mut p: Vec<String> = json_of(&out)
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["live"] == true)
+            .map(|w| w["principal"].as_str().unwrap().to_string())
+            .collect();
+        p.sort();
+        p
+    };
+    // The farm serves as soon as it listens; its own worker registers
+    // right after.
+    eventually(
+        "the farm's own worker registers",
+        Duration::from_secs(20),
+        || {
+            let local = principals() == ["worker:local"];
+            async move { local }
+        },
+    )
+    .await;
     refused(&hallmark_as(&url, None, &["jobs"]), "needs a token");
     refused(
         &hallmark_as(&url, Some("not-a-listed-token"), &["jobs"]),
@@ -900,18 +923,6 @@ async fn an_embedded_farm_that_others_join_checks_their_tokens() {
             &ca_file("root.pem"),
         ],
     );
-    let principals = || {
-        let out = hallmark_as(&url, Some(operator), &["--json", "workers"]);
-        let mut p: Vec<String> = json_of(&out)
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|w| w["live"] == true)
-            .map(|w| w["principal"].as_str().unwrap().to_string())
-            .collect();
-        p.sort();
-        p
-    };
     eventually("the outside worker joins", Duration::from_secs(20), || {
         let both = principals() == ["worker:local", "worker:pool"];
         async move { both }
