@@ -52,6 +52,28 @@ pub struct SignedCheckpoint {
     pub timestamp_ms: Option<i64>,
 }
 
+impl SignedCheckpoint {
+    fn to_json(&self) -> serde_json::Value {
+        json!({
+            "seq": self.checkpoint.seq,
+            "hash": self.checkpoint.hash,
+            "at_ms": self.checkpoint.at_ms,
+            "signer": self.signer,
+            "trusted": self.trusted,
+            "timestamp": self.timestamp_ms.map(hallmark_coordinator::auth::format_time_ms),
+        })
+    }
+
+    /// What the report says of the signer's standing.
+    fn trust_label(&self) -> &'static str {
+        match self.trusted {
+            Some(true) => "trusted",
+            Some(false) => "NOT under the trust anchors",
+            None => "signer not checked: no trust anchors",
+        }
+    }
+}
+
 /// A job's records held against its ledger entries.
 #[derive(Debug, Clone, Default)]
 pub struct JobAudit {
@@ -74,22 +96,8 @@ impl LedgerReport {
             "head": format!("{}:{}", self.head.seq, self.head.hash),
             "unsealed": self.unsealed,
             "problems": self.problems,
-            "checkpoint": self.checkpoint.as_ref().map(|c| json!({
-                "seq": c.checkpoint.seq,
-                "hash": c.checkpoint.hash,
-                "at_ms": c.checkpoint.at_ms,
-                "signer": c.signer,
-                "trusted": c.trusted,
-                "timestamp": c.timestamp_ms.map(hallmark_coordinator::auth::format_time_ms),
-            })),
-            "own_checkpoints": self.own_checkpoints.iter().map(|c| json!({
-                "seq": c.checkpoint.seq,
-                "hash": c.checkpoint.hash,
-                "at_ms": c.checkpoint.at_ms,
-                "signer": c.signer,
-                "trusted": c.trusted,
-                "timestamp": c.timestamp_ms.map(hallmark_coordinator::auth::format_time_ms),
-            })).collect::<Vec<_>>(),
+            "checkpoint": self.checkpoint.as_ref().map(SignedCheckpoint::to_json),
+            "own_checkpoints": self.own_checkpoints.iter().map(SignedCheckpoint::to_json).collect::<Vec<_>>(),
             "job": self.job.as_ref().map(|j| json!({
                 "job_id": j.job_id,
                 "submitted": j.submitted,
@@ -124,11 +132,7 @@ impl LedgerReport {
                     c.checkpoint.seq,
                     hallmark_coordinator::auth::format_time_ms(c.checkpoint.at_ms),
                     c.signer,
-                    match c.trusted {
-                        Some(true) => "trusted",
-                        Some(false) => "NOT under the trust anchors",
-                        None => "signer not checked: no trust anchors",
-                    }
+                    c.trust_label()
                 ));
                 if let Some(at) = c.timestamp_ms {
                     s.push_str(&format!(
@@ -152,11 +156,7 @@ impl LedgerReport {
                 "your checkpoint copy: entry {} signed by {:?} ({}); held to it\n",
                 c.checkpoint.seq,
                 c.signer,
-                match c.trusted {
-                    Some(true) => "trusted",
-                    Some(false) => "NOT under the trust anchors",
-                    None => "signer not checked: no trust anchors",
-                }
+                c.trust_label()
             ));
         }
         if self.unsealed > 0 {

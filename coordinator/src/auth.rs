@@ -448,17 +448,8 @@ impl Gate {
         })
     }
 
-    /// Whether callers need a token.
-    pub fn is_on(&self) -> bool {
-        self.tokens().is_some()
-    }
-
-    /// The current tokens (`None`: authentication is off).
-    pub fn current(&self) -> Option<Arc<Tokens>> {
-        self.tokens()
-    }
-
-    fn tokens(&self) -> Option<Arc<Tokens>> {
+    /// The tokens in force (`None`: authentication is off).
+    pub fn tokens(&self) -> Option<Arc<Tokens>> {
         match self.tokens.read() {
             Ok(t) => t.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),

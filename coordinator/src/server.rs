@@ -110,7 +110,7 @@ pub async fn start_on(
         _ => Notifier::local(),
     };
     let gate = Gate::from_config(&config.auth, &config.auth_tokens, &config.pinned_tokens)?;
-    match gate.current() {
+    match gate.tokens() {
         Some(t) => {
             tracing::info!(roles = ?t.roles(), "callers need a token");
             crate::auth::log_expired(&t);
@@ -120,7 +120,7 @@ pub async fn start_on(
         ),
         None => {}
     }
-    let reload_tokens = gate.is_on();
+    let reload_tokens = gate.tokens().is_some();
     let has_tls = config.tls_cert.is_some();
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => {

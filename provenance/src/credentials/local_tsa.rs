@@ -8,20 +8,14 @@ use std::path::{Path, PathBuf};
 
 use rcgen::{CertificateParams, CustomExtension, Issuer, KeyPair, KeyUsagePurpose};
 
-use super::CredentialsError;
 use super::ca::CaFiles;
+use super::{CredentialsError, io_error as io};
 
 /// Starts an authority whose files live in `dir`, with a certificate from
 /// the root of `ca` (made by `ca::init` for `organization`); its URL. It
 /// serves until the process ends.
 pub fn start(ca: &CaFiles, organization: &str, dir: &Path) -> Result<String, CredentialsError> {
     let cert_err = |e: rcgen::Error| CredentialsError::Certificate(format!("local TSA: {e}"));
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |e: std::io::Error| {
-            CredentialsError::Certificate(format!("local TSA: {}: {e}", path.display()))
-        }
-    };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let root_key_pem = std::fs::read_to_string(&ca.root_key).map_err(io(&ca.root_key))?;
     let root_key = KeyPair::from_pem(&root_key_pem).map_err(cert_err)?;
