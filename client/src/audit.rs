@@ -50,6 +50,9 @@ pub struct SignedCheckpoint {
     pub trusted: Option<bool>,
     /// When a time-stamp authority saw the signature (ms), if one did.
     pub timestamp_ms: Option<i64>,
+    /// Whether that authority chains to the trust anchors (`None`: no
+    /// time-stamp, or no anchors given).
+    pub timestamp_trusted: Option<bool>,
 }
 
 impl SignedCheckpoint {
@@ -61,6 +64,7 @@ impl SignedCheckpoint {
             "signer": self.signer,
             "trusted": self.trusted,
             "timestamp": self.timestamp_ms.map(hallmark_coordinator::auth::format_time_ms),
+            "timestamp_trusted": self.timestamp_trusted,
         })
     }
 
@@ -136,8 +140,13 @@ impl LedgerReport {
                 ));
                 if let Some(at) = c.timestamp_ms {
                     s.push_str(&format!(
-                        "  time-stamped by its authority at {}\n",
-                        hallmark_coordinator::auth::format_time_ms(at)
+                        "  time-stamped by its authority at {} ({})\n",
+                        hallmark_coordinator::auth::format_time_ms(at),
+                        match c.timestamp_trusted {
+                            Some(true) => "authority trusted",
+                            Some(false) => "authority NOT under the trust anchors",
+                            None => "authority not checked: no trust anchors",
+                        }
                     ));
                 }
                 if self.head.seq > c.checkpoint.seq {
@@ -225,6 +234,12 @@ fn check_checkpoint(
                     checkpoint.seq, v.signer
                 ));
             }
+            if v.timestamp_trusted == Some(false) {
+                problems.push(format!(
+                    "the checkpoint at entry {} carries a time-stamp from an authority whose certificate does not chain to the trust anchors (add the authority's root to them if you trust it)",
+                    checkpoint.seq
+                ));
+            }
             if let Some(at) = v.timestamp_ms
                 && !checkpoint.agrees_with_timestamp(at)
             {
@@ -240,6 +255,7 @@ fn check_checkpoint(
                 signer: v.signer,
                 trusted: v.trusted,
                 timestamp_ms: v.timestamp_ms,
+                timestamp_trusted: v.timestamp_trusted,
             })
         }
         Err(e) => {
@@ -488,4 +504,70 @@ pub async fn log(
         println!("({} newer entries not sealed yet)", page.unsealed);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hallmark_provenance::credentials::ca;
+    use hallmark_provenance::credentials::detached::sign_detached;
+    use hallmark_provenance::credentials::{SigningAlgorithm, local_tsa};
+
+    #[test]
+    fn a_checkpoint_time_stamped_by_an_untrusted_authority_does_not_check_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = ca::init(&dir.path().join("ours"), "Ours", SigningAlgorithm::Es256).unwrap();
+        let theirs = ca::init(
+            &dir.path().join("theirs"),
+            "Theirs",
+            SigningAlgorithm::Es256,
+        )
+        .unwrap();
+        let tsa = local_tsa::start(&theirs, "Theirs", &dir.path().join("tsa")).unwrap();
+        let identity = ours.identity(Some(tsa)).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let checkpoint = Checkpoint {
+            seq: 9,
+            hash: "ab".repeat(32),
+            at_ms: now,
+        };
+        let signature = sign_detached(&identity, &checkpoint.payload()).unwrap();
+        let anchors = |cas: &[&ca::CaFiles]| {
+            cas.iter()
+                .map(|c| c.trust_anchors().unwrap())
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+
+        let mut problems = Vec::new();
+        let signed = check_checkpoint(
+            checkpoint.clone(),
+            &signature,
+            Some(&anchors(&[&ours])),
+            &mut problems,
+        )
+        .unwrap();
+        assert_eq!(signed.trusted, Some(true));
+        assert_eq!(signed.timestamp_trusted, Some(false));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("entry 9 carries a time-stamp from an authority"),
+            "{problems:?}"
+        );
+
+        let mut problems = Vec::new();
+        let signed = check_checkpoint(
+            checkpoint,
+            &signature,
+            Some(&anchors(&[&ours, &theirs])),
+            &mut problems,
+        )
+        .unwrap();
+        assert_eq!(signed.timestamp_trusted, Some(true));
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(signed.to_json()["timestamp_trusted"], true);
+    }
 }

@@ -26,6 +26,11 @@ pub struct ClientConfig {
     /// PEM certificates an `https://` coordinator's certificate is verified
     /// against (`HALLMARK_TLS_CA`); unset: the system's roots.
     pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate chain presented to a coordinator that
+    /// requires one (`HALLMARK_TLS_CLIENT_CERT`; with `tls_client_key`).
+    pub tls_client_cert: Option<PathBuf>,
+    /// PEM private key of `tls_client_cert` (`HALLMARK_TLS_CLIENT_KEY`).
+    pub tls_client_key: Option<PathBuf>,
     /// Local workers the embedded farm starts.
     pub workers: u32,
     /// Secret the invisible watermark is keyed with. The default is for
@@ -63,6 +68,8 @@ impl Default for ClientConfig {
             tenant: None,
             token: None,
             tls_ca: None,
+            tls_client_cert: None,
+            tls_client_key: None,
             workers: 2,
             watermark_key: DEVELOPMENT_WATERMARK_KEY.into(),
             signing_cert_chain: None,
@@ -78,6 +85,23 @@ impl Default for ClientConfig {
 }
 
 impl ClientConfig {
+    /// How this client meets an `https://` coordinator: the roots it
+    /// verifies it against and the certificate it presents, if any.
+    pub fn client_tls(&self) -> anyhow::Result<hallmark_proto::client::ClientTls> {
+        let identity = match (&self.tls_client_cert, &self.tls_client_key) {
+            (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+            (None, None) => None,
+            _ => anyhow::bail!(
+                "tls_client_cert and tls_client_key (HALLMARK_TLS_CLIENT_CERT, HALLMARK_TLS_CLIENT_KEY) go together: set both, or neither"
+            ),
+        };
+        Ok(hallmark_proto::client::ClientTls {
+            ca: self.tls_ca.clone(),
+            identity,
+            server_name: None,
+        })
+    }
+
     /// The tenant requests name: the configured one; unset, `default`, or
     /// with a token none, so the coordinator takes the token's own tenant.
     pub fn tenant(&self) -> String {

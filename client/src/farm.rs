@@ -17,6 +17,8 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use hallmark_proto::client::ClientTls;
+
 use crate::remote::Remote;
 
 /// What the local workers run.
@@ -105,6 +107,33 @@ impl FarmAuth {
     }
 }
 
+/// TLS for an embedded farm that other machines join (`hallmark up
+/// --tls`): a server certificate from the farm's own TLS CA
+/// (`STATE/tls/ca.pem`, which joining machines verify it against), and
+/// optionally client certificates required of every caller.
+#[derive(Debug, Clone, Default)]
+pub struct FarmTls {
+    /// Names the server certificate holds beside the loopback names, the
+    /// listen address and the host name (`--tls-name`), each checked.
+    names: Vec<String>,
+    /// Every caller must present a client certificate from the farm's TLS
+    /// CA (`hallmark tls client-cert`); the farm's own workers get one.
+    pub require_client_certs: bool,
+}
+
+impl FarmTls {
+    /// Checks `names` before anything is made.
+    pub fn new(names: Vec<String>, require_client_certs: bool) -> anyhow::Result<Self> {
+        for n in &names {
+            crate::tls::check_name(n)?;
+        }
+        Ok(Self {
+            names,
+            require_client_certs,
+        })
+    }
+}
+
 /// A token for `role` made for this process only: (token, its config entry).
 fn own_token(role: &str) -> anyhow::Result<(String, (String, TokenEntry))> {
     let token = hallmark_coordinator::auth::new_token()
@@ -113,9 +142,28 @@ fn own_token(role: &str) -> anyhow::Result<(String, (String, TokenEntry))> {
     Ok((token, (digest, TokenEntry::Role(role.into()))))
 }
 
+/// The URL the farm's own workers and calls use: its address, or loopback
+/// where it listens on every address (loopback is in its certificate).
+fn local_url(coordinator: &RunningCoordinator) -> String {
+    let mut addr = coordinator.addr;
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into())
+        }
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => {
+            addr.set_ip(std::net::Ipv6Addr::LOCALHOST.into())
+        }
+        _ => {}
+    }
+    let scheme = if coordinator.tls { "https" } else { "http" };
+    format!("{scheme}://{addr}")
+}
+
 /// A running embedded farm.
 pub struct LocalFarm {
     coordinator: RunningCoordinator,
+    /// Where the farm's own workers and calls reach it.
+    local_url: String,
     workers: Vec<JoinHandle<anyhow::Result<WorkerReport>>>,
     stop: watch::Sender<bool>,
 }
@@ -166,6 +214,7 @@ impl LocalFarm {
         workers: &LocalWorkers,
         stamping: FarmStamping,
         auth: Option<&FarmAuth>,
+        tls: Option<&FarmTls>,
     ) -> anyhow::Result<Self> {
         // The engine is opened first: a bad model folder fails before the farm starts.
         let engine: Arc<dyn hallmark_worker::Engine> =
@@ -208,12 +257,35 @@ impl LocalFarm {
             config.pinned_tokens = BTreeMap::from([w_entry, o_entry]);
             (worker_token, operator_token) = (Some(w), Some(o));
         }
+        let mut local_tls = ClientTls::default();
+        if let Some(tls) = tls {
+            let ca = crate::tls::FarmTlsCa::open_or_init(&state_dir.join("tls"))?;
+            let (listen_ip, listen_host) = match listen.parse::<std::net::SocketAddr>() {
+                Ok(addr) => (addr.ip(), None),
+                // A host name: the certificate names it.
+                Err(_) => (
+                    std::net::Ipv4Addr::UNSPECIFIED.into(),
+                    listen.rsplit_once(':').map(|(host, _)| host.to_string()),
+                ),
+            };
+            let mut extra = tls.names.clone();
+            extra.extend(listen_host.filter(|h| crate::tls::check_name(h).is_ok()));
+            let server = ca.issue_server(&crate::tls::server_names(listen_ip, &extra))?;
+            config.tls_cert = Some(server.chain);
+            config.tls_key = Some(server.key);
+            local_tls.ca = Some(ca.cert.clone());
+            if tls.require_client_certs {
+                config.tls_client_ca = Some(ca.cert.clone());
+                let own = ca.issue_own_client()?;
+                local_tls.identity = Some((own.chain, own.key));
+            }
+        }
         let coordinator = hallmark_coordinator::start(config).await?;
         if coordinator.metrics_addr.is_some() {
             hallmark_worker::metrics::describe();
         }
-        let url = coordinator.url();
-        let remote = Remote::connect(&url, operator_token.as_deref(), None).await?;
+        let url = local_url(&coordinator);
+        let remote = Remote::connect(&url, operator_token.as_deref(), &local_tls).await?;
         let before = remote
             .workers
             .clone()
@@ -226,7 +298,7 @@ impl LocalFarm {
         let (stop, stop_rx) = watch::channel(false);
         let mut handles = Vec::new();
         for i in 0..workers.count {
-            let channel = hallmark_worker::channel(&url, None)?;
+            let channel = hallmark_worker::channel(&url, &local_tls)?;
             let config = WorkerConfig {
                 name: format!("local-{i}"),
                 max_batch: workers.max_batch,
@@ -262,13 +334,26 @@ impl LocalFarm {
         }
         Ok(Self {
             coordinator,
+            local_url: url,
             workers: handles,
             stop,
         })
     }
 
+    /// The URL the farm listens on (for other machines: its address, which
+    /// may be every address).
     pub fn url(&self) -> String {
         self.coordinator.url()
+    }
+
+    /// The URL this machine reaches the farm at.
+    pub fn local_url(&self) -> &str {
+        &self.local_url
+    }
+
+    /// Whether the farm serves TLS.
+    pub fn is_tls(&self) -> bool {
+        self.coordinator.tls
     }
 
     /// Whether the farm listens on a loopback address only.

@@ -16,6 +16,7 @@ pub mod farm;
 pub mod output;
 pub mod prompts;
 pub mod remote;
+pub mod tls;
 pub mod verify;
 
 use std::collections::HashMap;
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
+use hallmark_proto::client::ClientTls;
 use hallmark_proto::v1::{
     Dataset, Job, JobRef, JobSpec, ListDatasetsRequest, ListJobsRequest, ListModelsRequest,
     ListWorkersRequest, Model, PromptItem, SubmitJobRequest, WeightFile,
@@ -116,6 +118,9 @@ pub enum Command {
     /// Tokens callers present to a coordinator with `auth = "tokens"`.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The embedded farm's TLS certificate authority (`hallmark up --tls`).
+    #[command(subcommand)]
+    Tls(TlsCommand),
     /// Read and check the audit ledger: submissions, dispatches, completions,
     /// failures, controls and registrations, hash-chained. Without a
     /// coordinator, the embedded farm's (`--state-dir`).
@@ -180,6 +185,22 @@ pub enum CaCommand {
         /// es256 or ed25519.
         #[arg(long, default_value = "es256")]
         alg: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TlsCommand {
+    /// Issue a client certificate from the farm's TLS CA (made first if the
+    /// state directory has none), for a machine joining a farm started with
+    /// `hallmark up --tls --tls-client-certs`. Writes NAME.pem and NAME.key.
+    ClientCert {
+        /// Which machine or person holds it (the certificate's common name).
+        name: String,
+        /// Folder to write the certificate and key into.
+        #[arg(short, long, default_value = ".")]
+        output: PathBuf,
+        #[arg(long, env = "HALLMARK_STATE_DIR")]
+        state_dir: Option<PathBuf>,
     },
 }
 
@@ -383,12 +404,6 @@ pub struct RenderArgs {
     /// Simulated render time per batch for the synthetic engine, in ms.
     #[arg(long, default_value_t = 0)]
     pub render_ms: u64,
-    /// Require a token on every call, from the `[auth_tokens]` of this file
-    /// (`auth = "tokens"`, then the lines `hallmark token new` prints),
-    /// read again when it changes; the farm's own workers need none. For a
-    /// farm that other machines join.
-    #[arg(long, env = "HALLMARK_UP_AUTH_TOKENS")]
-    pub auth_tokens: Option<PathBuf>,
     #[command(flatten)]
     pub diffusion: hallmark_worker::diffusion::DiffusionArgs,
 }
@@ -418,6 +433,22 @@ pub struct UpArgs {
     /// farm that other machines join.
     #[arg(long, env = "HALLMARK_UP_AUTH_TOKENS")]
     pub auth_tokens: Option<PathBuf>,
+    /// Serve TLS (`https://`) with a certificate from the farm's own TLS CA,
+    /// made in `STATE/tls/` on first use: joining machines verify the farm
+    /// against `STATE/tls/ca.pem` (HALLMARK_TLS_CA, or the worker's
+    /// --tls-ca).
+    #[arg(long)]
+    pub tls: bool,
+    /// A name (DNS name or IP address) joining machines reach the farm by,
+    /// for its certificate; repeatable. Loopback, the listen address and
+    /// this machine's host name are always in it.
+    #[arg(long = "tls-name", value_name = "NAME", requires = "tls")]
+    pub tls_names: Vec<String>,
+    /// Require a client certificate from the farm's TLS CA of every caller
+    /// (`hallmark tls client-cert NAME` issues them); the farm's own
+    /// workers get one.
+    #[arg(long, requires = "tls")]
+    pub tls_client_certs: bool,
     #[command(flatten)]
     pub diffusion: hallmark_worker::diffusion::DiffusionArgs,
 }
@@ -565,6 +596,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             expires_in,
             expires,
         }) => token_new(&role, expires_in.as_deref(), expires.as_deref(), json),
+        Command::Tls(TlsCommand::ClientCert {
+            name,
+            output,
+            state_dir,
+        }) => tls_client_cert(&cfg, &name, &output, state_dir, json),
         Command::Audit(args) => audit_command(&cfg, args, json).await,
         command => {
             let url = cfg.coordinator.clone().context(
@@ -596,7 +632,7 @@ async fn audit_command(cfg: &ClientConfig, args: AuditArgs, json: bool) -> anyho
             let running = farm::open_state(&cfg.state_dir, identity).await?;
             running.state.seal_ledger().await?;
             (
-                Remote::connect(&running.url(), None, None).await?,
+                Remote::connect(&running.url(), None, &ClientTls::default()).await?,
                 Some(running),
             )
         }
@@ -941,6 +977,7 @@ async fn remote_command(
         | Command::Models(ModelsCommand::InitTiny { .. })
         | Command::Ca(_)
         | Command::Token(_)
+        | Command::Tls(_)
         | Command::Audit(_) => {
             unreachable!("handled before connecting")
         }
@@ -1093,8 +1130,16 @@ async fn render(cfg: &ClientConfig, mut args: RenderArgs, json: bool) -> anyhow:
                 diffusion,
             };
             let stamping = farm_stamping(cfg, &state_dir)?;
-            let farm =
-                LocalFarm::start(&state_dir, "127.0.0.1:0", None, &workers, stamping, None).await?;
+            let farm = LocalFarm::start(
+                &state_dir,
+                "127.0.0.1:0",
+                None,
+                &workers,
+                stamping,
+                None,
+                None,
+            )
+            .await?;
             if !json {
                 eprintln!(
                     "embedded farm: {} local workers, state in {}",
@@ -1102,7 +1147,7 @@ async fn render(cfg: &ClientConfig, mut args: RenderArgs, json: bool) -> anyhow:
                     state_dir.display()
                 );
             }
-            let url = farm.url();
+            let url = farm.local_url().to_string();
             (Some(farm), url)
         }
     };
@@ -1166,6 +1211,10 @@ async fn up(cfg: &ClientConfig, args: UpArgs) -> anyhow::Result<i32> {
         .as_deref()
         .map(crate::farm::FarmAuth::load)
         .transpose()?;
+    let tls = args
+        .tls
+        .then(|| crate::farm::FarmTls::new(args.tls_names.clone(), args.tls_client_certs))
+        .transpose()?;
     let workers = LocalWorkers {
         count: args.workers.unwrap_or(cfg.workers),
         diffusion: local_diffusion(&args.engine, &args.diffusion)?,
@@ -1182,6 +1231,7 @@ async fn up(cfg: &ClientConfig, args: UpArgs) -> anyhow::Result<i32> {
         &workers,
         stamping,
         auth.as_ref(),
+        tls.as_ref(),
     )
     .await?;
     println!(
@@ -1193,6 +1243,19 @@ async fn up(cfg: &ClientConfig, args: UpArgs) -> anyhow::Result<i32> {
     if let Some(addr) = farm.metrics_addr() {
         println!("metrics on http://{addr}/metrics");
     }
+    if let Some(tls) = &tls {
+        let ca = crate::tls::FarmTlsCa::in_dir(&state_dir.join("tls"));
+        println!(
+            "TLS: joining machines verify the farm against {} (HALLMARK_TLS_CA=…, or hallmark-worker --tls-ca …)",
+            ca.cert.display()
+        );
+        if tls.require_client_certs {
+            println!(
+                "every caller presents a client certificate from that CA: `hallmark tls client-cert NAME --state-dir {}` issues one (HALLMARK_TLS_CLIENT_CERT/_KEY, or hallmark-worker --tls-cert/--tls-key)",
+                state_dir.display()
+            );
+        }
+    }
     match &args.auth_tokens {
         Some(file) => {
             println!(
@@ -1200,9 +1263,9 @@ async fn up(cfg: &ClientConfig, args: UpArgs) -> anyhow::Result<i32> {
                 file.display(),
                 farm.url()
             );
-            if !farm.is_loopback() {
+            if !farm.is_loopback() && !farm.is_tls() {
                 tracing::warn!(
-                    "tokens reach this farm in the clear (hallmark up serves no TLS): put a TLS proxy in front of it, or use it only on a network you trust"
+                    "tokens reach this farm in the clear: add --tls, or use it only on a network you trust"
                 );
             }
         }
@@ -1218,6 +1281,35 @@ async fn up(cfg: &ClientConfig, args: UpArgs) -> anyhow::Result<i32> {
     }
     eprintln!("draining local workers…");
     farm.stop().await?;
+    Ok(0)
+}
+
+/// `hallmark tls client-cert`: a client certificate from the farm's TLS CA.
+fn tls_client_cert(
+    cfg: &ClientConfig,
+    name: &str,
+    output: &Path,
+    state_dir: Option<PathBuf>,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let state_dir = state_dir.unwrap_or_else(|| cfg.state_dir.clone());
+    let ca = crate::tls::FarmTlsCa::open_or_init(&state_dir.join("tls"))?;
+    let issued = ca.issue_client(name, output)?;
+    if json {
+        println!(
+            "{}",
+            json!({"certificate": issued.chain, "key": issued.key, "ca": ca.cert})
+        );
+    } else {
+        println!(
+            "client certificate for {name:?}: {} (key {})\non the joining machine: HALLMARK_TLS_CLIENT_CERT={} HALLMARK_TLS_CLIENT_KEY={} HALLMARK_TLS_CA={}",
+            issued.chain.display(),
+            issued.key.display(),
+            issued.chain.display(),
+            issued.key.display(),
+            ca.cert.display()
+        );
+    }
     Ok(0)
 }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use hallmark_proto::client::{AuthChannel, BearerToken};
+use hallmark_proto::client::{AuthChannel, BearerToken, ClientTls};
 use hallmark_proto::v1::jobs_client::JobsClient;
 use hallmark_proto::v1::provenance_client::ProvenanceClient;
 use hallmark_proto::v1::registry_client::RegistryClient;
@@ -44,29 +44,48 @@ impl Remote {
     }
 
     /// Connects to the coordinator at `url` with the configuration's token
-    /// and TLS roots.
+    /// and TLS settings.
     pub async fn connect_as(url: &str, cfg: &crate::config::ClientConfig) -> anyhow::Result<Self> {
-        Self::connect(url, cfg.token.as_deref(), cfg.tls_ca.as_deref()).await
+        Self::connect(url, cfg.token.as_deref(), &cfg.client_tls()?).await
     }
 
-    /// Connects to the coordinator at `url` (`https://`: over TLS, verified
-    /// against `tls_ca`'s PEM certificates, else the system's roots); every
-    /// call presents `token` when one is given (a coordinator with `auth =
-    /// "tokens"` needs it).
-    pub async fn connect(
-        url: &str,
-        token: Option<&str>,
-        tls_ca: Option<&Path>,
-    ) -> anyhow::Result<Self> {
+    /// Connects to the coordinator at `url` (`https://`: over TLS as `tls`
+    /// says); every call presents `token` when one is given (a coordinator
+    /// with `auth = "tokens"` needs it).
+    pub async fn connect(url: &str, token: Option<&str>, tls: &ClientTls) -> anyhow::Result<Self> {
         let bearer = BearerToken::new(token)
             .map_err(|e| anyhow::anyhow!("token (HALLMARK_TOKEN or `token` in the config): {e}"))?;
-        let channel = hallmark_proto::client::endpoint(url, tls_ca)
+        let channel = hallmark_proto::client::endpoint(url, tls)
             .map_err(anyhow::Error::msg)?
             .connect_timeout(Duration::from_secs(5))
             .connect()
             .await
             .with_context(|| format!("cannot reach the coordinator at {url}; is it running?"))?;
         let channel = bearer.on(channel);
+        if url.starts_with("https://") {
+            // Under TLS 1.3 a server that turns the client's certificate
+            // down (or wants one) says so only after the handshake, so the
+            // first call finds out: make it here, where the cause is known.
+            // Any answer of the coordinator's own (even a refusal) will do.
+            let probe = JobsClient::new(channel.clone())
+                .get_job(JobRef::default())
+                .await;
+            if let Err(status) = probe
+                && std::error::Error::source(&status).is_some()
+            {
+                let hint = match &tls.identity {
+                    None => "if it requires client certificates, set HALLMARK_TLS_CLIENT_CERT and HALLMARK_TLS_CLIENT_KEY to one its roots accept".to_string(),
+                    Some((cert, _)) => format!(
+                        "it may not accept the client certificate {}",
+                        cert.display()
+                    ),
+                };
+                bail!(
+                    "cannot reach the coordinator at {url} over TLS: {} ({hint})",
+                    rpc(status)
+                );
+            }
+        }
         Ok(Self {
             jobs: JobsClient::new(channel.clone()).max_decoding_message_size(64 * 1024 * 1024),
             workers: WorkersClient::new(channel.clone()),
@@ -269,7 +288,17 @@ pub fn rpc(s: tonic::Status) -> anyhow::Error {
         tonic::Code::ResourceExhausted => "rate limited",
         _ => "coordinator error",
     };
-    anyhow::anyhow!("{code}: {}", s.message())
+    // A transport error's cause (a TLS alert, a reset) is in its sources.
+    let mut message = s.message().to_string();
+    let mut source = std::error::Error::source(&s);
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !message.contains(&text) {
+            message.push_str(&format!(": {text}"));
+        }
+        source = e.source();
+    }
+    anyhow::anyhow!("{code}: {message}")
 }
 
 /// One progress bar per stage, with the queue position, waiting reason and ETA.

@@ -166,6 +166,10 @@ pub struct CoordinatorConfig {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// PEM roots for mutual TLS: with it, every caller (workers, the CLI,
+    /// tenants' tools) must present a client certificate that chains to
+    /// one of them, before any token is read. Needs `tls_cert`.
+    pub tls_client_ca: Option<PathBuf>,
     /// Address of the HTTP C2PA soft-binding resolution API; unset: off.
     pub http_listen: Option<String>,
     /// Address of the Prometheus endpoint (`GET /metrics`), e.g.
@@ -232,6 +236,7 @@ impl Default for CoordinatorConfig {
             config_file: None,
             tls_cert: None,
             tls_key: None,
+            tls_client_ca: None,
             http_listen: None,
             metrics_listen: None,
         }

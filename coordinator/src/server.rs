@@ -128,13 +128,23 @@ pub async fn start_on(
                 std::fs::read(path)
                     .with_context(|| format!("reading the TLS {what} {}", path.display()))
             };
-            Some(tonic::transport::ServerTlsConfig::new().identity(
+            let tls = tonic::transport::ServerTlsConfig::new().identity(
                 tonic::transport::Identity::from_pem(
                     read(cert, "certificate chain (tls_cert)")?,
                     read(key, "private key (tls_key)")?,
                 ),
-            ))
+            );
+            Some(match &config.tls_client_ca {
+                Some(roots) => tls.client_ca_root(tonic::transport::Certificate::from_pem(read(
+                    roots,
+                    "client roots (tls_client_ca)",
+                )?)),
+                None => tls,
+            })
         }
+        (None, None) if config.tls_client_ca.is_some() => anyhow::bail!(
+            "tls_client_ca asks callers for certificates, which needs TLS: set tls_cert and tls_key too"
+        ),
         (None, None) => None,
         _ => anyhow::bail!("tls_cert and tls_key go together: set both for TLS, or neither"),
     };

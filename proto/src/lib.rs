@@ -40,34 +40,66 @@ pub fn img2img_steps(steps: usize, strength: f64) -> usize {
 pub mod client {
     use tonic::metadata::{Ascii, MetadataValue};
     use tonic::service::interceptor::InterceptedService;
-    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
     /// The environment variable the CLI and the worker read a token from.
     pub const TOKEN_ENV: &str = "HALLMARK_TOKEN";
 
-    /// The endpoint of a coordinator URL: `http://` in the clear, `https://`
-    /// over TLS, the server's certificate verified against the PEM
-    /// certificates in the file `tls_ca` when given, else against the
-    /// system's roots.
-    pub fn endpoint(url: &str, tls_ca: Option<&std::path::Path>) -> Result<Endpoint, String> {
-        let ca_pem = match tls_ca {
-            Some(path) => Some(
-                std::fs::read(path)
-                    .map_err(|e| format!("reading the TLS roots {}: {e}", path.display()))?,
-            ),
-            None => None,
-        };
+    /// How a client meets an `https://` coordinator.
+    #[derive(Debug, Clone, Default)]
+    pub struct ClientTls {
+        /// PEM roots the coordinator's certificate must chain to; unset:
+        /// the system's roots.
+        pub ca: Option<std::path::PathBuf>,
+        /// PEM certificate chain and private key this client presents, for
+        /// a coordinator that requires client certificates
+        /// (`tls_client_ca`).
+        pub identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
+        /// The name the coordinator's certificate is checked against when
+        /// it is not the URL's host (an embedded farm's own workers reach
+        /// it over loopback).
+        pub server_name: Option<String>,
+    }
+
+    impl ClientTls {
+        /// Verifying against the roots in `ca` (or the system's), with no
+        /// certificate of the client's own.
+        pub fn roots(ca: Option<&std::path::Path>) -> Self {
+            Self {
+                ca: ca.map(std::path::Path::to_path_buf),
+                ..Self::default()
+            }
+        }
+    }
+
+    fn read_pem(path: &std::path::Path, what: &str) -> Result<Vec<u8>, String> {
+        std::fs::read(path).map_err(|e| format!("reading the TLS {what} {}: {e}", path.display()))
+    }
+
+    /// The endpoint of a coordinator URL: `http://` in the clear (`tls`
+    /// unused), `https://` over TLS as `tls` says.
+    pub fn endpoint(url: &str, tls: &ClientTls) -> Result<Endpoint, String> {
         let endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| format!("coordinator url {url:?} is not a valid URL: {e}"))?;
         match endpoint.uri().scheme_str() {
             Some("http") => Ok(endpoint),
             Some("https") => {
-                let tls = match ca_pem {
-                    Some(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
+                let mut config = match &tls.ca {
+                    Some(path) => ClientTlsConfig::new()
+                        .ca_certificate(Certificate::from_pem(read_pem(path, "roots")?)),
                     None => ClientTlsConfig::new().with_native_roots(),
                 };
+                if let Some((cert, key)) = &tls.identity {
+                    config = config.identity(Identity::from_pem(
+                        read_pem(cert, "client certificate")?,
+                        read_pem(key, "client key")?,
+                    ));
+                }
+                if let Some(name) = &tls.server_name {
+                    config = config.domain_name(name.clone());
+                }
                 endpoint
-                    .tls_config(tls)
+                    .tls_config(config)
                     .map_err(|e| format!("TLS for {url}: {e}"))
             }
             _ => Err(format!(

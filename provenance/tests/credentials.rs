@@ -487,6 +487,15 @@ fn detached_signatures_carry_the_time_stamp_authoritys_time() {
     let after = time::OffsetDateTime::now_utc().unix_timestamp() * 1000 + 1000;
     let v = verify_detached(&sig, payload, Some(&ca.anchors())).unwrap();
     assert_eq!(v.trusted, Some(true));
+    // The authority's certificate comes from the same root.
+    assert_eq!(v.timestamp_trusted, Some(true));
+    assert_eq!(
+        verify_detached(&sig, payload, None)
+            .unwrap()
+            .timestamp_trusted,
+        None,
+        "no anchors, nothing to hold the authority to"
+    );
     // The authority's clock (openssl's, one-second accuracy) saw it now.
     let at = v
         .timestamp_ms
@@ -498,6 +507,23 @@ fn detached_signatures_carry_the_time_stamp_authoritys_time() {
     // The token covers this signature only: the payload changed, the
     // signature fails as before.
     assert!(verify_detached(&sig, b"hallmark-audit-checkpoint-v1\n8\nabc\n1", None).is_err());
+    // An authority under another root: the signer is still trusted, the
+    // time-stamp is not, until that root is trusted too.
+    let elsewhere = new_ca(SigningAlgorithm::Es256, "Elsewhere");
+    let other_dir = tempfile::tempdir().unwrap();
+    let other_tsa = hallmark_provenance::credentials::local_tsa::start(
+        &elsewhere.files,
+        "Elsewhere",
+        other_dir.path(),
+    )
+    .unwrap();
+    let sig = sign_detached(&ca.files.identity(Some(other_tsa)).unwrap(), payload).unwrap();
+    let v = verify_detached(&sig, payload, Some(&ca.anchors())).unwrap();
+    assert_eq!((v.trusted, v.timestamp_trusted), (Some(true), Some(false)));
+    assert!(v.timestamp_ms.is_some(), "its time is still read");
+    let both = format!("{}\n{}", ca.anchors(), elsewhere.anchors());
+    let v = verify_detached(&sig, payload, Some(&both)).unwrap();
+    assert_eq!((v.trusted, v.timestamp_trusted), (Some(true), Some(true)));
     // An authority that cannot be reached fails the signature, naming it.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -266,31 +266,18 @@ pub struct TlsFiles {
     pub server_key: PathBuf,
 }
 
-/// Makes a test root and a TLS server certificate under `dir`.
+/// Makes a test root and a TLS server certificate under `dir`, with the
+/// CA `hallmark up --tls` uses.
 pub fn tls_server_cert(dir: &std::path::Path) -> TlsFiles {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    let root_key = KeyPair::generate().expect("root key");
-    let mut root = CertificateParams::new(Vec::<String>::new()).expect("root params");
-    root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    root.distinguished_name
-        .push(rcgen::DnType::CommonName, "Hallmark e2e TLS root");
-    let root_cert = root.self_signed(&root_key).expect("root cert");
-    let issuer = Issuer::new(root, &root_key);
-    let key = KeyPair::generate().expect("server key");
-    let server = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
-        .expect("server params")
-        .signed_by(&key, &issuer)
-        .expect("server cert");
-    std::fs::create_dir_all(dir).expect("TLS dir");
-    let files = TlsFiles {
-        root_cert: dir.join("tls-root.pem"),
-        server_chain: dir.join("tls-server.pem"),
-        server_key: dir.join("tls-server.key"),
-    };
-    std::fs::write(&files.root_cert, root_cert.pem()).expect("write root");
-    std::fs::write(&files.server_chain, server.pem()).expect("write chain");
-    std::fs::write(&files.server_key, key.serialize_pem()).expect("write key");
-    files
+    let ca = hallmark_client::tls::FarmTlsCa::open_or_init(dir).expect("TLS CA");
+    let server = ca
+        .issue_server(&["localhost".into(), "127.0.0.1".into()])
+        .expect("server certificate");
+    TlsFiles {
+        root_cert: ca.cert,
+        server_chain: server.chain,
+        server_key: server.key,
+    }
 }
 
 /// Stamps a synthetic picture for `lease` as a worker of `worker_id` would

@@ -809,6 +809,8 @@ async fn checkpoints_are_time_stamped_and_wait_for_their_authority() {
     .unwrap();
     let own = checkpoint["at_ms"].as_i64().unwrap();
     assert!((stamped - own).abs() < 60_000, "{report:#}");
+    // The authority's certificate comes from the same root.
+    assert_eq!(checkpoint["timestamp_trusted"], true, "{report:#}");
     let text = hallmark(&[
         "--coordinator",
         &url,

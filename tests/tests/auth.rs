@@ -450,6 +450,10 @@ async fn tokens_travel_over_tls_to_a_coordinator_with_a_certificate() {
         &[("HALLMARK_TLS_CERT", &tls.server_chain)],
         "tls_cert and tls_key go together",
     );
+    start_fails(
+        &[("HALLMARK_TLS_CLIENT_CA", &tls.root_cert)],
+        "tls_client_ca asks callers for certificates",
+    );
     let no_tokens = dir.path().join("no-tokens.toml");
     std::fs::write(&no_tokens, "auth = \"tokens\"\n").unwrap();
     start_fails(&[("HALLMARK_CONFIG", &no_tokens)], "no auth_tokens");
@@ -795,27 +799,31 @@ fn job_state_as(url: &str, token: &str, job_id: &str) -> String {
     }
 }
 
+/// `hallmark up` with one local worker on `state`, listening on `listen`.
+fn hallmark_up(state: &std::path::Path, listen: &str, extra: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(bin("hallmark"));
+    cmd.args([
+        "up",
+        "--listen",
+        listen,
+        "--workers",
+        "1",
+        "--render-ms",
+        "50",
+    ])
+    .arg("--state-dir")
+    .arg(state)
+    .args(extra)
+    .env("HALLMARK_LOG", "warn");
+    cmd
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_embedded_farm_that_others_join_checks_their_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let up = |file: &std::path::Path, listen: &str| {
-        let mut cmd = std::process::Command::new(bin("hallmark"));
-        cmd.args([
-            "up",
-            "--listen",
-            listen,
-            "--workers",
-            "1",
-            "--render-ms",
-            "50",
-        ])
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("--auth-tokens")
-        .arg(file)
-        .env("HALLMARK_LOG", "warn");
-        cmd
+        hallmark_up(&state, listen, &["--auth-tokens", file.to_str().unwrap()])
     };
     // Files it cannot use are refused, naming what is wrong, before the
     // farm makes anything.
@@ -964,5 +972,235 @@ async fn an_embedded_farm_that_others_join_checks_their_tokens() {
     assert!(
         principals().contains(&"worker:local".to_string()),
         "the farm's own worker is still live after the reload"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_farm_over_tls_admits_only_callers_with_its_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let state_arg = state.to_str().unwrap().to_string();
+    let up = |listen: &str, extra: &[&str]| hallmark_up(&state, listen, extra);
+    // A name no certificate can hold, or TLS options without --tls, are
+    // refused before anything is made.
+    refused(
+        &up("127.0.0.1:0", &["--tls", "--tls-name", "gpu_farm"])
+            .output()
+            .unwrap(),
+        "--tls-name \"gpu_farm\"",
+    );
+    refused(
+        &up("127.0.0.1:0", &["--tls-client-certs"]).output().unwrap(),
+        "--tls",
+    );
+    assert!(!state.exists(), "a refused start made {}", state.display());
+
+    // Client certificates are issued before the farm first starts: the CA
+    // they come from is the one the farm then serves with.
+    let certs = dir.path().join("certs");
+    let issue = |name: &str, out: &std::path::Path, state_dir: &std::path::Path| {
+        let out = hallmark(&[
+            "--json",
+            "tls",
+            "client-cert",
+            name,
+            "-o",
+            out.to_str().unwrap(),
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+        ]);
+        let v = json_of(&out);
+        let path = |k: &str| v[k].as_str().unwrap().to_string();
+        (path("certificate"), path("key"))
+    };
+    let cli_cert = issue("cli", &certs, &state);
+    let worker_cert = issue("gpu-1", &certs, &state);
+    refused(
+        &hallmark(&[
+            "tls",
+            "client-cert",
+            "cli",
+            "-o",
+            certs.to_str().unwrap(),
+            "--state-dir",
+            &state_arg,
+        ]),
+        "exists already",
+    );
+    // One from another farm's CA.
+    let stranger = dir.path().join("stranger");
+    let stranger_cert = issue("stranger", &stranger, &stranger);
+    let ca = state.join("tls").join("ca.pem");
+    let ca_before = std::fs::read_to_string(&ca).unwrap();
+
+    let port = free_port();
+    let _farm = Proc::spawn(
+        "hallmark up --tls",
+        &mut up(
+            &format!("127.0.0.1:{port}"),
+            &["--tls", "--tls-name", "farm.test", "--tls-client-certs"],
+        ),
+    );
+    let url = format!("https://127.0.0.1:{port}");
+    let ca_arg = ca.to_str().unwrap().to_string();
+    let call = |url: &str, cert: Option<&(String, String)>, roots: Option<&str>, args: &[&str]| {
+        let mut cmd = std::process::Command::new(bin("hallmark"));
+        cmd.arg("--coordinator")
+            .arg(url)
+            .args(args)
+            .env("HALLMARK_LOG", "warn")
+            .env_remove("HALLMARK_TOKEN")
+            .env_remove("HALLMARK_TLS_CA")
+            .env_remove("HALLMARK_TLS_CLIENT_CERT")
+            .env_remove("HALLMARK_TLS_CLIENT_KEY");
+        if let Some(r) = roots {
+            cmd.env("HALLMARK_TLS_CA", r);
+        }
+        if let Some((c, k)) = cert {
+            cmd.env("HALLMARK_TLS_CLIENT_CERT", c)
+                .env("HALLMARK_TLS_CLIENT_KEY", k);
+        }
+        cmd.output().unwrap()
+    };
+    eventually("the farm answers over TLS", Duration::from_secs(30), || {
+        let up = call(&url, Some(&cli_cert), Some(&ca_arg), &["jobs"])
+            .status
+            .success();
+        async move { up }
+    })
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(&ca).unwrap(),
+        ca_before,
+        "the farm kept the CA it found"
+    );
+    // Its certificate names what it was asked to, beside loopback.
+    let server = std::fs::read_to_string(state.join("tls").join("server.pem")).unwrap();
+    let (_, pem) = x509_parser::pem::parse_x509_pem(server.as_bytes()).unwrap();
+    let cert = pem.parse_x509().unwrap();
+    let sans: Vec<String> = cert
+        .subject_alternative_name()
+        .unwrap()
+        .expect("the server certificate names its hosts")
+        .value
+        .general_names
+        .iter()
+        .map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(d) => d.to_string(),
+            x509_parser::extensions::GeneralName::IPAddress(ip) => match ip.len() {
+                4 => std::net::IpAddr::from(<[u8; 4]>::try_from(*ip).unwrap()).to_string(),
+                _ => std::net::IpAddr::from(<[u8; 16]>::try_from(*ip).unwrap()).to_string(),
+            },
+            other => format!("{other:?}"),
+        })
+        .collect();
+    for want in ["localhost", "127.0.0.1", "::1", "farm.test"] {
+        assert!(sans.iter().any(|s| s == want), "{want} not in {sans:?}");
+    }
+
+    // Turned away: no client certificate, one from another CA, half a
+    // client identity, the farm's certificate unverified, plain HTTP/2.
+    for (what, out, says) in [
+        (
+            "no client certificate",
+            call(&url, None, Some(&ca_arg), &["jobs"]),
+            "HALLMARK_TLS_CLIENT_CERT",
+        ),
+        (
+            "another CA's certificate",
+            call(&url, Some(&stranger_cert), Some(&ca_arg), &["jobs"]),
+            "may not accept the client certificate",
+        ),
+        (
+            "the system's roots",
+            call(&url, Some(&cli_cert), None, &["jobs"]),
+            "cannot reach the coordinator",
+        ),
+        (
+            "plain HTTP/2",
+            call(
+                &format!("http://127.0.0.1:{port}"),
+                Some(&cli_cert),
+                None,
+                &["jobs"],
+            ),
+            "",
+        ),
+    ] {
+        assert!(!out.status.success(), "{what}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{what}: {stderr}");
+    }
+    let mut half = std::process::Command::new(bin("hallmark"));
+    half.args(["--coordinator", &url, "jobs"])
+        .env("HALLMARK_TLS_CA", &ca_arg)
+        .env("HALLMARK_TLS_CLIENT_CERT", &cli_cert.0)
+        .env_remove("HALLMARK_TLS_CLIENT_KEY");
+    refused(
+        &half.output().unwrap(),
+        "tls_client_cert and tls_client_key",
+    );
+
+    // The farm's own worker renders with the certificate the farm issued it.
+    let watched = ok(&call(
+        &url,
+        Some(&cli_cert),
+        Some(&ca_arg),
+        &[
+            "--json",
+            "submit",
+            "--watch",
+            "--prompt",
+            "over mutual TLS",
+            "--width",
+            "192",
+            "--height",
+            "192",
+        ],
+    ));
+    let last: Value = serde_json::from_str(watched.lines().last().unwrap()).unwrap();
+    assert_eq!(last["state"], "succeeded", "{watched}");
+
+    // An outside worker joins with a certificate from the farm's CA; one
+    // with none never registers.
+    let workers = || {
+        json_of(&call(
+            &url,
+            Some(&cli_cert),
+            Some(&ca_arg),
+            &["--json", "workers"],
+        ))
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["live"] == true)
+        .map(|w| w["name"].as_str().unwrap().to_string())
+        .collect::<std::collections::BTreeSet<_>>()
+    };
+    let _bare = start_worker(&url, "bare", 0, &["--tls-ca", &ca_arg]);
+    let _joined = start_worker(
+        &url,
+        "gpu-1",
+        0,
+        &[
+            "--tls-ca",
+            &ca_arg,
+            "--tls-cert",
+            &worker_cert.0,
+            "--tls-key",
+            &worker_cert.1,
+        ],
+    );
+    eventually("the outside worker joins", Duration::from_secs(20), || {
+        let joined = workers().contains("gpu-1");
+        async move { joined }
+    })
+    .await;
+    // Time for the bare worker's retries.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        workers(),
+        ["gpu-1", "local-0"].map(String::from).into_iter().collect(),
+        "only workers with a certificate from the farm's CA register"
     );
 }

@@ -39,6 +39,13 @@ struct Args {
     /// against (default: the system's roots).
     #[arg(long, env = "HALLMARK_TLS_CA")]
     tls_ca: Option<PathBuf>,
+    /// PEM client certificate chain this worker presents, for a
+    /// coordinator that requires one (`tls_client_ca`); with --tls-key.
+    #[arg(long, env = "HALLMARK_TLS_CLIENT_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "HALLMARK_TLS_CLIENT_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Render engine: synthetic or diffusion.
     #[arg(long, default_value = "synthetic")]
     engine: String,
@@ -165,7 +172,12 @@ async fn main() -> anyhow::Result<()> {
         token: args.token,
         ..WorkerConfig::new(stamping)
     };
-    let channel = hallmark_worker::channel(&args.coordinator, args.tls_ca.as_deref())?;
+    let tls = hallmark_proto::client::ClientTls {
+        ca: args.tls_ca,
+        identity: args.tls_cert.zip(args.tls_key),
+        server_name: None,
+    };
+    let channel = hallmark_worker::channel(&args.coordinator, &tls)?;
     let shutdown = async {
         let mut term =
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

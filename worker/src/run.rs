@@ -89,10 +89,9 @@ struct Shared {
 }
 
 /// Connects lazily to the coordinator at `url` (reconnecting by itself);
-/// an `https://` one over TLS, verified against the PEM file `tls_ca` when
-/// given, else the system's roots.
-pub fn channel(url: &str, tls_ca: Option<&std::path::Path>) -> anyhow::Result<Channel> {
-    Ok(hallmark_proto::client::endpoint(url, tls_ca)
+/// an `https://` one over TLS as `tls` says.
+pub fn channel(url: &str, tls: &hallmark_proto::client::ClientTls) -> anyhow::Result<Channel> {
+    Ok(hallmark_proto::client::endpoint(url, tls)
         .map_err(anyhow::Error::msg)?
         .connect_timeout(Duration::from_secs(3))
         .tcp_nodelay(true)

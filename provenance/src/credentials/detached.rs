@@ -9,7 +9,7 @@ use c2pa::crypto::cose::{
     parse_cose_sign1, sign, signing_time_from_sign1,
 };
 use c2pa::crypto::raw_signature::{RawSigner, RawSignerError};
-use c2pa::crypto::time_stamp::{TimeStampError, TimeStampProvider};
+use c2pa::crypto::time_stamp::{TimeStampError, TimeStampProvider, verify_time_stamp};
 use c2pa::status_tracker::StatusTracker;
 
 use super::{CredentialsError, SigningIdentity};
@@ -28,9 +28,12 @@ pub struct DetachedVerdict {
     pub certificate: Vec<u8>,
     /// When an RFC 3161 time-stamp authority saw the signature
     /// (milliseconds since the Unix epoch; `None`: not time-stamped). The
-    /// token is checked against the signature; the authority's own
-    /// certificate is not checked against trust anchors.
+    /// token is checked against the signature.
     pub timestamp_ms: Option<i64>,
+    /// Whether the time-stamp authority's certificate chains to the trust
+    /// anchors given, for a time-stamping certificate; `None` when the
+    /// signature carries no time-stamp or no anchors were given.
+    pub timestamp_trusted: Option<bool>,
 }
 
 /// Signs `payload` with `identity`, time-stamped by its `tsa_url` when it
@@ -110,17 +113,22 @@ pub fn verify_detached(
     let (end_entity, rest) = chain.split_first().ok_or_else(|| {
         CredentialsError::Signature("the signature carries no certificate".into())
     })?;
-    let trusted = match trust_anchors {
-        None => None,
+    let timestamp_ms =
+        signing_time_from_sign1(&sign1, payload, false).map(|t| t.timestamp_millis());
+    let (trusted, timestamp_trusted) = match trust_anchors {
+        None => (None, None),
         Some(pem) => {
             let mut policy = CertificateTrustPolicy::new();
             policy
                 .add_trust_anchors(pem.as_bytes())
                 .map_err(|e| CredentialsError::Certificate(format!("trust anchors: {e}")))?;
-            Some(
-                policy
-                    .check_certificate_trust(rest, end_entity, None)
-                    .is_ok(),
+            (
+                Some(
+                    policy
+                        .check_certificate_trust(rest, end_entity, None)
+                        .is_ok(),
+                ),
+                timestamp_ms.and(time_stamp_trusted(&sign1, payload, &policy)),
             )
         }
     };
@@ -132,8 +140,66 @@ pub fn verify_detached(
             .unwrap_or_default(),
         trusted,
         certificate: end_entity.clone(),
-        timestamp_ms: signing_time_from_sign1(&sign1, payload, false).map(|t| t.timestamp_millis()),
+        timestamp_ms,
+        timestamp_trusted,
     })
+}
+
+/// Whether the RFC 3161 token in `sign1`'s unprotected header was issued,
+/// for this signature, by an authority whose time-stamping certificate
+/// chains to `policy`'s anchors (`None`: the signature carries no token).
+/// A token in a form this cannot read counts as untrusted.
+fn time_stamp_trusted(
+    sign1: &coset::CoseSign1,
+    payload: &[u8],
+    policy: &CertificateTrustPolicy,
+) -> Option<bool> {
+    use coset::cbor::Value;
+    let (header, countersigns_signature) =
+        sign1
+            .unprotected
+            .rest
+            .iter()
+            .find_map(|(label, value)| match label {
+                coset::Label::Text(t) if t == "sigTst2" => Some((value, true)),
+                coset::Label::Text(t) if t == "sigTst" => Some((value, false)),
+                _ => None,
+            })?;
+    let field = |v: &Value, name: &str| match v {
+        Value::Map(entries) => entries
+            .iter()
+            .find(|(k, _)| matches!(k, Value::Text(t) if t == name))
+            .map(|(_, v)| v.clone()),
+        _ => None,
+    };
+    let token = match field(header, "tstTokens") {
+        Some(Value::Array(tokens)) if tokens.len() == 1 => match field(&tokens[0], "val") {
+            Some(Value::Bytes(token)) => token,
+            _ => return Some(false),
+        },
+        _ => return Some(false),
+    };
+    // What the authority countersigned: the payload (sigTst), or the
+    // signature as a CBOR byte string (sigTst2), in a COSE countersignature
+    // structure under the signature's protected header.
+    let countersigned = if countersigns_signature {
+        let mut cbor = Vec::new();
+        if coset::cbor::into_writer(&Value::Bytes(sign1.signature.clone()), &mut cbor).is_err() {
+            return Some(false);
+        }
+        cbor
+    } else {
+        payload.to_vec()
+    };
+    let tbs = coset::sig_structure_data(
+        coset::SignatureContext::CounterSignature,
+        sign1.protected.clone(),
+        None,
+        &[],
+        &countersigned,
+    );
+    let mut log = StatusTracker::default();
+    Some(verify_time_stamp(&token, &tbs, policy, &mut log, true).is_ok())
 }
 
 #[cfg(test)]
@@ -167,6 +233,7 @@ mod tests {
             assert_eq!(v.signer, "Hallmark Test");
             assert_eq!(v.alg, alg.name());
             assert_eq!(v.trusted, Some(true));
+            assert_eq!(v.timestamp_trusted, None, "no time-stamp to trust");
             let unchecked = verify_detached(&sig, payload, None).unwrap();
             assert_eq!(unchecked.trusted, None);
             assert_eq!(unchecked.timestamp_ms, None, "no authority, no time-stamp");
