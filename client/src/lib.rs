@@ -806,22 +806,26 @@ async fn remote_command(
                 );
             } else {
                 println!(
-                    "{:<16} {:<14} {:<6} {:>6} {:>9}  {:<16} MODELS",
-                    "WORKER", "NAME", "LIVE", "LEASED", "MAXBATCH", "TOKEN"
+                    "{:<16} {:<14} {:<6} {:>6} {:>9}  {:<16} {:<16} MODELS",
+                    "WORKER", "NAME", "LIVE", "LEASED", "MAXBATCH", "TOKEN", "CERTIFICATE"
                 );
+                let or_dash = |s: &str| {
+                    if s.is_empty() {
+                        "-".to_string()
+                    } else {
+                        s.to_string()
+                    }
+                };
                 for w in workers {
                     println!(
-                        "{:<16} {:<14} {:<6} {:>6} {:>9}  {:<16} {}",
+                        "{:<16} {:<14} {:<6} {:>6} {:>9}  {:<16} {:<16} {}",
                         w.worker_id,
                         w.name,
                         if w.live { "yes" } else { "no" },
                         w.leased_tasks,
                         w.max_batch,
-                        if w.principal.is_empty() {
-                            "-"
-                        } else {
-                            &w.principal
-                        },
+                        or_dash(&w.principal),
+                        or_dash(&w.client_certificate),
                         w.models.join(",")
                     );
                 }

@@ -34,6 +34,7 @@ pub fn worker_json(w: &WorkerInfo) -> Value {
         "models": w.models, "max_pixels": w.max_pixels, "max_batch": w.max_batch,
         "last_seen_ms": w.last_seen_ms, "live": w.live, "leased_tasks": w.leased_tasks,
         "loaded_model": w.loaded_model, "principal": w.principal,
+        "client_certificate": w.client_certificate,
     })
 }
 

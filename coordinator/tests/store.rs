@@ -9,8 +9,8 @@ use std::collections::HashSet;
 use hallmark_coordinator::spec::{self, ExpandedJob, Limits};
 use hallmark_coordinator::stamps::CheckedStamp;
 use hallmark_coordinator::store::{
-    ArtifactKey, Census, Completion, JobControl, LeasePolicy, ModelWorkers, NewJob, Store,
-    StoreError, WorkerCaps, WorkerRegistration,
+    ArtifactKey, Census, ClientCert, Completion, JobControl, LeasePolicy, ModelWorkers, NewJob,
+    Store, StoreError, WorkerCaps, WorkerRegistration,
 };
 use hallmark_proto::v1::{
     Dataset, JobSpec, Model, ModelCapability, PromptItem, TaskLease, WeightFile,
@@ -137,6 +137,7 @@ async fn worker_serving(s: &Store, id: &str, max_batch: u32, models: &[&str]) ->
         max_pixels: 1 << 24,
         max_batch,
         principal: "",
+        client_cert: None,
     };
     s.register_worker(&reg, 0).await.unwrap();
     WorkerCaps {
@@ -144,6 +145,7 @@ async fn worker_serving(s: &Store, id: &str, max_batch: u32, models: &[&str]) ->
         max_pixels: 1 << 24,
         max_batch,
         principal: String::new(),
+        client_cert_sha256: String::new(),
     }
 }
 
@@ -643,11 +645,20 @@ both_stores! {
         let good = ModelCapability { model_id: "sd15".into(), weights_sha256: digest };
         let engines = ["diffusion".to_string()];
         let models = [("diffusion".to_string(), good)];
-        let mut reg = WorkerRegistration { worker_id: "w1", name: "w1", hostname: "h", engines: &engines, models: &models, max_pixels: 1 << 20, max_batch: 1, principal: "worker:pool-a" };
+        let mut reg = WorkerRegistration { worker_id: "w1", name: "w1", hostname: "h", engines: &engines, models: &models, max_pixels: 1 << 20, max_batch: 1, principal: "worker:pool-a", client_cert: None };
         s.register_worker(&reg, 4).await.unwrap();
         // The token it registered with is kept for the lease calls' check.
         assert_eq!(s.worker_caps("w1").await.unwrap().principal, "worker:pool-a");
         assert_eq!(s.list_workers(0).await.unwrap()[0].principal, "worker:pool-a");
+        assert_eq!(s.worker_caps("w1").await.unwrap().client_cert_sha256, "");
+        // The client certificate it connected with (mutual TLS) is kept too.
+        let cert = ClientCert { sha256: "cd".repeat(32), subject: "CN=gpu-1".into() };
+        let with_cert = WorkerRegistration { worker_id: "w3", name: "w3", client_cert: Some(&cert), ..reg };
+        s.register_worker(&with_cert, 6).await.unwrap();
+        assert_eq!(s.worker_caps("w3").await.unwrap().client_cert_sha256, cert.sha256);
+        let listed = s.list_workers(0).await.unwrap();
+        let w3 = listed.iter().find(|w| w.worker_id == "w3").unwrap();
+        assert_eq!(w3.client_certificate, "CN=gpu-1");
         let bad = ModelCapability { model_id: "sd15".into(), weights_sha256: SHA.into() };
         let models = [("diffusion".to_string(), bad)];
         reg.worker_id = "w2";

@@ -1203,4 +1203,72 @@ async fn an_embedded_farm_over_tls_admits_only_callers_with_its_client_certifica
         ["gpu-1", "local-0"].map(String::from).into_iter().collect(),
         "only workers with a certificate from the farm's CA register"
     );
+
+    // Each worker is known by the certificate it registered with, and only
+    // a connection presenting that certificate drives it: another holder
+    // of a farm certificate (no tokens here) cannot renew or fail its
+    // leases.
+    let listed = json_of(&call(
+        &url,
+        Some(&cli_cert),
+        Some(&ca_arg),
+        &["--json", "workers"],
+    ));
+    let by_name = |name: &str| {
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["name"] == name && w["live"] == true)
+            .unwrap()
+            .clone()
+    };
+    let gpu = by_name("gpu-1");
+    assert_eq!(gpu["client_certificate"], "CN=gpu-1", "{listed:#}");
+    assert_eq!(by_name("local-0")["client_certificate"], "CN=local");
+    let gpu_id = gpu["worker_id"].as_str().unwrap().to_string();
+    let as_holder = |cert: &(String, String)| {
+        let tls = hallmark_proto::client::ClientTls {
+            ca: Some(ca.clone()),
+            identity: Some((cert.0.clone().into(), cert.1.clone().into())),
+            server_name: None,
+        };
+        let url = url.clone();
+        async move {
+            let channel = hallmark_proto::client::endpoint(&url, &tls)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            hallmark_proto::v1::workers_client::WorkersClient::new(channel)
+        }
+    };
+    let lease = hallmark_proto::v1::LeaseRequest {
+        worker_id: gpu_id.clone(),
+        want: 0,
+        ..Default::default()
+    };
+    let mut other = as_holder(&cli_cert).await;
+    let refused_lease = other.lease(lease.clone()).await.unwrap_err();
+    assert_eq!(
+        refused_lease.code(),
+        tonic::Code::NotFound,
+        "{refused_lease:?}"
+    );
+    let refused_fail = other
+        .fail(hallmark_proto::v1::FailRequest {
+            worker_id: gpu_id.clone(),
+            task_id: "t-none".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused_fail.code(),
+        tonic::Code::NotFound,
+        "{refused_fail:?}"
+    );
+    // Its own certificate drives it.
+    let mut own = as_holder(&worker_cert).await;
+    own.lease(lease).await.unwrap();
 }

@@ -27,7 +27,7 @@ use crate::config::CoordinatorConfig;
 use crate::metrics::{self as m, CensusLabels};
 use crate::notify::Notifier;
 use crate::stamps::StampCheck;
-use crate::store::{LeasePolicy, Store, StoreError, WorkerCaps, now_ms};
+use crate::store::{ClientCert, LeasePolicy, Store, StoreError, WorkerCaps, now_ms};
 
 /// State shared by all services of one coordinator replica.
 pub struct Coordinator {
@@ -110,6 +110,7 @@ impl Coordinator {
     async fn seen_worker(
         &self,
         caller: &Caller,
+        cert: &str,
         worker_id: &str,
         loaded_model: &str,
         now: i64,
@@ -117,12 +118,12 @@ impl Coordinator {
         let refresh = Duration::from_millis(self.config.heartbeat_interval_ms.max(500));
         match self.cached_worker(worker_id)? {
             Some((caps, touched)) if touched.elapsed() < refresh => {
-                caller_drives(caller, &caps)?;
+                caller_drives(caller, cert, &caps)?;
                 Ok(caps)
             }
             _ => {
                 let caps = self.store.worker_caps(worker_id).await.map_err(status)?;
-                caller_drives(caller, &caps)?;
+                caller_drives(caller, cert, &caps)?;
                 self.store
                     .touch_worker(worker_id, loaded_model, now)
                     .await
@@ -148,17 +149,26 @@ impl Coordinator {
     }
 
     /// Refuses a call about `worker_id` (completing or failing its leases)
-    /// from a caller that may not drive it; with authentication off, or for
-    /// an operator, there is nothing to look up.
-    async fn check_worker_caller(&self, caller: &Caller, worker_id: &str) -> Result<(), Status> {
-        if matches!(caller, Caller::Open | Caller::Operator(_)) {
-            return Ok(());
+    /// from a caller that may not drive it (`cert`: the SHA-256 of the
+    /// client certificate the call came with, '' for none). For an
+    /// operator, or with authentication off and no client certificates,
+    /// there is nothing to look up.
+    async fn check_worker_caller(
+        &self,
+        caller: &Caller,
+        cert: &str,
+        worker_id: &str,
+    ) -> Result<(), Status> {
+        match caller {
+            Caller::Operator(_) => return Ok(()),
+            Caller::Open if cert.is_empty() => return Ok(()),
+            _ => {}
         }
         let caps = match self.cached_worker(worker_id)? {
             Some((caps, _)) => caps,
             None => self.store.worker_caps(worker_id).await.map_err(status)?,
         };
-        caller_drives(caller, &caps)
+        caller_drives(caller, cert, &caps)
     }
 
     /// Refuses a job the caller may not see as if it did not exist, so a
@@ -515,11 +525,41 @@ fn blob_status(e: BlobError) -> Status {
     }
 }
 
-/// A worker registered with another token is unknown to the caller: the
-/// same answer as for a worker that does not exist (no probing for ids),
-/// and the one a worker meets by registering again.
-fn caller_drives(caller: &Caller, caps: &WorkerCaps) -> Result<(), Status> {
-    if caller.drives_worker(&caps.principal) {
+/// The TLS client certificate a call came over (mutual TLS), if any.
+pub(crate) fn client_cert<T>(req: &tonic::Request<T>) -> Option<ClientCert> {
+    let certs = req.peer_certs()?;
+    let der: &[u8] = certs.first()?.as_ref();
+    let subject = x509_parser::parse_x509_certificate(der)
+        .map(|(_, c)| c.subject().to_string())
+        .unwrap_or_default();
+    Some(ClientCert {
+        sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(der)),
+        subject,
+    })
+}
+
+/// The SHA-256 (hex) of the client certificate a call came over; '' for
+/// none.
+pub(crate) fn client_cert_sha256<T>(req: &tonic::Request<T>) -> String {
+    req.peer_certs()
+        .and_then(|certs| {
+            certs
+                .first()
+                .map(|c| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(c.as_ref())))
+        })
+        .unwrap_or_default()
+}
+
+/// A worker registered with another token, or with a client certificate
+/// other than the one the call came with (`cert`), is unknown to the
+/// caller: the same answer as for a worker that does not exist (no probing
+/// for ids), and the one a worker meets by registering again. Operators
+/// drive every worker.
+fn caller_drives(caller: &Caller, cert: &str, caps: &WorkerCaps) -> Result<(), Status> {
+    let same_cert = caps.client_cert_sha256.is_empty()
+        || caps.client_cert_sha256 == cert
+        || matches!(caller, Caller::Operator(_));
+    if same_cert && caller.drives_worker(&caps.principal) {
         Ok(())
     } else {
         Err(Status::not_found(format!(

@@ -15,7 +15,7 @@ use hallmark_proto::v1::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{Coordinator, blob_status, status};
+use super::{Coordinator, blob_status, client_cert, client_cert_sha256, status};
 use crate::auth::Caller;
 use crate::blobs::BlobWriter;
 use crate::metrics as m;
@@ -45,6 +45,7 @@ impl Workers for WorkersService {
     ) -> Result<Response<RegisterWorkerResponse>, Status> {
         let caller = Caller::of(&req);
         caller.require_worker("registering a worker")?;
+        let cert = client_cert(&req);
         let r = req.into_inner();
         if r.engines.is_empty() {
             return Err(Status::invalid_argument(
@@ -88,6 +89,7 @@ impl Workers for WorkersService {
             max_pixels: r.max_pixels,
             max_batch: r.max_batch,
             principal: &caller.name(),
+            client_cert: cert.as_ref(),
         };
         self.0
             .store
@@ -106,11 +108,12 @@ impl Workers for WorkersService {
     async fn lease(&self, req: Request<LeaseRequest>) -> Result<Response<LeaseResponse>, Status> {
         let caller = Caller::of(&req);
         caller.require_worker("leasing tasks")?;
+        let cert = client_cert_sha256(&req);
         let c = &self.0;
         let r = req.into_inner();
         let now = now_ms();
         let caps = c
-            .seen_worker(&caller, &r.worker_id, &r.loaded_model, now)
+            .seen_worker(&caller, &cert, &r.worker_id, &r.loaded_model, now)
             .await?;
         let held: Vec<(String, i64, f32)> = r
             .held
@@ -181,6 +184,7 @@ impl Workers for WorkersService {
     ) -> Result<Response<CompleteResponse>, Status> {
         let caller = Caller::of(&req);
         caller.require_worker("completing tasks")?;
+        let cert = client_cert_sha256(&req);
         let c = &self.0;
         let mut stream = req.into_inner();
         let mut uploads: Vec<Upload> = Vec::new();
@@ -202,7 +206,7 @@ impl Workers for WorkersService {
                         )));
                     }
                     if !drives.contains(&h.worker_id) {
-                        c.check_worker_caller(&caller, &h.worker_id).await?;
+                        c.check_worker_caller(&caller, &cert, &h.worker_id).await?;
                         drives.push(h.worker_id.clone());
                     }
                     // Refuse a stale lease before taking a large upload; a small
@@ -328,9 +332,10 @@ impl Workers for WorkersService {
     async fn fail(&self, req: Request<FailRequest>) -> Result<Response<FailResponse>, Status> {
         let caller = Caller::of(&req);
         caller.require_worker("failing tasks")?;
+        let cert = client_cert_sha256(&req);
         let c = &self.0;
         let r = req.into_inner();
-        c.check_worker_caller(&caller, &r.worker_id).await?;
+        c.check_worker_caller(&caller, &cert, &r.worker_id).await?;
         let message: String = r.message.chars().take(2000).collect();
         let out = c
             .store

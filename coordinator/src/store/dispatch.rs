@@ -38,6 +38,18 @@ pub struct WorkerCaps {
     pub max_batch: u32,
     /// The role of the token it registered with (`Caller::name`).
     pub principal: String,
+    /// SHA-256 (hex) of the TLS client certificate it registered with; ''
+    /// for none.
+    pub client_cert_sha256: String,
+}
+
+/// The TLS client certificate a caller connected with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCert {
+    /// SHA-256 of the certificate (DER), hex.
+    pub sha256: String,
+    /// Its subject, as `CN=gpu-1, O=…`.
+    pub subject: String,
 }
 
 /// A worker as it registers: who it is and what it can render.
@@ -54,6 +66,8 @@ pub struct WorkerRegistration<'a> {
     /// The role of the token it registers with (`Caller::name`); '' with
     /// authentication off.
     pub principal: &'a str,
+    /// The TLS client certificate it connected with (mutual TLS), if any.
+    pub client_cert: Option<&'a ClientCert>,
 }
 
 /// A finished upload, ready to be recorded.
@@ -106,7 +120,11 @@ impl Store {
             max_pixels,
             max_batch,
             principal,
+            client_cert,
         } = *w;
+        let (cert_sha256, cert_subject) = client_cert
+            .map(|c| (c.sha256.as_str(), c.subject.as_str()))
+            .unwrap_or_default();
         let mut tx = self.pool.begin().await?;
         for (engine, model) in models {
             let registered: Vec<(String, String)> = sqlx::query(
@@ -149,8 +167,9 @@ impl Store {
             }
         }
         sqlx::query(
-            "INSERT INTO workers (id, name, hostname, engines, max_pixels, max_batch, registered_at, last_seen_at, principal) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8)",
+            "INSERT INTO workers (id, name, hostname, engines, max_pixels, max_batch, registered_at, last_seen_at, principal, \
+             client_cert_sha256, client_cert_subject) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $8, $9, $10)",
         )
         .bind(worker_id)
         .bind(name)
@@ -160,6 +179,8 @@ impl Store {
         .bind(i64::from(max_batch))
         .bind(now)
         .bind(principal)
+        .bind(cert_sha256)
+        .bind(cert_subject)
         .execute(&mut *tx)
         .await?;
         for (engine, model) in models {
@@ -189,6 +210,10 @@ impl Store {
                 "max_pixels": max_pixels,
                 "max_batch": max_batch,
                 "principal": principal,
+                "client_cert": client_cert.map(|c| serde_json::json!({
+                    "subject": c.subject,
+                    "sha256": c.sha256,
+                })),
             }),
         )
         .actor(if principal.is_empty() {
@@ -203,7 +228,9 @@ impl Store {
 
     /// The lease-relevant capabilities of a registered worker.
     pub async fn worker_caps(&self, worker_id: &str) -> Result<WorkerCaps> {
-        let row = sqlx::query("SELECT max_pixels, max_batch, principal FROM workers WHERE id = $1")
+        let row = sqlx::query(
+            "SELECT max_pixels, max_batch, principal, client_cert_sha256 FROM workers WHERE id = $1",
+        )
             .bind(worker_id)
             .fetch_optional(&self.pool)
             .await?
@@ -215,6 +242,7 @@ impl Store {
             max_pixels: row.try_get::<i64, _>("max_pixels")? as u64,
             max_batch: row.try_get::<i64, _>("max_batch")? as u32,
             principal: row.try_get("principal")?,
+            client_cert_sha256: row.try_get("client_cert_sha256")?,
         })
     }
 
@@ -832,7 +860,7 @@ impl Store {
     pub async fn list_workers(&self, live_since: i64) -> Result<Vec<WorkerInfo>> {
         let rows = sqlx::query(
             "SELECT w.id, w.name, w.hostname, w.engines, w.max_pixels, w.max_batch, w.last_seen_at, w.loaded_model, w.principal, \
-             CAST((SELECT COUNT(*) FROM tasks t WHERE t.worker_id = w.id AND t.state = 'leased') AS BIGINT) AS leased \
+             w.client_cert_subject, CAST((SELECT COUNT(*) FROM tasks t WHERE t.worker_id = w.id AND t.state = 'leased') AS BIGINT) AS leased \
              FROM workers w ORDER BY w.last_seen_at DESC, w.id",
         )
         .fetch_all(&self.pool)
@@ -865,6 +893,7 @@ impl Store {
                 leased_tasks: r.try_get::<i64, _>("leased")? as u32,
                 loaded_model: r.try_get("loaded_model")?,
                 principal: r.try_get("principal")?,
+                client_certificate: r.try_get("client_cert_subject")?,
             });
         }
         Ok(out)

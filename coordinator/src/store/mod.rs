@@ -23,7 +23,7 @@ use sqlx::{AnyPool, Executor};
 pub use audit::{AuditEvent, LedgerPage, kind as audit_kind};
 pub use census::{Census, ModelWorkers, TaskCount};
 pub use dispatch::{
-    Completion, FailOutcome, LeasePolicy, ReapOutcome, WorkerCaps, WorkerRegistration,
+    ClientCert, Completion, FailOutcome, LeasePolicy, ReapOutcome, WorkerCaps, WorkerRegistration,
 };
 pub use jobs::{JobControl, NewJob};
 pub use provenance::{ArtifactKey, StoredArtifact};
