@@ -276,6 +276,7 @@ impl LocalFarm {
             local_tls.ca = Some(ca.cert.clone());
             if tls.require_client_certs {
                 config.tls_client_ca = Some(ca.cert.clone());
+                config.tls_revoked_certs = Some(ca.revoked_list()?);
                 let own = ca.issue_own_client()?;
                 local_tls.identity = Some((own.chain, own.key));
             }

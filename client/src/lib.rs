@@ -202,6 +202,14 @@ pub enum TlsCommand {
         #[arg(long, env = "HALLMARK_STATE_DIR")]
         state_dir: Option<PathBuf>,
     },
+    /// Revoke the client certificates issued under NAME (or the one with
+    /// that SHA-256 fingerprint): a running farm refuses them within
+    /// seconds (`STATE/tls/revoked.txt`).
+    Revoke {
+        name: String,
+        #[arg(long, env = "HALLMARK_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -601,6 +609,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             output,
             state_dir,
         }) => tls_client_cert(&cfg, &name, &output, state_dir, json),
+        Command::Tls(TlsCommand::Revoke { name, state_dir }) => {
+            let state_dir = state_dir.unwrap_or_else(|| cfg.state_dir.clone());
+            let ca = crate::tls::FarmTlsCa::in_dir(&state_dir.join("tls"));
+            if !ca.exists() {
+                bail!(
+                    "no farm TLS CA in {} (nothing to revoke)",
+                    state_dir.display()
+                );
+            }
+            let revoked = ca.revoke(&name)?;
+            if json {
+                println!("{}", json!({"revoked": revoked}));
+            } else {
+                for sha in &revoked {
+                    println!("revoked {name}: {sha}");
+                }
+            }
+            Ok(0)
+        }
         Command::Audit(args) => audit_command(&cfg, args, json).await,
         command => {
             let url = cfg.coordinator.clone().context(

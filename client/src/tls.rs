@@ -137,8 +137,63 @@ impl FarmTlsCa {
             }
         }
         std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-        self.write_leaf(client_params(name), &issued)?;
+        let sha256 = self.write_leaf(client_params(name), &issued)?;
+        let at = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        append_line(&self.issued_log(), &format!("{sha256} {name} {at}"))?;
         Ok(issued)
+    }
+
+    /// The log of client certificates this CA issued: fingerprint, name
+    /// and time, one per line.
+    pub fn issued_log(&self) -> PathBuf {
+        self.dir.join("issued.txt")
+    }
+
+    /// The farm's list of revoked client certificates (the coordinator's
+    /// `tls_revoked_certs`), made empty when there is none.
+    pub fn revoked_list(&self) -> anyhow::Result<PathBuf> {
+        let path = self.dir.join("revoked.txt");
+        if !path.exists() {
+            write_file(
+                &path,
+                "# SHA-256 fingerprints of revoked client certificates (hallmark tls revoke)\n",
+                false,
+            )?;
+        }
+        Ok(path)
+    }
+
+    /// Revokes every client certificate issued under `name`, or the one
+    /// whose fingerprint `name` is: their fingerprints are added to the
+    /// revoked list, which a running farm reads again within seconds.
+    /// Returns the fingerprints revoked.
+    pub fn revoke(&self, name: &str) -> anyhow::Result<Vec<String>> {
+        let log = std::fs::read_to_string(self.issued_log()).unwrap_or_default();
+        let wanted = name.to_ascii_lowercase();
+        let found: Vec<String> = log
+            .lines()
+            .filter_map(|l| {
+                let mut fields = l.split_whitespace();
+                let (sha, who) = (fields.next()?, fields.next()?);
+                (who == name || sha == wanted).then(|| sha.to_string())
+            })
+            .collect();
+        if found.is_empty() {
+            anyhow::bail!(
+                "no client certificate named or fingerprinted {name:?} was issued by this farm's CA ({})",
+                self.issued_log().display()
+            );
+        }
+        let list = self.revoked_list()?;
+        let already = std::fs::read_to_string(&list).unwrap_or_default();
+        for sha in &found {
+            if !already.lines().any(|l| l.starts_with(sha.as_str())) {
+                append_line(&list, &format!("{sha} # {name}"))?;
+            }
+        }
+        Ok(found)
     }
 
     /// Issues the farm's own client certificate (its local workers and
@@ -158,7 +213,8 @@ impl FarmTlsCa {
         Ok(issued)
     }
 
-    fn write_leaf(&self, mut params: CertificateParams, to: &Issued) -> anyhow::Result<()> {
+    /// Signs and writes a leaf certificate; its SHA-256 fingerprint (hex).
+    fn write_leaf(&self, mut params: CertificateParams, to: &Issued) -> anyhow::Result<String> {
         let issuer = self.issuer()?;
         let now = time::OffsetDateTime::now_utc();
         params.is_ca = IsCa::ExplicitNoCa;
@@ -169,8 +225,22 @@ impl FarmTlsCa {
         let key = KeyPair::generate().map_err(cert_error)?;
         let cert = params.signed_by(&key, &issuer).map_err(cert_error)?;
         write_file(&to.key, &key.serialize_pem(), true)?;
-        write_file(&to.chain, &cert.pem(), false)
+        write_file(&to.chain, &cert.pem(), false)?;
+        Ok(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+            cert.der().as_ref(),
+        )))
     }
+}
+
+/// Appends one line to `path` (made if missing).
+fn append_line(path: &Path, line: &str) -> anyhow::Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    std::io::Write::write_all(&mut file, format!("{line}\n").as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn client_params(name: &str) -> CertificateParams {
@@ -317,6 +387,17 @@ mod tests {
             .issue_client("../x", &dir.path().join("out"))
             .unwrap_err();
         assert!(bad.to_string().contains("client certificate name"), "{bad}");
+
+        // Revoked by name: its fingerprint, as the coordinator reads it.
+        let revoked = ca.revoke("gpu-1").unwrap();
+        let list = std::fs::read_to_string(ca.revoked_list().unwrap()).unwrap();
+        let parsed = hallmark_coordinator::auth::parse_revoked(&list).unwrap();
+        assert_eq!(parsed.into_iter().collect::<Vec<_>>(), revoked);
+        ca.revoke("gpu-1").unwrap();
+        let again = std::fs::read_to_string(ca.revoked_list().unwrap()).unwrap();
+        assert_eq!(again, list, "revoking twice lists it once");
+        let unknown = ca.revoke("gpu-2").unwrap_err().to_string();
+        assert!(unknown.contains("no client certificate named"), "{unknown}");
 
         std::fs::remove_file(&ca.key).unwrap();
         let half = FarmTlsCa::open_or_init(&tls).unwrap_err();

@@ -430,6 +430,32 @@ pub struct Gate {
     /// Roles whose expiry this process has published (a role whose last
     /// expiring token is removed is set to +Inf, not left stale).
     reported: Arc<Mutex<BTreeSet<String>>>,
+    /// SHA-256 fingerprints (hex) of revoked client certificates
+    /// (`tls_revoked_certs`).
+    revoked: Arc<RwLock<Arc<BTreeSet<String>>>>,
+}
+
+/// Reads a list of revoked client certificates: one SHA-256 fingerprint
+/// per line, hex with or without colons, any case; `#` starts a comment.
+/// A line that is not a fingerprint is an error naming it.
+pub fn parse_revoked(text: &str) -> Result<BTreeSet<String>, String> {
+    let mut out = BTreeSet::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or_default().trim();
+        if line.is_empty() {
+            continue;
+        }
+        let hex: String = line.chars().filter(|c| *c != ':').collect();
+        let hex = hex.to_ascii_lowercase();
+        if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(format!(
+                "line {}: {line:?} is not a SHA-256 fingerprint (64 hex digits, colons allowed)",
+                i + 1
+            ));
+        }
+        out.insert(hex);
+    }
+    Ok(out)
 }
 
 impl Gate {
@@ -445,7 +471,74 @@ impl Gate {
             tokens: Arc::new(RwLock::new(tokens.map(Arc::new))),
             pinned: Arc::new(pinned.clone()),
             reported: Arc::default(),
+            revoked: Arc::default(),
         })
+    }
+
+    /// Reads the revoked client certificates from `file` now (an error
+    /// names the file), then again every `every` when it changes; a
+    /// version that does not parse keeps the list in force, with a warning.
+    pub fn revoke_from(
+        &self,
+        file: PathBuf,
+        every: Duration,
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        let read = |file: &std::path::Path| -> anyhow::Result<(Vec<u8>, BTreeSet<String>)> {
+            let bytes = std::fs::read(file).map_err(|e| {
+                anyhow::anyhow!("tls_revoked_certs: reading {}: {e}", file.display())
+            })?;
+            let set = parse_revoked(&String::from_utf8_lossy(&bytes))
+                .map_err(|e| anyhow::anyhow!("tls_revoked_certs {}: {e}", file.display()))?;
+            Ok((bytes, set))
+        };
+        let (mut last, set) = read(&file)?;
+        self.set_revoked(set);
+        let gate = self.clone();
+        Ok(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Ok(now) = tokio::fs::read(&file).await else {
+                    continue;
+                };
+                if now == last {
+                    continue;
+                }
+                last = now;
+                match read(&file) {
+                    Ok((_, set)) => {
+                        tracing::info!(file = %file.display(), revoked = set.len(), "revoked client certificates reloaded");
+                        gate.set_revoked(set);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "revoked client certificates not reloaded; the list in force stays")
+                    }
+                }
+            }
+        }))
+    }
+
+    fn set_revoked(&self, set: BTreeSet<String>) {
+        match self.revoked.write() {
+            Ok(mut r) => *r = Arc::new(set),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(set),
+        }
+    }
+
+    fn is_revoked(&self, req: &tonic::Request<()>) -> bool {
+        let revoked = match self.revoked.read() {
+            Ok(r) => r.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        if revoked.is_empty() {
+            return false;
+        }
+        req.peer_certs()
+            .and_then(|certs| {
+                certs
+                    .first()
+                    .map(|c| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(c.as_ref())))
+            })
+            .is_some_and(|fingerprint| revoked.contains(&fingerprint))
     }
 
     /// The tokens in force (`None`: authentication is off).
@@ -549,6 +642,11 @@ pub fn log_expired(tokens: &Tokens) {
 
 impl Interceptor for Gate {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if self.is_revoked(&req) {
+            return Err(Status::unauthenticated(
+                "this client certificate has been revoked",
+            ));
+        }
         let caller = match self.tokens() {
             None => Caller::Open,
             Some(tokens) => tokens.identify(req.metadata(), crate::store::now_ms())?,
@@ -577,6 +675,23 @@ mod tests {
         let mut m = tonic::metadata::MetadataMap::new();
         m.insert("authorization", format!("Bearer {token}").parse().unwrap());
         m
+    }
+
+    #[test]
+    fn revoked_fingerprints_read_with_or_without_colons() {
+        let hex = "ab".repeat(32);
+        let colons = "CD:".repeat(31) + "CD";
+        let set =
+            parse_revoked(&format!("# revoked\n\n{hex}  # gpu-1\n  {colons}\n{hex}\n")).unwrap();
+        assert_eq!(
+            set.into_iter().collect::<Vec<_>>(),
+            [hex.clone(), "cd".repeat(32)]
+        );
+        for bad in [&hex[..62], "zz".repeat(32).as_str(), "gpu-1"] {
+            let e = parse_revoked(&format!("{hex}\n{bad}\n")).unwrap_err();
+            assert!(e.starts_with("line 2:"), "{bad}: {e}");
+        }
+        assert!(parse_revoked("").unwrap().is_empty());
     }
 
     #[test]

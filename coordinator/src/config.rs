@@ -170,6 +170,12 @@ pub struct CoordinatorConfig {
     /// tenants' tools) must present a client certificate that chains to
     /// one of them, before any token is read. Needs `tls_cert`.
     pub tls_client_ca: Option<PathBuf>,
+    /// A file of revoked client certificates, refused on every call: one
+    /// SHA-256 fingerprint per line (hex, colons allowed, as `openssl x509
+    /// -noout -fingerprint -sha256` prints it; `#` starts a comment). Read
+    /// again as it changes (every `auth_reload_interval_ms`). Needs
+    /// `tls_client_ca`.
+    pub tls_revoked_certs: Option<PathBuf>,
     /// Address of the HTTP C2PA soft-binding resolution API; unset: off.
     pub http_listen: Option<String>,
     /// Address of the Prometheus endpoint (`GET /metrics`), e.g.
@@ -237,6 +243,7 @@ impl Default for CoordinatorConfig {
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
+            tls_revoked_certs: None,
             http_listen: None,
             metrics_listen: None,
         }

@@ -45,6 +45,7 @@ pub struct RunningCoordinator {
     server: JoinHandle<Result<(), tonic::transport::Error>>,
     reaper: JoinHandle<()>,
     token_reloader: Option<JoinHandle<()>>,
+    revoked_reloader: Option<JoinHandle<()>>,
 }
 
 impl RunningCoordinator {
@@ -59,7 +60,10 @@ impl RunningCoordinator {
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(true);
         self.reaper.abort();
-        if let Some(reloader) = &self.token_reloader {
+        for reloader in [&self.token_reloader, &self.revoked_reloader]
+            .into_iter()
+            .flatten()
+        {
             reloader.abort();
         }
         self.server.await.context("coordinator server task")??;
@@ -148,6 +152,11 @@ pub async fn start_on(
         (None, None) => None,
         _ => anyhow::bail!("tls_cert and tls_key go together: set both for TLS, or neither"),
     };
+    if config.tls_revoked_certs.is_some() && config.tls_client_ca.is_none() {
+        anyhow::bail!(
+            "tls_revoked_certs lists client certificates to refuse, which needs tls_client_ca (client certificates required)"
+        );
+    }
     let trust_anchors = match &config.trust_anchors {
         Some(path) => Some(
             std::fs::read_to_string(path)
@@ -209,6 +218,13 @@ pub async fn start_on(
             Some(gate.reload_from(file.clone(), Duration::from_millis(ms)))
         }
         _ => None,
+    };
+    let revoked_reloader = match &state.config.tls_revoked_certs {
+        Some(file) => Some(gate.revoke_from(
+            file.clone(),
+            Duration::from_millis(state.config.auth_reload_interval_ms.max(100)),
+        )?),
+        None => None,
     };
     let reaper_state = state.clone();
     let reaper = tokio::spawn(async move {
@@ -300,6 +316,7 @@ pub async fn start_on(
         server,
         reaper,
         token_reloader,
+        revoked_reloader,
     })
 }
 

@@ -454,6 +454,21 @@ async fn tokens_travel_over_tls_to_a_coordinator_with_a_certificate() {
         &[("HALLMARK_TLS_CLIENT_CA", &tls.root_cert)],
         "tls_client_ca asks callers for certificates",
     );
+    let revoked = dir.path().join("revoked.txt");
+    std::fs::write(&revoked, "# fingerprints\nnot-a-fingerprint\n").unwrap();
+    start_fails(
+        &[("HALLMARK_TLS_REVOKED_CERTS", &revoked)],
+        "tls_revoked_certs lists client certificates to refuse, which needs tls_client_ca",
+    );
+    start_fails(
+        &[
+            ("HALLMARK_TLS_CERT", &tls.server_chain),
+            ("HALLMARK_TLS_KEY", &tls.server_key),
+            ("HALLMARK_TLS_CLIENT_CA", &tls.root_cert),
+            ("HALLMARK_TLS_REVOKED_CERTS", &revoked),
+        ],
+        "line 2: \"not-a-fingerprint\" is not a SHA-256 fingerprint",
+    );
     let no_tokens = dir.path().join("no-tokens.toml");
     std::fs::write(&no_tokens, "auth = \"tokens\"\n").unwrap();
     start_fails(&[("HALLMARK_CONFIG", &no_tokens)], "no auth_tokens");
@@ -1271,4 +1286,27 @@ async fn an_embedded_farm_over_tls_admits_only_callers_with_its_client_certifica
     // Its own certificate drives it.
     let mut own = as_holder(&worker_cert).await;
     own.lease(lease).await.unwrap();
+
+    // A certificate revoked by name is refused within the reload interval;
+    // the others keep working.
+    let temp = issue("temp", &certs, &state);
+    ok(&call(&url, Some(&temp), Some(&ca_arg), &["jobs"]));
+    let out = hallmark(&["tls", "revoke", "temp", "--state-dir", &state_arg]);
+    assert!(ok(&out).contains("revoked temp"), "{out:?}");
+    refused(
+        &hallmark(&["tls", "revoke", "nobody", "--state-dir", &state_arg]),
+        "no client certificate named",
+    );
+    eventually(
+        "the revocation takes effect",
+        Duration::from_secs(20),
+        || {
+            let out = call(&url, Some(&temp), Some(&ca_arg), &["jobs"]);
+            let gone = !out.status.success()
+                && String::from_utf8_lossy(&out.stderr).contains("has been revoked");
+            async move { gone }
+        },
+    )
+    .await;
+    ok(&call(&url, Some(&cli_cert), Some(&ca_arg), &["jobs"]));
 }
