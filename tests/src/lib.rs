@@ -320,7 +320,9 @@ pub fn stamp_for(
 pub fn start_worker(coordinator: &str, name: &str, render_ms: u64, extra: &[&str]) -> Proc {
     let ca = test_ca();
     let mut cmd = Command::new(bin("hallmark-worker"));
-    cmd.env("HALLMARK_SIGNING_CERT_CHAIN", &ca.signer_chain)
+    // An error it exits with ends its log, without anyhow's backtrace.
+    cmd.env("RUST_LIB_BACKTRACE", "0")
+        .env("HALLMARK_SIGNING_CERT_CHAIN", &ca.signer_chain)
         .env("HALLMARK_SIGNING_PRIVATE_KEY", &ca.signer_key)
         .env("HALLMARK_TRUST_ANCHORS", &ca.root_cert)
         .arg("--coordinator")

@@ -1193,7 +1193,7 @@ async fn an_embedded_farm_over_tls_admits_only_callers_with_its_client_certifica
         .collect::<std::collections::BTreeSet<_>>()
     };
     let _bare = start_worker(&url, "bare", 0, &["--tls-ca", &ca_arg]);
-    let _joined = start_worker(
+    let mut joined = start_worker(
         &url,
         "gpu-1",
         0,
@@ -1309,4 +1309,27 @@ async fn an_embedded_farm_over_tls_admits_only_callers_with_its_client_certifica
     )
     .await;
     ok(&call(&url, Some(&cli_cert), Some(&ca_arg), &["jobs"]));
+
+    // A worker whose certificate is revoked stops, saying why, rather than
+    // retrying for ever.
+    ok(&hallmark(&[
+        "tls",
+        "revoke",
+        "gpu-1",
+        "--state-dir",
+        &state_arg,
+    ]));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let how = loop {
+        if let Some(how) = joined.exited() {
+            break how;
+        }
+        assert!(Instant::now() < deadline, "the revoked worker still runs");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        how.contains("no longer accepts this worker's credentials")
+            && how.contains("has been revoked"),
+        "{how}"
+    );
 }

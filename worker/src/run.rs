@@ -88,6 +88,19 @@ struct Shared {
     report: Mutex<WorkerReport>,
 }
 
+/// Why the coordinator turned this worker away, with what to do about it.
+fn refused_credentials(status: &tonic::Status) -> String {
+    let hint = if status.message().contains("client certificate") {
+        "issue it a new client certificate (--tls-cert, --tls-key)"
+    } else {
+        "set HALLMARK_TOKEN to a worker token: `hallmark token new --role worker`"
+    };
+    format!(
+        "the coordinator no longer accepts this worker's credentials: {} ({hint})",
+        status.message()
+    )
+}
+
 /// Connects lazily to the coordinator at `url` (reconnecting by itself);
 /// an `https://` one over TLS as `tls` says.
 pub fn channel(url: &str, tls: &hallmark_proto::client::ClientTls) -> anyhow::Result<Channel> {
@@ -224,6 +237,15 @@ pub async fn run(
                     }),
                 });
             }
+            Err(status) if status.code() == Code::Unauthenticated => {
+                // Revoked or expired: nothing this worker holds can be
+                // completed any more, and retrying changes nothing. Its
+                // leases run out and go to other workers.
+                if let Some(h) = current.take() {
+                    h.abort();
+                }
+                anyhow::bail!("{}", refused_credentials(&status));
+            }
             Err(status) => {
                 metrics::counter!(m::LEASE_ERRORS).increment(1);
                 tracing::warn!(code = ?status.code(), error = %status.message(), "lease call failed; backing off");
@@ -336,10 +358,7 @@ async fn register(
                 anyhow::bail!("the coordinator refused this worker: {}", s.message())
             }
             Err(s) if matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied) => {
-                anyhow::bail!(
-                    "the coordinator refused this worker's token: {} (set HALLMARK_TOKEN to a worker token: `hallmark token new --role worker`)",
-                    s.message()
-                )
+                anyhow::bail!("{}", refused_credentials(&s))
             }
             Err(s) => {
                 tracing::warn!(error = %s.message(), "cannot register yet; retrying");
