@@ -9,8 +9,8 @@ use std::collections::HashSet;
 use hallmark_coordinator::spec::{self, ExpandedJob, Limits};
 use hallmark_coordinator::stamps::CheckedStamp;
 use hallmark_coordinator::store::{
-    ArtifactKey, Census, ClientCert, Completion, JobControl, LeasePolicy, ModelWorkers, NewJob,
-    Store, StoreError, WorkerCaps, WorkerRegistration,
+    ArtifactKey, AttemptEnd, Census, ClientCert, Completion, JobControl, LeasePolicy, ModelWorkers,
+    NewJob, Store, StoreError, WorkerCaps, WorkerRegistration,
 };
 use hallmark_proto::v1::{
     Dataset, JobSpec, Model, ModelCapability, PromptItem, TaskLease, WeightFile,
@@ -465,7 +465,7 @@ both_stores! {
         for (wk, now) in [(&w, 3_000), (&w3, 3_010)] {
             let l = lease(s, wk, 1, now).await.remove(0);
             assert_eq!((l.job_id.as_str(), l.item_index), ("j2", 0));
-            s.fail(&wk.worker_id, &l.task_id, l.fencing_token, "boom", false, now + 1).await.unwrap();
+            s.fail(&wk.worker_id, &l.task_id, l.fencing_token, "boom", AttemptEnd::Failed, now + 1).await.unwrap();
         }
         let view = s.get_job("j2", 3_100, 0).await.unwrap();
         let failed: Vec<_> = view.stages.iter().map(|st| (st.stage.as_str(), st.failed)).collect();
@@ -495,13 +495,13 @@ both_stores! {
         let w2 = worker(s, "w2", 1).await;
         submit(s, "j1", &job(1, 2), 0).await;
         let l = lease(s, &w1, 1, 100).await.remove(0);
-        let out = s.fail("w1", &l.task_id, l.fencing_token, "boom", false, 110).await.unwrap();
+        let out = s.fail("w1", &l.task_id, l.fencing_token, "boom", AttemptEnd::Failed, 110).await.unwrap();
         assert_eq!(out.state, "ready");
         // w1 just failed it: it stays off the task while others can take it.
         assert!(lease(s, &w1, 1, 120).await.is_empty());
         let l2 = lease(s, &w2, 1, 130).await.remove(0);
         assert_eq!(l2.task_id, l.task_id);
-        let out = s.fail("w2", &l2.task_id, l2.fencing_token, "boom again", false, 140).await.unwrap();
+        let out = s.fail("w2", &l2.task_id, l2.fencing_token, "boom again", AttemptEnd::Failed, 140).await.unwrap();
         assert_eq!(out.state, "failed", "budget of 2 attempts spent");
         let job = s.get_job("j1", 150, 0).await.unwrap();
         assert_eq!(job.state, "failed");
@@ -512,6 +512,27 @@ both_stores! {
         assert_eq!((job.stages[0].ready, job.stages[1].waiting), (1, 1));
     }
 
+    async fn a_task_at_fault_fails_for_good_at_its_first_attempt(s: &Store) {
+        let w = worker(s, "w1", 1).await;
+        submit(s, "j1", &job(1, 2), 0).await;
+        let l = lease(s, &w, 1, 100).await.remove(0);
+        assert_eq!(l.attempt, 1, "a budget of 2 attempts, one used");
+        let out = s
+            .fail("w1", &l.task_id, l.fencing_token, "a refiner cannot draw from noise", AttemptEnd::FailedForGood, 110)
+            .await
+            .unwrap();
+        assert_eq!(out.state, "failed", "no retry can help");
+        let job = s.get_job("j1", 120, 0).await.unwrap();
+        assert_eq!(job.state, "failed");
+        assert!(job.errors.iter().any(|e| e.contains("cannot draw from noise")), "{:?}", job.errors);
+        assert_eq!(job.stages[1].failed, 1, "the upscale fails with its base");
+        assert!(job.finished_at_ms > 0);
+        s.seal_audit(1000).await.unwrap();
+        let page = s.audit_page(0, 1000, None).await.unwrap();
+        let fail = page.entries.iter().rev().find(|e| e.kind == "fail").expect("the failure is in the ledger");
+        assert!(fail.body.contains("\"for_good\":true"), "{}", fail.body);
+    }
+
     async fn a_worker_that_keeps_failing_a_job_gets_no_more_of_it(s: &Store) {
         let w = worker(s, "w1", 1).await;
         submit(s, "j1", &job(5, 0), 0).await;
@@ -520,7 +541,7 @@ both_stores! {
         for t in 0..3 {
             let l = s.lease(&w, 1, "", 100 + t, 3, 100 + t).await.unwrap().remove(0);
             assert_eq!(l.job_id, "j1");
-            s.fail("w1", &l.task_id, l.fencing_token, "bad gpu", false, 100 + t).await.unwrap();
+            s.fail("w1", &l.task_id, l.fencing_token, "bad gpu", AttemptEnd::Failed, 100 + t).await.unwrap();
         }
         let next = s.lease(&w, 1, "", 200, 3, 200).await.unwrap();
         assert_eq!(next.len(), 1);
@@ -534,7 +555,7 @@ both_stores! {
         for i in 0..5 {
             let l = lease(s, &w, 1, 100 + i).await.remove(0);
             assert_eq!(l.attempt, 1);
-            s.fail("w1", &l.task_id, l.fencing_token, "", true, 100 + i).await.unwrap();
+            s.fail("w1", &l.task_id, l.fencing_token, "", AttemptEnd::HandedBack, 100 + i).await.unwrap();
         }
     }
 
@@ -675,7 +696,7 @@ both_stores! {
         s.complete(&done(&w, &leases[0]), 110).await.unwrap();
         // A refused (repeated) completion records nothing.
         assert!(s.complete(&done(&w, &leases[0]), 111).await.is_err());
-        s.fail("w1", &leases[1].task_id, leases[1].fencing_token, "out of memory", false, 120)
+        s.fail("w1", &leases[1].task_id, leases[1].fencing_token, "out of memory", AttemptEnd::Failed, 120)
             .await
             .unwrap();
         // Appending never touches the chain: nothing is sealed yet.

@@ -42,6 +42,10 @@ pub struct ModelFolder {
     pub text_encoder_2: Vec<WeightFile>,
     /// SDXL: empty negative prompts condition on zeros.
     pub force_zeros_for_empty_prompt: bool,
+    /// SDXL's refiner: the second text encoder only, and an aesthetic
+    /// score in place of the target size among the added time ids. It
+    /// refines images (img2img) and does not draw from noise.
+    pub refiner: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -275,14 +279,22 @@ impl ModelFolder {
             .as_ref()
             .and_then(|v| v.as_array())
             .is_some_and(|a| a.iter().all(serde_json::Value::is_null));
-        if index.requires_aesthetics_score || no_first_encoder {
+        let refiner = index.requires_aesthetics_score || no_first_encoder;
+        if refiner && family != Family::StableDiffusionXl {
             return Err(DiffusionError::BadModel(format!(
-                "{}: an SDXL refiner checkpoint (aesthetic-score conditioning{}) is not supported yet; refine with an SD 1.x/2.x/XL model instead (any of them can be a job's --refine-model)",
+                "{}: aesthetic-score conditioning or no first text encoder, which only SDXL's refiner has, in a {} folder",
+                root.display(),
+                index.class_name
+            )));
+        }
+        if refiner && !(index.requires_aesthetics_score && no_first_encoder) {
+            return Err(DiffusionError::BadModel(format!(
+                "{}: an SDXL refiner has requires_aesthetics_score and no first text encoder (text_encoder: [null, null]); this folder has {}",
                 root.display(),
                 if no_first_encoder {
-                    ", second text encoder only"
+                    "no first text encoder but no aesthetic score"
                 } else {
-                    ""
+                    "an aesthetic score but a first text encoder"
                 }
             )));
         }
@@ -296,10 +308,15 @@ impl ModelFolder {
             family,
             unet: component_weights(root, "unet", variant)?,
             vae: component_weights(root, "vae", variant)?,
-            text_encoder: component_weights(root, "text_encoder", variant)?,
+            text_encoder: if refiner {
+                Vec::new()
+            } else {
+                component_weights(root, "text_encoder", variant)?
+            },
             text_encoder_2,
             force_zeros_for_empty_prompt: family == Family::StableDiffusionXl
                 && index.force_zeros_for_empty_prompt,
+            refiner,
         })
     }
 

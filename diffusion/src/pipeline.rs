@@ -161,6 +161,38 @@ pub fn size_ids(batch: usize, width: usize, height: usize) -> Result<Tensor, Dif
     Ok(Tensor::from_vec(data, (batch, 6), &Device::Cpu)?)
 }
 
+/// SDXL refiner's added time ids for `batch` samples: the image size, the
+/// crop origin and an aesthetic score — [`NEGATIVE_AESTHETIC_SCORE`] for the
+/// unconditional half when `guided` (which comes first), else
+/// [`AESTHETIC_SCORE`], as diffusers' SDXL img2img pipeline sets them.
+pub fn aesthetic_ids(
+    batch: usize,
+    guided: bool,
+    width: usize,
+    height: usize,
+) -> Result<Tensor, DiffusionError> {
+    let (h, w) = (height as f32, width as f32);
+    let scores = if guided {
+        vec![NEGATIVE_AESTHETIC_SCORE, AESTHETIC_SCORE]
+    } else {
+        vec![AESTHETIC_SCORE]
+    };
+    let data: Vec<f32> = scores
+        .iter()
+        .flat_map(|&score| (0..batch).flat_map(move |_| [h, w, 0.0, 0.0, score]))
+        .collect();
+    Ok(Tensor::from_vec(
+        data,
+        (scores.len() * batch, 5),
+        &Device::Cpu,
+    )?)
+}
+
+/// The aesthetic score an SDXL refiner is asked for (diffusers' default).
+pub const AESTHETIC_SCORE: f32 = 6.0;
+/// The score of the unconditional half under guidance (diffusers' default).
+pub const NEGATIVE_AESTHETIC_SCORE: f32 = 2.5;
+
 /// Output pixels the VAE decodes in one call (see [`StableDiffusion::decode`]).
 pub const DECODE_PIXELS: usize = 4 * 512 * 512;
 
@@ -247,7 +279,11 @@ impl StableDiffusion {
             )));
         }
         let xl = folder.family == Family::StableDiffusionXl;
-        let mut components = vec![("tokenizer", "text_encoder", &folder.text_encoder)];
+        // SDXL's refiner has the second encoder only.
+        let mut components = Vec::new();
+        if !folder.refiner {
+            components.push(("tokenizer", "text_encoder", &folder.text_encoder));
+        }
         if xl {
             components.push(("tokenizer_2", "text_encoder_2", &folder.text_encoder_2));
         }
@@ -271,7 +307,11 @@ impl StableDiffusion {
             ));
             text_encoders.push(TextEncoder { tokenizer, model });
         }
-        if xl && !text_encoders[1].model.has_projection() {
+        if xl
+            && !text_encoders
+                .last()
+                .is_some_and(|e| e.model.has_projection())
+        {
             return Err(DiffusionError::BadModel(
                 "text_encoder_2 must be a CLIPTextModelWithProjection (SDXL's pooled text embedding)"
                     .into(),
@@ -292,11 +332,20 @@ impl StableDiffusion {
         match (xl, spec.text_time) {
             (false, None) => {}
             (true, Some(tt)) => {
-                let want = widths[1].1 + 6 * tt.time_dim;
+                let pooled = widths.last().map_or(0, |w| w.1);
+                let (ids, which) = if folder.refiner {
+                    (5, "five ids (size, crop, aesthetic score: an SDXL refiner)")
+                } else {
+                    (
+                        6,
+                        "six size ids (an SDXL refiner's unet takes five: its model_index.json says requires_aesthetics_score)",
+                    )
+                };
+                let want = pooled + ids * tt.time_dim;
                 if tt.input_dim != want {
                     return Err(DiffusionError::BadModel(format!(
-                        "the unet's added conditioning takes {} values, the pooled text ({}) and six size ids give {want} (SDXL refiner-style aesthetic-score conditioning is not supported)",
-                        tt.input_dim, widths[1].1
+                        "the unet's added conditioning takes {} values, the pooled text ({pooled}) and {which} give {want}",
+                        tt.input_dim
                     )));
                 }
             }
@@ -360,7 +409,7 @@ impl StableDiffusion {
         let mut truncated = Vec::new();
         let mut states = Vec::new();
         let mut pooled = None;
-        let xl = self.text_encoders.len() > 1;
+        let xl = self.folder.family == Family::StableDiffusionXl;
         for (k, enc) in self.text_encoders.iter().enumerate() {
             let mut ids = Vec::new();
             let mut eos = Vec::new();
@@ -578,6 +627,12 @@ impl StableDiffusion {
         }
         let (lh, lw, c) = (req.height / f, req.width / f, self.latent_channels());
         let cpu = Device::Cpu;
+        if self.folder.refiner && req.init_images.is_none() {
+            return Err(DiffusionError::BadRequest(format!(
+                "{} is an SDXL refiner: it refines an image and does not draw from noise; give it an init image, or make it a job's --refine-model",
+                self.folder.root.display()
+            )));
+        }
 
         // 1. Text: the prompts, and the negatives when guidance is on.
         let guided = req.guidance > 1.0;
@@ -600,7 +655,11 @@ impl StableDiffusion {
         let added = match cond.pooled {
             Some(pooled) => Some(AddedConditioning {
                 pooled,
-                time_ids: size_ids(rows, req.width, req.height)?,
+                time_ids: if self.folder.refiner {
+                    aesthetic_ids(b, guided, req.width, req.height)?
+                } else {
+                    size_ids(rows, req.width, req.height)?
+                },
             }),
             None => None,
         };

@@ -32,6 +32,9 @@ pub enum TinyArch {
     /// SDXL-shaped: two text encoders (the second with projection), the
     /// pooled text and size ids added to the UNet's time embedding.
     Sdxl,
+    /// SDXL's refiner: the second text encoder only (its states are the
+    /// context), and an aesthetic score among five added time ids.
+    SdxlRefiner,
     /// The full-size SD 1.5 architecture (860M-parameter UNet) with random
     /// weights, for benchmarks.
     Sd15Full,
@@ -62,9 +65,10 @@ impl std::str::FromStr for TinyArch {
             "esrgan-x4" => Self::Esrgan { scale: 4 },
             "esrgan-x4-full" => Self::EsrganX4Full,
             "sdxl" => Self::Sdxl,
+            "sdxl-refiner" => Self::SdxlRefiner,
             other => {
                 return Err(DiffusionError::BadRequest(format!(
-                    "unknown tiny architecture {other:?} (sd1, sd2, sdxl, sd15-full, esrgan-x2, esrgan-x4, esrgan-x4-full)"
+                    "unknown tiny architecture {other:?} (sd1, sd2, sdxl, sdxl-refiner, sd15-full, esrgan-x2, esrgan-x4, esrgan-x4-full)"
                 )));
             }
         })
@@ -211,7 +215,11 @@ pub fn init_tiny(
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).map_err(io(&staging))?;
     let result = match arch {
-        TinyArch::Sd1 | TinyArch::Sd2 | TinyArch::Sdxl | TinyArch::Sd15Full => {
+        TinyArch::Sd1
+        | TinyArch::Sd2
+        | TinyArch::Sdxl
+        | TinyArch::SdxlRefiner
+        | TinyArch::Sd15Full => {
             let bpe = clip_bpe.ok_or_else(|| {
                 DiffusionError::BadRequest(
                     "the CLIP vocabulary (bpe_simple_vocab_16e6.txt.gz) is needed for the Stable Diffusion architectures"
@@ -222,6 +230,10 @@ pub fn init_tiny(
                 TinyArch::Sd1 => SdShape::tiny(false),
                 TinyArch::Sd2 => SdShape::tiny(true),
                 TinyArch::Sdxl => SdShape::tiny_xl(),
+                TinyArch::SdxlRefiner => SdShape {
+                    refiner: true,
+                    ..SdShape::tiny_xl()
+                },
                 _ => SdShape::sd15(),
             };
             write_sd(&staging, &shape, seed, bpe)
@@ -297,6 +309,8 @@ pub(crate) fn write_esrgan(
 struct SdShape {
     v2: bool,
     xl: bool,
+    /// SDXL's refiner (with `xl`).
+    refiner: bool,
     hidden: usize,
     intermediate: usize,
     text_layers: usize,
@@ -319,6 +333,7 @@ impl SdShape {
         Self {
             v2,
             xl: false,
+            refiner: false,
             hidden: 32,
             intermediate: 37,
             text_layers: 2,
@@ -353,6 +368,7 @@ impl SdShape {
         Self {
             v2: false,
             xl: false,
+            refiner: false,
             hidden: 768,
             intermediate: 3072,
             text_layers: 12,
@@ -424,7 +440,7 @@ fn text_config(shape: &SdShape, gelu: bool, projected: bool, pad_id: u32) -> ser
 }
 
 fn write_sd(dir: &Path, shape: &SdShape, seed: u64, bpe: &Path) -> Result<(), DiffusionError> {
-    let (v2, xl) = (shape.v2, shape.xl);
+    let (v2, xl, refiner) = (shape.v2, shape.xl, shape.refiner);
     let hidden = shape.hidden;
     let mut unet_cfg = json!({
         "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.30.0",
@@ -440,12 +456,14 @@ fn write_sd(dir: &Path, shape: &SdShape, seed: u64, bpe: &Path) -> Result<(), Di
     if xl {
         // SDXL's UNet: both encoders' states side by side, and the pooled
         // text plus six size ids (each embedded in `time_dim` sinusoids).
+        // The refiner: the second encoder's states only, and five ids.
         let time_dim = 8;
+        let (encoders, ids) = if refiner { (1, 5) } else { (2, 6) };
         let extra = json!({
-            "cross_attention_dim": 2 * hidden, "use_linear_projection": true, "upcast_attention": false,
+            "cross_attention_dim": encoders * hidden, "use_linear_projection": true, "upcast_attention": false,
             "transformer_layers_per_block": [1, 2],
             "addition_embed_type": "text_time", "addition_time_embed_dim": time_dim,
-            "projection_class_embeddings_input_dim": hidden + 6 * time_dim
+            "projection_class_embeddings_input_dim": hidden + ids * time_dim
         });
         for (k, v) in extra.as_object().expect("object") {
             unet_cfg[k] = v.clone();
@@ -476,7 +494,17 @@ fn write_sd(dir: &Path, shape: &SdShape, seed: u64, bpe: &Path) -> Result<(), Di
             "prediction_type": if v2 { "v_prediction" } else { "epsilon" }, "timestep_spacing": "leading"
         })
     };
-    let index = if xl {
+    let index = if refiner {
+        json!({
+            "_class_name": "StableDiffusionXLImg2ImgPipeline", "_diffusers_version": "0.30.0",
+            "force_zeros_for_empty_prompt": false, "requires_aesthetics_score": true,
+            "feature_extractor": [null, null], "image_encoder": [null, null],
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+            "text_encoder": [null, null], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": [null, null], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]
+        })
+    } else if xl {
         json!({
             "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.30.0",
             "force_zeros_for_empty_prompt": true, "feature_extractor": [null, null], "image_encoder": [null, null],
@@ -508,12 +536,14 @@ fn write_sd(dir: &Path, shape: &SdShape, seed: u64, bpe: &Path) -> Result<(), Di
     // first tokenizer as SD 1.x, its second as SD 2.x.
     let eot = crate::tokenizer::END_OF_TEXT;
     let (pad, pad_id) = if v2 { ("!", 0) } else { (eot, 49407) };
-    write_tokenizer(&dir.join("tokenizer"), bpe, pad)?;
-    write_text_encoder(
-        &dir.join("text_encoder"),
-        text_config(shape, v2, false, pad_id),
-        seed ^ 1,
-    )?;
+    if !refiner {
+        write_tokenizer(&dir.join("tokenizer"), bpe, pad)?;
+        write_text_encoder(
+            &dir.join("text_encoder"),
+            text_config(shape, v2, false, pad_id),
+            seed ^ 1,
+        )?;
+    }
     if xl {
         write_tokenizer(&dir.join("tokenizer_2"), bpe, "!")?;
         write_text_encoder(

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use hallmark_diffusion::pipeline::size_ids;
+use hallmark_diffusion::pipeline::{aesthetic_ids, size_ids};
 use hallmark_diffusion::rng::NoiseGenerator;
 use hallmark_diffusion::tiny::{TinyArch, init_tiny};
 use hallmark_diffusion::tokenizer::ClipTokenizer;
@@ -72,6 +72,31 @@ fn assert_close(name: &str, ours: &Tensor, theirs: &Tensor, tol: f32) {
         "{name}: max |ours - diffusers| = {d:e} > {:e}",
         tol * scale
     );
+}
+
+/// A request for one square image of `prompt` as the references made it.
+fn one_sample(
+    prompt: &str,
+    negative: &str,
+    seed: u64,
+    size: usize,
+    steps: usize,
+    scheduler: &str,
+    guidance: f64,
+) -> GenerateRequest {
+    let mut req = GenerateRequest::new(
+        vec![Sample {
+            prompt: prompt.to_string(),
+            negative: negative.to_string(),
+            seed,
+        }],
+        size,
+        size,
+    );
+    req.steps = steps;
+    req.guidance = guidance;
+    req.scheduler = scheduler.parse().unwrap();
+    req
 }
 
 fn check_model(arch: &str, tiny: TinyArch) {
@@ -192,19 +217,7 @@ fn check_model(arch: &str, tiny: TinyArch) {
 
     // Whole runs, every sampler, with and without guidance.
     let request = |scheduler: &str, guidance: f64, negative: &str| {
-        let mut req = GenerateRequest::new(
-            vec![Sample {
-                prompt: prompt.clone(),
-                negative: negative.to_string(),
-                seed,
-            }],
-            size,
-            size,
-        );
-        req.steps = steps;
-        req.guidance = guidance;
-        req.scheduler = scheduler.parse().unwrap();
-        req
+        one_sample(&prompt, negative, seed, size, steps, scheduler, guidance)
     };
     for name in SchedulerKind::NAMES {
         for (guidance, tag) in [(7.5, "cfg"), (1.0, "nocfg")] {
@@ -341,4 +354,141 @@ fn esrgan_x2_matches_pytorch() {
 #[test]
 fn esrgan_x4_matches_pytorch() {
     check_esrgan(4);
+}
+
+#[test]
+fn sdxl_refiner_shaped_model_matches_diffusers() {
+    let r = read_reference("sdxl-refiner");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("sdxl-refiner");
+    init_tiny(&dir, TinyArch::SdxlRefiner, 1, Some(&clip_bpe())).unwrap();
+    let sd = StableDiffusion::load(
+        ModelFolder::open(&dir, None).unwrap(),
+        LoadOptions::default(),
+    )
+    .unwrap();
+    assert!(sd.folder.refiner);
+    let seed: u64 = r.meta["seed"].parse().unwrap();
+    let steps: usize = r.meta["steps"].parse().unwrap();
+    let size: usize = r.meta["size"].parse().unwrap();
+    let strength: f64 = r.meta["refine_strength"].parse().unwrap();
+    let prompt = r.meta["prompt"].clone();
+    let negative = r.meta["negative"].clone();
+
+    // Its one tokenizer (the second, padding with `!`).
+    let probes: Vec<String> = serde_json::from_str(&r.meta["probes"]).unwrap();
+    let tok = ClipTokenizer::from_folder(&dir.join("tokenizer_2")).unwrap();
+    for (i, p) in probes.iter().enumerate() {
+        let want: Vec<u32> = r.tensors[&format!("tokens2.{i}")]
+            .to_vec1::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|x| x as u32)
+            .collect();
+        assert_eq!(tok.encode(p).ids, want, "tokens of {p:?}");
+    }
+
+    // The second encoder's penultimate states are the whole context; an
+    // empty negative is encoded, not zeros (force_zeros_for_empty_prompt
+    // is false for the refiner).
+    let text = |t: &str| sd.encode_text(&[t.to_string()]).unwrap();
+    let (cond, uncond, neg) = (text(&prompt), text(""), text(&negative));
+    for (name, ours, key) in [
+        ("text.cond", &cond.context, "text.cond"),
+        ("text.pooled", cond.pooled.as_ref().unwrap(), "text.pooled"),
+        ("text.uncond", &uncond.context, "text.uncond"),
+        (
+            "text.pooled_uncond",
+            uncond.pooled.as_ref().unwrap(),
+            "text.pooled_uncond",
+        ),
+        ("text.neg", &neg.context, "text.neg"),
+        (
+            "text.pooled_neg",
+            neg.pooled.as_ref().unwrap(),
+            "text.pooled_neg",
+        ),
+    ] {
+        assert_close(name, ours, &r.tensors[key], TOL_SINGLE_PASS);
+    }
+
+    // One guided UNet call with the five aesthetic-score ids.
+    let init = &r.tensors["latents.init"];
+    let sampler = hallmark_diffusion::scheduler::Sampler::new(
+        SchedulerKind::Ddim,
+        sd.scheduler_config(),
+        steps,
+    )
+    .unwrap();
+    let added = AddedConditioning {
+        pooled: Tensor::cat(
+            &[
+                uncond.pooled.as_ref().unwrap(),
+                cond.pooled.as_ref().unwrap(),
+            ],
+            0,
+        )
+        .unwrap(),
+        time_ids: aesthetic_ids(1, true, size, size).unwrap(),
+    };
+    let eps = sd
+        .predict(
+            &Tensor::cat(&[init, init], 0).unwrap(),
+            sampler.timesteps()[0],
+            &Tensor::cat(&[&uncond.context, &cond.context], 0).unwrap(),
+            Some(&added),
+        )
+        .unwrap();
+    assert_close("unet.eps", &eps, &r.tensors["unet.eps"], TOL_SINGLE_PASS);
+
+    // Refining the picture: every sampler, with and without guidance.
+    let pixels: Vec<u8> = r.tensors["image.init"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(|v| v as u8)
+        .collect();
+    let picture = image::RgbImage::from_raw(size as u32, size as u32, pixels).unwrap();
+    let refine = |scheduler: &str, guidance: f64, negative: &str| {
+        let mut req = one_sample(&prompt, negative, seed, size, steps, scheduler, guidance);
+        req.init_images = Some(vec![picture.clone()]);
+        req.strength = strength;
+        sd.generate(&req, &|_| {}).unwrap().latents
+    };
+    for name in SchedulerKind::NAMES {
+        for (guidance, tag) in [(7.5, "cfg"), (1.0, "nocfg")] {
+            let key = format!("final.refine.{name}.{tag}");
+            assert_close(
+                &key,
+                &refine(name, guidance, ""),
+                &r.tensors[&key],
+                TOL_FINAL_LATENTS,
+            );
+        }
+    }
+    assert_close(
+        "final.refine.euler_a.cfg_neg",
+        &refine("euler_a", 7.5, &negative),
+        &r.tensors["final.refine.euler_a.cfg_neg"],
+        TOL_FINAL_LATENTS,
+    );
+
+    // It refines; asked to draw from noise, it says so.
+    let mut req = GenerateRequest::new(
+        vec![Sample {
+            prompt,
+            negative: String::new(),
+            seed,
+        }],
+        size,
+        size,
+    );
+    req.steps = steps;
+    let err = sd.generate(&req, &|_| {}).unwrap_err().to_string();
+    assert!(
+        err.contains("SDXL refiner") && err.contains("--refine-model"),
+        "{err}"
+    );
 }

@@ -593,20 +593,50 @@ fn sdxl_folders_with_missing_or_mismatched_parts_are_refused_by_name() {
         "{err}"
     );
 
-    // SDXL's refiner checkpoint as diffusers writes it: no first text
-    // encoder, aesthetic-score conditioning. Named, not half-loaded.
+    // A base model's folder relabelled as a refiner (no first encoder,
+    // aesthetic score): its UNet attends to both encoders' states.
     let (_t, dir) = tiny(TinyArch::Sdxl, 12);
     let index = dir.join("model_index.json");
-    let mut json: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&index).unwrap()).unwrap();
-    json["text_encoder"] = serde_json::json!([null, null]);
-    json["tokenizer"] = serde_json::json!([null, null]);
-    json["requires_aesthetics_score"] = true.into();
-    std::fs::write(&index, json.to_string()).unwrap();
-    std::fs::remove_dir_all(dir.join("text_encoder")).unwrap();
+    let relabel = |f: &dyn Fn(&mut serde_json::Value)| {
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&index).unwrap()).unwrap();
+        f(&mut json);
+        std::fs::write(&index, json.to_string()).unwrap();
+    };
+    relabel(&|j| {
+        j["text_encoder"] = serde_json::json!([null, null]);
+        j["tokenizer"] = serde_json::json!([null, null]);
+        j["requires_aesthetics_score"] = true.into();
+    });
+    let err = load_error(&dir);
+    assert!(err.contains("attends to 64-wide text states"), "{err}");
+    // Half a refiner: the aesthetic score with a first encoder, or the
+    // other way round.
+    relabel(&|j| j["text_encoder"] = serde_json::json!(["transformers", "CLIPTextModel"]));
     let err = ModelFolder::open(&dir, None).unwrap_err().to_string();
     assert!(
-        err.contains("SDXL refiner checkpoint") && err.contains("--refine-model"),
+        err.contains("an aesthetic score but a first text encoder"),
+        "{err}"
+    );
+    relabel(&|j| {
+        j["text_encoder"] = serde_json::json!([null, null]);
+        j["requires_aesthetics_score"] = false.into();
+    });
+    let err = ModelFolder::open(&dir, None).unwrap_err().to_string();
+    assert!(
+        err.contains("no first text encoder but no aesthetic score"),
+        "{err}"
+    );
+    // A refiner's UNet needs its five ids.
+    let (_t, dir) = tiny(TinyArch::SdxlRefiner, 12);
+    rewrite(
+        &dir.join("unet/config.json"),
+        "\"projection_class_embeddings_input_dim\": 72",
+        "\"projection_class_embeddings_input_dim\": 80",
+    );
+    let err = load_error(&dir);
+    assert!(
+        err.contains("added conditioning takes 80") && err.contains("five ids"),
         "{err}"
     );
 

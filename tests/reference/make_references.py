@@ -26,6 +26,20 @@ SDXL-shaped folders (StableDiffusionXLPipeline) also get:
 - `final.euler_a.cfg_neg`: a guided Euler ancestral run with NEGATIVE;
 - `final.turbo`: SDXL-Turbo's way: Euler ancestral with trailing timestep
   spacing, one step, no guidance.
+
+SDXL refiner folders (StableDiffusionXLImg2ImgPipeline with
+`requires_aesthetics_score`, second text encoder only) get instead:
+
+- `tokens2.<i>`, `text.cond`, `text.uncond` (the encoding of "": no
+  zeros), `text.pooled`, `text.pooled_uncond`, `text.neg`, `text.pooled_neg`;
+- `latents.init` and `unet.eps` as above, with the five aesthetic-score ids
+  (2.5 for the unconditional half, 6.0 for the conditional);
+- `image.init`: the picture refined (RGB, 0–255, height × width × 3);
+- `final.refine.<scheduler>.<cfg|nocfg>`: latents after refining it at
+  strength REFINE_STRENGTH over STEPS steps with the real
+  StableDiffusionXLImg2ImgPipeline, the VAE's sample, the added noise and
+  Euler ancestral's step noise all drawn from the same recipe;
+  `final.refine.euler_a.cfg_neg` with NEGATIVE.
 """
 import json
 import math
@@ -41,10 +55,14 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
     UniPCMultistepScheduler,
 )
+from diffusers.models.autoencoders import vae as vae_module
+from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img as img2img_module
 from diffusers.schedulers import scheduling_euler_ancestral_discrete
+from PIL import Image
 from safetensors.torch import save_file
 
 SEED = 1234
@@ -105,10 +123,122 @@ SCHEDULERS = {
 }
 
 
+REFINE_STRENGTH = 0.5
+
+
+def init_image():
+    """The picture the refiner references refine: gradients and a disc."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE]
+    r = x * 255 // (SIZE - 1)
+    g = y * 255 // (SIZE - 1)
+    b = np.where((x - SIZE / 2) ** 2 + (y - SIZE / 2) ** 2 < (SIZE / 4) ** 2, 230, 40)
+    return np.stack([r, g, b], -1).astype(np.uint8)
+
+
+def metadata():
+    return {
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "seed": str(SEED),
+        "steps": str(STEPS),
+        "size": str(SIZE),
+        "prompt": PROMPT,
+        "negative": NEGATIVE,
+        "probes": json.dumps(PROBES),
+    }
+
+
+def save(out, out_path, meta):
+    save_file({k: v.contiguous().float() if v.dtype != torch.int64 else v for k, v in out.items()}, out_path, metadata=meta)
+    print(f"wrote {out_path}: {len(out)} tensors")
+
+
+def first_step(pipe, base_config):
+    """The latents' shape, the initial latents from SEED, and DDIM's first
+    timestep over STEPS."""
+    c = pipe.unet.config.in_channels
+    f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    shape = (1, c, SIZE // f, SIZE // f)
+    ddim = DDIMScheduler.from_config(base_config)
+    ddim.set_timesteps(STEPS)
+    return shape, torch.from_numpy(NoiseGenerator(SEED).normals(shape)), ddim.timesteps[0]
+
+
+def refiner_main(model_dir, out_path, save_dir=None):
+    torch.manual_seed(0)
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(model_dir, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    base_config = pipe.scheduler.config
+    out = {}
+    for i, p in enumerate(PROBES):
+        ids = pipe.tokenizer_2(p, padding="max_length", max_length=77, truncation=True).input_ids
+        out[f"tokens2.{i}"] = torch.tensor(ids, dtype=torch.int64)
+    shape, init, t0 = first_step(pipe, base_config)
+    out["latents.init"] = init
+    with torch.no_grad():
+        cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(
+            PROMPT, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True
+        )
+        neg, _, pooled_neg, _ = pipe.encode_prompt(
+            NEGATIVE, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        ids = torch.tensor([[SIZE, SIZE, 0, 0, 2.5], [SIZE, SIZE, 0, 0, 6.0]], dtype=torch.float32)
+        out["unet.eps"] = pipe.unet(
+            torch.cat([init, init]),
+            t0,
+            encoder_hidden_states=torch.cat([uncond, cond]),
+            added_cond_kwargs={"text_embeds": torch.cat([pooled_uncond, pooled]), "time_ids": ids},
+        ).sample
+    out["text.cond"], out["text.uncond"] = cond, uncond
+    out["text.pooled"], out["text.pooled_uncond"] = pooled, pooled_uncond
+    out["text.neg"], out["text.pooled_neg"] = neg, pooled_neg
+
+    picture = init_image()
+    out["image.init"] = torch.from_numpy(picture.astype(np.float32))
+
+    def run(scheduler, guidance, negative=None):
+        pipe.scheduler = scheduler
+        # One generator per image, drawn in the Rust pipeline's order: the
+        # VAE's sample, the noise added at the starting step, then Euler
+        # ancestral's step noise.
+        gen = NoiseGenerator(SEED)
+
+        def draw(shape, generator=None, device=None, dtype=None, layout=None):
+            return torch.from_numpy(gen.normals(tuple(shape))).to(dtype=dtype or torch.float32)
+
+        vae_module.randn_tensor = draw
+        img2img_module.randn_tensor = draw
+        scheduling_euler_ancestral_discrete.randn_tensor = draw
+        with torch.no_grad():
+            return pipe(
+                PROMPT,
+                image=Image.fromarray(picture),
+                strength=REFINE_STRENGTH,
+                negative_prompt=negative,
+                num_inference_steps=STEPS,
+                guidance_scale=guidance,
+                output_type="latent",
+            ).images
+
+    for name, make in SCHEDULERS.items():
+        for guidance, tag in ((7.5, "cfg"), (1.0, "nocfg")):
+            out[f"final.refine.{name}.{tag}"] = run(make(base_config), guidance)
+    out["final.refine.euler_a.cfg_neg"] = run(SCHEDULERS["euler_a"](base_config), 7.5, negative=NEGATIVE)
+    save(out, out_path, {**metadata(), "refine_strength": str(REFINE_STRENGTH)})
+    if save_dir:
+        pipe.save_pretrained(save_dir)
+        pipe.to(torch.float16).save_pretrained(save_dir + "-fp16", variant="fp16")
+        print(f"saved {save_dir} and {save_dir}-fp16 with save_pretrained")
+
+
 def main(model_dir, out_path, save_dir=None):
     torch.manual_seed(0)
     with open(f"{model_dir}/model_index.json") as f:
-        xl = json.load(f)["_class_name"] == "StableDiffusionXLPipeline"
+        index = json.load(f)
+    if index.get("requires_aesthetics_score"):
+        return refiner_main(model_dir, out_path, save_dir)
+    xl = index["_class_name"] == "StableDiffusionXLPipeline"
     if xl:
         pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, torch_dtype=torch.float32)
     else:
@@ -124,14 +254,8 @@ def main(model_dir, out_path, save_dir=None):
             ids = pipe.tokenizer_2(p, padding="max_length", max_length=77, truncation=True).input_ids
             out[f"tokens2.{i}"] = torch.tensor(ids, dtype=torch.int64)
 
-    c = pipe.unet.config.in_channels
-    f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    shape = (1, c, SIZE // f, SIZE // f)
-    init = torch.from_numpy(NoiseGenerator(SEED).normals(shape))
+    shape, init, t0 = first_step(pipe, base_config)
     out["latents.init"] = init
-    ddim = DDIMScheduler.from_config(base_config)
-    ddim.set_timesteps(STEPS)
-    t0 = ddim.timesteps[0]
     x = torch.cat([init, init])
 
     if xl:
@@ -203,19 +327,7 @@ def main(model_dir, out_path, save_dir=None):
         turbo = EulerAncestralDiscreteScheduler.from_config(base_config, timestep_spacing="trailing")
         out["final.turbo"] = run(turbo, 0.0, steps=1)
 
-    meta = {
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "torch": torch.__version__,
-        "seed": str(SEED),
-        "steps": str(STEPS),
-        "size": str(SIZE),
-        "prompt": PROMPT,
-        "negative": NEGATIVE,
-        "probes": json.dumps(PROBES),
-    }
-    save_file({k: v.contiguous().float() if v.dtype != torch.int64 else v for k, v in out.items()}, out_path, metadata=meta)
-    print(f"wrote {out_path}: {len(out)} tensors")
+    save(out, out_path, metadata())
     if save_dir:
         # A folder written by diffusers itself (transformers 5 saves the
         # tokenizer as tokenizer.json), full precision and the fp16 variant.

@@ -10,8 +10,10 @@
 # For the tiny Real-ESRGAN checkpoints (esrgan-x2, esrgan-x4) it writes
 # tests/reference/tiny-esrgan-x{2,4}.safetensors from PyTorch's RRDBNet
 # (rrdbnet.py) instead.
+# The SDXL refiner (sdxl-refiner) refines tests/data/images/chelsea.png
+# in that check, since it does not draw from noise.
 # Arguments: the architectures to regenerate (default: sd1 sd2 sdxl
-# esrgan-x2 esrgan-x4).
+# sdxl-refiner esrgan-x2 esrgan-x4).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VENV="${HALLMARK_REF_VENV:-$HOME/.cache/hallmark/refenv}"
@@ -23,7 +25,7 @@ fi
 cargo build -q -p hallmark-client --bin hallmark
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-for arch in ${*:-sd1 sd2 sdxl esrgan-x2 esrgan-x4}; do
+for arch in ${*:-sd1 sd2 sdxl sdxl-refiner esrgan-x2 esrgan-x4}; do
   target/debug/hallmark models init-tiny "$WORK/$arch" --arch "$arch" --seed 1
   case "$arch" in esrgan-*)
     "$VENV/bin/python" tests/reference/make_esrgan_reference.py "$WORK/$arch" "tests/reference/tiny-$arch.safetensors"
@@ -31,8 +33,10 @@ for arch in ${*:-sd1 sd2 sdxl esrgan-x2 esrgan-x4}; do
   esac
   "$VENV/bin/python" tests/reference/make_references.py "$WORK/$arch" "tests/reference/tiny-$arch.safetensors" "$WORK/saved-$arch"
   # Folders saved by diffusers itself load and render here.
+  INIT=()
+  if [ "$arch" = sdxl-refiner ]; then INIT=(--init-image tests/data/images/chelsea.png --strength 0.5); fi
   target/debug/hallmark render --engine diffusion --model-path "$WORK/saved-$arch" --state-dir "$WORK/state" \
-    -o "$WORK/out-$arch" --prompt "a red fox" --width 192 --height 192 --steps 4 --workers 1
+    -o "$WORK/out-$arch" --prompt "a red fox" --width 192 --height 192 --steps 4 --workers 1 "${INIT[@]}"
   target/debug/hallmark render --engine diffusion --model-path "$WORK/saved-$arch-fp16" --variant fp16 \
-    --state-dir "$WORK/state" -o "$WORK/out-$arch-fp16" --prompt "a red fox" --width 192 --height 192 --steps 4 --workers 1
+    --state-dir "$WORK/state" -o "$WORK/out-$arch-fp16" --prompt "a red fox" --width 192 --height 192 --steps 4 --workers 1 "${INIT[@]}"
 done

@@ -741,6 +741,7 @@ async fn a_worker_token_drives_only_its_own_workers_and_expired_tokens_are_refus
         fencing_token,
         message: "not mine".into(),
         hand_back,
+        for_good: false,
     };
     let e = b.fail(fail(false)).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");

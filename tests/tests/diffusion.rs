@@ -356,6 +356,100 @@ async fn embedded_render_runs_an_sdxl_model_and_names_bad_hub_references() {
     let report = verify_report(&out_dir, &state);
     assert!(report.contains("tiny-sdxl"), "{report}");
 
+    // SDXL's refiner refines each image (the second text encoder alone,
+    // aesthetic-score conditioning) and does not draw from noise.
+    let refiner = dir.path().join("tiny-sdxl-refiner");
+    init_tiny(&refiner, "sdxl-refiner");
+    let refined = dir.path().join("refined");
+    let state_arg = state.to_str().unwrap();
+    let refine_args = |out: &Path, model: &str| -> Vec<String> {
+        [
+            "render",
+            "--engine",
+            "diffusion",
+            "--model-path",
+            model,
+            "--model-path",
+            &format!("refiner={}", refiner.display()),
+            "--refine-model",
+            "refiner",
+            "--refine-strength",
+            "0.5",
+            "--state-dir",
+            state_arg,
+            "-o",
+            out.to_str().unwrap(),
+            "--prompt",
+            "a red fox",
+            "--seed",
+            "7",
+            "--width",
+            "192",
+            "--height",
+            "192",
+            "--steps",
+            "4",
+            "--workers",
+            "1",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let args = refine_args(&refined, model.to_str().unwrap());
+    ok(&hallmark(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    ));
+    let (base, after) = (
+        image::open(refined.join("00000.png")).unwrap().to_rgb8(),
+        image::open(refined.join("00000-refine.png"))
+            .unwrap()
+            .to_rgb8(),
+    );
+    assert_eq!(after.dimensions(), (192, 192));
+    assert_ne!(base, after, "the refiner changed nothing");
+    let report = verify_report(&refined, &state);
+    let files: Vec<serde_json::Value> = serde_json::from_str(&report).unwrap();
+    let refine = files
+        .iter()
+        .find(|f| f["path"].as_str().unwrap().ends_with("-refine.png"))
+        .expect("the refined file is verified");
+    let g = &refine["credentials"]["generation"];
+    assert_eq!(
+        (&g["stage"], &g["model_id"]),
+        (&"refine".into(), &"refiner".into()),
+        "{refine:#}"
+    );
+    // As a job's own model it would have to draw from noise: the job
+    // fails, naming why.
+    let alone = dir.path().join("alone");
+    let mut args = refine_args(&alone, &format!("base={}", refiner.display()));
+    args.retain(|a| {
+        !["--refine-model", "refiner", "--refine-strength", "0.5"].contains(&a.as_str())
+    });
+    let out = hallmark(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!out.status.success());
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("SDXL refiner"), "{said}");
+    // At its first attempt, for good: no retry can make it draw from noise.
+    let log = ok(&hallmark(&[
+        "--json",
+        "audit",
+        "log",
+        "--state-dir",
+        state_arg,
+    ]));
+    let fails: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["kind"] == "fail")
+        .collect();
+    assert_eq!(fails.len(), 1, "{fails:#?}");
+    assert_eq!(fails[0]["body"]["for_good"], true, "{fails:#?}");
+
     // A malformed Hub reference is named, and nothing is written.
     let none = dir.path().join("none");
     let out = render("hf:no-owner", &none);

@@ -448,7 +448,10 @@ impl DiffusionEngine {
         }
         let out = sd.generate(&req, progress).map_err(|e| BatchFailure {
             out_of_memory: e.is_out_of_device_memory(),
-            error: failed(e),
+            error: match e {
+                DiffusionError::BadRequest(m) => EngineError::Invalid(m),
+                e => failed(e),
+            },
         })?;
         Ok(out.images.into_iter().map(RenderedImage::from).collect())
     }
@@ -582,6 +585,7 @@ impl Engine for DiffusionEngine {
                                     EngineError::UnknownModel(m) => {
                                         EngineError::UnknownModel(m.clone())
                                     }
+                                    EngineError::Invalid(_) => EngineError::Invalid(msg.clone()),
                                     _ => EngineError::Failed(msg.clone()),
                                 }));
                             }

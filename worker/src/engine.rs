@@ -84,6 +84,19 @@ pub enum EngineError {
     BadParent(String),
     #[error("{0}")]
     Failed(String),
+    /// The task asks for what the engine cannot do with it (a refiner
+    /// asked to draw from noise, a strength that leaves no step): retrying,
+    /// here or on another worker, cannot help.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl EngineError {
+    /// Whether the task should fail for good rather than be tried again:
+    /// the request itself is at fault, or its base image cannot be decoded.
+    pub fn is_final(&self) -> bool {
+        matches!(self, Self::Invalid(_) | Self::BadParent(_))
+    }
 }
 
 /// A renderer. `render` runs a batch of compatible tasks (same model, stage,

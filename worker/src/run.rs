@@ -313,6 +313,7 @@ pub async fn run(
                 fencing_token: token,
                 message: "worker shutting down".into(),
                 hand_back: true,
+                for_good: false,
             })
             .await;
         if r.is_ok() {
@@ -522,7 +523,7 @@ async fn run_batch(shared: Arc<Shared>, leases: Vec<TaskLease>) {
             .zip(rendered)
             .zip(&facts)
             .map(|((task, result), facts)| {
-                let image = result.map_err(|e| e.to_string())?;
+                let image = result.map_err(|e| (e.to_string(), e.is_final()))?;
                 let started = Instant::now();
                 let stamped = stamping
                     .stamp(
@@ -532,7 +533,7 @@ async fn run_batch(shared: Arc<Shared>, leases: Vec<TaskLease>) {
                         &image,
                         task.parent.as_deref(),
                     )
-                    .map_err(|e| format!("stamping the output: {e}"));
+                    .map_err(|e| (format!("stamping the output: {e}"), false));
                 metrics::histogram!(m::STAMP_SECONDS).record(started.elapsed());
                 stamped
             })
@@ -551,7 +552,7 @@ async fn run_batch(shared: Arc<Shared>, leases: Vec<TaskLease>) {
     for (task, result) in tasks.into_iter().zip(results) {
         match result {
             Ok(image) => stamped.push((task.lease, image)),
-            Err(e) => report_failure(&shared, &task.lease, &e).await,
+            Err((e, for_good)) => report_failure_of(&shared, &task.lease, &e, for_good).await,
         }
     }
     if !stamped.is_empty() {
@@ -733,7 +734,13 @@ async fn upload(shared: &Shared, results: Vec<(TaskLease, StampedImage)>) {
 }
 
 async fn report_failure(shared: &Shared, lease: &TaskLease, message: &str) {
-    tracing::warn!(task_id = %lease.task_id, error = %message, "task failed");
+    report_failure_of(shared, lease, message, false).await
+}
+
+/// Reports a failed attempt; `for_good` when the task itself is at fault
+/// and no retry can help ([`crate::EngineError::is_final`]).
+async fn report_failure_of(shared: &Shared, lease: &TaskLease, message: &str, for_good: bool) {
+    tracing::warn!(task_id = %lease.task_id, error = %message, for_good, "task failed");
     let mut c = shared.client.clone();
     let _ = c
         .fail(FailRequest {
@@ -742,6 +749,7 @@ async fn report_failure(shared: &Shared, lease: &TaskLease, message: &str) {
             fencing_token: lease.fencing_token,
             message: message.to_string(),
             hand_back: false,
+            for_good,
         })
         .await;
     release(shared, lease);

@@ -21,7 +21,7 @@ use crate::blobs::BlobWriter;
 use crate::metrics as m;
 use crate::spec::ENGINES;
 use crate::stamps::StampCheck;
-use crate::store::{Completion, StoreError, WorkerRegistration, now_ms};
+use crate::store::{AttemptEnd, Completion, StoreError, WorkerRegistration, now_ms};
 
 /// Largest upload a worker may send (one image).
 const MAX_UPLOAD: u64 = 256 * 1024 * 1024;
@@ -344,12 +344,16 @@ impl Workers for WorkersService {
                 &r.task_id,
                 r.fencing_token,
                 &message,
-                r.hand_back,
+                match (r.hand_back, r.for_good) {
+                    (true, _) => AttemptEnd::HandedBack,
+                    (false, true) => AttemptEnd::FailedForGood,
+                    (false, false) => AttemptEnd::Failed,
+                },
                 now_ms(),
             )
             .await
             .map_err(status)?;
-        tracing::info!(task_id = %r.task_id, worker_id = %r.worker_id, hand_back = r.hand_back, state = %out.state, "task attempt ended without a result");
+        tracing::info!(task_id = %r.task_id, worker_id = %r.worker_id, hand_back = r.hand_back, for_good = r.for_good, state = %out.state, "task attempt ended without a result");
         let outcome = match (r.hand_back, out.state.as_str()) {
             (true, _) => "handed_back",
             (false, "ready") => "retry",

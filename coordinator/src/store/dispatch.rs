@@ -43,6 +43,18 @@ pub struct WorkerCaps {
     pub client_cert_sha256: String,
 }
 
+/// How a leased attempt ended without a result ([`Store::fail`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptEnd {
+    /// It failed: the task is tried again while attempts remain.
+    Failed,
+    /// Given back unfinished (drain, shutdown): no attempt is charged.
+    HandedBack,
+    /// The task itself is at fault (a request the engine refuses): it
+    /// fails for good now, whatever attempts remain.
+    FailedForGood,
+}
+
 /// The TLS client certificate a caller connected with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientCert {
@@ -721,16 +733,22 @@ impl Store {
         task_id: &str,
         token: i64,
         message: &str,
-        hand_back: bool,
+        how: AttemptEnd,
         now: i64,
     ) -> Result<FailOutcome> {
+        let hand_back = how == AttemptEnd::HandedBack;
+        let mode: i64 = match how {
+            AttemptEnd::Failed => 0,
+            AttemptEnd::HandedBack => 1,
+            AttemptEnd::FailedForGood => 2,
+        };
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
             "UPDATE tasks SET worker_id = NULL, lease_expires_at = NULL, \
              attempts = CASE WHEN $5 = 1 THEN attempts - 1 ELSE attempts END, \
-             state = CASE WHEN $5 = 1 THEN 'ready' WHEN attempts >= max_attempts THEN 'failed' ELSE 'ready' END, \
+             state = CASE WHEN $5 = 1 THEN 'ready' WHEN $5 = 2 OR attempts >= max_attempts THEN 'failed' ELSE 'ready' END, \
              error = CASE WHEN $5 = 1 THEN error ELSE $4 END, \
-             finished_at = CASE WHEN $5 = 0 AND attempts >= max_attempts THEN $6 ELSE NULL END \
+             finished_at = CASE WHEN $5 = 2 OR ($5 = 0 AND attempts >= max_attempts) THEN $6 ELSE NULL END \
              WHERE id = $1 AND lease_token = $2 AND worker_id = $3 AND state = 'leased' \
              RETURNING job_id, state",
         )
@@ -738,7 +756,7 @@ impl Store {
         .bind(token)
         .bind(worker_id)
         .bind(message)
-        .bind(i64::from(hand_back))
+        .bind(mode)
         .bind(now)
         .fetch_optional(&mut *tx)
         .await?;
@@ -777,7 +795,12 @@ impl Store {
                 kind::FAIL
             },
             task_id,
-            serde_json::json!({ "token": token, "message": message, "state": outcome.state }),
+            serde_json::json!({
+                "token": token,
+                "message": message,
+                "state": outcome.state,
+                "for_good": how == AttemptEnd::FailedForGood,
+            }),
         )
         .job(&outcome.job_id)
         .actor(worker_id);

@@ -23,7 +23,8 @@ use sqlx::{AnyPool, Executor};
 pub use audit::{AuditEvent, LedgerPage, kind as audit_kind};
 pub use census::{Census, ModelWorkers, TaskCount};
 pub use dispatch::{
-    ClientCert, Completion, FailOutcome, LeasePolicy, ReapOutcome, WorkerCaps, WorkerRegistration,
+    AttemptEnd, ClientCert, Completion, FailOutcome, LeasePolicy, ReapOutcome, WorkerCaps,
+    WorkerRegistration,
 };
 pub use jobs::{JobControl, NewJob};
 pub use provenance::{ArtifactKey, StoredArtifact};
