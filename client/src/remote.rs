@@ -262,6 +262,12 @@ impl Remote {
 /// any new file gets (0666 less the umask), not a temporary file's 0600:
 /// rendered images are for sharing.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    write_atomic_with(path, bytes, None)
+}
+
+/// [`write_atomic`], the file getting exactly `mode` (on Unix, whatever
+/// the umask; set before any byte is written) when one is given.
+pub fn write_atomic_with(path: &Path, bytes: &[u8], mode: Option<u32>) -> anyhow::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut builder = tempfile::Builder::new();
     #[cfg(unix)]
@@ -269,6 +275,14 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let mut tmp = builder
         .tempfile_in(dir)
         .with_context(|| format!("writing into {}", dir.display()))?;
+    #[cfg(unix)]
+    if let Some(mode) = mode {
+        tmp.as_file()
+            .set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
     tmp.write_all(bytes)
         .with_context(|| format!("writing {}", path.display()))?;
     tmp.persist(path)

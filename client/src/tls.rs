@@ -254,27 +254,11 @@ fn cert_error(e: rcgen::Error) -> anyhow::Error {
     anyhow::anyhow!("making a TLS certificate: {e}")
 }
 
-/// Writes `text` to `path` whole or not at all (a temporary file renamed
-/// into place), readable by the owner only when `private`.
+/// Writes `text` to `path` whole or not at all, readable by the owner
+/// only when `private`.
 fn write_file(path: &Path, text: &str, private: bool) -> anyhow::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("writing into {}", dir.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = if private { 0o600 } else { 0o644 };
-        tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(mode))
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    #[cfg(not(unix))]
-    let _ = private;
-    std::io::Write::write_all(&mut tmp, text.as_bytes())
-        .with_context(|| format!("writing {}", path.display()))?;
-    tmp.persist(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    let mode = if private { 0o600 } else { 0o644 };
+    crate::remote::write_atomic_with(path, text.as_bytes(), Some(mode))
 }
 
 /// Refuses a name a server certificate cannot hold: not an IP address and

@@ -40,6 +40,30 @@ pub enum Caller {
     Operator(String),
 }
 
+/// The SHA-256 (hex) of the TLS client certificate a call came over
+/// (mutual TLS): computed once, by the gate, and put in the request's
+/// extensions for the handlers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientFingerprint(pub String);
+
+impl ClientFingerprint {
+    /// The fingerprint of the certificate `req` came over; '' for none.
+    pub fn of<T>(req: &tonic::Request<T>) -> String {
+        req.extensions()
+            .get::<ClientFingerprint>()
+            .map(|f| f.0.clone())
+            .unwrap_or_default()
+    }
+
+    fn of_peer<T>(req: &tonic::Request<T>) -> Option<Self> {
+        let certs = req.peer_certs()?;
+        let der: &[u8] = certs.first()?.as_ref();
+        Some(Self(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+            der,
+        ))))
+    }
+}
+
 /// Prefix of the tokens `hallmark token new` makes (any string is accepted).
 pub const TOKEN_PREFIX: &str = "hmk_";
 
@@ -483,38 +507,28 @@ impl Gate {
         file: PathBuf,
         every: Duration,
     ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-        let read = |file: &std::path::Path| -> anyhow::Result<(Vec<u8>, BTreeSet<String>)> {
-            let bytes = std::fs::read(file).map_err(|e| {
-                anyhow::anyhow!("tls_revoked_certs: reading {}: {e}", file.display())
-            })?;
-            let set = parse_revoked(&String::from_utf8_lossy(&bytes))
-                .map_err(|e| anyhow::anyhow!("tls_revoked_certs {}: {e}", file.display()))?;
-            Ok((bytes, set))
+        let parse = |file: &std::path::Path, bytes: &[u8]| {
+            parse_revoked(&String::from_utf8_lossy(bytes))
+                .map_err(|e| anyhow::anyhow!("tls_revoked_certs {}: {e}", file.display()))
         };
-        let (mut last, set) = read(&file)?;
-        self.set_revoked(set);
+        let bytes = std::fs::read(&file)
+            .map_err(|e| anyhow::anyhow!("tls_revoked_certs: reading {}: {e}", file.display()))?;
+        self.set_revoked(parse(&file, &bytes)?);
         let gate = self.clone();
-        Ok(tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                let Ok(now) = tokio::fs::read(&file).await else {
-                    continue;
-                };
-                if now == last {
-                    continue;
+        Ok(watch_file(
+            file,
+            every,
+            Some(bytes),
+            move |file, bytes| match parse(file, bytes) {
+                Ok(set) => {
+                    tracing::info!(file = %file.display(), revoked = set.len(), "revoked client certificates reloaded");
+                    gate.set_revoked(set);
                 }
-                last = now;
-                match read(&file) {
-                    Ok((_, set)) => {
-                        tracing::info!(file = %file.display(), revoked = set.len(), "revoked client certificates reloaded");
-                        gate.set_revoked(set);
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "revoked client certificates not reloaded; the list in force stays")
-                    }
+                Err(e) => {
+                    tracing::warn!(error = %e, "revoked client certificates not reloaded; the list in force stays")
                 }
-            }
-        }))
+            },
+        ))
     }
 
     fn set_revoked(&self, set: BTreeSet<String>) {
@@ -524,21 +538,11 @@ impl Gate {
         }
     }
 
-    fn is_revoked(&self, req: &tonic::Request<()>) -> bool {
-        let revoked = match self.revoked.read() {
-            Ok(r) => r.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        };
-        if revoked.is_empty() {
-            return false;
+    fn is_revoked(&self, fingerprint: &ClientFingerprint) -> bool {
+        match self.revoked.read() {
+            Ok(r) => r.contains(&fingerprint.0),
+            Err(poisoned) => poisoned.into_inner().contains(&fingerprint.0),
         }
-        req.peer_certs()
-            .and_then(|certs| {
-                certs
-                    .first()
-                    .map(|c| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(c.as_ref())))
-            })
-            .is_some_and(|fingerprint| revoked.contains(&fingerprint))
     }
 
     /// The tokens in force (`None`: authentication is off).
@@ -580,25 +584,13 @@ impl Gate {
     /// warning): a bad edit must not lock everyone out or open the API.
     pub fn reload_from(&self, file: PathBuf, every: Duration) -> tokio::task::JoinHandle<()> {
         let gate = self.clone();
-        tokio::spawn(async move {
-            let mut last = tokio::fs::read(&file).await.ok();
-            loop {
-                tokio::time::sleep(every).await;
-                let Ok(now) = tokio::fs::read(&file).await else {
-                    continue;
-                };
-                if last.as_ref() == Some(&now) {
-                    continue;
-                }
-                last = Some(now);
-                match gate.reload(&file) {
-                    Ok(n) => {
-                        tracing::info!(file = %file.display(), tokens = n, "auth_tokens reloaded")
-                    }
-                    Err(e) => {
-                        tracing::warn!(file = %file.display(), error = %e, "auth_tokens not reloaded; the tokens in force stay")
-                    }
-                }
+        let seen = std::fs::read(&file).ok();
+        watch_file(file, every, seen, move |file, _| match gate.reload(file) {
+            Ok(n) => {
+                tracing::info!(file = %file.display(), tokens = n, "auth_tokens reloaded")
+            }
+            Err(e) => {
+                tracing::warn!(file = %file.display(), error = %e, "auth_tokens not reloaded; the tokens in force stay")
             }
         })
     }
@@ -617,6 +609,30 @@ impl Gate {
         self.report_expiries();
         Ok(n)
     }
+}
+
+/// Reads `file` every `every` and calls `changed` with its bytes whenever
+/// they differ from the last read (`seen`: what was read before). A file
+/// that cannot be read is skipped until it can.
+fn watch_file(
+    file: PathBuf,
+    every: Duration,
+    mut seen: Option<Vec<u8>>,
+    changed: impl Fn(&std::path::Path, &[u8]) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let Ok(now) = tokio::fs::read(&file).await else {
+                continue;
+            };
+            if seen.as_ref() == Some(&now) {
+                continue;
+            }
+            changed(&file, &now);
+            seen = Some(now);
+        }
+    })
 }
 
 /// `entries` with the `pinned` tokens added (pinned ones win a clash).
@@ -642,10 +658,13 @@ pub fn log_expired(tokens: &Tokens) {
 
 impl Interceptor for Gate {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        if self.is_revoked(&req) {
-            return Err(Status::unauthenticated(
-                "this client certificate has been revoked",
-            ));
+        if let Some(fingerprint) = ClientFingerprint::of_peer(&req) {
+            if self.is_revoked(&fingerprint) {
+                return Err(Status::unauthenticated(
+                    "this client certificate has been revoked",
+                ));
+            }
+            req.extensions_mut().insert(fingerprint);
         }
         let caller = match self.tokens() {
             None => Caller::Open,

@@ -21,7 +21,7 @@ use hallmark_provenance::credentials::SigningIdentity;
 use hallmark_provenance::credentials::detached::{sign_detached, verify_detached};
 use hallmark_provenance::ledger::{self, Anchor, ChainCheck, Checkpoint};
 
-use crate::auth::Caller;
+use crate::auth::{Caller, ClientFingerprint};
 use crate::blobs::{BlobError, BlobStore};
 use crate::config::CoordinatorConfig;
 use crate::metrics::{self as m, CensusLabels};
@@ -525,29 +525,18 @@ fn blob_status(e: BlobError) -> Status {
     }
 }
 
-/// The TLS client certificate a call came over (mutual TLS), if any.
+/// The TLS client certificate a call came over (mutual TLS), if any: the
+/// gate's fingerprint of it and its subject.
 pub(crate) fn client_cert<T>(req: &tonic::Request<T>) -> Option<ClientCert> {
+    let sha256 = ClientFingerprint::of(req);
+    if sha256.is_empty() {
+        return None;
+    }
     let certs = req.peer_certs()?;
-    let der: &[u8] = certs.first()?.as_ref();
-    let subject = x509_parser::parse_x509_certificate(der)
+    let subject = x509_parser::parse_x509_certificate(certs.first()?.as_ref())
         .map(|(_, c)| c.subject().to_string())
         .unwrap_or_default();
-    Some(ClientCert {
-        sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(der)),
-        subject,
-    })
-}
-
-/// The SHA-256 (hex) of the client certificate a call came over; '' for
-/// none.
-pub(crate) fn client_cert_sha256<T>(req: &tonic::Request<T>) -> String {
-    req.peer_certs()
-        .and_then(|certs| {
-            certs
-                .first()
-                .map(|c| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(c.as_ref())))
-        })
-        .unwrap_or_default()
+    Some(ClientCert { sha256, subject })
 }
 
 /// A worker registered with another token, or with a client certificate

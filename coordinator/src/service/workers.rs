@@ -15,8 +15,8 @@ use hallmark_proto::v1::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{Coordinator, blob_status, client_cert, client_cert_sha256, status};
-use crate::auth::Caller;
+use super::{Coordinator, blob_status, client_cert, status};
+use crate::auth::{Caller, ClientFingerprint};
 use crate::blobs::BlobWriter;
 use crate::metrics as m;
 use crate::spec::ENGINES;
@@ -108,7 +108,7 @@ impl Workers for WorkersService {
     async fn lease(&self, req: Request<LeaseRequest>) -> Result<Response<LeaseResponse>, Status> {
         let caller = Caller::of(&req);
         caller.require_worker("leasing tasks")?;
-        let cert = client_cert_sha256(&req);
+        let cert = ClientFingerprint::of(&req);
         let c = &self.0;
         let r = req.into_inner();
         let now = now_ms();
@@ -184,7 +184,7 @@ impl Workers for WorkersService {
     ) -> Result<Response<CompleteResponse>, Status> {
         let caller = Caller::of(&req);
         caller.require_worker("completing tasks")?;
-        let cert = client_cert_sha256(&req);
+        let cert = ClientFingerprint::of(&req);
         let c = &self.0;
         let mut stream = req.into_inner();
         let mut uploads: Vec<Upload> = Vec::new();
@@ -332,7 +332,7 @@ impl Workers for WorkersService {
     async fn fail(&self, req: Request<FailRequest>) -> Result<Response<FailResponse>, Status> {
         let caller = Caller::of(&req);
         caller.require_worker("failing tasks")?;
-        let cert = client_cert_sha256(&req);
+        let cert = ClientFingerprint::of(&req);
         let c = &self.0;
         let r = req.into_inner();
         c.check_worker_caller(&caller, &cert, &r.worker_id).await?;
