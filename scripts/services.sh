@@ -88,6 +88,8 @@ if [ ! -x "$c2patool_root/bin/c2patool" ]; then
   echo "services: building c2patool 0.27.22 into $c2patool_root (once; several minutes)"
   cargo install c2patool --version 0.27.22 --locked --no-default-features \
     --root "$c2patool_root" --target-dir "$HOME/.cache/hallmark/c2patool-build" --quiet
+  # Its build folder (over a GiB) is of no further use once it is installed.
+  rm -rf "$HOME/.cache/hallmark/c2patool-build"
 fi
 
 # --- kubernetes-validate: the Kubernetes API schemas the deploy tests hold

@@ -223,6 +223,7 @@ impl LocalFarm {
                     models: workers.models.clone(),
                     render_time: workers.render_time,
                     fail_marker: None,
+                    refuse_marker: None,
                 })),
                 ("diffusion", Some(config)) => {
                     let config = config.clone();

@@ -869,10 +869,12 @@ async fn remote_command(
             datasets,
         }) => {
             let mut files = Vec::new();
+            let mut refines_only = false;
             if let Some(reference) = &model_path {
                 let dir = hallmark_diffusion::hub::resolve(reference, variant.as_deref())?;
                 let folder =
                     hallmark_diffusion::model::ModelFolder::open(&dir, variant.as_deref())?;
+                refines_only = folder.refiner;
                 for (w, (rel, sha256)) in folder.weight_files().zip(folder.hash_weights()?) {
                     files.push(WeightFile {
                         path: rel,
@@ -900,6 +902,7 @@ async fn remote_command(
                 license,
                 parent_model_id: parent.unwrap_or_default(),
                 training_datasets: datasets,
+                refines_only,
                 ..Default::default()
             };
             let m = remote
@@ -936,11 +939,16 @@ async fn remote_command(
             } else {
                 for m in models {
                     println!(
-                        "{:<24} {:<12} {:<12} datasets: {}",
+                        "{:<24} {:<12} {:<12} datasets: {}{}",
                         m.model_id,
                         m.family,
                         m.license,
-                        m.training_datasets.join(",")
+                        m.training_datasets.join(","),
+                        if m.refines_only {
+                            "  (refines only)"
+                        } else {
+                            ""
+                        }
                     );
                 }
             }
@@ -1123,6 +1131,41 @@ fn local_diffusion(
     Ok(Some(args.config()?))
 }
 
+/// What the local diffusion workers would refuse, refused before the farm
+/// starts and anything is written: a refiner asked to draw from noise, and
+/// initial latents that do not fit the job.
+fn check_local_job(d: &hallmark_worker::DiffusionConfig, built: &BuiltSpec) -> anyhow::Result<()> {
+    let spec = &built.spec;
+    let Some((_, dir)) = d.models.iter().find(|(id, _)| *id == spec.model_id) else {
+        return Ok(());
+    };
+    let folder = hallmark_diffusion::model::ModelFolder::open(dir, d.variant.as_deref())?;
+    let from_noise = built.init_images.is_empty();
+    if folder.refiner && from_noise {
+        bail!(
+            "{} is an SDXL refiner: it refines an image and does not draw from noise; give it an --init-image, or make it the job's --refine-model",
+            dir.display()
+        );
+    }
+    if let Some(latents) = &d.init_latents {
+        if !from_noise {
+            bail!(
+                "--init-latents replaces the noise a text-to-image render starts from; this job starts from images (--init-image or init_image in the prompt file)"
+            );
+        }
+        let items = spec.prompts.len() as u64 * u64::from(spec.images_per_prompt.max(1));
+        hallmark_worker::diffusion::check_init_latents(
+            latents,
+            dir,
+            d.variant.as_deref(),
+            spec.width,
+            spec.height,
+            items,
+        )?;
+    }
+    Ok(())
+}
+
 async fn render(cfg: &ClientConfig, mut args: RenderArgs, json: bool) -> anyhow::Result<i32> {
     let diffusion = match &cfg.coordinator {
         None => local_diffusion(&args.spec.engine, &args.diffusion)?,
@@ -1134,6 +1177,9 @@ async fn render(cfg: &ClientConfig, mut args: RenderArgs, json: bool) -> anyhow:
         args.spec.model = d.models.first().map(|(id, _)| id.clone());
     }
     let built = build_spec(&args.spec, cfg)?;
+    if let Some(d) = &diffusion {
+        check_local_job(d, &built)?;
+    }
     let started = Instant::now();
     let (farm, url) = match &cfg.coordinator {
         Some(url) => (None, url.clone()),

@@ -44,6 +44,7 @@ pub fn model_json(m: &Model) -> Value {
         "parent_model_id": m.parent_model_id, "training_datasets": m.training_datasets,
         "weights": m.weights.iter().map(|w| json!({"path": w.path, "sha256": w.sha256, "size": w.size})).collect::<Vec<_>>(),
         "config_json": m.config_json, "created_at_ms": m.created_at_ms,
+        "refines_only": m.refines_only,
     })
 }
 

@@ -124,6 +124,7 @@ async fn worker_serving(s: &Store, id: &str, max_batch: u32, models: &[&str]) ->
             let model = ModelCapability {
                 model_id: m.to_string(),
                 weights_sha256: SHA.into(),
+                refines_only: false,
             };
             ("synthetic".to_string(), model)
         })
@@ -624,6 +625,49 @@ both_stores! {
         assert_eq!(job.waiting_reason, "", "tasks are running, so it is not stuck");
     }
 
+    async fn a_model_that_only_refines_is_refused_where_it_would_draw_from_noise(s: &Store) {
+        worker(s, "w1", 1).await;
+        // A worker declares r1 a refiner (its folder says so).
+        let engines = ["synthetic".to_string()];
+        let refiner = ModelCapability { model_id: "r1".into(), weights_sha256: SHA.into(), refines_only: true };
+        let models = [("synthetic".to_string(), refiner)];
+        let reg = WorkerRegistration { worker_id: "w2", name: "w2", hostname: "h", engines: &engines, models: &models, max_pixels: 1 << 20, max_batch: 1, principal: "", client_cert: None };
+        s.register_worker(&reg, 1).await.unwrap();
+        let listed = s.list_models().await.unwrap();
+        let flag = |id: &str| listed.iter().find(|m| m.model_id == id).unwrap().refines_only;
+        assert!(flag("r1") && !flag("m1"));
+        // As the job's own model it would draw from noise: refused, naming
+        // it, however the job is queued, and nothing is written.
+        let mut own = job(1, 0);
+        own.model_id = "r1".into();
+        for queue_unservable in [false, true] {
+            let err = s.check_servable(&own, queue_unservable).await.unwrap_err();
+            assert!(matches!(err, StoreError::Spec(_)), "{err}");
+            assert!(err.to_string().contains("model \"r1\" refines images"), "{err}");
+        }
+        assert_eq!(count(s, "SELECT CAST(COUNT(*) AS BIGINT) FROM jobs").await, 0);
+        // From an init image (img2img), or as another job's refine model, it refines.
+        own.items[0].init_image = Some(spec::InitImage { sha256: SHA.into(), strength: 0.5 });
+        s.check_servable(&own, false).await.unwrap();
+        let mut refined = job(1, 0);
+        refined.refine = Some(spec::Refine { model_id: "r1".into(), strength: 0.5 });
+        s.check_servable(&refined, false).await.unwrap();
+        // A registration says so from the folder, and a later one of other
+        // weights under the same id undoes it.
+        let mut m = Model {
+            model_id: "r2".into(),
+            family: "sdxl".into(),
+            weights: vec![WeightFile { path: "unet.safetensors".into(), sha256: SHA.into(), size: 3 }],
+            refines_only: true,
+            ..Default::default()
+        };
+        s.register_model(&m, "", 2).await.unwrap();
+        assert!(s.list_models().await.unwrap().iter().any(|m| m.model_id == "r2" && m.refines_only));
+        m.refines_only = false;
+        s.register_model(&m, "", 3).await.unwrap();
+        assert!(s.list_models().await.unwrap().iter().any(|m| m.model_id == "r2" && !m.refines_only));
+    }
+
     async fn unservable_and_unknown_models_are_refused_without_rows(s: &Store) {
         let j = job(2, 0);
         assert!(matches!(s.check_servable(&j, false).await, Err(StoreError::NotFound(_))));
@@ -663,7 +707,7 @@ both_stores! {
         let models = s.list_models().await.unwrap();
         assert_eq!(models[0].training_datasets, ["laion@5b"]);
         let digest = hallmark_provenance::weights_digest([("unet.safetensors", SHA)]);
-        let good = ModelCapability { model_id: "sd15".into(), weights_sha256: digest };
+        let good = ModelCapability { model_id: "sd15".into(), weights_sha256: digest, refines_only: false };
         let engines = ["diffusion".to_string()];
         let models = [("diffusion".to_string(), good)];
         let mut reg = WorkerRegistration { worker_id: "w1", name: "w1", hostname: "h", engines: &engines, models: &models, max_pixels: 1 << 20, max_batch: 1, principal: "worker:pool-a", client_cert: None };
@@ -680,7 +724,7 @@ both_stores! {
         let listed = s.list_workers(0).await.unwrap();
         let w3 = listed.iter().find(|w| w.worker_id == "w3").unwrap();
         assert_eq!(w3.client_certificate, "CN=gpu-1");
-        let bad = ModelCapability { model_id: "sd15".into(), weights_sha256: SHA.into() };
+        let bad = ModelCapability { model_id: "sd15".into(), weights_sha256: SHA.into(), refines_only: false };
         let models = [("diffusion".to_string(), bad)];
         reg.worker_id = "w2";
         reg.models = &models;

@@ -146,6 +146,13 @@ pub struct VaeConfig {
     pub mid_block_add_attention: bool,
 }
 
+impl VaeConfig {
+    /// Pixels per latent cell along each side.
+    pub fn scale_factor(&self) -> usize {
+        1 << self.block_out_channels.len().saturating_sub(1)
+    }
+}
+
 fn d1() -> usize {
     1
 }

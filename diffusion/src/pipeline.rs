@@ -383,7 +383,7 @@ impl StableDiffusion {
 
     /// Pixels per latent cell along each side.
     pub fn vae_scale_factor(&self) -> usize {
-        1 << (self.vae_cfg.block_out_channels.len() - 1)
+        self.vae_cfg.scale_factor()
     }
 
     pub fn latent_channels(&self) -> usize {

@@ -267,6 +267,49 @@ fn in_fitting_batches<T, R>(
     part(items, 0, items.len(), progress, run)
 }
 
+/// The shape of one item's initial latents for a `width`×`height` render of
+/// a model whose VAE has `channels` latent channels and shrinks by `factor`.
+pub fn latent_shape(channels: usize, factor: usize, width: u32, height: u32) -> [usize; 4] {
+    [
+        1,
+        channels,
+        height as usize / factor,
+        width as usize / factor,
+    ]
+}
+
+/// Checks an `--init-latents` file against a job before anything is
+/// submitted: its rows (one, or one per item) and each row's shape.
+pub fn check_init_latents(
+    path: &std::path::Path,
+    model: &std::path::Path,
+    variant: Option<&str>,
+    width: u32,
+    height: u32,
+    items: u64,
+) -> anyhow::Result<()> {
+    let t = hallmark_diffusion::latents::read_latents(path)?;
+    let vae = ModelFolder::open(model, variant)?.vae_config()?;
+    let need = latent_shape(vae.latent_channels, vae.scale_factor(), width, height);
+    let rows = t.dims()[0] as u64;
+    if t.dims()[1..] != need[1..] {
+        anyhow::bail!(
+            "--init-latents {}: latents of shape {:?}, but a {width}x{height} render of {} needs {:?} for each image",
+            path.display(),
+            t.dims(),
+            model.display(),
+            need
+        );
+    }
+    if rows != 1 && rows < items {
+        anyhow::bail!(
+            "--init-latents {}: {rows} rows of latents for {items} images; give one row for all or one per image",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 impl DiffusionEngine {
     /// Open and hash every model folder, check the upscaler's weights file
     /// (and read the initial latents).
@@ -373,6 +416,14 @@ impl DiffusionEngine {
         Ok((net, digest))
     }
 
+    fn init_latents_path(&self) -> String {
+        self.config
+            .init_latents
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    }
+
     fn init_latents_for(&self, item: u64) -> Result<Option<Tensor>, EngineError> {
         let Some(all) = &self.init_latents else {
             return Ok(None);
@@ -417,6 +468,26 @@ impl DiffusionEngine {
                 .into_iter()
                 .flatten()
                 .collect::<Vec<_>>();
+            // The latents are this worker's, not the task's: latents of
+            // the wrong shape fail the task here, where another worker may
+            // render it, not as a request at fault (for good).
+            let need = latent_shape(
+                sd.latent_channels(),
+                sd.vae_scale_factor(),
+                l.width,
+                l.height,
+            );
+            if let Some(row) = rows.iter().find(|r| r.dims() != need) {
+                return Err(EngineError::Failed(format!(
+                    "this worker's --init-latents {} holds latents of {:?} per item; a {}x{} render of model {} needs {need:?}",
+                    self.init_latents_path(),
+                    row.dims(),
+                    l.width,
+                    l.height,
+                    l.model_id
+                ))
+                .into());
+            }
             req.init_latents = Some(Tensor::cat(&rows, 0).map_err(failed)?);
         }
         // img2img: the group shares its strength and size (the sub-batch
@@ -519,6 +590,7 @@ impl Engine for DiffusionEngine {
             .map(|id| ModelCapability {
                 model_id: id.clone(),
                 weights_sha256: self.served[id].digest.clone(),
+                refines_only: self.served[id].folder.refiner,
             })
             .collect()
     }
@@ -627,6 +699,84 @@ mod tests {
             .iter()
             .chain(extra);
         Cli::try_parse_from(args)?.diffusion.config()
+    }
+
+    /// A tiny checkpoint of `arch` in `dir/name`, with the real CLIP vocabulary.
+    fn tiny(dir: &std::path::Path, name: &str, arch: &str) -> PathBuf {
+        let vocab = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/data/clip/bpe_simple_vocab_16e6.txt.gz");
+        let path = dir.join(name);
+        hallmark_diffusion::tiny::init_tiny(&path, arch.parse().unwrap(), 3, Some(&vocab)).unwrap();
+        path
+    }
+
+    fn generate_task(model: &str, width: u32, height: u32) -> RenderTask {
+        RenderTask {
+            lease: hallmark_proto::v1::TaskLease {
+                model_id: model.into(),
+                stage: "generate".into(),
+                prompt: "a red fox".into(),
+                seed: 1,
+                width,
+                height,
+                steps: 2,
+                guidance: 1.0,
+                scheduler: "ddim".into(),
+                ..Default::default()
+            },
+            parent: None,
+        }
+    }
+
+    #[test]
+    fn a_refiner_is_declared_so_and_fails_for_good_when_asked_to_draw_from_noise() {
+        let dir = tempfile::tempdir().unwrap();
+        let refiner = tiny(dir.path(), "r", "sdxl-refiner");
+        let sd = tiny(dir.path(), "sd", "sd1");
+        let engine = DiffusionEngine::new(DiffusionConfig::new(vec![
+            ("r".into(), refiner),
+            ("sd".into(), sd),
+        ]))
+        .unwrap();
+        let declared: Vec<_> = engine
+            .models()
+            .iter()
+            .map(|m| (m.model_id.clone(), m.refines_only))
+            .collect();
+        assert_eq!(declared, [("r".into(), true), ("sd".into(), false)]);
+        let err = engine
+            .render(&[generate_task("r", 64, 64)], &|_| {})
+            .remove(0)
+            .unwrap_err();
+        assert!(err.is_final(), "no retry can change it: {err}");
+        assert!(err.to_string().contains("SDXL refiner"), "{err}");
+    }
+
+    #[test]
+    fn this_workers_own_latents_of_another_shape_fail_a_task_for_another_worker() {
+        let dir = tempfile::tempdir().unwrap();
+        let sd = tiny(dir.path(), "sd", "sd1");
+        let latents = dir.path().join("latents.safetensors");
+        let t = Tensor::ones((1, 4, 8, 8), DType::F32, &Device::Cpu).unwrap();
+        t.save_safetensors("latents", &latents).unwrap();
+        let mut cfg = DiffusionConfig::new(vec![("sd".into(), sd)]);
+        cfg.init_latents = Some(latents.clone());
+        let engine = DiffusionEngine::new(cfg).unwrap();
+        // 64² is 8×8 latent cells: it renders from them.
+        let fits = engine
+            .render(&[generate_task("sd", 64, 64)], &|_| {})
+            .remove(0);
+        assert!(fits.is_ok(), "{:?}", fits.err());
+        // 96² needs 12×12: the task fails, naming the file, but not for
+        // good — a worker without the file renders it.
+        let err = engine
+            .render(&[generate_task("sd", 96, 96)], &|_| {})
+            .remove(0)
+            .unwrap_err();
+        assert!(!err.is_final(), "{err}");
+        let said = err.to_string();
+        assert!(said.contains(&latents.display().to_string()), "{said}");
+        assert!(said.contains("needs [1, 4, 12, 12]"), "{said}");
     }
 
     #[test]

@@ -126,6 +126,9 @@ pub struct SyntheticConfig {
     pub render_time: Duration,
     /// A prompt containing this text fails (for fault tests).
     pub fail_marker: Option<String>,
+    /// A prompt containing this text is refused as asked, which no retry
+    /// can change (for fault tests of tasks that fail for good).
+    pub refuse_marker: Option<String>,
 }
 
 impl Default for SyntheticConfig {
@@ -134,6 +137,7 @@ impl Default for SyntheticConfig {
             models: vec!["synthetic-v1".into()],
             render_time: Duration::ZERO,
             fail_marker: None,
+            refuse_marker: None,
         }
     }
 }
@@ -165,6 +169,13 @@ impl SyntheticEngine {
         {
             return Err(EngineError::Failed(format!(
                 "synthetic failure requested by {marker:?} in the prompt"
+            )));
+        }
+        if let Some(marker) = &self.config.refuse_marker
+            && l.prompt.contains(marker.as_str())
+        {
+            return Err(EngineError::Invalid(format!(
+                "synthetic refusal requested by {marker:?} in the prompt"
             )));
         }
         match l.stage.as_str() {
@@ -218,6 +229,7 @@ impl Engine for SyntheticEngine {
             .map(|m| ModelCapability {
                 model_id: m.clone(),
                 weights_sha256: Self::weights_digest(m),
+                refines_only: false,
             })
             .collect()
     }

@@ -61,6 +61,10 @@ struct Args {
     /// Prompts containing this text fail (synthetic engine, for fault tests).
     #[arg(long)]
     fail_marker: Option<String>,
+    /// Prompts containing this text are refused for good (synthetic engine,
+    /// for fault tests).
+    #[arg(long)]
+    refuse_marker: Option<String>,
     /// Most tasks per batch.
     #[arg(long, default_value_t = 4)]
     max_batch: u32,
@@ -132,6 +136,7 @@ async fn main() -> anyhow::Result<()> {
             },
             render_time: Duration::from_millis(args.render_ms),
             fail_marker: args.fail_marker,
+            refuse_marker: args.refuse_marker,
         })),
         "diffusion" => {
             if !args.models.is_empty() {

@@ -177,6 +177,13 @@ impl Store {
                     )));
                 }
             }
+            // The same weights refine only, whoever serves them.
+            if model.refines_only {
+                sqlx::query("UPDATE models SET refines_only = 1 WHERE id = $1")
+                    .bind(&model.model_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
         }
         sqlx::query(
             "INSERT INTO workers (id, name, hostname, engines, max_pixels, max_batch, registered_at, last_seen_at, principal, \

@@ -6,7 +6,7 @@ use hallmark_proto::v1::{Artifact, InputImage, Job, StageProgress};
 use sqlx::Row;
 
 use super::{AuditEvent, Result, Store, StoreError, audit_kind, row_placeholders, state};
-use crate::spec::{ExpandedJob, STAGE_REFINE, STAGE_UPSCALE, stage_rank};
+use crate::spec::{ExpandedJob, STAGE_REFINE, STAGE_UPSCALE, SpecError, stage_rank};
 
 /// What a user can do to a running job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +49,26 @@ impl Store {
     /// Refuses a job no registered worker can run (unless `queue_unservable`)
     /// and a model nobody has heard of, before anything is written.
     pub async fn check_servable(&self, job: &ExpandedJob, queue_unservable: bool) -> Result<()> {
+        // A model that only refines cannot draw an item from noise.
+        if job.items.iter().any(|i| i.init_image.is_none()) {
+            let refines_only = sqlx::query("SELECT refines_only FROM models WHERE id = $1")
+                .bind(&job.model_id)
+                .fetch_optional(&self.pool)
+                .await?
+                .map(|r| r.try_get::<i64, _>("refines_only"))
+                .transpose()?
+                .unwrap_or(0)
+                != 0;
+            if refines_only {
+                return Err(StoreError::Spec(SpecError {
+                    field: "model_id".into(),
+                    message: format!(
+                        "model {:?} refines images and does not draw from noise (an SDXL refiner); give its items an init image, or make it the job's refine model",
+                        job.model_id
+                    ),
+                }));
+            }
+        }
         for (model_id, needed) in job.models() {
             self.check_model_servable(&job.engine, model_id, needed, queue_unservable)
                 .await?;

@@ -107,9 +107,11 @@ impl Store {
             }
         }
         sqlx::query(
-            "INSERT INTO models (id, family, license, parent_model_id, config_json, created_at) VALUES ($1, $2, $3, $4, $5, $6) \
+            "INSERT INTO models (id, family, license, parent_model_id, config_json, created_at, refines_only) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) \
              ON CONFLICT (id) DO UPDATE SET family = excluded.family, license = excluded.license, \
-             parent_model_id = excluded.parent_model_id, config_json = excluded.config_json",
+             parent_model_id = excluded.parent_model_id, config_json = excluded.config_json, \
+             refines_only = excluded.refines_only",
         )
         .bind(&m.model_id)
         .bind(&m.family)
@@ -117,6 +119,7 @@ impl Store {
         .bind((!m.parent_model_id.is_empty()).then_some(m.parent_model_id.as_str()))
         .bind(if m.config_json.is_empty() { "{}" } else { m.config_json.as_str() })
         .bind(now)
+        .bind(i64::from(m.refines_only))
         .execute(&mut *tx)
         .await?;
         sqlx::query("DELETE FROM model_weights WHERE model_id = $1")
@@ -178,6 +181,7 @@ impl Store {
                 ),
                 "training_datasets": m.training_datasets,
                 "config_sha256": hallmark_provenance::sha256_hex(m.config_json.as_bytes()),
+                "refines_only": m.refines_only,
             }),
         )
         .actor(actor);
@@ -191,7 +195,7 @@ impl Store {
 
     pub async fn list_models(&self) -> Result<Vec<Model>> {
         let rows = sqlx::query(
-            "SELECT id, family, license, parent_model_id, config_json, created_at FROM models ORDER BY id",
+            "SELECT id, family, license, parent_model_id, config_json, created_at, refines_only FROM models ORDER BY id",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -233,6 +237,7 @@ impl Store {
                 training_datasets: datasets,
                 config_json: r.try_get("config_json")?,
                 created_at_ms: r.try_get("created_at")?,
+                refines_only: r.try_get::<i64, _>("refines_only")? != 0,
             });
         }
         Ok(out)

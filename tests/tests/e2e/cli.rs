@@ -491,6 +491,77 @@ async fn a_failing_task_fails_its_job_with_the_reason_and_retry_runs_it_again() 
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_the_engine_refuses_as_asked_fails_for_good_at_its_first_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fresh_database().await;
+    // The failure cool-down stays at its default (30 s): a retry would
+    // also take that long.
+    let spec = CoordinatorSpec::new(&db, None, dir.path().join("blobs"));
+    let _c = spec.start().await;
+    let url = spec.url();
+    let _w = start_worker(&url, "w", 0, &["--refuse-marker", "[refused]"]);
+    wait_for_workers(&url, 1).await;
+    let out = hallmark(&[
+        "--coordinator",
+        &url,
+        "--json",
+        "submit",
+        "--prompt",
+        "fine",
+        "--prompt",
+        "this one [refused]",
+        "--upscale",
+        "2",
+        "--width",
+        "192",
+        "--height",
+        "192",
+        "--max-attempts",
+        "3",
+        "--watch",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "a failed job exits 1");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let job: serde_json::Value =
+        serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
+    assert_eq!(job["state"], "failed");
+    assert!(
+        job["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("synthetic refusal requested"),
+        "{job}"
+    );
+    assert_eq!(job["stages"][0]["failed"], 1);
+    assert_eq!(job["stages"][1]["failed"], 1, "its upscale fails with it");
+    assert_eq!(job["stages"][1]["succeeded"], 1);
+    assert_eq!(
+        scalar(
+            &db,
+            "SELECT CAST(MAX(attempts) AS BIGINT) FROM tasks WHERE stage = 'generate'"
+        )
+        .await,
+        1,
+        "one attempt of three: no retry can change a refusal"
+    );
+    // The ledger says why it was not retried.
+    let log = ok(&hallmark(&[
+        "--coordinator",
+        &url,
+        "--json",
+        "audit",
+        "log",
+    ]));
+    let fails: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["kind"] == "fail")
+        .collect();
+    assert_eq!(fails.len(), 1, "{fails:#?}");
+    assert_eq!(fails[0]["body"]["for_good"], true, "{fails:#?}");
+}
+
 #[test]
 fn watermark_embed_and_detect_from_the_cli() {
     let dir = tempfile::tempdir().unwrap();

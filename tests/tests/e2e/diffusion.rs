@@ -4,7 +4,7 @@
 //! upscaled by Real-ESRGAN and by the hires fix, and weights that differ
 //! from the registry refused.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hallmark_e2e::*;
@@ -419,8 +419,8 @@ async fn embedded_render_runs_an_sdxl_model_and_names_bad_hub_references() {
         (&"refine".into(), &"refiner".into()),
         "{refine:#}"
     );
-    // As a job's own model it would have to draw from noise: the job
-    // fails, naming why.
+    // As a job's own model it would have to draw from noise: refused
+    // before the farm starts, naming why, and nothing is written.
     let alone = dir.path().join("alone");
     let mut args = refine_args(&alone, &format!("base={}", refiner.display()));
     args.retain(|a| {
@@ -428,27 +428,9 @@ async fn embedded_render_runs_an_sdxl_model_and_names_bad_hub_references() {
     });
     let out = hallmark(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(!out.status.success());
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(said.contains("SDXL refiner"), "{said}");
-    // At its first attempt, for good: no retry can make it draw from noise.
-    let log = ok(&hallmark(&[
-        "--json",
-        "audit",
-        "log",
-        "--state-dir",
-        state_arg,
-    ]));
-    let fails: Vec<serde_json::Value> = log
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|e| e["kind"] == "fail")
-        .collect();
-    assert_eq!(fails.len(), 1, "{fails:#?}");
-    assert_eq!(fails[0]["body"]["for_good"], true, "{fails:#?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is an SDXL refiner"), "{err}");
+    assert!(!alone.exists(), "nothing written");
 
     // A malformed Hub reference is named, and nothing is written.
     let none = dir.path().join("none");
@@ -457,4 +439,173 @@ async fn embedded_render_runs_an_sdxl_model_and_names_bad_hub_references() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not a Hub model reference"), "{err}");
     assert!(!none.exists(), "nothing written");
+}
+
+/// Writes `values` as a little-endian f32 `.npy` array of `shape` (NumPy's
+/// format 1.0, as `numpy.save` writes it).
+fn write_npy(path: &Path, shape: &[usize], values: &[f32]) {
+    let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
+    let mut header = format!(
+        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}), }}",
+        dims.join(", ")
+    )
+    .into_bytes();
+    // Magic, version and length take 10 bytes; the header ends in a newline
+    // and pads the whole to a multiple of 64.
+    let pad = (64 - (10 + header.len() + 1) % 64) % 64;
+    header.extend(std::iter::repeat_n(b' ', pad));
+    header.push(b'\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend((header.len() as u16).to_le_bytes());
+    bytes.extend(header);
+    for v in values {
+        bytes.extend(v.to_le_bytes());
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// `n` values spread like unit noise, different for each `salt`.
+fn noise_like(n: usize, salt: f32) -> Vec<f32> {
+    (0..n)
+        .map(|i| ((i as f32 * 12.9898 + salt).sin() * 43_758.547).fract() * 3f32.sqrt())
+        .collect()
+}
+
+#[test]
+fn embedded_render_starts_from_given_latents_and_refuses_ones_that_do_not_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny-sd1");
+    init_tiny(&model, "sd1");
+    let state = dir.path().join("state");
+    // 192² is 24×24 latent cells of 4 channels.
+    let cells = 4 * 24 * 24;
+    let one = dir.path().join("one.npy");
+    write_npy(&one, &[1, 4, 24, 24], &noise_like(cells, 0.0));
+    let two = dir.path().join("two.npy");
+    let mut rows = noise_like(cells, 0.0);
+    rows.extend(noise_like(cells, 1.0));
+    write_npy(&two, &[2, 4, 24, 24], &rows);
+    let render = |out: &Path, seed: &str, extra: &[&str]| {
+        let mut args = vec![
+            "render",
+            "--engine",
+            "diffusion",
+            "--model-path",
+            model.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--prompt",
+            "a red fox",
+            "--seed",
+            seed,
+            "--width",
+            "192",
+            "--height",
+            "192",
+            "--steps",
+            "4",
+            "--scheduler",
+            "ddim",
+            "--workers",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        hallmark(&args)
+    };
+    let pixels = |p: PathBuf| image::open(&p).unwrap().to_rgb8();
+    // Every output carries its own watermark, so two renders of the same
+    // latents differ by that faint mark (PSNR ≥ 42 dB); compared as 8×8
+    // block means (one per latent cell), the mark mostly averages out and
+    // renders of other noise stand far apart.
+    let distance = |a: &image::RgbImage, b: &image::RgbImage| -> f64 {
+        let blocks = |i: &image::RgbImage| {
+            image::imageops::resize(i, 24, 24, image::imageops::FilterType::Triangle)
+        };
+        let (a, b) = (blocks(a), blocks(b));
+        let sum: f64 = a
+            .as_raw()
+            .iter()
+            .zip(b.as_raw())
+            .map(|(x, y)| (f64::from(*x) - f64::from(*y)).abs())
+            .sum();
+        sum / a.as_raw().len() as f64
+    };
+    let (a, b, c) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("c"),
+    );
+    ok(&render(&a, "1", &["--init-latents", one.to_str().unwrap()]));
+    ok(&render(&b, "2", &["--init-latents", one.to_str().unwrap()]));
+    ok(&render(&c, "1", &[]));
+    let from_latents = pixels(a.join("00000.png"));
+    let same = distance(&from_latents, &pixels(b.join("00000.png")));
+    let other = distance(&from_latents, &pixels(c.join("00000.png")));
+    assert!(
+        same < 1.5 && other > 4.0 * same,
+        "the latents replace the seed's noise (DDIM adds none): {same} apart from another seed's, {other} from the seed's own noise"
+    );
+    // One row per image: image 0 from row 0, image 1 from row 1.
+    let per_image = dir.path().join("per-image");
+    ok(&render(
+        &per_image,
+        "1",
+        &[
+            "--images-per-prompt",
+            "2",
+            "--init-latents",
+            two.to_str().unwrap(),
+        ],
+    ));
+    let (first, second) = (
+        distance(&pixels(per_image.join("00000.png")), &from_latents),
+        distance(&pixels(per_image.join("00001.png")), &from_latents),
+    );
+    assert!(
+        first < 1.5 && second > 4.0 * first,
+        "image 0 from row 0 ({first} apart), image 1 from row 1 ({second} apart)"
+    );
+
+    // What would not fit is refused before the farm starts, naming the file
+    // and what the job needs; nothing is written.
+    let small = dir.path().join("small.npy");
+    write_npy(&small, &[1, 4, 16, 16], &noise_like(4 * 16 * 16, 0.0));
+    let text = dir.path().join("notes.npy");
+    std::fs::write(&text, b"not an array").unwrap();
+    let photo = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/images/coffee.png");
+    let refused = dir.path().join("refused");
+    let cases: [(Vec<&str>, &str); 4] = [
+        (
+            vec!["--init-latents", small.to_str().unwrap()],
+            "needs [1, 4, 24, 24] for each image",
+        ),
+        (
+            vec![
+                "--init-latents",
+                two.to_str().unwrap(),
+                "--images-per-prompt",
+                "3",
+            ],
+            "2 rows of latents for 3 images",
+        ),
+        (
+            vec![
+                "--init-latents",
+                one.to_str().unwrap(),
+                "--init-image",
+                photo.to_str().unwrap(),
+            ],
+            "--init-latents replaces the noise",
+        ),
+        (vec!["--init-latents", text.to_str().unwrap()], "notes.npy"),
+    ];
+    for (extra, expect) in cases {
+        let out = render(&refused, "1", &extra);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        assert!(err.contains(expect), "{extra:?}: {err}");
+        assert!(!refused.exists(), "{extra:?}: nothing written");
+    }
 }
