@@ -313,6 +313,58 @@ async fn registered_model_renders_on_a_worker_process_and_altered_weights_are_re
         err.contains("refusing to serve mismatched weights"),
         "{err}"
     );
+
+    // SDXL's refiner, registered from its folder, is known to refine only:
+    // a job that would draw from noise with it is refused at submission,
+    // even one queued for workers yet to come, and no job is written.
+    let refiner = dir.path().join("tiny-sdxl-refiner");
+    init_tiny(&refiner, "sdxl-refiner");
+    ok(&hallmark(&[
+        "--coordinator",
+        &url,
+        "models",
+        "register",
+        "--id",
+        "refiner",
+        "--family",
+        "sdxl",
+        "--model-path",
+        refiner.to_str().unwrap(),
+    ]));
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&ok(&hallmark(&[
+        "--coordinator",
+        &url,
+        "--json",
+        "models",
+        "list",
+    ])))
+    .unwrap();
+    let refines_only =
+        |id: &str| listed.iter().find(|m| m["model_id"] == id).unwrap()["refines_only"].clone();
+    assert_eq!(
+        (refines_only("refiner"), refines_only("tiny-sd1")),
+        (true.into(), false.into())
+    );
+    let jobs = scalar(&db, "SELECT CAST(COUNT(*) AS BIGINT) FROM jobs").await;
+    let out = hallmark(&[
+        "--coordinator",
+        &url,
+        "submit",
+        "--engine",
+        "diffusion",
+        "--model",
+        "refiner",
+        "--prompt",
+        "a lighthouse",
+        "--queue-unservable",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("model \"refiner\" refines images"), "{err}");
+    assert_eq!(
+        scalar(&db, "SELECT CAST(COUNT(*) AS BIGINT) FROM jobs").await,
+        jobs
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
