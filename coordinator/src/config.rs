@@ -177,6 +177,7 @@ pub struct CoordinatorConfig {
     /// `tls_client_ca`.
     pub tls_revoked_certs: Option<PathBuf>,
     /// Address of the HTTP C2PA soft-binding resolution API; unset: off.
+    /// HTTPS with `tls_cert` (no client certificates: the API is public).
     pub http_listen: Option<String>,
     /// Address of the Prometheus endpoint (`GET /metrics`), e.g.
     /// `0.0.0.0:9464`; unset: no metrics are kept. Keep it off the public

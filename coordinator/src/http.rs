@@ -12,6 +12,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -23,10 +24,13 @@ use base64::Engine as _;
 use hallmark_proto::v1::ArtifactRecord;
 use hallmark_provenance::credentials::{self, SOFT_BINDING_ALG};
 use hallmark_provenance::watermark;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 
 use crate::auth::PrivateView;
 use crate::service::{Coordinator, Resolution};
@@ -34,11 +38,36 @@ use crate::store::ArtifactKey;
 
 const MAX_CONTENT: usize = 64 * 1024 * 1024;
 
-/// Starts serving on `listener` until `shutdown` turns true.
+/// The HTTP API's TLS: the coordinator's own certificate chain and key
+/// (`tls_cert`, `tls_key`), HTTP/2 or HTTP/1.1 by ALPN, no client
+/// certificates (the API is public: it serves what third-party verifiers
+/// may read).
+pub fn tls_acceptor(cert_pem: &[u8], key_pem: &[u8]) -> anyhow::Result<TlsAcceptor> {
+    use anyhow::Context as _;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .context("tls_cert is not a PEM certificate chain")?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).context("tls_key is not a PEM private key")?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .context("tls_cert and tls_key do not make a TLS identity")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Starts serving on `listener` until `shutdown` turns true: HTTPS with
+/// `tls` (the gRPC server's certificate), else plain HTTP.
 pub fn serve(
     listener: TcpListener,
     state: Arc<Coordinator>,
     mut shutdown: watch::Receiver<bool>,
+    tls: Option<TlsAcceptor>,
 ) -> std::io::Result<SocketAddr> {
     let addr = listener.local_addr()?;
     let app = Router::new()
@@ -49,6 +78,10 @@ pub fn serve(
         .route("/lineage/{id}", get(lineage))
         .layer(DefaultBodyLimit::max(MAX_CONTENT))
         .with_state(state);
+    if let Some(tls) = tls {
+        tokio::spawn(serve_tls(listener, app, tls, shutdown));
+        return Ok(addr);
+    }
     tokio::spawn(async move {
         let stop = async move {
             let _ = shutdown.wait_for(|s| *s).await;
@@ -61,6 +94,53 @@ pub fn serve(
         }
     });
     Ok(addr)
+}
+
+/// How long a client has to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts TLS connections until shutdown; each is served on its own task,
+/// and a failed handshake ends only that connection.
+async fn serve_tls(
+    listener: TcpListener,
+    app: Router,
+    tls: TlsAcceptor,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: pause, not spin.
+                    tracing::warn!(error = %e, "HTTP soft-binding API: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = async { drop(shutdown.wait_for(|s| *s).await) } => return,
+        };
+        let (tls, app) = (tls.clone(), app.clone());
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "HTTP soft-binding API: TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "HTTP soft-binding API: TLS handshake timed out");
+                    return;
+                }
+            };
+            let served = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app))
+                .await;
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "HTTP soft-binding API: connection ended");
+            }
+        });
+    }
 }
 
 fn problem(code: StatusCode, message: impl Into<String>) -> Response {

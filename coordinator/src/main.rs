@@ -83,7 +83,8 @@ async fn main() -> anyhow::Result<()> {
         .context("starting the coordinator")?;
     println!("listening on {}", running.addr);
     if let Some(http) = running.http_addr {
-        println!("soft-binding API on http://{http}");
+        let scheme = if running.tls { "https" } else { "http" };
+        println!("soft-binding API on {scheme}://{http}");
     }
     if let Some(metrics) = running.metrics_addr {
         println!("metrics on http://{metrics}/metrics");

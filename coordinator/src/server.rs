@@ -126,18 +126,23 @@ pub async fn start_on(
     }
     let reload_tokens = gate.tokens().is_some();
     let has_tls = config.tls_cert.is_some();
+    // The HTTP API serves HTTPS with the same certificate.
+    let mut http_tls = None;
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => {
             let read = |path: &std::path::PathBuf, what: &str| {
                 std::fs::read(path)
                     .with_context(|| format!("reading the TLS {what} {}", path.display()))
             };
-            let tls = tonic::transport::ServerTlsConfig::new().identity(
-                tonic::transport::Identity::from_pem(
-                    read(cert, "certificate chain (tls_cert)")?,
-                    read(key, "private key (tls_key)")?,
-                ),
+            let (cert, key) = (
+                read(cert, "certificate chain (tls_cert)")?,
+                read(key, "private key (tls_key)")?,
             );
+            if config.http_listen.is_some() {
+                http_tls = Some(crate::http::tls_acceptor(&cert, &key)?);
+            }
+            let tls = tonic::transport::ServerTlsConfig::new()
+                .identity(tonic::transport::Identity::from_pem(cert, key));
             Some(match &config.tls_client_ca {
                 Some(roots) => tls.client_ca_root(tonic::transport::Certificate::from_pem(read(
                     roots,
@@ -282,7 +287,12 @@ pub async fn start_on(
             gate,
         ));
     let http_addr = match http_listener {
-        Some(l) => Some(crate::http::serve(l, state.clone(), shutdown_rx.clone())?),
+        Some(l) => Some(crate::http::serve(
+            l,
+            state.clone(),
+            shutdown_rx.clone(),
+            http_tls,
+        )?),
         None => None,
     };
     let metrics_addr = match metrics {

@@ -473,6 +473,7 @@ async fn tokens_travel_over_tls_to_a_coordinator_with_a_certificate() {
     std::fs::write(&no_tokens, "auth = \"tokens\"\n").unwrap();
     start_fails(&[("HALLMARK_CONFIG", &no_tokens)], "no auth_tokens");
     let port = free_port();
+    let http_addr = format!("127.0.0.1:{}", free_port());
     let mut cmd = std::process::Command::new(bin("hallmark-coordinator"));
     cmd.arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
@@ -482,7 +483,8 @@ async fn tokens_travel_over_tls_to_a_coordinator_with_a_certificate() {
         .arg(dir.path().join("blobs"))
         .env("HALLMARK_CONFIG", &config)
         .env("HALLMARK_TLS_CERT", &tls.server_chain)
-        .env("HALLMARK_TLS_KEY", &tls.server_key);
+        .env("HALLMARK_TLS_KEY", &tls.server_key)
+        .env("HALLMARK_HTTP_LISTEN", &http_addr);
     let _c = Proc::spawn("tls-coordinator", &mut cmd);
     let url = format!("https://127.0.0.1:{port}");
     let root = tls.root_cert.to_str().unwrap();
@@ -543,6 +545,57 @@ async fn tokens_travel_over_tls_to_a_coordinator_with_a_certificate() {
         &["download", job_id, "-o", out.to_str().unwrap()],
     ));
     assert!(out.join("00000.png").exists());
+
+    // The soft-binding API serves HTTPS with the same certificate: a
+    // verifier finds the image's manifest by its content.
+    let alg = hallmark_provenance::credentials::SOFT_BINDING_ALG;
+    let image = std::fs::read(out.join("00000.png")).unwrap();
+    let (status, body) = https(
+        &http_addr,
+        "localhost",
+        &tls.root_cert,
+        "POST",
+        &format!("/matches/byContent?alg={alg}"),
+        &image,
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let matches: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let manifest = matches["matches"][0]["manifestId"].as_str().unwrap();
+    let (status, _) = https(
+        &http_addr,
+        "localhost",
+        &tls.root_cert,
+        "GET",
+        &format!("/lineage/{manifest}"),
+        b"",
+    )
+    .unwrap();
+    assert_eq!(status, 200);
+    // Not under roots that did not issue it, and not as plain HTTP.
+    let other = tls_server_cert(&dir.path().join("other-ca"));
+    let err = https(
+        &http_addr,
+        "localhost",
+        &other.root_cert,
+        "GET",
+        "/services/supportedAlgorithms",
+        b"",
+    )
+    .unwrap_err();
+    assert!(err.contains("certificate"), "{err}");
+    let mut plain = std::net::TcpStream::connect(&http_addr).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    std::io::Write::write_all(
+        &mut plain,
+        b"GET /services/supportedAlgorithms HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut plain, &mut answer);
+    assert!(!answer.starts_with(b"HTTP/"), "plain HTTP was answered");
 
     // Without the root that issued the certificate the client does not
     // trust it; plain HTTP/2 to the TLS port gets nowhere.
