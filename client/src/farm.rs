@@ -203,14 +203,22 @@ pub async fn open_state(
     .await
 }
 
+/// Where an embedded farm listens: gRPC, and optionally the Prometheus
+/// endpoint and the C2PA soft-binding HTTP API.
+#[derive(Debug, Clone, Copy)]
+pub struct FarmListen<'a> {
+    pub grpc: &'a str,
+    pub metrics: Option<&'a str>,
+    pub http: Option<&'a str>,
+}
+
 impl LocalFarm {
     /// Starts the coordinator on `listen` (port 0 picks one) and the workers,
     /// and returns once every worker has registered. With `metrics_listen`
     /// the coordinator's and the local workers' metrics are served there.
     pub async fn start(
         state_dir: &Path,
-        listen: &str,
-        metrics_listen: Option<&str>,
+        listen: &FarmListen<'_>,
         workers: &LocalWorkers,
         stamping: FarmStamping,
         auth: Option<&FarmAuth>,
@@ -243,9 +251,10 @@ impl LocalFarm {
         let mut config = CoordinatorConfig {
             watermark_key: stamping.watermark_key.clone(),
             trust_anchors: stamping.trust_anchors.clone(),
-            metrics_listen: metrics_listen.map(str::to_string),
+            metrics_listen: listen.metrics.map(str::to_string),
+            http_listen: listen.http.map(str::to_string),
             signing_identity: Some(stamping.ledger_identity.clone()),
-            ..coordinator_config(state_dir, listen)
+            ..coordinator_config(state_dir, listen.grpc)
         };
         let (mut worker_token, mut operator_token) = (None, None);
         if let Some(auth) = auth {
@@ -261,16 +270,30 @@ impl LocalFarm {
         let mut local_tls = ClientTls::default();
         if let Some(tls) = tls {
             let ca = crate::tls::FarmTlsCa::open_or_init(&state_dir.join("tls"))?;
-            let (listen_ip, listen_host) = match listen.parse::<std::net::SocketAddr>() {
+            let (listen_ip, listen_host) = match listen.grpc.parse::<std::net::SocketAddr>() {
                 Ok(addr) => (addr.ip(), None),
                 // A host name: the certificate names it.
                 Err(_) => (
                     std::net::Ipv4Addr::UNSPECIFIED.into(),
-                    listen.rsplit_once(':').map(|(host, _)| host.to_string()),
+                    listen
+                        .grpc
+                        .rsplit_once(':')
+                        .map(|(host, _)| host.to_string()),
                 ),
             };
             let mut extra = tls.names.clone();
             extra.extend(listen_host.filter(|h| crate::tls::check_name(h).is_ok()));
+            // The soft-binding API serves with the same certificate, so it
+            // names that address too.
+            extra.extend(listen.http.and_then(|http| {
+                match http.parse::<std::net::SocketAddr>() {
+                    Ok(addr) => (!addr.ip().is_unspecified()).then(|| addr.ip().to_string()),
+                    Err(_) => http
+                        .rsplit_once(':')
+                        .map(|(host, _)| host.to_string())
+                        .filter(|h| crate::tls::check_name(h).is_ok()),
+                }
+            }));
             let server = ca.issue_server(&crate::tls::server_names(listen_ip, &extra))?;
             config.tls_cert = Some(server.chain);
             config.tls_key = Some(server.key);
@@ -366,6 +389,11 @@ impl LocalFarm {
     /// Where the Prometheus endpoint is served, if it is.
     pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
         self.coordinator.metrics_addr
+    }
+
+    /// Where the C2PA soft-binding API is served (HTTPS with TLS), if it is.
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.coordinator.http_addr
     }
 
     /// Drains the workers, then stops the coordinator.

@@ -33,7 +33,7 @@ use hallmark_proto::v1::{
 use serde_json::json;
 
 use crate::config::ClientConfig;
-use crate::farm::{FarmStamping, LocalFarm, LocalWorkers};
+use crate::farm::{FarmListen, FarmStamping, LocalFarm, LocalWorkers};
 use crate::remote::{Remote, rpc};
 
 /// Hallmark: a render farm for generative images with provenance built in.
@@ -424,6 +424,10 @@ pub struct UpArgs {
     /// and the local workers' metrics); unset: none.
     #[arg(long, env = "HALLMARK_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// Address of the C2PA soft-binding resolution API, for third-party
+    /// verifiers (HTTPS with --tls); unset: none.
+    #[arg(long, env = "HALLMARK_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
     /// Local workers to start (0 for a coordinator only).
     #[arg(long)]
     pub workers: Option<u32>,
@@ -1207,16 +1211,13 @@ async fn render(cfg: &ClientConfig, mut args: RenderArgs, json: bool) -> anyhow:
                 diffusion,
             };
             let stamping = farm_stamping(cfg, &state_dir)?;
-            let farm = LocalFarm::start(
-                &state_dir,
-                "127.0.0.1:0",
-                None,
-                &workers,
-                stamping,
-                None,
-                None,
-            )
-            .await?;
+            let listen = FarmListen {
+                grpc: "127.0.0.1:0",
+                metrics: None,
+                http: None,
+            };
+            let farm =
+                LocalFarm::start(&state_dir, &listen, &workers, stamping, None, None).await?;
             if !json {
                 eprintln!(
                     "embedded farm: {} local workers, state in {}",
@@ -1301,10 +1302,14 @@ async fn up(cfg: &ClientConfig, args: UpArgs) -> anyhow::Result<i32> {
         max_batch: 4,
     };
     let stamping = farm_stamping(cfg, &state_dir)?;
+    let listen = FarmListen {
+        grpc: &args.listen,
+        metrics: args.metrics_listen.as_deref(),
+        http: args.http_listen.as_deref(),
+    };
     let farm = LocalFarm::start(
         &state_dir,
-        &args.listen,
-        args.metrics_listen.as_deref(),
+        &listen,
         &workers,
         stamping,
         auth.as_ref(),
@@ -1319,6 +1324,10 @@ async fn up(cfg: &ClientConfig, args: UpArgs) -> anyhow::Result<i32> {
     );
     if let Some(addr) = farm.metrics_addr() {
         println!("metrics on http://{addr}/metrics");
+    }
+    if let Some(addr) = farm.http_addr() {
+        let scheme = if farm.is_tls() { "https" } else { "http" };
+        println!("C2PA soft-binding API on {scheme}://{addr}");
     }
     if let Some(tls) = &tls {
         let ca = crate::tls::FarmTlsCa::in_dir(&state_dir.join("tls"));

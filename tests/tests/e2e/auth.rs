@@ -1104,11 +1104,19 @@ async fn an_embedded_farm_over_tls_admits_only_callers_with_its_client_certifica
     let ca_before = std::fs::read_to_string(&ca).unwrap();
 
     let port = free_port();
+    let http_addr = format!("127.0.0.1:{}", free_port());
     let _farm = Proc::spawn(
         "hallmark up --tls",
         &mut up(
             &format!("127.0.0.1:{port}"),
-            &["--tls", "--tls-name", "farm.test", "--tls-client-certs"],
+            &[
+                "--tls",
+                "--tls-name",
+                "farm.test",
+                "--tls-client-certs",
+                "--http-listen",
+                &http_addr,
+            ],
         ),
     );
     let url = format!("https://127.0.0.1:{port}");
@@ -1167,6 +1175,18 @@ async fn an_embedded_farm_over_tls_admits_only_callers_with_its_client_certifica
     for want in ["localhost", "127.0.0.1", "::1", "farm.test"] {
         assert!(sans.iter().any(|s| s == want), "{want} not in {sans:?}");
     }
+    // Its soft-binding API is HTTPS under the same CA, and public: no
+    // client certificate is asked for.
+    let (status, body) = https(
+        &http_addr,
+        "farm.test",
+        &ca,
+        "GET",
+        "/services/supportedAlgorithms",
+        b"",
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
 
     // Turned away: no client certificate, one from another CA, half a
     // client identity, the farm's certificate unverified, plain HTTP/2.
