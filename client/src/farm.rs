@@ -212,10 +212,25 @@ pub struct FarmListen<'a> {
     pub http: Option<&'a str>,
 }
 
+/// A listen address as a certificate names it: its IP address
+/// (unspecified for a host name), and the host name a certificate can hold.
+fn listen_parts(addr: &str) -> (std::net::IpAddr, Option<String>) {
+    match addr.parse::<std::net::SocketAddr>() {
+        Ok(addr) => (addr.ip(), None),
+        Err(_) => (
+            std::net::Ipv4Addr::UNSPECIFIED.into(),
+            addr.rsplit_once(':')
+                .map(|(host, _)| host.to_string())
+                .filter(|h| crate::tls::check_name(h).is_ok()),
+        ),
+    }
+}
+
 impl LocalFarm {
-    /// Starts the coordinator on `listen` (port 0 picks one) and the workers,
-    /// and returns once every worker has registered. With `metrics_listen`
-    /// the coordinator's and the local workers' metrics are served there.
+    /// Starts the coordinator on `listen.grpc` (port 0 picks one) and the
+    /// workers, and returns once every worker has registered. With
+    /// `listen.metrics` the coordinator's and the local workers' metrics are
+    /// served there; with `listen.http`, the soft-binding API.
     pub async fn start(
         state_dir: &Path,
         listen: &FarmListen<'_>,
@@ -270,30 +285,16 @@ impl LocalFarm {
         let mut local_tls = ClientTls::default();
         if let Some(tls) = tls {
             let ca = crate::tls::FarmTlsCa::open_or_init(&state_dir.join("tls"))?;
-            let (listen_ip, listen_host) = match listen.grpc.parse::<std::net::SocketAddr>() {
-                Ok(addr) => (addr.ip(), None),
-                // A host name: the certificate names it.
-                Err(_) => (
-                    std::net::Ipv4Addr::UNSPECIFIED.into(),
-                    listen
-                        .grpc
-                        .rsplit_once(':')
-                        .map(|(host, _)| host.to_string()),
-                ),
-            };
+            let (listen_ip, listen_host) = listen_parts(listen.grpc);
             let mut extra = tls.names.clone();
-            extra.extend(listen_host.filter(|h| crate::tls::check_name(h).is_ok()));
+            extra.extend(listen_host);
             // The soft-binding API serves with the same certificate, so it
             // names that address too.
-            extra.extend(listen.http.and_then(|http| {
-                match http.parse::<std::net::SocketAddr>() {
-                    Ok(addr) => (!addr.ip().is_unspecified()).then(|| addr.ip().to_string()),
-                    Err(_) => http
-                        .rsplit_once(':')
-                        .map(|(host, _)| host.to_string())
-                        .filter(|h| crate::tls::check_name(h).is_ok()),
-                }
-            }));
+            if let Some(http) = listen.http {
+                let (ip, host) = listen_parts(http);
+                extra.extend((!ip.is_unspecified()).then(|| ip.to_string()));
+                extra.extend(host);
+            }
             let server = ca.issue_server(&crate::tls::server_names(listen_ip, &extra))?;
             config.tls_cert = Some(server.chain);
             config.tls_key = Some(server.key);
@@ -391,9 +392,9 @@ impl LocalFarm {
         self.coordinator.metrics_addr
     }
 
-    /// Where the C2PA soft-binding API is served (HTTPS with TLS), if it is.
-    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
-        self.coordinator.http_addr
+    /// Where the C2PA soft-binding API is served, if it is.
+    pub fn http_url(&self) -> Option<String> {
+        self.coordinator.http_url()
     }
 
     /// Drains the workers, then stops the coordinator.

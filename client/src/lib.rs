@@ -1145,11 +1145,8 @@ fn check_local_job(d: &hallmark_worker::DiffusionConfig, built: &BuiltSpec) -> a
     };
     let folder = hallmark_diffusion::model::ModelFolder::open(dir, d.variant.as_deref())?;
     let from_noise = built.init_images.is_empty();
-    if folder.refiner && from_noise {
-        bail!(
-            "{} is an SDXL refiner: it refines an image and does not draw from noise; give it an --init-image, or make it the job's --refine-model",
-            dir.display()
-        );
+    if from_noise {
+        folder.check_draws_from_noise()?;
     }
     if let Some(latents) = &d.init_latents {
         if !from_noise {
@@ -1160,8 +1157,7 @@ fn check_local_job(d: &hallmark_worker::DiffusionConfig, built: &BuiltSpec) -> a
         let items = spec.prompts.len() as u64 * u64::from(spec.images_per_prompt.max(1));
         hallmark_worker::diffusion::check_init_latents(
             latents,
-            dir,
-            d.variant.as_deref(),
+            &folder,
             spec.width,
             spec.height,
             items,
@@ -1325,9 +1321,8 @@ async fn up(cfg: &ClientConfig, args: UpArgs) -> anyhow::Result<i32> {
     if let Some(addr) = farm.metrics_addr() {
         println!("metrics on http://{addr}/metrics");
     }
-    if let Some(addr) = farm.http_addr() {
-        let scheme = if farm.is_tls() { "https" } else { "http" };
-        println!("C2PA soft-binding API on {scheme}://{addr}");
+    if let Some(url) = farm.http_url() {
+        println!("C2PA soft-binding API on {url}");
     }
     if let Some(tls) = &tls {
         let ca = crate::tls::FarmTlsCa::in_dir(&state_dir.join("tls"));

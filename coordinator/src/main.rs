@@ -82,9 +82,8 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("starting the coordinator")?;
     println!("listening on {}", running.addr);
-    if let Some(http) = running.http_addr {
-        let scheme = if running.tls { "https" } else { "http" };
-        println!("soft-binding API on {scheme}://{http}");
+    if let Some(url) = running.http_url() {
+        println!("soft-binding API on {url}");
     }
     if let Some(metrics) = running.metrics_addr {
         println!("metrics on http://{metrics}/metrics");

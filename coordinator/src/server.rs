@@ -51,8 +51,18 @@ pub struct RunningCoordinator {
 impl RunningCoordinator {
     /// `http://addr` (`https://` with TLS), for clients and workers.
     pub fn url(&self) -> String {
-        let scheme = if self.tls { "https" } else { "http" };
-        format!("{scheme}://{}", self.addr)
+        format!("{}://{}", self.scheme(), self.addr)
+    }
+
+    /// The soft-binding API's `http://addr` (`https://` with TLS, which it
+    /// serves too), when `http_listen` is set.
+    pub fn http_url(&self) -> Option<String> {
+        self.http_addr
+            .map(|addr| format!("{}://{addr}", self.scheme()))
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls { "https" } else { "http" }
     }
 
     /// Stops accepting calls, lets running ones finish, stops the reaper and

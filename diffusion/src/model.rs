@@ -327,6 +327,18 @@ impl ModelFolder {
         })
     }
 
+    /// Refuses to draw from noise with SDXL's refiner, which only refines
+    /// an image (img2img).
+    pub fn check_draws_from_noise(&self) -> Result<(), DiffusionError> {
+        if self.refiner {
+            return Err(DiffusionError::BadRequest(format!(
+                "{} is an SDXL refiner: it refines an image and does not draw from noise; give it an init image, or make it a job's --refine-model",
+                self.root.display()
+            )));
+        }
+        Ok(())
+    }
+
     pub fn weight_files(&self) -> impl Iterator<Item = &WeightFile> {
         self.unet
             .iter()

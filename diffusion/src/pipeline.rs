@@ -627,11 +627,8 @@ impl StableDiffusion {
         }
         let (lh, lw, c) = (req.height / f, req.width / f, self.latent_channels());
         let cpu = Device::Cpu;
-        if self.folder.refiner && req.init_images.is_none() {
-            return Err(DiffusionError::BadRequest(format!(
-                "{} is an SDXL refiner: it refines an image and does not draw from noise; give it an init image, or make it a job's --refine-model",
-                self.folder.root.display()
-            )));
+        if req.init_images.is_none() {
+            self.folder.check_draws_from_noise()?;
         }
 
         // 1. Text: the prompts, and the negatives when guidance is on.

@@ -282,14 +282,13 @@ pub fn latent_shape(channels: usize, factor: usize, width: u32, height: u32) -> 
 /// submitted: its rows (one, or one per item) and each row's shape.
 pub fn check_init_latents(
     path: &std::path::Path,
-    model: &std::path::Path,
-    variant: Option<&str>,
+    model: &ModelFolder,
     width: u32,
     height: u32,
     items: u64,
 ) -> anyhow::Result<()> {
     let t = hallmark_diffusion::latents::read_latents(path)?;
-    let vae = ModelFolder::open(model, variant)?.vae_config()?;
+    let vae = model.vae_config()?;
     let need = latent_shape(vae.latent_channels, vae.scale_factor(), width, height);
     let rows = t.dims()[0] as u64;
     if t.dims()[1..] != need[1..] {
@@ -297,7 +296,7 @@ pub fn check_init_latents(
             "--init-latents {}: latents of shape {:?}, but a {width}x{height} render of {} needs {:?} for each image",
             path.display(),
             t.dims(),
-            model.display(),
+            model.root.display(),
             need
         );
     }

@@ -49,28 +49,11 @@ impl Store {
     /// Refuses a job no registered worker can run (unless `queue_unservable`)
     /// and a model nobody has heard of, before anything is written.
     pub async fn check_servable(&self, job: &ExpandedJob, queue_unservable: bool) -> Result<()> {
-        // A model that only refines cannot draw an item from noise.
-        if job.items.iter().any(|i| i.init_image.is_none()) {
-            let refines_only = sqlx::query("SELECT refines_only FROM models WHERE id = $1")
-                .bind(&job.model_id)
-                .fetch_optional(&self.pool)
-                .await?
-                .map(|r| r.try_get::<i64, _>("refines_only"))
-                .transpose()?
-                .unwrap_or(0)
-                != 0;
-            if refines_only {
-                return Err(StoreError::Spec(SpecError {
-                    field: "model_id".into(),
-                    message: format!(
-                        "model {:?} refines images and does not draw from noise (an SDXL refiner); give its items an init image, or make it the job's refine model",
-                        job.model_id
-                    ),
-                }));
-            }
-        }
+        // The job's own model draws the items without an init image from noise.
+        let from_noise = job.items.iter().any(|i| i.init_image.is_none());
         for (model_id, needed) in job.models() {
-            self.check_model_servable(&job.engine, model_id, needed, queue_unservable)
+            let draws = from_noise && model_id == job.model_id;
+            self.check_model_servable(&job.engine, model_id, needed, draws, queue_unservable)
                 .await?;
         }
         Ok(())
@@ -81,17 +64,26 @@ impl Store {
         engine: &str,
         model_id: &str,
         needed: u64,
+        draws_from_noise: bool,
         queue_unservable: bool,
     ) -> Result<()> {
-        let known = sqlx::query("SELECT id FROM models WHERE id = $1")
+        let Some(model) = sqlx::query("SELECT refines_only FROM models WHERE id = $1")
             .bind(model_id)
             .fetch_optional(&self.pool)
             .await?
-            .is_some();
-        if !known {
+        else {
             return Err(StoreError::NotFound(format!(
                 "unknown model {model_id:?}: register it (`hallmark models register`) or start a worker that serves it"
             )));
+        };
+        // A model that only refines cannot draw an item from noise.
+        if draws_from_noise && model.try_get::<i64, _>("refines_only")? != 0 {
+            return Err(StoreError::Spec(SpecError {
+                field: "model_id".into(),
+                message: format!(
+                    "model {model_id:?} refines images and does not draw from noise (an SDXL refiner); give its items an init image, or make it the job's refine model"
+                ),
+            }));
         }
         if queue_unservable {
             return Ok(());
