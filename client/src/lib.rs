@@ -498,6 +498,11 @@ pub enum ModelsCommand {
         /// The weights variant the workers serve (fp16), as their --variant.
         #[arg(long, requires = "model_path")]
         variant: Option<String>,
+        /// The model refines images and cannot draw from noise (an SDXL
+        /// refiner given by --weights; a --model-path folder says so
+        /// itself): a job rendering from noise with it is refused.
+        #[arg(long, conflicts_with = "model_path")]
+        refines_only: bool,
         #[arg(long, default_value = "unknown")]
         license: String,
         #[arg(long)]
@@ -868,12 +873,13 @@ async fn remote_command(
             weights,
             model_path,
             variant,
+            refines_only,
             license,
             parent,
             datasets,
         }) => {
             let mut files = Vec::new();
-            let mut refines_only = false;
+            let mut refines_only = refines_only;
             if let Some(reference) = &model_path {
                 let dir = hallmark_diffusion::hub::resolve(reference, variant.as_deref())?;
                 let folder =

@@ -201,6 +201,28 @@ impl BlobStore {
 }
 
 impl BlobStore {
+    /// Deletes the blob `sha256`; one that is not there is no error. In a
+    /// bucket under object lock the deletion fails until its retention ends.
+    pub async fn remove(&self, sha256: &str) -> Result<(), BlobError> {
+        Self::check_name(sha256)?;
+        match &self.backend {
+            Backend::Local(root) => {
+                let path = root.join(&sha256[..2]).join(sha256);
+                match tokio::fs::remove_file(&path).await {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(io(&path)(e)),
+                }
+            }
+            Backend::Object { store, prefix } => {
+                match store.delete(&Self::object_path(prefix, sha256)).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                    Err(e) => Err(e.into()),
+                }
+            }
+        }
+    }
+
     fn check_named(dir: &str, name: &str) -> Result<(), BlobError> {
         let plain = |s: &str| {
             !s.is_empty()

@@ -97,6 +97,14 @@ pub struct CoordinatorConfig {
     /// RESOURCE_EXHAUSTED. Applies to tenants known by their token (`auth =
     /// "tokens"`); 0 means no limit.
     pub tenant_upload_bytes_per_minute: u64,
+    /// How long an uploaded input image (img2img) is kept after its last
+    /// use (its upload, or the submission or retry of a job that starts
+    /// from it), never while an unfinished task starts from it. Then its
+    /// blob is deleted (unless an artifact is the same image) and its row
+    /// kept as purged, so the lineage of what was made from it still names
+    /// its hash; a job naming it is refused until it is uploaded again. 0
+    /// keeps inputs forever.
+    pub input_retention_ms: u64,
     /// Per-tenant overrides of the cap and the rates, e.g.
     /// `[tenants.acme] max_running = 8`, `submit_items_per_minute = 5000`
     /// and `upload_bytes_per_minute = 1000000000`.
@@ -179,6 +187,19 @@ pub struct CoordinatorConfig {
     /// Address of the HTTP C2PA soft-binding resolution API; unset: off.
     /// HTTPS with `tls_cert` (no client certificates: the API is public).
     pub http_listen: Option<String>,
+    /// Requests one client address may make to the HTTP API per minute, as
+    /// a bucket like the submit rate's (shared by the replicas through
+    /// Redis); a request over it is answered 429 with `Retry-After`. An
+    /// IPv6 client is counted by its /64 network, which one host can fill
+    /// with addresses. 0 means no limit.
+    pub http_requests_per_minute: u32,
+    /// The header a reverse proxy in front of the HTTP API writes the
+    /// client's address into, e.g. `x-forwarded-for`: the API counts its
+    /// requests by the header's last address (the one the proxy added)
+    /// instead of the connection's peer (the proxy). Unset: the peer. Set
+    /// it only behind such a proxy: anyone reaching the API directly could
+    /// name any address in it.
+    pub http_client_address_header: Option<String>,
     /// Address of the Prometheus endpoint (`GET /metrics`), e.g.
     /// `0.0.0.0:9464`; unset: no metrics are kept. Keep it off the public
     /// network: it names tenants and models.
@@ -226,6 +247,7 @@ impl Default for CoordinatorConfig {
             tenant_max_running: 0,
             tenant_submit_items_per_minute: 0,
             tenant_upload_bytes_per_minute: 0,
+            input_retention_ms: 30 * 24 * 3_600_000,
             tenants: BTreeMap::new(),
             watermark_key: hallmark_provenance::watermark::DEVELOPMENT_KEY.into(),
             trust_anchors: None,
@@ -246,6 +268,8 @@ impl Default for CoordinatorConfig {
             tls_client_ca: None,
             tls_revoked_certs: None,
             http_listen: None,
+            http_requests_per_minute: 600,
+            http_client_address_header: None,
             metrics_listen: None,
         }
     }

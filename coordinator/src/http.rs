@@ -9,15 +9,20 @@
 //! - `GET  /manifests/{manifestId}` (the C2PA manifest store, `application/c2pa`)
 //! - `GET  /lineage/{manifestId}` (Hallmark's own: the lineage as JSON,
 //!   without private fields)
+//!
+//! The API is public, so each client address has a rate bucket
+//! (`http_requests_per_minute`, shared by the replicas through Redis): a
+//! request over it is answered 429 with `Retry-After`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderName, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine as _;
@@ -33,8 +38,11 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::auth::PrivateView;
+use crate::config::CoordinatorConfig;
+use crate::metrics as m;
+use crate::rate::{Quota, RateRefusal};
 use crate::service::{Coordinator, Resolution};
-use crate::store::ArtifactKey;
+use crate::store::{ArtifactKey, now_ms};
 
 const MAX_CONTENT: usize = 64 * 1024 * 1024;
 
@@ -61,6 +69,92 @@ pub fn tls_acceptor(cert_pem: &[u8], key_pem: &[u8]) -> anyhow::Result<TlsAccept
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// How the API counts a client's requests.
+#[derive(Debug, Clone)]
+pub struct ClientRate {
+    /// Requests per minute per client; 0: no limit.
+    per_minute: u32,
+    /// The proxy's header naming the client, when there is a proxy.
+    address_header: Option<HeaderName>,
+}
+
+impl ClientRate {
+    /// `http_requests_per_minute` and `http_client_address_header`.
+    pub fn from_config(config: &CoordinatorConfig) -> anyhow::Result<Self> {
+        let address_header = match config.http_client_address_header.as_deref() {
+            None | Some("") => None,
+            Some(name) => Some(HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                anyhow::anyhow!(
+                    "http_client_address_header {name:?} is not an HTTP header name (e.g. x-forwarded-for)"
+                )
+            })?),
+        };
+        Ok(Self {
+            per_minute: config.http_requests_per_minute,
+            address_header,
+        })
+    }
+
+    /// Whose bucket a request from `peer` with `headers` counts in: the
+    /// proxy header's last address when one is configured and readable,
+    /// else the peer's.
+    fn client(&self, peer: IpAddr, headers: &HeaderMap) -> String {
+        let forwarded = self.address_header.as_ref().and_then(|name| {
+            let value = headers.get_all(name).iter().next_back()?.to_str().ok()?;
+            let last = value.rsplit(',').next()?.trim();
+            last.parse::<IpAddr>()
+                .ok()
+                .or_else(|| last.parse::<SocketAddr>().ok().map(|a| a.ip()))
+        });
+        client_key(forwarded.unwrap_or(peer))
+    }
+}
+
+/// The bucket of one address: IPv4 as it is, IPv6 by its /64 (one host is
+/// commonly given a whole /64), an IPv4-mapped IPv6 address as the IPv4.
+fn client_key(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = v6.segments();
+                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        },
+    }
+}
+
+/// Admits a request under its client's bucket, or answers 429.
+async fn limit_rate(
+    State((state, rate)): State<(Arc<Coordinator>, Arc<ClientRate>)>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let client = rate.client(peer.ip(), request.headers());
+    let limit = u64::from(rate.per_minute);
+    match state
+        .limiter
+        .admit(Quota::ApiRequests, &client, 1, limit, now_ms())
+        .await
+    {
+        Ok(()) => next.run(request).await,
+        Err(refusal) => {
+            metrics::counter!(m::API_RATE_LIMITED).increment(1);
+            let retry_after = match &refusal {
+                RateRefusal::Exhausted { retry_after, .. } => retry_after.as_secs().max(1),
+                RateRefusal::TooLarge { .. } => 60,
+            };
+            let mut response = problem(StatusCode::TOO_MANY_REQUESTS, refusal.to_string());
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, retry_after.into());
+            response
+        }
+    }
+}
+
 /// Starts serving on `listener` until `shutdown` turns true: HTTPS with
 /// `tls` (the gRPC server's certificate), else plain HTTP.
 pub fn serve(
@@ -68,6 +162,7 @@ pub fn serve(
     state: Arc<Coordinator>,
     mut shutdown: watch::Receiver<bool>,
     tls: Option<TlsAcceptor>,
+    rate: ClientRate,
 ) -> std::io::Result<SocketAddr> {
     let addr = listener.local_addr()?;
     let app = Router::new()
@@ -77,6 +172,10 @@ pub fn serve(
         .route("/manifests/{id}", get(manifest))
         .route("/lineage/{id}", get(lineage))
         .layer(DefaultBodyLimit::max(MAX_CONTENT))
+        .layer(middleware::from_fn_with_state(
+            (state.clone(), Arc::new(rate)),
+            limit_rate,
+        ))
         .with_state(state);
     if let Some(tls) = tls {
         tokio::spawn(serve_tls(listener, app, tls, shutdown));
@@ -86,7 +185,8 @@ pub fn serve(
         let stop = async move {
             let _ = shutdown.wait_for(|s| *s).await;
         };
-        if let Err(e) = axum::serve(listener, app)
+        let service = app.into_make_service_with_connect_info::<SocketAddr>();
+        if let Err(e) = axum::serve(listener, service)
             .with_graceful_shutdown(stop)
             .await
         {
@@ -120,7 +220,8 @@ async fn serve_tls(
             },
             _ = async { drop(shutdown.wait_for(|s| *s).await) } => return,
         };
-        let (tls, app) = (tls.clone(), app.clone());
+        let tls = tls.clone();
+        let app = app.clone().layer(axum::Extension(ConnectInfo(peer)));
         tokio::spawn(async move {
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
                 Ok(Ok(stream)) => stream,
@@ -315,5 +416,86 @@ async fn lineage(State(state): State<Arc<Coordinator>>, Path(id): Path<String>) 
         .into_response(),
         Ok(None) => problem(StatusCode::NOT_FOUND, format!("no manifest {id:?}")),
         Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rate(header: Option<&str>) -> ClientRate {
+        let config = CoordinatorConfig {
+            http_client_address_header: header.map(str::to_string),
+            ..CoordinatorConfig::default()
+        };
+        ClientRate::from_config(&config).unwrap()
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+        map
+    }
+
+    #[test]
+    fn a_client_is_its_address_and_an_ipv6_client_its_slash_64() {
+        let direct = rate(None);
+        let none = HeaderMap::new();
+        let peer = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(direct.client(peer("203.0.113.7"), &none), "203.0.113.7");
+        // Two addresses of one /64 share a bucket; another /64 has its own.
+        let a = direct.client(peer("2001:db8:1:2::1"), &none);
+        let b = direct.client(peer("2001:db8:1:2:ffff:ee:dd:cc"), &none);
+        let c = direct.client(peer("2001:db8:1:3::1"), &none);
+        assert_eq!(
+            (a.as_str(), a == b, a == c),
+            ("2001:db8:1:2::/64", true, false)
+        );
+        assert_eq!(
+            direct.client(peer("::ffff:198.51.100.4"), &none),
+            "198.51.100.4"
+        );
+        // Without a configured header, a client cannot choose its bucket.
+        let spoofed = headers(&[("x-forwarded-for", "192.0.2.1")]);
+        assert_eq!(direct.client(peer("203.0.113.7"), &spoofed), "203.0.113.7");
+    }
+
+    #[test]
+    fn behind_a_proxy_the_client_is_the_last_address_the_proxy_added() {
+        let proxied = rate(Some("X-Forwarded-For"));
+        let proxy = "10.0.0.2".parse::<IpAddr>().unwrap();
+        // The client may send its own header; the proxy appends the
+        // address it saw, last.
+        let h = headers(&[("x-forwarded-for", "192.0.2.1, 198.51.100.9")]);
+        assert_eq!(proxied.client(proxy, &h), "198.51.100.9");
+        let h = headers(&[
+            ("x-forwarded-for", "192.0.2.1"),
+            ("x-forwarded-for", "198.51.100.10"),
+        ]);
+        assert_eq!(proxied.client(proxy, &h), "198.51.100.10");
+        let h = headers(&[("x-forwarded-for", "[2001:db8::5]:443")]);
+        assert_eq!(proxied.client(proxy, &h), "2001:db8:0:0::/64");
+        // No header, or one that names no address: the peer.
+        assert_eq!(proxied.client(proxy, &HeaderMap::new()), "10.0.0.2");
+        let h = headers(&[("x-forwarded-for", "unknown")]);
+        assert_eq!(proxied.client(proxy, &h), "10.0.0.2");
+    }
+
+    #[test]
+    fn a_client_address_header_that_is_no_header_name_is_refused() {
+        let config = CoordinatorConfig {
+            http_client_address_header: Some("x forwarded".into()),
+            ..CoordinatorConfig::default()
+        };
+        let err = ClientRate::from_config(&config).unwrap_err().to_string();
+        assert!(
+            err.contains("\"x forwarded\" is not an HTTP header name"),
+            "{err}"
+        );
     }
 }

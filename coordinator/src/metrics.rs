@@ -20,6 +20,8 @@ use crate::store::{Census, now_ms};
 pub const JOBS_SUBMITTED: &str = "hallmark_jobs_submitted_total";
 pub const SUBMITS_RATE_LIMITED: &str = "hallmark_submits_rate_limited_total";
 pub const UPLOADS_RATE_LIMITED: &str = "hallmark_uploads_rate_limited_total";
+pub const API_RATE_LIMITED: &str = "hallmark_http_api_rate_limited_total";
+pub const INPUTS_PURGED: &str = "hallmark_inputs_purged_total";
 pub const TASKS_SUBMITTED: &str = "hallmark_tasks_submitted_total";
 pub const JOBS_FINISHED: &str = "hallmark_jobs_finished_total";
 pub const TASKS_LEASED: &str = "hallmark_tasks_leased_total";
@@ -54,6 +56,14 @@ pub fn describe() {
     describe_counter!(
         UPLOADS_RATE_LIMITED,
         "Input uploads refused by the tenant's upload rate limit, by tenant."
+    );
+    describe_counter!(
+        API_RATE_LIMITED,
+        "Soft-binding HTTP API requests refused by the per-client rate limit (http_requests_per_minute)."
+    );
+    describe_counter!(
+        INPUTS_PURGED,
+        "Input images purged by this replica after input_retention_ms unused."
     );
     describe_counter!(TASKS_SUBMITTED, "Tasks created by accepted jobs.");
     describe_counter!(

@@ -1,9 +1,10 @@
-//! Per-tenant rate limits: token buckets of submitted items and of uploaded
-//! input bytes.
+//! Rate limits: token buckets of each tenant's submitted items and uploaded
+//! input bytes, and of each client's requests to the public HTTP API.
 //!
-//! A tenant's bucket holds up to one minute's allowance (items — prompts ×
-//! images — for submits, bytes for input uploads) and refills continuously;
-//! a job or an upload is admitted when the bucket holds all of it. With
+//! A bucket holds up to one minute's allowance (items — prompts × images —
+//! for submits, bytes for input uploads, requests for the API) and refills
+//! continuously; a job, an upload or a request is admitted when the bucket
+//! holds all of it. With
 //! Redis the bucket is shared by every replica (a script updates it
 //! atomically, on Redis's clock); without Redis, or while Redis cannot be
 //! reached, each replica keeps its own bucket. A limit is a hint in
@@ -21,6 +22,8 @@ pub enum Quota {
     SubmitItems,
     /// Bytes of uploaded input images.
     UploadBytes,
+    /// Requests of one client address to the soft-binding HTTP API.
+    ApiRequests,
 }
 
 impl Quota {
@@ -28,6 +31,7 @@ impl Quota {
         match self {
             Quota::SubmitItems => "submit",
             Quota::UploadBytes => "upload",
+            Quota::ApiRequests => "api",
         }
     }
 
@@ -35,6 +39,7 @@ impl Quota {
         match self {
             Quota::SubmitItems => "items",
             Quota::UploadBytes => "bytes",
+            Quota::ApiRequests => "requests",
         }
     }
 
@@ -43,6 +48,15 @@ impl Quota {
         match self {
             Quota::SubmitItems => "the job has",
             Quota::UploadBytes => "the upload is",
+            Quota::ApiRequests => "the request costs",
+        }
+    }
+
+    /// Whose bucket it is.
+    fn holder(self) -> &'static str {
+        match self {
+            Quota::SubmitItems | Quota::UploadBytes => "tenant",
+            Quota::ApiRequests => "client",
         }
     }
 }
@@ -53,14 +67,15 @@ pub enum RateRefusal {
     /// The bucket cannot hold this much: it can never pass.
     TooLarge {
         quota: Quota,
-        tenant: String,
+        /// The tenant or client address whose bucket it is.
+        holder: String,
         amount: u64,
         limit: u64,
     },
     /// Not now: the bucket refills enough in `retry_after`.
     Exhausted {
         quota: Quota,
-        tenant: String,
+        holder: String,
         amount: u64,
         limit: u64,
         available: u64,
@@ -73,24 +88,26 @@ impl fmt::Display for RateRefusal {
         match self {
             RateRefusal::TooLarge {
                 quota,
-                tenant,
+                holder,
                 amount,
                 limit,
             } => {
                 let unit = quota.unit();
                 write!(
                     f,
-                    "{} {amount} {unit}, over tenant {tenant:?}'s limit of {limit} {unit} per minute; ",
-                    quota.subject()
+                    "{} {amount} {unit}, over {} {holder:?}'s limit of {limit} {unit} per minute; ",
+                    quota.subject(),
+                    quota.holder()
                 )?;
                 match quota {
                     Quota::SubmitItems => write!(f, "split it into jobs of at most {limit}"),
                     Quota::UploadBytes => write!(f, "upload a smaller image"),
+                    Quota::ApiRequests => write!(f, "the API's limit is too low to serve it"),
                 }
             }
             RateRefusal::Exhausted {
                 quota,
-                tenant,
+                holder,
                 amount,
                 limit,
                 available,
@@ -99,7 +116,8 @@ impl fmt::Display for RateRefusal {
                 let unit = quota.unit();
                 write!(
                     f,
-                    "tenant {tenant:?} is over its limit of {limit} {unit} per minute ({available} available now, {} {amount}); retry in {}s",
+                    "{} {holder:?} is over its limit of {limit} {unit} per minute ({available} available now, {} {amount}); retry in {}s",
+                    quota.holder(),
                     quota.subject(),
                     retry_after.as_secs().max(1)
                 )
@@ -110,8 +128,8 @@ impl fmt::Display for RateRefusal {
 
 impl std::error::Error for RateRefusal {}
 
-/// Tenants' item buckets, in Redis when configured.
-pub struct SubmitLimiter {
+/// The rate buckets of one replica, in Redis when configured.
+pub struct RateLimiter {
     redis: Option<redis::Client>,
     connection: tokio::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
     /// After Redis fails, it is not tried again before this: a submit
@@ -169,11 +187,11 @@ impl Bucket {
     }
 }
 
-fn key(quota: Quota, tenant: &str) -> String {
-    format!("hallmark:rate:{}:{tenant}", quota.key())
+fn key(quota: Quota, holder: &str) -> String {
+    format!("hallmark:rate:{}:{holder}", quota.key())
 }
 
-impl SubmitLimiter {
+impl RateLimiter {
     /// Buckets in this process only.
     pub fn local() -> Self {
         Self {
@@ -192,12 +210,13 @@ impl SubmitLimiter {
         })
     }
 
-    /// Admits `amount` of `tenant`'s `quota` under `limit` per minute (0:
-    /// no limit), or says why not and when to try again.
+    /// Admits `amount` of `holder`'s (a tenant's or a client address's)
+    /// `quota` under `limit` per minute (0: no limit), or says why not and
+    /// when to try again.
     pub async fn admit(
         &self,
         quota: Quota,
-        tenant: &str,
+        holder: &str,
         amount: u64,
         limit: u64,
         now_ms: i64,
@@ -208,12 +227,12 @@ impl SubmitLimiter {
         if amount > limit {
             return Err(RateRefusal::TooLarge {
                 quota,
-                tenant: tenant.to_string(),
+                holder: holder.to_string(),
                 amount,
                 limit,
             });
         }
-        let bucket = key(quota, tenant);
+        let bucket = key(quota, holder);
         let (admitted, left) = self.take(&bucket, limit, amount as f64, now_ms).await;
         if admitted {
             return Ok(());
@@ -222,7 +241,7 @@ impl SubmitLimiter {
         let retry_after = Duration::from_millis((missing * 60_000.0 / limit as f64).ceil() as u64);
         Err(RateRefusal::Exhausted {
             quota,
-            tenant: tenant.to_string(),
+            holder: holder.to_string(),
             amount,
             limit,
             available: left.floor() as u64,
@@ -308,7 +327,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_bucket_admits_a_minutes_items_refills_over_time_and_refunds() {
-        let l = SubmitLimiter::local();
+        let l = RateLimiter::local();
         l.admit(Quota::SubmitItems, "acme", 6, 10, 0).await.unwrap();
         let err = l
             .admit(Quota::SubmitItems, "acme", 6, 10, 1_000)
@@ -366,7 +385,7 @@ mod tests {
 
     #[tokio::test]
     async fn upload_bytes_have_their_own_bucket_beside_the_items() {
-        let l = SubmitLimiter::local();
+        let l = RateLimiter::local();
         l.admit(Quota::SubmitItems, "acme", 10, 10, 0)
             .await
             .unwrap();

@@ -195,11 +195,12 @@ pub async fn start_on(
         config.verify_watermark_on_upload,
     );
     let http_listener = match &config.http_listen {
-        Some(addr) if !addr.is_empty() => Some(
+        Some(addr) if !addr.is_empty() => Some((
             TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("listening for HTTP on {addr}"))?,
-        ),
+            crate::http::ClientRate::from_config(&config)?,
+        )),
         _ => None,
     };
     let metrics = match &config.metrics_listen {
@@ -244,10 +245,21 @@ pub async fn start_on(
     let reaper_state = state.clone();
     let reaper = tokio::spawn(async move {
         let every = Duration::from_millis(reaper_state.config.reap_interval_ms.max(10));
+        let retention = reaper_state.config.input_retention_ms;
+        // Inputs are looked at a tenth of their retention apart, at least
+        // every minute.
+        let sweep_every = Duration::from_millis((retention / 10).clamp(100, 60_000));
+        let mut next_sweep = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(every).await;
             if let Err(e) = reaper_state.reap_once().await {
                 tracing::warn!(error = %e, "reap pass failed; will retry");
+            }
+            if retention > 0 && tokio::time::Instant::now() >= next_sweep {
+                next_sweep = tokio::time::Instant::now() + sweep_every;
+                if let Err(e) = reaper_state.purge_unused_inputs().await {
+                    tracing::warn!(error = %e, "input retention pass failed; will retry");
+                }
             }
         }
     });
@@ -297,11 +309,12 @@ pub async fn start_on(
             gate,
         ));
     let http_addr = match http_listener {
-        Some(l) => Some(crate::http::serve(
-            l,
+        Some((listener, rate)) => Some(crate::http::serve(
+            listener,
             state.clone(),
             shutdown_rx.clone(),
             http_tls,
+            rate,
         )?),
         None => None,
     };

@@ -6,11 +6,13 @@
 
 use std::collections::HashSet;
 
+use hallmark_coordinator::blobs::BlobError;
 use hallmark_coordinator::spec::{self, ExpandedJob, Limits};
 use hallmark_coordinator::stamps::CheckedStamp;
 use hallmark_coordinator::store::{
-    ArtifactKey, AttemptEnd, Census, ClientCert, Completion, JobControl, LeasePolicy, ModelWorkers,
-    NewJob, Store, StoreError, WorkerCaps, WorkerRegistration,
+    ArtifactKey, AttemptEnd, Census, ClientCert, Completion, InputRecorded, JobControl,
+    LeasePolicy, ModelWorkers, NewJob, PurgedInput, Store, StoreError, WorkerCaps,
+    WorkerRegistration,
 };
 use hallmark_proto::v1::{
     Dataset, JobSpec, Model, ModelCapability, PromptItem, TaskLease, WeightFile,
@@ -184,6 +186,11 @@ fn done(w: &WorkerCaps, l: &TaskLease) -> Completion {
     }
 }
 
+/// A blob publication (or deletion) that succeeds.
+async fn published() -> Result<(), BlobError> {
+    Ok(())
+}
+
 async fn count(s: &Store, sql: &str) -> i64 {
     sqlx::query_scalar::<_, i64>(sql)
         .fetch_one(s.pool())
@@ -267,6 +274,144 @@ both_stores! {
         assert_eq!((census.running_jobs, census.paused_jobs), (0, 0));
     }
 
+    async fn an_input_unused_past_its_retention_is_purged_and_an_upload_restores_it(s: &Store) {
+        let input = hallmark_proto::v1::InputImage {
+            sha256: "cd".repeat(32),
+            media_type: "image/png".into(),
+            width: 64,
+            height: 64,
+            size: 99,
+        };
+        let sha = input.sha256.as_str();
+        // A failed publication records nothing.
+        let refused = s
+            .record_input(&input, "acme", 5, async { Err(BlobError::Missing("disk".into())) })
+            .await;
+        assert!(matches!(refused, Err(StoreError::Blob(_))), "{refused:?}");
+        assert!(s.find_input(sha).await.unwrap().is_none());
+        assert_eq!(s.record_input(&input, "acme", 5, published()).await.unwrap(), InputRecorded::New);
+        assert_eq!(s.record_input(&input, "acme", 6, published()).await.unwrap(), InputRecorded::Known);
+
+        let img2img = |prompts| {
+            let mut j = job(prompts, 0);
+            for item in &mut j.items {
+                item.init_image = Some(spec::InitImage { sha256: sha.into(), strength: 0.5 });
+            }
+            j
+        };
+        let submit_at = |id: &'static str, j: ExpandedJob, now: i64| async move {
+            let new = NewJob { id, job: &j, spec_json: "{}", tenant_cap: 0, submitted_by: "" };
+            s.submit(&new, &POLICY, now).await
+        };
+        // Submitted at 100: used then. Its unfinished tasks keep it past any cutoff.
+        submit_at("j1", img2img(1), 100).await.unwrap();
+        let removals = std::sync::atomic::AtomicUsize::new(0);
+        let remove = || async {
+            removals.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        };
+        assert!(s.unused_inputs(10_000, 10).await.unwrap().is_empty());
+        assert_eq!(s.purge_input(sha, 10_000, 10_000, remove).await.unwrap(), None);
+        // Its task fails for good, and the job with it: no unfinished task
+        // starts from the input.
+        let w = worker(s, "w1", 1).await;
+        let l = lease(s, &w, 1, 200).await.remove(0);
+        s.fail("w1", &l.task_id, l.fencing_token, "bad", AttemptEnd::FailedForGood, 210).await.unwrap();
+        s.reap(220).await.unwrap();
+        // Used at 100: not unused since before 100, unused since before 101.
+        assert!(s.unused_inputs(100, 10).await.unwrap().is_empty());
+        assert_eq!(s.purge_input(sha, 100, 10_000, remove).await.unwrap(), None);
+        assert_eq!(s.unused_inputs(101, 10).await.unwrap(), [sha]);
+        // A blob that cannot be deleted leaves the input as it was.
+        let stuck = s
+            .purge_input(sha, 101, 10_000, || async { Err(BlobError::Missing("locked".into())) })
+            .await;
+        assert!(matches!(stuck, Err(StoreError::Blob(_))), "{stuck:?}");
+        assert!(s.find_input(sha).await.unwrap().is_some());
+        assert_eq!(removals.load(std::sync::atomic::Ordering::SeqCst), 0);
+        let purged = s.purge_input(sha, 101, 10_000, remove).await.unwrap();
+        assert_eq!(
+            purged,
+            Some(PurgedInput { sha256: sha.into(), last_used_at: 100, blob_kept: false })
+        );
+        assert_eq!(removals.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(s.purge_input(sha, 20_000, 20_000, remove).await.unwrap(), None, "purged once");
+        assert!(s.find_input(sha).await.unwrap().is_none());
+        assert!(!s.blob_known(sha).await.unwrap(), "workers cannot fetch a purged input");
+        assert_eq!(s.input_purged_at(sha).await.unwrap(), Some(10_000));
+        assert_eq!(s.input_purged_at(&"ef".repeat(32)).await.unwrap(), None);
+
+        // A job naming it is refused, and writes nothing; so is retrying
+        // the job whose failed task starts from it.
+        let jobs = count(s, "SELECT CAST(COUNT(*) AS BIGINT) FROM jobs").await;
+        let err = submit_at("j2", img2img(1), 11_000).await.unwrap_err();
+        assert!(matches!(&err, StoreError::Spec(e) if e.message.contains("is no longer stored")), "{err}");
+        assert_eq!(count(s, "SELECT CAST(COUNT(*) AS BIGINT) FROM jobs").await, jobs);
+        let retry = s.control("j1", JobControl::RetryFailed, 11_000).await;
+        assert!(matches!(&retry, Err(StoreError::Refused(m)) if m.contains("cannot retry job j1: input image")), "{retry:?}");
+
+        // Uploaded again: restored, and usable.
+        assert_eq!(s.record_input(&input, "acme", 12_000, published()).await.unwrap(), InputRecorded::Restored);
+        assert_eq!(s.input_purged_at(sha).await.unwrap(), None);
+        submit_at("j2", img2img(1), 12_500).await.unwrap();
+        let uploads: Vec<String> = sqlx::query_scalar(
+            "SELECT body FROM audit_events WHERE subject = $1 AND kind IN ('upload_input', 'purge_input') ORDER BY id",
+        )
+        .bind(sha)
+        .fetch_all(s.pool())
+        .await
+        .unwrap();
+        assert_eq!(uploads.len(), 3, "{uploads:?}");
+        assert!(uploads[0].contains("\"restored\":false"), "{uploads:?}");
+        assert!(uploads[1].contains("\"blob_kept\":false"), "{uploads:?}");
+        assert!(uploads[2].contains("\"restored\":true"), "{uploads:?}");
+
+        // An input that is also an artifact keeps its blob when purged.
+        let l = lease(s, &w, 1, 13_000).await.remove(0);
+        let c = done(&w, &l);
+        s.complete(&c, 13_100).await.unwrap();
+        let same = hallmark_proto::v1::InputImage { sha256: c.sha256.clone(), ..input.clone() };
+        s.record_input(&same, "acme", 13_200, published()).await.unwrap();
+        let kept = s.purge_input(&c.sha256, 20_000, 20_000, remove).await.unwrap().unwrap();
+        assert!(kept.blob_kept);
+        assert_eq!(removals.load(std::sync::atomic::Ordering::SeqCst), 1, "no deletion");
+        assert!(s.blob_known(&c.sha256).await.unwrap(), "still an artifact");
+    }
+
+    async fn a_submission_waits_for_a_purge_of_its_input_and_is_then_refused(s: &Store) {
+        let input = hallmark_proto::v1::InputImage {
+            sha256: "ce".repeat(32),
+            media_type: "image/png".into(),
+            width: 64,
+            height: 64,
+            size: 99,
+        };
+        s.record_input(&input, "", 5, published()).await.unwrap();
+        let mut j = job(1, 0);
+        j.items[0].init_image = Some(spec::InitImage { sha256: input.sha256.clone(), strength: 0.5 });
+        // The purge holds the input's row while it deletes the blob; a
+        // submission naming the input meanwhile waits for it, then finds
+        // the input gone (not a job left starting from a deleted blob).
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let purge = s.purge_input(&input.sha256, 1_000, 1_000, || async move {
+            released.await.ok();
+            Ok(())
+        });
+        let store = s.clone();
+        let submission = async move {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            let new = NewJob { id: "j1", job: &j, spec_json: "{}", tenant_cap: 0, submitted_by: "" };
+            let submitted = tokio::time::timeout(std::time::Duration::from_millis(400), store.submit(&new, &POLICY, 1_100)).await;
+            assert!(submitted.is_err(), "the submission went on while the purge held the input: {submitted:?}");
+            release.send(()).unwrap();
+            store.submit(&new, &POLICY, 1_200).await
+        };
+        let (purged, submitted) = tokio::join!(purge, submission);
+        assert!(purged.unwrap().is_some());
+        assert!(matches!(&submitted, Err(StoreError::Spec(e)) if e.message.contains("is no longer stored")), "{submitted:?}");
+        assert_eq!(count(s, "SELECT CAST(COUNT(*) AS BIGINT) FROM jobs").await, 0);
+    }
+
     async fn img2img_tasks_start_from_the_uploaded_input(s: &Store) {
         let input = hallmark_proto::v1::InputImage {
             sha256: "ab".repeat(32),
@@ -277,16 +422,16 @@ both_stores! {
         };
         assert!(s.find_input(&input.sha256).await.unwrap().is_none());
         assert!(!s.blob_known(&input.sha256).await.unwrap());
-        s.record_input(&input, "acme", 5).await.unwrap();
+        s.record_input(&input, "acme", 5, published()).await.unwrap();
         // A second upload of the same bytes keeps the first row.
-        s.record_input(&input, "globex", 6).await.unwrap();
+        s.record_input(&input, "globex", 6, published()).await.unwrap();
         assert_eq!(s.find_input(&input.sha256.to_ascii_uppercase()).await.unwrap(), Some(input.clone()));
         assert!(s.blob_known(&input.sha256).await.unwrap(), "workers may fetch an input");
         // Each uploader owns it; nobody else does, and a bare upload names none.
         assert!(s.input_owned_by(&input.sha256, "acme").await.unwrap());
         assert!(s.input_owned_by(&input.sha256.to_ascii_uppercase(), "globex").await.unwrap());
         assert!(!s.input_owned_by(&input.sha256, "initech").await.unwrap());
-        s.record_input(&input, "", 7).await.unwrap();
+        s.record_input(&input, "", 7, published()).await.unwrap();
         let mut owners = s.blob_tenants(&input.sha256).await.unwrap();
         owners.sort();
         assert_eq!(owners, ["acme", "globex"]);

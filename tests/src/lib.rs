@@ -696,9 +696,62 @@ pub fn init_tiny(dir: &std::path::Path, arch: &str) {
 
 /// A minimal HTTP/1.1 exchange: (status, body).
 pub fn http(addr: &str, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let reply = http_request(addr, method, path, &[], body);
+    (reply.status, reply.body)
+}
+
+/// An HTTP answer.
+pub struct HttpReply {
+    pub status: u16,
+    /// The status line and headers, as sent.
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl HttpReply {
+    /// The value of the header `name` (any case), if it was sent.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// An HTTP/1.1 exchange with extra request headers.
+pub fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpReply {
     let s = std::net::TcpStream::connect(addr).expect("connect to the HTTP API");
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    exchange(s, addr, method, path, body)
+    exchange(s, addr, method, path, headers, body)
+}
+
+/// A TLS client (the ring provider) trusting only the PEM roots in `roots`.
+fn tls_client_config(roots: &std::path::Path) -> rustls::ClientConfig {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut store = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(roots).unwrap() {
+        store.add(cert.unwrap()).unwrap();
+    }
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(store)
+    .with_no_client_auth()
 }
 
 /// The same exchange over TLS, trusting only the PEM roots in `roots` and
@@ -711,20 +764,8 @@ pub fn https(
     path: &str,
     body: &[u8],
 ) -> Result<(u16, Vec<u8>), String> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, ServerName};
-    let mut store = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(roots).unwrap() {
-        store.add(cert.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(store)
-    .with_no_client_auth();
-    let name = ServerName::try_from(host.to_string()).unwrap();
+    let config = tls_client_config(roots);
+    let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
     let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
     let tcp = std::net::TcpStream::connect(addr).expect("connect to the HTTPS API");
     tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -736,7 +777,50 @@ pub fn https(
             .complete_io(&mut tls.sock)
             .map_err(|e| e.to_string())?;
     }
-    Ok(exchange(tls, addr, method, path, body))
+    let reply = exchange(tls, addr, method, path, &[], body);
+    Ok((reply.status, reply.body))
+}
+
+/// A GET over HTTP/2 on TLS (ALPN offering only `h2`), trusting only the
+/// PEM roots in `roots`: the protocol the server chose, the status and the
+/// body.
+pub async fn https_h2_get(
+    addr: &str,
+    host: &str,
+    roots: &std::path::Path,
+    path: &str,
+) -> (Option<Vec<u8>>, u16, Vec<u8>) {
+    let mut config = tls_client_config(roots);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the HTTPS API");
+    let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake");
+    let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    let (client, connection) = h2::client::handshake(tls).await.expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    let mut client = client.ready().await.expect("HTTP/2 connection ready");
+    let request = ::http::Request::get(format!("https://{host}{path}"))
+        .body(())
+        .unwrap();
+    let (response, _) = client.send_request(request, true).expect("HTTP/2 request");
+    let response = tokio::time::timeout(Duration::from_secs(20), response)
+        .await
+        .expect("HTTP/2 answer in time")
+        .expect("HTTP/2 answer");
+    let status = response.status().as_u16();
+    let mut body = response.into_body();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.expect("HTTP/2 body");
+        bytes.extend_from_slice(&chunk);
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    (alpn, status, bytes)
 }
 
 fn exchange(
@@ -744,11 +828,16 @@ fn exchange(
     addr: &str,
     method: &str,
     path: &str,
+    headers: &[(&str, &str)],
     body: &[u8],
-) -> (u16, Vec<u8>) {
+) -> HttpReply {
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Content-Length: {}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
         body.len()
     )
     .unwrap();
@@ -774,7 +863,7 @@ fn exchange(
     {
         body = dechunk(&body);
     }
-    (status, body)
+    HttpReply { status, head, body }
 }
 
 fn dechunk(mut b: &[u8]) -> Vec<u8> {

@@ -16,7 +16,7 @@ use crate::auth::Caller;
 use crate::metrics as m;
 use crate::rate::{Quota, RateRefusal};
 use crate::spec::{self, Limits, SpecError};
-use crate::store::{JobControl, NewJob, StoreError, now_ms};
+use crate::store::{InputRecorded, JobControl, NewJob, StoreError, now_ms};
 
 pub struct JobsService(pub Arc<Coordinator>);
 
@@ -100,11 +100,28 @@ impl Jobs for JobsService {
                         .await
                         .map_err(status)?);
             if !usable {
-                return Err(status(StoreError::Spec(SpecError {
-                    field: "init_image_sha256".into(),
-                    message: format!(
+                let purged = c.store.input_purged_at(sha256).await.map_err(status)?;
+                let message = match purged {
+                    // Said only to whom the input was usable before.
+                    Some(at)
+                        if !own_inputs_only
+                            || c.store
+                                .input_owned_by(sha256, &job.tenant)
+                                .await
+                                .map_err(status)? =>
+                    {
+                        format!(
+                            "input image {sha256} was purged at {} after input_retention_ms unused; upload it again (UploadInput, or `hallmark submit --init-image FILE`)",
+                            crate::auth::format_time_ms(at)
+                        )
+                    }
+                    _ => format!(
                         "no uploaded input image {sha256}; upload it first (UploadInput, or `hallmark submit --init-image FILE`)"
                     ),
+                };
+                return Err(status(StoreError::Spec(SpecError {
+                    field: "init_image_sha256".into(),
+                    message,
                 })));
             }
         }
@@ -345,23 +362,29 @@ impl Jobs for JobsService {
                 .refund(Quota::UploadBytes, &tenant, size, rate, now_ms())
                 .await
         };
-        let sha256 = match writer.finish(&sha256, size).await {
-            Ok(sha256) => sha256,
-            Err(e) => {
-                refund().await;
-                return Err(blob_status(e));
-            }
-        };
         let input = InputImage {
-            sha256,
+            sha256: sha256.clone(),
             media_type: media_type.to_string(),
             width,
             height,
             size,
         };
-        if let Err(e) = c.store.record_input(&input, &tenant, now_ms()).await {
-            refund().await;
-            return Err(status(e));
+        // The blob is published with the input's row locked, so a purge of
+        // the same content cannot delete it between the two.
+        let publish = async { writer.finish(&sha256, size).await.map(drop) };
+        let recorded = match c
+            .store
+            .record_input(&input, &tenant, now_ms(), publish)
+            .await
+        {
+            Ok(recorded) => recorded,
+            Err(e) => {
+                refund().await;
+                return Err(status(e));
+            }
+        };
+        if recorded == InputRecorded::Restored {
+            tracing::info!(sha256 = %input.sha256, "a purged input image uploaded again: restored");
         }
         tracing::info!(sha256 = %input.sha256, width, height, size, "input image uploaded");
         Ok(Response::new(input))

@@ -38,8 +38,9 @@ pub struct Coordinator {
     pub lease_policy: LeasePolicy,
     /// The upload gate: content credentials and watermark of every artifact.
     pub stamps: Arc<StampCheck>,
-    /// Tenants' submission rate buckets (shared through Redis when set).
-    pub limiter: crate::rate::SubmitLimiter,
+    /// Tenants' submission and upload rate buckets, and the HTTP API's
+    /// per-client ones (shared through Redis when set).
+    pub limiter: crate::rate::RateLimiter,
     workers: Mutex<HashMap<String, (WorkerCaps, Instant)>>,
     /// Signs the audit ledger's head as it is sealed, when configured.
     ledger_signer: Option<LedgerSigner>,
@@ -71,12 +72,12 @@ impl Coordinator {
             ms_per_megapixel_step: config.lease_ms_per_megapixel_step,
         };
         let limiter = match config.redis_url.as_deref() {
-            Some(url) if !url.is_empty() => crate::rate::SubmitLimiter::with_redis(url)
+            Some(url) if !url.is_empty() => crate::rate::RateLimiter::with_redis(url)
                 .unwrap_or_else(|e| {
                     tracing::warn!(error = %e, "rate limits: bad Redis URL, keeping them per replica");
-                    crate::rate::SubmitLimiter::local()
+                    crate::rate::RateLimiter::local()
                 }),
-            _ => crate::rate::SubmitLimiter::local(),
+            _ => crate::rate::RateLimiter::local(),
         };
         Self {
             store,
@@ -233,6 +234,44 @@ impl Coordinator {
             tracing::info!(job_id = %job, %state, "job finished");
         }
         Ok(())
+    }
+
+    /// Purges the input images unused for `input_retention_ms` (a bounded
+    /// number per call): their blobs deleted, their rows marked. Returns
+    /// how many were purged. An input whose blob cannot be deleted now
+    /// (an object lock) stays and is tried again next time.
+    pub async fn purge_unused_inputs(&self) -> Result<u64, StoreError> {
+        let retention = self.config.input_retention_ms;
+        if retention == 0 {
+            return Ok(0);
+        }
+        let now = now_ms();
+        let cutoff = now.saturating_sub(i64::try_from(retention).unwrap_or(i64::MAX));
+        let mut purged = 0;
+        for sha256 in self.store.unused_inputs(cutoff, PURGE_BATCH).await? {
+            let removed = self
+                .store
+                .purge_input(&sha256, cutoff, now, || self.blobs.remove(&sha256))
+                .await;
+            match removed {
+                Ok(Some(input)) => {
+                    purged += 1;
+                    metrics::counter!(m::INPUTS_PURGED).increment(1);
+                    tracing::info!(
+                        sha256 = %input.sha256,
+                        last_used_at = input.last_used_at,
+                        blob_kept = input.blob_kept,
+                        "input image purged after its retention"
+                    );
+                }
+                Ok(None) => {}
+                Err(StoreError::Blob(e)) => {
+                    tracing::warn!(%sha256, error = %e, "input image not purged: its blob could not be deleted");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(purged)
     }
 
     /// Seals the audit ledger's waiting entries into the chain, a bounded
@@ -499,6 +538,8 @@ struct LastCheckpoint {
 /// default 250 ms pass, far above what the farm appends.
 const SEAL_BATCH: u32 = 2000;
 const SEAL_ROUNDS: usize = 8;
+/// Inputs looked at per retention pass.
+const PURGE_BATCH: u32 = 100;
 
 /// Maps store errors to gRPC status codes with the store's message.
 pub fn status(e: StoreError) -> Status {
@@ -511,6 +552,7 @@ pub fn status(e: StoreError) -> Status {
             Status::unavailable(format!("database error: {e}"))
         }
         StoreError::Migrate(e) => Status::internal(format!("migration: {e}")),
+        StoreError::Blob(e) => blob_status(e),
     }
 }
 

@@ -26,6 +26,7 @@ pub mod kind {
     pub const REGISTER_MODEL: &str = "register_model";
     pub const REGISTER_DATASET: &str = "register_dataset";
     pub const UPLOAD_INPUT: &str = "upload_input";
+    pub const PURGE_INPUT: &str = "purge_input";
 }
 
 /// An entry about to be appended.

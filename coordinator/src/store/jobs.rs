@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use hallmark_proto::v1::{Artifact, InputImage, Job, StageProgress};
+use hallmark_proto::v1::{Artifact, Job, StageProgress};
 use sqlx::Row;
 
 use super::{AuditEvent, Result, Store, StoreError, audit_kind, row_placeholders, state};
@@ -147,6 +147,17 @@ impl Store {
         .bind(i64::from(tenant_cap))
         .execute(&mut *tx)
         .await?;
+        // The inputs it starts from are used now; touching each locks its
+        // row, so a purge of one either waits and then leaves it, or went
+        // first and the job is refused.
+        for sha256 in job.init_images() {
+            if !super::inputs::touch(&mut tx, sha256, now).await? {
+                return Err(StoreError::Spec(SpecError {
+                    field: "init_image_sha256".into(),
+                    message: input_gone(sha256),
+                }));
+            }
+        }
         let labels = serde_json::to_string(&job.labels.iter().collect::<BTreeMap<_, _>>())
             .unwrap_or_else(|_| "{}".into());
         sqlx::query(
@@ -567,6 +578,23 @@ impl Store {
                 if !matches!(current.as_str(), "running" | "failed" | "succeeded") {
                     return Err(refuse("retry"));
                 }
+                // The failed tasks that start from an input need it stored:
+                // they use it now (see `submit`).
+                let inputs: Vec<String> = sqlx::query_scalar(
+                    "SELECT DISTINCT parent_sha256 FROM tasks WHERE job_id = $1 AND state = 'failed' \
+                     AND stage_rank = 0 AND parent_sha256 IS NOT NULL",
+                )
+                .bind(job_id)
+                .fetch_all(&mut *tx)
+                .await?;
+                for sha256 in &inputs {
+                    if !super::inputs::touch(&mut tx, sha256, now).await? {
+                        return Err(StoreError::Refused(format!(
+                            "cannot retry job {job_id}: {}",
+                            input_gone(sha256)
+                        )));
+                    }
+                }
                 let n = sqlx::query(
                     "UPDATE tasks SET attempts = 0, error = NULL, finished_at = NULL, \
                      state = CASE WHEN depends_on IS NOT NULL AND parent_sha256 IS NULL THEN 'waiting' ELSE 'ready' END \
@@ -634,81 +662,6 @@ impl Store {
         Ok(self.artifact_known(sha256).await? || self.find_input(sha256).await?.is_some())
     }
 
-    /// Records an uploaded input image (its blob is already stored) and
-    /// that `tenant` uploaded it (none: an upload without authentication);
-    /// an input uploaded before is kept as it was.
-    pub async fn record_input(&self, input: &InputImage, tenant: &str, now: i64) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        let added = sqlx::query(
-            "INSERT INTO inputs (sha256, media_type, width, height, size, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (sha256) DO NOTHING",
-        )
-        .bind(&input.sha256)
-        .bind(&input.media_type)
-        .bind(i64::from(input.width))
-        .bind(i64::from(input.height))
-        .bind(input.size as i64)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if added > 0 {
-            let event = AuditEvent::new(
-                audit_kind::UPLOAD_INPUT,
-                &input.sha256,
-                serde_json::json!({
-                    "media_type": input.media_type,
-                    "width": input.width,
-                    "height": input.height,
-                    "size": input.size,
-                }),
-            );
-            super::audit::append(&mut tx, now, &[event]).await?;
-        }
-        if !tenant.is_empty() {
-            sqlx::query(
-                "INSERT INTO input_owners (sha256, tenant) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            )
-            .bind(&input.sha256)
-            .bind(tenant)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    /// Whether `tenant` uploaded the input image `sha256`.
-    pub async fn input_owned_by(&self, sha256: &str, tenant: &str) -> Result<bool> {
-        Ok(
-            sqlx::query("SELECT tenant FROM input_owners WHERE sha256 = $1 AND tenant = $2")
-                .bind(sha256.to_ascii_lowercase())
-                .bind(tenant)
-                .fetch_optional(&self.pool)
-                .await?
-                .is_some(),
-        )
-    }
-
-    pub async fn find_input(&self, sha256: &str) -> Result<Option<InputImage>> {
-        let Some(r) = sqlx::query(
-            "SELECT sha256, media_type, width, height, size FROM inputs WHERE sha256 = $1",
-        )
-        .bind(sha256.to_ascii_lowercase())
-        .fetch_optional(&self.pool)
-        .await?
-        else {
-            return Ok(None);
-        };
-        Ok(Some(InputImage {
-            sha256: r.try_get("sha256")?,
-            media_type: r.try_get("media_type")?,
-            width: r.try_get::<i64, _>("width")? as u32,
-            height: r.try_get::<i64, _>("height")? as u32,
-            size: r.try_get::<i64, _>("size")? as u64,
-        }))
-    }
-
     /// The tenant of a job; `None` when there is no such job.
     pub async fn job_tenant(&self, job_id: &str) -> Result<Option<String>> {
         Ok(sqlx::query_scalar("SELECT tenant FROM jobs WHERE id = $1")
@@ -751,6 +704,13 @@ fn artifact_from_row(r: &sqlx::any::AnyRow) -> Result<Artifact> {
         seed: r.try_get::<i64, _>("seed")? as u64,
         prompt: r.try_get("prompt")?,
     })
+}
+
+/// Why a job cannot start from the input `sha256` any more.
+fn input_gone(sha256: &str) -> String {
+    format!(
+        "input image {sha256} is no longer stored (purged after input_retention_ms unused); upload it again (`hallmark submit --init-image FILE` restores it)"
+    )
 }
 
 /// Task ids read as `job/item/stage`.

@@ -10,6 +10,7 @@
 mod audit;
 mod census;
 mod dispatch;
+mod inputs;
 mod jobs;
 mod provenance;
 mod registry;
@@ -26,6 +27,7 @@ pub use dispatch::{
     AttemptEnd, ClientCert, Completion, FailOutcome, LeasePolicy, ReapOutcome, WorkerCaps,
     WorkerRegistration,
 };
+pub use inputs::{InputRecorded, PurgedInput};
 pub use jobs::{JobControl, NewJob};
 pub use provenance::{ArtifactKey, StoredArtifact};
 
@@ -57,6 +59,9 @@ pub enum StoreError {
     Db(#[from] sqlx::Error),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The blob store failed a step the transaction waited on.
+    #[error("blob store: {0}")]
+    Blob(#[from] crate::blobs::BlobError),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;

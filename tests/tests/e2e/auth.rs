@@ -572,6 +572,19 @@ async fn tokens_travel_over_tls_to_a_coordinator_with_a_certificate() {
     )
     .unwrap();
     assert_eq!(status, 200);
+    // HTTP/2 too, chosen by ALPN: the same lineage.
+    let (alpn, status, body) = https_h2_get(
+        &http_addr,
+        "localhost",
+        &tls.root_cert,
+        &format!("/lineage/{manifest}"),
+    )
+    .await;
+    assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let lineage: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let chain = lineage["chain"].as_array().unwrap();
+    assert_eq!(chain.last().unwrap()["manifestId"], manifest, "{lineage:#}");
     // Not under roots that did not issue it, and not as plain HTTP.
     let other = tls_server_cert(&dir.path().join("other-ca"));
     let err = https(

@@ -184,6 +184,64 @@ async fn registry_from_the_cli_links_models_to_datasets() {
     assert_eq!(m["weights"][0]["size"], 15);
     let models = json(&[&c[..], &["models", "list"]].concat());
     assert_eq!(models[0]["training_datasets"][0], "laion@5b");
+    assert_eq!(models[0]["refines_only"], false);
+    // A refiner given by its files says so itself; a folder cannot be
+    // told otherwise than it says.
+    let refiner = json(
+        &[
+            &c[..],
+            &[
+                "models",
+                "register",
+                "--id",
+                "refiner-files",
+                "--family",
+                "sdxl",
+                "--weights",
+                weights.to_str().unwrap(),
+                "--refines-only",
+            ],
+        ]
+        .concat(),
+    );
+    assert_eq!(refiner["refines_only"], true);
+    let out = hallmark(
+        &[
+            &c[..],
+            &[
+                "models",
+                "register",
+                "--id",
+                "y",
+                "--family",
+                "sdxl",
+                "--model-path",
+                dir.path().to_str().unwrap(),
+                "--refines-only",
+            ],
+        ]
+        .concat(),
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot be used with"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut spec = synthetic_spec(1, 0);
+    spec.model_id = "refiner-files".into();
+    let err = jobs_client(&url)
+        .await
+        .submit(hallmark_proto::v1::SubmitJobRequest {
+            spec: Some(spec),
+            queue_unservable: true,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("does not draw from noise"),
+        "{err:?}"
+    );
     let out = hallmark(
         &[
             &c[..],

@@ -450,3 +450,114 @@ async fn diffusion_img2img_depends_on_its_init_image_and_strength() {
         "watermark alone {watermark:.2}, another init image {other_init:.2}, another strength {other_strength:.2}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_is_purged_after_its_retention_and_uploading_it_again_restores_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fresh_database().await;
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let blobs = dir.path().join("blobs");
+    let spec = CoordinatorSpec::new(&db, Some(redis_url()), blobs.clone())
+        .with("HALLMARK_INPUT_RETENTION_MS", 2_000)
+        .with("HALLMARK_METRICS_LISTEN", &metrics);
+    let _c = spec.start().await;
+    let url = spec.url();
+    let _w = start_worker(&url, "w", 0, &[]);
+    wait_for_workers(&url, 1).await;
+
+    let init = photo("coffee.png");
+    let sha = hallmark_provenance::sha256_hex(&std::fs::read(&init).unwrap());
+    let blob = blobs.join(&sha[..2]).join(&sha);
+    let render = |out: &str| {
+        let out = hallmark(&[
+            "--coordinator",
+            url.as_str(),
+            "--json",
+            "render",
+            "--prompt",
+            "a cup of coffee",
+            "--init-image",
+            init.to_str().unwrap(),
+            "--strength",
+            "0.5",
+            "-o",
+            dir.path().join(out).to_str().unwrap(),
+        ]);
+        ok(&out);
+        assert_eq!(json_of(&out)["job"]["state"], "succeeded");
+    };
+    render("first");
+
+    // Two seconds after the job that used it, the input is purged: its
+    // blob deleted, its row kept with the time, a ledger entry written.
+    wait_for_count(
+        &db,
+        "purged inputs",
+        &format!("SELECT COUNT(*) FROM inputs WHERE sha256 = '{sha}' AND purged_at IS NOT NULL"),
+        |n| n == 1,
+    )
+    .await;
+    assert!(!blob.exists(), "the purged input's blob is deleted");
+    assert_eq!(
+        scalar(
+            &db,
+            &format!(
+                "SELECT COUNT(*) FROM audit_events WHERE kind = 'purge_input' AND subject = '{sha}'"
+            )
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        Scrape::get(&metrics).sum("hallmark_inputs_purged_total", &[]),
+        Some(1.0)
+    );
+    // What was made from it still names it.
+    let first = dir.path().join("first/00000.png");
+    let out = hallmark(&[
+        "--json",
+        "verify",
+        first.to_str().unwrap(),
+        "--coordinator",
+        &url,
+    ]);
+    assert_eq!(
+        json_of(&out)["credentials"]["generation"]["init_image_sha256"],
+        sha.as_str()
+    );
+
+    // A job naming it is refused, saying why and what to do; none is written.
+    let jobs_before = scalar(&db, "SELECT COUNT(*) FROM jobs").await;
+    let mut named = synthetic_spec(1, 0);
+    named.init_image_sha256 = sha.clone();
+    named.strength = 0.5;
+    let err = jobs_client(&url)
+        .await
+        .submit(SubmitJobRequest {
+            spec: Some(named),
+            queue_unservable: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message()
+            .contains(&format!("input image {sha} was purged at"))
+            && err.message().contains("upload it again"),
+        "{err:?}"
+    );
+    assert_eq!(scalar(&db, "SELECT COUNT(*) FROM jobs").await, jobs_before);
+
+    // Uploading it again restores it, and a job renders from it.
+    render("again");
+    assert_eq!(
+        scalar(
+            &db,
+            &format!(
+                "SELECT COUNT(*) FROM audit_events WHERE kind = 'upload_input' AND subject = '{sha}' AND body LIKE '%\"restored\":true%'"
+            )
+        )
+        .await,
+        1
+    );
+}

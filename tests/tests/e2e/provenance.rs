@@ -400,3 +400,91 @@ async fn render_output_verifies_out_of_the_box_and_a_changed_pixel_does_not() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("not a PNG, JPEG or WebP"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_soft_binding_api_limits_each_client_across_replicas_and_answers_429() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fresh_database().await;
+    // A Redis of its own: the buckets of other tests' coordinators (all
+    // on 127.0.0.1) stay out of this one.
+    let redis = PrivateRedis::start();
+    let replica = |proxy_header: Option<&str>| {
+        let http = format!("127.0.0.1:{}", free_port());
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let mut spec = CoordinatorSpec::new(&db, Some(redis.url()), dir.path().join("blobs"))
+            .with("HALLMARK_HTTP_LISTEN", &http)
+            .with("HALLMARK_METRICS_LISTEN", &metrics)
+            .with("HALLMARK_HTTP_REQUESTS_PER_MINUTE", 3);
+        if let Some(header) = proxy_header {
+            spec = spec.with("HALLMARK_HTTP_CLIENT_ADDRESS_HEADER", header);
+        }
+        (spec, http, metrics)
+    };
+    let (a, a_http, _) = replica(None);
+    let (b, b_http, b_metrics) = replica(None);
+    let (c, c_http, _) = replica(Some("x-forwarded-for"));
+    let _running = (a.start().await, b.start().await, c.start().await);
+    let get = |addr: &str, headers: &[(&str, &str)]| {
+        http_request(addr, "GET", "/services/supportedAlgorithms", headers, b"")
+    };
+
+    // Three requests on one replica spend this client's minute, and the
+    // other replica, sharing the bucket through Redis, refuses the fourth.
+    for _ in 0..3 {
+        assert_eq!(get(&a_http, &[]).status, 200);
+    }
+    let refused = get(&b_http, &[]);
+    assert_eq!(refused.status, 429);
+    let error = refused.json()["error"].as_str().unwrap().to_string();
+    assert!(
+        error.contains("client \"127.0.0.1\" is over its limit of 3 requests per minute"),
+        "{error}"
+    );
+    // At 3 per minute one request takes 20 s to come back.
+    let retry: u64 = refused.header("retry-after").unwrap().parse().unwrap();
+    assert!((15..=20).contains(&retry), "Retry-After: {retry}");
+    assert_eq!(
+        Scrape::get(&b_metrics).sum("hallmark_http_api_rate_limited_total", &[]),
+        Some(1.0)
+    );
+    // The refusal is before any work: a POST of an image is refused too.
+    let photo = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/images/coffee.png"),
+    )
+    .unwrap();
+    let post = http_request(
+        &a_http,
+        "POST",
+        &format!("/matches/byContent?alg={}", credentials::SOFT_BINDING_ALG),
+        &[],
+        &photo,
+    );
+    assert_eq!(post.status, 429);
+
+    // Behind a proxy the client is the address the proxy added last: the
+    // connections all come from 127.0.0.1, but each client has its own
+    // bucket, and an address a client puts in front cannot change its own.
+    let client = [("x-forwarded-for", "192.0.2.1, 198.51.100.7")];
+    for _ in 0..3 {
+        assert_eq!(get(&c_http, &client).status, 200);
+    }
+    let refused = get(&c_http, &[("x-forwarded-for", "203.0.113.1, 198.51.100.7")]);
+    assert_eq!(refused.status, 429);
+    assert!(
+        refused.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("client \"198.51.100.7\""),
+        "{}",
+        String::from_utf8_lossy(&refused.body)
+    );
+    assert_eq!(
+        get(&c_http, &[("x-forwarded-for", "198.51.100.8")]).status,
+        200
+    );
+    // The replicas without the setting do not believe the header.
+    assert_eq!(
+        get(&a_http, &[("x-forwarded-for", "198.51.100.9")]).status,
+        429
+    );
+}

@@ -1,0 +1,258 @@
+//! Input images (img2img): their rows, their owners, and their retention.
+//!
+//! An input's blob is published while its row is locked, and purged while
+//! its row is locked, so an upload, a submission and a purge of the same
+//! input never interleave: a purge that finds the input used again since its
+//! cutoff, or started from by an unfinished task, leaves it; a submission
+//! that finds it purged is refused; an upload of purged content restores it.
+
+use std::future::Future;
+
+use hallmark_proto::v1::InputImage;
+use sqlx::{AnyConnection, Row};
+
+use super::{AuditEvent, Result, Store, StoreError, audit_kind};
+use crate::blobs::BlobError;
+
+/// The tasks that start from the input `inputs.sha256` and are not
+/// finished (the terms of the `tasks_open_inputs` index).
+const OPEN_TASKS_STARTING_FROM: &str = "SELECT 1 FROM tasks WHERE tasks.parent_sha256 = inputs.sha256 \
+     AND tasks.stage_rank = 0 AND tasks.parent_sha256 IS NOT NULL \
+     AND tasks.state IN ('waiting', 'ready', 'held', 'leased')";
+
+/// What recording an upload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputRecorded {
+    /// A new input.
+    New,
+    /// An input purged before, stored again.
+    Restored,
+    /// An input already stored: its last use is now.
+    Known,
+}
+
+/// An input the retention purge removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PurgedInput {
+    pub sha256: String,
+    pub last_used_at: i64,
+    /// The blob stays when an artifact is stored under the same hash.
+    pub blob_kept: bool,
+}
+
+/// Makes `now` the last use of the stored input `sha256`, locking its row
+/// until the transaction ends; false when it is purged or unknown.
+pub(super) async fn touch(conn: &mut AnyConnection, sha256: &str, now: i64) -> Result<bool> {
+    let touched =
+        sqlx::query("UPDATE inputs SET last_used_at = $2 WHERE sha256 = $1 AND purged_at IS NULL")
+            .bind(sha256.to_ascii_lowercase())
+            .bind(now)
+            .execute(conn)
+            .await?
+            .rows_affected();
+    Ok(touched > 0)
+}
+
+impl Store {
+    /// Records an uploaded input image and that `tenant` uploaded it (none:
+    /// an upload without authentication), and runs `publish` (storing its
+    /// blob) with the row locked; if `publish` fails, nothing is recorded.
+    /// An input uploaded before keeps its first row, and its last use
+    /// becomes `now`; a purged one is restored.
+    pub async fn record_input<F>(
+        &self,
+        input: &InputImage,
+        tenant: &str,
+        now: i64,
+        publish: F,
+    ) -> Result<InputRecorded>
+    where
+        F: Future<Output = std::result::Result<(), BlobError>>,
+    {
+        let sha256 = input.sha256.to_ascii_lowercase();
+        let mut tx = self.pool.begin().await?;
+        let mut recorded = None;
+        // Each statement locks the row it changes; one that changes none
+        // lets the next try, and a row another upload inserts meanwhile is
+        // found by the next round.
+        for _ in 0..3 {
+            if touch(&mut tx, &sha256, now).await? {
+                recorded = Some(InputRecorded::Known);
+                break;
+            }
+            let restored = sqlx::query(
+                "UPDATE inputs SET last_used_at = $2, purged_at = NULL WHERE sha256 = $1 AND purged_at IS NOT NULL",
+            )
+            .bind(&sha256)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if restored > 0 {
+                recorded = Some(InputRecorded::Restored);
+                break;
+            }
+            let added = sqlx::query(
+                "INSERT INTO inputs (sha256, media_type, width, height, size, created_at, last_used_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $6) ON CONFLICT (sha256) DO NOTHING",
+            )
+            .bind(&sha256)
+            .bind(&input.media_type)
+            .bind(i64::from(input.width))
+            .bind(i64::from(input.height))
+            .bind(input.size as i64)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if added > 0 {
+                recorded = Some(InputRecorded::New);
+                break;
+            }
+        }
+        let recorded = recorded.ok_or_else(|| {
+            StoreError::Refused(format!(
+                "input {sha256} changed under this upload three times; upload it again"
+            ))
+        })?;
+        if recorded != InputRecorded::Known {
+            let event = AuditEvent::new(
+                audit_kind::UPLOAD_INPUT,
+                &sha256,
+                serde_json::json!({
+                    "media_type": input.media_type,
+                    "width": input.width,
+                    "height": input.height,
+                    "size": input.size,
+                    "restored": recorded == InputRecorded::Restored,
+                }),
+            );
+            super::audit::append(&mut tx, now, &[event]).await?;
+        }
+        if !tenant.is_empty() {
+            sqlx::query(
+                "INSERT INTO input_owners (sha256, tenant) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            )
+            .bind(&sha256)
+            .bind(tenant)
+            .execute(&mut *tx)
+            .await?;
+        }
+        publish.await?;
+        tx.commit().await?;
+        Ok(recorded)
+    }
+
+    /// Whether `tenant` uploaded the input image `sha256`.
+    pub async fn input_owned_by(&self, sha256: &str, tenant: &str) -> Result<bool> {
+        Ok(
+            sqlx::query("SELECT tenant FROM input_owners WHERE sha256 = $1 AND tenant = $2")
+                .bind(sha256.to_ascii_lowercase())
+                .bind(tenant)
+                .fetch_optional(&self.pool)
+                .await?
+                .is_some(),
+        )
+    }
+
+    /// A stored input image; `None` when there is none, or it was purged
+    /// (see [`Store::input_purged_at`]).
+    pub async fn find_input(&self, sha256: &str) -> Result<Option<InputImage>> {
+        let Some(r) = sqlx::query(
+            "SELECT sha256, media_type, width, height, size FROM inputs \
+             WHERE sha256 = $1 AND purged_at IS NULL",
+        )
+        .bind(sha256.to_ascii_lowercase())
+        .fetch_optional(&self.pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(InputImage {
+            sha256: r.try_get("sha256")?,
+            media_type: r.try_get("media_type")?,
+            width: r.try_get::<i64, _>("width")? as u32,
+            height: r.try_get::<i64, _>("height")? as u32,
+            size: r.try_get::<i64, _>("size")? as u64,
+        }))
+    }
+
+    /// When the input `sha256` was purged; `None` when it is stored, or was
+    /// never uploaded.
+    pub async fn input_purged_at(&self, sha256: &str) -> Result<Option<i64>> {
+        Ok(
+            sqlx::query_scalar::<_, Option<i64>>("SELECT purged_at FROM inputs WHERE sha256 = $1")
+                .bind(sha256.to_ascii_lowercase())
+                .fetch_optional(&self.pool)
+                .await?
+                .flatten(),
+        )
+    }
+
+    /// Up to `limit` inputs the purge may remove: last used before
+    /// `cutoff`, and started from by no unfinished task; least recently used
+    /// first.
+    pub async fn unused_inputs(&self, cutoff: i64, limit: u32) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT sha256 FROM inputs WHERE purged_at IS NULL AND last_used_at < $1 \
+             AND NOT EXISTS ({OPEN_TASKS_STARTING_FROM}) ORDER BY last_used_at LIMIT $2"
+        ))
+        .bind(cutoff)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Purges the input `sha256` if it is still unused since before
+    /// `cutoff` and no unfinished task starts from it: marks it purged and
+    /// runs `remove_blob` with the row locked (skipped when an artifact
+    /// shares the blob), with an audit entry. `None`: it was not purged
+    /// (used again, or purged already). If `remove_blob` fails, nothing
+    /// changes.
+    pub async fn purge_input<F, Fut>(
+        &self,
+        sha256: &str,
+        cutoff: i64,
+        now: i64,
+        remove_blob: F,
+    ) -> Result<Option<PurgedInput>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<(), BlobError>>,
+    {
+        let mut tx = self.pool.begin().await?;
+        let last_used_at: Option<i64> = sqlx::query_scalar(&format!(
+            "UPDATE inputs SET purged_at = $2 WHERE sha256 = $1 AND purged_at IS NULL \
+             AND last_used_at < $3 AND NOT EXISTS ({OPEN_TASKS_STARTING_FROM}) \
+             RETURNING last_used_at"
+        ))
+        .bind(sha256)
+        .bind(now)
+        .bind(cutoff)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(last_used_at) = last_used_at else {
+            return Ok(None);
+        };
+        let blob_kept = sqlx::query("SELECT task_id FROM artifacts WHERE sha256 = $1 LIMIT 1")
+            .bind(sha256)
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_some();
+        let event = AuditEvent::new(
+            audit_kind::PURGE_INPUT,
+            sha256,
+            serde_json::json!({ "last_used_at": last_used_at, "blob_kept": blob_kept }),
+        );
+        super::audit::append(&mut tx, now, &[event]).await?;
+        if !blob_kept {
+            remove_blob().await?;
+        }
+        tx.commit().await?;
+        Ok(Some(PurgedInput {
+            sha256: sha256.to_string(),
+            last_used_at,
+            blob_kept,
+        }))
+    }
+}

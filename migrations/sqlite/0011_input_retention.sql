@@ -1,0 +1,17 @@
+-- Input images (img2img) are not kept forever: an input unused for
+-- `input_retention_ms` is purged — its blob deleted (unless an artifact
+-- shares it), its row kept with `purged_at` so lineage still names it.
+-- `last_used_at` is its last upload, or the last submission or retry of a
+-- job that starts from it; updating it locks the row, which is what keeps a
+-- submission and a purge of the same input from both going through. An
+-- input an unfinished task starts from is never purged.
+ALTER TABLE inputs ADD COLUMN last_used_at BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE inputs ADD COLUMN purged_at BIGINT;
+UPDATE inputs SET last_used_at = MAX(created_at, COALESCE((
+    SELECT MAX(j.created_at) FROM tasks t JOIN jobs j ON j.id = t.job_id
+    WHERE t.parent_sha256 = inputs.sha256 AND t.stage_rank = 0), 0));
+CREATE INDEX inputs_unpurged ON inputs (last_used_at) WHERE purged_at IS NULL;
+-- The open tasks that start from an input, for the purge's check.
+CREATE INDEX tasks_open_inputs ON tasks (parent_sha256)
+    WHERE stage_rank = 0 AND parent_sha256 IS NOT NULL
+      AND state IN ('waiting', 'ready', 'held', 'leased');
