@@ -27,8 +27,8 @@ use anyhow::{Context, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use hallmark_proto::client::ClientTls;
 use hallmark_proto::v1::{
-    Dataset, Job, JobRef, JobSpec, ListDatasetsRequest, ListJobsRequest, ListModelsRequest,
-    ListWorkersRequest, Model, PromptItem, SubmitJobRequest, WeightFile,
+    Dataset, InputRef, Job, JobRef, JobSpec, ListDatasetsRequest, ListJobsRequest,
+    ListModelsRequest, ListWorkersRequest, Model, PromptItem, SubmitJobRequest, WeightFile,
 };
 use serde_json::json;
 
@@ -95,6 +95,9 @@ pub enum Command {
     /// Register or list training datasets.
     #[command(subcommand)]
     Datasets(DatasetsCommand),
+    /// Uploaded input images (img2img's init images).
+    #[command(subcommand)]
+    Inputs(InputsCommand),
     /// Embed or detect the invisible watermark (keyed by `watermark_key`).
     #[command(subcommand)]
     Watermark(WatermarkCommand),
@@ -530,6 +533,19 @@ pub enum ModelsCommand {
 
 /// Where the CLIP vocabulary lies in a checkout (run from the repository root).
 pub const DEFAULT_CLIP_VOCAB: &str = "tests/data/clip/bpe_simple_vocab_16e6.txt.gz";
+
+#[derive(Subcommand, Debug)]
+pub enum InputsCommand {
+    /// Delete uploaded input images: your own upload (every tenant's, for
+    /// an operator); once no uploader is left the picture is purged from
+    /// the blob store, its hash kept for the lineage. Refused while a job
+    /// of yours that starts from it has not finished.
+    Delete {
+        /// Each a picture's sha256 (64 hex digits), or the picture's file.
+        #[arg(required = true)]
+        inputs: Vec<String>,
+    },
+}
 
 #[derive(Subcommand, Debug)]
 pub enum DatasetsCommand {
@@ -1019,6 +1035,25 @@ async fn remote_command(
                 }
             }
         }
+        Command::Inputs(InputsCommand::Delete { inputs }) => {
+            for input in &inputs {
+                let sha256 = input_sha256(input)?;
+                remote
+                    .jobs
+                    .clone()
+                    .delete_input(InputRef {
+                        sha256: sha256.clone(),
+                    })
+                    .await
+                    .map_err(rpc)
+                    .with_context(|| format!("deleting input {input}"))?;
+                if json {
+                    println!("{}", json!({ "sha256": sha256, "deleted": true }));
+                } else {
+                    println!("deleted input {sha256}");
+                }
+            }
+        }
         Command::Render(_)
         | Command::Up(_)
         | Command::Watermark(_)
@@ -1398,6 +1433,18 @@ fn tls_client_cert(
         );
     }
     Ok(0)
+}
+
+/// An input named by its sha256 or by its file.
+fn input_sha256(input: &str) -> anyhow::Result<String> {
+    if input.len() == 64 && input.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(input.to_ascii_lowercase());
+    }
+    let path = Path::new(input);
+    if !path.is_file() {
+        anyhow::bail!("{input:?} is neither an input's sha256 (64 hex digits) nor a file");
+    }
+    Ok(hash_file(path)?.0)
 }
 
 fn hash_file(path: &Path) -> anyhow::Result<(String, u64)> {

@@ -186,6 +186,17 @@ fn done(w: &WorkerCaps, l: &TaskLease) -> Completion {
     }
 }
 
+/// A 64×64 PNG input whose sha256 is `byte` 32 times.
+fn input_image(byte: &str) -> hallmark_proto::v1::InputImage {
+    hallmark_proto::v1::InputImage {
+        sha256: byte.repeat(32),
+        media_type: "image/png".into(),
+        width: 64,
+        height: 64,
+        size: 99,
+    }
+}
+
 /// A blob publication (or deletion) that succeeds.
 async fn published() -> Result<(), BlobError> {
     Ok(())
@@ -275,13 +286,7 @@ both_stores! {
     }
 
     async fn an_input_unused_past_its_retention_is_purged_and_an_upload_restores_it(s: &Store) {
-        let input = hallmark_proto::v1::InputImage {
-            sha256: "cd".repeat(32),
-            media_type: "image/png".into(),
-            width: 64,
-            height: 64,
-            size: 99,
-        };
+        let input = input_image("cd");
         let sha = input.sha256.as_str();
         // A failed publication records nothing.
         let refused = s
@@ -378,14 +383,67 @@ both_stores! {
         assert!(s.blob_known(&c.sha256).await.unwrap(), "still an artifact");
     }
 
-    async fn a_submission_waits_for_a_purge_of_its_input_and_is_then_refused(s: &Store) {
-        let input = hallmark_proto::v1::InputImage {
-            sha256: "ce".repeat(32),
-            media_type: "image/png".into(),
-            width: 64,
-            height: 64,
-            size: 99,
+    async fn deleting_an_input_takes_back_an_upload_and_the_last_one_purges_it(s: &Store) {
+        let input = input_image("da");
+        let sha = input.sha256.as_str();
+        s.record_input(&input, "acme", 5, published()).await.unwrap();
+        s.record_input(&input, "globex", 6, published()).await.unwrap();
+        let removals = std::sync::atomic::AtomicUsize::new(0);
+        let remove = || async {
+            removals.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
         };
+        let removed = || removals.load(std::sync::atomic::Ordering::SeqCst);
+        // Not this tenant's upload, or no such input: not found.
+        let other = s.delete_input(sha, Some("initech"), "tenant:initech", 10, remove).await;
+        assert!(matches!(other, Err(StoreError::NotFound(_))), "{other:?}");
+        let unknown = s.delete_input(&"db".repeat(32), None, "", 10, remove).await;
+        assert!(matches!(unknown, Err(StoreError::NotFound(_))), "{unknown:?}");
+
+        // While acme's job starts from it, acme cannot take it back.
+        let mut j = job_for("acme", 0, 1, 0);
+        j.items[0].init_image = Some(spec::InitImage { sha256: sha.into(), strength: 0.5 });
+        let new = NewJob { id: "j1", job: &j, spec_json: "{}", tenant_cap: 0, submitted_by: "" };
+        s.submit(&new, &POLICY, 20).await.unwrap();
+        let busy = s.delete_input(sha, Some("acme"), "tenant:acme", 30, remove).await;
+        assert!(matches!(&busy, Err(StoreError::Refused(m)) if m.contains("in use by job j1")), "{busy:?}");
+        assert!(s.input_owned_by(sha, "acme").await.unwrap(), "a refused deletion changes nothing");
+        // globex takes back its own; acme still holds the picture.
+        s.delete_input(sha, Some("globex"), "tenant:globex", 40, remove).await.unwrap();
+        assert!(!s.input_owned_by(sha, "globex").await.unwrap());
+        assert!(s.find_input(sha).await.unwrap().is_some());
+        assert_eq!(removed(), 0);
+        // Once acme's job is over, acme's deletion is the last: purged.
+        s.control("j1", JobControl::Cancel, 50).await.unwrap();
+        s.delete_input(sha, Some("acme"), "tenant:acme", 60, remove).await.unwrap();
+        assert!(s.find_input(sha).await.unwrap().is_none());
+        assert_eq!(s.input_purged_at(sha).await.unwrap(), Some(60));
+        assert_eq!(removed(), 1);
+        let again = s.delete_input(sha, Some("acme"), "tenant:acme", 70, remove).await;
+        assert!(matches!(again, Err(StoreError::NotFound(_))), "{again:?}");
+        let entries: Vec<(String, String)> = sqlx::query_as(
+            "SELECT actor, body FROM audit_events WHERE subject = $1 AND kind = 'delete_input' ORDER BY id",
+        )
+        .bind(sha)
+        .fetch_all(s.pool())
+        .await
+        .unwrap();
+        assert_eq!(entries.len(), 2, "{entries:?}");
+        assert_eq!(entries[0].0, "tenant:globex");
+        assert!(entries[0].1.contains("\"purged\":false"), "{entries:?}");
+        assert!(entries[1].1.contains("\"purged\":true"), "{entries:?}");
+
+        // An operator takes back every tenant's upload at once.
+        let both = hallmark_proto::v1::InputImage { sha256: "dc".repeat(32), ..input.clone() };
+        s.record_input(&both, "acme", 80, published()).await.unwrap();
+        s.record_input(&both, "globex", 81, published()).await.unwrap();
+        s.delete_input(&both.sha256, None, "operator", 90, remove).await.unwrap();
+        assert_eq!(s.input_purged_at(&both.sha256).await.unwrap(), Some(90));
+        assert_eq!(removed(), 2);
+    }
+
+    async fn a_submission_waits_for_a_purge_of_its_input_and_is_then_refused(s: &Store) {
+        let input = input_image("ce");
         s.record_input(&input, "", 5, published()).await.unwrap();
         let mut j = job(1, 0);
         j.items[0].init_image = Some(spec::InitImage { sha256: input.sha256.clone(), strength: 0.5 });

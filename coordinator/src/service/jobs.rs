@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use hallmark_proto::v1::jobs_server::Jobs;
 use hallmark_proto::v1::{
-    Chunk, DownloadArtifactRequest, InputImage, Job, JobRef, ListArtifactsResponse,
-    ListJobsRequest, ListJobsResponse, SubmitJobRequest,
+    Chunk, DeleteInputResponse, DownloadArtifactRequest, InputImage, InputRef, Job, JobRef,
+    ListArtifactsResponse, ListJobsRequest, ListJobsResponse, SubmitJobRequest,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -111,7 +111,7 @@ impl Jobs for JobsService {
                                 .map_err(status)? =>
                     {
                         format!(
-                            "input image {sha256} was purged at {} after input_retention_ms unused; upload it again (UploadInput, or `hallmark submit --init-image FILE`)",
+                            "input image {sha256} was purged at {} (deleted by its uploaders, or unused for input_retention_ms); upload it again (UploadInput, or `hallmark submit --init-image FILE`)",
                             crate::auth::format_time_ms(at)
                         )
                     }
@@ -282,6 +282,35 @@ impl Jobs for JobsService {
         self.0.check_job_owner(&caller, &job_id).await?;
         let artifacts = self.0.store.list_artifacts(&job_id).await.map_err(status)?;
         Ok(Response::new(ListArtifactsResponse { artifacts }))
+    }
+
+    async fn delete_input(
+        &self,
+        req: Request<InputRef>,
+    ) -> Result<Response<DeleteInputResponse>, Status> {
+        let c = &self.0;
+        let caller = Caller::of(&req);
+        let tenant = caller.acting_tenant("", "deleting an input image")?;
+        let sha256 = req.into_inner().sha256;
+        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Status::invalid_argument(format!(
+                "{sha256:?} is not the sha256 of an input image (64 hex digits)"
+            )));
+        }
+        // A tenant takes back its own upload; an operator, or anyone with
+        // authentication off, every tenant's.
+        let scope = match caller {
+            Caller::Tenant(_) => Some(tenant.as_str()),
+            _ => None,
+        };
+        c.store
+            .delete_input(&sha256, scope, &caller.name(), now_ms(), || {
+                c.blobs.remove(&sha256)
+            })
+            .await
+            .map_err(status)?;
+        tracing::info!(%sha256, tenant = %tenant, "input image deleted");
+        Ok(Response::new(DeleteInputResponse {}))
     }
 
     type DownloadArtifactStream = ReceiverStream<Result<Chunk, Status>>;

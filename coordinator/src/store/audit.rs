@@ -27,6 +27,7 @@ pub mod kind {
     pub const REGISTER_DATASET: &str = "register_dataset";
     pub const UPLOAD_INPUT: &str = "upload_input";
     pub const PURGE_INPUT: &str = "purge_input";
+    pub const DELETE_INPUT: &str = "delete_input";
 }
 
 /// An entry about to be appended.

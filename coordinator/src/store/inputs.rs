@@ -234,20 +234,13 @@ impl Store {
         let Some(last_used_at) = last_used_at else {
             return Ok(None);
         };
-        let blob_kept = sqlx::query("SELECT task_id FROM artifacts WHERE sha256 = $1 LIMIT 1")
-            .bind(sha256)
-            .fetch_optional(&mut *tx)
-            .await?
-            .is_some();
+        let blob_kept = remove_unless_shared(&mut tx, sha256, remove_blob).await?;
         let event = AuditEvent::new(
             audit_kind::PURGE_INPUT,
             sha256,
             serde_json::json!({ "last_used_at": last_used_at, "blob_kept": blob_kept }),
         );
         super::audit::append(&mut tx, now, &[event]).await?;
-        if !blob_kept {
-            remove_blob().await?;
-        }
         tx.commit().await?;
         Ok(Some(PurgedInput {
             sha256: sha256.to_string(),
@@ -255,4 +248,124 @@ impl Store {
             blob_kept,
         }))
     }
+
+    /// Takes back `tenant`'s upload of the input `sha256` (`None`: every
+    /// tenant's, for an operator or with authentication off), and purges
+    /// the input when no uploader is left, running `remove_blob` with its
+    /// row locked (skipped when an artifact shares the blob). Refused while
+    /// an unfinished task of a job the caller may act on starts from it;
+    /// an input the tenant did not upload is not found. With no uploader
+    /// left but another tenant's unfinished task starting from it (a job an
+    /// operator submitted), the purge is left to the retention sweep. If
+    /// `remove_blob` fails, nothing changes.
+    pub async fn delete_input<F, Fut>(
+        &self,
+        sha256: &str,
+        tenant: Option<&str>,
+        actor: &str,
+        now: i64,
+        remove_blob: F,
+    ) -> Result<()>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<(), BlobError>>,
+    {
+        let sha256 = sha256.to_ascii_lowercase();
+        let not_found = || StoreError::NotFound(format!("no uploaded input image {sha256}"));
+        let mut tx = self.pool.begin().await?;
+        // Locks the row: a submission naming the input waits for this.
+        let stored = sqlx::query(
+            "UPDATE inputs SET last_used_at = last_used_at WHERE sha256 = $1 AND purged_at IS NULL",
+        )
+        .bind(&sha256)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if stored == 0 {
+            return Err(not_found());
+        }
+        let released =
+            sqlx::query("DELETE FROM input_owners WHERE sha256 = $1 AND ($2 = '' OR tenant = $2)")
+                .bind(&sha256)
+                .bind(tenant.unwrap_or(""))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        if tenant.is_some() && released == 0 {
+            return Err(not_found());
+        }
+        let in_use: Option<String> = sqlx::query_scalar(
+            "SELECT job_id FROM tasks WHERE parent_sha256 = $1 AND stage_rank = 0 \
+             AND parent_sha256 IS NOT NULL AND state IN ('waiting', 'ready', 'held', 'leased') \
+             AND ($2 = '' OR tenant = $2) LIMIT 1",
+        )
+        .bind(&sha256)
+        .bind(tenant.unwrap_or(""))
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(job_id) = in_use {
+            return Err(StoreError::Refused(format!(
+                "input image {sha256} is in use by job {job_id}, which has not finished; cancel it or let it finish, then delete the input"
+            )));
+        }
+        let owners: i64 = sqlx::query_scalar(
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM input_owners WHERE sha256 = $1",
+        )
+        .bind(&sha256)
+        .fetch_one(&mut *tx)
+        .await?;
+        // Another tenant's job (one an operator submitted) may still start
+        // from it: then the retention purge takes it once that ends.
+        let others_in_use: Option<String> = sqlx::query_scalar(&format!(
+            "SELECT sha256 FROM inputs WHERE sha256 = $1 AND EXISTS ({OPEN_TASKS_STARTING_FROM})"
+        ))
+        .bind(&sha256)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let purged = owners == 0 && others_in_use.is_none();
+        let mut blob_kept = None;
+        if purged {
+            sqlx::query("UPDATE inputs SET purged_at = $2 WHERE sha256 = $1")
+                .bind(&sha256)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            blob_kept = Some(remove_unless_shared(&mut tx, &sha256, remove_blob).await?);
+        }
+        let event = AuditEvent::new(
+            audit_kind::DELETE_INPUT,
+            &sha256,
+            serde_json::json!({
+                "tenant": tenant,
+                "purged": purged,
+                "blob_kept": blob_kept,
+            }),
+        )
+        .actor(actor);
+        super::audit::append(&mut tx, now, &[event]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// Runs `remove_blob` unless an artifact is stored under the same hash;
+/// returns whether the blob was kept.
+async fn remove_unless_shared<F, Fut>(
+    conn: &mut AnyConnection,
+    sha256: &str,
+    remove_blob: F,
+) -> Result<bool>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = std::result::Result<(), BlobError>>,
+{
+    let shared = sqlx::query("SELECT task_id FROM artifacts WHERE sha256 = $1 LIMIT 1")
+        .bind(sha256)
+        .fetch_optional(&mut *conn)
+        .await?
+        .is_some();
+    if !shared {
+        remove_blob().await?;
+    }
+    Ok(shared)
 }

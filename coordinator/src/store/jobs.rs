@@ -709,7 +709,7 @@ fn artifact_from_row(r: &sqlx::any::AnyRow) -> Result<Artifact> {
 /// Why a job cannot start from the input `sha256` any more.
 fn input_gone(sha256: &str) -> String {
     format!(
-        "input image {sha256} is no longer stored (purged after input_retention_ms unused); upload it again (`hallmark submit --init-image FILE` restores it)"
+        "input image {sha256} is no longer stored (deleted by its uploaders, or unused for input_retention_ms); upload it again (`hallmark submit --init-image FILE` restores it)"
     )
 }
 

@@ -300,8 +300,11 @@ async fn a_tenant_renders_and_downloads_only_the_inputs_it_uploaded() {
     use hallmark_proto::v1::{Chunk, DownloadArtifactRequest, SubmitJobRequest};
 
     let dir = tempfile::tempdir().unwrap();
-    let (config, tokens) = token_config(dir.path(), &["tenant:acme", "tenant:globex", "worker"]);
-    let [acme, globex, worker] = [0, 1, 2].map(|i| tokens[i].as_str());
+    let (config, tokens) = token_config(
+        dir.path(),
+        &["tenant:acme", "tenant:globex", "worker", "operator"],
+    );
+    let [acme, globex, worker, operator] = [0, 1, 2, 3].map(|i| tokens[i].as_str());
     let photo = std::fs::read(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data/images/coffee.png"),
     )
@@ -416,7 +419,84 @@ async fn a_tenant_renders_and_downloads_only_the_inputs_it_uploaded() {
     download(acme).await.unwrap();
     // Once globex uploads the same picture itself, it may use it too.
     assert_eq!(upload(Some(globex)).await.unwrap(), sha256);
-    submit(globex).await.unwrap();
+    let globex_job = submit(globex).await.unwrap().into_inner();
+    ok(&hallmark_as(
+        &url,
+        Some(globex),
+        &["watch", &globex_job.job_id],
+    ));
+
+    // Deleting takes back one's own upload only: a worker may not, acme's
+    // deletion leaves globex's picture, and globex's, the last, purges it.
+    let delete =
+        |token: &str| hallmark_as(&url, Some(token), &["inputs", "delete", sha256.as_str()]);
+    let by_worker = delete(worker);
+    assert!(!by_worker.status.success());
+    assert!(
+        String::from_utf8_lossy(&by_worker.stderr).contains("deleting an input image"),
+        "{}",
+        String::from_utf8_lossy(&by_worker.stderr)
+    );
+    ok(&delete(acme));
+    let again = delete(acme);
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("no uploaded input image"),
+        "acme's upload is gone: {}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(
+        submit(acme).await.unwrap_err().code(),
+        tonic::Code::InvalidArgument,
+        "acme no longer renders from it"
+    );
+    let blob = dir.path().join("blobs").join(&sha256[..2]).join(&sha256);
+    assert!(blob.exists(), "globex's upload keeps the picture");
+    // A job of globex's that no worker can take (its model is registered,
+    // not served) starts from it: globex cannot delete it until that job
+    // is over.
+    let weights = dir.path().join("idle.safetensors");
+    std::fs::write(&weights, b"weights nobody serves").unwrap();
+    ok(&hallmark_as(
+        &url,
+        Some(operator),
+        &[
+            "models",
+            "register",
+            "--id",
+            "idle",
+            "--family",
+            "synthetic",
+            "--weights",
+            weights.to_str().unwrap(),
+        ],
+    ));
+    let mut queued = synthetic_spec(1, 0);
+    queued.model_id = "idle".into();
+    queued.init_image_sha256 = sha256.clone();
+    queued.strength = 0.5;
+    let queued = client(Some(globex))
+        .await
+        .submit(SubmitJobRequest {
+            spec: Some(queued),
+            queue_unservable: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let busy = delete(globex);
+    assert!(
+        String::from_utf8_lossy(&busy.stderr)
+            .contains(&format!("is in use by job {}", queued.job_id)),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
+    ok(&hallmark_as(
+        &url,
+        Some(globex),
+        &["cancel", &queued.job_id],
+    ));
+    ok(&delete(globex));
+    assert!(!blob.exists(), "the last uploader's deletion purges it");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

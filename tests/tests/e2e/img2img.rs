@@ -561,3 +561,79 @@ async fn an_input_is_purged_after_its_retention_and_uploading_it_again_restores_
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uploader_deletes_its_input_once_no_job_of_its_own_starts_from_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fresh_database().await;
+    let blobs = dir.path().join("blobs");
+    let spec = CoordinatorSpec::new(&db, Some(redis_url()), blobs.clone());
+    let _c = spec.start().await;
+    let url = spec.url();
+    // A slow worker: the job is still running when its input's deletion
+    // is asked for.
+    let _w = start_worker(&url, "w", 5_000, &[]);
+    wait_for_workers(&url, 1).await;
+    let init = photo("coffee.png");
+    let sha = hallmark_provenance::sha256_hex(&std::fs::read(&init).unwrap());
+    let blob = blobs.join(&sha[..2]).join(&sha);
+    let cli = |args: &[&str]| hallmark(&[&["--coordinator", url.as_str()], args].concat());
+    let submitted = cli(&[
+        "--json",
+        "submit",
+        "--prompt",
+        "a cup of coffee",
+        "--init-image",
+        init.to_str().unwrap(),
+        "--strength",
+        "0.5",
+    ]);
+    let job_id = json_of(&submitted)["job_id"].as_str().unwrap().to_string();
+    assert!(blob.exists());
+
+    let busy = cli(&["inputs", "delete", init.to_str().unwrap()]);
+    assert!(!busy.status.success());
+    let stderr = String::from_utf8_lossy(&busy.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "is in use by job {job_id}, which has not finished"
+        )),
+        "{stderr}"
+    );
+    assert!(blob.exists(), "a refused deletion deletes nothing");
+
+    let job = wait_for_job(&url, &job_id, std::time::Duration::from_secs(60)).await;
+    assert_eq!(job.state, "succeeded");
+    // By file or by hash, once its job is over.
+    let out = ok(&cli(&["inputs", "delete", init.to_str().unwrap()]));
+    assert_eq!(out.trim(), format!("deleted input {sha}"));
+    assert!(
+        !blob.exists(),
+        "the last uploader's deletion purges the blob"
+    );
+    assert_eq!(
+        scalar(
+            &db,
+            &format!(
+                "SELECT COUNT(*) FROM inputs WHERE sha256 = '{sha}' AND purged_at IS NOT NULL"
+            )
+        )
+        .await,
+        1,
+        "the row stays, for the lineage"
+    );
+    let again = cli(&["inputs", "delete", &sha]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains(&format!("no uploaded input image {sha}")),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let neither = cli(&["inputs", "delete", "not-a-file-or-hash"]);
+    assert!(!neither.status.success());
+    assert!(
+        String::from_utf8_lossy(&neither.stderr).contains("is neither an input's sha256"),
+        "{}",
+        String::from_utf8_lossy(&neither.stderr)
+    );
+}
