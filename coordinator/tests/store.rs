@@ -1082,3 +1082,95 @@ both_stores! {
         assert_eq!(seen.len(), 200);
     }
 }
+
+/// Brings `pool` to the schema before the input retention migration
+/// (0011), writes an input used by two jobs and one never used, then lets
+/// `Store::connect` run the rest: each input's last use is its newest job
+/// starting from it (a later stage naming the same hash does not count),
+/// else its upload.
+async fn the_retention_migration_dates_each_input_by_its_newest_job(
+    pool: sqlx::AnyPool,
+    mut before: sqlx::migrate::Migrator,
+    store_url: &str,
+) {
+    before.migrations = std::borrow::Cow::Owned(
+        before
+            .migrations
+            .iter()
+            .filter(|m| m.version < 11)
+            .cloned()
+            .collect(),
+    );
+    before.run(&pool).await.unwrap();
+    let (a, b) = ("a1".repeat(32), "b2".repeat(32));
+    let mut sql = vec![
+        "INSERT INTO tenants (name) VALUES ('acme')".to_string(),
+        format!(
+            "INSERT INTO inputs (sha256, media_type, width, height, size, created_at) VALUES ('{a}', 'image/png', 8, 8, 1, 10)"
+        ),
+        format!(
+            "INSERT INTO inputs (sha256, media_type, width, height, size, created_at) VALUES ('{b}', 'image/png', 8, 8, 1, 20)"
+        ),
+    ];
+    for (job, created, rank) in [("j1", 50, 0), ("j2", 80, 0), ("j3", 900, 1)] {
+        sql.push(format!(
+            "INSERT INTO jobs (id, tenant, priority, state, engine, model_id, items, spec_json, labels_json, created_at) \
+             VALUES ('{job}', 'acme', 0, 'succeeded', 'synthetic', 'm', 1, '{{}}', '{{}}', {created})"
+        ));
+        sql.push(format!(
+            "INSERT INTO items (job_id, item_index, prompt, negative_prompt, seed, width, height, steps, guidance, scheduler) \
+             VALUES ('{job}', 0, 'p', '', 1, 64, 64, 4, 7.0, 'euler')"
+        ));
+        sql.push(format!(
+            "INSERT INTO tasks (id, job_id, item_index, stage, stage_rank, state, tenant, engine, model_id, pixels, upscale, batch_key, parent_sha256, max_attempts, lease_ttl_ms) \
+             VALUES ('{job}/0', '{job}', 0, 'generate', {rank}, 'succeeded', 'acme', 'synthetic', 'm', 4096, 1, 'k', '{a}', 1, 1000)"
+        ));
+    }
+    for statement in sql {
+        sqlx::query(&statement).execute(&pool).await.unwrap();
+    }
+    let store = Store::connect(store_url, 2).await.unwrap();
+    let dated: Vec<(String, i64)> =
+        sqlx::query_as("SELECT sha256, last_used_at FROM inputs ORDER BY sha256")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(dated, [(a.clone(), 80), (b.clone(), 20)]);
+    assert_eq!(store.input_purged_at(&a).await.unwrap(), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retention_migration_dates_inputs_on_postgres() {
+    let base = std::env::var("HALLMARK_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+    let name = format!("hallmark_store_{}", uuid::Uuid::new_v4().simple());
+    let admin = Store::connect_admin(&format!("{base}/postgres")).await;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let url = format!("{base}/{name}");
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    the_retention_migration_dates_each_input_by_its_newest_job(
+        pool,
+        sqlx::migrate!("../migrations/postgres"),
+        &url,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retention_migration_dates_inputs_on_sqlite() {
+    sqlx::any::install_default_drivers();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("t.db").display());
+    let pool = sqlx::AnyPool::connect(&format!("{url}?mode=rwc"))
+        .await
+        .unwrap();
+    the_retention_migration_dates_each_input_by_its_newest_job(
+        pool,
+        sqlx::migrate!("../migrations/sqlite"),
+        &url,
+    )
+    .await;
+}

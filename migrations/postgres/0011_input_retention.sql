@@ -7,9 +7,17 @@
 -- input an unfinished task starts from is never purged.
 ALTER TABLE inputs ADD COLUMN last_used_at BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE inputs ADD COLUMN purged_at BIGINT;
-UPDATE inputs SET last_used_at = GREATEST(created_at, COALESCE((
-    SELECT MAX(j.created_at) FROM tasks t JOIN jobs j ON j.id = t.job_id
-    WHERE t.parent_sha256 = inputs.sha256 AND t.stage_rank = 0), 0));
+-- Each input's last use so far: its upload, or the newest job starting
+-- from it (one grouped pass over the tasks, not one scan per input).
+UPDATE inputs SET last_used_at = created_at;
+UPDATE inputs SET last_used_at = GREATEST(inputs.created_at, used.newest_job)
+FROM (
+    SELECT t.parent_sha256 AS sha256, MAX(j.created_at) AS newest_job
+    FROM tasks t JOIN jobs j ON j.id = t.job_id
+    WHERE t.stage_rank = 0 AND t.parent_sha256 IS NOT NULL
+    GROUP BY t.parent_sha256
+) AS used
+WHERE used.sha256 = inputs.sha256;
 CREATE INDEX inputs_unpurged ON inputs (last_used_at) WHERE purged_at IS NULL;
 -- The open tasks that start from an input, for the purge's check.
 CREATE INDEX tasks_open_inputs ON tasks (parent_sha256)
