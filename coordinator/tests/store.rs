@@ -315,7 +315,7 @@ both_stores! {
             removals.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Ok(())
         };
-        assert!(s.unused_inputs(10_000, 10).await.unwrap().is_empty());
+        assert!(s.unused_inputs(10_000, 10, None).await.unwrap().is_empty());
         assert_eq!(s.purge_input(sha, 10_000, 10_000, remove).await.unwrap(), None);
         // Its task fails for good, and the job with it: no unfinished task
         // starts from the input.
@@ -324,9 +324,9 @@ both_stores! {
         s.fail("w1", &l.task_id, l.fencing_token, "bad", AttemptEnd::FailedForGood, 210).await.unwrap();
         s.reap(220).await.unwrap();
         // Used at 100: not unused since before 100, unused since before 101.
-        assert!(s.unused_inputs(100, 10).await.unwrap().is_empty());
+        assert!(s.unused_inputs(100, 10, None).await.unwrap().is_empty());
         assert_eq!(s.purge_input(sha, 100, 10_000, remove).await.unwrap(), None);
-        assert_eq!(s.unused_inputs(101, 10).await.unwrap(), [sha]);
+        assert_eq!(s.unused_inputs(101, 10, None).await.unwrap(), [(100, sha.to_string())]);
         // A blob that cannot be deleted leaves the input as it was.
         let stuck = s
             .purge_input(sha, 101, 10_000, || async { Err(BlobError::Missing("locked".into())) })
@@ -381,6 +381,21 @@ both_stores! {
         assert!(kept.blob_kept);
         assert_eq!(removals.load(std::sync::atomic::Ordering::SeqCst), 1, "no deletion");
         assert!(s.blob_known(&c.sha256).await.unwrap(), "still an artifact");
+    }
+
+    async fn unused_inputs_come_in_pages_that_go_on_past_the_last_one(s: &Store) {
+        // Four inputs, two last used at the same time (then by hash).
+        for (byte, used) in [("e1", 30), ("e2", 10), ("e3", 20), ("e0", 20)] {
+            s.record_input(&input_image(byte), "", used, published()).await.unwrap();
+        }
+        let sha = |byte: &str| byte.repeat(32);
+        let first = s.unused_inputs(1_000, 2, None).await.unwrap();
+        assert_eq!(first, [(10, sha("e2")), (20, sha("e0"))]);
+        let second = s.unused_inputs(1_000, 2, first.last()).await.unwrap();
+        assert_eq!(second, [(20, sha("e3")), (30, sha("e1"))]);
+        assert!(s.unused_inputs(1_000, 2, second.last()).await.unwrap().is_empty());
+        // The cutoff still applies.
+        assert_eq!(s.unused_inputs(20, 10, None).await.unwrap(), [(10, sha("e2"))]);
     }
 
     async fn deleting_an_input_takes_back_an_upload_and_the_last_one_purges_it(s: &Store) {

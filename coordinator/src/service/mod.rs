@@ -44,6 +44,8 @@ pub struct Coordinator {
     workers: Mutex<HashMap<String, (WorkerCaps, Instant)>>,
     /// Signs the audit ledger's head as it is sealed, when configured.
     ledger_signer: Option<LedgerSigner>,
+    /// Where the next input retention pass goes on from.
+    purge_cursor: tokio::sync::Mutex<Option<(i64, String)>>,
     /// The task label sets the metrics census has reported.
     pub(crate) census_labels: CensusLabels,
     /// Turns true when the server stops: long polls and watches end early
@@ -89,6 +91,7 @@ impl Coordinator {
             limiter,
             workers: Mutex::new(HashMap::new()),
             ledger_signer,
+            purge_cursor: tokio::sync::Mutex::new(None),
             census_labels: CensusLabels::default(),
             shutdown,
         }
@@ -237,9 +240,10 @@ impl Coordinator {
     }
 
     /// Purges the input images unused for `input_retention_ms` (a bounded
-    /// number per call): their blobs deleted, their rows marked. Returns
-    /// how many were purged. An input whose blob cannot be deleted now
-    /// (an object lock) stays and is tried again next time.
+    /// number per call, each call going on from where the last left off):
+    /// their blobs deleted, their rows marked. Returns how many were
+    /// purged. An input whose blob cannot be deleted now (an object lock)
+    /// stays, and is tried again when the passes come round to it.
     pub async fn purge_unused_inputs(&self) -> Result<u64, StoreError> {
         let retention = self.config.input_retention_ms;
         if retention == 0 {
@@ -247,8 +251,20 @@ impl Coordinator {
         }
         let now = now_ms();
         let cutoff = now.saturating_sub(i64::try_from(retention).unwrap_or(i64::MAX));
+        let mut cursor = self.purge_cursor.lock().await;
+        let page = self
+            .store
+            .unused_inputs(cutoff, PURGE_BATCH, cursor.as_ref())
+            .await?;
+        // A short page is the end: the next pass starts again from the
+        // least recently used.
+        *cursor = match page.last() {
+            Some(last) if page.len() == PURGE_BATCH as usize => Some(last.clone()),
+            _ => None,
+        };
+        drop(cursor);
         let mut purged = 0;
-        for sha256 in self.store.unused_inputs(cutoff, PURGE_BATCH).await? {
+        for (_, sha256) in page {
             let removed = self
                 .store
                 .purge_input(&sha256, cutoff, now, || self.blobs.remove(&sha256))

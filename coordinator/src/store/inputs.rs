@@ -191,16 +191,33 @@ impl Store {
 
     /// Up to `limit` inputs the purge may remove: last used before
     /// `cutoff`, and started from by no unfinished task; least recently used
-    /// first.
-    pub async fn unused_inputs(&self, cutoff: i64, limit: u32) -> Result<Vec<String>> {
-        Ok(sqlx::query_scalar(&format!(
-            "SELECT sha256 FROM inputs WHERE purged_at IS NULL AND last_used_at < $1 \
-             AND NOT EXISTS ({OPEN_TASKS_STARTING_FROM}) ORDER BY last_used_at LIMIT $2"
+    /// first, as (last use, sha256), from after `after` (the last one of
+    /// the previous page), so inputs whose blobs cannot be deleted yet do
+    /// not hold back the ones behind them.
+    pub async fn unused_inputs(
+        &self,
+        cutoff: i64,
+        limit: u32,
+        after: Option<&(i64, String)>,
+    ) -> Result<Vec<(i64, String)>> {
+        let (after_used, after_sha) = match after {
+            Some((used, sha)) => (*used, sha.as_str()),
+            None => (i64::MIN, ""),
+        };
+        let rows = sqlx::query(&format!(
+            "SELECT last_used_at, sha256 FROM inputs WHERE purged_at IS NULL AND last_used_at < $1 \
+             AND (last_used_at > $3 OR (last_used_at = $3 AND sha256 > $4)) \
+             AND NOT EXISTS ({OPEN_TASKS_STARTING_FROM}) ORDER BY last_used_at, sha256 LIMIT $2"
         ))
         .bind(cutoff)
         .bind(i64::from(limit))
+        .bind(after_used)
+        .bind(after_sha)
         .fetch_all(&self.pool)
-        .await?)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("last_used_at")?, r.try_get("sha256")?)))
+            .collect()
     }
 
     /// Purges the input `sha256` if it is still unused since before
