@@ -27,8 +27,9 @@ use anyhow::{Context, anyhow, bail};
 use clap::{Args, Parser, Subcommand};
 use hallmark_proto::client::ClientTls;
 use hallmark_proto::v1::{
-    Dataset, InputRef, Job, JobRef, JobSpec, ListDatasetsRequest, ListJobsRequest,
-    ListModelsRequest, ListWorkersRequest, Model, PromptItem, SubmitJobRequest, WeightFile,
+    Dataset, InputRef, Job, JobRef, JobSpec, ListDatasetsRequest, ListInputsRequest,
+    ListJobsRequest, ListModelsRequest, ListWorkersRequest, Model, PromptItem, SubmitJobRequest,
+    WeightFile,
 };
 use serde_json::json;
 
@@ -545,6 +546,14 @@ pub enum InputsCommand {
         #[arg(required = true)]
         inputs: Vec<String>,
     },
+    /// List your uploaded input images, most recently used first, with when
+    /// the retention purge may take each (an operator: a --tenant's, or all).
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -1051,6 +1060,29 @@ async fn remote_command(
                     println!("{}", json!({ "sha256": sha256, "deleted": true }));
                 } else {
                     println!("deleted input {sha256}");
+                }
+            }
+        }
+        Command::Inputs(InputsCommand::List { tenant, limit }) => {
+            let inputs = remote
+                .jobs
+                .clone()
+                .list_inputs(ListInputsRequest {
+                    tenant: tenant.unwrap_or_default(),
+                    limit,
+                })
+                .await
+                .map_err(rpc)?
+                .into_inner()
+                .inputs;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::Value::Array(inputs.iter().map(output::input_json).collect())
+                );
+            } else {
+                for input in &inputs {
+                    println!("{}", output::input_text(input));
                 }
             }
         }

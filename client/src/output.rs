@@ -1,6 +1,6 @@
 //! Human and `--json` renderings of jobs, artifacts, workers and the registry.
 
-use hallmark_proto::v1::{Artifact, Dataset, Job, Model, WorkerInfo};
+use hallmark_proto::v1::{Artifact, Dataset, Job, Model, StoredInput, WorkerInfo};
 use serde_json::{Value, json};
 
 pub fn job_json(j: &Job) -> Value {
@@ -53,6 +53,47 @@ pub fn dataset_json(d: &Dataset) -> Value {
         "name": d.name, "version": d.version, "uri": d.uri, "content_sha256": d.content_sha256,
         "license": d.license, "created_at_ms": d.created_at_ms,
     })
+}
+
+pub fn input_json(i: &StoredInput) -> Value {
+    let image = i.image.clone().unwrap_or_default();
+    json!({
+        "sha256": image.sha256, "media_type": image.media_type,
+        "width": image.width, "height": image.height, "size": image.size,
+        "uploaded_at_ms": i.uploaded_at_ms, "last_used_at_ms": i.last_used_at_ms,
+        "purge_after_ms": i.purge_after_ms,
+    })
+}
+
+/// `SHA256  W×H  SIZE bytes  last used TIME  purged after TIME|never`.
+pub fn input_text(i: &StoredInput) -> String {
+    let image = i.image.clone().unwrap_or_default();
+    let purge = if i.purge_after_ms == 0 {
+        "kept until deleted".to_string()
+    } else {
+        format!("purged after {}", utc_ms(i.purge_after_ms))
+    };
+    format!(
+        "{}  {}×{}  {} bytes  last used {}  {purge}",
+        image.sha256,
+        image.width,
+        image.height,
+        image.size,
+        utc_ms(i.last_used_at_ms)
+    )
+}
+
+/// Milliseconds since the Unix epoch as an RFC 3339 UTC time.
+fn utc_ms(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.replace_nanosecond(0)
+                .ok()?
+                .format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{ms} ms"))
 }
 
 /// One line per stage: `generate  180/200 done, 4 running, 0 failed`.

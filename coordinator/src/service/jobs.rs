@@ -6,7 +6,8 @@ use std::time::Duration;
 use hallmark_proto::v1::jobs_server::Jobs;
 use hallmark_proto::v1::{
     Chunk, DeleteInputResponse, DownloadArtifactRequest, InputImage, InputRef, Job, JobRef,
-    ListArtifactsResponse, ListJobsRequest, ListJobsResponse, SubmitJobRequest,
+    ListArtifactsResponse, ListInputsRequest, ListInputsResponse, ListJobsRequest,
+    ListJobsResponse, StoredInput, SubmitJobRequest,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -311,6 +312,36 @@ impl Jobs for JobsService {
             .map_err(status)?;
         tracing::info!(%sha256, tenant = %tenant, "input image deleted");
         Ok(Response::new(DeleteInputResponse {}))
+    }
+
+    async fn list_inputs(
+        &self,
+        req: Request<ListInputsRequest>,
+    ) -> Result<Response<ListInputsResponse>, Status> {
+        let c = &self.0;
+        let caller = Caller::of(&req);
+        let r = req.into_inner();
+        let tenant = caller.acting_tenant(&r.tenant, "listing input images")?;
+        let limit = if r.limit == 0 { 100 } else { r.limit.min(1000) };
+        let retention = i64::try_from(c.config.input_retention_ms).unwrap_or(i64::MAX);
+        let inputs = c
+            .store
+            .list_inputs(Some(tenant.as_str()).filter(|t| !t.is_empty()), limit)
+            .await
+            .map_err(status)?
+            .into_iter()
+            .map(|(image, uploaded_at_ms, last_used_at_ms)| StoredInput {
+                image: Some(image),
+                uploaded_at_ms,
+                last_used_at_ms,
+                purge_after_ms: if retention == 0 {
+                    0
+                } else {
+                    last_used_at_ms.saturating_add(retention)
+                },
+            })
+            .collect();
+        Ok(Response::new(ListInputsResponse { inputs }))
     }
 
     type DownloadArtifactStream = ReceiverStream<Result<Chunk, Status>>;

@@ -168,13 +168,35 @@ impl Store {
         else {
             return Ok(None);
         };
-        Ok(Some(InputImage {
-            sha256: r.try_get("sha256")?,
-            media_type: r.try_get("media_type")?,
-            width: r.try_get::<i64, _>("width")? as u32,
-            height: r.try_get::<i64, _>("height")? as u32,
-            size: r.try_get::<i64, _>("size")? as u64,
-        }))
+        Ok(Some(input_from_row(&r)?))
+    }
+
+    /// Up to `limit` stored inputs `tenant` uploaded (`None`: every stored
+    /// input), most recently used first, with their upload and last use.
+    pub async fn list_inputs(
+        &self,
+        tenant: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<(InputImage, i64, i64)>> {
+        let rows = sqlx::query(
+            "SELECT sha256, media_type, width, height, size, created_at, last_used_at FROM inputs \
+             WHERE purged_at IS NULL AND ($1 = '' OR sha256 IN \
+               (SELECT sha256 FROM input_owners WHERE tenant = $1)) \
+             ORDER BY last_used_at DESC, sha256 LIMIT $2",
+        )
+        .bind(tenant.unwrap_or(""))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    input_from_row(r)?,
+                    r.try_get("created_at")?,
+                    r.try_get("last_used_at")?,
+                ))
+            })
+            .collect()
     }
 
     /// When the input `sha256` was purged; `None` when it is stored, or was
@@ -363,6 +385,16 @@ impl Store {
         tx.commit().await?;
         Ok(())
     }
+}
+
+fn input_from_row(r: &sqlx::any::AnyRow) -> Result<InputImage> {
+    Ok(InputImage {
+        sha256: r.try_get("sha256")?,
+        media_type: r.try_get("media_type")?,
+        width: r.try_get::<i64, _>("width")? as u32,
+        height: r.try_get::<i64, _>("height")? as u32,
+        size: r.try_get::<i64, _>("size")? as u64,
+    })
 }
 
 /// Runs `remove_blob` unless an artifact is stored under the same hash;

@@ -437,7 +437,38 @@ async fn a_tenant_renders_and_downloads_only_the_inputs_it_uploaded() {
         "{}",
         String::from_utf8_lossy(&by_worker.stderr)
     );
+    let listed = |token: &str, extra: &[&str]| {
+        let out = hallmark_as(
+            &url,
+            Some(token),
+            &[&["--json", "inputs", "list"], extra].concat(),
+        );
+        json_of(&out)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["sha256"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(listed(acme, &[]), std::slice::from_ref(&sha256));
     ok(&delete(acme));
+    assert!(listed(acme, &[]).is_empty(), "acme's own list");
+    assert_eq!(
+        listed(globex, &[]),
+        std::slice::from_ref(&sha256),
+        "globex's own list"
+    );
+    assert_eq!(
+        listed(operator, &["--tenant", "acme"]),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        listed(operator, &[]),
+        std::slice::from_ref(&sha256),
+        "everyone's, for an operator"
+    );
+    let nosy = hallmark_as(&url, Some(acme), &["inputs", "list", "--tenant", "globex"]);
+    assert!(!nosy.status.success(), "a tenant lists only its own");
     let again = delete(acme);
     assert!(
         String::from_utf8_lossy(&again.stderr).contains("no uploaded input image"),

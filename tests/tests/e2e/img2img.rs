@@ -590,6 +590,22 @@ async fn an_uploader_deletes_its_input_once_no_job_of_its_own_starts_from_it() {
     ]);
     let job_id = json_of(&submitted)["job_id"].as_str().unwrap().to_string();
     assert!(blob.exists());
+    // Listed with its size and when the retention (30 days by default)
+    // may purge it.
+    let listed = json_of(&cli(&["--json", "inputs", "list"]));
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["sha256"], sha.as_str());
+    let (w, h) = image::image_dimensions(&init).unwrap();
+    assert_eq!(
+        (listed[0]["width"].as_u64(), listed[0]["height"].as_u64()),
+        (Some(u64::from(w)), Some(u64::from(h)))
+    );
+    let last_used = listed[0]["last_used_at_ms"].as_i64().unwrap();
+    assert_eq!(
+        listed[0]["purge_after_ms"].as_i64().unwrap() - last_used,
+        30 * 24 * 3_600_000
+    );
 
     let busy = cli(&["inputs", "delete", init.to_str().unwrap()]);
     assert!(!busy.status.success());
@@ -611,6 +627,8 @@ async fn an_uploader_deletes_its_input_once_no_job_of_its_own_starts_from_it() {
         !blob.exists(),
         "the last uploader's deletion purges the blob"
     );
+    let listed = json_of(&cli(&["--json", "inputs", "list"]));
+    assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
     assert_eq!(
         scalar(
             &db,
