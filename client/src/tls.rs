@@ -188,6 +188,12 @@ impl FarmTlsCa {
         }
         let list = self.revoked_list()?;
         let already = std::fs::read_to_string(&list).unwrap_or_default();
+        if already.contains("-----BEGIN X509 CRL-----") {
+            anyhow::bail!(
+                "{} holds a certificate revocation list: revoke {name:?} in the CRL that replaces it (a fingerprint added beside a CRL would not be read)",
+                list.display()
+            );
+        }
         for sha in &found {
             if !already.lines().any(|l| l.starts_with(sha.as_str())) {
                 append_line(&list, &format!("{sha} # {name}"))?;
@@ -382,6 +388,18 @@ mod tests {
         assert_eq!(again, list, "revoking twice lists it once");
         let unknown = ca.revoke("gpu-2").unwrap_err().to_string();
         assert!(unknown.contains("no client certificate named"), "{unknown}");
+        // A list replaced by a CRL is not added to.
+        let crl = "-----BEGIN X509 CRL-----\nMAA=\n-----END X509 CRL-----\n";
+        std::fs::write(ca.revoked_list().unwrap(), crl).unwrap();
+        let beside = ca.revoke("gpu-1").unwrap_err().to_string();
+        assert!(
+            beside.contains("holds a certificate revocation list"),
+            "{beside}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(ca.revoked_list().unwrap()).unwrap(),
+            crl
+        );
 
         std::fs::remove_file(&ca.key).unwrap();
         let half = FarmTlsCa::open_or_init(&tls).unwrap_err();

@@ -55,12 +55,8 @@ impl ClientFingerprint {
             .unwrap_or_default()
     }
 
-    fn of_peer<T>(req: &tonic::Request<T>) -> Option<Self> {
-        let certs = req.peer_certs()?;
-        let der: &[u8] = certs.first()?.as_ref();
-        Some(Self(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
-            der,
-        ))))
+    fn of_der(der: &[u8]) -> Self {
+        Self(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(der)))
     }
 }
 
@@ -454,9 +450,137 @@ pub struct Gate {
     /// Roles whose expiry this process has published (a role whose last
     /// expiring token is removed is set to +Inf, not left stale).
     reported: Arc<Mutex<BTreeSet<String>>>,
-    /// SHA-256 fingerprints (hex) of revoked client certificates
-    /// (`tls_revoked_certs`).
-    revoked: Arc<RwLock<Arc<BTreeSet<String>>>>,
+    /// The revoked client certificates (`tls_revoked_certs`).
+    revoked: Arc<RwLock<Arc<Revocations>>>,
+}
+
+/// Client certificates to refuse: by SHA-256 fingerprint (a list), or by
+/// issuer and serial number (certificate revocation lists).
+#[derive(Debug, Default)]
+pub struct Revocations {
+    fingerprints: BTreeSet<String>,
+    /// (issuer's DER name, serial number's DER bytes) of each certificate
+    /// a CRL revokes.
+    serials: BTreeSet<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Revocations {
+    /// How many certificates are revoked.
+    pub fn len(&self) -> usize {
+        self.fingerprints.len() + self.serials.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the certificate `der`, of SHA-256 `fingerprint` (hex), is
+    /// revoked. One that does not parse, while CRLs are in force, is.
+    pub fn revokes(&self, fingerprint: &str, der: &[u8]) -> bool {
+        if self.fingerprints.contains(fingerprint) {
+            return true;
+        }
+        if self.serials.is_empty() {
+            return false;
+        }
+        match x509_parser::parse_x509_certificate(der) {
+            Ok((_, cert)) => self
+                .serials
+                .contains(&(cert.issuer().as_raw().to_vec(), cert.raw_serial().to_vec())),
+            Err(_) => true,
+        }
+    }
+}
+
+/// Reads `tls_revoked_certs`: one or more certificate revocation lists
+/// (PEM `X509 CRL` blocks, or one DER CRL), each of which must be signed by
+/// a certificate among `client_ca` (PEM, `tls_client_ca`); or else a list
+/// of fingerprints ([`parse_revoked`]). Returns the revocations and a
+/// warning for each CRL past its next update (still enforced: a stale list
+/// revokes no less).
+pub fn parse_revocations(
+    bytes: &[u8],
+    client_ca: &[u8],
+    now: SystemTime,
+) -> Result<(Revocations, Vec<String>), String> {
+    use x509_parser::pem::Pem;
+    let text = String::from_utf8_lossy(bytes);
+    let ders: Vec<Vec<u8>> = if text.contains("-----BEGIN X509 CRL-----") {
+        let mut ders = Vec::new();
+        for (i, pem) in Pem::iter_from_buffer(bytes).enumerate() {
+            let pem = pem.map_err(|e| format!("PEM block {}: {e}", i + 1))?;
+            if pem.label != "X509 CRL" {
+                return Err(format!(
+                    "PEM block {} is a {:?}, not an X509 CRL",
+                    i + 1,
+                    pem.label
+                ));
+            }
+            ders.push(pem.contents);
+        }
+        ders
+    } else if bytes.first() == Some(&0x30) {
+        vec![bytes.to_vec()]
+    } else {
+        let fingerprints = parse_revoked(&text)?;
+        return Ok((
+            Revocations {
+                fingerprints,
+                ..Revocations::default()
+            },
+            Vec::new(),
+        ));
+    };
+    let mut issuers = Vec::new();
+    for pem in Pem::iter_from_buffer(client_ca) {
+        let pem = pem.map_err(|e| format!("tls_client_ca: {e}"))?;
+        if pem.label == "CERTIFICATE" {
+            issuers.push(pem.contents);
+        }
+    }
+    let issuers: Vec<_> = issuers
+        .iter()
+        .filter_map(|der| {
+            x509_parser::parse_x509_certificate(der)
+                .ok()
+                .map(|(_, c)| c)
+        })
+        .collect();
+    let now_s = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let mut revocations = Revocations::default();
+    let mut warnings = Vec::new();
+    for (i, der) in ders.iter().enumerate() {
+        let (_, crl) = x509_parser::parse_x509_crl(der)
+            .map_err(|e| format!("CRL {}: not a certificate revocation list: {e}", i + 1))?;
+        let issuer = crl.issuer();
+        let signed = issuers.iter().any(|ca| {
+            ca.subject().as_raw() == issuer.as_raw()
+                && crl.verify_signature(ca.public_key()).is_ok()
+        });
+        if !signed {
+            return Err(format!(
+                "CRL {} (issuer {issuer}) is not signed by any tls_client_ca certificate",
+                i + 1
+            ));
+        }
+        if let Some(next) = crl.next_update()
+            && next.timestamp() < now_s
+        {
+            warnings.push(format!(
+                "CRL {} (issuer {issuer}) is past its next update ({next}); fetch a fresh one",
+                i + 1
+            ));
+        }
+        for revoked in crl.iter_revoked_certificates() {
+            revocations
+                .serials
+                .insert((issuer.as_raw().to_vec(), revoked.raw_serial().to_vec()));
+        }
+    }
+    Ok((revocations, warnings))
 }
 
 /// Reads a list of revoked client certificates: one SHA-256 fingerprint
@@ -502,14 +626,21 @@ impl Gate {
     /// Reads the revoked client certificates from `file` now (an error
     /// names the file), then again every `every` when it changes; a
     /// version that does not parse keeps the list in force, with a warning.
+    /// CRLs in it must be signed by a certificate of `client_ca` (PEM).
     pub fn revoke_from(
         &self,
         file: PathBuf,
         every: Duration,
+        client_ca: Vec<u8>,
     ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-        let parse = |file: &std::path::Path, bytes: &[u8]| {
-            parse_revoked(&String::from_utf8_lossy(bytes))
-                .map_err(|e| anyhow::anyhow!("tls_revoked_certs {}: {e}", file.display()))
+        let parse = move |file: &std::path::Path, bytes: &[u8]| {
+            let (revocations, warnings) =
+                parse_revocations(bytes, &client_ca, SystemTime::now())
+                    .map_err(|e| anyhow::anyhow!("tls_revoked_certs {}: {e}", file.display()))?;
+            for warning in warnings {
+                tracing::warn!(file = %file.display(), "tls_revoked_certs: {warning}");
+            }
+            Ok::<_, anyhow::Error>(revocations)
         };
         let bytes = std::fs::read(&file)
             .map_err(|e| anyhow::anyhow!("tls_revoked_certs: reading {}: {e}", file.display()))?;
@@ -520,9 +651,9 @@ impl Gate {
             every,
             Some(bytes),
             move |file, bytes| match parse(file, bytes) {
-                Ok(set) => {
-                    tracing::info!(file = %file.display(), revoked = set.len(), "revoked client certificates reloaded");
-                    gate.set_revoked(set);
+                Ok(revocations) => {
+                    tracing::info!(file = %file.display(), revoked = revocations.len(), "revoked client certificates reloaded");
+                    gate.set_revoked(revocations);
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "revoked client certificates not reloaded; the list in force stays")
@@ -531,17 +662,17 @@ impl Gate {
         ))
     }
 
-    fn set_revoked(&self, set: BTreeSet<String>) {
+    fn set_revoked(&self, revocations: Revocations) {
         match self.revoked.write() {
-            Ok(mut r) => *r = Arc::new(set),
-            Err(poisoned) => *poisoned.into_inner() = Arc::new(set),
+            Ok(mut r) => *r = Arc::new(revocations),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(revocations),
         }
     }
 
-    fn is_revoked(&self, fingerprint: &ClientFingerprint) -> bool {
+    fn is_revoked(&self, fingerprint: &ClientFingerprint, der: &[u8]) -> bool {
         match self.revoked.read() {
-            Ok(r) => r.contains(&fingerprint.0),
-            Err(poisoned) => poisoned.into_inner().contains(&fingerprint.0),
+            Ok(r) => r.revokes(&fingerprint.0, der),
+            Err(poisoned) => poisoned.into_inner().revokes(&fingerprint.0, der),
         }
     }
 
@@ -658,8 +789,11 @@ pub fn log_expired(tokens: &Tokens) {
 
 impl Interceptor for Gate {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        if let Some(fingerprint) = ClientFingerprint::of_peer(&req) {
-            if self.is_revoked(&fingerprint) {
+        let peer_certs = req.peer_certs();
+        if let Some(der) = peer_certs.as_ref().and_then(|certs| certs.first()) {
+            let der: &[u8] = der.as_ref();
+            let fingerprint = ClientFingerprint::of_der(der);
+            if self.is_revoked(&fingerprint, der) {
                 return Err(Status::unauthenticated(
                     "this client certificate has been revoked",
                 ));
@@ -678,6 +812,138 @@ impl Interceptor for Gate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client CA that may sign CRLs, and client certificates it issues.
+    struct ClientCa {
+        params: rcgen::CertificateParams,
+        key: rcgen::KeyPair,
+        pem: String,
+    }
+
+    impl ClientCa {
+        fn new(name: &str) -> Self {
+            use rcgen::{
+                BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose,
+            };
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            let pem = params.self_signed(&key).unwrap().pem();
+            Self { params, key, pem }
+        }
+
+        fn issuer(&self) -> rcgen::Issuer<'_, &rcgen::KeyPair> {
+            rcgen::Issuer::from_params(&self.params, &self.key)
+        }
+
+        fn client(&self, serial: u64) -> Vec<u8> {
+            let mut params = rcgen::CertificateParams::new(vec!["worker".into()]).unwrap();
+            params.serial_number = Some(serial.into());
+            let key = rcgen::KeyPair::generate().unwrap();
+            params
+                .signed_by(&key, &self.issuer())
+                .unwrap()
+                .der()
+                .to_vec()
+        }
+
+        fn crl(&self, serials: &[u64]) -> rcgen::CertificateRevocationList {
+            let now = time::OffsetDateTime::now_utc();
+            rcgen::CertificateRevocationListParams {
+                this_update: now - time::Duration::hours(1),
+                next_update: now + time::Duration::days(1),
+                crl_number: 1u64.into(),
+                issuing_distribution_point: None,
+                revoked_certs: serials
+                    .iter()
+                    .map(|&serial| rcgen::RevokedCertParams {
+                        serial_number: serial.into(),
+                        revocation_time: now,
+                        reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                        invalidity_date: None,
+                    })
+                    .collect(),
+                key_identifier_method: rcgen::KeyIdMethod::Sha256,
+            }
+            .signed_by(&self.issuer())
+            .unwrap()
+        }
+    }
+
+    fn revoked(r: &Revocations, der: &[u8]) -> bool {
+        r.revokes(&ClientFingerprint::of_der(der).0, der)
+    }
+
+    #[test]
+    fn a_crl_of_the_client_ca_revokes_by_issuer_and_serial_number() {
+        let ca = ClientCa::new("client CA");
+        let other = ClientCa::new("another CA");
+        let (seven, eight) = (ca.client(7), ca.client(8));
+        let crl = ca.crl(&[7, 99]);
+        let now = SystemTime::now();
+        for bytes in [crl.pem().unwrap().into_bytes(), crl.der().to_vec()] {
+            let (r, warnings) = parse_revocations(&bytes, ca.pem.as_bytes(), now).unwrap();
+            assert!(warnings.is_empty(), "{warnings:?}");
+            assert_eq!(r.len(), 2);
+            assert!(revoked(&r, &seven));
+            assert!(!revoked(&r, &eight));
+            // The same serial number from another issuer is another certificate.
+            assert!(!revoked(&r, &other.client(7)));
+        }
+        // Two CRLs in one file, both counted; the roots may hold several CAs.
+        let both = format!("{}{}", crl.pem().unwrap(), other.crl(&[8]).pem().unwrap());
+        let roots = format!("{}{}", ca.pem, other.pem);
+        let (r, _) = parse_revocations(both.as_bytes(), roots.as_bytes(), now).unwrap();
+        assert!(revoked(&r, &seven) && revoked(&r, &other.client(8)) && !revoked(&r, &eight));
+        // Another CA's CRL is refused, naming it.
+        let e = parse_revocations(
+            other.crl(&[8]).pem().unwrap().as_bytes(),
+            ca.pem.as_bytes(),
+            now,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains(
+                "CRL 1 (issuer CN=another CA) is not signed by any tls_client_ca certificate"
+            ),
+            "{e}"
+        );
+        // So is one that names the CA but was signed by another key.
+        let impostor = ClientCa::new("client CA");
+        let e = parse_revocations(
+            impostor.crl(&[8]).pem().unwrap().as_bytes(),
+            ca.pem.as_bytes(),
+            now,
+        )
+        .unwrap_err();
+        assert!(e.contains("(issuer CN=client CA) is not signed"), "{e}");
+        // A CRL past its next update still revokes, with a warning.
+        let later = now + Duration::from_secs(2 * 86_400);
+        let (r, warnings) =
+            parse_revocations(crl.pem().unwrap().as_bytes(), ca.pem.as_bytes(), later).unwrap();
+        assert!(revoked(&r, &seven));
+        assert!(
+            warnings[0].contains("is past its next update"),
+            "{warnings:?}"
+        );
+        // A fingerprint list reads as before.
+        let list = format!("{}\n", ClientFingerprint::of_der(&eight).0);
+        let (r, _) = parse_revocations(list.as_bytes(), ca.pem.as_bytes(), now).unwrap();
+        assert!(revoked(&r, &eight) && !revoked(&r, &seven));
+        // Something else in PEM is refused.
+        let e = parse_revocations(
+            format!("{}{}", crl.pem().unwrap(), ca.pem).as_bytes(),
+            ca.pem.as_bytes(),
+            now,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("PEM block 2 is a \"CERTIFICATE\", not an X509 CRL"),
+            "{e}"
+        );
+    }
 
     fn tokens(entries: &[(&str, &str)]) -> Result<Option<Tokens>, AuthConfigError> {
         let map = entries

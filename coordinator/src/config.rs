@@ -180,9 +180,10 @@ pub struct CoordinatorConfig {
     pub tls_client_ca: Option<PathBuf>,
     /// A file of revoked client certificates, refused on every call: one
     /// SHA-256 fingerprint per line (hex, colons allowed, as `openssl x509
-    /// -noout -fingerprint -sha256` prints it; `#` starts a comment). Read
-    /// again as it changes (every `auth_reload_interval_ms`). Needs
-    /// `tls_client_ca`.
+    /// -noout -fingerprint -sha256` prints it; `#` starts a comment), or
+    /// certificate revocation lists (PEM or DER) signed by a
+    /// `tls_client_ca` certificate. Read again as it changes (every
+    /// `auth_reload_interval_ms`). Needs `tls_client_ca`.
     pub tls_revoked_certs: Option<PathBuf>,
     /// Address of the HTTP C2PA soft-binding resolution API; unset: off.
     /// HTTPS with `tls_cert` (no client certificates: the API is public).

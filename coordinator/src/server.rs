@@ -235,12 +235,16 @@ pub async fn start_on(
         }
         _ => None,
     };
-    let revoked_reloader = match &state.config.tls_revoked_certs {
-        Some(file) => Some(gate.revoke_from(
-            file.clone(),
-            Duration::from_millis(state.config.auth_reload_interval_ms.max(100)),
-        )?),
-        None => None,
+    let revoked_reloader = match (&state.config.tls_revoked_certs, &state.config.tls_client_ca) {
+        (Some(file), Some(roots)) => Some(
+            gate.revoke_from(
+                file.clone(),
+                Duration::from_millis(state.config.auth_reload_interval_ms.max(100)),
+                std::fs::read(roots)
+                    .with_context(|| format!("reading tls_client_ca {}", roots.display()))?,
+            )?,
+        ),
+        _ => None,
     };
     let reaper_state = state.clone();
     let reaper = tokio::spawn(async move {

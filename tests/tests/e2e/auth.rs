@@ -1531,4 +1531,47 @@ async fn an_embedded_farm_over_tls_admits_only_callers_with_its_client_certifica
             && how.contains("has been revoked"),
         "{how}"
     );
+
+    // The list may instead be a CRL the client CA signed (as an external
+    // PKI publishes it): it revokes by issuer and serial number.
+    let revoked_by_crl = issue("crl-listed", &certs, &state);
+    ok(&call(&url, Some(&revoked_by_crl), Some(&ca_arg), &["jobs"]));
+    let serial = {
+        let pem = std::fs::read(&revoked_by_crl.0).unwrap();
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        pem.parse_x509().unwrap().raw_serial().to_vec()
+    };
+    let issuer = rcgen::Issuer::from_ca_cert_pem(
+        &ca_before,
+        rcgen::KeyPair::from_pem(
+            &std::fs::read_to_string(state.join("tls").join("ca.key")).unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let crl = rcgen::CertificateRevocationListParams {
+        this_update: now - time::Duration::minutes(5),
+        next_update: now + time::Duration::days(7),
+        crl_number: 1u64.into(),
+        issuing_distribution_point: None,
+        revoked_certs: vec![rcgen::RevokedCertParams {
+            serial_number: serial.into(),
+            revocation_time: now,
+            reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+            invalidity_date: None,
+        }],
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    }
+    .signed_by(&issuer)
+    .unwrap();
+    std::fs::write(state.join("tls").join("revoked.txt"), crl.pem().unwrap()).unwrap();
+    eventually("the CRL takes effect", Duration::from_secs(20), || {
+        let out = call(&url, Some(&revoked_by_crl), Some(&ca_arg), &["jobs"]);
+        let gone = !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("has been revoked");
+        async move { gone }
+    })
+    .await;
+    ok(&call(&url, Some(&cli_cert), Some(&ca_arg), &["jobs"]));
 }
