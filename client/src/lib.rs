@@ -1469,7 +1469,7 @@ fn tls_client_cert(
 
 /// An input named by its sha256 or by its file.
 fn input_sha256(input: &str) -> anyhow::Result<String> {
-    if input.len() == 64 && input.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if hallmark_provenance::is_sha256_hex(input) {
         return Ok(input.to_ascii_lowercase());
     }
     let path = Path::new(input);

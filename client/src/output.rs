@@ -1,5 +1,6 @@
 //! Human and `--json` renderings of jobs, artifacts, workers and the registry.
 
+use hallmark_coordinator::auth::format_time_ms;
 use hallmark_proto::v1::{Artifact, Dataset, Job, Model, StoredInput, WorkerInfo};
 use serde_json::{Value, json};
 
@@ -71,7 +72,7 @@ pub fn input_text(i: &StoredInput) -> String {
     let purge = if i.purge_after_ms == 0 {
         "kept until deleted".to_string()
     } else {
-        format!("purged after {}", utc_ms(i.purge_after_ms))
+        format!("purged after {}", format_time_ms(i.purge_after_ms))
     };
     format!(
         "{}  {}×{}  {} bytes  last used {}  {purge}",
@@ -79,21 +80,8 @@ pub fn input_text(i: &StoredInput) -> String {
         image.width,
         image.height,
         image.size,
-        utc_ms(i.last_used_at_ms)
+        format_time_ms(i.last_used_at_ms)
     )
-}
-
-/// Milliseconds since the Unix epoch as an RFC 3339 UTC time.
-fn utc_ms(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.replace_nanosecond(0)
-                .ok()?
-                .format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| format!("{ms} ms"))
 }
 
 /// One line per stage: `generate  180/200 done, 4 running, 0 failed`.

@@ -338,6 +338,15 @@ impl CoordinatorConfig {
             .unwrap_or(self.tenant_max_running)
     }
 
+    /// `input_retention_ms` as a span of milliseconds; `None` when inputs
+    /// are kept forever.
+    pub fn input_retention(&self) -> Option<i64> {
+        match self.input_retention_ms {
+            0 => None,
+            ms => Some(i64::try_from(ms).unwrap_or(i64::MAX)),
+        }
+    }
+
     /// The input bytes `tenant` may upload per minute (0 = no limit).
     pub fn tenant_upload_rate(&self, tenant: &str) -> u64 {
         self.tenants

@@ -94,23 +94,21 @@ impl Jobs for JobsService {
         // A tenant's token renders only from the tenant's own uploads.
         let own_inputs_only = matches!(caller, Caller::Tenant(_));
         for sha256 in job.init_images() {
-            let usable = c.store.find_input(sha256).await.map_err(status)?.is_some()
-                && (!own_inputs_only
-                    || c.store
-                        .input_owned_by(sha256, &job.tenant)
-                        .await
-                        .map_err(status)?);
-            if !usable {
-                let purged = c.store.input_purged_at(sha256).await.map_err(status)?;
+            let owned = !own_inputs_only
+                || c.store
+                    .input_owned_by(sha256, &job.tenant)
+                    .await
+                    .map_err(status)?;
+            let stored = c.store.find_input(sha256).await.map_err(status)?.is_some();
+            if !(owned && stored) {
+                let purged = if stored {
+                    None
+                } else {
+                    c.store.input_purged_at(sha256).await.map_err(status)?
+                };
                 let message = match purged {
                     // Said only to whom the input was usable before.
-                    Some(at)
-                        if !own_inputs_only
-                            || c.store
-                                .input_owned_by(sha256, &job.tenant)
-                                .await
-                                .map_err(status)? =>
-                    {
+                    Some(at) if owned => {
                         format!(
                             "input image {sha256} was purged at {} (deleted by its uploaders, or unused for input_retention_ms); upload it again (UploadInput, or `hallmark submit --init-image FILE`)",
                             crate::auth::format_time_ms(at)
@@ -293,7 +291,7 @@ impl Jobs for JobsService {
         let caller = Caller::of(&req);
         let tenant = caller.acting_tenant("", "deleting an input image")?;
         let sha256 = req.into_inner().sha256;
-        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if !hallmark_provenance::is_sha256_hex(&sha256) {
             return Err(Status::invalid_argument(format!(
                 "{sha256:?} is not the sha256 of an input image (64 hex digits)"
             )));
@@ -323,7 +321,7 @@ impl Jobs for JobsService {
         let r = req.into_inner();
         let tenant = caller.acting_tenant(&r.tenant, "listing input images")?;
         let limit = if r.limit == 0 { 100 } else { r.limit.min(1000) };
-        let retention = i64::try_from(c.config.input_retention_ms).unwrap_or(i64::MAX);
+        let retention = c.config.input_retention();
         let inputs = c
             .store
             .list_inputs(Some(tenant.as_str()).filter(|t| !t.is_empty()), limit)
@@ -334,11 +332,7 @@ impl Jobs for JobsService {
                 image: Some(image),
                 uploaded_at_ms,
                 last_used_at_ms,
-                purge_after_ms: if retention == 0 {
-                    0
-                } else {
-                    last_used_at_ms.saturating_add(retention)
-                },
+                purge_after_ms: retention.map_or(0, |r| last_used_at_ms.saturating_add(r)),
             })
             .collect();
         Ok(Response::new(ListInputsResponse { inputs }))
@@ -443,10 +437,8 @@ impl Jobs for JobsService {
                 return Err(status(e));
             }
         };
-        if recorded == InputRecorded::Restored {
-            tracing::info!(sha256 = %input.sha256, "a purged input image uploaded again: restored");
-        }
-        tracing::info!(sha256 = %input.sha256, width, height, size, "input image uploaded");
+        let restored = recorded == InputRecorded::Restored;
+        tracing::info!(sha256 = %input.sha256, width, height, size, restored, "input image uploaded");
         Ok(Response::new(input))
     }
 }

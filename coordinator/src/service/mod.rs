@@ -245,12 +245,11 @@ impl Coordinator {
     /// purged. An input whose blob cannot be deleted now (an object lock)
     /// stays, and is tried again when the passes come round to it.
     pub async fn purge_unused_inputs(&self) -> Result<u64, StoreError> {
-        let retention = self.config.input_retention_ms;
-        if retention == 0 {
+        let Some(retention) = self.config.input_retention() else {
             return Ok(0);
-        }
+        };
         let now = now_ms();
-        let cutoff = now.saturating_sub(i64::try_from(retention).unwrap_or(i64::MAX));
+        let cutoff = now.saturating_sub(retention);
         let mut cursor = self.purge_cursor.lock().await;
         let page = self
             .store

@@ -354,14 +354,19 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         // Another tenant's job (one an operator submitted) may still start
-        // from it: then the retention purge takes it once that ends.
-        let others_in_use: Option<String> = sqlx::query_scalar(&format!(
-            "SELECT sha256 FROM inputs WHERE sha256 = $1 AND EXISTS ({OPEN_TASKS_STARTING_FROM})"
-        ))
-        .bind(&sha256)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let purged = owners == 0 && others_in_use.is_none();
+        // from it: then the retention purge takes it once that ends. (With
+        // no tenant, `in_use` above looked at every job already.)
+        let others_in_use = match (owners, tenant) {
+            (0, Some(_)) => sqlx::query_scalar::<_, String>(&format!(
+                "SELECT sha256 FROM inputs WHERE sha256 = $1 AND EXISTS ({OPEN_TASKS_STARTING_FROM})"
+            ))
+            .bind(&sha256)
+            .fetch_optional(&mut *tx)
+            .await?
+            .is_some(),
+            _ => false,
+        };
+        let purged = owners == 0 && !others_in_use;
         let mut blob_kept = None;
         if purged {
             sqlx::query("UPDATE inputs SET purged_at = $2 WHERE sha256 = $1")
