@@ -151,19 +151,23 @@ pub enum AuditCommand {
         /// Also hold this job's artifacts against their recorded completions.
         #[arg(long)]
         job: Option<String>,
-        /// PEM roots the ledger checkpoint's signer must chain to (default:
-        /// `trust_anchors` and the local test CA's root, as for `verify`).
+        #[command(flatten)]
+        trust: CheckpointTrust,
+    },
+    /// Prove a job's ledger entries are in the signed ledger, without
+    /// reading anyone else's: each is re-hashed and its Merkle path walked
+    /// to the root of the latest signed checkpoint, and the job's artifacts
+    /// held against the completions proven. Exit 0 proven, 1 not.
+    Prove {
+        /// The job (a tenant's own).
         #[arg(long)]
-        trust_anchors: Option<PathBuf>,
-        /// Fail unless the ledger has a checkpoint signed by a trusted certificate.
+        job: String,
+        #[command(flatten)]
+        trust: CheckpointTrust,
+        /// Keep the checkpoint proven against in this file (once everything
+        /// checks out), for `--checkpoint` next time.
         #[arg(long)]
-        require_signed: bool,
-        /// A published checkpoint file you hold (repeatable): a copy of the
-        /// blob store's `ledger-checkpoints/SEQ.json`, kept where the
-        /// database's administrators cannot change it. Its signature is
-        /// checked and the chain must pass through it.
-        #[arg(long = "checkpoint")]
-        checkpoints: Vec<PathBuf>,
+        save_checkpoint: Option<PathBuf>,
     },
     /// Print ledger entries in chain order.
     Log {
@@ -176,6 +180,26 @@ pub enum AuditCommand {
         #[arg(long, default_value_t = 1000)]
         limit: u32,
     },
+}
+
+/// What `hallmark audit verify` and `prove` hold the ledger's signed
+/// checkpoints to.
+#[derive(Args, Debug)]
+pub struct CheckpointTrust {
+    /// PEM roots the ledger checkpoint's signer must chain to (default:
+    /// `trust_anchors` and the local test CA's root, as for `verify`).
+    #[arg(long)]
+    pub trust_anchors: Option<PathBuf>,
+    /// Fail unless the ledger has a checkpoint signed by a trusted certificate.
+    #[arg(long)]
+    pub require_signed: bool,
+    /// A published checkpoint file you hold (repeatable): a copy of the
+    /// blob store's `ledger-checkpoints/SEQ.json`, or one `prove
+    /// --save-checkpoint` kept, where the database's administrators cannot
+    /// change it. Its signature is checked; `verify` holds the chain to it,
+    /// `prove` asks for the proof that the ledger only grew since.
+    #[arg(long = "checkpoint")]
+    pub checkpoints: Vec<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -673,6 +697,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
+/// Prints a check's report as asked; its exit code: 0 when it checked out.
+fn report_exit(
+    json: bool,
+    ok: bool,
+    as_json: impl FnOnce() -> serde_json::Value,
+    as_text: impl FnOnce() -> String,
+) -> i32 {
+    if json {
+        println!("{}", as_json());
+    } else {
+        print!("{}", as_text());
+    }
+    if ok { 0 } else { 1 }
+}
+
 async fn audit_command(cfg: &ClientConfig, args: AuditArgs, json: bool) -> anyhow::Result<i32> {
     // Without a coordinator the embedded farm's state is opened here; it
     // seals what its last run left unsealed before anything is read.
@@ -702,28 +741,35 @@ async fn audit_command(cfg: &ClientConfig, args: AuditArgs, json: bool) -> anyho
         AuditCommand::Verify {
             anchors,
             job,
-            trust_anchors,
-            require_signed,
-            checkpoints,
+            trust,
         } => audit::verify(
             &remote,
             audit::VerifyOptions {
                 anchors,
                 job,
-                trust_anchors: credentials::trust_anchors(cfg, trust_anchors.as_deref())?,
-                require_signed,
-                own_checkpoints: audit::read_checkpoints(&checkpoints)?,
+                trust_anchors: credentials::trust_anchors(cfg, trust.trust_anchors.as_deref())?,
+                require_signed: trust.require_signed,
+                own_checkpoints: audit::read_checkpoints(&trust.checkpoints)?,
             },
         )
         .await
-        .map(|report| {
-            if json {
-                println!("{}", report.to_json());
-            } else {
-                print!("{}", report.to_text());
-            }
-            if report.ok() { 0 } else { 1 }
-        }),
+        .map(|report| report_exit(json, report.ok(), || report.to_json(), || report.to_text())),
+        AuditCommand::Prove {
+            job,
+            trust,
+            save_checkpoint,
+        } => audit::prove(
+            &remote,
+            audit::ProveOptions {
+                job,
+                trust_anchors: credentials::trust_anchors(cfg, trust.trust_anchors.as_deref())?,
+                require_signed: trust.require_signed,
+                own_checkpoints: audit::read_checkpoints(&trust.checkpoints)?,
+                save_checkpoint,
+            },
+        )
+        .await
+        .map(|report| report_exit(json, report.ok(), || report.to_json(), || report.to_text())),
         AuditCommand::Log { job, after, limit } => {
             audit::log(&remote, job.as_deref(), after, limit, json)
                 .await

@@ -18,6 +18,7 @@ use hallmark_proto::v1::{
     Dataset, JobSpec, Model, ModelCapability, PromptItem, TaskLease, WeightFile,
 };
 use hallmark_provenance::ledger::ChainCheck;
+use hallmark_provenance::merkle::{self, Frontier, Hash};
 
 const POLICY: LeasePolicy = LeasePolicy {
     base_ms: 10_000,
@@ -1066,6 +1067,104 @@ both_stores! {
         let expired: serde_json::Value = serde_json::from_str(&page.entries[5].body).unwrap();
         assert_eq!((page.entries[5].subject.as_str(), expired["token"].as_i64()), (l.task_id.as_str(), Some(l.fencing_token)));
         assert_eq!(expired["state"], "ready");
+    }
+
+    async fn the_ledger_tree_grows_with_the_chain_and_proves_its_entries(s: &Store) {
+        let w = worker(s, "w1", 1).await;
+        for j in ["j1", "j2", "j3"] {
+            submit(s, j, &job(2, 0), 0).await;
+        }
+        for now in [100, 200, 300] {
+            let l = lease(s, &w, 1, now).await.remove(0);
+            s.complete(&done(&w, &l), now + 1).await.unwrap();
+        }
+        s.control("j2", JobControl::Cancel, 400).await.unwrap();
+        // Sealed two at a time: each seal grows the tree from where it was.
+        while s.seal_audit(2).await.unwrap() > 0 {}
+        let entries = s.audit_page(0, 1000, None).await.unwrap().entries;
+        let n = entries.len() as u64;
+        assert!(n >= 11, "{n}");
+        let leaves: Vec<Hash> = entries.iter().map(|e| merkle::leaf_of_hex(&e.hash).unwrap()).collect();
+        let root_of = |size: u64| {
+            let mut f = Frontier::default();
+            for l in &leaves[..size as usize] {
+                f.push(*l);
+            }
+            f.root().unwrap()
+        };
+        assert_eq!(s.audit_tree_head().await.unwrap(), (n, Some(root_of(n))));
+        assert_eq!(s.audit_frontier(n - 3).await.unwrap().root(), Some(root_of(n - 3)));
+
+        // Each of a job's entries comes with the path to the root, for the
+        // whole tree and for an earlier one; nobody else's entries come.
+        for size in [n, n - 3] {
+            let proofs = s.audit_inclusion_proofs("j2", 0, 100, size).await.unwrap();
+            let expected: Vec<u64> = entries.iter().filter(|e| e.job_id == "j2" && e.seq <= size).map(|e| e.seq).collect();
+            assert_eq!(proofs.iter().map(|(e, _)| e.seq).collect::<Vec<_>>(), expected);
+            for (e, path) in &proofs {
+                let leaf = &leaves[e.seq as usize - 1];
+                assert_eq!(merkle::root_from_inclusion(e.seq - 1, size, leaf, path), Some(root_of(size)), "entry {}", e.seq);
+            }
+            assert_eq!(
+                s.audit_entries_after("j2", size).await.unwrap(),
+                entries.iter().filter(|e| e.job_id == "j2" && e.seq > size).count() as u64
+            );
+        }
+        let first = s.audit_inclusion_proofs("j2", 0, 1, n).await.unwrap();
+        let next = s.audit_inclusion_proofs("j2", first[0].0.seq, 1, n).await.unwrap();
+        assert!(next[0].0.seq > first[0].0.seq);
+        for old in 1..=n {
+            let p = s.audit_consistency_proof(old, n).await.unwrap();
+            assert!(merkle::verify_consistency(old, n, &root_of(old), &root_of(n), &p), "{old}");
+        }
+        for refused in [
+            s.audit_inclusion_proofs("j1", 0, 10, n + 1).await.map(|_| ()),
+            s.audit_consistency_proof(0, n).await.map(|_| ()),
+            s.audit_consistency_proof(2, n + 1).await.map(|_| ()),
+        ] {
+            assert!(matches!(refused, Err(StoreError::Refused(_))), "{refused:?}");
+        }
+
+        // A chain sealed before the tree existed: sealing leaves new entries
+        // to the catch-up, which builds the same tree a batch at a time.
+        sqlx::query("DELETE FROM audit_tree").execute(s.pool()).await.unwrap();
+        sqlx::query("UPDATE audit_head SET tree_size = 0").execute(s.pool()).await.unwrap();
+        submit(s, "j4", &job(1, 0), 500).await;
+        assert_eq!(s.seal_audit(100).await.unwrap(), 1);
+        assert_eq!(s.audit_tree_head().await.unwrap(), (0, None));
+        let mut grown = Vec::new();
+        loop {
+            match s.grow_audit_tree(4).await.unwrap() {
+                0 => break,
+                k => grown.push(k),
+            }
+        }
+        assert!(grown.iter().all(|k| *k <= 4) && grown.len() >= 3, "{grown:?}");
+        assert_eq!(grown.iter().sum::<u64>(), n + 1);
+        let entries = s.audit_page(0, 1000, None).await.unwrap().entries;
+        let leaves: Vec<Hash> = entries.iter().map(|e| merkle::leaf_of_hex(&e.hash).unwrap()).collect();
+        let mut f = Frontier::default();
+        for l in &leaves {
+            f.push(*l);
+        }
+        assert_eq!(s.audit_tree_head().await.unwrap(), (n + 1, f.root()));
+        // Caught up, sealing grows it again.
+        s.control("j4", JobControl::Cancel, 600).await.unwrap();
+        s.seal_audit(100).await.unwrap();
+        assert_eq!(s.audit_tree_head().await.unwrap().0, n + 2);
+
+        // A stored node changed or deleted is refused, named.
+        let needed = merkle::nodes_needed(|node| {
+            merkle::inclusion_proof(0, n + 2, node);
+        });
+        let node = needed.iter().find(|id| id.level == 1).expect("a level-1 sibling");
+        let at = format!("WHERE level = {} AND idx = {}", node.level, node.index);
+        sqlx::query(&format!("UPDATE audit_tree SET hash = 'zz' {at}")).execute(s.pool()).await.unwrap();
+        let e = s.audit_inclusion_proofs("", 0, 10, n + 2).await.map(|_| ()).unwrap_err();
+        assert!(matches!(&e, StoreError::Corrupt(m) if m.contains(&format!("node 1/{}", node.index))), "{e:?}");
+        sqlx::query(&format!("DELETE FROM audit_tree {at}")).execute(s.pool()).await.unwrap();
+        let e = s.audit_inclusion_proofs("", 0, 10, n + 2).await.map(|_| ()).unwrap_err();
+        assert!(matches!(&e, StoreError::Corrupt(m) if m.contains("lacks node 1/")), "{e:?}");
     }
 
     async fn concurrent_leasing_never_leases_a_task_twice(s: &Store) {

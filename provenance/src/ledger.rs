@@ -155,24 +155,36 @@ impl std::str::FromStr for Anchor {
 }
 
 /// The coordinator's signed statement that the chain's entry `seq` hashed
-/// to `hash` at `at_ms`: what it signs (detached, with the deployment's
-/// certificate: [`crate::credentials::detached`]) as it seals. A chain
-/// rewritten after a checkpoint no longer passes through it, and rewriting
-/// the checkpoint too takes the signing key.
+/// to `hash` at `at_ms` and, from the ledger's Merkle tree onward, that the
+/// tree of entries 1 to `seq` has the root `root`: what it signs (detached,
+/// with the deployment's certificate: [`crate::credentials::detached`]) as
+/// it seals. A chain rewritten after a checkpoint no longer passes through
+/// it, and rewriting the checkpoint too takes the signing key. The root
+/// lets one entry be proven in it without the rest ([`crate::merkle`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkpoint {
     pub seq: u64,
     pub hash: String,
     pub at_ms: i64,
+    /// The Merkle root of entries 1 to `seq`, hex; `None` in checkpoints
+    /// signed before the ledger had a tree.
+    pub root: Option<String>,
 }
 
 impl Checkpoint {
-    /// The bytes signed: a domain tag and the three fields, one per line.
+    /// The bytes signed: a domain tag and the fields, one per line (the
+    /// v2 tag and the root when there is one).
     pub fn payload(&self) -> Vec<u8> {
-        format!(
-            "hallmark-audit-checkpoint-v1\n{}\n{}\n{}",
-            self.seq, self.hash, self.at_ms
-        )
+        match &self.root {
+            None => format!(
+                "hallmark-audit-checkpoint-v1\n{}\n{}\n{}",
+                self.seq, self.hash, self.at_ms
+            ),
+            Some(root) => format!(
+                "hallmark-audit-checkpoint-v2\n{}\n{}\n{}\n{root}",
+                self.seq, self.hash, self.at_ms
+            ),
+        }
         .into_bytes()
     }
 
@@ -188,10 +200,15 @@ impl Checkpoint {
     /// database: a small JSON document an auditor can read and check alone.
     pub fn to_published(&self, signature: &[u8]) -> Vec<u8> {
         let doc = PublishedCheckpoint {
-            format: PUBLISHED_FORMAT.into(),
+            format: match self.root {
+                None => PUBLISHED_FORMAT_V1,
+                Some(_) => PUBLISHED_FORMAT,
+            }
+            .into(),
             seq: self.seq,
             hash: self.hash.clone(),
             at_ms: self.at_ms,
+            root: self.root.clone(),
             signature: hex::encode(signature),
         };
         let mut text = serde_json::to_vec_pretty(&doc).unwrap_or_default();
@@ -204,8 +221,19 @@ impl Checkpoint {
     pub fn from_published(bytes: &[u8]) -> Result<(Checkpoint, Vec<u8>), String> {
         let doc: PublishedCheckpoint = serde_json::from_slice(bytes)
             .map_err(|e| format!("not a published audit checkpoint: {e}"))?;
-        if doc.format != PUBLISHED_FORMAT {
-            return Err(format!("format {:?}, not {PUBLISHED_FORMAT:?}", doc.format));
+        match (doc.format.as_str(), &doc.root) {
+            (PUBLISHED_FORMAT_V1, None) => {}
+            (PUBLISHED_FORMAT, Some(root)) if crate::is_sha256_hex(root) => {}
+            (PUBLISHED_FORMAT, _) => {
+                return Err(format!(
+                    "format {PUBLISHED_FORMAT:?} needs a 64-hex-digit root"
+                ));
+            }
+            (format, _) => {
+                return Err(format!(
+                    "format {format:?}, not {PUBLISHED_FORMAT:?} or {PUBLISHED_FORMAT_V1:?} (without a root)"
+                ));
+            }
         }
         let signature =
             hex::decode(&doc.signature).map_err(|e| format!("signature is not hex: {e}"))?;
@@ -214,6 +242,7 @@ impl Checkpoint {
                 seq: doc.seq,
                 hash: doc.hash,
                 at_ms: doc.at_ms,
+                root: doc.root.map(|r| r.to_ascii_lowercase()),
             },
             signature,
         ))
@@ -242,7 +271,10 @@ impl Checkpoint {
     }
 }
 
-const PUBLISHED_FORMAT: &str = "hallmark-audit-checkpoint-v1";
+/// The published form of a checkpoint with a Merkle root.
+const PUBLISHED_FORMAT: &str = "hallmark-audit-checkpoint-v2";
+/// The published form of one signed before the ledger had a tree.
+const PUBLISHED_FORMAT_V1: &str = "hallmark-audit-checkpoint-v1";
 
 /// How far a checkpoint's own time may be from its time-stamp authority's.
 pub const TIMESTAMP_SKEW_MS: i64 = 10 * 60 * 1000;
@@ -254,6 +286,8 @@ struct PublishedCheckpoint {
     seq: u64,
     hash: String,
     at_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    root: Option<String>,
     /// The detached COSE_Sign1 over [`Checkpoint::payload`], hex.
     signature: String,
 }
@@ -501,10 +535,24 @@ mod tests {
             seq: 2,
             hash: entries[1].hash.clone(),
             at_ms: 9,
+            root: None,
         };
         assert_eq!(
             String::from_utf8(at.payload()).unwrap(),
             format!("hallmark-audit-checkpoint-v1\n2\n{}\n9", entries[1].hash)
+        );
+        // With a root, the root is signed too, under another tag.
+        let rooted = Checkpoint {
+            root: Some("cd".repeat(32)),
+            ..at.clone()
+        };
+        assert_eq!(
+            String::from_utf8(rooted.payload()).unwrap(),
+            format!(
+                "hallmark-audit-checkpoint-v2\n2\n{}\n9\n{}",
+                entries[1].hash,
+                "cd".repeat(32)
+            )
         );
         let mut resumed = ChainCheck::resume(at.anchor());
         for e in &entries[2..] {
@@ -541,17 +589,32 @@ mod tests {
             seq: 42,
             hash: "ab".repeat(32),
             at_ms: 1_796_558_400_000,
+            root: Some("cd".repeat(32)),
         };
         let text = c.to_published(&[1, 2, 0xfe]);
-        assert_eq!(Checkpoint::from_published(&text), Ok((c, vec![1, 2, 0xfe])));
+        assert_eq!(
+            Checkpoint::from_published(&text),
+            Ok((c.clone(), vec![1, 2, 0xfe]))
+        );
+        // One signed before the tree reads back without a root.
+        let v1 = Checkpoint { root: None, ..c };
+        let v1_text = v1.to_published(&[3]);
+        assert!(!String::from_utf8_lossy(&v1_text).contains("root"));
+        assert_eq!(Checkpoint::from_published(&v1_text), Ok((v1, vec![3])));
+        let v1_doc = String::from_utf8(v1_text).unwrap();
+        let e = Checkpoint::from_published(v1_doc.replace("-v1", "-v2").as_bytes()).unwrap_err();
+        assert!(e.contains("needs a 64-hex-digit root"), "{e}");
         let doc = String::from_utf8(text).unwrap();
+        let root = "cd".repeat(32);
         for (from, to, says) in [
             (
                 "\"seq\": 42",
                 "\"seq\": \"x\"",
                 "not a published audit checkpoint",
             ),
-            ("checkpoint-v1", "checkpoint-v2", "format"),
+            ("checkpoint-v2", "checkpoint-v1", "format"),
+            ("checkpoint-v2", "checkpoint-v3", "format"),
+            (root.as_str(), "cd", "root"),
             ("0102fe", "0g02fe", "not hex"),
             ("\"seq\"", "\"extra\": 1, \"seq\"", "unknown field"),
         ] {
@@ -578,6 +641,7 @@ mod tests {
             seq: 1,
             hash: "ab".repeat(32),
             at_ms: 1_796_558_400_000,
+            root: None,
         };
         assert!(c.agrees_with_timestamp(c.at_ms + 1500));
         assert!(c.agrees_with_timestamp(c.at_ms - TIMESTAMP_SKEW_MS));

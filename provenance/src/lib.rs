@@ -6,10 +6,12 @@
 //!   survives metadata stripping, re-encoding, resizing, cropping and small
 //!   rotations (the C2PA soft binding);
 //! - [`credentials`]: C2PA content credentials, signed and inspected;
-//! - [`ledger`]: the audit ledger's hash chain and the auditor's check of it.
+//! - [`ledger`]: the audit ledger's hash chain and the auditor's check of it;
+//! - [`merkle`]: the ledger's Merkle tree, its inclusion and consistency proofs.
 
 pub mod credentials;
 pub mod ledger;
+pub mod merkle;
 pub mod watermark;
 
 use sha2::{Digest, Sha256};

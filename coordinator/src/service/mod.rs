@@ -20,6 +20,7 @@ pub use workers::WorkersService;
 use hallmark_provenance::credentials::SigningIdentity;
 use hallmark_provenance::credentials::detached::{sign_detached, verify_detached};
 use hallmark_provenance::ledger::{self, Anchor, ChainCheck, Checkpoint};
+use hallmark_provenance::merkle;
 
 use crate::auth::{Caller, ClientFingerprint};
 use crate::blobs::{BlobError, BlobStore};
@@ -292,6 +293,13 @@ impl Coordinator {
     /// Seals the audit ledger's waiting entries into the chain, a bounded
     /// number of rounds per call so a backlog cannot stall the reaper.
     pub async fn seal_ledger(&self) -> Result<u64, StoreError> {
+        // A chain sealed before the Merkle tree existed joins it first.
+        for _ in 0..SEAL_ROUNDS {
+            let n = self.store.grow_audit_tree(SEAL_BATCH).await?;
+            if n < u64::from(SEAL_BATCH) {
+                break;
+            }
+        }
         let mut sealed = 0;
         for _ in 0..SEAL_ROUNDS {
             let n = self.store.seal_audit(SEAL_BATCH).await?;
@@ -314,7 +322,10 @@ impl Coordinator {
     /// Signs the chain's head as a checkpoint when it moved past the last
     /// one and the interval has passed since — after checking that the
     /// chain still runs from the last checkpoint to the head, so a chain
-    /// rewritten in the database is never signed.
+    /// rewritten in the database is never signed. The Merkle root signed
+    /// with it is computed here too: the stored tree's edge at the last
+    /// checkpoint must lead to the root signed then, and the entries
+    /// re-hashed since extend it, so no stored node above them is trusted.
     async fn sign_checkpoint(&self, signer: &LedgerSigner) -> anyhow::Result<()> {
         let mut last = signer.last.lock().await;
         let signed = match &*last {
@@ -330,7 +341,8 @@ impl Coordinator {
                     *failed = Some(Instant::now());
                 })?;
                 let s = LastCheckpoint {
-                    signed: from,
+                    signed: from.anchor(),
+                    root: from.root,
                     at: None,
                 };
                 *last = Some(s.clone());
@@ -341,7 +353,11 @@ impl Coordinator {
             return Ok(());
         }
         let head = self.store.audit_head().await?;
-        if head.seq <= signed.signed.seq {
+        // The checkpoint covers what the tree holds: the whole chain, but
+        // for a chain sealed before the tree that it is still catching up.
+        let (tree_size, stored_root) = self.store.audit_tree_head().await?;
+        let target = head.seq.min(tree_size);
+        if target <= signed.signed.seq {
             return Ok(());
         }
         // An attempt that fails (a chain that does not check out) is made
@@ -349,8 +365,17 @@ impl Coordinator {
         if let Some(l) = last.as_mut() {
             l.at = Some(Instant::now());
         }
+        let mut tree = self.store.audit_frontier(signed.signed.seq).await?;
+        if let Some(root) = &signed.root
+            && tree.root().map(|r| merkle::to_hex(&r)).as_ref() != Some(root)
+        {
+            anyhow::bail!(
+                "the audit ledger's Merkle tree no longer leads to the root {root} signed at entry {}; not signing",
+                signed.signed.seq
+            );
+        }
         let mut check = ChainCheck::resume(signed.signed.clone());
-        while check.head().seq < head.seq {
+        while check.head().seq < target {
             let page = self
                 .store
                 .audit_page(check.head().seq, SEAL_BATCH, None)
@@ -358,28 +383,43 @@ impl Coordinator {
             if page.entries.is_empty() {
                 break;
             }
-            for e in page.entries.iter().take_while(|e| e.seq <= head.seq) {
+            for e in page.entries.iter().take_while(|e| e.seq <= target) {
                 check.push(e).map_err(|fault| {
                     anyhow::anyhow!(
                         "the audit ledger does not continue from the checkpoint signed at entry {}: {fault}; not signing it",
                         signed.signed.seq
                     )
                 })?;
+                tree.push(merkle::leaf_of_hex(&e.hash).map_err(anyhow::Error::msg)?);
             }
         }
-        if check.head() != head {
+        let reached = check.head();
+        if reached.seq != target || (target == head.seq && reached != head) {
             anyhow::bail!(
                 "the audit ledger's head {}:{} is not where its entries lead ({}:{}); not signing it",
                 head.seq,
                 head.hash,
-                check.head().seq,
-                check.head().hash
+                reached.seq,
+                reached.hash
+            );
+        }
+        let root = tree.root().map(|r| merkle::to_hex(&r));
+        // The stored tree must agree, or the proofs it serves would not.
+        let stored_root = if target == tree_size {
+            stored_root
+        } else {
+            self.store.audit_frontier(target).await?.root()
+        };
+        if stored_root.map(|r| merkle::to_hex(&r)) != root {
+            anyhow::bail!(
+                "the audit ledger's stored Merkle tree over entries 1 to {target} does not have the root its entries lead to; not signing it"
             );
         }
         let checkpoint = Checkpoint {
-            seq: head.seq,
-            hash: head.hash,
+            seq: target,
+            hash: reached.hash,
             at_ms: now_ms(),
+            root,
         };
         let signature = sign_detached(&signer.identity, &checkpoint.payload())?;
         self.store
@@ -388,6 +428,7 @@ impl Coordinator {
         metrics::counter!(m::AUDIT_CHECKPOINTS).increment(1);
         *last = Some(LastCheckpoint {
             signed: checkpoint.anchor(),
+            root: checkpoint.root.clone(),
             at: Some(Instant::now()),
         });
         drop(last);
@@ -427,6 +468,28 @@ impl Coordinator {
                 tracing::warn!(error = %e, "could not read the published audit checkpoints");
                 stored
             }
+        }
+    }
+
+    /// The signed checkpoint at entry `seq`: the database's, or the copy
+    /// published to the blob store.
+    pub async fn checkpoint_at(
+        &self,
+        seq: u64,
+    ) -> Result<Option<(Checkpoint, Vec<u8>)>, StoreError> {
+        if let Some(c) = self.store.checkpoint_at(seq).await? {
+            return Ok(Some(c));
+        }
+        match self
+            .blobs
+            .get_named(CHECKPOINT_DIR, &Checkpoint::published_name(seq))
+            .await
+        {
+            Ok(bytes) => Ok(Checkpoint::from_published(&bytes)
+                .ok()
+                .filter(|(c, _)| c.seq == seq)),
+            Err(BlobError::Missing(_)) => Ok(None),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -481,7 +544,7 @@ impl Coordinator {
     /// of which it vouches for (someone else's signature, or a broken one)
     /// stop it signing, loudly: resuming from the genesis then would sign
     /// whatever chain the database holds now.
-    async fn resume_point(&self, signer: &LedgerSigner) -> anyhow::Result<Anchor> {
+    async fn resume_point(&self, signer: &LedgerSigner) -> anyhow::Result<Checkpoint> {
         let ours = signer.identity.certificate_der()?;
         let mut stored = self.store.latest_checkpoints(CHECKPOINTS_SCANNED).await?;
         // Those published beyond the database's newest (all of them when
@@ -499,15 +562,17 @@ impl Coordinator {
         stored.extend(published);
         stored.sort_by_key(|c| std::cmp::Reverse(c.0.seq));
         if stored.is_empty() {
-            return Ok(Anchor {
+            return Ok(Checkpoint {
                 seq: 0,
                 hash: ledger::GENESIS.to_string(),
+                at_ms: 0,
+                root: None,
             });
         }
         for (c, signature) in &stored {
             match verify_detached(signature, &c.payload(), self.stamps.trust_anchors()) {
                 Ok(v) if v.certificate == ours || v.trusted == Some(true) => {
-                    return Ok(c.anchor());
+                    return Ok(c.clone());
                 }
                 Ok(v) => tracing::warn!(
                     seq = c.seq,
@@ -545,6 +610,9 @@ const RESUME_RETRY: Duration = Duration::from_secs(30);
 struct LastCheckpoint {
     /// The entry the last checkpoint vouches for.
     signed: Anchor,
+    /// The Merkle root it signed (`None`: the genesis, or one signed
+    /// before the tree).
+    root: Option<String>,
     /// When this replica signed it (`None`: found stored).
     at: Option<Instant>,
 }
@@ -568,6 +636,10 @@ pub fn status(e: StoreError) -> Status {
         }
         StoreError::Migrate(e) => Status::internal(format!("migration: {e}")),
         StoreError::Blob(e) => blob_status(e),
+        StoreError::Corrupt(m) => {
+            tracing::error!(error = %m, "stored data does not check out");
+            Status::data_loss(m)
+        }
     }
 }
 

@@ -7,8 +7,10 @@ use std::sync::Arc;
 use hallmark_proto::v1::provenance_server::Provenance;
 use hallmark_proto::v1::resolve_request::Key;
 use hallmark_proto::v1::{
-    LedgerCheckpoint, LedgerEntry, LedgerPage, LedgerRequest, ResolveRequest, ResolveResponse,
+    ConsistencyProof, ConsistencyRequest, EntryProof, EntryProofs, LedgerCheckpoint, LedgerEntry,
+    LedgerPage, LedgerRequest, ProveEntriesRequest, ResolveRequest, ResolveResponse,
 };
+use hallmark_provenance::ledger::{Checkpoint, SealedEntry};
 use tonic::{Request, Response, Status};
 
 use super::{Coordinator, status};
@@ -23,6 +25,10 @@ const MAX_CHAIN: usize = 8;
 /// Ledger entries per page, by default and at most.
 const LEDGER_PAGE: u32 = 1000;
 const LEDGER_PAGE_MAX: u32 = 10_000;
+/// Entries proven per page, by default and at most (each proof is about
+/// log₂ n hashes).
+const PROOF_PAGE: u32 = 500;
+const PROOF_PAGE_MAX: u32 = 2000;
 
 /// Lookups shared by the gRPC service and the HTTP soft-binding API.
 pub trait Resolution {
@@ -167,30 +173,134 @@ impl Provenance for ProvenanceService {
             _ => page.checkpoint,
         };
         Ok(Response::new(LedgerPage {
-            entries: page
-                .entries
-                .into_iter()
-                .map(|e| LedgerEntry {
-                    seq: e.seq,
-                    at_ms: e.at_ms,
-                    kind: e.kind,
-                    job_id: e.job_id,
-                    subject: e.subject,
-                    actor: e.actor,
-                    body: e.body,
-                    prev_hash: e.prev_hash,
-                    hash: e.hash,
-                })
-                .collect(),
+            entries: page.entries.into_iter().map(ledger_entry).collect(),
             head_seq: page.head.seq,
             head_hash: page.head.hash,
             unsealed: page.unsealed,
-            checkpoint: checkpoint.map(|(c, signature)| LedgerCheckpoint {
-                seq: c.seq,
-                hash: c.hash,
-                at_ms: c.at_ms,
-                signature,
-            }),
+            checkpoint: checkpoint.map(ledger_checkpoint),
         }))
+    }
+
+    async fn prove_entries(
+        &self,
+        req: Request<ProveEntriesRequest>,
+    ) -> Result<Response<EntryProofs>, Status> {
+        let caller = Caller::of(&req);
+        let r = req.into_inner();
+        if r.job_id.is_empty() {
+            return Err(Status::invalid_argument(
+                "name the job whose ledger entries to prove (job_id)",
+            ));
+        }
+        // A tenant's own job only; another's is "not found".
+        self.0.check_job_owner(&caller, &r.job_id).await?;
+        let (checkpoint, signature) = self.rooted_checkpoint(r.checkpoint_seq).await?;
+        let root_size = checkpoint.seq;
+        let limit = match r.limit {
+            0 => PROOF_PAGE,
+            n => n.min(PROOF_PAGE_MAX),
+        };
+        let store = &self.0.store;
+        let proofs = store
+            .audit_inclusion_proofs(&r.job_id, r.after_seq, limit, root_size)
+            .await
+            .map_err(status)?;
+        let unproven = match r.after_seq {
+            0 => store
+                .audit_entries_after(&r.job_id, root_size)
+                .await
+                .map_err(status)?,
+            _ => 0,
+        };
+        Ok(Response::new(EntryProofs {
+            checkpoint: Some(ledger_checkpoint((checkpoint, signature))),
+            proofs: proofs
+                .into_iter()
+                .map(|(e, path)| EntryProof {
+                    entry: Some(ledger_entry(e)),
+                    path: path.iter().map(|h| h.to_vec()).collect(),
+                })
+                .collect(),
+            unproven,
+        }))
+    }
+
+    async fn prove_consistency(
+        &self,
+        req: Request<ConsistencyRequest>,
+    ) -> Result<Response<ConsistencyProof>, Status> {
+        // Tree hashes say nothing of any entry: any caller may ask.
+        let r = req.into_inner();
+        let (new_size, checkpoint) = match r.new_size {
+            0 => {
+                let c = self.rooted_checkpoint(0).await?;
+                (c.0.seq, Some(c))
+            }
+            n => (n, self.0.checkpoint_at(n).await.map_err(status)?),
+        };
+        let path = self
+            .0
+            .store
+            .audit_consistency_proof(r.old_size, new_size)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(ConsistencyProof {
+            checkpoint: checkpoint.map(ledger_checkpoint),
+            old_size: r.old_size,
+            new_size,
+            path: path.iter().map(|h| h.to_vec()).collect(),
+        }))
+    }
+}
+
+impl ProvenanceService {
+    /// The signed checkpoint at entry `seq` (0: the newest), which must
+    /// carry a Merkle root for anything to be proven against it.
+    async fn rooted_checkpoint(&self, seq: u64) -> Result<(Checkpoint, Vec<u8>), Status> {
+        let found = match seq {
+            0 => {
+                let stored = self.0.store.latest_checkpoint().await.map_err(status)?;
+                self.0.newest_checkpoint(stored).await
+            }
+            n => self.0.checkpoint_at(n).await.map_err(status)?,
+        };
+        match found {
+            Some(c) if c.0.root.is_some() => Ok(c),
+            Some((c, _)) => Err(Status::failed_precondition(format!(
+                "the ledger's {} checkpoint (entry {}) was signed before the ledger had a Merkle tree; the next one carries a root (signed every ledger_checkpoint_interval_ms once new entries are sealed)",
+                if seq == 0 { "latest" } else { "named" },
+                c.seq
+            ))),
+            None if seq != 0 => Err(Status::not_found(format!(
+                "no signed checkpoint at ledger entry {seq}"
+            ))),
+            None => Err(Status::failed_precondition(
+                "the ledger has no signed checkpoint to prove against: the coordinator signs none (signing_cert_chain unset) or has sealed nothing since it started signing",
+            )),
+        }
+    }
+}
+
+fn ledger_entry(e: SealedEntry) -> LedgerEntry {
+    LedgerEntry {
+        seq: e.seq,
+        at_ms: e.at_ms,
+        kind: e.kind,
+        job_id: e.job_id,
+        subject: e.subject,
+        actor: e.actor,
+        body: e.body,
+        prev_hash: e.prev_hash,
+        hash: e.hash,
+    }
+}
+
+fn ledger_checkpoint((c, signature): (Checkpoint, Vec<u8>)) -> LedgerCheckpoint {
+    LedgerCheckpoint {
+        seq: c.seq,
+        hash: c.hash,
+        at_ms: c.at_ms,
+        signature,
+        root: c.root.unwrap_or_default(),
     }
 }

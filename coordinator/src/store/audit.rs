@@ -7,11 +7,22 @@
 //! the next chain positions and their hashes
 //! ([`hallmark_provenance::ledger::entry_hash`]); one sealer at a time holds
 //! the head row, and a replica that finds it held skips its turn.
+//!
+//! The sealer also grows the ledger's Merkle tree
+//! ([`hallmark_provenance::merkle`]) in the same transaction: it stores each
+//! perfect subtree the new entries complete, so a proof that an entry is in
+//! the tree, or that one tree is a prefix of another, reads about log₂ n
+//! rows. A chain sealed before the tree existed is caught up with a batch
+//! at a time ([`Store::grow_audit_tree`]).
+
+use std::collections::HashMap;
 
 use hallmark_provenance::ledger::{self, Anchor, Checkpoint, EntryFields, SealedEntry};
+use hallmark_provenance::merkle::{self, Frontier, Hash, NodeId};
+use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
-use super::{Dialect, Result, Store, row_placeholders};
+use super::{Dialect, Result, Store, StoreError, row_placeholders};
 
 /// What an entry records.
 pub mod kind {
@@ -111,7 +122,7 @@ impl Store {
             Dialect::Sqlite => "",
         };
         let Some(head) = sqlx::query(&format!(
-            "SELECT seq, hash FROM audit_head WHERE id = 1{lock}"
+            "SELECT seq, hash, tree_size FROM audit_head WHERE id = 1{lock}"
         ))
         .fetch_optional(&mut *tx)
         .await?
@@ -120,6 +131,10 @@ impl Store {
         };
         let mut seq = head.try_get::<i64, _>("seq")? as u64;
         let mut prev: String = head.try_get("hash")?;
+        // The tree takes the new entries now if it holds every earlier one;
+        // otherwise `grow_audit_tree` reaches them in order.
+        let tree_size = head.try_get::<i64, _>("tree_size")? as u64;
+        let tree_follows = tree_size == seq;
         let rows = sqlx::query(
             "SELECT id, at, kind, job_id, subject, actor, body FROM audit_events \
              WHERE seq IS NULL ORDER BY id LIMIT $1",
@@ -180,13 +195,173 @@ impl Store {
             }
             q.execute(&mut *tx).await?;
         }
-        sqlx::query("UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1")
+        let tree_size = if tree_follows {
+            let leaves = sealed.iter().map(|(_, _, _, hash)| hash.as_str());
+            grow_tree(&mut tx, tree_size, leaves).await?
+        } else {
+            tree_size
+        };
+        sqlx::query("UPDATE audit_head SET seq = $1, hash = $2, tree_size = $3 WHERE id = 1")
             .bind(seq as i64)
             .bind(&prev)
+            .bind(tree_size as i64)
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
         Ok(sealed.len() as u64)
+    }
+
+    /// Adds up to `limit` sealed entries the Merkle tree does not hold yet
+    /// (a chain sealed before it existed) as its next leaves. Returns how
+    /// many; 0 also when another replica holds the head.
+    pub async fn grow_audit_tree(&self, limit: u32) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let lock = match self.dialect {
+            Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
+            Dialect::Sqlite => "",
+        };
+        let Some(head) = sqlx::query(&format!(
+            "SELECT seq, tree_size FROM audit_head WHERE id = 1{lock}"
+        ))
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(0);
+        };
+        let seq = head.try_get::<i64, _>("seq")?;
+        let tree_size = head.try_get::<i64, _>("tree_size")?;
+        if tree_size >= seq {
+            return Ok(0);
+        }
+        let rows = sqlx::query(
+            "SELECT seq, hash FROM audit_events WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(tree_size)
+        .bind(seq)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut hashes = Vec::with_capacity(rows.len());
+        for (i, r) in rows.iter().enumerate() {
+            let at = r.try_get::<i64, _>("seq")?;
+            let expected = tree_size + 1 + i as i64;
+            if at != expected {
+                return Err(StoreError::Corrupt(format!(
+                    "the audit ledger's sealed entry {expected} is missing (the next is {at}): its Merkle tree cannot grow past it"
+                )));
+            }
+            hashes.push(r.try_get::<Option<String>, _>("hash")?.unwrap_or_default());
+        }
+        let grown = grow_tree(&mut tx, tree_size as u64, hashes.iter().map(String::as_str)).await?;
+        sqlx::query("UPDATE audit_head SET tree_size = $1 WHERE id = 1")
+            .bind(grown as i64)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(grown - tree_size as u64)
+    }
+
+    /// How many entries the Merkle tree holds, and its root (`None` while
+    /// it holds none).
+    pub async fn audit_tree_head(&self) -> Result<(u64, Option<Hash>)> {
+        let mut conn = self.pool.acquire().await?;
+        let size: i64 = sqlx::query("SELECT tree_size FROM audit_head WHERE id = 1")
+            .fetch_one(&mut *conn)
+            .await?
+            .try_get("tree_size")?;
+        let frontier = load_frontier(&mut conn, size as u64).await?;
+        Ok((size as u64, frontier.root()))
+    }
+
+    /// The right edge of the tree of entries 1 to `size`, as stored: what a
+    /// signer checks against the root it signed last, then extends with
+    /// the entries it re-hashed itself.
+    pub async fn audit_frontier(&self, size: u64) -> Result<Frontier> {
+        let mut conn = self.pool.acquire().await?;
+        load_frontier(&mut conn, size).await
+    }
+
+    /// `job_id`'s sealed entries after `after_seq` and up to entry `size`
+    /// (at most `limit`), each with the proof that it is leaf `seq − 1` of
+    /// the tree of entries 1 to `size`.
+    pub async fn audit_inclusion_proofs(
+        &self,
+        job_id: &str,
+        after_seq: u64,
+        limit: u32,
+        size: u64,
+    ) -> Result<Vec<(SealedEntry, Vec<Hash>)>> {
+        let mut conn = self.pool.acquire().await?;
+        self.check_tree_holds(&mut conn, size).await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {ENTRY_COLUMNS} FROM audit_events \
+             WHERE job_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4"
+        ))
+        .bind(job_id)
+        .bind(after_seq as i64)
+        .bind(size as i64)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *conn)
+        .await?;
+        let entries = rows.iter().map(sealed_entry).collect::<Result<Vec<_>>>()?;
+        let needed = merkle::nodes_needed(|node| {
+            for e in &entries {
+                merkle::inclusion_proof(e.seq - 1, size, node);
+            }
+        });
+        let nodes = fetch_nodes(&mut conn, &needed).await?;
+        Ok(entries
+            .into_iter()
+            .map(|e| {
+                let proof = merkle::inclusion_proof(e.seq - 1, size, &mut |id| nodes[&id]);
+                (e, proof)
+            })
+            .collect())
+    }
+
+    /// The proof that the tree of entries 1 to `old` is a prefix of the
+    /// tree of entries 1 to `new` (0 < old ≤ new ≤ the tree's size).
+    pub async fn audit_consistency_proof(&self, old: u64, new: u64) -> Result<Vec<Hash>> {
+        if old == 0 || old > new {
+            return Err(StoreError::Refused(format!(
+                "no consistency proof from a ledger of {old} entries to one of {new}: the old one must have at least one entry and no more than the new one"
+            )));
+        }
+        let mut conn = self.pool.acquire().await?;
+        self.check_tree_holds(&mut conn, new).await?;
+        let needed = merkle::nodes_needed(|node| {
+            merkle::consistency_proof(old, new, node);
+        });
+        let nodes = fetch_nodes(&mut conn, &needed).await?;
+        Ok(merkle::consistency_proof(old, new, &mut |id| nodes[&id]))
+    }
+
+    /// Refuses a proof about a tree larger than the one stored.
+    async fn check_tree_holds(&self, conn: &mut AnyConnection, size: u64) -> Result<()> {
+        let held: i64 = sqlx::query("SELECT tree_size FROM audit_head WHERE id = 1")
+            .fetch_one(&mut *conn)
+            .await?
+            .try_get("tree_size")?;
+        if size > held as u64 {
+            return Err(StoreError::Refused(format!(
+                "the audit ledger's Merkle tree holds {held} entries, not {size} yet"
+            )));
+        }
+        Ok(())
+    }
+
+    /// How many of `job_id`'s entries are not in the tree of entries 1 to
+    /// `size`: sealed after it, or not sealed yet.
+    pub async fn audit_entries_after(&self, job_id: &str, size: u64) -> Result<u64> {
+        let n: i64 = sqlx::query(
+            "SELECT COUNT(*) AS n FROM audit_events WHERE job_id = $1 AND (seq IS NULL OR seq > $2)",
+        )
+        .bind(job_id)
+        .bind(size as i64)
+        .fetch_one(&self.pool)
+        .await?
+        .try_get("n")?;
+        Ok(n as u64)
     }
 
     /// Up to `limit` sealed entries after `after_seq`, in chain order; only
@@ -204,8 +379,7 @@ impl Store {
             ""
         };
         let sql = format!(
-            "SELECT seq, at, kind, job_id, subject, actor, body, prev_hash, hash FROM audit_events \
-             WHERE seq > $1{filter} ORDER BY seq LIMIT $2"
+            "SELECT {ENTRY_COLUMNS} FROM audit_events WHERE seq > $1{filter} ORDER BY seq LIMIT $2"
         );
         let mut q = sqlx::query(&sql)
             .bind(after_seq as i64)
@@ -213,22 +387,12 @@ impl Store {
         if let Some(job) = job_id {
             q = q.bind(job);
         }
-        let mut entries = Vec::new();
-        for r in q.fetch_all(&self.pool).await? {
-            entries.push(SealedEntry {
-                seq: r.try_get::<i64, _>("seq")? as u64,
-                at_ms: r.try_get("at")?,
-                kind: r.try_get("kind")?,
-                job_id: r.try_get("job_id")?,
-                subject: r.try_get("subject")?,
-                actor: r.try_get("actor")?,
-                body: r.try_get("body")?,
-                prev_hash: r
-                    .try_get::<Option<String>, _>("prev_hash")?
-                    .unwrap_or_default(),
-                hash: r.try_get::<Option<String>, _>("hash")?.unwrap_or_default(),
-            });
-        }
+        let entries = q
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(sealed_entry)
+            .collect::<Result<Vec<_>>>()?;
         let head = self.audit_head().await?;
         let checkpoint = self.latest_checkpoint().await?;
         let unsealed: i64 = sqlx::query("SELECT COUNT(*) AS n FROM audit_events WHERE seq IS NULL")
@@ -258,12 +422,13 @@ impl Store {
     /// another replica) stays.
     pub async fn record_checkpoint(&self, c: &Checkpoint, signature: &[u8]) -> Result<()> {
         sqlx::query(
-            "INSERT INTO audit_checkpoints (seq, hash, at, signature) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (seq) DO NOTHING",
+            "INSERT INTO audit_checkpoints (seq, hash, at, root, signature) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (seq) DO NOTHING",
         )
         .bind(c.seq as i64)
         .bind(&c.hash)
         .bind(c.at_ms)
+        .bind(c.root.as_deref())
         .bind(signature)
         .execute(&self.pool)
         .await?;
@@ -278,22 +443,135 @@ impl Store {
     /// Up to `n` signed checkpoints, furthest along the chain first.
     pub async fn latest_checkpoints(&self, n: u32) -> Result<Vec<(Checkpoint, Vec<u8>)>> {
         let rows = sqlx::query(
-            "SELECT seq, hash, at, signature FROM audit_checkpoints ORDER BY seq DESC LIMIT $1",
+            "SELECT seq, hash, at, root, signature FROM audit_checkpoints ORDER BY seq DESC LIMIT $1",
         )
         .bind(i64::from(n))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok((
-                    Checkpoint {
-                        seq: r.try_get::<i64, _>("seq")? as u64,
-                        hash: r.try_get("hash")?,
-                        at_ms: r.try_get("at")?,
-                    },
-                    r.try_get("signature")?,
-                ))
-            })
-            .collect()
+        rows.iter().map(checkpoint_row).collect()
     }
+
+    /// The signed checkpoint at entry `seq`, if the database holds one.
+    pub async fn checkpoint_at(&self, seq: u64) -> Result<Option<(Checkpoint, Vec<u8>)>> {
+        sqlx::query("SELECT seq, hash, at, root, signature FROM audit_checkpoints WHERE seq = $1")
+            .bind(seq as i64)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(checkpoint_row)
+            .transpose()
+    }
+}
+
+fn checkpoint_row(r: &AnyRow) -> Result<(Checkpoint, Vec<u8>)> {
+    Ok((
+        Checkpoint {
+            seq: r.try_get::<i64, _>("seq")? as u64,
+            hash: r.try_get("hash")?,
+            at_ms: r.try_get("at")?,
+            root: r.try_get("root")?,
+        },
+        r.try_get("signature")?,
+    ))
+}
+
+/// The columns [`sealed_entry`] reads.
+const ENTRY_COLUMNS: &str = "seq, at, kind, job_id, subject, actor, body, prev_hash, hash";
+
+fn sealed_entry(r: &AnyRow) -> Result<SealedEntry> {
+    Ok(SealedEntry {
+        seq: r.try_get::<i64, _>("seq")? as u64,
+        at_ms: r.try_get("at")?,
+        kind: r.try_get("kind")?,
+        job_id: r.try_get("job_id")?,
+        subject: r.try_get("subject")?,
+        actor: r.try_get("actor")?,
+        body: r.try_get("body")?,
+        prev_hash: r
+            .try_get::<Option<String>, _>("prev_hash")?
+            .unwrap_or_default(),
+        hash: r.try_get::<Option<String>, _>("hash")?.unwrap_or_default(),
+    })
+}
+
+/// Appends the entries hashed `entry_hashes` (in chain order) to the tree
+/// of `size` leaves, storing every node they complete; returns the new size.
+async fn grow_tree<'a>(
+    conn: &mut AnyConnection,
+    size: u64,
+    entry_hashes: impl Iterator<Item = &'a str>,
+) -> Result<u64> {
+    let mut frontier = load_frontier(conn, size).await?;
+    let mut done = Vec::new();
+    for hash in entry_hashes {
+        let leaf = merkle::leaf_of_hex(hash).map_err(|e| {
+            StoreError::Corrupt(format!("audit ledger entry {}: {e}", frontier.size() + 1))
+        })?;
+        done.extend(frontier.push(leaf));
+    }
+    for chunk in done.chunks(ROWS_PER_STATEMENT) {
+        let mut sql = String::from("INSERT INTO audit_tree (level, idx, hash) VALUES ");
+        sql.push_str(&row_placeholders(chunk.len(), 3));
+        let mut q = sqlx::query(&sql);
+        for (id, hash) in chunk {
+            q = q
+                .bind(i64::from(id.level))
+                .bind(id.index as i64)
+                .bind(merkle::to_hex(hash));
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(frontier.size())
+}
+
+/// The stored right edge of the tree of `size` leaves.
+async fn load_frontier(conn: &mut AnyConnection, size: u64) -> Result<Frontier> {
+    let ids = Frontier::ids(size);
+    let nodes = fetch_nodes(conn, &ids).await?;
+    Frontier::from_nodes(size, ids.iter().map(|id| nodes[id]).collect())
+        .map_err(StoreError::Corrupt)
+}
+
+/// The stored nodes `ids`; one missing, or not a hash, is an error.
+async fn fetch_nodes(conn: &mut AnyConnection, ids: &[NodeId]) -> Result<HashMap<NodeId, Hash>> {
+    let mut by_level: HashMap<u32, Vec<u64>> = HashMap::new();
+    for id in ids {
+        by_level.entry(id.level).or_default().push(id.index);
+    }
+    let mut out = HashMap::with_capacity(ids.len());
+    for (level, indices) in by_level {
+        for chunk in indices.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "SELECT idx, hash FROM audit_tree WHERE level = $1 AND idx IN ({})",
+                (2..chunk.len() + 2)
+                    .map(|i| format!("${i}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let mut q = sqlx::query(&sql).bind(i64::from(level));
+            for i in chunk {
+                q = q.bind(*i as i64);
+            }
+            for r in q.fetch_all(&mut *conn).await? {
+                let index = r.try_get::<i64, _>("idx")? as u64;
+                let hash: String = r.try_get("hash")?;
+                let hash = merkle::from_hex(&hash).map_err(|e| {
+                    StoreError::Corrupt(format!(
+                        "the audit ledger's tree node {level}/{index}: {e}"
+                    ))
+                })?;
+                out.insert(NodeId { level, index }, hash);
+            }
+        }
+    }
+    if let Some(missing) = ids.iter().find(|id| !out.contains_key(id)) {
+        return Err(StoreError::Corrupt(format!(
+            "the audit ledger's Merkle tree lacks node {}/{} (entries {} to {}): it was deleted or never stored",
+            missing.level,
+            missing.index,
+            (missing.index << missing.level) + 1,
+            (missing.index + 1) << missing.level
+        )));
+    }
+    Ok(out)
 }

@@ -62,6 +62,10 @@ pub enum StoreError {
     /// The blob store failed a step the transaction waited on.
     #[error("blob store: {0}")]
     Blob(#[from] crate::blobs::BlobError),
+    /// Stored data that does not check out (a ledger tree node missing or
+    /// not what its children hash to): nothing is built on it.
+    #[error("{0}")]
+    Corrupt(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use hallmark_e2e::*;
 use hallmark_provenance::ledger::{self, EntryFields};
+use hallmark_provenance::merkle;
 use serde_json::Value;
 use sqlx::Row;
 
@@ -43,6 +44,22 @@ async fn execute(pool: &sqlx::AnyPool, sql: &str) {
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
+/// The hash of ledger row `r` as entry `seq` after `prev`, with `body`.
+fn hash_row(r: &sqlx::any::AnyRow, seq: i64, prev: &str, body: &str) -> String {
+    ledger::entry_hash(
+        seq as u64,
+        prev,
+        &EntryFields {
+            at_ms: r.get("at"),
+            kind: &r.get::<String, _>("kind"),
+            job_id: &r.get::<String, _>("job_id"),
+            subject: &r.get::<String, _>("subject"),
+            actor: &r.get::<String, _>("actor"),
+            body,
+        },
+    )
+}
+
 /// Edits entry `edited` and recomputes the whole chain around it, as
 /// someone with the database and this source (but no key) could; the new
 /// head's hash.
@@ -62,18 +79,7 @@ async fn rewrite_chain(pool: &sqlx::AnyPool, edited: i64) -> String {
         if seq == edited {
             body = body.replace('"', "'");
         }
-        let hash = ledger::entry_hash(
-            seq as u64,
-            &prev,
-            &EntryFields {
-                at_ms: r.get("at"),
-                kind: &r.get::<String, _>("kind"),
-                job_id: &r.get::<String, _>("job_id"),
-                subject: &r.get::<String, _>("subject"),
-                actor: &r.get::<String, _>("actor"),
-                body: &body,
-            },
-        );
+        let hash = hash_row(r, seq, &prev, &body);
         sqlx::query("UPDATE audit_events SET body = $1, prev_hash = $2, hash = $3 WHERE seq = $4")
             .bind(&body)
             .bind(&prev)
@@ -316,6 +322,40 @@ async fn a_single_node_render_leaves_a_sealed_ledger_to_audit() {
     }
     assert_eq!(kinds.iter().filter(|k| *k == "complete").count(), 2);
     assert_eq!(report["entries"].as_u64().unwrap() as usize, kinds.len());
+
+    // The job's own entries prove into the signed root, on one machine too.
+    let entries: Vec<Value> = ok(&out)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .collect();
+    let job = entries
+        .iter()
+        .find(|e| e["kind"] == "submit")
+        .and_then(|e| e["job_id"].as_str().map(str::to_string))
+        .expect("a submission in the log");
+    let (code, proof) = audit(&[
+        "--state-dir",
+        state,
+        "prove",
+        "--job",
+        &job,
+        "--require-signed",
+    ]);
+    assert_eq!(code, 0, "{proof:#}");
+    assert_eq!(
+        proof["proven"].as_u64().unwrap() as usize,
+        entries
+            .iter()
+            .filter(|e| e["job_id"] == job.as_str())
+            .count(),
+        "{proof:#}"
+    );
+    assert_eq!(proof["job"]["artifacts"], 2, "{proof:#}");
+    assert_eq!(
+        proof["checkpoint"]["root"].as_str().map(str::len),
+        Some(64),
+        "{proof:#}"
+    );
 }
 
 /// Runs another job and waits until it is the `n`th finish sealed, then a
@@ -503,6 +543,7 @@ async fn a_signed_checkpoint_catches_a_chain_recomputed_without_the_key() {
         seq: forged_head.0 as u64,
         hash: forged_head.1,
         at_ms: 1,
+        root: None,
     };
     let foreign = hallmark_provenance::credentials::detached::sign_detached(
         &other_ca.identity(None).unwrap(),
@@ -824,4 +865,240 @@ async fn checkpoints_are_time_stamped_and_wait_for_their_authority() {
         "{}",
         String::from_utf8_lossy(&text.stdout)
     );
+}
+
+/// Waits until a signed checkpoint covers `job`'s finish.
+async fn checkpoint_covers_finish(db: &str, job: &str) {
+    wait_for_count(
+        db,
+        &format!("a checkpoint past job {job}'s finish"),
+        &format!(
+            "SELECT COUNT(*) FROM audit_checkpoints WHERE root IS NOT NULL AND seq >= \
+             (SELECT COALESCE(MAX(seq), 1000000000) FROM audit_events WHERE kind = 'finish' AND job_id = '{job}')"
+        ),
+        |n| n >= 1,
+    )
+    .await;
+}
+
+/// A tenant proves its own job's entries into the signed Merkle root
+/// without reading anyone else's, and holds a later ledger to a checkpoint
+/// it kept; an entry changed, a leaf re-hashed to match, or the whole chain
+/// and tree rebuilt without the key are each caught, naming the entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_proves_its_jobs_entries_in_the_signed_ledger_without_reading_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, tokens) = super::auth::token_config(
+        dir.path(),
+        &[
+            "tenant:acme",
+            "tenant:globex",
+            "worker:pool",
+            "operator:ops",
+        ],
+    );
+    let [acme, globex, worker, operator] = [0, 1, 2, 3].map(|i| tokens[i].as_str());
+    let db = fresh_database().await;
+    let spec =
+        signing_spec(&db, dir.path().join("blobs")).with("HALLMARK_CONFIG", config.display());
+    let _c = spec.start().await;
+    let url = spec.url();
+    let _w = start_worker(&url, "w", 0, &["--token", worker]);
+    // Submissions wait for a worker that can hold them.
+    eventually("the worker registers", Duration::from_secs(20), || {
+        let out = hallmark_as(&url, Some(operator), &["--json", "workers"]);
+        let one = out.status.success() && json_of(&out).as_array().is_some_and(|w| w.len() == 1);
+        async move { one }
+    })
+    .await;
+    let job_of = |out: &std::process::Output| json_of(out)["job_id"].as_str().unwrap().to_string();
+    let acme_job = job_of(&super::auth::submit(&url, acme, "synthetic-v1", &[]));
+    let globex_job = job_of(&super::auth::submit(&url, globex, "synthetic-v1", &[]));
+    checkpoint_covers_finish(&db, &acme_job).await;
+    checkpoint_covers_finish(&db, &globex_job).await;
+
+    let root = test_ca().root_cert.display().to_string();
+    let kept = dir.path().join("kept.json");
+    let kept = kept.to_str().unwrap();
+    let prove = |token: &str, job: &str, extra: &[&str]| {
+        let args = [
+            &[
+                "--json",
+                "audit",
+                "prove",
+                "--job",
+                job,
+                "--trust-anchors",
+                &root,
+            ][..],
+            extra,
+        ]
+        .concat();
+        let out = hallmark_as(&url, Some(token), &args);
+        let code = out.status.code().unwrap_or(-1);
+        (
+            code,
+            serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null),
+            out,
+        )
+    };
+    let (code, report, _) = prove(
+        acme,
+        &acme_job,
+        &["--require-signed", "--save-checkpoint", kept],
+    );
+    assert_eq!(code, 0, "{report:#}");
+    let signed = report["checkpoint"]["seq"].as_i64().unwrap();
+    assert_eq!(report["checkpoint"]["trusted"], true, "{report:#}");
+    assert_eq!(
+        report["proven"].as_i64().unwrap(),
+        scalar(
+            &db,
+            &format!(
+                "SELECT COUNT(*) FROM audit_events WHERE job_id = '{acme_job}' AND seq <= {signed}"
+            )
+        )
+        .await,
+        "{report:#}"
+    );
+    assert_eq!(report["job"]["submitted"], true, "{report:#}");
+    assert_eq!(report["job"]["artifacts"], 1, "{report:#}");
+    assert_eq!(report["job"]["completions"], 1, "{report:#}");
+    assert!(std::fs::metadata(kept).is_ok(), "the checkpoint was kept");
+    // Another tenant's job is not found; a tenant still cannot read the
+    // whole ledger.
+    let (_, _, out) = prove(globex, &acme_job, &[]);
+    super::auth::refused(&out, "not found");
+    super::auth::refused(
+        &hallmark_as(&url, Some(acme), &["audit", "verify"]),
+        "not allowed",
+    );
+
+    // The ledger grows; the kept checkpoint is held to the newer one.
+    let later = job_of(&super::auth::submit(&url, globex, "synthetic-v1", &[]));
+    checkpoint_covers_finish(&db, &later).await;
+    let (code, report, _) = prove(acme, &acme_job, &["--checkpoint", kept]);
+    assert_eq!(code, 0, "{report:#}");
+    assert!(
+        report["checkpoint"]["seq"].as_i64().unwrap() > signed,
+        "{report:#}"
+    );
+    assert_eq!(report["own_checkpoints"][0]["seq"], signed, "{report:#}");
+
+    // A stored tree node changed under the coordinator: it signs no root
+    // over it (the stored edge no longer leads to the root it signed).
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&db).await.unwrap();
+    let last = scalar(&db, "SELECT MAX(seq) FROM audit_checkpoints").await;
+    let edge = *merkle::Frontier::ids(last as u64).last().unwrap();
+    let at = format!("WHERE level = {} AND idx = {}", edge.level, edge.index);
+    let saved: String = sqlx::query(&format!("SELECT hash FROM audit_tree {at}"))
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+        .get("hash");
+    execute(
+        &pool,
+        &format!("UPDATE audit_tree SET hash = '{}' {at}", "ab".repeat(32)),
+    )
+    .await;
+    let more = job_of(&super::auth::submit(&url, globex, "synthetic-v1", &[]));
+    wait_for_count(
+        &db,
+        "the next job's finish sealed",
+        &format!("SELECT COUNT(*) FROM audit_events WHERE kind = 'finish' AND job_id = '{more}' AND seq IS NOT NULL"),
+        |n| n == 1,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        scalar(&db, "SELECT MAX(seq) FROM audit_checkpoints").await,
+        last,
+        "a root was signed over a changed tree"
+    );
+    // Nodes grown on it since are wrong too: the repair is to rebuild the
+    // tree from the chain, which the coordinator checks against the roots
+    // it signed before signing again.
+    execute(&pool, "DELETE FROM audit_tree").await;
+    execute(&pool, "UPDATE audit_head SET tree_size = 0").await;
+    checkpoint_covers_finish(&db, &more).await;
+    assert_eq!(
+        scalar(
+            &db,
+            &format!("SELECT COUNT(*) FROM audit_tree {at} AND hash = '{saved}'")
+        )
+        .await,
+        1,
+        "the rebuilt tree has the node as it was"
+    );
+
+    // One of the job's entries changed: it no longer hashes to itself.
+    let complete: i64 = scalar(
+        &db,
+        &format!("SELECT seq FROM audit_events WHERE job_id = '{acme_job}' AND kind = 'complete'"),
+    )
+    .await;
+    execute(
+        &pool,
+        &format!("UPDATE audit_events SET actor = 'someone' WHERE seq = {complete}"),
+    )
+    .await;
+    // Proving fails, naming each of `said`.
+    let fails_saying = |extra: &[&str], said: &[&str]| {
+        let (code, report, _) = prove(acme, &acme_job, extra);
+        assert_eq!(code, 1, "{report:#}");
+        for what in said {
+            assert!(problems(&report).contains(what), "{what:?} in {report:#}");
+        }
+    };
+    let entry = format!("ledger entry {complete} (complete of");
+    fails_saying(&[], &[&entry, "does not hash to its recorded"]);
+    // Its hash recomputed to match: now its leaf is not in the signed tree.
+    let r = sqlx::query(
+        "SELECT at, kind, job_id, subject, actor, body, prev_hash FROM audit_events WHERE seq = $1",
+    )
+    .bind(complete)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let rehashed = hash_row(
+        &r,
+        complete,
+        &r.get::<String, _>("prev_hash"),
+        &r.get::<String, _>("body"),
+    );
+    execute(
+        &pool,
+        &format!("UPDATE audit_events SET hash = '{rehashed}' WHERE seq = {complete}"),
+    )
+    .await;
+    fails_saying(&[], &[&entry, "its Merkle path leads elsewhere"]);
+
+    // The whole chain recomputed and the tree rebuilt from it, as someone
+    // with the database but not the key could: every proof is consistent
+    // with the rebuilt tree, but not with the signed roots.
+    let submitted: i64 = scalar(
+        &db,
+        &format!("SELECT seq FROM audit_events WHERE job_id = '{acme_job}' AND kind = 'submit'"),
+    )
+    .await;
+    rewrite_chain(&pool, submitted).await;
+    execute(&pool, "DELETE FROM audit_tree").await;
+    execute(&pool, "UPDATE audit_head SET tree_size = 0").await;
+    wait_for_count(
+        &db,
+        "the tree rebuilt from the rewritten chain",
+        "SELECT COUNT(*) FROM audit_head WHERE tree_size = seq AND seq > 0",
+        |n| n == 1,
+    )
+    .await;
+    fails_saying(
+        &["--checkpoint", kept],
+        &[
+            &format!("ledger entry {submitted} (submit of"),
+            "its Merkle path leads elsewhere",
+            &format!("the ledger signed at entry {signed} is not a prefix"),
+        ],
+    );
+    pool.close().await;
 }

@@ -11,7 +11,10 @@ use serde_json::Value;
 
 /// A coordinator configuration file under `dir` with `auth = "tokens"` and
 /// one new token per role; the tokens, in the roles' order.
-fn token_config(dir: &std::path::Path, roles: &[&str]) -> (std::path::PathBuf, Vec<String>) {
+pub(crate) fn token_config(
+    dir: &std::path::Path,
+    roles: &[&str],
+) -> (std::path::PathBuf, Vec<String>) {
     let mut toml = String::from("auth = \"tokens\"\n[auth_tokens]\n");
     let mut tokens = Vec::new();
     for role in roles {
@@ -25,7 +28,7 @@ fn token_config(dir: &std::path::Path, roles: &[&str]) -> (std::path::PathBuf, V
 }
 
 /// Asserts the command failed and its stderr says `what`.
-fn refused(out: &Output, what: &str) {
+pub(crate) fn refused(out: &Output, what: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && stderr.contains(what),
@@ -35,7 +38,7 @@ fn refused(out: &Output, what: &str) {
     );
 }
 
-fn submit(url: &str, token: &str, model: &str, extra: &[&str]) -> Output {
+pub(crate) fn submit(url: &str, token: &str, model: &str, extra: &[&str]) -> Output {
     hallmark_as(
         url,
         Some(token),

@@ -7,13 +7,18 @@
 //! catch a chain recomputed from scratch. With `--job`, the job's artifact
 //! rows are also held against the completions the ledger recorded.
 
+mod prove;
+
 use std::collections::HashMap;
 
 use anyhow::Context;
-use hallmark_proto::v1::{LedgerEntry, LedgerPage, LedgerRequest};
+use hallmark_proto::v1::{LedgerCheckpoint, LedgerEntry, LedgerPage, LedgerRequest};
 use hallmark_provenance::credentials::detached::verify_detached;
 use hallmark_provenance::ledger::{Anchor, ChainCheck, Checkpoint, LedgerFault, SealedEntry};
+use hallmark_provenance::merkle::{self, Frontier};
 use serde_json::json;
+
+pub use prove::{ProofReport, ProveOptions, prove};
 
 use crate::remote::{Remote, rpc};
 
@@ -61,6 +66,7 @@ impl SignedCheckpoint {
             "seq": self.checkpoint.seq,
             "hash": self.checkpoint.hash,
             "at_ms": self.checkpoint.at_ms,
+            "root": self.checkpoint.root,
             "signer": self.signer,
             "trusted": self.trusted,
             "timestamp": self.timestamp_ms.map(hallmark_coordinator::auth::format_time_ms),
@@ -86,6 +92,128 @@ pub struct JobAudit {
     pub dispatches: u64,
     pub completions: u64,
     pub artifacts: u64,
+    /// Artifacts whose completion is not among the entries checked yet
+    /// (sealed after the checkpoint proven against); not a fault.
+    pub awaiting: u64,
+}
+
+impl JobAudit {
+    fn to_json(&self) -> serde_json::Value {
+        json!({
+            "job_id": self.job_id,
+            "submitted": self.submitted,
+            "dispatches": self.dispatches,
+            "completions": self.completions,
+            "artifacts": self.artifacts,
+            "awaiting": self.awaiting,
+        })
+    }
+
+    fn to_text(&self) -> String {
+        let mut s = format!(
+            "job {}: submission {}, {} dispatches, {} completions, {} artifacts\n",
+            self.job_id,
+            if self.submitted {
+                "recorded"
+            } else {
+                "MISSING"
+            },
+            self.dispatches,
+            self.completions,
+            self.artifacts
+        );
+        if self.awaiting > 0 {
+            s.push_str(&format!(
+                "  {} artifacts' completions are newer than the checkpoint: run again after the next one\n",
+                self.awaiting
+            ));
+        }
+        s
+    }
+}
+
+/// A job's ledger entries, counted as they are checked, then held against
+/// the job's artifacts: each must have the completion that recorded its
+/// sha256, and each recorded completion its artifact.
+struct JobTally {
+    audit: JobAudit,
+    /// task id -> the sha256 its completion recorded.
+    completed: HashMap<String, String>,
+}
+
+impl JobTally {
+    fn new(job_id: &str) -> Self {
+        Self {
+            audit: JobAudit {
+                job_id: job_id.to_string(),
+                ..Default::default()
+            },
+            completed: HashMap::new(),
+        }
+    }
+
+    /// Counts `e` if it is the job's.
+    fn push(&mut self, e: &SealedEntry) {
+        if e.job_id != self.audit.job_id {
+            return;
+        }
+        match e.kind.as_str() {
+            "submit" => self.audit.submitted = true,
+            "dispatch" => self.audit.dispatches += 1,
+            "complete" => {
+                self.audit.completions += 1;
+                let sha = serde_json::from_str::<serde_json::Value>(&e.body)
+                    .ok()
+                    .and_then(|b| b["sha256"].as_str().map(str::to_string))
+                    .unwrap_or_default();
+                self.completed.insert(e.subject.clone(), sha);
+            }
+            _ => {}
+        }
+    }
+
+    /// Holds the job's artifacts against the completions counted. With
+    /// `newer_entries`, some of the job's entries were not checked (newer
+    /// than the checkpoint): an artifact without a checked completion is
+    /// then awaited, not a fault.
+    async fn finish(
+        mut self,
+        remote: &Remote,
+        newer_entries: bool,
+        problems: &mut Vec<String>,
+    ) -> anyhow::Result<JobAudit> {
+        let a = &mut self.audit;
+        if !a.submitted {
+            problems.push(format!(
+                "job {}: the ledger has no submission for it",
+                a.job_id
+            ));
+        }
+        let artifacts = remote.artifacts(&a.job_id).await?;
+        a.artifacts = artifacts.len() as u64;
+        for art in &artifacts {
+            match self.completed.remove(&art.task_id) {
+                Some(sha) if sha == art.sha256 => {}
+                Some(sha) => problems.push(format!(
+                    "task {}: its artifact is {}, but the ledger recorded the completion of {sha}",
+                    art.task_id, art.sha256
+                )),
+                None if newer_entries => a.awaiting += 1,
+                None => problems.push(format!(
+                    "task {}: artifact {} has no completion in the ledger",
+                    art.task_id, art.sha256
+                )),
+            }
+        }
+        let mut orphans: Vec<_> = self.completed.into_iter().collect();
+        orphans.sort();
+        for (task, sha) in orphans {
+            problems.push(format!(
+                "task {task}: the ledger recorded its completion with {sha}, but the job has no such artifact"
+            ));
+        }
+        Ok(self.audit)
+    }
 }
 
 impl LedgerReport {
@@ -102,13 +230,7 @@ impl LedgerReport {
             "problems": self.problems,
             "checkpoint": self.checkpoint.as_ref().map(SignedCheckpoint::to_json),
             "own_checkpoints": self.own_checkpoints.iter().map(SignedCheckpoint::to_json).collect::<Vec<_>>(),
-            "job": self.job.as_ref().map(|j| json!({
-                "job_id": j.job_id,
-                "submitted": j.submitted,
-                "dispatches": j.dispatches,
-                "completions": j.completions,
-                "artifacts": j.artifacts,
-            })),
+            "job": self.job.as_ref().map(JobAudit::to_json),
         })
     }
 
@@ -175,17 +297,23 @@ impl LedgerReport {
             ));
         }
         if let Some(j) = &self.job {
-            s.push_str(&format!(
-                "job {}: submission {}, {} dispatches, {} completions, {} artifacts\n",
-                j.job_id,
-                if j.submitted { "recorded" } else { "MISSING" },
-                j.dispatches,
-                j.completions,
-                j.artifacts
-            ));
+            s.push_str(&j.to_text());
         }
         s
     }
+}
+
+/// A checkpoint as the coordinator sent it, and its signature.
+fn checkpoint_of(c: LedgerCheckpoint) -> (Checkpoint, Vec<u8>) {
+    (
+        Checkpoint {
+            seq: c.seq,
+            hash: c.hash,
+            at_ms: c.at_ms,
+            root: Some(c.root).filter(|r| !r.is_empty()),
+        },
+        c.signature,
+    )
 }
 
 fn sealed(e: LedgerEntry) -> SealedEntry {
@@ -301,14 +429,10 @@ pub async fn verify(remote: &Remote, options: VerifyOptions) -> anyhow::Result<L
     // Every page names the latest checkpoint; the first one's is held to.
     let mut page = chain_page(remote, 0).await?;
     let checkpoint = page.checkpoint.take().and_then(|c| {
-        let checkpoint = Checkpoint {
-            seq: c.seq,
-            hash: c.hash,
-            at_ms: c.at_ms,
-        };
+        let (checkpoint, signature) = checkpoint_of(c);
         check_checkpoint(
             checkpoint,
-            &c.signature,
+            &signature,
             trust_anchors.as_deref(),
             &mut problems,
         )
@@ -335,12 +459,14 @@ pub async fn verify(remote: &Remote, options: VerifyOptions) -> anyhow::Result<L
     let mut after = 0;
     let mut entries = 0;
     let mut unsealed;
-    let mut audit = job.map(|j| JobAudit {
-        job_id: j.to_string(),
-        ..Default::default()
-    });
-    // task id -> sha256 its completion recorded.
-    let mut completed: HashMap<String, String> = HashMap::new();
+    let mut tally = job.map(JobTally::new);
+    // The Merkle roots the signed checkpoints vouch for, held to the tree
+    // the entries build as they are walked.
+    let roots: HashMap<u64, &str> = signed
+        .iter()
+        .filter_map(|c| Some((c.checkpoint.seq, c.checkpoint.root.as_deref()?)))
+        .collect();
+    let mut tree = Frontier::default();
     'pages: loop {
         unsealed = page.unsealed;
         if page.entries.is_empty() {
@@ -355,20 +481,22 @@ pub async fn verify(remote: &Remote, options: VerifyOptions) -> anyhow::Result<L
                 break 'pages;
             }
             entries += 1;
-            if let Some(a) = audit.as_mut().filter(|a| a.job_id == e.job_id) {
-                match e.kind.as_str() {
-                    "submit" => a.submitted = true,
-                    "dispatch" => a.dispatches += 1,
-                    "complete" => {
-                        a.completions += 1;
-                        let sha = serde_json::from_str::<serde_json::Value>(&e.body)
-                            .ok()
-                            .and_then(|b| b["sha256"].as_str().map(str::to_string))
-                            .unwrap_or_default();
-                        completed.insert(e.subject.clone(), sha);
-                    }
-                    _ => {}
+            match merkle::leaf_of_hex(&e.hash) {
+                Ok(leaf) => {
+                    tree.push(leaf);
                 }
+                Err(err) => problems.push(format!("ledger entry {}: {err}", e.seq)),
+            }
+            if let Some(root) = roots.get(&e.seq)
+                && tree.root().map(|r| merkle::to_hex(&r)).as_deref() != Some(*root)
+            {
+                problems.push(format!(
+                    "the checkpoint at entry {} signs the Merkle root {root}, but the entries up to it lead to another: the proofs it serves would not hold",
+                    e.seq
+                ));
+            }
+            if let Some(t) = tally.as_mut() {
+                t.push(&e);
             }
         }
         page = chain_page(remote, after).await?;
@@ -376,36 +504,10 @@ pub async fn verify(remote: &Remote, options: VerifyOptions) -> anyhow::Result<L
     if !broken && let Err(fault) = check.finish() {
         problems.push(explain(&fault, &signed));
     }
-    if let Some(a) = audit.as_mut() {
-        if !a.submitted {
-            problems.push(format!(
-                "job {}: the ledger has no submission for it",
-                a.job_id
-            ));
-        }
-        let artifacts = remote.artifacts(&a.job_id).await?;
-        a.artifacts = artifacts.len() as u64;
-        for art in &artifacts {
-            match completed.remove(&art.task_id) {
-                Some(sha) if sha == art.sha256 => {}
-                Some(sha) => problems.push(format!(
-                    "task {}: its artifact is {}, but the ledger recorded the completion of {sha}",
-                    art.task_id, art.sha256
-                )),
-                None => problems.push(format!(
-                    "task {}: artifact {} has no completion in the ledger",
-                    art.task_id, art.sha256
-                )),
-            }
-        }
-        let mut orphans: Vec<_> = completed.into_iter().collect();
-        orphans.sort();
-        for (task, sha) in orphans {
-            problems.push(format!(
-                "task {task}: the ledger recorded its completion with {sha}, but the job has no such artifact"
-            ));
-        }
-    }
+    let audit = match tally {
+        Some(t) => Some(t.finish(remote, false, &mut problems).await?),
+        None => None,
+    };
     Ok(LedgerReport {
         entries,
         head: check.head(),
@@ -533,6 +635,7 @@ mod tests {
             seq: 9,
             hash: "ab".repeat(32),
             at_ms: now,
+            root: None,
         };
         let signature = sign_detached(&identity, &checkpoint.payload()).unwrap();
         let anchors = |cas: &[&ca::CaFiles]| {
