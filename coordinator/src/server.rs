@@ -251,7 +251,8 @@ pub async fn start_on(
         let every = Duration::from_millis(reaper_state.config.reap_interval_ms.max(10));
         let retention = reaper_state.config.input_retention();
         // Inputs are looked at a tenth of their retention apart, at least
-        // every minute.
+        // every minute (without a retention, every minute for the blobs
+        // deletions left to remove).
         let sweep_every =
             Duration::from_millis(retention.map_or(60_000, |r| (r / 10).clamp(100, 60_000) as u64));
         let mut next_sweep = tokio::time::Instant::now();
@@ -260,7 +261,7 @@ pub async fn start_on(
             if let Err(e) = reaper_state.reap_once().await {
                 tracing::warn!(error = %e, "reap pass failed; will retry");
             }
-            if retention.is_some() && tokio::time::Instant::now() >= next_sweep {
+            if tokio::time::Instant::now() >= next_sweep {
                 next_sweep = tokio::time::Instant::now() + sweep_every;
                 if let Err(e) = reaper_state.purge_unused_inputs().await {
                     tracing::warn!(error = %e, "input retention pass failed; will retry");

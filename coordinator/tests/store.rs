@@ -10,8 +10,8 @@ use hallmark_coordinator::blobs::BlobError;
 use hallmark_coordinator::spec::{self, ExpandedJob, Limits};
 use hallmark_coordinator::stamps::CheckedStamp;
 use hallmark_coordinator::store::{
-    ArtifactKey, AttemptEnd, Census, ClientCert, Completion, InputRecorded, JobControl,
-    LeasePolicy, ModelWorkers, NewJob, PurgedInput, Store, StoreError, WorkerCaps,
+    ArtifactKey, AttemptEnd, Census, ClientCert, Completion, DeletedInput, InputRecorded,
+    JobControl, LeasePolicy, ModelWorkers, NewJob, PurgedInput, Store, StoreError, WorkerCaps,
     WorkerRegistration,
 };
 use hallmark_proto::v1::{
@@ -328,19 +328,23 @@ both_stores! {
         assert!(s.unused_inputs(100, 10, None).await.unwrap().is_empty());
         assert_eq!(s.purge_input(sha, 100, 10_000, remove).await.unwrap(), None);
         assert_eq!(s.unused_inputs(101, 10, None).await.unwrap(), [(100, sha.to_string())]);
-        // A blob that cannot be deleted leaves the input as it was.
+        // A blob that cannot be deleted yet: the input is purged all the
+        // same, its blob marked, and removed by a later pass, once.
         let stuck = s
             .purge_input(sha, 101, 10_000, || async { Err(BlobError::Missing("locked".into())) })
-            .await;
-        assert!(matches!(stuck, Err(StoreError::Blob(_))), "{stuck:?}");
-        assert!(s.find_input(sha).await.unwrap().is_some());
-        assert_eq!(removals.load(std::sync::atomic::Ordering::SeqCst), 0);
-        let purged = s.purge_input(sha, 101, 10_000, remove).await.unwrap();
-        assert_eq!(
-            purged,
-            Some(PurgedInput { sha256: sha.into(), last_used_at: 100, blob_kept: false })
+            .await
+            .unwrap();
+        assert!(
+            matches!(&stuck, Some(PurgedInput { last_used_at: 100, blob_kept: false, blob_pending: Some(e), .. }) if e.contains("locked")),
+            "{stuck:?}"
         );
+        assert!(s.find_input(sha).await.unwrap().is_none());
+        assert_eq!(s.pending_input_blobs(10).await.unwrap(), [sha]);
+        assert_eq!(removals.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert!(s.remove_input_blob(sha, remove).await.unwrap());
         assert_eq!(removals.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(s.pending_input_blobs(10).await.unwrap().is_empty());
+        assert!(!s.remove_input_blob(sha, remove).await.unwrap(), "removed once");
         assert_eq!(s.purge_input(sha, 20_000, 20_000, remove).await.unwrap(), None, "purged once");
         assert!(s.find_input(sha).await.unwrap().is_none());
         assert!(!s.blob_known(sha).await.unwrap(), "workers cannot fetch a purged input");
@@ -425,13 +429,15 @@ both_stores! {
         assert!(matches!(&busy, Err(StoreError::Refused(m)) if m.contains("in use by job j1")), "{busy:?}");
         assert!(s.input_owned_by(sha, "acme").await.unwrap(), "a refused deletion changes nothing");
         // globex takes back its own; acme still holds the picture.
-        s.delete_input(sha, Some("globex"), "tenant:globex", 40, remove).await.unwrap();
+        let kept = s.delete_input(sha, Some("globex"), "tenant:globex", 40, remove).await.unwrap();
+        assert_eq!(kept, DeletedInput { purged: false, blob_pending: None });
         assert!(!s.input_owned_by(sha, "globex").await.unwrap());
         assert!(s.find_input(sha).await.unwrap().is_some());
         assert_eq!(removed(), 0);
         // Once acme's job is over, acme's deletion is the last: purged.
         s.control("j1", JobControl::Cancel, 50).await.unwrap();
-        s.delete_input(sha, Some("acme"), "tenant:acme", 60, remove).await.unwrap();
+        let purged = s.delete_input(sha, Some("acme"), "tenant:acme", 60, remove).await.unwrap();
+        assert_eq!(purged, DeletedInput { purged: true, blob_pending: None });
         assert!(s.find_input(sha).await.unwrap().is_none());
         assert_eq!(s.input_purged_at(sha).await.unwrap(), Some(60));
         assert_eq!(removed(), 1);
@@ -456,34 +462,99 @@ both_stores! {
         s.delete_input(&both.sha256, None, "operator", 90, remove).await.unwrap();
         assert_eq!(s.input_purged_at(&both.sha256).await.unwrap(), Some(90));
         assert_eq!(removed(), 2);
+        // A blob the store will not delete yet: deleted all the same, the
+        // blob left to a later pass.
+        let locked = hallmark_proto::v1::InputImage { sha256: "dd".repeat(32), ..input.clone() };
+        s.record_input(&locked, "acme", 100, published()).await.unwrap();
+        let deleted = s
+            .delete_input(&locked.sha256, Some("acme"), "tenant:acme", 110, || async {
+                Err(BlobError::Missing("object lock".into()))
+            })
+            .await
+            .unwrap();
+        assert!(deleted.purged && deleted.blob_pending.is_some_and(|e| e.contains("object lock")));
+        assert_eq!(s.pending_input_blobs(10).await.unwrap(), [locked.sha256.as_str()]);
     }
 
-    async fn a_submission_waits_for_a_purge_of_its_input_and_is_then_refused(s: &Store) {
+    async fn an_upload_during_a_purges_blob_removal_waits_then_restores_the_input(s: &Store) {
         let input = input_image("ce");
         s.record_input(&input, "", 5, published()).await.unwrap();
         let mut j = job(1, 0);
         j.items[0].init_image = Some(spec::InitImage { sha256: input.sha256.clone(), strength: 0.5 });
-        // The purge holds the input's row while it deletes the blob; a
-        // submission naming the input meanwhile waits for it, then finds
-        // the input gone (not a job left starting from a deleted blob).
+        let order = std::sync::Mutex::new(Vec::new());
+        // The purge has committed; it holds the input's row while it
+        // deletes the blob. An upload of the same picture meanwhile waits,
+        // then stores the blob again: the deletion cannot undo it.
         let (release, released) = tokio::sync::oneshot::channel::<()>();
-        let purge = s.purge_input(&input.sha256, 1_000, 1_000, || async move {
+        let purge = s.purge_input(&input.sha256, 1_000, 1_000, || async {
             released.await.ok();
+            order.lock().unwrap().push("removed");
             Ok(())
         });
-        let store = s.clone();
-        let submission = async move {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            let new = NewJob { id: "j1", job: &j, spec_json: "{}", tenant_cap: 0, submitted_by: "" };
-            let submitted = tokio::time::timeout(std::time::Duration::from_millis(400), store.submit(&new, &POLICY, 1_100)).await;
-            assert!(submitted.is_err(), "the submission went on while the purge held the input: {submitted:?}");
-            release.send(()).unwrap();
-            store.submit(&new, &POLICY, 1_200).await
+        let upload = || {
+            s.record_input(&input, "", 1_100, async {
+                order.lock().unwrap().push("published");
+                Ok(())
+            })
         };
-        let (purged, submitted) = tokio::join!(purge, submission);
-        assert!(purged.unwrap().is_some());
-        assert!(matches!(&submitted, Err(StoreError::Spec(e)) if e.message.contains("is no longer stored")), "{submitted:?}");
+        let racing = async {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            let waited = tokio::time::timeout(std::time::Duration::from_millis(400), upload()).await;
+            assert!(waited.is_err(), "the upload went on while the purge removed the blob: {waited:?}");
+            release.send(()).unwrap();
+            upload().await
+        };
+        let (purged, uploaded) = tokio::join!(purge, racing);
+        assert_eq!(purged.unwrap().unwrap().blob_pending, None);
+        assert_eq!(uploaded.unwrap(), InputRecorded::Restored);
+        assert_eq!(*order.lock().unwrap(), ["removed", "published"]);
+        assert!(s.pending_input_blobs(10).await.unwrap().is_empty());
+        // Restored: a job starts from it.
+        let new = NewJob { id: "j1", job: &j, spec_json: "{}", tenant_cap: 0, submitted_by: "" };
+        s.submit(&new, &POLICY, 1_200).await.unwrap();
+    }
+
+    async fn a_purge_that_dies_before_removing_its_blob_leaves_it_to_a_later_pass(s: &Store) {
+        let input = input_image("cf");
+        let sha = input.sha256.as_str();
+        s.record_input(&input, "", 5, published()).await.unwrap();
+        let removals = std::sync::atomic::AtomicUsize::new(0);
+        let remove = || async {
+            removals.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        };
+        // The purging coordinator dies while it deletes the blob (its
+        // future dropped there: the removal's transaction rolls back).
+        let dies = |cutoff: i64| {
+            tokio::time::timeout(
+                std::time::Duration::from_millis(300),
+                s.purge_input(sha, cutoff, cutoff, std::future::pending::<Result<(), BlobError>>),
+            )
+        };
+        assert!(dies(1_000).await.is_err());
+        // The input is purged — a job naming it is refused, nothing
+        // written — and its blob is still marked for removal.
+        assert_eq!(s.input_purged_at(sha).await.unwrap(), Some(1_000));
+        assert_eq!(s.pending_input_blobs(10).await.unwrap(), [sha]);
+        let mut j = job(1, 0);
+        j.items[0].init_image = Some(spec::InitImage { sha256: sha.into(), strength: 0.5 });
+        let new = NewJob { id: "j1", job: &j, spec_json: "{}", tenant_cap: 0, submitted_by: "" };
+        let refused = s.submit(&new, &POLICY, 1_100).await;
+        assert!(matches!(&refused, Err(StoreError::Spec(e)) if e.message.contains("is no longer stored")), "{refused:?}");
         assert_eq!(count(s, "SELECT CAST(COUNT(*) AS BIGINT) FROM jobs").await, 0);
+        // A later pass removes it, once.
+        assert!(s.remove_input_blob(sha, remove).await.unwrap());
+        assert!(!s.remove_input_blob(sha, remove).await.unwrap());
+        assert_eq!(removals.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Dying again, then an upload: restored with its blob; the mark is
+        // cleared, so the later pass removes nothing.
+        assert_eq!(s.record_input(&input, "", 2_000, published()).await.unwrap(), InputRecorded::Restored);
+        assert!(dies(3_000).await.is_err());
+        assert_eq!(s.record_input(&input, "", 3_100, published()).await.unwrap(), InputRecorded::Restored);
+        assert!(s.pending_input_blobs(10).await.unwrap().is_empty());
+        assert!(!s.remove_input_blob(sha, remove).await.unwrap());
+        assert_eq!(removals.load(std::sync::atomic::Ordering::SeqCst), 1);
+        s.submit(&new, &POLICY, 3_200).await.unwrap();
     }
 
     async fn img2img_tasks_start_from_the_uploaded_input(s: &Store) {

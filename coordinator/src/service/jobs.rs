@@ -302,13 +302,22 @@ impl Jobs for JobsService {
             Caller::Tenant(_) => Some(tenant.as_str()),
             _ => None,
         };
-        c.store
+        let deleted = c
+            .store
             .delete_input(&sha256, scope, &caller.name(), now_ms(), || {
                 c.blobs.remove(&sha256)
             })
             .await
             .map_err(status)?;
-        tracing::info!(%sha256, tenant = %tenant, "input image deleted");
+        // A blob the store refuses to delete now is deleted by a later
+        // retention pass; the input is gone either way.
+        tracing::info!(
+            %sha256,
+            tenant = %tenant,
+            purged = deleted.purged,
+            blob_pending = deleted.blob_pending,
+            "input image deleted"
+        );
         Ok(Response::new(DeleteInputResponse {}))
     }
 

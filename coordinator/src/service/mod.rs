@@ -242,10 +242,27 @@ impl Coordinator {
 
     /// Purges the input images unused for `input_retention_ms` (a bounded
     /// number per call, each call going on from where the last left off):
-    /// their blobs deleted, their rows marked. Returns how many were
-    /// purged. An input whose blob cannot be deleted now (an object lock)
-    /// stays, and is tried again when the passes come round to it.
+    /// their rows marked, then their blobs deleted. Returns how many were
+    /// purged. A blob that cannot be deleted now (an object lock), or one a
+    /// purge left behind (a coordinator that died between the two steps),
+    /// is deleted by a later pass.
     pub async fn purge_unused_inputs(&self) -> Result<u64, StoreError> {
+        // Blobs left by purges and deletions, with or without a retention.
+        for sha256 in self.store.pending_input_blobs(PURGE_BATCH).await? {
+            match self
+                .store
+                .remove_input_blob(&sha256, || self.blobs.remove(&sha256))
+                .await
+            {
+                Ok(removed) => {
+                    tracing::info!(%sha256, removed, "a purged input image's blob removed after its purge")
+                }
+                Err(StoreError::Blob(e)) => {
+                    tracing::warn!(%sha256, error = %e, "a purged input image's blob could not be deleted yet")
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let Some(retention) = self.config.input_retention() else {
             return Ok(0);
         };
@@ -268,23 +285,17 @@ impl Coordinator {
             let removed = self
                 .store
                 .purge_input(&sha256, cutoff, now, || self.blobs.remove(&sha256))
-                .await;
-            match removed {
-                Ok(Some(input)) => {
-                    purged += 1;
-                    metrics::counter!(m::INPUTS_PURGED).increment(1);
-                    tracing::info!(
-                        sha256 = %input.sha256,
-                        last_used_at = input.last_used_at,
-                        blob_kept = input.blob_kept,
-                        "input image purged after its retention"
-                    );
-                }
-                Ok(None) => {}
-                Err(StoreError::Blob(e)) => {
-                    tracing::warn!(%sha256, error = %e, "input image not purged: its blob could not be deleted");
-                }
-                Err(e) => return Err(e),
+                .await?;
+            if let Some(input) = removed {
+                purged += 1;
+                metrics::counter!(m::INPUTS_PURGED).increment(1);
+                tracing::info!(
+                    sha256 = %input.sha256,
+                    last_used_at = input.last_used_at,
+                    blob_kept = input.blob_kept,
+                    blob_pending = input.blob_pending,
+                    "input image purged after its retention"
+                );
             }
         }
         Ok(purged)

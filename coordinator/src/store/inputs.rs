@@ -38,6 +38,18 @@ pub struct PurgedInput {
     pub last_used_at: i64,
     /// The blob stays when an artifact is stored under the same hash.
     pub blob_kept: bool,
+    /// The blob could not be removed yet (the error): the input is purged
+    /// all the same, and the retention sweep removes the blob later.
+    pub blob_pending: Option<String>,
+}
+
+/// What taking back an upload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeletedInput {
+    /// No uploader was left: the input was purged.
+    pub purged: bool,
+    /// As for [`PurgedInput::blob_pending`].
+    pub blob_pending: Option<String>,
 }
 
 /// Makes `now` the last use of the stored input `sha256`, locking its row
@@ -81,7 +93,8 @@ impl Store {
                 break;
             }
             let restored = sqlx::query(
-                "UPDATE inputs SET last_used_at = $2, purged_at = NULL WHERE sha256 = $1 AND purged_at IS NOT NULL",
+                "UPDATE inputs SET last_used_at = $2, purged_at = NULL, blob_pending = 0 \
+                 WHERE sha256 = $1 AND purged_at IS NOT NULL",
             )
             .bind(&sha256)
             .bind(now)
@@ -243,11 +256,12 @@ impl Store {
     }
 
     /// Purges the input `sha256` if it is still unused since before
-    /// `cutoff` and no unfinished task starts from it: marks it purged and
-    /// runs `remove_blob` with the row locked (skipped when an artifact
-    /// shares the blob), with an audit entry. `None`: it was not purged
-    /// (used again, or purged already). If `remove_blob` fails, nothing
-    /// changes.
+    /// `cutoff` and no unfinished task starts from it: marks it purged, with
+    /// an audit entry, and commits; then removes its blob with
+    /// [`Store::remove_input_blob`] (kept when an artifact shares it). A
+    /// blob that cannot be removed now is left to a later sweep
+    /// ([`PurgedInput::blob_pending`]). `None`: it was not purged (used
+    /// again, or purged already).
     pub async fn purge_input<F, Fut>(
         &self,
         sha256: &str,
@@ -261,7 +275,7 @@ impl Store {
     {
         let mut tx = self.pool.begin().await?;
         let last_used_at: Option<i64> = sqlx::query_scalar(&format!(
-            "UPDATE inputs SET purged_at = $2 WHERE sha256 = $1 AND purged_at IS NULL \
+            "UPDATE inputs SET purged_at = $2, blob_pending = 1 WHERE sha256 = $1 AND purged_at IS NULL \
              AND last_used_at < $3 AND NOT EXISTS ({OPEN_TASKS_STARTING_FROM}) \
              RETURNING last_used_at"
         ))
@@ -273,7 +287,7 @@ impl Store {
         let Some(last_used_at) = last_used_at else {
             return Ok(None);
         };
-        let blob_kept = remove_unless_shared(&mut tx, sha256, remove_blob).await?;
+        let blob_kept = keep_if_shared(&mut tx, sha256).await?;
         let event = AuditEvent::new(
             audit_kind::PURGE_INPUT,
             sha256,
@@ -285,7 +299,67 @@ impl Store {
             sha256: sha256.to_string(),
             last_used_at,
             blob_kept,
+            blob_pending: self.remove_pending_blob(sha256, remove_blob).await?,
         }))
+    }
+
+    /// Removes the blob of the purged input `sha256` if it is still marked
+    /// for removal, running `remove_blob` with the input's row locked: an
+    /// upload restoring it meanwhile waits, then stores the blob again; one
+    /// that came first cleared the mark, and nothing is removed. Returns
+    /// whether it removed one. If `remove_blob` fails, the mark stays.
+    pub async fn remove_input_blob<F, Fut>(&self, sha256: &str, remove_blob: F) -> Result<bool>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<(), BlobError>>,
+    {
+        let mut tx = self.pool.begin().await?;
+        let marked = sqlx::query(
+            "UPDATE inputs SET blob_pending = 0 WHERE sha256 = $1 AND blob_pending = 1 \
+             AND purged_at IS NOT NULL",
+        )
+        .bind(sha256)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if marked == 0 {
+            return Ok(false);
+        }
+        // An artifact stored under the same hash since keeps it too.
+        let removed = !keep_if_shared(&mut tx, sha256).await?;
+        if removed {
+            remove_blob().await?;
+        }
+        tx.commit().await?;
+        Ok(removed)
+    }
+
+    /// [`Store::remove_input_blob`], with a blob store's refusal returned
+    /// as the message of a removal left for later.
+    async fn remove_pending_blob<F, Fut>(
+        &self,
+        sha256: &str,
+        remove_blob: F,
+    ) -> Result<Option<String>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = std::result::Result<(), BlobError>>,
+    {
+        match self.remove_input_blob(sha256, remove_blob).await {
+            Ok(_) => Ok(None),
+            Err(StoreError::Blob(e)) => Ok(Some(e.to_string())),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Up to `limit` purged inputs whose blobs are still to be removed.
+    pub async fn pending_input_blobs(&self, limit: u32) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT sha256 FROM inputs WHERE blob_pending = 1 ORDER BY sha256 LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// Takes back `tenant`'s upload of the input `sha256` (`None`: every
@@ -295,8 +369,9 @@ impl Store {
     /// an unfinished task of a job the caller may act on starts from it;
     /// an input the tenant did not upload is not found. With no uploader
     /// left but another tenant's unfinished task starting from it (a job an
-    /// operator submitted), the purge is left to the retention sweep. If
-    /// `remove_blob` fails, nothing changes.
+    /// operator submitted), the purge is left to the retention sweep. The
+    /// purge commits before the blob is removed, as
+    /// [`Store::purge_input`]'s does.
     pub async fn delete_input<F, Fut>(
         &self,
         sha256: &str,
@@ -304,7 +379,7 @@ impl Store {
         actor: &str,
         now: i64,
         remove_blob: F,
-    ) -> Result<()>
+    ) -> Result<DeletedInput>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = std::result::Result<(), BlobError>>,
@@ -369,12 +444,12 @@ impl Store {
         let purged = owners == 0 && !others_in_use;
         let mut blob_kept = None;
         if purged {
-            sqlx::query("UPDATE inputs SET purged_at = $2 WHERE sha256 = $1")
+            sqlx::query("UPDATE inputs SET purged_at = $2, blob_pending = 1 WHERE sha256 = $1")
                 .bind(&sha256)
                 .bind(now)
                 .execute(&mut *tx)
                 .await?;
-            blob_kept = Some(remove_unless_shared(&mut tx, &sha256, remove_blob).await?);
+            blob_kept = Some(keep_if_shared(&mut tx, &sha256).await?);
         }
         let event = AuditEvent::new(
             audit_kind::DELETE_INPUT,
@@ -388,7 +463,14 @@ impl Store {
         .actor(actor);
         super::audit::append(&mut tx, now, &[event]).await?;
         tx.commit().await?;
-        Ok(())
+        let blob_pending = match purged {
+            true => self.remove_pending_blob(&sha256, remove_blob).await?,
+            false => None,
+        };
+        Ok(DeletedInput {
+            purged,
+            blob_pending,
+        })
     }
 }
 
@@ -402,24 +484,19 @@ fn input_from_row(r: &sqlx::any::AnyRow) -> Result<InputImage> {
     })
 }
 
-/// Runs `remove_blob` unless an artifact is stored under the same hash;
-/// returns whether the blob was kept.
-async fn remove_unless_shared<F, Fut>(
-    conn: &mut AnyConnection,
-    sha256: &str,
-    remove_blob: F,
-) -> Result<bool>
-where
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = std::result::Result<(), BlobError>>,
-{
+/// Whether an artifact is stored under the same hash as the input
+/// `sha256` (then its blob stays, and is no longer marked for removal).
+async fn keep_if_shared(conn: &mut AnyConnection, sha256: &str) -> Result<bool> {
     let shared = sqlx::query("SELECT task_id FROM artifacts WHERE sha256 = $1 LIMIT 1")
         .bind(sha256)
         .fetch_optional(&mut *conn)
         .await?
         .is_some();
-    if !shared {
-        remove_blob().await?;
+    if shared {
+        sqlx::query("UPDATE inputs SET blob_pending = 0 WHERE sha256 = $1")
+            .bind(sha256)
+            .execute(&mut *conn)
+            .await?;
     }
     Ok(shared)
 }

@@ -27,7 +27,7 @@ pub use dispatch::{
     AttemptEnd, ClientCert, Completion, FailOutcome, LeasePolicy, ReapOutcome, WorkerCaps,
     WorkerRegistration,
 };
-pub use inputs::{InputRecorded, PurgedInput};
+pub use inputs::{DeletedInput, InputRecorded, PurgedInput};
 pub use jobs::{JobControl, NewJob};
 pub use provenance::{ArtifactKey, StoredArtifact};
 

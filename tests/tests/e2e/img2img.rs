@@ -493,7 +493,9 @@ async fn an_input_is_purged_after_its_retention_and_uploading_it_again_restores_
     wait_for_count(
         &db,
         "purged inputs",
-        &format!("SELECT COUNT(*) FROM inputs WHERE sha256 = '{sha}' AND purged_at IS NOT NULL"),
+        &format!(
+            "SELECT COUNT(*) FROM inputs WHERE sha256 = '{sha}' AND purged_at IS NOT NULL AND blob_pending = 0"
+        ),
         |n| n == 1,
     )
     .await;
@@ -560,6 +562,30 @@ async fn an_input_is_purged_after_its_retention_and_uploading_it_again_restores_
         .await,
         1
     );
+
+    // A coordinator that died between a purge's commit and the blob's
+    // deletion left the row purged and the blob marked: a later sweep
+    // deletes it.
+    assert!(blob.exists(), "restored with its blob");
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&db).await.unwrap();
+    let marked = sqlx::query(&format!(
+        "UPDATE inputs SET purged_at = 1, blob_pending = 1 WHERE sha256 = '{sha}' AND purged_at IS NULL"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap()
+    .rows_affected();
+    assert_eq!(marked, 1);
+    wait_for_count(
+        &db,
+        "the left blob deleted",
+        &format!("SELECT COUNT(*) FROM inputs WHERE sha256 = '{sha}' AND blob_pending = 0"),
+        |n| n == 1,
+    )
+    .await;
+    assert!(!blob.exists(), "the sweep deleted the blob the purge left");
+    pool.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
