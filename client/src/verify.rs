@@ -12,12 +12,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use hallmark_proto::v1::resolve_request::Key;
-use hallmark_proto::v1::{ArtifactRecord, ResolveRequest, ResolveResponse};
+use hallmark_proto::v1::{ArtifactRecord, ProveArtifactRequest, ResolveRequest, ResolveResponse};
 use hallmark_provenance::credentials::{self, CredentialsReport, Verdict};
+use hallmark_provenance::merkle;
 use hallmark_provenance::watermark::{self, WatermarkKey};
 use serde::Serialize;
 use serde_json::json;
 
+use crate::audit;
 use crate::remote::Remote;
 
 /// The one-word outcome for a file.
@@ -33,6 +35,9 @@ pub enum Status {
     /// No valid credentials in the file, but the watermark led to the
     /// original manifest in the repository: the content was altered.
     Recovered,
+    /// The repository knows the image, but the proof that the farm's
+    /// signed audit ledger recorded making it does not check out.
+    LedgerMismatch,
     /// A watermark id, nothing to resolve it with (offline) or unknown to
     /// the repository.
     WatermarkOnly,
@@ -47,7 +52,11 @@ impl Status {
     pub fn exit_code(self) -> i32 {
         match self {
             Status::Verified => 0,
-            Status::Untrusted | Status::Tampered | Status::Recovered | Status::Error => 1,
+            Status::Untrusted
+            | Status::Tampered
+            | Status::Recovered
+            | Status::LedgerMismatch
+            | Status::Error => 1,
             Status::WatermarkOnly | Status::NoProvenance => 2,
         }
     }
@@ -76,6 +85,27 @@ pub struct RepositoryFinding {
     pub chain: Vec<serde_json::Value>,
     pub model: Option<serde_json::Value>,
     pub datasets: Vec<serde_json::Value>,
+    /// The signed audit ledger's proof of the original's completion.
+    pub ledger: Option<LedgerFinding>,
+}
+
+/// The proof that the farm's signed audit ledger recorded the completion
+/// that made the image, checked here (`Provenance.ProveArtifact`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LedgerFinding {
+    /// The completion's entry re-hashed and its Merkle path walked to the
+    /// signed root: the farm recorded making exactly these bytes.
+    pub proven: bool,
+    pub entry_seq: Option<u64>,
+    pub checkpoint_seq: Option<u64>,
+    pub root: Option<String>,
+    pub signer: Option<String>,
+    /// Whether the checkpoint's signer chains to the trust anchors.
+    pub trusted: Option<bool>,
+    /// Where the proof does not check out (empty: it does, or none was given).
+    pub problems: Vec<String>,
+    /// Why there is no proof yet, when there is none.
+    pub note: Option<String>,
 }
 
 /// Everything `verify` found about one file.
@@ -185,6 +215,13 @@ impl Verifier {
                     _ => recovered,
                 };
             }
+            if let Some(problem) = finding.ledger.as_ref().and_then(|l| l.problems.first()) {
+                report.status = Status::LedgerMismatch;
+                report.summary = format!(
+                    "{}; but the signed audit ledger does not vouch for it: {problem}",
+                    report.summary
+                );
+            }
             report.repository = Some(finding);
         } else if report.status == Status::NoProvenance {
             if let Some(m) = &mark {
@@ -212,6 +249,7 @@ impl Verifier {
             chain: Vec::new(),
             model: None,
             datasets: Vec::new(),
+            ledger: None,
         };
         let resolved = remote
             .provenance
@@ -247,6 +285,9 @@ impl Verifier {
                 .flatten();
             }
         }
+        if let Some(a) = &artifact {
+            finding.ledger = Some(self.prove_in_ledger(remote, a).await);
+        }
         finding.chain = chain.iter().map(record_json).collect();
         finding.model = model.map(|m| {
             json!({"model_id": m.model_id, "family": m.family, "license": m.license,
@@ -259,6 +300,90 @@ impl Verifier {
                        "content_sha256": d.content_sha256, "license": d.license})
             })
             .collect();
+        finding
+    }
+}
+
+impl Verifier {
+    /// Asks for the proof that the ledger recorded `artifact`'s completion
+    /// and checks it here: the checkpoint's signature, the entry's hash
+    /// from its fields, its Merkle path to the signed root, and that it is
+    /// this artifact's completion.
+    async fn prove_in_ledger(&self, remote: &Remote, artifact: &ArtifactRecord) -> LedgerFinding {
+        let mut finding = LedgerFinding::default();
+        let reply = remote
+            .provenance
+            .clone()
+            .prove_artifact(ProveArtifactRequest {
+                sha256: artifact.sha256.clone(),
+            })
+            .await;
+        let proofs = match reply {
+            Ok(r) => r.into_inner(),
+            Err(status) => {
+                // No checkpoint with a root yet, or a coordinator from
+                // before the tree: nothing to hold the image to, not a fault.
+                finding.note = Some(format!("no ledger proof: {}", status.message()));
+                return finding;
+            }
+        };
+        let Some(served) = proofs.checkpoint else {
+            finding.note = Some("no ledger proof: the coordinator sent no checkpoint".into());
+            return finding;
+        };
+        let (checkpoint, signature) = audit::checkpoint_of(served);
+        finding.checkpoint_seq = Some(checkpoint.seq);
+        finding.root = checkpoint.root.clone();
+        let root = checkpoint.root.as_deref().map(merkle::from_hex);
+        let signed = audit::check_checkpoint(
+            checkpoint.clone(),
+            &signature,
+            self.trust_anchors.as_deref(),
+            &mut finding.problems,
+        );
+        if let Some(c) = &signed {
+            finding.signer = Some(c.signer.clone());
+            finding.trusted = c.trusted;
+        }
+        let Some(proof) = proofs.proofs.into_iter().next() else {
+            finding.note = Some(format!(
+                "its completion is newer than the latest signed checkpoint (entry {}): ask again after the next one",
+                checkpoint.seq
+            ));
+            return finding;
+        };
+        let Some(entry) = proof.entry.map(audit::sealed) else {
+            finding
+                .problems
+                .push("the proof names no ledger entry".into());
+            return finding;
+        };
+        finding.entry_seq = Some(entry.seq);
+        let recorded = serde_json::from_str::<serde_json::Value>(&entry.body)
+            .ok()
+            .and_then(|b| b["sha256"].as_str().map(str::to_string));
+        if entry.kind != "complete"
+            || entry.subject != artifact.task_id
+            || recorded.as_deref() != Some(artifact.sha256.as_str())
+        {
+            finding.problems.push(format!(
+                "ledger entry {} ({} of {}) is not the completion of task {} with {}",
+                entry.seq, entry.kind, entry.subject, artifact.task_id, artifact.sha256
+            ));
+        }
+        match root {
+            Some(Ok(root)) => {
+                if let Err(problem) = audit::check_entry(&entry, &proof.path, checkpoint.seq, &root)
+                {
+                    finding.problems.push(problem);
+                }
+            }
+            _ => finding.problems.push(format!(
+                "the checkpoint at entry {} has no usable Merkle root",
+                checkpoint.seq
+            )),
+        }
+        finding.proven = finding.problems.is_empty() && signed.is_some();
         finding
     }
 }
@@ -447,6 +572,9 @@ pub fn print_report(r: &FileReport) {
                 );
             }
         }
+        if let Some(l) = &repo.ledger {
+            print_ledger(l);
+        }
         if let Some(m) = &repo.model {
             println!(
                 "  lineage      model {} ({}, license {})",
@@ -485,6 +613,28 @@ pub fn print_report(r: &FileReport) {
                     .unwrap_or_default()
             );
         }
+    }
+}
+
+fn print_ledger(l: &LedgerFinding) {
+    if l.proven {
+        println!(
+            "  ledger       completion recorded in entry {}, proven under the checkpoint at entry {} signed by {:?} ({})",
+            l.entry_seq.unwrap_or(0),
+            l.checkpoint_seq.unwrap_or(0),
+            l.signer.as_deref().unwrap_or("?"),
+            match l.trusted {
+                Some(true) => "trusted",
+                Some(false) => "NOT under the trust anchors",
+                None => "signer not checked: no trust anchors",
+            }
+        );
+    }
+    if let Some(note) = &l.note {
+        println!("  ledger       {note}");
+    }
+    for p in &l.problems {
+        println!("  ledger       DOES NOT CHECK OUT: {p}");
     }
 }
 

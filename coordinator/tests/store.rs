@@ -1169,7 +1169,7 @@ both_stores! {
         // Each of a job's entries comes with the path to the root, for the
         // whole tree and for an earlier one; nobody else's entries come.
         for size in [n, n - 3] {
-            let proofs = s.audit_inclusion_proofs("j2", 0, 100, size).await.unwrap();
+            let proofs = s.audit_inclusion_proofs("j2", None, 0, 100, size).await.unwrap();
             let expected: Vec<u64> = entries.iter().filter(|e| e.job_id == "j2" && e.seq <= size).map(|e| e.seq).collect();
             assert_eq!(proofs.iter().map(|(e, _)| e.seq).collect::<Vec<_>>(), expected);
             for (e, path) in &proofs {
@@ -1181,15 +1181,22 @@ both_stores! {
                 entries.iter().filter(|e| e.job_id == "j2" && e.seq > size).count() as u64
             );
         }
-        let first = s.audit_inclusion_proofs("j2", 0, 1, n).await.unwrap();
-        let next = s.audit_inclusion_proofs("j2", first[0].0.seq, 1, n).await.unwrap();
+        let first = s.audit_inclusion_proofs("j2", None, 0, 1, n).await.unwrap();
+        let next = s.audit_inclusion_proofs("j2", None, first[0].0.seq, 1, n).await.unwrap();
         assert!(next[0].0.seq > first[0].0.seq);
+        // One entry by its kind and subject: an artifact's completion.
+        let completion = entries.iter().find(|e| e.kind == "complete").unwrap();
+        let only = s
+            .audit_inclusion_proofs(&completion.job_id, Some(("complete", &completion.subject)), 0, 10, n)
+            .await
+            .unwrap();
+        assert_eq!(only.iter().map(|(e, _)| e.seq).collect::<Vec<_>>(), [completion.seq]);
         for old in 1..=n {
             let p = s.audit_consistency_proof(old, n).await.unwrap();
             assert!(merkle::verify_consistency(old, n, &root_of(old), &root_of(n), &p), "{old}");
         }
         for refused in [
-            s.audit_inclusion_proofs("j1", 0, 10, n + 1).await.map(|_| ()),
+            s.audit_inclusion_proofs("j1", None, 0, 10, n + 1).await.map(|_| ()),
             s.audit_consistency_proof(0, n).await.map(|_| ()),
             s.audit_consistency_proof(2, n + 1).await.map(|_| ()),
         ] {
@@ -1231,10 +1238,10 @@ both_stores! {
         let node = needed.iter().find(|id| id.level == 1).expect("a level-1 sibling");
         let at = format!("WHERE level = {} AND idx = {}", node.level, node.index);
         sqlx::query(&format!("UPDATE audit_tree SET hash = 'zz' {at}")).execute(s.pool()).await.unwrap();
-        let e = s.audit_inclusion_proofs("", 0, 10, n + 2).await.map(|_| ()).unwrap_err();
+        let e = s.audit_inclusion_proofs("", None, 0, 10, n + 2).await.map(|_| ()).unwrap_err();
         assert!(matches!(&e, StoreError::Corrupt(m) if m.contains(&format!("node 1/{}", node.index))), "{e:?}");
         sqlx::query(&format!("DELETE FROM audit_tree {at}")).execute(s.pool()).await.unwrap();
-        let e = s.audit_inclusion_proofs("", 0, 10, n + 2).await.map(|_| ()).unwrap_err();
+        let e = s.audit_inclusion_proofs("", None, 0, 10, n + 2).await.map(|_| ()).unwrap_err();
         assert!(matches!(&e, StoreError::Corrupt(m) if m.contains("lacks node 1/")), "{e:?}");
     }
 

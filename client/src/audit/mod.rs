@@ -18,6 +18,7 @@ use hallmark_provenance::ledger::{Anchor, ChainCheck, Checkpoint, LedgerFault, S
 use hallmark_provenance::merkle::{self, Frontier};
 use serde_json::json;
 
+pub(crate) use prove::check_entry;
 pub use prove::{ProofReport, ProveOptions, prove};
 
 use crate::remote::{Remote, rpc};
@@ -304,7 +305,7 @@ impl LedgerReport {
 }
 
 /// A checkpoint as the coordinator sent it, and its signature.
-fn checkpoint_of(c: LedgerCheckpoint) -> (Checkpoint, Vec<u8>) {
+pub(crate) fn checkpoint_of(c: LedgerCheckpoint) -> (Checkpoint, Vec<u8>) {
     (
         Checkpoint {
             seq: c.seq,
@@ -316,7 +317,7 @@ fn checkpoint_of(c: LedgerCheckpoint) -> (Checkpoint, Vec<u8>) {
     )
 }
 
-fn sealed(e: LedgerEntry) -> SealedEntry {
+pub(crate) fn sealed(e: LedgerEntry) -> SealedEntry {
     SealedEntry {
         seq: e.seq,
         at_ms: e.at_ms,
@@ -348,7 +349,7 @@ pub struct VerifyOptions {
 
 /// Checks the checkpoint's signature; a valid one becomes an anchor the
 /// chain must pass through.
-fn check_checkpoint(
+pub(crate) fn check_checkpoint(
     checkpoint: Checkpoint,
     signature: &[u8],
     trust_anchors: Option<&str>,

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use hallmark_proto::v1::{ConsistencyRequest, EntryProofs, ProveEntriesRequest};
-use hallmark_provenance::ledger::{Checkpoint, entry_hash};
+use hallmark_provenance::ledger::{Checkpoint, SealedEntry, entry_hash};
 use hallmark_provenance::merkle::{self, Hash};
 use serde_json::json;
 
@@ -165,34 +165,17 @@ pub async fn prove(remote: &Remote, options: ProveOptions) -> anyhow::Result<Pro
             let Some(e) = p.entry.map(sealed) else {
                 continue;
             };
-            let says = format!("ledger entry {} ({} of {})", e.seq, e.kind, e.subject);
             if e.job_id != job {
-                problems.push(format!("{says} belongs to job {:?}, not {job}", e.job_id));
-                continue;
-            }
-            if entry_hash(e.seq, &e.prev_hash, &e.fields()) != e.hash {
                 problems.push(format!(
-                    "{says} does not hash to its recorded {}: its contents were changed after it was sealed",
-                    e.hash
+                    "ledger entry {} ({} of {}) belongs to job {:?}, not {job}",
+                    e.seq, e.kind, e.subject, e.job_id
                 ));
                 continue;
             }
-            let path: Result<Vec<Hash>, _> = p
-                .path
-                .iter()
-                .map(|h| Hash::try_from(h.as_slice()))
-                .collect();
-            let leads_to = match (merkle::leaf_of_hex(&e.hash), path) {
-                (Ok(leaf), Ok(path)) if e.seq >= 1 => {
-                    merkle::root_from_inclusion(e.seq - 1, served.seq, &leaf, &path)
-                }
-                _ => None,
-            };
-            if root.is_some() && leads_to != root {
-                problems.push(format!(
-                    "{says} is not in the ledger the checkpoint at entry {} signs: its Merkle path leads elsewhere",
-                    served.seq
-                ));
+            if let Some(root) = &root
+                && let Err(problem) = check_entry(&e, &p.path, served.seq, root)
+            {
+                problems.push(problem);
                 continue;
             }
             tally.push(&e);
@@ -220,6 +203,38 @@ pub async fn prove(remote: &Remote, options: ProveOptions) -> anyhow::Result<Pro
         job: job_audit,
         problems,
     })
+}
+
+/// Checks one proven entry here: it hashes to its recorded hash from its
+/// own fields, and its Merkle `path` leads from its leaf to `root`, the
+/// signed root of the ledger's first `size` entries. The problem, naming
+/// the entry, when not.
+pub(crate) fn check_entry(
+    e: &SealedEntry,
+    path: &[Vec<u8>],
+    size: u64,
+    root: &Hash,
+) -> Result<(), String> {
+    let says = format!("ledger entry {} ({} of {})", e.seq, e.kind, e.subject);
+    if entry_hash(e.seq, &e.prev_hash, &e.fields()) != e.hash {
+        return Err(format!(
+            "{says} does not hash to its recorded {}: its contents were changed after it was sealed",
+            e.hash
+        ));
+    }
+    let path: Result<Vec<Hash>, _> = path.iter().map(|h| Hash::try_from(h.as_slice())).collect();
+    let leads_to = match (merkle::leaf_of_hex(&e.hash), path) {
+        (Ok(leaf), Ok(path)) if e.seq >= 1 => {
+            merkle::root_from_inclusion(e.seq - 1, size, &leaf, &path)
+        }
+        _ => None,
+    };
+    if leads_to.as_ref() != Some(root) {
+        return Err(format!(
+            "{says} is not in the ledger the checkpoint at entry {size} signs: its Merkle path leads elsewhere"
+        ));
+    }
+    Ok(())
 }
 
 /// Holds the served checkpoint to each the caller kept: whichever is

@@ -8,14 +8,15 @@ use hallmark_proto::v1::provenance_server::Provenance;
 use hallmark_proto::v1::resolve_request::Key;
 use hallmark_proto::v1::{
     ConsistencyProof, ConsistencyRequest, EntryProof, EntryProofs, LedgerCheckpoint, LedgerEntry,
-    LedgerPage, LedgerRequest, ProveEntriesRequest, ResolveRequest, ResolveResponse,
+    LedgerPage, LedgerRequest, ProveArtifactRequest, ProveEntriesRequest, ResolveRequest,
+    ResolveResponse,
 };
 use hallmark_provenance::ledger::{Checkpoint, SealedEntry};
 use tonic::{Request, Response, Status};
 
 use super::{Coordinator, status};
 use crate::auth::{Caller, PrivateView};
-use crate::store::{ArtifactKey, StoreError};
+use crate::store::{ArtifactKey, StoreError, audit_kind};
 
 pub struct ProvenanceService(pub Arc<Coordinator>);
 
@@ -202,7 +203,7 @@ impl Provenance for ProvenanceService {
         };
         let store = &self.0.store;
         let proofs = store
-            .audit_inclusion_proofs(&r.job_id, r.after_seq, limit, root_size)
+            .audit_inclusion_proofs(&r.job_id, None, r.after_seq, limit, root_size)
             .await
             .map_err(status)?;
         let unproven = match r.after_seq {
@@ -212,17 +213,49 @@ impl Provenance for ProvenanceService {
                 .map_err(status)?,
             _ => 0,
         };
-        Ok(Response::new(EntryProofs {
-            checkpoint: Some(ledger_checkpoint((checkpoint, signature))),
-            proofs: proofs
-                .into_iter()
-                .map(|(e, path)| EntryProof {
-                    entry: Some(ledger_entry(e)),
-                    path: path.iter().map(|h| h.to_vec()).collect(),
-                })
-                .collect(),
-            unproven,
-        }))
+        Ok(Response::new(entry_proofs(
+            checkpoint, signature, proofs, unproven,
+        )))
+    }
+
+    async fn prove_artifact(
+        &self,
+        req: Request<ProveArtifactRequest>,
+    ) -> Result<Response<EntryProofs>, Status> {
+        // Whoever holds the image may resolve it, and so prove it.
+        let sha256 = req.into_inner().sha256;
+        if !hallmark_provenance::is_sha256_hex(&sha256) {
+            return Err(Status::invalid_argument(format!(
+                "sha256 {sha256:?} is not 64 hex digits"
+            )));
+        }
+        let store = &self.0.store;
+        let Some(found) = store
+            .find_artifact(ArtifactKey::Sha256(&sha256))
+            .await
+            .map_err(status)?
+        else {
+            return Err(Status::not_found(
+                "no artifact with that sha256 in this repository",
+            ));
+        };
+        let (checkpoint, signature) = self.rooted_checkpoint(0).await?;
+        let record = &found.record;
+        let proofs = store
+            .audit_inclusion_proofs(
+                &record.job_id,
+                Some((audit_kind::COMPLETE, &record.task_id)),
+                0,
+                1,
+                checkpoint.seq,
+            )
+            .await
+            .map_err(status)?;
+        // Not under the checkpoint yet: sealed or signed after it.
+        let unproven = u64::from(proofs.is_empty());
+        Ok(Response::new(entry_proofs(
+            checkpoint, signature, proofs, unproven,
+        )))
     }
 
     async fn prove_consistency(
@@ -278,6 +311,25 @@ impl ProvenanceService {
                 "the ledger has no signed checkpoint to prove against: the coordinator signs none (signing_cert_chain unset) or has sealed nothing since it started signing",
             )),
         }
+    }
+}
+
+fn entry_proofs(
+    checkpoint: Checkpoint,
+    signature: Vec<u8>,
+    proofs: Vec<(SealedEntry, Vec<hallmark_provenance::merkle::Hash>)>,
+    unproven: u64,
+) -> EntryProofs {
+    EntryProofs {
+        checkpoint: Some(ledger_checkpoint((checkpoint, signature))),
+        proofs: proofs
+            .into_iter()
+            .map(|(e, path)| EntryProof {
+                entry: Some(ledger_entry(e)),
+                path: path.iter().map(|h| h.to_vec()).collect(),
+            })
+            .collect(),
+        unproven,
     }
 }
 

@@ -282,27 +282,36 @@ impl Store {
     }
 
     /// `job_id`'s sealed entries after `after_seq` and up to entry `size`
-    /// (at most `limit`), each with the proof that it is leaf `seq − 1` of
-    /// the tree of entries 1 to `size`.
+    /// (at most `limit`; only those of `only`'s kind and subject when
+    /// given), each with the proof that it is leaf `seq − 1` of the tree of
+    /// entries 1 to `size`.
     pub async fn audit_inclusion_proofs(
         &self,
         job_id: &str,
+        only: Option<(&str, &str)>,
         after_seq: u64,
         limit: u32,
         size: u64,
     ) -> Result<Vec<(SealedEntry, Vec<Hash>)>> {
         let mut conn = self.pool.acquire().await?;
         self.check_tree_holds(&mut conn, size).await?;
-        let rows = sqlx::query(&format!(
+        let filter = match only {
+            Some(_) => " AND kind = $5 AND subject = $6",
+            None => "",
+        };
+        let sql = format!(
             "SELECT {ENTRY_COLUMNS} FROM audit_events \
-             WHERE job_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4"
-        ))
-        .bind(job_id)
-        .bind(after_seq as i64)
-        .bind(size as i64)
-        .bind(i64::from(limit))
-        .fetch_all(&mut *conn)
-        .await?;
+             WHERE job_id = $1 AND seq > $2 AND seq <= $3{filter} ORDER BY seq LIMIT $4"
+        );
+        let mut q = sqlx::query(&sql)
+            .bind(job_id)
+            .bind(after_seq as i64)
+            .bind(size as i64)
+            .bind(i64::from(limit));
+        if let Some((kind, subject)) = only {
+            q = q.bind(kind).bind(subject);
+        }
+        let rows = q.fetch_all(&mut *conn).await?;
         let entries = rows.iter().map(sealed_entry).collect::<Result<Vec<_>>>()?;
         let needed = merkle::nodes_needed(|node| {
             for e in &entries {

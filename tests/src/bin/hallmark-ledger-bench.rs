@@ -110,7 +110,9 @@ async fn run(name: &str, store: &Store, args: &Args) -> anyhow::Result<()> {
     let mut proven = 0;
     let mut after = 0;
     loop {
-        let page = store.audit_inclusion_proofs(JOB, after, 500, size).await?;
+        let page = store
+            .audit_inclusion_proofs(JOB, None, after, 500, size)
+            .await?;
         let Some((last, _)) = page.last() else { break };
         after = last.seq;
         proven += page.len();
@@ -137,7 +139,7 @@ async fn run(name: &str, store: &Store, args: &Args) -> anyhow::Result<()> {
     // The proofs lead to the tree's root (a bench that measured wrong
     // answers would be worthless).
     let (_, root) = store.audit_tree_head().await?;
-    let proofs = store.audit_inclusion_proofs(JOB, 0, 3, size).await?;
+    let proofs = store.audit_inclusion_proofs(JOB, None, 0, 3, size).await?;
     for (e, path) in proofs {
         let leaf = merkle::leaf_of_hex(&e.hash).map_err(anyhow::Error::msg)?;
         anyhow::ensure!(

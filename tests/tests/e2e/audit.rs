@@ -965,6 +965,46 @@ async fn a_tenant_proves_its_jobs_entries_in_the_signed_ledger_without_reading_t
     assert_eq!(report["job"]["artifacts"], 1, "{report:#}");
     assert_eq!(report["job"]["completions"], 1, "{report:#}");
     assert!(std::fs::metadata(kept).is_ok(), "the checkpoint was kept");
+
+    // Whoever holds one of its images checks that the signed ledger
+    // recorded making exactly those bytes (`hallmark verify` online).
+    let files = dir.path().join("files");
+    ok(&hallmark_as(
+        &url,
+        Some(acme),
+        &["download", &acme_job, "-o", files.to_str().unwrap()],
+    ));
+    let image = std::fs::read_dir(&files)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "png"))
+        .expect("a downloaded image");
+    let verify = || {
+        let out = hallmark_as(
+            &url,
+            Some(globex),
+            &[
+                "--json",
+                "verify",
+                image.to_str().unwrap(),
+                "--trust-anchors",
+                &root,
+            ],
+        );
+        (out.status.code().unwrap_or(-1), json_of(&out))
+    };
+    let completion = scalar(
+        &db,
+        &format!("SELECT seq FROM audit_events WHERE job_id = '{acme_job}' AND kind = 'complete'"),
+    )
+    .await;
+    let (code, verified) = verify();
+    assert_eq!(code, 0, "{verified:#}");
+    assert_eq!(verified["status"], "verified", "{verified:#}");
+    let ledger = &verified["repository"]["ledger"];
+    assert_eq!(ledger["proven"], true, "{verified:#}");
+    assert_eq!(ledger["entry_seq"], completion, "{verified:#}");
+    assert_eq!(ledger["trusted"], true, "{verified:#}");
     // Another tenant's job is not found; a tenant still cannot read the
     // whole ledger.
     let (_, _, out) = prove(globex, &acme_job, &[]);
@@ -1073,6 +1113,18 @@ async fn a_tenant_proves_its_jobs_entries_in_the_signed_ledger_without_reading_t
     )
     .await;
     fails_saying(&[], &[&entry, "its Merkle path leads elsewhere"]);
+    // The image's own credentials still verify, but the ledger no longer
+    // vouches for its completion.
+    let (code, verified) = verify();
+    assert_eq!(code, 1, "{verified:#}");
+    assert_eq!(verified["status"], "ledger_mismatch", "{verified:#}");
+    assert!(
+        verified["summary"]
+            .as_str()
+            .unwrap()
+            .contains("its Merkle path leads elsewhere"),
+        "{verified:#}"
+    );
 
     // The whole chain recomputed and the tree rebuilt from it, as someone
     // with the database but not the key could: every proof is consistent
