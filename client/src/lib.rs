@@ -575,7 +575,8 @@ pub enum InputsCommand {
     List {
         #[arg(long)]
         tenant: Option<String>,
-        #[arg(long, default_value_t = 100)]
+        /// At most this many (0: all, page by page).
+        #[arg(long, default_value_t = 0)]
         limit: u32,
     },
 }
@@ -696,6 +697,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         }
     }
 }
+
+/// Inputs listed per call (the coordinator's most).
+const INPUTS_PAGE: u32 = 1000;
 
 /// Prints a check's report as asked; its exit code: 0 when it checked out.
 fn report_exit(
@@ -1110,17 +1114,30 @@ async fn remote_command(
             }
         }
         Command::Inputs(InputsCommand::List { tenant, limit }) => {
-            let inputs = remote
-                .jobs
-                .clone()
-                .list_inputs(ListInputsRequest {
-                    tenant: tenant.unwrap_or_default(),
-                    limit,
-                })
-                .await
-                .map_err(rpc)?
-                .into_inner()
-                .inputs;
+            let mut inputs = Vec::new();
+            let mut after = String::new();
+            loop {
+                let want = match limit {
+                    0 => INPUTS_PAGE,
+                    n => (n - inputs.len() as u32).min(INPUTS_PAGE),
+                };
+                let page = remote
+                    .jobs
+                    .clone()
+                    .list_inputs(ListInputsRequest {
+                        tenant: tenant.clone().unwrap_or_default(),
+                        limit: want,
+                        after,
+                    })
+                    .await
+                    .map_err(rpc)?
+                    .into_inner();
+                inputs.extend(page.inputs);
+                after = page.next_after;
+                if after.is_empty() || (limit > 0 && inputs.len() as u32 >= limit) {
+                    break;
+                }
+            }
             if json {
                 println!(
                     "{}",

@@ -401,6 +401,15 @@ both_stores! {
         assert!(s.unused_inputs(1_000, 2, second.last()).await.unwrap().is_empty());
         // The cutoff still applies.
         assert_eq!(s.unused_inputs(20, 10, None).await.unwrap(), [(10, sha("e2"))]);
+        // The listing pages the other way: most recently used first.
+        let listed = |page: Vec<(hallmark_proto::v1::InputImage, i64, i64)>| {
+            page.into_iter().map(|(i, _, used)| (used, i.sha256)).collect::<Vec<_>>()
+        };
+        let first = listed(s.list_inputs(None, 2, None).await.unwrap());
+        assert_eq!(first, [(30, sha("e1")), (20, sha("e0"))]);
+        let second = listed(s.list_inputs(None, 2, first.last()).await.unwrap());
+        assert_eq!(second, [(20, sha("e3")), (10, sha("e2"))]);
+        assert!(s.list_inputs(None, 2, second.last()).await.unwrap().is_empty());
     }
 
     async fn deleting_an_input_takes_back_an_upload_and_the_last_one_purges_it(s: &Store) {

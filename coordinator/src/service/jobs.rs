@@ -330,12 +330,32 @@ impl Jobs for JobsService {
         let r = req.into_inner();
         let tenant = caller.acting_tenant(&r.tenant, "listing input images")?;
         let limit = if r.limit == 0 { 100 } else { r.limit.min(1000) };
+        let after = match r.after.as_str() {
+            "" => None,
+            cursor => Some(parse_input_cursor(cursor).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "after {cursor:?} is not a page cursor this coordinator gave (LAST_USED_MS:SHA256)"
+                ))
+            })?),
+        };
         let retention = c.config.input_retention();
-        let inputs = c
+        let page = c
             .store
-            .list_inputs(Some(tenant.as_str()).filter(|t| !t.is_empty()), limit)
+            .list_inputs(
+                Some(tenant.as_str()).filter(|t| !t.is_empty()),
+                limit,
+                after.as_ref(),
+            )
             .await
-            .map_err(status)?
+            .map_err(status)?;
+        // A full page may have more behind it.
+        let next_after = match page.last() {
+            Some((image, _, last_used)) if page.len() == limit as usize => {
+                format!("{last_used}:{}", image.sha256)
+            }
+            _ => String::new(),
+        };
+        let inputs = page
             .into_iter()
             .map(|(image, uploaded_at_ms, last_used_at_ms)| StoredInput {
                 image: Some(image),
@@ -344,7 +364,7 @@ impl Jobs for JobsService {
                 purge_after_ms: retention.map_or(0, |r| last_used_at_ms.saturating_add(r)),
             })
             .collect();
-        Ok(Response::new(ListInputsResponse { inputs }))
+        Ok(Response::new(ListInputsResponse { inputs, next_after }))
     }
 
     type DownloadArtifactStream = ReceiverStream<Result<Chunk, Status>>;
@@ -449,5 +469,35 @@ impl Jobs for JobsService {
         let restored = recorded == InputRecorded::Restored;
         tracing::info!(sha256 = %input.sha256, width, height, size, restored, "input image uploaded");
         Ok(Response::new(input))
+    }
+}
+
+/// A `ListInputs` page cursor: the last input's last use and hash.
+fn parse_input_cursor(cursor: &str) -> Option<(i64, String)> {
+    let (used, sha256) = cursor.split_once(':')?;
+    let used = used.parse().ok()?;
+    hallmark_provenance::is_sha256_hex(sha256).then(|| (used, sha256.to_ascii_lowercase()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_input_cursor;
+
+    #[test]
+    fn an_input_page_cursor_reads_back_as_given_and_nothing_else_does() {
+        let sha = "AB".repeat(32);
+        assert_eq!(
+            parse_input_cursor(&format!("1700:{sha}")),
+            Some((1700, sha.to_ascii_lowercase()))
+        );
+        for bad in [
+            "",
+            "1700",
+            &format!("x:{sha}"),
+            "1700:abc",
+            &format!(":{sha}"),
+        ] {
+            assert_eq!(parse_input_cursor(bad), None, "{bad}");
+        }
     }
 }

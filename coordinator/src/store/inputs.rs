@@ -185,20 +185,30 @@ impl Store {
     }
 
     /// Up to `limit` stored inputs `tenant` uploaded (`None`: every stored
-    /// input), most recently used first, with their upload and last use.
+    /// input), most recently used first (then by hash), with their upload
+    /// and last use; from after `after` (the previous page's last, as its
+    /// last use and hash).
     pub async fn list_inputs(
         &self,
         tenant: Option<&str>,
         limit: u32,
+        after: Option<&(i64, String)>,
     ) -> Result<Vec<(InputImage, i64, i64)>> {
+        let (after_used, after_sha) = match after {
+            Some((used, sha)) => (*used, sha.as_str()),
+            None => (i64::MAX, ""),
+        };
         let rows = sqlx::query(
             "SELECT sha256, media_type, width, height, size, created_at, last_used_at FROM inputs \
              WHERE purged_at IS NULL AND ($1 = '' OR sha256 IN \
                (SELECT sha256 FROM input_owners WHERE tenant = $1)) \
+             AND (last_used_at < $3 OR (last_used_at = $3 AND sha256 > $4)) \
              ORDER BY last_used_at DESC, sha256 LIMIT $2",
         )
         .bind(tenant.unwrap_or(""))
         .bind(i64::from(limit))
+        .bind(after_used)
+        .bind(after_sha)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
