@@ -462,7 +462,15 @@ pub struct Revocations {
     /// (issuer's DER name, serial number's DER bytes) of each certificate
     /// a CRL revokes.
     serials: BTreeSet<(Vec<u8>, Vec<u8>)>,
+    /// Each certificate's verdict against the CRLs, by fingerprint, so a
+    /// client's calls parse its certificate once, not on every call. A
+    /// reload replaces the whole set, so no verdict outlives its lists.
+    verdicts: Mutex<HashMap<String, bool>>,
 }
+
+/// Verdicts kept before the cache starts over (a bound on its memory:
+/// far more client certificates than a farm has).
+const VERDICTS_KEPT: usize = 10_000;
 
 impl Revocations {
     /// How many certificates are revoked.
@@ -483,12 +491,24 @@ impl Revocations {
         if self.serials.is_empty() {
             return false;
         }
-        match x509_parser::parse_x509_certificate(der) {
+        let mut verdicts = match self.verdicts.lock() {
+            Ok(v) => v,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(known) = verdicts.get(fingerprint) {
+            return *known;
+        }
+        let revoked = match x509_parser::parse_x509_certificate(der) {
             Ok((_, cert)) => self
                 .serials
                 .contains(&(cert.issuer().as_raw().to_vec(), cert.raw_serial().to_vec())),
             Err(_) => true,
+        };
+        if verdicts.len() >= VERDICTS_KEPT {
+            verdicts.clear();
         }
+        verdicts.insert(fingerprint.to_string(), revoked);
+        revoked
     }
 }
 
@@ -927,6 +947,19 @@ mod tests {
         assert!(
             warnings[0].contains("is past its next update"),
             "{warnings:?}"
+        );
+        // A verdict is kept by fingerprint: the certificate is not parsed
+        // again (these bytes would not parse, and would be refused).
+        assert!(revoked(&r, &seven) && !revoked(&r, &eight));
+        let (seven_fp, eight_fp) = (
+            ClientFingerprint::of_der(&seven),
+            ClientFingerprint::of_der(&eight),
+        );
+        assert!(r.revokes(&seven_fp.0, b"not a certificate"));
+        assert!(!r.revokes(&eight_fp.0, b"not a certificate"));
+        assert!(
+            r.revokes(&"00".repeat(32), b"not a certificate"),
+            "unparsed, unknown: refused"
         );
         // A fingerprint list reads as before.
         let list = format!("{}\n", ClientFingerprint::of_der(&eight).0);
