@@ -205,6 +205,11 @@ pub struct CoordinatorConfig {
     /// `0.0.0.0:9464`; unset: no metrics are kept. Keep it off the public
     /// network: it names tenants and models.
     pub metrics_listen: Option<String>,
+    /// Address of a plain-text gRPC endpoint serving only the standard
+    /// health service (`grpc.health.v1`), e.g. `0.0.0.0:7072`, for probes
+    /// that speak no TLS — the kubelet's — when `listen` requires it;
+    /// unset: off. It answers nothing but whether the coordinator serves.
+    pub health_listen: Option<String>,
 }
 
 /// Settings of one tenant; each unset one is the all-tenant setting.
@@ -272,6 +277,7 @@ impl Default for CoordinatorConfig {
             http_requests_per_minute: 600,
             http_client_address_header: None,
             metrics_listen: None,
+            health_listen: None,
         }
     }
 }

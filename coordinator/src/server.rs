@@ -40,9 +40,12 @@ pub struct RunningCoordinator {
     pub http_addr: Option<SocketAddr>,
     /// The Prometheus endpoint, when `metrics_listen` is set.
     pub metrics_addr: Option<SocketAddr>,
+    /// The plain-text health endpoint, when `health_listen` is set.
+    pub health_addr: Option<SocketAddr>,
     pub state: Arc<Coordinator>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<Result<(), tonic::transport::Error>>,
+    health_server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     reaper: JoinHandle<()>,
     token_reloader: Option<JoinHandle<()>>,
     revoked_reloader: Option<JoinHandle<()>>,
@@ -77,6 +80,9 @@ impl RunningCoordinator {
             reloader.abort();
         }
         self.server.await.context("coordinator server task")??;
+        if let Some(health) = self.health_server {
+            health.await.context("coordinator health server task")??;
+        }
         self.state
             .seal_ledger()
             .await
@@ -203,6 +209,14 @@ pub async fn start_on(
         )),
         _ => None,
     };
+    let health_listener = match &config.health_listen {
+        Some(addr) if !addr.is_empty() => {
+            Some(TcpListener::bind(addr).await.with_context(|| {
+                format!("listening for health checks (health_listen) on {addr}")
+            })?)
+        }
+        _ => None,
+    };
     let metrics = match &config.metrics_listen {
         Some(addr) if !addr.is_empty() => {
             let listener = TcpListener::bind(addr)
@@ -285,6 +299,20 @@ pub async fn start_on(
         .build_v1()
         .context("building gRPC reflection")?;
 
+    // Health alone, in plain text, for probes that cannot speak TLS.
+    let (health_addr, health_server) = match health_listener {
+        Some(listener) => {
+            let addr = listener.local_addr()?;
+            let mut stop = shutdown_rx.clone();
+            let server = tonic::transport::Server::builder()
+                .add_service(health_service.clone())
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                });
+            (Some(addr), Some(tokio::spawn(server)))
+        }
+        None => (None, None),
+    };
     let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
     if let Some(tls) = tls {
         builder = builder
@@ -344,15 +372,17 @@ pub async fn start_on(
             let _ = shutdown_rx.wait_for(|stop| *stop).await;
         },
     ));
-    tracing::info!(%addr, tls = has_tls, ?http_addr, ?metrics_addr, "coordinator listening");
+    tracing::info!(%addr, tls = has_tls, ?http_addr, ?metrics_addr, ?health_addr, "coordinator listening");
     Ok(RunningCoordinator {
         addr,
         tls: has_tls,
         http_addr,
         metrics_addr,
+        health_addr,
         state,
         shutdown,
         server,
+        health_server,
         reaper,
         token_reloader,
         revoked_reloader,

@@ -588,6 +588,7 @@ async fn tokens_travel_over_tls_to_a_coordinator_with_a_certificate() {
     start_fails(&[("HALLMARK_CONFIG", &no_tokens)], "no auth_tokens");
     let port = free_port();
     let http_addr = format!("127.0.0.1:{}", free_port());
+    let health_addr = format!("127.0.0.1:{}", free_port());
     let mut cmd = std::process::Command::new(bin("hallmark-coordinator"));
     cmd.arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
@@ -598,7 +599,8 @@ async fn tokens_travel_over_tls_to_a_coordinator_with_a_certificate() {
         .env("HALLMARK_CONFIG", &config)
         .env("HALLMARK_TLS_CERT", &tls.server_chain)
         .env("HALLMARK_TLS_KEY", &tls.server_key)
-        .env("HALLMARK_HTTP_LISTEN", &http_addr);
+        .env("HALLMARK_HTTP_LISTEN", &http_addr)
+        .env("HALLMARK_HEALTH_LISTEN", &health_addr);
     let _c = Proc::spawn("tls-coordinator", &mut cmd);
     let url = format!("https://127.0.0.1:{port}");
     let root = tls.root_cert.to_str().unwrap();
@@ -624,6 +626,39 @@ async fn tokens_travel_over_tls_to_a_coordinator_with_a_certificate() {
         },
     )
     .await;
+    // A probe that speaks no TLS (the kubelet's) asks health in plain text
+    // on its own port, without a token; it answers nothing else, and the
+    // TLS port answers no plain text.
+    let plain = channel(&format!("http://{health_addr}")).await;
+    let status = tonic_health::pb::health_client::HealthClient::new(plain.clone())
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "hallmark.v1.Jobs".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let other = hallmark_proto::v1::jobs_client::JobsClient::new(plain)
+        .list_jobs(hallmark_proto::v1::ListJobsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), tonic::Code::Unimplemented, "{other:?}");
+    let plain_main = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await;
+    let plain_refused = match plain_main {
+        Err(_) => true,
+        Ok(ch) => tonic_health::pb::health_client::HealthClient::new(ch)
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .is_err(),
+    };
+    assert!(plain_refused, "the TLS port answered plain text");
     let _w = start_worker(
         &url,
         "tls-worker",

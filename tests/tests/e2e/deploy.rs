@@ -583,14 +583,21 @@ async fn the_kubernetes_manifests_run_a_farm_as_written() {
     let url = format!("http://127.0.0.1:{grpc}");
     wait_for_grpc_of(&url, &mut coordinator_proc).await;
 
-    // The probes ask gRPC health on the listening port.
+    // The probes ask gRPC health in plain text on the health port, which
+    // the coordinator serves as configured (so TLS on the gRPC port would
+    // not break them).
+    let health_url = format!(
+        "http://127.0.0.1:{}",
+        ports.map(port_named(&c_spec, "health"))
+    );
     for probe in ["readinessProbe", "livenessProbe"] {
         let p = &c_spec[probe]["grpc"];
         assert_eq!(
             p["port"].as_u64(),
-            Some(u64::from(port_named(&c_spec, "grpc")))
+            Some(u64::from(port_named(&c_spec, "health")))
         );
-        let mut health = tonic_health::pb::health_client::HealthClient::new(channel(&url).await);
+        let mut health =
+            tonic_health::pb::health_client::HealthClient::new(channel(&health_url).await);
         let status = health
             .check(tonic_health::pb::HealthCheckRequest {
                 service: p["service"].as_str().unwrap_or_default().to_string(),
