@@ -512,6 +512,13 @@ impl Revocations {
     }
 }
 
+/// Whether `bytes` are text: UTF-8 without control characters other than
+/// whitespace (a DER structure is neither).
+fn is_text(bytes: &[u8]) -> bool {
+    std::str::from_utf8(bytes)
+        .is_ok_and(|t| t.chars().all(|c| !c.is_control() || c.is_whitespace()))
+}
+
 /// Reads `tls_revoked_certs`: one or more certificate revocation lists
 /// (PEM `X509 CRL` blocks, or one DER CRL), each of which must be signed by
 /// a certificate among `client_ca` (PEM, `tls_client_ca`); or else a list
@@ -539,7 +546,10 @@ pub fn parse_revocations(
             ders.push(pem.contents);
         }
         ders
-    } else if bytes.first() == Some(&0x30) {
+    } else if bytes.first() == Some(&0x30) && !is_text(bytes) {
+        // A DER CRL (a SEQUENCE) holds binary bytes — its signature at
+        // least; a fingerprint list whose first digit is "0" (0x30 too)
+        // is all text.
         vec![bytes.to_vec()]
     } else {
         let fingerprints = parse_revoked(&text)?;
@@ -965,6 +975,15 @@ mod tests {
         let list = format!("{}\n", ClientFingerprint::of_der(&eight).0);
         let (r, _) = parse_revocations(list.as_bytes(), ca.pem.as_bytes(), now).unwrap();
         assert!(revoked(&r, &eight) && !revoked(&r, &seven));
+        // Even one whose first fingerprint starts with "0", the byte a DER
+        // CRL starts with.
+        let zero = format!(
+            "{}\n{}\n",
+            "0a".repeat(32),
+            ClientFingerprint::of_der(&eight).0
+        );
+        let (r, _) = parse_revocations(zero.as_bytes(), ca.pem.as_bytes(), now).unwrap();
+        assert!(revoked(&r, &eight) && r.len() == 2);
         // Something else in PEM is refused.
         let e = parse_revocations(
             format!("{}{}", crl.pem().unwrap(), ca.pem).as_bytes(),

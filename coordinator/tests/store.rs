@@ -471,10 +471,43 @@ both_stores! {
         s.delete_input(&both.sha256, None, "operator", 90, remove).await.unwrap();
         assert_eq!(s.input_purged_at(&both.sha256).await.unwrap(), Some(90));
         assert_eq!(removed(), 2);
+        // The last uploader takes it back while a job an operator submitted
+        // for another tenant starts from it: kept until that job no longer
+        // needs it, then purged by the sweep whatever the retention.
+        let operator_job = |id: &'static str, sha: &str, now: i64| {
+            let mut j = job_for("globex", 0, 1, 0);
+            j.items[0].init_image = Some(spec::InitImage { sha256: sha.into(), strength: 0.5 });
+            async move {
+                let new = NewJob { id, job: &j, spec_json: "{}", tenant_cap: 0, submitted_by: "operator" };
+                s.submit(&new, &POLICY, now).await.unwrap();
+            }
+        };
+        let shared = hallmark_proto::v1::InputImage { sha256: "de".repeat(32), ..input.clone() };
+        s.record_input(&shared, "acme", 91, published()).await.unwrap();
+        operator_job("j2", &shared.sha256, 92).await;
+        let waiting = s.delete_input(&shared.sha256, Some("acme"), "tenant:acme", 93, remove).await.unwrap();
+        assert_eq!(waiting, DeletedInput { purged: false, blob_pending: None });
+        assert!(s.deleted_inputs_now_unused(10).await.unwrap().is_empty(), "j2 still starts from it");
+        s.control("j2", JobControl::Cancel, 94).await.unwrap();
+        assert_eq!(s.deleted_inputs_now_unused(10).await.unwrap(), [shared.sha256.as_str()]);
+        let purged = s.purge_input(&shared.sha256, i64::MAX, 95, remove).await.unwrap().unwrap();
+        assert_eq!(purged.last_used_at, 92);
+        assert!(s.deleted_inputs_now_unused(10).await.unwrap().is_empty());
+        assert_eq!(s.input_purged_at(&shared.sha256).await.unwrap(), Some(95));
+        assert_eq!(removed(), 3);
+        // Uploaded again meanwhile, it is wanted again: the sweep leaves it.
+        let again = hallmark_proto::v1::InputImage { sha256: "df".repeat(32), ..input.clone() };
+        s.record_input(&again, "acme", 96, published()).await.unwrap();
+        operator_job("j3", &again.sha256, 97).await;
+        s.delete_input(&again.sha256, Some("acme"), "tenant:acme", 98, remove).await.unwrap();
+        s.record_input(&again, "initech", 99, published()).await.unwrap();
+        s.control("j3", JobControl::Cancel, 100).await.unwrap();
+        assert!(s.deleted_inputs_now_unused(10).await.unwrap().is_empty(), "uploaded again: wanted");
+
         // A blob the store will not delete yet: deleted all the same, the
         // blob left to a later pass.
         let locked = hallmark_proto::v1::InputImage { sha256: "dd".repeat(32), ..input.clone() };
-        s.record_input(&locked, "acme", 100, published()).await.unwrap();
+        s.record_input(&locked, "acme", 101, published()).await.unwrap();
         let deleted = s
             .delete_input(&locked.sha256, Some("acme"), "tenant:acme", 110, || async {
                 Err(BlobError::Missing("object lock".into()))

@@ -263,8 +263,27 @@ impl Coordinator {
                 Err(e) => return Err(e),
             }
         }
+        let mut purged = 0;
+        // Inputs their last uploader took back while another tenant's job
+        // started from them, now free: purged whatever the retention.
+        for sha256 in self.store.deleted_inputs_now_unused(PURGE_BATCH).await? {
+            let now = now_ms();
+            if let Some(input) = self
+                .store
+                .purge_input(&sha256, i64::MAX, now, || self.blobs.remove(&sha256))
+                .await?
+            {
+                purged += 1;
+                metrics::counter!(m::INPUTS_PURGED).increment(1);
+                tracing::info!(
+                    sha256 = %input.sha256,
+                    blob_pending = input.blob_pending,
+                    "input image purged: deleted by its last uploader, and no job starts from it any more"
+                );
+            }
+        }
         let Some(retention) = self.config.input_retention() else {
-            return Ok(0);
+            return Ok(purged);
         };
         let now = now_ms();
         let cutoff = now.saturating_sub(retention);
@@ -280,7 +299,6 @@ impl Coordinator {
             _ => None,
         };
         drop(cursor);
-        let mut purged = 0;
         for (_, sha256) in page {
             let removed = self
                 .store

@@ -128,6 +128,13 @@ impl Store {
                 "input {sha256} changed under this upload three times; upload it again"
             ))
         })?;
+        // Uploaded again: wanted again, whoever took it back before.
+        sqlx::query(
+            "UPDATE inputs SET delete_requested = 0 WHERE sha256 = $1 AND delete_requested = 1",
+        )
+        .bind(&sha256)
+        .execute(&mut *tx)
+        .await?;
         if recorded != InputRecorded::Known {
             let event = AuditEvent::new(
                 audit_kind::UPLOAD_INPUT,
@@ -266,7 +273,8 @@ impl Store {
     }
 
     /// Purges the input `sha256` if it is still unused since before
-    /// `cutoff` and no unfinished task starts from it: marks it purged, with
+    /// `cutoff` (`i64::MAX`: whenever it was last used, for one whose
+    /// deletion waited) and no unfinished task starts from it: marks it purged, with
     /// an audit entry, and commits; then removes its blob with
     /// [`Store::remove_input_blob`] (kept when an artifact shares it). A
     /// blob that cannot be removed now is left to a later sweep
@@ -285,7 +293,8 @@ impl Store {
     {
         let mut tx = self.pool.begin().await?;
         let last_used_at: Option<i64> = sqlx::query_scalar(&format!(
-            "UPDATE inputs SET purged_at = $2, blob_pending = 1 WHERE sha256 = $1 AND purged_at IS NULL \
+            "UPDATE inputs SET purged_at = $2, blob_pending = 1, delete_requested = 0 \
+             WHERE sha256 = $1 AND purged_at IS NULL \
              AND last_used_at < $3 AND NOT EXISTS ({OPEN_TASKS_STARTING_FROM}) \
              RETURNING last_used_at"
         ))
@@ -362,6 +371,20 @@ impl Store {
         }
     }
 
+    /// Up to `limit` inputs taken back by their last uploader while
+    /// another tenant's job still started from them, that no unfinished
+    /// task starts from any more: the sweep purges them, whatever the
+    /// retention.
+    pub async fn deleted_inputs_now_unused(&self, limit: u32) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(&format!(
+            "SELECT sha256 FROM inputs WHERE delete_requested = 1 AND purged_at IS NULL \
+             AND NOT EXISTS ({OPEN_TASKS_STARTING_FROM}) ORDER BY sha256 LIMIT $1"
+        ))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Up to `limit` purged inputs whose blobs are still to be removed.
     pub async fn pending_input_blobs(&self, limit: u32) -> Result<Vec<String>> {
         Ok(sqlx::query_scalar(
@@ -379,7 +402,9 @@ impl Store {
     /// an unfinished task of a job the caller may act on starts from it;
     /// an input the tenant did not upload is not found. With no uploader
     /// left but another tenant's unfinished task starting from it (a job an
-    /// operator submitted), the purge is left to the retention sweep. The
+    /// operator submitted), it is marked `delete_requested`, and the sweep
+    /// purges it once no unfinished task starts from it
+    /// ([`Store::deleted_inputs_now_unused`]), whatever the retention. The
     /// purge commits before the blob is removed, as
     /// [`Store::purge_input`]'s does.
     pub async fn delete_input<F, Fut>(
@@ -439,8 +464,9 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         // Another tenant's job (one an operator submitted) may still start
-        // from it: then the retention purge takes it once that ends. (With
-        // no tenant, `in_use` above looked at every job already.)
+        // from it: then the sweep purges it once that ends (marked
+        // `delete_requested`). (With no tenant, `in_use` above looked at
+        // every job already.)
         let others_in_use = match (owners, tenant) {
             (0, Some(_)) => sqlx::query_scalar::<_, String>(&format!(
                 "SELECT sha256 FROM inputs WHERE sha256 = $1 AND EXISTS ({OPEN_TASKS_STARTING_FROM})"
@@ -452,6 +478,12 @@ impl Store {
             _ => false,
         };
         let purged = owners == 0 && !others_in_use;
+        if others_in_use {
+            sqlx::query("UPDATE inputs SET delete_requested = 1 WHERE sha256 = $1")
+                .bind(&sha256)
+                .execute(&mut *tx)
+                .await?;
+        }
         let mut blob_kept = None;
         if purged {
             sqlx::query("UPDATE inputs SET purged_at = $2, blob_pending = 1 WHERE sha256 = $1")

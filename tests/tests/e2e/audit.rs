@@ -519,10 +519,12 @@ async fn a_signed_checkpoint_catches_a_chain_recomputed_without_the_key() {
         "a checkpoint was signed over the rewritten chain"
     );
     assert_eq!(verify(&[]).0, 1);
-    // Each refusal is counted for the HallmarkAuditCheckpointRefused alert.
+    // Each refusal is counted for the HallmarkAuditCheckpointRefused alert
+    // (and the checkpoints signed before: one at least, more when the
+    // first job's entries were sealed over several passes).
     let scrape = Scrape::get(&metrics);
     assert!(
-        scrape.sum("hallmark_audit_checkpoints_signed_total", &[]) >= Some(2.0)
+        scrape.sum("hallmark_audit_checkpoints_signed_total", &[]) >= Some(1.0)
             && scrape.sum("hallmark_audit_checkpoint_refusals_total", &[]) >= Some(1.0),
         "{}",
         scrape.text
