@@ -291,10 +291,13 @@ impl ProvenanceService {
     /// carry a Merkle root for anything to be proven against it.
     async fn rooted_checkpoint(&self, seq: u64) -> Result<(Checkpoint, Vec<u8>), Status> {
         let found = match seq {
-            0 => {
-                let stored = self.0.store.latest_checkpoint().await.map_err(status)?;
-                self.0.newest_checkpoint(stored).await
-            }
+            // The database's newest: proofs are asked for per image, and
+            // looking through the published copies lists a folder. Only
+            // when the database holds none are those looked at.
+            0 => match self.0.store.latest_checkpoint().await.map_err(status)? {
+                Some(stored) => Some(stored),
+                None => self.0.newest_checkpoint(None).await,
+            },
             n => self.0.checkpoint_at(n).await.map_err(status)?,
         };
         match found {
