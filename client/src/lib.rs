@@ -202,6 +202,17 @@ pub struct CheckpointTrust {
     pub checkpoints: Vec<PathBuf>,
 }
 
+impl CheckpointTrust {
+    /// The trust anchors and checkpoint copies the flags name, read.
+    fn read(&self, cfg: &ClientConfig) -> anyhow::Result<audit::CheckpointHold> {
+        Ok(audit::CheckpointHold {
+            trust_anchors: credentials::trust_anchors(cfg, self.trust_anchors.as_deref())?,
+            require_signed: self.require_signed,
+            own_checkpoints: audit::read_checkpoints(&self.checkpoints)?,
+        })
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum CaCommand {
     /// Make a test root CA and a signing certificate C2PA validators accept.
@@ -751,9 +762,7 @@ async fn audit_command(cfg: &ClientConfig, args: AuditArgs, json: bool) -> anyho
             audit::VerifyOptions {
                 anchors,
                 job,
-                trust_anchors: credentials::trust_anchors(cfg, trust.trust_anchors.as_deref())?,
-                require_signed: trust.require_signed,
-                own_checkpoints: audit::read_checkpoints(&trust.checkpoints)?,
+                hold: trust.read(cfg)?,
             },
         )
         .await
@@ -766,9 +775,7 @@ async fn audit_command(cfg: &ClientConfig, args: AuditArgs, json: bool) -> anyho
             &remote,
             audit::ProveOptions {
                 job,
-                trust_anchors: credentials::trust_anchors(cfg, trust.trust_anchors.as_deref())?,
-                require_signed: trust.require_signed,
-                own_checkpoints: audit::read_checkpoints(&trust.checkpoints)?,
+                hold: trust.read(cfg)?,
                 save_checkpoint,
             },
         )

@@ -424,6 +424,34 @@ async fn wait_until_serving(url: &str, mut process: Option<&mut Proc>) {
     }
 }
 
+/// Asserts that `grpc.health.v1` on `channel` says `service` ("" for the
+/// server as a whole) is serving.
+pub async fn assert_serving(channel: Channel, service: &str) {
+    let status = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("health check of {service:?}: {e}"))
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+        "{service:?}"
+    );
+}
+
+/// The stores a benchmark's `--store` names: postgres, sqlite or both.
+pub fn stores_named(store: &str) -> anyhow::Result<Vec<&'static str>> {
+    Ok(match store {
+        "both" => vec!["postgres", "sqlite"],
+        "postgres" => vec!["postgres"],
+        "sqlite" => vec!["sqlite"],
+        other => anyhow::bail!("--store {other:?}: use postgres, sqlite or both"),
+    })
+}
+
 /// A connected channel to the coordinator at `url`.
 pub async fn channel(url: &str) -> Channel {
     Channel::from_shared(url.to_string())

@@ -338,12 +338,19 @@ pub struct VerifyOptions {
     pub anchors: Vec<Anchor>,
     /// Also check this job's artifacts against its recorded completions.
     pub job: Option<String>,
+    pub hold: CheckpointHold,
+}
+
+/// What `verify` and `prove` hold the ledger's signed checkpoints to.
+#[derive(Debug, Clone, Default)]
+pub struct CheckpointHold {
     /// PEM roots the checkpoint's signer must chain to.
     pub trust_anchors: Option<String>,
     /// A trusted signed checkpoint is required.
     pub require_signed: bool,
-    /// Published checkpoints the auditor holds (read from the blob store's
-    /// `ledger-checkpoints/`), each with the file it came from.
+    /// Published checkpoints the auditor holds (copies of the blob store's
+    /// `ledger-checkpoints/`, or ones `prove --save-checkpoint` kept), each
+    /// with the file it came from.
     pub own_checkpoints: Vec<(String, Checkpoint, Vec<u8>)>,
 }
 
@@ -421,9 +428,12 @@ pub async fn verify(remote: &Remote, options: VerifyOptions) -> anyhow::Result<L
     let VerifyOptions {
         mut anchors,
         job,
-        trust_anchors,
-        require_signed,
-        own_checkpoints,
+        hold:
+            CheckpointHold {
+                trust_anchors,
+                require_signed,
+                own_checkpoints,
+            },
     } = options;
     let job = job.as_deref();
     let mut problems = Vec::new();
@@ -444,9 +454,7 @@ pub async fn verify(remote: &Remote, options: VerifyOptions) -> anyhow::Result<L
         if let Some(c) = check_checkpoint(c, &signature, trust_anchors.as_deref(), &mut problems) {
             own.push(c);
         }
-        for p in &mut problems[before..] {
-            *p = format!("{file}: {p}");
-        }
+        prove::prefix(&mut problems[before..], &file);
     }
     let signed: Vec<&SignedCheckpoint> = checkpoint.iter().chain(&own).collect();
     anchors.extend(signed.iter().map(|c| c.checkpoint.anchor()));

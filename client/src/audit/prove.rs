@@ -18,19 +18,16 @@ use hallmark_provenance::ledger::{Checkpoint, SealedEntry, entry_hash};
 use hallmark_provenance::merkle::{self, Hash};
 use serde_json::json;
 
-use super::{JobAudit, JobTally, SignedCheckpoint, check_checkpoint, checkpoint_of, sealed};
+use super::{
+    CheckpointHold, JobAudit, JobTally, SignedCheckpoint, check_checkpoint, checkpoint_of, sealed,
+};
 use crate::remote::{Remote, rpc};
 
 /// What `hallmark audit prove` checks.
 #[derive(Debug, Clone, Default)]
 pub struct ProveOptions {
     pub job: String,
-    /// PEM roots the checkpoint's signer must chain to.
-    pub trust_anchors: Option<String>,
-    /// A trusted signed checkpoint is required.
-    pub require_signed: bool,
-    /// Checkpoints the caller kept, each with the file it came from.
-    pub own_checkpoints: Vec<(String, Checkpoint, Vec<u8>)>,
+    pub hold: CheckpointHold,
     /// Where to keep the served checkpoint once it checks out.
     pub save_checkpoint: Option<PathBuf>,
 }
@@ -119,9 +116,12 @@ const PAGE: u32 = 500;
 pub async fn prove(remote: &Remote, options: ProveOptions) -> anyhow::Result<ProofReport> {
     let ProveOptions {
         job,
-        trust_anchors,
-        require_signed,
-        own_checkpoints,
+        hold:
+            CheckpointHold {
+                trust_anchors,
+                require_signed,
+                own_checkpoints,
+            },
         save_checkpoint,
     } = options;
     let mut problems = Vec::new();
@@ -310,7 +310,8 @@ async fn hold_to_own_checkpoints(
     Ok(held)
 }
 
-fn prefix(problems: &mut [String], file: &str) {
+/// Names `file` in each of `problems` (those about a checkpoint copy).
+pub(super) fn prefix(problems: &mut [String], file: &str) {
     for p in problems {
         *p = format!("{file}: {p}");
     }

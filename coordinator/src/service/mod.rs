@@ -267,26 +267,18 @@ impl Coordinator {
         // Inputs their last uploader took back while another tenant's job
         // started from them, now free: purged whatever the retention.
         for sha256 in self.store.deleted_inputs_now_unused(PURGE_BATCH).await? {
-            let now = now_ms();
-            if let Some(input) = self
-                .store
-                .purge_input(&sha256, i64::MAX, now, || self.blobs.remove(&sha256))
-                .await?
-            {
-                purged += 1;
-                metrics::counter!(m::INPUTS_PURGED).increment(1);
-                tracing::info!(
-                    sha256 = %input.sha256,
-                    blob_pending = input.blob_pending,
-                    "input image purged: deleted by its last uploader, and no job starts from it any more"
-                );
-            }
+            purged += self
+                .purge_input(
+                    &sha256,
+                    i64::MAX,
+                    "deleted by its last uploader, and no job starts from it any more",
+                )
+                .await?;
         }
         let Some(retention) = self.config.input_retention() else {
             return Ok(purged);
         };
-        let now = now_ms();
-        let cutoff = now.saturating_sub(retention);
+        let cutoff = now_ms().saturating_sub(retention);
         let mut cursor = self.purge_cursor.lock().await;
         let page = self
             .store
@@ -300,23 +292,33 @@ impl Coordinator {
         };
         drop(cursor);
         for (_, sha256) in page {
-            let removed = self
-                .store
-                .purge_input(&sha256, cutoff, now, || self.blobs.remove(&sha256))
+            purged += self
+                .purge_input(&sha256, cutoff, "unused past its retention")
                 .await?;
-            if let Some(input) = removed {
-                purged += 1;
-                metrics::counter!(m::INPUTS_PURGED).increment(1);
-                tracing::info!(
-                    sha256 = %input.sha256,
-                    last_used_at = input.last_used_at,
-                    blob_kept = input.blob_kept,
-                    blob_pending = input.blob_pending,
-                    "input image purged after its retention"
-                );
-            }
         }
         Ok(purged)
+    }
+
+    /// Purges the input `sha256` if unused since before `cutoff` (see
+    /// [`Store::purge_input`]), counted and logged with `why`; 1 when it
+    /// was purged, 0 when not.
+    async fn purge_input(&self, sha256: &str, cutoff: i64, why: &str) -> Result<u64, StoreError> {
+        let Some(input) = self
+            .store
+            .purge_input(sha256, cutoff, now_ms(), || self.blobs.remove(sha256))
+            .await?
+        else {
+            return Ok(0);
+        };
+        metrics::counter!(m::INPUTS_PURGED).increment(1);
+        tracing::info!(
+            sha256 = %input.sha256,
+            last_used_at = input.last_used_at,
+            blob_kept = input.blob_kept,
+            blob_pending = input.blob_pending,
+            "input image purged: {why}"
+        );
+        Ok(1)
     }
 
     /// Seals the audit ledger's waiting entries into the chain, a bounded
@@ -384,8 +386,7 @@ impl Coordinator {
         let head = self.store.audit_head().await?;
         // The checkpoint covers what the tree holds: the whole chain, but
         // for a chain sealed before the tree that it is still catching up.
-        let (tree_size, stored_root) = self.store.audit_tree_head().await?;
-        let target = head.seq.min(tree_size);
+        let target = head.seq.min(self.store.audit_tree_size().await?);
         if target <= signed.signed.seq {
             return Ok(());
         }
@@ -434,11 +435,7 @@ impl Coordinator {
         }
         let root = tree.root().map(|r| merkle::to_hex(&r));
         // The stored tree must agree, or the proofs it serves would not.
-        let stored_root = if target == tree_size {
-            stored_root
-        } else {
-            self.store.audit_frontier(target).await?.root()
-        };
+        let stored_root = self.store.audit_frontier(target).await?.root();
         if stored_root.map(|r| merkle::to_hex(&r)) != root {
             anyhow::bail!(
                 "the audit ledger's stored Merkle tree over entries 1 to {target} does not have the root its entries lead to; not signing it"

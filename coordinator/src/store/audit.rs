@@ -15,14 +15,14 @@
 //! rows. A chain sealed before the tree existed is caught up with a batch
 //! at a time ([`Store::grow_audit_tree`]).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use hallmark_provenance::ledger::{self, Anchor, Checkpoint, EntryFields, SealedEntry};
 use hallmark_provenance::merkle::{self, Frontier, Hash, NodeId};
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
-use super::{Dialect, Result, Store, StoreError, row_placeholders};
+use super::{Result, Store, StoreError, row_placeholders};
 
 /// What an entry records.
 pub mod kind {
@@ -117,10 +117,7 @@ impl Store {
     /// 0 also when another replica is sealing right now.
     pub async fn seal_audit(&self, limit: u32) -> Result<u64> {
         let mut tx = self.pool.begin().await?;
-        let lock = match self.dialect {
-            Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
-            Dialect::Sqlite => "",
-        };
+        let lock = self.skip_locked();
         let Some(head) = sqlx::query(&format!(
             "SELECT seq, hash, tree_size FROM audit_head WHERE id = 1{lock}"
         ))
@@ -216,10 +213,7 @@ impl Store {
     /// many; 0 also when another replica holds the head.
     pub async fn grow_audit_tree(&self, limit: u32) -> Result<u64> {
         let mut tx = self.pool.begin().await?;
-        let lock = match self.dialect {
-            Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
-            Dialect::Sqlite => "",
-        };
+        let lock = self.skip_locked();
         let Some(head) = sqlx::query(&format!(
             "SELECT seq, tree_size FROM audit_head WHERE id = 1{lock}"
         ))
@@ -265,12 +259,15 @@ impl Store {
     /// it holds none).
     pub async fn audit_tree_head(&self) -> Result<(u64, Option<Hash>)> {
         let mut conn = self.pool.acquire().await?;
-        let size: i64 = sqlx::query("SELECT tree_size FROM audit_head WHERE id = 1")
-            .fetch_one(&mut *conn)
-            .await?
-            .try_get("tree_size")?;
-        let frontier = load_frontier(&mut conn, size as u64).await?;
-        Ok((size as u64, frontier.root()))
+        let size = tree_size(&mut conn).await?;
+        let frontier = load_frontier(&mut conn, size).await?;
+        Ok((size, frontier.root()))
+    }
+
+    /// How many entries the Merkle tree holds.
+    pub async fn audit_tree_size(&self) -> Result<u64> {
+        let mut conn = self.pool.acquire().await?;
+        tree_size(&mut conn).await
     }
 
     /// The right edge of the tree of entries 1 to `size`, as stored: what a
@@ -347,11 +344,8 @@ impl Store {
 
     /// Refuses a proof about a tree larger than the one stored.
     async fn check_tree_holds(&self, conn: &mut AnyConnection, size: u64) -> Result<()> {
-        let held: i64 = sqlx::query("SELECT tree_size FROM audit_head WHERE id = 1")
-            .fetch_one(&mut *conn)
-            .await?
-            .try_get("tree_size")?;
-        if size > held as u64 {
+        let held = tree_size(conn).await?;
+        if size > held {
             return Err(StoreError::Refused(format!(
                 "the audit ledger's Merkle tree holds {held} entries, not {size} yet"
             )));
@@ -533,6 +527,15 @@ async fn grow_tree<'a>(
     Ok(frontier.size())
 }
 
+/// How many entries the Merkle tree holds.
+async fn tree_size(conn: &mut AnyConnection) -> Result<u64> {
+    let size: i64 = sqlx::query("SELECT tree_size FROM audit_head WHERE id = 1")
+        .fetch_one(&mut *conn)
+        .await?
+        .try_get("tree_size")?;
+    Ok(size as u64)
+}
+
 /// The stored right edge of the tree of `size` leaves.
 async fn load_frontier(conn: &mut AnyConnection, size: u64) -> Result<Frontier> {
     let ids = Frontier::ids(size);
@@ -541,37 +544,30 @@ async fn load_frontier(conn: &mut AnyConnection, size: u64) -> Result<Frontier> 
         .map_err(StoreError::Corrupt)
 }
 
-/// The stored nodes `ids`; one missing, or not a hash, is an error.
+/// The stored nodes `ids`; one missing, or not a hash, is an error. One
+/// statement asks for every level at once (a clause per level), so a tree's
+/// edge or a page of proofs costs one round trip, however many levels.
 async fn fetch_nodes(conn: &mut AnyConnection, ids: &[NodeId]) -> Result<HashMap<NodeId, Hash>> {
-    let mut by_level: HashMap<u32, Vec<u64>> = HashMap::new();
+    let mut by_level: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
     for id in ids {
         by_level.entry(id.level).or_default().push(id.index);
     }
     let mut out = HashMap::with_capacity(ids.len());
-    for (level, indices) in by_level {
+    let mut clauses: Vec<(u32, &[u64])> = Vec::new();
+    let mut params = 0;
+    for (level, indices) in &by_level {
         for chunk in indices.chunks(ROWS_PER_STATEMENT) {
-            let sql = format!(
-                "SELECT idx, hash FROM audit_tree WHERE level = $1 AND idx IN ({})",
-                (2..chunk.len() + 2)
-                    .map(|i| format!("${i}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-            let mut q = sqlx::query(&sql).bind(i64::from(level));
-            for i in chunk {
-                q = q.bind(*i as i64);
+            if params + chunk.len() > ROWS_PER_STATEMENT && !clauses.is_empty() {
+                fetch_levels(conn, &clauses, &mut out).await?;
+                clauses.clear();
+                params = 0;
             }
-            for r in q.fetch_all(&mut *conn).await? {
-                let index = r.try_get::<i64, _>("idx")? as u64;
-                let hash: String = r.try_get("hash")?;
-                let hash = merkle::from_hex(&hash).map_err(|e| {
-                    StoreError::Corrupt(format!(
-                        "the audit ledger's tree node {level}/{index}: {e}"
-                    ))
-                })?;
-                out.insert(NodeId { level, index }, hash);
-            }
+            params += chunk.len() + 1;
+            clauses.push((*level, chunk));
         }
+    }
+    if !clauses.is_empty() {
+        fetch_levels(conn, &clauses, &mut out).await?;
     }
     if let Some(missing) = ids.iter().find(|id| !out.contains_key(id)) {
         return Err(StoreError::Corrupt(format!(
@@ -583,4 +579,46 @@ async fn fetch_nodes(conn: &mut AnyConnection, ids: &[NodeId]) -> Result<HashMap
         )));
     }
     Ok(out)
+}
+
+/// Reads the nodes at each `(level, indices)` in one statement into `out`.
+async fn fetch_levels(
+    conn: &mut AnyConnection,
+    clauses: &[(u32, &[u64])],
+    out: &mut HashMap<NodeId, Hash>,
+) -> Result<()> {
+    let mut sql = String::from("SELECT level, idx, hash FROM audit_tree WHERE ");
+    let mut n = 0;
+    for (i, (_, indices)) in clauses.iter().enumerate() {
+        if i > 0 {
+            sql.push_str(" OR ");
+        }
+        n += 1;
+        sql.push_str(&format!("(level = ${n} AND idx IN ("));
+        for j in 0..indices.len() {
+            if j > 0 {
+                sql.push_str(", ");
+            }
+            n += 1;
+            sql.push_str(&format!("${n}"));
+        }
+        sql.push_str("))");
+    }
+    let mut q = sqlx::query(&sql);
+    for (level, indices) in clauses {
+        q = q.bind(i64::from(*level));
+        for i in *indices {
+            q = q.bind(*i as i64);
+        }
+    }
+    for r in q.fetch_all(&mut *conn).await? {
+        let level = r.try_get::<i64, _>("level")? as u32;
+        let index = r.try_get::<i64, _>("idx")? as u64;
+        let hash: String = r.try_get("hash")?;
+        let hash = merkle::from_hex(&hash).map_err(|e| {
+            StoreError::Corrupt(format!("the audit ledger's tree node {level}/{index}: {e}"))
+        })?;
+        out.insert(NodeId { level, index }, hash);
+    }
+    Ok(())
 }

@@ -100,12 +100,7 @@ async fn main() -> anyhow::Result<()> {
     let ca_dir = tempfile::tempdir()?;
     let stamping = bench_stamping(ca_dir.path())?;
     stamp_costs(&stamping)?;
-    let stores: Vec<&str> = match args.store.as_str() {
-        "both" => vec!["postgres", "sqlite"],
-        "postgres" => vec!["postgres"],
-        "sqlite" => vec!["sqlite"],
-        other => anyhow::bail!("--store {other:?}: use postgres, sqlite or both"),
-    };
+    let stores = hallmark_e2e::stores_named(&args.store)?;
     println!(
         "hallmark-bench: synthetic 0 ms render, {} workers, batch {}, {} tasks per timed run, metrics {}, auth {}",
         args.workers,

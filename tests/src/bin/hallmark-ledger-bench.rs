@@ -37,12 +37,7 @@ const JOB: &str = "bench-job";
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let stores: Vec<&str> = match args.store.as_str() {
-        "both" => vec!["postgres", "sqlite"],
-        "postgres" => vec!["postgres"],
-        "sqlite" => vec!["sqlite"],
-        other => anyhow::bail!("--store {other:?}: use postgres, sqlite or both"),
-    };
+    let stores = hallmark_e2e::stores_named(&args.store)?;
     println!(
         "hallmark-ledger-bench: {} entries per timed batch, {} per sealing transaction",
         args.entries, args.seal_batch

@@ -630,18 +630,7 @@ async fn tokens_travel_over_tls_to_a_coordinator_with_a_certificate() {
     // on its own port, without a token; it answers nothing else, and the
     // TLS port answers no plain text.
     let plain = channel(&format!("http://{health_addr}")).await;
-    let status = tonic_health::pb::health_client::HealthClient::new(plain.clone())
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: "hallmark.v1.Jobs".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status;
-    assert_eq!(
-        status,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    );
+    assert_serving(plain.clone(), "hallmark.v1.Jobs").await;
     let other = hallmark_proto::v1::jobs_client::JobsClient::new(plain)
         .list_jobs(hallmark_proto::v1::ListJobsRequest::default())
         .await

@@ -282,24 +282,12 @@ async fn coordinator_serves_health_checks_and_reflection() {
         .connect()
         .await
         .unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     for service in [
         "hallmark.v1.Jobs",
         "hallmark.v1.Workers",
         "hallmark.v1.Registry",
     ] {
-        let r = health
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(
-            r.status,
-            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
-            "{service}"
-        );
+        assert_serving(channel.clone(), service).await;
     }
     use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;

@@ -596,20 +596,11 @@ async fn the_kubernetes_manifests_run_a_farm_as_written() {
             p["port"].as_u64(),
             Some(u64::from(port_named(&c_spec, "health")))
         );
-        let mut health =
-            tonic_health::pb::health_client::HealthClient::new(channel(&health_url).await);
-        let status = health
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: p["service"].as_str().unwrap_or_default().to_string(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status;
-        assert_eq!(
-            status,
-            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-        );
+        assert_serving(
+            channel(&health_url).await,
+            p["service"].as_str().unwrap_or_default(),
+        )
+        .await;
     }
     // Prometheus finds the metrics where the annotations say.
     let scrape_at = |spec: &Value, deployment: &str| {
