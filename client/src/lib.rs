@@ -169,6 +169,17 @@ pub enum AuditCommand {
         #[arg(long)]
         save_checkpoint: Option<PathBuf>,
     },
+    /// Operators: rebuild the ledger's Merkle tree from its chain, every
+    /// entry re-hashed, and hold the stored tree to it node by node; the
+    /// rebuilt tree must lead to the newest checkpoint the coordinator
+    /// signed. Exit 0 intact (or repaired), 1 when nodes differ; refused
+    /// when the chain itself does not check out.
+    CheckTree {
+        /// Rewrite the nodes that differ, store the missing ones and delete
+        /// those beyond the tree (recorded in the ledger as `repair_tree`).
+        #[arg(long)]
+        repair: bool,
+    },
     /// Print ledger entries in chain order.
     Log {
         /// Only this job's entries.
@@ -781,6 +792,9 @@ async fn audit_command(cfg: &ClientConfig, args: AuditArgs, json: bool) -> anyho
         )
         .await
         .map(|report| report_exit(json, report.ok(), || report.to_json(), || report.to_text())),
+        AuditCommand::CheckTree { repair } => audit::check_tree(&remote, repair)
+            .await
+            .map(|report| report_exit(json, report.ok(), || report.to_json(), || report.to_text())),
         AuditCommand::Log { job, after, limit } => {
             audit::log(&remote, job.as_deref(), after, limit, json)
                 .await

@@ -17,7 +17,7 @@ use hallmark_coordinator::store::{
 use hallmark_proto::v1::{
     Dataset, JobSpec, Model, ModelCapability, PromptItem, TaskLease, WeightFile,
 };
-use hallmark_provenance::ledger::ChainCheck;
+use hallmark_provenance::ledger::{ChainCheck, Checkpoint};
 use hallmark_provenance::merkle::{self, Frontier, Hash};
 
 const POLICY: LeasePolicy = LeasePolicy {
@@ -1285,6 +1285,92 @@ both_stores! {
         sqlx::query(&format!("DELETE FROM audit_tree {at}")).execute(s.pool()).await.unwrap();
         let e = s.audit_inclusion_proofs("", None, 0, 10, n + 2).await.map(|_| ()).unwrap_err();
         assert!(matches!(&e, StoreError::Corrupt(m) if m.contains("lacks node 1/")), "{e:?}");
+    }
+
+    async fn a_tree_rebuilt_from_the_chain_finds_and_repairs_what_the_stored_one_got_wrong(s: &Store) {
+        let w = worker(s, "w1", 1).await;
+        submit(s, "j1", &job(3, 0), 0).await;
+        for now in [100, 200, 300] {
+            let l = lease(s, &w, 1, now).await.remove(0);
+            s.complete(&done(&w, &l), now + 1).await.unwrap();
+        }
+        while s.seal_audit(3).await.unwrap() > 0 {}
+        let entries = s.audit_page(0, 1000, None).await.unwrap().entries;
+        let n = entries.len() as u64;
+        assert!(n >= 8, "{n}");
+        let (_, root) = s.audit_tree_head().await.unwrap();
+        let mid = n / 2;
+        let signed = Checkpoint {
+            seq: mid,
+            hash: entries[mid as usize - 1].hash.clone(),
+            at_ms: 0,
+            root: s.audit_frontier(mid).await.unwrap().root().map(|r| merkle::to_hex(&r)),
+        };
+        let hold = [signed.clone()];
+        // Intact: every node counted once, nothing differs, the checkpoint held.
+        let c = s.check_audit_tree(&hold, None, 1000).await.unwrap();
+        assert!(c.intact() && !c.repaired, "{c:?}");
+        assert_eq!((c.entries, c.root, c.held.as_slice()), (n, root, [mid].as_slice()));
+        assert_eq!(c.nodes as i64, count(s, "SELECT COUNT(*) FROM audit_tree").await);
+
+        // A node changed, one not a hash, one deleted, two stray beyond the tree.
+        let exec = |sql: String| {
+            let pool = s.pool().clone();
+            async move {
+                sqlx::query(&sql).execute(&pool).await.unwrap();
+            }
+        };
+        let other = "cd".repeat(32);
+        exec(format!("UPDATE audit_tree SET hash = '{other}' WHERE level = 0 AND idx = 1")).await;
+        exec("UPDATE audit_tree SET hash = 'zz' WHERE level = 1 AND idx = 0".into()).await;
+        exec(format!("DELETE FROM audit_tree WHERE level = 0 AND idx = {}", n - 1)).await;
+        exec(format!("INSERT INTO audit_tree (level, idx, hash) VALUES (0, {}, '{other}'), (3, 1000, '{other}')", n + 5)).await;
+        let c = s.check_audit_tree(&hold, None, 1000).await.unwrap();
+        assert_eq!((c.wrong, c.missing, c.extra, c.repaired), (2, 1, 2, false), "{c:?}");
+        let said = c.examples.join("\n");
+        for what in [
+            format!("node 0/1 (entries 2 to 2) is stored as {other}, not "),
+            "node 1/0 (entries 1 to 2) is stored as zz".to_string(),
+            format!("node 0/{} (entries {n} to {n}) is missing", n - 1),
+            format!("2 stored node(s) lie beyond the tree's {n} entries"),
+        ] {
+            assert!(said.contains(&what), "{what:?} in {said}");
+        }
+        // Checking wrote nothing; the proofs through those nodes still fail.
+        assert_eq!(s.check_audit_tree(&hold, None, 1000).await.unwrap(), c);
+        assert!(s.audit_inclusion_proofs("j1", None, 0, 100, n).await.is_err());
+
+        // Repaired: the stored tree is the rebuilt one, and says so in the ledger.
+        let r = s.check_audit_tree(&hold, Some("operator:ops"), 2000).await.unwrap();
+        assert_eq!((r.wrong, r.missing, r.extra, r.repaired), (2, 1, 2, true), "{r:?}");
+        let after = s.check_audit_tree(&hold, None, 2000).await.unwrap();
+        assert!(after.intact(), "{after:?}");
+        assert_eq!(after.nodes as i64, count(s, "SELECT COUNT(*) FROM audit_tree").await);
+        assert_eq!(s.audit_tree_head().await.unwrap(), (n, root));
+        for (e, path) in s.audit_inclusion_proofs("j1", None, 0, 100, n).await.unwrap() {
+            let leaf = merkle::leaf_of_hex(&e.hash).unwrap();
+            assert_eq!(merkle::root_from_inclusion(e.seq - 1, n, &leaf, &path), root, "entry {}", e.seq);
+        }
+        assert_eq!(s.seal_audit(10).await.unwrap(), 1);
+        let page = s.audit_page(n, 10, None).await.unwrap().entries;
+        assert_eq!((page[0].kind.as_str(), page[0].actor.as_str()), ("repair_tree", "operator:ops"));
+        let body: serde_json::Value = serde_json::from_str(&page[0].body).unwrap();
+        assert_eq!((body["wrong"].as_u64(), body["missing"].as_u64(), body["extra"].as_u64()), (Some(2), Some(1), Some(2)));
+        assert_eq!(s.audit_tree_head().await.unwrap().0, n + 1, "the tree grows on from the repaired edge");
+        assert!(s.check_audit_tree(&hold, None, 3000).await.unwrap().intact());
+
+        // A checkpoint the chain does not lead to: refused, nothing written.
+        exec(format!("UPDATE audit_tree SET hash = '{other}' WHERE level = 0 AND idx = 1")).await;
+        let forged = Checkpoint { root: Some("ab".repeat(32)), ..signed.clone() };
+        let e = s.check_audit_tree(&[forged], Some("operator:ops"), 3000).await.unwrap_err();
+        assert!(matches!(&e, StoreError::Corrupt(m) if m.contains(&format!("not to those signed at entry {mid}"))), "{e:?}");
+        assert_eq!(s.check_audit_tree(&hold, None, 3000).await.unwrap().wrong, 1);
+        // An entry changed: the chain itself does not check out.
+        exec("UPDATE audit_events SET actor = 'someone' WHERE seq = 2".into()).await;
+        let e = s.check_audit_tree(&hold, Some("operator:ops"), 3000).await.unwrap_err();
+        assert!(matches!(&e, StoreError::Corrupt(m) if m.contains("chain does not check out") && m.contains("entry 2")), "{e:?}");
+        let repairs = count(s, "SELECT COUNT(*) FROM audit_events WHERE kind = 'repair_tree'").await;
+        assert_eq!(repairs, 1, "a refused repair is not recorded");
     }
 
     async fn concurrent_leasing_never_leases_a_task_twice(s: &Store) {

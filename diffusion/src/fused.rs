@@ -723,6 +723,8 @@ mod cuda {
                 block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
+            // The apply kernel divides offsets within a group in 32 bits.
+            to_i32(n, "one group's elements")?;
             let (n, chunk) = (n as i64, chunk as i64);
             let vec = i32::from(vec);
             // SAFETY: the stats kernel writes both sums of every block.

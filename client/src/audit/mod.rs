@@ -12,7 +12,10 @@ mod prove;
 use std::collections::HashMap;
 
 use anyhow::Context;
-use hallmark_proto::v1::{LedgerCheckpoint, LedgerEntry, LedgerPage, LedgerRequest};
+use hallmark_proto::v1::{
+    CheckLedgerTreeRequest, LedgerCheckpoint, LedgerEntry, LedgerPage, LedgerRequest,
+    LedgerTreeCheck,
+};
 use hallmark_provenance::credentials::detached::verify_detached;
 use hallmark_provenance::ledger::{Anchor, ChainCheck, Checkpoint, LedgerFault, SealedEntry};
 use hallmark_provenance::merkle::{self, Frontier};
@@ -615,6 +618,87 @@ pub async fn log(
         println!("({} newer entries not sealed yet)", page.unsealed);
     }
     Ok(())
+}
+
+/// What `hallmark audit check-tree` found: the coordinator's stored Merkle
+/// tree held to the one its chain leads to.
+#[derive(Debug, Clone)]
+pub struct TreeReport(pub LedgerTreeCheck);
+
+impl TreeReport {
+    /// The stored tree is the rebuilt one, or was made so.
+    pub fn ok(&self) -> bool {
+        self.differing() == 0 || self.0.repaired
+    }
+
+    fn differing(&self) -> u64 {
+        self.0.wrong + self.0.missing + self.0.extra
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        let c = &self.0;
+        json!({
+            "ok": self.ok(),
+            "entries": c.entries,
+            "nodes": c.nodes,
+            "wrong": c.wrong,
+            "missing": c.missing,
+            "extra": c.extra,
+            "examples": c.examples,
+            "root": c.root,
+            "held_seq": c.held_seq,
+            "unheld": c.unheld,
+            "repaired": c.repaired,
+        })
+    }
+
+    pub fn to_text(&self) -> String {
+        let c = &self.0;
+        let mut out = format!(
+            "ledger tree: {} entries, {} nodes rebuilt from the chain; {} wrong, {} missing, {} beyond the tree\n",
+            c.entries, c.nodes, c.wrong, c.missing, c.extra
+        );
+        for e in &c.examples {
+            out.push_str(&format!("  {e}\n"));
+        }
+        if self.differing() > c.examples.len() as u64 {
+            out.push_str(&format!(
+                "  … and {} more\n",
+                self.differing() - c.examples.len() as u64
+            ));
+        }
+        if !c.root.is_empty() {
+            out.push_str(&format!("root: {}\n", c.root));
+        }
+        if c.held_seq > 0 {
+            out.push_str(&format!(
+                "held to the checkpoint signed at entry {}: the chain leads to its hash and root\n",
+                c.held_seq
+            ));
+        } else if !c.unheld.is_empty() {
+            out.push_str(&format!("note: {}\n", c.unheld));
+        }
+        out.push_str(match (self.differing(), c.repaired) {
+            (0, _) => "intact: the stored tree is the one the chain leads to\n",
+            (_, true) => "repaired: the stored tree is now the one the chain leads to\n",
+            _ => "NOT INTACT: proofs served from the stored tree may not check out; `--repair` rewrites it from the chain\n",
+        });
+        out
+    }
+}
+
+/// Asks the coordinator to hold its stored Merkle tree to the one its
+/// chain leads to (and, with `repair`, to rewrite what differs).
+pub async fn check_tree(remote: &Remote, repair: bool) -> anyhow::Result<TreeReport> {
+    let check = remote
+        .provenance
+        .clone()
+        .check_ledger_tree(CheckLedgerTreeRequest { repair })
+        .await
+        .map_err(rpc)
+        .context("checking the audit ledger's Merkle tree")?
+        .into_inner();
+    Ok(TreeReport(check))
 }
 
 #[cfg(test)]

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use hallmark_proto::v1::provenance_server::Provenance;
 use hallmark_proto::v1::resolve_request::Key;
 use hallmark_proto::v1::{
-    ConsistencyProof, ConsistencyRequest, EntryProof, EntryProofs, LedgerCheckpoint, LedgerEntry,
-    LedgerPage, LedgerRequest, ProveArtifactRequest, ProveEntriesRequest, ResolveRequest,
-    ResolveResponse,
+    CheckLedgerTreeRequest, ConsistencyProof, ConsistencyRequest, EntryProof, EntryProofs,
+    LedgerCheckpoint, LedgerEntry, LedgerPage, LedgerRequest, LedgerTreeCheck,
+    ProveArtifactRequest, ProveEntriesRequest, ResolveRequest, ResolveResponse,
 };
 use hallmark_provenance::ledger::{Checkpoint, SealedEntry};
 use tonic::{Request, Response, Status};
@@ -282,6 +282,73 @@ impl Provenance for ProvenanceService {
             old_size: r.old_size,
             new_size,
             path: path.iter().map(|h| h.to_vec()).collect(),
+        }))
+    }
+
+    async fn check_ledger_tree(
+        &self,
+        req: Request<CheckLedgerTreeRequest>,
+    ) -> Result<Response<LedgerTreeCheck>, Status> {
+        let caller = Caller::of(&req);
+        caller.require_operator("checking the audit ledger's Merkle tree")?;
+        let repair = req.into_inner().repair;
+        // Held to the newest checkpoint this deployment vouches for, never
+        // to one it cannot: a tree rebuilt against nothing signed would
+        // serve proofs of whatever the chain now holds.
+        let hold = match &self.0.ledger_signer {
+            Some(signer) => Some(
+                self.0
+                    .resume_point(signer)
+                    .await
+                    .map_err(|e| Status::failed_precondition(e.to_string()))?,
+            )
+            .filter(|c| c.seq > 0),
+            None => None,
+        };
+        let actor = caller.name();
+        let check = self
+            .0
+            .store
+            .check_audit_tree(
+                hold.as_slice(),
+                repair.then_some(actor.as_str()),
+                crate::store::now_ms(),
+            )
+            .await
+            .map_err(status)?;
+        let unheld = match &hold {
+            None if self.0.ledger_signer.is_none() => "this coordinator signs no checkpoints (signing_cert_chain unset): the tree was rebuilt from the chain alone".to_string(),
+            None => "no checkpoint signed yet: the tree was rebuilt from the chain alone".to_string(),
+            Some(c) if check.held.is_empty() => format!(
+                "the newest checkpoint this deployment signed (entry {}) is beyond the tree's {} entries: the signer holds the tree to it once it has grown",
+                c.seq, check.entries
+            ),
+            Some(_) => String::new(),
+        };
+        if check.repaired {
+            tracing::warn!(
+                by = %actor,
+                entries = check.entries,
+                wrong = check.wrong,
+                missing = check.missing,
+                extra = check.extra,
+                "the audit ledger's Merkle tree was repaired from its chain"
+            );
+        }
+        Ok(Response::new(LedgerTreeCheck {
+            entries: check.entries,
+            nodes: check.nodes,
+            wrong: check.wrong,
+            missing: check.missing,
+            extra: check.extra,
+            examples: check.examples,
+            root: check
+                .root
+                .map(|r| hallmark_provenance::merkle::to_hex(&r))
+                .unwrap_or_default(),
+            held_seq: check.held.last().copied().unwrap_or(0),
+            unheld,
+            repaired: check.repaired,
         }))
     }
 }

@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use hallmark_provenance::ledger::{self, Anchor, Checkpoint, EntryFields, SealedEntry};
+use hallmark_provenance::ledger::{self, Anchor, ChainCheck, Checkpoint, EntryFields, SealedEntry};
 use hallmark_provenance::merkle::{self, Frontier, Hash, NodeId};
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
@@ -39,6 +39,7 @@ pub mod kind {
     pub const UPLOAD_INPUT: &str = "upload_input";
     pub const PURGE_INPUT: &str = "purge_input";
     pub const DELETE_INPUT: &str = "delete_input";
+    pub const REPAIR_TREE: &str = "repair_tree";
 }
 
 /// An entry about to be appended.
@@ -99,6 +100,48 @@ pub(super) async fn append(conn: &mut AnyConnection, at: i64, events: &[AuditEve
     }
     Ok(())
 }
+
+/// What holding the stored Merkle tree to one rebuilt from the chain
+/// found ([`Store::check_audit_tree`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TreeCheck {
+    /// Entries the tree holds: its leaves, each re-hashed from its fields.
+    pub entries: u64,
+    /// Nodes a tree of that many leaves stores.
+    pub nodes: u64,
+    /// Stored nodes that differ from the rebuilt ones (or are not hashes).
+    pub wrong: u64,
+    /// Nodes of the rebuilt tree that are not stored.
+    pub missing: u64,
+    /// Stored nodes beyond the tree's leaves.
+    pub extra: u64,
+    /// The first nodes that differ, each described.
+    pub examples: Vec<String>,
+    /// The rebuilt tree's root (`None`: it holds no entries).
+    pub root: Option<Hash>,
+    /// The checkpoints (their entries) the rebuilt tree agrees with.
+    pub held: Vec<u64>,
+    /// Whether the stored tree was rewritten to the rebuilt one.
+    pub repaired: bool,
+}
+
+impl TreeCheck {
+    /// Whether the stored tree is the one its entries lead to.
+    pub fn intact(&self) -> bool {
+        self.wrong + self.missing + self.extra == 0
+    }
+
+    fn differs(&mut self, what: String) {
+        if self.examples.len() < TREE_EXAMPLES {
+            self.examples.push(what);
+        }
+    }
+}
+
+/// Differing nodes a [`TreeCheck`] describes; the rest are counted.
+const TREE_EXAMPLES: usize = 10;
+/// Entries read per statement while the tree is rebuilt.
+const TREE_CHECK_PAGE: i64 = 5000;
 
 /// A page of the sealed chain, with where it stands.
 #[derive(Debug, Clone)]
@@ -253,6 +296,168 @@ impl Store {
             .await?;
         tx.commit().await?;
         Ok(grown - tree_size as u64)
+    }
+
+    /// Rebuilds the Merkle tree from the chain and holds the stored one to
+    /// it, node by node. Every entry the tree holds is re-hashed from its
+    /// fields and linked to the one before ([`ChainCheck`]), and the rebuilt
+    /// tree must agree with each of `hold` (signed checkpoints the caller
+    /// verified) that it reaches: a chain that does not check out, or that
+    /// leads elsewhere than a signed root, is an error — its entries were
+    /// changed, not only the tree, and rebuilding would serve proofs of the
+    /// changed chain.
+    ///
+    /// With `repair` (the operator's name, recorded in the ledger), the
+    /// stored nodes that differ are rewritten, the missing ones stored and
+    /// those beyond the tree deleted, in one transaction that holds the
+    /// head, so no seal grows the tree meanwhile. Without it, nothing is
+    /// written and nothing is locked.
+    pub async fn check_audit_tree(
+        &self,
+        hold: &[Checkpoint],
+        repair: Option<&str>,
+        now: i64,
+    ) -> Result<TreeCheck> {
+        let mut tx = self.pool.begin().await?;
+        if repair.is_some() {
+            // A write first: it waits for a seal in progress and holds the
+            // next ones off (and makes SQLite's transaction a writer).
+            sqlx::query("UPDATE audit_head SET tree_size = tree_size WHERE id = 1")
+                .execute(&mut *tx)
+                .await?;
+        }
+        let size = tree_size(&mut tx).await?;
+        let mut hold: Vec<&Checkpoint> =
+            hold.iter().filter(|c| c.seq > 0 && c.seq <= size).collect();
+        hold.sort_by_key(|c| c.seq);
+        let mut hold = hold.into_iter().peekable();
+        let mut check = TreeCheck::default();
+        let mut chain = ChainCheck::default();
+        let mut frontier = Frontier::default();
+        while frontier.size() < size {
+            let rows = sqlx::query(&format!(
+                "SELECT {ENTRY_COLUMNS} FROM audit_events WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3"
+            ))
+            .bind(frontier.size() as i64)
+            .bind(size as i64)
+            .bind(TREE_CHECK_PAGE)
+            .fetch_all(&mut *tx)
+            .await?;
+            if rows.is_empty() {
+                return Err(StoreError::Corrupt(format!(
+                    "the audit ledger's Merkle tree holds {size} entries, but its sealed entries end at {}",
+                    frontier.size()
+                )));
+            }
+            let mut built = Vec::new();
+            for r in &rows {
+                let e = sealed_entry(r)?;
+                chain.push(&e).map_err(|fault| {
+                    StoreError::Corrupt(format!(
+                        "the audit ledger's chain does not check out: {fault}; its Merkle tree cannot be rebuilt from it"
+                    ))
+                })?;
+                let leaf = merkle::leaf_of_hex(&e.hash).map_err(|err| {
+                    StoreError::Corrupt(format!("audit ledger entry {}: {err}", e.seq))
+                })?;
+                built.extend(frontier.push(leaf));
+                while let Some(c) = hold.next_if(|c| c.seq == e.seq) {
+                    let root = frontier.root().map(|r| merkle::to_hex(&r));
+                    if c.hash != e.hash || (c.root.is_some() && c.root != root) {
+                        return Err(StoreError::Corrupt(format!(
+                            "the audit ledger's entries 1 to {} lead to hash {} and root {}, not to those signed at entry {} ({}, {}): the entries were changed, not only the tree; not rebuilding it from them",
+                            e.seq,
+                            e.hash,
+                            root.unwrap_or_default(),
+                            c.seq,
+                            c.hash,
+                            c.root.as_deref().unwrap_or("no root")
+                        )));
+                    }
+                    check.held.push(c.seq);
+                }
+            }
+            let ids: Vec<NodeId> = built.iter().map(|(id, _)| *id).collect();
+            let stored = fetch_stored_nodes(&mut tx, &ids).await?;
+            let mut fixes = Vec::new();
+            for (id, hash) in built {
+                check.nodes += 1;
+                let want = merkle::to_hex(&hash);
+                let span = format!(
+                    "node {}/{} (entries {} to {})",
+                    id.level,
+                    id.index,
+                    (id.index << id.level) + 1,
+                    (id.index + 1) << id.level
+                );
+                match stored.get(&id) {
+                    Some(have) if *have == want => continue,
+                    Some(have) => {
+                        check.wrong += 1;
+                        check.differs(format!("{span} is stored as {have}, not {want}"));
+                    }
+                    None => {
+                        check.missing += 1;
+                        check.differs(format!("{span} is missing"));
+                    }
+                }
+                fixes.push((id, want));
+            }
+            if repair.is_some() {
+                for chunk in fixes.chunks(ROWS_PER_STATEMENT) {
+                    let mut sql = String::from("INSERT INTO audit_tree (level, idx, hash) VALUES ");
+                    sql.push_str(&row_placeholders(chunk.len(), 3));
+                    sql.push_str(" ON CONFLICT (level, idx) DO UPDATE SET hash = excluded.hash");
+                    let mut q = sqlx::query(&sql);
+                    for (id, hash) in chunk {
+                        q = q.bind(i64::from(id.level)).bind(id.index as i64).bind(hash);
+                    }
+                    q.execute(&mut *tx).await?;
+                }
+            }
+        }
+        // Rows past the leaves the tree holds: a node at level L covers
+        // leaves from idx · 2^L, so idx must stay below size / 2^L.
+        let beyond = "FROM audit_tree WHERE level < 0 OR level > 62 OR idx < 0 \
+                      OR idx >= ($1 >> CAST(level AS INTEGER))";
+        let extra: i64 = sqlx::query(&format!("SELECT COUNT(*) AS n {beyond}"))
+            .bind(size as i64)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("n")?;
+        check.extra = extra as u64;
+        if extra > 0 {
+            check.differs(format!(
+                "{extra} stored node(s) lie beyond the tree's {size} entries"
+            ));
+        }
+        check.entries = size;
+        check.root = frontier.root();
+        if let Some(actor) = repair
+            && !check.intact()
+        {
+            sqlx::query(&format!("DELETE {beyond}"))
+                .bind(size as i64)
+                .execute(&mut *tx)
+                .await?;
+            let event = AuditEvent::new(
+                kind::REPAIR_TREE,
+                "audit_tree",
+                serde_json::json!({
+                    "entries": size,
+                    "wrong": check.wrong,
+                    "missing": check.missing,
+                    "extra": check.extra,
+                    "root": check.root.map(|r| merkle::to_hex(&r)),
+                    "held": check.held.last(),
+                }),
+            )
+            .actor(actor);
+            append(&mut tx, now, &[event]).await?;
+            tx.commit().await?;
+            check.repaired = true;
+        }
+        Ok(check)
     }
 
     /// How many entries the Merkle tree holds, and its root (`None` while
@@ -544,10 +749,38 @@ async fn load_frontier(conn: &mut AnyConnection, size: u64) -> Result<Frontier> 
         .map_err(StoreError::Corrupt)
 }
 
-/// The stored nodes `ids`; one missing, or not a hash, is an error. One
+/// The stored nodes `ids`; one missing, or not a hash, is an error.
+async fn fetch_nodes(conn: &mut AnyConnection, ids: &[NodeId]) -> Result<HashMap<NodeId, Hash>> {
+    let stored = fetch_stored_nodes(conn, ids).await?;
+    ids.iter()
+        .map(|id| {
+            let Some(hash) = stored.get(id) else {
+                return Err(StoreError::Corrupt(format!(
+                    "the audit ledger's Merkle tree lacks node {}/{} (entries {} to {}): it was deleted or never stored",
+                    id.level,
+                    id.index,
+                    (id.index << id.level) + 1,
+                    (id.index + 1) << id.level
+                )));
+            };
+            let hash = merkle::from_hex(hash).map_err(|e| {
+                StoreError::Corrupt(format!(
+                    "the audit ledger's tree node {}/{}: {e}",
+                    id.level, id.index
+                ))
+            })?;
+            Ok((*id, hash))
+        })
+        .collect()
+}
+
+/// Those of the nodes `ids` that are stored, as stored (hex text). One
 /// statement asks for every level at once (a clause per level), so a tree's
 /// edge or a page of proofs costs one round trip, however many levels.
-async fn fetch_nodes(conn: &mut AnyConnection, ids: &[NodeId]) -> Result<HashMap<NodeId, Hash>> {
+async fn fetch_stored_nodes(
+    conn: &mut AnyConnection,
+    ids: &[NodeId],
+) -> Result<HashMap<NodeId, String>> {
     let mut by_level: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
     for id in ids {
         by_level.entry(id.level).or_default().push(id.index);
@@ -569,15 +802,6 @@ async fn fetch_nodes(conn: &mut AnyConnection, ids: &[NodeId]) -> Result<HashMap
     if !clauses.is_empty() {
         fetch_levels(conn, &clauses, &mut out).await?;
     }
-    if let Some(missing) = ids.iter().find(|id| !out.contains_key(id)) {
-        return Err(StoreError::Corrupt(format!(
-            "the audit ledger's Merkle tree lacks node {}/{} (entries {} to {}): it was deleted or never stored",
-            missing.level,
-            missing.index,
-            (missing.index << missing.level) + 1,
-            (missing.index + 1) << missing.level
-        )));
-    }
     Ok(out)
 }
 
@@ -585,7 +809,7 @@ async fn fetch_nodes(conn: &mut AnyConnection, ids: &[NodeId]) -> Result<HashMap
 async fn fetch_levels(
     conn: &mut AnyConnection,
     clauses: &[(u32, &[u64])],
-    out: &mut HashMap<NodeId, Hash>,
+    out: &mut HashMap<NodeId, String>,
 ) -> Result<()> {
     let mut sql = String::from("SELECT level, idx, hash FROM audit_tree WHERE ");
     let mut n = 0;
@@ -614,11 +838,7 @@ async fn fetch_levels(
     for r in q.fetch_all(&mut *conn).await? {
         let level = r.try_get::<i64, _>("level")? as u32;
         let index = r.try_get::<i64, _>("idx")? as u64;
-        let hash: String = r.try_get("hash")?;
-        let hash = merkle::from_hex(&hash).map_err(|e| {
-            StoreError::Corrupt(format!("the audit ledger's tree node {level}/{index}: {e}"))
-        })?;
-        out.insert(NodeId { level, index }, hash);
+        out.insert(NodeId { level, index }, r.try_get("hash")?);
     }
     Ok(())
 }

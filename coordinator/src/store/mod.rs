@@ -21,7 +21,7 @@ use std::str::FromStr;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
-pub use audit::{AuditEvent, LedgerPage, kind as audit_kind};
+pub use audit::{AuditEvent, LedgerPage, TreeCheck, kind as audit_kind};
 pub use census::{Census, ModelWorkers, TaskCount};
 pub use dispatch::{
     AttemptEnd, ClientCert, Completion, FailOutcome, LeasePolicy, ReapOutcome, WorkerCaps,

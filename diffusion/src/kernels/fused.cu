@@ -177,9 +177,15 @@ __device__ void group_norm_apply(const T *x, const float *partial, const T *gamm
     const uint4 *xv = reinterpret_cast<const uint4 *>(xg + begin);
     uint4 *yv = reinterpret_cast<uint4 *>(yg + begin);
     const int64_t nv = (end - begin) / V;
+    // One group fits 32 bits (the caller checks), so its offsets divide
+    // in 32 bits: a 64-bit division is a long instruction sequence, once
+    // per 16 bytes here.
+    const unsigned base = (unsigned)begin;
+    const unsigned per_channel = (unsigned)spatial;
     for (int64_t i = threadIdx.x; i < nv; i += blockDim.x) {
       float scale, offset;
-      coefficients(first_channel + (int)((begin + i * V) / spatial), scale, offset);
+      coefficients(first_channel + (int)((base + (unsigned)i * V) / per_channel), scale,
+                   offset);
       const uint4 raw = xv[i];
       const T *vals = reinterpret_cast<const T *>(&raw);
       uint4 packed;
@@ -193,7 +199,7 @@ __device__ void group_norm_apply(const T *x, const float *partial, const T *gamm
   } else {
     for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
       float scale, offset;
-      coefficients(first_channel + (int)(i / spatial), scale, offset);
+      coefficients(first_channel + (int)((unsigned)i / (unsigned)spatial), scale, offset);
       yg[i] = normed(xg[i], scale, offset, silu);
     }
   }

@@ -1058,11 +1058,47 @@ async fn a_tenant_proves_its_jobs_entries_in_the_signed_ledger_without_reading_t
         last,
         "a root was signed over a changed tree"
     );
-    // Nodes grown on it since are wrong too: the repair is to rebuild the
-    // tree from the chain, which the coordinator checks against the roots
-    // it signed before signing again.
-    execute(&pool, "DELETE FROM audit_tree").await;
-    execute(&pool, "UPDATE audit_head SET tree_size = 0").await;
+    // `audit check-tree` (operators only) rebuilds the tree from the chain
+    // and finds the node, and those grown on it since; `--repair` rewrites
+    // them, the rebuilt tree held to the root signed last, and signing
+    // resumes.
+    let check_tree = |token: &str, extra: &[&str]| {
+        let out = hallmark_as(
+            &url,
+            Some(token),
+            &[&["--json", "audit", "check-tree"][..], extra].concat(),
+        );
+        let report = serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null);
+        (out.status.code().unwrap_or(-1), report, out)
+    };
+    super::auth::refused(&check_tree(acme, &["--repair"]).2, "not allowed");
+    let (code, found, _) = check_tree(operator, &[]);
+    assert_eq!(code, 1, "{found:#}");
+    assert_eq!(found["held_seq"], last, "{found:#}");
+    assert_eq!(found["repaired"], false, "{found:#}");
+    assert_eq!(
+        (found["missing"].as_u64(), found["extra"].as_u64()),
+        (Some(0), Some(0)),
+        "{found:#}"
+    );
+    let wrong = found["wrong"].as_u64().unwrap();
+    assert!(wrong >= 1, "{found:#}");
+    assert!(
+        found["examples"][0]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("node {}/{} ", edge.level, edge.index)),
+        "{found:#}"
+    );
+    let (code, repaired, _) = check_tree(operator, &["--repair"]);
+    assert_eq!(code, 0, "{repaired:#}");
+    assert_eq!(
+        (repaired["repaired"].as_bool(), repaired["wrong"].as_u64()),
+        (Some(true), Some(wrong)),
+        "{repaired:#}"
+    );
+    let (code, intact, _) = check_tree(operator, &[]);
+    assert_eq!((code, intact["wrong"].as_u64()), (0, Some(0)), "{intact:#}");
     checkpoint_covers_finish(&db, &more).await;
     assert_eq!(
         scalar(
@@ -1095,6 +1131,14 @@ async fn a_tenant_proves_its_jobs_entries_in_the_signed_ledger_without_reading_t
     };
     let entry = format!("ledger entry {complete} (complete of");
     fails_saying(&[], &[&entry, "does not hash to its recorded"]);
+    // The tree is not rebuilt from a chain that does not check out.
+    let (code, _, out) = check_tree(operator, &["--repair"]);
+    assert_ne!(code, 0);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("chain does not check out") && said.contains(&entry),
+        "{said}"
+    );
     // Its hash recomputed to match: now its leaf is not in the signed tree.
     let r = sqlx::query(
         "SELECT at, kind, job_id, subject, actor, body, prev_hash FROM audit_events WHERE seq = $1",
@@ -1154,5 +1198,113 @@ async fn a_tenant_proves_its_jobs_entries_in_the_signed_ledger_without_reading_t
             &format!("the ledger signed at entry {signed} is not a prefix"),
         ],
     );
+    // Nor from one that leads elsewhere than the root signed last.
+    let (code, _, out) = check_tree(operator, &[]);
+    assert_ne!(code, 0);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("the entries were changed, not only the tree"),
+        "{said}"
+    );
     pool.close().await;
+}
+
+/// The signer's last check before it signs: the stored tree over the
+/// entries since its last checkpoint must have the root those entries lead
+/// to. A node the sealer stored after that checkpoint — off its edge, which
+/// the check before it covers — is changed: no root is signed until
+/// `hallmark audit check-tree --repair` rewrites it from the chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_root_is_signed_over_a_tree_node_changed_since_the_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_ca();
+    let running = hallmark_coordinator::start(hallmark_coordinator::CoordinatorConfig {
+        listen: "127.0.0.1:0".into(),
+        database_url: format!("sqlite://{}", dir.path().join("farm.db").display()),
+        blob_dir: dir.path().join("blobs"),
+        signing_cert_chain: Some(ca.signer_chain.clone()),
+        signing_private_key: Some(ca.signer_key.clone()),
+        ledger_checkpoint_interval_ms: 0,
+        // Sealing and signing happen when this test says, not on a timer.
+        reap_interval_ms: 3_600_000,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let url = format!("http://{}", running.addr);
+    let state = running.state.clone();
+    let register = |datasets: std::ops::Range<i64>| {
+        let state = state.clone();
+        async move {
+            for i in datasets {
+                let d = hallmark_proto::v1::Dataset {
+                    name: format!("d{i}"),
+                    version: "1".into(),
+                    content_sha256: "0".repeat(64),
+                    ..Default::default()
+                };
+                state
+                    .store
+                    .register_dataset(&d, "operator:ops", i)
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    let signed = || {
+        let state = state.clone();
+        async move {
+            let (c, _) = state.store.latest_checkpoint().await.unwrap().unwrap();
+            c
+        }
+    };
+    register(0..3).await;
+    state.seal_ledger().await.unwrap();
+    let first = state.store.audit_head().await.unwrap().seq;
+    assert_eq!(signed().await.seq, first);
+
+    // Sealed (the tree grows) but not signed yet; then a node of the new
+    // part of the tree is changed.
+    register(3..9).await;
+    state.store.seal_audit(100).await.unwrap();
+    let grown = state.store.audit_tree_size().await.unwrap();
+    assert!(grown > first);
+    let old_edge = merkle::Frontier::ids(first);
+    let node = *merkle::Frontier::ids(grown).last().unwrap();
+    assert!(!old_edge.contains(&node));
+    sqlx::query("UPDATE audit_tree SET hash = $1 WHERE level = $2 AND idx = $3")
+        .bind("ab".repeat(32))
+        .bind(i64::from(node.level))
+        .bind(node.index as i64)
+        .execute(state.store.pool())
+        .await
+        .unwrap();
+    state.seal_ledger().await.unwrap();
+    assert_eq!(
+        signed().await.seq,
+        first,
+        "a root was signed over a tree changed since the last checkpoint"
+    );
+
+    let out = hallmark_as(&url, None, &["--json", "audit", "check-tree", "--repair"]);
+    let report = json_of(&out);
+    assert!(out.status.success(), "{report:#}");
+    assert_eq!(
+        (
+            report["wrong"].as_u64(),
+            report["held_seq"].as_u64(),
+            report["repaired"].as_bool()
+        ),
+        (Some(1), Some(first), Some(true)),
+        "{report:#}"
+    );
+    // Repaired, the tree (and the repair's own entry) is signed.
+    state.seal_ledger().await.unwrap();
+    let c = signed().await;
+    assert_eq!(c.seq, state.store.audit_head().await.unwrap().seq);
+    assert_eq!(c.seq, grown + 1);
+    let (_, root) = state.store.audit_tree_head().await.unwrap();
+    assert_eq!(c.root, root.map(|r| merkle::to_hex(&r)));
+    drop(state);
+    running.stop().await.unwrap();
 }
