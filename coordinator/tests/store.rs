@@ -1321,18 +1321,19 @@ both_stores! {
             }
         };
         let other = "cd".repeat(32);
-        exec(format!("UPDATE audit_tree SET hash = '{other}' WHERE level = 0 AND idx = 1")).await;
-        exec("UPDATE audit_tree SET hash = 'zz' WHERE level = 1 AND idx = 0".into()).await;
-        exec(format!("DELETE FROM audit_tree WHERE level = 0 AND idx = {}", n - 1)).await;
-        exec(format!("INSERT INTO audit_tree (level, idx, hash) VALUES (0, {}, '{other}'), (3, 1000, '{other}')", n + 5)).await;
+        exec(format!("UPDATE audit_tree SET hash = '{other}' WHERE level = 1 AND idx = 1")).await;
+        exec("UPDATE audit_tree SET hash = 'zz' WHERE level = 2 AND idx = 0".into()).await;
+        exec("DELETE FROM audit_tree WHERE level = 1 AND idx = 2".into()).await;
+        // A leaf row (leaves are read from the entries) and a node past the tree.
+        exec(format!("INSERT INTO audit_tree (level, idx, hash) VALUES (0, 1, '{other}'), (3, {n}, '{other}')")).await;
         let c = s.check_audit_tree(&hold, None, 1000).await.unwrap();
         assert_eq!((c.wrong, c.missing, c.extra, c.repaired), (2, 1, 2, false), "{c:?}");
         let said = c.examples.join("\n");
         for what in [
-            format!("node 0/1 (entries 2 to 2) is stored as {other}, not "),
-            "node 1/0 (entries 1 to 2) is stored as zz".to_string(),
-            format!("node 0/{} (entries {n} to {n}) is missing", n - 1),
-            format!("2 stored node(s) lie beyond the tree's {n} entries"),
+            format!("node 1/1 (entries 3 to 4) is stored as {other}, not "),
+            "node 2/0 (entries 1 to 4) is stored as zz".to_string(),
+            "node 1/2 (entries 5 to 6) is missing".to_string(),
+            format!("2 stored row(s) are not nodes of the tree of {n} entries"),
         ] {
             assert!(said.contains(&what), "{what:?} in {said}");
         }
@@ -1360,7 +1361,7 @@ both_stores! {
         assert!(s.check_audit_tree(&hold, None, 3000).await.unwrap().intact());
 
         // A checkpoint the chain does not lead to: refused, nothing written.
-        exec(format!("UPDATE audit_tree SET hash = '{other}' WHERE level = 0 AND idx = 1")).await;
+        exec(format!("UPDATE audit_tree SET hash = '{other}' WHERE level = 1 AND idx = 1")).await;
         let forged = Checkpoint { root: Some("ab".repeat(32)), ..signed.clone() };
         let e = s.check_audit_tree(&[forged], Some("operator:ops"), 3000).await.unwrap_err();
         assert!(matches!(&e, StoreError::Corrupt(m) if m.contains(&format!("not to those signed at entry {mid}"))), "{e:?}");
@@ -1413,15 +1414,7 @@ async fn the_retention_migration_dates_each_input_by_its_newest_job(
     mut before: sqlx::migrate::Migrator,
     store_url: &str,
 ) {
-    before.migrations = std::borrow::Cow::Owned(
-        before
-            .migrations
-            .iter()
-            .filter(|m| m.version < 11)
-            .cloned()
-            .collect(),
-    );
-    before.run(&pool).await.unwrap();
+    migrate_before(&pool, &mut before, 11).await;
     let (a, b) = ("a1".repeat(32), "b2".repeat(32));
     let mut sql = vec![
         "INSERT INTO tenants (name) VALUES ('acme')".to_string(),
@@ -1461,16 +1454,7 @@ async fn the_retention_migration_dates_each_input_by_its_newest_job(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_retention_migration_dates_inputs_on_postgres() {
-    let base = std::env::var("HALLMARK_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-    let name = format!("hallmark_store_{}", uuid::Uuid::new_v4().simple());
-    let admin = Store::connect_admin(&format!("{base}/postgres")).await;
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&admin)
-        .await
-        .unwrap();
-    let url = format!("{base}/{name}");
-    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    let (pool, url) = unmigrated_postgres().await;
     the_retention_migration_dates_each_input_by_its_newest_job(
         pool,
         sqlx::migrate!("../migrations/postgres"),
@@ -1481,16 +1465,164 @@ async fn the_retention_migration_dates_inputs_on_postgres() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_retention_migration_dates_inputs_on_sqlite() {
-    sqlx::any::install_default_drivers();
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("t.db").display());
-    let pool = sqlx::AnyPool::connect(&format!("{url}?mode=rwc"))
-        .await
-        .unwrap();
+    let (pool, url, _dir) = unmigrated_sqlite().await;
     the_retention_migration_dates_each_input_by_its_newest_job(
         pool,
         sqlx::migrate!("../migrations/sqlite"),
         &url,
     )
     .await;
+}
+
+/// Runs `migrator`'s migrations before `version` on `pool`.
+async fn migrate_before(
+    pool: &sqlx::AnyPool,
+    migrator: &mut sqlx::migrate::Migrator,
+    version: i64,
+) {
+    migrator.migrations = std::borrow::Cow::Owned(
+        migrator
+            .migrations
+            .iter()
+            .filter(|m| m.version < version)
+            .cloned()
+            .collect(),
+    );
+    migrator.run(pool).await.unwrap();
+}
+
+/// A ledger sealed before 0014, its tree storing its leaves too (as the
+/// sealer did then): the migration drops the leaf rows, and the tree —
+/// leaves now read from the entries — is intact, proves every entry and
+/// grows on.
+async fn the_leaf_migration_keeps_the_tree_whole(
+    pool: sqlx::AnyPool,
+    mut before: sqlx::migrate::Migrator,
+    store_url: &str,
+) {
+    use hallmark_provenance::ledger::{self, EntryFields};
+    migrate_before(&pool, &mut before, 14).await;
+    let n = 13u64;
+    let mut prev = ledger::GENESIS.to_string();
+    let mut frontier = Frontier::default();
+    for seq in 1..=n {
+        let body = format!("{{\"i\":{seq}}}");
+        let fields = EntryFields {
+            at_ms: seq as i64,
+            kind: "register_dataset",
+            job_id: "",
+            subject: "d",
+            actor: "",
+            body: &body,
+        };
+        let hash = ledger::entry_hash(seq, &prev, &fields);
+        sqlx::query(
+            "INSERT INTO audit_events (at, kind, job_id, subject, actor, body, seq, prev_hash, hash) \
+             VALUES ($1, 'register_dataset', '', 'd', '', $2, $3, $4, $5)",
+        )
+        .bind(seq as i64)
+        .bind(&body)
+        .bind(seq as i64)
+        .bind(&prev)
+        .bind(&hash)
+        .execute(&pool)
+        .await
+        .unwrap();
+        for (id, node) in frontier.push(merkle::leaf_of_hex(&hash).unwrap()) {
+            sqlx::query("INSERT INTO audit_tree (level, idx, hash) VALUES ($1, $2, $3)")
+                .bind(i64::from(id.level))
+                .bind(id.index as i64)
+                .bind(merkle::to_hex(&node))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        prev = hash;
+    }
+    sqlx::query("UPDATE audit_head SET seq = $1, hash = $2, tree_size = $1 WHERE id = 1")
+        .bind(n as i64)
+        .bind(&prev)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let s = Store::connect(store_url, 2).await.unwrap();
+    assert_eq!(
+        count(&s, "SELECT COUNT(*) FROM audit_tree WHERE level = 0").await,
+        0
+    );
+    assert_eq!(
+        count(&s, "SELECT COUNT(*) FROM audit_tree").await,
+        (n - n.count_ones() as u64) as i64
+    );
+    let root = frontier.root();
+    assert_eq!(s.audit_tree_head().await.unwrap(), (n, root));
+    let check = s.check_audit_tree(&[], None, 0).await.unwrap();
+    assert!(check.intact(), "{check:?}");
+    let proofs = s.audit_inclusion_proofs("", None, 0, 100, n).await.unwrap();
+    assert_eq!(proofs.len() as u64, n);
+    for (e, path) in proofs {
+        let leaf = merkle::leaf_of_hex(&e.hash).unwrap();
+        assert_eq!(
+            merkle::root_from_inclusion(e.seq - 1, n, &leaf, &path),
+            root,
+            "entry {}",
+            e.seq
+        );
+    }
+    // The sealer grows the migrated tree from its edge (an odd size: a leaf on it).
+    s.register_dataset(
+        &Dataset {
+            name: "e".into(),
+            version: "1".into(),
+            content_sha256: SHA.into(),
+            ..Default::default()
+        },
+        "operator:ops",
+        99,
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.seal_audit(10).await.unwrap(), 1);
+    assert!(s.check_audit_tree(&[], None, 0).await.unwrap().intact());
+    assert_eq!(s.audit_tree_head().await.unwrap().0, n + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leaf_migration_keeps_the_tree_whole_on_postgres() {
+    let (pool, url) = unmigrated_postgres().await;
+    the_leaf_migration_keeps_the_tree_whole(pool, sqlx::migrate!("../migrations/postgres"), &url)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leaf_migration_keeps_the_tree_whole_on_sqlite() {
+    let (pool, url, _dir) = unmigrated_sqlite().await;
+    the_leaf_migration_keeps_the_tree_whole(pool, sqlx::migrate!("../migrations/sqlite"), &url)
+        .await;
+}
+
+/// A new Postgres database with no schema yet, and its URL.
+async fn unmigrated_postgres() -> (sqlx::AnyPool, String) {
+    let base = std::env::var("HALLMARK_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+    let name = format!("hallmark_store_{}", uuid::Uuid::new_v4().simple());
+    let admin = Store::connect_admin(&format!("{base}/postgres")).await;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let url = format!("{base}/{name}");
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    (pool, url)
+}
+
+/// A new SQLite file with no schema yet, its URL, and the folder holding it.
+async fn unmigrated_sqlite() -> (sqlx::AnyPool, String, tempfile::TempDir) {
+    sqlx::any::install_default_drivers();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("t.db").display());
+    let pool = sqlx::AnyPool::connect(&format!("{url}?mode=rwc"))
+        .await
+        .unwrap();
+    (pool, url, dir)
 }

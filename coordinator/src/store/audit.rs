@@ -10,9 +10,9 @@
 //!
 //! The sealer also grows the ledger's Merkle tree
 //! ([`hallmark_provenance::merkle`]) in the same transaction: it stores each
-//! perfect subtree the new entries complete, so a proof that an entry is in
-//! the tree, or that one tree is a prefix of another, reads about log₂ n
-//! rows. A chain sealed before the tree existed is caught up with a batch
+//! perfect subtree above the leaves that the new entries complete (a leaf is
+//! read from its entry's hash), so a proof that an entry is in the tree, or
+//! that one tree is a prefix of another, reads about log₂ n rows. A chain sealed before the tree existed is caught up with a batch
 //! at a time ([`Store::grow_audit_tree`]).
 
 use std::collections::{BTreeMap, HashMap};
@@ -377,48 +377,39 @@ impl Store {
                     check.held.push(c.seq);
                 }
             }
+            // The leaves are the entries just checked; the nodes above
+            // them are what is stored.
+            built.retain(|(id, _)| id.level > 0);
             let ids: Vec<NodeId> = built.iter().map(|(id, _)| *id).collect();
             let stored = fetch_stored_nodes(&mut tx, &ids).await?;
             let mut fixes = Vec::new();
             for (id, hash) in built {
                 check.nodes += 1;
                 let want = merkle::to_hex(&hash);
-                let span = format!(
-                    "node {}/{} (entries {} to {})",
-                    id.level,
-                    id.index,
-                    (id.index << id.level) + 1,
-                    (id.index + 1) << id.level
-                );
                 match stored.get(&id) {
                     Some(have) if *have == want => continue,
                     Some(have) => {
                         check.wrong += 1;
-                        check.differs(format!("{span} is stored as {have}, not {want}"));
+                        check.differs(format!(
+                            "{} is stored as {have}, not {want}",
+                            node_span(&id)
+                        ));
                     }
                     None => {
                         check.missing += 1;
-                        check.differs(format!("{span} is missing"));
+                        check.differs(format!("{} is missing", node_span(&id)));
                     }
                 }
-                fixes.push((id, want));
+                fixes.push((id, hash));
             }
             if repair.is_some() {
-                for chunk in fixes.chunks(ROWS_PER_STATEMENT) {
-                    let mut sql = String::from("INSERT INTO audit_tree (level, idx, hash) VALUES ");
-                    sql.push_str(&row_placeholders(chunk.len(), 3));
-                    sql.push_str(" ON CONFLICT (level, idx) DO UPDATE SET hash = excluded.hash");
-                    let mut q = sqlx::query(&sql);
-                    for (id, hash) in chunk {
-                        q = q.bind(i64::from(id.level)).bind(id.index as i64).bind(hash);
-                    }
-                    q.execute(&mut *tx).await?;
-                }
+                store_nodes(&mut tx, &fixes, true).await?;
             }
         }
-        // Rows past the leaves the tree holds: a node at level L covers
-        // leaves from idx · 2^L, so idx must stay below size / 2^L.
-        let beyond = "FROM audit_tree WHERE level < 0 OR level > 62 OR idx < 0 \
+        // Rows that are not the tree's: leaves (read from the entries), and
+        // nodes past the leaves it holds — one at level L covers leaves from
+        // idx · 2^L, so idx must stay below size / 2^L.
+        let beyond = "FROM audit_tree WHERE level < 1 OR level > 62 OR idx < 0 \
                       OR idx >= ($1 >> CAST(level AS INTEGER))";
         let extra: i64 = sqlx::query(&format!("SELECT COUNT(*) AS n {beyond}"))
             .bind(size as i64)
@@ -428,7 +419,7 @@ impl Store {
         check.extra = extra as u64;
         if extra > 0 {
             check.differs(format!(
-                "{extra} stored node(s) lie beyond the tree's {size} entries"
+                "{extra} stored row(s) are not nodes of the tree of {size} entries (beyond it, or leaves, which are read from the entries)"
             ));
         }
         check.entries = size;
@@ -715,11 +706,31 @@ async fn grow_tree<'a>(
         let leaf = merkle::leaf_of_hex(hash).map_err(|e| {
             StoreError::Corrupt(format!("audit ledger entry {}: {e}", frontier.size() + 1))
         })?;
-        done.extend(frontier.push(leaf));
+        // The leaf itself is read from its entry; the nodes above it are stored.
+        done.extend(
+            frontier
+                .push(leaf)
+                .into_iter()
+                .filter(|(id, _)| id.level > 0),
+        );
     }
-    for chunk in done.chunks(ROWS_PER_STATEMENT) {
+    store_nodes(conn, &done, false).await?;
+    Ok(frontier.size())
+}
+
+/// Stores tree nodes (above the leaves); with `replace`, over any stored
+/// under the same position.
+async fn store_nodes(
+    conn: &mut AnyConnection,
+    nodes: &[(NodeId, Hash)],
+    replace: bool,
+) -> Result<()> {
+    for chunk in nodes.chunks(ROWS_PER_STATEMENT) {
         let mut sql = String::from("INSERT INTO audit_tree (level, idx, hash) VALUES ");
         sql.push_str(&row_placeholders(chunk.len(), 3));
+        if replace {
+            sql.push_str(" ON CONFLICT (level, idx) DO UPDATE SET hash = excluded.hash");
+        }
         let mut q = sqlx::query(&sql);
         for (id, hash) in chunk {
             q = q
@@ -729,7 +740,18 @@ async fn grow_tree<'a>(
         }
         q.execute(&mut *conn).await?;
     }
-    Ok(frontier.size())
+    Ok(())
+}
+
+/// "node L/I (entries A to B)": a tree node and the entries under it.
+fn node_span(id: &NodeId) -> String {
+    format!(
+        "node {}/{} (entries {} to {})",
+        id.level,
+        id.index,
+        (id.index << id.level) + 1,
+        (id.index + 1) << id.level
+    )
 }
 
 /// How many entries the Merkle tree holds.
@@ -749,29 +771,67 @@ async fn load_frontier(conn: &mut AnyConnection, size: u64) -> Result<Frontier> 
         .map_err(StoreError::Corrupt)
 }
 
-/// The stored nodes `ids`; one missing, or not a hash, is an error.
+/// The tree's nodes `ids`: leaves from their sealed entries, the nodes
+/// above from `audit_tree`. One missing, or not a hash, is an error.
 async fn fetch_nodes(conn: &mut AnyConnection, ids: &[NodeId]) -> Result<HashMap<NodeId, Hash>> {
-    let stored = fetch_stored_nodes(conn, ids).await?;
-    ids.iter()
-        .map(|id| {
-            let Some(hash) = stored.get(id) else {
-                return Err(StoreError::Corrupt(format!(
-                    "the audit ledger's Merkle tree lacks node {}/{} (entries {} to {}): it was deleted or never stored",
-                    id.level,
-                    id.index,
-                    (id.index << id.level) + 1,
-                    (id.index + 1) << id.level
-                )));
-            };
-            let hash = merkle::from_hex(hash).map_err(|e| {
-                StoreError::Corrupt(format!(
-                    "the audit ledger's tree node {}/{}: {e}",
-                    id.level, id.index
-                ))
-            })?;
-            Ok((*id, hash))
-        })
-        .collect()
+    let (leaves, above): (Vec<NodeId>, Vec<NodeId>) = ids.iter().partition(|id| id.level == 0);
+    let mut out = fetch_leaves(conn, &leaves).await?;
+    let stored = fetch_stored_nodes(conn, &above).await?;
+    for id in &above {
+        let Some(hash) = stored.get(id) else {
+            return Err(StoreError::Corrupt(format!(
+                "the audit ledger's Merkle tree lacks {}: it was deleted or never stored",
+                node_span(id)
+            )));
+        };
+        let hash = merkle::from_hex(hash).map_err(|e| {
+            StoreError::Corrupt(format!(
+                "the audit ledger's tree node {}/{}: {e}",
+                id.level, id.index
+            ))
+        })?;
+        out.insert(*id, hash);
+    }
+    Ok(out)
+}
+
+/// The leaves `ids` (level 0): leaf i is the hash of sealed entry i + 1.
+async fn fetch_leaves(conn: &mut AnyConnection, ids: &[NodeId]) -> Result<HashMap<NodeId, Hash>> {
+    let mut out = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "SELECT seq, hash FROM audit_events WHERE seq IN ({})",
+            (1..=chunk.len())
+                .map(|i| format!("${i}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let mut q = sqlx::query(&sql);
+        for id in chunk {
+            q = q.bind(id.index as i64 + 1);
+        }
+        for r in q.fetch_all(&mut *conn).await? {
+            let seq = r.try_get::<i64, _>("seq")? as u64;
+            let hash: Option<String> = r.try_get("hash")?;
+            let leaf = merkle::leaf_of_hex(hash.as_deref().unwrap_or_default())
+                .map_err(|e| StoreError::Corrupt(format!("audit ledger entry {seq}: {e}")))?;
+            out.insert(
+                NodeId {
+                    level: 0,
+                    index: seq - 1,
+                },
+                leaf,
+            );
+        }
+    }
+    if let Some(missing) = ids.iter().find(|id| !out.contains_key(id)) {
+        return Err(StoreError::Corrupt(format!(
+            "the audit ledger's sealed entry {} is missing: the Merkle tree's leaf {} is read from it",
+            missing.index + 1,
+            missing.index
+        )));
+    }
+    Ok(out)
 }
 
 /// Those of the nodes `ids` that are stored, as stored (hex text). One
