@@ -957,6 +957,32 @@ both_stores! {
         assert_eq!(job.waiting_reason, "", "tasks are running, so it is not stuck");
     }
 
+    async fn a_worker_leases_its_own_models_tasks_past_other_models_backlogs(s: &Store) {
+        let busy = worker(s, "wa", 4).await;
+        let engines = ["synthetic".to_string()];
+        let m2 = ModelCapability { model_id: "m2".into(), weights_sha256: SHA.into(), refines_only: false };
+        let models = [("synthetic".to_string(), m2)];
+        let reg = WorkerRegistration { worker_id: "wb", name: "wb", hostname: "h", engines: &engines, models: &models, max_pixels: 1 << 16, max_batch: 4, principal: "", client_cert: None };
+        s.register_worker(&reg, 1).await.unwrap();
+        let idle = WorkerCaps { worker_id: "wb".into(), max_pixels: 1 << 16, max_batch: 4, principal: String::new(), client_cert_sha256: String::new() };
+        // Ahead of b's job: a's backlog, and a job of b's model too large for wb.
+        for (id, model, priority, side, prompts) in [("a1", "m1", 9, 192, 6), ("a2", "m1", 8, 192, 6), ("b-large", "m2", 9, 512, 2), ("b", "m2", 0, 192, 3)] {
+            let mut j = job_for("default", priority, prompts, 0);
+            j.model_id = model.into();
+            for item in &mut j.items {
+                (item.width, item.height) = (side, side);
+            }
+            let new = NewJob { id, job: &j, spec_json: "{}", tenant_cap: 0, submitted_by: "" };
+            s.submit(&new, &POLICY, 1).await.unwrap();
+        }
+        let jobs_of = |leased: &[TaskLease]| leased.iter().map(|l| l.job_id.clone()).collect::<Vec<_>>();
+        assert_eq!(jobs_of(&lease(s, &idle, 4, 100).await), ["b", "b", "b"]);
+        assert!(lease(s, &idle, 4, 101).await.is_empty(), "nothing else of its model fits it");
+        assert_eq!(jobs_of(&lease(s, &busy, 4, 102).await), ["a1"; 4]);
+        assert_eq!(jobs_of(&lease(s, &busy, 4, 103).await), ["a1"; 2]);
+        assert_eq!(jobs_of(&lease(s, &busy, 4, 104).await), ["a2"; 4]);
+    }
+
     async fn a_model_that_only_refines_is_refused_where_it_would_draw_from_noise(s: &Store) {
         worker(s, "w1", 1).await;
         // A worker declares r1 a refiner (its folder says so).

@@ -391,8 +391,9 @@ impl Store {
              WHERE j.state = 'running' \
              AND NOT EXISTS (SELECT 1 FROM job_worker_failures b WHERE b.job_id = j.id AND b.worker_id = $1 AND b.failures >= $2) \
              AND (tn.max_running = 0 OR (SELECT COUNT(*) FROM tasks r WHERE r.tenant = j.tenant AND r.state = 'leased') < tn.max_running) \
-             AND EXISTS (SELECT 1 FROM worker_models wm JOIN tasks t ON t.job_id = j.id AND t.model_id = wm.model_id \
-                         WHERE wm.worker_id = $1 AND wm.engine = j.engine AND t.state = 'ready' AND t.pixels <= $3) \
+             AND EXISTS (SELECT 1 FROM worker_models wm WHERE wm.worker_id = $1 AND wm.engine = j.engine \
+                         AND EXISTS (SELECT 1 FROM tasks t WHERE t.job_id = j.id AND t.model_id = wm.model_id \
+                                     AND t.state = 'ready' AND t.pixels <= $3)) \
              ORDER BY j.priority DESC, tn.last_dispatch_at ASC, CASE WHEN j.model_id = $4 THEN 0 ELSE 1 END, j.created_at ASC, j.id \
              LIMIT 4",
         )
