@@ -452,6 +452,23 @@ pub fn stores_named(store: &str) -> anyhow::Result<Vec<&'static str>> {
     })
 }
 
+/// A fresh store for a benchmark: a new Postgres database (8 connections),
+/// or for "sqlite" a new file in `dir` (one connection, as the embedded
+/// farm has).
+pub async fn bench_store(
+    name: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<hallmark_coordinator::store::Store> {
+    use hallmark_coordinator::store::Store;
+    Ok(match name {
+        "postgres" => Store::connect(&fresh_database().await, 8).await?,
+        _ => {
+            let url = format!("sqlite://{}", dir.join("bench.db").display());
+            Store::connect(&url, 1).await?
+        }
+    })
+}
+
 /// A connected channel to the coordinator at `url`.
 pub async fn channel(url: &str) -> Channel {
     Channel::from_shared(url.to_string())

@@ -44,13 +44,7 @@ async fn main() -> anyhow::Result<()> {
     );
     for name in stores {
         let dir = tempfile::tempdir()?;
-        let store = match name {
-            "postgres" => Store::connect(&hallmark_e2e::fresh_database().await, 8).await?,
-            _ => {
-                let url = format!("sqlite://{}", dir.path().join("bench.db").display());
-                Store::connect(&url, 1).await?
-            }
-        };
+        let store = hallmark_e2e::bench_store(name, dir.path()).await?;
         run(name, &store, &args).await?;
     }
     Ok(())
