@@ -22,7 +22,7 @@ use hallmark_provenance::merkle::{self, Frontier, Hash, NodeId};
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
-use super::{Result, Store, StoreError, row_placeholders};
+use super::{Result, Store, StoreError, param, row_placeholders};
 
 /// What an entry records.
 pub mod kind {
@@ -85,7 +85,7 @@ pub(super) async fn append(conn: &mut AnyConnection, at: i64, events: &[AuditEve
         let mut sql = String::from(
             "INSERT INTO audit_events (at, kind, job_id, subject, actor, body) VALUES ",
         );
-        sql.push_str(&row_placeholders(chunk.len(), 6));
+        sql.push_str(&row_placeholders(conn, chunk.len(), 6));
         let mut q = sqlx::query(&sql);
         for e in chunk {
             q = q
@@ -216,13 +216,13 @@ impl Store {
                 if i > 0 {
                     sql.push_str(", ");
                 }
-                let p = i * 4;
+                let p = |k| param(&tx, i * 4 + k);
                 sql.push_str(&format!(
-                    "(CAST(${} AS BIGINT), CAST(${} AS BIGINT), ${}, ${})",
-                    p + 1,
-                    p + 2,
-                    p + 3,
-                    p + 4
+                    "(CAST({} AS BIGINT), CAST({} AS BIGINT), {}, {})",
+                    p(1),
+                    p(2),
+                    p(3),
+                    p(4)
                 ));
             }
             sql.push_str(
@@ -727,7 +727,7 @@ async fn store_nodes(
 ) -> Result<()> {
     for chunk in nodes.chunks(ROWS_PER_STATEMENT) {
         let mut sql = String::from("INSERT INTO audit_tree (level, idx, hash) VALUES ");
-        sql.push_str(&row_placeholders(chunk.len(), 3));
+        sql.push_str(&row_placeholders(conn, chunk.len(), 3));
         if replace {
             sql.push_str(" ON CONFLICT (level, idx) DO UPDATE SET hash = excluded.hash");
         }
@@ -802,7 +802,7 @@ async fn fetch_leaves(conn: &mut AnyConnection, ids: &[NodeId]) -> Result<HashMa
         let sql = format!(
             "SELECT seq, hash FROM audit_events WHERE seq IN ({})",
             (1..=chunk.len())
-                .map(|i| format!("${i}"))
+                .map(|i| param(conn, i))
                 .collect::<Vec<_>>()
                 .join(", ")
         );
@@ -878,13 +878,13 @@ async fn fetch_levels(
             sql.push_str(" OR ");
         }
         n += 1;
-        sql.push_str(&format!("(level = ${n} AND idx IN ("));
+        sql.push_str(&format!("(level = {} AND idx IN (", param(conn, n)));
         for j in 0..indices.len() {
             if j > 0 {
                 sql.push_str(", ");
             }
             n += 1;
-            sql.push_str(&format!("${n}"));
+            sql.push_str(&param(conn, n));
         }
         sql.push_str("))");
     }

@@ -180,7 +180,7 @@ impl Store {
             let mut sql = String::from(
                 "INSERT INTO items (job_id, item_index, prompt, negative_prompt, seed, width, height, steps, guidance, scheduler) VALUES ",
             );
-            sql.push_str(&row_placeholders(chunk.len(), 10));
+            sql.push_str(&row_placeholders(&tx, chunk.len(), 10));
             let mut q = sqlx::query(&sql);
             for item in chunk {
                 q = q
@@ -212,7 +212,7 @@ impl Store {
                      pixels, upscale, upscale_method, batch_key, depends_on, has_next, max_attempts, lease_ttl_ms, \
                      parent_sha256, strength) VALUES ",
                 );
-                sql.push_str(&row_placeholders(chunk.len(), 19));
+                sql.push_str(&row_placeholders(&tx, chunk.len(), 19));
                 let mut q = sqlx::query(&sql);
                 for item in chunk {
                     let factor = if upscale { u64::from(job.upscale) } else { 1 };
