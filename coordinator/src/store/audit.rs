@@ -12,8 +12,9 @@
 //! ([`hallmark_provenance::merkle`]) in the same transaction: it stores each
 //! perfect subtree above the leaves that the new entries complete (a leaf is
 //! read from its entry's hash), so a proof that an entry is in the tree, or
-//! that one tree is a prefix of another, reads about log₂ n rows. A chain sealed before the tree existed is caught up with a batch
-//! at a time ([`Store::grow_audit_tree`]).
+//! that one tree is a prefix of another, reads about log₂ n rows. A chain
+//! sealed before the tree existed is caught up with a batch at a time
+//! ([`Store::grow_audit_tree`]).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -113,7 +114,8 @@ pub struct TreeCheck {
     pub wrong: u64,
     /// Nodes of the rebuilt tree that are not stored.
     pub missing: u64,
-    /// Stored nodes beyond the tree's leaves.
+    /// Stored rows that are not the tree's: beyond its leaves, or leaves
+    /// (which are read from the entries).
     pub extra: u64,
     /// The first nodes that differ, each described.
     pub examples: Vec<String>,
