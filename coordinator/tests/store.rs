@@ -1652,3 +1652,34 @@ async fn unmigrated_sqlite() -> (sqlx::AnyPool, String, tempfile::TempDir) {
         .unwrap();
     (pool, url, dir)
 }
+
+/// An index a `CONCURRENTLY` build left invalid (0015's, the coordinator
+/// killed part-way) is rebuilt when a coordinator next connects: its
+/// migration's `IF NOT EXISTS` would skip it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_a_failed_concurrent_build_left_invalid_is_rebuilt_on_connect() {
+    let (pool, url) = unmigrated_postgres().await;
+    let valid = |pool: sqlx::AnyPool| async move {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = 'tasks_ready_model'::regclass",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    Store::connect(&url, 2).await.unwrap();
+    assert!(valid(pool.clone()).await);
+    sqlx::query(
+        "UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'tasks_ready_model'::regclass",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert!(!valid(pool.clone()).await);
+    let s = Store::connect(&url, 2).await.unwrap();
+    assert!(valid(pool.clone()).await, "rebuilt");
+    // And used: a lease goes through it.
+    let w = worker(&s, "w1", 1).await;
+    submit(&s, "j1", &job(2, 0), 0).await;
+    assert_eq!(lease(&s, &w, 1, 100).await.len(), 1);
+}

@@ -130,7 +130,10 @@ impl Store {
             .connect_with(options)
             .await?;
         match dialect {
-            Dialect::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
+            Dialect::Postgres => {
+                POSTGRES_MIGRATIONS.run(&pool).await?;
+                rebuild_invalid_indexes(&pool).await?;
+            }
             Dialect::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
         }
         Ok(Self {
@@ -156,6 +159,31 @@ impl Store {
             Dialect::Sqlite => "",
         }
     }
+}
+
+/// Rebuilds the schema's indexes Postgres holds invalid. A migration that
+/// builds one `CONCURRENTLY` (0015) and fails part-way — the coordinator
+/// killed, the statement cancelled — leaves it invalid: written on every
+/// change, never used, and skipped by its `IF NOT EXISTS` when the
+/// migration runs again. Runs after the migrations, whose lock keeps
+/// another replica's build from looking invalid here while it is under way.
+async fn rebuild_invalid_indexes(pool: &AnyPool) -> Result<()> {
+    let invalid: Vec<String> = sqlx::query_scalar(
+        "SELECT CAST(c.relname AS TEXT) FROM pg_index i \
+         JOIN pg_class c ON c.oid = i.indexrelid \
+         JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE NOT i.indisvalid AND n.nspname = current_schema() ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await?;
+    for index in invalid {
+        tracing::warn!(%index, "an index a failed build left invalid is rebuilt (REINDEX CONCURRENTLY)");
+        let quoted = format!("\"{}\"", index.replace('"', "\"\""));
+        sqlx::query(&format!("REINDEX INDEX CONCURRENTLY {quoted}"))
+            .execute(pool)
+            .await?;
+    }
+    Ok(())
 }
 
 /// Makes `sqlite://path` create its file (and folder) when missing.
