@@ -837,8 +837,10 @@ async fn fetch_leaves(conn: &mut AnyConnection, ids: &[NodeId]) -> Result<HashMa
 }
 
 /// Those of the nodes `ids` that are stored, as stored (hex text). One
-/// statement asks for every level at once (a clause per level), so a tree's
-/// edge or a page of proofs costs one round trip, however many levels.
+/// statement asks for every level at once (a clause per level), so the
+/// stored nodes of a tree's edge or of a page of proofs cost one round trip
+/// however many levels (the leaves among them, read from the entries by
+/// [`fetch_leaves`], one more).
 async fn fetch_stored_nodes(
     conn: &mut AnyConnection,
     ids: &[NodeId],

@@ -922,27 +922,19 @@ async fn a_tenant_proves_its_jobs_entries_in_the_signed_ledger_without_reading_t
     let root = test_ca().root_cert.display().to_string();
     let kept = dir.path().join("kept.json");
     let kept = kept.to_str().unwrap();
+    // A `hallmark --json` call as `token`: its exit code, its report (Null
+    // when it printed none) and its output.
+    let run = |token: &str, args: &[&str]| {
+        let out = hallmark_as(&url, Some(token), &[&["--json"][..], args].concat());
+        let report = serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null);
+        (out.status.code().unwrap_or(-1), report, out)
+    };
     let prove = |token: &str, job: &str, extra: &[&str]| {
         let args = [
-            &[
-                "--json",
-                "audit",
-                "prove",
-                "--job",
-                job,
-                "--trust-anchors",
-                &root,
-            ][..],
+            &["audit", "prove", "--job", job, "--trust-anchors", &root][..],
             extra,
-        ]
-        .concat();
-        let out = hallmark_as(&url, Some(token), &args);
-        let code = out.status.code().unwrap_or(-1);
-        (
-            code,
-            serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null),
-            out,
-        )
+        ];
+        run(token, &args.concat())
     };
     let (code, report, _) = prove(
         acme,
@@ -1066,15 +1058,8 @@ async fn a_tenant_proves_its_jobs_entries_in_the_signed_ledger_without_reading_t
     // and finds the node, and those grown on it since; `--repair` rewrites
     // them, the rebuilt tree held to the root signed last, and signing
     // resumes.
-    let check_tree = |token: &str, extra: &[&str]| {
-        let out = hallmark_as(
-            &url,
-            Some(token),
-            &[&["--json", "audit", "check-tree"][..], extra].concat(),
-        );
-        let report = serde_json::from_slice::<Value>(&out.stdout).unwrap_or(Value::Null);
-        (out.status.code().unwrap_or(-1), report, out)
-    };
+    let check_tree =
+        |token: &str, extra: &[&str]| run(token, &[&["audit", "check-tree"][..], extra].concat());
     super::auth::refused(&check_tree(acme, &["--repair"]).2, "not allowed");
     let (code, found, _) = check_tree(operator, &[]);
     assert_eq!(code, 1, "{found:#}");
