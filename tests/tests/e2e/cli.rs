@@ -591,7 +591,15 @@ async fn a_task_the_engine_refuses_as_asked_fails_for_good_at_its_first_attempt(
         1,
         "one attempt of three: no retry can change a refusal"
     );
-    // The ledger says why it was not retried.
+    // The ledger says why it was not retried. The log lists sealed entries,
+    // and the job can end before the sealer's next pass.
+    wait_for_count(
+        &db,
+        "the fail entry sealed",
+        "SELECT COUNT(*) FROM audit_events WHERE kind = 'fail' AND seq IS NOT NULL",
+        |n| n >= 1,
+    )
+    .await;
     let log = ok(&hallmark(&[
         "--coordinator",
         &url,
