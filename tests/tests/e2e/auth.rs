@@ -199,7 +199,15 @@ async fn each_role_is_allowed_its_own_calls_and_refused_the_rest() {
         "not allowed",
     );
     // A tenant reads its own job's ledger entries (not the whole chain,
-    // which holds every tenant's).
+    // which holds every tenant's). The log lists sealed entries, and the
+    // reaper seals on its own time.
+    wait_for_count(
+        &db,
+        "the job's submit entry sealed",
+        &format!("SELECT COUNT(*) FROM audit_events WHERE kind = 'submit' AND job_id = '{job_id}' AND seq IS NOT NULL"),
+        |n| n == 1,
+    )
+    .await;
     let log = hallmark_as(
         &url,
         Some(acme),

@@ -124,18 +124,17 @@ async fn the_coordinator_and_the_worker_export_what_the_farm_did() {
     assert_eq!(done.state, "failed", "item 3 fails with no retry");
 
     // The reaper closes the job; then the census has nothing open.
-    let mut after = Scrape::get(&metrics);
-    eventually(
-        "the job closed in the census",
-        Duration::from_secs(20),
-        || {
-            after = Scrape::get(&metrics);
-            let closed =
-                after.sum("hallmark_jobs_finished_total", &[("state", "failed")]) == Some(1.0);
-            async move { closed }
-        },
-    )
+    eventually("the job's finish counted", Duration::from_secs(20), || {
+        let closed = Scrape::get(&metrics)
+            .sum("hallmark_jobs_finished_total", &[("state", "failed")])
+            == Some(1.0);
+        async move { closed }
+    })
     .await;
+    // A scrape reads the census before it renders the counters, so the one
+    // that first counted the finish may have read the job still running;
+    // the next reads it after the finish was committed.
+    let after = Scrape::get(&metrics);
     // Label sets seen before read 0 now, instead of vanishing.
     assert_eq!(open_tasks(&after, "ready", "generate"), Some(0.0));
     assert_eq!(open_tasks(&after, "waiting", "upscale"), Some(0.0));
