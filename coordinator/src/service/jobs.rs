@@ -63,6 +63,9 @@ impl JobsService {
         if matches!(action, JobControl::Resume | JobControl::RetryFailed) {
             self.0.notifier.tasks_ready();
         }
+        if action == JobControl::Cancel {
+            self.0.purge_deleted_inputs_after_a_job().await;
+        }
         self.0.notifier.job_changed(&job_id);
         Ok(Response::new(self.view(&job_id).await?))
     }

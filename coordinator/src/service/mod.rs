@@ -237,6 +237,9 @@ impl Coordinator {
             metrics::counter!(m::JOBS_FINISHED, "state" => state.clone()).increment(1);
             tracing::info!(job_id = %job, %state, "job finished");
         }
+        if !out.finished_jobs.is_empty() {
+            self.purge_deleted_inputs_after_a_job().await;
+        }
         Ok(())
     }
 
@@ -263,18 +266,7 @@ impl Coordinator {
                 Err(e) => return Err(e),
             }
         }
-        let mut purged = 0;
-        // Inputs their last uploader took back while another tenant's job
-        // started from them, now free: purged whatever the retention.
-        for sha256 in self.store.deleted_inputs_now_unused(PURGE_BATCH).await? {
-            purged += self
-                .purge_input(
-                    &sha256,
-                    i64::MAX,
-                    "deleted by its last uploader, and no job starts from it any more",
-                )
-                .await?;
-        }
+        let mut purged = self.purge_deleted_inputs().await?;
         let Some(retention) = self.config.input_retention() else {
             return Ok(purged);
         };
@@ -297,6 +289,33 @@ impl Coordinator {
                 .await?;
         }
         Ok(purged)
+    }
+
+    /// Purges the inputs their last uploader took back while another
+    /// tenant's job started from them, now that no unfinished task does,
+    /// whatever the retention. The sweep runs it, and so does the end of a
+    /// job (closed by the reaper, or canceled): such a deletion waits for
+    /// the job, not for the next sweep. Returns how many were purged.
+    pub async fn purge_deleted_inputs(&self) -> Result<u64, StoreError> {
+        let mut purged = 0;
+        for sha256 in self.store.deleted_inputs_now_unused(PURGE_BATCH).await? {
+            purged += self
+                .purge_input(
+                    &sha256,
+                    i64::MAX,
+                    "deleted by its last uploader, and no job starts from it any more",
+                )
+                .await?;
+        }
+        Ok(purged)
+    }
+
+    /// [`Self::purge_deleted_inputs`] after a job ended: a failure is
+    /// logged, not the caller's, and the sweep tries again.
+    pub(crate) async fn purge_deleted_inputs_after_a_job(&self) {
+        if let Err(e) = self.purge_deleted_inputs().await {
+            tracing::warn!(error = %e, "inputs deleted while a job started from them could not be purged yet");
+        }
     }
 
     /// Purges the input `sha256` if unused since before `cutoff` (see

@@ -373,8 +373,8 @@ impl Store {
 
     /// Up to `limit` inputs taken back by their last uploader while
     /// another tenant's job still started from them, that no unfinished
-    /// task starts from any more: the sweep purges them, whatever the
-    /// retention.
+    /// task starts from any more: purged when a job ends, and by the sweep,
+    /// whatever the retention.
     pub async fn deleted_inputs_now_unused(&self, limit: u32) -> Result<Vec<String>> {
         Ok(sqlx::query_scalar(&format!(
             "SELECT sha256 FROM inputs WHERE delete_requested = 1 AND purged_at IS NULL \
@@ -402,8 +402,9 @@ impl Store {
     /// an unfinished task of a job the caller may act on starts from it;
     /// an input the tenant did not upload is not found. With no uploader
     /// left but another tenant's unfinished task starting from it (a job an
-    /// operator submitted), it is marked `delete_requested`, and the sweep
-    /// purges it once no unfinished task starts from it
+    /// operator submitted), it is marked `delete_requested`, and purged
+    /// when that job ends (or by the sweep) once no unfinished task starts
+    /// from it
     /// ([`Store::deleted_inputs_now_unused`]), whatever the retention. The
     /// purge commits before the blob is removed, as
     /// [`Store::purge_input`]'s does.
@@ -464,7 +465,7 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         // Another tenant's job (one an operator submitted) may still start
-        // from it: then the sweep purges it once that ends (marked
+        // from it: then it is purged once that ends (marked
         // `delete_requested`). (With no tenant, `in_use` above looked at
         // every job already.)
         let others_in_use = match (owners, tenant) {

@@ -541,6 +541,115 @@ async fn a_tenant_renders_and_downloads_only_the_inputs_it_uploaded() {
     assert!(!blob.exists(), "the last uploader's deletion purges it");
 }
 
+/// An input its last uploader takes back while a job an operator submitted
+/// for another tenant starts from it is kept for that job, then purged as
+/// soon as the job ends — canceled, or closed by the reaper — not at the
+/// next input sweep (a minute apart with no retention set).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_taken_back_during_another_tenants_job_is_purged_when_that_job_ends() {
+    use hallmark_proto::client::BearerToken;
+    use hallmark_proto::v1::jobs_client::JobsClient;
+    use hallmark_proto::v1::{Chunk, InputRef, JobRef, SubmitJobRequest};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (config, tokens) = token_config(dir.path(), &["tenant:acme", "worker", "operator"]);
+    let [acme, worker, operator] = [0, 1, 2].map(|i| tokens[i].as_str());
+    let db = fresh_database().await;
+    let blobs = dir.path().join("blobs");
+    let spec =
+        CoordinatorSpec::new(&db, None, blobs.clone()).with("HALLMARK_CONFIG", config.display());
+    let _c = spec.start().await;
+    let url = spec.url();
+    // A slow worker: each job still runs when its input is taken back.
+    let _w = start_worker(&url, "w", 3_000, &["--token", worker]);
+    // The worker's registration sealed: the first reap pass, and the input
+    // sweep after it, have run; the next sweep is a minute away.
+    wait_for_count(
+        &db,
+        "the first reap pass",
+        "SELECT COUNT(*) FROM audit_events WHERE kind = 'register_worker' AND seq IS NOT NULL",
+        |n| n >= 1,
+    )
+    .await;
+    let client = |token: &str| {
+        let url = url.clone();
+        let bearer = BearerToken::new(Some(token)).unwrap();
+        async move { JobsClient::new(bearer.on(channel(&url).await)) }
+    };
+    for (photo, cancel) in [("coffee.png", true), ("rocket.jpg", false)] {
+        let bytes = std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("data/images")
+                .join(photo),
+        )
+        .unwrap();
+        let sha256 = client(acme)
+            .await
+            .upload_input(tokio_stream::iter(vec![Chunk { data: bytes }]))
+            .await
+            .unwrap()
+            .into_inner()
+            .sha256;
+        let blob = blobs.join(&sha256[..2]).join(&sha256);
+        let mut job = synthetic_spec(1, 0);
+        job.tenant = "globex".into();
+        job.init_image_sha256 = sha256.clone();
+        job.strength = 0.5;
+        let job_id = client(operator)
+            .await
+            .submit(SubmitJobRequest {
+                spec: Some(job),
+                queue_unservable: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .job_id;
+        // acme's deletion goes through; globex's job keeps the picture.
+        client(acme)
+            .await
+            .delete_input(InputRef {
+                sha256: sha256.clone(),
+            })
+            .await
+            .unwrap();
+        let purged = format!(
+            "SELECT COUNT(*) FROM inputs WHERE sha256 = '{sha256}' AND purged_at IS NOT NULL"
+        );
+        assert_eq!(scalar(&db, &purged).await, 0, "{photo}: kept for the job");
+        assert!(blob.exists(), "{photo}");
+        if cancel {
+            client(operator)
+                .await
+                .cancel_job(JobRef {
+                    job_id: job_id.clone(),
+                })
+                .await
+                .unwrap();
+        } else {
+            ok(&hallmark_as(&url, Some(operator), &["watch", &job_id]));
+        }
+        eventually(
+            &format!("{photo} purged once its job ended"),
+            Duration::from_secs(10),
+            || {
+                let n = scalar(&db, &purged);
+                async move { n.await == 1 }
+            },
+        )
+        .await;
+        assert!(!blob.exists(), "{photo}: the blob is deleted with it");
+    }
+    assert_eq!(
+        scalar(
+            &db,
+            "SELECT COUNT(*) FROM audit_events WHERE kind = 'purge_input'"
+        )
+        .await,
+        2
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_travel_over_tls_to_a_coordinator_with_a_certificate() {
     let dir = tempfile::tempdir().unwrap();
