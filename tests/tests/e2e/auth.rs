@@ -27,6 +27,19 @@ pub(crate) fn token_config(
     (path, tokens)
 }
 
+/// A Jobs client at `url` presenting `token` (`None`: no token); the
+/// future borrows neither.
+fn jobs_as(
+    url: &str,
+    token: Option<&str>,
+) -> impl std::future::Future<
+    Output = hallmark_proto::v1::jobs_client::JobsClient<hallmark_proto::client::AuthChannel>,
+> + use<> {
+    let url = url.to_string();
+    let bearer = hallmark_proto::client::BearerToken::new(token).unwrap();
+    async move { hallmark_proto::v1::jobs_client::JobsClient::new(bearer.on(channel(&url).await)) }
+}
+
 /// Asserts the command failed and its stderr says `what`.
 pub(crate) fn refused(out: &Output, what: &str) {
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -307,7 +320,6 @@ async fn each_role_is_allowed_its_own_calls_and_refused_the_rest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_renders_and_downloads_only_the_inputs_it_uploaded() {
     use hallmark_proto::client::BearerToken;
-    use hallmark_proto::v1::jobs_client::JobsClient;
     use hallmark_proto::v1::{Chunk, DownloadArtifactRequest, SubmitJobRequest};
 
     let dir = tempfile::tempdir().unwrap();
@@ -335,11 +347,7 @@ async fn a_tenant_renders_and_downloads_only_the_inputs_it_uploaded() {
         n == 1
     })
     .await;
-    let client = |token: Option<&str>| {
-        let url = url.clone();
-        let bearer = BearerToken::new(token).unwrap();
-        async move { JobsClient::new(bearer.on(channel(&url).await)) }
-    };
+    let client = |token: Option<&str>| jobs_as(&url, token);
     let upload = |token: Option<&str>| {
         let photo = photo.clone();
         let client = client(token);
@@ -547,8 +555,6 @@ async fn a_tenant_renders_and_downloads_only_the_inputs_it_uploaded() {
 /// next input sweep (a minute apart with no retention set).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_input_taken_back_during_another_tenants_job_is_purged_when_that_job_ends() {
-    use hallmark_proto::client::BearerToken;
-    use hallmark_proto::v1::jobs_client::JobsClient;
     use hallmark_proto::v1::{Chunk, InputRef, JobRef, SubmitJobRequest};
 
     let dir = tempfile::tempdir().unwrap();
@@ -571,11 +577,7 @@ async fn an_input_taken_back_during_another_tenants_job_is_purged_when_that_job_
         |n| n >= 1,
     )
     .await;
-    let client = |token: &str| {
-        let url = url.clone();
-        let bearer = BearerToken::new(Some(token)).unwrap();
-        async move { JobsClient::new(bearer.on(channel(&url).await)) }
-    };
+    let client = |token: &str| jobs_as(&url, Some(token));
     for (photo, cancel) in [("coffee.png", true), ("rocket.jpg", false)] {
         let bytes = std::fs::read(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
