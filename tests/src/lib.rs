@@ -452,6 +452,19 @@ pub fn stores_named(store: &str) -> anyhow::Result<Vec<&'static str>> {
     })
 }
 
+/// The p50 and p99 of latencies in microseconds, in milliseconds (0 for
+/// none): the benchmarks' latency figures.
+pub fn percentiles_ms(mut us: Vec<u64>) -> (f64, f64) {
+    us.sort_unstable();
+    let pct = |p: f64| {
+        us.get(((us.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
+    (pct(0.50), pct(0.99))
+}
+
 /// A fresh store for a benchmark: a new Postgres database (8 connections),
 /// or for "sqlite" a new file in `dir` (one connection, as the embedded
 /// farm has).

@@ -68,18 +68,6 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for StatementCounter {
     }
 }
 
-/// p50 and p99 in milliseconds.
-fn percentiles(mut us: Vec<u64>) -> (f64, f64) {
-    us.sort_unstable();
-    let pct = |p: f64| {
-        us.get(((us.len() as f64 - 1.0) * p) as usize)
-            .copied()
-            .unwrap_or(0) as f64
-            / 1000.0
-    };
-    (pct(0.50), pct(0.99))
-}
-
 struct Outcome {
     seconds: f64,
     latencies_us: Vec<u64>,
@@ -149,8 +137,8 @@ async fn main() -> anyhow::Result<()> {
         .await?;
         // Lease latency of an idle farm: one worker, one task at a time.
         let idle = run(store, &1, 1, 300, args.metrics, args.auth, &stamping).await?;
-        let (p50, p99) = percentiles(out.latencies_us);
-        let (idle50, idle99) = percentiles(idle.latencies_us);
+        let (p50, p99) = hallmark_e2e::percentiles_ms(out.latencies_us);
+        let (idle50, idle99) = hallmark_e2e::percentiles_ms(idle.latencies_us);
         let label = if store == "postgres" {
             "postgres+redis"
         } else {

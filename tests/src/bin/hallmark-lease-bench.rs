@@ -83,21 +83,17 @@ async fn run(name: &str, store: &Store, args: &Args) -> anyhow::Result<()> {
         "{name:<9} queued {} tasks in {:.1} s; lease for the idle model b: {}; for the busy model a (baseline): {}",
         args.backlog_jobs * args.tasks_per_job + args.leases,
         queued.as_secs_f64(),
-        figures(&mut b),
-        figures(&mut a)
+        figures(&b),
+        figures(&a)
     );
     Ok(())
 }
 
-fn figures(times: &mut [Duration]) -> String {
-    times.sort();
-    let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize].as_secs_f64() * 1e3;
+fn figures(times: &[Duration]) -> String {
+    let (p50, p99) =
+        hallmark_e2e::percentiles_ms(times.iter().map(|t| t.as_micros() as u64).collect());
     let mean = times.iter().map(Duration::as_secs_f64).sum::<f64>() / times.len() as f64 * 1e3;
-    format!(
-        "p50 {:.2} ms, p99 {:.2} ms, mean {mean:.2} ms",
-        at(0.5),
-        at(0.99)
-    )
+    format!("p50 {p50:.2} ms, p99 {p99:.2} ms, mean {mean:.2} ms")
 }
 
 async fn register(store: &Store, id: &str, model: &str) -> anyhow::Result<WorkerCaps> {
