@@ -117,10 +117,16 @@ fn job_for(tenant: &str, priority: i32, prompts: usize, upscale: u32) -> Expande
 }
 
 async fn worker(s: &Store, id: &str, max_batch: u32) -> WorkerCaps {
-    worker_serving(s, id, max_batch, &["m1"]).await
+    worker_serving(s, id, max_batch, &["m1"], 1 << 24).await
 }
 
-async fn worker_serving(s: &Store, id: &str, max_batch: u32, models: &[&str]) -> WorkerCaps {
+async fn worker_serving(
+    s: &Store,
+    id: &str,
+    max_batch: u32,
+    models: &[&str],
+    max_pixels: u64,
+) -> WorkerCaps {
     let models: Vec<(String, ModelCapability)> = models
         .iter()
         .map(|m| {
@@ -138,7 +144,7 @@ async fn worker_serving(s: &Store, id: &str, max_batch: u32, models: &[&str]) ->
         hostname: "host",
         engines: &["synthetic".into()],
         models: &models,
-        max_pixels: 1 << 24,
+        max_pixels,
         max_batch,
         principal: "",
         client_cert: None,
@@ -146,7 +152,7 @@ async fn worker_serving(s: &Store, id: &str, max_batch: u32, models: &[&str]) ->
     s.register_worker(&reg, 0).await.unwrap();
     WorkerCaps {
         worker_id: id.into(),
-        max_pixels: 1 << 24,
+        max_pixels,
         max_batch,
         principal: String::new(),
         client_cert_sha256: String::new(),
@@ -757,7 +763,7 @@ both_stores! {
         // Nobody has heard of the refiner yet: refused, naming it.
         let err = s.check_servable(&j, false).await.unwrap_err().to_string();
         assert!(err.contains("\"r1\""), "{err}");
-        let r = worker_serving(s, "w2", 1, &["r1"]).await;
+        let r = worker_serving(s, "w2", 1, &["r1"], 1 << 24).await;
         submit(s, "j1", &j, 0).await;
         let view = s.get_job("j1", 1, 0).await.unwrap();
         let stages: Vec<_> = view.stages.iter().map(|st| (st.stage.as_str(), st.ready, st.waiting)).collect();
@@ -959,12 +965,8 @@ both_stores! {
 
     async fn a_worker_leases_its_own_models_tasks_past_other_models_backlogs(s: &Store) {
         let busy = worker(s, "wa", 4).await;
-        let engines = ["synthetic".to_string()];
-        let m2 = ModelCapability { model_id: "m2".into(), weights_sha256: SHA.into(), refines_only: false };
-        let models = [("synthetic".to_string(), m2)];
-        let reg = WorkerRegistration { worker_id: "wb", name: "wb", hostname: "h", engines: &engines, models: &models, max_pixels: 1 << 16, max_batch: 4, principal: "", client_cert: None };
-        s.register_worker(&reg, 1).await.unwrap();
-        let idle = WorkerCaps { worker_id: "wb".into(), max_pixels: 1 << 16, max_batch: 4, principal: String::new(), client_cert_sha256: String::new() };
+        // Up to 256²: b-large's 512² does not fit it.
+        let idle = worker_serving(s, "wb", 4, &["m2"], 1 << 16).await;
         // Ahead of b's job: a's backlog, and a job of b's model too large for wb.
         for (id, model, priority, side, prompts) in [("a1", "m1", 9, 192, 6), ("a2", "m1", 8, 192, 6), ("b-large", "m2", 9, 512, 2), ("b", "m2", 0, 192, 3)] {
             let mut j = job_for("default", priority, prompts, 0);
