@@ -150,13 +150,7 @@ async fn worker_serving(
         client_cert: None,
     };
     s.register_worker(&reg, 0).await.unwrap();
-    WorkerCaps {
-        worker_id: id.into(),
-        max_pixels,
-        max_batch,
-        principal: String::new(),
-        client_cert_sha256: String::new(),
-    }
+    s.worker_caps(id).await.unwrap()
 }
 
 async fn submit(s: &Store, id: &str, j: &ExpandedJob, cap: u32) {
@@ -813,6 +807,36 @@ both_stores! {
         let view = s.get_job("j2", 3_300, 0).await.unwrap();
         let open: Vec<_> = view.stages.iter().map(|st| (st.stage.as_str(), st.ready, st.waiting)).collect();
         assert_eq!(open, [("generate", 2, 0), ("refine", 0, 2), ("upscale", 0, 2)]);
+    }
+
+    async fn a_job_s_latest_ready_stage_is_leased_first_across_the_models_a_worker_serves(s: &Store) {
+        // Up to 256²: the ×2 upscales (384²) do not fit it.
+        let base = worker_serving(s, "base", 4, &["m1"], 1 << 16).await;
+        let both = worker_serving(s, "both", 4, &["m1", "r1"], 1 << 24).await;
+        let mut j = job(4, 2);
+        j.refine = Some(spec::Refine { model_id: "r1".into(), strength: 0.5 });
+        submit(s, "j1", &j, 0).await;
+        let generates = lease(s, &base, 4, 100).await;
+        assert_eq!(generates.len(), 4);
+        // Items 2 and 3 done; 0 and 1 handed back: ready generates rank
+        // before the ready refines by item, after them by stage.
+        for l in &generates {
+            if l.item_index >= 2 {
+                s.complete(&done(&base, l), 110).await.unwrap();
+            } else {
+                s.fail("base", &l.task_id, l.fencing_token, "", AttemptEnd::HandedBack, 110).await.unwrap();
+            }
+        }
+        let stage_items = |leased: &[TaskLease]| leased.iter().map(|l| (l.stage.clone(), l.item_index)).collect::<Vec<_>>();
+        let refines = lease(s, &both, 4, 120).await;
+        assert_eq!(stage_items(&refines), [("refine".into(), 2), ("refine".into(), 3)], "the latest stage, one model's batch");
+        for l in &refines {
+            s.complete(&done(&both, l), 130).await.unwrap();
+        }
+        // Upscales of m1 are ready now, ahead of its generates, but too large for base.
+        assert_eq!(stage_items(&lease(s, &base, 4, 140).await), [("generate".into(), 0), ("generate".into(), 1)]);
+        assert_eq!(stage_items(&lease(s, &both, 4, 150).await), [("upscale".into(), 2), ("upscale".into(), 3)]);
+        assert!(lease(s, &both, 4, 160).await.is_empty());
     }
 
     async fn compatible_tasks_are_leased_together_up_to_the_batch(s: &Store) {

@@ -11,6 +11,7 @@ use sqlx::Row;
 
 use super::audit::{self, AuditEvent, kind};
 use super::{Result, Store, StoreError, state};
+use crate::spec::{STAGE_GENERATE, STAGE_REFINE, STAGE_UPSCALE, stage_rank};
 use crate::stamps::CheckedStamp;
 
 /// Coarseness of the per-tenant dispatch time kept for round-robin.
@@ -41,6 +42,8 @@ pub struct WorkerCaps {
     /// SHA-256 (hex) of the TLS client certificate it registered with; ''
     /// for none.
     pub client_cert_sha256: String,
+    /// The (engine, model id) pairs it registered, in order.
+    pub models: Vec<(String, String)>,
 }
 
 /// How a leased attempt ended without a result ([`Store::fail`]).
@@ -247,21 +250,33 @@ impl Store {
 
     /// The lease-relevant capabilities of a registered worker.
     pub async fn worker_caps(&self, worker_id: &str) -> Result<WorkerCaps> {
-        let row = sqlx::query(
-            "SELECT max_pixels, max_batch, principal, client_cert_sha256 FROM workers WHERE id = $1",
+        // One round trip: a row per model (one with no model when it has none).
+        let rows = sqlx::query(
+            "SELECT w.max_pixels, w.max_batch, w.principal, w.client_cert_sha256, wm.engine, wm.model_id \
+             FROM workers w LEFT JOIN worker_models wm ON wm.worker_id = w.id \
+             WHERE w.id = $1 ORDER BY wm.engine, wm.model_id",
         )
-            .bind(worker_id)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| {
-                StoreError::NotFound(format!("unknown worker {worker_id:?}; register again"))
-            })?;
+        .bind(worker_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let row = rows.first().ok_or_else(|| {
+            StoreError::NotFound(format!("unknown worker {worker_id:?}; register again"))
+        })?;
+        let mut models = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let engine: Option<String> = r.try_get("engine")?;
+            let model: Option<String> = r.try_get("model_id")?;
+            if let (Some(engine), Some(model)) = (engine, model) {
+                models.push((engine, model));
+            }
+        }
         Ok(WorkerCaps {
             worker_id: worker_id.to_string(),
             max_pixels: row.try_get::<i64, _>("max_pixels")? as u64,
             max_batch: row.try_get::<i64, _>("max_batch")? as u32,
             principal: row.try_get("principal")?,
             client_cert_sha256: row.try_get("client_cert_sha256")?,
+            models,
         })
     }
 
@@ -383,11 +398,11 @@ impl Store {
         now: i64,
     ) -> Result<Vec<TaskLease>> {
         let want = want.min(worker.max_batch.max(1));
-        if want == 0 {
+        if want == 0 || worker.models.is_empty() {
             return Ok(Vec::new());
         }
         let jobs = sqlx::query(
-            "SELECT j.id, j.tenant FROM jobs j JOIN tenants tn ON tn.name = j.tenant \
+            "SELECT j.id, j.tenant, j.engine FROM jobs j JOIN tenants tn ON tn.name = j.tenant \
              WHERE j.state = 'running' \
              AND NOT EXISTS (SELECT 1 FROM job_worker_failures b WHERE b.job_id = j.id AND b.worker_id = $1 AND b.failures >= $2) \
              AND (tn.max_running = 0 OR (SELECT COUNT(*) FROM tasks r WHERE r.tenant = j.tenant AND r.state = 'leased') < tn.max_running) \
@@ -407,8 +422,15 @@ impl Store {
         for job in jobs {
             let job_id: String = job.try_get("id")?;
             let tenant: String = job.try_get("tenant")?;
+            let engine: String = job.try_get("engine")?;
+            let models: Vec<&str> = worker
+                .models
+                .iter()
+                .filter(|(e, _)| *e == engine)
+                .map(|(_, m)| m.as_str())
+                .collect();
             let leased = self
-                .lease_from_job(worker, &job_id, want, cooldown_since, now)
+                .lease_from_job(worker, &job_id, &engine, &models, want, cooldown_since, now)
                 .await?;
             if leased.is_empty() {
                 continue;
@@ -439,24 +461,56 @@ impl Store {
         Ok(Vec::new())
     }
 
+    /// Leases a batch of `job_id`'s ready tasks of `models` (those the
+    /// worker serves with the job's `engine`).
+    #[allow(clippy::too_many_arguments)]
     async fn lease_from_job(
         &self,
         worker: &WorkerCaps,
         job_id: &str,
+        engine: &str,
+        models: &[&str],
         want: u32,
         cooldown_since: i64,
         now: i64,
     ) -> Result<Vec<TaskLease>> {
-        // Per task, not per job: a job's refine stage names its refiner.
-        let eligible = "t.job_id = $2 AND t.state = 'ready' AND t.pixels <= $3 \
-             AND EXISTS (SELECT 1 FROM worker_models wm WHERE wm.worker_id = $1 AND wm.engine = t.engine AND wm.model_id = t.model_id) \
+        // Per task, not per job: a job's refine stage names its refiner. The
+        // head of the batch is the first ready task of each (model, stage)
+        // the worker serves, the latest stage first: one index probe each
+        // (tasks_ready_lease_order), where one scan in the job's stage
+        // order read past every ready task of the models it does not serve.
+        // (`+t.pixels`: a filter, not an index range, so SQLite's planner
+        // takes that index instead of sorting all of a model's ready tasks
+        // found through tasks_ready_model's pixel range.)
+        let ready = "t.job_id = $2 AND t.state = 'ready' AND +t.pixels <= $3 \
              AND NOT EXISTS (SELECT 1 FROM task_failures f WHERE f.task_id = t.id AND f.worker_id = $1 AND f.failed_at > $4)";
-        // The pick is a CTE so Postgres runs it (and its LIMIT) exactly once;
-        // as a plain `IN (subquery)` the planner may re-run it and lease more.
+        if models.is_empty() {
+            return Ok(Vec::new());
+        }
+        let stages = [STAGE_GENERATE, STAGE_REFINE, STAGE_UPSCALE];
+        let mut heads = Vec::with_capacity(models.len() * stages.len());
+        for i in 0..models.len() {
+            let model = 8 + i;
+            for rank in stages.map(stage_rank) {
+                heads.push(format!(
+                    "SELECT * FROM (SELECT t.model_id, t.stage_rank, t.batch_key, t.item_index FROM tasks t \
+                     WHERE {ready} AND t.model_id = ${model} AND t.stage_rank = {rank} AND t.engine = $7 \
+                     ORDER BY t.item_index LIMIT 1) h"
+                ));
+            }
+        }
+        // The batch: the head's compatible tasks (its batch key names the
+        // engine, model and stage). The pick is a CTE so Postgres runs it
+        // (and its LIMIT) exactly once; as a plain `IN (subquery)` the
+        // planner may re-run it and lease more.
         let pick = format!(
-            "WITH picked AS (SELECT t.id FROM tasks t WHERE {eligible} \
-               AND t.batch_key = (SELECT t.batch_key FROM tasks t WHERE {eligible} ORDER BY t.stage_rank DESC, t.item_index LIMIT 1) \
-               ORDER BY t.stage_rank DESC, t.item_index LIMIT $6{})",
+            "WITH head AS (SELECT model_id, stage_rank, batch_key FROM ({}) c \
+               ORDER BY stage_rank DESC, item_index LIMIT 1), \
+             picked AS (SELECT t.id FROM tasks t WHERE {ready} \
+               AND t.model_id = (SELECT model_id FROM head) AND t.stage_rank = (SELECT stage_rank FROM head) \
+               AND t.batch_key = (SELECT batch_key FROM head) \
+               ORDER BY t.item_index LIMIT $6{})",
+            heads.join(" UNION ALL "),
             self.skip_locked()
         );
         let update = "UPDATE tasks SET state = 'leased', worker_id = $1, lease_token = lease_token + 1, \
@@ -480,13 +534,17 @@ impl Store {
             ),
             super::Dialect::Sqlite => format!("{pick} {update}"),
         };
-        let query = sqlx::query(&sql)
+        let mut query = sqlx::query(&sql)
             .bind(&worker.worker_id)
             .bind(job_id)
             .bind(worker.max_pixels as i64)
             .bind(cooldown_since)
             .bind(now)
             .bind(i64::from(want));
+        query = query.bind(engine);
+        for model in models {
+            query = query.bind(*model);
+        }
         let rows = match self.dialect {
             super::Dialect::Postgres => query.fetch_all(&self.pool).await?,
             super::Dialect::Sqlite => {

@@ -162,7 +162,7 @@ impl Store {
 }
 
 /// Rebuilds the schema's indexes Postgres holds invalid. A migration that
-/// builds one `CONCURRENTLY` (0015) and fails part-way — the coordinator
+/// builds one `CONCURRENTLY` (0015, 0016) and fails part-way — the coordinator
 /// killed, the statement cancelled — leaves it invalid: written on every
 /// change, never used, and skipped by its `IF NOT EXISTS` when the
 /// migration runs again. Runs after the migrations, whose lock keeps
