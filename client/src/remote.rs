@@ -53,8 +53,11 @@ impl Remote {
     /// says); every call presents `token` when one is given (a coordinator
     /// with `auth = "tokens"` needs it).
     pub async fn connect(url: &str, token: Option<&str>, tls: &ClientTls) -> anyhow::Result<Self> {
+        // Without a token, the calls say who makes them, for the ledger of
+        // a coordinator with authentication off (which marks it unverified).
         let bearer = BearerToken::new(token)
-            .map_err(|e| anyhow::anyhow!("token (HALLMARK_TOKEN or `token` in the config): {e}"))?;
+            .map_err(|e| anyhow::anyhow!("token (HALLMARK_TOKEN or `token` in the config): {e}"))?
+            .claiming(&hallmark_proto::client::local_user());
         let channel = hallmark_proto::client::endpoint(url, tls)
             .map_err(anyhow::Error::msg)?
             .connect_timeout(Duration::from_secs(5))

@@ -23,6 +23,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
+use hallmark_proto::client::{CLAIMED_USER_HEADER, sanitize_claim};
 use tonic::Status;
 use tonic::service::Interceptor;
 
@@ -31,8 +32,10 @@ use crate::config::TokenEntry;
 /// The identity a call was made with, put in its extensions by [`Gate`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
-    /// Authentication is off: every call is allowed.
-    Open,
+    /// Authentication is off: every call is allowed. It holds who the
+    /// caller says it is (the CLI sends `USER@HOST`), which nothing checks;
+    /// '' when it said nothing.
+    Open(String),
     /// No token (only public calls).
     Anonymous,
     Tenant(String),
@@ -76,13 +79,23 @@ impl Caller {
     /// Who the audit ledger and logs name for this caller.
     pub fn name(&self) -> String {
         match self {
-            Caller::Open => String::new(),
+            Caller::Open(_) => String::new(),
             Caller::Anonymous => "anonymous".into(),
             Caller::Tenant(t) => format!("tenant:{t}"),
             Caller::Worker(w) if w.is_empty() => "worker".into(),
             Caller::Worker(w) => format!("worker:{w}"),
             Caller::Operator(o) if o.is_empty() => "operator".into(),
             Caller::Operator(o) => format!("operator:{o}"),
+        }
+    }
+
+    /// Who the audit ledger names for this caller's acts: its role, or
+    /// with authentication off who it says it is, marked `unverified:`
+    /// ('' when it said nothing).
+    pub fn actor(&self) -> String {
+        match self {
+            Caller::Open(claim) if !claim.is_empty() => format!("unverified:{claim}"),
+            other => other.name(),
         }
     }
 
@@ -100,7 +113,7 @@ impl Caller {
     /// Operators' calls (and every call with authentication off).
     pub fn require_operator(&self, what: &str) -> Result<(), Status> {
         match self {
-            Caller::Open | Caller::Operator(_) => Ok(()),
+            Caller::Open(_) | Caller::Operator(_) => Ok(()),
             other => Err(other.refuse(what)),
         }
     }
@@ -108,7 +121,7 @@ impl Caller {
     /// The `Workers` service's calls.
     pub fn require_worker(&self, what: &str) -> Result<(), Status> {
         match self {
-            Caller::Open | Caller::Operator(_) | Caller::Worker(_) => Ok(()),
+            Caller::Open(_) | Caller::Operator(_) | Caller::Worker(_) => Ok(()),
             other => Err(other.refuse(what)),
         }
     }
@@ -126,7 +139,7 @@ impl Caller {
     /// (or anyone with authentication off) for the one the request names.
     pub fn acting_tenant(&self, requested: &str, what: &str) -> Result<String, Status> {
         match self {
-            Caller::Open | Caller::Operator(_) => Ok(requested.to_string()),
+            Caller::Open(_) | Caller::Operator(_) => Ok(requested.to_string()),
             Caller::Tenant(t) if requested.is_empty() || requested == t => Ok(t.clone()),
             Caller::Tenant(t) => Err(Status::permission_denied(format!(
                 "{what} as tenant {requested:?} is not allowed with tenant {t:?}'s token"
@@ -141,7 +154,7 @@ impl Caller {
     /// authentication off.
     pub fn drives_worker(&self, principal: &str) -> bool {
         match self {
-            Caller::Open | Caller::Operator(_) => true,
+            Caller::Open(_) | Caller::Operator(_) => true,
             Caller::Worker(_) => self.name() == principal,
             Caller::Tenant(_) | Caller::Anonymous => false,
         }
@@ -150,7 +163,7 @@ impl Caller {
     /// Whether the caller may see and act on a job of `tenant`.
     pub fn owns(&self, tenant: &str) -> bool {
         match self {
-            Caller::Open | Caller::Operator(_) => true,
+            Caller::Open(_) | Caller::Operator(_) => true,
             Caller::Tenant(t) => t == tenant,
             Caller::Worker(_) | Caller::Anonymous => false,
         }
@@ -159,7 +172,7 @@ impl Caller {
     /// Whose private fields (the prompt) a provenance lookup shows.
     pub fn private_view(&self, requested: &str) -> PrivateView {
         match self {
-            Caller::Open if !requested.is_empty() => PrivateView::Of(requested.to_string()),
+            Caller::Open(_) if !requested.is_empty() => PrivateView::Of(requested.to_string()),
             Caller::Operator(_) => PrivateView::All,
             Caller::Tenant(t) => PrivateView::Of(t.clone()),
             _ => PrivateView::None,
@@ -831,7 +844,13 @@ impl Interceptor for Gate {
             req.extensions_mut().insert(fingerprint);
         }
         let caller = match self.tokens() {
-            None => Caller::Open,
+            None => Caller::Open(
+                req.metadata()
+                    .get(CLAIMED_USER_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(sanitize_claim)
+                    .unwrap_or_default(),
+            ),
             Some(tokens) => tokens.identify(req.metadata(), crate::store::now_ms())?,
         };
         req.extensions_mut().insert(caller);
@@ -1126,13 +1145,22 @@ mod tests {
                 .code(),
             tonic::Code::Unauthenticated
         );
-        assert_eq!(Caller::Open.acting_tenant("x", "submit").unwrap(), "x");
+        assert_eq!(
+            Caller::Open(String::new())
+                .acting_tenant("x", "submit")
+                .unwrap(),
+            "x"
+        );
         assert!(!Caller::Anonymous.private_view("acme").shows("acme"));
         let view = acme.private_view("globex");
         assert!(view.shows("acme") && !view.shows("globex"));
         assert!(ops.private_view("").shows("globex"));
-        assert!(Caller::Open.private_view("globex").shows("globex"));
-        assert!(!Caller::Open.private_view("").shows(""));
+        assert!(
+            Caller::Open(String::new())
+                .private_view("globex")
+                .shows("globex")
+        );
+        assert!(!Caller::Open(String::new()).private_view("").shows(""));
     }
 
     #[test]

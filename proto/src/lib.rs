@@ -111,24 +111,76 @@ pub mod client {
     /// A channel whose calls present the caller's token.
     pub type AuthChannel = InterceptedService<Channel, BearerToken>;
 
+    /// The header in which a caller says who it is (`USER@HOST`) where
+    /// nothing can check it: a coordinator with authentication off names
+    /// the caller by it in its audit ledger, as unverified.
+    pub const CLAIMED_USER_HEADER: &str = "hallmark-user";
+
+    /// The longest claimed identity kept.
+    const CLAIM_MAX: usize = 64;
+
+    /// `claim` as a header and a ledger entry may carry it: visible ASCII,
+    /// every other character (spaces, controls, non-ASCII) as `_`, at most
+    /// 64 characters.
+    pub fn sanitize_claim(claim: &str) -> String {
+        claim
+            .trim()
+            .chars()
+            .map(|c| if c.is_ascii_graphic() { c } else { '_' })
+            .take(CLAIM_MAX)
+            .collect()
+    }
+
+    /// This machine's host name ('unknown' when it cannot be read).
+    pub fn hostname() -> String {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .or_else(|_| std::env::var("HOSTNAME"))
+            .unwrap_or_else(|_| "unknown".into())
+    }
+
+    /// Who runs this process, as `USER@HOST` (`USER`, `LOGNAME` or
+    /// `USERNAME` from the environment).
+    pub fn local_user() -> String {
+        let user = ["USER", "LOGNAME", "USERNAME"]
+            .iter()
+            .find_map(|v| std::env::var(v).ok().filter(|u| !u.trim().is_empty()))
+            .unwrap_or_else(|| "unknown".into());
+        format!("{}@{}", user.trim(), hostname())
+    }
+
     /// The interceptor that adds `authorization: Bearer TOKEN` to each call
     /// when a token is set (a coordinator with `auth = "tokens"` identifies
-    /// the caller by it), nothing otherwise.
+    /// the caller by it); without one, the identity it claims, if any
+    /// ([`CLAIMED_USER_HEADER`]).
     #[derive(Clone, Default)]
-    pub struct BearerToken(Option<MetadataValue<Ascii>>);
+    pub struct BearerToken {
+        token: Option<MetadataValue<Ascii>>,
+        claim: Option<MetadataValue<Ascii>>,
+    }
 
     impl BearerToken {
         /// `None` or an empty token: calls go without one.
         pub fn new(token: Option<&str>) -> Result<Self, String> {
             match token.map(str::trim).filter(|t| !t.is_empty()) {
-                None => Ok(Self(None)),
+                None => Ok(Self::default()),
                 Some(t) => format!("Bearer {t}")
                     .parse()
-                    .map(|v| Self(Some(v)))
+                    .map(|v| Self {
+                        token: Some(v),
+                        claim: None,
+                    })
                     .map_err(|_| {
                         "the token holds characters a gRPC header cannot carry".to_string()
                     }),
             }
+        }
+
+        /// Calls that carry no token also say they come from `user`
+        /// (sanitized: [`sanitize_claim`]); a token speaks for itself.
+        pub fn claiming(mut self, user: &str) -> Self {
+            self.claim = sanitize_claim(user).parse().ok();
+            self
         }
 
         /// `channel` with this token on every call.
@@ -142,8 +194,15 @@ pub mod client {
             &mut self,
             mut req: tonic::Request<()>,
         ) -> Result<tonic::Request<()>, tonic::Status> {
-            if let Some(v) = &self.0 {
-                req.metadata_mut().insert("authorization", v.clone());
+            match (&self.token, &self.claim) {
+                (Some(token), _) => {
+                    req.metadata_mut().insert("authorization", token.clone());
+                }
+                (None, Some(claim)) => {
+                    req.metadata_mut()
+                        .insert(CLAIMED_USER_HEADER, claim.clone());
+                }
+                (None, None) => {}
             }
             Ok(req)
         }

@@ -344,6 +344,26 @@ pub fn hallmark(args: &[&str]) -> Output {
         .expect("run hallmark")
 }
 
+/// The arguments of `hallmark models register` for a synthetic model `id`
+/// whose weights (a file written in `dir`) no worker serves.
+pub fn register_unserved_model_args(dir: &std::path::Path, id: &str) -> Vec<String> {
+    let weights = dir.join(format!("{id}.safetensors"));
+    std::fs::write(&weights, format!("weights of {id}, served by no worker")).unwrap();
+    [
+        "models",
+        "register",
+        "--id",
+        id,
+        "--family",
+        "synthetic",
+        "--weights",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .chain([weights.to_string_lossy().into_owned()])
+    .collect()
+}
+
 /// `hallmark --coordinator URL ARGS…` presenting `token` (`None`: no token,
 /// whatever this process's environment holds).
 pub fn hallmark_as(url: &str, token: Option<&str>, args: &[&str]) -> Output {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hallmark_proto::client::{AuthChannel, BearerToken};
+use hallmark_proto::client::{AuthChannel, BearerToken, hostname};
 use hallmark_proto::v1::complete_message::Body;
 use hallmark_proto::v1::complete_outcome::Kind;
 use hallmark_proto::v1::registry_client::RegistryClient;
@@ -754,11 +754,4 @@ async fn report_failure_of(shared: &Shared, lease: &TaskLease, message: &str, fo
         .await;
     release(shared, lease);
     tally(shared, Outcome::Failed);
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .or_else(|_| std::env::var("HOSTNAME"))
-        .unwrap_or_else(|_| "unknown".into())
 }

@@ -57,7 +57,7 @@ impl JobsService {
         self.0.check_job_owner(&caller, &job_id).await?;
         self.0
             .store
-            .control_by(&job_id, action, &caller.name(), now_ms())
+            .control_by(&job_id, action, &caller.actor(), now_ms())
             .await
             .map_err(status)?;
         if matches!(action, JobControl::Resume | JobControl::RetryFailed) {
@@ -154,7 +154,7 @@ impl Jobs for JobsService {
             return Err(rate_status(refusal));
         }
         let submitted_by = match &caller {
-            Caller::Operator(_) => caller.name(),
+            Caller::Operator(_) | Caller::Open(_) => caller.actor(),
             _ => String::new(),
         };
         let new = NewJob {
@@ -307,7 +307,7 @@ impl Jobs for JobsService {
         };
         let deleted = c
             .store
-            .delete_input(&sha256, scope, &caller.name(), now_ms(), || {
+            .delete_input(&sha256, scope, &caller.actor(), now_ms(), || {
                 c.blobs.remove(&sha256)
             })
             .await
@@ -378,7 +378,7 @@ impl Jobs for JobsService {
     ) -> Result<Response<Self::DownloadArtifactStream>, Status> {
         let caller = Caller::of(&req);
         let sha256 = req.into_inner().sha256;
-        if !matches!(caller, Caller::Open | Caller::Operator(_)) {
+        if !matches!(caller, Caller::Open(_) | Caller::Operator(_)) {
             caller.require_known("downloading an artifact")?;
             let tenants = self.0.store.blob_tenants(&sha256).await.map_err(status)?;
             if !tenants.iter().any(|t| caller.owns(t)) {

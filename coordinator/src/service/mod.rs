@@ -166,7 +166,7 @@ impl Coordinator {
     ) -> Result<(), Status> {
         match caller {
             Caller::Operator(_) => return Ok(()),
-            Caller::Open if cert.is_empty() => return Ok(()),
+            Caller::Open(_) if cert.is_empty() => return Ok(()),
             _ => {}
         }
         let caps = match self.cached_worker(worker_id)? {

@@ -305,7 +305,7 @@ impl Provenance for ProvenanceService {
             .filter(|c| c.seq > 0),
             None => None,
         };
-        let actor = caller.name();
+        let actor = caller.actor();
         let check = self
             .0
             .store

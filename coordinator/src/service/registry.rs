@@ -23,7 +23,7 @@ impl Registry for RegistryService {
         let m = self
             .0
             .store
-            .register_model(&req.into_inner(), &caller.name(), now_ms())
+            .register_model(&req.into_inner(), &caller.actor(), now_ms())
             .await
             .map_err(status)?;
         Ok(Response::new(m))
@@ -44,7 +44,7 @@ impl Registry for RegistryService {
         let d = self
             .0
             .store
-            .register_dataset(&req.into_inner(), &caller.name(), now_ms())
+            .register_dataset(&req.into_inner(), &caller.actor(), now_ms())
             .await
             .map_err(status)?;
         Ok(Response::new(d))

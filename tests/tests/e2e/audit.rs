@@ -1299,3 +1299,89 @@ async fn no_root_is_signed_over_a_tree_node_changed_since_the_last_checkpoint() 
     drop(state);
     running.stop().await.unwrap();
 }
+
+/// With authentication off nothing checks who calls, and the ledger named
+/// no one for a cancel. The CLI now says who runs it (`USER@HOST`), and
+/// the ledger names that, marked unverified; odd characters in it are
+/// written as `_`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_authentication_off_the_ledger_names_who_the_cli_says_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fresh_database().await;
+    let spec = CoordinatorSpec::new(&db, Some(redis_url()), dir.path().join("blobs"));
+    let _c = spec.start().await;
+    let url = spec.url();
+    let as_user = |user: &str, args: &[&str]| {
+        let out = std::process::Command::new(bin("hallmark"))
+            .arg("--coordinator")
+            .arg(&url)
+            .args(args)
+            .env("HALLMARK_LOG", "warn")
+            .env_remove("HALLMARK_TOKEN")
+            .env("USER", user)
+            .output()
+            .expect("run hallmark");
+        ok(&out)
+    };
+    // A model registered, and served by no worker: the job waits.
+    let args = register_unserved_model_args(dir.path(), "idle");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    as_user("dave", &args);
+    let prompts = prompt_file(dir.path(), 2);
+    let submitted = as_user(
+        "alice",
+        &[
+            "--json",
+            "submit",
+            prompts.to_str().unwrap(),
+            "--model",
+            "idle",
+            "--queue-unservable",
+        ],
+    );
+    let job_id = serde_json::from_str::<Value>(&submitted).unwrap()["job_id"]
+        .as_str()
+        .expect("submit prints the job id")
+        .to_string();
+    as_user("bob smith\u{e9}", &["cancel", &job_id]);
+    wait_for_count(
+        &db,
+        "the cancel sealed",
+        &format!(
+            "SELECT COUNT(*) FROM audit_events WHERE kind = 'cancel' AND job_id = '{job_id}' AND seq IS NOT NULL"
+        ),
+        |n| n == 1,
+    )
+    .await;
+    let log = as_user("carol", &["--json", "audit", "log", "--job", &job_id]);
+    let actors: Vec<(String, String)> = log
+        .lines()
+        .map(|l| {
+            let e: Value = serde_json::from_str(l).unwrap();
+            (
+                e["kind"].as_str().unwrap().to_string(),
+                e["actor"].as_str().unwrap().to_string(),
+            )
+        })
+        .filter(|(kind, _)| kind == "submit" || kind == "cancel")
+        .collect();
+    let host = hallmark_proto::client::hostname();
+    // Entries seal in order: the registration before the cancel.
+    let all = as_user("carol", &["--json", "audit", "log"]);
+    let registered = all
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|e| e["kind"] == "register_model")
+        .expect("the registration is logged");
+    assert_eq!(registered["actor"], format!("unverified:dave@{host}"));
+    assert_eq!(
+        actors,
+        [
+            ("submit".to_string(), format!("unverified:alice@{host}")),
+            (
+                "cancel".to_string(),
+                format!("unverified:bob_smith_@{host}")
+            ),
+        ]
+    );
+}

@@ -248,24 +248,9 @@ async fn each_role_is_allowed_its_own_calls_and_refused_the_rest() {
     );
     // Registering models is the operators'; a control names who did it in
     // the ledger.
-    let weights = dir.path().join("weights.bin");
-    std::fs::write(&weights, b"not served by any worker").unwrap();
-    let register = |token: &str| {
-        hallmark_as(
-            &url,
-            Some(token),
-            &[
-                "models",
-                "register",
-                "--id",
-                "unserved",
-                "--family",
-                "synthetic",
-                "--weights",
-                weights.to_str().unwrap(),
-            ],
-        )
-    };
+    let args = register_unserved_model_args(dir.path(), "unserved");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let register = |token: &str| hallmark_as(&url, Some(token), &args);
     refused(&register(acme), "not allowed");
     ok(&register(operator));
     let paused = submit(&url, acme, "unserved", &["--queue-unservable"]);
@@ -504,22 +489,9 @@ async fn a_tenant_renders_and_downloads_only_the_inputs_it_uploaded() {
     // A job of globex's that no worker can take (its model is registered,
     // not served) starts from it: globex cannot delete it until that job
     // is over.
-    let weights = dir.path().join("idle.safetensors");
-    std::fs::write(&weights, b"weights nobody serves").unwrap();
-    ok(&hallmark_as(
-        &url,
-        Some(operator),
-        &[
-            "models",
-            "register",
-            "--id",
-            "idle",
-            "--family",
-            "synthetic",
-            "--weights",
-            weights.to_str().unwrap(),
-        ],
-    ));
+    let args = register_unserved_model_args(dir.path(), "idle");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&hallmark_as(&url, Some(operator), &args));
     let mut queued = synthetic_spec(1, 0);
     queued.model_id = "idle".into();
     queued.init_image_sha256 = sha256.clone();
