@@ -367,6 +367,14 @@ pub fn register_unserved_model_args(dir: &std::path::Path, id: &str) -> Vec<Stri
 /// `hallmark --coordinator URL ARGS…` presenting `token` (`None`: no token,
 /// whatever this process's environment holds).
 pub fn hallmark_as(url: &str, token: Option<&str>, args: &[&str]) -> Output {
+    hallmark_command(url, token, args)
+        .output()
+        .expect("run hallmark")
+}
+
+/// The command [`hallmark_as`] runs, for a caller to add to (its
+/// environment) before running it.
+pub fn hallmark_command(url: &str, token: Option<&str>, args: &[&str]) -> Command {
     let mut cmd = Command::new(bin("hallmark"));
     cmd.arg("--coordinator")
         .arg(url)
@@ -377,7 +385,7 @@ pub fn hallmark_as(url: &str, token: Option<&str>, args: &[&str]) -> Output {
     if let Some(t) = token {
         cmd.env("HALLMARK_TOKEN", t);
     }
-    cmd.output().expect("run hallmark")
+    cmd
 }
 
 /// A new token for `role` from `hallmark token new`: (token, its digest).

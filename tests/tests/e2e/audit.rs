@@ -1312,12 +1312,7 @@ async fn with_authentication_off_the_ledger_names_who_the_cli_says_it_is() {
     let _c = spec.start().await;
     let url = spec.url();
     let as_user = |user: &str, args: &[&str]| {
-        let out = std::process::Command::new(bin("hallmark"))
-            .arg("--coordinator")
-            .arg(&url)
-            .args(args)
-            .env("HALLMARK_LOG", "warn")
-            .env_remove("HALLMARK_TOKEN")
+        let out = hallmark_command(&url, None, args)
             .env("USER", user)
             .output()
             .expect("run hallmark");
