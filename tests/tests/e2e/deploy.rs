@@ -36,8 +36,14 @@ fn succeeded(out: &Output, what: &str) -> String {
 
 fn yaml_docs(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+    yaml_docs_of(&text, &path.display().to_string())
+}
+
+/// The documents of a YAML stream (`what` names it in a failure; a
+/// duplicated key is one).
+fn yaml_docs_of(text: &str, what: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|d| Value::deserialize(d).unwrap_or_else(|e| panic!("{what}: {e}")))
         .filter(|v: &Value| !v.is_null())
         .collect()
 }
@@ -193,12 +199,50 @@ fn assert_worker_settings(env: &BTreeMap<String, String>, source: &str) {
 
 // ---------------------------------------------------------------- Kubernetes
 
+/// The objects a deployment describes: deploy/k8s as kustomize applies it,
+/// or the Helm chart as `helm template` renders it.
 struct Cluster {
+    /// Where they come from, for messages.
+    source: String,
     docs: Vec<Value>,
 }
 
+/// `helm`, installed by `scripts/services.sh`.
+fn helm() -> PathBuf {
+    installed_tool(
+        "HALLMARK_HELM",
+        ".cache/hallmark/deploy-venv/bin/helm",
+        "scripts/services.sh installs helm",
+    )
+}
+
+/// `helm template RELEASE deploy/helm/hallmark` in the `hallmark`
+/// namespace, with `values` (YAML) over the chart's defaults.
+fn helm_template(release: &str, values: &str) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("values.yaml");
+    std::fs::write(&file, values).unwrap();
+    Command::new(helm())
+        .args(["template", release])
+        .arg(deploy_dir().join("helm/hallmark"))
+        .args(["--namespace", "hallmark", "--values"])
+        .arg(&file)
+        .output()
+        .unwrap()
+}
+
 impl Cluster {
-    fn load() -> Self {
+    fn helm(release: &str, values: &str) -> Self {
+        let source = format!("the Helm chart as release {release}");
+        let out = helm_template(release, values);
+        let rendered = succeeded(&out, &format!("helm template {release}"));
+        Self {
+            docs: yaml_docs_of(&rendered, &source),
+            source,
+        }
+    }
+
+    fn kustomize() -> Self {
         let dir = deploy_dir().join("k8s");
         let kustomization = yaml_docs(&dir.join("kustomization.yaml")).remove(0);
         let listed: BTreeSet<String> = strings(&kustomization["resources"]).into_iter().collect();
@@ -212,14 +256,30 @@ impl Cluster {
             .iter()
             .flat_map(|f| yaml_docs(&dir.join(f)))
             .collect();
-        Self { docs }
+        Self {
+            source: "deploy/k8s".into(),
+            docs,
+        }
     }
 
     fn get(&self, kind: &str, name: &str) -> &Value {
         self.docs
             .iter()
             .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
-            .unwrap_or_else(|| panic!("no {kind} {name} in deploy/k8s"))
+            .unwrap_or_else(|| panic!("no {kind} {name} in {}", self.source))
+    }
+
+    fn all(&self, kind: &str) -> impl Iterator<Item = &Value> {
+        self.docs.iter().filter(move |d| d["kind"] == kind)
+    }
+
+    fn container(&self, deployment: &str, name: &str) -> &Value {
+        self.get("Deployment", deployment)["spec"]["template"]["spec"]["containers"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no container {name} in {deployment}"))
     }
 
     fn config_map(&self, name: &str) -> BTreeMap<String, String> {
@@ -254,13 +314,7 @@ fn pod_launch(
     rw: &mut Rewrite,
 ) -> (Launch, Value) {
     let pod = &cluster.get("Deployment", deployment)["spec"]["template"]["spec"];
-    let c = pod["containers"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == container)
-        .unwrap_or_else(|| panic!("no container {container} in {deployment}"))
-        .clone();
+    let c = cluster.container(deployment, container).clone();
     let mut command = strings(&c["command"]);
     let mut launch = Launch {
         program: command.remove(0),
@@ -357,107 +411,192 @@ fn port_named(container: &Value, name: &str) -> u16 {
         .unwrap_or_else(|| panic!("no port {name}")) as u16
 }
 
-#[test]
-fn the_kubernetes_manifests_pass_the_api_schemas() {
-    let dir = deploy_dir().join("k8s");
+/// Holds `files` (in `dir`) to the Kubernetes API's schemas, strictly.
+fn assert_pass_api_schemas(dir: &Path, files: &[String], source: &str) {
     let validate = installed_tool(
         "HALLMARK_KUBERNETES_VALIDATE",
         ".cache/hallmark/deploy-venv/bin/kubernetes-validate",
         "scripts/services.sh installs kubernetes-validate",
     );
-    let files: Vec<String> = strings(&yaml_docs(&dir.join("kustomization.yaml"))[0]["resources"]);
     // An older Kubernetes (1.30, still common on managed clusters) and the
     // newest the schemas know.
     for version in ["1.30", "1.37"] {
         let out = Command::new(&validate)
-            .current_dir(&dir)
+            .current_dir(dir)
             .args(["--strict", "--quiet", "-k", version])
-            .args(&files)
+            .args(files)
             .output()
             .unwrap();
-        let report = succeeded(&out, &format!("kubernetes-validate against {version}"));
-        assert!(!report.contains("WARN"), "{report}");
+        let report = succeeded(
+            &out,
+            &format!("kubernetes-validate of {source} against {version}"),
+        );
+        assert!(!report.contains("WARN"), "{source}: {report}");
+    }
+}
+
+#[test]
+fn the_kubernetes_manifests_pass_the_api_schemas() {
+    let dir = deploy_dir().join("k8s");
+    let files: Vec<String> = strings(&yaml_docs(&dir.join("kustomization.yaml"))[0]["resources"]);
+    assert_pass_api_schemas(&dir, &files, "deploy/k8s");
+}
+
+/// Whether `selector` (matchLabels) picks pods labelled `pod`.
+fn selects(selector: &BTreeMap<String, String>, pod: &BTreeMap<String, String>) -> bool {
+    !selector.is_empty() && selector.iter().all(|(k, v)| pod.get(k) == Some(v))
+}
+
+/// The models an autoscaler's external metric selects: `matchLabels`'
+/// `model`, or a `matchExpressions` `model In [..]`.
+fn metric_models(metric: &Value) -> Vec<String> {
+    let selector = &metric["selector"];
+    if !selector["matchLabels"]["model"].is_null() {
+        return vec![text(&selector["matchLabels"]["model"])];
+    }
+    let exprs = selector["matchExpressions"]
+        .as_sequence()
+        .expect("the metric selects models");
+    assert_eq!(exprs.len(), 1, "one expression, on the model: {exprs:?}");
+    assert_eq!(exprs[0]["key"], "model");
+    assert_eq!(exprs[0]["operator"], "In");
+    strings(&exprs[0]["values"])
+}
+
+/// The objects hang together: each Deployment's selector picks its own
+/// pods and no other Deployment's, the coordinator's Service and
+/// disruption budget pick its pods only, and each worker pool
+/// (`(deployment, models it serves)`) has an autoscaler on that Deployment
+/// following exactly those models' ready tasks, one GPU per worker and a
+/// grace period that outlasts its drain.
+fn assert_objects_fit(cluster: &Cluster, coordinator: &str, pools: &[(&str, &[&str])]) {
+    let source = &cluster.source;
+    let pods: BTreeMap<String, BTreeMap<String, String>> = cluster
+        .all("Deployment")
+        .map(|d| {
+            (
+                text(&d["metadata"]["name"]),
+                labels(&d["spec"]["template"]["metadata"]["labels"]),
+            )
+        })
+        .collect();
+    let mut deployments: Vec<&str> = pools.iter().map(|(d, _)| *d).collect();
+    deployments.push(coordinator);
+    assert_eq!(
+        pods.keys().map(String::as_str).collect::<BTreeSet<_>>(),
+        deployments.iter().copied().collect::<BTreeSet<_>>(),
+        "{source}: the Deployments"
+    );
+    for name in &deployments {
+        let selector = labels(&cluster.get("Deployment", name)["spec"]["selector"]["matchLabels"]);
+        for (other, pod) in &pods {
+            assert_eq!(
+                selects(&selector, pod),
+                other == name,
+                "{source}: {name}'s selector picks its own pods only (checked against {other}'s)"
+            );
+        }
+    }
+    for kind in ["Service", "PodDisruptionBudget"] {
+        let object = cluster.get(kind, coordinator);
+        let selector = if kind == "Service" {
+            labels(&object["spec"]["selector"])
+        } else {
+            labels(&object["spec"]["selector"]["matchLabels"])
+        };
+        for (other, pod) in &pods {
+            assert_eq!(
+                selects(&selector, pod),
+                other == coordinator,
+                "{source}: the {kind} selects the coordinator's pods only (checked against {other}'s)"
+            );
+        }
+    }
+    let adapter = yaml_docs(&deploy_dir().join("prometheus/adapter-rules.yaml")).remove(0);
+    let rule = &adapter["externalRules"][0];
+    let rules = std::fs::read_to_string(deploy_dir().join("prometheus/rules.yml")).unwrap();
+    assert_eq!(
+        cluster.all("HorizontalPodAutoscaler").count(),
+        pools.len(),
+        "{source}: one autoscaler per pool"
+    );
+    for (deployment, models) in pools {
+        // The autoscaler scales the pool's Deployment on the models it serves.
+        let hpa = cluster.get("HorizontalPodAutoscaler", deployment);
+        assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], *deployment);
+        let worker = cluster.container(deployment, "worker");
+        let args = strings(&worker["args"]);
+        let served: Vec<&str> = args
+            .windows(2)
+            .filter(|w| w[0] == "--model-path")
+            .map(|w| w[1].split('=').next().unwrap())
+            .collect();
+        assert_eq!(served, *models, "{source}: what {deployment} serves");
+        let metric = &hpa["spec"]["metrics"][0]["external"]["metric"];
+        assert_eq!(
+            metric_models(metric),
+            *models,
+            "{source}: {deployment}'s autoscaler follows its models"
+        );
+        // The external metric is the one prometheus-adapter serves from the recording rule.
+        assert_eq!(rule["name"]["as"], metric["name"]);
+        assert!(rules.contains(&format!("record: {}", text(&rule["seriesQuery"]))));
+        // One GPU per worker; the grace period outlasts the drain.
+        assert_eq!(worker["resources"]["limits"]["nvidia.com/gpu"], 1);
+        let drain: u64 = args
+            .windows(2)
+            .find(|w| w[0] == "--drain-secs")
+            .map(|w| w[1].parse().unwrap())
+            .expect("--drain-secs");
+        let grace = cluster.get("Deployment", deployment)["spec"]["template"]["spec"]
+            ["terminationGracePeriodSeconds"]
+            .as_u64()
+            .unwrap();
+        assert!(
+            grace > drain,
+            "{source}: {deployment}'s grace {grace}s must outlast the {drain}s drain"
+        );
     }
 }
 
 #[test]
 fn the_kubernetes_objects_select_and_scale_each_other() {
-    let cluster = Cluster::load();
-    for name in ["hallmark-coordinator", "hallmark-worker-sd15"] {
-        let d = cluster.get("Deployment", name);
-        let pod_labels = labels(&d["spec"]["template"]["metadata"]["labels"]);
-        for (k, v) in labels(&d["spec"]["selector"]["matchLabels"]) {
-            assert_eq!(
-                pod_labels.get(&k),
-                Some(&v),
-                "{name}'s selector matches its pods"
-            );
-        }
-    }
-    let coordinator_pods = labels(
-        &cluster.get("Deployment", "hallmark-coordinator")["spec"]["template"]["metadata"]["labels"],
+    assert_objects_fit(
+        &Cluster::kustomize(),
+        "hallmark-coordinator",
+        &[("hallmark-worker-sd15", &["sd15"])],
     );
-    for (kind, path) in [("Service", "selector"), ("PodDisruptionBudget", "selector")] {
-        let object = cluster.get(kind, "hallmark-coordinator");
-        let selector = if kind == "Service" {
-            labels(&object["spec"][path])
-        } else {
-            labels(&object["spec"][path]["matchLabels"])
-        };
-        assert!(!selector.is_empty());
-        for (k, v) in selector {
-            assert_eq!(
-                coordinator_pods.get(&k),
-                Some(&v),
-                "the {kind} selects the coordinator pods"
-            );
-        }
-    }
-    // The autoscaler scales the worker Deployment on the model it serves.
-    let hpa = cluster.get("HorizontalPodAutoscaler", "hallmark-worker-sd15");
-    assert_eq!(
-        hpa["spec"]["scaleTargetRef"]["name"],
-        "hallmark-worker-sd15"
-    );
-    let worker = &cluster.get("Deployment", "hallmark-worker-sd15")["spec"]["template"]["spec"]["containers"]
-        [0];
-    let args = strings(&worker["args"]);
-    let served: Vec<&str> = args
-        .windows(2)
-        .filter(|w| w[0] == "--model-path")
-        .map(|w| w[1].split('=').next().unwrap())
-        .collect();
-    let metric = &hpa["spec"]["metrics"][0]["external"]["metric"];
-    assert_eq!(
-        served,
-        [text(&metric["selector"]["matchLabels"]["model"]).as_str()]
-    );
-    // The external metric is the one prometheus-adapter serves from the recording rule.
-    let adapter = yaml_docs(&deploy_dir().join("prometheus/adapter-rules.yaml")).remove(0);
-    let rule = &adapter["externalRules"][0];
-    assert_eq!(rule["name"]["as"], metric["name"]);
-    let rules = std::fs::read_to_string(deploy_dir().join("prometheus/rules.yml")).unwrap();
-    assert!(rules.contains(&format!("record: {}", text(&rule["seriesQuery"]))));
-    // One GPU per worker; the grace period outlasts the drain.
-    assert_eq!(worker["resources"]["limits"]["nvidia.com/gpu"], 1);
-    let drain: u64 = args
-        .windows(2)
-        .find(|w| w[0] == "--drain-secs")
-        .map(|w| w[1].parse().unwrap())
-        .expect("--drain-secs");
-    let grace = cluster.get("Deployment", "hallmark-worker-sd15")["spec"]["template"]["spec"]
-        ["terminationGracePeriodSeconds"]
-        .as_u64()
-        .unwrap();
-    assert!(
-        grace > drain,
-        "grace {grace}s must outlast the {drain}s drain"
-    );
+}
+
+/// The names of a farm's objects in one deployment description.
+struct FarmObjects<'a> {
+    coordinator: &'a str,
+    /// The coordinator's Service (what the workers dial).
+    service: &'a str,
+    worker: &'a str,
+    /// The models volume's claim.
+    models_claim: &'a str,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_kubernetes_manifests_run_a_farm_as_written() {
-    let cluster = Cluster::load();
+    run_farm_as_written(
+        &Cluster::kustomize(),
+        &FarmObjects {
+            coordinator: "hallmark-coordinator",
+            service: "hallmark-coordinator",
+            worker: "hallmark-worker-sd15",
+            models_claim: "hallmark-models",
+        },
+    )
+    .await;
+}
+
+/// Runs the coordinator and the worker `cluster` describes as real
+/// processes with exactly that configuration (the Secrets and files
+/// deploy/README.md has the operator make), and renders a job with them.
+async fn run_farm_as_written(cluster: &Cluster, names: &FarmObjects<'_>) {
+    let source = cluster.source.as_str();
     let dir = tempfile::tempdir().unwrap();
     let moto = Moto::start();
     let db = fresh_database().await;
@@ -532,7 +671,7 @@ async fn the_kubernetes_manifests_run_a_farm_as_written() {
             )
         })
         .collect(),
-        claims: [("hallmark-models".to_string(), models)]
+        claims: [(names.models_claim.to_string(), models)]
             .into_iter()
             .collect(),
     };
@@ -540,39 +679,40 @@ async fn the_kubernetes_manifests_run_a_farm_as_written() {
     let mut ports = Ports::default();
     let mut rw = Rewrite::default();
     let (coordinator, c_spec) = pod_launch(
-        &cluster,
-        "hallmark-coordinator",
+        cluster,
+        names.coordinator,
         "coordinator",
-        "hallmark-coordinator-7d9f-abcde",
+        &format!("{}-7d9f-abcde", names.coordinator),
         &provided,
         &dir.path().join("coordinator-pod"),
         &mut rw,
     );
+    let worker_pod = format!("{}-6c8b-fghij", names.worker);
     let mut worker_rw = Rewrite::default();
     let (worker, w_spec) = pod_launch(
-        &cluster,
-        "hallmark-worker-sd15",
+        cluster,
+        names.worker,
         "worker",
-        "hallmark-worker-sd15-6c8b-fghij",
+        &worker_pod,
         &provided,
         &dir.path().join("worker-pod"),
         &mut worker_rw,
     );
     // Services resolve to the coordinator's ports here.
-    let service = cluster.get("Service", "hallmark-coordinator");
+    let service = cluster.get("Service", names.service);
     for p in service["spec"]["ports"].as_sequence().unwrap() {
         let target = port_named(&c_spec, &text(&p["targetPort"]));
         let local = ports.map(target);
         worker_rw.add(
-            format!("hallmark-coordinator:{}", text(&p["port"])),
+            format!("{}:{}", names.service, text(&p["port"])),
             format!("127.0.0.1:{local}"),
         );
     }
     ports.rewrite_listens(coordinator.env.values().chain(&coordinator.args), &mut rw);
     ports.rewrite_listens(worker.env.values().chain(&worker.args), &mut worker_rw);
 
-    assert_coordinator_settings(&coordinator.env, "deploy/k8s coordinator");
-    assert_worker_settings(&worker.env, "deploy/k8s worker");
+    assert_coordinator_settings(&coordinator.env, &format!("{source} coordinator"));
+    assert_worker_settings(&worker.env, &format!("{source} worker"));
     let home = dir.path().join("home");
     std::fs::create_dir_all(&home).unwrap();
     let mut coordinator_proc = Proc::spawn(
@@ -615,7 +755,7 @@ async fn the_kubernetes_manifests_run_a_farm_as_written() {
     };
     let c_metrics = format!(
         "127.0.0.1:{}",
-        ports.map(scrape_at(&c_spec, "hallmark-coordinator"))
+        ports.map(scrape_at(&c_spec, names.coordinator))
     );
     assert_eq!(
         Scrape::get(&c_metrics).sum("hallmark_census_up", &[]),
@@ -650,7 +790,7 @@ async fn the_kubernetes_manifests_run_a_farm_as_written() {
     .await;
     assert_eq!(
         workers()[0]["name"],
-        "hallmark-worker-sd15-6c8b-fghij",
+        worker_pod.as_str(),
         "named after its pod"
     );
 
@@ -693,14 +833,249 @@ async fn the_kubernetes_manifests_run_a_farm_as_written() {
         image::image_dimensions(out_dir.join("00000-upscalex4.png")).unwrap(),
         (768, 768)
     );
-    let w_metrics = format!(
-        "127.0.0.1:{}",
-        ports.map(scrape_at(&w_spec, "hallmark-worker-sd15"))
-    );
+    let w_metrics = format!("127.0.0.1:{}", ports.map(scrape_at(&w_spec, names.worker)));
     assert_eq!(
         Scrape::get(&w_metrics).sum("hallmark_worker_tasks_total", &[("outcome", "completed")]),
         Some(2.0)
     );
+}
+
+// ---------------------------------------------------------------------- Helm
+
+/// Two pools, one serving two models, as a release not named hallmark (so
+/// every object name comes from the release's).
+const TWO_POOLS: &str = r#"
+workers:
+  - name: sd15
+    models:
+      - {id: sd15, path: /models/sd15}
+  - name: sdxl
+    models:
+      - {id: sdxl, path: /models/sdxl}
+      - {id: sdxl-refiner, path: /models/sdxl-refiner}
+    maxBatch: 4
+    autoscaling: {maxReplicas: 4, readyTasksPerReplica: 8}
+"#;
+
+#[test]
+fn the_helm_chart_lints_and_renders_objects_that_pass_the_api_schemas() {
+    let lint = Command::new(helm())
+        .args(["lint", "--strict"])
+        .arg(deploy_dir().join("helm/hallmark"))
+        .output()
+        .unwrap();
+    succeeded(&lint, "helm lint --strict");
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    for (release, values) in [("hallmark", ""), ("render", TWO_POOLS)] {
+        let rendered = succeeded(
+            &helm_template(release, values),
+            &format!("helm template {release}"),
+        );
+        let name = format!("{release}.yaml");
+        std::fs::write(dir.path().join(&name), rendered).unwrap();
+        files.push(name);
+    }
+    assert_pass_api_schemas(dir.path(), &files, "the Helm chart");
+}
+
+#[test]
+fn the_helm_chart_s_objects_select_and_scale_each_other() {
+    assert_objects_fit(
+        &Cluster::helm("hallmark", ""),
+        "hallmark-coordinator",
+        &[("hallmark-worker-sd15", &["sd15"])],
+    );
+    let cluster = Cluster::helm("render", TWO_POOLS);
+    assert_objects_fit(
+        &cluster,
+        "render-hallmark-coordinator",
+        &[
+            ("render-hallmark-worker-sd15", &["sd15"]),
+            ("render-hallmark-worker-sdxl", &["sdxl", "sdxl-refiner"]),
+        ],
+    );
+    // The pools' own settings win over workerDefaults; the rest is shared.
+    let batch = |deployment: &str| {
+        let args = strings(&cluster.container(deployment, "worker")["args"]);
+        let at = args.iter().position(|a| a == "--max-batch").unwrap();
+        args[at + 1].clone()
+    };
+    assert_eq!(batch("render-hallmark-worker-sdxl"), "4");
+    assert_eq!(batch("render-hallmark-worker-sd15"), "8");
+    let hpa = cluster.get("HorizontalPodAutoscaler", "render-hallmark-worker-sdxl");
+    assert_eq!(hpa["spec"]["maxReplicas"], 4);
+    assert_eq!(hpa["spec"]["minReplicas"], 1);
+    // Workers dial this release's coordinator Service.
+    let worker_config = cluster.config_map("render-hallmark-worker");
+    cluster.get("Service", "render-hallmark-coordinator");
+    assert_eq!(
+        worker_config["HALLMARK_COORDINATOR"],
+        "http://render-hallmark-coordinator:7070"
+    );
+}
+
+/// What a container is given, each variable as where its value comes from
+/// (`=value`, `secret NAME/KEY`, `field PATH`, a ConfigMap's value), its
+/// mounts as what they mount.
+fn container_description(cluster: &Cluster, deployment: &str, container: &str) -> Value {
+    let c = cluster.container(deployment, container);
+    let pod = &cluster.get("Deployment", deployment)["spec"]["template"]["spec"];
+    let mut env = BTreeMap::new();
+    for from in c["envFrom"].as_sequence().into_iter().flatten() {
+        for (k, v) in cluster.config_map(&text(&from["configMapRef"]["name"])) {
+            env.insert(k, format!("={v}"));
+        }
+    }
+    for e in c["env"].as_sequence().into_iter().flatten() {
+        let from = &e["valueFrom"];
+        let value = if !e["value"].is_null() {
+            format!("={}", text(&e["value"]))
+        } else if !from["secretKeyRef"].is_null() {
+            let r = &from["secretKeyRef"];
+            format!(
+                "secret {}/{} optional={}",
+                text(&r["name"]),
+                text(&r["key"]),
+                r["optional"] == true
+            )
+        } else {
+            format!("field {}", text(&from["fieldRef"]["fieldPath"]))
+        };
+        env.insert(text(&e["name"]), value);
+    }
+    let volumes = pod["volumes"].as_sequence().cloned().unwrap_or_default();
+    let mounts: BTreeMap<String, Value> = c["volumeMounts"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            let v = volumes
+                .iter()
+                .find(|v| v["name"] == m["name"])
+                .expect("a mounted volume")
+                .clone();
+            (text(&m["mountPath"]), v)
+        })
+        .collect();
+    let mut d = serde_yaml::Mapping::new();
+    let mut put = |key: &str, v: Value| {
+        d.insert(key.into(), v);
+    };
+    for key in [
+        "command",
+        "args",
+        "ports",
+        "resources",
+        "readinessProbe",
+        "livenessProbe",
+        "securityContext",
+    ] {
+        put(key, c[key].clone());
+    }
+    for key in [
+        "securityContext",
+        "terminationGracePeriodSeconds",
+        "nodeSelector",
+        "tolerations",
+    ] {
+        put(&format!("pod.{key}"), pod[key].clone());
+    }
+    put("env", serde_yaml::to_value(&env).unwrap());
+    put("mounts", serde_yaml::to_value(&mounts).unwrap());
+    Value::Mapping(d)
+}
+
+/// The chart's defaults, as release `hallmark`, describe the farm
+/// deploy/k8s does: the same commands, settings, secrets, mounts, ports,
+/// probes, resources and pod security, so the two cannot drift apart.
+#[test]
+fn the_helm_chart_s_defaults_describe_the_farm_deploy_k8s_does() {
+    let kustomized = Cluster::kustomize();
+    let charted = Cluster::helm("hallmark", "");
+    for (deployment, container) in [
+        ("hallmark-coordinator", "coordinator"),
+        ("hallmark-worker-sd15", "worker"),
+    ] {
+        let want = container_description(&kustomized, deployment, container);
+        let got = container_description(&charted, deployment, container);
+        assert_eq!(
+            got,
+            want,
+            "{deployment}: the chart (left) and deploy/k8s (right) differ:\n{}\n---\n{}",
+            serde_yaml::to_string(&got).unwrap(),
+            serde_yaml::to_string(&want).unwrap()
+        );
+    }
+    let hpa = |c: &Cluster| {
+        let mut spec = c.get("HorizontalPodAutoscaler", "hallmark-worker-sd15")["spec"].clone();
+        // One model: matchLabels in one, matchExpressions in the other.
+        spec["metrics"][0]["external"]["metric"]["selector"] = Value::Null;
+        spec
+    };
+    assert_eq!(hpa(&charted), hpa(&kustomized));
+    assert_eq!(
+        charted.get("PersistentVolumeClaim", "hallmark-models")["spec"],
+        kustomized.get("PersistentVolumeClaim", "hallmark-models")["spec"]
+    );
+}
+
+#[test]
+fn the_helm_chart_refuses_values_that_cannot_run_naming_them() {
+    for (values, says) in [
+        (
+            "workers:\n  - {name: a, models: [{id: sd15, path: /models/sd15}]}\n  - {name: a, models: [{id: sdxl, path: /models/sdxl}]}\n",
+            "workers[1].name: \"a\" names two pools",
+        ),
+        (
+            "workers:\n  - {name: a, models: [{id: sd15, path: /models/sd15}], drainSecs: 120}\n",
+            "workers[0]: terminationGracePeriodSeconds (90) must outlast drainSecs (120)",
+        ),
+        (
+            "workers:\n  - {name: a, models: [{id: sd15}]}\n",
+            "workers.0.models.0: path is required",
+        ),
+        (
+            "workers:\n  - {name: a, models: []}\n",
+            "workers.0.models: Array must have at least 1 items",
+        ),
+        (
+            "workers:\n  - {name: GPU_A, models: [{id: sd15, path: /models/sd15}]}\n",
+            "workers.0.name: Does not match pattern",
+        ),
+        (
+            "workers:\n  - {name: a, models: [{id: sd15, path: /models/sd15}], autoscaling: {minReplicas: 5, maxReplicas: 2}}\n",
+            "workers[0].autoscaling: minReplicas (5) is above maxReplicas (2)",
+        ),
+        ("workers: []\n", "workers: Array must have at least 1 items"),
+        (
+            "coordinator: {auth: maybe}\n",
+            "coordinator.auth must be one of the following",
+        ),
+    ] {
+        let out = helm_template("hallmark", values);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(says),
+            "values {values:?}: expected a refusal saying {says:?}, got {out:?}"
+        );
+    }
+}
+
+/// The chart's objects run a farm too; as a release named otherwise, the
+/// workers find the coordinator by the release's Service name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_helm_chart_runs_a_farm_as_written() {
+    run_farm_as_written(
+        &Cluster::helm("render", ""),
+        &FarmObjects {
+            coordinator: "render-hallmark-coordinator",
+            service: "render-hallmark-coordinator",
+            worker: "render-hallmark-worker-sd15",
+            models_claim: "hallmark-models",
+        },
+    )
+    .await;
 }
 
 // ------------------------------------------------------------------- compose
