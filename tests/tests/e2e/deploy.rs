@@ -376,8 +376,24 @@ fn pod_launch(
                 .get(&object)
                 .unwrap_or_else(|| panic!("{deployment} mounts {object}, which is not provided"));
             std::fs::create_dir_all(&local).unwrap();
-            for (key, bytes) in files {
-                std::fs::write(local.join(key), bytes).unwrap();
+            // Only the keys `items` projects, at their paths; all without.
+            let source = if v["configMap"].is_null() {
+                &v["secret"]
+            } else {
+                &v["configMap"]
+            };
+            let items: Vec<(String, String)> = match source["items"].as_sequence() {
+                Some(items) => items
+                    .iter()
+                    .map(|i| (text(&i["key"]), text(&i["path"])))
+                    .collect(),
+                None => files.keys().map(|k| (k.clone(), k.clone())).collect(),
+            };
+            for (key, path) in items {
+                let bytes = files.get(&key).unwrap_or_else(|| {
+                    panic!("{deployment} mounts key {key} of {object}, which is not provided")
+                });
+                std::fs::write(local.join(path), bytes).unwrap();
             }
             rw.add(text(&m["mountPath"]), local.to_string_lossy());
         } else if !v["emptyDir"].is_null() {
@@ -576,6 +592,9 @@ struct FarmObjects<'a> {
     worker: &'a str,
     /// The models volume's claim.
     models_claim: &'a str,
+    /// gRPC over mutual TLS, from the Secrets `hallmark-coordinator-tls`
+    /// and `hallmark-worker-tls`.
+    tls: bool,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -587,6 +606,7 @@ async fn the_kubernetes_manifests_run_a_farm_as_written() {
             service: "hallmark-coordinator",
             worker: "hallmark-worker-sd15",
             models_claim: "hallmark-models",
+            tls: false,
         },
     )
     .await;
@@ -598,6 +618,37 @@ async fn the_kubernetes_manifests_run_a_farm_as_written() {
 async fn run_farm_as_written(cluster: &Cluster, names: &FarmObjects<'_>) {
     let source = cluster.source.as_str();
     let dir = tempfile::tempdir().unwrap();
+    // With mutual TLS (`names.tls`): the coordinator's kubernetes.io/tls
+    // Secret and the pool's, as a cert-manager issuer would make them, and
+    // a client certificate for the CLI.
+    let tls = names.tls.then(|| {
+        let tls_dir = dir.path().join("tls-ca");
+        let server = tls_server_cert(&tls_dir);
+        let ca = hallmark_client::tls::FarmTlsCa::open_or_init(&tls_dir).unwrap();
+        let issued = dir.path().join("issued");
+        let pool = ca.issue_client("sd15-pool", &issued).unwrap();
+        let cli = ca.issue_client("operator-laptop", &issued).unwrap();
+        let lost = ca.issue_client("lost-laptop", &issued).unwrap();
+        ca.revoke("lost-laptop").unwrap();
+        let revoked = std::fs::read(ca.revoked_list().unwrap()).unwrap();
+        let read = |p: &Path| std::fs::read(p).unwrap();
+        let secret = |chain: &Path, key: &Path| {
+            vec![
+                ("tls.crt", read(chain)),
+                ("tls.key", read(key)),
+                ("ca.crt", read(&server.root_cert)),
+            ]
+        };
+        let files = [
+            (
+                "hallmark-coordinator-tls",
+                secret(&server.server_chain, &server.server_key),
+            ),
+            ("hallmark-worker-tls", secret(&pool.chain, &pool.key)),
+            ("hallmark-revoked-certs", vec![("revoked.txt", revoked)]),
+        ];
+        (files, server.root_cert.clone(), cli, lost)
+    });
     let moto = Moto::start();
     let db = fresh_database().await;
     let ca = test_ca();
@@ -664,6 +715,7 @@ async fn run_farm_as_written(cluster: &Cluster, names: &FarmObjects<'_>) {
             ),
         ]
         .into_iter()
+        .chain(tls.iter().flat_map(|(files, ..)| files.clone()))
         .map(|(object, files)| {
             (
                 object.to_string(),
@@ -720,16 +772,31 @@ async fn run_farm_as_written(cluster: &Cluster, names: &FarmObjects<'_>) {
         &mut coordinator.rewritten(&rw).command(&home),
     );
     let grpc = ports.map(port_named(&c_spec, "grpc"));
-    let url = format!("http://127.0.0.1:{grpc}");
-    wait_for_grpc_of(&url, &mut coordinator_proc).await;
-
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://127.0.0.1:{grpc}");
     // The probes ask gRPC health in plain text on the health port, which
-    // the coordinator serves as configured (so TLS on the gRPC port would
+    // the coordinator serves as configured (so TLS on the gRPC port does
     // not break them).
     let health_url = format!(
         "http://127.0.0.1:{}",
         ports.map(port_named(&c_spec, "health"))
     );
+    wait_for_grpc_of(
+        if tls.is_some() { &health_url } else { &url },
+        &mut coordinator_proc,
+    )
+    .await;
+    // The CLI as an operator's machine runs it: over TLS with the CA and
+    // a client certificate of its own.
+    let hallmark_as = |url: &str, token: Option<&str>, args: &[&str]| {
+        let mut cmd = hallmark_command(url, token, args);
+        if let Some((_, root, cli, _)) = &tls {
+            cmd.env("HALLMARK_TLS_CA", root)
+                .env("HALLMARK_TLS_CLIENT_CERT", &cli.chain)
+                .env("HALLMARK_TLS_CLIENT_KEY", &cli.key);
+        }
+        cmd.output().unwrap()
+    };
     for probe in ["readinessProbe", "livenessProbe"] {
         let p = &c_spec[probe]["grpc"];
         assert_eq!(
@@ -793,6 +860,25 @@ async fn run_farm_as_written(cluster: &Cluster, names: &FarmObjects<'_>) {
         worker_pod.as_str(),
         "named after its pod"
     );
+    if let Some((_, root, _, lost)) = &tls {
+        assert_eq!(
+            workers()[0]["client_certificate"],
+            "CN=sd15-pool",
+            "bound to its pool's client certificate"
+        );
+        // A certificate on the revoked list the ConfigMap mounts is
+        // turned away, token or not.
+        let out = hallmark_command(&url, Some(operator.as_str()), &["workers"])
+            .env("HALLMARK_TLS_CA", root)
+            .env("HALLMARK_TLS_CLIENT_CERT", &lost.chain)
+            .env("HALLMARK_TLS_CLIENT_KEY", &lost.key)
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("revoked"),
+            "{out:?}"
+        );
+    }
 
     let out_dir = dir.path().join("out");
     let submitted = hallmark_as(
@@ -867,7 +953,14 @@ fn the_helm_chart_lints_and_renders_objects_that_pass_the_api_schemas() {
     succeeded(&lint, "helm lint --strict");
     let dir = tempfile::tempdir().unwrap();
     let mut files = Vec::new();
-    for (release, values) in [("hallmark", ""), ("render", TWO_POOLS)] {
+    for (release, values) in [
+        ("hallmark", ""),
+        ("render", TWO_POOLS),
+        (
+            "secure",
+            "tls: {enabled: true, clientCerts: true, revokedCertsConfigMap: revoked}\n",
+        ),
+    ] {
         let rendered = succeeded(
             &helm_template(release, values),
             &format!("helm template {release}"),
@@ -1062,6 +1155,60 @@ fn the_helm_chart_refuses_values_that_cannot_run_naming_them() {
     }
 }
 
+/// With `tls.enabled` and `tls.clientCerts`, the coordinator serves
+/// gRPC over TLS from its Secret and asks for client certificates; the
+/// workers verify it by the CA alone (the only key of that Secret they
+/// mount) and present their pool's certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_helm_chart_runs_a_farm_over_mutual_tls_as_written() {
+    let values =
+        "tls: {enabled: true, clientCerts: true, revokedCertsConfigMap: hallmark-revoked-certs}\n";
+    let refused = helm_template("render", "tls: {clientCerts: true}\n");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("tls.clientCerts asks callers for client certificates over TLS, which needs tls.enabled: true"),
+        "{refused:?}"
+    );
+    let refused = helm_template(
+        "render",
+        "tls: {enabled: true, revokedCertsConfigMap: revoked}\n",
+    );
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("tls.revokedCertsConfigMap lists client certificates to refuse, which needs tls.enabled and tls.clientCerts: true"),
+        "{refused:?}"
+    );
+    let cluster = Cluster::helm("render", values);
+    let worker_tls = cluster.get("Deployment", "render-hallmark-worker-sd15")["spec"]["template"]
+        ["spec"]["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "tls")
+        .expect("the workers mount the coordinator's CA")
+        .clone();
+    let keys: Vec<String> = worker_tls["secret"]["items"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|i| text(&i["key"]))
+        .collect();
+    assert_eq!(
+        keys,
+        ["ca.crt"],
+        "the workers see no key of the coordinator's"
+    );
+    run_farm_as_written(
+        &cluster,
+        &FarmObjects {
+            coordinator: "render-hallmark-coordinator",
+            service: "render-hallmark-coordinator",
+            worker: "render-hallmark-worker-sd15",
+            models_claim: "hallmark-models",
+            tls: true,
+        },
+    )
+    .await;
+}
+
 /// The chart's objects run a farm too; as a release named otherwise, the
 /// workers find the coordinator by the release's Service name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1073,6 +1220,7 @@ async fn the_helm_chart_runs_a_farm_as_written() {
             service: "render-hallmark-coordinator",
             worker: "render-hallmark-worker-sd15",
             models_claim: "hallmark-models",
+            tls: false,
         },
     )
     .await;
