@@ -74,6 +74,15 @@ struct Args {
     /// Seconds to finish held work on SIGTERM before handing it back.
     #[arg(long, default_value_t = 30)]
     drain_secs: u64,
+    /// Threads that stamp a batch's outputs side by side (watermark,
+    /// encode, sign); default: this machine's cores. Lower it where several
+    /// workers share a node (one per GPU).
+    #[arg(long, env = "HALLMARK_STAMP_THREADS")]
+    stamp_threads: Option<usize>,
+    /// Batches held at once: 2 renders the next batch while the last one's
+    /// outputs are stamped and uploaded; 1 does one thing at a time.
+    #[arg(long, env = "HALLMARK_BATCHES_IN_HAND", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=8))]
+    batches_in_hand: u32,
     /// PEM certificate chain outputs are signed with (signing certificate
     /// first); `hallmark ca init` makes a test one.
     #[arg(long, env = "HALLMARK_SIGNING_CERT_CHAIN")]
@@ -169,13 +178,16 @@ async fn main() -> anyhow::Result<()> {
         output_format: &args.output_format,
     })?)
     .context("preparing the signer")?;
+    let defaults = WorkerConfig::new(stamping);
     let config = WorkerConfig {
         name: args.name,
         max_pixels: args.max_pixels,
         max_batch: args.max_batch,
         drain_timeout: Duration::from_secs(args.drain_secs),
         token: args.token,
-        ..WorkerConfig::new(stamping)
+        stamp_threads: args.stamp_threads.unwrap_or(defaults.stamp_threads),
+        batches_in_hand: args.batches_in_hand as usize,
+        ..defaults
     };
     let tls = hallmark_proto::client::ClientTls {
         ca: args.tls_ca,

@@ -38,7 +38,7 @@ pub fn describe() {
     );
     describe_gauge!(
         BUSY,
-        "Batches in hand (rendering, stamping or uploading): 0 or 1 per worker in the process."
+        "Batches in hand (rendering, stamping or uploading): 0 to 2 per worker in the process (one renders while the last is stamped and uploaded)."
     );
     describe_histogram!(
         MODEL_LOAD_SECONDS,

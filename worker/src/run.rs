@@ -1,9 +1,16 @@
 //! The lease loop: register, lease (which is also the heartbeat), render,
-//! upload, repeat; reconnect with back-off; drain on shutdown.
+//! stamp, upload, repeat; reconnect with back-off; drain on shutdown.
+//!
+//! Batches are pipelined: once the engine is done with a batch, the worker
+//! leases the next one and renders it while the last one's outputs are
+//! stamped (in parallel, one image per thread) and uploaded, so the device
+//! does not wait on the CPU's share. At most
+//! [`WorkerConfig::batches_in_hand`] batches are in hand (two by default),
+//! and only one of them renders.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -44,6 +51,12 @@ pub struct WorkerConfig {
     /// Token presented to a coordinator with `auth = "tokens"` (a
     /// `worker` role's).
     pub token: Option<String>,
+    /// Threads that stamp a batch's outputs side by side (watermark,
+    /// encode, sign are per image and CPU-bound).
+    pub stamp_threads: usize,
+    /// Batches held at once: 2 renders the next while the last is stamped
+    /// and uploaded; 1 does one thing at a time.
+    pub batches_in_hand: usize,
 }
 
 impl WorkerConfig {
@@ -57,6 +70,8 @@ impl WorkerConfig {
             lease_wait: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(30),
             token: None,
+            stamp_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            batches_in_hand: 2,
         }
     }
 }
@@ -71,8 +86,36 @@ pub struct WorkerReport {
     pub handed_back: u64,
 }
 
+/// A lease this worker believes it holds.
+struct HeldTask {
+    fencing_token: i64,
+    /// Fraction done of its batch's render, as f32 bits (shared by the
+    /// batch; 1 once rendered).
+    progress: Arc<AtomicU32>,
+}
+
 /// Leases this worker believes it holds, by task id.
-type Held = Arc<Mutex<HashMap<String, i64>>>;
+type Held = Arc<Mutex<HashMap<String, HeldTask>>>;
+
+/// A batch in hand.
+struct InFlight {
+    handle: JoinHandle<()>,
+    /// Set once the engine is done with it (the device is free).
+    rendered: Arc<AtomicBool>,
+    /// Set as its task ends, before it wakes the loop: the handle itself
+    /// reads finished only a moment after the wake-up.
+    done: Arc<AtomicBool>,
+}
+
+impl InFlight {
+    fn ended(&self) -> bool {
+        self.done.load(Ordering::Acquire) || self.handle.is_finished()
+    }
+
+    fn rendering(&self) -> bool {
+        !self.rendered.load(Ordering::Acquire) && !self.ended()
+    }
+}
 
 struct Shared {
     client: WorkersClient<AuthChannel>,
@@ -83,8 +126,9 @@ struct Shared {
     models: tokio::sync::Mutex<HashMap<String, ModelFacts>>,
     worker_id: String,
     held: Held,
-    /// Fraction done of the batch being rendered, as f32 bits.
-    progress: Arc<AtomicU32>,
+    /// Woken when a batch in hand is rendered or ends.
+    changed: tokio::sync::Notify,
+    stamp_threads: usize,
     report: Mutex<WorkerReport>,
 }
 
@@ -143,24 +187,25 @@ pub async fn run(
         models: Default::default(),
         worker_id: worker_id.clone(),
         held: Arc::new(Mutex::new(HashMap::new())),
-        progress: Arc::new(AtomicU32::new(0)),
+        changed: tokio::sync::Notify::new(),
+        stamp_threads: config.stamp_threads.max(1),
         report: Mutex::new(WorkerReport {
             worker_id,
             ..Default::default()
         }),
     });
 
-    let mut current: Option<JoinHandle<()>> = None;
+    let mut in_flight: Vec<InFlight> = Vec::new();
+    let in_hand = config.batches_in_hand.max(1);
     let mut backoff = Duration::from_millis(100);
     let mut draining = false;
     loop {
-        if current.as_ref().is_some_and(|h| h.is_finished()) {
-            current = None;
-        }
+        in_flight.retain(|b| !b.ended());
         if draining {
             break;
         }
-        let busy = current.is_some();
+        // Wanting work while the device is free and the pipeline has room.
+        let busy = in_flight.iter().any(InFlight::rendering) || in_flight.len() >= in_hand;
         let request = LeaseRequest {
             worker_id: shared.worker_id.clone(),
             held: held_leases(&shared),
@@ -196,17 +241,39 @@ pub async fn run(
                     }
                 }
                 if !resp.leases.is_empty() {
+                    let progress = Arc::new(AtomicU32::new(0f32.to_bits()));
                     if let Ok(mut h) = shared.held.lock() {
                         for l in &resp.leases {
-                            h.insert(l.task_id.clone(), l.fencing_token);
+                            h.insert(
+                                l.task_id.clone(),
+                                HeldTask {
+                                    fencing_token: l.fencing_token,
+                                    progress: progress.clone(),
+                                },
+                            );
                         }
                     }
                     let s = shared.clone();
+                    let rendered = Arc::new(AtomicBool::new(false));
+                    let done = Arc::new(AtomicBool::new(false));
+                    let batch = Batch {
+                        progress,
+                        rendered: rendered.clone(),
+                    };
                     metrics::histogram!(m::BATCH_TASKS).record(resp.leases.len() as f64);
-                    current = Some(tokio::spawn(async move {
-                        let _busy = Busy::start();
-                        run_batch(s, resp.leases).await
-                    }));
+                    let ended = done.clone();
+                    let handle = tokio::spawn(async move {
+                        let busy = Busy::start();
+                        run_batch(s.clone(), resp.leases, batch).await;
+                        drop(busy);
+                        ended.store(true, Ordering::Release);
+                        s.changed.notify_one();
+                    });
+                    in_flight.push(InFlight {
+                        handle,
+                        rendered,
+                        done,
+                    });
                 }
             }
             Err(status) if status.code() == Code::NotFound => {
@@ -217,9 +284,9 @@ pub async fn run(
                     draining = true;
                     continue;
                 };
-                // A new identity: leases of the old one are gone, so is the batch in hand.
-                if let Some(h) = current.take() {
-                    h.abort();
+                // A new identity: leases of the old one are gone, so are the batches in hand.
+                for b in in_flight.drain(..) {
+                    b.handle.abort();
                 }
                 let report = shared.report.lock().map(|r| r.clone()).unwrap_or_default();
                 shared = Arc::new(Shared {
@@ -230,7 +297,8 @@ pub async fn run(
                     models: Default::default(),
                     worker_id: id.clone(),
                     held: Arc::new(Mutex::new(HashMap::new())),
-                    progress: Arc::new(AtomicU32::new(0)),
+                    changed: tokio::sync::Notify::new(),
+                    stamp_threads: config.stamp_threads.max(1),
                     report: Mutex::new(WorkerReport {
                         worker_id: id,
                         ..report
@@ -241,8 +309,8 @@ pub async fn run(
                 // Revoked or expired: nothing this worker holds can be
                 // completed any more, and retrying changes nothing. Its
                 // leases run out and go to other workers.
-                if let Some(h) = current.take() {
-                    h.abort();
+                for b in in_flight.drain(..) {
+                    b.handle.abort();
                 }
                 anyhow::bail!("{}", refused_credentials(&status));
             }
@@ -257,24 +325,25 @@ pub async fn run(
                 continue;
             }
         }
-        if current.is_some() {
-            // Busy: heartbeat at the interval, or sooner when the batch ends.
-            let wait = async {
-                if let Some(h) = current.as_mut() {
-                    let _ = tokio::time::timeout(heartbeat, h).await;
-                }
-            };
+        let busy = in_flight.iter().any(InFlight::rendering) || in_flight.len() >= in_hand;
+        if busy {
+            // Heartbeat at the interval, or sooner when a batch is rendered
+            // or ends (the device or a pipeline slot is free again).
             tokio::select! {
-                _ = wait => {}
+                _ = tokio::time::timeout(heartbeat, shared.changed.notified()) => {}
                 _ = shutdown.as_mut() => draining = true,
             }
         }
     }
 
-    // Drain: finish the batch in hand, with heartbeats, or hand it back.
-    if let Some(mut handle) = current {
-        tracing::info!("draining: finishing held work");
+    // Drain: finish the batches in hand, with heartbeats, or hand them back.
+    if !in_flight.is_empty() {
+        tracing::info!(batches = in_flight.len(), "draining: finishing held work");
         let deadline = tokio::time::Instant::now() + config.drain_timeout;
+        let aborts: Vec<_> = in_flight.iter().map(|b| b.handle.abort_handle()).collect();
+        let mut all = std::pin::pin!(futures::future::join_all(
+            in_flight.into_iter().map(|b| b.handle)
+        ));
         loop {
             let mut c = shared.client.clone();
             let _ = c
@@ -288,21 +357,29 @@ pub async fn run(
                 .await;
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() {
-                handle.abort();
                 break;
             }
-            if tokio::time::timeout(heartbeat.min(left), &mut handle)
+            if tokio::time::timeout(heartbeat.min(left), &mut all)
                 .await
                 .is_ok()
             {
                 break;
             }
         }
+        // What is left unfinished stops here (dropping a JoinHandle would
+        // detach it) and is handed back below.
+        for a in aborts {
+            a.abort();
+        }
     }
     let leftover: Vec<(String, i64)> = shared
         .held
         .lock()
-        .map(|h| h.iter().map(|(k, v)| (k.clone(), *v)).collect())
+        .map(|h| {
+            h.iter()
+                .map(|(k, v)| (k.clone(), v.fencing_token))
+                .collect()
+        })
         .unwrap_or_default();
     for (task_id, token) in leftover {
         let mut c = shared.client.clone();
@@ -374,16 +451,15 @@ async fn register(
 }
 
 fn held_leases(shared: &Shared) -> Vec<HeldLease> {
-    let progress = f32::from_bits(shared.progress.load(Ordering::Relaxed));
     shared
         .held
         .lock()
         .map(|h| {
             h.iter()
-                .map(|(task_id, token)| HeldLease {
+                .map(|(task_id, t)| HeldLease {
                     task_id: task_id.clone(),
-                    fencing_token: *token,
-                    progress,
+                    fencing_token: t.fencing_token,
+                    progress: f32::from_bits(t.progress.load(Ordering::Relaxed)),
                 })
                 .collect()
         })
@@ -438,7 +514,7 @@ fn still_held(shared: &Shared, lease: &TaskLease) -> bool {
     shared
         .held
         .lock()
-        .map(|h| h.get(&lease.task_id) == Some(&lease.fencing_token))
+        .map(|h| h.get(&lease.task_id).map(|t| t.fencing_token) == Some(lease.fencing_token))
         .unwrap_or(false)
 }
 
@@ -448,8 +524,20 @@ fn release(shared: &Shared, lease: &TaskLease) {
     }
 }
 
-/// Renders one leased batch and reports every task's outcome.
-async fn run_batch(shared: Arc<Shared>, leases: Vec<TaskLease>) {
+/// A task's stamped output, or why there is none (and whether for good).
+type Stamped = Result<StampedImage, (String, bool)>;
+
+/// What the lease loop and a batch's task share about the batch.
+struct Batch {
+    /// Fraction done of its render, as f32 bits.
+    progress: Arc<AtomicU32>,
+    /// Set once the engine is done with it.
+    rendered: Arc<AtomicBool>,
+}
+
+/// Renders one leased batch, stamps and uploads its outputs, and reports
+/// every task's outcome.
+async fn run_batch(shared: Arc<Shared>, leases: Vec<TaskLease>, batch: Batch) {
     let mut tasks = Vec::with_capacity(leases.len());
     let mut pending = Vec::new();
     // The tasks of an img2img batch share one init image: fetched once.
@@ -504,46 +592,95 @@ async fn run_batch(shared: Arc<Shared>, leases: Vec<TaskLease>) {
         }
     }
     let engine = shared.engine.clone();
-    let stamping = shared.stamping.clone();
-    let worker_id = shared.worker_id.clone();
     let render_input = tasks.clone();
-    let progress = shared.progress.clone();
-    progress.store(0f32.to_bits(), Ordering::Relaxed);
+    let progress = batch.progress.clone();
     let report = move |p: f32| progress.store(p.to_bits(), Ordering::Relaxed);
-    // Render, then stamp each output: watermark, encode, sign.
-    let work = move || {
+    let render = move || {
         let started = Instant::now();
         let rendered = engine.render(&render_input, &report);
         if let Some(first) = render_input.first() {
             metrics::histogram!(m::RENDER_SECONDS, "engine" => engine.name().to_string(), "stage" => first.lease.stage.clone())
                 .record(started.elapsed());
         }
-        render_input
-            .iter()
-            .zip(rendered)
-            .zip(&facts)
-            .map(|((task, result), facts)| {
-                let image = result.map_err(|e| (e.to_string(), e.is_final()))?;
-                let started = Instant::now();
-                let stamped = stamping
-                    .stamp(
-                        &task.lease,
-                        &worker_id,
-                        facts,
-                        &image,
-                        task.parent.as_deref(),
-                    )
-                    .map_err(|e| (format!("stamping the output: {e}"), false));
-                metrics::histogram!(m::STAMP_SECONDS).record(started.elapsed());
-                stamped
-            })
-            .collect::<Vec<_>>()
+        rendered
     };
-    let results = match tokio::task::spawn_blocking(work).await {
+    let rendered = tokio::task::spawn_blocking(render).await;
+    // The device is free: the loop may lease the next batch while this
+    // one's outputs are stamped and uploaded.
+    batch.progress.store(1f32.to_bits(), Ordering::Relaxed);
+    batch.rendered.store(true, Ordering::Release);
+    shared.changed.notify_one();
+    let rendered = match rendered {
         Ok(r) => r,
         Err(e) => {
             for t in &tasks {
                 report_failure(&shared, &t.lease, &format!("engine panicked: {e}")).await;
+            }
+            return;
+        }
+    };
+    let stamping = shared.stamping.clone();
+    let worker_id = shared.worker_id.clone();
+    let threads = shared.stamp_threads;
+    let inputs = tasks.clone();
+    // Watermark, encode and sign each output, on up to `threads` threads.
+    let stamp = move || {
+        let jobs: Vec<_> = inputs.iter().zip(rendered).zip(&facts).collect();
+        let next = AtomicUsize::new(0);
+        let results: Vec<Mutex<Option<Stamped>>> = jobs.iter().map(|_| Mutex::new(None)).collect();
+        let one = |i: usize| {
+            let ((task, result), facts) = &jobs[i];
+            let stamped = match result {
+                Err(e) => Err((e.to_string(), e.is_final())),
+                Ok(image) => {
+                    let started = Instant::now();
+                    let stamped = stamping
+                        .stamp(
+                            &task.lease,
+                            &worker_id,
+                            facts,
+                            image,
+                            task.parent.as_deref(),
+                        )
+                        .map_err(|e| (format!("stamping the output: {e}"), false));
+                    metrics::histogram!(m::STAMP_SECONDS).record(started.elapsed());
+                    stamped
+                }
+            };
+            if let Ok(mut slot) = results[i].lock() {
+                *slot = Some(stamped);
+            }
+        };
+        let work = || {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= jobs.len() {
+                    break;
+                }
+                one(i);
+            }
+        };
+        std::thread::scope(|scope| {
+            for _ in 1..threads.min(jobs.len()) {
+                scope.spawn(work);
+            }
+            work();
+        });
+        results
+            .into_iter()
+            .map(|slot| {
+                slot.into_inner()
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| Err(("stamping the output did not finish".into(), false)))
+            })
+            .collect::<Vec<_>>()
+    };
+    let results = match tokio::task::spawn_blocking(stamp).await {
+        Ok(r) => r,
+        Err(e) => {
+            for t in &tasks {
+                report_failure(&shared, &t.lease, &format!("stamping panicked: {e}")).await;
             }
             return;
         }

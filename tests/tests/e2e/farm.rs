@@ -325,3 +325,71 @@ async fn a_tenants_submit_rate_is_shared_by_the_replicas_through_redis() {
     .unwrap();
     assert_eq!(jobs.as_array().map(Vec::len), Some(2), "{jobs:#}");
 }
+
+/// A worker leases its next batch as soon as the engine is done with the
+/// last one and renders it while the last one's outputs are stamped and
+/// uploaded; with one batch in hand it does one thing at a time. Seen in
+/// the coordinator's own record: a task leased before an earlier batch's
+/// completion was recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_renders_its_next_batch_while_the_last_is_stamped_and_uploaded() {
+    for (in_hand, overlapping) in [("2", true), ("1", false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let db = fresh_database().await;
+        let spec = CoordinatorSpec::new(&db, Some(redis_url()), dir.path().join("blobs"));
+        let _coordinator = spec.start().await;
+        let url = spec.url();
+        let _worker = start_worker(
+            &url,
+            "pipelined",
+            100,
+            &["--max-batch", "4", "--batches-in-hand", in_hand],
+        );
+        wait_for_workers(&url, 1).await;
+        let prompts = prompt_file(dir.path(), 16);
+        let out = hallmark(&[
+            "--coordinator",
+            &url,
+            "--json",
+            "submit",
+            prompts.to_str().unwrap(),
+            "--width",
+            "512",
+            "--height",
+            "512",
+        ]);
+        let job_id = json_of(&out)["job_id"].as_str().unwrap().to_string();
+        let job = wait_for_job(&url, &job_id, Duration::from_secs(120)).await;
+        assert_eq!(job.state, "succeeded", "{job:?}");
+        assert_eq!(
+            scalar(
+                &db,
+                "SELECT CAST(COUNT(DISTINCT started_at) AS BIGINT) FROM tasks"
+            )
+            .await,
+            4,
+            "four batches of four"
+        );
+        let overlaps = scalar(
+            &db,
+            "SELECT CAST(COUNT(*) AS BIGINT) FROM tasks a JOIN tasks b \
+             ON b.started_at > a.started_at AND b.started_at < a.finished_at",
+        )
+        .await;
+        assert_eq!(
+            overlaps > 0,
+            overlapping,
+            "{in_hand} batches in hand: {overlaps} tasks leased while an earlier batch was in hand"
+        );
+        // Never more than two batches in hand, so never more than one
+        // leased while another's completion is outstanding.
+        let most = scalar(
+            &db,
+            "SELECT CAST(COALESCE(MAX(n), 0) AS BIGINT) FROM (SELECT a.id, COUNT(DISTINCT b.started_at) AS n \
+             FROM tasks a JOIN tasks b ON b.started_at > a.started_at AND b.started_at < a.finished_at \
+             GROUP BY a.id) c",
+        )
+        .await;
+        assert!(most <= 1, "{most} batches leased while one was in hand");
+    }
+}
