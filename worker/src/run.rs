@@ -210,10 +210,14 @@ pub async fn run(
             worker_id: shared.worker_id.clone(),
             held: held_leases(&shared),
             want: if busy { 0 } else { config.max_batch },
+            // A long poll while a batch is still in hand (stamping,
+            // uploading) ends by the next heartbeat, which keeps its leases.
             wait_ms: if busy {
                 0
-            } else {
+            } else if in_flight.is_empty() {
                 config.lease_wait.as_millis() as u32
+            } else {
+                config.lease_wait.min(heartbeat).as_millis() as u32
             },
             loaded_model: shared.engine.loaded_model(),
         };

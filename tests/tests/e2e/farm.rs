@@ -393,3 +393,58 @@ async fn a_worker_renders_its_next_batch_while_the_last_is_stamped_and_uploaded(
         assert!(most <= 1, "{most} batches leased while one was in hand");
     }
 }
+
+/// While a worker waits for work with a batch still in hand (its outputs
+/// being stamped and uploaded), its long poll ends by the next heartbeat,
+/// so that batch's leases live on even when they are shorter than the
+/// wait: every task renders once, none is leased twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_being_stamped_keeps_its_leases_while_the_worker_waits_for_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fresh_database().await;
+    let spec = CoordinatorSpec::new(&db, Some(redis_url()), dir.path().join("blobs"))
+        .with("HALLMARK_LEASE_BASE_MS", 1500)
+        .with("HALLMARK_LEASE_MS_PER_MEGAPIXEL_STEP", 0)
+        .with("HALLMARK_HEARTBEAT_INTERVAL_MS", 300)
+        .with("HALLMARK_REAP_INTERVAL_MS", 100);
+    let _coordinator = spec.start().await;
+    let url = spec.url();
+    // One stamping thread on large outputs: the batch stays in hand for
+    // seconds after its render, longer than a lease without heartbeats.
+    let _worker = start_worker(
+        &url,
+        "stamping",
+        50,
+        &["--max-batch", "8", "--stamp-threads", "1"],
+    );
+    wait_for_workers(&url, 1).await;
+    let prompts = prompt_file(dir.path(), 8);
+    let out = hallmark(&[
+        "--coordinator",
+        &url,
+        "--json",
+        "submit",
+        prompts.to_str().unwrap(),
+        "--width",
+        "2048",
+        "--height",
+        "2048",
+    ]);
+    let job_id = json_of(&out)["job_id"].as_str().unwrap().to_string();
+    let job = wait_for_job(&url, &job_id, Duration::from_secs(120)).await;
+    assert_eq!(job.state, "succeeded", "{job:?}");
+    let held_for = scalar(
+        &db,
+        "SELECT CAST(MAX(finished_at - started_at) AS BIGINT) FROM tasks",
+    )
+    .await;
+    assert!(
+        held_for > 1500,
+        "the batch was in hand {held_for} ms, not longer than its lease: the test shows nothing"
+    );
+    assert_eq!(
+        scalar(&db, "SELECT CAST(MAX(attempts) AS BIGINT) FROM tasks").await,
+        1,
+        "no lease ran out while the batch was in hand ({held_for} ms)"
+    );
+}
