@@ -346,21 +346,7 @@ async fn a_worker_renders_its_next_batch_while_the_last_is_stamped_and_uploaded(
             &["--max-batch", "4", "--batches-in-hand", in_hand],
         );
         wait_for_workers(&url, 1).await;
-        let prompts = prompt_file(dir.path(), 16);
-        let out = hallmark(&[
-            "--coordinator",
-            &url,
-            "--json",
-            "submit",
-            prompts.to_str().unwrap(),
-            "--width",
-            "512",
-            "--height",
-            "512",
-        ]);
-        let job_id = json_of(&out)["job_id"].as_str().unwrap().to_string();
-        let job = wait_for_job(&url, &job_id, Duration::from_secs(120)).await;
-        assert_eq!(job.state, "succeeded", "{job:?}");
+        submit_and_finish(&url, dir.path(), 16, 512).await;
         assert_eq!(
             scalar(
                 &db,
@@ -418,21 +404,7 @@ async fn a_batch_being_stamped_keeps_its_leases_while_the_worker_waits_for_work(
         &["--max-batch", "8", "--stamp-threads", "1"],
     );
     wait_for_workers(&url, 1).await;
-    let prompts = prompt_file(dir.path(), 8);
-    let out = hallmark(&[
-        "--coordinator",
-        &url,
-        "--json",
-        "submit",
-        prompts.to_str().unwrap(),
-        "--width",
-        "2048",
-        "--height",
-        "2048",
-    ]);
-    let job_id = json_of(&out)["job_id"].as_str().unwrap().to_string();
-    let job = wait_for_job(&url, &job_id, Duration::from_secs(120)).await;
-    assert_eq!(job.state, "succeeded", "{job:?}");
+    submit_and_finish(&url, dir.path(), 8, 2048).await;
     let held_for = scalar(
         &db,
         "SELECT CAST(MAX(finished_at - started_at) AS BIGINT) FROM tasks",
@@ -447,4 +419,24 @@ async fn a_batch_being_stamped_keeps_its_leases_while_the_worker_waits_for_work(
         1,
         "no lease ran out while the batch was in hand ({held_for} ms)"
     );
+}
+
+/// Submits `n` prompts at `size`² and waits for the job to succeed.
+async fn submit_and_finish(url: &str, dir: &std::path::Path, n: usize, size: u32) {
+    let prompts = prompt_file(dir, n);
+    let size = size.to_string();
+    let out = hallmark(&[
+        "--coordinator",
+        url,
+        "--json",
+        "submit",
+        prompts.to_str().unwrap(),
+        "--width",
+        &size,
+        "--height",
+        &size,
+    ]);
+    let job_id = json_of(&out)["job_id"].as_str().unwrap().to_string();
+    let job = wait_for_job(url, &job_id, Duration::from_secs(120)).await;
+    assert_eq!(job.state, "succeeded", "{job:?}");
 }
