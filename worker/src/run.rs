@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,7 @@ use hallmark_proto::v1::{
     CompleteHeader, CompleteMessage, DownloadArtifactRequest, FailRequest, HeldLease, LeaseRequest,
     ListModelsRequest, RegisterWorkerRequest, RegisterWorkerResponse, TaskLease,
 };
+use rayon::prelude::*;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -107,6 +108,12 @@ struct InFlight {
     done: Arc<AtomicBool>,
 }
 
+/// Whether the loop should ask for no work: a batch renders, or the
+/// pipeline is full.
+fn pipeline_busy(in_flight: &[InFlight], in_hand: usize) -> bool {
+    in_flight.iter().any(InFlight::rendering) || in_flight.len() >= in_hand
+}
+
 impl InFlight {
     fn ended(&self) -> bool {
         self.done.load(Ordering::Acquire) || self.handle.is_finished()
@@ -128,7 +135,8 @@ struct Shared {
     held: Held,
     /// Woken when a batch in hand is rendered or ends.
     changed: tokio::sync::Notify,
-    stamp_threads: usize,
+    /// `stamp_threads` threads that stamp a batch's outputs side by side.
+    stamp_pool: Arc<rayon::ThreadPool>,
     report: Mutex<WorkerReport>,
 }
 
@@ -179,6 +187,13 @@ pub async fn run(
     // Heartbeats (lease calls with nothing wanted) while a batch renders.
     let heartbeat = Duration::from_millis(u64::from(registered.heartbeat_interval_ms).max(100));
     tracing::info!(worker_id = %worker_id, engine = engine.name(), "worker registered");
+    let stamp_pool = Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(config.stamp_threads.max(1))
+            .thread_name(|i| format!("stamp-{i}"))
+            .build()
+            .map_err(|e| anyhow::anyhow!("starting the stamping threads: {e}"))?,
+    );
     let mut shared = Arc::new(Shared {
         client: client.clone(),
         registry: registry.clone(),
@@ -188,7 +203,7 @@ pub async fn run(
         worker_id: worker_id.clone(),
         held: Arc::new(Mutex::new(HashMap::new())),
         changed: tokio::sync::Notify::new(),
-        stamp_threads: config.stamp_threads.max(1),
+        stamp_pool: stamp_pool.clone(),
         report: Mutex::new(WorkerReport {
             worker_id,
             ..Default::default()
@@ -205,7 +220,7 @@ pub async fn run(
             break;
         }
         // Wanting work while the device is free and the pipeline has room.
-        let busy = in_flight.iter().any(InFlight::rendering) || in_flight.len() >= in_hand;
+        let busy = pipeline_busy(&in_flight, in_hand);
         let request = LeaseRequest {
             worker_id: shared.worker_id.clone(),
             held: held_leases(&shared),
@@ -302,7 +317,7 @@ pub async fn run(
                     worker_id: id.clone(),
                     held: Arc::new(Mutex::new(HashMap::new())),
                     changed: tokio::sync::Notify::new(),
-                    stamp_threads: config.stamp_threads.max(1),
+                    stamp_pool: stamp_pool.clone(),
                     report: Mutex::new(WorkerReport {
                         worker_id: id,
                         ..report
@@ -329,8 +344,7 @@ pub async fn run(
                 continue;
             }
         }
-        let busy = in_flight.iter().any(InFlight::rendering) || in_flight.len() >= in_hand;
-        if busy {
+        if pipeline_busy(&in_flight, in_hand) {
             // Heartbeat at the interval, or sooner when a batch is rendered
             // or ends (the device or a pipeline slot is free again).
             tokio::select! {
@@ -606,7 +620,7 @@ async fn run_batch(shared: Arc<Shared>, leases: Vec<TaskLease>, batch: Batch) {
             metrics::histogram!(m::RENDER_SECONDS, "engine" => engine.name().to_string(), "stage" => first.lease.stage.clone())
                 .record(started.elapsed());
         }
-        rendered
+        (render_input, rendered)
     };
     let rendered = tokio::task::spawn_blocking(render).await;
     // The device is free: the loop may lease the next batch while this
@@ -614,7 +628,7 @@ async fn run_batch(shared: Arc<Shared>, leases: Vec<TaskLease>, batch: Batch) {
     batch.progress.store(1f32.to_bits(), Ordering::Relaxed);
     batch.rendered.store(true, Ordering::Release);
     shared.changed.notify_one();
-    let rendered = match rendered {
+    let (inputs, rendered) = match rendered {
         Ok(r) => r,
         Err(e) => {
             for t in &tasks {
@@ -625,60 +639,31 @@ async fn run_batch(shared: Arc<Shared>, leases: Vec<TaskLease>, batch: Batch) {
     };
     let stamping = shared.stamping.clone();
     let worker_id = shared.worker_id.clone();
-    let threads = shared.stamp_threads;
-    let inputs = tasks.clone();
-    // Watermark, encode and sign each output, on up to `threads` threads.
+    let pool = shared.stamp_pool.clone();
+    // Watermark, encode and sign each output, side by side on the pool.
     let stamp = move || {
-        let jobs: Vec<_> = inputs.iter().zip(rendered).zip(&facts).collect();
-        let next = AtomicUsize::new(0);
-        let results: Vec<Mutex<Option<Stamped>>> = jobs.iter().map(|_| Mutex::new(None)).collect();
-        let one = |i: usize| {
-            let ((task, result), facts) = &jobs[i];
-            let stamped = match result {
-                Err(e) => Err((e.to_string(), e.is_final())),
-                Ok(image) => {
+        pool.install(|| {
+            inputs
+                .par_iter()
+                .zip(rendered)
+                .zip(facts.par_iter())
+                .map(|((task, result), facts)| -> Stamped {
+                    let image = result.map_err(|e| (e.to_string(), e.is_final()))?;
                     let started = Instant::now();
                     let stamped = stamping
                         .stamp(
                             &task.lease,
                             &worker_id,
                             facts,
-                            image,
+                            &image,
                             task.parent.as_deref(),
                         )
                         .map_err(|e| (format!("stamping the output: {e}"), false));
                     metrics::histogram!(m::STAMP_SECONDS).record(started.elapsed());
                     stamped
-                }
-            };
-            if let Ok(mut slot) = results[i].lock() {
-                *slot = Some(stamped);
-            }
-        };
-        let work = || {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= jobs.len() {
-                    break;
-                }
-                one(i);
-            }
-        };
-        std::thread::scope(|scope| {
-            for _ in 1..threads.min(jobs.len()) {
-                scope.spawn(work);
-            }
-            work();
-        });
-        results
-            .into_iter()
-            .map(|slot| {
-                slot.into_inner()
-                    .ok()
-                    .flatten()
-                    .unwrap_or_else(|| Err(("stamping the output did not finish".into(), false)))
-            })
-            .collect::<Vec<_>>()
+                })
+                .collect::<Vec<_>>()
+        })
     };
     let results = match tokio::task::spawn_blocking(stamp).await {
         Ok(r) => r,

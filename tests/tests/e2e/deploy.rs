@@ -458,6 +458,13 @@ fn the_kubernetes_manifests_pass_the_api_schemas() {
     assert_pass_api_schemas(&dir, &files, "deploy/k8s");
 }
 
+/// The argument after `flag` in a container's `args`.
+fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    args.windows(2)
+        .find(|w| w[0] == flag)
+        .map(|w| w[1].as_str())
+}
+
 /// Whether `selector` (matchLabels) picks pods labelled `pod`.
 fn selects(selector: &BTreeMap<String, String>, pod: &BTreeMap<String, String>) -> bool {
     !selector.is_empty() && selector.iter().all(|(k, v)| pod.get(k) == Some(v))
@@ -559,11 +566,10 @@ fn assert_objects_fit(cluster: &Cluster, coordinator: &str, pools: &[(&str, &[&s
         assert!(rules.contains(&format!("record: {}", text(&rule["seriesQuery"]))));
         // One GPU per worker; the grace period outlasts the drain.
         assert_eq!(worker["resources"]["limits"]["nvidia.com/gpu"], 1);
-        let drain: u64 = args
-            .windows(2)
-            .find(|w| w[0] == "--drain-secs")
-            .map(|w| w[1].parse().unwrap())
-            .expect("--drain-secs");
+        let drain: u64 = flag_value(&args, "--drain-secs")
+            .expect("--drain-secs")
+            .parse()
+            .unwrap();
         let grace = cluster.get("Deployment", deployment)["spec"]["template"]["spec"]
             ["terminationGracePeriodSeconds"]
             .as_u64()
@@ -991,8 +997,7 @@ fn the_helm_chart_s_objects_select_and_scale_each_other() {
     // The pools' own settings win over workerDefaults; the rest is shared.
     let batch = |deployment: &str| {
         let args = strings(&cluster.container(deployment, "worker")["args"]);
-        let at = args.iter().position(|a| a == "--max-batch").unwrap();
-        args[at + 1].clone()
+        flag_value(&args, "--max-batch").unwrap().to_string()
     };
     assert_eq!(batch("render-hallmark-worker-sdxl"), "4");
     assert_eq!(batch("render-hallmark-worker-sd15"), "8");
