@@ -356,6 +356,14 @@ pub struct SpecArgs {
     /// to the file) and `strength`.
     #[arg(long)]
     pub strength: Option<f64>,
+    /// Inpainting: repaint only the white part (≥ 50 % grey) of the init
+    /// image, keeping the black part; a PNG, JPEG or WebP resized to the
+    /// job's size (an inpainting checkpoint — 9-channel unet — sees it
+    /// directly; any other SD model renders through it). Needs
+    /// --init-image or init_image in the prompt file; lines may name their
+    /// own `mask`.
+    #[arg(long)]
+    pub mask: Option<PathBuf>,
     /// Refine each image before any upscale: img2img at its size with this
     /// model (a fine-tune, another SD model, or the job's own model).
     #[arg(long)]
@@ -402,33 +410,46 @@ impl InitImageFile {
     }
 }
 
-/// A job spec and the local files of the init images it names.
+/// A job spec and the local files of the init images and masks it names.
 pub struct BuiltSpec {
     pub spec: JobSpec,
-    /// (sha256, path) of every distinct init image.
-    pub init_images: Vec<(String, PathBuf)>,
+    /// (sha256, path) of every distinct init image and mask.
+    pub uploads: Vec<(String, PathBuf)>,
 }
 
-/// Uploads the spec's init images (read again — building the spec decoded
-/// them — and checked to be the same bytes), then submits the job.
+impl BuiltSpec {
+    /// Whether any image starts from an init image (img2img or inpainting).
+    pub fn starts_from_images(&self) -> bool {
+        !self.spec.init_image_sha256.is_empty()
+            || self
+                .spec
+                .prompts
+                .iter()
+                .any(|p| p.init_image_sha256.is_some())
+    }
+}
+
+/// Uploads the spec's init images and masks (read again — building the
+/// spec decoded them — and checked to be the same bytes), then submits the
+/// job.
 pub async fn submit_job(
     remote: &Remote,
     built: BuiltSpec,
     queue_unservable: bool,
 ) -> anyhow::Result<Job> {
-    for (sha256, path) in &built.init_images {
+    for (sha256, path) in &built.uploads {
         let bytes = std::fs::read(path)
-            .with_context(|| format!("init image {}: cannot read it", path.display()))?;
+            .with_context(|| format!("input {}: cannot read it", path.display()))?;
         if &hallmark_provenance::sha256_hex(&bytes) != sha256 {
             bail!(
-                "init image {} changed while the job was being submitted",
+                "input {} changed while the job was being submitted",
                 path.display()
             );
         }
         let input = remote.upload_input(&bytes).await?;
         if &input.sha256 != sha256 {
             bail!(
-                "the coordinator stored init image {} as {}, not {sha256}",
+                "the coordinator stored input {} as {}, not {sha256}",
                 path.display(),
                 input.sha256
             );
@@ -563,7 +584,7 @@ pub enum ModelsCommand {
     },
     List,
     /// Write a tiny random-weight checkpoint (deterministic from the seed)
-    /// in the real layout: sd1, sd2, sdxl, sdxl-refiner (diffusers folders with the real
+    /// in the real layout: sd1, sd1-inpaint, sd2, sdxl, sdxl-inpaint, sdxl-refiner (diffusers folders with the real
     /// CLIP tokenizer), esrgan-x2 or esrgan-x4 (Real-ESRGAN RRDBNet); for
     /// benchmarks, the full-size sd15-full and esrgan-x4-full.
     InitTiny {
@@ -1201,7 +1222,7 @@ fn job_exit(job: &Job) -> i32 {
 pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<BuiltSpec> {
     let prompts::PromptFile {
         items: mut prompts,
-        mut init_images,
+        mut uploads,
     } = match &args.prompts {
         Some(path) => prompts::read_prompt_file(path)?,
         None => prompts::PromptFile::default(),
@@ -1236,13 +1257,26 @@ pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<BuiltSp
             .with_context(|| format!("label {l:?} must be key=value"))?;
         labels.insert(k.to_string(), v.to_string());
     }
-    if let (Some(file), Some(path)) = (&init, &args.init_image)
-        && !init_images.iter().any(|(sha, _)| *sha == file.sha256)
-    {
-        init_images.push((file.sha256.clone(), path.clone()));
+    let mask = args
+        .mask
+        .as_deref()
+        .map(|p| InitImageFile::read(p).with_context(|| format!("--mask {}", p.display())))
+        .transpose()?;
+    for (file, path) in [(&init, &args.init_image), (&mask, &args.mask)] {
+        if let (Some(file), Some(path)) = (file, path)
+            && !uploads.iter().any(|(sha, _)| *sha == file.sha256)
+        {
+            uploads.push((file.sha256.clone(), path.clone()));
+        }
     }
-    if args.strength.is_some() && init_images.is_empty() {
+    let from_images = init.is_some() || prompts.iter().any(|p| p.init_image_sha256.is_some());
+    if args.strength.is_some() && !from_images {
         bail!("--strength applies to img2img: give --init-image or init_image in the prompt file");
+    }
+    if args.mask.is_some() && !from_images {
+        bail!(
+            "--mask says which part of an init image to repaint: give --init-image or init_image in the prompt file"
+        );
     }
     let spec = JobSpec {
         engine: args.engine.clone(),
@@ -1267,15 +1301,16 @@ pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<BuiltSp
         tenant: args.tenant.clone().unwrap_or_else(|| cfg.tenant()),
         labels,
         max_attempts: args.max_attempts,
-        strength: if init_images.is_empty() {
-            0.0
-        } else {
+        strength: if from_images {
             args.strength.unwrap_or(0.8)
+        } else {
+            0.0
         },
         init_image_sha256: init.map(|i| i.sha256).unwrap_or_default(),
+        mask_sha256: mask.map(|m| m.sha256).unwrap_or_default(),
         refine: args.refine(),
     };
-    Ok(BuiltSpec { spec, init_images })
+    Ok(BuiltSpec { spec, uploads })
 }
 
 /// `hallmark render`: submit, follow, download, summarise — on a local
@@ -1293,17 +1328,28 @@ fn local_diffusion(
 }
 
 /// What the local diffusion workers would refuse, refused before the farm
-/// starts and anything is written: a refiner asked to draw from noise, and
-/// initial latents that do not fit the job.
+/// starts and anything is written: a refiner asked to draw from noise, an
+/// inpainting model without a mask, and initial latents that do not fit
+/// the job.
 fn check_local_job(d: &hallmark_worker::DiffusionConfig, built: &BuiltSpec) -> anyhow::Result<()> {
     let spec = &built.spec;
     let Some((_, dir)) = d.models.iter().find(|(id, _)| *id == spec.model_id) else {
         return Ok(());
     };
     let folder = hallmark_diffusion::model::ModelFolder::open(dir, d.variant.as_deref())?;
-    let from_noise = built.init_images.is_empty();
+    let from_noise = !built.starts_from_images();
     if from_noise {
         folder.check_draws_from_noise()?;
+    }
+    let inpaints_every_image = spec.prompts.iter().all(|p| {
+        (p.init_image_sha256.is_some() || !spec.init_image_sha256.is_empty())
+            && (p.mask_sha256.is_some() || !spec.mask_sha256.is_empty())
+    });
+    if folder.is_inpainting()? && !inpaints_every_image {
+        bail!(
+            "model {} is an inpainting model (its unet takes a mask): give every image an init image and a mask (--init-image and --mask)",
+            spec.model_id
+        );
     }
     if let Some(latents) = &d.init_latents {
         if !from_noise {

@@ -20,20 +20,22 @@ const FIELDS: &[&str] = &[
     "scheduler",
     "init_image",
     "strength",
+    "mask",
 ];
 
-/// A prompt file read: its items, and the init images they name (each
-/// item's `init_image_sha256` is the sha256 of one of these files).
+/// A prompt file read: its items, and the init images and masks they name
+/// (each item's `init_image_sha256` and `mask_sha256` is the sha256 of one
+/// of these files).
 #[derive(Debug, Default)]
 pub struct PromptFile {
     pub items: Vec<PromptItem>,
-    /// (sha256, path) of every distinct init image.
-    pub init_images: Vec<(String, PathBuf)>,
+    /// (sha256, path) of every distinct init image and mask.
+    pub uploads: Vec<(String, PathBuf)>,
 }
 
 /// Reads a prompt file, refusing empty, non-UTF-8 and malformed files with
-/// the line that is wrong. An `init_image` is a path relative to the
-/// file's folder; it is read here (and refused if it is not an image).
+/// the line that is wrong. An `init_image` or `mask` is a path relative to
+/// the file's folder; it is read here (and refused if it is not an image).
 pub fn read_prompt_file(path: &Path) -> anyhow::Result<PromptFile> {
     let bytes =
         std::fs::read(path).with_context(|| format!("reading prompt file {}", path.display()))?;
@@ -52,7 +54,10 @@ pub fn read_prompt_file(path: &Path) -> anyhow::Result<PromptFile> {
     let items = match ext.as_str() {
         "jsonl" | "ndjson" => parse_jsonl(&text),
         "csv" => parse_csv(&text),
-        _ => Ok(parse_txt(&text).into_iter().map(|i| (i, None)).collect()),
+        _ => Ok(parse_txt(&text)
+            .into_iter()
+            .map(|i| (i, LinePaths::default()))
+            .collect()),
     }
     .with_context(|| format!("in prompt file {}", path.display()))?;
     if items.is_empty() {
@@ -66,31 +71,41 @@ pub fn read_prompt_file(path: &Path) -> anyhow::Result<PromptFile> {
     // Each path is read once; files with the same bytes are uploaded once.
     let mut read: HashMap<PathBuf, String> = HashMap::new();
     let mut uploads: HashSet<String> = HashSet::new();
-    for (mut item, init) in items {
-        if let Some(init) = init {
-            let image = folder.join(&init);
-            let sha256 = match read.get(&image) {
-                Some(sha) => sha.clone(),
-                None => {
-                    let sha = crate::InitImageFile::read(&image)
-                        .with_context(|| format!("in prompt file {}, {init:?}", path.display()))?
-                        .sha256;
-                    if uploads.insert(sha.clone()) {
-                        file.init_images.push((sha.clone(), image.clone()));
-                    }
-                    read.insert(image, sha.clone());
-                    sha
-                }
-            };
-            item.init_image_sha256 = Some(sha256);
+    let mut resolve = |name: &str, file: &mut PromptFile| -> anyhow::Result<String> {
+        let image = folder.join(name);
+        if let Some(sha) = read.get(&image) {
+            return Ok(sha.clone());
+        }
+        let sha = crate::InitImageFile::read(&image)
+            .with_context(|| format!("in prompt file {}, {name:?}", path.display()))?
+            .sha256;
+        if uploads.insert(sha.clone()) {
+            file.uploads.push((sha.clone(), image.clone()));
+        }
+        read.insert(image, sha.clone());
+        Ok(sha)
+    };
+    for (mut item, paths) in items {
+        if let Some(init) = &paths.init {
+            item.init_image_sha256 = Some(resolve(init, &mut file)?);
+        }
+        if let Some(mask) = &paths.mask {
+            item.mask_sha256 = Some(resolve(mask, &mut file)?);
         }
         file.items.push(item);
     }
     Ok(file)
 }
 
-/// A parsed line: the item and the init image path it names, if any.
-type Line = (PromptItem, Option<String>);
+/// The files a prompt line names, relative to the prompt file.
+#[derive(Debug, Default)]
+struct LinePaths {
+    init: Option<String>,
+    mask: Option<String>,
+}
+
+/// A parsed line: the item and the files it names.
+type Line = (PromptItem, LinePaths);
 
 /// One prompt per line; blank lines and `#` comments are skipped.
 pub fn parse_txt(text: &str) -> Vec<PromptItem> {
@@ -162,7 +177,7 @@ fn parse_csv(text: &str) -> anyhow::Result<Vec<Line>> {
     Ok(items)
 }
 
-fn set_field((item, init): &mut Line, key: &str, value: &str) -> anyhow::Result<()> {
+fn set_field((item, paths): &mut Line, key: &str, value: &str) -> anyhow::Result<()> {
     fn num<T: std::str::FromStr>(key: &str, value: &str) -> anyhow::Result<T> {
         value
             .parse()
@@ -177,7 +192,8 @@ fn set_field((item, init): &mut Line, key: &str, value: &str) -> anyhow::Result<
         "steps" => item.steps = Some(num(key, value)?),
         "guidance" => item.guidance = Some(num(key, value)?),
         "scheduler" => item.scheduler = Some(value.to_string()),
-        "init_image" => *init = Some(value.to_string()),
+        "init_image" => paths.init = Some(value.to_string()),
+        "mask" => paths.mask = Some(value.to_string()),
         "strength" => item.strength = Some(num(key, value)?),
         other => bail!("unknown field {other:?}; allowed: {}", FIELDS.join(", ")),
     }
@@ -261,8 +277,8 @@ mod tests {
             .save(dir.path().join("in/cat.png"))
             .unwrap();
         let file = read_prompt_file(&p).unwrap();
-        assert_eq!(file.init_images.len(), 1, "one file, read once");
-        let (sha, path) = &file.init_images[0];
+        assert_eq!(file.uploads.len(), 1, "one file, read once");
+        let (sha, path) = &file.uploads[0];
         assert_eq!(path, &dir.path().join("in/cat.png"));
         assert_eq!(
             sha,
@@ -283,5 +299,35 @@ mod tests {
             err.contains("in/cat.png") && err.contains("not a usable image"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn masks_are_read_like_init_images_and_uploaded_once_with_them() {
+        let (dir, p) = write(
+            "p.csv",
+            b"prompt,init_image,mask\na,cat.png,m.png\nb,cat.png,\nc,cat.png,m.png\n",
+        );
+        image::RgbImage::new(16, 8)
+            .save(dir.path().join("cat.png"))
+            .unwrap();
+        image::RgbImage::from_pixel(16, 8, image::Rgb([255, 255, 255]))
+            .save(dir.path().join("m.png"))
+            .unwrap();
+        let file = read_prompt_file(&p).unwrap();
+        let names: Vec<_> = file
+            .uploads
+            .iter()
+            .map(|(_, p)| p.file_name().unwrap())
+            .collect();
+        assert_eq!(names, ["cat.png", "m.png"], "each file once");
+        let mask_sha = &file.uploads[1].0;
+        let masks: Vec<_> = file.items.iter().map(|i| i.mask_sha256.clone()).collect();
+        assert_eq!(
+            masks,
+            [Some(mask_sha.clone()), None, Some(mask_sha.clone())]
+        );
+        std::fs::remove_file(dir.path().join("m.png")).unwrap();
+        let err = format!("{:#}", read_prompt_file(&p).unwrap_err());
+        assert!(err.contains("m.png"), "{err}");
     }
 }

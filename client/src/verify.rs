@@ -515,6 +515,9 @@ pub fn print_report(r: &FileReport) {
                     short(sha)
                 );
             }
+            if let Some(sha) = &g.mask_sha256 {
+                println!("  inpainting   mask {}", short(sha));
+            }
             if !g.datasets.is_empty() {
                 println!("  datasets     {}", g.datasets.join(", "));
             }
@@ -528,6 +531,9 @@ pub fn print_report(r: &FileReport) {
                     None => " (no credentials of its own)".into(),
                 }
             );
+        }
+        if let Some(m) = &c.mask {
+            println!("  mask         {}", m.title.as_deref().unwrap_or("?"));
         }
         if let Some(p) = &c.parent {
             println!(

@@ -78,6 +78,9 @@ pub struct InitImage {
     pub sha256: String,
     /// (0, 1]: the fraction of the schedule run from the noised image.
     pub strength: f64,
+    /// Inpainting: the sha256 of an uploaded mask; only its white part is
+    /// repainted.
+    pub mask: Option<String>,
 }
 
 /// The refine stage of a job: which model re-runs each base image, and how
@@ -168,6 +171,26 @@ impl ExpandedJob {
         self.items
             .iter()
             .filter_map(|i| i.init_image.as_ref().map(|x| x.sha256.as_str()))
+            .collect()
+    }
+
+    /// The distinct uploaded masks the job's items inpaint with.
+    pub fn masks(&self) -> std::collections::BTreeSet<&str> {
+        self.items
+            .iter()
+            .filter_map(|i| i.init_image.as_ref().and_then(|x| x.mask.as_deref()))
+            .collect()
+    }
+
+    /// Every uploaded input the job uses, each with the spec field that
+    /// names it (for errors).
+    pub fn inputs(&self) -> Vec<(&str, &'static str)> {
+        let inits = self
+            .init_images()
+            .into_iter()
+            .map(|s| (s, "init_image_sha256"));
+        inits
+            .chain(self.masks().into_iter().map(|s| (s, "mask_sha256")))
             .collect()
     }
 }
@@ -334,6 +357,7 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
     }
     check_text("negative_prompt", &spec.negative_prompt, true)?;
     let job_init = check_sha("init_image_sha256", &spec.init_image_sha256)?;
+    let job_mask = check_sha("mask_sha256", &spec.mask_sha256)?;
     if spec.strength != 0.0 {
         check_strength("strength", spec.strength)?;
     }
@@ -388,10 +412,14 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
         check_scheduler(&field("scheduler"), &scheduler)?;
         let init_image = item_init(
             &field,
-            line.init_image_sha256.as_deref(),
-            line.strength,
+            ItemInputs {
+                sha: line.init_image_sha256.as_deref(),
+                strength: line.strength,
+                mask: line.mask_sha256.as_deref(),
+            },
             job_init.as_deref(),
             spec.strength,
+            job_mask.as_deref(),
         )?;
         if let Some(init) = &init_image {
             check_img2img_steps(&field("steps"), steps, init.strength)?;
@@ -423,6 +451,12 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
         return Err(bad(
             "strength",
             "is set but no item has an init image (strength applies to img2img)",
+        ));
+    }
+    if job_mask.is_some() && items.iter().all(|i| i.init_image.is_none()) {
+        return Err(bad(
+            "mask_sha256",
+            "is set but no item has an init image (a mask says which part of an init image to repaint)",
         ));
     }
     Ok(ExpandedJob {
@@ -464,28 +498,45 @@ fn check_strength(field: &str, value: f64) -> Result<(), SpecError> {
     Ok(())
 }
 
-/// An item's init image and strength: its own, else the job's.
+/// What a prompt line names for img2img and inpainting.
+struct ItemInputs<'a> {
+    sha: Option<&'a str>,
+    strength: Option<f64>,
+    mask: Option<&'a str>,
+}
+
+/// An item's init image, strength and mask: its own, else the job's.
 fn item_init(
     field: &dyn Fn(&str) -> String,
-    sha: Option<&str>,
-    strength: Option<f64>,
+    own: ItemInputs<'_>,
     job_sha: Option<&str>,
     job_strength: f64,
+    job_mask: Option<&str>,
 ) -> Result<Option<InitImage>, SpecError> {
-    let own = match sha {
+    let sha = match own.sha {
         Some(s) => check_sha(&field("init_image_sha256"), s)?,
         None => None,
     };
-    let Some(sha256) = own.or(job_sha.map(str::to_string)) else {
-        if strength.is_some() {
+    let mask = match own.mask {
+        Some(s) => check_sha(&field("mask_sha256"), s)?,
+        None => None,
+    };
+    let Some(sha256) = sha.or(job_sha.map(str::to_string)) else {
+        if own.strength.is_some() {
             return Err(bad(
                 field("strength"),
                 "is set but the item has no init image (strength applies to img2img)",
             ));
         }
+        if mask.is_some() {
+            return Err(bad(
+                field("mask_sha256"),
+                "is set but the item has no init image (a mask says which part of an init image to repaint)",
+            ));
+        }
         return Ok(None);
     };
-    let strength = match strength {
+    let strength = match own.strength {
         Some(s) => {
             check_strength(&field("strength"), s)?;
             s
@@ -495,7 +546,11 @@ fn item_init(
             job_strength
         }
     };
-    Ok(Some(InitImage { sha256, strength }))
+    Ok(Some(InitImage {
+        sha256,
+        strength,
+        mask: mask.or(job_mask.map(str::to_string)),
+    }))
 }
 
 /// img2img runs the last `floor(steps × strength)` steps of the schedule
@@ -709,11 +764,13 @@ mod tests {
             [
                 Some(InitImage {
                     sha256: a.clone(),
-                    strength: 0.6
+                    strength: 0.6,
+                    mask: None,
                 }),
                 Some(InitImage {
                     sha256: b.clone(),
-                    strength: 0.3
+                    strength: 0.3,
+                    mask: None,
                 }),
                 None
             ]
@@ -742,6 +799,56 @@ mod tests {
         let mut bad = spec(&["a", "b"]);
         bad.strength = 0.5;
         assert_eq!(field(&bad), "strength", "no item has an init image");
+    }
+
+    #[test]
+    fn masks_inpaint_items_with_an_init_image_the_job_s_or_their_own() {
+        let (init, m, own) = ("aa".repeat(32), "CC".repeat(32), "dd".repeat(32));
+        let mut s = spec(&["job's mask", "own mask", "text only"]);
+        s.steps = 10;
+        s.strength = 0.6;
+        s.mask_sha256 = m.clone();
+        s.prompts[0].init_image_sha256 = Some(init.clone());
+        s.prompts[1].init_image_sha256 = Some(init.clone());
+        s.prompts[1].mask_sha256 = Some(own.clone());
+        let job = expand(&s, &limits(), 1).unwrap();
+        let masks: Vec<_> = job
+            .items
+            .iter()
+            .map(|i| i.init_image.as_ref().and_then(|x| x.mask.clone()))
+            .collect();
+        // Digests are kept in lower case; an item without an init image
+        // is a text-to-image one, which the job's mask does not touch.
+        assert_eq!(
+            masks,
+            [Some(m.to_ascii_lowercase()), Some(own.clone()), None]
+        );
+        assert_eq!(
+            job.inputs(),
+            [
+                (init.as_str(), "init_image_sha256"),
+                (m.to_ascii_lowercase().as_str(), "mask_sha256"),
+                (own.as_str(), "mask_sha256"),
+            ]
+        );
+
+        let field = |s: &JobSpec| expand(s, &limits(), 1).unwrap_err().field;
+        let mut bad = s.clone();
+        bad.prompts[2].mask_sha256 = Some(own.clone());
+        assert_eq!(
+            field(&bad),
+            "prompts[2].mask_sha256",
+            "a mask without an init image"
+        );
+        let mut bad = s.clone();
+        bad.prompts[1].mask_sha256 = Some("zz".into());
+        assert_eq!(field(&bad), "prompts[1].mask_sha256");
+        let mut bad = s.clone();
+        bad.mask_sha256 = "not-a-digest".into();
+        assert_eq!(field(&bad), "mask_sha256");
+        let mut bad = spec(&["a", "b"]);
+        bad.mask_sha256 = m.clone();
+        assert_eq!(field(&bad), "mask_sha256", "no item has an init image");
     }
 
     #[test]

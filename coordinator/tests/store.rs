@@ -301,7 +301,7 @@ both_stores! {
         let img2img = |prompts| {
             let mut j = job(prompts, 0);
             for item in &mut j.items {
-                item.init_image = Some(spec::InitImage { sha256: sha.into(), strength: 0.5 });
+                item.init_image = Some(spec::InitImage { sha256: sha.into(), strength: 0.5, mask: None });
             }
             j
         };
@@ -388,6 +388,52 @@ both_stores! {
         assert!(s.blob_known(&c.sha256).await.unwrap(), "still an artifact");
     }
 
+    async fn a_mask_is_leased_with_its_task_and_kept_while_the_task_is_open(s: &Store) {
+        let (init, mask) = (input_image("ab"), input_image("ef"));
+        for i in [&init, &mask] {
+            assert_eq!(s.record_input(i, "acme", 5, published()).await.unwrap(), InputRecorded::New);
+        }
+        let mut j = job(2, 0);
+        for item in &mut j.items {
+            item.init_image = Some(spec::InitImage {
+                sha256: init.sha256.clone(),
+                strength: 0.5,
+                mask: Some(mask.sha256.clone()),
+            });
+        }
+        // A mask is an input the job uses: a purged one refuses the job.
+        let new = NewJob { id: "j1", job: &j, spec_json: "{}", tenant_cap: 0, submitted_by: "" };
+        s.submit(&new, &POLICY, 100).await.unwrap();
+        let remove = || async { Ok(()) };
+        assert!(s.unused_inputs(10_000, 10, None).await.unwrap().is_empty(), "both in use");
+        assert_eq!(s.purge_input(&mask.sha256, 10_000, 10_000, remove).await.unwrap(), None);
+        let taken = s.delete_input(&mask.sha256, None, "operator", 10_000, remove).await;
+        assert!(matches!(&taken, Err(StoreError::Refused(m)) if m.contains("in use by job j1")), "{taken:?}");
+
+        // The lease names it; the worker holding the lease may fetch it.
+        let w = worker(s, "w1", 2).await;
+        let leases = lease(s, &w, 2, 200).await;
+        assert_eq!(leases.len(), 2, "masked items batch together");
+        assert!(leases.iter().all(|l| l.mask_sha256 == mask.sha256 && l.parent_sha256 == init.sha256));
+        assert!(s.base_image_leased_to(&mask.sha256, "").await.unwrap());
+        for l in &leases {
+            s.fail("w1", &l.task_id, l.fencing_token, "bad", AttemptEnd::FailedForGood, 210).await.unwrap();
+        }
+        s.reap(220).await.unwrap();
+        assert!(!s.base_image_leased_to(&mask.sha256, "").await.unwrap());
+        // Its tasks ended: purged like any unused input; then the job that
+        // inpaints through it cannot be retried.
+        assert!(s.purge_input(&mask.sha256, 101, 10_000, remove).await.unwrap().is_some());
+        let retry = s.control("j1", JobControl::RetryFailed, 11_000).await;
+        assert!(
+            matches!(&retry, Err(StoreError::Refused(m)) if m.contains(&mask.sha256) && m.contains("--mask")),
+            "{retry:?}"
+        );
+        let new = NewJob { id: "j2", job: &j, spec_json: "{}", tenant_cap: 0, submitted_by: "" };
+        let err = s.submit(&new, &POLICY, 11_000).await.unwrap_err();
+        assert!(matches!(&err, StoreError::Spec(e) if e.field == "mask_sha256"), "{err}");
+    }
+
     async fn unused_inputs_come_in_pages_that_go_on_past_the_last_one(s: &Store) {
         // Four inputs, two last used at the same time (then by hash).
         for (byte, used) in [("e1", 30), ("e2", 10), ("e3", 20), ("e0", 20)] {
@@ -431,7 +477,7 @@ both_stores! {
 
         // While acme's job starts from it, acme cannot take it back.
         let mut j = job_for("acme", 0, 1, 0);
-        j.items[0].init_image = Some(spec::InitImage { sha256: sha.into(), strength: 0.5 });
+        j.items[0].init_image = Some(spec::InitImage { sha256: sha.into(), strength: 0.5, mask: None });
         let new = NewJob { id: "j1", job: &j, spec_json: "{}", tenant_cap: 0, submitted_by: "" };
         s.submit(&new, &POLICY, 20).await.unwrap();
         let busy = s.delete_input(sha, Some("acme"), "tenant:acme", 30, remove).await;
@@ -476,7 +522,7 @@ both_stores! {
         // needs it, then purged by the sweep whatever the retention.
         let operator_job = |id: &'static str, sha: &str, now: i64| {
             let mut j = job_for("globex", 0, 1, 0);
-            j.items[0].init_image = Some(spec::InitImage { sha256: sha.into(), strength: 0.5 });
+            j.items[0].init_image = Some(spec::InitImage { sha256: sha.into(), strength: 0.5, mask: None });
             async move {
                 let new = NewJob { id, job: &j, spec_json: "{}", tenant_cap: 0, submitted_by: "operator" };
                 s.submit(&new, &POLICY, now).await.unwrap();
@@ -522,7 +568,7 @@ both_stores! {
         let input = input_image("ce");
         s.record_input(&input, "", 5, published()).await.unwrap();
         let mut j = job(1, 0);
-        j.items[0].init_image = Some(spec::InitImage { sha256: input.sha256.clone(), strength: 0.5 });
+        j.items[0].init_image = Some(spec::InitImage { sha256: input.sha256.clone(), strength: 0.5, mask: None });
         let order = std::sync::Mutex::new(Vec::new());
         // The purge has committed; it holds the input's row while it
         // deletes the blob. An upload of the same picture meanwhile waits,
@@ -579,7 +625,7 @@ both_stores! {
         assert_eq!(s.input_purged_at(sha).await.unwrap(), Some(1_000));
         assert_eq!(s.pending_input_blobs(10).await.unwrap(), [sha]);
         let mut j = job(1, 0);
-        j.items[0].init_image = Some(spec::InitImage { sha256: sha.into(), strength: 0.5 });
+        j.items[0].init_image = Some(spec::InitImage { sha256: sha.into(), strength: 0.5, mask: None });
         let new = NewJob { id: "j1", job: &j, spec_json: "{}", tenant_cap: 0, submitted_by: "" };
         let refused = s.submit(&new, &POLICY, 1_100).await;
         assert!(matches!(&refused, Err(StoreError::Spec(e)) if e.message.contains("is no longer stored")), "{refused:?}");
@@ -626,7 +672,7 @@ both_stores! {
         let w = worker(s, "w1", 4).await;
         let mut j = job(2, 2);
         for item in &mut j.items {
-            item.init_image = Some(spec::InitImage { sha256: input.sha256.clone(), strength: 0.75 });
+            item.init_image = Some(spec::InitImage { sha256: input.sha256.clone(), strength: 0.75, mask: None });
         }
         submit(s, "j1", &j, 0).await;
         submit(s, "j2", &job(1, 0), 0).await;
@@ -1031,7 +1077,7 @@ both_stores! {
         }
         assert_eq!(count(s, "SELECT CAST(COUNT(*) AS BIGINT) FROM jobs").await, 0);
         // From an init image (img2img), or as another job's refine model, it refines.
-        own.items[0].init_image = Some(spec::InitImage { sha256: SHA.into(), strength: 0.5 });
+        own.items[0].init_image = Some(spec::InitImage { sha256: SHA.into(), strength: 0.5, mask: None });
         s.check_servable(&own, false).await.unwrap();
         let mut refined = job(1, 0);
         refined.refine = Some(spec::Refine { model_id: "r1".into(), strength: 0.5 });

@@ -270,13 +270,15 @@ impl ModelFolder {
         }
         let index: ModelIndex = read_json(&root.join("model_index.json"))?;
         let family = match index.class_name.as_str() {
-            "StableDiffusionPipeline" | "StableDiffusionImg2ImgPipeline" => Family::StableDiffusion,
-            "StableDiffusionXLPipeline" | "StableDiffusionXLImg2ImgPipeline" => {
-                Family::StableDiffusionXl
-            }
+            "StableDiffusionPipeline"
+            | "StableDiffusionImg2ImgPipeline"
+            | "StableDiffusionInpaintPipeline" => Family::StableDiffusion,
+            "StableDiffusionXLPipeline"
+            | "StableDiffusionXLImg2ImgPipeline"
+            | "StableDiffusionXLInpaintPipeline" => Family::StableDiffusionXl,
             other => {
                 return Err(DiffusionError::BadModel(format!(
-                    "{}: pipeline {other:?} is not supported (StableDiffusionPipeline, StableDiffusionXLPipeline)",
+                    "{}: pipeline {other:?} is not supported (StableDiffusionPipeline, StableDiffusionXLPipeline, their Img2Img and Inpaint pipelines)",
                     root.display()
                 )));
             }
@@ -387,6 +389,13 @@ impl ModelFolder {
 
     pub fn unet_config(&self) -> Result<UnetConfig, DiffusionError> {
         read_json(&self.root.join("unet/config.json"))
+    }
+
+    /// Whether the unet is an inpainting one (it also takes a mask and the
+    /// masked image's latents), which renders only with a mask.
+    pub fn is_inpainting(&self) -> Result<bool, DiffusionError> {
+        let latent = self.vae_config()?.latent_channels;
+        Ok(self.unet_config()?.in_channels == 2 * latent + 1)
     }
     pub fn vae_config(&self) -> Result<VaeConfig, DiffusionError> {
         read_json(&self.root.join("vae/config.json"))

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use image::RgbImage;
+use image::{GrayImage, RgbImage};
 
 use crate::DiffusionError;
 use crate::attention::{AttentionChoice, AttentionKernel};
@@ -106,6 +106,12 @@ pub struct GenerateRequest {
     /// img2img: start from these images (one per sample) at `strength`.
     pub init_images: Option<Vec<RgbImage>>,
     pub strength: f64,
+    /// Inpainting (with `init_images`): one mask per sample, the request's
+    /// size; white (≥ 50 % grey) is repainted, black kept from the init
+    /// image. An inpainting unet sees the mask and the masked image; any
+    /// other unet's latents outside the mask are reset to the init image's,
+    /// noised to each step's level (diffusers' StableDiffusionInpaintPipeline).
+    pub masks: Option<Vec<GrayImage>>,
 }
 
 impl GenerateRequest {
@@ -120,6 +126,7 @@ impl GenerateRequest {
             init_latents: None,
             init_images: None,
             strength: 0.5,
+            masks: None,
         }
     }
 }
@@ -208,6 +215,9 @@ pub struct StableDiffusion {
     vae_cfg: VaeConfig,
     scheduler_cfg: SchedulerConfig,
     options: LoadOptions,
+    /// The unet is an inpainting one (9 input channels: the latents, the
+    /// mask and the masked image's latents); it renders only with a mask.
+    inpainting_unet: bool,
 }
 
 impl std::fmt::Debug for StableDiffusion {
@@ -270,14 +280,20 @@ impl StableDiffusion {
                 "vae config: block_out_channels is empty".into(),
             ));
         }
-        if vae_cfg.latent_channels != unet_cfg.in_channels
-            || unet_cfg.in_channels != unet_cfg.out_channels
+        // An inpainting unet also takes the mask and the masked image's
+        // latents: 4 + 1 + 4 channels in, 4 out.
+        let latent = vae_cfg.latent_channels;
+        if unet_cfg.out_channels != latent
+            || (unet_cfg.in_channels != latent && unet_cfg.in_channels != 2 * latent + 1)
         {
             return Err(DiffusionError::BadModel(format!(
-                "the unet takes {} channels and returns {}, the vae has {} latent channels",
-                unet_cfg.in_channels, unet_cfg.out_channels, vae_cfg.latent_channels
+                "the unet takes {} channels and returns {}, the vae has {latent} latent channels (a unet takes {latent}, or {} to inpaint, and returns {latent})",
+                unet_cfg.in_channels,
+                unet_cfg.out_channels,
+                2 * latent + 1
             )));
         }
+        let inpainting_unet = unet_cfg.in_channels == 2 * latent + 1;
         let xl = folder.family == Family::StableDiffusionXl;
         // SDXL's refiner has the second encoder only.
         let mut components = Vec::new();
@@ -378,7 +394,14 @@ impl StableDiffusion {
             vae_cfg,
             scheduler_cfg,
             options,
+            inpainting_unet,
         })
+    }
+
+    /// Whether the unet is an inpainting one, which needs a mask (and an
+    /// init image) to render.
+    pub fn is_inpainting_model(&self) -> bool {
+        self.inpainting_unet
     }
 
     /// Pixels per latent cell along each side.
@@ -565,25 +588,117 @@ impl StableDiffusion {
         img: &RgbImage,
         rng: &mut NoiseGenerator,
     ) -> Result<Tensor, DiffusionError> {
-        let (w, h) = img.dimensions();
-        let data: Vec<f32> = img
-            .as_raw()
-            .iter()
-            .map(|&v| v as f32 / 127.5 - 1.0)
-            .collect();
-        let x = Tensor::from_vec(data, (1, h as usize, w as usize, 3), &Device::Cpu)?
-            .permute((0, 3, 1, 2))?
-            .to_device(&self.options.device)?
-            .to_dtype(vae_dtype(
-                self.folder.family,
-                &self.vae_cfg,
-                self.options.dtype,
-            ))?;
+        self.encode_pixels(&pixels_of(img)?, rng)
+    }
+
+    /// Latents of `(1, 3, H, W)` pixels in [-1, 1] (f32, on the CPU),
+    /// sampled from the VAE's distribution with `rng`.
+    fn encode_pixels(
+        &self,
+        x: &Tensor,
+        rng: &mut NoiseGenerator,
+    ) -> Result<Tensor, DiffusionError> {
+        let x = x.to_device(&self.options.device)?.to_dtype(vae_dtype(
+            self.folder.family,
+            &self.vae_cfg,
+            self.options.dtype,
+        ))?;
         let (mean, std) = self.vae_encoder()?.forward(&x)?;
         let mean = mean.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
         let std = std.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
         let noise = Tensor::from_vec(rng.normals(mean.elem_count()), mean.shape(), &Device::Cpu)?;
         Ok(((mean + (std * noise)?)? * self.vae_cfg.scaling_factor)?)
+    }
+
+    /// The first latents of an inpainting run, and what its steps need.
+    /// Each sample's generator draws as diffusers' inpainting pipeline does:
+    /// the init image's latents (where they are used), the noise, then the
+    /// masked image's latents.
+    fn start_inpainting(
+        &self,
+        req: &GenerateRequest,
+        sampler: &Sampler,
+        rngs: &mut Vec<NoiseGenerator>,
+        noise: &dyn Fn(&mut Vec<NoiseGenerator>) -> candle_core::Result<Tensor>,
+    ) -> Result<(Tensor, Inpainting), DiffusionError> {
+        let dev = &self.options.device;
+        let (Some(images), Some(masks)) = (&req.init_images, &req.masks) else {
+            return Err(DiffusionError::BadRequest(
+                "inpainting needs init images and masks".into(),
+            ));
+        };
+        let f = self.vae_scale_factor();
+        let (lh, lw) = (req.height / f, req.width / f);
+        let start = sampler.start_index(req.strength);
+        if masks.len() != images.len() {
+            return Err(DiffusionError::BadRequest(format!(
+                "{} masks for {} init images",
+                masks.len(),
+                images.len()
+            )));
+        }
+        for m in masks {
+            check_size("mask", m.dimensions(), req)?;
+        }
+        // diffusers starts from pure noise at strength 1 (exactly).
+        let from_noise = req.strength == 1.0;
+        let pixels = images
+            .iter()
+            .map(pixels_of)
+            .collect::<Result<Vec<_>, _>>()?;
+        let bins = masks
+            .iter()
+            .map(binary_mask)
+            .collect::<Result<Vec<_>, _>>()?;
+        let x0 = if !self.inpainting_unet || !from_noise {
+            let mut x0 = Vec::with_capacity(images.len());
+            for (px, rng) in pixels.iter().zip(rngs.iter_mut()) {
+                x0.push(self.encode_pixels(px, rng)?);
+            }
+            Some(Tensor::cat(&x0, 0)?.to_device(dev)?)
+        } else {
+            None
+        };
+        let n = noise(rngs)?;
+        let mut masked = Vec::with_capacity(images.len());
+        for ((px, bin), rng) in pixels.iter().zip(&bins).zip(rngs.iter_mut()) {
+            if self.inpainting_unet {
+                let kept = px.broadcast_mul(&(1.0 - bin)?)?;
+                masked.push(self.encode_pixels(&kept, rng)?);
+            } else {
+                // diffusers encodes the masked image for any unet; only an
+                // inpainting one uses it. Its draw is kept, so that the
+                // steps' noise is the same as there.
+                rng.normals(self.latent_channels() * lh * lw);
+            }
+        }
+        let mask = Tensor::cat(
+            &bins
+                .iter()
+                .map(|m| latent_mask(m, lh, lw))
+                .collect::<Result<Vec<_>, _>>()?,
+            0,
+        )?
+        .to_device(dev)?;
+        let latents = match &x0 {
+            Some(x0) if !from_noise => sampler.add_noise(x0, &n, start)?,
+            _ => (&n * sampler.init_noise_sigma())?,
+        };
+        let state = if self.inpainting_unet {
+            let masked = Tensor::cat(&masked, 0)?.to_device(dev)?;
+            Inpainting {
+                unet_extra: Some(Tensor::cat(&[&mask, &masked], 1)?),
+                keep: None,
+                mask,
+            }
+        } else {
+            Inpainting {
+                unet_extra: None,
+                keep: Some((x0.expect("encoded for a plain unet"), n)),
+                mask,
+            }
+        };
+        Ok((latents, state))
     }
 
     fn check_finite(&self, t: &Tensor, stage: &'static str) -> Result<(), DiffusionError> {
@@ -679,6 +794,18 @@ impl StableDiffusion {
             Tensor::cat(&rows, 0)?.to_device(dev)
         };
         let mut start = 0;
+        if req.masks.is_some() && req.init_images.is_none() {
+            return Err(DiffusionError::BadRequest(
+                "inpainting masks without init images: a mask says which part of an init image to repaint".into(),
+            ));
+        }
+        if self.inpainting_unet && req.masks.is_none() {
+            return Err(DiffusionError::BadRequest(format!(
+                "{} is an inpainting model (its unet takes a mask): give it an init image and a mask",
+                self.folder.root.display()
+            )));
+        }
+        let mut inpaint = None;
         let mut latents = if let Some(images) = &req.init_images {
             if images.len() != b {
                 return Err(DiffusionError::BadRequest(format!(
@@ -699,22 +826,22 @@ impl StableDiffusion {
                     req.strength, req.steps
                 )));
             }
-            let mut x0 = Vec::with_capacity(b);
-            for (img, rng) in images.iter().zip(rngs.iter_mut()) {
-                if img.width() as usize != req.width || img.height() as usize != req.height {
-                    return Err(DiffusionError::BadRequest(format!(
-                        "init image is {}x{}, the request {}x{}",
-                        img.width(),
-                        img.height(),
-                        req.width,
-                        req.height
-                    )));
-                }
-                x0.push(self.encode_image(img, rng)?);
+            for img in images {
+                check_size("init image", img.dimensions(), req)?;
             }
-            let x0 = Tensor::cat(&x0, 0)?.to_device(dev)?;
-            let n = noise(&mut rngs)?;
-            sampler.add_noise(&x0, &n, start)?
+            if req.masks.is_some() {
+                let (x, state) = self.start_inpainting(req, &sampler, &mut rngs, &noise)?;
+                inpaint = Some(state);
+                x
+            } else {
+                let mut x0 = Vec::with_capacity(b);
+                for (img, rng) in images.iter().zip(rngs.iter_mut()) {
+                    x0.push(self.encode_image(img, rng)?);
+                }
+                let x0 = Tensor::cat(&x0, 0)?.to_device(dev)?;
+                let n = noise(&mut rngs)?;
+                sampler.add_noise(&x0, &n, start)?
+            }
         } else {
             let x = match &req.init_latents {
                 Some(l) => {
@@ -734,13 +861,19 @@ impl StableDiffusion {
         // 3. Denoise (latents stay f32 on the device; the UNet runs in the
         // compute type).
         let total = sampler.timesteps().len() - start;
+        let steps = sampler.timesteps().len();
         // The calls (and a recorded graph's memory) end with the loop,
         // before the VAE needs room.
         {
             let mut calls = UnetCalls::new(&self.unet, dev, GraphMode::from_env());
-            for i in start..sampler.timesteps().len() {
+            for i in start..steps {
                 let t = sampler.timesteps()[i];
                 let input = sampler.scale_model_input(&latents, i)?;
+                // An inpainting unet also sees the mask and the masked image.
+                let input = match inpaint.as_ref().and_then(|p| p.unet_extra.as_ref()) {
+                    Some(extra) => Tensor::cat(&[&input, extra], 1)?,
+                    None => input,
+                };
                 let input = if guided {
                     Tensor::cat(&[&input, &input], 0)?
                 } else {
@@ -754,6 +887,22 @@ impl StableDiffusion {
                     pred
                 };
                 latents = sampler.step(&pred, i, &latents, &mut || noise(&mut rngs))?;
+                // Any other unet: what the mask keeps is reset to the init
+                // image, noised to the next step's level (clean after the last).
+                if let Some(Inpainting {
+                    keep: Some((x0, n)),
+                    mask,
+                    ..
+                }) = &inpaint
+                {
+                    let kept = if i + 1 < steps {
+                        sampler.add_noise(x0, n, i + 1)?
+                    } else {
+                        x0.clone()
+                    };
+                    latents =
+                        (kept.broadcast_mul(&(1.0 - mask)?)? + latents.broadcast_mul(mask)?)?;
+                }
                 progress((i + 1 - start) as f32 / total as f32);
             }
         }
@@ -787,4 +936,74 @@ pub fn to_images(pixels: &Tensor) -> Result<Vec<RgbImage>, DiffusionError> {
                 .expect("buffer sized from the tensor")
         })
         .collect())
+}
+
+/// An RGB image as `(1, 3, H, W)` values in [-1, 1] (f32, on the CPU), as
+/// the VAE's encoder takes it.
+fn pixels_of(img: &RgbImage) -> Result<Tensor, DiffusionError> {
+    let (w, h) = img.dimensions();
+    let data: Vec<f32> = img
+        .as_raw()
+        .iter()
+        .map(|&v| v as f32 / 127.5 - 1.0)
+        .collect();
+    Ok(
+        Tensor::from_vec(data, (1, h as usize, w as usize, 3), &Device::Cpu)?
+            .permute((0, 3, 1, 2))?,
+    )
+}
+
+/// A mask binarised as diffusers does (≥ 50 % grey repaints): 1 where the
+/// image is repainted, 0 where it is kept, `(1, 1, H, W)` f32 on the CPU.
+fn binary_mask(mask: &GrayImage) -> Result<Tensor, DiffusionError> {
+    let (w, h) = mask.dimensions();
+    let data: Vec<f32> = mask
+        .as_raw()
+        .iter()
+        .map(|&v| if v >= 128 { 1.0 } else { 0.0 })
+        .collect();
+    Ok(Tensor::from_vec(
+        data,
+        (1, 1, h as usize, w as usize),
+        &Device::Cpu,
+    )?)
+}
+
+/// A binary mask `(1, 1, H, W)` brought to the latents' `lh`×`lw` by
+/// nearest neighbour (PyTorch's `interpolate` default: each cell takes the
+/// pixel at its top-left corner).
+fn latent_mask(mask: &Tensor, lh: usize, lw: usize) -> Result<Tensor, DiffusionError> {
+    let (_, _, h, w) = mask.dims4()?;
+    let rows = Tensor::new(
+        (0..lh).map(|y| (y * h / lh) as u32).collect::<Vec<_>>(),
+        &Device::Cpu,
+    )?;
+    let cols = Tensor::new(
+        (0..lw).map(|x| (x * w / lw) as u32).collect::<Vec<_>>(),
+        &Device::Cpu,
+    )?;
+    Ok(mask.index_select(&rows, 2)?.index_select(&cols, 3)?)
+}
+
+/// What an inpainting run's steps need.
+struct Inpainting {
+    /// The mask at the latents' size, `(batch, 1, h, w)`: 1 repaints.
+    mask: Tensor,
+    /// An inpainting unet's extra input channels: the mask and the masked
+    /// image's latents.
+    unet_extra: Option<Tensor>,
+    /// Any other unet: the init image's latents and the first noise, which
+    /// the kept region is reset to at each step.
+    keep: Option<(Tensor, Tensor)>,
+}
+
+/// Refuses an init image or mask whose size is not the request's.
+fn check_size(what: &str, (w, h): (u32, u32), req: &GenerateRequest) -> Result<(), DiffusionError> {
+    if w as usize != req.width || h as usize != req.height {
+        return Err(DiffusionError::BadRequest(format!(
+            "{what} is {w}x{h}, the request {}x{}",
+            req.width, req.height
+        )));
+    }
+    Ok(())
 }

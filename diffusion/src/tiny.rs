@@ -28,6 +28,13 @@ use crate::rng::NoiseGenerator;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TinyArch {
     Sd1,
+    /// SD-1.x-shaped with an inpainting unet (9 input channels: the
+    /// latents, the mask, the masked image's latents), as
+    /// runwayml/stable-diffusion-inpainting.
+    Sd1Inpaint,
+    /// SDXL-shaped with an inpainting unet, as
+    /// diffusers/stable-diffusion-xl-1.0-inpainting-0.1.
+    SdxlInpaint,
     Sd2,
     /// SDXL-shaped: two text encoders (the second with projection), the
     /// pooled text and size ids added to the UNet's time embedding.
@@ -59,6 +66,8 @@ impl std::str::FromStr for TinyArch {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Ok(match s {
             "sd1" => Self::Sd1,
+            "sd1-inpaint" => Self::Sd1Inpaint,
+            "sdxl-inpaint" => Self::SdxlInpaint,
             "sd2" => Self::Sd2,
             "sd15-full" => Self::Sd15Full,
             "esrgan" | "esrgan-x2" => Self::Esrgan { scale: 2 },
@@ -68,7 +77,7 @@ impl std::str::FromStr for TinyArch {
             "sdxl-refiner" => Self::SdxlRefiner,
             other => {
                 return Err(DiffusionError::BadRequest(format!(
-                    "unknown tiny architecture {other:?} (sd1, sd2, sdxl, sdxl-refiner, sd15-full, esrgan-x2, esrgan-x4, esrgan-x4-full)"
+                    "unknown tiny architecture {other:?} (sd1, sd1-inpaint, sd2, sdxl, sdxl-inpaint, sdxl-refiner, sd15-full, esrgan-x2, esrgan-x4, esrgan-x4-full)"
                 )));
             }
         })
@@ -216,6 +225,8 @@ pub fn init_tiny(
     std::fs::create_dir_all(&staging).map_err(io(&staging))?;
     let result = match arch {
         TinyArch::Sd1
+        | TinyArch::Sd1Inpaint
+        | TinyArch::SdxlInpaint
         | TinyArch::Sd2
         | TinyArch::Sdxl
         | TinyArch::SdxlRefiner
@@ -228,8 +239,16 @@ pub fn init_tiny(
             })?;
             let shape = match arch {
                 TinyArch::Sd1 => SdShape::tiny(false),
+                TinyArch::Sd1Inpaint => SdShape {
+                    inpaint: true,
+                    ..SdShape::tiny(false)
+                },
                 TinyArch::Sd2 => SdShape::tiny(true),
                 TinyArch::Sdxl => SdShape::tiny_xl(),
+                TinyArch::SdxlInpaint => SdShape {
+                    inpaint: true,
+                    ..SdShape::tiny_xl()
+                },
                 TinyArch::SdxlRefiner => SdShape {
                     refiner: true,
                     ..SdShape::tiny_xl()
@@ -311,6 +330,8 @@ struct SdShape {
     xl: bool,
     /// SDXL's refiner (with `xl`).
     refiner: bool,
+    /// An inpainting unet (9 input channels).
+    inpaint: bool,
     hidden: usize,
     intermediate: usize,
     text_layers: usize,
@@ -334,6 +355,7 @@ impl SdShape {
             v2,
             xl: false,
             refiner: false,
+            inpaint: false,
             hidden: 32,
             intermediate: 37,
             text_layers: 2,
@@ -369,6 +391,7 @@ impl SdShape {
             v2: false,
             xl: false,
             refiner: false,
+            inpaint: false,
             hidden: 768,
             intermediate: 3072,
             text_layers: 12,
@@ -444,7 +467,7 @@ fn write_sd(dir: &Path, shape: &SdShape, seed: u64, bpe: &Path) -> Result<(), Di
     let hidden = shape.hidden;
     let mut unet_cfg = json!({
         "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.30.0",
-        "sample_size": shape.sample_size, "in_channels": 4, "out_channels": 4,
+        "sample_size": shape.sample_size, "in_channels": if shape.inpaint { 9 } else { 4 }, "out_channels": 4,
         "down_block_types": shape.unet_down, "up_block_types": shape.unet_up,
         "block_out_channels": shape.unet_channels, "layers_per_block": 2,
         "attention_head_dim": shape.unet_heads,
@@ -506,7 +529,8 @@ fn write_sd(dir: &Path, shape: &SdShape, seed: u64, bpe: &Path) -> Result<(), Di
         })
     } else if xl {
         json!({
-            "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.30.0",
+            "_class_name": if shape.inpaint { "StableDiffusionXLInpaintPipeline" } else { "StableDiffusionXLPipeline" },
+            "_diffusers_version": "0.30.0",
             "force_zeros_for_empty_prompt": true, "feature_extractor": [null, null], "image_encoder": [null, null],
             "scheduler": ["diffusers", "EulerDiscreteScheduler"],
             "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
@@ -515,7 +539,8 @@ fn write_sd(dir: &Path, shape: &SdShape, seed: u64, bpe: &Path) -> Result<(), Di
         })
     } else {
         json!({
-            "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+            "_class_name": if shape.inpaint { "StableDiffusionInpaintPipeline" } else { "StableDiffusionPipeline" },
+            "_diffusers_version": "0.30.0",
             "feature_extractor": [null, null], "safety_checker": [null, null],
             "requires_safety_checker": false,
             "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],

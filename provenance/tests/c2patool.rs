@@ -96,6 +96,7 @@ fn c2patool_validates_png_jpeg_and_webp_outputs_and_upscales() {
                             training_mining: Some(TrainingMining::default()),
                             parent,
                             input: None,
+                            mask: None,
                         },
                     )
                     .unwrap()
@@ -190,6 +191,7 @@ fn c2patool_validates_an_img2img_output_and_its_init_image_ingredient() {
                 training_mining: None,
                 parent: None,
                 input: Some(&init),
+                mask: None,
             },
         )
         .unwrap();
@@ -210,4 +212,56 @@ fn c2patool_validates_an_img2img_output_and_its_init_image_ingredient() {
         ours.generation.unwrap().init_image_sha256,
         rec.init_image_sha256
     );
+
+    // Inpainting: the mask is a second `inputTo` ingredient, told apart
+    // from the init image by our reader.
+    let mask_img = image::RgbImage::from_fn(64, 64, |x, _| image::Rgb([(x / 32 * 255) as u8; 3]));
+    let mask = credentials::encode_image(&mask_img, ImageFormat::Png).unwrap();
+    rec.mask_sha256 = Some(hallmark_provenance::sha256_hex(&mask));
+    let signed = stamper
+        .sign(
+            ImageFormat::Png,
+            &encoded,
+            &Stamp {
+                title: "inpainted.png".into(),
+                record: &rec,
+                watermark_id: 5,
+                training_mining: None,
+                parent: None,
+                input: Some(&init),
+                mask: Some(&mask),
+            },
+        )
+        .unwrap();
+    let path = dir.path().join("inpainted.png");
+    std::fs::write(&path, &signed).unwrap();
+    let report = check(&path, &files.root_cert);
+    assert_eq!(report["validation_state"], "Trusted", "{report:#}");
+    let manifest = &report["manifests"][report["active_manifest"].as_str().unwrap()];
+    let formats: Vec<_> = manifest["ingredients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["relationship"].as_str().unwrap(),
+                i["format"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        formats,
+        [("inputTo", "image/jpeg"), ("inputTo", "image/png")],
+        "{manifest:#}"
+    );
+    let ours = credentials::inspect(&signed, Some(&files.trust_anchors().unwrap())).unwrap();
+    assert_eq!(ours.verdict, credentials::Verdict::Verified, "{ours:#?}");
+    let title =
+        |s: &Option<credentials::InputSummary>| s.as_ref().and_then(|s| s.title.clone()).unwrap();
+    assert!(title(&ours.input).starts_with("init image of"), "{ours:#?}");
+    assert!(
+        title(&ours.mask).starts_with("inpainting mask of"),
+        "{ours:#?}"
+    );
+    assert_eq!(ours.generation.unwrap().mask_sha256, rec.mask_sha256);
 }

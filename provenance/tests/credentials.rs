@@ -79,6 +79,7 @@ fn stamped(
                 training_mining: Some(TrainingMining::default()),
                 parent,
                 input: None,
+                mask: None,
             },
         )
         .unwrap()
@@ -193,6 +194,7 @@ fn one_changed_pixel_is_a_hash_mismatch() {
                 training_mining: None,
                 parent: None,
                 input: None,
+                mask: None,
             },
         )
         .unwrap();
@@ -423,6 +425,7 @@ fn signatures_are_timestamped_by_the_configured_authority() {
             training_mining: None,
             parent: None,
             input: None,
+            mask: None,
         };
         let file = stamper.sign(format, &encoded, &stamp).unwrap();
         let report = inspect(&file, Some(&ca.anchors())).unwrap();
@@ -471,6 +474,7 @@ fn an_unreachable_or_https_timestamp_authority_fails_signing_clearly() {
         training_mining: None,
         parent: None,
         input: None,
+        mask: None,
     };
     assert!(stamper.sign(ImageFormat::Png, &encoded, &stamp).is_err());
 }

@@ -40,6 +40,22 @@ SDXL refiner folders (StableDiffusionXLImg2ImgPipeline with
   StableDiffusionXLImg2ImgPipeline, the VAE's sample, the added noise and
   Euler ancestral's step noise all drawn from the same recipe;
   `final.refine.euler_a.cfg_neg` with NEGATIVE.
+
+Inpainting folders (StableDiffusionInpaintPipeline or
+StableDiffusionXLInpaintPipeline: a unet of 9 input channels) get, with the
+real pipeline of their class and the
+generator's draws in the Rust pipeline's order (the init image's latents
+where used, the noise, the masked image's latents, Euler ancestral's step
+noise):
+
+- `image.init`: the picture inpainted (RGB, 0–255, height × width × 3);
+- `image.mask`: the mask (0–255, height × width; white, and the 140-grey
+  band, are repainted; the 110-grey band is kept);
+- `final.inpaint.<scheduler>.<cfg|nocfg>.s<strength × 100>`: latents after
+  STEPS steps at strength 1 (from pure noise) and INPAINT_STRENGTH;
+- given a plain folder of the same shape as the third argument, `final.legacy.…` the same
+  with that folder's 4-channel unet (diffusers resets the kept region to the
+  init image, noised to each step's level).
 """
 import json
 import math
@@ -51,6 +67,8 @@ import diffusers
 import transformers
 from diffusers import (
     DDIMScheduler,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionXLInpaintPipeline,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
@@ -60,7 +78,9 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 from diffusers.models.autoencoders import vae as vae_module
+from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint as inpaint_module
 from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img as img2img_module
+from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_inpaint as xl_inpaint_module
 from diffusers.schedulers import scheduling_euler_ancestral_discrete
 from PIL import Image
 from safetensors.torch import save_file
@@ -124,6 +144,8 @@ SCHEDULERS = {
 
 
 REFINE_STRENGTH = 0.5
+INPAINT_STRENGTH = 0.75
+INPAINT_SCHEDULERS = ("ddim", "euler_a", "dpmpp_2m")
 
 
 def init_image():
@@ -133,6 +155,16 @@ def init_image():
     g = y * 255 // (SIZE - 1)
     b = np.where((x - SIZE / 2) ** 2 + (y - SIZE / 2) ** 2 < (SIZE / 4) ** 2, 230, 40)
     return np.stack([r, g, b], -1).astype(np.uint8)
+
+
+def inpaint_mask():
+    """A rectangle to repaint, and two grey bands either side of the 50 %
+    threshold (140 repaints, 110 keeps)."""
+    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    mask[8:40, 16:40] = 255
+    mask[:, 48:56] = 140
+    mask[:, 56:] = 110
+    return mask
 
 
 def metadata():
@@ -232,12 +264,68 @@ def refiner_main(model_dir, out_path, save_dir=None):
         print(f"saved {save_dir} and {save_dir}-fp16 with save_pretrained")
 
 
+def inpaint_main(model_dir, out_path, plain_dir=None):
+    torch.manual_seed(0)
+    picture, mask = init_image(), inpaint_mask()
+    out = {
+        "image.init": torch.from_numpy(picture.astype(np.float32)),
+        "image.mask": torch.from_numpy(mask.astype(np.float32)),
+    }
+
+    with open(f"{model_dir}/model_index.json") as f:
+        xl = json.load(f)["_class_name"] == "StableDiffusionXLInpaintPipeline"
+
+    def runs(folder, prefix):
+        if xl:
+            pipe = StableDiffusionXLInpaintPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+        else:
+            pipe = StableDiffusionInpaintPipeline.from_pretrained(folder, safety_checker=None, torch_dtype=torch.float32)
+        pipe.set_progress_bar_config(disable=True)
+        base_config = pipe.scheduler.config
+        for name in INPAINT_SCHEDULERS:
+            for guidance, tag in ((7.5, "cfg"), (1.0, "nocfg")):
+                for strength in (1.0, INPAINT_STRENGTH):
+                    gen = NoiseGenerator(SEED)
+
+                    def draw(shape, generator=None, device=None, dtype=None, layout=None):
+                        return torch.from_numpy(gen.normals(tuple(shape))).to(dtype=dtype or torch.float32)
+
+                    vae_module.randn_tensor = draw
+                    inpaint_module.randn_tensor = draw
+                    xl_inpaint_module.randn_tensor = draw
+                    scheduling_euler_ancestral_discrete.randn_tensor = draw
+                    pipe.scheduler = SCHEDULERS[name](base_config)
+                    with torch.no_grad():
+                        final = pipe(
+                            PROMPT,
+                            image=Image.fromarray(picture),
+                            mask_image=Image.fromarray(mask),
+                            strength=strength,
+                            # SDXL: None conditions on zeros, as the Rust
+                            # pipeline's empty negative does.
+                            negative_prompt=None if xl else "",
+                            height=SIZE,
+                            width=SIZE,
+                            num_inference_steps=STEPS,
+                            guidance_scale=guidance,
+                            output_type="latent",
+                        ).images
+                    out[f"final.{prefix}.{name}.{tag}.s{round(strength * 100)}"] = final
+
+    runs(model_dir, "inpaint")
+    if plain_dir:
+        runs(plain_dir, "legacy")
+    save(out, out_path, {**metadata(), "inpaint_strength": str(INPAINT_STRENGTH)})
+
+
 def main(model_dir, out_path, save_dir=None):
     torch.manual_seed(0)
     with open(f"{model_dir}/model_index.json") as f:
         index = json.load(f)
     if index.get("requires_aesthetics_score"):
         return refiner_main(model_dir, out_path, save_dir)
+    if index["_class_name"] in ("StableDiffusionInpaintPipeline", "StableDiffusionXLInpaintPipeline"):
+        return inpaint_main(model_dir, out_path, save_dir)
     xl = index["_class_name"] == "StableDiffusionXLPipeline"
     if xl:
         pipe = StableDiffusionXLPipeline.from_pretrained(model_dir, torch_dtype=torch.float32)

@@ -12,8 +12,12 @@
 # (rrdbnet.py) instead.
 # The SDXL refiner (sdxl-refiner) refines tests/data/images/chelsea.png
 # in that check, since it does not draw from noise.
+# The inpainting architectures (sd1-inpaint, sdxl-inpaint) write
+# tests/reference/tiny-<arch>.safetensors from the real
+# StableDiffusion(XL)InpaintPipeline, with their own 9-channel unet and with
+# the plain tiny folder's (sd1, sdxl).
 # Arguments: the architectures to regenerate (default: sd1 sd2 sdxl
-# sdxl-refiner esrgan-x2 esrgan-x4).
+# sdxl-refiner sd1-inpaint sdxl-inpaint esrgan-x2 esrgan-x4).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VENV="${HALLMARK_REF_VENV:-$HOME/.cache/hallmark/refenv}"
@@ -25,10 +29,15 @@ fi
 cargo build -q -p hallmark-client --bin hallmark
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-for arch in ${*:-sd1 sd2 sdxl sdxl-refiner esrgan-x2 esrgan-x4}; do
+for arch in ${*:-sd1 sd2 sdxl sdxl-refiner sd1-inpaint sdxl-inpaint esrgan-x2 esrgan-x4}; do
   target/debug/hallmark models init-tiny "$WORK/$arch" --arch "$arch" --seed 1
-  case "$arch" in esrgan-*)
+  case "$arch" in
+  esrgan-*)
     "$VENV/bin/python" tests/reference/make_esrgan_reference.py "$WORK/$arch" "tests/reference/tiny-$arch.safetensors"
+    continue ;;
+  *-inpaint)
+    target/debug/hallmark models init-tiny "$WORK/$arch-plain" --arch "${arch%-inpaint}" --seed 1
+    "$VENV/bin/python" tests/reference/make_references.py "$WORK/$arch" "tests/reference/tiny-$arch.safetensors" "$WORK/$arch-plain"
     continue ;;
   esac
   "$VENV/bin/python" tests/reference/make_references.py "$WORK/$arch" "tests/reference/tiny-$arch.safetensors" "$WORK/saved-$arch"

@@ -312,6 +312,7 @@ pub fn stamp_for(
             &ModelFacts::default(),
             &pixels.into(),
             None,
+            None,
         )
         .expect("stamp")
 }
@@ -1126,4 +1127,44 @@ pub async fn run_job(
         out_dir.to_str().expect("UTF-8 path"),
     ]));
     job_id
+}
+
+/// A photograph of the test data (`tests/data/images/NAME`).
+pub fn photo(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("data/images")
+        .join(name)
+}
+
+/// An image file's pixels as RGB.
+pub fn rgb(p: &std::path::Path) -> image::RgbImage {
+    image::open(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .to_rgb8()
+}
+
+/// Runs `hallmark render --prompt x` on an embedded farm under `dir`, with
+/// `common` and then each case's flags, and asserts that every case is
+/// refused, its error holding the case's text, with nothing written.
+pub fn assert_renders_refused(dir: &std::path::Path, common: &[&str], cases: &[(&[&str], &str)]) {
+    let state = dir.join("state");
+    let out_dir = dir.join("out");
+    for (extra, expect) in cases {
+        let mut args = vec![
+            "render",
+            "--state-dir",
+            state.to_str().unwrap(),
+            "-o",
+            out_dir.to_str().unwrap(),
+            "--prompt",
+            "x",
+        ];
+        args.extend_from_slice(common);
+        args.extend_from_slice(extra);
+        let out = hallmark(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        assert!(err.contains(expect), "{extra:?}: {err}");
+        assert!(!out_dir.exists(), "{extra:?}: nothing written");
+    }
 }

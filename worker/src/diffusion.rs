@@ -516,6 +516,16 @@ impl DiffusionEngine {
             );
             req.strength = l.strength;
         }
+        // Inpainting: the group all has masks (the sub-batch key).
+        if !l.mask_sha256.is_empty() {
+            let mut masks = Vec::with_capacity(tasks.len());
+            for t in tasks {
+                masks.push(t.mask()?.ok_or_else(|| {
+                    EngineError::Invalid("an inpainting batch with a task without a mask".into())
+                })?);
+            }
+            req.masks = Some(masks);
+        }
         let out = sd.generate(&req, progress).map_err(|e| BatchFailure {
             out_of_memory: e.is_out_of_device_memory(),
             error: match e {
@@ -616,7 +626,7 @@ impl Engine for DiffusionEngine {
         for (i, t) in batch.iter().enumerate() {
             let l = &t.lease;
             let key = format!(
-                "{}|{}|{}x{}|{}|{}|{}|{}|{}",
+                "{}|{}|{}x{}|{}|{}|{}|{}|{}|{}",
                 l.stage,
                 l.model_id,
                 l.width,
@@ -625,7 +635,8 @@ impl Engine for DiffusionEngine {
                 l.guidance,
                 l.scheduler,
                 l.strength,
-                l.parent_sha256.is_empty()
+                l.parent_sha256.is_empty(),
+                l.mask_sha256.is_empty()
             );
             match groups.iter_mut().find(|(k, _)| *k == key) {
                 Some((_, v)) => v.push(i),
@@ -724,6 +735,7 @@ mod tests {
                 ..Default::default()
             },
             parent: None,
+            mask: None,
         }
     }
 

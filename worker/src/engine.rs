@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use hallmark_proto::v1::{ModelCapability, TaskLease};
 use hallmark_provenance::credentials::UpscaleRecord;
-use image::RgbImage;
+use image::{GrayImage, RgbImage};
 
 /// One task to render: its lease, and the image it starts from.
 #[derive(Debug, Clone)]
@@ -15,6 +15,8 @@ pub struct RenderTask {
     /// `upscale` task's base image, or an img2img `generate` task's init
     /// image.
     pub parent: Option<Vec<u8>>,
+    /// The encoded mask named by `lease.mask_sha256` (inpainting).
+    pub mask: Option<Vec<u8>>,
 }
 
 impl RenderTask {
@@ -46,6 +48,43 @@ impl RenderTask {
         }
         Ok(Some(image::imageops::resize(
             &img,
+            l.width,
+            l.height,
+            image::imageops::FilterType::Lanczos3,
+        )))
+    }
+
+    /// The inpainting mask, as grey levels at the task's size (resized as
+    /// the init image is; white repaints, black keeps): `None` without one.
+    /// Colours are brought to grey as PIL's `convert("L")` does (ITU-R 601
+    /// luma), so a mask means here what it means to diffusers.
+    pub fn mask(&self) -> Result<Option<GrayImage>, EngineError> {
+        let l = &self.lease;
+        if l.mask_sha256.is_empty() {
+            return Ok(None);
+        }
+        if l.stage != "generate" || l.parent_sha256.is_empty() {
+            return Err(EngineError::Invalid(format!(
+                "a mask on a {} task without an init image (masks inpaint a generate task's init image)",
+                l.stage
+            )));
+        }
+        let bytes = self.mask.as_deref().ok_or_else(|| {
+            EngineError::Failed(format!("the mask {} was not fetched", l.mask_sha256))
+        })?;
+        let rgb = hallmark_provenance::credentials::decode_image(bytes)
+            .map_err(|e| EngineError::Invalid(format!("the mask {}: {e}", l.mask_sha256)))?;
+        let grey = GrayImage::from_fn(rgb.width(), rgb.height(), |x, y| {
+            let [r, g, b] = rgb.get_pixel(x, y).0;
+            let luma =
+                (u32::from(r) * 19595 + u32::from(g) * 38470 + u32::from(b) * 7471 + 0x8000) >> 16;
+            image::Luma([luma as u8])
+        });
+        if grey.dimensions() == (l.width, l.height) {
+            return Ok(Some(grey));
+        }
+        Ok(Some(image::imageops::resize(
+            &grey,
             l.width,
             l.height,
             image::imageops::FilterType::Lanczos3,
@@ -181,10 +220,23 @@ impl SyntheticEngine {
         match l.stage.as_str() {
             "generate" => {
                 let made = generate(&l.prompt, l.seed, l.width, l.height);
-                Ok(match task.init_image()? {
-                    // img2img: the init image shows through by 1 - strength.
-                    Some(init) => blend(&init, &made, l.strength).into(),
-                    None => made.into(),
+                Ok(match (task.init_image()?, task.mask()?) {
+                    // img2img: the init image shows through by 1 - strength;
+                    // inpainting: only where the mask is white.
+                    (Some(init), mask) => {
+                        let mut out = blend(&init, &made, l.strength);
+                        if let Some(mask) = mask {
+                            for ((o, i), m) in
+                                out.pixels_mut().zip(init.pixels()).zip(mask.pixels())
+                            {
+                                if m.0[0] < 128 {
+                                    *o = *i;
+                                }
+                            }
+                        }
+                        out.into()
+                    }
+                    (None, _) => made.into(),
                 })
             }
             "refine" => {
@@ -309,6 +361,7 @@ mod tests {
                 ..Default::default()
             },
             parent: None,
+            mask: None,
         }
     }
 
@@ -377,6 +430,59 @@ mod tests {
         )
         .unwrap();
         bytes
+    }
+
+    #[test]
+    fn a_mask_is_grey_as_pil_sees_it_resized_and_keeps_the_init_image_where_black() {
+        let e = SyntheticEngine::new(SyntheticConfig::default());
+        let white = RgbImage::from_pixel(64, 48, image::Rgb([255, 255, 255]));
+        // Twice the task's size; the left half repaints. Pure red is 76
+        // grey to PIL (kept), pure green 150 (repainted).
+        let mask = RgbImage::from_fn(128, 96, |x, _| {
+            if x < 64 {
+                image::Rgb([0, 255, 0])
+            } else {
+                image::Rgb([255, 0, 0])
+            }
+        });
+        let mut t = task("a cat", 1);
+        t.lease.parent_sha256 = "ab".repeat(32);
+        t.lease.mask_sha256 = "cd".repeat(32);
+        t.lease.strength = 1.0;
+        t.parent = Some(png(&white));
+        t.mask = Some(png(&mask));
+        let grey = t.mask().unwrap().unwrap();
+        assert_eq!(grey.dimensions(), (64, 48));
+        assert_eq!(
+            (grey.get_pixel(10, 10).0[0], grey.get_pixel(50, 10).0[0]),
+            (150, 76)
+        );
+        let out = e.render(&[t.clone()], &|_| {}).remove(0).unwrap().pixels;
+        let plain = e
+            .render(&[task("a cat", 1)], &|_| {})
+            .remove(0)
+            .unwrap()
+            .pixels;
+        for (x, y) in [(5, 5), (20, 40), (28, 0)] {
+            assert_eq!(
+                out.get_pixel(x, y),
+                plain.get_pixel(x, y),
+                "repainted at ({x}, {y})"
+            );
+        }
+        for (x, y) in [(40, 5), (63, 47)] {
+            assert_eq!(out.get_pixel(x, y).0, [255; 3], "kept at ({x}, {y})");
+        }
+
+        // A mask that is not an image, or one without an init image: refused.
+        t.mask = Some(b"not an image".to_vec());
+        let err = e.render(&[t.clone()], &|_| {}).remove(0).unwrap_err();
+        assert!(err.to_string().contains("the mask"), "{err}");
+        t.mask = Some(png(&mask));
+        t.lease.parent_sha256.clear();
+        t.parent = None;
+        let err = e.render(&[t], &|_| {}).remove(0).unwrap_err();
+        assert!(err.to_string().contains("without an init image"), "{err}");
     }
 
     #[test]

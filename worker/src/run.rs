@@ -553,42 +553,53 @@ struct Batch {
     rendered: Arc<AtomicBool>,
 }
 
+/// The blob `sha256` (none when empty), fetched once per batch.
+async fn fetch_once(
+    shared: &Shared,
+    fetched: &mut HashMap<String, Vec<u8>>,
+    sha256: &str,
+) -> Result<Option<Vec<u8>>, String> {
+    if sha256.is_empty() {
+        return Ok(None);
+    }
+    if let Some(bytes) = fetched.get(sha256) {
+        return Ok(Some(bytes.clone()));
+    }
+    let bytes = fetch(&shared.client, sha256)
+        .await
+        .map_err(|e| e.to_string())?;
+    fetched.insert(sha256.to_string(), bytes.clone());
+    Ok(Some(bytes))
+}
+
 /// Renders one leased batch, stamps and uploads its outputs, and reports
 /// every task's outcome.
 async fn run_batch(shared: Arc<Shared>, leases: Vec<TaskLease>, batch: Batch) {
     let mut tasks = Vec::with_capacity(leases.len());
     let mut pending = Vec::new();
-    // The tasks of an img2img batch share one init image: fetched once.
+    // The tasks of an img2img batch share one init image (and an inpainting
+    // batch one mask): each fetched once.
     let mut fetched: HashMap<String, Vec<u8>> = HashMap::new();
     for lease in leases {
-        if lease.parent_sha256.is_empty() {
-            tasks.push(RenderTask {
-                lease,
-                parent: None,
-            });
-            continue;
-        }
-        let got = match fetched.get(&lease.parent_sha256) {
-            Some(bytes) => Ok(bytes.clone()),
-            None => fetch(&shared.client, &lease.parent_sha256)
-                .await
-                .inspect(|bytes| {
-                    fetched.insert(lease.parent_sha256.clone(), bytes.clone());
-                }),
-        };
-        match got {
-            Ok(bytes) => tasks.push(RenderTask {
-                lease,
-                parent: Some(bytes),
-            }),
+        let parent = match fetch_once(&shared, &mut fetched, &lease.parent_sha256).await {
+            Ok(bytes) => bytes,
             Err(e) => {
                 let what = if lease.stage == "generate" {
                     "init"
                 } else {
                     "base"
                 };
-                pending.push((lease, format!("fetching the {what} image: {e}")))
+                pending.push((lease, format!("fetching the {what} image: {e}")));
+                continue;
             }
+        };
+        match fetch_once(&shared, &mut fetched, &lease.mask_sha256).await {
+            Ok(mask) => tasks.push(RenderTask {
+                lease,
+                parent,
+                mask,
+            }),
+            Err(e) => pending.push((lease, format!("fetching the mask: {e}"))),
         }
     }
     for (lease, message) in pending {
@@ -657,6 +668,7 @@ async fn run_batch(shared: Arc<Shared>, leases: Vec<TaskLease>, batch: Batch) {
                             facts,
                             &image,
                             task.parent.as_deref(),
+                            task.mask.as_deref(),
                         )
                         .map_err(|e| (format!("stamping the output: {e}"), false));
                     metrics::histogram!(m::STAMP_SECONDS).record(started.elapsed());

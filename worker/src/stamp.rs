@@ -126,7 +126,8 @@ impl Stamping {
     /// Watermarks, encodes and signs one rendered image. `parent` is the file
     /// the task started from: an upscale's base image (its manifest becomes
     /// the `parentOf` ingredient) or an img2img render's init image (the
-    /// `inputTo` ingredient, named by sha256 in the generation record).
+    /// `inputTo` ingredient, named by sha256 in the generation record);
+    /// `mask` an inpainting render's mask (another `inputTo` ingredient).
     pub fn stamp(
         &self,
         lease: &TaskLease,
@@ -134,6 +135,7 @@ impl Stamping {
         model: &ModelFacts,
         image: &RenderedImage,
         parent: Option<&[u8]>,
+        mask: Option<&[u8]>,
     ) -> Result<StampedImage, CredentialsError> {
         let pixels = &image.pixels;
         let watermark_id = fresh_watermark_id();
@@ -166,6 +168,9 @@ impl Stamping {
         if input.is_some() {
             record.init_image_sha256 = Some(lease.parent_sha256.clone());
             record.strength = Some(lease.strength);
+            if mask.is_some() {
+                record.mask_sha256 = Some(lease.mask_sha256.clone());
+            }
         } else if lease.stage == "refine" {
             record.strength = Some(lease.strength);
         }
@@ -183,6 +188,7 @@ impl Stamping {
             training_mining: self.config.training_mining.map(TrainingMining::all),
             parent,
             input,
+            mask: mask.filter(|_| input.is_some()),
         };
         let bytes = self.stamper.sign(self.config.format, &encoded, &stamp)?;
         Ok(StampedImage {

@@ -96,7 +96,17 @@ impl Jobs for JobsService {
             .map_err(status)?;
         // A tenant's token renders only from the tenant's own uploads.
         let own_inputs_only = matches!(caller, Caller::Tenant(_));
-        for sha256 in job.init_images() {
+        for (sha256, field) in job.inputs() {
+            let what = if field == "mask_sha256" {
+                "mask"
+            } else {
+                "input image"
+            };
+            let flag = if field == "mask_sha256" {
+                "--mask"
+            } else {
+                "--init-image"
+            };
             let owned = !own_inputs_only
                 || c.store
                     .input_owned_by(sha256, &job.tenant)
@@ -113,16 +123,16 @@ impl Jobs for JobsService {
                     // Said only to whom the input was usable before.
                     Some(at) if owned => {
                         format!(
-                            "input image {sha256} was purged at {} (deleted by its uploaders, or unused for input_retention_ms); upload it again (UploadInput, or `hallmark submit --init-image FILE`)",
+                            "{what} {sha256} was purged at {} (deleted by its uploaders, or unused for input_retention_ms); upload it again (UploadInput, or `hallmark submit {flag} FILE`)",
                             crate::auth::format_time_ms(at)
                         )
                     }
                     _ => format!(
-                        "no uploaded input image {sha256}; upload it first (UploadInput, or `hallmark submit --init-image FILE`)"
+                        "no uploaded {what} {sha256}; upload it first (UploadInput, or `hallmark submit {flag} FILE`)"
                     ),
                 };
                 return Err(status(StoreError::Spec(SpecError {
-                    field: "init_image_sha256".into(),
+                    field: field.into(),
                     message,
                 })));
             }
@@ -137,6 +147,7 @@ impl Jobs for JobsService {
             "seed": spec.seed.unwrap_or(random_seed), "negative_prompt": spec.negative_prompt,
             "init_image_sha256": spec.init_image_sha256, "strength": spec.strength,
             "init_images": job.init_images(),
+            "mask_sha256": spec.mask_sha256, "masks": job.masks(),
             "refine": job.refine,
         })
         .to_string();

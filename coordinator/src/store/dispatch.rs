@@ -281,13 +281,15 @@ impl Store {
     }
 
     /// Whether a task leased to a worker registered by `principal` starts
-    /// from the image `sha256` (an upscale's base image, an img2img input):
-    /// what a worker token may fetch. Only leased tasks are looked at (a
-    /// partial index), so this stays cheap however many tasks are stored.
+    /// from the image `sha256` (an upscale's base image, an img2img input)
+    /// or inpaints through it (a mask): what a worker token may fetch. Only
+    /// leased tasks are looked at (a partial index), so this stays cheap
+    /// however many tasks are stored.
     pub async fn base_image_leased_to(&self, sha256: &str, principal: &str) -> Result<bool> {
         let found: Option<i32> = sqlx::query_scalar(
             "SELECT 1 FROM tasks t JOIN workers w ON w.id = t.worker_id \
-             WHERE t.state = 'leased' AND t.parent_sha256 = $1 AND w.principal = $2 LIMIT 1",
+             WHERE t.state = 'leased' AND (t.parent_sha256 = $1 OR t.mask_sha256 = $1) \
+             AND w.principal = $2 LIMIT 1",
         )
         .bind(sha256)
         .bind(principal)
@@ -516,7 +518,7 @@ impl Store {
         let update = "UPDATE tasks SET state = 'leased', worker_id = $1, lease_token = lease_token + 1, \
              attempts = attempts + 1, started_at = $5, lease_expires_at = $5 + lease_ttl_ms, progress = 0 \
              WHERE state = 'ready' AND id IN (SELECT id FROM picked) \
-             RETURNING id, lease_token, attempts, lease_expires_at, item_index, stage, engine, model_id, upscale, upscale_method, parent_sha256, strength";
+             RETURNING id, lease_token, attempts, lease_expires_at, item_index, stage, engine, model_id, upscale, upscale_method, parent_sha256, strength, mask_sha256";
         const ITEM_COLUMNS: &str =
             "prompt, negative_prompt, seed, width, height, steps, guidance, scheduler";
         let sql = match self.dialect {
@@ -590,6 +592,9 @@ impl Store {
                 strength: r.try_get("strength")?,
                 parent_sha256: r
                     .try_get::<Option<String>, _>("parent_sha256")?
+                    .unwrap_or_default(),
+                mask_sha256: r
+                    .try_get::<Option<String>, _>("mask_sha256")?
                     .unwrap_or_default(),
                 expires_at_ms: r
                     .try_get::<Option<i64>, _>("lease_expires_at")?

@@ -14,10 +14,14 @@ use sqlx::{AnyConnection, Row};
 use super::{AuditEvent, Result, Store, StoreError, audit_kind};
 use crate::blobs::BlobError;
 
-/// The tasks that start from the input `inputs.sha256` and are not
-/// finished (the terms of the `tasks_open_inputs` index).
+/// The tasks that start from the input `inputs.sha256`, or inpaint
+/// through it, and are not finished (the terms of the `tasks_open_inputs`
+/// and `tasks_open_masks` indexes).
 const OPEN_TASKS_STARTING_FROM: &str = "SELECT 1 FROM tasks WHERE tasks.parent_sha256 = inputs.sha256 \
      AND tasks.stage_rank = 0 AND tasks.parent_sha256 IS NOT NULL \
+     AND tasks.state IN ('waiting', 'ready', 'held', 'leased') \
+     UNION ALL SELECT 1 FROM tasks WHERE tasks.mask_sha256 = inputs.sha256 \
+     AND tasks.stage_rank = 0 AND tasks.mask_sha256 IS NOT NULL \
      AND tasks.state IN ('waiting', 'ready', 'held', 'leased')";
 
 /// What recording an upload did.
@@ -447,6 +451,9 @@ impl Store {
         let in_use: Option<String> = sqlx::query_scalar(
             "SELECT job_id FROM tasks WHERE parent_sha256 = $1 AND stage_rank = 0 \
              AND parent_sha256 IS NOT NULL AND state IN ('waiting', 'ready', 'held', 'leased') \
+             AND ($2 = '' OR tenant = $2) \
+             UNION ALL SELECT job_id FROM tasks WHERE mask_sha256 = $1 AND stage_rank = 0 \
+             AND mask_sha256 IS NOT NULL AND state IN ('waiting', 'ready', 'held', 'leased') \
              AND ($2 = '' OR tenant = $2) LIMIT 1",
         )
         .bind(&sha256)

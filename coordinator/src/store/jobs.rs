@@ -150,10 +150,10 @@ impl Store {
         // The inputs it starts from are used now; touching each locks its
         // row, so a purge of one either waits and then leaves it, or went
         // first and the job is refused.
-        for sha256 in job.init_images() {
+        for (sha256, field) in job.inputs() {
             if !super::inputs::touch(&mut tx, sha256, now).await? {
                 return Err(StoreError::Spec(SpecError {
-                    field: "init_image_sha256".into(),
+                    field: field.into(),
                     message: input_gone(sha256),
                 }));
             }
@@ -210,9 +210,9 @@ impl Store {
                 let mut sql = String::from(
                     "INSERT INTO tasks (id, job_id, item_index, stage, stage_rank, state, tenant, engine, model_id, \
                      pixels, upscale, upscale_method, batch_key, depends_on, has_next, max_attempts, lease_ttl_ms, \
-                     parent_sha256, strength) VALUES ",
+                     parent_sha256, strength, mask_sha256) VALUES ",
                 );
-                sql.push_str(&row_placeholders(&tx, chunk.len(), 19));
+                sql.push_str(&row_placeholders(&tx, chunk.len(), 20));
                 let mut q = sqlx::query(&sql);
                 for item in chunk {
                     let factor = if upscale { u64::from(job.upscale) } else { 1 };
@@ -229,8 +229,11 @@ impl Store {
                         (Some(r), STAGE_REFINE) => r.strength,
                         _ => init.map_or(0.0, |i| i.strength),
                     };
+                    let mask = init.and_then(|i| i.mask.as_deref());
+                    // Inpainting renders apart from plain img2img.
+                    let inpaint = if mask.is_some() { "|inpaint" } else { "" };
                     let batch_key = format!(
-                        "{}|{model_id}|{stage}|{}x{}|{}|{}|{}|{method}|{strength}",
+                        "{}|{model_id}|{stage}|{}x{}|{}|{}|{}|{method}|{strength}{inpaint}",
                         job.engine, item.width, item.height, item.steps, item.scheduler, factor
                     );
                     let work_steps = match stage {
@@ -259,7 +262,8 @@ impl Store {
                         .bind(i64::from(job.max_attempts))
                         .bind(lease.ttl_ms(pixels, work_steps))
                         .bind(init.map(|i| i.sha256.as_str()))
-                        .bind(strength);
+                        .bind(strength)
+                        .bind(mask);
                 }
                 q.execute(&mut *tx).await?;
             }
@@ -581,8 +585,10 @@ impl Store {
                 // The failed tasks that start from an input need it stored:
                 // they use it now (see `submit`).
                 let inputs: Vec<String> = sqlx::query_scalar(
-                    "SELECT DISTINCT parent_sha256 FROM tasks WHERE job_id = $1 AND state = 'failed' \
-                     AND stage_rank = 0 AND parent_sha256 IS NOT NULL",
+                    "SELECT parent_sha256 FROM tasks WHERE job_id = $1 AND state = 'failed' \
+                     AND stage_rank = 0 AND parent_sha256 IS NOT NULL \
+                     UNION SELECT mask_sha256 FROM tasks WHERE job_id = $1 AND state = 'failed' \
+                     AND stage_rank = 0 AND mask_sha256 IS NOT NULL",
                 )
                 .bind(job_id)
                 .fetch_all(&mut *tx)
@@ -709,7 +715,7 @@ fn artifact_from_row(r: &sqlx::any::AnyRow) -> Result<Artifact> {
 /// Why a job cannot start from the input `sha256` any more.
 fn input_gone(sha256: &str) -> String {
     format!(
-        "input image {sha256} is no longer stored (deleted by its uploaders, or unused for input_retention_ms); upload it again (`hallmark submit --init-image FILE` restores it)"
+        "input image {sha256} is no longer stored (deleted by its uploaders, or unused for input_retention_ms); upload it again (`hallmark submit --init-image FILE`, or `--mask FILE` for a mask, restores it)"
     )
 }
 

@@ -17,6 +17,9 @@ use super::{CredentialsError, GENERATION_LABEL, GenerationRecord, ImageFormat, S
 /// The validation status code of a signer outside the trust anchors.
 const UNTRUSTED: &str = "signingCredential.untrusted";
 
+/// How the title of an inpainting render's mask ingredient begins (then the task id).
+pub(crate) const MASK_TITLE_PREFIX: &str = "inpainting mask of";
+
 /// A `c2pa` context that validates against `trust_anchors` (PEM), or
 /// against nothing (every signer untrusted) when there are none.
 pub(crate) fn context(trust_anchors: Option<&str>) -> Result<Arc<c2pa::Context>, CredentialsError> {
@@ -88,6 +91,8 @@ pub struct CredentialsReport {
     pub parent: Option<ParentSummary>,
     /// img2img: the init image ingredient.
     pub input: Option<InputSummary>,
+    /// Inpainting: the mask ingredient (an `inputTo` one too).
+    pub mask: Option<InputSummary>,
 }
 
 impl CredentialsReport {
@@ -106,6 +111,7 @@ impl CredentialsReport {
             watermark_id: None,
             parent: None,
             input: None,
+            mask: None,
         }
     }
 
@@ -245,13 +251,24 @@ fn report_from(reader: &c2pa::Reader, format: ImageFormat) -> CredentialsReport 
             });
         } else if *ingredient.relationship() == c2pa::Relationship::InputTo {
             let label = ingredient.active_manifest();
-            report.input = Some(InputSummary {
+            let summary = InputSummary {
                 title: ingredient.title().map(str::to_string),
                 manifest_label: label.map(str::to_string),
                 generation: label
                     .and_then(|l| reader.get_manifest(l))
                     .and_then(|m| hallmark_assertions(m).0),
-            });
+            };
+            // The stamp names the mask's ingredient "mask" (its label) and
+            // titles it so; the init image is the other input.
+            let is_mask = ingredient.label() == Some("mask")
+                || ingredient
+                    .title()
+                    .is_some_and(|t| t.starts_with(MASK_TITLE_PREFIX));
+            if is_mask {
+                report.mask = Some(summary);
+            } else {
+                report.input = Some(summary);
+            }
         }
     }
     report.verdict = if !report.failures.is_empty() {

@@ -23,7 +23,7 @@ mod timestamp;
 
 use std::path::{Path, PathBuf};
 
-pub use inspect::{CredentialsReport, Verdict, inspect};
+pub use inspect::{CredentialsReport, InputSummary, Verdict, inspect};
 pub use stamp::{GenerationRecord, PromptPolicy, Stamp, TrainingMining, UpscaleRecord, sign_image};
 
 /// Label of Hallmark's generation assertion (vendor namespace, per C2PA).

@@ -80,6 +80,10 @@ pub struct GenerationRecord {
     pub init_image_sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strength: Option<f64>,
+    /// Inpainting: the sha256 of the mask file over the init image (a second
+    /// `inputTo` ingredient); only its white part was repainted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_sha256: Option<String>,
 }
 
 /// How an upscaled image was made from its base image (the `parentOf`
@@ -222,6 +226,9 @@ pub struct Stamp<'a> {
     /// The init image file an img2img render started from (an `inputTo`
     /// ingredient, with its own manifest where it has one).
     pub input: Option<&'a [u8]>,
+    /// The mask file an inpainting render repainted through (with `input`;
+    /// an `inputTo` ingredient too).
+    pub mask: Option<&'a [u8]>,
 }
 
 /// Signs images with one identity; cheap to share between threads.
@@ -280,7 +287,21 @@ impl Stamper {
                         ImageFormat::sniff(input)?.mime(),
                         &mut Cursor::new(input),
                     )?;
-                    created["parameters"] = json!({ "ingredientIds": ["init_image"] });
+                    let mut ids = vec!["init_image"];
+                    if let Some(mask) = stamp.mask {
+                        builder.add_ingredient_from_stream(
+                            json!({
+                                "title": format!("{} {}", super::inspect::MASK_TITLE_PREFIX, stamp.record.task_id),
+                                "relationship": "inputTo",
+                                "label": "mask",
+                            })
+                            .to_string(),
+                            ImageFormat::sniff(mask)?.mime(),
+                            &mut Cursor::new(mask),
+                        )?;
+                        ids.push("mask");
+                    }
+                    created["parameters"] = json!({ "ingredientIds": ids });
                 }
                 builder.add_action(created)?;
             }

@@ -310,7 +310,7 @@ async fn simulated_worker(
                 .into_iter()
                 .map(|l| {
                     let image = bench_pixels(&l.task_id, l.width, l.height).into();
-                    let out = st.stamp(&l, &id, &ModelFacts::default(), &image, None);
+                    let out = st.stamp(&l, &id, &ModelFacts::default(), &image, None, None);
                     out.map(|img| (l, img))
                 })
                 .collect::<Result<Vec<_>, _>>()
@@ -376,7 +376,7 @@ fn stamp_costs(stamping: &Stamping) -> anyhow::Result<()> {
         let (mut stamp_ms, mut check_ms, mut light_ms) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..15 {
             let t = Instant::now();
-            let img = stamping.stamp(&lease, "w", &ModelFacts::default(), &image, None)?;
+            let img = stamping.stamp(&lease, "w", &ModelFacts::default(), &image, None, None)?;
             stamp_ms.push(t.elapsed().as_secs_f64() * 1e3);
             let t = Instant::now();
             full.check(&img.bytes, &lease.task_id, &img.watermark_id)

@@ -213,6 +213,7 @@ async fn unstamped_and_stale_completions_are_refused() {
             training_mining: None,
             parent: None,
             input: None,
+            mask: None,
         };
         stamper.sign(ImageFormat::Png, &png, &stamp).unwrap()
     };

@@ -4,16 +4,10 @@
 //! and every kind of bad input refused before a job exists. The diffusion
 //! engine's img2img on a tiny checkpoint runs through the embedded farm.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use hallmark_e2e::*;
 use hallmark_proto::v1::{Chunk, SubmitJobRequest};
-
-fn photo(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("data/images")
-        .join(name)
-}
 
 /// Mean absolute difference per channel value.
 fn mean_diff(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
@@ -25,12 +19,6 @@ fn mean_diff(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
         .map(|(&x, &y)| u64::from(x.abs_diff(y)))
         .sum();
     sum as f64 / a.as_raw().len() as f64
-}
-
-fn rgb(p: &Path) -> image::RgbImage {
-    image::open(p)
-        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-        .to_rgb8()
 }
 
 /// `png` with a `tEXt` chunk added before `IEND`: still a valid image,
@@ -334,8 +322,6 @@ async fn init_image_is_uploaded_rendered_from_and_named_in_the_lineage() {
 #[test]
 fn bad_init_images_and_strengths_are_refused_before_any_job() {
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let out_dir = dir.path().join("out");
     let not_an_image = dir.path().join("notes.png");
     std::fs::write(&not_an_image, b"just text").unwrap();
     let init = photo("coffee.png");
@@ -359,25 +345,7 @@ fn bad_init_images_and_strengths_are_refused_before_any_job() {
             "steps",
         ),
     ];
-    for (extra, expect) in cases {
-        let mut args = vec![
-            "render",
-            "--state-dir",
-            state.to_str().unwrap(),
-            "-o",
-            out_dir.to_str().unwrap(),
-            "--prompt",
-            "x",
-            "--steps",
-            "4",
-        ];
-        args.extend_from_slice(extra);
-        let out = hallmark(&args);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{extra:?} was accepted");
-        assert!(err.contains(expect), "{extra:?}: {err}");
-        assert!(!out_dir.exists(), "{extra:?}: nothing written");
-    }
+    assert_renders_refused(dir.path(), &["--steps", "4"], &cases);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

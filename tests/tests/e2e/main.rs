@@ -12,6 +12,7 @@ mod diffusion;
 mod farm;
 mod faults;
 mod img2img;
+mod inpaint;
 mod metrics;
 mod provenance;
 mod refine;

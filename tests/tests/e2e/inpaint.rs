@@ -1,0 +1,297 @@
+//! Inpainting through the farm: an init image and a mask uploaded by the
+//! CLI to a real coordinator process, fetched by a real worker process,
+//! repainted only where the mask is white, and both named in each output's
+//! credentials; bad masks refused before a job exists. The diffusion
+//! engine's inpainting on a tiny inpainting checkpoint runs through the
+//! embedded farm (its parity with diffusers is in the diffusion crate's
+//! reference tests).
+
+use std::path::Path;
+
+use hallmark_e2e::*;
+
+/// Mean absolute difference per channel value over the columns `xs`.
+fn mean_diff_in(a: &image::RgbImage, b: &image::RgbImage, xs: std::ops::Range<u32>) -> f64 {
+    assert_eq!(a.dimensions(), b.dimensions());
+    let (mut sum, mut n) = (0u64, 0u64);
+    for y in 0..a.height() {
+        for x in xs.clone() {
+            for (p, q) in a.get_pixel(x, y).0.iter().zip(b.get_pixel(x, y).0) {
+                sum += u64::from(p.abs_diff(q));
+                n += 1;
+            }
+        }
+    }
+    sum as f64 / n as f64
+}
+
+/// A mask of `w`×`h` whose left half is white (repainted).
+fn left_half_mask(path: &Path, w: u32, h: u32) {
+    image::RgbImage::from_fn(w, h, |x, _| {
+        if x < w / 2 {
+            image::Rgb([255, 255, 255])
+        } else {
+            image::Rgb([0, 0, 0])
+        }
+    })
+    .save(path)
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inpainting_repaints_only_the_mask_and_names_it_in_the_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fresh_database().await;
+    let anchors = test_ca().root_cert.to_str().unwrap().to_string();
+    let spec = CoordinatorSpec::new(&db, Some(redis_url()), dir.path().join("blobs"))
+        .with("HALLMARK_TRUST_ANCHORS", &anchors);
+    let _c = spec.start().await;
+    let url = spec.url();
+    let _w = start_worker(&url, "w", 0, &[]);
+    wait_for_workers(&url, 1).await;
+
+    // The photograph is 451×300 (the job renders 448×296); the mask is
+    // another size and is resized to the job's as the init image is.
+    let init = photo("chelsea.png");
+    let mask = dir.path().join("mask.png");
+    left_half_mask(&mask, 224, 148);
+    let mask_sha = hallmark_provenance::sha256_hex(&std::fs::read(&mask).unwrap());
+    let render = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "--coordinator",
+            url.as_str(),
+            "--json",
+            "render",
+            "--prompt",
+            "a dog on a sofa",
+            "--seed",
+            "5",
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        hallmark(&args)
+    };
+    let inpainted = dir.path().join("inpainted");
+    let out = render(
+        &inpainted,
+        &[
+            "--init-image",
+            init.to_str().unwrap(),
+            "--mask",
+            mask.to_str().unwrap(),
+            "--strength",
+            "1",
+        ],
+    );
+    ok(&out);
+    assert_eq!(json_of(&out)["job"]["state"], "succeeded");
+    let text2img = dir.path().join("text2img");
+    ok(&render(&text2img, &["--width", "448", "--height", "296"]));
+    let got = rgb(&inpainted.join("00000.png"));
+    assert_eq!(got.dimensions(), (448, 296));
+    let target =
+        image::imageops::resize(&rgb(&init), 448, 296, image::imageops::FilterType::Lanczos3);
+    let drawn = rgb(&text2img.join("00000.png"));
+    // The right half (away from the edge) is the photograph, the left half
+    // what the prompt draws; each up to the watermark (about 2 per value).
+    let (kept, kept_vs_drawn) = (
+        mean_diff_in(&got, &target, 240..448),
+        mean_diff_in(&got, &drawn, 240..448),
+    );
+    let (repainted, repainted_vs_photo) = (
+        mean_diff_in(&got, &drawn, 0..208),
+        mean_diff_in(&got, &target, 0..208),
+    );
+    assert!(
+        kept < 4.0 && kept * 5.0 < kept_vs_drawn,
+        "kept half: {kept:.1} from the photo, {kept_vs_drawn:.1} from the drawing"
+    );
+    assert!(
+        repainted < 4.0 && repainted * 5.0 < repainted_vs_photo,
+        "masked half: {repainted:.1} from the drawing, {repainted_vs_photo:.1} from the photo"
+    );
+
+    // Its credentials name the mask: its sha256 in the signed record, the
+    // file as a second `inputTo` ingredient beside the init image.
+    let out = hallmark(&[
+        "--json",
+        "verify",
+        inpainted.join("00000.png").to_str().unwrap(),
+        "--trust-anchors",
+        &anchors,
+    ]);
+    ok(&out);
+    let report = json_of(&out);
+    assert_eq!(report["status"], "verified", "{report:#}");
+    let c = &report["credentials"];
+    assert_eq!(c["generation"]["mask_sha256"], mask_sha.as_str(), "{c:#}");
+    assert!(
+        c["mask"]["title"]
+            .as_str()
+            .unwrap()
+            .starts_with("inpainting mask of"),
+        "{c:#}"
+    );
+    assert!(
+        c["input"]["title"]
+            .as_str()
+            .unwrap()
+            .starts_with("init image of"),
+        "{c:#}"
+    );
+    // The text-to-image render names neither.
+    let out = hallmark(&[
+        "--json",
+        "verify",
+        text2img.join("00000.png").to_str().unwrap(),
+        "--trust-anchors",
+        &anchors,
+    ]);
+    let c = &json_of(&out)["credentials"];
+    assert!(
+        c["mask"].is_null() && c["generation"]["mask_sha256"].is_null(),
+        "{c:#}"
+    );
+
+    // A prompt file's lines name their own masks: one inpaints, one does
+    // plain img2img, in one job.
+    let lines = dir.path().join("lines.jsonl");
+    std::fs::copy(&init, dir.path().join("cat.png")).unwrap();
+    std::fs::write(
+        &lines,
+        "{\"prompt\": \"a dog\", \"init_image\": \"cat.png\", \"mask\": \"mask.png\"}\n\
+         {\"prompt\": \"a dog\", \"init_image\": \"cat.png\"}\n",
+    )
+    .unwrap();
+    let mixed = dir.path().join("mixed");
+    ok(&hallmark(&[
+        "--coordinator",
+        url.as_str(),
+        "render",
+        lines.to_str().unwrap(),
+        "--strength",
+        "1",
+        "--width",
+        "448",
+        "--height",
+        "296",
+        "-o",
+        mixed.to_str().unwrap(),
+    ]));
+    let (masked, whole) = (rgb(&mixed.join("00000.png")), rgb(&mixed.join("00001.png")));
+    let target =
+        image::imageops::resize(&rgb(&init), 448, 296, image::imageops::FilterType::Lanczos3);
+    assert!(
+        mean_diff_in(&masked, &target, 240..448) < 4.0,
+        "line 1 keeps the right half"
+    );
+    assert!(
+        mean_diff_in(&whole, &target, 240..448) > 20.0,
+        "line 2 repaints it all at strength 1"
+    );
+}
+
+#[test]
+fn bad_masks_are_refused_before_any_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_an_image = dir.path().join("notes.png");
+    std::fs::write(&not_an_image, b"just text").unwrap();
+    let init = photo("coffee.png");
+    let mask = dir.path().join("mask.png");
+    left_half_mask(&mask, 64, 64);
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["--mask", mask.to_str().unwrap()],
+            "--mask says which part of an init image",
+        ),
+        (
+            &[
+                "--init-image",
+                init.to_str().unwrap(),
+                "--mask",
+                "/nonexistent/mask.png",
+            ],
+            "--mask /nonexistent/mask.png",
+        ),
+        (
+            &[
+                "--init-image",
+                init.to_str().unwrap(),
+                "--mask",
+                not_an_image.to_str().unwrap(),
+            ],
+            "not a usable image",
+        ),
+    ];
+    assert_renders_refused(dir.path(), &[], &cases);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diffusion_inpainting_model_renders_with_a_mask_and_refuses_without() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny-sd1-inpaint");
+    init_tiny(&model, "sd1-inpaint");
+    let state = dir.path().join("state");
+    let init = dir.path().join("init.png");
+    image::RgbImage::from_fn(192, 192, |x, y| image::Rgb([x as u8, y as u8, 128]))
+        .save(&init)
+        .unwrap();
+    let mask = dir.path().join("mask.png");
+    left_half_mask(&mask, 192, 192);
+    let mask_sha = hallmark_provenance::sha256_hex(&std::fs::read(&mask).unwrap());
+    let render = |name: &str, extra: &[&str]| {
+        let out_dir = dir.path().join(name);
+        let mut args = vec![
+            "--json",
+            "render",
+            "--engine",
+            "diffusion",
+            "--model-path",
+            model.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "-o",
+            out_dir.to_str().unwrap(),
+            "--prompt",
+            "a cat",
+            "--seed",
+            "9",
+            "--steps",
+            "4",
+            "--width",
+            "192",
+            "--height",
+            "192",
+            "--workers",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        (hallmark(&args), out_dir)
+    };
+    let (out, out_dir) = render(
+        "inpainted",
+        &[
+            "--init-image",
+            init.to_str().unwrap(),
+            "--mask",
+            mask.to_str().unwrap(),
+        ],
+    );
+    ok(&out);
+    let image = out_dir.join("00000.png");
+    assert_eq!(image::image_dimensions(&image).unwrap(), (192, 192));
+    let out = hallmark(&["--json", "verify", image.to_str().unwrap()]);
+    let c = &json_of(&out)["credentials"];
+    assert_eq!(c["generation"]["mask_sha256"], mask_sha.as_str(), "{c:#}");
+
+    // Without a mask (or an init image) the inpainting model is refused
+    // before a job is written, naming why.
+    for extra in [&["--init-image", init.to_str().unwrap()][..], &[]] {
+        let (out, out_dir) = render("refused", extra);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        assert!(err.contains("is an inpainting model"), "{extra:?}: {err}");
+        assert!(!out_dir.exists(), "nothing written");
+    }
+}
