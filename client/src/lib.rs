@@ -62,7 +62,7 @@ pub enum Command {
     /// Run the embedded farm as a long-lived local server others can join.
     Up(Box<UpArgs>),
     /// Submit a job to a coordinator and print its id.
-    Submit(SubmitArgs),
+    Submit(Box<SubmitArgs>),
     /// Follow a job's progress until it ends.
     Watch { job_id: String },
     /// Show a job's state once.
@@ -574,6 +574,11 @@ pub enum ModelsCommand {
         /// itself): a job rendering from noise with it is refused.
         #[arg(long, conflicts_with = "model_path")]
         refines_only: bool,
+        /// The model only inpaints (an inpainting checkpoint given by
+        /// --weights; a --model-path folder says so itself): a job that
+        /// would render with it without a mask is refused.
+        #[arg(long, conflicts_with = "model_path")]
+        inpaints_only: bool,
         #[arg(long, default_value = "unknown")]
         license: String,
         #[arg(long)]
@@ -991,17 +996,19 @@ async fn remote_command(
             model_path,
             variant,
             refines_only,
+            inpaints_only,
             license,
             parent,
             datasets,
         }) => {
             let mut files = Vec::new();
-            let mut refines_only = refines_only;
+            let (mut refines_only, mut inpaints_only) = (refines_only, inpaints_only);
             if let Some(reference) = &model_path {
                 let dir = hallmark_diffusion::hub::resolve(reference, variant.as_deref())?;
                 let folder =
                     hallmark_diffusion::model::ModelFolder::open(&dir, variant.as_deref())?;
                 refines_only = folder.refiner;
+                inpaints_only = folder.is_inpainting()?;
                 for (w, (rel, sha256)) in folder.weight_files().zip(folder.hash_weights()?) {
                     files.push(WeightFile {
                         path: rel,
@@ -1030,6 +1037,7 @@ async fn remote_command(
                 parent_model_id: parent.unwrap_or_default(),
                 training_datasets: datasets,
                 refines_only,
+                inpaints_only,
                 ..Default::default()
             };
             let m = remote
@@ -1073,6 +1081,8 @@ async fn remote_command(
                         m.training_datasets.join(","),
                         if m.refines_only {
                             "  (refines only)"
+                        } else if m.inpaints_only {
+                            "  (inpaints only)"
                         } else {
                             ""
                         }

@@ -46,6 +46,7 @@ pub fn model_json(m: &Model) -> Value {
         "weights": m.weights.iter().map(|w| json!({"path": w.path, "sha256": w.sha256, "size": w.size})).collect::<Vec<_>>(),
         "config_json": m.config_json, "created_at_ms": m.created_at_ms,
         "refines_only": m.refines_only,
+        "inpaints_only": m.inpaints_only,
     })
 }
 

@@ -134,6 +134,7 @@ async fn worker_serving(
                 model_id: m.to_string(),
                 weights_sha256: SHA.into(),
                 refines_only: false,
+                inpaints_only: false,
             };
             ("synthetic".to_string(), model)
         })
@@ -1059,7 +1060,7 @@ both_stores! {
         worker(s, "w1", 1).await;
         // A worker declares r1 a refiner (its folder says so).
         let engines = ["synthetic".to_string()];
-        let refiner = ModelCapability { model_id: "r1".into(), weights_sha256: SHA.into(), refines_only: true };
+        let refiner = ModelCapability { model_id: "r1".into(), weights_sha256: SHA.into(), refines_only: true, inpaints_only: false };
         let models = [("synthetic".to_string(), refiner)];
         let reg = WorkerRegistration { worker_id: "w2", name: "w2", hostname: "h", engines: &engines, models: &models, max_pixels: 1 << 20, max_batch: 1, principal: "", client_cert: None };
         s.register_worker(&reg, 1).await.unwrap();
@@ -1096,6 +1097,61 @@ both_stores! {
         m.refines_only = false;
         s.register_model(&m, "", 3).await.unwrap();
         assert!(s.list_models().await.unwrap().iter().any(|m| m.model_id == "r2" && !m.refines_only));
+    }
+
+    async fn a_model_that_only_inpaints_is_refused_where_it_would_render_without_a_mask(s: &Store) {
+        worker(s, "w1", 1).await;
+        // A worker declares i1 an inpainting model (its folder says so).
+        let engines = ["synthetic".to_string()];
+        let inpainter = ModelCapability { model_id: "i1".into(), weights_sha256: SHA.into(), refines_only: false, inpaints_only: true };
+        let models = [("synthetic".to_string(), inpainter)];
+        let reg = WorkerRegistration { worker_id: "w2", name: "w2", hostname: "h", engines: &engines, models: &models, max_pixels: 1 << 20, max_batch: 1, principal: "", client_cert: None };
+        s.register_worker(&reg, 1).await.unwrap();
+        let listed = s.list_models().await.unwrap();
+        let flag = |id: &str| listed.iter().find(|m| m.model_id == id).unwrap().inpaints_only;
+        assert!(flag("i1") && !flag("m1"));
+        let masked = || spec::InitImage { sha256: SHA.into(), strength: 0.5, mask: Some(SHA.into()) };
+        let refused = |j: &ExpandedJob, field: &str| {
+            let (j, field) = (j.clone(), field.to_string());
+            async move {
+                for queue_unservable in [false, true] {
+                    let err = s.check_servable(&j, queue_unservable).await.unwrap_err();
+                    assert!(matches!(&err, StoreError::Spec(e) if e.field == field), "{err}");
+                    assert!(err.to_string().contains("model \"i1\" is an inpainting model"), "{err}");
+                }
+            }
+        };
+        // Text to image, img2img without a mask, one item of two without:
+        // refused, naming the model.
+        let mut own = job(2, 0);
+        own.model_id = "i1".into();
+        refused(&own, "model_id").await;
+        own.items[0].init_image = Some(masked());
+        own.items[1].init_image = Some(spec::InitImage { mask: None, ..masked() });
+        refused(&own, "model_id").await;
+        // Every item inpainted: it serves; unless a hires fix re-renders
+        // the outputs without a mask.
+        own.items[1].init_image = Some(masked());
+        s.check_servable(&own, false).await.unwrap();
+        let mut hires = own.clone();
+        hires.upscale = 2;
+        hires.upscale_method = "hires-fix".into();
+        refused(&hires, "model_id").await;
+        // A refine stage has no mask.
+        let mut refined = job(1, 0);
+        refined.refine = Some(spec::Refine { model_id: "i1".into(), strength: 0.5 });
+        refused(&refined, "refine.model_id").await;
+        assert_eq!(count(s, "SELECT CAST(COUNT(*) AS BIGINT) FROM jobs").await, 0);
+        // A registration from the folder says so too.
+        let m = Model {
+            model_id: "i2".into(),
+            family: "sd15".into(),
+            weights: vec![WeightFile { path: "unet.safetensors".into(), sha256: SHA.into(), size: 3 }],
+            inpaints_only: true,
+            ..Default::default()
+        };
+        s.register_model(&m, "", 2).await.unwrap();
+        assert!(s.list_models().await.unwrap().iter().any(|m| m.model_id == "i2" && m.inpaints_only));
     }
 
     async fn unservable_and_unknown_models_are_refused_without_rows(s: &Store) {
@@ -1137,7 +1193,7 @@ both_stores! {
         let models = s.list_models().await.unwrap();
         assert_eq!(models[0].training_datasets, ["laion@5b"]);
         let digest = hallmark_provenance::weights_digest([("unet.safetensors", SHA)]);
-        let good = ModelCapability { model_id: "sd15".into(), weights_sha256: digest, refines_only: false };
+        let good = ModelCapability { model_id: "sd15".into(), weights_sha256: digest, refines_only: false, inpaints_only: false };
         let engines = ["diffusion".to_string()];
         let models = [("diffusion".to_string(), good)];
         let mut reg = WorkerRegistration { worker_id: "w1", name: "w1", hostname: "h", engines: &engines, models: &models, max_pixels: 1 << 20, max_batch: 1, principal: "worker:pool-a", client_cert: None };
@@ -1154,7 +1210,7 @@ both_stores! {
         let listed = s.list_workers(0).await.unwrap();
         let w3 = listed.iter().find(|w| w.worker_id == "w3").unwrap();
         assert_eq!(w3.client_certificate, "CN=gpu-1");
-        let bad = ModelCapability { model_id: "sd15".into(), weights_sha256: SHA.into(), refines_only: false };
+        let bad = ModelCapability { model_id: "sd15".into(), weights_sha256: SHA.into(), refines_only: false, inpaints_only: false };
         let models = [("diffusion".to_string(), bad)];
         reg.worker_id = "w2";
         reg.models = &models;

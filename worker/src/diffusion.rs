@@ -600,6 +600,7 @@ impl Engine for DiffusionEngine {
                 model_id: id.clone(),
                 weights_sha256: self.served[id].digest.clone(),
                 refines_only: self.served[id].folder.refiner,
+                inpaints_only: self.served[id].folder.is_inpainting().unwrap_or(false),
             })
             .collect()
     }
@@ -744,17 +745,33 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let refiner = tiny(dir.path(), "r", "sdxl-refiner");
         let sd = tiny(dir.path(), "sd", "sd1");
+        let inpainting = tiny(dir.path(), "ip", "sd1-inpaint");
         let engine = DiffusionEngine::new(DiffusionConfig::new(vec![
             ("r".into(), refiner),
             ("sd".into(), sd),
+            ("ip".into(), inpainting),
         ]))
         .unwrap();
         let declared: Vec<_> = engine
             .models()
             .iter()
-            .map(|m| (m.model_id.clone(), m.refines_only))
+            .map(|m| (m.model_id.clone(), m.refines_only, m.inpaints_only))
             .collect();
-        assert_eq!(declared, [("r".into(), true), ("sd".into(), false)]);
+        assert_eq!(
+            declared,
+            [
+                ("r".into(), true, false),
+                ("sd".into(), false, false),
+                ("ip".into(), false, true)
+            ]
+        );
+        // Asked to draw from noise, the inpainting model fails for good too.
+        let err = engine
+            .render(&[generate_task("ip", 64, 64)], &|_| {})
+            .remove(0)
+            .unwrap_err();
+        assert!(err.is_final(), "no retry can change it: {err}");
+        assert!(err.to_string().contains("inpainting model"), "{err}");
         let err = engine
             .render(&[generate_task("r", 64, 64)], &|_| {})
             .remove(0)

@@ -282,6 +282,7 @@ impl Engine for SyntheticEngine {
                 model_id: m.clone(),
                 weights_sha256: Self::weights_digest(m),
                 refines_only: false,
+                inpaints_only: false,
             })
             .collect()
     }

@@ -180,9 +180,15 @@ impl Store {
                     )));
                 }
             }
-            // The same weights refine only, whoever serves them.
+            // The same weights refine (or inpaint) only, whoever serves them.
             if model.refines_only {
                 sqlx::query("UPDATE models SET refines_only = 1 WHERE id = $1")
+                    .bind(&model.model_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            if model.inpaints_only {
+                sqlx::query("UPDATE models SET inpaints_only = 1 WHERE id = $1")
                     .bind(&model.model_id)
                     .execute(&mut *tx)
                     .await?;

@@ -45,15 +45,40 @@ pub struct NewJob<'a> {
     pub submitted_by: &'a str,
 }
 
+/// How a job uses one of its models, for what the model cannot do.
+struct ModelUse {
+    /// It draws items from noise.
+    draws_from_noise: bool,
+    /// It renders without a mask.
+    without_mask: bool,
+    /// The spec field that names the model.
+    field: &'static str,
+}
+
 impl Store {
     /// Refuses a job no registered worker can run (unless `queue_unservable`)
     /// and a model nobody has heard of, before anything is written.
     pub async fn check_servable(&self, job: &ExpandedJob, queue_unservable: bool) -> Result<()> {
-        // The job's own model draws the items without an init image from noise.
+        // The job's own model draws the items without an init image from
+        // noise, renders those without a mask unmasked, and re-renders a
+        // hires-fix upscale unmasked; a refine stage has no mask.
         let from_noise = job.items.iter().any(|i| i.init_image.is_none());
+        let unmasked = job
+            .items
+            .iter()
+            .any(|i| i.init_image.as_ref().is_none_or(|x| x.mask.is_none()));
         for (model_id, needed) in job.models() {
-            let draws = from_noise && model_id == job.model_id;
-            self.check_model_servable(&job.engine, model_id, needed, draws, queue_unservable)
+            let own = model_id == job.model_id;
+            let uses = ModelUse {
+                draws_from_noise: from_noise && own,
+                without_mask: if own {
+                    unmasked || job.upscale_method == "hires-fix"
+                } else {
+                    true
+                },
+                field: if own { "model_id" } else { "refine.model_id" },
+            };
+            self.check_model_servable(&job.engine, model_id, needed, uses, queue_unservable)
                 .await?;
         }
         Ok(())
@@ -64,24 +89,34 @@ impl Store {
         engine: &str,
         model_id: &str,
         needed: u64,
-        draws_from_noise: bool,
+        uses: ModelUse,
         queue_unservable: bool,
     ) -> Result<()> {
-        let Some(model) = sqlx::query("SELECT refines_only FROM models WHERE id = $1")
-            .bind(model_id)
-            .fetch_optional(&self.pool)
-            .await?
+        let Some(model) =
+            sqlx::query("SELECT refines_only, inpaints_only FROM models WHERE id = $1")
+                .bind(model_id)
+                .fetch_optional(&self.pool)
+                .await?
         else {
             return Err(StoreError::NotFound(format!(
                 "unknown model {model_id:?}: register it (`hallmark models register`) or start a worker that serves it"
             )));
         };
         // A model that only refines cannot draw an item from noise.
-        if draws_from_noise && model.try_get::<i64, _>("refines_only")? != 0 {
+        if uses.draws_from_noise && model.try_get::<i64, _>("refines_only")? != 0 {
             return Err(StoreError::Spec(SpecError {
                 field: "model_id".into(),
                 message: format!(
                     "model {model_id:?} refines images and does not draw from noise (an SDXL refiner); give its items an init image, or make it the job's refine model"
+                ),
+            }));
+        }
+        // A model that only inpaints renders nothing without a mask.
+        if uses.without_mask && model.try_get::<i64, _>("inpaints_only")? != 0 {
+            return Err(StoreError::Spec(SpecError {
+                field: uses.field.into(),
+                message: format!(
+                    "model {model_id:?} is an inpainting model (its unet takes a mask): it renders only items with an init image and a mask (--init-image and --mask), not a refine stage or a hires-fix upscale"
                 ),
             }));
         }

@@ -107,11 +107,11 @@ impl Store {
             }
         }
         sqlx::query(
-            "INSERT INTO models (id, family, license, parent_model_id, config_json, created_at, refines_only) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) \
+            "INSERT INTO models (id, family, license, parent_model_id, config_json, created_at, refines_only, inpaints_only) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
              ON CONFLICT (id) DO UPDATE SET family = excluded.family, license = excluded.license, \
              parent_model_id = excluded.parent_model_id, config_json = excluded.config_json, \
-             refines_only = excluded.refines_only",
+             refines_only = excluded.refines_only, inpaints_only = excluded.inpaints_only",
         )
         .bind(&m.model_id)
         .bind(&m.family)
@@ -120,6 +120,7 @@ impl Store {
         .bind(if m.config_json.is_empty() { "{}" } else { m.config_json.as_str() })
         .bind(now)
         .bind(i64::from(m.refines_only))
+        .bind(i64::from(m.inpaints_only))
         .execute(&mut *tx)
         .await?;
         sqlx::query("DELETE FROM model_weights WHERE model_id = $1")
@@ -182,6 +183,7 @@ impl Store {
                 "training_datasets": m.training_datasets,
                 "config_sha256": hallmark_provenance::sha256_hex(m.config_json.as_bytes()),
                 "refines_only": m.refines_only,
+                "inpaints_only": m.inpaints_only,
             }),
         )
         .actor(actor);
@@ -195,7 +197,8 @@ impl Store {
 
     pub async fn list_models(&self) -> Result<Vec<Model>> {
         let rows = sqlx::query(
-            "SELECT id, family, license, parent_model_id, config_json, created_at, refines_only FROM models ORDER BY id",
+            "SELECT id, family, license, parent_model_id, config_json, created_at, refines_only, inpaints_only \
+             FROM models ORDER BY id",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -238,6 +241,7 @@ impl Store {
                 config_json: r.try_get("config_json")?,
                 created_at_ms: r.try_get("created_at")?,
                 refines_only: r.try_get::<i64, _>("refines_only")? != 0,
+                inpaints_only: r.try_get::<i64, _>("inpaints_only")? != 0,
             });
         }
         Ok(out)

@@ -235,6 +235,7 @@ async fn run(
                     model_id: "synthetic-v1".into(),
                     weights_sha256: hallmark_worker_digest(),
                     refines_only: false,
+                    inpaints_only: false,
                 }],
                 max_pixels: 1 << 20,
                 max_batch: batch,

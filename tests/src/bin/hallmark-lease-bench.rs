@@ -186,6 +186,7 @@ async fn register(store: &Store, id: &str, model: &str) -> anyhow::Result<Worker
             model_id: model.into(),
             weights_sha256: "0".repeat(64),
             refines_only: false,
+            inpaints_only: false,
         },
     )];
     store

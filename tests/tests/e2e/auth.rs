@@ -1007,6 +1007,7 @@ async fn a_worker_token_drives_only_its_own_workers_and_expired_tokens_are_refus
                 model_id: "synthetic-v1".into(),
                 weights_sha256: hallmark_provenance::sha256_hex(b"hallmark-synthetic:synthetic-v1"),
                 refines_only: false,
+                inpaints_only: false,
             }],
             max_pixels: 1 << 20,
             max_batch: 1,

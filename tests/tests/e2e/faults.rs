@@ -35,6 +35,7 @@ async fn fake_worker(url: &str) -> String {
                 model_id: "synthetic-v1".into(),
                 weights_sha256: sha256(b"hallmark-synthetic:synthetic-v1"),
                 refines_only: false,
+                inpaints_only: false,
             }],
             max_pixels: 1 << 20,
             max_batch: 1,

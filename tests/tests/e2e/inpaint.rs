@@ -190,6 +190,69 @@ async fn inpainting_repaints_only_the_mask_and_names_it_in_the_credentials() {
         mean_diff_in(&whole, &target, 240..448) > 20.0,
         "line 2 repaints it all at strength 1"
     );
+
+    // An inpainting checkpoint registered from its folder is marked so, and
+    // a job that would render with it without a mask is refused at
+    // submission, naming why, with no job written.
+    let model = dir.path().join("tiny-inpaint");
+    init_tiny(&model, "sd1-inpaint");
+    let reg = hallmark(&[
+        "--coordinator",
+        url.as_str(),
+        "--json",
+        "models",
+        "register",
+        "--id",
+        "inpainter",
+        "--family",
+        "sd15",
+        "--model-path",
+        model.to_str().unwrap(),
+    ]);
+    ok(&reg);
+    assert_eq!(json_of(&reg)["inpaints_only"], true);
+    let jobs = scalar(&db, "SELECT COUNT(*) FROM jobs").await;
+    for extra in [&[][..], &["--init-image", init.to_str().unwrap()]] {
+        let mut args = vec![
+            "--coordinator",
+            url.as_str(),
+            "submit",
+            "--engine",
+            "diffusion",
+            "--model",
+            "inpainter",
+            "--prompt",
+            "a dog",
+            "--queue-unservable",
+        ];
+        args.extend_from_slice(extra);
+        let out = hallmark(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        assert!(
+            err.contains("\"inpainter\" is an inpainting model"),
+            "{extra:?}: {err}"
+        );
+    }
+    assert_eq!(scalar(&db, "SELECT COUNT(*) FROM jobs").await, jobs);
+    let out = hallmark(&[
+        "--coordinator",
+        url.as_str(),
+        "submit",
+        "--engine",
+        "diffusion",
+        "--model",
+        "inpainter",
+        "--prompt",
+        "a dog",
+        "--init-image",
+        init.to_str().unwrap(),
+        "--mask",
+        mask.to_str().unwrap(),
+        "--queue-unservable",
+    ]);
+    ok(&out);
+    assert_eq!(scalar(&db, "SELECT COUNT(*) FROM jobs").await, jobs + 1);
 }
 
 #[test]
