@@ -25,7 +25,7 @@ pub fn artifact_json(a: &Artifact) -> Value {
         "stage": a.stage, "model_id": a.model_id, "parent_sha256": a.parent_sha256,
         "worker_id": a.worker_id, "size": a.size, "media_type": a.media_type,
         "width": a.width, "height": a.height, "created_at_ms": a.created_at_ms,
-        "seed": a.seed, "prompt": a.prompt,
+        "seed": a.seed, "prompt": a.prompt, "mask_sha256": a.mask_sha256,
     })
 }
 

@@ -408,6 +408,9 @@ fn record_json(r: &ArtifactRecord) -> serde_json::Value {
         "manifest_label": r.manifest_label, "tenant": r.tenant,
         "parent_sha256": r.parent_sha256,
     });
+    if !r.mask_sha256.is_empty() {
+        v["mask_sha256"] = json!(r.mask_sha256);
+    }
     if !r.prompt.is_empty() {
         v["prompt"] = json!(r.prompt);
     }
@@ -602,6 +605,9 @@ pub fn print_report(r: &FileReport) {
             && let Some(init) = first["parent_sha256"].as_str().filter(|p| !p.is_empty())
         {
             println!("               uploaded init image {}", short(init));
+            if let Some(mask) = first["mask_sha256"].as_str() {
+                println!("               uploaded mask {}", short(mask));
+            }
         }
         for a in &repo.chain {
             println!(

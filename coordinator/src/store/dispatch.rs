@@ -703,7 +703,7 @@ impl Store {
             let row = sqlx::query(
                 "UPDATE tasks SET state = 'succeeded', finished_at = $4, lease_expires_at = NULL, error = NULL \
                  WHERE id = $1 AND lease_token = $2 AND worker_id = $3 AND state = 'leased' \
-                 RETURNING job_id, item_index, stage, model_id, parent_sha256, has_next",
+                 RETURNING job_id, item_index, stage, model_id, parent_sha256, mask_sha256, has_next",
             )
             .bind(&c.task_id)
             .bind(c.fencing_token)
@@ -716,10 +716,12 @@ impl Store {
                 continue;
             };
             let job_id: String = row.try_get("job_id")?;
+            let mask: Option<String> = row.try_get("mask_sha256")?;
             sqlx::query(
                 "INSERT INTO artifacts (task_id, job_id, item_index, stage, model_id, parent_sha256, worker_id, \
-                 sha256, size, media_type, width, height, created_at, watermark_id, manifest, manifest_label) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+                 sha256, size, media_type, width, height, created_at, watermark_id, manifest, manifest_label, \
+                 mask_sha256) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
             )
             .bind(&c.task_id)
             .bind(&job_id)
@@ -737,6 +739,7 @@ impl Store {
             .bind(&c.stamp.watermark_id)
             .bind(&c.stamp.manifest)
             .bind(&c.stamp.manifest_label)
+            .bind(&mask)
             .execute(&mut *tx)
             .await?;
             // Per-item stage dependency, no barrier: the next stage of this
@@ -754,21 +757,21 @@ impl Store {
                 .await?
                 .rows_affected();
             }
+            let mut body = serde_json::json!({
+                "token": c.fencing_token,
+                "sha256": c.sha256,
+                "watermark_id": c.stamp.watermark_id,
+                "manifest_label": c.stamp.manifest_label,
+                "parent_sha256": row.try_get::<Option<String>, _>("parent_sha256")?,
+                "model_id": row.try_get::<String, _>("model_id")?,
+            });
+            if let Some(mask) = mask {
+                body["mask_sha256"] = mask.into();
+            }
             events.push(
-                AuditEvent::new(
-                    kind::COMPLETE,
-                    &c.task_id,
-                    serde_json::json!({
-                        "token": c.fencing_token,
-                        "sha256": c.sha256,
-                        "watermark_id": c.stamp.watermark_id,
-                        "manifest_label": c.stamp.manifest_label,
-                        "parent_sha256": row.try_get::<Option<String>, _>("parent_sha256")?,
-                        "model_id": row.try_get::<String, _>("model_id")?,
-                    }),
-                )
-                .job(&job_id)
-                .actor(&c.worker_id),
+                AuditEvent::new(kind::COMPLETE, &c.task_id, body)
+                    .job(&job_id)
+                    .actor(&c.worker_id),
             );
             outcomes.push(Some((job_id, readied > 0)));
         }

@@ -676,7 +676,7 @@ impl Store {
     pub async fn list_artifacts(&self, job_id: &str) -> Result<Vec<Artifact>> {
         let rows = sqlx::query(
             "SELECT a.task_id, a.job_id, a.item_index, a.stage, a.model_id, a.parent_sha256, a.worker_id, \
-             a.sha256, a.size, a.media_type, a.width, a.height, a.created_at, i.seed, i.prompt \
+             a.sha256, a.size, a.media_type, a.width, a.height, a.created_at, a.mask_sha256, i.seed, i.prompt \
              FROM artifacts a JOIN items i ON i.job_id = a.job_id AND i.item_index = a.item_index \
              WHERE a.job_id = $1 ORDER BY a.item_index, a.stage",
         )
@@ -744,6 +744,9 @@ fn artifact_from_row(r: &sqlx::any::AnyRow) -> Result<Artifact> {
         created_at_ms: r.try_get("created_at")?,
         seed: r.try_get::<i64, _>("seed")? as u64,
         prompt: r.try_get("prompt")?,
+        mask_sha256: r
+            .try_get::<Option<String>, _>("mask_sha256")?
+            .unwrap_or_default(),
     })
 }
 

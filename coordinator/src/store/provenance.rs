@@ -33,7 +33,7 @@ impl Store {
         let sql = format!(
             "SELECT a.task_id, a.job_id, a.item_index, a.stage, a.model_id, a.worker_id, \
              a.watermark_id, a.media_type, a.width, a.height, a.created_at, a.parent_sha256, \
-             a.manifest_label, a.sha256, a.manifest, j.tenant, i.prompt, i.seed \
+             a.manifest_label, a.sha256, a.manifest, a.mask_sha256, j.tenant, i.prompt, i.seed \
              FROM artifacts a JOIN jobs j ON j.id = a.job_id \
              JOIN items i ON i.job_id = a.job_id AND i.item_index = a.item_index \
              WHERE {column} = $1 ORDER BY a.created_at LIMIT 1"
@@ -69,6 +69,9 @@ impl Store {
             tenant: r.try_get("tenant")?,
             seed: r.try_get::<i64, _>("seed")? as u64,
             prompt: r.try_get("prompt")?,
+            mask_sha256: r
+                .try_get::<Option<String>, _>("mask_sha256")?
+                .unwrap_or_default(),
         };
         let manifest: Option<Vec<u8>> = r.try_get("manifest")?;
         Ok(Some(StoredArtifact {

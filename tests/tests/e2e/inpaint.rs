@@ -85,7 +85,8 @@ async fn inpainting_repaints_only_the_mask_and_names_it_in_the_credentials() {
         ],
     );
     ok(&out);
-    assert_eq!(json_of(&out)["job"]["state"], "succeeded");
+    let job = json_of(&out)["job"].clone();
+    assert_eq!(job["state"], "succeeded");
     let text2img = dir.path().join("text2img");
     ok(&render(&text2img, &["--width", "448", "--height", "296"]));
     let got = rgb(&inpainted.join("00000.png"));
@@ -120,10 +121,38 @@ async fn inpainting_repaints_only_the_mask_and_names_it_in_the_credentials() {
         inpainted.join("00000.png").to_str().unwrap(),
         "--trust-anchors",
         &anchors,
+        "--coordinator",
+        &url,
     ]);
     ok(&out);
     let report = json_of(&out);
     assert_eq!(report["status"], "verified", "{report:#}");
+    // The repository's lineage starts at the init image and names the mask.
+    let init_sha = hallmark_provenance::sha256_hex(&std::fs::read(&init).unwrap());
+    let chain = &report["repository"]["chain"][0];
+    assert_eq!(chain["parent_sha256"], init_sha.as_str(), "{report:#}");
+    assert_eq!(chain["mask_sha256"], mask_sha.as_str(), "{report:#}");
+    // So does the audit ledger's completion entry.
+    let log = hallmark(&[
+        "--coordinator",
+        &url,
+        "--json",
+        "audit",
+        "log",
+        "--job",
+        job["job_id"].as_str().unwrap(),
+    ]);
+    let completes: Vec<serde_json::Value> = ok(&log)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["kind"] == "complete")
+        .collect();
+    assert_eq!(completes.len(), 1);
+    assert_eq!(
+        completes[0]["body"]["mask_sha256"],
+        mask_sha.as_str(),
+        "{completes:?}"
+    );
     let c = &report["credentials"];
     assert_eq!(c["generation"]["mask_sha256"], mask_sha.as_str(), "{c:#}");
     assert!(
