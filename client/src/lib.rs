@@ -589,7 +589,8 @@ pub enum ModelsCommand {
     },
     List,
     /// Write a tiny random-weight checkpoint (deterministic from the seed)
-    /// in the real layout: sd1, sd1-inpaint, sd2, sdxl, sdxl-inpaint, sdxl-refiner (diffusers folders with the real
+    /// in the real layout: sd1, sd2, sdxl, their inpainting shapes (sd1-inpaint, sd2-inpaint,
+    /// sdxl-inpaint), sdxl-refiner (diffusers folders with the real
     /// CLIP tokenizer), esrgan-x2 or esrgan-x4 (Real-ESRGAN RRDBNet); for
     /// benchmarks, the full-size sd15-full and esrgan-x4-full.
     InitTiny {

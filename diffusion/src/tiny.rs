@@ -32,6 +32,8 @@ pub enum TinyArch {
     /// latents, the mask, the masked image's latents), as
     /// runwayml/stable-diffusion-inpainting.
     Sd1Inpaint,
+    /// SD-2.x-shaped (v-prediction) with an inpainting unet.
+    Sd2Inpaint,
     /// SDXL-shaped with an inpainting unet, as
     /// diffusers/stable-diffusion-xl-1.0-inpainting-0.1.
     SdxlInpaint,
@@ -67,6 +69,7 @@ impl std::str::FromStr for TinyArch {
         Ok(match s {
             "sd1" => Self::Sd1,
             "sd1-inpaint" => Self::Sd1Inpaint,
+            "sd2-inpaint" => Self::Sd2Inpaint,
             "sdxl-inpaint" => Self::SdxlInpaint,
             "sd2" => Self::Sd2,
             "sd15-full" => Self::Sd15Full,
@@ -77,7 +80,7 @@ impl std::str::FromStr for TinyArch {
             "sdxl-refiner" => Self::SdxlRefiner,
             other => {
                 return Err(DiffusionError::BadRequest(format!(
-                    "unknown tiny architecture {other:?} (sd1, sd1-inpaint, sd2, sdxl, sdxl-inpaint, sdxl-refiner, sd15-full, esrgan-x2, esrgan-x4, esrgan-x4-full)"
+                    "unknown tiny architecture {other:?} (sd1, sd1-inpaint, sd2, sd2-inpaint, sdxl, sdxl-inpaint, sdxl-refiner, sd15-full, esrgan-x2, esrgan-x4, esrgan-x4-full)"
                 )));
             }
         })
@@ -226,6 +229,7 @@ pub fn init_tiny(
     let result = match arch {
         TinyArch::Sd1
         | TinyArch::Sd1Inpaint
+        | TinyArch::Sd2Inpaint
         | TinyArch::SdxlInpaint
         | TinyArch::Sd2
         | TinyArch::Sdxl
@@ -244,6 +248,10 @@ pub fn init_tiny(
                     ..SdShape::tiny(false)
                 },
                 TinyArch::Sd2 => SdShape::tiny(true),
+                TinyArch::Sd2Inpaint => SdShape {
+                    inpaint: true,
+                    ..SdShape::tiny(true)
+                },
                 TinyArch::Sdxl => SdShape::tiny_xl(),
                 TinyArch::SdxlInpaint => SdShape {
                     inpaint: true,

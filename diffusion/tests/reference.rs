@@ -511,6 +511,11 @@ fn sd1_inpainting_matches_diffusers() {
 }
 
 #[test]
+fn sd2_v_prediction_inpainting_matches_diffusers() {
+    check_inpainting("sd2", TinyArch::Sd2Inpaint, TinyArch::Sd2);
+}
+
+#[test]
 fn sdxl_inpainting_matches_diffusers() {
     check_inpainting("sdxl", TinyArch::SdxlInpaint, TinyArch::Sdxl);
 }

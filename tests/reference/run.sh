@@ -12,12 +12,12 @@
 # (rrdbnet.py) instead.
 # The SDXL refiner (sdxl-refiner) refines tests/data/images/chelsea.png
 # in that check, since it does not draw from noise.
-# The inpainting architectures (sd1-inpaint, sdxl-inpaint) write
+# The inpainting architectures (sd1-inpaint, sd2-inpaint, sdxl-inpaint) write
 # tests/reference/tiny-<arch>.safetensors from the real
 # StableDiffusion(XL)InpaintPipeline, with their own 9-channel unet and with
-# the plain tiny folder's (sd1, sdxl).
+# the plain tiny folder's (sd1, sd2, sdxl).
 # Arguments: the architectures to regenerate (default: sd1 sd2 sdxl
-# sdxl-refiner sd1-inpaint sdxl-inpaint esrgan-x2 esrgan-x4).
+# sdxl-refiner sd1-inpaint sd2-inpaint sdxl-inpaint esrgan-x2 esrgan-x4).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VENV="${HALLMARK_REF_VENV:-$HOME/.cache/hallmark/refenv}"
@@ -29,7 +29,7 @@ fi
 cargo build -q -p hallmark-client --bin hallmark
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-for arch in ${*:-sd1 sd2 sdxl sdxl-refiner sd1-inpaint sdxl-inpaint esrgan-x2 esrgan-x4}; do
+for arch in ${*:-sd1 sd2 sdxl sdxl-refiner sd1-inpaint sd2-inpaint sdxl-inpaint esrgan-x2 esrgan-x4}; do
   target/debug/hallmark models init-tiny "$WORK/$arch" --arch "$arch" --seed 1
   case "$arch" in
   esrgan-*)
