@@ -194,20 +194,26 @@ pub async fn run(
             .build()
             .map_err(|e| anyhow::anyhow!("starting the stamping threads: {e}"))?,
     );
-    let mut shared = Arc::new(Shared {
-        client: client.clone(),
-        registry: registry.clone(),
-        engine: engine.clone(),
-        stamping: config.stamping.clone(),
-        models: Default::default(),
-        worker_id: worker_id.clone(),
-        held: Arc::new(Mutex::new(HashMap::new())),
-        changed: tokio::sync::Notify::new(),
-        stamp_pool: stamp_pool.clone(),
-        report: Mutex::new(WorkerReport {
-            worker_id,
-            ..Default::default()
-        }),
+    // What the batches share; made again, with a fresh registration's
+    // id, when the coordinator forgets this worker.
+    let batch_client = client.clone();
+    let share = |report: WorkerReport| {
+        Arc::new(Shared {
+            client: batch_client.clone(),
+            registry: registry.clone(),
+            engine: engine.clone(),
+            stamping: config.stamping.clone(),
+            models: Default::default(),
+            worker_id: report.worker_id.clone(),
+            held: Arc::new(Mutex::new(HashMap::new())),
+            changed: tokio::sync::Notify::new(),
+            stamp_pool: stamp_pool.clone(),
+            report: Mutex::new(report),
+        })
+    };
+    let mut shared = share(WorkerReport {
+        worker_id,
+        ..Default::default()
     });
 
     let mut in_flight: Vec<InFlight> = Vec::new();
@@ -308,20 +314,9 @@ pub async fn run(
                     b.handle.abort();
                 }
                 let report = shared.report.lock().map(|r| r.clone()).unwrap_or_default();
-                shared = Arc::new(Shared {
-                    client: client.clone(),
-                    registry: registry.clone(),
-                    engine: engine.clone(),
-                    stamping: config.stamping.clone(),
-                    models: Default::default(),
-                    worker_id: id.clone(),
-                    held: Arc::new(Mutex::new(HashMap::new())),
-                    changed: tokio::sync::Notify::new(),
-                    stamp_pool: stamp_pool.clone(),
-                    report: Mutex::new(WorkerReport {
-                        worker_id: id,
-                        ..report
-                    }),
+                shared = share(WorkerReport {
+                    worker_id: id,
+                    ..report
                 });
             }
             Err(status) if status.code() == Code::Unauthenticated => {

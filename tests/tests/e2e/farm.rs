@@ -440,3 +440,42 @@ async fn submit_and_finish(url: &str, dir: &std::path::Path, n: usize, size: u32
     let job = wait_for_job(url, &job_id, Duration::from_secs(120)).await;
     assert_eq!(job.state, "succeeded", "{job:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_the_coordinator_forgot_registers_again_and_renders() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fresh_database().await;
+    let spec = CoordinatorSpec::new(&db, Some(redis_url()), dir.path().join("blobs"));
+    let _coordinator = spec.start().await;
+    let url = spec.url();
+    let _worker = start_worker(&url, "forgotten", 0, &[]);
+    wait_for_workers(&url, 1).await;
+    // The coordinator's record of the worker is gone (a database restored
+    // from before it joined): its next lease call is told so.
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&db).await.unwrap();
+    let before: String = sqlx::query_scalar("SELECT id FROM workers")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    for sql in ["DELETE FROM worker_models", "DELETE FROM workers"] {
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    }
+    let prompts = prompt_file(dir.path(), 3);
+    let out = hallmark(&[
+        "--coordinator",
+        &url,
+        "--json",
+        "submit",
+        prompts.to_str().unwrap(),
+        "--queue-unservable",
+    ]);
+    let job_id = json_of(&out)["job_id"].as_str().unwrap().to_string();
+    let job = wait_for_job(&url, &job_id, Duration::from_secs(60)).await;
+    assert_eq!(job.state, "succeeded", "{job:?}");
+    let after: String = sqlx::query_scalar("SELECT id FROM workers")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_ne!(before, after, "it registered again, under a new id");
+}

@@ -132,7 +132,17 @@ async fn inpainting_repaints_only_the_mask_and_names_it_in_the_credentials() {
     let chain = &report["repository"]["chain"][0];
     assert_eq!(chain["parent_sha256"], init_sha.as_str(), "{report:#}");
     assert_eq!(chain["mask_sha256"], mask_sha.as_str(), "{report:#}");
-    // So does the audit ledger's completion entry.
+    // So does the audit ledger's completion entry, once the reaper seals it.
+    let job_id = job["job_id"].as_str().unwrap();
+    wait_for_count(
+        &db,
+        "the completion sealed",
+        &format!(
+            "SELECT COUNT(*) FROM audit_events WHERE kind = 'complete' AND job_id = '{job_id}' AND seq IS NOT NULL"
+        ),
+        |n| n == 1,
+    )
+    .await;
     let log = hallmark(&[
         "--coordinator",
         &url,
@@ -140,7 +150,7 @@ async fn inpainting_repaints_only_the_mask_and_names_it_in_the_credentials() {
         "audit",
         "log",
         "--job",
-        job["job_id"].as_str().unwrap(),
+        job_id,
     ]);
     let completes: Vec<serde_json::Value> = ok(&log)
         .lines()
