@@ -420,13 +420,14 @@ pub struct BuiltSpec {
 impl BuiltSpec {
     /// Whether any image starts from an init image (img2img or inpainting).
     pub fn starts_from_images(&self) -> bool {
-        !self.spec.init_image_sha256.is_empty()
-            || self
-                .spec
-                .prompts
-                .iter()
-                .any(|p| p.init_image_sha256.is_some())
+        any_init_image(!self.spec.init_image_sha256.is_empty(), &self.spec.prompts)
     }
+}
+
+/// Whether any image of a job starts from an init image: the job's own
+/// (`job_init`), or a prompt line's.
+fn any_init_image(job_init: bool, prompts: &[PromptItem]) -> bool {
+    job_init || prompts.iter().any(|p| p.init_image_sha256.is_some())
 }
 
 /// Uploads the spec's init images and masks (read again — building the
@@ -1280,7 +1281,7 @@ pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<BuiltSp
             uploads.push((file.sha256.clone(), path.clone()));
         }
     }
-    let from_images = init.is_some() || prompts.iter().any(|p| p.init_image_sha256.is_some());
+    let from_images = any_init_image(init.is_some(), &prompts);
     if args.strength.is_some() && !from_images {
         bail!("--strength applies to img2img: give --init-image or init_image in the prompt file");
     }

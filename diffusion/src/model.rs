@@ -146,6 +146,19 @@ pub struct VaeConfig {
     pub mid_block_add_attention: bool,
 }
 
+impl UnetConfig {
+    /// Input channels of an inpainting unet over `latent` latent channels:
+    /// the latents, the mask and the masked image's latents.
+    pub fn inpainting_channels(latent: usize) -> usize {
+        2 * latent + 1
+    }
+
+    /// Whether this is an inpainting unet for `vae`'s latents.
+    pub fn is_inpainting(&self, vae: &VaeConfig) -> bool {
+        self.in_channels == Self::inpainting_channels(vae.latent_channels)
+    }
+}
+
 impl VaeConfig {
     /// Pixels per latent cell along each side.
     pub fn scale_factor(&self) -> usize {
@@ -394,8 +407,7 @@ impl ModelFolder {
     /// Whether the unet is an inpainting one (it also takes a mask and the
     /// masked image's latents), which renders only with a mask.
     pub fn is_inpainting(&self) -> Result<bool, DiffusionError> {
-        let latent = self.vae_config()?.latent_channels;
-        Ok(self.unet_config()?.in_channels == 2 * latent + 1)
+        Ok(self.unet_config()?.is_inpainting(&self.vae_config()?))
     }
     pub fn vae_config(&self) -> Result<VaeConfig, DiffusionError> {
         read_json(&self.root.join("vae/config.json"))

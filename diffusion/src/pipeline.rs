@@ -15,7 +15,7 @@ use crate::attention::{AttentionChoice, AttentionKernel};
 use crate::clip::ClipTextModel;
 use crate::conv::ConvAlgorithm;
 use crate::graph::{GraphMode, UnetCalls};
-use crate::model::{Family, ModelFolder, VaeConfig, WeightFile};
+use crate::model::{Family, ModelFolder, UnetConfig, VaeConfig, WeightFile};
 use crate::rng::NoiseGenerator;
 use crate::scheduler::{Sampler, SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
@@ -283,17 +283,15 @@ impl StableDiffusion {
         // An inpainting unet also takes the mask and the masked image's
         // latents: 4 + 1 + 4 channels in, 4 out.
         let latent = vae_cfg.latent_channels;
-        if unet_cfg.out_channels != latent
-            || (unet_cfg.in_channels != latent && unet_cfg.in_channels != 2 * latent + 1)
-        {
+        let inpainting_unet = unet_cfg.is_inpainting(&vae_cfg);
+        if unet_cfg.out_channels != latent || (unet_cfg.in_channels != latent && !inpainting_unet) {
             return Err(DiffusionError::BadModel(format!(
                 "the unet takes {} channels and returns {}, the vae has {latent} latent channels (a unet takes {latent}, or {} to inpaint, and returns {latent})",
                 unet_cfg.in_channels,
                 unet_cfg.out_channels,
-                2 * latent + 1
+                UnetConfig::inpainting_channels(latent)
             )));
         }
-        let inpainting_unet = unet_cfg.in_channels == 2 * latent + 1;
         let xl = folder.family == Family::StableDiffusionXl;
         // SDXL's refiner has the second encoder only.
         let mut components = Vec::new();
@@ -684,18 +682,16 @@ impl StableDiffusion {
             Some(x0) if !from_noise => sampler.add_noise(x0, &n, start)?,
             _ => (&n * sampler.init_noise_sigma())?,
         };
-        let state = if self.inpainting_unet {
-            let masked = Tensor::cat(&masked, 0)?.to_device(dev)?;
-            Inpainting {
-                unet_extra: Some(Tensor::cat(&[&mask, &masked], 1)?),
-                keep: None,
-                mask,
-            }
-        } else {
-            Inpainting {
-                unet_extra: None,
-                keep: Some((x0.expect("encoded for a plain unet"), n)),
-                mask,
+        let state = match x0 {
+            Some(x0) if !self.inpainting_unet => Inpainting::Reset {
+                kept: (1.0 - &mask)?,
+                repainted: mask,
+                x0,
+                noise: n,
+            },
+            _ => {
+                let masked = Tensor::cat(&masked, 0)?.to_device(dev)?;
+                Inpainting::Channels(Tensor::cat(&[&mask, &masked], 1)?)
             }
         };
         Ok((latents, state))
@@ -860,8 +856,8 @@ impl StableDiffusion {
 
         // 3. Denoise (latents stay f32 on the device; the UNet runs in the
         // compute type).
-        let total = sampler.timesteps().len() - start;
         let steps = sampler.timesteps().len();
+        let total = steps - start;
         // The calls (and a recorded graph's memory) end with the loop,
         // before the VAE needs room.
         {
@@ -870,9 +866,9 @@ impl StableDiffusion {
                 let t = sampler.timesteps()[i];
                 let input = sampler.scale_model_input(&latents, i)?;
                 // An inpainting unet also sees the mask and the masked image.
-                let input = match inpaint.as_ref().and_then(|p| p.unet_extra.as_ref()) {
-                    Some(extra) => Tensor::cat(&[&input, extra], 1)?,
-                    None => input,
+                let input = match &inpaint {
+                    Some(Inpainting::Channels(extra)) => Tensor::cat(&[&input, extra], 1)?,
+                    _ => input,
                 };
                 let input = if guided {
                     Tensor::cat(&[&input, &input], 0)?
@@ -889,19 +885,19 @@ impl StableDiffusion {
                 latents = sampler.step(&pred, i, &latents, &mut || noise(&mut rngs))?;
                 // Any other unet: what the mask keeps is reset to the init
                 // image, noised to the next step's level (clean after the last).
-                if let Some(Inpainting {
-                    keep: Some((x0, n)),
-                    mask,
-                    ..
+                if let Some(Inpainting::Reset {
+                    x0,
+                    noise: n,
+                    kept,
+                    repainted,
                 }) = &inpaint
                 {
-                    let kept = if i + 1 < steps {
+                    let init = if i + 1 < steps {
                         sampler.add_noise(x0, n, i + 1)?
                     } else {
                         x0.clone()
                     };
-                    latents =
-                        (kept.broadcast_mul(&(1.0 - mask)?)? + latents.broadcast_mul(mask)?)?;
+                    latents = (init.broadcast_mul(kept)? + latents.broadcast_mul(repainted)?)?;
                 }
                 progress((i + 1 - start) as f32 / total as f32);
             }
@@ -986,15 +982,21 @@ fn latent_mask(mask: &Tensor, lh: usize, lw: usize) -> Result<Tensor, DiffusionE
 }
 
 /// What an inpainting run's steps need.
-struct Inpainting {
-    /// The mask at the latents' size, `(batch, 1, h, w)`: 1 repaints.
-    mask: Tensor,
-    /// An inpainting unet's extra input channels: the mask and the masked
-    /// image's latents.
-    unet_extra: Option<Tensor>,
-    /// Any other unet: the init image's latents and the first noise, which
-    /// the kept region is reset to at each step.
-    keep: Option<(Tensor, Tensor)>,
+enum Inpainting {
+    /// An inpainting unet's extra input channels: the mask at the latents'
+    /// size and the masked image's latents.
+    Channels(Tensor),
+    /// Any other unet: the kept region is reset at each step to the init
+    /// image's latents `x0`, noised with the first `noise`.
+    Reset {
+        x0: Tensor,
+        noise: Tensor,
+        /// The mask at the latents' size, `(batch, 1, h, w)`, both ways
+        /// round (made once, not at every step): 1 where the init image is
+        /// kept, and 1 where the image is repainted.
+        kept: Tensor,
+        repainted: Tensor,
+    },
 }
 
 /// Refuses an init image or mask whose size is not the request's.

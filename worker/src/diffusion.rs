@@ -490,23 +490,8 @@ impl DiffusionEngine {
             req.init_latents = Some(Tensor::cat(&rows, 0).map_err(failed)?);
         }
         // img2img: the group shares its strength and size (the sub-batch
-        // key); each distinct init image is decoded and resized once.
-        let mut decoded: HashMap<&str, image::RgbImage> = HashMap::new();
-        let mut inits = Vec::with_capacity(tasks.len());
-        for t in tasks {
-            let sha = t.lease.parent_sha256.as_str();
-            let init = match decoded.get(sha) {
-                Some(img) => Some(img.clone()),
-                None => {
-                    let img = t.init_image()?;
-                    if let Some(img) = &img {
-                        decoded.insert(sha, img.clone());
-                    }
-                    img
-                }
-            };
-            inits.push(init);
-        }
+        // key).
+        let inits = decoded_once(tasks, |t| &t.lease.parent_sha256, RenderTask::init_image)?;
         if inits.iter().any(Option::is_some) {
             req.init_images = Some(
                 inits
@@ -518,13 +503,18 @@ impl DiffusionEngine {
         }
         // Inpainting: the group all has masks (the sub-batch key).
         if !l.mask_sha256.is_empty() {
-            let mut masks = Vec::with_capacity(tasks.len());
-            for t in tasks {
-                masks.push(t.mask()?.ok_or_else(|| {
-                    EngineError::Invalid("an inpainting batch with a task without a mask".into())
-                })?);
-            }
-            req.masks = Some(masks);
+            req.masks = Some(
+                decoded_once(tasks, |t| &t.lease.mask_sha256, RenderTask::mask)?
+                    .into_iter()
+                    .map(|m| {
+                        m.ok_or_else(|| {
+                            EngineError::Invalid(
+                                "an inpainting batch with a task without a mask".into(),
+                            )
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
+            );
         }
         let out = sd.generate(&req, progress).map_err(|e| BatchFailure {
             out_of_memory: e.is_out_of_device_memory(),
@@ -692,6 +682,33 @@ impl Engine for DiffusionEngine {
             .map(|r| r.expect("every task has a result"))
             .collect()
     }
+}
+
+/// Each task's picture read by `read` (its init image or mask, decoded and
+/// resized), once per distinct `key` (a sha256): the tasks of a batch often
+/// share one.
+fn decoded_once<'t, I: Clone>(
+    tasks: &[&'t RenderTask],
+    key: impl Fn(&'t RenderTask) -> &'t String,
+    read: impl Fn(&RenderTask) -> Result<Option<I>, EngineError>,
+) -> Result<Vec<Option<I>>, EngineError> {
+    let mut decoded: HashMap<&str, I> = HashMap::new();
+    let mut out = Vec::with_capacity(tasks.len());
+    for &t in tasks {
+        let sha = key(t).as_str();
+        let img = match decoded.get(sha) {
+            Some(img) => Some(img.clone()),
+            None => {
+                let img = read(t)?;
+                if let Some(img) = &img {
+                    decoded.insert(sha, img.clone());
+                }
+                img
+            }
+        };
+        out.push(img);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

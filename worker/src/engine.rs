@@ -43,15 +43,7 @@ impl RenderTask {
         }
         let img = hallmark_provenance::credentials::decode_image(bytes)
             .map_err(|e| EngineError::BadParent(e.to_string()))?;
-        if img.dimensions() == (l.width, l.height) {
-            return Ok(Some(img));
-        }
-        Ok(Some(image::imageops::resize(
-            &img,
-            l.width,
-            l.height,
-            image::imageops::FilterType::Lanczos3,
-        )))
+        Ok(Some(at_task_size(img, l)))
     }
 
     /// The inpainting mask, as grey levels at the task's size (resized as
@@ -80,16 +72,28 @@ impl RenderTask {
                 (u32::from(r) * 19595 + u32::from(g) * 38470 + u32::from(b) * 7471 + 0x8000) >> 16;
             image::Luma([luma as u8])
         });
-        if grey.dimensions() == (l.width, l.height) {
-            return Ok(Some(grey));
-        }
-        Ok(Some(image::imageops::resize(
-            &grey,
-            l.width,
-            l.height,
-            image::imageops::FilterType::Lanczos3,
-        )))
+        Ok(Some(at_task_size(grey, l)))
     }
+}
+
+/// An input picture (init image or mask) resized to the task's size, as
+/// diffusers' pipelines resize theirs (Lanczos).
+fn at_task_size<P>(
+    img: image::ImageBuffer<P, Vec<P::Subpixel>>,
+    l: &TaskLease,
+) -> image::ImageBuffer<P, Vec<P::Subpixel>>
+where
+    P: image::Pixel + 'static,
+{
+    if img.dimensions() == (l.width, l.height) {
+        return img;
+    }
+    image::imageops::resize(
+        &img,
+        l.width,
+        l.height,
+        image::imageops::FilterType::Lanczos3,
+    )
 }
 
 /// A rendered output, before stamping (the worker watermarks, encodes and
