@@ -364,6 +364,17 @@ pub struct SpecArgs {
     /// own `mask`.
     #[arg(long)]
     pub mask: Option<PathBuf>,
+    /// Inpainting: blur the masks by this radius in pixels (a Gaussian, as
+    /// PIL's GaussianBlur) so the repainted part fades into the kept one.
+    #[arg(long, value_name = "PX")]
+    pub mask_blur: Option<u32>,
+    /// Inpainting: render only a crop around the mask's white part, with
+    /// PX pixels of context on each side (grown to the image's aspect
+    /// ratio), at the job's full size, then paste it back: more detail for
+    /// a small mask (diffusers' padding_mask_crop). Default: the whole
+    /// image.
+    #[arg(long, value_name = "PX")]
+    pub mask_crop: Option<u32>,
     /// Refine each image before any upscale: img2img at its size with this
     /// model (a fine-tune, another SD model, or the job's own model).
     #[arg(long)]
@@ -407,6 +418,13 @@ impl InitImageFile {
             height: img.height(),
             bytes,
         })
+    }
+
+    /// Whether the picture is black everywhere (as a mask: nothing to
+    /// repaint).
+    pub fn is_black(&self) -> anyhow::Result<bool> {
+        let img = hallmark_provenance::credentials::decode_image(&self.bytes)?;
+        Ok(img.pixels().all(|p| p.0 == [0, 0, 0]))
     }
 }
 
@@ -947,7 +965,11 @@ async fn remote_command(
                     json!({"job_id": job_id, "files": files.iter().map(|(p, a)| json!({"path": p, "sha256": a.sha256})).collect::<Vec<_>>()})
                 );
             } else {
-                println!("wrote {} files to {}", files.len(), output.display());
+                println!(
+                    "wrote {} to {}",
+                    count(files.len(), "file"),
+                    output.display()
+                );
             }
         }
         Command::Workers => {
@@ -1290,6 +1312,23 @@ pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<BuiltSp
             "--mask says which part of an init image to repaint: give --init-image or init_image in the prompt file"
         );
     }
+    let any_mask = mask.is_some() || prompts.iter().any(|p| p.mask_sha256.is_some());
+    for (flag, set) in [
+        ("--mask-blur", args.mask_blur.is_some()),
+        ("--mask-crop", args.mask_crop.is_some()),
+    ] {
+        if set && !any_mask {
+            bail!("{flag} says how a mask is used: give --mask or mask in the prompt file");
+        }
+    }
+    if let (Some(file), Some(path), Some(_)) = (&mask, &args.mask, args.mask_crop)
+        && file.is_black()?
+    {
+        bail!(
+            "--mask {} is black everywhere: there is nothing to inpaint, and no crop around it for --mask-crop to render",
+            path.display()
+        );
+    }
     let spec = JobSpec {
         engine: args.engine.clone(),
         model_id: model,
@@ -1320,6 +1359,8 @@ pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<BuiltSp
         },
         init_image_sha256: init.map(|i| i.sha256).unwrap_or_default(),
         mask_sha256: mask.map(|m| m.sha256).unwrap_or_default(),
+        mask_blur: args.mask_blur.unwrap_or(0),
+        mask_crop: args.mask_crop,
         refine: args.refine(),
     };
     Ok(BuiltSpec { spec, uploads })
@@ -1454,8 +1495,8 @@ async fn render(cfg: &ClientConfig, mut args: RenderArgs, json: bool) -> anyhow:
     } else {
         print!("{}", output::job_text(&job));
         println!(
-            "wrote {} images to {} in {:.1}s",
-            files.len(),
+            "wrote {} to {} in {:.1}s",
+            count(files.len(), "image"),
             args.output.display(),
             elapsed.as_secs_f64()
         );
@@ -1825,5 +1866,14 @@ fn watermark_command(cfg: &ClientConfig, cmd: WatermarkCommand, json: bool) -> a
                 }
             }
         }
+    }
+}
+
+/// `n` things, as English says it: "1 image", "2 images".
+fn count(n: usize, thing: &str) -> String {
+    if n == 1 {
+        format!("1 {thing}")
+    } else {
+        format!("{n} {thing}s")
     }
 }

@@ -519,7 +519,15 @@ pub fn print_report(r: &FileReport) {
                 );
             }
             if let Some(sha) = &g.mask_sha256 {
-                println!("  inpainting   mask {}", short(sha));
+                let mut how = format!("mask {}", short(sha));
+                if let Some(blur) = g.mask_blur {
+                    how += &format!(", blurred {blur} px");
+                }
+                if let Some(pad) = g.mask_crop {
+                    how +=
+                        &format!(", a crop around it ({pad} px of context) rendered at full size");
+                }
+                println!("  inpainting   {how}");
             }
             if !g.datasets.is_empty() {
                 println!("  datasets     {}", g.datasets.join(", "));

@@ -107,7 +107,22 @@ pub struct ExpandedJob {
     pub max_attempts: u32,
     pub labels: HashMap<String, String>,
     pub items: Vec<Item>,
+    /// How the masked items use their masks.
+    pub inpaint: InpaintOptions,
 }
+
+/// How a job's masks are used (`JobSpec.mask_blur`, `JobSpec.mask_crop`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct InpaintOptions {
+    /// Blur radius in pixels of the item's size; 0 for none.
+    pub blur: u32,
+    /// Render only a crop around the mask grown by this many pixels, pasted
+    /// back; `None` renders the whole image.
+    pub crop: Option<u32>,
+}
+
+/// The largest mask blur a job may ask for, in pixels.
+pub const MAX_MASK_BLUR: u32 = 128;
 
 impl ExpandedJob {
     /// Largest pixel count any task of the job needs a worker to hold.
@@ -459,6 +474,37 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
             "is set but no item has an init image (a mask says which part of an init image to repaint)",
         ));
     }
+    let masked = items
+        .iter()
+        .any(|i| i.init_image.as_ref().is_some_and(|x| x.mask.is_some()));
+    if spec.mask_blur > MAX_MASK_BLUR {
+        return Err(bad(
+            "mask_blur",
+            format!("{} is over {MAX_MASK_BLUR} pixels", spec.mask_blur),
+        ));
+    }
+    if let Some(pad) = spec.mask_crop
+        && pad > limits.max_side
+    {
+        return Err(bad(
+            "mask_crop",
+            format!(
+                "{pad} is over {} pixels (the largest side)",
+                limits.max_side
+            ),
+        ));
+    }
+    for (name, set) in [
+        ("mask_blur", spec.mask_blur != 0),
+        ("mask_crop", spec.mask_crop.is_some()),
+    ] {
+        if set && !masked {
+            return Err(bad(
+                name,
+                "is set but no item has a mask (it says how a mask is used)",
+            ));
+        }
+    }
     Ok(ExpandedJob {
         engine: spec.engine.clone(),
         model_id: spec.model_id.clone(),
@@ -474,6 +520,10 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
         },
         labels: spec.labels.clone(),
         items,
+        inpaint: InpaintOptions {
+            blur: spec.mask_blur,
+            crop: spec.mask_crop,
+        },
     })
 }
 
@@ -849,6 +899,44 @@ mod tests {
         let mut bad = spec(&["a", "b"]);
         bad.mask_sha256 = m.clone();
         assert_eq!(field(&bad), "mask_sha256", "no item has an init image");
+    }
+
+    #[test]
+    fn a_mask_blur_and_crop_apply_to_jobs_with_masks_within_their_limits() {
+        let mut s = spec(&["masked"]);
+        s.steps = 10;
+        s.strength = 0.6;
+        s.init_image_sha256 = "aa".repeat(32);
+        s.mask_sha256 = "cc".repeat(32);
+        s.mask_blur = 8;
+        s.mask_crop = Some(32);
+        let job = expand(&s, &limits(), 1).unwrap();
+        assert_eq!(
+            job.inpaint,
+            InpaintOptions {
+                blur: 8,
+                crop: Some(32)
+            }
+        );
+        // A crop with no padding is a crop still, not the whole image.
+        s.mask_crop = Some(0);
+        assert_eq!(expand(&s, &limits(), 1).unwrap().inpaint.crop, Some(0));
+
+        let field = |s: &JobSpec| expand(s, &limits(), 1).unwrap_err().field;
+        let mut bad = s.clone();
+        bad.mask_blur = MAX_MASK_BLUR + 1;
+        assert_eq!(field(&bad), "mask_blur");
+        let mut bad = s.clone();
+        bad.mask_crop = Some(limits().max_side + 1);
+        assert_eq!(field(&bad), "mask_crop");
+        // Without a mask they mean nothing: refused, naming the field.
+        let mut plain = s.clone();
+        plain.mask_sha256.clear();
+        plain.mask_crop = None;
+        assert_eq!(field(&plain), "mask_blur");
+        plain.mask_blur = 0;
+        plain.mask_crop = Some(4);
+        assert_eq!(field(&plain), "mask_crop");
     }
 
     #[test]

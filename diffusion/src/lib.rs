@@ -20,7 +20,8 @@
 //! - [`upscale`]: the super-resolution stage (Real-ESRGAN or hires fix);
 //! - [`cache`]: loaded models within a memory budget, least recently used out;
 //! - [`tiny`]: tiny random-weight checkpoints in the real layouts, for tests;
-//! - [`latents`]: initial latents from `.safetensors` or `.npy` files.
+//! - [`latents`]: initial latents from `.safetensors` or `.npy` files;
+//! - [`mask`]: an inpainting mask's blur, crop and overlay, as diffusers' PIL.
 
 pub mod attention;
 pub mod cache;
@@ -35,6 +36,7 @@ pub mod graph;
 pub mod hub;
 pub mod latents;
 mod linear;
+pub mod mask;
 pub mod model;
 pub mod opbench;
 pub mod pipeline;

@@ -16,8 +16,10 @@
 # tests/reference/tiny-<arch>.safetensors from the real
 # StableDiffusion(XL)InpaintPipeline, with their own 9-channel unet and with
 # the plain tiny folder's (sd1, sd2, sdxl).
+# `masks` writes tests/reference/masks.safetensors: an inpainting mask's
+# blur, crop region and overlay by diffusers' VaeImageProcessor (PIL).
 # Arguments: the architectures to regenerate (default: sd1 sd2 sdxl
-# sdxl-refiner sd1-inpaint sd2-inpaint sdxl-inpaint esrgan-x2 esrgan-x4).
+# sdxl-refiner sd1-inpaint sd2-inpaint sdxl-inpaint esrgan-x2 esrgan-x4 masks).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VENV="${HALLMARK_REF_VENV:-$HOME/.cache/hallmark/refenv}"
@@ -29,7 +31,11 @@ fi
 cargo build -q -p hallmark-client --bin hallmark
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-for arch in ${*:-sd1 sd2 sdxl sdxl-refiner sd1-inpaint sd2-inpaint sdxl-inpaint esrgan-x2 esrgan-x4}; do
+for arch in ${*:-sd1 sd2 sdxl sdxl-refiner sd1-inpaint sd2-inpaint sdxl-inpaint esrgan-x2 esrgan-x4 masks}; do
+  if [ "$arch" = masks ]; then
+    "$VENV/bin/python" tests/reference/make_mask_reference.py tests/data/images/chelsea.png tests/reference/masks.safetensors
+    continue
+  fi
   target/debug/hallmark models init-tiny "$WORK/$arch" --arch "$arch" --seed 1
   case "$arch" in
   esrgan-*)

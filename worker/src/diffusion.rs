@@ -491,7 +491,7 @@ impl DiffusionEngine {
         }
         // img2img: the group shares its strength and size (the sub-batch
         // key).
-        let inits = decoded_once(tasks, |t| &t.lease.parent_sha256, RenderTask::init_image)?;
+        let inits = decoded_once(tasks, RenderTask::init_image)?;
         if inits.iter().any(Option::is_some) {
             req.init_images = Some(
                 inits
@@ -504,7 +504,7 @@ impl DiffusionEngine {
         // Inpainting: the group all has masks (the sub-batch key).
         if !l.mask_sha256.is_empty() {
             req.masks = Some(
-                decoded_once(tasks, |t| &t.lease.mask_sha256, RenderTask::mask)?
+                decoded_once(tasks, RenderTask::mask)?
                     .into_iter()
                     .map(|m| {
                         m.ok_or_else(|| {
@@ -685,23 +685,22 @@ impl Engine for DiffusionEngine {
 }
 
 /// Each task's picture read by `read` (its init image or mask, decoded and
-/// resized), once per distinct `key` (a sha256): the tasks of a batch often
-/// share one.
-fn decoded_once<'t, I: Clone>(
-    tasks: &[&'t RenderTask],
-    key: impl Fn(&'t RenderTask) -> &'t String,
+/// resized), once per distinct `RenderTask::pictures_key`: the tasks of a
+/// batch often share one.
+fn decoded_once<I: Clone>(
+    tasks: &[&RenderTask],
     read: impl Fn(&RenderTask) -> Result<Option<I>, EngineError>,
 ) -> Result<Vec<Option<I>>, EngineError> {
-    let mut decoded: HashMap<&str, I> = HashMap::new();
+    let mut decoded: HashMap<String, I> = HashMap::new();
     let mut out = Vec::with_capacity(tasks.len());
     for &t in tasks {
-        let sha = key(t).as_str();
-        let img = match decoded.get(sha) {
+        let key = t.pictures_key();
+        let img = match decoded.get(&key) {
             Some(img) => Some(img.clone()),
             None => {
                 let img = read(t)?;
                 if let Some(img) = &img {
-                    decoded.insert(sha, img.clone());
+                    decoded.insert(key, img.clone());
                 }
                 img
             }

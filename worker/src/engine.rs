@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use hallmark_diffusion::mask;
 use hallmark_proto::v1::{ModelCapability, TaskLease};
 use hallmark_provenance::credentials::UpscaleRecord;
 use image::{GrayImage, RgbImage};
@@ -23,8 +24,74 @@ impl RenderTask {
     /// The image an img2img pass starts from, resized to the task's size
     /// (as diffusers' img2img resizes to the requested size): an img2img
     /// `generate` task's init image, or a `refine` task's base image;
-    /// `None` for text-to-image.
+    /// `None` for text-to-image. An inpainting task that renders only a crop
+    /// around its mask (`mask_crop`) gets that crop, resized to the task's
+    /// size.
     pub fn init_image(&self) -> Result<Option<RgbImage>, EngineError> {
+        match self.whole_init_image()? {
+            Some(init) => self.cropped(init).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The inpainting mask, as grey levels at the task's size (resized as
+    /// the init image is, blurred by `mask_blur`; white repaints, black
+    /// keeps), cut to the crop `init_image` is: `None` without one.
+    pub fn mask(&self) -> Result<Option<GrayImage>, EngineError> {
+        match self.whole_mask()? {
+            Some(mask) => self.cropped(mask).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// A picture at the task's size cut to the inpainting crop and resized
+    /// back to the task's size; as it is without a crop.
+    fn cropped<P>(
+        &self,
+        img: image::ImageBuffer<P, Vec<P::Subpixel>>,
+    ) -> Result<image::ImageBuffer<P, Vec<P::Subpixel>>, EngineError>
+    where
+        P: image::Pixel + 'static,
+    {
+        Ok(match self.inpaint_crop()? {
+            Some(region) => mask::crop_to(&img, region, self.lease.width, self.lease.height),
+            None => img,
+        })
+    }
+
+    /// A rendered output made final: an inpainting task's output (of its
+    /// crop, put back in its place) laid over its init image, so what the
+    /// mask keeps is the init image's own pixels rather than the VAE's
+    /// reconstruction of them, blended across a blurred edge (diffusers'
+    /// `apply_overlay`). Other outputs are returned as they are.
+    pub fn finish(&self, mut rendered: RenderedImage) -> Result<RenderedImage, EngineError> {
+        let Some(mask) = self.whole_mask()? else {
+            return Ok(rendered);
+        };
+        let init = self.whole_init_image()?.ok_or(EngineError::MissingParent)?;
+        let crop = self.inpaint_crop()?;
+        let want = (self.lease.width, self.lease.height);
+        if rendered.pixels.dimensions() != want {
+            return Err(EngineError::Failed(format!(
+                "the engine rendered {:?} pixels for a {want:?} inpainting task",
+                rendered.pixels.dimensions()
+            )));
+        }
+        rendered.pixels = mask::overlay(&init, &mask, &rendered.pixels, crop);
+        Ok(rendered)
+    }
+
+    /// Which pictures `init_image` and `mask` make: tasks with the same key
+    /// get the same ones (a batch decodes each once).
+    pub fn pictures_key(&self) -> String {
+        let l = &self.lease;
+        format!(
+            "{}|{}|{}|{:?}",
+            l.parent_sha256, l.mask_sha256, l.mask_blur, l.mask_crop
+        )
+    }
+
+    fn whole_init_image(&self) -> Result<Option<RgbImage>, EngineError> {
         let l = &self.lease;
         if l.stage != "generate" && l.stage != "refine" {
             return Ok(None);
@@ -46,11 +113,10 @@ impl RenderTask {
         Ok(Some(at_task_size(img, l)))
     }
 
-    /// The inpainting mask, as grey levels at the task's size (resized as
-    /// the init image is; white repaints, black keeps): `None` without one.
-    /// Colours are brought to grey as PIL's `convert("L")` does (ITU-R 601
-    /// luma), so a mask means here what it means to diffusers.
-    pub fn mask(&self) -> Result<Option<GrayImage>, EngineError> {
+    /// The whole mask at the task's size, blurred. Colours are brought to
+    /// grey as PIL's `convert("L")` does (ITU-R 601 luma), so a mask means
+    /// here what it means to diffusers.
+    fn whole_mask(&self) -> Result<Option<GrayImage>, EngineError> {
         let l = &self.lease;
         if l.mask_sha256.is_empty() {
             return Ok(None);
@@ -72,7 +138,25 @@ impl RenderTask {
                 (u32::from(r) * 19595 + u32::from(g) * 38470 + u32::from(b) * 7471 + 0x8000) >> 16;
             image::Luma([luma as u8])
         });
-        Ok(Some(at_task_size(grey, l)))
+        Ok(Some(mask::blur(&at_task_size(grey, l), l.mask_blur as f32)))
+    }
+
+    /// The part of the task's image an inpainting task with `mask_crop`
+    /// renders: the crop around its mask's white part, with that much
+    /// padding, at the task's aspect ratio. `None` to render the whole.
+    fn inpaint_crop(&self) -> Result<Option<mask::Region>, EngineError> {
+        let l = &self.lease;
+        let (Some(pad), Some(mask)) = (l.mask_crop, self.whole_mask()?) else {
+            return Ok(None);
+        };
+        mask::crop_region(&mask, l.width, l.height, pad)
+            .map(Some)
+            .ok_or_else(|| {
+                EngineError::Invalid(format!(
+                    "the mask {} is black everywhere: there is nothing to inpaint, and no crop around it to render (mask_crop)",
+                    l.mask_sha256
+                ))
+            })
     }
 }
 
@@ -488,6 +572,76 @@ mod tests {
         t.parent = None;
         let err = e.render(&[t], &|_| {}).remove(0).unwrap_err();
         assert!(err.to_string().contains("without an init image"), "{err}");
+    }
+
+    #[test]
+    fn a_cropped_inpaint_renders_the_crop_and_finish_puts_it_back_over_the_init_image() {
+        // A striped init image and a 16×12 white box in a 64×48 mask.
+        let init = RgbImage::from_fn(64, 48, |x, _| image::Rgb([(x * 4) as u8, 0, 200]));
+        let mask = RgbImage::from_fn(64, 48, |x, y| {
+            let on = (40..56).contains(&x) && (10..22).contains(&y);
+            image::Rgb([if on { 255 } else { 0 }; 3])
+        });
+        let mut t = task("a cat", 1);
+        t.lease.parent_sha256 = "ab".repeat(32);
+        t.lease.mask_sha256 = "cd".repeat(32);
+        t.lease.strength = 1.0;
+        t.parent = Some(png(&init));
+        t.mask = Some(png(&mask));
+        let whole_key = t.pictures_key();
+        t.lease.mask_crop = Some(4);
+        assert_ne!(t.pictures_key(), whole_key, "a crop makes other pictures");
+        // The box grown by 4 (24×20) and widened towards 4:3 (26×20), as the
+        // engine sees it: at the task's size, the box filling most of it.
+        let region = t.inpaint_crop().unwrap().unwrap();
+        assert_eq!(
+            region,
+            mask::Region {
+                x1: 35,
+                y1: 6,
+                x2: 61,
+                y2: 26
+            }
+        );
+        let (seen_init, seen_mask) = (t.init_image().unwrap().unwrap(), t.mask().unwrap().unwrap());
+        assert_eq!(seen_init.dimensions(), (64, 48));
+        assert_eq!(seen_mask.dimensions(), (64, 48));
+        assert_eq!(seen_mask.get_pixel(32, 24).0[0], 255, "the box's middle");
+        assert_eq!(seen_mask.get_pixel(2, 2).0[0], 0, "the crop's context");
+        assert!(
+            seen_init.get_pixel(0, 0).0[0] >= 35 * 4 - 8,
+            "the crop's left edge"
+        );
+
+        // Finished: a flat green render lands in the box, scaled back to the
+        // region; the rest is the init image's own pixels.
+        let green = RgbImage::from_pixel(64, 48, image::Rgb([0, 255, 0]));
+        let done = t.finish(green.clone().into()).unwrap().pixels;
+        assert_eq!(done.get_pixel(48, 16).0, [0, 255, 0]);
+        for (x, y) in [(0, 0), (36, 16), (48, 30), (63, 47)] {
+            assert_eq!(done.get_pixel(x, y), init.get_pixel(x, y), "({x}, {y})");
+        }
+        // A render of the wrong size is not laid over anything.
+        let small = RgbImage::new(32, 24);
+        assert!(t.finish(small.into()).is_err());
+
+        // Blurred, the edge blends; without a mask nothing is touched.
+        t.lease.mask_crop = None;
+        t.lease.mask_blur = 2;
+        let done = t.finish(green.clone().into()).unwrap().pixels;
+        let edge = done.get_pixel(39, 16).0;
+        assert!(edge[1] > 0 && edge[1] < 255, "{edge:?}");
+        let plain = task("a cat", 1);
+        assert_eq!(plain.finish(green.clone().into()).unwrap().pixels, green);
+
+        // A crop around a mask black everywhere: refused for good.
+        t.lease.mask_crop = Some(4);
+        t.mask = Some(png(&RgbImage::new(64, 48)));
+        let err = t.init_image().unwrap_err();
+        assert!(
+            err.is_final() && err.to_string().contains("black everywhere"),
+            "{err}"
+        );
     }
 
     #[test]

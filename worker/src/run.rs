@@ -654,7 +654,9 @@ async fn run_batch(shared: Arc<Shared>, leases: Vec<TaskLease>, batch: Batch) {
                 .zip(rendered)
                 .zip(facts.par_iter())
                 .map(|((task, result), facts)| -> Stamped {
-                    let image = result.map_err(|e| (e.to_string(), e.is_final()))?;
+                    let image = result
+                        .and_then(|image| task.finish(image))
+                        .map_err(|e| (e.to_string(), e.is_final()))?;
                     let started = Instant::now();
                     let stamped = stamping
                         .stamp(

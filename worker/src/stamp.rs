@@ -170,6 +170,8 @@ impl Stamping {
             record.strength = Some(lease.strength);
             if mask.is_some() {
                 record.mask_sha256 = Some(lease.mask_sha256.clone());
+                record.mask_blur = Some(lease.mask_blur).filter(|&b| b > 0);
+                record.mask_crop = lease.mask_crop;
             }
         } else if lease.stage == "refine" {
             record.strength = Some(lease.strength);

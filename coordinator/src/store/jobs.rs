@@ -245,9 +245,9 @@ impl Store {
                 let mut sql = String::from(
                     "INSERT INTO tasks (id, job_id, item_index, stage, stage_rank, state, tenant, engine, model_id, \
                      pixels, upscale, upscale_method, batch_key, depends_on, has_next, max_attempts, lease_ttl_ms, \
-                     parent_sha256, strength, mask_sha256) VALUES ",
+                     parent_sha256, strength, mask_sha256, mask_blur, mask_crop) VALUES ",
                 );
-                sql.push_str(&row_placeholders(&tx, chunk.len(), 20));
+                sql.push_str(&row_placeholders(&tx, chunk.len(), 22));
                 let mut q = sqlx::query(&sql);
                 for item in chunk {
                     let factor = if upscale { u64::from(job.upscale) } else { 1 };
@@ -298,7 +298,9 @@ impl Store {
                         .bind(lease.ttl_ms(pixels, work_steps))
                         .bind(init.map(|i| i.sha256.as_str()))
                         .bind(strength)
-                        .bind(mask);
+                        .bind(mask)
+                        .bind(i64::from(if mask.is_some() { job.inpaint.blur } else { 0 }))
+                        .bind(mask.and(job.inpaint.crop).map(i64::from));
                 }
                 q.execute(&mut *tx).await?;
             }

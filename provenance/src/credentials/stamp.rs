@@ -84,6 +84,14 @@ pub struct GenerationRecord {
     /// `inputTo` ingredient); only its white part was repainted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mask_sha256: Option<String>,
+    /// Inpainting: the blur radius the mask was softened by (pixels of the
+    /// output), when it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_blur: Option<u32>,
+    /// Inpainting: the padding of the crop around the mask that was
+    /// rendered at full size and pasted back, when only a crop was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_crop: Option<u32>,
 }
 
 /// How an upscaled image was made from its base image (the `parentOf`

@@ -13,8 +13,18 @@ use hallmark_e2e::*;
 /// Mean absolute difference per channel value over the columns `xs`.
 fn mean_diff_in(a: &image::RgbImage, b: &image::RgbImage, xs: std::ops::Range<u32>) -> f64 {
     assert_eq!(a.dimensions(), b.dimensions());
+    mean_diff_over(a, b, xs, 0..a.height())
+}
+
+/// Mean absolute difference per channel value over `xs` × `ys`.
+fn mean_diff_over(
+    a: &image::RgbImage,
+    b: &image::RgbImage,
+    xs: std::ops::Range<u32>,
+    ys: std::ops::Range<u32>,
+) -> f64 {
     let (mut sum, mut n) = (0u64, 0u64);
-    for y in 0..a.height() {
+    for y in ys {
         for x in xs.clone() {
             for (p, q) in a.get_pixel(x, y).0.iter().zip(b.get_pixel(x, y).0) {
                 sum += u64::from(p.abs_diff(q));
@@ -375,6 +385,16 @@ async fn diffusion_inpainting_model_renders_with_a_mask_and_refuses_without() {
     ok(&out);
     let image = out_dir.join("00000.png");
     assert_eq!(image::image_dimensions(&image).unwrap(), (192, 192));
+    // The kept half is the init image's own pixels (up to the watermark),
+    // laid over the render, not the tiny VAE's reconstruction of them; the
+    // masked half is what the model drew.
+    let (got, init_px) = (rgb(&image), rgb(&init));
+    let kept = mean_diff_in(&got, &init_px, 100..192);
+    let repainted = mean_diff_in(&got, &init_px, 0..92);
+    assert!(
+        kept < 4.0 && repainted > 5.0 * kept,
+        "kept half {kept:.1} from the init image, masked half {repainted:.1}"
+    );
     let out = hallmark(&["--json", "verify", image.to_str().unwrap()]);
     let c = &json_of(&out)["credentials"];
     assert_eq!(c["generation"]["mask_sha256"], mask_sha.as_str(), "{c:#}");
@@ -388,4 +408,181 @@ async fn diffusion_inpainting_model_renders_with_a_mask_and_refuses_without() {
         assert!(err.contains("is an inpainting model"), "{extra:?}: {err}");
         assert!(!out_dir.exists(), "nothing written");
     }
+}
+
+/// A mask of `w`×`h` white only in `xs` × `ys`.
+fn box_mask(
+    w: u32,
+    h: u32,
+    xs: std::ops::Range<u32>,
+    ys: std::ops::Range<u32>,
+) -> image::GrayImage {
+    image::GrayImage::from_fn(w, h, |x, y| {
+        image::Luma([if xs.contains(&x) && ys.contains(&y) {
+            255
+        } else {
+            0
+        }])
+    })
+}
+
+#[test]
+fn a_cropped_inpaint_renders_around_the_mask_at_full_size_and_pastes_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (w, h) = (256, 192);
+    let init = dir.path().join("init.png");
+    image::imageops::resize(
+        &rgb(&photo("chelsea.png")),
+        w,
+        h,
+        image::imageops::FilterType::Lanczos3,
+    )
+    .save(&init)
+    .unwrap();
+    let photo_px = rgb(&init);
+    let mask = dir.path().join("mask.png");
+    let white = (150..190, 40..80);
+    box_mask(w, h, white.0.clone(), white.1.clone())
+        .save(&mask)
+        .unwrap();
+    let render = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut args = vec![
+            "render",
+            "--state-dir",
+            state.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--prompt",
+            "a dog on a sofa",
+            "--seed",
+            "5",
+            "--width",
+            "256",
+            "--height",
+            "192",
+            "--workers",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        ok(&hallmark(&args));
+        rgb(&out.join("00000.png"))
+    };
+    let inpaint = [
+        "--init-image",
+        init.to_str().unwrap(),
+        "--mask",
+        mask.to_str().unwrap(),
+        "--strength",
+        "1",
+    ];
+    let drawn = render("text2img", &[]);
+    let whole = render("whole", &inpaint);
+    let cropped = render(
+        "cropped",
+        &[&inpaint[..], &["--mask-crop", "8", "--mask-blur", "4"]].concat(),
+    );
+
+    // The crop the worker rendered: around the blurred mask, 8 px of
+    // context, at the image's 4:3.
+    let blurred =
+        hallmark_diffusion::mask::blur(&box_mask(w, h, white.0.clone(), white.1.clone()), 4.0);
+    let region = hallmark_diffusion::mask::crop_region(&blurred, w, h, 8).unwrap();
+    assert!(region.width() < w / 2, "{region:?}");
+    // Inside the mask: the drawing of the whole frame, shrunk into the crop
+    // (the cropped render), where the whole-image inpaint shows the drawing
+    // at its own scale.
+    let shrunk = image::imageops::resize(
+        &drawn,
+        region.width(),
+        region.height(),
+        image::imageops::FilterType::Lanczos3,
+    );
+    let mut placed = photo_px.clone();
+    image::imageops::replace(&mut placed, &shrunk, region.x1.into(), region.y1.into());
+    let inner = (
+        white.0.start + 8..white.0.end - 8,
+        white.1.start + 8..white.1.end - 8,
+    );
+    let (to_placed, to_drawn) = (
+        mean_diff_over(&cropped, &placed, inner.0.clone(), inner.1.clone()),
+        mean_diff_over(&cropped, &drawn, inner.0.clone(), inner.1.clone()),
+    );
+    assert!(
+        to_placed < 6.0 && to_placed * 3.0 < to_drawn,
+        "inside the mask: {to_placed:.1} from the drawing shrunk into the crop, {to_drawn:.1} from it unshrunk"
+    );
+    assert!(
+        mean_diff_over(&whole, &drawn, inner.0.clone(), inner.1.clone()) < 4.0,
+        "the whole-image inpaint draws at full scale"
+    );
+    // Outside the crop: the photograph, up to the watermark.
+    let left_of_crop = mean_diff_over(&cropped, &photo_px, 0..region.x1, 0..h);
+    assert!(left_of_crop < 4.0, "{left_of_crop:.1}");
+    // The blur softens the edge: just inside the box the blurred mask is
+    // grey, so the output there is blended with the photo, where the sharp
+    // mask's is the drawing alone.
+    let soft = render("soft", &[&inpaint[..], &["--mask-blur", "4"]].concat());
+    let rim = (
+        white.0.end - 3..white.0.end - 1,
+        white.1.start + 8..white.1.end - 8,
+    );
+    let (blurred_rim, sharp_rim) = (
+        mean_diff_over(&soft, &drawn, rim.0.clone(), rim.1.clone()),
+        mean_diff_over(&whole, &drawn, rim.0.clone(), rim.1.clone()),
+    );
+    assert!(
+        blurred_rim > sharp_rim + 4.0 && sharp_rim < 4.0,
+        "inner rim from the drawing: blurred {blurred_rim:.1}, sharp {sharp_rim:.1}"
+    );
+    assert!(
+        mean_diff_over(&soft, &drawn, inner.0.clone(), inner.1.clone()) < 4.0,
+        "the blur leaves the middle of the mask to the drawing"
+    );
+
+    // The credentials say how the mask was used.
+    let generation = |name: &str| {
+        let image = dir.path().join(name).join("00000.png");
+        let out = hallmark(&["--json", "verify", image.to_str().unwrap()]);
+        json_of(&out)["credentials"]["generation"].clone()
+    };
+    let g = generation("cropped");
+    assert_eq!(
+        (g["mask_blur"].as_u64(), g["mask_crop"].as_u64()),
+        (Some(4), Some(8)),
+        "{g:#}"
+    );
+    let g = generation("whole");
+    assert!(
+        g["mask_blur"].is_null() && g["mask_crop"].is_null(),
+        "{g:#}"
+    );
+
+    // Settings without a mask, or a crop around nothing: refused before any job.
+    let black = dir.path().join("black.png");
+    image::GrayImage::new(64, 64).save(&black).unwrap();
+    let init_arg = init.to_str().unwrap();
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["--init-image", init_arg, "--mask-blur", "4"],
+            "--mask-blur says how a mask is used",
+        ),
+        (
+            &["--init-image", init_arg, "--mask-crop", "4"],
+            "--mask-crop says how a mask is used",
+        ),
+        (
+            &[
+                "--init-image",
+                init_arg,
+                "--mask",
+                black.to_str().unwrap(),
+                "--mask-crop",
+                "4",
+            ],
+            "is black everywhere",
+        ),
+    ];
+    assert_renders_refused(&dir.path().join("refused"), &[], &cases);
 }
