@@ -394,14 +394,20 @@ both_stores! {
         for i in [&init, &mask] {
             assert_eq!(s.record_input(i, "acme", 5, published()).await.unwrap(), InputRecorded::New);
         }
-        let mut j = job(2, 0);
-        for item in &mut j.items {
+        // Two masked items, blurred and cropped (with no padding: a crop
+        // still, not the whole image), and one plain img2img item.
+        let mut j = job(3, 0);
+        for (i, item) in j.items.iter_mut().enumerate() {
             item.init_image = Some(spec::InitImage {
                 sha256: init.sha256.clone(),
                 strength: 0.5,
-                mask: Some(mask.sha256.clone()),
+                mask: (i < 2).then(|| mask.sha256.clone()),
             });
         }
+        j.inpaint = spec::InpaintOptions {
+            blur: 6,
+            crop: Some(0),
+        };
         // A mask is an input the job uses: a purged one refuses the job.
         let new = NewJob { id: "j1", job: &j, spec_json: "{}", tenant_cap: 0, submitted_by: "" };
         s.submit(&new, &POLICY, 100).await.unwrap();
@@ -416,7 +422,15 @@ both_stores! {
         let leases = lease(s, &w, 2, 200).await;
         assert_eq!(leases.len(), 2, "masked items batch together");
         assert!(leases.iter().all(|l| l.mask_sha256 == mask.sha256 && l.parent_sha256 == init.sha256));
+        assert!(leases.iter().all(|l| (l.mask_blur, l.mask_crop) == (6, Some(0))));
         assert!(s.base_image_leased_to(&mask.sha256, "").await.unwrap());
+        // The unmasked item renders apart, and no mask setting reaches it.
+        let plain = lease(s, &w, 2, 201).await;
+        assert_eq!(plain.len(), 1);
+        assert_eq!(
+            (plain[0].mask_sha256.as_str(), plain[0].mask_blur, plain[0].mask_crop),
+            ("", 0, None)
+        );
         for l in &leases {
             s.fail("w1", &l.task_id, l.fencing_token, "bad", AttemptEnd::FailedForGood, 210).await.unwrap();
         }

@@ -28,35 +28,42 @@ impl RenderTask {
     /// around its mask (`mask_crop`) gets that crop, resized to the task's
     /// size.
     pub fn init_image(&self) -> Result<Option<RgbImage>, EngineError> {
-        match self.whole_init_image()? {
-            Some(init) => self.cropped(init).map(Some),
-            None => Ok(None),
-        }
+        let Some(init) = self.whole_init_image()? else {
+            return Ok(None);
+        };
+        // The mask is read only where it decides the crop.
+        let crop = match self.lease.mask_crop {
+            Some(_) => self.inpaint_crop(self.whole_mask()?.as_ref())?,
+            None => None,
+        };
+        Ok(Some(self.cropped(init, crop)))
     }
 
     /// The inpainting mask, as grey levels at the task's size (resized as
     /// the init image is, blurred by `mask_blur`; white repaints, black
     /// keeps), cut to the crop `init_image` is: `None` without one.
     pub fn mask(&self) -> Result<Option<GrayImage>, EngineError> {
-        match self.whole_mask()? {
-            Some(mask) => self.cropped(mask).map(Some),
-            None => Ok(None),
-        }
+        let Some(mask) = self.whole_mask()? else {
+            return Ok(None);
+        };
+        let crop = self.inpaint_crop(Some(&mask))?;
+        Ok(Some(self.cropped(mask, crop)))
     }
 
-    /// A picture at the task's size cut to the inpainting crop and resized
-    /// back to the task's size; as it is without a crop.
+    /// A picture at the task's size cut to an inpainting crop and resized
+    /// back to the task's size; as it is without one.
     fn cropped<P>(
         &self,
         img: image::ImageBuffer<P, Vec<P::Subpixel>>,
-    ) -> Result<image::ImageBuffer<P, Vec<P::Subpixel>>, EngineError>
+        crop: Option<mask::Region>,
+    ) -> image::ImageBuffer<P, Vec<P::Subpixel>>
     where
         P: image::Pixel + 'static,
     {
-        Ok(match self.inpaint_crop()? {
+        match crop {
             Some(region) => mask::crop_to(&img, region, self.lease.width, self.lease.height),
             None => img,
-        })
+        }
     }
 
     /// A rendered output made final: an inpainting task's output (of its
@@ -69,7 +76,7 @@ impl RenderTask {
             return Ok(rendered);
         };
         let init = self.whole_init_image()?.ok_or(EngineError::MissingParent)?;
-        let crop = self.inpaint_crop()?;
+        let crop = self.inpaint_crop(Some(&mask))?;
         let want = (self.lease.width, self.lease.height);
         if rendered.pixels.dimensions() != want {
             return Err(EngineError::Failed(format!(
@@ -143,13 +150,17 @@ impl RenderTask {
 
     /// The part of the task's image an inpainting task with `mask_crop`
     /// renders: the crop around its mask's white part, with that much
-    /// padding, at the task's aspect ratio. `None` to render the whole.
-    fn inpaint_crop(&self) -> Result<Option<mask::Region>, EngineError> {
+    /// padding, at the task's aspect ratio (from `whole_mask`). `None` to
+    /// render the whole.
+    fn inpaint_crop(
+        &self,
+        whole_mask: Option<&GrayImage>,
+    ) -> Result<Option<mask::Region>, EngineError> {
         let l = &self.lease;
-        let (Some(pad), Some(mask)) = (l.mask_crop, self.whole_mask()?) else {
+        let (Some(pad), Some(mask)) = (l.mask_crop, whole_mask) else {
             return Ok(None);
         };
-        mask::crop_region(&mask, l.width, l.height, pad)
+        mask::crop_region(mask, l.width, l.height, pad)
             .map(Some)
             .ok_or_else(|| {
                 EngineError::Invalid(format!(
@@ -593,7 +604,8 @@ mod tests {
         assert_ne!(t.pictures_key(), whole_key, "a crop makes other pictures");
         // The box grown by 4 (24×20) and widened towards 4:3 (26×20), as the
         // engine sees it: at the task's size, the box filling most of it.
-        let region = t.inpaint_crop().unwrap().unwrap();
+        let whole = t.whole_mask().unwrap();
+        let region = t.inpaint_crop(whole.as_ref()).unwrap().unwrap();
         assert_eq!(
             region,
             mask::Region {
