@@ -205,6 +205,13 @@ pub struct CoordinatorConfig {
     /// `0.0.0.0:9464`; unset: no metrics are kept. Keep it off the public
     /// network: it names tenants and models.
     pub metrics_listen: Option<String>,
+    /// How long the census of open work (the `hallmark_tasks`, `_jobs`,
+    /// `_workers` gauges, read from the database at a scrape) is served
+    /// again before the next scrape reads it afresh: scrapes within it —
+    /// several Prometheus servers, or one that retries — cost the database
+    /// one read, whose age `hallmark_census_age_seconds` gives. 0 reads it
+    /// at every scrape.
+    pub census_max_age_ms: u64,
     /// Address of a plain-text gRPC endpoint serving only the standard
     /// health service (`grpc.health.v1`), e.g. `0.0.0.0:7072`, for probes
     /// that speak no TLS — the kubelet's — when `listen` requires it;
@@ -277,6 +284,7 @@ impl Default for CoordinatorConfig {
             http_requests_per_minute: 600,
             http_client_address_header: None,
             metrics_listen: None,
+            census_max_age_ms: 5_000,
             health_listen: None,
         }
     }

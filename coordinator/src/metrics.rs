@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use hallmark_telemetry::Refresh;
@@ -43,6 +44,7 @@ pub const WORKERS_LIVE: &str = "hallmark_workers_live";
 pub const MODEL_WORKERS_LIVE: &str = "hallmark_model_workers_live";
 pub const AUDIT_UNSEALED: &str = "hallmark_audit_unsealed_entries";
 pub const CENSUS_UP: &str = "hallmark_census_up";
+pub const CENSUS_AGE: &str = "hallmark_census_age_seconds";
 pub const GRPC_REQUESTS: &str = "hallmark_grpc_requests_total";
 pub const GRPC_SECONDS: &str = "hallmark_grpc_request_seconds";
 
@@ -149,6 +151,11 @@ pub fn describe() {
         CENSUS_UP,
         "1 when the last scrape could read the census from the database, else 0."
     );
+    describe_gauge!(
+        CENSUS_AGE,
+        Unit::Seconds,
+        "Age of the census gauges: 0 when this scrape read them from the database, else how long ago a scrape did (they are served again for census_max_age_ms)."
+    );
 }
 
 /// The label sets the census gauges have reported so far, by metric: once
@@ -203,10 +210,20 @@ impl CensusLabels {
 impl Refresh for Coordinator {
     fn refresh(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
+            let mut read = self.census_read.lock().await;
+            let max_age = Duration::from_millis(self.config.census_max_age_ms);
+            if let Some(at) = *read
+                && at.elapsed() < max_age
+            {
+                gauge!(CENSUS_AGE).set(at.elapsed().as_secs_f64());
+                return;
+            }
             match self.store.census(self.live_since(now_ms())).await {
                 Ok(census) => {
                     self.census_labels.publish(&census);
                     gauge!(CENSUS_UP).set(1.0);
+                    gauge!(CENSUS_AGE).set(0.0);
+                    *read = Some(Instant::now());
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read the census for metrics");

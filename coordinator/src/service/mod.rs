@@ -49,6 +49,10 @@ pub struct Coordinator {
     purge_cursor: tokio::sync::Mutex<Option<(i64, String)>>,
     /// The task label sets the metrics census has reported.
     pub(crate) census_labels: CensusLabels,
+    /// When the census was last read (a scrape within
+    /// `census_max_age_ms` of it serves it again); the lock makes
+    /// concurrent scrapes read it once.
+    pub(crate) census_read: tokio::sync::Mutex<Option<Instant>>,
     /// Turns true when the server stops: long polls and watches end early
     /// so a graceful shutdown does not wait for them.
     shutdown: tokio::sync::watch::Receiver<bool>,
@@ -94,6 +98,7 @@ impl Coordinator {
             ledger_signer,
             purge_cursor: tokio::sync::Mutex::new(None),
             census_labels: CensusLabels::default(),
+            census_read: tokio::sync::Mutex::new(None),
             shutdown,
         }
     }

@@ -24,18 +24,10 @@ fn open_tasks(s: &Scrape, state: &str, stage: &str) -> Option<f64> {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_coordinator_and_the_worker_export_what_the_farm_did() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = fresh_database().await;
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let spec = CoordinatorSpec::new(&db, Some(redis_url()), dir.path().join("blobs"))
-        .with("HALLMARK_METRICS_LISTEN", &metrics);
-    let _c = spec.start().await;
-    let url = spec.url();
-
-    // The model is registered; its worker is not up yet.
-    RegistryClient::new(channel(&url).await)
+/// Registers the synthetic engine's model, so jobs for it queue before any
+/// worker serves it.
+async fn register_synthetic(url: &str) {
+    RegistryClient::new(channel(url).await)
         .register_model(Model {
             model_id: "synthetic-v1".into(),
             family: "synthetic".into(),
@@ -48,6 +40,23 @@ async fn the_coordinator_and_the_worker_export_what_the_farm_did() {
         })
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_and_the_worker_export_what_the_farm_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fresh_database().await;
+    let metrics = format!("127.0.0.1:{}", free_port());
+    // Every scrape reads the census afresh (the default serves one read
+    // for 5 s): the test reads it before and after each change.
+    let spec = CoordinatorSpec::new(&db, Some(redis_url()), dir.path().join("blobs"))
+        .with("HALLMARK_METRICS_LISTEN", &metrics)
+        .with("HALLMARK_CENSUS_MAX_AGE_MS", "0");
+    let _c = spec.start().await;
+    let url = spec.url();
+
+    // The model is registered; its worker is not up yet.
+    register_synthetic(&url).await;
     // Six prompts with an upscale each, one of them failing on the worker
     // with no retry: queued before any worker exists.
     let mut job = synthetic_spec(6, 2);
@@ -356,4 +365,46 @@ async fn a_diffusion_worker_exports_its_model_cache() {
         Some(weights as f64)
     );
     promtool_check(&s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrapes_within_the_census_max_age_share_one_read_of_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = fresh_database().await;
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let spec = CoordinatorSpec::new(&db, Some(redis_url()), dir.path().join("blobs"))
+        .with("HALLMARK_METRICS_LISTEN", &metrics)
+        .with("HALLMARK_CENSUS_MAX_AGE_MS", "600000");
+    let _c = spec.start().await;
+    let url = spec.url();
+    register_synthetic(&url).await;
+    let first = Scrape::get(&metrics);
+    assert_eq!(first.sum("hallmark_census_age_seconds", &[]), Some(0.0));
+    assert_eq!(first.sum("hallmark_tasks", &[]), None, "nothing open yet");
+
+    // A job arrives; the next scrape, within the max age, serves the census
+    // it read before (and says how old it is) without reading the tasks.
+    jobs_client(&url)
+        .await
+        .submit(SubmitJobRequest {
+            spec: Some(synthetic_spec(3, 0)),
+            queue_unservable: true,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        scalar(&db, "SELECT COUNT(*) FROM tasks WHERE state = 'ready'").await,
+        3
+    );
+    let second = Scrape::get(&metrics);
+    assert_eq!(
+        second.sum("hallmark_tasks", &[]),
+        None,
+        "the census is served again"
+    );
+    let age = second.sum("hallmark_census_age_seconds", &[]).unwrap();
+    assert!(age > 0.0 && age < 600.0, "{age}");
+    assert_eq!(second.sum("hallmark_census_up", &[]), Some(1.0));
+    // The counters are this replica's own, live at every scrape.
+    assert_eq!(second.sum("hallmark_tasks_submitted_total", &[]), Some(3.0));
 }
