@@ -375,6 +375,13 @@ pub struct SpecArgs {
     /// image.
     #[arg(long, value_name = "PX")]
     pub mask_crop: Option<u32>,
+    /// Outpainting: extend the init image with new canvas the model draws,
+    /// e.g. `left=128,right=128` (sides: left, top, right, bottom; pixels).
+    /// --width/--height are the whole canvas (default: the init image's
+    /// size plus the margins); the strength defaults to 1. Soften the seam
+    /// with --mask-blur. Not with --mask: it makes its own.
+    #[arg(long, value_name = "SIDE=PX,…", value_parser = parse_outpaint)]
+    pub outpaint: Option<hallmark_proto::v1::Outpaint>,
     /// Refine each image before any upscale: img2img at its size with this
     /// model (a fine-tune, another SD model, or the job's own model).
     #[arg(long)]
@@ -1282,8 +1289,18 @@ pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<BuiltSp
     let side = |given: Option<u32>, of_init: Option<u32>| {
         given.or(of_init.map(|v| v / 8 * 8)).unwrap_or(512)
     };
-    let width = side(args.width, init.as_ref().map(|i| i.width));
-    let height = side(args.height, init.as_ref().map(|i| i.height));
+    // An outpaint's canvas is the init image and its margins.
+    let o = args.outpaint.unwrap_or_default();
+    let width = side(
+        args.width,
+        init.as_ref()
+            .map(|i| i.width.saturating_add(o.left.saturating_add(o.right))),
+    );
+    let height = side(
+        args.height,
+        init.as_ref()
+            .map(|i| i.height.saturating_add(o.top.saturating_add(o.bottom))),
+    );
     let mut labels = HashMap::new();
     for l in &args.labels {
         let (k, v) = l
@@ -1313,6 +1330,19 @@ pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<BuiltSp
         );
     }
     let any_mask = mask.is_some() || prompts.iter().any(|p| p.mask_sha256.is_some());
+    if args.outpaint.is_some() {
+        if !from_images {
+            bail!(
+                "--outpaint extends an init image: give --init-image or init_image in the prompt file"
+            );
+        }
+        if any_mask {
+            bail!(
+                "--outpaint makes its own mask (white over the new canvas): leave out --mask and the prompt file's masks"
+            );
+        }
+    }
+    let any_mask = any_mask || args.outpaint.is_some();
     for (flag, set) in [
         ("--mask-blur", args.mask_blur.is_some()),
         ("--mask-crop", args.mask_crop.is_some()),
@@ -1352,15 +1382,18 @@ pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<BuiltSp
         tenant: args.tenant.clone().unwrap_or_else(|| cfg.tenant()),
         labels,
         max_attempts: args.max_attempts,
-        strength: if from_images {
-            args.strength.unwrap_or(0.8)
-        } else {
-            0.0
+        strength: match (from_images, args.outpaint) {
+            (false, _) => 0.0,
+            // The new canvas starts as the init image's edges carried out:
+            // drawn from noise, not from those.
+            (true, Some(_)) => args.strength.unwrap_or(1.0),
+            (true, None) => args.strength.unwrap_or(0.8),
         },
         init_image_sha256: init.map(|i| i.sha256).unwrap_or_default(),
         mask_sha256: mask.map(|m| m.sha256).unwrap_or_default(),
         mask_blur: args.mask_blur.unwrap_or(0),
         mask_crop: args.mask_crop,
+        outpaint: args.outpaint,
         refine: args.refine(),
     };
     Ok(BuiltSpec { spec, uploads })
@@ -1396,7 +1429,7 @@ fn check_local_job(d: &hallmark_worker::DiffusionConfig, built: &BuiltSpec) -> a
     }
     let inpaints_every_image = spec.prompts.iter().all(|p| {
         (p.init_image_sha256.is_some() || !spec.init_image_sha256.is_empty())
-            && (p.mask_sha256.is_some() || !spec.mask_sha256.is_empty())
+            && (p.mask_sha256.is_some() || !spec.mask_sha256.is_empty() || spec.outpaint.is_some())
     });
     if folder.is_inpainting()? && !inpaints_every_image {
         bail!(
@@ -1876,4 +1909,37 @@ fn count(n: usize, thing: &str) -> String {
     } else {
         format!("{n} {thing}s")
     }
+}
+
+/// `--outpaint left=128,right=64`: pixels of new canvas per side, each side
+/// named once.
+fn parse_outpaint(text: &str) -> Result<hallmark_proto::v1::Outpaint, String> {
+    let mut o = hallmark_proto::v1::Outpaint::default();
+    let mut seen = Vec::new();
+    for part in text.split(',') {
+        let (side, px) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?} is not SIDE=PX (e.g. left=128)"))?;
+        let side = side.trim();
+        let px: u32 = px
+            .trim()
+            .parse()
+            .map_err(|_| format!("{side}={px}: the pixels must be a whole number"))?;
+        if seen.contains(&side) {
+            return Err(format!("{side} is given twice"));
+        }
+        seen.push(side);
+        match side {
+            "left" => o.left = px,
+            "top" => o.top = px,
+            "right" => o.right = px,
+            "bottom" => o.bottom = px,
+            other => {
+                return Err(format!(
+                    "unknown side {other:?}: left, top, right or bottom"
+                ));
+            }
+        }
+    }
+    Ok(o)
 }

@@ -529,6 +529,16 @@ pub fn print_report(r: &FileReport) {
                 }
                 println!("  inpainting   {how}");
             }
+            if let Some(o) = &g.outpaint {
+                let mut how = format!(
+                    "new canvas left {}, top {}, right {}, bottom {} px",
+                    o.left, o.top, o.right, o.bottom
+                );
+                if let Some(blur) = g.mask_blur {
+                    how += &format!(", mask blurred {blur} px");
+                }
+                println!("  outpainting  {how}");
+            }
             if !g.datasets.is_empty() {
                 println!("  datasets     {}", g.datasets.join(", "));
             }

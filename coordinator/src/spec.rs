@@ -119,6 +119,52 @@ pub struct InpaintOptions {
     /// Render only a crop around the mask grown by this many pixels, pasted
     /// back; `None` renders the whole image.
     pub crop: Option<u32>,
+    /// Outpainting: new canvas around every init image, inpainted through
+    /// a mask the worker makes; `None` for none.
+    pub outpaint: Option<Outpaint>,
+}
+
+/// Pixels of new canvas on each side of an init image (`JobSpec.outpaint`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Outpaint {
+    pub left: u32,
+    pub top: u32,
+    pub right: u32,
+    pub bottom: u32,
+}
+
+impl Outpaint {
+    /// As the tasks table keeps it: `left,top,right,bottom`.
+    pub fn to_column(&self) -> String {
+        format!("{},{},{},{}", self.left, self.top, self.right, self.bottom)
+    }
+
+    /// From the tasks table's `left,top,right,bottom`.
+    pub fn from_column(column: &str) -> Option<Self> {
+        let v: Vec<u32> = column
+            .split(',')
+            .map(|p| p.parse().ok())
+            .collect::<Option<_>>()?;
+        match v[..] {
+            [left, top, right, bottom] => Some(Self {
+                left,
+                top,
+                right,
+                bottom,
+            }),
+            _ => None,
+        }
+    }
+}
+
+impl ExpandedJob {
+    /// Whether the item renders through a mask: its own uploaded one, or
+    /// the one an outpainting job's worker makes around its init image.
+    pub fn inpaints(&self, item: &Item) -> bool {
+        item.init_image
+            .as_ref()
+            .is_some_and(|i| i.mask.is_some() || self.inpaint.outpaint.is_some())
+    }
 }
 
 /// The largest mask blur a job may ask for, in pixels.
@@ -474,9 +520,12 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
             "is set but no item has an init image (a mask says which part of an init image to repaint)",
         ));
     }
-    let masked = items
-        .iter()
-        .any(|i| i.init_image.as_ref().is_some_and(|x| x.mask.is_some()));
+    let outpaint = check_outpaint(spec.outpaint.as_ref(), &items)?;
+    let masked = items.iter().any(|i| {
+        i.init_image
+            .as_ref()
+            .is_some_and(|x| x.mask.is_some() || outpaint.is_some())
+    });
     if spec.mask_blur > MAX_MASK_BLUR {
         return Err(bad(
             "mask_blur",
@@ -523,8 +572,60 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
         inpaint: InpaintOptions {
             blur: spec.mask_blur,
             crop: spec.mask_crop,
+            outpaint,
         },
     })
+}
+
+/// A job's outpainting margins, checked against its items: some canvas to
+/// add, items with init images to add it to (and no masks: outpainting
+/// makes its own), and room left on each item's canvas for the init image.
+fn check_outpaint(
+    given: Option<&hallmark_proto::v1::Outpaint>,
+    items: &[Item],
+) -> Result<Option<Outpaint>, SpecError> {
+    let Some(o) = given else {
+        return Ok(None);
+    };
+    let m = Outpaint {
+        left: o.left,
+        top: o.top,
+        right: o.right,
+        bottom: o.bottom,
+    };
+    if [m.left, m.top, m.right, m.bottom] == [0; 4] {
+        return Err(bad("outpaint", "adds no canvas: give at least one side"));
+    }
+    if items.iter().all(|i| i.init_image.is_none()) {
+        return Err(bad(
+            "outpaint",
+            "is set but no item has an init image (outpainting extends an init image)",
+        ));
+    }
+    if items
+        .iter()
+        .any(|i| i.init_image.as_ref().is_some_and(|x| x.mask.is_some()))
+    {
+        return Err(bad(
+            "outpaint",
+            "cannot be combined with a mask: outpainting makes its own, white over the new canvas",
+        ));
+    }
+    const MIN_INNER: u64 = 8;
+    for item in items.iter().filter(|i| i.init_image.is_some()) {
+        let inner_w = u64::from(item.width).saturating_sub(u64::from(m.left) + u64::from(m.right));
+        let inner_h = u64::from(item.height).saturating_sub(u64::from(m.top) + u64::from(m.bottom));
+        if inner_w < MIN_INNER || inner_h < MIN_INNER {
+            return Err(bad(
+                "outpaint",
+                format!(
+                    "leaves {inner_w}x{inner_h} of image {}'s {}x{} canvas for its init image; at least {MIN_INNER}x{MIN_INNER} (the width and height are the whole canvas)",
+                    item.index, item.width, item.height
+                ),
+            ));
+        }
+    }
+    Ok(Some(m))
 }
 
 /// An init image's sha256 (lowercased), or `None` when empty.
@@ -902,6 +1003,65 @@ mod tests {
     }
 
     #[test]
+    fn an_outpaint_extends_items_with_init_images_and_leaves_room_for_them() {
+        let margins = |left, top, right, bottom| {
+            Some(hallmark_proto::v1::Outpaint {
+                left,
+                top,
+                right,
+                bottom,
+            })
+        };
+        let mut s = spec(&["extend", "text only"]);
+        s.steps = 10;
+        s.strength = 1.0;
+        s.width = 384;
+        s.height = 192;
+        s.prompts[0].init_image_sha256 = Some("aa".repeat(32));
+        s.outpaint = margins(64, 0, 64, 0);
+        s.mask_blur = 4;
+        let job = expand(&s, &limits(), 1).unwrap();
+        assert_eq!(
+            job.inpaint.outpaint,
+            Some(Outpaint {
+                left: 64,
+                top: 0,
+                right: 64,
+                bottom: 0
+            })
+        );
+        // The item with an init image renders through the outpaint's mask;
+        // the text-to-image one does not.
+        assert!(job.inpaints(&job.items[0]) && !job.inpaints(&job.items[1]));
+        let column = job.inpaint.outpaint.unwrap().to_column();
+        assert_eq!(column, "64,0,64,0");
+        assert_eq!(Outpaint::from_column(&column), job.inpaint.outpaint);
+        assert_eq!(Outpaint::from_column("1,2,3"), None);
+
+        let refused = |s: &JobSpec| {
+            let e = expand(s, &limits(), 1).unwrap_err();
+            (e.field, e.message)
+        };
+        let mut bad = s.clone();
+        bad.outpaint = margins(0, 0, 0, 0);
+        assert!(refused(&bad).1.contains("adds no canvas"));
+        // 384 wide less 378 leaves 6 columns: too few for the init image.
+        let mut bad = s.clone();
+        bad.outpaint = margins(300, 0, 78, 0);
+        let (field, message) = refused(&bad);
+        assert_eq!(field, "outpaint");
+        assert!(message.contains("leaves 6x192"), "{message}");
+        let mut bad = s.clone();
+        bad.mask_sha256 = "cc".repeat(32);
+        assert!(refused(&bad).1.contains("cannot be combined with a mask"));
+        let mut bad = s.clone();
+        bad.prompts[0].init_image_sha256 = None;
+        bad.strength = 0.0;
+        bad.mask_blur = 0;
+        assert!(refused(&bad).1.contains("no item has an init image"));
+    }
+
+    #[test]
     fn a_mask_blur_and_crop_apply_to_jobs_with_masks_within_their_limits() {
         let mut s = spec(&["masked"]);
         s.steps = 10;
@@ -915,7 +1075,8 @@ mod tests {
             job.inpaint,
             InpaintOptions {
                 blur: 8,
-                crop: Some(32)
+                crop: Some(32),
+                outpaint: None,
             }
         );
         // A crop with no padding is a crop still, not the whole image.

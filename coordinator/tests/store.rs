@@ -407,6 +407,7 @@ both_stores! {
         j.inpaint = spec::InpaintOptions {
             blur: 6,
             crop: Some(0),
+            outpaint: None,
         };
         // A mask is an input the job uses: a purged one refuses the job.
         let new = NewJob { id: "j1", job: &j, spec_json: "{}", tenant_cap: 0, submitted_by: "" };
@@ -428,9 +429,26 @@ both_stores! {
         let plain = lease(s, &w, 2, 201).await;
         assert_eq!(plain.len(), 1);
         assert_eq!(
-            (plain[0].mask_sha256.as_str(), plain[0].mask_blur, plain[0].mask_crop),
-            ("", 0, None)
+            (plain[0].mask_sha256.as_str(), plain[0].mask_blur, plain[0].mask_crop, plain[0].outpaint),
+            ("", 0, None, None)
         );
+        // An outpainting job's tasks carry its margins, its blur and crop:
+        // the worker makes their mask.
+        let mut o = job(2, 0);
+        for item in &mut o.items {
+            item.init_image = Some(spec::InitImage { sha256: init.sha256.clone(), strength: 1.0, mask: None });
+        }
+        let margins = spec::Outpaint { left: 64, top: 0, right: 32, bottom: 8 };
+        o.inpaint = spec::InpaintOptions { blur: 4, crop: None, outpaint: Some(margins) };
+        let new = NewJob { id: "jo", job: &o, spec_json: "{}", tenant_cap: 0, submitted_by: "" };
+        s.submit(&new, &POLICY, 202).await.unwrap();
+        let wo = worker(s, "w-out", 2).await;
+        let outs = lease(s, &wo, 2, 203).await;
+        assert_eq!(outs.len(), 2, "outpainted items batch together");
+        for l in &outs {
+            let m = l.outpaint.expect("the margins");
+            assert_eq!((m.left, m.top, m.right, m.bottom, l.mask_blur, l.mask_sha256.as_str()), (64, 0, 32, 8, 4, ""));
+        }
         for l in &leases {
             s.fail("w1", &l.task_id, l.fencing_token, "bad", AttemptEnd::FailedForGood, 210).await.unwrap();
         }
@@ -1143,6 +1161,12 @@ both_stores! {
         own.items[0].init_image = Some(masked());
         own.items[1].init_image = Some(spec::InitImage { mask: None, ..masked() });
         refused(&own, "model_id").await;
+        // An outpaint renders every item with an init image through the
+        // mask it makes: it serves.
+        let mut outpainted = own.clone();
+        outpainted.items[0].init_image = Some(spec::InitImage { mask: None, ..masked() });
+        outpainted.inpaint.outpaint = Some(spec::Outpaint { left: 8, top: 0, right: 8, bottom: 0 });
+        s.check_servable(&outpainted, false).await.unwrap();
         // Every item inpainted: it serves; unless a hires fix re-renders
         // the outputs without a mask.
         own.items[1].init_image = Some(masked());

@@ -92,6 +92,37 @@ fn box_blur_line(input: &[u8], out: &mut [u8], radius: f32) {
     }
 }
 
+/// An outpainting canvas of `width` × `height`: the init image resized into
+/// `inner`, and the new canvas around it filled by carrying its edge pixels
+/// outward (what shows through where an img2img strength below 1 keeps some
+/// of the start; at strength 1 the model draws the margins from noise).
+pub fn outpaint_canvas(init: &RgbImage, width: u32, height: u32, inner: Region) -> RgbImage {
+    let fitted = if init.dimensions() == (inner.width(), inner.height()) {
+        init.clone()
+    } else {
+        image::imageops::resize(
+            init,
+            inner.width(),
+            inner.height(),
+            image::imageops::FilterType::Lanczos3,
+        )
+    };
+    RgbImage::from_fn(width, height, |x, y| {
+        let ix = x.clamp(inner.x1, inner.x2 - 1) - inner.x1;
+        let iy = y.clamp(inner.y1, inner.y2 - 1) - inner.y1;
+        *fitted.get_pixel(ix, iy)
+    })
+}
+
+/// The mask an outpaint renders through: white over the new canvas, black
+/// over `inner`, where the init image is.
+pub fn outpaint_mask(width: u32, height: u32, inner: Region) -> GrayImage {
+    GrayImage::from_fn(width, height, |x, y| {
+        let kept = (inner.x1..inner.x2).contains(&x) && (inner.y1..inner.y2).contains(&y);
+        image::Luma([if kept { 0 } else { 255 }])
+    })
+}
+
 /// The smallest rectangle holding every non-black pixel of the mask, grown
 /// by `pad` on each side (within the image), then widened or heightened
 /// about its centre (shifted back inside the image where it would leave it)
@@ -300,6 +331,32 @@ mod tests {
             }
         );
         assert_eq!(crop_region(&GrayImage::new(8, 8), 8, 8, 4), None);
+    }
+
+    #[test]
+    fn an_outpaint_canvas_holds_the_init_image_inside_and_its_edges_outside() {
+        let init = RgbImage::from_fn(4, 2, |x, y| image::Rgb([x as u8 * 10, y as u8 * 100, 7]));
+        let inner = Region {
+            x1: 3,
+            y1: 1,
+            x2: 7,
+            y2: 3,
+        };
+        let canvas = outpaint_canvas(&init, 10, 5, inner);
+        assert_eq!(canvas.dimensions(), (10, 5));
+        // Inside: the init image as it is (already the inner size).
+        assert_eq!(canvas.get_pixel(3, 1), init.get_pixel(0, 0));
+        assert_eq!(canvas.get_pixel(6, 2), init.get_pixel(3, 1));
+        // Outside: the nearest edge pixel, carried out.
+        assert_eq!(canvas.get_pixel(0, 0), init.get_pixel(0, 0));
+        assert_eq!(canvas.get_pixel(9, 4), init.get_pixel(3, 1));
+        assert_eq!(canvas.get_pixel(5, 0), init.get_pixel(2, 0));
+        let mask = outpaint_mask(10, 5, inner);
+        assert_eq!(mask.get_pixel(3, 1).0[0], 0);
+        assert_eq!(mask.get_pixel(6, 2).0[0], 0);
+        assert_eq!(mask.get_pixel(7, 2).0[0], 255);
+        assert_eq!(mask.get_pixel(4, 0).0[0], 255);
+        assert_eq!(mask.pixels().filter(|p| p.0[0] == 0).count(), 8);
     }
 
     #[test]

@@ -502,7 +502,7 @@ impl DiffusionEngine {
             req.strength = l.strength;
         }
         // Inpainting: the group all has masks (the sub-batch key).
-        if !l.mask_sha256.is_empty() {
+        if tasks[0].inpaints() {
             req.masks = Some(
                 decoded_once(tasks, RenderTask::mask)?
                     .into_iter()
@@ -627,7 +627,7 @@ impl Engine for DiffusionEngine {
                 l.scheduler,
                 l.strength,
                 l.parent_sha256.is_empty(),
-                l.mask_sha256.is_empty()
+                t.inpaints()
             );
             match groups.iter_mut().find(|(k, _)| *k == key) {
                 Some((_, v)) => v.push(i),

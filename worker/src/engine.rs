@@ -93,9 +93,31 @@ impl RenderTask {
     pub fn pictures_key(&self) -> String {
         let l = &self.lease;
         format!(
-            "{}|{}|{}|{:?}",
-            l.parent_sha256, l.mask_sha256, l.mask_blur, l.mask_crop
+            "{}|{}|{}|{:?}|{:?}",
+            l.parent_sha256, l.mask_sha256, l.mask_blur, l.mask_crop, l.outpaint
         )
+    }
+
+    /// Whether the task renders through a mask: an uploaded one, or the
+    /// one an outpaint makes.
+    pub fn inpaints(&self) -> bool {
+        let l = &self.lease;
+        !l.mask_sha256.is_empty() || (l.outpaint.is_some() && l.stage == "generate")
+    }
+
+    /// Where an outpainting task's init image goes on its canvas (what the
+    /// margins leave); `None` when it does not outpaint, or leaves nothing.
+    fn outpaint_inner(&self) -> Option<mask::Region> {
+        let l = &self.lease;
+        let o = l.outpaint.as_ref().filter(|_| l.stage == "generate")?;
+        let x2 = l.width.checked_sub(o.right)?;
+        let y2 = l.height.checked_sub(o.bottom)?;
+        (o.left < x2 && o.top < y2).then_some(mask::Region {
+            x1: o.left,
+            y1: o.top,
+            x2,
+            y2,
+        })
     }
 
     fn whole_init_image(&self) -> Result<Option<RgbImage>, EngineError> {
@@ -117,7 +139,21 @@ impl RenderTask {
         }
         let img = hallmark_provenance::credentials::decode_image(bytes)
             .map_err(|e| EngineError::BadParent(e.to_string()))?;
+        if l.outpaint.is_some() && l.stage == "generate" {
+            let inner = self
+                .outpaint_inner()
+                .ok_or_else(|| self.no_room_to_outpaint())?;
+            return Ok(Some(mask::outpaint_canvas(&img, l.width, l.height, inner)));
+        }
         Ok(Some(at_task_size(img, l)))
+    }
+
+    fn no_room_to_outpaint(&self) -> EngineError {
+        let l = &self.lease;
+        EngineError::Invalid(format!(
+            "outpaint margins {:?} leave no room for the init image on a {}x{} canvas",
+            l.outpaint, l.width, l.height
+        ))
     }
 
     /// The whole mask at the task's size, blurred. Colours are brought to
@@ -125,7 +161,8 @@ impl RenderTask {
     /// here what it means to diffusers.
     fn whole_mask(&self) -> Result<Option<GrayImage>, EngineError> {
         let l = &self.lease;
-        if l.mask_sha256.is_empty() {
+        let outpaint = l.outpaint.is_some() && l.stage == "generate";
+        if l.mask_sha256.is_empty() && !outpaint {
             return Ok(None);
         }
         if l.stage != "generate" || l.parent_sha256.is_empty() {
@@ -133,6 +170,19 @@ impl RenderTask {
                 "a mask on a {} task without an init image (masks inpaint a generate task's init image)",
                 l.stage
             )));
+        }
+        if outpaint {
+            if !l.mask_sha256.is_empty() {
+                return Err(EngineError::Invalid(
+                    "an outpainting task with a mask of its own (outpainting makes its mask)"
+                        .into(),
+                ));
+            }
+            let inner = self
+                .outpaint_inner()
+                .ok_or_else(|| self.no_room_to_outpaint())?;
+            let made = mask::outpaint_mask(l.width, l.height, inner);
+            return Ok(Some(mask::blur(&made, l.mask_blur as f32)));
         }
         let bytes = self.mask.as_deref().ok_or_else(|| {
             EngineError::Failed(format!("the mask {} was not fetched", l.mask_sha256))
@@ -652,6 +702,78 @@ mod tests {
         let err = t.init_image().unwrap_err();
         assert!(
             err.is_final() && err.to_string().contains("black everywhere"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_outpaint_places_the_init_image_on_its_canvas_and_draws_around_it() {
+        let e = SyntheticEngine::new(SyntheticConfig::default());
+        // A 32×48 init image on a 64×48 canvas: 16 new columns each side.
+        let init = RgbImage::from_fn(32, 48, |x, y| image::Rgb([x as u8 * 8, y as u8, 250]));
+        let mut t = task("a cat", 1);
+        t.lease.parent_sha256 = "ab".repeat(32);
+        t.lease.strength = 1.0;
+        t.lease.outpaint = Some(hallmark_proto::v1::Outpaint {
+            left: 16,
+            top: 0,
+            right: 16,
+            bottom: 0,
+        });
+        t.parent = Some(png(&init));
+        assert!(t.inpaints());
+        let canvas = t.init_image().unwrap().unwrap();
+        assert_eq!(canvas.dimensions(), (64, 48));
+        assert_eq!(canvas.get_pixel(16, 5), init.get_pixel(0, 5));
+        assert_eq!(canvas.get_pixel(47, 9), init.get_pixel(31, 9));
+        assert_eq!(
+            canvas.get_pixel(2, 5),
+            init.get_pixel(0, 5),
+            "the edge carried out"
+        );
+        let mask = t.mask().unwrap().unwrap();
+        assert_eq!(
+            (mask.get_pixel(15, 0).0[0], mask.get_pixel(16, 0).0[0]),
+            (255, 0)
+        );
+        assert_eq!(
+            (mask.get_pixel(47, 0).0[0], mask.get_pixel(48, 0).0[0]),
+            (0, 255)
+        );
+
+        // Rendered and finished: the init image in the middle, exactly; the
+        // model's drawing in the margins.
+        let out = e.render(&[t.clone()], &|_| {}).remove(0).unwrap();
+        let out = t.finish(out).unwrap().pixels;
+        let drawn = e
+            .render(&[task("a cat", 1)], &|_| {})
+            .remove(0)
+            .unwrap()
+            .pixels;
+        for (x, y) in [(16, 0), (30, 20), (47, 47)] {
+            assert_eq!(out.get_pixel(x, y), init.get_pixel(x - 16, y), "({x}, {y})");
+        }
+        for (x, y) in [(0, 0), (15, 30), (48, 10), (63, 47)] {
+            assert_eq!(out.get_pixel(x, y), drawn.get_pixel(x, y), "({x}, {y})");
+        }
+
+        // Margins that leave no room, or a mask besides: refused for good.
+        let mut wide = t.clone();
+        wide.lease.outpaint = Some(hallmark_proto::v1::Outpaint {
+            left: 40,
+            right: 30,
+            ..Default::default()
+        });
+        let err = wide.init_image().unwrap_err();
+        assert!(
+            err.is_final() && err.to_string().contains("no room"),
+            "{err}"
+        );
+        let mut masked = t.clone();
+        masked.lease.mask_sha256 = "cd".repeat(32);
+        let err = masked.mask().unwrap_err();
+        assert!(
+            err.is_final() && err.to_string().contains("outpainting makes its mask"),
             "{err}"
         );
     }

@@ -10,8 +10,8 @@ use anyhow::Context;
 use hallmark_proto::v1::TaskLease;
 use hallmark_provenance::credentials::stamp::{MiningUse, Stamper};
 use hallmark_provenance::credentials::{
-    self, CredentialsError, GenerationRecord, ImageFormat, PromptPolicy, SigningIdentity, Stamp,
-    TrainingMining,
+    self, CredentialsError, GenerationRecord, ImageFormat, OutpaintRecord, PromptPolicy,
+    SigningIdentity, Stamp, TrainingMining,
 };
 use hallmark_provenance::watermark::{self, EmbedOptions, WatermarkKey};
 use image::RgbImage;
@@ -170,9 +170,17 @@ impl Stamping {
             record.strength = Some(lease.strength);
             if mask.is_some() {
                 record.mask_sha256 = Some(lease.mask_sha256.clone());
+            }
+            if mask.is_some() || lease.outpaint.is_some() {
                 record.mask_blur = Some(lease.mask_blur).filter(|&b| b > 0);
                 record.mask_crop = lease.mask_crop;
             }
+            record.outpaint = lease.outpaint.as_ref().map(|o| OutpaintRecord {
+                left: o.left,
+                top: o.top,
+                right: o.right,
+                bottom: o.bottom,
+            });
         } else if lease.stage == "refine" {
             record.strength = Some(lease.strength);
         }

@@ -524,7 +524,7 @@ impl Store {
         let update = "UPDATE tasks SET state = 'leased', worker_id = $1, lease_token = lease_token + 1, \
              attempts = attempts + 1, started_at = $5, lease_expires_at = $5 + lease_ttl_ms, progress = 0 \
              WHERE state = 'ready' AND id IN (SELECT id FROM picked) \
-             RETURNING id, lease_token, attempts, lease_expires_at, item_index, stage, engine, model_id, upscale, upscale_method, parent_sha256, strength, mask_sha256, mask_blur, mask_crop";
+             RETURNING id, lease_token, attempts, lease_expires_at, item_index, stage, engine, model_id, upscale, upscale_method, parent_sha256, strength, mask_sha256, mask_blur, mask_crop, outpaint";
         const ITEM_COLUMNS: &str =
             "prompt, negative_prompt, seed, width, height, steps, guidance, scheduler";
         let sql = match self.dialect {
@@ -604,6 +604,16 @@ impl Store {
                     .unwrap_or_default(),
                 mask_blur: r.try_get::<i64, _>("mask_blur")? as u32,
                 mask_crop: r.try_get::<Option<i64>, _>("mask_crop")?.map(|p| p as u32),
+                outpaint: r
+                    .try_get::<Option<String>, _>("outpaint")?
+                    .as_deref()
+                    .and_then(crate::spec::Outpaint::from_column)
+                    .map(|o| hallmark_proto::v1::Outpaint {
+                        left: o.left,
+                        top: o.top,
+                        right: o.right,
+                        bottom: o.bottom,
+                    }),
                 expires_at_ms: r
                     .try_get::<Option<i64>, _>("lease_expires_at")?
                     .unwrap_or(now),

@@ -63,10 +63,7 @@ impl Store {
         // noise, renders those without a mask unmasked, and re-renders a
         // hires-fix upscale unmasked; a refine stage has no mask.
         let from_noise = job.items.iter().any(|i| i.init_image.is_none());
-        let unmasked = job
-            .items
-            .iter()
-            .any(|i| i.init_image.as_ref().is_none_or(|x| x.mask.is_none()));
+        let unmasked = job.items.iter().any(|i| !job.inpaints(i));
         for (model_id, needed) in job.models() {
             let own = model_id == job.model_id;
             let uses = ModelUse {
@@ -245,9 +242,9 @@ impl Store {
                 let mut sql = String::from(
                     "INSERT INTO tasks (id, job_id, item_index, stage, stage_rank, state, tenant, engine, model_id, \
                      pixels, upscale, upscale_method, batch_key, depends_on, has_next, max_attempts, lease_ttl_ms, \
-                     parent_sha256, strength, mask_sha256, mask_blur, mask_crop) VALUES ",
+                     parent_sha256, strength, mask_sha256, mask_blur, mask_crop, outpaint) VALUES ",
                 );
-                sql.push_str(&row_placeholders(&tx, chunk.len(), 22));
+                sql.push_str(&row_placeholders(&tx, chunk.len(), 23));
                 let mut q = sqlx::query(&sql);
                 for item in chunk {
                     let factor = if upscale { u64::from(job.upscale) } else { 1 };
@@ -265,8 +262,11 @@ impl Store {
                         _ => init.map_or(0.0, |i| i.strength),
                     };
                     let mask = init.and_then(|i| i.mask.as_deref());
-                    // Inpainting renders apart from plain img2img.
-                    let inpaint = if mask.is_some() { "|inpaint" } else { "" };
+                    // Inpainting (through an uploaded mask, or the one an
+                    // outpaint makes) renders apart from plain img2img.
+                    let inpaints = first && job.inpaints(item);
+                    let outpaint = job.inpaint.outpaint.filter(|_| inpaints);
+                    let inpaint = if inpaints { "|inpaint" } else { "" };
                     let batch_key = format!(
                         "{}|{model_id}|{stage}|{}x{}|{}|{}|{}|{method}|{strength}{inpaint}",
                         job.engine, item.width, item.height, item.steps, item.scheduler, factor
@@ -299,8 +299,9 @@ impl Store {
                         .bind(init.map(|i| i.sha256.as_str()))
                         .bind(strength)
                         .bind(mask)
-                        .bind(i64::from(if mask.is_some() { job.inpaint.blur } else { 0 }))
-                        .bind(mask.and(job.inpaint.crop).map(i64::from));
+                        .bind(i64::from(if inpaints { job.inpaint.blur } else { 0 }))
+                        .bind(job.inpaint.crop.filter(|_| inpaints).map(i64::from))
+                        .bind(outpaint.map(|o| o.to_column()));
                 }
                 q.execute(&mut *tx).await?;
             }

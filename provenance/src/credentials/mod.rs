@@ -24,7 +24,10 @@ mod timestamp;
 use std::path::{Path, PathBuf};
 
 pub use inspect::{CredentialsReport, InputSummary, Verdict, inspect};
-pub use stamp::{GenerationRecord, PromptPolicy, Stamp, TrainingMining, UpscaleRecord, sign_image};
+pub use stamp::{
+    GenerationRecord, OutpaintRecord, PromptPolicy, Stamp, TrainingMining, UpscaleRecord,
+    sign_image,
+};
 
 /// Label of Hallmark's generation assertion (vendor namespace, per C2PA).
 pub const GENERATION_LABEL: &str = "com.hallmark.generation";

@@ -92,6 +92,19 @@ pub struct GenerationRecord {
     /// rendered at full size and pasted back, when only a crop was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mask_crop: Option<u32>,
+    /// Outpainting: the new canvas drawn around the init image, through a
+    /// mask white over it (made by the worker, so no mask file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outpaint: Option<OutpaintRecord>,
+}
+
+/// Pixels of new canvas on each side of an outpainted image's init image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct OutpaintRecord {
+    pub left: u32,
+    pub top: u32,
+    pub right: u32,
+    pub bottom: u32,
 }
 
 /// How an upscaled image was made from its base image (the `parentOf`

@@ -399,6 +399,28 @@ async fn diffusion_inpainting_model_renders_with_a_mask_and_refuses_without() {
     let c = &json_of(&out)["credentials"];
     assert_eq!(c["generation"]["mask_sha256"], mask_sha.as_str(), "{c:#}");
 
+    // An outpaint needs no mask file: the inpainting model draws the new
+    // canvas through the one the worker makes, and the init image stays
+    // as it is in the middle.
+    let (out, out_dir) = render(
+        "outpainted",
+        &[
+            "--init-image",
+            init.to_str().unwrap(),
+            "--outpaint",
+            "left=32,right=32",
+        ],
+    );
+    ok(&out);
+    // The canvas is the job's 192×192; the init image is squeezed into
+    // the middle 128 columns.
+    let got = rgb(&out_dir.join("00000.png"));
+    assert_eq!(got.dimensions(), (192, 192));
+    let middle = image::imageops::crop_imm(&got, 32, 0, 128, 192).to_image();
+    let fitted = image::imageops::resize(&init_px, 128, 192, image::imageops::FilterType::Lanczos3);
+    let kept = mean_diff_in(&middle, &fitted, 0..128);
+    assert!(kept < 4.0, "the middle is {kept:.1} from the init image");
+
     // Without a mask (or an init image) the inpainting model is refused
     // before a job is written, naming why.
     for extra in [&["--init-image", init.to_str().unwrap()][..], &[]] {
@@ -426,10 +448,31 @@ fn box_mask(
     })
 }
 
+/// Renders "a dog on a sofa", seed 5, on an embedded farm of one worker
+/// with its state in `dir/state`, into `dir/name`; the first image's path.
+fn render_locally(dir: &Path, name: &str, extra: &[&str]) -> std::path::PathBuf {
+    let (state, out) = (dir.join("state"), dir.join(name));
+    let mut args = vec![
+        "render",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--prompt",
+        "a dog on a sofa",
+        "--seed",
+        "5",
+        "--workers",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    ok(&hallmark(&args));
+    out.join("00000.png")
+}
+
 #[test]
 fn a_cropped_inpaint_renders_around_the_mask_at_full_size_and_pastes_it_back() {
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
     let (w, h) = (256, 192);
     let init = dir.path().join("init.png");
     image::imageops::resize(
@@ -447,27 +490,12 @@ fn a_cropped_inpaint_renders_around_the_mask_at_full_size_and_pastes_it_back() {
         .save(&mask)
         .unwrap();
     let render = |name: &str, extra: &[&str]| {
-        let out = dir.path().join(name);
-        let mut args = vec![
-            "render",
-            "--state-dir",
-            state.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--prompt",
-            "a dog on a sofa",
-            "--seed",
-            "5",
-            "--width",
-            "256",
-            "--height",
-            "192",
-            "--workers",
-            "1",
-        ];
-        args.extend_from_slice(extra);
-        ok(&hallmark(&args));
-        rgb(&out.join("00000.png"))
+        let size = ["--width", "256", "--height", "192"];
+        rgb(&render_locally(
+            dir.path(),
+            name,
+            &[&size[..], extra].concat(),
+        ))
     };
     let inpaint = [
         "--init-image",
@@ -582,6 +610,98 @@ fn a_cropped_inpaint_renders_around_the_mask_at_full_size_and_pastes_it_back() {
                 "4",
             ],
             "is black everywhere",
+        ),
+    ];
+    assert_renders_refused(&dir.path().join("refused"), &[], &cases);
+}
+
+#[test]
+fn an_outpaint_extends_the_init_image_with_new_canvas_drawn_around_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // 451×300: the canvas defaults to the photo and its margins (576×296,
+    // multiples of 8), the photo resized into the middle 448×296.
+    let init = photo("chelsea.png");
+    let render = |name: &str, extra: &[&str]| render_locally(dir.path(), name, extra);
+    let extended = render(
+        "extended",
+        &[
+            "--init-image",
+            init.to_str().unwrap(),
+            "--outpaint",
+            "left=64,right=64",
+        ],
+    );
+    let got = rgb(&extended);
+    assert_eq!(got.dimensions(), (576, 296));
+    let drawn = rgb(&render("text2img", &["--width", "576", "--height", "296"]));
+    let mut placed = image::RgbImage::new(576, 296);
+    let fitted =
+        image::imageops::resize(&rgb(&init), 448, 296, image::imageops::FilterType::Lanczos3);
+    image::imageops::replace(&mut placed, &fitted, 64, 0);
+    // The photo in the middle, the drawing on each side (the strength is
+    // 1: the margins are drawn afresh), each up to the watermark.
+    let middle = mean_diff_in(&got, &placed, 64..512);
+    let sides = (
+        mean_diff_in(&got, &drawn, 0..64),
+        mean_diff_in(&got, &drawn, 512..576),
+    );
+    assert!(middle < 4.0, "the middle is {middle:.1} from the photo");
+    assert!(
+        sides.0 < 4.0 && sides.1 < 4.0,
+        "the sides: {sides:?} from the drawing"
+    );
+    assert!(
+        mean_diff_in(&got, &drawn, 64..512) > 5.0 * middle,
+        "the middle is not the drawing"
+    );
+    let out = hallmark(&["--json", "verify", extended.to_str().unwrap()]);
+    let g = &json_of(&out)["credentials"]["generation"];
+    assert_eq!(
+        g["outpaint"],
+        serde_json::json!({"left": 64, "top": 0, "right": 64, "bottom": 0}),
+        "{g:#}"
+    );
+    assert_eq!(g["strength"], 1.0, "{g:#}");
+    assert!(g["mask_sha256"].is_null(), "no mask file: {g:#}");
+
+    // Bad outpaints are refused before any job, naming what is wrong.
+    let mask = dir.path().join("mask.png");
+    left_half_mask(&mask, 64, 64);
+    let init_arg = init.to_str().unwrap();
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["--outpaint", "left=64"],
+            "--outpaint extends an init image",
+        ),
+        (
+            &[
+                "--init-image",
+                init_arg,
+                "--mask",
+                mask.to_str().unwrap(),
+                "--outpaint",
+                "left=64",
+            ],
+            "--outpaint makes its own mask",
+        ),
+        (
+            &["--init-image", init_arg, "--outpaint", "up=64"],
+            "unknown side \"up\"",
+        ),
+        (
+            &["--init-image", init_arg, "--outpaint", "left=8,left=9"],
+            "left is given twice",
+        ),
+        (
+            &[
+                "--init-image",
+                init_arg,
+                "--width",
+                "256",
+                "--outpaint",
+                "left=200,right=50",
+            ],
+            "outpaint: leaves 6x",
         ),
     ];
     assert_renders_refused(&dir.path().join("refused"), &[], &cases);
