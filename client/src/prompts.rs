@@ -21,6 +21,8 @@ const FIELDS: &[&str] = &[
     "init_image",
     "strength",
     "mask",
+    "mask_blur",
+    "mask_crop",
 ];
 
 /// A prompt file read: its items, and the init images and masks they name
@@ -195,6 +197,8 @@ fn set_field((item, paths): &mut Line, key: &str, value: &str) -> anyhow::Result
         "init_image" => paths.init = Some(value.to_string()),
         "mask" => paths.mask = Some(value.to_string()),
         "strength" => item.strength = Some(num(key, value)?),
+        "mask_blur" => item.mask_blur = Some(num(key, value)?),
+        "mask_crop" => item.mask_crop = Some(num(key, value)?),
         other => bail!("unknown field {other:?}; allowed: {}", FIELDS.join(", ")),
     }
     Ok(())
@@ -232,6 +236,20 @@ mod tests {
         );
         let items = read_prompt_file(&p).unwrap().items;
         assert_eq!((items[0].seed, items[0].width), (Some(5), Some(128)));
+    }
+
+    #[test]
+    fn lines_may_set_their_own_mask_blur_and_crop() {
+        let (_d, p) = write(
+            "p.jsonl",
+            b"{\"prompt\": \"a\", \"mask_blur\": 6, \"mask_crop\": 0}\n{\"prompt\": \"b\"}\n",
+        );
+        let items = read_prompt_file(&p).unwrap().items;
+        assert_eq!((items[0].mask_blur, items[0].mask_crop), (Some(6), Some(0)));
+        assert_eq!((items[1].mask_blur, items[1].mask_crop), (None, None));
+        let (_d, p) = write("p.csv", b"prompt,mask_crop\na,16\nb,-3\n");
+        let err = format!("{:#}", read_prompt_file(&p).unwrap_err());
+        assert!(err.contains("row 3") && err.contains("mask_crop"), "{err}");
     }
 
     #[test]

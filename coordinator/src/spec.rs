@@ -69,6 +69,8 @@ pub struct Item {
     /// img2img: the uploaded input the item starts from, and how much of it
     /// is re-imagined; `None` for text-to-image.
     pub init_image: Option<InitImage>,
+    /// How the item's mask is used, when it inpaints.
+    pub mask_use: MaskUse,
 }
 
 /// The init image of an img2img item.
@@ -107,21 +109,20 @@ pub struct ExpandedJob {
     pub max_attempts: u32,
     pub labels: HashMap<String, String>,
     pub items: Vec<Item>,
-    /// How the masked items use their masks.
-    pub inpaint: InpaintOptions,
+    /// Outpainting: new canvas around every init image, inpainted through
+    /// a mask the worker makes; `None` for none.
+    pub outpaint: Option<Outpaint>,
 }
 
-/// How a job's masks are used (`JobSpec.mask_blur`, `JobSpec.mask_crop`).
+/// How an item's mask is used: the line's `mask_blur` and `mask_crop`,
+/// else the job's.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct InpaintOptions {
+pub struct MaskUse {
     /// Blur radius in pixels of the item's size; 0 for none.
     pub blur: u32,
     /// Render only a crop around the mask grown by this many pixels, pasted
     /// back; `None` renders the whole image.
     pub crop: Option<u32>,
-    /// Outpainting: new canvas around every init image, inpainted through
-    /// a mask the worker makes; `None` for none.
-    pub outpaint: Option<Outpaint>,
 }
 
 /// Pixels of new canvas on each side of an init image (`JobSpec.outpaint`).
@@ -163,7 +164,7 @@ impl ExpandedJob {
     pub fn inpaints(&self, item: &Item) -> bool {
         item.init_image
             .as_ref()
-            .is_some_and(|i| i.mask.is_some() || self.inpaint.outpaint.is_some())
+            .is_some_and(|i| i.mask.is_some() || self.outpaint.is_some())
     }
 }
 
@@ -448,6 +449,7 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
         }
     };
 
+    check_mask_use("", spec.mask_blur, spec.mask_crop, limits)?;
     let job_seed = spec.seed.unwrap_or(random_seed);
     let mut items = Vec::with_capacity(total as usize);
     for (p, line) in spec.prompts.iter().enumerate() {
@@ -485,6 +487,10 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
         if let Some(init) = &init_image {
             check_img2img_steps(&field("steps"), steps, init.strength)?;
         }
+        let inpaints = init_image
+            .as_ref()
+            .is_some_and(|i| i.mask.is_some() || spec.outpaint.is_some());
+        let mask_use = item_mask_use(&field, line, spec, limits, inpaints)?;
         if let Some(r) = &refine {
             check_img2img_steps(&field("steps"), steps, r.strength)?;
         }
@@ -505,6 +511,7 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
                 guidance,
                 scheduler: scheduler.clone(),
                 init_image: init_image.clone(),
+                mask_use,
             });
         }
     }
@@ -526,23 +533,6 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
             .as_ref()
             .is_some_and(|x| x.mask.is_some() || outpaint.is_some())
     });
-    if spec.mask_blur > MAX_MASK_BLUR {
-        return Err(bad(
-            "mask_blur",
-            format!("{} is over {MAX_MASK_BLUR} pixels", spec.mask_blur),
-        ));
-    }
-    if let Some(pad) = spec.mask_crop
-        && pad > limits.max_side
-    {
-        return Err(bad(
-            "mask_crop",
-            format!(
-                "{pad} is over {} pixels (the largest side)",
-                limits.max_side
-            ),
-        ));
-    }
     for (name, set) in [
         ("mask_blur", spec.mask_blur != 0),
         ("mask_crop", spec.mask_crop.is_some()),
@@ -569,12 +559,64 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
         },
         labels: spec.labels.clone(),
         items,
-        inpaint: InpaintOptions {
-            blur: spec.mask_blur,
-            crop: spec.mask_crop,
-            outpaint,
-        },
+        outpaint,
     })
+}
+
+/// How an item uses its mask: its line's blur and crop, else the job's.
+/// A line's own are refused where the item has no mask to use them on.
+fn item_mask_use(
+    field: &dyn Fn(&str) -> String,
+    line: &hallmark_proto::v1::PromptItem,
+    spec: &JobSpec,
+    limits: &Limits,
+    inpaints: bool,
+) -> Result<MaskUse, SpecError> {
+    for (name, set) in [
+        ("mask_blur", line.mask_blur.is_some()),
+        ("mask_crop", line.mask_crop.is_some()),
+    ] {
+        if set && !inpaints {
+            return Err(bad(
+                field(name),
+                "is set but the item has no mask (it says how a mask is used)",
+            ));
+        }
+    }
+    let prefix = field("");
+    check_mask_use(&prefix, line.mask_blur.unwrap_or(0), line.mask_crop, limits)?;
+    Ok(MaskUse {
+        blur: line.mask_blur.unwrap_or(spec.mask_blur),
+        crop: line.mask_crop.or(spec.mask_crop),
+    })
+}
+
+/// A mask blur and crop padding within their limits; `prefix` leads the
+/// fields named (`prompts[3].` for a line's own).
+fn check_mask_use(
+    prefix: &str,
+    blur: u32,
+    crop: Option<u32>,
+    limits: &Limits,
+) -> Result<(), SpecError> {
+    if blur > MAX_MASK_BLUR {
+        return Err(bad(
+            format!("{prefix}mask_blur"),
+            format!("{blur} is over {MAX_MASK_BLUR} pixels"),
+        ));
+    }
+    if let Some(pad) = crop
+        && pad > limits.max_side
+    {
+        return Err(bad(
+            format!("{prefix}mask_crop"),
+            format!(
+                "{pad} is over {} pixels (the largest side)",
+                limits.max_side
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A job's outpainting margins, checked against its items: some canvas to
@@ -1022,7 +1064,7 @@ mod tests {
         s.mask_blur = 4;
         let job = expand(&s, &limits(), 1).unwrap();
         assert_eq!(
-            job.inpaint.outpaint,
+            job.outpaint,
             Some(Outpaint {
                 left: 64,
                 top: 0,
@@ -1033,9 +1075,9 @@ mod tests {
         // The item with an init image renders through the outpaint's mask;
         // the text-to-image one does not.
         assert!(job.inpaints(&job.items[0]) && !job.inpaints(&job.items[1]));
-        let column = job.inpaint.outpaint.unwrap().to_column();
+        let column = job.outpaint.unwrap().to_column();
         assert_eq!(column, "64,0,64,0");
-        assert_eq!(Outpaint::from_column(&column), job.inpaint.outpaint);
+        assert_eq!(Outpaint::from_column(&column), job.outpaint);
         assert_eq!(Outpaint::from_column("1,2,3"), None);
 
         let refused = |s: &JobSpec| {
@@ -1063,25 +1105,24 @@ mod tests {
 
     #[test]
     fn a_mask_blur_and_crop_apply_to_jobs_with_masks_within_their_limits() {
-        let mut s = spec(&["masked"]);
+        let mut s = spec(&["masked", "own blur", "own crop"]);
         s.steps = 10;
         s.strength = 0.6;
         s.init_image_sha256 = "aa".repeat(32);
         s.mask_sha256 = "cc".repeat(32);
         s.mask_blur = 8;
         s.mask_crop = Some(32);
-        let job = expand(&s, &limits(), 1).unwrap();
-        assert_eq!(
-            job.inpaint,
-            InpaintOptions {
-                blur: 8,
-                crop: Some(32),
-                outpaint: None,
-            }
-        );
+        s.prompts[1].mask_blur = Some(2);
         // A crop with no padding is a crop still, not the whole image.
-        s.mask_crop = Some(0);
-        assert_eq!(expand(&s, &limits(), 1).unwrap().inpaint.crop, Some(0));
+        s.prompts[2].mask_crop = Some(0);
+        let job = expand(&s, &limits(), 1).unwrap();
+        let uses: Vec<_> = job.items.iter().map(|i| i.mask_use).collect();
+        let used = |blur, crop| MaskUse { blur, crop };
+        assert_eq!(
+            uses,
+            [used(8, Some(32)), used(2, Some(32)), used(8, Some(0))],
+            "each line's own, else the job's"
+        );
 
         let field = |s: &JobSpec| expand(s, &limits(), 1).unwrap_err().field;
         let mut bad = s.clone();
@@ -1090,14 +1131,22 @@ mod tests {
         let mut bad = s.clone();
         bad.mask_crop = Some(limits().max_side + 1);
         assert_eq!(field(&bad), "mask_crop");
+        let mut bad = s.clone();
+        bad.prompts[1].mask_blur = Some(MAX_MASK_BLUR + 1);
+        assert_eq!(field(&bad), "prompts[1].mask_blur");
         // Without a mask they mean nothing: refused, naming the field.
         let mut plain = s.clone();
         plain.mask_sha256.clear();
+        plain.prompts[1].mask_blur = None;
+        plain.prompts[2].mask_crop = None;
         plain.mask_crop = None;
         assert_eq!(field(&plain), "mask_blur");
         plain.mask_blur = 0;
         plain.mask_crop = Some(4);
         assert_eq!(field(&plain), "mask_crop");
+        plain.mask_crop = None;
+        plain.prompts[2].mask_crop = Some(4);
+        assert_eq!(field(&plain), "prompts[2].mask_crop");
     }
 
     #[test]

@@ -404,11 +404,9 @@ both_stores! {
                 mask: (i < 2).then(|| mask.sha256.clone()),
             });
         }
-        j.inpaint = spec::InpaintOptions {
-            blur: 6,
-            crop: Some(0),
-            outpaint: None,
-        };
+        for item in &mut j.items {
+            item.mask_use = spec::MaskUse { blur: 6, crop: Some(0) };
+        }
         // A mask is an input the job uses: a purged one refuses the job.
         let new = NewJob { id: "j1", job: &j, spec_json: "{}", tenant_cap: 0, submitted_by: "" };
         s.submit(&new, &POLICY, 100).await.unwrap();
@@ -439,7 +437,10 @@ both_stores! {
             item.init_image = Some(spec::InitImage { sha256: init.sha256.clone(), strength: 1.0, mask: None });
         }
         let margins = spec::Outpaint { left: 64, top: 0, right: 32, bottom: 8 };
-        o.inpaint = spec::InpaintOptions { blur: 4, crop: None, outpaint: Some(margins) };
+        o.outpaint = Some(margins);
+        for item in &mut o.items {
+            item.mask_use = spec::MaskUse { blur: 4, crop: None };
+        }
         let new = NewJob { id: "jo", job: &o, spec_json: "{}", tenant_cap: 0, submitted_by: "" };
         s.submit(&new, &POLICY, 202).await.unwrap();
         let wo = worker(s, "w-out", 2).await;
@@ -1165,7 +1166,7 @@ both_stores! {
         // mask it makes: it serves.
         let mut outpainted = own.clone();
         outpainted.items[0].init_image = Some(spec::InitImage { mask: None, ..masked() });
-        outpainted.inpaint.outpaint = Some(spec::Outpaint { left: 8, top: 0, right: 8, bottom: 0 });
+        outpainted.outpaint = Some(spec::Outpaint { left: 8, top: 0, right: 8, bottom: 0 });
         s.check_servable(&outpainted, false).await.unwrap();
         // Every item inpainted: it serves; unless a hires fix re-renders
         // the outputs without a mask.

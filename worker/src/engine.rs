@@ -101,15 +101,20 @@ impl RenderTask {
     /// Whether the task renders through a mask: an uploaded one, or the
     /// one an outpaint makes.
     pub fn inpaints(&self) -> bool {
-        let l = &self.lease;
-        !l.mask_sha256.is_empty() || (l.outpaint.is_some() && l.stage == "generate")
+        !self.lease.mask_sha256.is_empty() || self.outpaints()
+    }
+
+    /// Whether the task extends its init image (only a `generate` task
+    /// starts from one).
+    fn outpaints(&self) -> bool {
+        self.lease.outpaint.is_some() && self.lease.stage == "generate"
     }
 
     /// Where an outpainting task's init image goes on its canvas (what the
     /// margins leave); `None` when it does not outpaint, or leaves nothing.
     fn outpaint_inner(&self) -> Option<mask::Region> {
         let l = &self.lease;
-        let o = l.outpaint.as_ref().filter(|_| l.stage == "generate")?;
+        let o = l.outpaint.as_ref().filter(|_| self.outpaints())?;
         let x2 = l.width.checked_sub(o.right)?;
         let y2 = l.height.checked_sub(o.bottom)?;
         (o.left < x2 && o.top < y2).then_some(mask::Region {
@@ -139,7 +144,7 @@ impl RenderTask {
         }
         let img = hallmark_provenance::credentials::decode_image(bytes)
             .map_err(|e| EngineError::BadParent(e.to_string()))?;
-        if l.outpaint.is_some() && l.stage == "generate" {
+        if self.outpaints() {
             let inner = self
                 .outpaint_inner()
                 .ok_or_else(|| self.no_room_to_outpaint())?;
@@ -161,7 +166,7 @@ impl RenderTask {
     /// here what it means to diffusers.
     fn whole_mask(&self) -> Result<Option<GrayImage>, EngineError> {
         let l = &self.lease;
-        let outpaint = l.outpaint.is_some() && l.stage == "generate";
+        let outpaint = self.outpaints();
         if l.mask_sha256.is_empty() && !outpaint {
             return Ok(None);
         }

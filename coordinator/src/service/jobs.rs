@@ -148,8 +148,8 @@ impl Jobs for JobsService {
             "init_image_sha256": spec.init_image_sha256, "strength": spec.strength,
             "init_images": job.init_images(),
             "mask_sha256": spec.mask_sha256, "masks": job.masks(),
-            "mask_blur": job.inpaint.blur, "mask_crop": job.inpaint.crop,
-            "outpaint": job.inpaint.outpaint,
+            "mask_blur": spec.mask_blur, "mask_crop": spec.mask_crop,
+            "outpaint": job.outpaint,
             "refine": job.refine,
         })
         .to_string();

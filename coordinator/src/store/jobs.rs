@@ -265,7 +265,7 @@ impl Store {
                     // Inpainting (through an uploaded mask, or the one an
                     // outpaint makes) renders apart from plain img2img.
                     let inpaints = first && job.inpaints(item);
-                    let outpaint = job.inpaint.outpaint.filter(|_| inpaints);
+                    let outpaint = job.outpaint.filter(|_| inpaints);
                     let inpaint = if inpaints { "|inpaint" } else { "" };
                     let batch_key = format!(
                         "{}|{model_id}|{stage}|{}x{}|{}|{}|{}|{method}|{strength}{inpaint}",
@@ -299,8 +299,8 @@ impl Store {
                         .bind(init.map(|i| i.sha256.as_str()))
                         .bind(strength)
                         .bind(mask)
-                        .bind(i64::from(if inpaints { job.inpaint.blur } else { 0 }))
-                        .bind(job.inpaint.crop.filter(|_| inpaints).map(i64::from))
+                        .bind(i64::from(if inpaints { item.mask_use.blur } else { 0 }))
+                        .bind(item.mask_use.crop.filter(|_| inpaints).map(i64::from))
                         .bind(outpaint.map(|o| o.to_column()));
                 }
                 q.execute(&mut *tx).await?;

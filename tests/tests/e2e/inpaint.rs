@@ -571,7 +571,10 @@ fn a_cropped_inpaint_renders_around_the_mask_at_full_size_and_pastes_it_back() {
 
     // The credentials say how the mask was used.
     let generation = |name: &str| {
-        let image = dir.path().join(name).join("00000.png");
+        let image = match name.ends_with(".png") {
+            true => dir.path().join(name),
+            false => dir.path().join(name).join("00000.png"),
+        };
         let out = hallmark(&["--json", "verify", image.to_str().unwrap()]);
         json_of(&out)["credentials"]["generation"].clone()
     };
@@ -584,6 +587,42 @@ fn a_cropped_inpaint_renders_around_the_mask_at_full_size_and_pastes_it_back() {
     let g = generation("whole");
     assert!(
         g["mask_blur"].is_null() && g["mask_crop"].is_null(),
+        "{g:#}"
+    );
+
+    // A prompt file's lines may set their own: here one crops, one blurs.
+    let lines = dir.path().join("lines.jsonl");
+    std::fs::write(
+        &lines,
+        "{\"prompt\": \"a\", \"init_image\": \"init.png\", \"mask\": \"mask.png\", \"mask_crop\": 8}\n\
+         {\"prompt\": \"b\", \"init_image\": \"init.png\", \"mask\": \"mask.png\", \"mask_blur\": 3}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("lines");
+    ok(&hallmark(&[
+        "render",
+        lines.to_str().unwrap(),
+        "--state-dir",
+        dir.path().join("state").to_str().unwrap(),
+        "--strength",
+        "1",
+        "--width",
+        "256",
+        "--height",
+        "192",
+        "-o",
+        out.to_str().unwrap(),
+    ]));
+    let g = generation("lines/00000.png");
+    assert_eq!(
+        (g["mask_blur"].as_u64(), g["mask_crop"].as_u64()),
+        (None, Some(8)),
+        "{g:#}"
+    );
+    let g = generation("lines/00001.png");
+    assert_eq!(
+        (g["mask_blur"].as_u64(), g["mask_crop"].as_u64()),
+        (Some(3), None),
         "{g:#}"
     );
 
