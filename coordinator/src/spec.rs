@@ -134,6 +134,28 @@ pub struct Outpaint {
     pub bottom: u32,
 }
 
+impl From<hallmark_proto::v1::Outpaint> for Outpaint {
+    fn from(o: hallmark_proto::v1::Outpaint) -> Self {
+        Self {
+            left: o.left,
+            top: o.top,
+            right: o.right,
+            bottom: o.bottom,
+        }
+    }
+}
+
+impl From<Outpaint> for hallmark_proto::v1::Outpaint {
+    fn from(o: Outpaint) -> Self {
+        Self {
+            left: o.left,
+            top: o.top,
+            right: o.right,
+            bottom: o.bottom,
+        }
+    }
+}
+
 impl Outpaint {
     /// As the tasks table keeps it: `left,top,right,bottom`.
     pub fn to_column(&self) -> String {
@@ -162,10 +184,14 @@ impl ExpandedJob {
     /// Whether the item renders through a mask: its own uploaded one, or
     /// the one an outpainting job's worker makes around its init image.
     pub fn inpaints(&self, item: &Item) -> bool {
-        item.init_image
-            .as_ref()
-            .is_some_and(|i| i.mask.is_some() || self.outpaint.is_some())
+        inpaints(item.init_image.as_ref(), self.outpaint.is_some())
     }
+}
+
+/// Whether an item with `init` renders through a mask: its uploaded one, or
+/// the one an outpaint makes (`outpaints`: the job outpaints).
+fn inpaints(init: Option<&InitImage>, outpaints: bool) -> bool {
+    init.is_some_and(|i| i.mask.is_some() || outpaints)
 }
 
 /// The largest mask blur a job may ask for, in pixels.
@@ -487,9 +513,7 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
         if let Some(init) = &init_image {
             check_img2img_steps(&field("steps"), steps, init.strength)?;
         }
-        let inpaints = init_image
-            .as_ref()
-            .is_some_and(|i| i.mask.is_some() || spec.outpaint.is_some());
+        let inpaints = inpaints(init_image.as_ref(), spec.outpaint.is_some());
         let mask_use = item_mask_use(&field, line, spec, limits, inpaints)?;
         if let Some(r) = &refine {
             check_img2img_steps(&field("steps"), steps, r.strength)?;
@@ -528,11 +552,9 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
         ));
     }
     let outpaint = check_outpaint(spec.outpaint.as_ref(), &items)?;
-    let masked = items.iter().any(|i| {
-        i.init_image
-            .as_ref()
-            .is_some_and(|x| x.mask.is_some() || outpaint.is_some())
-    });
+    let masked = items
+        .iter()
+        .any(|i| inpaints(i.init_image.as_ref(), outpaint.is_some()));
     for (name, set) in [
         ("mask_blur", spec.mask_blur != 0),
         ("mask_crop", spec.mask_crop.is_some()),
@@ -629,12 +651,7 @@ fn check_outpaint(
     let Some(o) = given else {
         return Ok(None);
     };
-    let m = Outpaint {
-        left: o.left,
-        top: o.top,
-        right: o.right,
-        bottom: o.bottom,
-    };
+    let m = Outpaint::from(*o);
     if [m.left, m.top, m.right, m.bottom] == [0; 4] {
         return Err(bad("outpaint", "adds no canvas: give at least one side"));
     }

@@ -4,7 +4,9 @@
 //! `padding_mask_crop` inpaints at full size (`crop_region`), and the
 //! overlay that puts the init image's own pixels back outside the mask
 //! (`overlay`, `apply_overlay`). Each is written to give PIL's bytes, so a
-//! mask and its settings mean here what they mean to diffusers.
+//! mask and its settings mean here what they mean to diffusers. Also the
+//! resize every input picture gets (`resized`) and an outpaint's canvas and
+//! mask.
 
 use image::{GrayImage, RgbImage};
 
@@ -92,21 +94,28 @@ fn box_blur_line(input: &[u8], out: &mut [u8], radius: f32) {
     }
 }
 
+/// A picture at `width` × `height`: as it is when it has that size, else
+/// resized as diffusers' pipelines resize their inputs (Lanczos).
+pub fn resized<P>(
+    img: image::ImageBuffer<P, Vec<P::Subpixel>>,
+    width: u32,
+    height: u32,
+) -> image::ImageBuffer<P, Vec<P::Subpixel>>
+where
+    P: image::Pixel + 'static,
+{
+    if img.dimensions() == (width, height) {
+        return img;
+    }
+    image::imageops::resize(&img, width, height, image::imageops::FilterType::Lanczos3)
+}
+
 /// An outpainting canvas of `width` × `height`: the init image resized into
 /// `inner`, and the new canvas around it filled by carrying its edge pixels
 /// outward (what shows through where an img2img strength below 1 keeps some
 /// of the start; at strength 1 the model draws the margins from noise).
-pub fn outpaint_canvas(init: &RgbImage, width: u32, height: u32, inner: Region) -> RgbImage {
-    let fitted = if init.dimensions() == (inner.width(), inner.height()) {
-        init.clone()
-    } else {
-        image::imageops::resize(
-            init,
-            inner.width(),
-            inner.height(),
-            image::imageops::FilterType::Lanczos3,
-        )
-    };
+pub fn outpaint_canvas(init: RgbImage, width: u32, height: u32, inner: Region) -> RgbImage {
+    let fitted = resized(init, inner.width(), inner.height());
     RgbImage::from_fn(width, height, |x, y| {
         let ix = x.clamp(inner.x1, inner.x2 - 1) - inner.x1;
         let iy = y.clamp(inner.y1, inner.y2 - 1) - inner.y1;
@@ -198,10 +207,7 @@ where
 {
     let cut = image::imageops::crop_imm(img, region.x1, region.y1, region.width(), region.height())
         .to_image();
-    if cut.dimensions() == (width, height) {
-        return cut;
-    }
-    image::imageops::resize(&cut, width, height, image::imageops::FilterType::Lanczos3)
+    resized(cut, width, height)
 }
 
 /// The inpainted output laid over the init image: where the mask is white
@@ -342,7 +348,7 @@ mod tests {
             x2: 7,
             y2: 3,
         };
-        let canvas = outpaint_canvas(&init, 10, 5, inner);
+        let canvas = outpaint_canvas(init.clone(), 10, 5, inner);
         assert_eq!(canvas.dimensions(), (10, 5));
         // Inside: the init image as it is (already the inner size).
         assert_eq!(canvas.get_pixel(3, 1), init.get_pixel(0, 0));

@@ -148,9 +148,9 @@ impl RenderTask {
             let inner = self
                 .outpaint_inner()
                 .ok_or_else(|| self.no_room_to_outpaint())?;
-            return Ok(Some(mask::outpaint_canvas(&img, l.width, l.height, inner)));
+            return Ok(Some(mask::outpaint_canvas(img, l.width, l.height, inner)));
         }
-        Ok(Some(at_task_size(img, l)))
+        Ok(Some(mask::resized(img, l.width, l.height)))
     }
 
     fn no_room_to_outpaint(&self) -> EngineError {
@@ -200,7 +200,8 @@ impl RenderTask {
                 (u32::from(r) * 19595 + u32::from(g) * 38470 + u32::from(b) * 7471 + 0x8000) >> 16;
             image::Luma([luma as u8])
         });
-        Ok(Some(mask::blur(&at_task_size(grey, l), l.mask_blur as f32)))
+        let grey = mask::resized(grey, l.width, l.height);
+        Ok(Some(mask::blur(&grey, l.mask_blur as f32)))
     }
 
     /// The part of the task's image an inpainting task with `mask_crop`
@@ -224,26 +225,6 @@ impl RenderTask {
                 ))
             })
     }
-}
-
-/// An input picture (init image or mask) resized to the task's size, as
-/// diffusers' pipelines resize theirs (Lanczos).
-fn at_task_size<P>(
-    img: image::ImageBuffer<P, Vec<P::Subpixel>>,
-    l: &TaskLease,
-) -> image::ImageBuffer<P, Vec<P::Subpixel>>
-where
-    P: image::Pixel + 'static,
-{
-    if img.dimensions() == (l.width, l.height) {
-        return img;
-    }
-    image::imageops::resize(
-        &img,
-        l.width,
-        l.height,
-        image::imageops::FilterType::Lanczos3,
-    )
 }
 
 /// A rendered output, before stamping (the worker watermarks, encodes and

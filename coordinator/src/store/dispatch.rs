@@ -608,12 +608,7 @@ impl Store {
                     .try_get::<Option<String>, _>("outpaint")?
                     .as_deref()
                     .and_then(crate::spec::Outpaint::from_column)
-                    .map(|o| hallmark_proto::v1::Outpaint {
-                        left: o.left,
-                        top: o.top,
-                        right: o.right,
-                        bottom: o.bottom,
-                    }),
+                    .map(Into::into),
                 expires_at_ms: r
                     .try_get::<Option<i64>, _>("lease_expires_at")?
                     .unwrap_or(now),
