@@ -411,6 +411,8 @@ pub struct InitImageFile {
     pub sha256: String,
     pub width: u32,
     pub height: u32,
+    /// Black everywhere (as a mask: nothing to repaint).
+    pub black: bool,
 }
 
 impl InitImageFile {
@@ -423,15 +425,18 @@ impl InitImageFile {
             sha256: hallmark_provenance::sha256_hex(&bytes),
             width: img.width(),
             height: img.height(),
+            black: img.pixels().all(|p| p.0 == [0, 0, 0]),
             bytes,
         })
     }
 
-    /// Whether the picture is black everywhere (as a mask: nothing to
-    /// repaint).
-    pub fn is_black(&self) -> anyhow::Result<bool> {
-        let img = hallmark_provenance::credentials::decode_image(&self.bytes)?;
-        Ok(img.pixels().all(|p| p.0 == [0, 0, 0]))
+    /// What the CLI keeps of it once read.
+    pub fn picture(&self) -> prompts::Picture {
+        prompts::Picture {
+            width: self.width,
+            height: self.height,
+            black: self.black,
+        }
     }
 }
 
@@ -1264,6 +1269,7 @@ pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<BuiltSp
     let prompts::PromptFile {
         items: mut prompts,
         mut uploads,
+        pictures,
     } = match &args.prompts {
         Some(path) => prompts::read_prompt_file(path)?,
         None => prompts::PromptFile::default(),
@@ -1301,6 +1307,7 @@ pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<BuiltSp
         init.as_ref()
             .map(|i| i.height.saturating_add(o.top.saturating_add(o.bottom))),
     );
+    line_defaults(&mut prompts, &pictures, init.as_ref(), args);
     let mut labels = HashMap::new();
     for l in &args.labels {
         let (k, v) = l
@@ -1329,20 +1336,31 @@ pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<BuiltSp
             "--mask says which part of an init image to repaint: give --init-image or init_image in the prompt file"
         );
     }
-    let any_mask = mask.is_some() || prompts.iter().any(|p| p.mask_sha256.is_some());
     if args.outpaint.is_some() {
         if !from_images {
             bail!(
                 "--outpaint extends an init image: give --init-image or init_image in the prompt file"
             );
         }
-        if any_mask {
+        // A line may turn the job's outpaint off, and inpaint through a
+        // mask of its own instead.
+        let masked_line = prompts
+            .iter()
+            .position(|p| p.mask_sha256.is_some() && p.outpaint.is_none_or(|o| adds_canvas(&o)));
+        if mask.is_some() || masked_line.is_some() {
             bail!(
-                "--outpaint makes its own mask (white over the new canvas): leave out --mask and the prompt file's masks"
+                "--outpaint makes its own mask (white over the new canvas): leave out --mask and the prompt file's masks{}",
+                masked_line.map_or(String::new(), |i| format!(
+                    " (prompt {i} names one; or give that line outpaint none)"
+                ))
             );
         }
     }
-    let any_mask = any_mask || args.outpaint.is_some();
+    let any_mask = mask.is_some()
+        || args.outpaint.is_some()
+        || prompts
+            .iter()
+            .any(|p| p.mask_sha256.is_some() || p.outpaint.is_some_and(|o| adds_canvas(&o)));
     for (flag, set) in [
         ("--mask-blur", args.mask_blur.is_some()),
         ("--mask-crop", args.mask_crop.is_some()),
@@ -1352,12 +1370,28 @@ pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<BuiltSp
         }
     }
     if let (Some(file), Some(path), Some(_)) = (&mask, &args.mask, args.mask_crop)
-        && file.is_black()?
+        && file.black
     {
         bail!(
             "--mask {} is black everywhere: there is nothing to inpaint, and no crop around it for --mask-crop to render",
             path.display()
         );
+    }
+    for (i, line) in prompts.iter().enumerate() {
+        let crops = line.mask_crop.is_some() || (args.mask_crop.is_some() && !line.no_mask_crop);
+        if let Some(sha) = &line.mask_sha256
+            && crops
+            && pictures.get(sha).is_some_and(|p| p.black)
+        {
+            let path = uploads
+                .iter()
+                .find(|(s, _)| s == sha)
+                .map(|(_, p)| p.display());
+            bail!(
+                "prompt {i}'s mask {} is black everywhere: there is nothing to inpaint, and no crop around it to render",
+                path.map_or(sha.clone(), |p| p.to_string())
+            );
+        }
     }
     let spec = JobSpec {
         engine: args.engine.clone(),
@@ -1386,8 +1420,8 @@ pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<BuiltSp
             (false, _) => 0.0,
             // The new canvas starts as the init image's edges carried out:
             // drawn from noise, not from those.
-            (true, Some(_)) => args.strength.unwrap_or(1.0),
-            (true, None) => args.strength.unwrap_or(0.8),
+            (true, Some(_)) => args.strength.unwrap_or(OUTPAINT_STRENGTH),
+            (true, None) => args.strength.unwrap_or(DEFAULT_STRENGTH),
         },
         init_image_sha256: init.map(|i| i.sha256).unwrap_or_default(),
         mask_sha256: mask.map(|m| m.sha256).unwrap_or_default(),
@@ -1397,6 +1431,62 @@ pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<BuiltSp
         refine: args.refine(),
     };
     Ok(BuiltSpec { spec, uploads })
+}
+
+/// The default strength of img2img and inpainting.
+const DEFAULT_STRENGTH: f64 = 0.8;
+/// The default strength of outpainting: its new canvas starts as the init
+/// image's edges carried out, drawn from noise rather than from those.
+const OUTPAINT_STRENGTH: f64 = 1.0;
+
+/// Whether outpaint margins add any canvas (on a prompt line, all four 0
+/// turn the job's outpaint off).
+fn adds_canvas(o: &hallmark_proto::v1::Outpaint) -> bool {
+    [o.left, o.top, o.right, o.bottom] != [0; 4]
+}
+
+/// What a prompt line with an init image or outpaint of its own gets by
+/// default, as the job's init image gets it from the command: its canvas is
+/// its init image's size and its margins (unless the line or the command
+/// gives a size), and it starts from noise where it outpaints and the job
+/// does not, or from its init image where it turns the job's outpaint off
+/// (unless the line or the command gives a strength).
+fn line_defaults(
+    prompts: &mut [PromptItem],
+    pictures: &HashMap<String, prompts::Picture>,
+    job_init: Option<&InitImageFile>,
+    args: &SpecArgs,
+) {
+    for line in prompts.iter_mut() {
+        let own_init = line
+            .init_image_sha256
+            .as_ref()
+            .and_then(|s| pictures.get(s));
+        if own_init.is_none() && line.outpaint.is_none() {
+            continue;
+        }
+        let margins = line.outpaint.or(args.outpaint).unwrap_or_default();
+        if let Some(pic) = own_init.copied().or(job_init.map(InitImageFile::picture)) {
+            let canvas =
+                |side: u32, a: u32, b: u32| side.saturating_add(a.saturating_add(b)) / 8 * 8;
+            if args.width.is_none() && line.width.is_none() {
+                line.width = Some(canvas(pic.width, margins.left, margins.right));
+            }
+            if args.height.is_none() && line.height.is_none() {
+                line.height = Some(canvas(pic.height, margins.top, margins.bottom));
+            }
+        }
+        if args.strength.is_none()
+            && line.strength.is_none()
+            && let Some(own) = line.outpaint
+        {
+            match (adds_canvas(&own), args.outpaint.is_some()) {
+                (true, false) => line.strength = Some(OUTPAINT_STRENGTH),
+                (false, true) => line.strength = Some(DEFAULT_STRENGTH),
+                _ => {}
+            }
+        }
+    }
 }
 
 /// `hallmark render`: submit, follow, download, summarise — on a local
@@ -1428,8 +1518,12 @@ fn check_local_job(d: &hallmark_worker::DiffusionConfig, built: &BuiltSpec) -> a
         folder.check_draws_from_noise()?;
     }
     let inpaints_every_image = spec.prompts.iter().all(|p| {
+        let outpaints = match &p.outpaint {
+            Some(own) => adds_canvas(own),
+            None => spec.outpaint.is_some(),
+        };
         (p.init_image_sha256.is_some() || !spec.init_image_sha256.is_empty())
-            && (p.mask_sha256.is_some() || !spec.mask_sha256.is_empty() || spec.outpaint.is_some())
+            && (p.mask_sha256.is_some() || !spec.mask_sha256.is_empty() || outpaints)
     });
     if folder.is_inpainting()? && !inpaints_every_image {
         bail!(
@@ -1913,7 +2007,7 @@ fn count(n: usize, thing: &str) -> String {
 
 /// `--outpaint left=128,right=64`: pixels of new canvas per side, each side
 /// named once.
-fn parse_outpaint(text: &str) -> Result<hallmark_proto::v1::Outpaint, String> {
+pub(crate) fn parse_outpaint(text: &str) -> Result<hallmark_proto::v1::Outpaint, String> {
     let mut o = hallmark_proto::v1::Outpaint::default();
     let mut seen = Vec::new();
     for part in text.split(',') {

@@ -23,6 +23,7 @@ const FIELDS: &[&str] = &[
     "mask",
     "mask_blur",
     "mask_crop",
+    "outpaint",
 ];
 
 /// A prompt file read: its items, and the init images and masks they name
@@ -33,6 +34,17 @@ pub struct PromptFile {
     pub items: Vec<PromptItem>,
     /// (sha256, path) of every distinct init image and mask.
     pub uploads: Vec<(String, PathBuf)>,
+    /// What was read of each of those pictures, by sha256.
+    pub pictures: HashMap<String, Picture>,
+}
+
+/// What the CLI knows of a picture it read: its size, and whether it is
+/// black everywhere (as a mask: nothing to repaint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Picture {
+    pub width: u32,
+    pub height: u32,
+    pub black: bool,
 }
 
 /// Reads a prompt file, refusing empty, non-UTF-8 and malformed files with
@@ -78,11 +90,12 @@ pub fn read_prompt_file(path: &Path) -> anyhow::Result<PromptFile> {
         if let Some(sha) = read.get(&image) {
             return Ok(sha.clone());
         }
-        let sha = crate::InitImageFile::read(&image)
-            .with_context(|| format!("in prompt file {}, {name:?}", path.display()))?
-            .sha256;
+        let read_file = crate::InitImageFile::read(&image)
+            .with_context(|| format!("in prompt file {}, {name:?}", path.display()))?;
+        let sha = read_file.sha256.clone();
         if uploads.insert(sha.clone()) {
             file.uploads.push((sha.clone(), image.clone()));
+            file.pictures.insert(sha.clone(), read_file.picture());
         }
         read.insert(image, sha.clone());
         Ok(sha)
@@ -198,7 +211,15 @@ fn set_field((item, paths): &mut Line, key: &str, value: &str) -> anyhow::Result
         "mask" => paths.mask = Some(value.to_string()),
         "strength" => item.strength = Some(num(key, value)?),
         "mask_blur" => item.mask_blur = Some(num(key, value)?),
+        "mask_crop" if value.eq_ignore_ascii_case("none") => item.no_mask_crop = true,
         "mask_crop" => item.mask_crop = Some(num(key, value)?),
+        "outpaint" if value.eq_ignore_ascii_case("none") => {
+            item.outpaint = Some(hallmark_proto::v1::Outpaint::default());
+        }
+        "outpaint" => {
+            item.outpaint =
+                Some(crate::parse_outpaint(value).map_err(|e| anyhow::anyhow!("outpaint: {e}"))?);
+        }
         other => bail!("unknown field {other:?}; allowed: {}", FIELDS.join(", ")),
     }
     Ok(())
@@ -250,6 +271,44 @@ mod tests {
         let (_d, p) = write("p.csv", b"prompt,mask_crop\na,16\nb,-3\n");
         let err = format!("{:#}", read_prompt_file(&p).unwrap_err());
         assert!(err.contains("row 3") && err.contains("mask_crop"), "{err}");
+        // `none`: the whole image, where the job crops.
+        let (_d, p) = write(
+            "p.csv",
+            b"prompt,mask_crop
+a,none
+b,
+",
+        );
+        let items = read_prompt_file(&p).unwrap().items;
+        assert_eq!(
+            items.iter().map(|i| i.no_mask_crop).collect::<Vec<_>>(),
+            [true, false]
+        );
+    }
+
+    #[test]
+    fn lines_may_set_their_own_outpaint_or_none() {
+        let (_d, p) = write(
+            "p.jsonl",
+            b"{\"prompt\": \"a\", \"outpaint\": \"left=64, bottom=8\"}\n\
+              {\"prompt\": \"b\", \"outpaint\": \"none\"}\n{\"prompt\": \"c\"}\n",
+        );
+        let items = read_prompt_file(&p).unwrap().items;
+        let margins =
+            |o: Option<hallmark_proto::v1::Outpaint>| o.map(|o| (o.left, o.top, o.right, o.bottom));
+        assert_eq!(
+            items
+                .iter()
+                .map(|i| margins(i.outpaint))
+                .collect::<Vec<_>>(),
+            [Some((64, 0, 0, 8)), Some((0, 0, 0, 0)), None]
+        );
+        let (_d, p) = write("p.csv", b"prompt,outpaint\na,left=8\nb,up=8\n");
+        let err = format!("{:#}", read_prompt_file(&p).unwrap_err());
+        assert!(
+            err.contains("row 3") && err.contains("outpaint") && err.contains("\"up\""),
+            "{err}"
+        );
     }
 
     #[test]

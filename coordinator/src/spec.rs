@@ -83,6 +83,17 @@ pub struct InitImage {
     /// Inpainting: the sha256 of an uploaded mask; only its white part is
     /// repainted.
     pub mask: Option<String>,
+    /// Outpainting: new canvas around the init image, inpainted through a
+    /// mask the worker makes (never with `mask`).
+    pub outpaint: Option<Outpaint>,
+}
+
+impl InitImage {
+    /// Whether the item renders through a mask: its uploaded one, or the
+    /// one its outpaint's worker makes.
+    pub fn inpaints(&self) -> bool {
+        self.mask.is_some() || self.outpaint.is_some()
+    }
 }
 
 /// The refine stage of a job: which model re-runs each base image, and how
@@ -109,9 +120,6 @@ pub struct ExpandedJob {
     pub max_attempts: u32,
     pub labels: HashMap<String, String>,
     pub items: Vec<Item>,
-    /// Outpainting: new canvas around every init image, inpainted through
-    /// a mask the worker makes; `None` for none.
-    pub outpaint: Option<Outpaint>,
 }
 
 /// How an item's mask is used: the line's `mask_blur` and `mask_crop`,
@@ -157,6 +165,11 @@ impl From<Outpaint> for hallmark_proto::v1::Outpaint {
 }
 
 impl Outpaint {
+    /// No canvas on any side: on a prompt line, no outpaint.
+    pub fn is_none(&self) -> bool {
+        [self.left, self.top, self.right, self.bottom] == [0; 4]
+    }
+
     /// As the tasks table keeps it: `left,top,right,bottom`.
     pub fn to_column(&self) -> String {
         format!("{},{},{},{}", self.left, self.top, self.right, self.bottom)
@@ -180,18 +193,17 @@ impl Outpaint {
     }
 }
 
-impl ExpandedJob {
+impl Item {
     /// Whether the item renders through a mask: its own uploaded one, or
-    /// the one an outpainting job's worker makes around its init image.
-    pub fn inpaints(&self, item: &Item) -> bool {
-        inpaints(item.init_image.as_ref(), self.outpaint.is_some())
+    /// the one its outpaint's worker makes around its init image.
+    pub fn inpaints(&self) -> bool {
+        self.init_image.as_ref().is_some_and(InitImage::inpaints)
     }
-}
 
-/// Whether an item with `init` renders through a mask: its uploaded one, or
-/// the one an outpaint makes (`outpaints`: the job outpaints).
-fn inpaints(init: Option<&InitImage>, outpaints: bool) -> bool {
-    init.is_some_and(|i| i.mask.is_some() || outpaints)
+    /// The item's outpaint margins, when it outpaints.
+    pub fn outpaint(&self) -> Option<Outpaint> {
+        self.init_image.as_ref().and_then(|i| i.outpaint)
+    }
 }
 
 /// The largest mask blur a job may ask for, in pixels.
@@ -476,6 +488,18 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
     };
 
     check_mask_use("", spec.mask_blur, spec.mask_crop, limits)?;
+    let job_outpaint = match spec.outpaint.map(Outpaint::from) {
+        Some(o) if o.is_none() => {
+            return Err(bad("outpaint", "adds no canvas: give at least one side"));
+        }
+        o => o,
+    };
+    let job_inputs = JobInputs {
+        sha: job_init.as_deref(),
+        strength: spec.strength,
+        mask: job_mask.as_deref(),
+        outpaint: job_outpaint,
+    };
     let job_seed = spec.seed.unwrap_or(random_seed);
     let mut items = Vec::with_capacity(total as usize);
     for (p, line) in spec.prompts.iter().enumerate() {
@@ -505,15 +529,22 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
                 sha: line.init_image_sha256.as_deref(),
                 strength: line.strength,
                 mask: line.mask_sha256.as_deref(),
+                outpaint: line.outpaint.map(Outpaint::from),
             },
-            job_init.as_deref(),
-            spec.strength,
-            job_mask.as_deref(),
+            &job_inputs,
         )?;
         if let Some(init) = &init_image {
             check_img2img_steps(&field("steps"), steps, init.strength)?;
+            if let Some(o) = init.outpaint {
+                let which = if line.outpaint.is_some() {
+                    field("outpaint")
+                } else {
+                    "outpaint".into()
+                };
+                check_outpaint_room(&which, o, p, width, height)?;
+            }
         }
-        let inpaints = inpaints(init_image.as_ref(), spec.outpaint.is_some());
+        let inpaints = init_image.as_ref().is_some_and(InitImage::inpaints);
         let mask_use = item_mask_use(&field, line, spec, limits, inpaints)?;
         if let Some(r) = &refine {
             check_img2img_steps(&field("steps"), steps, r.strength)?;
@@ -551,10 +582,17 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
             "is set but no item has an init image (a mask says which part of an init image to repaint)",
         ));
     }
-    let outpaint = check_outpaint(spec.outpaint.as_ref(), &items)?;
-    let masked = items
-        .iter()
-        .any(|i| inpaints(i.init_image.as_ref(), outpaint.is_some()));
+    if job_outpaint.is_some() && items.iter().all(|i| i.outpaint().is_none()) {
+        return Err(bad(
+            "outpaint",
+            if items.iter().all(|i| i.init_image.is_none()) {
+                "is set but no item has an init image (outpainting extends an init image)"
+            } else {
+                "is set but every item with an init image turns it off"
+            },
+        ));
+    }
+    let masked = items.iter().any(Item::inpaints);
     for (name, set) in [
         ("mask_blur", spec.mask_blur != 0),
         ("mask_crop", spec.mask_crop.is_some()),
@@ -581,7 +619,6 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
         },
         labels: spec.labels.clone(),
         items,
-        outpaint,
     })
 }
 
@@ -597,6 +634,7 @@ fn item_mask_use(
     for (name, set) in [
         ("mask_blur", line.mask_blur.is_some()),
         ("mask_crop", line.mask_crop.is_some()),
+        ("no_mask_crop", line.no_mask_crop),
     ] {
         if set && !inpaints {
             return Err(bad(
@@ -605,11 +643,20 @@ fn item_mask_use(
             ));
         }
     }
+    if line.no_mask_crop && line.mask_crop.is_some() {
+        return Err(bad(
+            field("no_mask_crop"),
+            "asks for the whole image, and mask_crop for a crop: give one",
+        ));
+    }
     let prefix = field("");
     check_mask_use(&prefix, line.mask_blur.unwrap_or(0), line.mask_crop, limits)?;
     Ok(MaskUse {
         blur: line.mask_blur.unwrap_or(spec.mask_blur),
-        crop: line.mask_crop.or(spec.mask_crop),
+        crop: line
+            .mask_crop
+            .or(spec.mask_crop)
+            .filter(|_| !line.no_mask_crop),
     })
 }
 
@@ -641,50 +688,27 @@ fn check_mask_use(
     Ok(())
 }
 
-/// A job's outpainting margins, checked against its items: some canvas to
-/// add, items with init images to add it to (and no masks: outpainting
-/// makes its own), and room left on each item's canvas for the init image.
-fn check_outpaint(
-    given: Option<&hallmark_proto::v1::Outpaint>,
-    items: &[Item],
-) -> Result<Option<Outpaint>, SpecError> {
-    let Some(o) = given else {
-        return Ok(None);
-    };
-    let m = Outpaint::from(*o);
-    if [m.left, m.top, m.right, m.bottom] == [0; 4] {
-        return Err(bad("outpaint", "adds no canvas: give at least one side"));
-    }
-    if items.iter().all(|i| i.init_image.is_none()) {
-        return Err(bad(
-            "outpaint",
-            "is set but no item has an init image (outpainting extends an init image)",
-        ));
-    }
-    if items
-        .iter()
-        .any(|i| i.init_image.as_ref().is_some_and(|x| x.mask.is_some()))
-    {
-        return Err(bad(
-            "outpaint",
-            "cannot be combined with a mask: outpainting makes its own, white over the new canvas",
-        ));
-    }
+/// Room left on item `p`'s `width`×`height` canvas for its init image
+/// once outpaint `o` (named by `field`) takes its margins.
+fn check_outpaint_room(
+    field: &str,
+    o: Outpaint,
+    p: usize,
+    width: u32,
+    height: u32,
+) -> Result<(), SpecError> {
     const MIN_INNER: u64 = 8;
-    for item in items.iter().filter(|i| i.init_image.is_some()) {
-        let inner_w = u64::from(item.width).saturating_sub(u64::from(m.left) + u64::from(m.right));
-        let inner_h = u64::from(item.height).saturating_sub(u64::from(m.top) + u64::from(m.bottom));
-        if inner_w < MIN_INNER || inner_h < MIN_INNER {
-            return Err(bad(
-                "outpaint",
-                format!(
-                    "leaves {inner_w}x{inner_h} of image {}'s {}x{} canvas for its init image; at least {MIN_INNER}x{MIN_INNER} (the width and height are the whole canvas)",
-                    item.index, item.width, item.height
-                ),
-            ));
-        }
+    let inner_w = u64::from(width).saturating_sub(u64::from(o.left) + u64::from(o.right));
+    let inner_h = u64::from(height).saturating_sub(u64::from(o.top) + u64::from(o.bottom));
+    if inner_w < MIN_INNER || inner_h < MIN_INNER {
+        return Err(bad(
+            field,
+            format!(
+                "leaves {inner_w}x{inner_h} of prompt {p}'s {width}x{height} canvas for its init image; at least {MIN_INNER}x{MIN_INNER} (the width and height are the whole canvas)"
+            ),
+        ));
     }
-    Ok(Some(m))
+    Ok(())
 }
 
 /// An init image's sha256 (lowercased), or `None` when empty.
@@ -708,20 +732,30 @@ fn check_strength(field: &str, value: f64) -> Result<(), SpecError> {
     Ok(())
 }
 
-/// What a prompt line names for img2img and inpainting.
+/// What a prompt line names for img2img, inpainting and outpainting.
 struct ItemInputs<'a> {
     sha: Option<&'a str>,
     strength: Option<f64>,
     mask: Option<&'a str>,
+    /// All four margins 0: the job's outpaint turned off.
+    outpaint: Option<Outpaint>,
 }
 
-/// An item's init image, strength and mask: its own, else the job's.
+/// What the job names for img2img, inpainting and outpainting: each line's
+/// default.
+struct JobInputs<'a> {
+    sha: Option<&'a str>,
+    strength: f64,
+    mask: Option<&'a str>,
+    outpaint: Option<Outpaint>,
+}
+
+/// An item's init image, strength, mask and outpaint: its own, else the
+/// job's.
 fn item_init(
     field: &dyn Fn(&str) -> String,
     own: ItemInputs<'_>,
-    job_sha: Option<&str>,
-    job_strength: f64,
-    job_mask: Option<&str>,
+    job: &JobInputs<'_>,
 ) -> Result<Option<InitImage>, SpecError> {
     let sha = match own.sha {
         Some(s) => check_sha(&field("init_image_sha256"), s)?,
@@ -731,7 +765,7 @@ fn item_init(
         Some(s) => check_sha(&field("mask_sha256"), s)?,
         None => None,
     };
-    let Some(sha256) = sha.or(job_sha.map(str::to_string)) else {
+    let Some(sha256) = sha.or(job.sha.map(str::to_string)) else {
         if own.strength.is_some() {
             return Err(bad(
                 field("strength"),
@@ -744,6 +778,12 @@ fn item_init(
                 "is set but the item has no init image (a mask says which part of an init image to repaint)",
             ));
         }
+        if own.outpaint.is_some() {
+            return Err(bad(
+                field("outpaint"),
+                "is set but the item has no init image (outpainting extends an init image)",
+            ));
+        }
         return Ok(None);
     };
     let strength = match own.strength {
@@ -752,14 +792,36 @@ fn item_init(
             s
         }
         None => {
-            check_strength("strength", job_strength)?;
-            job_strength
+            check_strength("strength", job.strength)?;
+            job.strength
         }
     };
+    let outpaint = match own.outpaint {
+        Some(o) => Some(o).filter(|o| !o.is_none()),
+        None => job.outpaint,
+    };
+    let mask = mask.or(job.mask.map(str::to_string));
+    if outpaint.is_some() && mask.is_some() {
+        let (name, whose) = match (own.outpaint.is_some(), own.mask.is_some()) {
+            (true, _) => (field("outpaint"), "the item's mask"),
+            (false, true) => (
+                field("mask_sha256"),
+                "the job's outpaint (give the line outpaint none)",
+            ),
+            (false, false) => ("outpaint".to_string(), "a mask"),
+        };
+        return Err(bad(
+            name,
+            format!(
+                "cannot be combined with {whose}: outpainting makes its own mask, white over the new canvas"
+            ),
+        ));
+    }
     Ok(Some(InitImage {
         sha256,
         strength,
-        mask: mask.or(job_mask.map(str::to_string)),
+        mask,
+        outpaint,
     }))
 }
 
@@ -976,11 +1038,13 @@ mod tests {
                     sha256: a.clone(),
                     strength: 0.6,
                     mask: None,
+                    outpaint: None,
                 }),
                 Some(InitImage {
                     sha256: b.clone(),
                     strength: 0.3,
                     mask: None,
+                    outpaint: None,
                 }),
                 None
             ]
@@ -1061,16 +1125,23 @@ mod tests {
         assert_eq!(field(&bad), "mask_sha256", "no item has an init image");
     }
 
+    /// Outpaint margins as a spec gives them.
+    fn margins(
+        left: u32,
+        top: u32,
+        right: u32,
+        bottom: u32,
+    ) -> Option<hallmark_proto::v1::Outpaint> {
+        Some(hallmark_proto::v1::Outpaint {
+            left,
+            top,
+            right,
+            bottom,
+        })
+    }
+
     #[test]
     fn an_outpaint_extends_items_with_init_images_and_leaves_room_for_them() {
-        let margins = |left, top, right, bottom| {
-            Some(hallmark_proto::v1::Outpaint {
-                left,
-                top,
-                right,
-                bottom,
-            })
-        };
         let mut s = spec(&["extend", "text only"]);
         s.steps = 10;
         s.strength = 1.0;
@@ -1080,21 +1151,20 @@ mod tests {
         s.outpaint = margins(64, 0, 64, 0);
         s.mask_blur = 4;
         let job = expand(&s, &limits(), 1).unwrap();
-        assert_eq!(
-            job.outpaint,
-            Some(Outpaint {
-                left: 64,
-                top: 0,
-                right: 64,
-                bottom: 0
-            })
-        );
+        let wide = Outpaint {
+            left: 64,
+            top: 0,
+            right: 64,
+            bottom: 0,
+        };
+        assert_eq!(job.items[0].outpaint(), Some(wide));
         // The item with an init image renders through the outpaint's mask;
         // the text-to-image one does not.
-        assert!(job.inpaints(&job.items[0]) && !job.inpaints(&job.items[1]));
-        let column = job.outpaint.unwrap().to_column();
+        assert!(job.items[0].inpaints() && !job.items[1].inpaints());
+        assert_eq!(job.items[1].outpaint(), None);
+        let column = wide.to_column();
         assert_eq!(column, "64,0,64,0");
-        assert_eq!(Outpaint::from_column(&column), job.outpaint);
+        assert_eq!(Outpaint::from_column(&column), Some(wide));
         assert_eq!(Outpaint::from_column("1,2,3"), None);
 
         let refused = |s: &JobSpec| {
@@ -1118,6 +1188,98 @@ mod tests {
         bad.strength = 0.0;
         bad.mask_blur = 0;
         assert!(refused(&bad).1.contains("no item has an init image"));
+    }
+
+    #[test]
+    fn prompt_lines_outpaint_with_margins_of_their_own_or_turn_the_job_s_off() {
+        let mut s = spec(&["job's margins", "own margins", "none", "masked"]);
+        s.steps = 10;
+        s.strength = 1.0;
+        s.width = 384;
+        s.height = 256;
+        s.init_image_sha256 = "aa".repeat(32);
+        s.outpaint = margins(64, 0, 64, 0);
+        s.prompts[1].outpaint = margins(0, 64, 0, 0);
+        s.prompts[2].outpaint = margins(0, 0, 0, 0);
+        // A line that turns the job's outpaint off may inpaint through its
+        // own mask instead, and crop around it.
+        s.prompts[3].outpaint = margins(0, 0, 0, 0);
+        s.prompts[3].mask_sha256 = Some("cc".repeat(32));
+        s.prompts[3].mask_crop = Some(16);
+        let job = expand(&s, &limits(), 1).unwrap();
+        let got: Vec<_> = job.items.iter().map(Item::outpaint).collect();
+        let side = |l, t, r, b| margins(l, t, r, b).map(Outpaint::from).unwrap();
+        assert_eq!(
+            got,
+            [
+                Some(side(64, 0, 64, 0)),
+                Some(side(0, 64, 0, 0)),
+                None,
+                None
+            ]
+        );
+        let inpaints: Vec<_> = job.items.iter().map(Item::inpaints).collect();
+        assert_eq!(inpaints, [true, true, false, true]);
+        assert_eq!(job.items[3].mask_use.crop, Some(16));
+
+        let refused = |s: &JobSpec| {
+            let e = expand(s, &limits(), 1).unwrap_err();
+            (e.field, e.message)
+        };
+        // A line's own margins are checked against its own canvas.
+        let mut bad = s.clone();
+        bad.prompts[1].outpaint = margins(0, 250, 0, 0);
+        let (field, message) = refused(&bad);
+        assert_eq!(field, "prompts[1].outpaint");
+        assert!(message.contains("leaves 384x6"), "{message}");
+        // A mask of the line's own meets the job's outpaint.
+        let mut bad = s.clone();
+        bad.prompts[0].mask_sha256 = Some("cc".repeat(32));
+        let (field, message) = refused(&bad);
+        assert_eq!(field, "prompts[0].mask_sha256");
+        assert!(message.contains("outpaint none"), "{message}");
+        // A line's own margins meet the job's mask.
+        let mut bad = s.clone();
+        bad.outpaint = None;
+        bad.mask_sha256 = "cc".repeat(32);
+        bad.prompts[3].mask_sha256 = None;
+        assert_eq!(refused(&bad).0, "prompts[1].outpaint");
+        // Margins on a line with no init image extend nothing.
+        let mut bad = s.clone();
+        bad.init_image_sha256.clear();
+        bad.prompts[1].init_image_sha256 = Some("aa".repeat(32));
+        bad.prompts[0].outpaint = margins(8, 0, 0, 0);
+        assert_eq!(refused(&bad).0, "prompts[0].outpaint");
+        // The job's outpaint, turned off by every line it would apply to.
+        let mut bad = s.clone();
+        bad.prompts[0].outpaint = margins(0, 0, 0, 0);
+        bad.prompts[1].outpaint = margins(0, 0, 0, 0);
+        let (field, message) = refused(&bad);
+        assert_eq!(field, "outpaint");
+        assert!(message.contains("turns it off"), "{message}");
+    }
+
+    #[test]
+    fn a_line_may_render_its_whole_image_where_the_job_crops_around_masks() {
+        let mut s = spec(&["cropped", "whole"]);
+        s.steps = 10;
+        s.strength = 0.6;
+        s.init_image_sha256 = "aa".repeat(32);
+        s.mask_sha256 = "cc".repeat(32);
+        s.mask_crop = Some(24);
+        s.prompts[1].no_mask_crop = true;
+        let job = expand(&s, &limits(), 1).unwrap();
+        let crops: Vec<_> = job.items.iter().map(|i| i.mask_use.crop).collect();
+        assert_eq!(crops, [Some(24), None]);
+        let mut both = s.clone();
+        both.prompts[1].mask_crop = Some(8);
+        let e = expand(&both, &limits(), 1).unwrap_err();
+        assert_eq!(e.field, "prompts[1].no_mask_crop");
+        let mut unmasked = s.clone();
+        unmasked.mask_sha256.clear();
+        unmasked.mask_crop = None;
+        let e = expand(&unmasked, &limits(), 1).unwrap_err();
+        assert_eq!(e.field, "prompts[1].no_mask_crop");
     }
 
     #[test]

@@ -302,7 +302,7 @@ both_stores! {
         let img2img = |prompts| {
             let mut j = job(prompts, 0);
             for item in &mut j.items {
-                item.init_image = Some(spec::InitImage { sha256: sha.into(), strength: 0.5, mask: None });
+                item.init_image = Some(spec::InitImage { sha256: sha.into(), strength: 0.5, mask: None, outpaint: None });
             }
             j
         };
@@ -402,6 +402,7 @@ both_stores! {
                 sha256: init.sha256.clone(),
                 strength: 0.5,
                 mask: (i < 2).then(|| mask.sha256.clone()),
+                outpaint: None,
             });
         }
         for item in &mut j.items {
@@ -433,11 +434,11 @@ both_stores! {
         // An outpainting job's tasks carry its margins, its blur and crop:
         // the worker makes their mask.
         let mut o = job(2, 0);
-        for item in &mut o.items {
-            item.init_image = Some(spec::InitImage { sha256: init.sha256.clone(), strength: 1.0, mask: None });
-        }
         let margins = spec::Outpaint { left: 64, top: 0, right: 32, bottom: 8 };
-        o.outpaint = Some(margins);
+        for item in &mut o.items {
+            item.init_image =
+                Some(spec::InitImage { sha256: init.sha256.clone(), strength: 1.0, mask: None, outpaint: Some(margins) });
+        }
         for item in &mut o.items {
             item.mask_use = spec::MaskUse { blur: 4, crop: None };
         }
@@ -511,7 +512,7 @@ both_stores! {
 
         // While acme's job starts from it, acme cannot take it back.
         let mut j = job_for("acme", 0, 1, 0);
-        j.items[0].init_image = Some(spec::InitImage { sha256: sha.into(), strength: 0.5, mask: None });
+        j.items[0].init_image = Some(spec::InitImage { sha256: sha.into(), strength: 0.5, mask: None, outpaint: None });
         let new = NewJob { id: "j1", job: &j, spec_json: "{}", tenant_cap: 0, submitted_by: "" };
         s.submit(&new, &POLICY, 20).await.unwrap();
         let busy = s.delete_input(sha, Some("acme"), "tenant:acme", 30, remove).await;
@@ -556,7 +557,7 @@ both_stores! {
         // needs it, then purged by the sweep whatever the retention.
         let operator_job = |id: &'static str, sha: &str, now: i64| {
             let mut j = job_for("globex", 0, 1, 0);
-            j.items[0].init_image = Some(spec::InitImage { sha256: sha.into(), strength: 0.5, mask: None });
+            j.items[0].init_image = Some(spec::InitImage { sha256: sha.into(), strength: 0.5, mask: None, outpaint: None });
             async move {
                 let new = NewJob { id, job: &j, spec_json: "{}", tenant_cap: 0, submitted_by: "operator" };
                 s.submit(&new, &POLICY, now).await.unwrap();
@@ -602,7 +603,7 @@ both_stores! {
         let input = input_image("ce");
         s.record_input(&input, "", 5, published()).await.unwrap();
         let mut j = job(1, 0);
-        j.items[0].init_image = Some(spec::InitImage { sha256: input.sha256.clone(), strength: 0.5, mask: None });
+        j.items[0].init_image = Some(spec::InitImage { sha256: input.sha256.clone(), strength: 0.5, mask: None, outpaint: None });
         let order = std::sync::Mutex::new(Vec::new());
         // The purge has committed; it holds the input's row while it
         // deletes the blob. An upload of the same picture meanwhile waits,
@@ -659,7 +660,7 @@ both_stores! {
         assert_eq!(s.input_purged_at(sha).await.unwrap(), Some(1_000));
         assert_eq!(s.pending_input_blobs(10).await.unwrap(), [sha]);
         let mut j = job(1, 0);
-        j.items[0].init_image = Some(spec::InitImage { sha256: sha.into(), strength: 0.5, mask: None });
+        j.items[0].init_image = Some(spec::InitImage { sha256: sha.into(), strength: 0.5, mask: None, outpaint: None });
         let new = NewJob { id: "j1", job: &j, spec_json: "{}", tenant_cap: 0, submitted_by: "" };
         let refused = s.submit(&new, &POLICY, 1_100).await;
         assert!(matches!(&refused, Err(StoreError::Spec(e)) if e.message.contains("is no longer stored")), "{refused:?}");
@@ -706,7 +707,7 @@ both_stores! {
         let w = worker(s, "w1", 4).await;
         let mut j = job(2, 2);
         for item in &mut j.items {
-            item.init_image = Some(spec::InitImage { sha256: input.sha256.clone(), strength: 0.75, mask: None });
+            item.init_image = Some(spec::InitImage { sha256: input.sha256.clone(), strength: 0.75, mask: None, outpaint: None });
         }
         submit(s, "j1", &j, 0).await;
         submit(s, "j2", &job(1, 0), 0).await;
@@ -1111,7 +1112,7 @@ both_stores! {
         }
         assert_eq!(count(s, "SELECT CAST(COUNT(*) AS BIGINT) FROM jobs").await, 0);
         // From an init image (img2img), or as another job's refine model, it refines.
-        own.items[0].init_image = Some(spec::InitImage { sha256: SHA.into(), strength: 0.5, mask: None });
+        own.items[0].init_image = Some(spec::InitImage { sha256: SHA.into(), strength: 0.5, mask: None, outpaint: None });
         s.check_servable(&own, false).await.unwrap();
         let mut refined = job(1, 0);
         refined.refine = Some(spec::Refine { model_id: "r1".into(), strength: 0.5 });
@@ -1143,7 +1144,7 @@ both_stores! {
         let listed = s.list_models().await.unwrap();
         let flag = |id: &str| listed.iter().find(|m| m.model_id == id).unwrap().inpaints_only;
         assert!(flag("i1") && !flag("m1"));
-        let masked = || spec::InitImage { sha256: SHA.into(), strength: 0.5, mask: Some(SHA.into()) };
+        let masked = || spec::InitImage { sha256: SHA.into(), strength: 0.5, mask: Some(SHA.into()), outpaint: None };
         let refused = |j: &ExpandedJob, field: &str| {
             let (j, field) = (j.clone(), field.to_string());
             async move {
@@ -1165,8 +1166,10 @@ both_stores! {
         // An outpaint renders every item with an init image through the
         // mask it makes: it serves.
         let mut outpainted = own.clone();
-        outpainted.items[0].init_image = Some(spec::InitImage { mask: None, ..masked() });
-        outpainted.outpaint = Some(spec::Outpaint { left: 8, top: 0, right: 8, bottom: 0 });
+        let margins = Some(spec::Outpaint { left: 8, top: 0, right: 8, bottom: 0 });
+        for item in &mut outpainted.items {
+            item.init_image = Some(spec::InitImage { mask: None, outpaint: margins, ..masked() });
+        }
         s.check_servable(&outpainted, false).await.unwrap();
         // Every item inpainted: it serves; unless a hires fix re-renders
         // the outputs without a mask.

@@ -149,7 +149,7 @@ impl Jobs for JobsService {
             "init_images": job.init_images(),
             "mask_sha256": spec.mask_sha256, "masks": job.masks(),
             "mask_blur": spec.mask_blur, "mask_crop": spec.mask_crop,
-            "outpaint": job.outpaint,
+            "outpaint": spec.outpaint.map(crate::spec::Outpaint::from),
             "refine": job.refine,
         })
         .to_string();

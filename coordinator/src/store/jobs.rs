@@ -63,7 +63,7 @@ impl Store {
         // noise, renders those without a mask unmasked, and re-renders a
         // hires-fix upscale unmasked; a refine stage has no mask.
         let from_noise = job.items.iter().any(|i| i.init_image.is_none());
-        let unmasked = job.items.iter().any(|i| !job.inpaints(i));
+        let unmasked = job.items.iter().any(|i| !i.inpaints());
         for (model_id, needed) in job.models() {
             let own = model_id == job.model_id;
             let uses = ModelUse {
@@ -264,8 +264,8 @@ impl Store {
                     let mask = init.and_then(|i| i.mask.as_deref());
                     // Inpainting (through an uploaded mask, or the one an
                     // outpaint makes) renders apart from plain img2img.
-                    let inpaints = first && job.inpaints(item);
-                    let outpaint = job.outpaint.filter(|_| inpaints);
+                    let inpaints = first && item.inpaints();
+                    let outpaint = item.outpaint().filter(|_| first);
                     let inpaint = if inpaints { "|inpaint" } else { "" };
                     let batch_key = format!(
                         "{}|{model_id}|{stage}|{}x{}|{}|{}|{}|{method}|{strength}{inpaint}",

@@ -745,3 +745,117 @@ fn an_outpaint_extends_the_init_image_with_new_canvas_drawn_around_it() {
     ];
     assert_renders_refused(&dir.path().join("refused"), &[], &cases);
 }
+
+#[test]
+fn prompt_file_lines_outpaint_and_keep_their_own_init_image_s_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let fitted = |name: &str, w: u32, h: u32| {
+        image::imageops::resize(
+            &rgb(&photo(name)),
+            w,
+            h,
+            image::imageops::FilterType::Triangle,
+        )
+    };
+    let wide = fitted("chelsea.png", 256, 192);
+    wide.save(dir.path().join("wide.png")).unwrap();
+    fitted("coffee.png", 200, 200)
+        .save(dir.path().join("square.png"))
+        .unwrap();
+    left_half_mask(&dir.path().join("mask.png"), 256, 192);
+    let render = |name: &str, lines: &str, extra: &[&str]| {
+        let file = dir.path().join(format!("{name}.jsonl"));
+        std::fs::write(&file, lines).unwrap();
+        let (out, state) = (dir.path().join(name), dir.path().join("state"));
+        let mut args = vec![
+            "render",
+            file.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--seed",
+            "3",
+        ];
+        args.extend_from_slice(extra);
+        ok(&hallmark(&args));
+        out
+    };
+    let generation = |image: &Path| {
+        let out = hallmark(&["--json", "verify", image.to_str().unwrap()]);
+        json_of(&out)["credentials"]["generation"].clone()
+    };
+
+    // No job-wide size or outpaint: each line's canvas is its own init
+    // image and its own margins; the outpainting line starts from noise.
+    let out = render(
+        "own",
+        "{\"prompt\": \"a wider cat\", \"init_image\": \"wide.png\", \"outpaint\": \"left=32,right=32\"}\n\
+         {\"prompt\": \"a cup\", \"init_image\": \"square.png\"}\n",
+        &[],
+    );
+    let extended = rgb(&out.join("00000.png"));
+    assert_eq!(extended.dimensions(), (320, 192));
+    let mut placed = image::RgbImage::new(320, 192);
+    image::imageops::replace(&mut placed, &wide, 32, 0);
+    let middle = mean_diff_in(&extended, &placed, 32..288);
+    assert!(middle < 4.0, "the middle is {middle:.1} from the photo");
+    let g = generation(&out.join("00000.png"));
+    assert_eq!(
+        (&g["outpaint"], g["strength"].as_f64()),
+        (
+            &serde_json::json!({"left": 32, "top": 0, "right": 32, "bottom": 0}),
+            Some(1.0)
+        ),
+        "{g:#}"
+    );
+    assert_eq!(rgb(&out.join("00001.png")).dimensions(), (200, 200));
+    let g = generation(&out.join("00001.png"));
+    assert_eq!(
+        (&g["outpaint"], g["strength"].as_f64()),
+        (&serde_json::Value::Null, Some(0.8)),
+        "{g:#}"
+    );
+
+    // The job outpaints and crops around its masks; one line turns both
+    // off and inpaints the whole image through a mask of its own.
+    let out = render(
+        "job",
+        "{\"prompt\": \"a taller cat\", \"init_image\": \"wide.png\"}\n\
+         {\"prompt\": \"half a cat\", \"init_image\": \"wide.png\", \"mask\": \"mask.png\", \"outpaint\": \"none\", \"mask_crop\": \"none\"}\n",
+        &["--outpaint", "top=32", "--mask-crop", "8"],
+    );
+    assert_eq!(rgb(&out.join("00000.png")).dimensions(), (256, 224));
+    let g = generation(&out.join("00000.png"));
+    assert_eq!(
+        (
+            &g["outpaint"]["top"],
+            g["mask_crop"].as_u64(),
+            g["strength"].as_f64()
+        ),
+        (&serde_json::json!(32), Some(8), Some(1.0)),
+        "{g:#}"
+    );
+    let inpainted = rgb(&out.join("00001.png"));
+    assert_eq!(inpainted.dimensions(), (256, 192));
+    let g = generation(&out.join("00001.png"));
+    assert!(g["outpaint"].is_null() && g["mask_crop"].is_null(), "{g:#}");
+    assert_eq!(g["strength"].as_f64(), Some(0.8), "{g:#}");
+    assert!(g["mask_sha256"].is_string(), "{g:#}");
+    // The kept right half is the photo's own.
+    let kept = mean_diff_in(&inpainted, &wide, 128..256);
+    assert!(kept < 4.0, "the kept half is {kept:.1} from the photo");
+
+    // A line's mask under the job's outpaint, unless it turns it off.
+    std::fs::write(
+        dir.path().join("clash.jsonl"),
+        "{\"prompt\": \"x\", \"init_image\": \"wide.png\", \"mask\": \"mask.png\"}\n",
+    )
+    .unwrap();
+    let clash = dir.path().join("clash.jsonl");
+    assert_renders_refused(
+        &dir.path().join("refused"),
+        &[clash.to_str().unwrap()],
+        &[(&["--outpaint", "left=8"], "prompt 0 names one")],
+    );
+}
