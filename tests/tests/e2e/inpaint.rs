@@ -858,4 +858,19 @@ fn prompt_file_lines_outpaint_and_keep_their_own_init_image_s_size() {
         &[clash.to_str().unwrap()],
         &[(&["--outpaint", "left=8"], "prompt 0 names one")],
     );
+    // A line's crop around a mask black everywhere.
+    image::GrayImage::new(256, 192)
+        .save(dir.path().join("black.png"))
+        .unwrap();
+    let black = dir.path().join("black.jsonl");
+    std::fs::write(
+        &black,
+        "{\"prompt\": \"x\", \"init_image\": \"wide.png\", \"mask\": \"black.png\", \"mask_crop\": 8}\n",
+    )
+    .unwrap();
+    assert_renders_refused(
+        &dir.path().join("refused"),
+        &[black.to_str().unwrap()],
+        &[(&[], "prompt 0's mask")],
+    );
 }
