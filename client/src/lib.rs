@@ -1291,22 +1291,19 @@ pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<BuiltSp
         .as_deref()
         .map(InitImageFile::read)
         .transpose()?;
-    // img2img keeps the init image's size unless told otherwise.
-    let side = |given: Option<u32>, of_init: Option<u32>| {
-        given.or(of_init.map(|v| v / 8 * 8)).unwrap_or(512)
-    };
-    // An outpaint's canvas is the init image and its margins.
+    // img2img keeps the init image's size unless told otherwise; an
+    // outpaint's canvas is the init image and its margins.
     let o = args.outpaint.unwrap_or_default();
-    let width = side(
-        args.width,
-        init.as_ref()
-            .map(|i| i.width.saturating_add(o.left.saturating_add(o.right))),
-    );
-    let height = side(
-        args.height,
-        init.as_ref()
-            .map(|i| i.height.saturating_add(o.top.saturating_add(o.bottom))),
-    );
+    let width = args
+        .width
+        .or(init.as_ref().map(|i| canvas_side(i.width, o.left, o.right)))
+        .unwrap_or(512);
+    let height = args
+        .height
+        .or(init
+            .as_ref()
+            .map(|i| canvas_side(i.height, o.top, o.bottom)))
+        .unwrap_or(512);
     line_defaults(&mut prompts, &pictures, init.as_ref(), args);
     let mut labels = HashMap::new();
     for l in &args.labels {
@@ -1445,6 +1442,12 @@ fn adds_canvas(o: &hallmark_proto::v1::Outpaint) -> bool {
     [o.left, o.top, o.right, o.bottom] != [0; 4]
 }
 
+/// One side of an img2img or outpaint canvas: the init image's side and the
+/// margins on either end, rounded down to a multiple of 8.
+fn canvas_side(picture: u32, a: u32, b: u32) -> u32 {
+    picture.saturating_add(a.saturating_add(b)) / 8 * 8
+}
+
 /// What a prompt line with an init image or outpaint of its own gets by
 /// default, as the job's init image gets it from the command: its canvas is
 /// its init image's size and its margins (unless the line or the command
@@ -1465,16 +1468,17 @@ fn line_defaults(
         if own_init.is_none() && line.outpaint.is_none() {
             continue;
         }
+        // Without an init image there is nothing to default (the spec
+        // refuses the line's outpaint, naming it).
+        let Some(pic) = own_init.copied().or(job_init.map(InitImageFile::picture)) else {
+            continue;
+        };
         let margins = line.outpaint.or(args.outpaint).unwrap_or_default();
-        if let Some(pic) = own_init.copied().or(job_init.map(InitImageFile::picture)) {
-            let canvas =
-                |side: u32, a: u32, b: u32| side.saturating_add(a.saturating_add(b)) / 8 * 8;
-            if args.width.is_none() && line.width.is_none() {
-                line.width = Some(canvas(pic.width, margins.left, margins.right));
-            }
-            if args.height.is_none() && line.height.is_none() {
-                line.height = Some(canvas(pic.height, margins.top, margins.bottom));
-            }
+        if args.width.is_none() && line.width.is_none() {
+            line.width = Some(canvas_side(pic.width, margins.left, margins.right));
+        }
+        if args.height.is_none() && line.height.is_none() {
+            line.height = Some(canvas_side(pic.height, margins.top, margins.bottom));
         }
         if args.strength.is_none()
             && line.strength.is_none()

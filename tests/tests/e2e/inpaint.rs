@@ -858,6 +858,18 @@ fn prompt_file_lines_outpaint_and_keep_their_own_init_image_s_size() {
         &[clash.to_str().unwrap()],
         &[(&["--outpaint", "left=8"], "prompt 0 names one")],
     );
+    // Margins on a line with no init image: named, not defaulted into a
+    // strength the line never asked for.
+    let bare = dir.path().join("bare.jsonl");
+    std::fs::write(&bare, "{\"prompt\": \"x\", \"outpaint\": \"left=8\"}\n").unwrap();
+    assert_renders_refused(
+        &dir.path().join("refused"),
+        &[bare.to_str().unwrap()],
+        &[(
+            &[],
+            "prompts[0].outpaint: is set but the item has no init image",
+        )],
+    );
     // A line's crop around a mask black everywhere.
     image::GrayImage::new(256, 192)
         .save(dir.path().join("black.png"))
