@@ -1304,7 +1304,16 @@ pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<BuiltSp
             .as_ref()
             .map(|i| canvas_side(i.height, o.top, o.bottom)))
         .unwrap_or(512);
-    line_defaults(&mut prompts, &pictures, init.as_ref(), args);
+    if let (Some(file), Some(path)) = (&init, &args.init_image) {
+        check_canvas(
+            &format!("--init-image {}", path.display()),
+            file.picture(),
+            (args.width.is_none(), width),
+            (args.height.is_none(), height),
+            "--width/--height",
+        )?;
+    }
+    line_defaults(&mut prompts, &pictures, init.as_ref(), args)?;
     let mut labels = HashMap::new();
     for l in &args.labels {
         let (k, v) = l
@@ -1459,8 +1468,8 @@ fn line_defaults(
     pictures: &HashMap<String, prompts::Picture>,
     job_init: Option<&InitImageFile>,
     args: &SpecArgs,
-) {
-    for line in prompts.iter_mut() {
+) -> anyhow::Result<()> {
+    for (i, line) in prompts.iter_mut().enumerate() {
         let own_init = line
             .init_image_sha256
             .as_ref()
@@ -1474,12 +1483,26 @@ fn line_defaults(
             continue;
         };
         let margins = line.outpaint.or(args.outpaint).unwrap_or_default();
-        if args.width.is_none() && line.width.is_none() {
-            line.width = Some(canvas_side(pic.width, margins.left, margins.right));
-        }
-        if args.height.is_none() && line.height.is_none() {
-            line.height = Some(canvas_side(pic.height, margins.top, margins.bottom));
-        }
+        let width = (args.width.is_none() && line.width.is_none())
+            .then(|| canvas_side(pic.width, margins.left, margins.right));
+        let height = (args.height.is_none() && line.height.is_none())
+            .then(|| canvas_side(pic.height, margins.top, margins.bottom));
+        check_canvas(
+            &format!("prompt {i}'s init image"),
+            pic,
+            // Not from the picture: the line's or the command's.
+            (
+                width.is_some(),
+                width.or(line.width).or(args.width).unwrap_or_default(),
+            ),
+            (
+                height.is_some(),
+                height.or(line.height).or(args.height).unwrap_or_default(),
+            ),
+            "the line's width and height, or --width/--height",
+        )?;
+        line.width = line.width.or(width);
+        line.height = line.height.or(height);
         if args.strength.is_none()
             && line.strength.is_none()
             && let Some(own) = line.outpaint
@@ -1491,6 +1514,34 @@ fn line_defaults(
             }
         }
     }
+    Ok(())
+}
+
+/// The smallest side of an output: every output carries the watermark.
+const MIN_SIDE: u32 = hallmark_provenance::watermark::MIN_SIDE;
+
+/// Refuses a canvas side under `MIN_SIDE` that was taken from a picture
+/// (each of `width`, `height`: whether it was, and the side), naming the
+/// picture (`what`) and the flags (`give`) that would set a size instead.
+fn check_canvas(
+    what: &str,
+    pic: prompts::Picture,
+    width: (bool, u32),
+    height: (bool, u32),
+    give: &str,
+) -> anyhow::Result<()> {
+    for (from_picture, side) in [width, height] {
+        if from_picture && side < MIN_SIDE {
+            bail!(
+                "{what} is {}x{}: the canvas it makes ({}x{}) is under the {MIN_SIDE}-pixel side every output needs for its watermark; give {give}",
+                pic.width,
+                pic.height,
+                width.1,
+                height.1
+            );
+        }
+    }
+    Ok(())
 }
 
 /// `hallmark render`: submit, follow, download, summarise — on a local

@@ -870,6 +870,30 @@ fn prompt_file_lines_outpaint_and_keep_their_own_init_image_s_size() {
             "prompts[0].outpaint: is set but the item has no init image",
         )],
     );
+    // A picture too small for the canvas it would make, named with the
+    // flags that set a size instead.
+    let small = dir.path().join("small.png");
+    fitted("coffee.png", 160, 120).save(&small).unwrap();
+    let small_line = dir.path().join("small.jsonl");
+    std::fs::write(
+        &small_line,
+        "{\"prompt\": \"x\", \"init_image\": \"small.png\"}\n",
+    )
+    .unwrap();
+    assert_renders_refused(
+        &dir.path().join("refused"),
+        &[],
+        &[
+            (
+                &["--init-image", small.to_str().unwrap()],
+                "is 160x120: the canvas it makes (160x120) is under the 192-pixel side",
+            ),
+            (
+                &[small_line.to_str().unwrap()],
+                "prompt 0's init image is 160x120",
+            ),
+        ],
+    );
     // A line's crop around a mask black everywhere.
     image::GrayImage::new(256, 192)
         .save(dir.path().join("black.png"))
