@@ -1446,9 +1446,9 @@ const DEFAULT_STRENGTH: f64 = 0.8;
 const OUTPAINT_STRENGTH: f64 = 1.0;
 
 /// Whether outpaint margins add any canvas (on a prompt line, all four 0
-/// turn the job's outpaint off).
+/// turn the job's outpaint off), as the spec reads them.
 fn adds_canvas(o: &hallmark_proto::v1::Outpaint) -> bool {
-    [o.left, o.top, o.right, o.bottom] != [0; 4]
+    hallmark_coordinator::spec::Outpaint::from(*o).adds_canvas()
 }
 
 /// One side of an img2img or outpaint canvas: the init image's side and the

@@ -165,9 +165,10 @@ impl From<Outpaint> for hallmark_proto::v1::Outpaint {
 }
 
 impl Outpaint {
-    /// No canvas on any side: on a prompt line, no outpaint.
-    pub fn is_none(&self) -> bool {
-        [self.left, self.top, self.right, self.bottom] == [0; 4]
+    /// Whether there is new canvas on some side (on a prompt line, none on
+    /// any turns the job's outpaint off).
+    pub fn adds_canvas(&self) -> bool {
+        [self.left, self.top, self.right, self.bottom] != [0; 4]
     }
 
     /// As the tasks table keeps it: `left,top,right,bottom`.
@@ -489,7 +490,7 @@ pub fn expand(spec: &JobSpec, limits: &Limits, random_seed: u64) -> Result<Expan
 
     check_mask_use("", spec.mask_blur, spec.mask_crop, limits)?;
     let job_outpaint = match spec.outpaint.map(Outpaint::from) {
-        Some(o) if o.is_none() => {
+        Some(o) if !o.adds_canvas() => {
             return Err(bad("outpaint", "adds no canvas: give at least one side"));
         }
         o => o,
@@ -797,7 +798,7 @@ fn item_init(
         }
     };
     let outpaint = match own.outpaint {
-        Some(o) => Some(o).filter(|o| !o.is_none()),
+        Some(o) => Some(o).filter(Outpaint::adds_canvas),
         None => job.outpaint,
     };
     let mask = mask.or(job.mask.map(str::to_string));
