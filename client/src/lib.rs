@@ -405,14 +405,11 @@ impl SpecArgs {
     }
 }
 
-/// An init image file as read for a job: its bytes, sha256 and size.
+/// An init image or mask file as read for a job: its sha256, and what the
+/// CLI checks of the picture.
 pub struct InitImageFile {
-    pub bytes: Vec<u8>,
     pub sha256: String,
-    pub width: u32,
-    pub height: u32,
-    /// Black everywhere (as a mask: nothing to repaint).
-    pub black: bool,
+    pub picture: prompts::Picture,
 }
 
 impl InitImageFile {
@@ -423,20 +420,12 @@ impl InitImageFile {
             .with_context(|| format!("init image {}: not a usable image", path.display()))?;
         Ok(Self {
             sha256: hallmark_provenance::sha256_hex(&bytes),
-            width: img.width(),
-            height: img.height(),
-            black: img.pixels().all(|p| p.0 == [0, 0, 0]),
-            bytes,
+            picture: prompts::Picture {
+                width: img.width(),
+                height: img.height(),
+                black: img.pixels().all(|p| p.0 == [0, 0, 0]),
+            },
         })
-    }
-
-    /// What the CLI keeps of it once read.
-    pub fn picture(&self) -> prompts::Picture {
-        prompts::Picture {
-            width: self.width,
-            height: self.height,
-            black: self.black,
-        }
     }
 }
 
@@ -1296,18 +1285,20 @@ pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<BuiltSp
     let o = args.outpaint.unwrap_or_default();
     let width = args
         .width
-        .or(init.as_ref().map(|i| canvas_side(i.width, o.left, o.right)))
+        .or(init
+            .as_ref()
+            .map(|i| canvas_side(i.picture.width, o.left, o.right)))
         .unwrap_or(512);
     let height = args
         .height
         .or(init
             .as_ref()
-            .map(|i| canvas_side(i.height, o.top, o.bottom)))
+            .map(|i| canvas_side(i.picture.height, o.top, o.bottom)))
         .unwrap_or(512);
     if let (Some(file), Some(path)) = (&init, &args.init_image) {
         check_canvas(
             &format!("--init-image {}", path.display()),
-            file.picture(),
+            file.picture,
             (args.width.is_none(), width),
             (args.height.is_none(), height),
             "--width/--height",
@@ -1352,7 +1343,7 @@ pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<BuiltSp
         // mask of its own instead.
         let masked_line = prompts
             .iter()
-            .position(|p| p.mask_sha256.is_some() && p.outpaint.is_none_or(|o| adds_canvas(&o)));
+            .position(|p| p.mask_sha256.is_some() && line_outpaint(p, args.outpaint).is_some());
         if mask.is_some() || masked_line.is_some() {
             bail!(
                 "--outpaint makes its own mask (white over the new canvas): leave out --mask and the prompt file's masks{}",
@@ -1366,7 +1357,7 @@ pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<BuiltSp
         || args.outpaint.is_some()
         || prompts
             .iter()
-            .any(|p| p.mask_sha256.is_some() || p.outpaint.is_some_and(|o| adds_canvas(&o)));
+            .any(|p| p.mask_sha256.is_some() || line_outpaint(p, args.outpaint).is_some());
     for (flag, set) in [
         ("--mask-blur", args.mask_blur.is_some()),
         ("--mask-crop", args.mask_crop.is_some()),
@@ -1376,7 +1367,7 @@ pub fn build_spec(args: &SpecArgs, cfg: &ClientConfig) -> anyhow::Result<BuiltSp
         }
     }
     if let (Some(file), Some(path), Some(_)) = (&mask, &args.mask, args.mask_crop)
-        && file.black
+        && file.picture.black
     {
         bail!(
             "--mask {} is black everywhere: there is nothing to inpaint, and no crop around it for --mask-crop to render",
@@ -1445,10 +1436,16 @@ const DEFAULT_STRENGTH: f64 = 0.8;
 /// image's edges carried out, drawn from noise rather than from those.
 const OUTPAINT_STRENGTH: f64 = 1.0;
 
-/// Whether outpaint margins add any canvas (on a prompt line, all four 0
-/// turn the job's outpaint off), as the spec reads them.
-fn adds_canvas(o: &hallmark_proto::v1::Outpaint) -> bool {
-    hallmark_coordinator::spec::Outpaint::from(*o).adds_canvas()
+/// The margins a prompt line outpaints with, as the spec reads them: its
+/// own (none where all four are 0), else the job's.
+fn line_outpaint(
+    line: &PromptItem,
+    job: Option<hallmark_proto::v1::Outpaint>,
+) -> Option<hallmark_coordinator::spec::Outpaint> {
+    hallmark_coordinator::spec::Outpaint::of_line(
+        line.outpaint.map(Into::into),
+        job.map(Into::into),
+    )
 }
 
 /// One side of an img2img or outpaint canvas: the init image's side and the
@@ -1479,10 +1476,10 @@ fn line_defaults(
         }
         // Without an init image there is nothing to default (the spec
         // refuses the line's outpaint, naming it).
-        let Some(pic) = own_init.copied().or(job_init.map(InitImageFile::picture)) else {
+        let Some(pic) = own_init.copied().or(job_init.map(|i| i.picture)) else {
             continue;
         };
-        let margins = line.outpaint.or(args.outpaint).unwrap_or_default();
+        let margins = line_outpaint(line, args.outpaint).unwrap_or_default();
         let width = (args.width.is_none() && line.width.is_none())
             .then(|| canvas_side(pic.width, margins.left, margins.right));
         let height = (args.height.is_none() && line.height.is_none())
@@ -1507,7 +1504,8 @@ fn line_defaults(
             && line.strength.is_none()
             && let Some(own) = line.outpaint
         {
-            match (adds_canvas(&own), args.outpaint.is_some()) {
+            let adds_canvas = hallmark_coordinator::spec::Outpaint::from(own).adds_canvas();
+            match (adds_canvas, args.outpaint.is_some()) {
                 (true, false) => line.strength = Some(OUTPAINT_STRENGTH),
                 (false, true) => line.strength = Some(DEFAULT_STRENGTH),
                 _ => {}
@@ -1573,10 +1571,7 @@ fn check_local_job(d: &hallmark_worker::DiffusionConfig, built: &BuiltSpec) -> a
         folder.check_draws_from_noise()?;
     }
     let inpaints_every_image = spec.prompts.iter().all(|p| {
-        let outpaints = match &p.outpaint {
-            Some(own) => adds_canvas(own),
-            None => spec.outpaint.is_some(),
-        };
+        let outpaints = line_outpaint(p, spec.outpaint).is_some();
         (p.init_image_sha256.is_some() || !spec.init_image_sha256.is_empty())
             && (p.mask_sha256.is_some() || !spec.mask_sha256.is_empty() || outpaints)
     });

@@ -95,7 +95,7 @@ pub fn read_prompt_file(path: &Path) -> anyhow::Result<PromptFile> {
         let sha = read_file.sha256.clone();
         if uploads.insert(sha.clone()) {
             file.uploads.push((sha.clone(), image.clone()));
-            file.pictures.insert(sha.clone(), read_file.picture());
+            file.pictures.insert(sha.clone(), read_file.picture);
         }
         read.insert(image, sha.clone());
         Ok(sha)

@@ -134,7 +134,7 @@ pub struct MaskUse {
 }
 
 /// Pixels of new canvas on each side of an init image (`JobSpec.outpaint`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Outpaint {
     pub left: u32,
     pub top: u32,
@@ -169,6 +169,16 @@ impl Outpaint {
     /// any turns the job's outpaint off).
     pub fn adds_canvas(&self) -> bool {
         [self.left, self.top, self.right, self.bottom] != [0; 4]
+    }
+
+    /// The margins a prompt line's item outpaints with: the line's `own`
+    /// (none where they add no canvas: the job's turned off), else the
+    /// `job`'s.
+    pub fn of_line(own: Option<Self>, job: Option<Self>) -> Option<Self> {
+        match own {
+            Some(o) => Some(o).filter(Self::adds_canvas),
+            None => job,
+        }
     }
 
     /// As the tasks table keeps it: `left,top,right,bottom`.
@@ -797,10 +807,7 @@ fn item_init(
             job.strength
         }
     };
-    let outpaint = match own.outpaint {
-        Some(o) => Some(o).filter(Outpaint::adds_canvas),
-        None => job.outpaint,
-    };
+    let outpaint = Outpaint::of_line(own.outpaint, job.outpaint);
     let mask = mask.or(job.mask.map(str::to_string));
     if outpaint.is_some() && mask.is_some() {
         let (name, whose) = match (own.outpaint.is_some(), own.mask.is_some()) {

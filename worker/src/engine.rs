@@ -166,8 +166,7 @@ impl RenderTask {
     /// here what it means to diffusers.
     fn whole_mask(&self) -> Result<Option<GrayImage>, EngineError> {
         let l = &self.lease;
-        let outpaint = self.outpaints();
-        if l.mask_sha256.is_empty() && !outpaint {
+        if !self.inpaints() {
             return Ok(None);
         }
         if l.stage != "generate" || l.parent_sha256.is_empty() {
@@ -176,7 +175,7 @@ impl RenderTask {
                 l.stage
             )));
         }
-        if outpaint {
+        if self.outpaints() {
             if !l.mask_sha256.is_empty() {
                 return Err(EngineError::Invalid(
                     "an outpainting task with a mask of its own (outpainting makes its mask)"

@@ -846,67 +846,51 @@ fn prompt_file_lines_outpaint_and_keep_their_own_init_image_s_size() {
     let kept = mean_diff_in(&inpainted, &wide, 128..256);
     assert!(kept < 4.0, "the kept half is {kept:.1} from the photo");
 
-    // A line's mask under the job's outpaint, unless it turns it off.
-    std::fs::write(
-        dir.path().join("clash.jsonl"),
-        "{\"prompt\": \"x\", \"init_image\": \"wide.png\", \"mask\": \"mask.png\"}\n",
-    )
-    .unwrap();
-    let clash = dir.path().join("clash.jsonl");
-    assert_renders_refused(
-        &dir.path().join("refused"),
-        &[clash.to_str().unwrap()],
-        &[(&["--outpaint", "left=8"], "prompt 0 names one")],
+    // Refused before any job, each naming what is wrong.
+    let small = dir.path().join("small.png");
+    fitted("coffee.png", 160, 120).save(&small).unwrap();
+    image::GrayImage::new(256, 192)
+        .save(dir.path().join("black.png"))
+        .unwrap();
+    let line_file = |name: &str, line: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, format!("{line}\n")).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    // A line's mask under the job's outpaint (the line does not turn it off).
+    let clash = line_file(
+        "clash.jsonl",
+        r#"{"prompt": "x", "init_image": "wide.png", "mask": "mask.png"}"#,
     );
     // Margins on a line with no init image: named, not defaulted into a
     // strength the line never asked for.
-    let bare = dir.path().join("bare.jsonl");
-    std::fs::write(&bare, "{\"prompt\": \"x\", \"outpaint\": \"left=8\"}\n").unwrap();
-    assert_renders_refused(
-        &dir.path().join("refused"),
-        &[bare.to_str().unwrap()],
-        &[(
-            &[],
-            "prompts[0].outpaint: is set but the item has no init image",
-        )],
-    );
+    let bare = line_file("bare.jsonl", r#"{"prompt": "x", "outpaint": "left=8"}"#);
     // A picture too small for the canvas it would make, named with the
     // flags that set a size instead.
-    let small = dir.path().join("small.png");
-    fitted("coffee.png", 160, 120).save(&small).unwrap();
-    let small_line = dir.path().join("small.jsonl");
-    std::fs::write(
-        &small_line,
-        "{\"prompt\": \"x\", \"init_image\": \"small.png\"}\n",
-    )
-    .unwrap();
+    let small_line = line_file(
+        "small.jsonl",
+        r#"{"prompt": "x", "init_image": "small.png"}"#,
+    );
+    // A line's crop around a mask black everywhere.
+    let black = line_file(
+        "black.jsonl",
+        r#"{"prompt": "x", "init_image": "wide.png", "mask": "black.png", "mask_crop": 8}"#,
+    );
     assert_renders_refused(
         &dir.path().join("refused"),
         &[],
         &[
+            (&[&clash, "--outpaint", "left=8"], "prompt 0 names one"),
+            (
+                &[&bare],
+                "prompts[0].outpaint: is set but the item has no init image",
+            ),
             (
                 &["--init-image", small.to_str().unwrap()],
                 "is 160x120: the canvas it makes (160x120) is under the 192-pixel side",
             ),
-            (
-                &[small_line.to_str().unwrap()],
-                "prompt 0's init image is 160x120",
-            ),
+            (&[&small_line], "prompt 0's init image is 160x120"),
+            (&[&black], "prompt 0's mask"),
         ],
-    );
-    // A line's crop around a mask black everywhere.
-    image::GrayImage::new(256, 192)
-        .save(dir.path().join("black.png"))
-        .unwrap();
-    let black = dir.path().join("black.jsonl");
-    std::fs::write(
-        &black,
-        "{\"prompt\": \"x\", \"init_image\": \"wide.png\", \"mask\": \"black.png\", \"mask_crop\": 8}\n",
-    )
-    .unwrap();
-    assert_renders_refused(
-        &dir.path().join("refused"),
-        &[black.to_str().unwrap()],
-        &[(&[], "prompt 0's mask")],
     );
 }
